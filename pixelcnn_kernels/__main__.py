@@ -1,0 +1,5 @@
+import sys
+
+from pixelcnn_kernels.cli import main
+
+sys.exit(main())

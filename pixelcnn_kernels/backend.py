@@ -1,0 +1,175 @@
+"""Which implementation runs an op: ``reference``, ``triton`` or ``cuda``.
+
+Default, per call: CUDA tensors go to ``cuda`` when the extension is built, else
+to ``triton``; CPU tensors go to ``reference``. A backend can be forced with
+:func:`use_backend` (a context manager that also works as a plain call) or the
+environment variable ``PIXELCNN_KERNELS_BACKEND``. With ``TRITON_INTERPRET=1``
+the ``triton`` backend accepts CPU tensors (that is how CI runs the kernels).
+
+Forcing a backend that cannot run raises :class:`BackendUnavailableError` with
+the reason, e.g. ``cuda backend unavailable: extension not built because torch
+has no CUDA``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_VAR = "PIXELCNN_KERNELS_BACKEND"
+
+# Namespace of the ops the CUDA extension registers (csrc/*_ops.cpp).
+CUDA_OPS_NAMESPACE = "pixelcnn_kernels_cuda"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the op here; the message says why."""
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    """Loads the compiled extension once; returns why it is unusable, or None."""
+    if torch.version.cuda is None:
+        return f"extension not built because torch {torch.__version__} has no CUDA"
+    try:
+        importlib.import_module("pixelcnn_kernels._C")
+    except ImportError as exc:
+        if "No module named" in str(exc):
+            return (
+                "extension not built (nvcc not found at install time, or PIXELCNN_KERNELS_SKIP_CUDA was set); "
+                "reinstall with CUDA_HOME pointing at the CUDA toolkit"
+            )
+        return f"extension failed to load: {exc}"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None: it can).
+
+    Without a device, says whether the backend can run anywhere on this machine.
+    """
+    _check_name(backend)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        error = _triton_import_error()
+        if error is not None:
+            return error
+        on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+        if on_cpu and not triton_interpret():
+            return "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU"
+        return None
+    error = _cuda_extension_error()
+    if error is not None:
+        return error
+    if device is not None and device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got tensors on {device}"
+    if device is None and not torch.cuda.is_available():
+        return "extension built, but no CUDA device is visible"
+    return None
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend mapped to None (usable here) or the reason it is not."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+_state = threading.local()
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or the environment, or None."""
+    forced = getattr(_state, "backend", None)
+    if forced is not None:
+        return forced
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    if from_env:
+        _check_name(from_env)
+        return from_env
+    return None
+
+
+class use_backend:
+    """Force every op onto one backend.
+
+    As a context manager it restores the previous choice on exit::
+
+        with pixelcnn_kernels.use_backend("triton"):
+            y = model(x)
+
+    As a plain call it stays in force (on this thread) until the next call;
+    ``use_backend(None)`` returns to the automatic choice.
+    """
+
+    def __init__(self, backend: str | None):
+        if backend is not None:
+            _check_name(backend)
+            reason = unavailable_reason(backend)
+            if reason is not None:
+                raise BackendUnavailableError(f"{backend} backend unavailable: {reason}")
+        self._previous = getattr(_state, "backend", None)
+        _state.backend = backend
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _state.backend = self._previous
+
+
+def resolve_backend(*tensors: torch.Tensor | None) -> str:
+    """The backend to run an op on ``tensors`` (None entries are ignored).
+
+    Raises ValueError when the tensors are on different devices and
+    BackendUnavailableError when the forced backend cannot run them.
+    """
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present[1:]:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable_reason(forced, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{forced} backend unavailable: {reason}")
+        return forced
+    if device.type != "cuda":
+        return "reference"
+    if _cuda_extension_error() is None:
+        return "cuda"
+    if _triton_import_error() is None:
+        return "triton"
+    return "reference"
+
+
+def cuda_ops():
+    """``torch.ops.pixelcnn_kernels_cuda`` after making sure the extension is loaded."""
+    error = _cuda_extension_error()
+    if error is not None:
+        raise BackendUnavailableError(f"cuda backend unavailable: {error}")
+    return getattr(torch.ops, CUDA_OPS_NAMESPACE)

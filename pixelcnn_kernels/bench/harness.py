@@ -1,0 +1,335 @@
+"""The benchmark harness behind ``pixelcnn-kernels bench``.
+
+Each op family contributes :class:`Case` objects (``pixelcnn_kernels/bench/<family>.py``).
+For every case, dtype, mode (``forward``, ``backward``, ``full``) and provider it
+measures the median, p20 and p80 time and the extra peak memory, and prints the
+ratio to ``compile`` and the floor beside each time:
+
+- providers: ``eager`` (the reference), ``compile`` (``torch.compile`` of the
+  reference), ``triton`` and ``cuda`` (the package's op on that backend), plus
+  any extra formulations a case names (e.g. a dense cuDNN conv);
+- floor: ``max(bytes / copy bandwidth, FLOPs / matmul rate)``, with both
+  ceilings measured on this machine at start;
+- GPU timing: CUDA events around each call, warm-up first, inputs rotated over
+  enough sets that they do not sit in L2, random data (never zeros).
+
+Without a GPU it times small CPU sizes with the host clock and says that GPU
+numbers need a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pixelcnn_kernels.backend import unavailable_reason, use_backend
+
+MODES = ("forward", "backward", "full")
+KERNEL_PROVIDERS = ("triton", "cuda")
+L2_BYTES = 60 * 2**20  # a little above the H200's 50 MiB L2
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark workload.
+
+    ``make_inputs(device, dtype, generator)`` returns a fresh tuple of random
+    inputs; ``grad_inputs`` are the indices of those that receive gradients.
+    ``op`` runs the package's public op (the harness picks the backend),
+    ``reference`` the pure-PyTorch reference. ``bytes_moved(mode, dtype)`` and
+    ``flops(mode)`` give the least traffic and arithmetic the mode needs.
+    ``extra_providers`` are other formulations timed alongside (name -> fn).
+    """
+
+    family: str
+    name: str
+    config: str
+    make_inputs: Callable[[torch.device, torch.dtype, torch.Generator], tuple]
+    op: Callable[..., object]
+    reference: Callable[..., object]
+    bytes_moved: Callable[[str, torch.dtype], int]
+    flops: Callable[[str], int] = lambda mode: 0
+    grad_inputs: tuple[int, ...] = (0,)
+    modes: tuple[str, ...] = MODES
+    extra_providers: dict[str, Callable[..., object]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Ceilings:
+    """Measured machine ceilings the floors are computed from."""
+
+    copy_bytes_per_s: float
+    matmul_flops_per_s: dict[str, float]
+
+    def floor_s(self, bytes_moved: int, flops: int, dtype: torch.dtype) -> float:
+        rate = self.matmul_flops_per_s.get(str(dtype).removeprefix("torch."), 0.0)
+        compute_s = flops / rate if rate and flops else 0.0
+        return max(bytes_moved / self.copy_bytes_per_s, compute_s)
+
+
+@dataclasses.dataclass
+class Result:
+    family: str
+    name: str
+    config: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mib: float
+    floor_ms: float
+    ratio_to_compile: float = float("nan")
+    error: str = ""
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [v for v in value if isinstance(v, torch.Tensor)]
+
+
+class _Timer:
+    """CUDA events on the GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """Copy bandwidth and matmul rates measured on ``device`` (GPU only)."""
+    timer = _Timer(device)
+    src = torch.rand(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = _median([timer.time_ms(lambda: dst.copy_(src)) for _ in range(20)])
+    rates = {}
+    n = 8192
+    for dtype_name, dtype, tf32 in (("bfloat16", torch.bfloat16, False), ("float16", torch.float16, False), ("float32", torch.float32, True)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for _ in range(3):
+            a @ b
+        ms = _median([timer.time_ms(lambda: a @ b) for _ in range(10)])
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        rates[dtype_name] = 2 * n**3 / (ms * 1e-3)
+    del src, dst
+    return Ceilings(copy_bytes_per_s=2 * 2**30 / (copy_ms * 1e-3), matmul_flops_per_s=rates)
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _input_sets(case: Case, device, dtype, seed: int) -> list[tuple]:
+    """Enough independent random input sets that rotating them defeats the L2."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    first = case.make_inputs(device, dtype, generator)
+    set_bytes = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+    count = 1 if device.type != "cuda" else max(2, min(8, math.ceil(2 * L2_BYTES / max(set_bytes, 1))))
+    return [first] + [case.make_inputs(device, dtype, generator) for _ in range(count - 1)]
+
+
+def _prepare(inputs: tuple, grad_inputs: tuple[int, ...], mode: str) -> tuple:
+    if mode == "forward":
+        return inputs
+    return tuple(t.detach().requires_grad_(True) if i in grad_inputs else t for i, t in enumerate(inputs))
+
+
+def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, cache: dict) -> Callable[[], object]:
+    """A zero-argument callable doing one timed unit of work for ``mode``."""
+    if mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return forward
+    wrt = [inputs[i] for i in grad_inputs]
+    if mode == "full":
+
+        def full():
+            outs = _outputs(fn(*inputs))
+            return torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs])
+
+        return full
+    key = id(inputs)
+    if key not in cache:  # backward: the forward graph is built once, outside the timing
+        outs = _outputs(fn(*inputs))
+        cache[key] = (outs, [torch.randn_like(o) for o in outs])
+    outs, grads = cache[key]
+    return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
+
+
+def _providers(case: Case, device: torch.device, compile_cache: dict) -> dict[str, Callable | str]:
+    """Provider name -> function, or -> reason string when it cannot run here."""
+    providers: dict[str, Callable | str] = {"eager": case.reference}
+    key = (case.family, case.name)
+    if key not in compile_cache:
+        compile_cache[key] = torch.compile(case.reference)
+    providers["compile"] = compile_cache[key]
+    for backend in KERNEL_PROVIDERS:
+        reason = unavailable_reason(backend, device)
+        providers[backend] = reason if reason else _on_backend(case.op, backend)
+    providers.update(case.extra_providers)
+    return providers
+
+
+def _on_backend(fn: Callable, backend: str) -> Callable:
+    def run(*args):
+        with use_backend(backend):
+            return fn(*args)
+
+    return run
+
+
+def run_case(case: Case, dtype: torch.dtype, device: torch.device, ceilings: Ceilings | None, *, warmup: int, repeats: int, seed: int, compile_cache: dict, only: set[str] | None = None) -> list[Result]:
+    """Times every provider on one case and dtype, in every mode of the case."""
+    timer = _Timer(device)
+    input_sets = _input_sets(case, device, dtype, seed)
+    results = []
+    for mode in case.modes:
+        floor_ms = ceilings.floor_s(case.bytes_moved(mode, dtype), case.flops(mode), dtype) * 1e3 if ceilings else float("nan")
+        for provider, fn in _providers(case, device, compile_cache).items():
+            if only and provider not in only:
+                continue
+            row = Result(case.family, case.name, case.config, str(dtype).removeprefix("torch."), mode, provider, *(4 * [float("nan")]), floor_ms)
+            if isinstance(fn, str):
+                row.error = fn
+                results.append(row)
+                continue
+            try:
+                sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
+                graph_cache: dict = {}
+                steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    baseline = torch.cuda.memory_allocated()
+                for i in range(warmup):
+                    steps[i % len(steps)]()
+                times = [timer.time_ms(steps[i % len(steps)]) for i in range(repeats)]
+                row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+                if device.type == "cuda":
+                    row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+                del steps, graph_cache, sets
+            except Exception as exc:  # a failing provider is reported in the table, the run goes on
+                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            results.append(row)
+    compile_time = {(r.mode): r.median_ms for r in results if r.provider == "compile"}
+    for r in results:
+        r.ratio_to_compile = compile_time.get(r.mode, float("nan")) / r.median_ms if r.median_ms == r.median_ms else float("nan")
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    """A fixed-width table: one row per (case, dtype, mode, provider)."""
+    header = f"{'op':<26}{'config':<26}{'dtype':<9}{'mode':<9}{'provider':<14}{'median ms':>11}{'p20':>9}{'p80':>9}{'peak MiB':>10}{'floor ms':>10}{'x compile':>10}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  skipped: {r.error}")
+            continue
+        lines.append(
+            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{r.median_ms:>11.4f}{r.p20_ms:>9.4f}{r.p80_ms:>9.4f}"
+            f"{r.peak_mib:>10.1f}{r.floor_ms:>10.4f}{r.ratio_to_compile:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: list[Result], out_dir: Path, meta: dict) -> list[Path]:
+    """Writes results.csv, results.json (with ``meta``), table.txt and ratio plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dataclasses.asdict(r) for r in results]
+    csv_path, json_path, table_path = out_dir / "results.csv", out_dir / "results.json", out_dir / "table.txt"
+    fields = list(rows[0]) if rows else [f.name for f in dataclasses.fields(Result)]
+    csv_path.write_text("\n".join([",".join(fields)] + [",".join(str(row[f]).replace(",", ";") for f in fields) for row in rows]) + "\n")
+    json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    table_path.write_text("\n".join(f"# {k}: {v}" for k, v in meta.items()) + "\n" + format_table(results) + "\n")
+    written = [csv_path, json_path, table_path]
+    plot = _plot(results, out_dir / "ratio_to_compile.png")
+    return written + ([plot] if plot else [])
+
+
+def _plot(results: list[Result], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    timed = [r for r in results if not r.error and r.ratio_to_compile == r.ratio_to_compile]
+    if not timed:
+        return None
+    labels = [f"{r.name} {r.dtype} {r.mode} {r.provider}" for r in timed]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(timed))))
+    ax.barh(range(len(timed)), [r.ratio_to_compile for r in timed])
+    ax.set_yticks(range(len(timed)), labels, fontsize=6)
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_xlabel("speed-up over torch.compile of the reference (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
+    """Date, device and versions recorded with every result file."""
+    import platform
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if ceilings:
+        meta["copy_GBps"] = round(ceilings.copy_bytes_per_s / 1e9, 1)
+        meta.update({f"matmul_TFLOPs_{k}": round(v / 1e12, 1) for k, v in ceilings.matmul_flops_per_s.items()})
+    return meta
+
+
+def run(cases: list[Case], dtypes: list[torch.dtype], device: torch.device, *, warmup: int, repeats: int, seed: int = 0, only: set[str] | None = None) -> tuple[list[Result], dict]:
+    """Runs ``cases`` with a progress bar; returns the results and the environment."""
+    ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    compile_cache: dict = {}
+    results: list[Result] = []
+    work = [(case, dtype) for case in cases for dtype in dtypes]
+    for case, dtype in tqdm(work, desc="bench", unit="case"):
+        results += run_case(case, dtype, device, ceilings, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only)
+    return results, environment(device, ceilings)

@@ -1,0 +1,120 @@
+"""The ``pixelcnn-kernels`` command (also ``python -m pixelcnn_kernels``).
+
+Subcommands live beside the code they drive; each module in ``SUBCOMMAND_MODULES``
+has ``register(subparsers)`` that adds its parser and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+# Modules that add a subcommand, in the order ``--help`` lists them.
+SUBCOMMAND_MODULES = ("pixelcnn_kernels.cli",)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pixelcnn_kernels import __version__
+    from pixelcnn_kernels.backend import available_backends, forced_backend, triton_interpret
+
+    print(f"pixelcnn-kernels {__version__}")
+    print(f"python           {platform.python_version()}")
+    print(f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton           {triton.__version__}{' (interpreter: TRITON_INTERPRET=1)' if triton_interpret() else ''}")
+    except ImportError:
+        print("triton           not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"device {i}         {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+    else:
+        print("device           CPU only (no CUDA device visible)")
+    print("backends:")
+    for name, reason in available_backends().items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"forced backend   {forced_backend() or 'none (automatic: CUDA tensors -> cuda, else triton; CPU -> reference)'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pixelcnn_kernels.bench import available_families, cases_for
+    from pixelcnn_kernels.bench.harness import format_table, run, write_results
+
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if on_gpu else "cpu")
+    families = args.ops or available_families()
+    unknown = set(families) - set(available_families())
+    if unknown:
+        print(f"bench: unknown op families {sorted(unknown)}; choose from {available_families()}", file=sys.stderr)
+        return 2
+    if not on_gpu:
+        print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
+    dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
+    cases = [c for family in families for c in cases_for(family, on_gpu) if not args.k or args.k in c.name]
+    results, meta = run(
+        cases,
+        dtypes,
+        device,
+        warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 1),
+        repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
+        only=set(args.providers) if args.providers else None,
+    )
+    meta["command"] = "pixelcnn-kernels " + " ".join(sys.argv[1:])
+    print(format_table(results))
+    if args.out:
+        for path in write_results(results, Path(args.out), meta):
+            print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    info = subparsers.add_parser("info", help="versions, device, and which backends are available (and why not)")
+    info.set_defaults(func=_info)
+    bench = subparsers.add_parser(
+        "bench",
+        help="time each op against eager PyTorch and torch.compile",
+        description="Time the ops (and end-to-end workloads) per provider: eager reference, torch.compile of the "
+        "reference, the triton and cuda backends. Prints median/p20/p80, peak memory, the floor and the "
+        "ratio to torch.compile; --out also writes CSV, JSON and a PNG plot.",
+    )
+    bench.add_argument("ops", nargs="*", help="op families to run (default: all): gates, dmol, masked_conv, models, sampling")
+    bench.add_argument("-k", default="", help="only cases whose name contains this string")
+    bench.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtypes (repeatable; default float32 and bfloat16 on a GPU)")
+    bench.add_argument("--providers", nargs="+", help="only these providers (eager, compile, triton, cuda, ...)")
+    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 1 on CPU)")
+    bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU)")
+    bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
+    bench.add_argument("--out", help="directory for results.csv, results.json, table.txt and ratio_to_compile.png")
+    bench.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelcnn-kernels",
+        description="Fused Triton and CUDA kernels for PixelCNN-family models: inspect the install, benchmark the ops, train and sample models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

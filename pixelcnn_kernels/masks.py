@@ -1,0 +1,176 @@
+"""Mask specifications of masked convolutions.
+
+A mask is resolved once, on the host, to a :class:`MaskSpec`: the kernel size,
+the active taps (what the kernels loop over: masked-out taps are never loaded),
+the *anchor* (the kernel position aligned with the output pixel, which fixes the
+"same" padding) and, with colour groups, the rule applied at the anchor tap.
+
+Named specs for a kernel of size (kh, kw), centre (ci, cj) = (kh // 2, kw // 2):
+
+- ``"A"`` / ``"B"``: PixelCNN's mask: every row above the centre, the centre row
+  left of the centre; the centre excluded (A) or included (B).
+- ``"vertical"`` / ``"vertical_A"``: Gated PixelCNN's vertical stack on a k×k
+  kernel: rows at and above the centre row (``_A``: strictly above, for the first
+  layer).
+- ``"horizontal"`` / ``"horizontal_A"``: the horizontal stack on a 1×k kernel:
+  the centre and its left (``_A``: strictly left, for the first layer).
+- ``"down_shifted"``: PixelCNN++'s down-shifted convolution (2×3 by default):
+  every tap, the output aligned with the last kernel row and the centre column,
+  as its pad(top=kh-1, left=right=(kw-1)/2)-then-conv code does.
+- ``"down_right_shifted"``: PixelCNN++'s down-right-shifted convolution (2×2):
+  every tap, the output aligned with the bottom-right tap.
+- ``"full"``: every tap, centred (an ordinary "same" convolution, e.g. 1×1).
+
+Any boolean (kh, kw) tensor with odd kh and kw is also a spec, anchored at the
+centre.
+
+Colour groups (``color_groups=3``): input and output channels are split into
+contiguous R, G, B thirds. At the anchor tap output group g sees input groups
+< g when the spatial mask excludes the anchor (mask A) and ≤ g when it includes
+it (mask B); the anchor tap is then active with that channel mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NAMED_MASKS = ("A", "B", "vertical", "vertical_A", "horizontal", "horizontal_A", "down_shifted", "down_right_shifted", "full")
+
+# Kernel sizes implied by a name when the caller gives none.
+_DEFAULT_KERNEL_SIZE = {"down_shifted": (2, 3), "down_right_shifted": (2, 2)}
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """A resolved mask: what the kernels are specialised on.
+
+    ``taps`` are the active (row, col) kernel positions in row-major order,
+    ``anchor`` the kernel position over the output pixel, ``color_groups`` the
+    number of channel groups and ``anchor_inclusive`` whether output group g sees
+    input group g at the anchor (only meaningful when ``color_groups > 1``).
+    """
+
+    name: str
+    kernel_size: tuple[int, int]
+    taps: tuple[tuple[int, int], ...]
+    anchor: tuple[int, int]
+    color_groups: int = 1
+    anchor_inclusive: bool = True
+
+    def tap_mask(self) -> torch.Tensor:
+        """The spatial mask as a boolean (kh, kw) tensor (True = active tap)."""
+        mask = torch.zeros(self.kernel_size, dtype=torch.bool)
+        for i, j in self.taps:
+            mask[i, j] = True
+        return mask
+
+    def padding(self, dilation: int = 1) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) zero padding giving a same-size output."""
+        kh, kw = self.kernel_size
+        ai, aj = self.anchor
+        return (ai * dilation, (kh - 1 - ai) * dilation, aj * dilation, (kw - 1 - aj) * dilation)
+
+    def weight_mask(self, out_channels: int, in_channels: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """The 0/1 mask of an nn.Conv2d weight (out, in, kh, kw) implementing this spec."""
+        mask = self.tap_mask().to(dtype=dtype, device=device).expand(out_channels, in_channels, *self.kernel_size).clone()
+        if self.color_groups > 1:
+            mask[:, :, self.anchor[0], self.anchor[1]] = channel_group_mask(
+                out_channels, in_channels, self.color_groups, self.anchor_inclusive
+            ).to(dtype=dtype, device=device)
+        return mask
+
+
+def channel_group_mask(out_channels: int, in_channels: int, groups: int, inclusive: bool) -> torch.Tensor:
+    """Boolean (out, in): output group g may see input group h iff h < g (or h <= g if inclusive)."""
+    out_group = torch.arange(out_channels) // (out_channels // groups)
+    in_group = torch.arange(in_channels) // (in_channels // groups)
+    seen = in_group[None, :] <= out_group[:, None] if inclusive else in_group[None, :] < out_group[:, None]
+    return seen
+
+
+def _named_tap_mask(name: str, kh: int, kw: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    ci, cj = kh // 2, kw // 2
+    rows = torch.arange(kh)[:, None]
+    cols = torch.arange(kw)[None, :]
+    if name in ("A", "B", "vertical", "vertical_A", "horizontal", "horizontal_A", "full") and (kh % 2 == 0 or kw % 2 == 0):
+        raise ValueError(f"mask {name!r} needs odd kernel sizes, got kernel_size={(kh, kw)}")
+    if name in ("horizontal", "horizontal_A") and kh != 1:
+        raise ValueError(f"mask {name!r} is a 1×k mask, got kernel_size={(kh, kw)}")
+    if name == "A":
+        return (rows < ci) | ((rows == ci) & (cols < cj)), (ci, cj)
+    if name == "B":
+        return (rows < ci) | ((rows == ci) & (cols <= cj)), (ci, cj)
+    if name == "vertical":
+        return (rows <= ci).expand(kh, kw), (ci, cj)
+    if name == "vertical_A":
+        return (rows < ci).expand(kh, kw), (ci, cj)
+    if name == "horizontal":
+        return (cols <= cj).expand(kh, kw), (ci, cj)
+    if name == "horizontal_A":
+        return (cols < cj).expand(kh, kw), (ci, cj)
+    if name == "down_shifted":
+        if kw % 2 == 0:
+            raise ValueError(f"mask 'down_shifted' needs an odd kernel width, got kernel_size={(kh, kw)}")
+        return torch.ones(kh, kw, dtype=torch.bool), (kh - 1, cj)
+    if name == "down_right_shifted":
+        return torch.ones(kh, kw, dtype=torch.bool), (kh - 1, kw - 1)
+    return torch.ones(kh, kw, dtype=torch.bool), (ci, cj)  # "full"
+
+
+def _as_pair(kernel_size: int | tuple[int, int], name: str = "kernel_size") -> tuple[int, int]:
+    pair = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(pair) != 2 or not all(isinstance(k, int) and k >= 1 for k in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {kernel_size!r}")
+    return pair
+
+
+def default_kernel_size(mask: str | torch.Tensor, kernel_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """The kernel size of a mask: given, implied by the name, or the tensor's shape."""
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2:
+            raise ValueError(f"mask tensor must be 2-d (kh, kw), got shape {tuple(mask.shape)}")
+        shape = tuple(mask.shape)
+        if kernel_size is not None and _as_pair(kernel_size) != shape:
+            raise ValueError(f"mask has shape {shape} but kernel_size is {_as_pair(kernel_size)}")
+        return shape
+    if kernel_size is None:
+        if mask not in _DEFAULT_KERNEL_SIZE:
+            raise ValueError(f"mask {mask!r} needs a kernel_size")
+        return _DEFAULT_KERNEL_SIZE[mask]
+    return _as_pair(kernel_size)
+
+
+def resolve_mask(mask: str | torch.Tensor | MaskSpec, kernel_size: int | tuple[int, int] | None = None, color_groups: int = 1) -> MaskSpec:
+    """Turns a named spec, a boolean tensor or a MaskSpec into a validated MaskSpec."""
+    if isinstance(mask, MaskSpec):
+        if kernel_size is not None and _as_pair(kernel_size) != mask.kernel_size:
+            raise ValueError(f"mask has kernel size {mask.kernel_size} but kernel_size is {_as_pair(kernel_size)}")
+        if color_groups != mask.color_groups:
+            raise ValueError(f"mask was resolved for color_groups={mask.color_groups}, got color_groups={color_groups}")
+        return mask
+    if not isinstance(color_groups, int) or color_groups not in (1, 3):
+        raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
+    kh, kw = default_kernel_size(mask, kernel_size)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask tensor must be boolean or hold only 0 and 1")
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"a mask tensor is anchored at its centre and needs odd sizes, got shape {(kh, kw)}")
+        spatial, anchor, name = mask.detach().to("cpu", torch.bool), (kh // 2, kw // 2), "custom"
+    elif isinstance(mask, str):
+        if mask not in NAMED_MASKS:
+            raise ValueError(f"mask must be one of {NAMED_MASKS} or a boolean (kh, kw) tensor, got {mask!r}")
+        spatial, anchor = _named_tap_mask(mask, kh, kw)
+        name = mask
+    else:
+        raise TypeError(f"mask must be a str, a boolean tensor or a MaskSpec, got {type(mask).__name__}")
+    inclusive = bool(spatial[anchor])
+    if color_groups > 1:
+        spatial = spatial.clone()
+        spatial[anchor] = True  # the anchor tap is active with a channel-group mask
+    taps = tuple((i, j) for i in range(kh) for j in range(kw) if spatial[i, j])
+    if not taps:
+        raise ValueError(f"mask {name!r} with kernel_size {(kh, kw)} has no active tap")
+    return MaskSpec(name, (kh, kw), taps, anchor, color_groups, inclusive)

@@ -1,0 +1,4 @@
+"""Pure-PyTorch reference implementations: the source of truth for every test and benchmark.
+
+They run on any device and in float64, and are written for clarity, not speed.
+"""

@@ -1,0 +1,63 @@
+"""Helpers shared by the Triton kernel modules.
+
+Besides launch helpers, this keeps the registry of *compile cases*: every
+kernel module registers each kernel with a concrete signature, and
+``python -m pixelcnn_kernels.triton.compile_check`` compiles all of them for an
+H100/H200 (sm_90) without a GPU, so compile errors surface in CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+_TRITON_POINTER_TYPES = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float64: "*fp64",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.uint8: "*u8",
+}
+
+
+def pointer_type(dtype: torch.dtype) -> str:
+    """Triton signature string of a pointer to ``dtype`` (``"*fp32"``)."""
+    return _TRITON_POINTER_TYPES[dtype]
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One kernel with a concrete signature, compiled ahead of time in CI."""
+
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+COMPILE_CASES: list[CompileCase] = []
+
+
+def register_compile_case(name: str, kernel, signature: dict[str, str], constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3) -> None:
+    """Adds a kernel signature to the sm_90 ahead-of-time compile check.
+
+    ``signature`` maps every non-constexpr argument to its Triton type
+    (``"*fp32"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr.
+    """
+    COMPILE_CASES.append(CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages))
+
+
+def grid_1d(n: int, block: int) -> tuple[int]:
+    """A 1-d launch grid covering ``n`` items in blocks of ``block``."""
+    return (triton.cdiv(n, block),)
+
+
+def needs_int64_index(*tensors: torch.Tensor) -> bool:
+    """True when any offset into these tensors can exceed 2**31 - 1 elements."""
+    return any(t.numel() >= 2**31 for t in tensors if t is not None)

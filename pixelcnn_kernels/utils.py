@@ -1,0 +1,66 @@
+"""Argument checks and dtype helpers shared by every op.
+
+Every public op validates its inputs here first, so bad input raises a
+ValueError/TypeError naming the argument instead of reaching a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
+    allow_float64: bool = True,
+) -> torch.Tensor:
+    """Checks that ``t`` is a tensor of an accepted dtype and rank; returns it.
+
+    float64 is accepted by default because the reference backend computes in it
+    (kernel backends upcast their result check to it in tests).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        accepted = dtypes + ((torch.float64,) if allow_float64 and torch.float64 not in dtypes else ())
+        if t.dtype not in accepted:
+            names = ", ".join(str(d).removeprefix("torch.") for d in accepted)
+            raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).removeprefix('torch.')}")
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in ranks:
+            expected = " or ".join(str(r) for r in ranks)
+            raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Checks that all given tensors share one device; returns it."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    (first_name, first), *rest = present.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+    return first.device
+
+
+def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
+    """``dim`` as a non-negative index into a tensor of rank ``ndim``."""
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions")
+    return dim % ndim
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True when a 4-d tensor is stored channels-last (NHWC) and not also plainly contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,77 @@
+"""Build script: the Python package always, the CUDA extension when it can be built.
+
+The extension (``pixelcnn_kernels._C``) is compiled from ``csrc/`` when torch was
+built with CUDA and ``nvcc`` is found, unless ``PIXELCNN_KERNELS_SKIP_CUDA=1``.
+``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``8.0;9.0``) and
+``MAX_JOBS`` the parallel compile jobs, as for any torch extension.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _cuda_skip_reason():
+    """Why the CUDA extension cannot be built here, or None if it can."""
+    if os.environ.get("PIXELCNN_KERNELS_SKIP_CUDA", "0") not in ("", "0"):
+        return "PIXELCNN_KERNELS_SKIP_CUDA is set"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed in the build environment (use --no-build-isolation)"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    # torch.utils.cpp_extension reads CUDA_HOME when first imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    return None
+
+
+def _find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, or nvcc's toolkit.
+
+    A toolkit counts only if it holds bin/nvcc and include/cuda_runtime.h; an
+    `nvcc` on PATH may be a wrapper script, so its own location is checked too.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in filter(None, candidates):
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _extensions():
+    reason = _cuda_skip_reason()
+    if reason is not None:
+        print(f"pixelcnn-kernels: installing without the CUDA extension: {reason}", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    print(
+        f"pixelcnn-kernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
+        file=sys.stderr,
+    )
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    extension = CUDAExtension(
+        name="pixelcnn_kernels._C",
+        sources=sources,
+        # No --use_fast_math: the kernels must match the reference to rounding;
+        # where an approximate intrinsic is good enough the kernel uses it by name.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

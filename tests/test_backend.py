@@ -1,0 +1,85 @@
+"""Backend selection: defaults, forcing, and the errors that say why."""
+
+import pytest
+import torch
+
+import pixelcnn_kernels
+from pixelcnn_kernels import backend
+from pixelcnn_kernels.backend import BackendUnavailableError, resolve_backend, use_backend
+
+
+def test_cpu_tensors_default_to_reference():
+    assert resolve_backend(torch.randn(2)) == "reference"
+
+
+def test_none_entries_are_ignored():
+    assert resolve_backend(torch.randn(2), None) == "reference"
+
+
+def test_use_backend_as_context_manager_restores_previous_choice():
+    with use_backend("reference"):
+        assert backend.forced_backend() == "reference"
+        with use_backend("triton"):
+            assert resolve_backend(torch.randn(2)) == "triton"  # tests run Triton in the interpreter on CPU
+        assert backend.forced_backend() == "reference"
+    assert backend.forced_backend() is None
+
+
+def test_use_backend_as_plain_call_stays_in_force_until_reset():
+    pixelcnn_kernels.use_backend("triton")
+    try:
+        assert resolve_backend(torch.randn(2)) == "triton"
+    finally:
+        pixelcnn_kernels.use_backend(None)
+    assert backend.forced_backend() is None
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    assert resolve_backend(torch.randn(2)) == "triton"
+
+
+def test_environment_variable_with_unknown_backend_is_rejected(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend(torch.randn(2))
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_backend("numpy")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_forcing_cuda_without_gpu_says_why():
+    with pytest.raises(BackendUnavailableError, match="cuda backend unavailable: "):
+        use_backend("cuda")
+
+
+def test_forcing_cuda_on_cpu_tensors_says_why():
+    reason = backend.unavailable_reason("cuda", torch.device("cpu"))
+    assert reason is not None and ("CUDA" in reason or "extension" in reason)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = backend.unavailable_reason("triton", torch.device("cpu"))
+    assert reason == "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU"
+
+
+def test_mismatched_devices_raise_value_error():
+    with pytest.raises(ValueError, match="one device"):
+        resolve_backend(torch.randn(2), torch.randn(2, device="meta"))
+
+
+def test_available_backends_lists_every_backend_with_a_reason_or_none():
+    table = pixelcnn_kernels.available_backends()
+    assert set(table) == set(backend.BACKENDS)
+    assert table["reference"] is None
+    for name, reason in table.items():
+        assert reason is None or isinstance(reason, str) and reason, name
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="message for a torch build without CUDA")
+def test_cuda_reason_names_torch_without_cuda():
+    assert "has no CUDA" in backend.unavailable_reason("cuda")

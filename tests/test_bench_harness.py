@@ -1,0 +1,47 @@
+"""The benchmark harness on the CPU: every mode and provider is measured or says why not."""
+
+import json
+
+import torch
+
+from pixelcnn_kernels.bench import available_families, cases_for
+from pixelcnn_kernels.bench.harness import MODES, Case, format_table, run, write_results
+
+
+def _toy_case():
+    # The harness only needs callables; torch.tanh stands for an op and its reference.
+    return Case(
+        family="toy",
+        name="tanh",
+        config="4x8",
+        make_inputs=lambda device, dtype, generator: (torch.randn(4, 8, device=device, dtype=dtype, generator=generator),),
+        op=torch.tanh,
+        reference=torch.tanh,
+        bytes_moved=lambda mode, dtype: 2 * 32 * dtype.itemsize,
+    )
+
+
+def test_harness_times_every_mode_and_provider(tmp_path):
+    results, meta = run([_toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=3)
+    by_key = {(r.mode, r.provider): r for r in results}
+    for mode in MODES:
+        for provider in ("eager", "compile", "triton", "cuda"):
+            assert (mode, provider) in by_key
+        assert by_key[(mode, "eager")].median_ms > 0
+        assert by_key[(mode, "eager")].p20_ms <= by_key[(mode, "eager")].p80_ms
+    assert by_key[("full", "cuda")].error  # no GPU here: the reason is reported instead of a time
+    table = format_table(results)
+    assert "skipped:" in table and "tanh" in table
+    written = write_results(results, tmp_path, meta)
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["meta"]["torch"] == torch.__version__ and len(payload["results"]) == len(results)
+    assert all(path.exists() for path in written)
+
+
+def test_every_family_defines_cpu_cases():
+    for family in available_families():
+        cases = cases_for(family, on_gpu=False)
+        assert cases, family
+        for case in cases:
+            assert case.family == family and case.name and case.config
