@@ -1,0 +1,109 @@
+"""Mask specs: active taps, anchors, padding and colour-group masks."""
+
+import pytest
+import torch
+
+from pixelcnn_kernels.masks import NAMED_MASKS, MaskSpec, channel_group_mask, resolve_mask
+
+
+@pytest.mark.parametrize(
+    "name, kernel_size, taps",
+    [
+        ("A", 3, 4),
+        ("B", 3, 5),
+        ("A", 5, 12),
+        ("B", 7, 25),
+        ("vertical", 3, 6),
+        ("vertical_A", 3, 3),
+        ("horizontal", (1, 3), 2),
+        ("horizontal_A", (1, 3), 1),
+        ("down_shifted", None, 6),
+        ("down_right_shifted", None, 4),
+        ("full", 1, 1),
+    ],
+)
+def test_named_masks_have_the_documented_number_of_taps(name, kernel_size, taps):
+    spec = resolve_mask(name, kernel_size)
+    assert len(spec.taps) == taps
+    assert int(spec.tap_mask().sum()) == taps
+
+
+def test_mask_b_3x3_layout():
+    expected = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(resolve_mask("B", 3).tap_mask(), expected)
+
+
+def test_vertical_includes_the_centre_row_and_vertical_a_excludes_it():
+    assert resolve_mask("vertical", 3).tap_mask()[1].all()
+    assert not resolve_mask("vertical_A", 3).tap_mask()[1].any()
+
+
+@pytest.mark.parametrize("name, kernel_size", [("down_shifted", (2, 3)), ("down_right_shifted", (2, 2))])
+def test_shifted_masks_pad_like_pixelcnn_pp(name, kernel_size):
+    # PixelCNN++ pads (left, right, top, bottom) = ((kw-1)//2, (kw-1)//2, kh-1, 0) for down_shifted
+    # and (kw-1, 0, kh-1, 0) for down_right_shifted, then runs a valid conv.
+    kh, kw = kernel_size
+    pixelcnn_pp = {"down_shifted": (kh - 1, 0, (kw - 1) // 2, (kw - 1) // 2), "down_right_shifted": (kh - 1, 0, kw - 1, 0)}
+    spec = resolve_mask(name)
+    assert spec.kernel_size == kernel_size
+    assert spec.padding() == pixelcnn_pp[name]
+    top, bottom, left, right = spec.padding(dilation=2)
+    assert (top, bottom, left, right) == tuple(2 * p for p in pixelcnn_pp[name])
+
+
+def test_colour_groups_activate_the_anchor_with_the_group_rule():
+    spec_a = resolve_mask("A", 3, color_groups=3)
+    spec_b = resolve_mask("B", 3, color_groups=3)
+    assert (1, 1) in spec_a.taps and not spec_a.anchor_inclusive
+    assert spec_b.anchor_inclusive
+    centre_a = spec_a.weight_mask(6, 3)[:, :, 1, 1]
+    centre_b = spec_b.weight_mask(6, 3)[:, :, 1, 1]
+    # output groups of 2 channels (R, G, B) against input channels R, G, B
+    assert centre_a.tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
+    assert centre_b.tolist() == [[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]]
+    # every other tap stays fully on or off as in the spatial mask
+    assert torch.equal(spec_a.weight_mask(6, 3)[:, :, 0, :], torch.ones(6, 3, 3))
+
+
+def test_channel_group_mask_is_block_lower_triangular():
+    mask = channel_group_mask(3, 3, 3, inclusive=False)
+    assert torch.equal(mask, torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool))
+
+
+def test_custom_tensor_mask_is_anchored_at_the_centre():
+    custom = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 0, 0]])
+    spec = resolve_mask(custom)
+    assert spec.name == "custom" and spec.anchor == (1, 1) and spec.taps == ((0, 0), (0, 2), (1, 0))
+
+
+def test_mask_spec_passes_through():
+    spec = resolve_mask("B", 5)
+    assert resolve_mask(spec) is spec
+    assert isinstance(spec, MaskSpec)
+
+
+@pytest.mark.parametrize(
+    "mask, kernel_size, color_groups, error, match",
+    [
+        ("C", 3, 1, ValueError, "mask must be one of"),
+        ("A", 4, 1, ValueError, "odd kernel sizes"),
+        ("horizontal", 3, 1, ValueError, "1×k"),
+        ("A", None, 1, ValueError, "needs a kernel_size"),
+        ("A", 3, 2, ValueError, "color_groups must be 1 or 3"),
+        (torch.ones(2, 2), None, 1, ValueError, "odd sizes"),
+        (torch.ones(3, 3), 5, 1, ValueError, "kernel_size"),
+        (torch.full((3, 3), 2.0), None, 1, ValueError, "only 0 and 1"),
+        (torch.zeros(3, 3), None, 1, ValueError, "no active tap"),
+        (3, 3, 1, TypeError, "mask must be a str"),
+        ("A", (3, 0), 1, ValueError, "kernel_size must be"),
+    ],
+)
+def test_bad_masks_raise_naming_the_problem(mask, kernel_size, color_groups, error, match):
+    with pytest.raises(error, match=match):
+        resolve_mask(mask, kernel_size, color_groups)
+
+
+def test_every_named_mask_resolves():
+    for name in NAMED_MASKS:
+        kernel_size = {"horizontal": (1, 3), "horizontal_A": (1, 3)}.get(name, None if name.startswith("down") else 3)
+        assert resolve_mask(name, kernel_size).taps
