@@ -1,0 +1,76 @@
+// Gated activations (see pixelcnn_kernels/reference/gates.py): launchers of the
+// kernels in gates.cu and, for other kernels' epilogues, the elementwise math as
+// fp32 device functions.
+//
+// Layout shared by every launcher: tensors are contiguous "rows" in memory order
+// around the split dimension. A gate reads x as (outer, 2, half, inner) and
+// writes y as (outer, half, inner); concat_elu reads x as (outer, row_len) and
+// writes y as (outer, 2, row_len). All tensors of one call share one dtype.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_utils.h"
+
+namespace pixelcnn_kernels {
+
+enum class GateKind : int { kTanhSigmoid = 0, kSigmoid = 1 };
+
+// y = gate(x[:, 0] + cond_a, x[:, 1] + cond_b). cond: nullptr, or a contiguous
+// (batch, 2 * half) bias; row o of x belongs to batch (o / batch_div) % batch.
+void launch_gate_forward(DType dtype, GateKind kind, const void* x, const void* cond, void* y, int64_t outer, int64_t half,
+                         int64_t inner, int64_t batch_div, int64_t batch, cudaStream_t stream);
+
+// dx (outer, 2, half, inner) = d gate / d(x + cond) * grad, grad (outer, half, inner).
+void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond, void* dx,
+                          int64_t outer, int64_t half, int64_t inner, int64_t batch_div, int64_t batch,
+                          cudaStream_t stream);
+
+// y[o, 0, r] = elu(x[o, r]), y[o, 1, r] = elu(-x[o, r]).
+void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, cudaStream_t stream);
+
+// dx (outer, row_len) from grad (outer, 2, row_len) and x.
+void launch_concat_elu_backward(DType dtype, const void* grad, const void* x, void* dx, int64_t outer, int64_t row_len,
+                                cudaStream_t stream);
+
+#if defined(__CUDACC__)
+// Elementwise math in fp32, with PyTorch's formulas (no fast-math intrinsics), so
+// results match torch's to rounding and infinities and NaNs propagate alike.
+
+__device__ __forceinline__ float sigmoid_math(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float gate_tanh_sigmoid_math(float a, float b) { return tanhf(a) * sigmoid_math(b); }
+
+__device__ __forceinline__ float gate_sigmoid_math(float a, float b) { return a * sigmoid_math(b); }
+
+// (d/da, d/db) of grad * tanh(a) * sigmoid(b): autograd's products, with
+// 1 - tanh(a)^2 computed as 4u / (1 + u)^2, u = exp(-2|a|), where 1 - t*t cancels.
+__device__ __forceinline__ void gate_tanh_sigmoid_grad_math(float a, float b, float grad, float& grad_a, float& grad_b) {
+  const float s = sigmoid_math(b);
+  const float u = expf(-2.0f * fabsf(a));
+  grad_a = grad * s * (4.0f * u / ((1.0f + u) * (1.0f + u)));
+  grad_b = grad * tanhf(a) * (1.0f - s) * s;
+}
+
+// (d/da, d/db) of grad * a * sigmoid(b), autograd's products (so inf * 0 = nan alike).
+__device__ __forceinline__ void gate_sigmoid_grad_math(float a, float b, float grad, float& grad_a, float& grad_b) {
+  const float s = sigmoid_math(b);
+  grad_a = grad * s;
+  grad_b = grad * a * (1.0f - s) * s;
+}
+
+// F.elu with alpha = 1: x if x > 0 else expm1(x) (NaN takes the expm1 branch).
+__device__ __forceinline__ float elu_math(float x) { return x > 0.0f ? x : expm1f(x); }
+
+// PyTorch's elu backward: grad * exp(x) if x <= 0 else grad (NaN x passes grad through).
+__device__ __forceinline__ float elu_grad_math(float x, float grad) { return x <= 0.0f ? grad * expf(x) : grad; }
+
+// d/dx of concat_elu given the gradients of its two halves: the -x half's chain rule flips its sign.
+__device__ __forceinline__ float concat_elu_grad_math(float x, float grad_pos, float grad_neg) {
+  return elu_grad_math(x, grad_pos) - elu_grad_math(-x, grad_neg);
+}
+#endif  // __CUDACC__
+
+}  // namespace pixelcnn_kernels

@@ -1,0 +1,63 @@
+"""``nn.Module`` wrappers of the gated activations (:mod:`pixelcnn_kernels.ops.gates`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pixelcnn_kernels.ops.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
+
+
+def _check_dim(dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    return dim
+
+
+class _SplitGate(nn.Module):
+    """A gate over the two halves of its input along ``dim``; subclasses name the op."""
+
+    _gate = None  # the op, a staticmethod set by each subclass
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        self.dim = _check_dim(dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self._gate(x, self.dim, cond)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class GateTanhSigmoid(_SplitGate):
+    """``tanh(a) * sigmoid(b)`` of the halves of ``x + cond`` along ``dim``: see :func:`~pixelcnn_kernels.gate_tanh_sigmoid`.
+
+    ``forward(x, cond=None)``: ``x`` with an even size along ``dim``; ``cond``
+    an optional ``(x.shape[0], x.shape[dim])`` per-(batch, channel) bias.
+    """
+
+    _gate = staticmethod(gate_tanh_sigmoid)
+
+
+class GateSigmoid(_SplitGate):
+    """``a * sigmoid(b)`` of the halves of ``x + cond`` along ``dim``: see :func:`~pixelcnn_kernels.gate_sigmoid`.
+
+    ``forward(x, cond=None)`` as in :class:`GateTanhSigmoid`.
+    """
+
+    _gate = staticmethod(gate_sigmoid)
+
+
+class ConcatELU(nn.Module):
+    """``elu(cat([x, -x], dim))``: see :func:`~pixelcnn_kernels.concat_elu`."""
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        self.dim = _check_dim(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return concat_elu(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

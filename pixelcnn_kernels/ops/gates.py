@@ -1,0 +1,341 @@
+"""The gated activations as custom ops: ``gate_tanh_sigmoid``, ``gate_sigmoid``, ``concat_elu``.
+
+Definitions (and the ``cond`` convention) in :mod:`pixelcnn_kernels.reference.gates`.
+Each public function validates its arguments, then calls a
+``torch.library`` custom op (``pixelcnn_kernels::<name>``) that runs on the
+backend :func:`~pixelcnn_kernels.backend.resolve_backend` picks; its backward is
+the custom op ``pixelcnn_kernels::<name>_backward``, which recomputes from ``x``
+(the forward saves no activations).
+
+Layouts: the kernels see ``x`` in memory order as rows ``(outer, size, inner)``
+around ``dim``, which any dense tensor gives without a copy (contiguous with
+any ``dim``, channels-last, or any other permutation of dimensions); the output
+has ``x``'s dimension order in memory, so channels-last stays channels-last.
+A tensor that is not dense (a slice, an expanded tensor) is copied once, as is
+one whose batch dimension is laid out inside ``dim`` when ``cond`` is given.
+float64 inputs run the reference on every backend (the kernels are for
+float32, float16 and bfloat16; float64 is for checking).
+"""
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+
+from pixelcnn_kernels.backend import cuda_ops, resolve_backend
+from pixelcnn_kernels.reference import gates as reference
+from pixelcnn_kernels.utils import check_same_device, check_tensor, compute_dtype, normalize_dim
+
+__all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
+
+
+# --------------------------------------------------------------------- validation
+
+
+def _check_x_and_dim(x: torch.Tensor, dim: int) -> int:
+    """Checks ``x`` and ``dim``; returns ``dim`` as a non-negative index."""
+    check_tensor(x, "x")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    return normalize_dim(dim, x.dim())
+
+
+def _check_gate_args(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> int:
+    """Checks a gate's arguments; returns ``dim`` as a non-negative index."""
+    dim = _check_x_and_dim(x, dim)
+    if x.shape[dim] % 2:
+        raise ValueError(f"x.shape[{dim}] must be even to split x into two halves along dim={dim}, got shape {tuple(x.shape)}")
+    if cond is not None:
+        check_tensor(cond, "cond")
+        if cond.dtype != x.dtype:
+            raise TypeError(f"cond must have x's dtype {x.dtype}, got {cond.dtype}")
+        check_same_device(x=x, cond=cond)
+        if dim == 0:
+            raise ValueError("cond is a per-(batch, channel) bias, so dim must not be 0 (the batch dimension) when cond is given")
+        expected = (x.shape[0], x.shape[dim])
+        if tuple(cond.shape) != expected:
+            raise ValueError(f"cond must have shape (x.shape[0], x.shape[dim]) = {expected}, got {tuple(cond.shape)}")
+    return dim
+
+
+# ------------------------------------------------------------------------ layouts
+
+
+def _memory_order(x: torch.Tensor) -> tuple[int, ...]:
+    """x's dimensions from the largest stride to the smallest.
+
+    A stable sort: size-1 dimensions, whose strides are arbitrary, keep their
+    place. ``x.permute(_memory_order(x))`` is contiguous exactly when x is dense
+    and non-overlapping.
+    """
+    return tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
+def _resized(shape: Sequence[int], dim: int, size: int) -> list[int]:
+    return [size if d == dim else s for d, s in enumerate(shape)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsLayout:
+    """A dense tensor seen in memory order as ``(outer, size along dim, inner)``.
+
+    ``perm`` lists the dimensions from the slowest to the fastest in memory, so
+    ``t.permute(perm)`` of a tensor in this layout is contiguous.
+    """
+
+    perm: tuple[int, ...]
+    outer: int
+    inner: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor, dim: int) -> "_RowsLayout":
+        perm = _memory_order(x)
+        at = perm.index(dim)
+        return cls(perm, math.prod(x.shape[d] for d in perm[:at]), math.prod(x.shape[d] for d in perm[at + 1 :]))
+
+    def rows(self, t: torch.Tensor, *middle: int) -> torch.Tensor:
+        """``t`` as a contiguous ``(outer, *middle, inner)``: a view when ``t`` is in this layout, else one copy."""
+        return t.permute(self.perm).reshape(self.outer, *middle, self.inner).contiguous()
+
+    def from_rows(self, rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The contiguous ``rows`` viewed as a tensor of ``shape`` in this layout."""
+        return rows.view([shape[d] for d in self.perm]).permute(self._inverse_perm())
+
+    def empty(self, like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in this layout, with ``like``'s dtype and device."""
+        return self.from_rows(like.new_empty([shape[d] for d in self.perm]), shape)
+
+    def _inverse_perm(self) -> list[int]:
+        inverse = [0] * len(self.perm)
+        for position, d in enumerate(self.perm):
+            inverse[d] = position
+        return inverse
+
+
+def _dense_input(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> torch.Tensor:
+    """``x``, or one copy of it, in a layout the kernels index as rows.
+
+    The copy keeps x's memory format where torch can tell it (``preserve_format``);
+    with ``cond``, the kernels find a row's batch index as ``row // batch_div``,
+    which needs the batch dimension outside ``dim`` in memory.
+    """
+    if not x.permute(_memory_order(x)).is_contiguous():
+        x = x.clone(memory_format=torch.preserve_format)
+    if cond is not None and x.shape[0] > 1 and x.stride(0) < x.stride(dim):
+        x = x.contiguous()
+    return x
+
+
+def _batch_div(x: torch.Tensor, dim: int, layout: _RowsLayout) -> int:
+    """Rows of ``(outer, ...)`` per batch element: row ``o`` is in batch ``(o // batch_div) % batch``."""
+    return x.stride(0) // (x.shape[dim] * layout.inner) if x.shape[0] > 1 else 1
+
+
+def _kernels(backend: str):
+    """The launchers of a kernel backend; the Triton module and the CUDA ops share their names."""
+    if backend == "triton":
+        from pixelcnn_kernels.triton import gates
+
+        return gates
+    return cuda_ops()
+
+
+def _runs_reference(backend: str, x: torch.Tensor) -> bool:
+    return backend == "reference" or x.dtype == torch.float64
+
+
+@contextlib.contextmanager
+def _autograd_inside_custom_op():
+    """Lets the reference backward take autograd through the reference forward.
+
+    A custom op's body runs with the autograd dispatch keys excluded, where
+    ``torch.enable_grad()`` alone records nothing; this lifts the exclusion for
+    the block. (``torch.func.vjp`` would not need it, but fails under
+    ``opcheck``'s fake-tensor cross-check.) Uses private torch API (functorch's guards).
+    """
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA, torch._C.DispatchKey.ADInplaceOrView):
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield
+
+
+def _reference_input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad``'s vector-Jacobian product with ``forward`` at ``x``, by autograd."""
+    with _autograd_inside_custom_op():
+        x_leaf = x.detach().requires_grad_(True)
+        (dx,) = torch.autograd.grad(forward(x_leaf), x_leaf, grad)
+    return dx
+
+
+def _cond_grad(dx: torch.Tensor, dim: int, cond: torch.Tensor) -> torch.Tensor:
+    """d loss / d cond: ``dx`` (the gradient of ``x + cond``) summed over all but dims 0 and ``dim``."""
+    summed = [d for d in range(dx.dim()) if d not in (0, dim)]
+    if not summed:  # sum over an empty list of dims would sum everything
+        return dx.to(cond.dtype)
+    return dx.sum(summed, dtype=compute_dtype(dx.dtype)).to(cond.dtype)
+
+
+# -------------------------------------------------------------------------- gates
+
+
+def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> Callable:
+    """Defines the custom ops ``pixelcnn_kernels::<name>`` and ``<name>_backward``; returns the forward."""
+
+    @torch.library.custom_op(f"pixelcnn_kernels::{name}", mutates_args=())
+    def forward_op(x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        x = _dense_input(x, dim, cond)
+        layout = _RowsLayout.of(x, dim)
+        half = x.shape[dim] // 2
+        out_shape = _resized(x.shape, dim, half)
+        backend = resolve_backend(x, cond)
+        if _runs_reference(backend, x):
+            return layout.empty(x, out_shape).copy_(reference_gate(x, dim, cond))
+        y_rows = _kernels(backend).gate_forward(layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate)
+        return layout.from_rows(y_rows, out_shape)
+
+    @forward_op.register_fake
+    def _(x, dim, cond):
+        x = _dense_input(x, dim, cond)
+        return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, x.shape[dim] // 2))
+
+    @torch.library.custom_op(f"pixelcnn_kernels::{name}_backward", mutates_args=())
+    def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        x = _dense_input(x, dim, cond)
+        layout = _RowsLayout.of(x, dim)
+        backend = resolve_backend(grad, x, cond)
+        if _runs_reference(backend, x):
+            dx = _reference_input_grad(lambda x_leaf: reference_gate(x_leaf, dim, cond), x, grad)
+            return layout.empty(x, x.shape).copy_(dx)
+        half = x.shape[dim] // 2
+        dx_rows = _kernels(backend).gate_backward(layout.rows(grad, half), layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate)
+        return layout.from_rows(dx_rows, x.shape)
+
+    @backward_op.register_fake
+    def _(grad, x, dim, cond):
+        x = _dense_input(x, dim, cond)
+        return _RowsLayout.of(x, dim).empty(x, x.shape)
+
+    def setup_context(ctx, inputs, output):
+        x, ctx.dim, cond = inputs
+        ctx.save_for_backward(x, cond)
+
+    def backward(ctx, grad):
+        x, cond = ctx.saved_tensors
+        dx = backward_op(grad, x, ctx.dim, cond)
+        dcond = _cond_grad(dx, ctx.dim, cond) if cond is not None and ctx.needs_input_grad[2] else None
+        return dx, None, dcond
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op
+
+
+_gate_tanh_sigmoid_op = _define_gate("gate_tanh_sigmoid", True, reference.gate_tanh_sigmoid)
+_gate_sigmoid_op = _define_gate("gate_sigmoid", False, reference.gate_sigmoid)
+
+
+def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Gated PixelCNN's gate ``tanh(a) * sigmoid(b)``, ``a, b = (x + cond).chunk(2, dim)``.
+
+    Args:
+        x: float32, float16, bfloat16 (or float64, reference only) tensor of any
+            rank and layout whose size along ``dim`` is even.
+        dim: the dimension split in two halves (default 1, the channels of NCHW).
+        cond: optional per-(batch, channel) bias of shape ``(x.shape[0],
+            x.shape[dim])`` and x's dtype, broadcast over the other dimensions:
+            ``a`` gets ``cond[:, :C]``, ``b`` gets ``cond[:, C:]``. Needs ``dim != 0``.
+
+    Returns:
+        ``x``'s shape with ``dim`` halved, in ``x``'s dtype and memory layout.
+
+    Raises:
+        TypeError: ``x`` or ``cond`` is not a floating tensor, or their dtypes differ, or ``dim`` is not an int.
+        ValueError: ``dim`` is out of range, ``x.shape[dim]`` is odd, or ``cond`` has the wrong shape or device.
+    """
+    dim = _check_gate_args(x, dim, cond)
+    return _gate_tanh_sigmoid_op(x, dim, cond)
+
+
+def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """PixelCNN++'s gate ``a * sigmoid(b)``, ``a, b = (x + cond).chunk(2, dim)``.
+
+    Arguments, result and errors as in :func:`gate_tanh_sigmoid`.
+    """
+    dim = _check_gate_args(x, dim, cond)
+    return _gate_sigmoid_op(x, dim, cond)
+
+
+# ---------------------------------------------------------------------- concat_elu
+
+
+@torch.library.custom_op("pixelcnn_kernels::concat_elu", mutates_args=())
+def _concat_elu_op(x: torch.Tensor, dim: int) -> torch.Tensor:
+    x = _dense_input(x, dim, None)
+    layout = _RowsLayout.of(x, dim)
+    out_shape = _resized(x.shape, dim, 2 * x.shape[dim])
+    backend = resolve_backend(x)
+    if _runs_reference(backend, x):
+        return layout.empty(x, out_shape).copy_(reference.concat_elu(x, dim))
+    x_rows = layout.rows(x, x.shape[dim]).view(layout.outer, x.shape[dim] * layout.inner)
+    y_rows = _kernels(backend).concat_elu_forward(x_rows)
+    return layout.from_rows(y_rows, out_shape)
+
+
+@_concat_elu_op.register_fake
+def _(x, dim):
+    x = _dense_input(x, dim, None)
+    return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, 2 * x.shape[dim]))
+
+
+@torch.library.custom_op("pixelcnn_kernels::concat_elu_backward", mutates_args=())
+def _concat_elu_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    x = _dense_input(x, dim, None)
+    layout = _RowsLayout.of(x, dim)
+    backend = resolve_backend(grad, x)
+    if _runs_reference(backend, x):
+        dx = _reference_input_grad(lambda x_leaf: reference.concat_elu(x_leaf, dim), x, grad)
+        return layout.empty(x, x.shape).copy_(dx)
+    size = x.shape[dim]
+    x_rows = layout.rows(x, size).view(layout.outer, size * layout.inner)
+    grad_rows = layout.rows(grad, 2 * size).view(layout.outer, 2, size * layout.inner)
+    return layout.from_rows(_kernels(backend).concat_elu_backward(grad_rows, x_rows), x.shape)
+
+
+@_concat_elu_backward_op.register_fake
+def _(grad, x, dim):
+    x = _dense_input(x, dim, None)
+    return _RowsLayout.of(x, dim).empty(x, x.shape)
+
+
+def _concat_elu_setup_context(ctx, inputs, output):
+    x, ctx.dim = inputs
+    ctx.save_for_backward(x)
+
+
+def _concat_elu_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _concat_elu_backward_op(grad, x, ctx.dim), None
+
+
+_concat_elu_op.register_autograd(_concat_elu_backward, setup_context=_concat_elu_setup_context)
+
+
+def concat_elu(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """PixelCNN++'s ``concat_elu(x) = elu(cat([x, -x], dim))``.
+
+    Args:
+        x: float32, float16, bfloat16 (or float64, reference only) tensor of any rank and layout.
+        dim: the dimension along which ``x`` and ``-x`` are concatenated (default 1).
+
+    Returns:
+        ``x``'s shape with ``dim`` doubled, in ``x``'s dtype and memory layout.
+
+    Raises:
+        TypeError: ``x`` is not a floating tensor or ``dim`` is not an int.
+        ValueError: ``dim`` is out of range.
+    """
+    dim = _check_x_and_dim(x, dim)
+    return _concat_elu_op(x, dim)

@@ -1,0 +1,338 @@
+"""Triton kernels of the gated activations (see :mod:`pixelcnn_kernels.reference.gates`).
+
+Every kernel works on a tensor already viewed in memory order as *rows*: the
+ops (:mod:`pixelcnn_kernels.ops.gates`) turn any dense layout, contiguous or
+channels-last, into a contiguous ``(outer, 2, half, inner)`` view whose ``2``
+is the split of ``dim``. A gate reads the two halves of a row at ``row * 2R +
+col`` and ``row * 2R + R + col`` (``R = half * inner``) and writes ``row * R +
+col``; each program handles a ``BLOCK_OUTER x BLOCK_ROW`` tile of (row, col),
+so no per-element division is needed except to find ``cond``'s channel.
+
+All arithmetic is fp32 (loads are converted at once); outputs are rounded to
+the storage dtype on store. The elementwise math is exposed as ``@triton.jit``
+helpers (:func:`gate_tanh_sigmoid_math`, :func:`gate_sigmoid_math`,
+:func:`concat_elu_math` and their gradients) for other kernels' epilogues.
+
+Triton's ``exp`` is available in the interpreter, ``tanh`` and ``expm1`` are
+not (they are libdevice calls), so both are written here from ``exp`` and a
+short Taylor series, accurate to a few fp32 ulps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+
+# Elements per program: 16 per thread at 4 warps, i.e. a few 16-byte vectors per tensor.
+_TILE = 2048
+_NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------- math
+
+
+@triton.jit
+def expm1_nonpositive(x):
+    """``exp(x) - 1`` for ``x <= 0`` (or NaN), to ~3 fp32 ulps.
+
+    Near 0, ``exp(x) - 1`` cancels, so a Taylor series to x**8/8! is used for
+    ``x > -0.5`` (truncation below 0.2 ulp there); below, ``exp(x) - 1`` loses
+    at most a couple of ulps.
+    """
+    series = 1.0 / 40320.0
+    series = series * x + 1.0 / 5040.0
+    series = series * x + 1.0 / 720.0
+    series = series * x + 1.0 / 120.0
+    series = series * x + 1.0 / 24.0
+    series = series * x + 1.0 / 6.0
+    series = series * x + 0.5
+    series = series * x + 1.0
+    return tl.where(x > -0.5, x * series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def tanh_math(x):
+    """``tanh(x)`` in fp32, accurate to ~5 ulps also near 0 (unlike ``2 * sigmoid(2x) - 1``).
+
+    ``tanh(|x|) = -e / (e + 2)`` with ``e = expm1(-2|x|)`` in ``(-1, 0]``: no
+    overflow, and ``tanh(+-inf) = +-1``, ``tanh(nan) = nan`` as in PyTorch.
+    """
+    e = expm1_nonpositive(-2.0 * tl.abs(x))
+    magnitude = -e / (e + 2.0)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def sech2_math(x):
+    """``1 - tanh(x)**2`` as ``4u / (1 + u)**2``, ``u = exp(-2|x|)``: accurate where ``1 - t*t`` cancels."""
+    u = tl.exp(-2.0 * tl.abs(x))
+    return 4.0 * u / ((1.0 + u) * (1.0 + u))
+
+
+@triton.jit
+def gate_tanh_sigmoid_math(a, b):
+    """``tanh(a) * sigmoid(b)`` of fp32 tensors."""
+    return tanh_math(a) * tl.sigmoid(b)
+
+
+@triton.jit
+def gate_tanh_sigmoid_grad_math(a, b, grad):
+    """``(d/da, d/db)`` of ``grad * tanh(a) * sigmoid(b)``.
+
+    Same products as PyTorch's autograd (``sigmoid'(b) = (1 - s) * s``), so
+    infinities and NaNs propagate alike; ``1 - tanh(a)**2`` via :func:`sech2_math`.
+    """
+    s = tl.sigmoid(b)
+    grad_a = grad * s * sech2_math(a)
+    grad_b = grad * tanh_math(a) * (1.0 - s) * s
+    return grad_a, grad_b
+
+
+@triton.jit
+def gate_sigmoid_math(a, b):
+    """``a * sigmoid(b)`` of fp32 tensors."""
+    return a * tl.sigmoid(b)
+
+
+@triton.jit
+def gate_sigmoid_grad_math(a, b, grad):
+    """``(d/da, d/db)`` of ``grad * a * sigmoid(b)``, with PyTorch's autograd products (``inf * 0 = nan`` alike)."""
+    s = tl.sigmoid(b)
+    return grad * s, grad * a * (1.0 - s) * s
+
+
+@triton.jit
+def concat_elu_math(x):
+    """``(elu(x), elu(-x))`` of an fp32 tensor (``elu(z) = z`` if ``z > 0`` else ``expm1(z)``).
+
+    One of ``x, -x`` is the identity branch, so a single ``expm1(-|x|)`` serves
+    both; NaN takes the ``expm1`` branch in both, as ``F.elu`` does.
+    """
+    e = expm1_nonpositive(-tl.abs(x))
+    return tl.where(x > 0, x, e), tl.where(-x > 0, -x, e)
+
+
+@triton.jit
+def concat_elu_grad_math(x, grad_pos, grad_neg):
+    """Gradient w.r.t. ``x`` of ``concat_elu``, given the gradients of its two halves.
+
+    ``grad_pos * elu'(x) - grad_neg * elu'(-x)`` with PyTorch's ``elu'(z) =
+    exp(z) if z <= 0 else 1`` (so a NaN ``x`` gives ``grad_pos - grad_neg``, as
+    in PyTorch).
+    """
+    pos = tl.where(x <= 0, grad_pos * tl.exp(x), grad_pos)
+    neg = tl.where(-x <= 0, grad_neg * tl.exp(-x), grad_neg)
+    return pos - neg
+
+
+# -------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile(outer, row_len, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr, INT64: tl.constexpr):
+    """This program's ``(rows[:, None], cols[None, :], mask)`` in an ``(outer, row_len)`` grid."""
+    pid = tl.program_id(0)
+    blocks_per_row = tl.cdiv(row_len, BLOCK_ROW)
+    rows = (pid // blocks_per_row) * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
+    cols = (pid % blocks_per_row) * BLOCK_ROW + tl.arange(0, BLOCK_ROW)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    mask = (rows < outer)[:, None] & (cols < row_len)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND: tl.constexpr):
+    """A tile's fp32 gate inputs ``(a + cond_a, b + cond_b, a's offsets)``: ``a`` at ``row * 2R + col``, ``b`` at ``+ R``."""
+    # rows * 2 first: with INT64 it is int64, so the product cannot overflow.
+    a_offsets = rows * 2 * row_len + cols
+    a = tl.load(x_ptr + a_offsets, mask=mask).to(tl.float32)
+    b = tl.load(x_ptr + a_offsets + row_len, mask=mask).to(tl.float32)
+    if HAS_COND:
+        # cond is a contiguous (batch, 2 * half); a row's batch index is
+        # (row // batch_div) % batch, its channel col // inner.
+        cond_offsets = ((rows // batch_div) % batch) * (2 * half) + cols // inner
+        a += tl.load(cond_ptr + cond_offsets, mask=mask).to(tl.float32)
+        b += tl.load(cond_ptr + cond_offsets + half, mask=mask).to(tl.float32)
+    return a, b, a_offsets
+
+
+@triton.jit
+def _gate_forward_kernel(
+    x_ptr, cond_ptr, y_ptr, outer, row_len, half, inner, batch_div, batch,
+    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
+):  # fmt: skip
+    """``y[o, c, i] = gate(x[o, 0, c, i] + cond, x[o, 1, c, i] + cond)``.
+
+    x: contiguous (outer, 2, half, inner) fp32/fp16/bf16; cond: contiguous
+    (batch, 2 * half) of x's dtype, read when HAS_COND (row o is in batch
+    (o // batch_div) % batch); y: contiguous (outer, half, inner) of x's dtype;
+    row_len = half * inner. TANH_GATE picks tanh(a)*sigmoid(b) over a*sigmoid(b).
+    """
+    rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
+    a, b, _ = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND)
+    if TANH_GATE:
+        y = gate_tanh_sigmoid_math(a, b)
+    else:
+        y = gate_sigmoid_math(a, b)
+    tl.store(y_ptr + rows * row_len + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_backward_kernel(
+    grad_ptr, x_ptr, cond_ptr, dx_ptr, outer, row_len, half, inner, batch_div, batch,
+    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
+):  # fmt: skip
+    """``dx = d gate / d(x + cond) * grad``, recomputed from x (the forward saves nothing else).
+
+    grad: contiguous (outer, half, inner); x, dx: contiguous (outer, 2, half,
+    inner); cond as in the forward; all of one dtype (fp32/fp16/bf16).
+    """
+    rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
+    a, b, a_offsets = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND)
+    grad = tl.load(grad_ptr + rows * row_len + cols, mask=mask).to(tl.float32)
+    if TANH_GATE:
+        grad_a, grad_b = gate_tanh_sigmoid_grad_math(a, b, grad)
+    else:
+        grad_a, grad_b = gate_sigmoid_grad_math(a, b, grad)
+    tl.store(dx_ptr + a_offsets, grad_a.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + a_offsets + row_len, grad_b.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _concat_elu_forward_kernel(
+    x_ptr, y_ptr, outer, row_len, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr
+):
+    """``y[o, 0, r] = elu(x[o, r])``, ``y[o, 1, r] = elu(-x[o, r])``.
+
+    x: contiguous (outer, row_len); y: contiguous (outer, 2, row_len); one
+    dtype, fp32/fp16/bf16.
+    """
+    rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
+    x = tl.load(x_ptr + rows * row_len + cols, mask=mask).to(tl.float32)
+    pos, neg = concat_elu_math(x)
+    y_offsets = rows * 2 * row_len + cols
+    tl.store(y_ptr + y_offsets, pos.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offsets + row_len, neg.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _concat_elu_backward_kernel(
+    grad_ptr, x_ptr, dx_ptr, outer, row_len, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr
+):
+    """``dx[o, r]`` from ``grad[o, 0, r]``, ``grad[o, 1, r]`` and ``x[o, r]``.
+
+    grad: contiguous (outer, 2, row_len); x, dx: contiguous (outer, row_len);
+    one dtype, fp32/fp16/bf16.
+    """
+    rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
+    x_offsets = rows * row_len + cols
+    grad_offsets = rows * 2 * row_len + cols
+    x = tl.load(x_ptr + x_offsets, mask=mask).to(tl.float32)
+    grad_pos = tl.load(grad_ptr + grad_offsets, mask=mask).to(tl.float32)
+    grad_neg = tl.load(grad_ptr + grad_offsets + row_len, mask=mask).to(tl.float32)
+    dx = concat_elu_grad_math(x, grad_pos, grad_neg)
+    tl.store(dx_ptr + x_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------ launchers
+
+
+def _launch(kernel, outer: int, row_len: int, int64: bool, *args, **constexprs) -> None:
+    """Runs ``kernel`` over an ``(outer, row_len)`` grid of tiles of ``_TILE`` elements."""
+    block_row = min(triton.next_power_of_2(row_len), _TILE)
+    block_outer = _TILE // block_row
+    grid = (triton.cdiv(outer, block_outer) * triton.cdiv(row_len, block_row),)
+    kernel[grid](*args, INT64=int64, BLOCK_OUTER=block_outer, BLOCK_ROW=block_row, num_warps=_NUM_WARPS, **constexprs)
+
+
+def _cond_args(cond: torch.Tensor | None, x_rows: torch.Tensor, batch_div: int) -> tuple:
+    """``(cond_ptr, batch_div, batch)``; x stands in for the unread pointer when there is no cond."""
+    if cond is None:
+        return x_rows, 1, 1
+    return cond.contiguous(), batch_div, cond.shape[0]
+
+
+def gate_forward(x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int, tanh_gate: bool) -> torch.Tensor:
+    """The gate of a contiguous ``(outer, 2, half, inner)`` ``x_rows``: a contiguous ``(outer, half, inner)``.
+
+    ``cond`` (batch, 2 * half) of x's dtype or None; row ``o`` of x belongs to
+    batch ``(o // batch_div) % batch``. ``tanh_gate``: tanh(a)*sigmoid(b), else a*sigmoid(b).
+    """
+    outer, _, half, inner = x_rows.shape
+    y = x_rows.new_empty((outer, half, inner))
+    if y.numel():
+        cond_ptr, batch_div, batch = _cond_args(cond, x_rows, batch_div)
+        _launch(
+            _gate_forward_kernel, outer, half * inner, needs_int64_index(x_rows),
+            x_rows, cond_ptr, y, outer, half * inner, half, inner, batch_div, batch, TANH_GATE=tanh_gate, HAS_COND=cond is not None,
+        )  # fmt: skip
+    return y
+
+
+def gate_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int, tanh_gate: bool) -> torch.Tensor:
+    """Gradient w.r.t. ``x_rows`` (and ``x + cond``) of :func:`gate_forward`, given ``grad_rows`` (outer, half, inner)."""
+    outer, _, half, inner = x_rows.shape
+    dx = torch.empty_like(x_rows)
+    if dx.numel():
+        cond_ptr, batch_div, batch = _cond_args(cond, x_rows, batch_div)
+        _launch(
+            _gate_backward_kernel, outer, half * inner, needs_int64_index(x_rows),
+            grad_rows, x_rows, cond_ptr, dx, outer, half * inner, half, inner, batch_div, batch, TANH_GATE=tanh_gate, HAS_COND=cond is not None,
+        )  # fmt: skip
+    return dx
+
+
+def concat_elu_forward(x_rows: torch.Tensor) -> torch.Tensor:
+    """``concat_elu`` of a contiguous ``(outer, row_len)`` ``x_rows``: a contiguous ``(outer, 2, row_len)``."""
+    outer, row_len = x_rows.shape
+    y = x_rows.new_empty((outer, 2, row_len))
+    if y.numel():
+        _launch(_concat_elu_forward_kernel, outer, row_len, needs_int64_index(y), x_rows, y, outer, row_len)
+    return y
+
+
+def concat_elu_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. ``x_rows`` (outer, row_len) of :func:`concat_elu_forward`, given ``grad_rows`` (outer, 2, row_len)."""
+    outer, row_len = x_rows.shape
+    dx = torch.empty_like(x_rows)
+    if dx.numel():
+        _launch(_concat_elu_backward_kernel, outer, row_len, needs_int64_index(grad_rows), grad_rows, x_rows, dx, outer, row_len)
+    return dx
+
+
+# ------------------------------------------------------------ sm_90 compile cases
+
+
+def _register_compile_cases() -> None:
+    sizes = {"outer": "i32", "row_len": "i32", "half": "i32", "inner": "i32", "batch_div": "i32", "batch": "i32"}
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr = pointer_type(dtype)
+        name = str(dtype).removeprefix("torch.")
+        for tanh_gate, has_cond, int64 in ((True, True, False), (False, False, True)):
+            gate = "tanh_sigmoid" if tanh_gate else "sigmoid"
+            flags = dict(TANH_GATE=tanh_gate, HAS_COND=has_cond, INT64=int64, BLOCK_OUTER=16, BLOCK_ROW=128)
+            register_compile_case(
+                f"gates_{gate}_forward_{name}", _gate_forward_kernel,
+                {"x_ptr": ptr, "cond_ptr": ptr, "y_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+            register_compile_case(
+                f"gates_{gate}_backward_{name}", _gate_backward_kernel,
+                {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "dx_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+        flags = dict(INT64=dtype == torch.bfloat16, BLOCK_OUTER=1, BLOCK_ROW=_TILE)
+        register_compile_case(
+            f"gates_concat_elu_forward_{name}", _concat_elu_forward_kernel,
+            {"x_ptr": ptr, "y_ptr": ptr, "outer": "i32", "row_len": "i32"}, flags, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        register_compile_case(
+            f"gates_concat_elu_backward_{name}", _concat_elu_backward_kernel,
+            {"grad_ptr": ptr, "x_ptr": ptr, "dx_ptr": ptr, "outer": "i32", "row_len": "i32"}, flags, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+
+
+_register_compile_cases()
