@@ -1,0 +1,130 @@
+"""``nn.Conv2d`` subclasses running the masked convolution ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pixelcnn_kernels.masks import MaskSpec, resolve_mask
+from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
+from pixelcnn_kernels.reference.masked_conv import GATES
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A stride-1, same-size masked convolution with ``nn.Conv2d``'s parameters.
+
+    ``weight`` (out, in, kh, kw) and ``bias`` are the Conv2d Parameters under the
+    same state_dict keys, so a Conv2d checkpoint loads as is; masked-out weights
+    are kept but never used, and their gradient is exactly zero. ``mask`` is a
+    named spec (``kernel_size`` may then be implied, e.g. 2×3 for
+    ``"down_shifted"``), a boolean (kh, kw) tensor or a MaskSpec; it is resolved
+    once, here, to ``self.spec``. Conv2d's ``padding`` stays 0: the spec's
+    padding (``self.spec.padding(dilation)``, asymmetric for e.g. 2×3 kernels) is
+    applied by the op, which ``forward`` calls instead of Conv2d's forward.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] | None = None,
+        mask: str | torch.Tensor | MaskSpec = "B",
+        dilation: int = 1,
+        color_groups: int = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        spec = resolve_mask(mask, kernel_size, color_groups)
+        if isinstance(dilation, bool) or not isinstance(dilation, int):
+            raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        if in_channels % color_groups or out_channels % color_groups:
+            raise ValueError(f"color_groups={color_groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        super().__init__(in_channels, out_channels, spec.kernel_size, stride=1, padding=0, dilation=dilation, bias=bias, device=device, dtype=dtype)
+        self.spec = spec
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: str | torch.Tensor | MaskSpec = "B", dilation: int | None = None, **options) -> "MaskedConv2d":
+        """Wraps ``conv``'s own Parameter objects (no copy) in this class.
+
+        ``conv`` must have stride 1, one group, zero padding mode and equal
+        dilations (``dilation``, if given, must be that value); its ``padding``
+        is ignored (the mask fixes the padding). ``options`` are the
+        constructor's remaining keywords (``color_groups``; ``gate`` for
+        MaskedConv2dGated).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.stride != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"conv must have stride 1, groups 1 and zero padding, got stride={conv.stride}, groups={conv.groups}, padding_mode={conv.padding_mode!r}")
+        if conv.dilation[0] != conv.dilation[1]:
+            raise ValueError(f"conv must have equal dilations, got {conv.dilation}")
+        if dilation is not None and dilation != conv.dilation[0]:
+            raise ValueError(f"dilation={dilation} differs from the conv's dilation {conv.dilation}")
+        # Built on the meta device: no memory or initialisation for Parameters that are replaced at once.
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            mask,
+            conv.dilation[0],
+            bias=conv.bias is not None,
+            device="meta",
+            dtype=conv.weight.dtype,
+            **options,
+        )
+        module.weight = conv.weight
+        module.bias = conv.bias
+        return module.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_conv2d(x, self.weight, self.bias, self.spec, self.dilation[0], self.spec.color_groups)
+
+    def extra_repr(self) -> str:
+        kh, kw = self.spec.kernel_size
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), mask={self.spec.name!r}, taps={len(self.spec.taps)}/{kh * kw}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation[0]}"
+        if self.spec.color_groups > 1:
+            text += f", color_groups={self.spec.color_groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class MaskedConv2dGated(MaskedConv2d):
+    """A masked convolution to ``out_channels`` (even) channels, gated to half as many.
+
+    ``forward(x, cond=None)`` = gate(conv(x) + cond[:, :, None, None]) with the
+    conv's output split into halves a, b: tanh(a)·σ(b) (``"tanh_sigmoid"``) or
+    a·σ(b) (``"sigmoid"``), fused in one pass; ``cond`` is (N, out_channels) or
+    None; the output has out_channels / 2 channels. ``weight`` is (out_channels,
+    in_channels, kh, kw) as in the plain MaskedConv2d. No colour groups.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] | None = None,
+        mask: str | torch.Tensor | MaskSpec = "B",
+        dilation: int = 1,
+        gate: str = "tanh_sigmoid",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if out_channels % 2:
+            raise ValueError(f"out_channels must be even (two gate halves), got {out_channels}")
+        super().__init__(in_channels, out_channels, kernel_size, mask, dilation, 1, bias, device, dtype)
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_conv2d_gated(x, self.weight, self.bias, self.spec, self.dilation[0], 1, self.gate, cond)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gate={self.gate!r}"

@@ -1,0 +1,456 @@
+"""Masked convolutions: ``masked_conv2d`` and ``masked_conv2d_gated``.
+
+Stride 1, "same" output size, the mask a named spec or a boolean (kh, kw) tensor
+(see :mod:`pixelcnn_kernels.masks`). The weight keeps the ``nn.Conv2d`` shape
+(Cout, Cin, kh, kw); weights at masked-out taps are never read and their
+gradient is exactly zero.
+
+Backends: ``reference`` (``F.conv2d`` on the masked weight; float64 runs only
+here), ``triton`` (implicit-GEMM kernels over the active taps only) and ``cuda``
+(the extension's ``pixelcnn_kernels_cuda.masked_conv2d_*`` ops). Both kernel
+backends take the same host-side packing, built here: channels-last
+activations, the packed weight ``wp`` (T, Cin, Cout) of the T active taps, the
+taps' (dy, dx) offsets, and ``allow_tf32``: fp32 products use TF32 where
+PyTorch allows it for its own convolutions (:func:`conv_allows_tf32`).
+The output has the input's memory format (channels-last in, channels-last out).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, forced_backend, resolve_backend, unavailable_reason
+from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
+from pixelcnn_kernels.ops.gates import _autograd_inside_custom_op, gate_sigmoid, gate_tanh_sigmoid
+from pixelcnn_kernels.reference.masked_conv import GATES, masked_conv2d_ref
+from pixelcnn_kernels.utils import check_same_device, check_tensor, compute_dtype, is_channels_last
+
+# Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
+GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
+# The unfused gate and its gradient are the gates family's ops (their own backend choice).
+_GATE_OPS = {1: gate_tanh_sigmoid, 2: gate_sigmoid}
+_GATE_BACKWARD_OPS = {1: torch.ops.pixelcnn_kernels.gate_tanh_sigmoid_backward, 2: torch.ops.pixelcnn_kernels.gate_sigmoid_backward}
+
+# ---------------------------------------------------------------- host-side packing (triton and cuda)
+
+
+def tap_offsets(spec: MaskSpec, dilation: int) -> list[int]:
+    """(dy_0, dx_0, dy_1, dx_1, ...): where each active tap reads, relative to the output pixel."""
+    ai, aj = spec.anchor
+    return [d for i, j in spec.taps for d in ((i - ai) * dilation, (j - aj) * dilation)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_index(taps: tuple[tuple[int, int], ...], kernel_width: int, device: torch.device) -> torch.Tensor:
+    """Flat (i·kw + j) kernel positions of the taps, cached per device (no host copy per call)."""
+    return torch.tensor([i * kernel_width + j for i, j in taps], dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden_channel_pairs(out_channels: int, in_channels: int, groups: int, inclusive: bool, device: torch.device) -> torch.Tensor:
+    """Boolean (Cout, Cin): the channel pairs the colour-group rule masks out at the anchor tap."""
+    return ~channel_group_mask(out_channels, in_channels, groups, inclusive).to(device)
+
+
+def _hide_anchor_channel_pairs(per_position: torch.Tensor, spec: MaskSpec, anchor_position: int) -> None:
+    """Zeroes, in place, the channel pairs the colour groups hide at the anchor.
+
+    ``per_position`` is (Cout, Cin, positions) and ``anchor_position`` the anchor's
+    index along its last dimension. masked_fill, not a multiply: exact zeros even
+    where the values are not finite.
+    """
+    out_channels, in_channels, _ = per_position.shape
+    hidden = _hidden_channel_pairs(out_channels, in_channels, spec.color_groups, spec.anchor_inclusive, per_position.device)
+    per_position[:, :, anchor_position].masked_fill_(hidden, 0)
+
+
+def pack_weight(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """The kernels' weight ``wp`` (T, Cin, Cout), contiguous: wp[t, ci, co] = weight[co, ci, i_t, j_t].
+
+    With colour groups, the channel pairs hidden at the anchor tap are zero.
+    """
+    kernel_width = weight.shape[3]
+    taps = weight.flatten(2).index_select(2, _tap_index(spec.taps, kernel_width, weight.device))
+    if spec.color_groups > 1:
+        _hide_anchor_channel_pairs(taps, spec, spec.taps.index(spec.anchor))
+    return taps.permute(2, 1, 0).contiguous()
+
+
+def unpack_weight_grad(grad_packed: torch.Tensor, spec: MaskSpec, weight: torch.Tensor) -> torch.Tensor:
+    """The (Cout, Cin, kh, kw) gradient of ``weight`` from the kernels' fp32 (T, Cin, Cout) one.
+
+    Exactly zero at masked-out taps and at the channel pairs hidden at the anchor.
+    """
+    out_channels, in_channels, kernel_height, kernel_width = weight.shape
+    grad = torch.zeros(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
+    grad.index_copy_(2, _tap_index(spec.taps, kernel_width, weight.device), grad_packed.permute(2, 1, 0).to(weight.dtype))
+    if spec.color_groups > 1:
+        _hide_anchor_channel_pairs(grad, spec, spec.anchor[0] * kernel_width + spec.anchor[1])
+    return grad.view_as(weight)
+
+
+def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) as a contiguous (N, H, W, C) tensor: a view when ``t`` is channels-last."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _memory_format(like: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(like) else torch.contiguous_format
+
+
+def _from_channels_last_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) kernel output as (N, C, H, W) in ``like``'s memory format."""
+    return rows.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(like))
+
+
+def _empty_nchw(like: torch.Tensor, channels: int) -> torch.Tensor:
+    """Uninitialised (N, channels, H, W) in ``like``'s dtype, device and memory format (the fakes)."""
+    n, _, h, w = like.shape
+    return torch.empty(n, channels, h, w, dtype=like.dtype, device=like.device, memory_format=_memory_format(like))
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def _choose_backend(cuda_op: str, *tensors: torch.Tensor | None) -> str:
+    """The backend of one call, with this family's per-call fallbacks.
+
+    float64 runs only on ``reference``. The ``cuda`` backend runs the extension
+    op named ``cuda_op``; when the extension lacks it, a forced ``cuda`` raises
+    BackendUnavailableError saying so, an automatic choice falls back to
+    ``triton`` (``reference`` where Triton cannot run).
+    """
+    backend = resolve_backend(*tensors)
+    if backend == "reference":
+        return backend
+    forced = forced_backend() is not None
+    if tensors[0].dtype == torch.float64:
+        if forced:
+            raise BackendUnavailableError(f"{backend} backend unavailable: its masked-convolution kernels take float32, float16 or bfloat16, got float64")
+        return "reference"
+    if backend == "cuda" and not hasattr(cuda_ops(), cuda_op):
+        if forced:
+            raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {cuda_op} op")
+        return "triton" if unavailable_reason("triton", tensors[0].device) is None else "reference"
+    return backend
+
+
+def conv_allows_tf32() -> bool:
+    """Whether PyTorch lets fp32 convolutions use TF32 (True by default); passed to the kernels.
+
+    Reads the per-op ``fp32_precision`` settings where this torch has them
+    ("none" defers to the cuDNN-wide, then the global setting), else the legacy
+    ``torch.backends.cudnn.allow_tf32`` (whose getter raises once the two APIs are mixed).
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return torch.backends.cudnn.allow_tf32
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def _kernels(backend: str):
+    """The module of ``masked_conv2d_*`` kernel launchers of a kernel backend (same signatures)."""
+    if backend == "cuda":
+        return cuda_ops()
+    return importlib.import_module("pixelcnn_kernels.triton.masked_conv")
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.compiler.assume_constant_result
+def _named_mask_args(mask: str, kernel_size: tuple[int, int], color_groups: int) -> tuple:
+    """:func:`_mask_args` of a named mask; a constant to torch.compile (resolving builds small tensors)."""
+    return _mask_args(resolve_mask(mask, kernel_size, color_groups))
+
+
+def _mask_args(spec: MaskSpec) -> tuple:
+    """A spec as the custom ops' arguments: (flat taps, anchor, color_groups, anchor_inclusive)."""
+    return tuple(v for tap in spec.taps for v in tap), spec.anchor, spec.color_groups, spec.anchor_inclusive
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_from_args(kernel_size: tuple[int, int], taps: tuple[int, ...], anchor: tuple[int, int], color_groups: int, anchor_inclusive: bool) -> MaskSpec:
+    """The MaskSpec the custom ops' mask arguments describe (its name is not among them)."""
+    pairs = tuple(zip(taps[0::2], taps[1::2]))
+    return MaskSpec("resolved", kernel_size, pairs, anchor, color_groups, anchor_inclusive)
+
+
+def _spec(weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool) -> MaskSpec:
+    """The spec of an op call, its kernel size taken from ``weight``."""
+    return _spec_from_args(tuple(weight.shape[2:]), tuple(taps), tuple(anchor), color_groups, anchor_inclusive)
+
+
+def _check_dtype_matches(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+
+
+def _validate(x, weight, bias, mask, dilation, color_groups) -> tuple:
+    """Checks the arguments of masked_conv2d; returns the mask as the ops' arguments."""
+    check_tensor(x, "x", ndim=4)
+    check_tensor(weight, "weight", ndim=4)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+    _check_dtype_matches(x, weight=weight, bias=bias)
+    check_same_device(x=x, weight=weight, bias=bias)
+    out_channels, in_channels, kernel_height, kernel_width = weight.shape
+    if out_channels == 0 or in_channels == 0:
+        raise ValueError(f"weight must have at least one output and one input channel, got shape {tuple(weight.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {in_channels} (weight shape {tuple(weight.shape)})")
+    if bias is not None and bias.shape[0] != out_channels:
+        raise ValueError(f"bias has {bias.shape[0]} elements but weight has {out_channels} output channels")
+    if isinstance(dilation, bool) or not isinstance(dilation, int):
+        raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if isinstance(mask, str):
+        args = _named_mask_args(mask, (kernel_height, kernel_width), color_groups)
+    else:
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) != (kernel_height, kernel_width):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight's kernel is {(kernel_height, kernel_width)}")
+        args = _mask_args(resolve_mask(mask, (kernel_height, kernel_width), color_groups))
+    if color_groups > 1 and (in_channels % color_groups or out_channels % color_groups):
+        raise ValueError(f"color_groups={color_groups} must divide the input and output channels, got {in_channels} and {out_channels}")
+    return args + (dilation,)
+
+
+# ---------------------------------------------------------------- masked_conv2d and its gradients
+
+# Every op below takes the mask and dilation as
+# (taps: flat (i, j) list, anchor: (i, j), color_groups, anchor_inclusive, dilation).
+
+
+def _forward(backend: str, x, weight, bias, spec: MaskSpec, dilation: int) -> torch.Tensor:
+    """The convolution on ``backend``, output in x's memory format."""
+    if backend == "reference":
+        return masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups).contiguous(memory_format=_memory_format(x))
+    bias = bias.contiguous() if bias is not None else None
+    out = _kernels(backend).masked_conv2d_fwd(_channels_last_rows(x), pack_weight(weight, spec), bias, tap_offsets(spec, dilation), conv_allows_tf32())
+    return _from_channels_last_rows(out, x)
+
+
+@torch.library.custom_op("pixelcnn_kernels::masked_conv2d", mutates_args=())
+def _masked_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+) -> torch.Tensor:
+    spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
+    return _forward(_choose_backend("masked_conv2d_fwd", x, weight, bias), x, weight, bias, spec, dilation)
+
+
+@_masked_conv2d_op.register_fake
+def _(x, weight, bias, taps, anchor, color_groups, anchor_inclusive, dilation):
+    return _empty_nchw(x, weight.shape[0])
+
+
+def _reference_grad(grad_out, x, weight, spec, dilation, wrt_input: bool) -> torch.Tensor:
+    """Gradient of the reference convolution w.r.t. x or weight (autograd: no math written twice)."""
+    with _autograd_inside_custom_op():
+        x = x.detach().requires_grad_(wrt_input)
+        weight = weight.detach().requires_grad_(not wrt_input)
+        out = masked_conv2d_ref(x, weight, None, spec, dilation, spec.color_groups)
+        (grad,) = torch.autograd.grad(out, x if wrt_input else weight, grad_out)
+    return grad
+
+
+@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_input", mutates_args=())
+def _grad_input_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+) -> torch.Tensor:
+    spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
+    backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight)
+    if backend == "reference":
+        return _reference_grad(grad_out, x, weight, spec, dilation, wrt_input=True).contiguous(memory_format=_memory_format(x))
+    grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), tap_offsets(spec, dilation), conv_allows_tf32())
+    return _from_channels_last_rows(grad, x)
+
+
+@_grad_input_op.register_fake
+def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation):
+    return _empty_nchw(x, x.shape[1])
+
+
+@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_weight", mutates_args=())
+def _grad_weight_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+) -> torch.Tensor:
+    spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
+    backend = _choose_backend("masked_conv2d_wgrad", grad_out, x, weight)
+    if backend == "reference":
+        return _reference_grad(grad_out, x, weight, spec, dilation, wrt_input=False).contiguous()
+    grad_packed = _kernels(backend).masked_conv2d_wgrad(_channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), conv_allows_tf32())
+    return unpack_weight_grad(grad_packed, spec, weight)
+
+
+@_grad_weight_op.register_fake
+def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Σ of ``grad`` over ``dims``, accumulated in fp32 (fp64 for fp64) and cast to ``dtype``."""
+    return grad.sum(dim=dims, dtype=compute_dtype(grad.dtype)).to(dtype)
+
+
+def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
+    """(grad x, grad weight, grad bias) of the convolution given the gradient of its output."""
+    grad_x = _grad_input_op(grad_pre, x, weight, *ctx.mask_args) if needs_x else None
+    grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.mask_args) if needs_weight else None
+    grad_bias = _channel_sum(grad_pre, (0, 2, 3), weight.dtype) if needs_bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, *mask_args = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.mask_args = mask_args
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grads = _conv_grads(ctx, grad_out, x, weight, *ctx.needs_input_grad[:3])
+    return grads + (None,) * 5
+
+
+_masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: str | torch.Tensor | MaskSpec = "B",
+    dilation: int = 1,
+    color_groups: int = 1,
+) -> torch.Tensor:
+    """Stride-1, same-size masked convolution; only the mask's active taps are computed.
+
+    Args:
+        x: (N, Cin, H, W), float32 / float16 / bfloat16 (float64 on the reference
+            backend), NCHW or channels-last (the kernels work channels-last; the
+            output has x's memory format).
+        weight: (Cout, Cin, kh, kw) as in ``nn.Conv2d``, x's dtype and device.
+        bias: (Cout,) or None.
+        mask: a name from :data:`pixelcnn_kernels.masks.NAMED_MASKS`, a boolean
+            (kh, kw) tensor (odd sizes, anchored at the centre) or a MaskSpec.
+        dilation: spacing of the taps (the padding grows with it).
+        color_groups: 1, or 3 to split channels into R, G, B groups (both channel
+            counts divisible by 3): at the anchor tap output group g sees input
+            groups < g (mask A) or <= g (mask B).
+
+    Returns (N, Cout, H, W). Gradients flow to x, weight and bias; the gradient
+    of masked-out weights is exactly zero. fp32 uses TF32 on the kernel backends
+    where PyTorch allows it for convolutions (``torch.backends.cudnn.allow_tf32``,
+    True by default, or ``torch.backends.cudnn.conv.fp32_precision``).
+    """
+    mask_args = _validate(x, weight, bias, mask, dilation, color_groups)
+    return _masked_conv2d_op(x, weight, bias, *mask_args)
+
+
+# ---------------------------------------------------------------- masked_conv2d_gated
+
+
+@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_gated", mutates_args=())
+def _masked_conv2d_gated_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    taps: list[int],
+    anchor: list[int],
+    color_groups: int,
+    anchor_inclusive: bool,
+    dilation: int,
+    gate: int,
+    keep_preactivation: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gated output, pre-activation conv + bias + cond); the latter is empty unless ``keep_preactivation``."""
+    spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
+    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond)
+    if backend == "reference":
+        preactivation = _forward(backend, x, weight, bias, spec, dilation)
+        if cond is not None:
+            preactivation = preactivation + cond[:, :, None, None]
+        out = _GATE_OPS[gate](preactivation, 1, None)
+        return out, preactivation if keep_preactivation else x.new_empty(0)
+    bias = bias.contiguous() if bias is not None else None
+    cond = cond.contiguous() if cond is not None else None
+    out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
+        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, tap_offsets(spec, dilation), gate, keep_preactivation, conv_allows_tf32()
+    )
+    return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
+
+
+@_masked_conv2d_gated_op.register_fake
+def _(x, weight, bias, cond, taps, anchor, color_groups, anchor_inclusive, dilation, gate, keep_preactivation):
+    out_channels = weight.shape[0]
+    return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
+
+
+def _gated_setup_context(ctx, inputs, output):
+    x, weight, bias, cond, *mask_args, gate, keep_preactivation = inputs
+    _, preactivation = output
+    ctx.mark_non_differentiable(preactivation)
+    ctx.save_for_backward(x, weight, preactivation)
+    ctx.mask_args = mask_args
+    ctx.gate = gate
+
+
+def _gated_backward(ctx, grad_out, _grad_preactivation):
+    x, weight, preactivation = ctx.saved_tensors
+    if preactivation.numel() == 0:
+        raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
+    grad_pre = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, None)
+    needs_x, needs_weight, needs_bias, needs_cond = ctx.needs_input_grad[:4]
+    grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
+    grad_cond = _channel_sum(grad_pre, (2, 3), weight.dtype) if needs_cond else None
+    return (grad_x, grad_weight, grad_bias, grad_cond) + (None,) * 7
+
+
+_masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+def masked_conv2d_gated(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: str | torch.Tensor | MaskSpec = "B",
+    dilation: int = 1,
+    color_groups: int = 1,
+    gate: str = "tanh_sigmoid",
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``gate(masked_conv2d(x, weight, bias) + cond[:, :, None, None])`` in one fused pass.
+
+    The gate splits the Cout (even) output channels into halves a (first) and b
+    (second) and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b)
+    (``"sigmoid"``): (N, Cout / 2, H, W). ``cond`` is (N, Cout) or None. Other
+    arguments as :func:`masked_conv2d`, except that ``color_groups`` must be 1: the
+    halves a and b would hold different colour groups (use ``masked_conv2d`` with
+    ``color_groups=3`` and gate per group instead). When a gradient is needed the
+    forward also keeps the pre-activation for the backward.
+    """
+    mask_args = _validate(x, weight, bias, mask, dilation, color_groups)
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if color_groups != 1:
+        raise ValueError(f"masked_conv2d_gated needs color_groups=1 (its channel halves would mix colour groups), got {color_groups}")
+    if weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of output channels to split into gate halves, got {weight.shape[0]}")
+    if cond is not None:
+        check_tensor(cond, "cond", ndim=2)
+        _check_dtype_matches(x, cond=cond)
+        check_same_device(x=x, cond=cond)
+        if tuple(cond.shape) != (x.shape[0], weight.shape[0]):
+            raise ValueError(f"cond must have shape (N, Cout) = {(x.shape[0], weight.shape[0])}, got {tuple(cond.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond))
+    out, _ = _masked_conv2d_gated_op(x, weight, bias, cond, *mask_args, GATE_CODES[gate], needs_grad)
+    return out

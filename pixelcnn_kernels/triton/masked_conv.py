@@ -1,0 +1,382 @@
+"""Triton implicit-GEMM kernels of the masked convolution (kernels, then launchers).
+
+Data layout (the contract shared with the CUDA kernels; ``ops/masked_conv.py``
+builds these tensors once for both backends):
+
+- activations channels-last and contiguous: ``x`` (N, H, W, Cin), output (N, H, W, Cout);
+- packed weight ``wp`` (T, Cin, Cout) contiguous: one (Cin, Cout) slab per active tap;
+- ``offsets`` = (dy_0, dx_0, dy_1, dx_1, ...): where each active tap reads, relative
+  to the output pixel.
+
+The forward is a GEMM with M = N·H·W output pixels, N = Cout columns and
+K = T·Cin: the tap loop is unrolled over the compile-time ``OFFSETS`` tuple, so
+every tap set (mask, kernel size, dilation) is its own specialisation and a
+masked-out tap is never loaded nor multiplied. The input gradient is the same
+kernel with negated offsets reading the packed weight transposed (Cout is then
+the reduction). The weight gradient is one (Cin × Cout) GEMM per tap reduced over
+all pixels, split over pixels into partial sums that are added in a fixed order
+(deterministic: no atomics).
+
+Dtypes: float32, float16, bfloat16 (all tensors of one call share it). Products
+accumulate in fp32; fp16/bf16 tiles go to ``tl.dot`` as they are (tensor cores),
+fp32 tiles use TF32 when the ``allow_tf32`` argument says so (the op passes
+whether PyTorch allows TF32 for convolutions), else full fp32 ("ieee"). The weight gradient is
+returned in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pixelcnn_kernels.triton.gates import gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+
+# Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
+GATE_NONE = 0
+GATE_TANH_SIGMOID = 1
+GATE_SIGMOID = 2
+
+
+@triton.jit
+def _apply_gate(a, b, GATE: tl.constexpr):
+    """tanh(a)·σ(b) (GATE_TANH_SIGMOID) or a·σ(b) (GATE_SIGMOID) of fp32 tiles, as the gates family computes them."""
+    if GATE == 1:  # GATE_TANH_SIGMOID
+        gated = gate_tanh_sigmoid_math(a, b)
+    else:
+        gated = gate_sigmoid_math(a, b)
+    return gated
+
+
+@triton.jit
+def _pixel_block(start, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """Flat pixel indices start..start+BLOCK, whether each exists, and its row and column."""
+    pixels = start + tl.arange(0, BLOCK)
+    if WIDE_INDEX:
+        pixels = pixels.to(tl.int64)
+    return pixels, pixels < num_pixels, (pixels // W) % H, pixels % W
+
+
+@triton.jit
+def _masked_conv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    cond_ptr,
+    out_ptr,
+    pre_ptr,
+    num_pixels,
+    H,
+    W,
+    C_IN,
+    N_COLS,
+    stride_wt,
+    stride_wk,
+    stride_wn,
+    OFFSETS: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[p, n] = bias[n] + Σ_t Σ_k x[p shifted by tap t, k] · w[t, k, n], gated if GATE.
+
+    x: (N·H·W, C_IN) channels-last rows; w[t, k, n] at w_ptr + t·stride_wt +
+    k·stride_wk + n·stride_wn (the forward reads wp as (T, Cin, Cout), the input
+    gradient reads it transposed). GATE_NONE: out (N·H·W, N_COLS). Otherwise the
+    GEMM has 2·N_COLS columns, bias/cond (N, 2·N_COLS) are added, program (m, n)
+    accumulates columns n and n + N_COLS (halves a and b) side by side, stores
+    the pre-activation to pre (N·H·W, 2·N_COLS) unless pre_ptr is None, and
+    gate(a, b) to out (N·H·W, N_COLS). bias_ptr / cond_ptr may be None.
+    """
+    pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0) * BLOCK_M, num_pixels, H, W, BLOCK_M, WIDE_INDEX)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_COLS
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATE != 0:
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(len(OFFSETS) // 2):
+        dy = OFFSETS[2 * tap]
+        dx = OFFSETS[2 * tap + 1]
+        # The neighbour exists iff it lies inside the image (zero padding otherwise);
+        # then it is pixel p + dy·W + dx of the same image.
+        src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+        x_rows = x_ptr + (pixels + (dy * W + dx))[:, None] * C_IN
+        w_tap = w_ptr + tap * stride_wt + cols[None, :] * stride_wn
+        for k0 in range(0, C_IN, BLOCK_K):
+            k_ok = k0 + ks < C_IN
+            a = tl.load(x_rows + (k0 + ks)[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            w_tile = w_tap + (k0 + ks)[:, None] * stride_wk
+            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if GATE != 0:
+                b_gate = tl.load(w_tile + N_COLS * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_b = tl.dot(a, b_gate, acc_b, input_precision=DOT_PRECISION)
+
+    store_ok = pixel_ok[:, None] & col_ok[None, :]
+    if bias_ptr is not None:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATE == 0:
+        tl.store(out_ptr + pixels[:, None] * N_COLS + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=store_ok)
+    else:
+        if bias_ptr is not None:
+            acc_b += tl.load(bias_ptr + N_COLS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if cond_ptr is not None:
+            cond_rows = cond_ptr + (pixels // (H * W))[:, None] * (2 * N_COLS) + cols[None, :]
+            acc += tl.load(cond_rows, mask=store_ok, other=0.0).to(tl.float32)
+            acc_b += tl.load(cond_rows + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
+        if pre_ptr is not None:
+            pre_rows = pre_ptr + pixels[:, None] * (2 * N_COLS) + cols[None, :]
+            tl.store(pre_rows, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
+            tl.store(pre_rows + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
+        gated = _apply_gate(acc, acc_b, GATE)
+        tl.store(out_ptr + pixels[:, None] * N_COLS + cols[None, :], gated.to(out_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _masked_conv_wgrad_kernel(
+    x_ptr,
+    gout_ptr,
+    partial_ptr,
+    num_pixels,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    blocks_per_split,
+    OFFSETS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """partial[s, t, ci, co] = Σ_{p in split s} x[p shifted by tap t, ci] · gout[p, co], in fp32.
+
+    x: (N·H·W, C_IN), gout: (N·H·W, C_OUT) channels-last rows; partial:
+    (splits, T, C_IN, C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT,
+    BLOCK_CO), splits); split s covers pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
+    """
+    ci_blocks = tl.cdiv(C_IN, BLOCK_CI)
+    tap = tl.program_id(0) // ci_blocks
+    ci = (tl.program_id(0) % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    split = tl.program_id(2)
+    # This program's tap offset, picked out of the compile-time table.
+    dy = 0
+    dx = 0
+    for t in tl.static_range(len(OFFSETS) // 2):
+        dy = tl.where(tap == t, OFFSETS[2 * t], dy)
+        dx = tl.where(tap == t, OFFSETS[2 * t + 1], dx)
+    ci_ok = ci < C_IN
+    co_ok = co < C_OUT
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(num_pixels, BLOCK_P))
+    for block in range(first, last):
+        pixels, pixel_ok, row, col = _pixel_block(block * BLOCK_P, num_pixels, H, W, BLOCK_P, WIDE_INDEX)
+        src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+        # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
+        x_tile = tl.load(x_ptr + (pixels + dy * W + dx)[None, :] * C_IN + ci[:, None], mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
+        g_tile = tl.load(gout_ptr + pixels[:, None] * C_OUT + co[None, :], mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
+    out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
+    tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+# Tile sizes, chosen without autotuning (one compile per tap set, and stable
+# numerics). Forward / input gradient: 128 pixels × 64 columns × 32 fp32 (64
+# 16-bit) reduction elements: 24 KiB of operands per pipeline stage, 3 stages
+# fit the H200's shared memory, the 128×64 fp32 accumulator is 64 registers per
+# thread at 4 warps. The gated kernel keeps two accumulators, so it halves
+# BLOCK_M to stay at the same register budget. Weight gradient: 64×64 output
+# tiles (Cin × Cout) reduced over 32 (64) pixels at a time.
+_BLOCK_M = 128
+_BLOCK_M_GATED = 64
+_BLOCK_N = 64
+_BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
+_WGRAD_BLOCK = 64
+_NUM_WARPS = 4
+_NUM_STAGES = 3
+# A weight-gradient program reduces at least this many pixel blocks before the
+# reduction is split further (splitting more only adds partial-sum traffic).
+_MIN_BLOCKS_PER_SPLIT = 8
+# tl.dot needs every tile dimension to be at least 16.
+_MIN_DOT_DIM = 16
+
+
+def _tile(size: int, largest: int) -> int:
+    """Power-of-two tile covering ``size`` where possible, between 16 and ``largest``."""
+    return max(_MIN_DOT_DIM, min(largest, triton.next_power_of_2(size)))
+
+
+def _max_reduction_tile(dtype: torch.dtype) -> int:
+    """BLOCK_K for a large reduction: _BLOCK_K_BYTES of ``dtype`` per row."""
+    return _BLOCK_K_BYTES // dtype.itemsize
+
+
+def _reduction_tile(size: int, dtype: torch.dtype) -> int:
+    """BLOCK_K for a reduction of ``size`` elements of ``dtype``."""
+    return _tile(size, _max_reduction_tile(dtype))
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: TF32 for fp32 if allowed, else "ieee" (full fp32; fp16/bf16 ignore it)."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def _conv_launch(x, w, w_strides, bias, cond, out, pre, offsets, gate, n_cols, block_m, allow_tf32):
+    """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C_IN) into ``out``; returns ``out``."""
+    batch, height, width, c_in = x.shape
+    num_pixels = batch * height * width
+    if num_pixels == 0:
+        return out
+    block_n = _tile(n_cols, _BLOCK_N)
+    grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
+    _masked_conv_kernel[grid](
+        x, w, bias, cond, out, pre,
+        num_pixels, height, width, c_in, n_cols, *w_strides,
+        OFFSETS=tuple(offsets), GATE=gate, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+        WIDE_INDEX=needs_int64_index(x, out, pre),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )
+    return out
+
+
+def masked_conv2d_fwd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
+    """out[n, y, x, co] = bias[co] + Σ_t Σ_ci x[n, y+dy_t, x+dx_t, ci] · wp[t, ci, co].
+
+    x: (N, H, W, Cin) contiguous; wp: (T, Cin, Cout) contiguous; bias: (Cout,) or
+    None; offsets: (dy_0, dx_0, ...) of length 2T; allow_tf32: fp32 products in
+    TF32. Returns (N, H, W, Cout) in x's dtype.
+    """
+    out = x.new_empty(*x.shape[:3], wp.shape[2])
+    return _conv_launch(x, wp, wp.stride(), bias, None, out, None, offsets, GATE_NONE, wp.shape[2], _BLOCK_M, allow_tf32)
+
+
+def masked_conv2d_dgrad(gout: torch.Tensor, wp: torch.Tensor, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
+    """gx[n, y, x, ci] = Σ_t Σ_co gout[n, y-dy_t, x-dx_t, co] · wp[t, ci, co].
+
+    gout: (N, H, W, Cout) contiguous; wp: (T, Cin, Cout) contiguous. The forward
+    kernel with negated offsets, reading wp as (T, Cout, Cin) through its strides.
+    Returns (N, H, W, Cin) in gout's dtype.
+    """
+    gx = gout.new_empty(*gout.shape[:3], wp.shape[1])
+    negated = [-d for d in offsets]
+    transposed = (wp.stride(0), wp.stride(2), wp.stride(1))
+    return _conv_launch(gout, wp, transposed, None, None, gx, None, negated, GATE_NONE, wp.shape[1], _BLOCK_M, allow_tf32)
+
+
+def masked_conv2d_fwd_gated(
+    x: torch.Tensor,
+    wp: torch.Tensor,
+    bias: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    offsets: list[int],
+    gate: int,
+    write_preact: bool,
+    allow_tf32: bool,
+) -> list[torch.Tensor]:
+    """[gate(a, b), pre-activation] of the forward's output split in channel halves a, b.
+
+    x: (N, H, W, Cin); wp: (T, Cin, Cout) with Cout even; bias: (Cout,) or None;
+    cond: (N, Cout) contiguous or None, added before the gate; gate:
+    GATE_TANH_SIGMOID or GATE_SIGMOID. Returns the gated (N, H, W, Cout / 2) and,
+    when ``write_preact``, the pre-activation conv + bias + cond (N, H, W, Cout)
+    written in the same pass (else an empty tensor).
+    """
+    half = wp.shape[2] // 2
+    out = x.new_empty(*x.shape[:3], half)
+    preact = x.new_empty(*x.shape[:3], wp.shape[2]) if write_preact else x.new_empty(0)
+    _conv_launch(x, wp, wp.stride(), bias, cond, out, preact if write_preact else None, offsets, gate, half, _BLOCK_M_GATED, allow_tf32)
+    return [out, preact]
+
+
+def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> int:
+    """How many pixel ranges the weight-gradient reduction is split into.
+
+    Enough programs for two waves over the GPU's SMs, each reducing at least
+    _MIN_BLOCKS_PER_SPLIT pixel blocks; depends on shapes and device only, so
+    the summation order, hence the result, is reproducible.
+    """
+    if device.type != "cuda":
+        return 1
+    programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
+
+
+def masked_conv2d_wgrad(x: torch.Tensor, gout: torch.Tensor, offsets: list[int], allow_tf32: bool, num_splits: int | None = None) -> torch.Tensor:
+    """gwp[t, ci, co] = Σ_{n,y,x} x[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co], in fp32.
+
+    x: (N, H, W, Cin), gout: (N, H, W, Cout), both contiguous and of one dtype.
+    The pixel reduction is split in ``num_splits`` ranges (default: chosen from
+    the shapes and the device) whose partial sums torch adds in a fixed order.
+    Returns (T, Cin, Cout) float32.
+    """
+    batch, height, width, c_in = x.shape
+    num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
+    if num_pixels == 0:
+        return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
+    block_ci, block_co = _tile(c_in, _WGRAD_BLOCK), _tile(c_out, _WGRAD_BLOCK)
+    block_p = _reduction_tile(num_pixels, x.dtype)
+    pixel_blocks = triton.cdiv(num_pixels, block_p)
+    tiles = num_taps * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
+    splits = num_splits or _weight_grad_splits(tiles, pixel_blocks, x.device)
+    blocks_per_split = triton.cdiv(pixel_blocks, splits)
+    partial = torch.empty(splits, num_taps, c_in, c_out, device=x.device, dtype=torch.float32)
+    grid = (num_taps * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)
+    _masked_conv_wgrad_kernel[grid](
+        x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,
+        OFFSETS=tuple(offsets), DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
+        BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )
+    return partial[0] if splits == 1 else partial.sum(dim=0)
+
+
+# ---------------------------------------------------------------- sm_90 compile cases
+
+
+def _register_compile_cases() -> None:
+    from pixelcnn_kernels.masks import resolve_mask
+    from pixelcnn_kernels.ops.masked_conv import tap_offsets
+
+    tap_sets = {
+        "vertical3x3": tap_offsets(resolve_mask("vertical", 3), 1),
+        "horizontal1x3": tap_offsets(resolve_mask("horizontal", (1, 3)), 1),
+        "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
+        "A5x5_dil2": tap_offsets(resolve_mask("A", 5), 2),
+    }
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
+        block_k = _max_reduction_tile(dtype)
+        for tap_name, offsets in tap_sets.items():
+            common = {"OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": False}
+            conv_sig = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
+            blocks = {"BLOCK_N": _BLOCK_N, "BLOCK_K": block_k}
+            for kind, gate, block_m, given_pointers in (
+                ("fwd", GATE_NONE, _BLOCK_M, ("bias_ptr",)),
+                ("dgrad", GATE_NONE, _BLOCK_M, ()),
+                ("fwd_gated", GATE_TANH_SIGMOID, _BLOCK_M_GATED, ("bias_ptr", "cond_ptr", "pre_ptr")),
+            ):
+                signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
+                absent = {name: None for name in ("bias_ptr", "cond_ptr", "pre_ptr") if name not in given_pointers}
+                constexprs = {**common, **blocks, **absent, "GATE": gate, "BLOCK_M": block_m}
+                register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            register_compile_case(
+                f"masked_conv_wgrad_{tap_name}_{dtype_name}",
+                _masked_conv_wgrad_kernel,
+                {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")},
+                {**common, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
+                num_warps=_NUM_WARPS,
+                num_stages=_NUM_STAGES,
+            )
+
+
+_register_compile_cases()

@@ -1,0 +1,620 @@
+"""Tests of the masked convolutions (issue 5): masked_conv2d, masked_conv2d_gated, the modules.
+
+CPU: the reference against independent formulations, the Triton kernels under the
+interpreter on tiny shapes against the float64 reference (every mask kind,
+dilations, colour groups, odd channel counts), causality by gradients, exact zero
+gradients of masked-out weights, layouts, opcheck, torch.compile, state_dict
+round-trips, bad input. GPU (marked ``gpu``): the triton and cuda backends in
+float32 (TF32 and IEEE), float16, bfloat16 at realistic sizes, and > 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pixelcnn_kernels
+from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, unavailable_reason, use_backend
+from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.nn import MaskedConv2d, MaskedConv2dGated
+from pixelcnn_kernels.ops import masked_conv as ops
+from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.testing import assert_close, tolerance
+
+masked_conv2d = pixelcnn_kernels.masked_conv2d
+masked_conv2d_gated = pixelcnn_kernels.masked_conv2d_gated
+GPU_BACKENDS = ("triton", "cuda")
+
+# (mask, kernel size, dilation, colour groups, Cin, Cout, N, H, W): every mask kind,
+# dilations 1/2/4, colour groups under masks A and B, odd channel counts, B = 1, H != W.
+CONV_CASES = [
+    ("A", 3, 1, 1, 3, 5, 2, 5, 6),
+    ("B", 3, 1, 1, 3, 4, 2, 9, 10),  # 180 pixels: two pixel blocks, an image boundary inside the first
+    ("B", 3, 2, 1, 4, 6, 1, 6, 5),
+    ("B", 5, 1, 3, 6, 9, 2, 6, 7),
+    ("A", 7, 1, 3, 3, 6, 1, 7, 6),
+    ("A", 5, 4, 1, 5, 3, 1, 7, 9),
+    ("vertical", 3, 1, 1, 3, 5, 2, 4, 5),
+    ("vertical_A", 5, 2, 1, 2, 4, 1, 6, 5),
+    ("horizontal", (1, 3), 1, 3, 6, 6, 2, 3, 5),
+    ("horizontal_A", (1, 5), 2, 1, 3, 2, 1, 4, 7),
+    ("down_shifted", (2, 3), 1, 1, 4, 5, 2, 5, 4),
+    ("down_right_shifted", (2, 2), 1, 1, 3, 4, 1, 5, 6),
+    ("full", 1, 1, 3, 3, 6, 2, 3, 4),
+    ("full", 3, 2, 1, 2, 3, 1, 5, 5),
+]
+CASE_IDS = [f"{c[0]}-k{c[1]}-d{c[2]}-g{c[3]}-{c[4]}to{c[5]}" for c in CONV_CASES]
+
+
+def as_pair(kernel_size):
+    return (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+
+
+def make_conv_inputs(c_in, c_out, kernel_size, batch, height, width, *, dtype=torch.float32, device="cpu", seed=0):
+    """x ~ N(0, 1); weight ~ N(0, 1/fan-in), as a trained conv's, so outputs are O(1); bias."""
+    generator = torch.Generator().manual_seed(seed)
+    kh, kw = kernel_size
+    x = torch.randn(batch, c_in, height, width, generator=generator, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, kh, kw, generator=generator, dtype=torch.float64) / (c_in * kh * kw) ** 0.5
+    bias = torch.randn(c_out, generator=generator, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, bias))
+
+
+def conv_and_grads(fn, x, weight, bias, grad_out, **kwargs):
+    """(output, grad x, grad weight, grad bias) of fn(x, weight, bias, **kwargs) against grad_out."""
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+    out = fn(*leaves, **kwargs)
+    return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+
+def run_backend(backend):
+    reason = unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    return use_backend(backend)
+
+
+# ------------------------------------------------------------------ the reference
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_reference_full_mask_is_a_same_padded_conv(dilation):
+    x, weight, bias = make_conv_inputs(3, 4, (3, 5), 2, 6, 7, dtype=torch.float64)
+    expected = F.conv2d(x, weight, bias, padding="same", dilation=dilation)
+    torch.testing.assert_close(masked_conv2d_ref(x, weight, bias, "full", dilation), expected, rtol=0, atol=1e-12)
+
+
+def test_reference_down_shifted_is_pixelcnn_pp_pad_then_conv():
+    """PixelCNN++'s down_shifted_conv2d: pad (left, right, top) = ((kw-1)/2, (kw-1)/2, kh-1), then a valid conv."""
+    x, weight, bias = make_conv_inputs(3, 4, (2, 3), 2, 5, 6, dtype=torch.float64)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 0)), weight, bias)
+    torch.testing.assert_close(masked_conv2d_ref(x, weight, bias, "down_shifted"), expected, rtol=0, atol=1e-12)
+
+
+def test_reference_mask_b_is_mask_a_plus_the_centre_tap():
+    x, weight, bias = make_conv_inputs(3, 4, (3, 3), 2, 5, 5, dtype=torch.float64)
+    centre_only = torch.zeros_like(weight)
+    centre_only[:, :, 1, 1] = weight[:, :, 1, 1]
+    expected = masked_conv2d_ref(x, weight, bias, "A") + F.conv2d(x, centre_only, padding=1)
+    torch.testing.assert_close(masked_conv2d_ref(x, weight, bias, "B"), expected, rtol=0, atol=1e-12)
+
+
+def test_reference_gradcheck():
+    x, weight, bias = (t.requires_grad_(True) for t in make_conv_inputs(3, 3, (3, 3), 1, 4, 5, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: masked_conv2d_ref(*a, "B", 1, 3), (x, weight, bias))
+
+
+# ------------------------------------------------------------------ kernels against the reference
+
+
+@pytest.mark.parametrize("mask, kernel_size, dilation, color_groups, c_in, c_out, batch, height, width", CONV_CASES, ids=CASE_IDS)
+def test_triton_matches_float64_reference(mask, kernel_size, dilation, color_groups, c_in, c_out, batch, height, width):
+    kernel_size = as_pair(kernel_size)
+    x, weight, bias = make_conv_inputs(c_in, c_out, kernel_size, batch, height, width)
+    grad_out = torch.randn(batch, c_out, height, width)
+    options = dict(mask=mask, dilation=dilation, color_groups=color_groups)
+    with run_backend("triton"):
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, **options)
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), **options)
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    hidden = resolve_mask(mask, kernel_size, color_groups).weight_mask(c_out, c_in) == 0
+    assert torch.equal(got[2][hidden], torch.zeros(int(hidden.sum())))
+
+
+def test_triton_many_channels_and_blocks():
+    """64 -> 130 channels: several column and reduction blocks, a partial last block."""
+    x, weight, bias = make_conv_inputs(64, 130, (3, 3), 1, 3, 4)
+    grad_out = torch.randn(1, 130, 3, 4)
+    with run_backend("triton"):
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="B")
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="B")
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+
+
+def test_triton_float16():
+    x, weight, bias = make_conv_inputs(5, 6, (3, 3), 2, 4, 5, dtype=torch.float16)
+    grad_out = torch.randn(2, 6, 4, 5, dtype=torch.float16)
+    with run_backend("triton"):
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="A")
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="A")
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert g.dtype == torch.float16
+        assert_close(g, e, dtype=torch.float16, msg=name)
+
+
+def test_triton_custom_tensor_mask():
+    spatial = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    x, weight, bias = make_conv_inputs(3, 4, (3, 3), 2, 5, 4)
+    with run_backend("triton"):
+        got = masked_conv2d(x, weight, bias, spatial, 2)
+    assert_close(got, masked_conv2d_ref(x.double(), weight.double(), bias.double(), spatial, 2), dtype=torch.float32)
+
+
+def test_triton_never_reads_masked_out_weights():
+    """NaN in every masked-out weight (taps and hidden colour pairs) leaves the kernels' results finite."""
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
+    hidden = resolve_mask("A", 3, 3).weight_mask(6, 3) == 0
+    poisoned = weight.masked_fill(hidden, float("nan"))
+    grad_out = torch.randn(1, 6, 4, 4)
+    with run_backend("triton"):
+        out, grad_x, grad_weight, _ = conv_and_grads(masked_conv2d, x, poisoned, bias, grad_out, mask="A", color_groups=3)
+    assert torch.isfinite(out).all() and torch.isfinite(grad_x).all()
+    assert torch.equal(grad_weight[hidden], torch.zeros(int(hidden.sum())))
+    assert_close(out, masked_conv2d_ref(x.double(), weight.double(), bias.double(), "A", 1, 3), dtype=torch.float32)
+
+
+def test_triton_weight_grad_split_reduction_is_deterministic_and_correct():
+    """Split in partial sums or not, the weight gradient matches the reference; a split run repeats bit for bit."""
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    x, weight, _ = make_conv_inputs(4, 5, (3, 3), 2, 7, 6)
+    spec = resolve_mask("B", 3)
+    grad_out = torch.randn(2, 5, 7, 6)
+    x_rows, grad_rows = x.permute(0, 2, 3, 1).contiguous(), grad_out.permute(0, 2, 3, 1).contiguous()
+    offsets = ops.tap_offsets(spec, 1)
+    with run_backend("triton"):
+        whole = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=1)
+        split = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=3)
+        assert torch.equal(split, kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=3))
+    _, _, expected, _ = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), torch.zeros(5, dtype=torch.float64), grad_out.double(), mask=spec)
+    for grad_packed in (whole, split):
+        assert_close(ops.unpack_weight_grad(grad_packed, spec, weight), expected, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("gate", ["tanh_sigmoid", "sigmoid"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_matches_float64_reference(gate, backend):
+    """2·6·7 = 84 pixels: two of the gated kernel's pixel blocks."""
+    x, weight, bias = make_conv_inputs(3, 8, (3, 3), 2, 6, 7)
+    cond = torch.randn(2, 8)
+    grad_out = torch.randn(2, 4, 6, 7)
+    leaves = [t.requires_grad_(True) for t in (x, weight, bias, cond)]
+    with run_backend(backend):
+        out = masked_conv2d_gated(*leaves[:3], "vertical", gate=gate, cond=leaves[3])
+        got = (out, *torch.autograd.grad(out, leaves, grad_out))
+        no_grad_out = masked_conv2d_gated(*(t.detach() for t in leaves[:3]), "vertical", gate=gate, cond=cond.detach())
+    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
+    expected_out = masked_conv2d_gated_ref(*doubles[:3], "vertical", gate=gate, cond=doubles[3])
+    expected = (expected_out, *torch.autograd.grad(expected_out, doubles, grad_out.double()))
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias", "grad cond"), got, expected):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    assert torch.equal(no_grad_out, out.detach())
+
+
+# ------------------------------------------------------------------ causality and masked-out weights
+
+
+def must_see(spec, c_out, c_in, height, width, y0, x0, co, dilation=1):
+    """Boolean (Cin, H, W): the inputs output (co, y0, x0) depends on under the spec."""
+    weight_mask = spec.weight_mask(c_out, c_in).bool()
+    seen = torch.zeros(c_in, height, width, dtype=torch.bool)
+    ai, aj = spec.anchor
+    for i, j in spec.taps:
+        y, x = y0 + (i - ai) * dilation, x0 + (j - aj) * dilation
+        if 0 <= y < height and 0 <= x < width:
+            seen[:, y, x] |= weight_mask[co, :, i, j]
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "mask, kernel_size, color_groups, dilation",
+    [("A", 3, 3, 1), ("B", 5, 3, 2), ("vertical_A", 3, 1, 1), ("horizontal", (1, 3), 3, 1), ("down_shifted", (2, 3), 1, 1)],
+)
+def test_causality(backend, mask, kernel_size, color_groups, dilation):
+    """d out[co, y0, x0] / d x is exactly zero where the mask hides the input, non-zero where it shows it."""
+    kernel_size = as_pair(kernel_size)
+    c_in, c_out, height, width = 3, 6, 6, 6
+    spec = resolve_mask(mask, kernel_size, color_groups)
+    x, weight, bias = make_conv_inputs(c_in, c_out, kernel_size, 1, height, width)
+    x.requires_grad_(True)
+    with run_backend(backend):
+        out = masked_conv2d(x, weight, bias, mask, dilation, color_groups)
+        for co, (y0, x0) in zip(range(0, c_out, 2), [(3, 3), (0, 5), (5, 0)]):
+            (grad,) = torch.autograd.grad(out[0, co, y0, x0], x, retain_graph=True)
+            seen = must_see(spec, c_out, c_in, height, width, y0, x0, co, dilation)
+            assert torch.equal(grad[0][~seen], torch.zeros(int((~seen).sum()))), f"output {(co, y0, x0)} sees a hidden input"
+            assert (grad[0][seen] != 0).all(), f"output {(co, y0, x0)} misses an input it must see"
+
+
+# ------------------------------------------------------------------ layouts and packing
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_output_keeps_the_input_memory_format(backend):
+    x, weight, bias = make_conv_inputs(3, 4, (3, 3), 2, 4, 5)
+    with run_backend(backend):
+        plain = masked_conv2d(x, weight, bias, "B")
+        channels_last = masked_conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, "B")
+    assert plain.is_contiguous()
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    assert_close(channels_last, plain)
+
+
+def test_pack_and_unpack_follow_the_tap_order():
+    spec = resolve_mask("B", 3, 3)
+    weight = torch.randn(6, 3, 3, 3)
+    packed = ops.pack_weight(weight, spec)
+    assert packed.shape == (len(spec.taps), 3, 6) and packed.is_contiguous()
+    mask = spec.weight_mask(6, 3)
+    for t, (i, j) in enumerate(spec.taps):
+        assert torch.equal(packed[t], (weight * mask)[:, :, i, j].T)
+    assert torch.equal(ops.unpack_weight_grad(packed, spec, weight), weight * mask)
+    assert ops.tap_offsets(resolve_mask("down_shifted"), 2) == [-2, -2, -2, 0, -2, 2, 0, -2, 0, 0, 0, 2]
+
+
+def test_tf32_follows_pytorch_conv_setting(monkeypatch):
+    from pixelcnn_kernels.triton.masked_conv import dot_precision
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert ops.conv_allows_tf32()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not ops.conv_allows_tf32()
+    assert (dot_precision(torch.float32, True), dot_precision(torch.float32, False), dot_precision(torch.bfloat16, True)) == ("tf32", "ieee", "ieee")
+
+
+# ------------------------------------------------------------------ backend choice
+
+
+@pytest.fixture
+def cuda_backend_without_ops(monkeypatch):
+    """The op module seeing a 'cuda' backend whose extension registers no masked_conv2d op."""
+    monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
+    monkeypatch.setattr(ops, "cuda_ops", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(ops, "unavailable_reason", lambda backend, device=None: None)
+    return monkeypatch
+
+
+def test_missing_cuda_op_falls_back_to_triton_when_automatic(cuda_backend_without_ops):
+    x = torch.zeros(1, 1, 1, 1)
+    assert ops._choose_backend("masked_conv2d_fwd", x) == "triton"
+
+
+def test_missing_cuda_op_raises_when_cuda_is_forced(cuda_backend_without_ops):
+    cuda_backend_without_ops.setattr(ops, "forced_backend", lambda: "cuda")
+    with pytest.raises(BackendUnavailableError, match="no masked_conv2d_fwd op"):
+        ops._choose_backend("masked_conv2d_fwd", torch.zeros(1, 1, 1, 1))
+
+
+@pytest.fixture
+def triton_as_cuda_ops(monkeypatch):
+    """A 'cuda' backend whose extension ops are the Triton launchers (the same contract); records each call."""
+    if unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip(unavailable_reason("triton", torch.device("cpu")))
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    calls = []
+
+    def recorded(name):
+        def op(*args):
+            calls.append((name, args))
+            return getattr(kernels, name)(*args)
+
+        return op
+
+    names = ("masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad", "masked_conv2d_fwd_gated")
+    extension = types.SimpleNamespace(**{name: recorded(name) for name in names})
+    monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
+    monkeypatch.setattr(ops, "cuda_ops", lambda: extension)
+    return calls
+
+
+def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
+    """x and gradients as contiguous (N, H, W, C), wp as contiguous (T, Cin, Cout), offsets as a list of ints."""
+    spec = resolve_mask("B", 3, 3)
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 5)
+    grad_out = torch.randn(2, 6, 4, 5)
+    got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="B", color_groups=3)
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="B", color_groups=3)
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    assert [name for name, _ in triton_as_cuda_ops] == ["masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad"]
+    (_, (x_rows, packed, bias_arg, offsets, tf32)), (_, (grad_rows, packed_again, offsets_again, _)), (_, (x_again, grad_again, _, _)) = triton_as_cuda_ops
+    for rows, channels in ((x_rows, 3), (grad_rows, 6), (x_again, 3), (grad_again, 6)):
+        assert rows.shape == (2, 4, 5, channels) and rows.is_contiguous()
+    assert packed.shape == (len(spec.taps), 3, 6) and packed.is_contiguous() and torch.equal(packed, packed_again)
+    assert offsets == offsets_again == ops.tap_offsets(spec, 1) and all(type(d) is int for d in offsets)
+    assert bias_arg.shape == (6,) and tf32 is ops.conv_allows_tf32()
+
+    triton_as_cuda_ops.clear()
+    x, weight, bias = make_conv_inputs(3, 8, (3, 3), 2, 4, 5)
+    cond = torch.randn(2, 8)
+    with torch.no_grad():
+        fused = masked_conv2d_gated(x, weight, bias, "vertical", cond=cond)
+    trained = masked_conv2d_gated(x, weight.requires_grad_(True), bias, "vertical", cond=cond)
+    (_, inference_args), (_, training_args) = triton_as_cuda_ops
+    assert inference_args[3].shape == (2, 8) and inference_args[5:7] == (ops.GATE_CODES["tanh_sigmoid"], False)
+    assert training_args[6] is True
+    expected = masked_conv2d_gated_ref(x.double(), weight.detach().double(), bias.double(), "vertical", cond=cond.double())
+    assert_close(fused, expected, dtype=torch.float32)
+    assert_close(trained, expected, dtype=torch.float32)
+
+
+def test_float64_on_a_forced_kernel_backend_raises():
+    x, weight, bias = make_conv_inputs(2, 2, (3, 3), 1, 3, 3, dtype=torch.float64)
+    with run_backend("triton"), pytest.raises(BackendUnavailableError, match="float64"):
+        masked_conv2d(x, weight, bias)
+
+
+# ------------------------------------------------------------------ opcheck and torch.compile
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 5)
+    mask_args = ops._validate(x, weight, bias, "A", 2, 3)
+    gated_args = ops._validate(x, weight, bias, "vertical", 1, 1)
+    grad_out = torch.randn(2, 6, 4, 5)
+    cond = torch.randn(2, 6)
+    with run_backend(backend):
+        trainable = [t.clone().requires_grad_(True) for t in (x, weight, bias, cond)]
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], *mask_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *mask_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *mask_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, *gated_args, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, *gated_args, 2, False))
+
+
+def test_torch_compile_fullgraph():
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 5)
+    gated_weight, gated_bias = make_conv_inputs(6, 4, (1, 3), 1, 1, 1)[1:]
+    cond = torch.randn(2, 4)
+
+    def layer(x, weight, bias, gated_weight, gated_bias, cond):
+        h = masked_conv2d(x, weight, bias, "B", 2, 3)
+        return masked_conv2d_gated(h, gated_weight, gated_bias, "horizontal", cond=cond)
+
+    leaves = [t.requires_grad_(True) for t in (x, weight, bias, gated_weight, gated_bias, cond)]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    expected = layer(*leaves)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for g, e in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ modules
+
+
+def test_module_loads_a_conv2d_state_dict_and_back():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    module = MaskedConv2d(4, 6, 3, mask="B")
+    assert set(module.state_dict()) == set(conv.state_dict())
+    module.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    expected = F.conv2d(x, conv.weight * module.spec.weight_mask(6, 4), conv.bias, padding=1)
+    torch.testing.assert_close(module(x), expected)
+    round_trip = nn.Conv2d(4, 6, 3, padding=1)
+    round_trip.load_state_dict(module.state_dict())
+    assert torch.equal(round_trip.weight, conv.weight) and torch.equal(round_trip.bias, conv.bias)
+
+
+def test_module_from_conv_keeps_the_parameter_objects():
+    conv = nn.Conv2d(3, 6, (2, 3), dilation=2, bias=False).eval()
+    module = MaskedConv2d.from_conv(conv, "down_shifted", color_groups=1)
+    assert module.weight is conv.weight and module.bias is None and not module.training
+    assert module.dilation == (2, 2) and module.spec.kernel_size == (2, 3)
+    x = torch.randn(1, 3, 6, 5)
+    torch.testing.assert_close(module(x), masked_conv2d_ref(x, conv.weight, None, "down_shifted", 2))
+    with pytest.raises(ValueError, match="stride"):
+        MaskedConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2))
+    with pytest.raises(ValueError, match="dilation"):
+        MaskedConv2d.from_conv(conv, "down_shifted", dilation=1)
+
+
+def test_module_repr_and_implied_kernel_size():
+    module = MaskedConv2d(3, 6, mask="down_shifted", dilation=2)
+    assert module.weight.shape == (6, 3, 2, 3)
+    assert repr(module) == "MaskedConv2d(3, 6, kernel_size=(2, 3), mask='down_shifted', taps=6/6, dilation=2)"
+    colour = MaskedConv2d(3, 6, 5, mask="A", color_groups=3, bias=False)
+    assert "mask='A', taps=13/25, color_groups=3, bias=False" in repr(colour)
+
+
+def test_gated_module():
+    module = MaskedConv2dGated(3, 8, 3, mask="vertical", gate="sigmoid")
+    x, cond = torch.randn(2, 3, 4, 4), torch.randn(2, 8)
+    expected = masked_conv2d_gated_ref(x, module.weight, module.bias, "vertical", gate="sigmoid", cond=cond)
+    torch.testing.assert_close(module(x, cond), expected)
+    assert "gate='sigmoid'" in repr(module)
+    with pytest.raises(ValueError, match="even"):
+        MaskedConv2dGated(3, 5, 3)
+    with pytest.raises(ValueError, match="gate"):
+        MaskedConv2dGated(3, 4, 3, gate="relu")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad_input_cases():
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
+    return [
+        ("mask shape", dict(mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "mask has shape"),
+        ("colour groups", dict(weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), color_groups=3), ValueError, "color_groups"),
+        ("colour groups value", dict(color_groups=2), ValueError, "color_groups"),
+        ("x dtype", dict(x=x.to(torch.int32)), TypeError, "x must have dtype"),
+        ("weight dtype", dict(weight=weight.double()), TypeError, "weight has dtype"),
+        ("device", dict(weight=weight.to("meta")), ValueError, "device"),
+        ("x rank", dict(x=x[0]), ValueError, "x must have 4 dimensions"),
+        ("channels", dict(x=torch.randn(1, 4, 4, 4)), ValueError, "x has 4 channels"),
+        ("bias shape", dict(bias=torch.randn(5)), ValueError, "bias has 5 elements"),
+        ("dilation type", dict(dilation=1.5), TypeError, "dilation"),
+        ("dilation value", dict(dilation=0), ValueError, "dilation"),
+        ("mask name", dict(mask="C"), ValueError, "mask must be one of"),
+        ("even kernel", dict(weight=torch.randn(6, 3, 2, 2), mask="B"), ValueError, "odd kernel"),
+    ], dict(x=x, weight=weight, bias=bias, mask="B", dilation=1, color_groups=1)
+
+
+@pytest.mark.parametrize("index", range(len(_bad_input_cases()[0])), ids=[case[0] for case in _bad_input_cases()[0]])
+def test_bad_input_raises_before_any_kernel(index):
+    cases, good = _bad_input_cases()
+    _, change, error, match = cases[index]
+    with pytest.raises(error, match=match):
+        masked_conv2d(**{**good, **change})
+
+
+def test_gated_bad_input():
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 4)
+    with pytest.raises(ValueError, match="gate must be one of"):
+        masked_conv2d_gated(x, weight, bias, gate="relu")
+    with pytest.raises(ValueError, match="even number"):
+        masked_conv2d_gated(x, weight[:5], bias[:5])
+    with pytest.raises(ValueError, match="color_groups=1"):
+        masked_conv2d_gated(x, weight, bias, color_groups=3)
+    with pytest.raises(ValueError, match=r"cond must have shape \(N, Cout\)"):
+        masked_conv2d_gated(x, weight, bias, cond=torch.randn(2, 3))
+    with pytest.raises(TypeError, match="cond has dtype"):
+        masked_conv2d_gated(x, weight, bias, cond=torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_gated_op_without_preactivation_refuses_a_backward():
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
+    weight.requires_grad_(True)
+    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
+    with pytest.raises(RuntimeError, match="keep_preactivation"):
+        out.sum().backward()
+
+
+# ------------------------------------------------------------------ GPU
+
+
+def gpu_backend(backend):
+    """Forces ``backend``; skips only when the backend cannot run at all (cuda: extension not built)."""
+    reason = unavailable_reason(backend, torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    return use_backend(backend)
+
+
+def assert_close_at_scale(got, expected, *, dtype, tf32=False, msg=""):
+    """The project tolerance on both tensors divided by the expected's largest magnitude.
+
+    At realistic sizes every result is a sum of hundreds to thousands of products,
+    whose rounding error grows with the size of the terms, not of each (possibly
+    cancelling) result. fp32 without TF32 gets an atol of 1e-5 of that scale: a
+    4096-term fp32 sum is off by up to ~sqrt(4096) ulps of its partial sums.
+    """
+    scale = expected.abs().max().item()
+    rtol, atol = tolerance(dtype, tf32=tf32)
+    if dtype == torch.float32 and not tf32:
+        atol = 1e-5
+    torch.testing.assert_close(got.to(expected.dtype) / scale, expected / scale, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype, tf32", [(torch.float32, True), (torch.float32, False), (torch.float16, False), (torch.bfloat16, False)], ids=["tf32", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "mask, kernel_size, dilation, color_groups, c_in, c_out",
+    [("B", 3, 1, 1, 64, 130), ("vertical", 3, 1, 1, 64, 130), ("down_shifted", (2, 3), 1, 1, 160, 160), ("A", 5, 2, 3, 66, 129), ("horizontal", (1, 3), 4, 1, 3, 5)],
+)
+def test_gpu_backends_match_reference(backend, dtype, tf32, mask, kernel_size, dilation, color_groups, c_in, c_out, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    kernel_size = as_pair(kernel_size)
+    x, weight, bias = make_conv_inputs(c_in, c_out, kernel_size, 4, 32, 32, dtype=dtype, device="cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(4, c_out, 32, 32, device="cuda", dtype=dtype)
+    options = dict(mask=mask, dilation=dilation, color_groups=color_groups)
+    with gpu_backend(backend):
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, **options)
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), **options)
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert g.dtype == dtype
+        assert_close_at_scale(g, e, dtype=dtype, tf32=tf32, msg=name)
+    hidden = resolve_mask(mask, kernel_size, color_groups).weight_mask(c_out, c_in, device="cuda") == 0
+    assert (got[2][hidden] == 0).all()
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["tanh_sigmoid", "sigmoid"])
+def test_gpu_gated_matches_reference(backend, dtype, gate):
+    x, weight, bias = make_conv_inputs(64, 256, (3, 3), 4, 32, 32, dtype=dtype, device="cuda")
+    cond = torch.randn(4, 256, device="cuda", dtype=dtype)
+    grad_out = torch.randn(4, 128, 32, 32, device="cuda", dtype=dtype)
+    leaves = [t.requires_grad_(True) for t in (x, weight, bias, cond)]
+    with gpu_backend(backend):
+        if backend == "cuda" and not hasattr(cuda_ops(), "masked_conv2d_fwd_gated"):
+            # The fused CUDA op is optional: forcing cuda without it must say so.
+            with pytest.raises(BackendUnavailableError, match="masked_conv2d_fwd_gated"):
+                masked_conv2d_gated(*leaves[:3], "vertical", gate=gate, cond=leaves[3])
+            return
+        out = masked_conv2d_gated(*leaves[:3], "vertical", gate=gate, cond=leaves[3])
+        got = (out, *torch.autograd.grad(out, leaves, grad_out))
+        with torch.no_grad():
+            inference = masked_conv2d_gated(*leaves[:3], "vertical", gate=gate, cond=leaves[3])
+    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
+    expected_out = masked_conv2d_gated_ref(*doubles[:3], "vertical", gate=gate, cond=doubles[3])
+    expected = (expected_out, *torch.autograd.grad(expected_out, doubles, grad_out.double()))
+    tf32 = ops.conv_allows_tf32()
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias", "grad cond"), got, expected):
+        assert_close_at_scale(g, e, dtype=dtype, tf32=tf32, msg=name)
+    assert_close_at_scale(inference, expected_out, dtype=dtype, tf32=tf32, msg="no-grad output")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_causality(backend):
+    c_in, c_out, size = 6, 12, 9
+    spec = resolve_mask("B", 5, 3)
+    x, weight, bias = make_conv_inputs(c_in, c_out, (5, 5), 1, size, size, device="cuda")
+    x.requires_grad_(True)
+    with gpu_backend(backend):
+        out = masked_conv2d(x, weight, bias, "B", 2, 3)
+        for co, (y0, x0) in zip(range(0, c_out, 4), [(4, 4), (0, 8), (8, 0)]):
+            (grad,) = torch.autograd.grad(out[0, co, y0, x0], x, retain_graph=True)
+            seen = must_see(spec, c_out, c_in, size, size, y0, x0, co, dilation=2).cuda()
+            assert (grad[0][~seen] == 0).all() and (grad[0][seen] != 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_more_than_2_31_elements(backend):
+    """bf16 x (513, 16, 512, 512): 2.15e9 elements; the last image's pixels sit past 2**31."""
+    batch, channels, size = 513, 16, 512
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.bfloat16, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    weight = torch.randn(channels, channels, 3, 3, device="cuda", dtype=torch.bfloat16, generator=generator) / 12
+    grad_out = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.bfloat16, generator=generator)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    with gpu_backend(backend):
+        out = masked_conv2d(x, weight, None, "B")
+        grad_x, grad_weight = torch.autograd.grad(out, (x, weight), grad_out)
+    last = slice(batch - 1, batch)
+    no_bias = torch.zeros(channels, device="cuda", dtype=torch.float64)
+    out_ref, grad_x_ref, _, _ = conv_and_grads(masked_conv2d_ref, x[last].double(), weight.double(), no_bias, grad_out[last].double(), mask="B")
+    assert_close_at_scale(out[last], out_ref, dtype=torch.bfloat16, msg="out")
+    assert_close_at_scale(grad_x[last], grad_x_ref, dtype=torch.bfloat16, msg="grad x")
+    # The weight gradient sums over every pixel; cuDNN's in fp32 (bf16 inputs: exact products) is the reference here.
+    _, _, grad_weight_ref, _ = conv_and_grads(masked_conv2d_ref, x.detach().float(), weight.detach().float(), no_bias.float(), grad_out.float(), mask="B")
+    assert_close_at_scale(grad_weight, grad_weight_ref, dtype=torch.bfloat16, msg="grad weight")
