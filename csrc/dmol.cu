@@ -1,0 +1,371 @@
+// CUDA kernels of the discretized logistic mixture (DMOL): NLL forward, NLL backward
+// (recomputes the forward and writes the logits' gradient in the same pass), sampler.
+// Layouts in dmol.h; the math is pixelcnn_kernels/reference/dmol.py's, in float32 with
+// the same numerically stable forms as the Triton kernels (pixelcnn_kernels/triton/dmol.py).
+#include <cmath>
+#include <type_traits>
+
+#include "dmol.h"
+
+namespace pixelcnn_kernels {
+namespace dmol {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr float kLogScaleMin = -7.f;
+constexpr float kLogMinBinProbability = -11.512925464970229f;  // log(1e-5)
+constexpr float kEdgeThreshold = 0.999f;                      // PixelCNN++'s edge tests for float x
+constexpr float kUEps = 1e-5f;                                // PixelCNN++'s clamp of the sampling noise
+
+// NaN-propagating max(v, 0) + log1p(exp(-|v|)).
+__device__ __forceinline__ float softplus(float v) { return (v > 0.f ? v : 0.f) + log1pf(expf(-fabsf(v))); }
+
+__device__ __forceinline__ float sign_of(float v) { return v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); }
+
+// tanh(v) and its derivative 1 - tanh(v)^2, both to float32 rounding.
+struct TanhSech2 {
+  float tanh, sech2;
+};
+__device__ __forceinline__ TanhSech2 tanh_and_sech2(float v) {
+  const float e2 = expf(-2.f * fabsf(v));
+  const float one_plus = 1.f + e2;
+  return {sign_of(v) * -expm1f(-2.f * fabsf(v)) / one_plus, 4.f * e2 / (one_plus * one_plus)};
+}
+
+// log P(bin) of one discretized logistic, and with kGrad its derivatives w.r.t. the
+// (colour-adjusted) mean and the raw log-scale (zero where the clamp at -7 is active).
+// With m = (x - mean) / scale and h = half_bin / scale each branch gives dlp/dm and
+// h * dlp/dh; d/dmean = -dm / scale and d/dlog_scale = -m * dm - h * dh (minus 1 more
+// for the mid-point density). The interior probability is
+// P = sinh(h) / (cosh m + cosh h), all terms scaled by exp(-max(|m|, h)).
+struct SubPixel {
+  float log_prob, d_mean, d_log_scale;
+};
+
+template <bool kGrad>
+__device__ __forceinline__ SubPixel sub_pixel_terms(float value, bool first_bin, bool last_bin, float mean,
+                                                    float raw_log_scale, float half_bin, float log_half_bins) {
+  const float log_scale = raw_log_scale < kLogScaleMin ? kLogScaleMin : raw_log_scale;  // NaN stays NaN
+  const float inv_scale = expf(-log_scale);
+  const float m = (value - mean) * inv_scale;
+  const float h = inv_scale * half_bin;
+  float log_prob, dm = 0.f, dh_term = 0.f;
+  if (first_bin) {  // log sigmoid(m + h)
+    log_prob = -softplus(-(m + h));
+    if (kGrad) {
+      dm = 1.f / (1.f + expf(m + h));
+      dh_term = h * dm;
+    }
+  } else if (last_bin) {  // log(1 - sigmoid(m - h))
+    log_prob = -softplus(m - h);
+    if (kGrad) {
+      const float sigmoid_minus = 1.f / (1.f + expf(h - m));
+      dm = -sigmoid_minus;
+      dh_term = h * sigmoid_minus;
+    }
+  } else {
+    const float abs_m = fabsf(m);
+    const float widest = abs_m > h ? abs_m : h;
+    const float p = expf(abs_m - widest), q = expf(-abs_m - widest), s = expf(-h - widest);
+    const float scaled_sum = p + q + expf(h - widest) + s;
+    const float one_minus_e2h = -expm1f(-2.f * h);
+    const float log_delta = logf(one_minus_e2h) + (h - widest) - logf(scaled_sum);
+    if (log_delta > kLogMinBinProbability) {
+      log_prob = log_delta;
+      if (kGrad) {
+        dm = -sign_of(m) * p * -expm1f(-2.f * abs_m) / scaled_sum;
+        dh_term = h * ((p + q) * (2.f - one_minus_e2h) + 4.f * s) / (one_minus_e2h * scaled_sum);
+      }
+    } else {  // mid-point density fallback
+      log_prob = m - log_scale - 2.f * softplus(m) - log_half_bins;
+      if (kGrad) {
+        dm = -sign_of(m) * -expm1f(-abs_m) / (1.f + expf(-abs_m));  // -tanh(m / 2)
+        dh_term = 1.f;
+      }
+    }
+  }
+  SubPixel out{log_prob, 0.f, 0.f};
+  if (kGrad) {
+    out.d_mean = -dm * inv_scale;
+    out.d_log_scale = raw_log_scale < kLogScaleMin ? 0.f : -m * dm - dh_term;
+  }
+  return out;
+}
+
+// One pixel's logits, read through the channel stride.
+template <typename T>
+struct PixelLogits {
+  const T* logits;
+  int64_t offset;
+  int64_t channel_stride;
+  __device__ __forceinline__ float operator[](int channel) const {
+    return to_float(logits[offset + channel * channel_stride]);
+  }
+};
+
+// One pixel's x per colour channel: value in [-1, 1] and edge-bin flags.
+template <int C>
+struct PixelX {
+  float value[C];
+  bool first_bin[C], last_bin[C];
+};
+
+template <typename XT, int C>
+__device__ __forceinline__ PixelX<C> load_x(const XT* x, int64_t offset, int64_t channel_stride, int num_bins) {
+  PixelX<C> out;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const XT raw = x[offset + c * channel_stride];
+    if constexpr (std::is_same_v<XT, float>) {
+      out.value[c] = raw;
+      out.first_bin[c] = raw < -kEdgeThreshold;
+      out.last_bin[c] = raw > kEdgeThreshold;
+    } else {  // integer bins: edges by index
+      const int64_t bin = static_cast<int64_t>(raw);
+      out.value[c] = static_cast<float>(bin) * (2.f / (num_bins - 1)) - 1.f;
+      out.first_bin[c] = bin == 0;
+      out.last_bin[c] = bin == num_bins - 1;
+    }
+  }
+  return out;
+}
+
+// Channel index of parameter `kind` (0 mean, 1 log-scale, 2 coefficient) of colour c, mixture k.
+template <int C>
+__device__ __forceinline__ int param_channel(int kind, int c, int k, int mixtures) {
+  constexpr int kPerChannel = C == 3 ? 3 : 2;
+  return mixtures * (1 + kPerChannel * c + kind) + k;
+}
+
+// Everything mixture component k contributes: sum_c log P(x_c), and with kGrad the
+// derivatives of each log P(x_c) and the coefficients' tanh derivatives.
+template <int C>
+struct Component {
+  float log_prob;
+  SubPixel channel[C];
+  float sech2[C];
+};
+
+template <bool kGrad, int C, typename T>
+__device__ __forceinline__ Component<C> component_terms(const PixelLogits<T>& px, const PixelX<C>& x, int k,
+                                                        int mixtures, float half_bin, float log_half_bins) {
+  Component<C> out;
+  float coef[C];
+  if constexpr (C == 3) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      const TanhSech2 t = tanh_and_sech2(px[param_channel<C>(2, c, k, mixtures)]);
+      coef[c] = t.tanh;
+      out.sech2[c] = t.sech2;
+    }
+  }
+  out.log_prob = 0.f;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    float mean = px[param_channel<C>(0, c, k, mixtures)];
+    if constexpr (C == 3) {  // green's mean gets coef_0 * red; blue's coef_1 * red + coef_2 * green
+      if (c == 1) mean += coef[0] * x.value[0];
+      if (c == 2) mean += coef[1] * x.value[0] + coef[2] * x.value[1];
+    }
+    out.channel[c] = sub_pixel_terms<kGrad>(x.value[c], x.first_bin[c], x.last_bin[c], mean,
+                                           px[param_channel<C>(1, c, k, mixtures)], half_bin, log_half_bins);
+    out.log_prob += out.channel[c].log_prob;
+  }
+  return out;
+}
+
+// Online log-sum-exp; -inf terms are skipped, NaN terms poison the sum.
+struct LogSumExp {
+  float max = -INFINITY, sum = 0.f;
+  __device__ __forceinline__ void add(float v) {
+    if (v > max) {
+      sum = sum * expf(max - v) + 1.f;
+      max = v;
+    } else if (v != -INFINITY) {
+      sum += expf(v - max);
+    }
+  }
+  __device__ __forceinline__ float value() const { return max + logf(sum); }
+};
+
+__device__ __forceinline__ int64_t offset4(const Strides4& s, int b, int c, int h, int w) {
+  return b * s.b + c * s.c + h * s.h + w * s.w;
+}
+
+template <bool kGrad, int C, typename T, typename XT>
+__global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT* __restrict__ x, Strides4 x_strides,
+                                                       float* __restrict__ nll, const float* __restrict__ grad_nll,
+                                                       Strides4 grad_nll_strides, T* __restrict__ grad_logits,
+                                                       Strides4 grad_logits_strides) {
+  const int num_pixels = problem.batch * problem.height * problem.width;
+  const int pixel = blockIdx.x * kThreads + threadIdx.x;
+  if (pixel >= num_pixels) return;
+  const int w = pixel % problem.width, h = (pixel / problem.width) % problem.height;
+  const int b = pixel / (problem.width * problem.height);
+  const int mixtures = problem.mixtures;
+  const float half_bin = 1.f / (problem.num_bins - 1);
+  const float log_half_bins = logf(0.5f * (problem.num_bins - 1));
+  const PixelLogits<T> px{static_cast<const T*>(problem.logits), offset4(problem.logits_strides, b, 0, h, w),
+                          problem.logits_strides.c};
+  const PixelX<C> xv = load_x<XT, C>(x, offset4(x_strides, b, 0, h, w), x_strides.c, problem.num_bins);
+
+  // NLL = logsumexp_k(mix_k) - logsumexp_k(mix_k + sum_c log P_k(x_c)).
+  LogSumExp norm, total;
+  for (int k = 0; k < mixtures; ++k) {
+    const float mix = px[k];
+    norm.add(mix);
+    total.add(mix + component_terms<false, C>(px, xv, k, mixtures, half_bin, log_half_bins).log_prob);
+  }
+  const float log_norm = norm.value(), log_total = total.value();
+  if constexpr (!kGrad) {
+    nll[pixel] = log_norm - log_total;
+  } else {
+    // d NLL / d log P_k = -posterior_k; d NLL / d mix_k = prior_k - posterior_k.
+    const float grad = grad_nll[offset4(grad_nll_strides, b, 0, h, w)];
+    const int64_t out_offset = offset4(grad_logits_strides, b, 0, h, w);
+    const int64_t out_stride = grad_logits_strides.c;
+    auto write = [&](int channel, float value) { grad_logits[out_offset + channel * out_stride] = from_float<T>(value); };
+    for (int k = 0; k < mixtures; ++k) {
+      const float mix = px[k];
+      const Component<C> comp = component_terms<true, C>(px, xv, k, mixtures, half_bin, log_half_bins);
+      const float neg_posterior = -grad * expf(mix + comp.log_prob - log_total);
+      write(k, grad * expf(mix - log_norm) + neg_posterior);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        write(param_channel<C>(0, c, k, mixtures), neg_posterior * comp.channel[c].d_mean);
+        write(param_channel<C>(1, c, k, mixtures), neg_posterior * comp.channel[c].d_log_scale);
+      }
+      if constexpr (C == 3) {
+        const float g_mean1 = neg_posterior * comp.channel[1].d_mean;
+        const float g_mean2 = neg_posterior * comp.channel[2].d_mean;
+        write(param_channel<C>(2, 0, k, mixtures), g_mean1 * xv.value[0] * comp.sech2[0]);
+        write(param_channel<C>(2, 1, k, mixtures), g_mean2 * xv.value[0] * comp.sech2[1]);
+        write(param_channel<C>(2, 2, k, mixtures), g_mean2 * xv.value[1] * comp.sech2[2]);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float clamp_noise(float u) { return u < kUEps ? kUEps : (u > 1.f - kUEps ? 1.f - kUEps : u); }
+
+// Clamps to [-1, 1] (NaN-propagating) and, if quantize, rounds to the nearest bin centre (halves up).
+__device__ __forceinline__ float finish_channel(float value, bool quantize, int num_bins) {
+  value = value < -1.f ? -1.f : (value > 1.f ? 1.f : value);
+  if (quantize) {
+    const float last = static_cast<float>(num_bins - 1);
+    float bin = floorf((value + 1.f) * (0.5f * last) + 0.5f);
+    bin = bin < 0.f ? 0.f : (bin > last ? last : bin);
+    value = bin * (2.f / last) - 1.f;
+  }
+  return value;
+}
+
+template <int C, typename T>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(Problem problem, const float* __restrict__ u_mix, Strides4 u_mix_strides,
+                  const float* __restrict__ u_logistic, Strides4 u_logistic_strides, bool quantize,
+                  float* __restrict__ sample) {
+  const int num_pixels = problem.batch * problem.height * problem.width;
+  const int pixel = blockIdx.x * kThreads + threadIdx.x;
+  if (pixel >= num_pixels) return;
+  const int w = pixel % problem.width, h = (pixel / problem.width) % problem.height;
+  const int b = pixel / (problem.width * problem.height);
+  const int mixtures = problem.mixtures;
+  const PixelLogits<T> px{static_cast<const T*>(problem.logits), offset4(problem.logits_strides, b, 0, h, w),
+                          problem.logits_strides.c};
+  // Gumbel-max: the first component with the largest logit - log(-log(u)).
+  int chosen = 0;
+  float best = -INFINITY;
+  for (int k = 0; k < mixtures; ++k) {
+    const float score = px[k] - logf(-logf(clamp_noise(u_mix[offset4(u_mix_strides, b, k, h, w)])));
+    if (score > best) {
+      best = score;
+      chosen = k;
+    }
+  }
+  float drawn[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const float u = clamp_noise(u_logistic[offset4(u_logistic_strides, b, c, h, w)]);
+    const float raw_log_scale = px[param_channel<C>(1, c, chosen, mixtures)];
+    const float log_scale = raw_log_scale < kLogScaleMin ? kLogScaleMin : raw_log_scale;
+    float value = px[param_channel<C>(0, c, chosen, mixtures)] + expf(log_scale) * (logf(u) - logf(1.f - u));
+    if constexpr (C == 3) {  // the colour coefficients act on the channels already drawn
+      if (c == 1) value += tanh_and_sech2(px[param_channel<C>(2, 0, chosen, mixtures)]).tanh * drawn[0];
+      if (c == 2) {
+        value += tanh_and_sech2(px[param_channel<C>(2, 1, chosen, mixtures)]).tanh * drawn[0] +
+                 tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh * drawn[1];
+      }
+    }
+    drawn[c] = finish_channel(value, quantize, problem.num_bins);
+    sample[((static_cast<int64_t>(b) * C + c) * problem.height + h) * problem.width + w] = drawn[c];
+  }
+}
+
+// Calls fn(int_constant<C>) for C in {1, 3}.
+template <typename Fn>
+void dispatch_channels(int channels, Fn&& fn) {
+  if (channels == 3) {
+    fn(std::integral_constant<int, 3>{});
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename Fn>
+void dispatch_x_type(XType x_type, Fn&& fn) {
+  switch (x_type) {
+    case XType::kFloat32: fn(float{}); break;
+    case XType::kUInt8: fn(uint8_t{}); break;
+    case XType::kInt64: fn(int64_t{}); break;
+  }
+}
+
+unsigned int num_blocks(const Problem& p) {
+  return static_cast<unsigned int>(ceil_div(static_cast<int64_t>(p.batch) * p.height * p.width, kThreads));
+}
+
+template <bool kGrad>
+void launch_nll(const Problem& problem, const void* x, XType x_type, Strides4 x_strides, float* nll,
+                const float* grad_nll, Strides4 grad_nll_strides, void* grad_logits, Strides4 grad_logits_strides,
+                cudaStream_t stream) {
+  dispatch_dtype(problem.logits_dtype, [&](auto logits_tag) {
+    using T = decltype(logits_tag);
+    dispatch_x_type(x_type, [&](auto x_tag) {
+      using XT = decltype(x_tag);
+      dispatch_channels(problem.channels, [&](auto channels) {
+        nll_kernel<kGrad, decltype(channels)::value, T, XT><<<num_blocks(problem), kThreads, 0, stream>>>(
+            problem, static_cast<const XT*>(x), x_strides, nll, grad_nll, grad_nll_strides, static_cast<T*>(grad_logits),
+            grad_logits_strides);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void launch_nll_forward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides, float* nll,
+                        cudaStream_t stream) {
+  launch_nll<false>(problem, x, x_type, x_strides, nll, nullptr, Strides4{}, nullptr, Strides4{}, stream);
+}
+
+void launch_nll_backward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides,
+                         const float* grad_nll, Strides4 grad_nll_strides, void* grad_logits,
+                         Strides4 grad_logits_strides, cudaStream_t stream) {
+  launch_nll<true>(problem, x, x_type, x_strides, nullptr, grad_nll, grad_nll_strides, grad_logits,
+                   grad_logits_strides, stream);
+}
+
+void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_strides, const float* u_logistic,
+                   Strides4 u_logistic_strides, bool quantize, float* sample, cudaStream_t stream) {
+  dispatch_dtype(problem.logits_dtype, [&](auto logits_tag) {
+    using T = decltype(logits_tag);
+    dispatch_channels(problem.channels, [&](auto channels) {
+      sample_kernel<decltype(channels)::value, T><<<num_blocks(problem), kThreads, 0, stream>>>(
+          problem, u_mix, u_mix_strides, u_logistic, u_logistic_strides, quantize, sample);
+    });
+  });
+}
+
+}  // namespace dmol
+}  // namespace pixelcnn_kernels

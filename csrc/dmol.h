@@ -1,0 +1,63 @@
+// Launchers of the discretized logistic mixture (DMOL) CUDA kernels (csrc/dmol.cu).
+//
+// Shapes (every tensor is read and written through its strides, in elements):
+//   x       (B, C, H, W), C in {1, 3}: float32 values in [-1, 1], or uint8/int64 bins
+//   logits  (B, P, H, W) float32/float16/bfloat16, P = 3K (C = 1) or 10K (C = 3), in
+//           PixelCNN++'s order: K mixture logits, then per colour channel c the block
+//           [K means, K log-scales, K coefficients (C = 3 only)] starting at K * (1 + n*c),
+//           n = 3 for C = 3 and 2 for C = 1 (see pixelcnn_kernels/reference/dmol.py)
+//   nll     (B, H, W) float32: per-pixel negative log-likelihood in nats
+//   grad_nll (B, H, W) float32 (the upstream gradient; any strides, e.g. expanded)
+//   grad_logits: the logits' shape and dtype, its own strides
+//   u_mix (B, K, H, W), u_logistic (B, C, H, W) float32 uniform noise; sample (B, C, H, W) float32
+// One thread handles one pixel and loops over the K mixture components; offsets are
+// 64-bit, pixel counts below 2^31 (the Python op checks). Torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_utils.h"
+
+namespace pixelcnn_kernels {
+namespace dmol {
+
+enum class XType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
+
+// Strides of a 4-d tensor (for (B, H, W) tensors the channel stride is unused).
+struct Strides4 {
+  int64_t b, c, h, w;
+};
+
+// The problem every DMOL kernel shares.
+struct Problem {
+  const void* logits;
+  DType logits_dtype;
+  Strides4 logits_strides;
+  int batch;
+  int height;
+  int width;
+  int channels;
+  int mixtures;
+  int num_bins;
+};
+
+// Writes nll (contiguous (B, H, W) float32).
+void launch_nll_forward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides, float* nll,
+                        cudaStream_t stream);
+
+// Writes grad_logits = d(sum(grad_nll * nll)) / d logits, recomputing the forward.
+void launch_nll_backward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides,
+                         const float* grad_nll, Strides4 grad_nll_strides, void* grad_logits,
+                         Strides4 grad_logits_strides, cudaStream_t stream);
+
+// Writes one draw per pixel into sample (contiguous (B, C, H, W) float32): the component
+// argmax_k(logit_k - log(-log(u_mix_k))) (first on ties), then per channel
+// mean' + exp(max(log_scale, -7)) * (log(u) - log(1 - u)), clamped to [-1, 1] and, if
+// quantize, rounded to the nearest bin centre before it conditions the next channel.
+void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_strides, const float* u_logistic,
+                   Strides4 u_logistic_strides, bool quantize, float* sample, cudaStream_t stream);
+
+}  // namespace dmol
+}  // namespace pixelcnn_kernels

@@ -1,0 +1,315 @@
+"""Discretized mixture of logistics (PixelCNN++'s output distribution): the public ops.
+
+- :func:`discretized_mix_logistic_nll`: the negative log-likelihood, one fused pass
+  (gradient w.r.t. the logits in a second pass that recomputes the forward).
+- :func:`sample_discretized_mix_logistic`: a draw from the mixture, a deterministic
+  function of (logits, noise).
+- :func:`to_bins`: sampled values in [-1, 1] -> integer bins.
+
+The logits layout, the exact semantics and the numerically stable forms are
+documented in :mod:`pixelcnn_kernels.reference.dmol`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pixelcnn_kernels import backend as _backend
+from pixelcnn_kernels.ops.gates import _autograd_inside_custom_op  # shared with gates; belongs in utils
+from pixelcnn_kernels.reference import dmol as _reference
+from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype
+
+REDUCTIONS = ("none", "sum", "mean", "bpd")
+# Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
+# edge bins from their neighbours (the second centre is -1 + 2/(num_bins-1)).
+MAX_NUM_BINS = 2001
+X_INT_DTYPES = (torch.uint8, torch.int32, torch.int64)
+# The kernels read x as float32, uint8 or int64; other dtypes are converted first.
+_KERNEL_X_DTYPES = (torch.float32, torch.uint8, torch.int64)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_num_bins(num_bins: object) -> int:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int):
+        raise TypeError(f"num_bins must be an int, got {type(num_bins).__name__}")
+    if not 2 <= num_bins <= MAX_NUM_BINS:
+        raise ValueError(f"num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
+    return num_bins
+
+
+def _check_logits(logits: object, channels: int) -> int:
+    """Checks ``logits`` (B, P, H, W) for ``channels`` colour channels; returns K."""
+    check_tensor(logits, "logits", ndim=4)
+    per_mixture = 1 + channels * _reference.params_per_channel(channels)
+    num_logit_channels = logits.shape[1]
+    if num_logit_channels == 0 or num_logit_channels % per_mixture:
+        raise ValueError(
+            f"logits must have P = {per_mixture}K channels for C = {channels} colour channels "
+            f"(K mixture logits, then per channel K means, K log-scales{', K coefficients' if channels == 3 else ''}); "
+            f"got P = {num_logit_channels}"
+        )
+    if logits.shape[0] * logits.shape[2] * logits.shape[3] >= 2**31:
+        raise ValueError(f"logits has {logits.shape[0] * logits.shape[2] * logits.shape[3]} pixels; at most 2**31 - 1 are supported")
+    return num_logit_channels // per_mixture
+
+
+def _check_x_range(x: torch.Tensor, num_bins: int) -> None:
+    """Raises ValueError when x holds a value outside its range (skipped while tracing: data-dependent)."""
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.device.type == "meta":
+        return
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if x.dtype == torch.uint8 and num_bins >= 256:
+        return  # every uint8 value is a valid bin
+    low, high = (-1, 1) if x.dtype.is_floating_point else (0, num_bins - 1)
+    lowest, highest = (v.item() for v in torch.aminmax(x))
+    if not (low <= lowest and highest <= high):  # also catches NaN
+        kind = "values in [-1, 1]" if x.dtype.is_floating_point else f"bins in [0, {num_bins - 1}]"
+        raise ValueError(f"x must hold {kind}; got min {lowest}, max {highest}")
+
+
+def _check_nll_args(x: object, logits: object, num_bins: object, reduction: object) -> None:
+    check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES + X_INT_DTYPES)
+    channels = x.shape[1]
+    if channels not in (1, 3):
+        raise ValueError(f"x must have C = 1 or 3 colour channels (dim 1), got shape {tuple(x.shape)}")
+    _check_logits(logits, channels)
+    check_same_device(x=x, logits=logits)
+    if (x.shape[0], *x.shape[2:]) != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"x {tuple(x.shape)} and logits {tuple(logits.shape)} must have the same batch size, height and width")
+    num_bins = check_num_bins(num_bins)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_x_range(x, num_bins)
+
+
+def _check_kernel_logits(logits: torch.Tensor, backend: str) -> None:
+    if logits.dtype == torch.float64:
+        raise TypeError(f"float64 logits run on the reference backend only; the {backend} kernels take float32, float16 or bfloat16")
+
+
+def _kernel_x(x: torch.Tensor) -> torch.Tensor:
+    """x in a dtype the kernels read (float32, uint8, int64), values unchanged."""
+    if x.dtype in _KERNEL_X_DTYPES:
+        return x
+    return x.to(torch.float32 if x.dtype.is_floating_point else torch.int64)
+
+
+# --------------------------------------------------------------------------- NLL custom ops
+
+
+@torch.library.custom_op("pixelcnn_kernels::dmol_nll", mutates_args=())
+def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Tensor:
+    backend = _backend.resolve_backend(x, logits)
+    if backend == "reference":
+        return _reference.discretized_mix_logistic_nll(x, logits, num_bins)
+    _check_kernel_logits(logits, backend)
+    if backend == "cuda":
+        return _backend.cuda_ops().dmol_nll_forward(_kernel_x(x), logits, num_bins)
+    nll = logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.float32)
+    if nll.numel() > 0:
+        from pixelcnn_kernels.triton import dmol as triton_dmol
+
+        triton_dmol.nll_forward(_kernel_x(x), logits, num_bins, nll)
+    return nll
+
+
+@_dmol_nll.register_fake
+def _(x, logits, num_bins):
+    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=compute_dtype(logits.dtype))
+
+
+@torch.library.custom_op("pixelcnn_kernels::dmol_nll_backward", mutates_args=())
+def _dmol_nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int) -> torch.Tensor:
+    backend = _backend.resolve_backend(x, logits, grad_nll)
+    if backend == "reference":
+        with _autograd_inside_custom_op():
+            leaf = logits.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(_reference.discretized_mix_logistic_nll(x, leaf, num_bins), leaf, grad_nll)
+        return torch.empty_like(logits).copy_(grad)  # the fake's layout
+    _check_kernel_logits(logits, backend)
+    if backend == "cuda":
+        return _backend.cuda_ops().dmol_nll_backward(_kernel_x(x), logits, grad_nll, num_bins)
+    grad_logits = torch.empty_like(logits)
+    if grad_logits.numel() > 0:
+        from pixelcnn_kernels.triton import dmol as triton_dmol
+
+        triton_dmol.nll_backward(_kernel_x(x), logits, grad_nll, num_bins, grad_logits)
+    return grad_logits
+
+
+@_dmol_nll_backward.register_fake
+def _(x, logits, grad_nll, num_bins):
+    return torch.empty_like(logits)
+
+
+def _nll_setup_context(ctx, inputs, output):
+    x, logits, num_bins = inputs
+    ctx.save_for_backward(x, logits)
+    ctx.num_bins = num_bins
+
+
+def _nll_backward(ctx, grad_nll):
+    x, logits = ctx.saved_tensors
+    return None, _dmol_nll_backward(x, logits, grad_nll, ctx.num_bins), None
+
+
+_dmol_nll.register_autograd(_nll_backward, setup_context=_nll_setup_context)
+
+
+def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int = 256, reduction: str = "none") -> torch.Tensor:
+    """PixelCNN++'s discretized logistic mixture negative log-likelihood, fused.
+
+    Args:
+        x: ``(B, C, H, W)``, C in {1, 3}: floats in [-1, 1] (PixelCNN++'s convention;
+            float16/bfloat16/float32/float64) or integer bins ``0..num_bins-1``
+            (uint8/int32/int64), mapped to ``2*x/(num_bins-1) - 1``. Any strides.
+        logits: ``(B, P, H, W)`` float32/float16/bfloat16 (float64 on the reference
+            backend), P = 3K for C = 1 and 10K for C = 3, in PixelCNN++'s channel
+            order (see :mod:`pixelcnn_kernels.reference.dmol`); any strides
+            (channels-last and views are read in place).
+        num_bins: quantization levels, 2..2001 (256 for 8-bit images).
+        reduction: ``"none"`` -> ``(B, H, W)`` NLL in nats summed over channels;
+            ``"sum"`` -> scalar total (what PixelCNN++'s loss returns); ``"mean"`` ->
+            mean of the ``(B, H, W)`` values; ``"bpd"`` -> ``(B,)`` bits per dimension
+            of each image, ``sum / (C*H*W*ln 2)``.
+
+    Returns the loss in float32 (float64 for float64 logits); math runs in float32
+    whatever the storage dtype. Differentiable w.r.t. ``logits``.
+
+    Raises TypeError/ValueError naming the argument for a wrong dtype, shape, device,
+    ``num_bins``, ``reduction`` or x out of range (the range check reads x once and
+    is skipped under ``torch.compile`` and CUDA-graph capture).
+    """
+    _check_nll_args(x, logits, num_bins, reduction)
+    nll = _dmol_nll(x, logits, num_bins)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.mean()
+    channels, height, width = x.shape[1:]
+    return nll.sum(dim=(1, 2)) / (channels * height * width * math.log(2))
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+@torch.library.custom_op("pixelcnn_kernels::dmol_sample", mutates_args=())
+def _dmol_sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, num_bins: int, quantize: bool) -> torch.Tensor:
+    backend = _backend.resolve_backend(logits, u_mix, u_logistic)
+    if backend == "reference":
+        return _reference.sample_discretized_mix_logistic(logits, u_mix, u_logistic, num_bins, quantize)
+    _check_kernel_logits(logits, backend)
+    u_mix, u_logistic = u_mix.to(torch.float32), u_logistic.to(torch.float32)
+    if backend == "cuda":
+        return _backend.cuda_ops().dmol_sample(logits, u_mix, u_logistic, num_bins, quantize)
+    sample = logits.new_empty(u_logistic.shape, dtype=torch.float32)
+    if sample.numel() > 0:
+        from pixelcnn_kernels.triton import dmol as triton_dmol
+
+        triton_dmol.sample(logits, u_mix, u_logistic, num_bins, quantize, sample)
+    return sample
+
+
+@_dmol_sample.register_fake
+def _(logits, u_mix, u_logistic, num_bins, quantize):
+    return logits.new_empty(u_logistic.shape, dtype=compute_dtype(logits.dtype))
+
+
+def _sample_channels(logits: torch.Tensor, noise, channels: int | None) -> int:
+    """The colour channel count: given, read from the noise, or inferred from P when unambiguous."""
+    if channels is not None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        return channels
+    if noise is not None:
+        _, u_logistic = _noise_pair(noise)
+        check_tensor(u_logistic, "noise[1] (u_logistic)", ndim=4, dtypes=(torch.float32,))
+        return u_logistic.shape[1]
+    fits = [c for c in (1, 3) if logits.shape[1] and logits.shape[1] % (1 + c * _reference.params_per_channel(c)) == 0]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise ValueError(f"logits must have P = 3K (C = 1) or 10K (C = 3) channels, got P = {logits.shape[1]}")
+    raise ValueError(f"logits with P = {logits.shape[1]} channels fit both C = 1 (P = 3K) and C = 3 (P = 10K); pass channels=")
+
+
+def _noise_pair(noise) -> tuple:
+    if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+        raise TypeError(f"noise must be a pair (u_mix, u_logistic) of tensors, got {type(noise).__name__}")
+    return tuple(noise)
+
+
+def _check_noise(noise, batch: int, mixtures: int, channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u_mix, u_logistic = _noise_pair(noise)
+    for index, u, expected in ((0, u_mix, (batch, mixtures, height, width)), (1, u_logistic, (batch, channels, height, width))):
+        name = f"noise[{index}] ({('u_mix', 'u_logistic')[index]})"
+        check_tensor(u, name, ndim=4, dtypes=(torch.float32,))
+        if tuple(u.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} (B, {'KC'[index]}, H, W), got {tuple(u.shape)}")
+    return u_mix, u_logistic
+
+
+def sample_discretized_mix_logistic(
+    logits: torch.Tensor,
+    num_bins: int = 256,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    quantize: bool = True,
+    *,
+    channels: int | None = None,
+) -> torch.Tensor:
+    """Draws an image from PixelCNN++'s discretized logistic mixture.
+
+    Picks a component per pixel by Gumbel-max, draws each colour channel from its
+    logistic by the inverse CDF, adds the colour coefficients times the already
+    drawn channels, and clamps to [-1, 1].
+
+    Args:
+        logits: ``(B, P, H, W)`` float32/float16/bfloat16 (float64 on the reference
+            backend), any strides; P = 3K (C = 1) or 10K (C = 3), layout in
+            :mod:`pixelcnn_kernels.reference.dmol`. ``(B, P, 1, 1)`` samples one pixel.
+        num_bins: quantization levels, 2..2001.
+        noise: ``(u_mix, u_logistic)``, float32 uniform noise in [0, 1]: ``u_mix``
+            ``(B, K, H, W)`` for the Gumbel-max choice ``argmax_k(logit_k - log(-log(u)))``,
+            ``u_logistic`` ``(B, C, H, W)`` for ``mean + exp(log_scale) * (log(u) - log(1-u))``;
+            both are clamped to [1e-5, 1 - 1e-5] as in PixelCNN++. The sample is a
+            deterministic function of (logits, noise). None: drawn with ``generator``.
+        generator: the random generator for the noise when ``noise`` is None.
+        quantize: True rounds every channel to its nearest bin centre before it
+            conditions the next one (an exact draw from the likelihood the NLL
+            scores); False returns PixelCNN++'s continuous values.
+        channels: C; by default taken from ``noise``, else from P (an error when P
+            is a multiple of 30, which fits both).
+
+    Returns ``(B, C, H, W)`` values in [-1, 1], float32 (float64 for float64 logits);
+    :func:`to_bins` maps them to integer bins. Not differentiable. Samples from
+    non-finite logits are unspecified.
+    """
+    check_tensor(logits, "logits", ndim=4)
+    channels = _sample_channels(logits, noise, channels)
+    mixtures = _check_logits(logits, channels)
+    num_bins = check_num_bins(num_bins)
+    if not isinstance(quantize, bool):
+        raise TypeError(f"quantize must be a bool, got {type(quantize).__name__}")
+    batch, _, height, width = logits.shape
+    if noise is None:
+        dtype = compute_dtype(logits.dtype)
+        u_mix = torch.rand((batch, mixtures, height, width), generator=generator, device=logits.device, dtype=dtype)
+        u_logistic = torch.rand((batch, channels, height, width), generator=generator, device=logits.device, dtype=dtype)
+    else:
+        u_mix, u_logistic = _check_noise(noise, batch, mixtures, channels, height, width)
+        check_same_device(logits=logits, u_mix=u_mix, u_logistic=u_logistic)
+    return _dmol_sample(logits, u_mix, u_logistic, num_bins, quantize)
+
+
+def to_bins(values: torch.Tensor, num_bins: int = 256) -> torch.Tensor:
+    """Values in [-1, 1] (e.g. a sample) -> int64 bins ``0..num_bins-1``, nearest centre (halves round up)."""
+    check_tensor(values, "values")
+    return _reference.to_bins(values, check_num_bins(num_bins))

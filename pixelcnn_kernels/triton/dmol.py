@@ -1,0 +1,430 @@
+"""Triton kernels of the discretized logistic mixture (DMOL): NLL forward, NLL backward, sampler.
+
+One program handles ``BLOCK`` pixels as a ``(BLOCK, K_PAD)`` tile (pixels x mixture
+components, ``K_PAD`` = K rounded up to a power of two), so every parameter load
+reads one logits channel across consecutive pixels (coalesced in NCHW; any
+strides, channels-last included, are read in place). The math follows
+:mod:`pixelcnn_kernels.reference.dmol` in float32 whatever the storage dtype. The
+backward recomputes the forward in the same pass that writes the logits'
+gradient, so nothing of size (B, H, W, C, K) is ever stored.
+
+libdevice is not available in the Triton interpreter, so ``expm1`` and ``tanh``
+are written here with ``tl.exp`` and a Taylor series where ``exp(v) - 1`` would
+cancel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pixelcnn_kernels.reference import dmol as _reference
+from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+
+# The reference's constants, as constexprs the kernels can read.
+LOG_SCALE_MIN = tl.constexpr(_reference.LOG_SCALE_MIN)
+LOG_MIN_BIN_PROBABILITY = tl.constexpr(math.log(_reference.MIN_BIN_PROBABILITY))
+EDGE_THRESHOLD = tl.constexpr(_reference.EDGE_THRESHOLD)
+U_EPS = tl.constexpr(_reference.U_EPS)
+# Pixels per program: keeps a (BLOCK, K_PAD) float32 tile at 512 elements (4 per thread).
+_NLL_TILE_ELEMENTS = 512
+_SAMPLE_BLOCK = 128
+
+
+# --------------------------------------------------------------------------- math helpers
+
+
+@triton.jit
+def _expm1(v):
+    # Taylor series to v**8/8! below |v| = 0.5 (truncation < 1e-8 relative); exp(v) - 1 above.
+    series = v * (1.0 + v * (0.5 + v * (0.16666666666666666 + v * (0.041666666666666664 + v * (
+        0.008333333333333333 + v * (0.001388888888888889 + v * (1.984126984126984e-04 + v * 2.48015873015873e-05)))))))
+    return tl.where(tl.abs(v) < 0.5, series, tl.exp(v) - 1.0)
+
+
+@triton.jit
+def _softplus(v):
+    # NaN-propagating max(v, 0) (tl.maximum may drop NaNs on the GPU).
+    return tl.where(v > 0.0, v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+
+
+@triton.jit
+def _sign(v):
+    return tl.where(v > 0.0, 1.0, tl.where(v < 0.0, -1.0, 0.0))
+
+
+@triton.jit
+def _tanh_and_sech2(v):
+    """tanh(v) and its derivative 1 - tanh(v)**2, both to float32 rounding."""
+    e2 = tl.exp(-2.0 * tl.abs(v))
+    one_plus = 1.0 + e2
+    return _sign(v) * (-_expm1(-2.0 * tl.abs(v))) / one_plus, 4.0 * e2 / (one_plus * one_plus)
+
+
+@triton.jit
+def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, log_half_bins):
+    """log P(bin) of one discretized logistic and its derivatives, on a (BLOCK, K_PAD) tile.
+
+    Returns ``(log_prob, d log_prob / d mean, d log_prob / d raw_log_scale)`` where
+    ``mean`` is the colour-adjusted mean and the log-scale derivative is zero where
+    the clamp at -7 is active (torch.clamp passes the gradient at equality). With
+    ``m = (x - mean) / scale`` and ``h = half_bin / scale``, each branch gives
+    ``d log_prob / dm`` and ``d log_prob / dh``; then ``d/dmean = -dm / scale`` and
+    ``d/dlog_scale = -m * dm - h * dh`` (minus 1 more for the mid-point density).
+    The interior branch uses ``P = sinh(h) / (cosh(m) + cosh(h))``, whose
+    derivatives are ``dm = -sinh(m) / (cosh(m) + cosh(h))`` and
+    ``dh = (1 + cosh(m) cosh(h)) / (sinh(h) (cosh(m) + cosh(h)))``, all scaled by
+    ``exp(-max(|m|, h))`` so that nothing overflows.
+    """
+    log_scale = tl.where(raw_log_scale < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_log_scale)
+    inv_scale = tl.exp(-log_scale)
+    m = (value - mean) * inv_scale
+    h = inv_scale * half_bin
+    # First bin: log sigmoid(m + h); last bin: log(1 - sigmoid(m - h)).
+    sigmoid_neg_plus = 1.0 / (1.0 + tl.exp(m + h))
+    sigmoid_minus = 1.0 / (1.0 + tl.exp(h - m))
+    # Interior: log P with P = sinh(h) / (cosh m + cosh h) = one_minus_e2h * e^(h - M) / scaled_sum.
+    abs_m = tl.abs(m)
+    widest = tl.where(abs_m > h, abs_m, h)
+    p = tl.exp(abs_m - widest)
+    q = tl.exp(-abs_m - widest)
+    s = tl.exp(-h - widest)
+    scaled_sum = p + q + tl.exp(h - widest) + s
+    one_minus_e2h = -_expm1(-2.0 * h)
+    log_delta = tl.log(one_minus_e2h) + (h - widest) - tl.log(scaled_sum)
+    use_delta = log_delta > LOG_MIN_BIN_PROBABILITY
+    log_mid = m - log_scale - 2.0 * _softplus(m) - log_half_bins
+    log_prob = tl.where(first_bin, -_softplus(-(m + h)), tl.where(last_bin, -_softplus(m - h), tl.where(use_delta, log_delta, log_mid)))
+
+    sign_m = _sign(m)
+    delta_dm = -sign_m * p * (-_expm1(-2.0 * abs_m)) / scaled_sum
+    delta_dh = ((p + q) * (2.0 - one_minus_e2h) + 4.0 * s) / (one_minus_e2h * scaled_sum)
+    mid_dm = -sign_m * (-_expm1(-abs_m)) / (1.0 + tl.exp(-abs_m))  # -tanh(m / 2)
+    dm = tl.where(first_bin, sigmoid_neg_plus, tl.where(last_bin, -sigmoid_minus, tl.where(use_delta, delta_dm, mid_dm)))
+    dh_term = tl.where(
+        first_bin, h * sigmoid_neg_plus, tl.where(last_bin, h * sigmoid_minus, tl.where(use_delta, h * delta_dh, 1.0))
+    )  # h * dh, plus the mid-point density's direct -log_scale term
+    d_mean = -dm * inv_scale
+    d_log_scale = tl.where(raw_log_scale < LOG_SCALE_MIN, 0.0, -m * dm - dh_term)
+    return log_prob, d_mean, d_log_scale
+
+
+# --------------------------------------------------------------------------- addressing helpers
+
+
+@triton.jit
+def _pixel_coords(pid, num_pixels, height, width, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """(b, h, w, mask) of the BLOCK pixels of program ``pid`` (int64 when INDEX_64)."""
+    pix = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = pix < num_pixels
+    col = pix % width
+    rest = pix // width
+    row = rest % height
+    batch = rest // height
+    if INDEX_64:
+        batch, row, col = batch.to(tl.int64), row.to(tl.int64), col.to(tl.int64)
+    return batch, row, col, mask
+
+
+@triton.jit
+def _channel_ptrs(base_ptr, pixel_offset, channel, channel_stride, INDEX_64: tl.constexpr):
+    """Pointers to ``channel`` (a (K_PAD,) or (BLOCK, 1) index) of every pixel."""
+    if INDEX_64:
+        channel = channel.to(tl.int64)
+    return base_ptr + pixel_offset + channel * channel_stride
+
+
+@triton.jit
+def _load_x(x_ptr, x_offset, channel, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT: tl.constexpr):
+    """x of one colour channel as (value, first_bin, last_bin), each (BLOCK, 1)."""
+    raw = tl.load(x_ptr + x_offset + channel * x_stride_c, mask=pix_mask, other=0)
+    if X_IS_INT:
+        value = raw.to(tl.float32) * bin_scale - 1.0
+        first_bin = raw == 0
+        last_bin = raw == last_bin_index
+    else:
+        value = raw.to(tl.float32)
+        first_bin = value < -EDGE_THRESHOLD
+        last_bin = value > EDGE_THRESHOLD
+    return value[:, None], first_bin[:, None], last_bin[:, None]
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dmol_nll_kernel(
+    x_ptr, logits_ptr, grad_nll_ptr, nll_ptr, grad_logits_ptr,
+    num_pixels, height, width, num_mix,
+    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+    l_stride_b, l_stride_p, l_stride_h, l_stride_w,
+    g_stride_b, g_stride_h, g_stride_w,
+    d_stride_b, d_stride_p, d_stride_h, d_stride_w,
+    half_bin, bin_scale, last_bin_index, log_half_bins,
+    CHANNELS: tl.constexpr, X_IS_INT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """Per-pixel DMOL NLL (COMPUTE_GRAD=False) or the logits' gradient (COMPUTE_GRAD=True).
+
+    x: (B, C, H, W) float32, uint8 or int64 (X_IS_INT: bins), any strides.
+    logits: (B, P, H, W) float32/float16/bfloat16, any strides, P = (1 + C*n) * num_mix.
+    Forward writes nll: (B, H, W) float32 contiguous. Backward reads grad_nll
+    (B, H, W) float32 (any strides, e.g. an expanded scalar) and writes
+    grad_logits (B, P, H, W) in the logits dtype with its own strides.
+    """
+    batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
+    x_offset = batch * x_stride_b + row * x_stride_h + col * x_stride_w
+    l_offset = (batch * l_stride_b + row * l_stride_h + col * l_stride_w)[:, None]
+    k = tl.arange(0, K_PAD)
+    k_mask = k < num_mix
+    tile_mask = pix_mask[:, None] & k_mask[None, :]
+
+    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset, k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    mix_logits = tl.where(k_mask[None, :], mix_logits.to(tl.float32), -float("inf"))
+
+    x0, first0, last0 = _load_x(x_ptr, x_offset, 0, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
+    mean0 = tl.load(_channel_ptrs(logits_ptr, l_offset, num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    raw_ls0 = tl.load(_channel_ptrs(logits_ptr, l_offset, 2 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    log_probs, d_mean0, d_ls0 = _sub_pixel_terms(x0, first0, last0, mean0.to(tl.float32), raw_ls0.to(tl.float32), half_bin, log_half_bins)
+    if CHANNELS == 3:
+        x1, first1, last1 = _load_x(x_ptr, x_offset, 1, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
+        x2, first2, last2 = _load_x(x_ptr, x_offset, 2, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
+        # Channel c's block starts at num_mix * (1 + 3c): K means, K log-scales, K coefficients.
+        coef0, sech2_0 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        coef1, sech2_1 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        coef2, sech2_2 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        mean1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 4 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+        raw_ls1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 5 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+        mean2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 7 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+        raw_ls2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 8 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+        log_prob1, d_mean1, d_ls1 = _sub_pixel_terms(
+            x1, first1, last1, mean1.to(tl.float32) + coef0 * x0, raw_ls1.to(tl.float32), half_bin, log_half_bins
+        )
+        log_prob2, d_mean2, d_ls2 = _sub_pixel_terms(
+            x2, first2, last2, mean2.to(tl.float32) + coef1 * x0 + coef2 * x1, raw_ls2.to(tl.float32), half_bin, log_half_bins
+        )
+        log_probs += log_prob1 + log_prob2
+
+    # NLL = logsumexp_k(mix) - logsumexp_k(mix + log_probs); padded components are -inf.
+    mix_max = tl.max(mix_logits, axis=1)
+    log_norm = mix_max + tl.log(tl.sum(tl.exp(mix_logits - mix_max[:, None]), axis=1))
+    joint = mix_logits + log_probs
+    joint_max = tl.max(joint, axis=1)
+    log_total = joint_max + tl.log(tl.sum(tl.exp(joint - joint_max[:, None]), axis=1))
+    if not COMPUTE_GRAD:
+        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(nll_ptr + pix, log_norm - log_total, mask=pix_mask)
+    else:
+        grad = tl.load(grad_nll_ptr + batch * g_stride_b + row * g_stride_h + col * g_stride_w, mask=pix_mask, other=0.0)
+        grad = grad.to(tl.float32)[:, None]
+        # d NLL / d log_probs[k] = -posterior[k]; d NLL / d mix[k] = prior[k] - posterior[k].
+        neg_posterior = -grad * tl.exp(joint - log_total[:, None])
+        prior = tl.exp(mix_logits - log_norm[:, None])
+        out_ty = grad_logits_ptr.dtype.element_ty
+        d_offset = (batch * d_stride_b + row * d_stride_h + col * d_stride_w)[:, None]
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, k[None, :], d_stride_p, INDEX_64), (grad * prior + neg_posterior).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_mean0).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 2 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls0).to(out_ty), mask=tile_mask)
+        if CHANNELS == 3:
+            g_mean1 = neg_posterior * d_mean1
+            g_mean2 = neg_posterior * d_mean2
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 3 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean1 * x0 * sech2_0).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 4 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean1.to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 5 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls1).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 6 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x0 * sech2_1).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 7 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean2.to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 8 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls2).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 9 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x1 * sech2_2).to(out_ty), mask=tile_mask)
+
+
+@triton.jit
+def _clamp_noise(u):
+    return tl.where(u < U_EPS, U_EPS, tl.where(u > 1.0 - U_EPS, 1.0 - U_EPS, u))
+
+
+@triton.jit
+def _logistic_draw(logits_ptr, l_offset, mean_channel, l_stride_p, num_mix, u, pix_mask, INDEX_64: tl.constexpr):
+    """``mean + exp(max(log_scale, -7)) * (log(u) - log(1 - u))`` of the chosen components.
+
+    ``mean_channel`` (BLOCK,) indexes each pixel's chosen mean; its log-scale is ``num_mix`` channels later.
+    """
+    mean = tl.load(_channel_ptrs(logits_ptr, l_offset, mean_channel, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32)
+    raw_ls = tl.load(_channel_ptrs(logits_ptr, l_offset, mean_channel + num_mix, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32)
+    log_scale = tl.where(raw_ls < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_ls)
+    u = _clamp_noise(u)
+    return mean + tl.exp(log_scale) * (tl.log(u) - tl.log(1.0 - u))
+
+
+@triton.jit
+def _finish_channel(value, bins_per_unit, last_bin, bin_scale, QUANTIZE: tl.constexpr):
+    """Clamps to [-1, 1] (NaN-propagating) and, if QUANTIZE, rounds to the nearest bin centre (halves up)."""
+    value = tl.where(value < -1.0, -1.0, tl.where(value > 1.0, 1.0, value))
+    if QUANTIZE:
+        bins = tl.floor((value + 1.0) * bins_per_unit + 0.5)
+        bins = tl.where(bins < 0.0, 0.0, tl.where(bins > last_bin, last_bin, bins))
+        value = bins * bin_scale - 1.0
+    return value
+
+
+@triton.jit
+def _dmol_sample_kernel(
+    logits_ptr, u_mix_ptr, u_logistic_ptr, out_ptr,
+    num_pixels, height, width, num_mix,
+    l_stride_b, l_stride_p, l_stride_h, l_stride_w,
+    m_stride_b, m_stride_k, m_stride_h, m_stride_w,
+    u_stride_b, u_stride_c, u_stride_h, u_stride_w,
+    o_stride_b, o_stride_c, o_stride_h, o_stride_w,
+    bins_per_unit, bin_scale, last_bin,
+    CHANNELS: tl.constexpr, QUANTIZE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """One draw per pixel from the DMOL, given its uniform noise.
+
+    logits: (B, P, H, W) float32/float16/bfloat16, any strides. u_mix: (B, K, H, W) and
+    u_logistic: (B, C, H, W) float32, any strides. out: (B, C, H, W) float32.
+    The component is ``argmax_k(logit_k - log(-log(u_mix_k)))`` (first index on ties).
+    """
+    batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
+    l_offset = batch * l_stride_b + row * l_stride_h + col * l_stride_w
+    u_offset = batch * u_stride_b + row * u_stride_h + col * u_stride_w
+    o_offset = batch * o_stride_b + row * o_stride_h + col * o_stride_w
+    k = tl.arange(0, K_PAD)
+    k_mask = k < num_mix
+    tile_mask = pix_mask[:, None] & k_mask[None, :]
+    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset[:, None], k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    m_offset = (batch * m_stride_b + row * m_stride_h + col * m_stride_w)[:, None]
+    u_mix = _clamp_noise(tl.load(_channel_ptrs(u_mix_ptr, m_offset, k[None, :], m_stride_k, INDEX_64), mask=tile_mask, other=0.5))
+    scores = tl.where(k_mask[None, :], mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix)), -float("inf"))
+    component = tl.argmax(scores, axis=1)
+
+    u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
+    red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
+    red = _finish_channel(red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+    tl.store(out_ptr + o_offset, red, mask=pix_mask)
+    if CHANNELS == 3:
+        coef0, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        coef1, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        coef2, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        u_green = tl.load(u_logistic_ptr + u_offset + u_stride_c, mask=pix_mask, other=0.5)
+        green = _logistic_draw(logits_ptr, l_offset, 4 * num_mix + component, l_stride_p, num_mix, u_green, pix_mask, INDEX_64)
+        green = _finish_channel(green + coef0 * red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+        tl.store(out_ptr + o_offset + o_stride_c, green, mask=pix_mask)
+        u_blue = tl.load(u_logistic_ptr + u_offset + 2 * u_stride_c, mask=pix_mask, other=0.5)
+        blue = _logistic_draw(logits_ptr, l_offset, 7 * num_mix + component, l_stride_p, num_mix, u_blue, pix_mask, INDEX_64)
+        blue = _finish_channel(blue + coef1 * red + coef2 * green, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+        tl.store(out_ptr + o_offset + 2 * o_stride_c, blue, mask=pix_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when an element offset of any tensor (views included) can reach 2**31."""
+    return needs_int64_index(*tensors) or any(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors
+    )
+
+
+def _nll_block(k_pad: int) -> int:
+    return max(1, _NLL_TILE_ELEMENTS // k_pad)
+
+
+def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: bool) -> None:
+    batch, num_logit_channels, height, width = logits.shape
+    channels = x.shape[1]
+    num_mix = _reference.num_mixtures(num_logit_channels, channels)
+    k_pad = triton.next_power_of_2(num_mix)
+    block = _nll_block(k_pad)
+    num_pixels = batch * height * width
+    _dmol_nll_kernel[(triton.cdiv(num_pixels, block),)](
+        x, logits, grad_nll, nll, grad_logits,
+        num_pixels, height, width, num_mix,
+        *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
+        1.0 / (num_bins - 1), 2.0 / (num_bins - 1), num_bins - 1, math.log((num_bins - 1) / 2),
+        CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
+        K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll),
+    )
+
+
+def nll_forward(x: torch.Tensor, logits: torch.Tensor, num_bins: int, nll: torch.Tensor) -> None:
+    """Writes the per-pixel NLL into ``nll`` ((B, H, W) float32 contiguous).
+
+    x: (B, C, H, W) float32, uint8 or int64; logits: (B, P, H, W) float32/float16/bfloat16; any strides.
+    """
+    # The gradient pointers are unused without COMPUTE_GRAD; nll/logits stand in for them.
+    _launch_nll(x, logits, num_bins, nll, nll, logits, compute_grad=False)
+
+
+def nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int, grad_logits: torch.Tensor) -> None:
+    """Writes d(sum(grad_nll * nll))/d logits into ``grad_logits`` (logits' shape and dtype, any strides).
+
+    grad_nll: (B, H, W) float32, any strides (an expanded scalar works).
+    """
+    _launch_nll(x, logits, num_bins, grad_nll, grad_nll, grad_logits, compute_grad=True)
+
+
+def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, num_bins: int, quantize: bool, out: torch.Tensor) -> None:
+    """Writes one draw per pixel into ``out`` ((B, C, H, W) float32); see :func:`_dmol_sample_kernel`."""
+    batch, num_logit_channels, height, width = logits.shape
+    channels = u_logistic.shape[1]
+    num_pixels = batch * height * width
+    _dmol_sample_kernel[(triton.cdiv(num_pixels, _SAMPLE_BLOCK),)](
+        logits, u_mix, u_logistic, out,
+        num_pixels, height, width, _reference.num_mixtures(num_logit_channels, channels),
+        *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
+        (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
+        CHANNELS=channels, QUANTIZE=quantize, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK=_SAMPLE_BLOCK,
+        INDEX_64=_needs_int64(logits, u_mix, u_logistic, out),
+    )
+
+
+# --------------------------------------------------------------------------- sm_90 compile cases
+
+
+def _signature(names: str, types: dict[str, str], default: str) -> dict[str, str]:
+    return {name: types.get(name, default) for name in names.split()}
+
+
+_NLL_ARGS = (
+    "x_ptr logits_ptr grad_nll_ptr nll_ptr grad_logits_ptr num_pixels height width num_mix "
+    "x_stride_b x_stride_c x_stride_h x_stride_w l_stride_b l_stride_p l_stride_h l_stride_w "
+    "g_stride_b g_stride_h g_stride_w d_stride_b d_stride_p d_stride_h d_stride_w "
+    "half_bin bin_scale last_bin_index log_half_bins"
+)
+_SAMPLE_ARGS = (
+    "logits_ptr u_mix_ptr u_logistic_ptr out_ptr num_pixels height width num_mix "
+    "l_stride_b l_stride_p l_stride_h l_stride_w m_stride_b m_stride_k m_stride_h m_stride_w "
+    "u_stride_b u_stride_c u_stride_h u_stride_w o_stride_b o_stride_c o_stride_h o_stride_w "
+    "bins_per_unit bin_scale last_bin"
+)
+_FLOAT_ARGS = ("half_bin", "bin_scale", "log_half_bins", "bins_per_unit", "last_bin")
+
+for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
+    (3, torch.float32, torch.float32, False, 16, False),
+    (3, torch.float32, torch.float32, True, 16, False),
+    (3, torch.uint8, torch.bfloat16, True, 16, True),
+    (1, torch.int64, torch.float16, False, 8, False),
+    (1, torch.uint8, torch.bfloat16, True, 4, False),
+):
+    _types = {name: "fp32" for name in _FLOAT_ARGS}
+    _types.update(x_ptr=pointer_type(_x_dtype), logits_ptr=pointer_type(_logits_dtype), grad_logits_ptr=pointer_type(_logits_dtype))
+    register_compile_case(
+        f"dmol_nll_{'backward' if _grad else 'forward'}_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_x{str(_x_dtype).removeprefix('torch.')}"
+        f"{'_int64' if _index_64 else ''}",
+        _dmol_nll_kernel,
+        _signature(_NLL_ARGS, _types, "i32") | {"grad_nll_ptr": "*fp32", "nll_ptr": "*fp32"},
+        dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_PAD=_k_pad,
+             BLOCK=_nll_block(_k_pad), INDEX_64=_index_64),
+    )
+
+for _channels, _logits_dtype, _quantize in ((3, torch.float32, True), (1, torch.bfloat16, False)):
+    _types = {name: "fp32" for name in _FLOAT_ARGS}
+    _types.update(logits_ptr=pointer_type(_logits_dtype), u_mix_ptr="*fp32", u_logistic_ptr="*fp32", out_ptr="*fp32")
+    register_compile_case(
+        f"dmol_sample_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}{'_quantize' if _quantize else ''}",
+        _dmol_sample_kernel,
+        _signature(_SAMPLE_ARGS, _types, "i32"),
+        dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=16, BLOCK=_SAMPLE_BLOCK, INDEX_64=False),
+    )
