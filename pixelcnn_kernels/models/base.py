@@ -1,0 +1,292 @@
+"""The API every drop-in model shares: inputs, likelihoods, config and the naive sampler.
+
+Inputs are integer images (B, C, H, W) of bins 0..num_bins-1 (uint8, int32 or int64);
+the network sees them as floats in [-1, 1] (``2·x/(num_bins-1) - 1``). Class-conditional
+models take ``cond``: class labels (B,) of an integer dtype.
+
+- ``model(x, cond=None)``: logits, (B, num_bins, C, H, W) for the softmax head,
+  (B, P, H, W) discretized-mixture-of-logistics parameters for the DMOL head;
+- ``model.nll(x, cond)``: (B,) negative log-likelihood in nats per image (summed over
+  C·H·W); ``model.loss(x, cond)``: its batch mean; ``model.bits_per_dim(x, cond)``: (B,);
+- ``model.config``: the constructor's keyword arguments (JSON-serialisable);
+  :func:`pixelcnn_kernels.models.build_model` rebuilds the model from them;
+- ``model.sample(n, ...)``: the naive sampler, one full forward per generated value.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import json
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pixelcnn_kernels.nn.layers import FUSED_OPS
+from pixelcnn_kernels.ops.dmol import sample_discretized_mix_logistic, to_bins
+from pixelcnn_kernels.reference.dmol import bins_to_values
+from pixelcnn_kernels.reference.layers import OpSet
+from pixelcnn_kernels.utils import compute_dtype
+
+HEADS = ("softmax", "dmol")
+SAMPLING_METHODS = ("naive",)
+IMAGE_DTYPES = (torch.uint8, torch.int32, torch.int64)
+
+
+def dmol_parameter_count(in_channels: int, num_logistic_mix: int) -> int:
+    """Channels of a DMOL head: (π, μ, s) per mixture for grey, plus 3 colour coefficients for RGB."""
+    return (3 if in_channels == 1 else 10) * num_logistic_mix
+
+
+class PixelCNNModel(nn.Module, abc.ABC):
+    """Base class of the drop-in models; subclasses build the network and implement ``network``.
+
+    A subclass calls ``super().__init__(config, in_channels=..., num_bins=..., head=...,
+    num_classes=..., num_logistic_mix=...)`` (the last only matters for the DMOL head) with ``config`` the dict of its constructor's keyword arguments,
+    and implements ``network(inputs, class_vector) -> logits`` on the [-1, 1] float
+    inputs and the one-hot class vector (or None).
+    """
+
+    name: ClassVar[str]
+    ops: ClassVar[OpSet] = FUSED_OPS
+
+    def __init__(self, config: dict, *, in_channels: int, num_bins: int, head: str, num_classes: int | None, num_logistic_mix: int):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        if not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        if not isinstance(num_logistic_mix, int) or num_logistic_mix < 1:
+            raise ValueError(f"the number of logistic mixtures must be a positive int, got {num_logistic_mix!r}")
+        # A JSON round trip both checks that the config is serialisable and turns tuples into lists.
+        self._config = json.loads(json.dumps(config))
+        self.in_channels = in_channels
+        self.num_bins = num_bins
+        self.head = head
+        self.num_classes = num_classes
+        self.num_logistic_mix = num_logistic_mix
+
+    @property
+    def config(self) -> dict:
+        """The constructor's keyword arguments (a copy, JSON-serialisable)."""
+        return copy.deepcopy(self._config)
+
+    @abc.abstractmethod
+    def network(self, inputs: torch.Tensor, class_vector: torch.Tensor | None) -> torch.Tensor:
+        """Logits from the [-1, 1] float images (B, C, H, W) and the one-hot class vector (or None)."""
+
+    def check_spatial_size(self, height: int, width: int) -> None:
+        """Raises ValueError when the network cannot take images of this size (default: any)."""
+
+    # ---- inputs ----
+
+    def check_images(self, x: torch.Tensor, name: str = "x") -> None:
+        """Checks type, dtype and shape of an integer image batch (values are not read: no device sync)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in IMAGE_DTYPES:
+            raise TypeError(f"{name} must hold integer bins (uint8, int32 or int64), got {str(x.dtype).removeprefix('torch.')}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{name} must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        self.check_spatial_size(x.shape[2], x.shape[3])
+
+    def class_vector(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The one-hot (B, num_classes) vector of class labels ``cond``, or None for an unconditional model."""
+        if self.num_classes is None:
+            if cond is not None:
+                raise ValueError("cond was given but the model was built with num_classes=None")
+            return None
+        if cond is None:
+            raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}): pass cond, labels of shape ({batch},)")
+        if not isinstance(cond, torch.Tensor):
+            raise TypeError(f"cond must be a torch.Tensor of class labels, got {type(cond).__name__}")
+        if cond.dtype not in IMAGE_DTYPES:
+            raise TypeError(f"cond must hold integer class labels, got {str(cond.dtype).removeprefix('torch.')}")
+        if tuple(cond.shape) != (batch,):
+            raise ValueError(f"cond must be ({batch},) class labels, got shape {tuple(cond.shape)}")
+        return F.one_hot(cond.long(), self.num_classes).to(self.parameter_dtype())
+
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of the parameters, which the network's inputs are given."""
+        return next(self.parameters()).dtype
+
+    def to_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer bins to floats in [-1, 1]: ``2·x/(num_bins-1) - 1`` (the DMOL op's own mapping), in the parameters' dtype."""
+        return bins_to_values(x, self.num_bins, self.parameter_dtype())
+
+    # ---- likelihood ----
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_images(x)
+        return self.network(self.to_inputs(x), self.class_vector(cond, x.shape[0]))
+
+    def nll(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) negative log-likelihood of each image in nats, summed over C·H·W.
+
+        Computed in float32 from float32/float16/bfloat16 logits, in float64 from float64 logits.
+        """
+        logits = self(x, cond)
+        if self.head == "softmax":
+            return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), x.long(), reduction="none").sum(dim=(1, 2, 3))
+        return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
+
+    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch mean of :meth:`nll` (nats per image): the training loss."""
+        return self.nll(x, cond).mean()
+
+    def bits_per_dim(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) bits per sub-pixel: ``nll / (C·H·W·ln 2)``."""
+        dims = x.shape[1] * x.shape[2] * x.shape[3]
+        return self.nll(x, cond) / (dims * math.log(2.0))
+
+    # ---- sampling ----
+
+    def sample(
+        self,
+        n: int,
+        method: str = "naive",
+        cond: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+        noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Draws ``n`` int64 images (n, C, H, W), one full forward per generated value.
+
+        Values are generated in raster order (row by row, left to right); for the softmax
+        head with RGB, channel by channel (R, G, B) inside each pixel, one forward each;
+        for the DMOL head one forward per pixel, the DMOL sampler drawing the pixel's
+        channels together.
+
+        - ``method``: only ``"naive"`` for now (the cached and Jacobi samplers come later).
+        - ``cond``: class labels (n,) for a class-conditional model.
+        - ``prefix`` (n, C, H, W) integer images and ``known``, a boolean (H, W) or
+          (n, H, W) mask: the known pixels of ``prefix`` are kept, never resampled; the
+          others are generated conditioned on them (completion). Give both or neither.
+        - ``noise``: the uniform noise of every value, for reproducible draws. Softmax
+          head: a (n, C, H, W) tensor in [0, 1); value (c, i, j) is the inverse CDF of
+          its categorical at ``noise[:, c, i, j]`` (the first bin whose CDF exceeds it).
+          DMOL head: the pair ``(u_mix (n, K, H, W), u_logistic (n, C, H, W))`` of
+          float32 uniforms that :func:`~pixelcnn_kernels.sample_discretized_mix_logistic`
+          takes for a whole image; pixel (i, j) is drawn with their ``[:, :, i, j]`` slices.
+        - ``generator``: draws the noise when ``noise`` is None.
+        - ``size``: (H, W) of the images when no ``prefix`` gives it; defaults to
+          the size the model was built for, when it has one.
+        """
+        if method not in SAMPLING_METHODS:
+            raise ValueError(f"method must be 'naive' (the 'cached' and 'jacobi' samplers come in a later issue), got {method!r}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        device = next(self.parameters()).device
+        height, width = self._sample_size(n, prefix, size)
+        images = self._start_images(n, height, width, prefix, known, device)
+        known_mask = self._known_mask(n, height, width, known, device)
+        self.class_vector(cond, n)  # validates cond before any forward
+        values_per_pixel = self.in_channels if self.head == "softmax" else 1
+        noise = self._sample_noise(n, height, width, noise, generator, device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                steps = [(i, j, c) for i in range(height) for j in range(width) for c in range(values_per_pixel)]
+                for i, j, c in tqdm(steps, desc="sampling", unit="value", disable=not progress):
+                    keep = known_mask[:, i, j]
+                    if bool(keep.all()):
+                        continue
+                    logits = self(images, cond)
+                    if self.head == "softmax":
+                        drawn = _inverse_cdf(logits[:, :, c, i, j], noise[:, c, i, j])
+                        images[:, c, i, j] = torch.where(keep, images[:, c, i, j], drawn)
+                    else:
+                        pixel_noise = tuple(u[:, :, i : i + 1, j : j + 1].contiguous() for u in noise)
+                        pixel = logits[:, :, i : i + 1, j : j + 1]
+                        values = sample_discretized_mix_logistic(pixel, self.num_bins, noise=pixel_noise, quantize=True, channels=self.in_channels)
+                        drawn = to_bins(values[:, :, 0, 0], self.num_bins)
+                        images[:, :, i, j] = torch.where(keep[:, None], images[:, :, i, j], drawn)
+        finally:
+            self.train(was_training)
+        return images
+
+    def default_sample_size(self) -> tuple[int, int] | None:
+        """(H, W) sampled when neither ``prefix`` nor ``size`` is given (None: the caller must say)."""
+        return None
+
+    def _sample_size(self, n: int, prefix: torch.Tensor | None, size: tuple[int, int] | None) -> tuple[int, int]:
+        if prefix is not None:
+            self.check_images(prefix, "prefix")
+            if prefix.shape[0] != n:
+                raise ValueError(f"prefix must hold n={n} images, got shape {tuple(prefix.shape)}")
+            if size is not None and tuple(size) != tuple(prefix.shape[2:]):
+                raise ValueError(f"size={tuple(size)} does not match prefix's spatial size {tuple(prefix.shape[2:])}")
+            return prefix.shape[2], prefix.shape[3]
+        size = size or self.default_sample_size()
+        if size is None:
+            raise ValueError("size=(H, W) is needed when no prefix is given")
+        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
+        self.check_spatial_size(*size)
+        return tuple(size)
+
+    def _start_images(self, n, height, width, prefix, known, device) -> torch.Tensor:
+        if (prefix is None) != (known is None):
+            raise ValueError("prefix and known go together: give both (completion) or neither")
+        if prefix is None:
+            return torch.zeros(n, self.in_channels, height, width, dtype=torch.long, device=device)
+        if prefix.device != device:
+            raise ValueError(f"prefix is on {prefix.device} but the model is on {device}")
+        if int(prefix.min()) < 0 or int(prefix.max()) >= self.num_bins:
+            raise ValueError(f"prefix values must be bins in [0, {self.num_bins - 1}]")
+        return prefix.long().clone()
+
+    def _known_mask(self, n, height, width, known, device) -> torch.Tensor:
+        if known is None:
+            return torch.zeros(n, height, width, dtype=torch.bool, device=device)
+        if not isinstance(known, torch.Tensor) or known.dtype != torch.bool:
+            raise TypeError("known must be a boolean tensor")
+        if tuple(known.shape) not in ((height, width), (n, height, width)):
+            raise ValueError(f"known must be ({height}, {width}) or ({n}, {height}, {width}), got shape {tuple(known.shape)}")
+        if known.device != device:
+            raise ValueError(f"known is on {known.device} but the model is on {device}")
+        return known.expand(n, height, width)
+
+    def _sample_noise(self, n, height, width, noise, generator, device):
+        """The noise of every value (see :meth:`sample`), checked, or drawn with ``generator``."""
+        if self.head == "softmax":
+            expected = [("noise", (n, self.in_channels, height, width))]
+        else:
+            expected = [("noise[0] (u_mix)", (n, self.num_logistic_mix, height, width)), ("noise[1] (u_logistic)", (n, self.in_channels, height, width))]
+        if noise is None:
+            drawn = tuple(torch.rand(shape, generator=generator, device=device) for _, shape in expected)
+            return drawn[0] if self.head == "softmax" else drawn
+        given = [noise] if self.head == "softmax" else noise
+        if self.head == "dmol" and (not isinstance(noise, (tuple, list)) or len(noise) != 2):
+            raise TypeError("noise for the DMOL head must be a pair (u_mix, u_logistic) of tensors")
+        for (name, shape), u in zip(expected, given):
+            if not isinstance(u, torch.Tensor) or u.dtype != torch.float32:
+                raise TypeError(f"{name} must be a float32 tensor of uniforms in [0, 1)")
+            if tuple(u.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(u.shape)}")
+            if u.device != device:
+                raise ValueError(f"{name} is on {u.device} but the model is on {device}")
+        return noise
+
+
+def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The categorical draw of each row of ``logits`` (n, K) at ``uniforms`` (n,): the first k with CDF(k) > u.
+
+    The CDF is computed in float64 and scaled by its last entry, so rounding cannot leave
+    u above the whole CDF.
+    """
+    cdf = torch.softmax(logits.double(), dim=1).cumsum(dim=1)
+    threshold = uniforms.double()[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)

@@ -1,0 +1,46 @@
+"""The fused PixelCNN layers: :mod:`pixelcnn_kernels.reference.layers` on the package's ops.
+
+Each class here is its reference-built namesake with ``ops`` = :data:`FUSED_OPS`, the
+public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, see
+:mod:`pixelcnn_kernels.backend`). What the kernels fuse: the conv bias and the
+conditioning vector and the gate into one ``masked_conv2d_gated`` (the second conv of
+:class:`GatedResnet`); the conditioning add and the gate into one ``gate_tanh_sigmoid``
+(:class:`GatedMaskedConv2d`, whose vertical pre-activation is also needed by the
+horizontal stack, so it is not gated inside the conv); concat_elu in one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+from pixelcnn_kernels.ops.dmol import discretized_mix_logistic_nll
+from pixelcnn_kernels.ops.gates import concat_elu, gate_tanh_sigmoid
+from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
+from pixelcnn_kernels.reference import layers as reference_layers
+from pixelcnn_kernels.reference.layers import OpSet, ShiftedConvTranspose2d, set_ops
+
+__all__ = ["FUSED_OPS", "GatedMaskedConv2d", "GatedResnet", "ShiftedConv2d", "ShiftedConvTranspose2d", "set_ops"]
+
+FUSED_OPS = OpSet(
+    masked_conv2d=masked_conv2d,
+    masked_conv2d_gated=masked_conv2d_gated,
+    gate_tanh_sigmoid=gate_tanh_sigmoid,
+    concat_elu=concat_elu,
+    discretized_mix_logistic_nll=functools.partial(discretized_mix_logistic_nll, reduction="none"),
+)
+
+
+class GatedMaskedConv2d(reference_layers.GatedMaskedConv2d):
+    __doc__ = reference_layers.GatedMaskedConv2d.__doc__
+    ops: ClassVar[OpSet] = FUSED_OPS
+
+
+class GatedResnet(reference_layers.GatedResnet):
+    __doc__ = reference_layers.GatedResnet.__doc__
+    ops: ClassVar[OpSet] = FUSED_OPS
+
+
+class ShiftedConv2d(reference_layers.ShiftedConv2d):
+    __doc__ = reference_layers.ShiftedConv2d.__doc__
+    ops: ClassVar[OpSet] = FUSED_OPS

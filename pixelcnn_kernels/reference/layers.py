@@ -1,0 +1,346 @@
+"""PixelCNN layers written once, over a table of ops: the source of truth for the fused layers.
+
+The layers are Gated PixelCNN's gated masked convolution (:class:`GatedMaskedConv2d`),
+PixelCNN++'s gated resnet block (:class:`GatedResnet`) and PixelCNN++'s shifted
+convolutions and transposed convolutions (:class:`ShiftedConv2d`,
+:class:`ShiftedConvTranspose2d`).
+
+Every layer calls its ops through ``self.ops``, an :class:`OpSet`. The classes here
+use :data:`REFERENCE_OPS` (the plain-PyTorch reference functions: what ``torch.compile``
+traces and fuses, the benchmarks' baseline); :mod:`pixelcnn_kernels.nn.layers`
+subclasses them with the public custom ops (the fused kernels). So the fused layer
+and the reference-built layer are one implementation, with the same parameters and
+``state_dict``; :func:`set_ops` switches a built model from one to the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as discretized_mix_logistic_nll_ref
+from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
+from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
+from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+
+SHIFTS = ("down", "down_right")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSet:
+    """The ops a layer or model calls, with the signatures of the public ops of the same names.
+
+    ``discretized_mix_logistic_nll(x, logits, num_bins=...)`` returns the per-pixel
+    (B, H, W) NLL (the public op with ``reduction="none"``).
+    """
+
+    masked_conv2d: Callable[..., torch.Tensor]
+    masked_conv2d_gated: Callable[..., torch.Tensor]
+    gate_tanh_sigmoid: Callable[..., torch.Tensor]
+    concat_elu: Callable[..., torch.Tensor]
+    discretized_mix_logistic_nll: Callable[..., torch.Tensor]
+
+
+REFERENCE_OPS = OpSet(
+    masked_conv2d=masked_conv2d_ref,
+    masked_conv2d_gated=masked_conv2d_gated_ref,
+    gate_tanh_sigmoid=gate_tanh_sigmoid_ref,
+    concat_elu=concat_elu_ref,
+    discretized_mix_logistic_nll=discretized_mix_logistic_nll_ref,
+)
+
+
+def set_ops(module: nn.Module, ops: OpSet) -> nn.Module:
+    """Makes ``module`` and every submodule that calls ops through ``.ops`` call ``ops``; returns it."""
+    for submodule in module.modules():
+        if isinstance(getattr(submodule, "ops", None), OpSet):
+            submodule.ops = ops
+    return module
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: autocast's dtype when autocast is on for ``x``'s device.
+
+    The custom ops are not autocast-aware, so the layers cast their operands themselves;
+    doing it here for both op sets keeps the fused and reference-built layers identical.
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def conv_operands(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x``, ``conv.weight`` and ``conv.bias`` cast to the activation dtype of ``x``."""
+    dtype = activation_dtype(x)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return x.to(dtype), conv.weight.to(dtype), bias
+
+
+def apply_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``ops_fn`` (a masked convolution op) with the weight, bias and mask settings of ``conv``."""
+    x, weight, bias = conv_operands(conv, x)
+    return ops_fn(x, weight, bias, mask=conv.spec, dilation=conv.dilation[0], color_groups=conv.spec.color_groups, **kwargs)
+
+
+def grouped_gate(ops: OpSet, preactivation: torch.Tensor, cond: torch.Tensor | None, color_groups: int) -> torch.Tensor:
+    """tanh(a)·σ(b) of a (N, 2C, H, W) pre-activation laid out colour-major; returns (N, C, H, W).
+
+    Colour-group masks split channels into contiguous thirds, so a colour-masked conv
+    gives [R: a_R b_R | G: a_G b_G | B: a_B b_B]; the gate then splits each group in
+    halves, and its output [a·b of R | of G | of B] is again in contiguous thirds.
+    With one group this is the usual split of dim 1 into halves. ``cond`` (N, 2C), in
+    the same layout, is added to the pre-activation before the gate.
+    """
+    if color_groups == 1:
+        return ops.gate_tanh_sigmoid(preactivation, dim=1, cond=cond)
+    if cond is not None:
+        # The gate's cond is one vector per (image, channel along dim), shared by the
+        # colour groups of the grouped view, so each group's part is added here.
+        preactivation = preactivation + cond[:, :, None, None]
+    return ops.gate_tanh_sigmoid(preactivation.unflatten(1, (color_groups, -1)), dim=2).flatten(1, 2)
+
+
+def _check_channels(x: torch.Tensor, channels: int, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
+
+
+def _check_cond(cond: torch.Tensor | None, cond_channels: int | None, batch: int) -> None:
+    if cond_channels is None:
+        if cond is not None:
+            raise ValueError("cond was given but the layer was built without cond_channels")
+        return
+    if cond is None:
+        raise ValueError(f"the layer was built with cond_channels={cond_channels}: pass cond (N, {cond_channels})")
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
+    if tuple(cond.shape) != (batch, cond_channels):
+        raise ValueError(f"cond must be ({batch}, {cond_channels}), got shape {tuple(cond.shape)}")
+
+
+def _cond_projection(cond_channels: int | None, out_channels: int) -> nn.Linear | None:
+    """V^T·h of the Gated PixelCNN paper: a per-image vector added to every pixel's pre-activation."""
+    if cond_channels is None:
+        return None
+    if not isinstance(cond_channels, int) or cond_channels < 1:
+        raise ValueError(f"cond_channels must be a positive int or None, got {cond_channels!r}")
+    return nn.Linear(cond_channels, out_channels, bias=False)
+
+
+def _project(projection: nn.Linear | None, cond: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    if projection is None:
+        return None
+    dtype = activation_dtype(like)
+    return F.linear(cond.to(dtype), projection.weight.to(dtype))
+
+
+class GatedMaskedConv2d(nn.Module):
+    """One Gated PixelCNN layer (van den Oord et al. 2016), as in the UvA DL tutorial 12.
+
+    ``forward(v, h, cond=None) -> (v_out, h_out)`` on two stacks of shape (N, C, H, W):
+
+    - vertical: ``v_pre = conv_vert(v)`` (k×k, rows up to the centre row), ``v_out = tanh(a)·σ(b)``;
+    - horizontal: ``h_pre = conv_horiz(h) + conv_vert_to_horiz(v_pre)`` (1×k, the centre
+      and its left; plus a 1×1 of the vertical *pre-activation*, the vertical conv's
+      output), gated the same way, then ``h_out = h + conv_horiz_1x1(gated)``: the
+      residual is on the horizontal stack only.
+
+    The vertical stack must only see rows strictly above (the model's first layer uses a
+    ``vertical_A`` mask); the link from it to the horizontal stack is then causal.
+    ``cond`` (N, cond_channels), e.g. a one-hot class, is projected without bias to each
+    stack's 2C pre-activation channels and added just before its gate (so the vertical
+    link carries the conv output only; the horizontal projection covers that term).
+
+    With ``color_groups=3`` the horizontal stack's channels are R, G, B thirds (C must be
+    a multiple of 3): ``conv_horiz`` and ``conv_horiz_1x1`` are colour-masked (group g sees
+    groups ≤ g at the centre), their 2C pre-activations are laid out colour-major (see
+    :func:`grouped_gate`); the vertical stack needs no colour mask (it sees no pixel of
+    the current row). Accepts float32, float16, bfloat16 and float64 inputs.
+    """
+
+    ops: ClassVar[OpSet] = REFERENCE_OPS
+
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1, color_groups: int = 1, cond_channels: int | None = None):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        if color_groups not in (1, 3):
+            raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
+        if channels % color_groups:
+            raise ValueError(f"channels={channels} must be divisible by color_groups={color_groups}")
+        self.channels = channels
+        self.color_groups = color_groups
+        self.cond_channels = cond_channels
+        self.conv_vert = MaskedConv2d(channels, 2 * channels, kernel_size, mask="vertical", dilation=dilation)
+        self.conv_horiz = MaskedConv2d(channels, 2 * channels, (1, kernel_size), mask="horizontal", dilation=dilation, color_groups=color_groups)
+        self.conv_vert_to_horiz = MaskedConv2d(2 * channels, 2 * channels, 1, mask="full")
+        self.conv_horiz_1x1 = MaskedConv2d(channels, channels, 1, mask="full", color_groups=color_groups)
+        self.cond_vert = _cond_projection(cond_channels, 2 * channels)
+        self.cond_horiz = _cond_projection(cond_channels, 2 * channels)
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_channels(v, self.channels, "v")
+        _check_channels(h, self.channels, "h")
+        if v.shape != h.shape:
+            raise ValueError(f"v and h must have one shape, got {tuple(v.shape)} and {tuple(h.shape)}")
+        _check_cond(cond, self.cond_channels, v.shape[0])
+        ops = self.ops
+        v_pre = apply_masked_conv(ops.masked_conv2d, self.conv_vert, v)
+        v_out = grouped_gate(ops, v_pre, _project(self.cond_vert, cond, v_pre), 1)
+        h_pre = apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h) + apply_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre)
+        h_gated = grouped_gate(ops, h_pre, _project(self.cond_horiz, cond, h_pre), self.color_groups)
+        h_out = h + apply_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, h_gated)
+        return v_out, h_out
+
+
+class GatedResnet(nn.Module):
+    """PixelCNN++'s gated resnet block (Salimans et al. 2017, ``gated_resnet``).
+
+    ``forward(x, skip=None, cond=None)`` on x (N, C, H, W)::
+
+        c = conv_input(concat_elu(x))            # shifted conv, 2C -> C
+        c = c + nin_skip(concat_elu(skip))       # when the block has a skip input
+        c = dropout(concat_elu(c))
+        a, b = halves of conv_out(c) + cond_proj(cond)   # shifted conv, 2C -> 2C
+        return x + a·σ(b)
+
+    ``shift`` is ``"down"`` (2×3 down-shifted convs, the stream from above) or
+    ``"down_right"`` (2×2 down-right-shifted convs, the stream from above and the left).
+    ``skip_streams`` is how many C-channel tensors are concatenated in ``skip`` (0: none;
+    ``skip`` is then (N, skip_streams·C, H, W)). ``cond`` (N, cond_channels) is projected
+    without bias and added before the gate, as in the original's ``h``. The second
+    conv, the bias, the conditioning and the gate run as one ``masked_conv2d_gated``.
+    Dropout is elementwise (``nn.Dropout``), as in the original TensorFlow code; the
+    PyTorch port pclucas14/pixel-cnn-pp uses ``nn.Dropout2d`` (whole channels).
+    """
+
+    ops: ClassVar[OpSet] = REFERENCE_OPS
+
+    def __init__(self, channels: int, shift: str = "down", skip_streams: int = 0, cond_channels: int | None = None, dropout: float = 0.5):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if shift not in SHIFTS:
+            raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+        if not isinstance(skip_streams, int) or skip_streams < 0:
+            raise ValueError(f"skip_streams must be a non-negative int, got {skip_streams!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.channels = channels
+        self.skip_streams = skip_streams
+        self.cond_channels = cond_channels
+        mask = f"{shift}_shifted"
+        self.conv_input = MaskedConv2d(2 * channels, channels, mask=mask)
+        self.nin_skip = MaskedConv2d(2 * skip_streams * channels, channels, 1, mask="full") if skip_streams else None
+        self.dropout = nn.Dropout(dropout)
+        self.conv_out = MaskedConv2d(2 * channels, 2 * channels, mask=mask)
+        self.cond_proj = _cond_projection(cond_channels, 2 * channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        _check_channels(x, self.channels, "x")
+        if self.skip_streams:
+            if skip is None:
+                raise ValueError(f"this block takes a skip input (N, {self.skip_streams * self.channels}, H, W)")
+            _check_channels(skip, self.skip_streams * self.channels, "skip")
+            if skip.shape[0] != x.shape[0] or skip.shape[2:] != x.shape[2:]:
+                raise ValueError(f"skip must match x in batch and spatial size, got {tuple(skip.shape)} and {tuple(x.shape)}")
+        elif skip is not None:
+            raise ValueError("skip was given but the block was built with skip_streams=0")
+        _check_cond(cond, self.cond_channels, x.shape[0])
+        ops = self.ops
+        c = apply_masked_conv(ops.masked_conv2d, self.conv_input, ops.concat_elu(x))
+        if skip is not None:
+            c = c + apply_masked_conv(ops.masked_conv2d, self.nin_skip, ops.concat_elu(skip))
+        c = self.dropout(ops.concat_elu(c))
+        gated = apply_masked_conv(ops.masked_conv2d_gated, self.conv_out, c, gate="sigmoid", cond=_project(self.cond_proj, cond, c))
+        return x + gated
+
+
+def down_shift(x: torch.Tensor) -> torch.Tensor:
+    """Moves every row one down, with a zero first row (PixelCNN++'s ``down_shift``)."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x: torch.Tensor) -> torch.Tensor:
+    """Moves every column one right, with a zero first column (PixelCNN++'s ``right_shift``)."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+class ShiftedConv2d(MaskedConv2d):
+    """PixelCNN++'s ``down_shifted_conv2d`` / ``down_right_shifted_conv2d``.
+
+    ``shift="down"``: kernel (2, 3) by default, output (i, j) sees rows i-kh+1..i and
+    columns j-(kw-1)/2..j+(kw-1)/2. ``shift="down_right"``: kernel (2, 2) by default,
+    rows i-kh+1..i and columns j-kw+1..j. Stride 1 runs the ``masked_conv2d`` op with
+    the ``down_shifted`` / ``down_right_shifted`` mask; a larger stride (the
+    down-sampling convs) zero-pads the same way and runs a strided ``F.conv2d``.
+    ``shift_output`` then moves the output one row down (``"down"``) or one column
+    right (``"down_right"``), as the original's first layers do, so that the output no
+    longer sees its own pixel. Input (N, in_channels, H, W), any float dtype; output
+    (N, out_channels, ceil(H/stride), ceil(W/stride)).
+    """
+
+    ops: ClassVar[OpSet] = REFERENCE_OPS
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] | None = None, shift: str = "down", stride: int = 1, shift_output: bool = False):
+        if shift not in SHIFTS:
+            raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        super().__init__(in_channels, out_channels, kernel_size, mask=f"{shift}_shifted")
+        self.shift = shift
+        self.conv_stride = stride
+        self.shift_output = shift_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(x, self.in_channels, "x")
+        if self.conv_stride == 1:
+            out = apply_masked_conv(self.ops.masked_conv2d, self, x)
+        else:
+            x, weight, bias = conv_operands(self, x)
+            top, bottom, left, right = self.spec.padding()
+            out = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=self.conv_stride)
+        if not self.shift_output:
+            return out
+        return down_shift(out) if self.shift == "down" else right_shift(out)
+
+
+class ShiftedConvTranspose2d(nn.ConvTranspose2d):
+    """PixelCNN++'s ``down_shifted_deconv2d`` / ``down_right_shifted_deconv2d`` (up-sampling).
+
+    A transposed convolution (kernel (2, 3) for ``shift="down"``, (2, 2) for
+    ``"down_right"``, stride 2, output padding 1) cropped so that output (i, j) only
+    depends on inputs at or above (and, for ``"down_right"``, at or left of) it.
+    Input (N, in_channels, H, W), output (N, out_channels, stride·H, stride·W); no op of
+    the package does this, so both op sets run ``F.conv_transpose2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int] | None = None, shift: str = "down", stride: int = 2):
+        if shift not in SHIFTS:
+            raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+        kernel_size = kernel_size or ((2, 3) if shift == "down" else (2, 2))
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, output_padding=stride - 1)
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(x, self.in_channels, "x")
+        dtype = activation_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = F.conv_transpose2d(x.to(dtype), self.weight.to(dtype), bias, stride=self.stride, output_padding=self.output_padding)
+        kh, kw = self.kernel_size
+        rows = out.shape[2] - kh + 1
+        if self.shift == "down":
+            side = (kw - 1) // 2
+            return out[:, :, :rows, side : out.shape[3] - side]
+        return out[:, :, :rows, : out.shape[3] - kw + 1]
