@@ -6,6 +6,8 @@ ValueError/TypeError naming the argument instead of reaching a kernel.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,3 +66,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def is_channels_last(t: torch.Tensor) -> bool:
     """True when a 4-d tensor is stored channels-last (NHWC) and not also plainly contiguous."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def autograd_inside_custom_op():
+    """Lets the reference backward take autograd through the reference forward.
+
+    A custom op's body runs with the autograd dispatch keys excluded, where
+    ``torch.enable_grad()`` alone records nothing; this lifts the exclusion for
+    the block. (``torch.func.vjp`` would not need it, but fails under
+    ``opcheck``'s fake-tensor cross-check.) Uses private torch API (functorch's guards).
+    """
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA, torch._C.DispatchKey.ADInplaceOrView):
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield

@@ -17,9 +17,8 @@ import math
 import torch
 
 from pixelcnn_kernels import backend as _backend
-from pixelcnn_kernels.ops.gates import _autograd_inside_custom_op  # shared with gates; belongs in utils
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype
+from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
@@ -127,7 +126,7 @@ def _(x, logits, num_bins):
 def _dmol_nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int) -> torch.Tensor:
     backend = _backend.resolve_backend(x, logits, grad_nll)
     if backend == "reference":
-        with _autograd_inside_custom_op():
+        with autograd_inside_custom_op():
             leaf = logits.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(_reference.discretized_mix_logistic_nll(x, leaf, num_bins), leaf, grad_nll)
         return torch.empty_like(logits).copy_(grad)  # the fake's layout

@@ -17,7 +17,6 @@ float64 inputs run the reference on every backend (the kernels are for
 float32, float16 and bfloat16; float64 is for checking).
 """
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import check_same_device, check_tensor, compute_dtype, normalize_dim
+from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -147,25 +146,9 @@ def _runs_reference(backend: str, x: torch.Tensor) -> bool:
     return backend == "reference" or x.dtype == torch.float64
 
 
-@contextlib.contextmanager
-def _autograd_inside_custom_op():
-    """Lets the reference backward take autograd through the reference forward.
-
-    A custom op's body runs with the autograd dispatch keys excluded, where
-    ``torch.enable_grad()`` alone records nothing; this lifts the exclusion for
-    the block. (``torch.func.vjp`` would not need it, but fails under
-    ``opcheck``'s fake-tensor cross-check.) Uses private torch API (functorch's guards).
-    """
-    excluded = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradCUDA, torch._C.DispatchKey.ADInplaceOrView):
-        excluded = excluded.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
-        yield
-
-
 def _reference_input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad``'s vector-Jacobian product with ``forward`` at ``x``, by autograd."""
-    with _autograd_inside_custom_op():
+    with autograd_inside_custom_op():
         x_leaf = x.detach().requires_grad_(True)
         (dx,) = torch.autograd.grad(forward(x_leaf), x_leaf, grad)
     return dx

@@ -24,9 +24,9 @@ import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, forced_backend, resolve_backend, unavailable_reason
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
-from pixelcnn_kernels.ops.gates import _autograd_inside_custom_op, gate_sigmoid, gate_tanh_sigmoid
+from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.reference.masked_conv import GATES, masked_conv2d_ref
-from pixelcnn_kernels.utils import check_same_device, check_tensor, compute_dtype, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -253,7 +253,7 @@ def _(x, weight, bias, taps, anchor, color_groups, anchor_inclusive, dilation):
 
 def _reference_grad(grad_out, x, weight, spec, dilation, wrt_input: bool) -> torch.Tensor:
     """Gradient of the reference convolution w.r.t. x or weight (autograd: no math written twice)."""
-    with _autograd_inside_custom_op():
+    with autograd_inside_custom_op():
         x = x.detach().requires_grad_(wrt_input)
         weight = weight.detach().requires_grad_(not wrt_input)
         out = masked_conv2d_ref(x, weight, None, spec, dilation, spec.color_groups)
