@@ -1,0 +1,680 @@
+// Masked convolution as implicit GEMMs on tensor cores (see masked_conv.h for the math).
+//
+// Forward and dgrad are one kernel, `conv_kernel`: rows are pixels (M = N*H*W),
+// columns output channels, and the reduction runs over the active taps only (their
+// offsets in the kernel's parameter space: no mask is read, no masked-out tap loaded
+// or multiplied) and, inside each tap, over the channels in steps of kBlockK. The tap
+// count is a runtime loop bound, not a template parameter: unrolling it for each of
+// the 11 tap counts the models use took the compile of this file past 10 minutes on
+// 2 cores, and a step (a 64x64x32 tile product) dwarfs the loop's cost. Each step
+// stages a tile of shifted activations (zero outside the image) and a tile of the
+// tap's weight in shared memory and multiplies them with WMMA. dgrad is the same GEMM
+// on gout with negated offsets and the weight read transposed. The gated forward
+// gives each CTA the matching column blocks of both halves (two accumulator sets) so
+// the gate runs in the epilogue.
+//
+// wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
+// rows input channels, columns output channels, reduction over the pixels, split
+// over grid z into fixed ranges whose partials `sum_splits_kernel` adds in order.
+//
+// Global offsets are 64-bit throughout (tensors may exceed 2^31 elements); shared
+// memory offsets are 32-bit.
+//
+// Floor for the issue's shape, x (64, 128, 32, 32) -> 256 channels, 3x3 vertical mask
+// (T = 6): each GEMM is 2 * 65536 * 256 * (6 * 128) = 25.8 GFLOP; at ~380 TFLOP/s TF32
+// that is 68 us (34 us at ~760 TFLOP/s bf16); the forward moves x (33.5 MB fp32) and
+// out (67 MB) ~ 25 us at 4 TB/s, so every pass is compute-bound: forward + dgrad +
+// wgrad >= 204 us TF32, 102 us bf16. Predicted for this kernel (64x64x32 tiles,
+// register-staged double buffering, WMMA without ldmatrix/swizzle tuning): ~35% of the
+// tensor-core peak, i.e. ~0.2 ms per pass in TF32, ~0.6 ms forward + backward: at the
+// issue's 1.5x-of-cuDNN goal (0.54 ms), not clearly past it; larger tiles and a
+// cp.async pipeline are the next steps once GPU numbers exist.
+#include <mma.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "masked_conv.h"
+
+namespace pixelcnn_kernels {
+namespace masked_conv {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kBlockM = 64;  // GEMM rows per CTA: pixels (conv) or input channels (wgrad)
+constexpr int kBlockN = 64;  // GEMM columns per CTA (per gate half)
+constexpr int kBlockK = 32;  // reduction step: channels of one tap (conv) or pixels (wgrad)
+constexpr int kWarpsM = 2;
+constexpr int kWarpsN = 2;
+constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+constexpr int kWarpTileM = kBlockM / kWarpsM;
+constexpr int kWarpTileN = kBlockN / kWarpsN;
+constexpr int kChunkBytes = 16;  // global loads and shared stores move 16-byte chunks
+// Shared tiles pad each row by one chunk: keeps every WMMA pointer 32-byte aligned and
+// shifts consecutive rows across banks.
+template <typename Elem>
+constexpr int kRowPad = kChunkBytes / sizeof(Elem);
+constexpr int kStagePad = 4;  // floats; the fp32 staging tile of the epilogue
+
+// ---------------------------------------------------------------------------------
+// Tile addressing and loading
+
+// Offset of element (row, col) of a shared tile stored in `Layout` with leading dimension kLd.
+template <typename Layout, int kLd>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  return std::is_same<Layout, wmma::row_major>::value ? row * kLd + col : col * kLd + row;
+}
+
+template <int kBytes>
+struct RawBits;
+template <>
+struct RawBits<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawBits<4> {
+  using type = unsigned int;
+};
+
+// Copies a kRows x kCols tile of Elem from global rows into a row-major shared tile
+// (leading dimension kLd) in two steps, so the global loads of the next reduction
+// step are in flight while the current one is multiplied: gather() loads this
+// thread's 16-byte chunks into registers, commit() stores them to shared memory.
+// Element bits are copied as they are; missing rows and columns become zeros.
+template <typename Elem, int kRows, int kCols, int kLd>
+struct TileLoader {
+  using Bits = typename RawBits<sizeof(Elem)>::type;
+  static constexpr int kVec = kChunkBytes / sizeof(Elem);
+  static constexpr int kChunksPerRow = kCols / kVec;
+  static constexpr int kRowStride = kThreads / kChunksPerRow;  // rows between one thread's chunks
+  static constexpr int kChunks = kRows / kRowStride;           // chunks per thread
+  static_assert(kCols % kVec == 0 && kThreads % kChunksPerRow == 0 && kRows % kRowStride == 0,
+                "the tile must split evenly into 16-byte chunks over the CTA");
+  static_assert((kLd * sizeof(Elem)) % kChunkBytes == 0, "shared rows must keep chunks 16-byte aligned");
+
+  uint4 chunk[kChunks];
+
+  // Tile row of this thread's i-th chunk, and the tile column its chunks start at.
+  __device__ __forceinline__ static int row(int i) { return threadIdx.x / kChunksPerRow + i * kRowStride; }
+  __device__ __forceinline__ static int col() { return (threadIdx.x % kChunksPerRow) * kVec; }
+
+  // row_start(i) is the global address of tile column 0 in the row of chunk i, or
+  // nullptr for a row of zeros; columns at or past cols_valid read as zero. vec_ok:
+  // every row start is 16-byte aligned, so whole chunks load as one vector.
+  template <typename RowStart>
+  __device__ __forceinline__ void gather(RowStart row_start, int cols_valid, bool vec_ok) {
+    const int c = col();
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const Bits* src = reinterpret_cast<const Bits*>(row_start(i));
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (src != nullptr) {
+        if (vec_ok && c + kVec <= cols_valid) {
+          v = __ldg(reinterpret_cast<const uint4*>(src + c));
+        } else {
+          Bits bits[kVec];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) bits[e] = c + e < cols_valid ? __ldg(src + c + e) : Bits{0};
+          memcpy(&v, bits, sizeof(v));
+        }
+      }
+      chunk[i] = v;
+    }
+  }
+
+  __device__ __forceinline__ void commit(Elem* tile) const {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) *reinterpret_cast<uint4*>(tile + row(i) * kLd + col()) = chunk[i];
+  }
+};
+
+// (n, y, x) of a pixel, decoded once; `inside` is false past the last pixel.
+struct PixelCoords {
+  int64_t image_start;  // pixel index of (n, 0, 0)
+  int y;
+  int x;
+  bool inside;
+};
+
+__device__ __forceinline__ PixelCoords decode_pixel(int64_t pixel, int64_t pixels, int height, int width) {
+  const int64_t hw = static_cast<int64_t>(height) * width;
+  const int64_t image = pixel / hw;
+  const int rem = static_cast<int>(pixel - image * hw);
+  return {image * hw, rem / width, rem % width, pixel < pixels};
+}
+
+// Address of channel `col0` of the pixel at `px` shifted by (dy, dx) in a channels-last
+// tensor with `channels` channels, or nullptr when the shifted pixel is outside the image.
+template <typename Elem>
+__device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channels, int col0, const PixelCoords& px,
+                                                   int dy, int dx, int height, int width) {
+  const int y = px.y + dy;
+  const int x = px.x + dx;
+  if (!px.inside || y < 0 || y >= height || x < 0 || x >= width) return nullptr;
+  return base + (px.image_start + static_cast<int64_t>(y) * width + x) * channels + col0;
+}
+
+// ---------------------------------------------------------------------------------
+// Tile multipliers: acc[h] += A (kBlockM x kBlockK) * B_h (kBlockK x kBlockN), from
+// shared tiles, for kHalves column blocks of B side by side (B_h's column n is tile
+// column h * kBlockN + n). store() writes acc to a row-major fp32 staging tile whose
+// columns are laid out the same way.
+
+template <typename Elem>
+struct WmmaShape {
+  using Input = Elem;
+  static constexpr int kK = 16;
+};
+template <>
+struct WmmaShape<float> {  // float32 inputs run as TF32
+  using Input = wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
+template <typename Elem, int kHalves>
+struct TensorCoreMath {
+  using Input = typename WmmaShape<Elem>::Input;
+  static constexpr int kK = WmmaShape<Elem>::kK;
+  static constexpr int kFragsM = kWarpTileM / 16;
+  static constexpr int kFragsN = kWarpTileN / 16;
+
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[kHalves][kFragsM][kFragsN];
+
+  __device__ __forceinline__ TensorCoreMath() {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[h][i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ static int warp_row() { return threadIdx.x / 32 / kWarpsN * kWarpTileM; }
+  __device__ __forceinline__ static int warp_col() { return threadIdx.x / 32 % kWarpsN * kWarpTileN; }
+
+  // TF32 fragments hold float32 values; round them to TF32 as cuBLAS does rather than
+  // let the tensor core truncate them.
+  template <typename Frag>
+  __device__ __forceinline__ static void round_inputs(Frag& frag) {
+    if constexpr (std::is_same<Elem, float>::value) {
+#pragma unroll
+      for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+    }
+  }
+
+  template <typename ALayout, int kLdA, typename BLayout, int kLdB>
+  __device__ __forceinline__ void multiply(const Elem* a_tile, const Elem* b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; kk += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, Input, ALayout> a[kFragsM];
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+        wmma::load_matrix_sync(a[i], a_tile + tile_offset<ALayout, kLdA>(warp_row() + i * 16, kk), kLdA);
+        round_inputs(a[i]);
+      }
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, kK, Input, BLayout> b;
+          wmma::load_matrix_sync(b, b_tile + tile_offset<BLayout, kLdB>(kk, h * kBlockN + warp_col() + j * 16), kLdB);
+          round_inputs(b);
+#pragma unroll
+          for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(acc[h][i][j], a[i], b, acc[h][i][j]);
+        }
+      }
+    }
+  }
+
+  template <int kLdStage>
+  __device__ __forceinline__ void store(float* stage) const {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j)
+          wmma::store_matrix_sync(stage + (warp_row() + i * 16) * kLdStage + h * kBlockN + warp_col() + j * 16,
+                                  acc[h][i][j], kLdStage, wmma::mem_row_major);
+  }
+};
+
+// Exact float32 (FFMA) multiplier for float32 inputs when TF32 is not allowed. Thread
+// (tm, tn) owns rows tm + i * kThreadsM and columns tn + j * kThreadsN of each half, so
+// a warp reads consecutive B columns (no bank conflicts) and broadcasts A.
+template <int kHalves>
+struct ExactFloatMath {
+  static constexpr int kThreadsN = 16;
+  static constexpr int kThreadsM = kThreads / kThreadsN;
+  static constexpr int kRows = kBlockM / kThreadsM;
+  static constexpr int kCols = kBlockN / kThreadsN;
+
+  float acc[kHalves][kRows][kCols] = {};
+
+  __device__ __forceinline__ static int thread_row() { return threadIdx.x / kThreadsN; }
+  __device__ __forceinline__ static int thread_col() { return threadIdx.x % kThreadsN; }
+
+  template <typename ALayout, int kLdA, typename BLayout, int kLdB>
+  __device__ __forceinline__ void multiply(const float* a_tile, const float* b_tile) {
+#pragma unroll 4
+    for (int k = 0; k < kBlockK; ++k) {
+      float a[kRows];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) a[i] = a_tile[tile_offset<ALayout, kLdA>(thread_row() + i * kThreadsM, k)];
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          const float b = b_tile[tile_offset<BLayout, kLdB>(k, h * kBlockN + thread_col() + j * kThreadsN)];
+#pragma unroll
+          for (int i = 0; i < kRows; ++i) acc[h][i][j] = fmaf(a[i], b, acc[h][i][j]);
+        }
+    }
+  }
+
+  template <int kLdStage>
+  __device__ __forceinline__ void store(float* stage) const {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kCols; ++j)
+          stage[(thread_row() + i * kThreadsM) * kLdStage + h * kBlockN + thread_col() + j * kThreadsN] = acc[h][i][j];
+  }
+};
+
+// The tensor-core paths need sm_80 (bf16 and TF32 WMMA); the glue refuses older GPUs.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PIXELCNN_MASKED_CONV_ARCH_OK 1
+#else
+#define PIXELCNN_MASKED_CONV_ARCH_OK 0
+#endif
+
+// ---------------------------------------------------------------------------------
+// Forward / dgrad / gated forward
+
+struct ConvParams {
+  const void* src;     // (N, H, W, k_channels) channels-last
+  const void* weight;  // (taps, Cin, Cout): B_t[k][n] is weight[t][k][n], or weight[t][n][k] transposed
+  const float* bias;   // (n_channels) or null
+  const float* cond;   // (N, n_channels) or null
+  void* out;           // (N, H, W, n_channels / halves)
+  void* preact;        // (N, H, W, n_channels) or null; gated only
+  int64_t pixels;
+  int height;
+  int width;
+  int k_channels;  // reduced channels per tap
+  int n_channels;  // GEMM columns, both gate halves included
+  Gate gate;
+  int taps;
+  bool src_vec_ok;
+  bool weight_vec_ok;
+  int dy[kMaxTaps];
+  int dx[kMaxTaps];
+};
+
+// expf/tanhf, not the fast approximations: the gate matches torch.tanh(a) * torch.sigmoid(b)
+// to float32 rounding.
+__device__ __forceinline__ float apply_gate(Gate gate, float a, float b) {
+  const float sigmoid_b = 1.0f / (1.0f + expf(-b));
+  return (gate == Gate::kTanhSigmoid ? tanhf(a) : a) * sigmoid_b;
+}
+
+// out = epilogue(src (*) weight). kHalves == 2: gated forward; kWeightTransposed: dgrad.
+// Grid: (ceil(pixels / kBlockM), ceil(n_channels / kHalves / kBlockN)).
+template <typename Elem, typename Math, int kHalves, bool kWeightTransposed>
+__global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
+#if PIXELCNN_MASKED_CONV_ARCH_OK
+  using BLayout = std::conditional_t<kWeightTransposed, wmma::col_major, wmma::row_major>;
+  constexpr int kColsB = kHalves * kBlockN;
+  constexpr int kLdA = kBlockK + kRowPad<Elem>;
+  constexpr int kLdB = kWeightTransposed ? kBlockK + kRowPad<Elem> : kColsB + kRowPad<Elem>;
+  constexpr int kLdStage = kColsB + kStagePad;
+  // A is kBlockM x kBlockK row-major; each half of B is kBlockK x kBlockN, stored as
+  // k rows (plain) or n rows (transposed: the weight is contiguous along k).
+  using LoaderA = TileLoader<Elem, kBlockM, kBlockK, kLdA>;
+  using LoaderB = std::conditional_t<kWeightTransposed, TileLoader<Elem, kBlockN, kBlockK, kLdB>,
+                                     TileLoader<Elem, kBlockK, kBlockN, kLdB>>;
+  constexpr int kRowsB = kWeightTransposed ? kColsB : kBlockK;
+  constexpr int kTileBytes = (kBlockM * kLdA + kRowsB * kLdB) * static_cast<int>(sizeof(Elem));
+  constexpr int kStageBytes = kBlockM * kLdStage * static_cast<int>(sizeof(float));
+  __shared__ __align__(128) unsigned char smem[kTileBytes > kStageBytes ? kTileBytes : kStageBytes];
+  Elem* a_tile = reinterpret_cast<Elem*>(smem);
+  Elem* b_tile = a_tile + kBlockM * kLdA;
+
+  const Elem* src = static_cast<const Elem*>(p.src);
+  const Elem* weight = static_cast<const Elem*>(p.weight);
+  const int half = p.n_channels / kHalves;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int n0 = blockIdx.y * kBlockN;
+
+  // The pixels of this thread's A rows are the same for every tap and channel step.
+  PixelCoords pixel_rows[LoaderA::kChunks];
+#pragma unroll
+  for (int i = 0; i < LoaderA::kChunks; ++i) pixel_rows[i] = decode_pixel(m0 + LoaderA::row(i), p.pixels, p.height, p.width);
+
+  LoaderA a_loader;
+  LoaderB b_loaders[kHalves];
+  // Loads the tiles of reduction step (tap, k0) into registers.
+  auto gather = [&](int tap, int k0) {
+    const int dy = p.dy[tap];
+    const int dx = p.dx[tap];
+    a_loader.gather(
+        [&](int i) { return shifted_row(src, p.k_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
+        p.k_channels - k0, p.src_vec_ok);
+    const Elem* tap_weight = weight + static_cast<int64_t>(tap) * p.k_channels * p.n_channels;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int col0 = h * half + n0;  // first weight column (n) of this half's block
+      if constexpr (kWeightTransposed) {
+        b_loaders[h].gather(
+            [&](int i) {
+              const int r = LoaderB::row(i);
+              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k0 : nullptr;
+            },
+            p.k_channels - k0, p.weight_vec_ok);
+      } else {
+        b_loaders[h].gather(
+            [&](int i) {
+              const int k = k0 + LoaderB::row(i);
+              return k < p.k_channels ? tap_weight + static_cast<int64_t>(k) * p.n_channels + col0 : nullptr;
+            },
+            half - n0, p.weight_vec_ok);
+      }
+    }
+  };
+
+  // The reduction: every active tap, and within it the channels in kBlockK steps.
+  // The tiles of the next step are gathered while the current step is multiplied.
+  Math math;
+  const int steps = p.taps * ((p.k_channels + kBlockK - 1) / kBlockK);
+  int tap = 0;
+  int k0 = 0;
+  gather(tap, k0);
+  for (int step = 0; step < steps; ++step) {
+    __syncthreads();  // the previous step's multiply is done with the tiles
+    a_loader.commit(a_tile);
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));
+    __syncthreads();
+    if (step + 1 < steps) {
+      k0 += kBlockK;
+      if (k0 >= p.k_channels) {
+        k0 = 0;
+        ++tap;
+      }
+      gather(tap, k0);
+    }
+    math.template multiply<wmma::row_major, kLdA, BLayout, kLdB>(a_tile, b_tile);
+  }
+
+  // Epilogue: accumulators -> fp32 staging tile (aliasing the input tiles) -> bias,
+  // cond, gate -> guarded, coalesced stores.
+  __syncthreads();
+  float* stage = reinterpret_cast<float*>(smem);
+  math.template store<kLdStage>(stage);
+  __syncthreads();
+  Elem* out = static_cast<Elem*>(p.out);
+  Elem* preact = static_cast<Elem*>(p.preact);
+  const int64_t hw = static_cast<int64_t>(p.height) * p.width;
+  for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
+    const int r = idx / kBlockN;
+    const int c = idx % kBlockN;
+    const int64_t pixel = m0 + r;
+    const int col = n0 + c;
+    if (pixel >= p.pixels || col >= half) continue;
+    float pre[kHalves];
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int channel = h * half + col;
+      pre[h] = stage[r * kLdStage + h * kBlockN + c];
+      if (p.bias != nullptr) pre[h] += p.bias[channel];
+      if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
+    }
+    if constexpr (kHalves == 1) {
+      out[pixel * half + col] = from_float<Elem>(pre[0]);
+    } else {
+      if (preact != nullptr) {
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) preact[pixel * p.n_channels + h * half + col] = from_float<Elem>(pre[h]);
+      }
+      out[pixel * half + col] = from_float<Elem>(apply_gate(p.gate, pre[0], pre[1]));
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------
+// Weight gradient
+
+struct WgradParams {
+  const void* x;     // (N, H, W, Cin)
+  const void* gout;  // (N, H, W, Cout)
+  float* dst;        // gwp (T, Cin, Cout), or the workspace (splits, T, Cin, Cout)
+  int64_t pixels;
+  int64_t pixels_per_split;
+  int height;
+  int width;
+  int in_channels;
+  int out_channels;
+  int taps;
+  bool x_vec_ok;
+  bool gout_vec_ok;
+  int dy[kMaxTaps];
+  int dx[kMaxTaps];
+};
+
+// dst[split][t][ci][co] = sum over the split's pixels m of x[shift_t(m), ci] * gout[m, co].
+// Grid: (ci blocks * co blocks, taps, splits). The pixel tile is the reduction (k) axis:
+// the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
+template <typename Elem, typename Math>
+__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
+#if PIXELCNN_MASKED_CONV_ARCH_OK
+  constexpr int kLd = kBlockM + kRowPad<Elem>;
+  static_assert(kBlockM == kBlockN, "x and gout tiles share one loader shape and pixel decode");
+  constexpr int kLdStage = kBlockN + kStagePad;
+  using Loader = TileLoader<Elem, kBlockK, kBlockM, kLd>;
+  constexpr int kTileBytes = 2 * kBlockK * kLd * static_cast<int>(sizeof(Elem));
+  constexpr int kStageBytes = kBlockM * kLdStage * static_cast<int>(sizeof(float));
+  __shared__ __align__(128) unsigned char smem[kTileBytes > kStageBytes ? kTileBytes : kStageBytes];
+  Elem* x_tile = reinterpret_cast<Elem*>(smem);
+  Elem* g_tile = x_tile + kBlockK * kLd;
+
+  const Elem* x = static_cast<const Elem*>(p.x);
+  const Elem* gout = static_cast<const Elem*>(p.gout);
+  const int ci_blocks = (p.in_channels + kBlockM - 1) / kBlockM;
+  const int m0 = blockIdx.x % ci_blocks * kBlockM;  // first input channel
+  const int n0 = blockIdx.x / ci_blocks * kBlockN;  // first output channel
+  const int tap = blockIdx.y;
+  const int dy = p.dy[tap];
+  const int dx = p.dx[tap];
+  const int64_t begin = blockIdx.z * p.pixels_per_split;
+  const int64_t end = begin + p.pixels_per_split < p.pixels ? begin + p.pixels_per_split : p.pixels;
+
+  Loader x_loader;
+  Loader g_loader;
+  auto gather = [&](int64_t p0) {
+    PixelCoords rows[Loader::kChunks];
+#pragma unroll
+    for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(p0 + Loader::row(i), end, p.height, p.width);
+    x_loader.gather([&](int i) { return shifted_row(x, p.in_channels, m0, rows[i], dy, dx, p.height, p.width); },
+                    p.in_channels - m0, p.x_vec_ok);
+    g_loader.gather([&](int i) { return shifted_row(gout, p.out_channels, n0, rows[i], 0, 0, p.height, p.width); },
+                    p.out_channels - n0, p.gout_vec_ok);
+  };
+
+  Math math;
+  gather(begin);
+  for (int64_t p0 = begin; p0 < end; p0 += kBlockK) {
+    __syncthreads();  // the previous step's multiply is done with the tiles
+    x_loader.commit(x_tile);
+    g_loader.commit(g_tile);
+    __syncthreads();
+    if (p0 + kBlockK < end) gather(p0 + kBlockK);
+    math.template multiply<wmma::col_major, kLd, wmma::row_major, kLd>(x_tile, g_tile);
+  }
+
+  __syncthreads();
+  float* stage = reinterpret_cast<float*>(smem);
+  math.template store<kLdStage>(stage);
+  __syncthreads();
+  const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
+  float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
+  for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
+    const int ci = m0 + idx / kBlockN;
+    const int co = n0 + idx % kBlockN;
+    if (ci < p.in_channels && co < p.out_channels)
+      dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / kBlockN * kLdStage + idx % kBlockN];
+  }
+#else
+  __trap();
+#endif
+}
+
+// out[i] = sum over s = 0 .. splits-1, in that order, of partials[s][i].
+__global__ void sum_splits_kernel(const float* partials, float* out, int64_t size, int splits) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < size;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float total = 0.0f;
+    for (int s = 0; s < splits; ++s) total += partials[s * size + i];
+    out[i] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Host side
+
+bool chunk_aligned(const void* ptr, int64_t row_elements, int elem_bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % kChunkBytes == 0 && (row_elements * elem_bytes) % kChunkBytes == 0;
+}
+
+int elem_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(Elem{}, TypeTag<Math>{}) with the element type of `dtype` and its multiplier.
+template <int kHalves, typename Fn>
+void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
+  if (dtype == DType::kFloat32 && !allow_tf32) {
+    fn(float{}, TypeTag<ExactFloatMath<kHalves>>{});
+    return;
+  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    fn(Elem{}, TypeTag<TensorCoreMath<Elem, kHalves>>{});
+  });
+}
+
+// One conv_kernel GEMM: `src` (N, H, W, k_channels) against the weight, offsets
+// negated for dgrad. The caller has checked 1 <= taps <= kMaxTaps.
+template <int kHalves, bool kWeightTransposed>
+void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* src, int k_channels,
+                 const void* weight, int n_channels, const float* bias, const float* cond, Gate gate, void* out,
+                 void* preact, cudaStream_t stream) {
+  const int64_t pixels = problem.batch * problem.height * problem.width;
+  const int half = n_channels / kHalves;
+  if (pixels == 0 || half == 0) return;
+  const int bytes = elem_bytes(dtype);
+  ConvParams params{src, weight, bias, cond, out, preact, pixels, problem.height, problem.width, k_channels,
+                    n_channels, gate, problem.taps, chunk_aligned(src, k_channels, bytes),
+                    // plain: rows of n_channels, each half starting `half` in; transposed: rows of k_channels
+                    kWeightTransposed ? chunk_aligned(weight, k_channels, bytes)
+                                      : chunk_aligned(weight, n_channels, bytes) && chunk_aligned(weight, half, bytes)};
+  const int offset_sign = kWeightTransposed ? -1 : 1;
+  for (int t = 0; t < problem.taps; ++t) {
+    params.dy[t] = offset_sign * problem.offsets[2 * t];
+    params.dx[t] = offset_sign * problem.offsets[2 * t + 1];
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kBlockM)), static_cast<unsigned>(ceil_div(half, kBlockN)));
+  dispatch_math<kHalves>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
+    conv_kernel<decltype(elem_tag), typename decltype(math_tag)::type, kHalves, kWeightTransposed>
+        <<<grid, kThreads, 0, stream>>>(params);
+  });
+}
+
+}  // namespace
+
+void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
+                       const float* bias, void* out, cudaStream_t stream) {
+  launch_conv<1, false>(dtype, allow_tf32, problem, x, problem.in_channels, wp, problem.out_channels, bias, nullptr,
+                        Gate::kTanhSigmoid, out, nullptr, stream);
+}
+
+void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
+                             const float* bias, const float* cond, Gate gate, void* out, void* preact,
+                             cudaStream_t stream) {
+  launch_conv<2, false>(dtype, allow_tf32, problem, x, problem.in_channels, wp, problem.out_channels, bias, cond, gate,
+                        out, preact, stream);
+}
+
+void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
+                         void* gx, cudaStream_t stream) {
+  launch_conv<1, true>(dtype, allow_tf32, problem, gout, problem.out_channels, wp, problem.in_channels, nullptr,
+                       nullptr, Gate::kTanhSigmoid, gx, nullptr, stream);
+}
+
+WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
+  // Enough CTAs to fill the GPU a few times over, but at least kMinPixelsPerSplit
+  // pixels per split so the partials stay a small fraction of the traffic.
+  constexpr int kCtasPerSm = 4;
+  constexpr int64_t kMinPixelsPerSplit = 512;
+  const int64_t pixels = problem.batch * problem.height * problem.width;
+  const int64_t tiles = ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
+  int64_t splits = std::min(ceil_div(static_cast<int64_t>(kCtasPerSm) * sm_count, std::max<int64_t>(tiles, 1)),
+                            ceil_div(pixels, kMinPixelsPerSplit));
+  splits = std::max<int64_t>(splits, 1);
+  // Whole kBlockK steps per split; recount so that no split is empty.
+  const int64_t pixels_per_split = std::max<int64_t>(ceil_div(ceil_div(pixels, splits), kBlockK) * kBlockK, kBlockK);
+  splits = std::max<int64_t>(ceil_div(pixels, pixels_per_split), 1);
+  const int64_t gwp_size = static_cast<int64_t>(problem.taps) * problem.in_channels * problem.out_channels;
+  return {static_cast<int>(splits), pixels_per_split, splits > 1 ? splits * gwp_size : 0};
+}
+
+void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
+                         const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream) {
+  const int64_t gwp_size = static_cast<int64_t>(problem.taps) * problem.in_channels * problem.out_channels;
+  const int64_t pixels = problem.batch * problem.height * problem.width;
+  if (gwp_size == 0) return;
+  if (pixels == 0) {  // an empty sum (and no image to decode pixels in)
+    cudaMemsetAsync(gwp, 0, gwp_size * sizeof(float), stream);
+    return;
+  }
+  const int bytes = elem_bytes(dtype);
+  WgradParams params{x,
+                     gout,
+                     plan.splits > 1 ? workspace : gwp,
+                     pixels,
+                     plan.pixels_per_split,
+                     problem.height,
+                     problem.width,
+                     problem.in_channels,
+                     problem.out_channels,
+                     problem.taps,
+                     chunk_aligned(x, problem.in_channels, bytes),
+                     chunk_aligned(gout, problem.out_channels, bytes)};
+  for (int t = 0; t < problem.taps; ++t) {
+    params.dy[t] = problem.offsets[2 * t];
+    params.dx[t] = problem.offsets[2 * t + 1];
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN)),
+                  static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
+  dispatch_math<1>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
+    wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, kThreads, 0, stream>>>(params);
+  });
+  if (plan.splits > 1) {
+    constexpr int kSumThreads = 256;
+    const int64_t blocks = std::min<int64_t>(ceil_div(gwp_size, kSumThreads), 65535);
+    sum_splits_kernel<<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(workspace, gwp, gwp_size, plan.splits);
+  }
+}
+
+}  // namespace masked_conv
+}  // namespace pixelcnn_kernels

@@ -1,0 +1,85 @@
+// Launchers of the masked-convolution CUDA kernels (csrc/masked_conv.cu).
+//
+// A masked convolution is resolved on the host (pixelcnn_kernels/ops/masked_conv.py)
+// to its T active taps: a packed weight wp (T, Cin, Cout) and the taps' offsets
+// (dy_t, dx_t), already scaled by the dilation and relative to the output pixel.
+// Activations are channels-last, (N, H, W, C) contiguous. With M = N*H*W pixels:
+//
+//   forward   out[m, co]    = bias[co] + sum_t sum_ci x[shift_t(m), ci] * wp[t, ci, co]
+//   dgrad     gx[m, ci]     = sum_t sum_co gout[shift_-t(m), co] * wp[t, ci, co]
+//   wgrad     gwp[t, ci, co] = sum_m x[shift_t(m), ci] * gout[m, co]
+//
+// where shift_t(n, y, x) = (n, y + dy_t, x + dx_t) and pixels outside the image read
+// as zero. Masked-out taps are not in the list, so no kernel ever loads or
+// multiplies them. Torch-free: included by the .cu file and by the glue.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_utils.h"
+
+namespace pixelcnn_kernels {
+namespace masked_conv {
+
+// Most active taps a launch takes (a full 7x7 kernel). The offsets travel in the
+// kernels' parameter space, so no kernel reads a mask or a masked-out tap.
+inline constexpr int kMaxTaps = 49;
+
+// The convolution's sizes and taps, shared by the forward and both backward passes.
+struct ConvProblem {
+  int64_t batch;
+  int height;
+  int width;
+  int in_channels;
+  int out_channels;
+  int taps;
+  const int* offsets;  // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
+};
+
+// The gated epilogue, applied to the two halves a = pre[..., :Cout/2], b = pre[..., Cout/2:].
+enum class Gate : int {
+  kTanhSigmoid = 1,    // tanh(a) * sigmoid(b)
+  kLinearSigmoid = 2,  // a * sigmoid(b)
+};
+
+// How the weight gradient is split over the pixels (split-K): each split writes its
+// partial gwp to a float workspace and a second kernel sums the splits in order, so
+// the result is deterministic. With one split the kernel writes gwp directly.
+struct WgradPlan {
+  int splits;
+  int64_t pixels_per_split;
+  int64_t workspace_elements;  // splits * T * Cin * Cout when splits > 1, else 0
+};
+
+// Every launcher takes the element type of the activations and weight (the output
+// has the same type, except the float32 weight gradient) and computes in float32:
+// on tensor cores (WMMA: TF32 for float32 inputs when allow_tf32, else exact FFMA;
+// bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
+// cond are float32. All launches go on `stream`; errors surface via cudaGetLastError.
+
+// out (N, H, W, Cout) = conv(x (N, H, W, Cin), wp (T, Cin, Cout)) + bias (Cout, may be null).
+void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
+                       const float* bias, void* out, cudaStream_t stream);
+
+// pre = conv + bias (Cout, may be null) + cond[n] (N, Cout, may be null); out (N, H, W, Cout/2) =
+// gate(pre); preact (N, H, W, Cout) receives pre unless null. Cout must be even.
+void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
+                             const float* bias, const float* cond, Gate gate, void* out, void* preact,
+                             cudaStream_t stream);
+
+// gx (N, H, W, Cin) from gout (N, H, W, Cout) and wp (T, Cin, Cout).
+void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
+                         void* gx, cudaStream_t stream);
+
+// The split of the weight gradient for a device with `sm_count` multiprocessors.
+WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count);
+
+// gwp (T, Cin, Cout) float32 from x (N, H, W, Cin) and gout (N, H, W, Cout); `workspace`
+// holds plan.workspace_elements floats (may be null when that is 0).
+void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
+                         const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream);
+
+}  // namespace masked_conv
+}  // namespace pixelcnn_kernels

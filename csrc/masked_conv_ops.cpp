@@ -1,0 +1,212 @@
+// Torch glue of the masked-convolution kernels: schemas and CUDA implementations of
+// torch.ops.pixelcnn_kernels_cuda.masked_conv2d_{fwd,fwd_gated,dgrad,wgrad}.
+//
+// The Python op (pixelcnn_kernels/ops/masked_conv.py) validates the user's arguments
+// and packs the weight; these checks guard the contract itself: CUDA tensors on one
+// device, contiguous channels-last activations (N, H, W, C), wp (T, Cin, Cout) of the
+// activations' dtype, offsets [dy_0, dx_0, ...] with 1 <= T <= kMaxTaps (see masked_conv.h).
+#include <ATen/ops/empty.h>
+#include <cuda_runtime.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "masked_conv.h"
+#include "torch_glue.h"
+
+namespace pixelcnn_kernels {
+namespace masked_conv {
+namespace {
+
+// Sizes at or above this could overflow the kernels' 32-bit pixel coordinates and
+// channel indices (y + dy, channel counts); offsets are bounded the same way.
+constexpr int64_t kMaxExtent = int64_t{1} << 30;
+
+void check_activation(const at::Tensor& t, const char* name) {
+  check_cuda_contiguous(t, name);
+  TORCH_CHECK(t.dim() == 4, name, " must be channels-last (N, H, W, C), got shape ", t.sizes());
+  to_kernel_dtype(t, name);
+  for (int d = 1; d < 4; ++d)
+    TORCH_CHECK(t.size(d) < kMaxExtent, name, " has size ", t.size(d), " in dimension ", d, "; the kernels take < 2^30");
+  // The kernels index a pixel within its image in 32 bits.
+  TORCH_CHECK(t.size(1) * t.size(2) <= std::numeric_limits<int32_t>::max(), name, " has H * W = ", t.size(1) * t.size(2),
+              " pixels per image; the kernels take < 2^31");
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+                   " has dtype ", ref.scalar_type(), "; they must match");
+}
+
+// The offsets as 32-bit ints, after checking they form 1 to kMaxTaps (dy, dx) pairs within range.
+std::vector<int> checked_offsets(at::IntArrayRef offsets) {
+  TORCH_CHECK(offsets.size() % 2 == 0, "offsets must hold (dy, dx) pairs, got ", offsets.size(), " entries");
+  const int taps = static_cast<int>(offsets.size() / 2);
+  TORCH_CHECK(1 <= taps && taps <= kMaxTaps, "masked conv kernels take 1 to ", kMaxTaps, " active taps, got ", taps);
+  std::vector<int> result;
+  result.reserve(offsets.size());
+  for (int64_t offset : offsets) {
+    TORCH_CHECK(-kMaxExtent < offset && offset < kMaxExtent, "offsets must lie within +-2^30, got ", offset);
+    result.push_back(static_cast<int>(offset));
+  }
+  return result;
+}
+
+void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t in_channels, int64_t out_channels) {
+  check_cuda_contiguous(wp, "wp");
+  check_same_device(wp, "wp", x, "the activations");
+  check_same_dtype(wp, "wp", x, "the activations");
+  TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Cout), got shape ", wp.sizes());
+  TORCH_CHECK(wp.size(0) == taps, "wp has ", wp.size(0), " taps but offsets hold ", taps, " (dy, dx) pairs");
+  TORCH_CHECK(wp.size(1) == in_channels, "wp has ", wp.size(1), " input channels but the input has ", in_channels);
+  if (out_channels >= 0)
+    TORCH_CHECK(wp.size(2) == out_channels, "wp has ", wp.size(2), " output channels but gout has ", out_channels);
+  TORCH_CHECK(wp.size(2) < kMaxExtent, "wp has ", wp.size(2), " output channels; the kernels take < 2^30");
+}
+
+// bias (Cout,) or cond (N, Cout) as a contiguous float32 tensor (the kernels read fp32).
+std::optional<at::Tensor> checked_float32_copy(const std::optional<at::Tensor>& t, const char* name,
+                                               const at::Tensor& x, at::IntArrayRef shape) {
+  if (!t.has_value()) return std::nullopt;
+  TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor");
+  check_same_device(*t, name, x, "x");
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == x.scalar_type(), name,
+                   " must be float32 or x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+  return t->to(at::kFloat).contiguous();
+}
+
+int device_attribute(const at::Tensor& t, cudaDeviceAttr attribute) {
+  int value = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&value, attribute, t.device().index());
+  TORCH_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  return value;
+}
+
+// The tensor-core kernels are compiled for sm_80 and newer only.
+void check_device_capability(const at::Tensor& t) {
+  const int major = device_attribute(t, cudaDevAttrComputeCapabilityMajor);
+  TORCH_CHECK(major >= 8, "masked conv CUDA kernels need compute capability 8.0 or newer, got ", major, ".x");
+}
+
+ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int64_t out_channels,
+                         const std::vector<int>& offsets) {
+  return {activations.size(0),
+          static_cast<int>(activations.size(1)),
+          static_cast<int>(activations.size(2)),
+          static_cast<int>(in_channels),
+          static_cast<int>(out_channels),
+          static_cast<int>(offsets.size() / 2),
+          offsets.data()};
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
+                                  at::IntArrayRef offsets, bool allow_tf32) {
+  check_activation(x, "x");
+  const std::vector<int> offsets32 = checked_offsets(offsets);
+  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), x.size(3), -1);
+  const int64_t out_channels = wp.size(2);
+  const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
+  check_device_capability(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
+  masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, x.size(3), out_channels, offsets32),
+                    x.data_ptr(), wp.data_ptr(), data_or_null(bias32), out.data_ptr(), current_stream());
+  check_launch("masked_conv2d_fwd");
+  return out;
+}
+
+std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const at::Tensor& wp,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const std::optional<at::Tensor>& cond, at::IntArrayRef offsets,
+                                                      int64_t gate, bool write_preact, bool allow_tf32) {
+  check_activation(x, "x");
+  const std::vector<int> offsets32 = checked_offsets(offsets);
+  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), x.size(3), -1);
+  const int64_t out_channels = wp.size(2);
+  TORCH_CHECK(out_channels % 2 == 0, "the gated conv splits Cout into two halves; wp has odd Cout ", out_channels);
+  TORCH_CHECK(gate == static_cast<int64_t>(Gate::kTanhSigmoid) || gate == static_cast<int64_t>(Gate::kLinearSigmoid),
+              "gate must be 1 (tanh(a) * sigmoid(b)) or 2 (a * sigmoid(b)), got ", gate);
+  const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
+  const auto cond32 = checked_float32_copy(cond, "cond", x, {x.size(0), out_channels});
+  check_device_capability(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels / 2}, x.options());
+  at::Tensor preact = write_preact ? at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options())
+                                   : at::empty({0}, x.options());
+  masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, x.size(3), out_channels, offsets32),
+                          x.data_ptr(), wp.data_ptr(), data_or_null(bias32), data_or_null(cond32),
+                          static_cast<Gate>(gate), out.data_ptr(), write_preact ? preact.data_ptr() : nullptr,
+                          current_stream());
+  check_launch("masked_conv2d_fwd_gated");
+  return {out, preact};
+}
+
+at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp, at::IntArrayRef offsets,
+                                    bool allow_tf32) {
+  check_activation(gout, "gout");
+  const std::vector<int> offsets32 = checked_offsets(offsets);
+  TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Cout), got shape ", wp.sizes());
+  const int64_t in_channels = wp.size(1);
+  check_weight(wp, gout, static_cast<int>(offsets32.size() / 2), in_channels, gout.size(3));
+  check_device_capability(gout);
+  const c10::cuda::CUDAGuard guard(gout.device());
+  at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), in_channels}, gout.options());
+  masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32,
+                      make_problem(gout, in_channels, gout.size(3), offsets32), gout.data_ptr(), wp.data_ptr(),
+                      gx.data_ptr(), current_stream());
+  check_launch("masked_conv2d_dgrad");
+  return gx;
+}
+
+at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout, at::IntArrayRef offsets,
+                                    bool allow_tf32) {
+  check_activation(x, "x");
+  check_activation(gout, "gout");
+  check_same_device(gout, "gout", x, "x");
+  check_same_dtype(gout, "gout", x, "x");
+  TORCH_CHECK(gout.size(0) == x.size(0) && gout.size(1) == x.size(1) && gout.size(2) == x.size(2),
+              "gout (N, H, W, Cout) must match x (N, H, W, Cin) in N, H, W: got ", gout.sizes(), " and ", x.sizes());
+  const std::vector<int> offsets32 = checked_offsets(offsets);
+  check_device_capability(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ConvProblem problem = make_problem(x, x.size(3), gout.size(3), offsets32);
+  const WgradPlan plan = plan_masked_conv2d_wgrad(problem, device_attribute(x, cudaDevAttrMultiProcessorCount));
+  at::Tensor gwp = at::empty({problem.taps, x.size(3), gout.size(3)}, x.options().dtype(at::kFloat));
+  at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));
+  masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, x.data_ptr(), gout.data_ptr(),
+                      gwp.data_ptr<float>(), plan.workspace_elements > 0 ? workspace.data_ptr<float>() : nullptr,
+                      current_stream());
+  check_launch("masked_conv2d_wgrad");
+  return gwp;
+}
+
+}  // namespace
+}  // namespace masked_conv
+}  // namespace pixelcnn_kernels
+
+TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+  m.def("masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, int[] offsets, bool allow_tf32) -> Tensor");
+  m.def(
+      "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, int[] offsets, int gate, "
+      "bool write_preact, bool allow_tf32) -> Tensor[]");
+  m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, int[] offsets, bool allow_tf32) -> Tensor");
+  m.def("masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool allow_tf32) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+  using namespace pixelcnn_kernels::masked_conv;
+  m.impl("masked_conv2d_fwd", &masked_conv2d_fwd_cuda);
+  m.impl("masked_conv2d_fwd_gated", &masked_conv2d_fwd_gated_cuda);
+  m.impl("masked_conv2d_dgrad", &masked_conv2d_dgrad_cuda);
+  m.impl("masked_conv2d_wgrad", &masked_conv2d_wgrad_cuda);
+}
