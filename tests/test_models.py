@@ -329,8 +329,8 @@ def test_class_conditional_sampling():
 
 def test_bad_sampler_arguments():
     model, _ = tiny("gated_grey")
-    with pytest.raises(ValueError, match="'naive'"):
-        model.sample(1, method="cached")
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.sample(1, method="parallel")
     with pytest.raises(ValueError, match="n must be"):
         model.sample(0)
     prefix = torch.zeros(1, 1, 3, 3, dtype=torch.long)

@@ -10,7 +10,8 @@ models take ``cond``: class labels (B,) of an integer dtype.
   C·H·W); ``model.loss(x, cond)``: its batch mean; ``model.bits_per_dim(x, cond)``: (B,);
 - ``model.config``: the constructor's keyword arguments (JSON-serialisable);
   :func:`pixelcnn_kernels.models.build_model` rebuilds the model from them;
-- ``model.sample(n, ...)``: the naive sampler, one full forward per generated value.
+- ``model.sample(n, method=...)``: the naive (one full forward per generated value),
+  cached and Jacobi samplers; ``model.last_sample_stats`` describes the last call.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import abc
 import copy
 import json
 import math
+import time
 from typing import ClassVar
 
 import torch
@@ -30,10 +32,11 @@ from pixelcnn_kernels.nn.layers import FUSED_OPS
 from pixelcnn_kernels.ops.dmol import sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.reference.layers import OpSet
+from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats, write_values
 from pixelcnn_kernels.utils import compute_dtype
 
 HEADS = ("softmax", "dmol")
-SAMPLING_METHODS = ("naive",)
+SAMPLING_METHODS = ("naive", "cached", "jacobi")
 IMAGE_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
 
@@ -73,6 +76,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
         self.head = head
         self.num_classes = num_classes
         self.num_logistic_mix = num_logistic_mix
+        # What the last sample() call did (SamplingStats); None before the first.
+        self.last_sample_stats: SamplingStats | None = None
 
     @property
     def config(self) -> dict:
@@ -160,15 +165,20 @@ class PixelCNNModel(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
         progress: bool = True,
         size: tuple[int, int] | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
-        """Draws ``n`` int64 images (n, C, H, W), one full forward per generated value.
+        """Draws ``n`` int64 images (n, C, H, W); ``model.last_sample_stats`` then says how.
 
         Values are generated in raster order (row by row, left to right); for the softmax
-        head with RGB, channel by channel (R, G, B) inside each pixel, one forward each;
-        for the DMOL head one forward per pixel, the DMOL sampler drawing the pixel's
-        channels together.
+        head with RGB, channel by channel (R, G, B) inside each pixel; for the DMOL head
+        a pixel's channels are drawn together by the DMOL sampler.
 
-        - ``method``: only ``"naive"`` for now (the cached and Jacobi samplers come later).
+        - ``method``: ``"naive"``, one full forward per generated value (the oracle);
+          ``"cached"``, incremental generation that computes only the new pixel's
+          activations from per-layer caches (:mod:`pixelcnn_kernels.sampling.cached_gated`,
+          :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`); ``"jacobi"``, parallel forwards iterated to the
+          fixed point (:mod:`pixelcnn_kernels.sampling.jacobi`). Given ``noise``, the three
+          return the same image (see those modules for the exact guarantee).
         - ``cond``: class labels (n,) for a class-conditional model.
         - ``prefix`` (n, C, H, W) integer images and ``known``, a boolean (H, W) or
           (n, H, W) mask: the known pixels of ``prefix`` are kept, never resampled; the
@@ -182,44 +192,83 @@ class PixelCNNModel(nn.Module, abc.ABC):
         - ``generator``: draws the noise when ``noise`` is None.
         - ``size``: (H, W) of the images when no ``prefix`` gives it; defaults to
           the size the model was built for, when it has one.
+        - ``block_rows``: ``"jacobi"`` only: iterate inside windows of this many rows,
+          top to bottom (None: the whole image at once).
         """
         if method not in SAMPLING_METHODS:
-            raise ValueError(f"method must be 'naive' (the 'cached' and 'jacobi' samplers come in a later issue), got {method!r}")
+            raise ValueError(f"method must be one of {SAMPLING_METHODS}, got {method!r}")
+        if block_rows is not None and method != "jacobi":
+            raise ValueError(f"block_rows is an option of method='jacobi', got method={method!r}")
+        if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+            raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        device = next(self.parameters()).device
-        height, width = self._sample_size(n, prefix, size)
-        images = self._start_images(n, height, width, prefix, known, device)
-        known_mask = self._known_mask(n, height, width, known, device)
-        self.class_vector(cond, n)  # validates cond before any forward
-        values_per_pixel = self.in_channels if self.head == "softmax" else 1
-        noise = self._sample_noise(n, height, width, noise, generator, device)
+        from pixelcnn_kernels.sampling import cached_sampler, jacobi_sample  # the samplers build on this module
+
+        run_cached = cached_sampler(self) if method == "cached" else None  # raises for a model without one
+        problem = self._sampling_problem(n, cond, prefix, known, noise, generator, size)
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                steps = [(i, j, c) for i in range(height) for j in range(width) for c in range(values_per_pixel)]
-                for i, j, c in tqdm(steps, desc="sampling", unit="value", disable=not progress):
-                    keep = known_mask[:, i, j]
-                    if bool(keep.all()):
-                        continue
-                    logits = self(images, cond)
-                    if self.head == "softmax":
-                        drawn = _inverse_cdf(logits[:, :, c, i, j], noise[:, c, i, j])
-                        images[:, c, i, j] = torch.where(keep, images[:, c, i, j], drawn)
-                    else:
-                        pixel_noise = tuple(u[:, :, i : i + 1, j : j + 1].contiguous() for u in noise)
-                        pixel = logits[:, :, i : i + 1, j : j + 1]
-                        values = sample_discretized_mix_logistic(pixel, self.num_bins, noise=pixel_noise, quantize=True, channels=self.in_channels)
-                        drawn = to_bins(values[:, :, 0, 0], self.num_bins)
-                        images[:, :, i, j] = torch.where(keep[:, None], images[:, :, i, j], drawn)
+                begin = time.perf_counter()
+                if method == "naive":
+                    network_passes = self._sample_naive(problem, progress)
+                elif method == "cached":
+                    network_passes = run_cached(self, problem, progress)
+                else:
+                    network_passes = jacobi_sample(self, problem, block_rows, progress)
+                if problem.images.is_cuda:
+                    torch.cuda.synchronize(problem.images.device)
+                seconds = time.perf_counter() - begin
         finally:
             self.train(was_training)
-        return images
+        self.last_sample_stats = SamplingStats(method, n, problem.steps(len(self.step_channels())), network_passes, seconds, block_rows)
+        return problem.images
+
+    def step_channels(self) -> list[slice]:
+        """The channel slices of a pixel drawn one step each, in order: one per channel (softmax), all at once (DMOL)."""
+        if self.head == "softmax":
+            return [slice(c, c + 1) for c in range(self.in_channels)]
+        return [slice(0, self.in_channels)]
+
+    def draw_values(self, logits: torch.Tensor, noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The (B, C, h, w) int64 values that ``noise`` picks from ``logits`` of a window of h×w pixels.
+
+        ``logits`` is the network's output on the window ((B, num_bins, C, h, w) softmax,
+        (B, P, h, w) DMOL), ``noise`` the window of the noise (see :meth:`sample`). Every
+        channel is drawn from its own logits, so for RGB softmax only the channel whose
+        logits saw the others' final values is meaningful. The naive and Jacobi samplers
+        call this on the whole image, so they run the same arithmetic on the same shapes.
+        """
+        if self.head == "softmax":
+            bins = logits.shape[1]
+            return _inverse_cdf(logits.movedim(1, -1).reshape(-1, bins), noise.reshape(-1)).view(noise.shape)
+        values = sample_discretized_mix_logistic(logits, self.num_bins, noise=tuple(u.contiguous() for u in noise), quantize=True, channels=self.in_channels)
+        return to_bins(values, self.num_bins)
+
+    def _sample_naive(self, problem: SamplingProblem, progress: bool) -> int:
+        """One full forward per generated value; returns the number of forwards."""
+        all_known = problem.pixels_all_known()
+        steps = [(i, j, channels) for i in range(problem.height) for j in range(problem.width) if not all_known[i][j] for channels in self.step_channels()]
+        for i, j, channels in tqdm(steps, desc="sampling (naive)", unit="value", disable=not progress):
+            drawn = self.draw_values(self(problem.images, problem.cond), problem.noise)
+            write_values(problem, i, j, channels, drawn[:, channels, i, j])
+        return len(steps)
 
     def default_sample_size(self) -> tuple[int, int] | None:
         """(H, W) sampled when neither ``prefix`` nor ``size`` is given (None: the caller must say)."""
         return None
+
+    def _sampling_problem(self, n, cond, prefix, known, noise, generator, size) -> SamplingProblem:
+        """Checks the arguments of :meth:`sample` (no forward runs before this) and gathers them."""
+        device = next(self.parameters()).device
+        height, width = self._sample_size(n, prefix, size)
+        images = self._start_images(n, height, width, prefix, known, device)
+        known_mask = self._known_mask(n, height, width, known, device)
+        class_vector = self.class_vector(cond, n)
+        noise = self._sample_noise(n, height, width, noise, generator, device)
+        return SamplingProblem(images, known_mask, noise, cond, class_vector)
 
     def _sample_size(self, n: int, prefix: torch.Tensor | None, size: tuple[int, int] | None) -> tuple[int, int]:
         if prefix is not None:

@@ -1,0 +1,94 @@
+"""What every sampler shares: the validated problem, the statistics of a run, two helpers.
+
+:meth:`pixelcnn_kernels.models.PixelCNNModel.sample` checks its arguments once and hands
+a :class:`SamplingProblem` to the sampler that ``method`` names (``naive`` in
+``models/base.py``, :mod:`~pixelcnn_kernels.sampling.cached_gated`,
+:mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`, :mod:`~pixelcnn_kernels.sampling.jacobi`); the sampler fills ``problem.images`` in place
+and returns the number of full network passes it ran. ``sample`` then records a
+:class:`SamplingStats` as ``model.last_sample_stats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+
+
+@dataclasses.dataclass
+class SamplingProblem:
+    """One ``sample`` call, its arguments checked.
+
+    - ``images``: (n, C, H, W) int64, the prefix (or zeros) to be filled in place;
+    - ``known``: (n, H, W) bool, the pixels never resampled (all False without a prefix);
+    - ``noise``: the uniform noise of every value (the layout :meth:`~PixelCNNModel.sample`
+      documents): a (n, C, H, W) tensor (softmax head) or a ``(u_mix, u_logistic)`` pair (DMOL);
+    - ``cond``: class labels (n,) or None; ``class_vector``: their one-hot (n, num_classes)
+      in the parameters' dtype, or None.
+    """
+
+    images: torch.Tensor
+    known: torch.Tensor
+    noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    cond: torch.Tensor | None
+    class_vector: torch.Tensor | None
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[3]
+
+    def noise_window(self, row: int, col: int):
+        """The noise of pixel (row, col) as 1×1 windows, in the layout of ``noise``."""
+        if isinstance(self.noise, torch.Tensor):
+            return self.noise[:, :, row : row + 1, col : col + 1]
+        return tuple(u[:, :, row : row + 1, col : col + 1] for u in self.noise)
+
+    def steps(self, steps_per_pixel: int, rows: slice = slice(None)) -> int:
+        """The naive sampler's steps in ``rows``: ``steps_per_pixel`` for each pixel not known in every image."""
+        return int((~self.known[:, rows].all(dim=0)).sum()) * steps_per_pixel
+
+    def pixels_all_known(self) -> list[list[bool]]:
+        """[row][col]: True where every image knows the pixel (read to the host once, not per step)."""
+        return self.known.all(dim=0).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingStats:
+    """What the last :meth:`~pixelcnn_kernels.models.PixelCNNModel.sample` call did (``model.last_sample_stats``).
+
+    - ``method``: the sampler (``"naive"``, ``"cached"`` or ``"jacobi"``); ``block_rows``:
+      the Jacobi window height, None for the whole image;
+    - ``values``: the sequential steps the naive sampler takes for this problem: the
+      values (the pixels, for the DMOL head, which draws a pixel's channels together)
+      not known in every image, at most H·W·C;
+    - ``network_passes``: full forward passes of the network: ``values`` for ``naive``,
+      the Jacobi iterations for ``jacobi`` (at most ``values``), 0 for ``cached``
+      (which computes one pixel's activations per step instead);
+    - ``seconds``: wall time of the sampling loop (the device synchronised at its end).
+    """
+
+    method: str
+    images: int
+    values: int
+    network_passes: int
+    seconds: float
+    block_rows: int | None = None
+
+
+def write_values(problem: SamplingProblem, row: int, col: int, channels: slice, drawn: torch.Tensor) -> None:
+    """Stores ``drawn`` (B, len(channels)) at pixel (row, col) of ``problem.images``, except in images that know the pixel."""
+    keep = problem.known[:, row, col, None]
+    problem.images[:, channels, row, col] = torch.where(keep, problem.images[:, channels, row, col], drawn)
+
+
+def masked_operands(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv``'s weight times its mask and its bias, in ``dtype`` (what the reference masked conv computes with)."""
+    weight = conv.weight.to(dtype)
+    mask = conv.spec.weight_mask(conv.out_channels, conv.in_channels, dtype=dtype, device=weight.device)
+    return weight * mask, None if conv.bias is None else conv.bias.to(dtype)
