@@ -402,11 +402,12 @@ def _gated_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, preactivation)
     ctx.mask_args = mask_args
     ctx.gate = gate
+    ctx.keep_preactivation = keep_preactivation
 
 
 def _gated_backward(ctx, grad_out, _grad_preactivation):
     x, weight, preactivation = ctx.saved_tensors
-    if preactivation.numel() == 0:
+    if not ctx.keep_preactivation:
         raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
     grad_pre = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, None)
     needs_x, needs_weight, needs_bias, needs_cond = ctx.needs_input_grad[:4]
