@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 # Modules that add a subcommand, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = ("pixelcnn_kernels.cli",)
+SUBCOMMAND_MODULES = ("pixelcnn_kernels.cli", "pixelcnn_kernels.train", "pixelcnn_kernels.sampling.cli")
 
 
 def _info(args: argparse.Namespace) -> int:

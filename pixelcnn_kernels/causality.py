@@ -1,0 +1,322 @@
+"""Checks that an autoregressive image model respects its generation order.
+
+:func:`check_causality` takes the gradient of each output position with respect
+to the input (on a float64 CPU copy of the model, so a masked-out path gives a
+gradient of exactly zero) and classifies every input position:
+
+- **leak**: the output depends on an input at or after its own position in the
+  generation order (a model trained with a leak learns to copy the answer);
+- **blind spot**: an earlier input does not influence the output although an
+  input farther away in the same direction does, i.e. a hole inside the
+  receptive field (the upper-right blind spot of a plain stack of masked 3×3
+  convolutions). Earlier inputs beyond the reach of a shallow network are not
+  blind spots: nothing farther out is seen either. Holes that only close with
+  more depth are reported too (e.g. PixelCNN++ with one block per resolution
+  on a small image, whose coarse resolutions see farther up than its full
+  resolution sees to the right).
+
+Generation order: pixels in raster order (row by row, left to right) and, within
+a pixel, channels in index order (R, then G, then B). How outputs map to it:
+
+- an output of shape (B, K, C, H, W) (e.g. per-channel softmax logits):
+  ``out[:, :, c, i, j]`` predicts input channel c at pixel (i, j);
+- an output of shape (B, C', H, W): the C' channels are split into
+  ``output_groups`` contiguous groups. With ``output_groups = C`` group g
+  predicts input channel g (the colour-group convention of masked convolutions);
+  with ``output_groups = 1`` every channel predicts the whole pixel (e.g.
+  discretized-mixture-of-logistics parameters), so it may only see earlier
+  pixels. Default: C when C' is a multiple of C, else 1.
+
+An output position is written (g, i, j): g is the predicted channel (always 0
+with one output group), (i, j) the pixel. Input positions are (c, i, j).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pixelcnn_kernels.models.base import PixelCNNModel
+
+ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+MAX_TABLE_ROWS = 20
+MAX_LISTED_INPUTS = 4
+
+
+@dataclass(frozen=True)
+class CausalityFinding:
+    """Input positions (c, i, j) that leak into, or are blind to, the output position (g, i, j)."""
+
+    output: tuple[int, int, int]
+    inputs: tuple[tuple[int, int, int], ...]
+
+
+@dataclass
+class CausalityReport:
+    """What :func:`check_causality` found; ``str(report)`` prints a table.
+
+    ``influence`` maps each checked output position (g, i, j) to a (C, H, W)
+    float64 tensor: the summed absolute gradient of that output with respect to
+    each input position (zero: no influence).
+    """
+
+    input_shape: tuple[int, int, int]
+    output_groups: int
+    leaks: list[CausalityFinding] = field(default_factory=list)
+    blind_spots: list[CausalityFinding] = field(default_factory=list)
+    influence: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no output leaks and none has a blind spot."""
+        return not self.leaks and not self.blind_spots
+
+    def receptive_field(self, position: tuple[int, int, int]) -> torch.Tensor:
+        """The (C, H, W) influence map of one checked output position (g, i, j)."""
+        position = tuple(position)
+        if position not in self.influence:
+            raise ValueError(f"position {position} was not checked; check_causality(positions=...) chose which are")
+        return self.influence[position]
+
+    def categories(self, position: tuple[int, int, int]) -> torch.Tensor:
+        """Per input position (C, H, W): 0 no influence, 1 influence (allowed), 2 leak, 3 blind spot."""
+        seen = self.receptive_field(position) != 0
+        allowed = _allowed_inputs(self.input_shape, self.output_groups, position)
+        category = torch.zeros(self.input_shape, dtype=torch.int64)
+        category[seen & allowed] = 1
+        category[seen & ~allowed] = 2
+        for finding in self.blind_spots:
+            if finding.output == tuple(position):
+                for c, i, j in finding.inputs:
+                    category[c, i, j] = 3
+        return category
+
+    def save_receptive_field_png(self, path: str | Path, position: tuple[int, int, int]) -> Path:
+        """Saves a PNG map of one output's receptive field, one panel per input channel.
+
+        Colours: white no influence, green influence, red leak, orange blind
+        spot; the output's own pixel is outlined in blue.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch, Rectangle
+
+        category = self.categories(position)
+        channels = self.input_shape[0]
+        colours = ListedColormap(["white", "tab:green", "tab:red", "tab:orange"])
+        fig, axes = plt.subplots(1, channels, figsize=(max(3.2 * channels, 5.0), 3.4), squeeze=False)
+        g, i, j = position
+        for c, ax in enumerate(axes[0]):
+            ax.imshow(category[c].numpy(), cmap=colours, vmin=0, vmax=3, interpolation="nearest")
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:blue", linewidth=2))
+            ax.set_title(f"input channel {c}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        legend = [Patch(color=colours(k), label=label) for k, label in enumerate(["no influence", "influence", "leak", "blind spot"])]
+        fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=4, fontsize="small")
+        fig.suptitle(f"receptive field of output {tuple(position)} (group, row, col)", y=1.04)
+        path = Path(path)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def __str__(self) -> str:
+        c, h, w = self.input_shape
+        status = "OK" if self.ok else f"{len(self.leaks)} outputs leak, {len(self.blind_spots)} have blind spots"
+        lines = [f"causality of a {c}×{h}×{w} input, {len(self.influence)} output positions checked: {status}"]
+        findings = [("leak", f) for f in self.leaks] + [("blind spot", f) for f in self.blind_spots]
+        if findings:
+            lines.append(f"{'finding':<11} {'output (g,i,j)':<15} {'inputs':>6}  first inputs (c,i,j)")
+            for kind, finding in findings[:MAX_TABLE_ROWS]:
+                listed = ", ".join(str(p) for p in finding.inputs[:MAX_LISTED_INPUTS])
+                more = " ..." if len(finding.inputs) > MAX_LISTED_INPUTS else ""
+                lines.append(f"{kind:<11} {str(finding.output):<15} {len(finding.inputs):>6}  {listed}{more}")
+            if len(findings) > MAX_TABLE_ROWS:
+                lines.append(f"... and {len(findings) - MAX_TABLE_ROWS} more findings")
+        return "\n".join(lines)
+
+
+def _allowed_inputs(input_shape: tuple[int, int, int], output_groups: int, position: tuple[int, int, int]) -> torch.Tensor:
+    """Boolean (C, H, W): the inputs that come before output position (g, i, j) in the generation order."""
+    channels, height, width = input_shape
+    g, i, j = position
+    pixel = torch.arange(height * width).reshape(height, width)
+    allowed = (pixel < i * width + j).expand(channels, height, width).clone()
+    if output_groups == channels:  # per-channel outputs also see the earlier channels of their own pixel
+        allowed[:g, i, j] = True
+    return allowed
+
+
+def _prefix_or(block: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """OR over all elements at lower-or-equal indices along ``dims`` (a cumulative OR)."""
+    out = block.to(torch.int64)
+    for dim in dims:
+        out = out.cumsum(dim)
+    return out > 0
+
+
+def _blind_spots(seen: torch.Tensor, allowed: torch.Tensor, position: tuple[int, int, int]) -> torch.Tensor:
+    """Boolean (C, H, W): allowed inputs that do not influence the output while a farther one does.
+
+    "Farther" is in the output's frame: at least as many rows above, and (left
+    and right separately) at least as many columns out; for an input in the
+    output's own column, any input at least as many rows above. Earlier
+    channels of the output's own pixel are always reached by a correct model.
+    """
+    _, i, j = position
+    earlier = seen & allowed
+    farther_seen = torch.zeros_like(seen)
+    # Left of the output's column, rows 0..i: farther = up and left (lower row and column indices).
+    farther_seen[:, : i + 1, :j] = _prefix_or(earlier[:, : i + 1, :j], (1, 2))
+    # Right of its column, rows 0..i-1 (row i to the right is later): farther = up and right.
+    farther_seen[:, :i, j + 1 :] = _prefix_or(earlier[:, :i, j + 1 :].flip(2), (1, 2)).flip(2)
+    # Its own column, rows above: farther = any seen input at least as many rows up.
+    row_seen = earlier[:, :i].any(dim=2)
+    farther_seen[:, :i, j] = _prefix_or(row_seen, (1,))
+    blind = allowed & ~seen & farther_seen
+    own_pixel = allowed[:, i, j]
+    blind[:, i, j] = own_pixel & ~seen[:, i, j]
+    return blind
+
+
+def _positions_of(mask: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    return tuple(tuple(int(v) for v in p) for p in mask.nonzero())
+
+
+def _output_layout(output: torch.Tensor, input_shape: tuple[int, int, int], output_groups: int | None) -> int:
+    """The number of output groups, after checking the output's shape against the input's."""
+    channels, height, width = input_shape
+    if output.dim() == 5 and tuple(output.shape[2:]) == input_shape:
+        if output_groups not in (None, channels):
+            raise ValueError(f"output_groups must be {channels} (or None) for a (B, K, C, H, W) output, got {output_groups}")
+        return channels
+    if output.dim() == 4 and tuple(output.shape[2:]) == (height, width):
+        out_channels = output.shape[1]
+        groups = output_groups if output_groups is not None else (channels if out_channels % channels == 0 else 1)
+        if groups not in (1, channels) or out_channels % groups:
+            raise ValueError(f"output_groups must be 1 or {channels} and divide the {out_channels} output channels, got {groups}")
+        return groups
+    raise ValueError(
+        f"the model's output must be (B, K, {channels}, {height}, {width}) or (B, C', {height}, {width}) for input_shape "
+        f"{input_shape}, got shape {tuple(output.shape)}"
+    )
+
+
+def _select(output: torch.Tensor, groups: int, position: tuple[int, int, int]) -> tuple:
+    """Index of one batch element's outputs at output position (g, i, j), minus the batch index."""
+    g, i, j = position
+    if output.dim() == 5:
+        return (slice(None), g, i, j)
+    size = output.shape[1] // groups
+    return (slice(g * size, (g + 1) * size), i, j)
+
+
+def _default_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The project models' float path (a fixed class for conditional ones), else ``model(x)``."""
+    if isinstance(model, PixelCNNModel):
+        class_vector = None
+        if model.num_classes is not None:
+            class_vector = model.class_vector(torch.zeros(x.shape[0], dtype=torch.long), x.shape[0])
+        return model.network(x, class_vector)
+    return model(x)
+
+
+def _check_shape(input_shape: object) -> tuple[int, int, int]:
+    if not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    if not all(isinstance(s, int) and s >= 1 for s in input_shape):
+        raise ValueError(f"input_shape must hold positive ints, got {input_shape!r}")
+    return tuple(input_shape)
+
+
+def check_causality(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    *,
+    forward_fn: ForwardFn | None = None,
+    positions: Sequence[tuple[int, int, int]] | None = None,
+    output_groups: int | None = None,
+    trials: int = 4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> CausalityReport:
+    """Finds leaks and blind spots of ``model`` on inputs of shape ``input_shape`` (C, H, W).
+
+    The model is deep-copied to float64 on the CPU and put in eval mode (the
+    original is not touched). ``forward_fn(model_copy, x)`` maps a float input
+    (B, C, H, W) to the outputs. Default: for the package's models
+    (:class:`~pixelcnn_kernels.models.PixelCNNModel`) their float path
+    ``network(x, class_vector)`` (class 0 for a class-conditional one; the
+    mixture-of-logistics head counts as one output group), else ``model_copy(x)``;
+    pass one for other models that take integer images. ``positions``
+    lists the output positions (g, i, j) to check (default: all; see the module
+    docstring for g). Each output's gradient is taken at ``trials`` random inputs
+    (uniform in [-1, 1]) and an input counts as influencing if any gradient is
+    non-zero, so a unit that happens to be inactive (a ReLU at zero) at one
+    input neither hides a leak nor makes a false blind spot; very narrow ReLU
+    networks (a few channels per colour group) may need more ``trials``. Outputs are checked ``batch_size`` at a time, one batch
+    element per output position (the model must not mix batch elements, which
+    eval mode ensures for batch norm).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    input_shape = _check_shape(input_shape)
+    for name, value in (("trials", trials), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
+    forward = forward_fn or _default_forward
+    channels, height, width = input_shape
+
+    checked = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.rand(trials, *input_shape, generator=generator, dtype=torch.float64) * 2 - 1
+    if output_groups is None and isinstance(checked, PixelCNNModel) and checked.head == "dmol":
+        output_groups = 1
+    with torch.no_grad():
+        groups = _output_layout(forward(checked, inputs[:1]), input_shape, output_groups)
+
+    all_positions = [(g, i, j) for i in range(height) for j in range(width) for g in range(groups)]
+    if positions is None:
+        targets = all_positions
+    else:
+        targets = [tuple(int(v) for v in p) for p in positions]
+        bad = [p for p in targets if p not in set(all_positions)]
+        if bad or not targets:
+            raise ValueError(f"positions must be non-empty (g, i, j) with g < {groups}, i < {height}, j < {width}; got {bad or 'none'}")
+
+    influence = {p: torch.zeros(input_shape, dtype=torch.float64) for p in targets}
+    for trial in range(trials):
+        for start in range(0, len(targets), batch_size):
+            chunk = targets[start : start + batch_size]
+            x = inputs[trial].expand(len(chunk), *input_shape).clone().requires_grad_(True)
+            with torch.enable_grad():
+                output = forward(checked, x)
+                cotangent = torch.zeros_like(output)
+                for b, position in enumerate(chunk):
+                    index = _select(output, groups, position)
+                    cotangent[b][index] = torch.randn(output[b][index].shape, generator=generator, dtype=output.dtype)
+                (grad,) = torch.autograd.grad(output, x, cotangent)
+            for b, position in enumerate(chunk):
+                influence[position] += grad[b].abs()
+
+    report = CausalityReport(input_shape, groups, influence=influence)
+    for position in targets:
+        seen = influence[position] != 0
+        allowed = _allowed_inputs(input_shape, groups, position)
+        leaked = _positions_of(seen & ~allowed)
+        if leaked:
+            report.leaks.append(CausalityFinding(position, leaked))
+        blind = _positions_of(_blind_spots(seen, allowed, position))
+        if blind:
+            report.blind_spots.append(CausalityFinding(position, blind))
+    return report

@@ -1,0 +1,330 @@
+"""``pixelcnn-kernels train``: train a PixelCNN on an embedded data set or your images.
+
+Run with no arguments it trains a Gated PixelCNN on scikit-learn's 8×8 digits and
+writes, under ``--out``: ``last.pt`` (resumable), ``best.pt`` (best held-out
+bits/dim), ``metrics.json`` (per-epoch train and held-out bits/dim) and
+``samples.png`` (a grid drawn from the best model).
+
+Launched under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) it trains with
+DistributedDataParallel: the NCCL process group on CUDA, gloo on the CPU. Every
+epoch shuffles with a :class:`~torch.utils.data.DistributedSampler` seeded by
+``--seed``, so rank r of W takes every W-th image of the same permutation a
+single process uses, and a step of W processes sees the same global batch of
+``--batch-size`` images as one process (gradients are averaged across ranks).
+Only rank 0 writes files and shows the progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from pixelcnn_kernels.backend import BACKENDS, use_backend
+from pixelcnn_kernels.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
+
+MODEL_NAMES = {"gated": "gated_pixelcnn", "pixelcnnpp": "pixelcnn_pp"}  # --model choice -> models.MODELS name
+DEFAULTS = {
+    "hidden": {"gated": 64, "pixelcnnpp": 64},
+    "layers": {"gated": 5, "pixelcnnpp": 2},
+}
+SAMPLE_COUNT = 64
+DEFAULT_OUT = "runs/train"
+
+
+@dataclass
+class Distributed:
+    """This process's place in the run: rank, world size and device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` options (shared by the subcommand and the python/ examples)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="digits", help="'digits' (sklearn 8×8, 17 grey levels; default), 'photos' (32×32 RGB patches of "
+                      "scikit-image's sample photographs), a folder of PNG/JPEG images, or an .npz file with an 'images' array")
+    data.add_argument("--num-bins", type=int, help="quantise the data to this many levels per channel (default: the data's own: 17 for digits, 256 otherwise)")
+    data.add_argument("--class-conditional", action="store_true", help="condition on the data set's class labels (digits: 0..9; .npz: its 'labels')")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=tuple(MODEL_NAMES), default="gated", help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
+    model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']}, rounded up to a multiple of 3 for RGB with the gated model, which needs one)")
+    model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
+    model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions (default 3)")
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout of the pixelcnnpp blocks (default 0.5)")
+    model.add_argument("--num-logistic-mix", type=int, default=5, help="logistic mixture components of the pixelcnnpp head (default 5)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=20, help="epochs to train (default 20); with --resume, the total including those already done")
+    optim.add_argument("--batch-size", type=int, default=64, help="global batch size, split evenly across torchrun processes (default 64)")
+    optim.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, decayed to 0 on a cosine over the run (default 3e-3)")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    optim.add_argument("--max-minutes", type=float, help="stop after the epoch during which this much training time has passed (default: no limit)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the data split, the shuffling and the samples (default 0)")
+    run.add_argument("--bf16", action="store_true", help="run the forward and loss under bfloat16 autocast (parameters and optimizer stay fp32)")
+    run.add_argument("--backend", choices=BACKENDS, help="force the ops onto one backend (default: automatic, cuda/triton on a GPU, reference on the CPU)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default: cuda when available)")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"directory for last.pt, best.pt, metrics.json and samples.png (default {DEFAULT_OUT})")
+    run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", help="continue from a checkpoint (default: OUT/last.pt); the model and data options are the checkpoint's")
+    run.add_argument("--samples", type=int, default=SAMPLE_COUNT, help=f"images in the final samples.png grid (default {SAMPLE_COUNT}; 0: none)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a PixelCNN (default: a Gated PixelCNN on the bundled 8×8 digits, a few minutes on a CPU)",
+        description="Train a PixelCNN and write OUT/last.pt (resumable), OUT/best.pt (best held-out bits/dim), "
+        "OUT/metrics.json and OUT/samples.png. With no options: a Gated PixelCNN on scikit-learn's 8×8 digits. "
+        "Launched under torchrun it trains with DistributedDataParallel (NCCL on CUDA, gloo on the CPU).",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def _setup_distributed(device_choice: str) -> Distributed:
+    """Joins the torchrun process group when launched by torchrun; picks the device."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is visible")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
+    """``{"name", "config"}`` of the model the options describe, for ``models.model_from_config``."""
+    channels, height, width = data.image_shape
+    hidden = args.hidden or DEFAULTS["hidden"][args.model]
+    if args.hidden is None and args.model == "gated" and channels == 3:
+        hidden = 3 * math.ceil(hidden / 3)  # colour groups split the channels in thirds
+    layers = args.layers or DEFAULTS["layers"][args.model]
+    num_classes = data.num_classes if args.class_conditional else None
+    if args.class_conditional and not data.num_classes:
+        raise ValueError(f"--class-conditional needs labels, and the {data.name} data set has none")
+    if args.model == "gated":
+        config = dict(in_channels=channels, hidden=hidden, layers=layers, kernel_size=args.kernel_size, num_classes=num_classes,
+                      head="softmax", num_bins=data.num_bins, image_size=[height, width])
+    else:
+        config = dict(nr_resnet=layers, nr_filters=hidden, nr_logistic_mix=args.num_logistic_mix, in_channels=channels,
+                      num_classes=num_classes, dropout=args.dropout, num_bins=data.num_bins, image_size=[height, width])
+    return {"name": MODEL_NAMES[args.model], "config": config}
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+
+
+def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor, run: Distributed) -> float:
+    """sum(total) / sum(count) over every rank."""
+    both = torch.stack([total.double(), count.double()])
+    if run.world_size > 1:
+        dist.all_reduce(both)
+    return (both[0] / both[1]).item()
+
+
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None, run: Distributed, batch_size: int, autocast) -> float:
+    """Held-out bits/dim of ``model`` on ``images`` (each rank takes every world_size-th image)."""
+    shard = list(range(run.rank, len(images), run.world_size))
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        for batch in _batches(shard, batch_size):
+            x = images[batch].to(run.device)
+            cond = None if labels is None else labels[batch].to(run.device)
+            total += model.bits_per_dim(x, cond).double().sum()
+    model.train(was_training)
+    return _mean_over_ranks(total, torch.tensor(float(len(shard)), device=run.device), run)
+
+
+def _resume_path(args: argparse.Namespace) -> Path | None:
+    if args.resume is None:
+        return None
+    return Path(args.resume) if args.resume else Path(args.out) / "last.pt"
+
+
+class _Loss(torch.nn.Module):
+    """The model's training loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.model.loss(x, cond)
+
+
+# Options a resumed run takes from its checkpoint: they fix the data, the model and the shuffling.
+_FIXED_ON_RESUME = ("data", "num_bins", "class_conditional", "model", "hidden", "layers", "kernel_size", "dropout",
+                    "num_logistic_mix", "seed", "batch_size")
+
+
+def _saved_args(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if key != "func"}
+
+
+def _write_metrics(path: Path, metrics: list[dict], spec: dict, summary: dict | None = None) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({"model": spec, "epochs": metrics, "summary": summary}, indent=1))
+    os.replace(temporary, path)
+
+
+def _save_samples(model, data: ImageDataset, args: argparse.Namespace, path: Path, run: Distributed) -> None:
+    count = args.samples
+    cond = torch.arange(count, device=run.device) % data.num_classes if args.class_conditional else None
+    generator = torch.Generator(run.device).manual_seed(args.seed)
+    images = model.sample(count, cond=cond, size=data.image_shape[1:], generator=generator, progress=not args.no_progress)
+    save_image_grid(images.cpu(), data.num_bins, path)
+    print(f"train: wrote {path}", flush=True)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the option for values no run can use (before any data is loaded)."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--hidden": args.hidden, "--layers": args.layers,
+                "--kernel-size": args.kernel_size, "--num-logistic-mix": args.num_logistic_mix}
+    for option, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    non_negative = {"--lr": args.lr, "--weight-decay": args.weight_decay, "--max-minutes": args.max_minutes, "--samples": args.samples}
+    for option, value in non_negative.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{option} must not be negative, got {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Runs the training the options describe; returns the summary (rank 0 also writes the files)."""
+    _check_args(args)
+    run = _setup_distributed(args.device)
+    try:
+        with use_backend(args.backend) if args.backend else nullcontext():
+            return _train(args, run)
+    finally:
+        if run.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, run: Distributed) -> dict:
+    from pixelcnn_kernels.models import model_from_config
+
+    out = Path(args.out)
+    resume_path = _resume_path(args)
+    resumed = load_checkpoint(resume_path) if resume_path is not None else None
+    if resumed is not None:
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in resumed["args"].items() if k in _FIXED_ON_RESUME}})
+    if args.batch_size % run.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {run.world_size} processes")
+    local_batch = args.batch_size // run.world_size
+
+    torch.manual_seed(args.seed)
+    data = load_dataset(args.data, num_bins=args.num_bins, seed=args.seed)
+    spec = resumed["model"] if resumed is not None else _model_spec(args, data)
+    model = model_from_config(spec).to(run.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sampler = DistributedSampler(range(len(data.train)), num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
+    total_steps = args.epochs * math.ceil(len(sampler) / local_batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+    metrics: list[dict] = []
+    start_epoch = 0
+    if resumed is not None:
+        model.load_state_dict(resumed["state_dict"])
+        optimizer.load_state_dict(resumed["optimizer"]["optimizer"])
+        schedule.load_state_dict(resumed["optimizer"]["schedule"])
+        metrics = resumed["metrics"]
+        start_epoch = resumed["epoch"]
+        set_rng_state(resumed["rng"])
+    loss_fn = _Loss(model)
+    if run.world_size > 1:
+        loss_fn = DistributedDataParallel(loss_fn)
+    autocast = (lambda: torch.autocast(run.device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+    train_labels = data.train_labels if args.class_conditional else None
+    held_out_labels = data.held_out_labels if args.class_conditional else None
+    nats_per_bit_dim = math.prod(data.image_shape) * math.log(2.0)  # loss (nats per image) / this = bits/dim
+    if run.is_main:
+        print(f"train: {data}; model {spec['name']} {spec['config']}; {sum(p.numel() for p in model.parameters())} parameters; "
+              f"{run.world_size} process(es) on {run.device}", flush=True)
+
+    elapsed_before = sum(m["seconds"] for m in metrics)
+    started = time.perf_counter()
+    best = min((m["held_out_bpd"] for m in metrics), default=math.inf)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        epoch_started = time.perf_counter()
+        model.train()
+        nats = torch.zeros((), dtype=torch.float64, device=run.device)
+        step_losses = []
+        bar = tqdm(_batches(list(sampler), local_batch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                   disable=args.no_progress or not run.is_main, leave=False)
+        for batch in bar:
+            x = data.train[batch].to(run.device)
+            cond = None if train_labels is None else train_labels[batch].to(run.device)
+            with autocast():
+                loss = loss_fn(x, cond)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            nats += loss.detach().double() * len(batch)
+            step_losses.append(_mean_over_ranks(loss.detach(), torch.ones((), device=run.device), run))
+            bar.set_postfix(bpd=f"{step_losses[-1] / nats_per_bit_dim:.3f}")
+        train_bpd = _mean_over_ranks(nats, torch.tensor(float(len(sampler)), device=run.device), run) / nats_per_bit_dim
+        held_out_bpd = evaluate(model, data.held_out, held_out_labels, run, 4 * local_batch, autocast)
+        metrics.append({
+            "epoch": epoch + 1, "train_bpd": train_bpd, "held_out_bpd": held_out_bpd,
+            "seconds": time.perf_counter() - epoch_started, "lr": schedule.get_last_lr()[0], "step_losses": step_losses,
+        })
+        improved = held_out_bpd < best
+        best = min(best, held_out_bpd)
+        if run.is_main:
+            print(f"epoch {epoch + 1}/{args.epochs}: train {train_bpd:.4f} bits/dim, held-out {held_out_bpd:.4f} bits/dim"
+                  f"{' (best)' if improved else ''}, {metrics[-1]['seconds']:.1f} s", flush=True)
+            state = dict(model_spec=spec, state_dict=model.state_dict(), epoch=epoch + 1, metrics=metrics, args=_saved_args(args),
+                         optimizer={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+            save_checkpoint(out / "last.pt", **state)
+            if improved:
+                save_checkpoint(out / "best.pt", **state)
+            _write_metrics(out / "metrics.json", metrics, spec)
+        if args.max_minutes is not None and elapsed_before + time.perf_counter() - started > 60 * args.max_minutes:
+            if run.is_main:
+                print(f"train: stopping after epoch {epoch + 1}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+    summary = {"best_held_out_bpd": best, "epochs_done": len(metrics), "minutes": (elapsed_before + time.perf_counter() - started) / 60}
+    if run.is_main and metrics:
+        _write_metrics(out / "metrics.json", metrics, spec, summary)
+        print(f"train: best held-out {best:.4f} bits/dim after {len(metrics)} epochs, {summary['minutes']:.1f} min; checkpoints in {out}", flush=True)
+        if args.samples > 0:
+            best_model = model_from_config(spec).to(run.device)
+            best_model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["state_dict"])
+            _save_samples(best_model, data, args, out / "samples.png", run)
+    return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    train(args)
+    return 0

@@ -1,0 +1,316 @@
+"""convert(): the three ways people write masked convolutions, what must be skipped, and state-dict compatibility.
+
+The modules below are written the way third-party PixelCNNs write them (hand-made
+masks, in-place or functional masking, pad-then-conv), not with this package.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelcnn_kernels import convert, use_backend
+from pixelcnn_kernels.convert import MaskedConvWrapper
+from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.nn import MaskedConv2d
+from pixelcnn_kernels.testing import assert_close
+
+
+def pixelcnn_mask(kind: str, k: int) -> torch.Tensor:
+    """The classic hand-made (k, k) PixelCNN mask: rows above, and left of the centre (plus the centre for B)."""
+    mask = torch.ones(k, k)
+    mask[k // 2, k // 2 + (kind == "B") :] = 0
+    mask[k // 2 + 1 :] = 0
+    return mask
+
+
+class InPlaceMaskedConv(nn.Conv2d):
+    """Masks its weight in place before each call; the mask has the weight's full shape."""
+
+    def __init__(self, c_in, c_out, k, kind="B", dilation=1):
+        super().__init__(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation)
+        self.register_buffer("mask", pixelcnn_mask(kind, k).expand_as(self.weight).clone())
+
+    def forward(self, x):
+        self.weight.data *= self.mask
+        return super().forward(x)
+
+
+class FunctionalMaskedConv(nn.Conv2d):
+    """Masks functionally with a (k, k) mask held as ``conv_mask`` (a frozen Parameter or a buffer)."""
+
+    def __init__(self, c_in, c_out, mask, as_parameter=False, bias=True):
+        super().__init__(c_in, c_out, tuple(mask.shape), padding=tuple(s // 2 for s in mask.shape), bias=bias)
+        if as_parameter:
+            self.conv_mask = nn.Parameter(mask, requires_grad=False)
+        else:
+            self.register_buffer("conv_mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.conv_mask, self.bias, padding=self.padding)
+
+
+class ColourMaskedConv(nn.Conv2d):
+    """A colour PixelCNN conv: full (out, in, k, k) mask with the R, G, B channel rule at the centre."""
+
+    def __init__(self, c_in, c_out, k, kind):
+        super().__init__(c_in, c_out, k, padding=k // 2)
+        self.register_buffer("mask", resolve_mask(kind, k, color_groups=3).weight_mask(c_out, c_in))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class MaskWrapper(nn.Module):
+    """Tutorial style: holds an nn.Conv2d and a (1, 1, kh, kw) mask, masks the conv's weight in place."""
+
+    def __init__(self, c_in, c_out, mask, dilation=1):
+        super().__init__()
+        padding = tuple(dilation * (s - 1) // 2 for s in mask.shape)
+        self.conv = nn.Conv2d(c_in, c_out, tuple(mask.shape), padding=padding, dilation=dilation)
+        self.register_buffer("mask", mask[None, None])
+
+    def forward(self, x):
+        self.conv.weight.data *= self.mask
+        return self.conv(x)
+
+
+class DownShiftedConv(nn.Module):
+    """PixelCNN++ style: zero-pad the top (and both sides), then an unpadded conv."""
+
+    def __init__(self, c_in, c_out, kernel=(2, 3), stride=1, weight_norm=False, shift_output_down=False):
+        super().__init__()
+        self.pad = nn.ZeroPad2d(((kernel[1] - 1) // 2, (kernel[1] - 1) // 2, kernel[0] - 1, 0))
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride)
+        if weight_norm:
+            self.conv = nn.utils.parametrizations.weight_norm(self.conv)
+        self.shift_output_down = shift_output_down
+
+    def forward(self, x):
+        x = self.conv(self.pad(x))
+        return F.pad(x, (0, 0, 1, 0))[:, :, :-1] if self.shift_output_down else x
+
+
+class DownRightShiftedConv(nn.Module):
+    """PixelCNN++ style down-right shift written with F.pad in forward (no pad module)."""
+
+    def __init__(self, c_in, c_out, kernel=(2, 2)):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv2d(c_in, c_out, kernel)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (self.kernel[1] - 1, 0, self.kernel[0] - 1, 0)))
+
+
+class UnappliedMaskConv(nn.Conv2d):
+    """Holds a mask but forgets to apply it: must not be converted."""
+
+    def __init__(self, c_in, c_out, k):
+        super().__init__(c_in, c_out, k, padding=k // 2)
+        self.register_buffer("mask", pixelcnn_mask("A", k))
+
+
+def third_party_pixelcnn() -> nn.Module:
+    return nn.ModuleDict({
+        "first": InPlaceMaskedConv(3, 6, 5, "A"),
+        "dilated": InPlaceMaskedConv(6, 6, 3, "B", dilation=2),
+        "frozen_param": FunctionalMaskedConv(6, 6, pixelcnn_mask("B", 3), as_parameter=True),
+        "colour": ColourMaskedConv(6, 6, 3, "B"),
+        "vertical": MaskWrapper(6, 6, torch.tensor([[1.0, 1, 1], [1, 1, 1], [0, 0, 0]])),
+        "horizontal": MaskWrapper(6, 6, torch.tensor([[1.0, 1, 0]]), dilation=2),
+        "down": DownShiftedConv(6, 6),
+        "down_right": DownRightShiftedConv(6, 6),
+        "leaky": UnappliedMaskConv(6, 6, 3),
+        "strided": DownShiftedConv(6, 6, stride=2),
+        "weight_normed": DownShiftedConv(6, 6, weight_norm=True),
+        "shifted_output": DownShiftedConv(6, 6, shift_output_down=True),
+    })
+
+
+def run_all(model: nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {name: module(x if name == "first" else x.repeat(1, 2, 1, 1)) for name, module in model.items()}
+
+
+EXPECTED_MASKS = {
+    "first": "A 5×5",
+    "dilated": "B 3×3",
+    "frozen_param": "B 3×3",
+    "colour": "B 3×3, colour groups 3",
+    "vertical": "vertical 3×3",
+    "horizontal": "horizontal 1×3",
+    "down": "down_shifted 2×3",
+    "down_right": "down_right_shifted 2×2",
+}
+EXPECTED_REASONS = {
+    "leaky": "output differs from the masked conv",
+    "strided": "stride (2, 2)",
+    "weight_normed": "weight-normalised",
+    "shifted_output": "output differs",
+}
+
+
+def test_recognises_every_style_and_skips_with_reasons():
+    model = third_party_pixelcnn()
+    x = torch.randn(2, 3, 8, 8)
+    before = run_all(model, x)
+    report = convert(model)
+    assert {r.name: r.mask for r in report.replaced} == EXPECTED_MASKS
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert set(skipped) == set(EXPECTED_REASONS)
+    for name, reason in EXPECTED_REASONS.items():
+        assert reason in skipped[name], skipped[name]
+    for name in EXPECTED_MASKS:
+        module = model[name]
+        assert isinstance(module, (MaskedConv2d, MaskedConvWrapper)), name
+    after = run_all(model, x)
+    for name in before:
+        assert_close(after[name], before[name], msg=name)
+    table = str(report)
+    assert "convert: 8 replaced, 4 skipped" in table and "down_right_shifted 2×2" in table and "weight-normalised" in table
+
+
+def test_same_parameters_keep_an_optimizer_working():
+    model = third_party_pixelcnn()
+    params_before = {name: p for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert(model)
+    params_after = dict(model.named_parameters())
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[name] is p for name, p in params_before.items())
+    weight = model["first"].weight
+    old = weight.detach().clone()
+    loss = model["first"](torch.randn(1, 3, 6, 6)).square().sum()
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(weight, old)
+
+
+def test_state_dict_loads_both_ways():
+    original = third_party_pixelcnn()
+    converted = convert(third_party_pixelcnn(), inplace=True).model
+    assert list(converted.state_dict()) == list(original.state_dict())
+    converted.load_state_dict(original.state_dict())
+    for name, value in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], value), name
+    fresh = third_party_pixelcnn()
+    fresh.load_state_dict(converted.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for name, out in run_all(fresh, x).items():
+        assert_close(run_all(converted, x)[name], out, msg=name)
+
+
+def test_loading_a_different_mask_into_a_converted_conv_fails():
+    converted = convert(nn.Sequential(InPlaceMaskedConv(2, 2, 3, "B"))).model
+    state = converted.state_dict()
+    state["0.mask"] = torch.ones_like(state["0.mask"])
+    with pytest.raises(ValueError, match="differs from the mask this converted conv implements"):
+        converted.load_state_dict(state)
+
+
+def test_not_inplace_converts_a_copy():
+    model = nn.Sequential(InPlaceMaskedConv(2, 4, 3, "A"), nn.ReLU(), MaskWrapper(4, 4, pixelcnn_mask("B", 3)))
+    report = convert(model, inplace=False)
+    assert type(model[0]) is InPlaceMaskedConv and type(model[2]) is MaskWrapper
+    assert isinstance(report.model[0], MaskedConv2d) and isinstance(report.model[2], MaskedConvWrapper)
+    assert report.model[0].weight is not model[0].weight
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        assert_close(report.model(x), model(x))
+
+
+def test_probes_leave_weights_unchanged():
+    conv = InPlaceMaskedConv(2, 2, 3, "A")
+    model = nn.Sequential(conv)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)  # non-zero at masked taps: the in-place forward would zero them
+    convert(model)
+    assert torch.all(model[0].weight == 1.0)
+
+
+@pytest.mark.parametrize(
+    "module, reason",
+    [
+        (FunctionalMaskedConv(2, 2, torch.tensor([[0.0, 0.5, 0], [1, 1, 0], [0, 0, 0]])), "values other than 0 and 1"),
+        (FunctionalMaskedConv(2, 2, pixelcnn_mask("B", 3)[:2]), "centred mask needs odd kernel sizes"),
+    ],
+)
+def test_unusable_masks_are_skipped(module, reason):
+    report = convert(nn.Sequential(module))
+    assert not report.replaced and reason in report.skipped[0].reason
+
+
+def test_uncentred_padding_and_hooks_are_skipped():
+    uncentred = InPlaceMaskedConv(2, 2, 3, "B")
+    uncentred.padding = (0, 0)
+    hooked = InPlaceMaskedConv(2, 2, 3, "B")
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    report = convert(nn.Sequential(uncentred, hooked))
+    reasons = [s.reason for s in report.skipped]
+    assert "not the centred padding" in reasons[0] and "hooks" in reasons[1]
+
+
+def test_the_model_itself_is_not_replaced():
+    report = convert(InPlaceMaskedConv(2, 2, 3, "A"))
+    assert not report.replaced and "model itself" in report.skipped[0].reason
+
+
+def test_plain_modules_are_not_candidates():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU()))
+    report = convert(model)
+    assert not report.replaced and not report.skipped
+
+
+def test_converted_model_runs_on_the_triton_backend():
+    model = nn.Sequential(InPlaceMaskedConv(2, 4, 3, "A"), nn.ReLU(), DownShiftedConv(4, 2))
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    convert(model)
+    with use_backend("triton"), torch.no_grad():
+        assert_close(model(x), expected)
+
+
+def test_converted_model_compiles():
+    model = nn.Sequential(InPlaceMaskedConv(2, 4, 3, "A"), nn.ReLU(), MaskWrapper(4, 4, pixelcnn_mask("B", 3)), DownRightShiftedConv(4, 2))
+    convert(model)
+    x = torch.randn(2, 2, 6, 6)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        convert("model")
+    with pytest.raises(TypeError, match="inplace"):
+        convert(nn.Sequential(), inplace="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_convert_on_the_gpu(dtype):
+    model = third_party_pixelcnn().to("cuda", dtype)
+    x = torch.randn(4, 3, 16, 16, device="cuda", dtype=dtype)
+    before = run_all(model, x)
+    report = convert(model)
+    assert {r.name for r in report.replaced} == set(EXPECTED_MASKS), str(report)
+    after = run_all(model, x)
+    for name in before:
+        assert_close(after[name], before[name], tf32=True, msg=name)
+
+
+def test_converting_twice_changes_nothing_more():
+    model = third_party_pixelcnn()
+    convert(model)
+    again = convert(model)
+    assert not again.replaced and {s.name for s in again.skipped} == set(EXPECTED_REASONS)
+
+
+def test_an_unapplied_mask_is_caught_even_when_the_weights_are_already_masked():
+    conv = UnappliedMaskConv(2, 2, 3)
+    with torch.no_grad():
+        conv.weight *= conv.mask  # the current weights agree with the mask: only random weights reveal the bug
+    report = convert(nn.Sequential(conv))
+    assert not report.replaced and "probe with random weights" in report.skipped[0].reason

@@ -1,0 +1,256 @@
+"""Data loading, checkpoints and the ``train`` command (short runs of tiny models on the CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from pixelcnn_kernels.cli import build_parser
+from pixelcnn_kernels.data import load_dataset, load_digits, load_images, load_photos, quantize, save_image_grid
+from pixelcnn_kernels.train import train
+
+TINY_MODEL = ["--hidden", "8", "--layers", "1", "--kernel-size", "3", "--batch-size", "16", "--no-progress", "--samples", "0"]
+
+
+def train_args(tmp_path, *extra):
+    return build_parser().parse_args(["train", "--out", str(tmp_path / "run"), *TINY_MODEL, *extra])
+
+
+def digits_npz(directory, count: int) -> str:
+    """The first ``count`` training digits and their labels as an .npz data set."""
+    digits = load_digits()
+    path = directory / f"digits{count}.npz"
+    np.savez(path, images=digits.train[:count, 0].numpy(), labels=digits.train_labels[:count].numpy(), num_bins=17)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_subset(tmp_path_factory):
+    """160 digits (144 train / 16 held out): enough steps to see learning."""
+    return digits_npz(tmp_path_factory.mktemp("data"), 160)
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    """40 digits (36 train / 4 held out): three steps of 16 per epoch."""
+    return digits_npz(tmp_path_factory.mktemp("data"), 40)
+
+
+# ---- data ----
+
+
+def test_digits_split_is_fixed_and_seeded():
+    digits = load_digits()
+    assert (len(digits.train), len(digits.held_out)) == (1500, 297)
+    assert digits.image_shape == (1, 8, 8) and digits.num_bins == 17 and digits.num_classes == 10
+    assert digits.train.dtype == torch.uint8 and int(digits.train.max()) == 16
+    assert torch.equal(load_digits().train, digits.train)
+    assert not torch.equal(load_digits(seed=1).train, digits.train)
+    assert set(digits.train_labels.tolist()) == set(range(10))
+
+
+def test_photos_load_offline_as_rgb_patches():
+    photos = load_photos(num_bins=8)
+    assert photos.image_shape == (3, 32, 32) and photos.num_bins == 8
+    assert len(photos.train) > 1000 and len(photos.held_out) > 100
+    assert int(photos.train.max()) == 7 and photos.train_labels is None
+
+
+def test_quantize():
+    images = torch.tensor([0, 1, 15, 16], dtype=torch.uint8)
+    assert quantize(images, 17, 17) is images
+    assert quantize(images, 17, 4).tolist() == [0, 0, 3, 3]
+    with pytest.raises(ValueError, match="num_bins"):
+        quantize(images, 17, 18)
+
+
+def test_folder_of_images(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = load_images(tmp_path, num_bins=16)
+    assert data.image_shape == (3, 6, 7) and data.num_bins == 16
+    assert len(data.train) + len(data.held_out) == 5 and data.train_labels is None
+    Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).save(tmp_path / "odd.png")
+    with pytest.raises(ValueError, match="one size"):
+        load_images(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
+def test_npz_layouts(tmp_path, layout):
+    images = np.random.default_rng(0).integers(0, 5, (10, 1, 4, 6))
+    stored = {"NHW": images[:, 0], "NHWC": images.transpose(0, 2, 3, 1), "NCHW": images}[layout]
+    np.savez(tmp_path / "d.npz", images=stored, labels=np.arange(10) % 3, num_bins=5)
+    data = load_dataset(str(tmp_path / "d.npz"))
+    assert data.image_shape == (1, 4, 6) and data.num_bins == 5 and data.num_classes == 3
+    merged = torch.cat([data.train, data.held_out]).long()
+    assert sorted(map(tuple, merged.flatten(1).tolist())) == sorted(map(tuple, torch.from_numpy(images).flatten(1).tolist()))
+
+
+def test_npz_errors(tmp_path):
+    np.savez(tmp_path / "a.npz", pixels=np.zeros((3, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="'images'"):
+        load_images(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", images=np.zeros((3, 4, 4), dtype=np.float32))
+    with pytest.raises(TypeError, match="integer"):
+        load_images(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=np.full((3, 4, 4), 9), num_bins=5)
+    with pytest.raises(ValueError, match="0..4"):
+        load_images(tmp_path / "c.npz")
+    np.savez(tmp_path / "d.npz", images=np.zeros((3, 5, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        load_images(tmp_path / "d.npz")
+    with pytest.raises(ValueError, match="is none of them"):
+        load_dataset(str(tmp_path / "missing.npz"))
+
+
+def test_image_grid(tmp_path):
+    from PIL import Image
+
+    images = torch.randint(0, 17, (10, 1, 8, 8))
+    path = save_image_grid(images, 17, tmp_path / "grid.png", columns=4, scale=2)
+    with Image.open(path) as grid:
+        assert grid.size == ((4 * 9 + 1) * 2, (3 * 9 + 1) * 2) and grid.mode == "L"
+
+
+# ---- checkpoints ----
+
+
+def small_checkpoint(path):
+    return save_checkpoint(
+        path, model_spec={"name": "gated_pixelcnn", "config": {"hidden": 4, "layers": 1, "num_bins": 4}},
+        state_dict={"w": torch.arange(3.0)}, optimizer=None, epoch=2, metrics=[{"held_out_bpd": 1.5}],
+    )
+
+
+def test_checkpoint_round_trip_leaves_no_temporary_file(tmp_path):
+    path = small_checkpoint(tmp_path / "c.pt")
+    payload = load_checkpoint(path)
+    assert payload["epoch"] == 2 and torch.equal(payload["state_dict"]["w"], torch.arange(3.0))
+    assert payload["rng"]["torch"].dtype == torch.uint8
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_tampered_checkpoint_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"format": "pixelcnn_kernels.checkpoint", "state_dict": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt was refused.*weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    data = small_checkpoint(tmp_path / "c.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt is truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_foreign_or_missing_checkpoint(tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a pixelcnn-kernels checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+# ---- training ----
+
+
+def test_short_run_learns_and_writes_its_files(tmp_path, digits_subset):
+    summary = train(train_args(tmp_path, "--data", digits_subset, "--epochs", "3", "--lr", "0.01", "--samples", "4"))
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = [loss for epoch in metrics["epochs"] for loss in epoch["step_losses"]]
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
+    uniform_bpd = np.log2(17)
+    assert metrics["summary"]["best_held_out_bpd"] == summary["best_held_out_bpd"] < uniform_bpd - 0.3
+    assert (run / "samples.png").is_file() and (run / "best.pt").is_file()
+    model = load_model(run / "best.pt")
+    assert model.num_bins == 17 and model.config["hidden"] == 8
+
+
+def test_resume_continues_exactly(tmp_path, tiny_digits):
+    straight = train(train_args(tmp_path / "a", "--data", tiny_digits, "--epochs", "2"))
+    # --max-minutes 0 stops after the first epoch, as an interruption would.
+    train(train_args(tmp_path / "b", "--data", tiny_digits, "--epochs", "2", "--max-minutes", "0"))
+    assert load_checkpoint(tmp_path / "b" / "run" / "last.pt")["epoch"] == 1
+    resumed = train(train_args(tmp_path / "b", "--data", tiny_digits, "--epochs", "2", "--resume"))
+    assert resumed["best_held_out_bpd"] == straight["best_held_out_bpd"]
+    a = load_checkpoint(tmp_path / "a" / "run" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_conditional_and_bf16(tmp_path, tiny_digits):
+    summary = train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1", "--class-conditional", "--bf16", "--samples", "3"))
+    assert np.isfinite(summary["best_held_out_bpd"])
+    assert load_model(tmp_path / "run" / "best.pt").num_classes == 10
+
+
+def test_bad_options(tmp_path, tiny_digits):
+    for option, value in (("--epochs", "0"), ("--batch-size", "-2"), ("--lr", "-1"), ("--dropout", "1.5")):
+        with pytest.raises(ValueError, match=option):
+            train(train_args(tmp_path, "--data", tiny_digits, option, value))
+    with pytest.raises(ValueError, match="--class-conditional needs labels"):
+        train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--class-conditional"))
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--resume"))
+
+
+def test_backends_train_to_the_same_curve(tmp_path, tiny_digits):
+    reference = train(train_args(tmp_path / "r", "--data", tiny_digits, "--epochs", "1", "--backend", "reference"))
+    fused = train(train_args(tmp_path / "t", "--data", tiny_digits, "--epochs", "1", "--backend", "triton"))
+    curves = [json.loads((tmp_path / d / "run" / "metrics.json").read_text())["epochs"][0]["step_losses"] for d in ("r", "t")]
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-3)
+    assert abs(reference["best_held_out_bpd"] - fused["best_held_out_bpd"]) < 1e-3
+
+
+def test_ddp_with_two_processes_matches_one(tmp_path, tiny_digits):
+    common = ["--data", tiny_digits, "--epochs", "1", *TINY_MODEL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pixelcnn_kernels", "train"]
+    subprocess.run([*command, "--out", str(tmp_path / "ddp"), *common], check=True, env=env, capture_output=True, timeout=300)
+    train(build_parser().parse_args(["train", "--out", str(tmp_path / "one"), *common]))
+    ddp, one = (json.loads((tmp_path / d / "metrics.json").read_text())["epochs"][0] for d in ("ddp", "one"))
+    np.testing.assert_allclose(ddp["step_losses"], one["step_losses"], rtol=1e-4)
+    assert ddp["held_out_bpd"] == pytest.approx(one["held_out_bpd"], rel=1e-4)
+
+
+def test_train_help_lists_every_option():
+    result = subprocess.run([sys.executable, "-m", "pixelcnn_kernels", "train", "--help"], capture_output=True, text=True, check=True)
+    for option in ("--data", "--model", "--hidden", "--layers", "--epochs", "--batch-size", "--lr", "--seed", "--bf16", "--backend", "--out", "--resume", "--class-conditional", "--max-minutes"):
+        assert option in result.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_backends_and_bf16_train_alike(tmp_path, tiny_digits):
+    common = ["--data", tiny_digits, "--epochs", "2", "--device", "cuda"]
+    runs = {}
+    for name, extra in {"reference": ["--backend", "reference"], "cuda": ["--backend", "cuda"], "bf16": ["--backend", "cuda", "--bf16"]}.items():
+        runs[name] = train(train_args(tmp_path / name, *common, *extra))
+    curves = {name: json.loads((tmp_path / name / "run" / "metrics.json").read_text())["epochs"][0]["step_losses"] for name in runs}
+    # Both fp32 runs may use TF32 matrix units; bf16 rounds every activation.
+    np.testing.assert_allclose(curves["cuda"], curves["reference"], rtol=5e-3)
+    np.testing.assert_allclose(curves["bf16"], curves["reference"], rtol=5e-2)
+    assert abs(runs["bf16"]["best_held_out_bpd"] - runs["reference"]["best_held_out_bpd"]) < 0.1
+
+
+def test_pixelcnn_plus_plus_trains(tmp_path, tiny_digits):
+    args = build_parser().parse_args(["train", "--data", tiny_digits, "--model", "pixelcnnpp", "--hidden", "4", "--layers", "1",
+                                      "--num-logistic-mix", "2", "--epochs", "1", "--batch-size", "16", "--no-progress", "--samples", "0",
+                                      "--out", str(tmp_path / "run")])
+    summary = train(args)
+    assert np.isfinite(summary["best_held_out_bpd"])
+    model = load_model(tmp_path / "run" / "best.pt")
+    assert type(model).__name__ == "PixelCNNPlusPlus" and model.config["nr_logistic_mix"] == 2
