@@ -404,6 +404,18 @@ def _chi_square_critical(dof: int, z: float = 4.75) -> float:
     return dof * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
+
+def test_kernel_sampler_with_nan_mixture_logits_picks_a_real_component(kernel_backend, kernel_device):
+    """All-NaN mixture logits at the last pixel, K=3 (padded to 4 lanes): the draw
+    picks the first component, as torch.argmax does, never a padded lane."""
+    logits = make_logits(3, 3, batch=1, height=1, width=2, device=kernel_device, log_scale_range=(-4.0, 0.0))
+    logits[0, :3, 0, 1] = float("nan")
+    noise = (torch.rand(1, 3, 1, 2, device=kernel_device), torch.rand(1, 3, 1, 2, device=kernel_device))
+    with use_backend(kernel_backend):
+        got = sample_op(logits, num_bins=32, noise=noise, channels=3)
+    expected = reference.sample_discretized_mix_logistic(logits, *noise, 32, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("channels, num_bins", [(1, 32), (3, 4)])
 def test_sampled_bins_follow_the_likelihood(channels, num_bins):
     """Chi-square of sampled bins against exp(-NLL) of every bin (joint over channels for C = 3)."""

@@ -296,8 +296,10 @@ def _dmol_sample_kernel(
     mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset[:, None], k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
     m_offset = (batch * m_stride_b + row * m_stride_h + col * m_stride_w)[:, None]
     u_mix = _clamp_noise(tl.load(_channel_ptrs(u_mix_ptr, m_offset, k[None, :], m_stride_k, INDEX_64), mask=tile_mask, other=0.5))
-    scores = tl.where(k_mask[None, :], mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix)), -float("inf"))
-    component = tl.argmax(scores, axis=1)
+    scores = mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix))
+    # A NaN score wins, as in torch.argmax; made +inf so the argmax can never pick a padded lane (k >= K).
+    scores = tl.where(scores != scores, float("inf"), scores)
+    component = tl.argmax(tl.where(k_mask[None, :], scores, -float("inf")), axis=1)
 
     u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
     red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
