@@ -258,10 +258,15 @@ def format_table(results: list[Result]) -> str:
             lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  skipped: {r.error}")
             continue
         lines.append(
-            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{r.median_ms:>11.4f}{r.p20_ms:>9.4f}{r.p80_ms:>9.4f}"
-            f"{r.peak_mib:>10.1f}{r.floor_ms:>10.4f}{r.ratio_to_compile:>10.2f}"
+            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}"
+            f"{_cell(r.peak_mib, 10, 1)}{_cell(r.floor_ms, 10, 4)}{_cell(r.ratio_to_compile, 10, 2)}"
         )
     return "\n".join(lines)
+
+
+def _cell(value: float, width: int, decimals: int) -> str:
+    """A right-aligned number, or '-' where it was not measured (NaN: no GPU, no compile row)."""
+    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
 
 
 def write_results(results: list[Result], out_dir: Path, meta: dict) -> list[Path]:

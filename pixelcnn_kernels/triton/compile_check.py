@@ -14,18 +14,14 @@ import os
 import sys
 import traceback
 
-KERNEL_MODULES = ("gates", "dmol", "masked_conv", "sampling")
+KERNEL_MODULES = ("gates", "dmol", "masked_conv")
 
 
 def _load_cases():
     from pixelcnn_kernels.triton.utils import COMPILE_CASES
 
     for module in KERNEL_MODULES:
-        try:
-            importlib.import_module(f"pixelcnn_kernels.triton.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"pixelcnn_kernels.triton.{module}":
-                raise
+        importlib.import_module(f"pixelcnn_kernels.triton.{module}")
     return COMPILE_CASES
 
 
