@@ -24,6 +24,7 @@ CPU run); every loader takes ``num_bins=`` to do it on load.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +95,17 @@ def _held_out_split(n: int, held_out: float) -> int:
     return min(n - 1, max(1, round(n * (1.0 - held_out))))
 
 
+def _optional_import(module: str, package: str):
+    """Imports a data-loading dependency, or says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{package} is needed to load this data: pip install 'pixelcnn-kernels[data]' (or pip install {package})") from exc
+
+
 def load_digits(*, num_bins: int = DIGITS_BINS, seed: int = 0) -> ImageDataset:
     """scikit-learn's 8×8 digits: 1500 train / 297 held out after a seeded shuffle, labels 0..9."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
+    bunch = _optional_import("sklearn.datasets", "scikit-learn").load_digits()
     images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # (1797, 1, 8, 8), 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     images = quantize(images, DIGITS_BINS, num_bins)
@@ -107,11 +114,10 @@ def load_digits(*, num_bins: int = DIGITS_BINS, seed: int = 0) -> ImageDataset:
 
 def load_photos(*, patch_size: int = 32, num_bins: int = 256, held_out: float = DEFAULT_HELD_OUT, seed: int = 0) -> ImageDataset:
     """Non-overlapping RGB patches of the colour photographs bundled with scikit-image."""
-    import skimage.data
-
+    skimage_data = _optional_import("skimage.data", "scikit-image")
     patches = []
     for name in PHOTO_NAMES:
-        photo = torch.from_numpy(np.ascontiguousarray(getattr(skimage.data, name)()[..., :3]))  # (H, W, 3) uint8
+        photo = torch.from_numpy(np.ascontiguousarray(getattr(skimage_data, name)()[..., :3]))  # (H, W, 3) uint8
         rows, cols = photo.shape[0] // patch_size, photo.shape[1] // patch_size
         tiles = photo[: rows * patch_size, : cols * patch_size].reshape(rows, patch_size, cols, patch_size, 3)
         patches.append(tiles.permute(0, 2, 4, 1, 3).reshape(rows * cols, 3, patch_size, patch_size))
@@ -120,7 +126,7 @@ def load_photos(*, patch_size: int = 32, num_bins: int = 256, held_out: float = 
 
 
 def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
-    from PIL import Image
+    Image = _optional_import("PIL.Image", "pillow")
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -180,7 +186,7 @@ def load_images(path: str | Path, *, num_bins: int | None = None, held_out: floa
 
 def save_image_grid(images: torch.Tensor, num_bins: int, path: str | Path, columns: int = 8, scale: int = 4) -> Path:
     """Saves integer images (N, C, H, W) of bins 0..num_bins-1 as one PNG grid (``scale``× nearest upsampling)."""
-    from PIL import Image
+    Image = _optional_import("PIL.Image", "pillow")
 
     n, channels, height, width = images.shape
     rows = -(-n // columns)
