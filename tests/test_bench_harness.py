@@ -1,6 +1,8 @@
 """The benchmark harness on the CPU: every mode and provider is measured or says why not."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -45,3 +47,9 @@ def test_every_family_defines_cpu_cases():
         assert cases, family
         for case in cases:
             assert case.family == family and case.name and case.config
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
