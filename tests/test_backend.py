@@ -83,3 +83,19 @@ def test_available_backends_lists_every_backend_with_a_reason_or_none():
 @pytest.mark.skipif(torch.version.cuda is not None, reason="message for a torch build without CUDA")
 def test_cuda_reason_names_torch_without_cuda():
     assert "has no CUDA" in backend.unavailable_reason("cuda")
+
+
+def test_package_works_without_triton():
+    """With triton unimportable, the package imports, says why, and runs on the reference backend."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, pixelcnn_kernels as pk\n"
+        "assert pk.available_backends()['triton'].startswith('triton is not installed'), pk.available_backends()\n"
+        "x = torch.randn(2, 4, 3, 3)\n"
+        "torch.testing.assert_close(pk.gate_tanh_sigmoid(x), torch.tanh(x[:, :2]) * torch.sigmoid(x[:, 2:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
