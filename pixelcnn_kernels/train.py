@@ -17,6 +17,7 @@ Only rank 0 writes files and shows the progress bar.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -36,10 +37,16 @@ from pixelcnn_kernels.checkpoint import load_checkpoint, save_checkpoint, set_rn
 from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
 
 MODEL_NAMES = {"gated": "gated_pixelcnn", "pixelcnnpp": "pixelcnn_pp"}  # --model choice -> models.MODELS name
+# The gated defaults were chosen on the digits (held-out bits/dim after 20 epochs, seed 0): hidden 64 without
+# dropout overfits (1.756); dilations 1, 2, ... with dropout 0.2: 1.729; hidden 96 with dropout 0.4: 1.716 with
+# --ema-decay 0.995, which beats the last weights all along the run (1.723 against 1.729 at epoch 14). Over the
+# default run's 480 steps the average's warm-up cap (1 + t) / (10 + t) stays below 0.995 and sets the decay.
 DEFAULTS = {
-    "hidden": {"gated": 64, "pixelcnnpp": 64},
+    "hidden": {"gated": 96, "pixelcnnpp": 64},
     "layers": {"gated": 5, "pixelcnnpp": 2},
+    "dropout": {"gated": 0.4, "pixelcnnpp": 0.5},
 }
+DEFAULT_EMA_DECAY = 0.995
 SAMPLE_COUNT = 64
 DEFAULT_OUT = "runs/train"
 
@@ -69,13 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']}, rounded up to a multiple of 3 for RGB with the gated model, which needs one)")
     model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
     model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions (default 3)")
-    model.add_argument("--dropout", type=float, default=0.5, help="dropout of the pixelcnnpp blocks (default 0.5)")
+    model.add_argument("--dilations", type=int, nargs="+", metavar="D", help="gated: one dilation per layer (default 1, 2, 1, 2, ...)")
+    model.add_argument("--dropout", type=float, help=f"dropout in the gated layers' residual branch (gated, default {DEFAULTS['dropout']['gated']}) "
+                       f"or the pixelcnnpp blocks (default {DEFAULTS['dropout']['pixelcnnpp']})")
     model.add_argument("--num-logistic-mix", type=int, default=5, help="logistic mixture components of the pixelcnnpp head (default 5)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=20, help="epochs to train (default 20); with --resume, the total including those already done")
     optim.add_argument("--batch-size", type=int, default=64, help="global batch size, split evenly across torchrun processes (default 64)")
     optim.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, decayed to 0 on a cosine over the run (default 3e-3)")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    optim.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY, help="evaluate, save and sample an exponential moving average "
+                       f"of the weights with this decay per step, capped by (1 + t) / (10 + t) at step t (default {DEFAULT_EMA_DECAY}; "
+                       "0: the trained weights themselves)")
     optim.add_argument("--max-minutes", type=float, help="stop after the epoch during which this much training time has passed (default: no limit)")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the data split, the shuffling and the samples (default 0)")
@@ -123,15 +135,23 @@ def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
     if args.hidden is None and args.model == "gated" and channels == 3:
         hidden = 3 * math.ceil(hidden / 3)  # colour groups split the channels in thirds
     layers = args.layers or DEFAULTS["layers"][args.model]
+    dropout = DEFAULTS["dropout"][args.model] if args.dropout is None else args.dropout
     num_classes = data.num_classes if args.class_conditional else None
     if args.class_conditional and not data.num_classes:
         raise ValueError(f"--class-conditional needs labels, and the {data.name} data set has none")
+    if args.dilations is not None and args.model != "gated":
+        raise ValueError(f"--dilations is an option of --model gated, not {args.model}")
+    if args.dilations is not None and len(args.dilations) != layers:
+        raise ValueError(f"--dilations takes one value per gated layer ({layers}), got {args.dilations}")
     if args.model == "gated":
-        config = dict(in_channels=channels, hidden=hidden, layers=layers, kernel_size=args.kernel_size, num_classes=num_classes,
-                      head="softmax", num_bins=data.num_bins, image_size=[height, width])
+        # Dilation 2 every other layer widens the receptive field at no cost: five 3×3 layers then see the whole
+        # 8×8 digit above and to the left, which measurably lowers the held-out bits/dim (kernel 5 does too, but slowly).
+        dilations = args.dilations or [1 + layer % 2 for layer in range(layers)]
+        config = dict(in_channels=channels, hidden=hidden, layers=layers, kernel_size=args.kernel_size, dilations=dilations,
+                      dropout=dropout, num_classes=num_classes, head="softmax", num_bins=data.num_bins, image_size=[height, width])
     else:
         config = dict(nr_resnet=layers, nr_filters=hidden, nr_logistic_mix=args.num_logistic_mix, in_channels=channels,
-                      num_classes=num_classes, dropout=args.dropout, num_bins=data.num_bins, image_size=[height, width])
+                      num_classes=num_classes, dropout=dropout, num_bins=data.num_bins, image_size=[height, width])
     return {"name": MODEL_NAMES[args.model], "config": config}
 
 
@@ -180,8 +200,21 @@ class _Loss(torch.nn.Module):
 
 
 # Options a resumed run takes from its checkpoint: they fix the data, the model and the shuffling.
-_FIXED_ON_RESUME = ("data", "num_bins", "class_conditional", "model", "hidden", "layers", "kernel_size", "dropout",
-                    "num_logistic_mix", "seed", "batch_size")
+_FIXED_ON_RESUME = ("data", "num_bins", "class_conditional", "model", "hidden", "layers", "kernel_size", "dilations", "dropout",
+                    "num_logistic_mix", "seed", "batch_size", "ema_decay")
+
+
+@torch.no_grad()
+def _update_average(average: torch.nn.Module, model: torch.nn.Module, decay: float, steps_done: int) -> None:
+    """One step of the exponential moving average: average <- d·average + (1 - d)·model.
+
+    d = min(decay, (1 + steps_done) / (10 + steps_done)), as TensorFlow's
+    ExponentialMovingAverage with num_updates: early steps average over fewer steps, so
+    the random initialisation does not linger in the average of a short run.
+    """
+    step_decay = min(decay, (1 + steps_done) / (10 + steps_done))
+    for averaged, trained in zip(average.parameters(), model.parameters(), strict=True):
+        averaged.lerp_(trained, 1.0 - step_decay)
 
 
 def _saved_args(args: argparse.Namespace) -> dict:
@@ -210,11 +243,15 @@ def _check_args(args: argparse.Namespace) -> None:
     for option, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
+    if args.dilations is not None and min(args.dilations) < 1:
+        raise ValueError(f"--dilations must all be at least 1, got {args.dilations}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     non_negative = {"--lr": args.lr, "--weight-decay": args.weight_decay, "--max-minutes": args.max_minutes, "--samples": args.samples}
     for option, value in non_negative.items():
         if value is not None and value < 0:
             raise ValueError(f"{option} must not be negative, got {value}")
-    if not 0.0 <= args.dropout < 1.0:
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
 
 
@@ -237,7 +274,9 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     resume_path = _resume_path(args)
     resumed = load_checkpoint(resume_path) if resume_path is not None else None
     if resumed is not None:
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in resumed["args"].items() if k in _FIXED_ON_RESUME}})
+        fixed = {k: v for k, v in resumed["args"].items() if k in _FIXED_ON_RESUME}
+        fixed.setdefault("ema_decay", 0.0)  # checkpoints written before --ema-decay existed: no average
+        args = argparse.Namespace(**{**vars(args), **fixed})
     if args.batch_size % run.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {run.world_size} processes")
     local_batch = args.batch_size // run.world_size
@@ -246,6 +285,10 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     data = load_dataset(args.data, num_bins=args.num_bins, seed=args.seed)
     spec = resumed["model"] if resumed is not None else _model_spec(args, data)
     model = model_from_config(spec).to(run.device)
+    # With --ema-decay the average is what is evaluated, saved as the checkpoints' state_dict and sampled;
+    # the trained weights then travel in the checkpoint's optimizer entry, for --resume.
+    average = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
+    evaluated = model if average is None else average
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sampler = DistributedSampler(range(len(data.train)), num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
     total_steps = args.epochs * math.ceil(len(sampler) / local_batch)
@@ -253,7 +296,9 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     metrics: list[dict] = []
     start_epoch = 0
     if resumed is not None:
-        model.load_state_dict(resumed["state_dict"])
+        evaluated.load_state_dict(resumed["state_dict"])
+        if average is not None:
+            model.load_state_dict(resumed["optimizer"]["trained_state_dict"])
         optimizer.load_state_dict(resumed["optimizer"]["optimizer"])
         schedule.load_state_dict(resumed["optimizer"]["schedule"])
         metrics = resumed["metrics"]
@@ -290,11 +335,13 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             loss.backward()
             optimizer.step()
             schedule.step()
+            if average is not None:
+                _update_average(average, model, args.ema_decay, schedule.last_epoch)
             nats += loss.detach().double() * len(batch)
             step_losses.append(_mean_over_ranks(loss.detach(), torch.ones((), device=run.device), run))
             bar.set_postfix(bpd=f"{step_losses[-1] / nats_per_bit_dim:.3f}")
         train_bpd = _mean_over_ranks(nats, torch.tensor(float(len(sampler)), device=run.device), run) / nats_per_bit_dim
-        held_out_bpd = evaluate(model, data.held_out, held_out_labels, run, 4 * local_batch, autocast)
+        held_out_bpd = evaluate(evaluated, data.held_out, held_out_labels, run, 4 * local_batch, autocast)
         metrics.append({
             "epoch": epoch + 1, "train_bpd": train_bpd, "held_out_bpd": held_out_bpd,
             "seconds": time.perf_counter() - epoch_started, "lr": schedule.get_last_lr()[0], "step_losses": step_losses,
@@ -304,8 +351,11 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
         if run.is_main:
             print(f"epoch {epoch + 1}/{args.epochs}: train {train_bpd:.4f} bits/dim, held-out {held_out_bpd:.4f} bits/dim"
                   f"{' (best)' if improved else ''}, {metrics[-1]['seconds']:.1f} s", flush=True)
-            state = dict(model_spec=spec, state_dict=model.state_dict(), epoch=epoch + 1, metrics=metrics, args=_saved_args(args),
-                         optimizer={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+            training_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            if average is not None:
+                training_state["trained_state_dict"] = model.state_dict()
+            state = dict(model_spec=spec, state_dict=evaluated.state_dict(), epoch=epoch + 1, metrics=metrics, args=_saved_args(args),
+                         optimizer=training_state)
             save_checkpoint(out / "last.pt", **state)
             if improved:
                 save_checkpoint(out / "best.pt", **state)

@@ -73,6 +73,38 @@ def test_gated_masked_conv_matches_the_reference_built_layer(color_groups, dilat
         assert_layers_agree(fused, reference, gated_inputs(6, cond_channels))
 
 
+def test_gated_masked_conv_dropout_drops_the_horizontal_residual_branch_in_training_only():
+    """Dropout p scales the kept elements of the horizontal gated output by 1/(1 - p) and zeroes the others.
+
+    ``conv_horiz_1x1`` is made the identity without bias, so ``h_out - h`` is the (dropped)
+    gated output itself; the vertical stack and eval mode are untouched by dropout.
+    """
+    fused, reference = layer_pair("GatedMaskedConv2d", 4, 3, 1, 1, None, dropout=0.5)
+    plain = fused_layers.GatedMaskedConv2d(4).double()
+    with torch.no_grad():
+        fused.conv_horiz_1x1.weight.copy_(torch.eye(4)[:, :, None, None])
+        fused.conv_horiz_1x1.bias.zero_()
+    reference.load_state_dict(fused.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    v, h, _ = gated_inputs(4)
+    with pixelcnn_kernels.use_backend("reference"):
+        v_plain, h_plain = plain(v, h)
+        v_eval, h_eval = fused.eval()(v, h)
+        assert torch.equal(v_eval, v_plain) and torch.equal(h_eval, h_plain)
+        # Seeded alike, the fused and the reference-built layer drop the same elements.
+        torch.manual_seed(0)
+        (v_train, h_train), fused_grads = outputs_and_grads(fused.train(), (v, h, None))
+        torch.manual_seed(0)
+        reference_outputs, reference_grads = outputs_and_grads(reference.train(), (v, h, None))
+    for a, b in zip([v_train, h_train, *fused_grads], reference_outputs + reference_grads, strict=True):
+        assert_close(a, b)
+    assert torch.equal(v_train, v_plain)
+    branch, plain_branch = h_train - h, h_plain - h
+    dropped = branch == 0
+    assert 0 < dropped.sum() < dropped.numel()
+    assert_close(branch[~dropped], 2 * plain_branch[~dropped])
+
+
 @pytest.mark.parametrize("shift, skip_streams, cond_channels", [("down", 0, None), ("down", 1, 3), ("down_right", 1, None), ("down_right", 2, 3)])
 def test_gated_resnet_matches_the_reference_built_layer(shift, skip_streams, cond_channels):
     fused, reference = layer_pair("GatedResnet", 4, shift, skip_streams, cond_channels, dropout=0.0)
@@ -221,6 +253,9 @@ def test_bad_constructor_arguments():
         fused_layers.GatedMaskedConv2d(4, color_groups=3)
     with pytest.raises(ValueError, match="cond_channels"):
         fused_layers.GatedMaskedConv2d(3, cond_channels=0)
+    for dropout in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="dropout"):
+            fused_layers.GatedMaskedConv2d(3, dropout=dropout)
     with pytest.raises(ValueError, match="shift"):
         fused_layers.GatedResnet(3, shift="up")
     with pytest.raises(ValueError, match="skip_streams"):

@@ -166,6 +166,31 @@ def test_no_leak_and_no_blind_spot(name):
         assert torch.equal(seen[k], allowed), f"output {position}: leaks {(seen[k] & ~allowed).nonzero().tolist()}, misses {(allowed & ~seen[k]).nonzero().tolist()}"
 
 
+def test_dropout_in_training_mode_leaks_nothing():
+    """Dropout (elementwise, on the gated layers' horizontal residual branch) keeps each output's inputs before it."""
+    shape = (1, 6, 6)
+    model = set_ops(GatedPixelCNN(1, hidden=6, layers=3, dilations=[1, 2, 1], dropout=0.5, num_bins=16).double().train(), REFERENCE_OPS)
+    positions = [(0, i, j) for i in range(shape[1]) for j in range(shape[2])]
+    torch.manual_seed(0)
+    seen = dependencies(model, shape, positions)
+    for k, position in enumerate(positions):
+        allowed = allowed_inputs(shape, position, within_pixel=True)
+        assert not (seen[k] & ~allowed).any(), f"output {position} leaks {(seen[k] & ~allowed).nonzero().tolist()}"
+
+
+def test_dropout_is_off_when_sampling():
+    """Every sampler draws the image of the same model without dropout, even when called in training mode."""
+    model = GatedPixelCNN(1, hidden=6, layers=2, dilations=[1, 2], dropout=0.5, num_bins=8, image_size=(4, 4)).double()
+    without_dropout = GatedPixelCNN(1, hidden=6, layers=2, dilations=[1, 2], num_bins=8, image_size=(4, 4)).double()
+    without_dropout.load_state_dict(model.state_dict())
+    noise = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = without_dropout.sample(2, noise=noise, progress=False)
+    model.train()
+    for method in ("naive", "cached", "jacobi"):
+        assert torch.equal(model.sample(2, method=method, noise=noise, progress=False), expected), method
+    assert model.training
+
+
 # ---------------------------------------------------------------- compile, autocast, conditioning, config
 
 
@@ -220,6 +245,15 @@ def test_config_rebuilds_the_model(name):
     assert type(build_model(model.name, model.config)) is type(model)
 
 
+def test_config_without_dropout_rebuilds_a_model_without_dropout():
+    """Configs saved before the gated model had a dropout option (no "dropout" key) still load."""
+    model = GatedPixelCNN(1, hidden=6, layers=2, dropout=0.25)
+    assert model.config["dropout"] == 0.25 and all(layer.dropout.p == 0.25 for layer in model.conv_layers)
+    config = {key: value for key, value in model.config.items() if key != "dropout"}
+    rebuilt = model_from_config({"name": model.name, "config": config})
+    assert all(layer.dropout.p == 0.0 for layer in rebuilt.conv_layers)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -230,6 +264,8 @@ def test_bad_model_arguments():
         GatedPixelCNN(3, hidden=8)
     with pytest.raises(ValueError, match="dilations"):
         GatedPixelCNN(1, layers=2, dilations=[1])
+    with pytest.raises(ValueError, match="dropout"):
+        GatedPixelCNN(1, dropout=1.0)
     with pytest.raises(ValueError, match="head"):
         GatedPixelCNN(1, head="logistic")
     with pytest.raises(ValueError, match="num_bins"):

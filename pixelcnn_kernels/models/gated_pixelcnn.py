@@ -32,6 +32,9 @@ class GatedPixelCNN(PixelCNNModel):
     - ``"dmol"``: a discretized mixture of ``num_logistic_mix`` logistics, logits
       (B, 3K or 10K, H, W), scored by the DMOL op (which handles R → G → B itself).
 
+    ``dropout``: each gated layer's dropout on its horizontal residual branch (training
+    mode only; see :class:`~pixelcnn_kernels.nn.GatedMaskedConv2d`), default 0.
+
     ``num_classes``: class-conditional; ``cond`` are labels (B,), whose one-hot vector
     every gated layer projects onto both stacks' pre-activations. ``image_size`` is only
     the (H, W) :meth:`sample` draws by default; the network takes any size.
@@ -46,6 +49,7 @@ class GatedPixelCNN(PixelCNNModel):
         layers: int = 7,
         kernel_size: int = 3,
         dilations: list[int] | tuple[int, ...] | None = None,
+        dropout: float = 0.0,
         num_classes: int | None = None,
         head: str = "softmax",
         num_bins: int = 256,
@@ -58,6 +62,7 @@ class GatedPixelCNN(PixelCNNModel):
             layers=layers,
             kernel_size=kernel_size,
             dilations=None if dilations is None else list(dilations),
+            dropout=dropout,
             num_classes=num_classes,
             head=head,
             num_bins=num_bins,
@@ -76,7 +81,9 @@ class GatedPixelCNN(PixelCNNModel):
         self.image_size = tuple(image_size)
         self.conv_vstack = MaskedConv2d(in_channels, hidden, kernel_size, mask="vertical_A")
         self.conv_hstack = MaskedConv2d(in_channels, hidden, (1, kernel_size), mask="horizontal_A", color_groups=self.color_groups)
-        self.conv_layers = nn.ModuleList(GatedMaskedConv2d(hidden, kernel_size, d, self.color_groups, num_classes) for d in dilations)
+        self.conv_layers = nn.ModuleList(
+            GatedMaskedConv2d(hidden, kernel_size, d, self.color_groups, num_classes, dropout) for d in dilations
+        )
         out_channels = num_bins * in_channels if head == "softmax" else dmol_parameter_count(in_channels, num_logistic_mix)
         self.conv_out = MaskedConv2d(hidden, out_channels, 1, mask="full", color_groups=self.color_groups)
 

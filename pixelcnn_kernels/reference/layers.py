@@ -127,6 +127,11 @@ def _check_cond(cond: torch.Tensor | None, cond_channels: int | None, batch: int
         raise ValueError(f"cond must be ({batch}, {cond_channels}), got shape {tuple(cond.shape)}")
 
 
+def _check_dropout(dropout: float) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
 def _cond_projection(cond_channels: int | None, out_channels: int) -> nn.Linear | None:
     """V^T·h of the Gated PixelCNN paper: a per-image vector added to every pixel's pre-activation."""
     if cond_channels is None:
@@ -165,11 +170,18 @@ class GatedMaskedConv2d(nn.Module):
     groups ≤ g at the centre), their 2C pre-activations are laid out colour-major (see
     :func:`grouped_gate`); the vertical stack needs no colour mask (it sees no pixel of
     the current row). Accepts float32, float16, bfloat16 and float64 inputs.
+
+    ``dropout`` (default 0) drops elements of the horizontal gated output before
+    ``conv_horiz_1x1`` in training mode only (the residual branch: the skip path and the
+    vertical stack are untouched); elementwise dropout keeps causality, and in eval mode
+    the layer is deterministic, which exact sampling needs.
     """
 
     ops: ClassVar[OpSet] = REFERENCE_OPS
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1, color_groups: int = 1, cond_channels: int | None = None):
+    def __init__(
+        self, channels: int, kernel_size: int = 3, dilation: int = 1, color_groups: int = 1, cond_channels: int | None = None, dropout: float = 0.0
+    ):
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
@@ -179,9 +191,11 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
         if channels % color_groups:
             raise ValueError(f"channels={channels} must be divisible by color_groups={color_groups}")
+        _check_dropout(dropout)
         self.channels = channels
         self.color_groups = color_groups
         self.cond_channels = cond_channels
+        self.dropout = nn.Dropout(dropout)
         self.conv_vert = MaskedConv2d(channels, 2 * channels, kernel_size, mask="vertical", dilation=dilation)
         self.conv_horiz = MaskedConv2d(channels, 2 * channels, (1, kernel_size), mask="horizontal", dilation=dilation, color_groups=color_groups)
         self.conv_vert_to_horiz = MaskedConv2d(2 * channels, 2 * channels, 1, mask="full")
@@ -200,7 +214,7 @@ class GatedMaskedConv2d(nn.Module):
         v_out = grouped_gate(ops, v_pre, _project(self.cond_vert, cond, v_pre), 1)
         h_pre = apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h) + apply_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre)
         h_gated = grouped_gate(ops, h_pre, _project(self.cond_horiz, cond, h_pre), self.color_groups)
-        h_out = h + apply_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, h_gated)
+        h_out = h + apply_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, self.dropout(h_gated))
         return v_out, h_out
 
 
@@ -235,8 +249,7 @@ class GatedResnet(nn.Module):
             raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
         if not isinstance(skip_streams, int) or skip_streams < 0:
             raise ValueError(f"skip_streams must be a non-negative int, got {skip_streams!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        _check_dropout(dropout)
         self.channels = channels
         self.skip_streams = skip_streams
         self.cond_channels = cond_channels
