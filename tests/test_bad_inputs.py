@@ -19,35 +19,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from test_properties import DEVICE, OPS, assert_matches, forward_backward, in_float64, reference_forward_backward
+from op_table import DEVICE, OPS, assert_matches, forward_backward, in_float64, reference_forward_backward, valid_inputs
 
 import pixelcnn_kernels as pk
 from pixelcnn_kernels import backend as backend_module
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.masks import resolve_mask
 
-CPU = torch.device("cpu")
 GATES = ("gate_tanh_sigmoid", "gate_sigmoid")
 CONVS = ("masked_conv2d", "masked_conv2d_gated")
-
-# Valid inputs of every op: small, odd sizes; the rows break one thing in them.
-VALID_PARAMS = {
-    "gate_tanh_sigmoid": dict(batch=2, size=3, height=3, width=5, last_dim=False, cond=True),
-    "concat_elu": dict(batch=2, size=3, height=3, width=5, last_dim=False, cond=False),
-    "discretized_mix_logistic_nll": dict(batch=2, height=3, width=5, channels=3, mixtures=2, num_bins=256, x_dtype=torch.float32),
-    "sample_discretized_mix_logistic": dict(batch=2, height=3, width=5, channels=3, mixtures=3, num_bins=256, quantize=True),
-    "masked_conv2d": dict(
-        batch=2, height=4, width=5, in_channels=3, out_channels=4, mask=("B", (3, 3)), custom_taps=[True] * 9, dilation=1, color_groups=1, bias=True, cond=False
-    ),
-}
-VALID_PARAMS["gate_sigmoid"] = VALID_PARAMS["gate_tanh_sigmoid"]
-VALID_PARAMS["masked_conv2d_gated"] = dict(VALID_PARAMS["masked_conv2d"], out_channels=3, cond=True, gate="sigmoid")
-
-
-def valid_inputs(name: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32, **changes) -> dict[str, Any]:
-    """Valid inputs of op ``name`` (sizes in VALID_PARAMS, overridden by ``changes``)."""
-    return OPS[name].make(dict(VALID_PARAMS[name], **changes), dtype, device, torch.Generator().manual_seed(0))
-
 
 # --------------------------------------------------------------------------- the rows
 

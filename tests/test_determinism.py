@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_bad_inputs import valid_inputs
-from test_properties import DEVICE, OPS, forward_backward
+from op_table import DEVICE, OPS, forward_backward, valid_inputs
 
 import pixelcnn_kernels as pk
 from pixelcnn_kernels.backend import use_backend
