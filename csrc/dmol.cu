@@ -192,21 +192,33 @@ __device__ __forceinline__ int64_t offset4(const Strides4& s, int b, int c, int 
   return b * s.b + c * s.c + h * s.h + w * s.w;
 }
 
+// The pixel (b, h, w) of this thread: one thread per pixel, pixels in (B, H, W) order.
+struct ThreadPixel {
+  int flat, b, h, w;
+  __device__ __forceinline__ explicit ThreadPixel(const Problem& p)
+      : flat(blockIdx.x * kThreads + threadIdx.x),
+        b(flat / (p.width * p.height)),
+        h((flat / p.width) % p.height),
+        w(flat % p.width) {}
+  __device__ __forceinline__ bool in_range(const Problem& p) const { return flat < p.batch * p.height * p.width; }
+  template <typename T>
+  __device__ __forceinline__ PixelLogits<T> logits(const Problem& p) const {
+    return {static_cast<const T*>(p.logits), offset4(p.logits_strides, b, 0, h, w), p.logits_strides.c};
+  }
+};
+
 template <bool kGrad, int C, typename T, typename XT>
 __global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT* __restrict__ x, Strides4 x_strides,
                                                        float* __restrict__ nll, const float* __restrict__ grad_nll,
                                                        Strides4 grad_nll_strides, T* __restrict__ grad_logits,
                                                        Strides4 grad_logits_strides) {
-  const int num_pixels = problem.batch * problem.height * problem.width;
-  const int pixel = blockIdx.x * kThreads + threadIdx.x;
-  if (pixel >= num_pixels) return;
-  const int w = pixel % problem.width, h = (pixel / problem.width) % problem.height;
-  const int b = pixel / (problem.width * problem.height);
+  const ThreadPixel at(problem);
+  if (!at.in_range(problem)) return;
+  const int b = at.b, h = at.h, w = at.w;
   const int mixtures = problem.mixtures;
   const float half_bin = 1.f / (problem.num_bins - 1);
   const float log_half_bins = logf(0.5f * (problem.num_bins - 1));
-  const PixelLogits<T> px{static_cast<const T*>(problem.logits), offset4(problem.logits_strides, b, 0, h, w),
-                          problem.logits_strides.c};
+  const PixelLogits<T> px = at.logits<T>(problem);
   const PixelX<C> xv = load_x<XT, C>(x, offset4(x_strides, b, 0, h, w), x_strides.c, problem.num_bins);
 
   // NLL = logsumexp_k(mix_k) - logsumexp_k(mix_k + sum_c log P_k(x_c)).
@@ -218,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT
   }
   const float log_norm = norm.value(), log_total = total.value();
   if constexpr (!kGrad) {
-    nll[pixel] = log_norm - log_total;
+    nll[at.flat] = log_norm - log_total;
   } else {
     // d NLL / d log P_k = -posterior_k; d NLL / d mix_k = prior_k - posterior_k.
     const float grad = grad_nll[offset4(grad_nll_strides, b, 0, h, w)];
@@ -265,14 +277,11 @@ __global__ void __launch_bounds__(kThreads)
     sample_kernel(Problem problem, const float* __restrict__ u_mix, Strides4 u_mix_strides,
                   const float* __restrict__ u_logistic, Strides4 u_logistic_strides, bool quantize,
                   float* __restrict__ sample) {
-  const int num_pixels = problem.batch * problem.height * problem.width;
-  const int pixel = blockIdx.x * kThreads + threadIdx.x;
-  if (pixel >= num_pixels) return;
-  const int w = pixel % problem.width, h = (pixel / problem.width) % problem.height;
-  const int b = pixel / (problem.width * problem.height);
+  const ThreadPixel at(problem);
+  if (!at.in_range(problem)) return;
+  const int b = at.b, h = at.h, w = at.w;
   const int mixtures = problem.mixtures;
-  const PixelLogits<T> px{static_cast<const T*>(problem.logits), offset4(problem.logits_strides, b, 0, h, w),
-                          problem.logits_strides.c};
+  const PixelLogits<T> px = at.logits<T>(problem);
   // Gumbel-max: the first component with the largest logit - log(-log(u)).
   int chosen = 0;
   float best = -INFINITY;
