@@ -12,14 +12,21 @@ column reads as the speed-up over naive sampling. Only the ``forward`` mode appl
   (goal at B = 64: ≤ 0.04 s per call on an H200);
 - PixelCNN++ (160 filters, 5 resnets, 10 logistics, 3×32×32) at B = 64 (goal: ≤ 0.5 s).
 
-The cached samplers are still the pure-PyTorch update path (many small launches per
-step; the fused update kernels and CUDA-graph capture are to come).
+On a GPU the Gated PixelCNN's cached sampler runs its fused step (one kernel per layer
+per value, :mod:`pixelcnn_kernels.ops.sampling`) inside a CUDA graph replayed per pixel,
+on the ``triton`` and ``cuda`` providers alike; PixelCNN++'s cached sampler is still the
+pure-PyTorch update path (many small launches per step).
 
-Time per image is ``median / B``; time per step is ``median / (H·W·C)`` (softmax) or
-``/ (H·W)`` (DMOL). The floor is the arithmetic of the cached sampler (each
-activation computed once: one full forward, times C passes per pixel for RGB softmax)
-at the matmul rate, and the noise read once. The naive sampler takes minutes per call
-at these sizes: run these cases with ``--warmup 1 --repeats 3``.
+The config column gives the steps of one call: H·W·C values (softmax) or H·W pixels
+(DMOL); time per step is ``median / steps``. The floor is the larger of the cached
+sampler's arithmetic at the matmul rate (each activation computed once: one full
+forward, times C passes per pixel for RGB softmax) and its least traffic at the copy
+rate: the noise read once and, for the Gated PixelCNN, the weights each step reads (the
+horizontal stack's active taps, its 1×1 link and output convs, and the head) once per
+step plus the vertical stack's once per row. At the tutorial's size a step reads
+1.1 MB of fp32 weights: 0.27 µs at 4.1 TB/s, so the 784 steps of a call need at least
+0.21 ms, whatever the batch. The naive sampler takes minutes per call at these sizes:
+run these cases with ``--warmup 1 --repeats 3``.
 """
 
 from __future__ import annotations
@@ -57,12 +64,32 @@ def _sampler(method: str, batch: int):
     return run
 
 
+def _weight_bytes(model: PixelCNNModel, height: int, steps: int, dtype: torch.dtype) -> int:
+    """The weights a Gated PixelCNN's cached sampler reads at least: per step, per row (0 for another model).
+
+    A step reads the active taps of the first horizontal conv and of each layer's
+    horizontal conv, the layer's 1×1 link and output conv, and the head; each row reads
+    the vertical stack's active taps.
+    """
+    if not isinstance(model, GatedPixelCNN):
+        return 0
+
+    def active(conv) -> int:
+        return conv.in_channels * conv.out_channels * len(conv.spec.taps)
+
+    per_step = active(model.conv_hstack) + active(model.conv_out)
+    per_step += sum(active(layer.conv_horiz) + active(layer.conv_vert_to_horiz) + active(layer.conv_horiz_1x1) for layer in model.conv_layers)
+    per_row = active(model.conv_vstack) + sum(active(layer.conv_vert) for layer in model.conv_layers)
+    return (steps * per_step + height * per_row) * dtype.itemsize
+
+
 def _case(name: str, models: _Models, batch: int) -> Case:
     """Sampling ``batch`` images of ``models``' default size: cached vs naive, plus jacobi."""
     probe = models.get(torch.device("cpu"), torch.float32)
     channels, (height, width) = probe.in_channels, probe.default_sample_size()
     noise_shapes = [(batch, channels, height, width)] if probe.head == "softmax" else [(batch, probe.num_logistic_mix, height, width), (batch, channels, height, width)]
     passes_per_pixel = channels if probe.head == "softmax" else 1
+    steps = height * width * passes_per_pixel
 
     def make_inputs(device, dtype, generator):
         model = models.get(device, dtype)
@@ -74,7 +101,7 @@ def _case(name: str, models: _Models, batch: int) -> Case:
         return _count_flops(probe, (images,)) * passes_per_pixel
 
     def bytes_moved(mode: str, dtype: torch.dtype) -> int:
-        return sum(4 * torch.Size(shape).numel() for shape in noise_shapes)
+        return sum(4 * torch.Size(shape).numel() for shape in noise_shapes) + _weight_bytes(probe, height, steps, dtype)
 
     naive_eager = torch.compiler.disable(_sampler("naive", batch))
 
@@ -85,7 +112,7 @@ def _case(name: str, models: _Models, batch: int) -> Case:
     return Case(
         family="sampling",
         name=f"{name}_b{batch}",
-        config=f"B{batch} {channels}x{height}x{width}",
+        config=f"B{batch} {channels}x{height}x{width} {steps} steps",
         make_inputs=make_inputs,
         op=_sampler("cached", batch),
         reference=naive,

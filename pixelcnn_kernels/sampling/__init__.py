@@ -2,7 +2,8 @@
 
 - ``naive`` (in :mod:`pixelcnn_kernels.models.base`): one full forward per value, the oracle;
 - ``cached`` (:mod:`.cached_gated`, :mod:`.cached_pixelcnn_pp`): incremental generation
-  from per-layer caches;
+  from per-layer caches (the Gated PixelCNN's per-pixel step as fused kernels on the
+  ``triton`` and ``cuda`` backends, replayed as one CUDA graph per pixel on a GPU);
 - ``jacobi`` (:mod:`.jacobi`): parallel forwards iterated to the fixed point, optionally
   in windows of rows.
 

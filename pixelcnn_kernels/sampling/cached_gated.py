@@ -1,4 +1,4 @@
-"""Cached incremental sampling of :class:`~pixelcnn_kernels.models.GatedPixelCNN` (pure PyTorch).
+"""Cached incremental sampling of :class:`~pixelcnn_kernels.models.GatedPixelCNN`.
 
 Generating one value only changes activations that depend on it (Fast WaveNet, Paine et
 al. 2016), so each layer keeps its inputs in a cache and a step computes only what the
@@ -14,36 +14,55 @@ next value needs:
   layer and the 1×1 head: a 1×k tap window from each layer's cached input row, the
   1×1 vertical link, the gate, the residual.
 
-Every cache is a layer input stored zero-padded by its convolution's padding, so a
-step's window is a slice (no padding per step). The convolutions run ``F.conv2d`` on the
-masked weights (``weight · mask``, as the reference masked convolution) over the
-window; the gates run the model's own gate op.
+The vertical stack always runs in PyTorch (``F.conv2d`` on the masked weights over the
+cached rows, the model's gate op). The horizontal step has two implementations:
+
+- **PyTorch** (:class:`CachedGatedPixelCNN`, the reference): every cache is a layer
+  input stored zero-padded by its convolution's padding, so a step's window is a slice;
+  ``F.conv2d`` on the masked weights (``weight · mask``, as the reference masked
+  convolution) over the window, the 1×1 link, the model's gate op, the 1×1 and the
+  residual: about six launches per layer per value. It runs on the ``reference``
+  backend (the default for CPU tensors) and in float64.
+- **fused** (:class:`FusedCachedGatedPixelCNN`, the ``triton`` and ``cuda`` backends in
+  float32, float16 and bfloat16): one launch per layer per value
+  (:mod:`pixelcnn_kernels.ops.sampling`) for the first ``horizontal_A`` conv and for
+  each gated layer's taps, bias, link, conditioning, colour-grouped gate, 1×1 and
+  residual, reading a row buffer of the layer's input and writing the next layer's.
+  The head (elu and the 1×1 output conv), the draw and the writes of the drawn value
+  stay PyTorch ops. The pixel is a device tensor, so on a CUDA device one whole pixel
+  step (every value's layer steps, head, draw and writes, then the pixel increment) is
+  captured once in a CUDA graph and replayed for every pixel: no Python and no host
+  synchronisation per pixel, only per row (the vertical stack).
 
 **Exactness.** The step computes each activation from the same values as the full
-forward, but ``F.conv2d`` on a window is another shape than on the whole image, and
-may sum in another order: the logits can differ from the full forward's in the last
-bits. Images are identical to the naive sampler's given the same noise unless a noise
-value falls within that rounding of a category boundary: never in practice for a
-float64 model (the tests compare images in float64), rarely possible in float32 and
-likely over large batches in bf16/fp16. In float32 the cached logits are as accurate as
-the full forward's (within twice its error against float64; tested).
+forward, but on other shapes than the full image, which may sum in another order
+(``F.conv2d`` on a window; the fused kernels' fp32 reductions): the logits can differ
+from the full forward's in the last bits. Images are identical to the naive sampler's
+given the same noise unless a noise value falls within that rounding of a category
+boundary: never in practice for a float64 model (the tests compare images in float64),
+rarely possible in float32 (the fused path's float32 images are compared too) and
+likely over large batches in bf16/fp16. In float32 the cached logits are as accurate
+as the full forward's (within twice its error against float64; tested).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
 from pixelcnn_kernels.reference.layers import grouped_gate
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 
-__all__ = ["CachedGatedPixelCNN", "sample_cached_gated"]
+__all__ = ["CachedGatedPixelCNN", "FusedCachedGatedPixelCNN", "sample_cached_gated"]
 
 
 class CachedGatedPixelCNN:
-    """The per-layer caches of one cached sampling run of a GatedPixelCNN ``model``.
+    """The per-layer caches of one cached sampling run of a GatedPixelCNN ``model``, PyTorch step.
 
     Built from the problem's start images (the prefix, or zeros); then, for each row i,
     :meth:`start_row` once, and for each pixel (i, j) :meth:`horizontal_stack` +
@@ -55,31 +74,21 @@ class CachedGatedPixelCNN:
         batch, _, height, width = problem.images.shape
         dtype = model.parameter_dtype()
         self.model = model
-        self.x_vertical = _CachedConv(model.conv_vstack, batch, height, width, dtype)
+        inputs = model.to_inputs(problem.images)
+        self.vertical = _VerticalStack(model, problem, inputs)
         self.x_horizontal = _CachedConv(model.conv_hstack, batch, height, width, dtype)
-        self.v_inputs = [_CachedConv(layer.conv_vert, batch, height, width, dtype) for layer in model.conv_layers]
         self.h_inputs = [_CachedConv(layer.conv_horiz, batch, height, width, dtype) for layer in model.conv_layers]
         self.vert_to_horiz = [_pointwise(layer.conv_vert_to_horiz, dtype) for layer in model.conv_layers]
         self.horiz_1x1 = [_pointwise(layer.conv_horiz_1x1, dtype) for layer in model.conv_layers]
         self.conv_out = _pointwise(model.conv_out, dtype)
-        self.cond_vert = [_projection(layer.cond_vert, problem.class_vector) for layer in model.conv_layers]
         self.cond_horiz = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
         # Row i of each layer's vertical pre-activation, (B, 2C, 1, W): the link to the horizontal stack.
         self.v_pre_row: list[torch.Tensor] = []
-        inputs = model.to_inputs(problem.images)
-        self.x_vertical.store(inputs, 0, 0)
         self.x_horizontal.store(inputs, 0, 0)
 
     def start_row(self, row: int) -> None:
         """Computes row ``row`` of every layer's vertical stack (the rows above it must be final)."""
-        ops = self.model.ops
-        v = self.x_vertical.row(row)
-        self.v_pre_row = []
-        for layer, v_input, cond in zip(self.model.conv_layers, self.v_inputs, self.cond_vert):
-            v_input.store(v, row, 0)
-            v_pre = v_input.row(row)
-            self.v_pre_row.append(v_pre)
-            v = grouped_gate(ops, v_pre, cond, 1)
+        self.v_pre_row = self.vertical.pre_activations(row)
 
     def horizontal_stack(self, row: int, col: int) -> torch.Tensor:
         """The last layer's horizontal stack at pixel (row, col), (B, C, 1, 1); stores every layer's input there."""
@@ -95,26 +104,166 @@ class CachedGatedPixelCNN:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head on the last horizontal stack ``h`` (B, C, 1, 1), in the network's layout for a 1×1 image."""
-        model = self.model
-        logits = self.conv_out(F.elu(h))
-        if model.head == "dmol":
-            return logits
-        return logits.unflatten(1, (model.in_channels, model.num_bins)).transpose(1, 2)
+        return _head(self.model, self.conv_out, h)
 
     def store_pixel(self, row: int, col: int, values: torch.Tensor) -> None:
         """Stores the integer values (B, C, 1, 1) of pixel (row, col), the input of the later steps."""
         inputs = self.model.to_inputs(values)
-        self.x_vertical.store(inputs, row, col)
+        self.vertical.inputs.store(inputs, row, col)
         self.x_horizontal.store(inputs, row, col)
+
+
+class FusedCachedGatedPixelCNN:
+    """One cached sampling run of a GatedPixelCNN ``model`` whose horizontal step runs on the fused kernels.
+
+    Every buffer is allocated here, once, and the pixel being generated is the device
+    tensor ``pixel`` (int64 (1,), p = i·W + j), so :meth:`pixel_step` launches the same
+    work on the same addresses for every pixel and one CUDA graph can replay it
+    (:meth:`sample`). Per row i, :meth:`start_row` (eager, before the row's first
+    pixel); then :meth:`pixel_step` for each pixel, which draws its values, writes them
+    to ``problem.images`` (except where known) and moves ``pixel`` on. Needs
+    :func:`~pixelcnn_kernels.ops.sampling.step_backend` to give a kernel backend for the
+    model's parameters.
+    """
+
+    def __init__(self, model, problem: SamplingProblem):
+        images = problem.images
+        batch, channels, height, width = images.shape
+        dtype, device = model.parameter_dtype(), images.device
+        hidden = model.conv_hstack.out_channels
+        self.model, self.problem = model, problem
+        # The network's input, kept equal to to_inputs(images) as values are drawn.
+        self.inputs = model.to_inputs(images)
+        self.vertical = _VerticalStack(model, problem, self.inputs)
+        self.pixel = torch.zeros(1, dtype=torch.int64, device=device)
+        self.first_conv = HorizontalStepWeights.from_conv(model.conv_hstack, dtype)
+        self.layers = [GatedLayerStepWeights.from_layer(layer, dtype) for layer in model.conv_layers]
+        self.cond = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
+        self.conv_out = _pointwise(model.conv_out, dtype)
+        # Row i of each layer's vertical pre-activation, channels-last (B, W, 2C): the link's operand.
+        self.v_pre_rows = [torch.zeros(batch, width, 2 * hidden, dtype=dtype, device=device) for _ in model.conv_layers]
+        # Each layer's input on the current row (B, W, C): a step reads its taps there, left of
+        # the pixel, and the previous layer's step writes the pixel. The last layer writes h_out (B, C).
+        h_rows = [torch.zeros(batch, width, hidden, dtype=dtype, device=device) for _ in model.conv_layers]
+        self.h_out = torch.zeros(batch, hidden, dtype=dtype, device=device)
+        # The steps' (B, H, W, C) views: the input image, the rows repeated over H, h_out over H and W.
+        expanded = [row[:, None].expand(batch, height, width, hidden) for row in h_rows]
+        self.step_inputs = [self.inputs.permute(0, 2, 3, 1)] + expanded
+        self.step_outputs = expanded + [self.h_out[:, None, None].expand(batch, height, width, hidden)]
+        # (B, C or K, H·W) views, read and written at p.
+        self.images_flat = images.view(batch, channels, height * width)
+        self.inputs_flat = self.inputs.view(batch, channels, height * width)
+        self.known_flat = problem.known.reshape(batch, height * width)
+        noise = problem.noise
+        self.noise_flat = noise.flatten(2) if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
+
+    def start_row(self, row: int) -> None:
+        """Computes row ``row`` of every layer's vertical pre-activation into ``v_pre_rows`` (the rows above must be final)."""
+        if row > 0:
+            # Row - 1 is final now: the vertical stack's input cache takes it whole, not pixel by pixel.
+            self.vertical.inputs.store(self.inputs[:, :, row - 1 : row], row - 1, 0)
+        for buffer, v_pre in zip(self.v_pre_rows, self.vertical.pre_activations(row)):
+            buffer.copy_(v_pre[:, :, 0].transpose(1, 2))
+
+    def horizontal_stack(self) -> torch.Tensor:
+        """The last layer's horizontal stack at the pixel, (B, C, 1, 1); writes every layer's input there."""
+        horizontal_conv_step(self.pixel, self.step_inputs[0], self.first_conv, self.step_outputs[0])
+        for x, out, v_pre, cond, weights in zip(self.step_inputs[1:], self.step_outputs[1:], self.v_pre_rows, self.cond, self.layers):
+            gated_layer_step(self.pixel, x, v_pre, cond, weights, out)
+        return self.h_out[:, :, None, None]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on the last horizontal stack ``h`` (B, C, 1, 1), as :meth:`CachedGatedPixelCNN.logits`."""
+        return _head(self.model, self.conv_out, h)
+
+    def draw(self, channels: slice) -> None:
+        """Draws ``channels`` at the pixel; writes them to the images (except where known) and to the network's input."""
+        pixel = self.pixel
+        noise = self.noise_flat.index_select(2, pixel)[..., None] if isinstance(self.noise_flat, torch.Tensor) else tuple(u.index_select(2, pixel)[..., None] for u in self.noise_flat)
+        drawn = self.model.draw_values(self.logits(self.horizontal_stack()), noise)[:, channels, :, 0]
+        images = self.images_flat[:, channels]
+        keep = self.known_flat.index_select(1, pixel)[:, :, None]
+        values = torch.where(keep, images.index_select(2, pixel), drawn)
+        images.index_copy_(2, pixel, values)
+        self.inputs_flat[:, channels].index_copy_(2, pixel, self.model.to_inputs(values))
+
+    def pixel_step(self, draw: bool = True) -> None:
+        """Generates the pixel's values (``draw=False``: only its activations, for a pixel every image knows) and moves to the next pixel."""
+        if draw:
+            for channels in self.model.step_channels():
+                self.draw(channels)
+        else:
+            self.horizontal_stack()
+        self.pixel += 1
+
+    def sample(self, progress: bool, cuda_graph: bool | None = None) -> bool:
+        """Fills ``problem.images`` pixel by pixel; returns whether the steps after the first ran as a CUDA graph.
+
+        ``cuda_graph``: True captures one pixel step in a CUDA graph after running the
+        first pixel eagerly, and replays it for the others (raises where the capture
+        fails); False runs every step eagerly; None (default): a graph on a CUDA
+        device, falling back to eager steps, with a warning, where the capture fails.
+        Both give the same images (the same kernels on the same values).
+        """
+        problem = self.problem
+        if cuda_graph and not problem.images.is_cuda:
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {problem.images.device}")
+        strict = bool(cuda_graph)
+        capture = problem.images.is_cuda if cuda_graph is None else cuda_graph
+        all_known = problem.pixels_all_known()
+        graph = None
+        with tqdm(total=problem.height * problem.width, desc="sampling (cached, fused)", unit="pixel", disable=not progress) as bar:
+            for i in range(problem.height):
+                self.start_row(i)
+                for j in range(problem.width):
+                    if graph is not None:
+                        graph.replay()
+                    elif capture:
+                        graph = self._step_and_capture(strict)
+                        capture = graph is not None
+                    else:
+                        self.pixel_step(draw=not all_known[i][j])
+                    bar.update()
+        return graph is not None
+
+    def _step_and_capture(self, strict: bool) -> torch.cuda.CUDAGraph | None:
+        """Runs this pixel's step eagerly, then captures the next pixel's step in a CUDA graph.
+
+        Both on one side stream, so that whatever the step's ops initialise lazily
+        (Triton modules, cuBLAS and cuDNN state for that stream) exists before the
+        capture. Returns None, after a warning, where the capture fails and not ``strict``.
+        """
+        device = self.pixel.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self.pixel_step()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                self.pixel_step()
+        except RuntimeError as error:
+            if strict:
+                raise
+            warnings.warn(f"cached sampling: capturing the pixel step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=3)
+            graph = None
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return graph
 
 
 def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.GatedPixelCNN` in eval mode, called
-    under ``torch.no_grad``. Pixels every image knows are still run through the
-    horizontal stack (later pixels read their activations), but nothing is drawn there.
+    under ``torch.no_grad``. The fused step runs where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
+    gives a kernel backend for the parameters (with a CUDA graph on a CUDA device), the
+    PyTorch step elsewhere. Pixels every image knows are still run through the
+    horizontal stack (later pixels read their activations), but nothing is drawn there
+    (except inside a CUDA graph, which replays one step for every pixel; known values are kept).
     """
+    if step_backend(model.conv_out.weight) is not None:
+        FusedCachedGatedPixelCNN(model, problem).sample(progress)
+        return 0
     cached = CachedGatedPixelCNN(model, problem)
     all_known = problem.pixels_all_known()
     with tqdm(total=problem.height * problem.width, desc="sampling (cached)", unit="pixel", disable=not progress) as bar:
@@ -130,6 +279,43 @@ def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
                         cached.store_pixel(i, j, problem.images[:, :, i : i + 1, j : j + 1])
                 bar.update()
     return 0
+
+
+class _VerticalStack:
+    """Every layer's vertical stack, one row at a time, from a cache of the input rows above it (PyTorch).
+
+    ``inputs`` caches the network's input (the first conv's); :meth:`pre_activations`
+    stores each layer's input row as it computes it.
+    """
+
+    def __init__(self, model, problem: SamplingProblem, inputs: torch.Tensor):
+        batch, _, height, width = problem.images.shape
+        dtype = model.parameter_dtype()
+        self.model = model
+        self.inputs = _CachedConv(model.conv_vstack, batch, height, width, dtype)
+        self.layer_inputs = [_CachedConv(layer.conv_vert, batch, height, width, dtype) for layer in model.conv_layers]
+        self.cond = [_projection(layer.cond_vert, problem.class_vector) for layer in model.conv_layers]
+        self.inputs.store(inputs, 0, 0)
+
+    def pre_activations(self, row: int) -> list[torch.Tensor]:
+        """Row ``row`` of every layer's vertical pre-activation, (B, 2C, 1, W) each; the input rows above it must be final."""
+        ops = self.model.ops
+        v = self.inputs.row(row)
+        rows = []
+        for v_input, cond in zip(self.layer_inputs, self.cond):
+            v_input.store(v, row, 0)
+            v_pre = v_input.row(row)
+            rows.append(v_pre)
+            v = grouped_gate(ops, v_pre, cond, 1)
+        return rows
+
+
+def _head(model, conv_out, h: torch.Tensor) -> torch.Tensor:
+    """``model``'s head (``conv_out`` a :func:`_pointwise` of it) on the last horizontal stack ``h`` (B, C, 1, 1)."""
+    logits = conv_out(F.elu(h))
+    if model.head == "dmol":
+        return logits
+    return logits.unflatten(1, (model.in_channels, model.num_bins)).transpose(1, 2)
 
 
 class _CachedConv:

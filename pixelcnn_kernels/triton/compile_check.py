@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-KERNEL_MODULES = ("gates", "dmol", "masked_conv")
+KERNEL_MODULES = ("gates", "dmol", "masked_conv", "sampling")
 
 
 def _load_cases():

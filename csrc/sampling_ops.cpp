@@ -1,0 +1,131 @@
+// Torch glue of cached sampling's per-pixel step: schema and CUDA implementation of
+// torch.ops.pixelcnn_kernels_cuda.gated_pixel_step (an in-place, inference-only op).
+//
+// The Python functions (pixelcnn_kernels/ops/sampling.py) validate the user's arguments and
+// pack the weights; these checks guard the contract the kernel relies on (sampling.h): CUDA
+// tensors on one device and of one dtype, the shapes, contiguous weights, at most kMaxTaps
+// taps, and one image's staging within the kernel's shared memory. Nothing here reads
+// device memory or synchronises, so a CUDA graph can capture the op.
+#include <optional>
+
+#include "sampling.h"
+#include "torch_glue.h"
+
+namespace pixelcnn_kernels {
+namespace sampling {
+namespace {
+
+// Extents and offsets stay far from int32 overflow in the kernel's column arithmetic.
+constexpr int64_t kMaxExtent = int64_t{1} << 30;
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ",
+                   x.scalar_type(), "; they must match");
+}
+
+// A contiguous operand of exactly `shape`; returns its data or null when absent.
+const void* operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
+  if (!t.has_value()) return nullptr;
+  check_like(*t, name, x);
+  TORCH_CHECK(t->sizes() == shape && t->is_contiguous(), name, " must be contiguous of shape ", shape, ", got ",
+              t->sizes());
+  return t->data_ptr();
+}
+
+void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const at::Tensor& wp,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef offsets,
+                           const std::optional<at::Tensor>& v_pre, const std::optional<at::Tensor>& link_weight,
+                           const std::optional<at::Tensor>& link_bias, const std::optional<at::Tensor>& cond,
+                           const std::optional<at::Tensor>& out_weight, const std::optional<at::Tensor>& out_bias,
+                           int64_t group_size, at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, "x must be (B, H, W, Cin), got shape ", x.sizes());
+  const DType dtype = to_kernel_dtype(x, "x");
+  TORCH_CHECK(pixel.is_cuda() && pixel.device() == x.device(), "pixel must be on x's device ", x.device());
+  TORCH_CHECK_TYPE(pixel.scalar_type() == at::kLong, "pixel must be int64, got ", pixel.scalar_type());
+  TORCH_CHECK(pixel.numel() == 1, "pixel must hold one flat pixel index, got shape ", pixel.sizes());
+  check_like(out, "out", x);
+  check_like(wp, "wp", x);
+  TORCH_CHECK(wp.is_contiguous() && wp.dim() == 3, "wp must be a contiguous (T, Cin, Npre), got shape ", wp.sizes());
+  const int64_t taps = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(1 <= taps && taps <= kMaxTaps, "the step takes 1 to ", kMaxTaps, " taps, got ", taps);
+  TORCH_CHECK(wp.size(0) == taps, "wp has ", wp.size(0), " taps but offsets hold ", taps);
+  TORCH_CHECK(wp.size(1) == x.size(3), "wp has ", wp.size(1), " input channels but x has ", x.size(3));
+  for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
+  TORCH_CHECK(x.size(1) * x.size(2) < kMaxExtent, "x has H * W = ", x.size(1) * x.size(2), "; the step takes < 2^30 pixels");
+  TORCH_CHECK(wp.size(2) < kMaxExtent, "wp has ", wp.size(2), " output columns; the step takes < 2^30");
+
+  const bool gated = v_pre.has_value();
+  const int64_t out_channels = gated ? wp.size(2) / 2 : wp.size(2);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == x.size(0) && out.size(1) == x.size(1) && out.size(2) == x.size(2) &&
+                  out.size(3) == out_channels,
+              "out must be (B, H, W, ", out_channels, ") matching x ", x.sizes(), ", got ", out.sizes());
+
+  PixelStep step{};
+  step.pixel = pixel.data_ptr<int64_t>();
+  step.x = x.data_ptr();
+  step.wp = wp.data_ptr();
+  step.bias = operand(bias, "bias", x, {wp.size(2)});
+  step.out = out.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    step.x_strides[d] = x.stride(d);
+    step.out_strides[d] = out.stride(d);
+  }
+  step.batch = x.size(0);
+  step.height = static_cast<int>(x.size(1));
+  step.width = static_cast<int>(x.size(2));
+  step.in_channels = static_cast<int>(x.size(3));
+  step.out_channels = static_cast<int>(out_channels);
+  step.taps = static_cast<int>(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    TORCH_CHECK(-kMaxExtent < offsets[t] && offsets[t] < kMaxExtent, "offsets must lie within +-2^30, got ", offsets[t]);
+    step.offsets[t] = static_cast<int>(offsets[t]);
+  }
+  if (gated) {
+    const int64_t channels = out_channels;
+    TORCH_CHECK(wp.size(2) == 2 * channels && x.size(3) == channels,
+                "a gated step maps C to 2C pre-activations and adds its C-channel input: got x ", x.sizes(), " and wp ",
+                wp.sizes());
+    TORCH_CHECK(group_size >= 1 && channels % group_size == 0, "group_size must divide the ", channels,
+                " channels, got ", group_size);
+    check_like(*v_pre, "v_pre", x);
+    TORCH_CHECK(v_pre->dim() == 3 && v_pre->size(0) == x.size(0) && v_pre->size(1) == x.size(2) &&
+                    v_pre->size(2) == 2 * channels,
+                "v_pre must be (B, W, 2C) = (", x.size(0), ", ", x.size(2), ", ", 2 * channels, "), got ", v_pre->sizes());
+    TORCH_CHECK(link_weight.has_value() && out_weight.has_value(), "a gated step needs link_weight and out_weight");
+    step.v_pre = v_pre->data_ptr();
+    for (int d = 0; d < 3; ++d) step.v_strides[d] = v_pre->stride(d);
+    step.link_weight = operand(link_weight, "link_weight", x, {2 * channels, 2 * channels});
+    step.link_bias = operand(link_bias, "link_bias", x, {2 * channels});
+    step.cond = operand(cond, "cond", x, {x.size(0), 2 * channels});
+    step.out_weight = operand(out_weight, "out_weight", x, {channels, channels});
+    step.out_bias = operand(out_bias, "out_bias", x, {channels});
+    step.group_size = static_cast<int>(group_size);
+  } else {
+    TORCH_CHECK(!link_weight.has_value() && !link_bias.has_value() && !cond.has_value() && !out_weight.has_value() &&
+                    !out_bias.has_value(),
+                "the plain step (no v_pre) takes no link, cond or output weights");
+  }
+  TORCH_CHECK(pixel_step_shared_bytes_per_image(step) <= kMaxSharedBytes, "the step stages ",
+              pixel_step_shared_bytes_per_image(step), " bytes per image in shared memory; the kernel takes at most ",
+              kMaxSharedBytes, " (fewer taps or channels)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_pixel_step(dtype, step, current_stream());
+  check_launch("gated_pixel_step");
+}
+
+}  // namespace
+}  // namespace sampling
+}  // namespace pixelcnn_kernels
+
+TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+  m.def(
+      "gated_pixel_step(Tensor pixel, Tensor x, Tensor wp, Tensor? bias, int[] offsets, Tensor? v_pre, "
+      "Tensor? link_weight, Tensor? link_bias, Tensor? cond, Tensor? out_weight, Tensor? out_bias, int group_size, "
+      "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+  m.impl("gated_pixel_step", &pixelcnn_kernels::sampling::gated_pixel_step_cuda);
+}

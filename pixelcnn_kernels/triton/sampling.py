@@ -1,0 +1,249 @@
+"""Triton kernel of cached Gated PixelCNN sampling's per-pixel step (kernel, then launcher).
+
+One launch computes one pixel of one horizontal-stack layer for a batch of images
+(:mod:`pixelcnn_kernels.ops.sampling` states the math and validates the arguments;
+``csrc/sampling.cu`` is the CUDA twin). Layout, shared with the CUDA kernel:
+
+- ``pixel``: int64 (1,), the flat index ``p = i·W + j`` of the pixel, read on the
+  device so that the same launch serves every pixel (one CUDA graph replays it);
+- ``x``, ``out``: (B, H, W, C) views with any strides (a row buffer is expanded over
+  H with stride 0); the taps read ``x[b, i, j + dx_t, :]``, zero outside the image;
+- ``wp``: (T, Cin, Npre) packed taps (:func:`~pixelcnn_kernels.ops.masked_conv.pack_weight`),
+  ``OFFSETS`` the taps' dx;
+- gated layers: ``v_pre`` (B, W, 2C) the vertical pre-activation row, the 1×1 link
+  ``wv`` (2C, 2C) and output conv ``w1`` (C, C) laid out (in, out), ``cond`` (B, 2C)
+  contiguous; gated channel n pairs pre-activation columns ``a(n) = (n // G)·2G + n % G``
+  and ``a(n) + G`` (G = ``group_size``: C / colour groups, :func:`~pixelcnn_kernels.reference.layers.grouped_gate`).
+
+A program takes BLOCK_B images and every channel: the gate needs both halves and the
+1×1 needs every gated channel, so the channel dimension is never split. Products use
+``tl.dot`` in full fp32 ("ieee"): the step is a handful of tiny matrix products bound
+by latency, not by arithmetic, and full precision keeps it close to the PyTorch step.
+Loads are converted to fp32 at once; the result is rounded once, on store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pixelcnn_kernels.triton.gates import gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.utils import pointer_type, register_compile_case
+
+
+@triton.jit
+def _dot_columns(acc, tile, w_rows, cols, w_ok):
+    """``acc + tile · w[:, cols]`` in full fp32; ``w_rows`` points at the rows of w the tile's columns multiply."""
+    w_tile = tl.load(w_rows + cols[None, :], mask=w_ok, other=0.0).to(tl.float32)
+    return tl.dot(tile, w_tile, acc, input_precision="ieee")
+
+
+@triton.jit
+def _add_products(acc_a, acc_b, in_rows, in_stride, in_ok, K, w_ptr, n_pre, cols_a, cols_b, n_ok, BLOCK_K: tl.constexpr, PAIR: tl.constexpr):
+    """``acc_a += in · w[:, cols_a]`` (and ``acc_b += in · w[:, cols_b]`` if PAIR) over K inputs, BLOCK_K at a time.
+
+    ``in_rows`` (BLOCK_B, 1) points at each image's K inputs, ``in_stride`` apart (zero
+    where not ``in_ok``); ``w`` is (K, n_pre) row-major.
+    """
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        tile = tl.load(in_rows + k[None, :] * in_stride, mask=in_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w_rows = w_ptr + k[:, None] * n_pre
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        acc_a = _dot_columns(acc_a, tile, w_rows, cols_a, w_ok)
+        if PAIR:
+            acc_b = _dot_columns(acc_b, tile, w_rows, cols_b, w_ok)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _pixel_step_kernel(
+    pixel_ptr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    v_ptr,
+    wv_ptr,
+    bias_v_ptr,
+    cond_ptr,
+    w1_ptr,
+    bias1_ptr,
+    out_ptr,
+    B,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    group_size,
+    stride_xb,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_vb,
+    stride_vw,
+    stride_vc,
+    stride_ob,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    OFFSETS: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
+    """out[b, i, j, :] at the pixel p = i·W + j for images b of this program.
+
+    GATED False: ``out = bias + Σ_t x[b, i, j + dx_t, :] · wp[t]`` (C_OUT columns).
+    GATED True: ``pre = that (2·C_OUT columns) + v_pre[b, j] · wv + bias_v + cond[b]``,
+    ``out = x[b, i, j] + tanh(pre_a)·σ(pre_b) · w1 + bias1``. Pointers given as None
+    are absent. A pixel index outside [0, H·W) writes nothing.
+    """
+    p = tl.load(pixel_ptr)
+    row = p // W
+    col = p - row * W
+    images = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    image_ok = (images < B) & (p >= 0) & (p < H * W)
+    n = tl.arange(0, BLOCK_C)
+    n_ok = n < C_OUT
+    if GATED:
+        n_pre = 2 * C_OUT
+        cols_a = (n // group_size) * (2 * group_size) + n % group_size
+    else:
+        n_pre = C_OUT
+        cols_a = n
+    # The b half of each gated channel (unused by the plain step, which passes group_size 0).
+    cols_b = cols_a + group_size
+    x_row = x_ptr + images[:, None] * stride_xb + row * stride_xh
+
+    acc_a = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for tap in tl.static_range(len(OFFSETS)):
+        src_col = col + OFFSETS[tap]
+        # Zero padding: a tap left (or right) of the image reads nothing.
+        src_ok = image_ok & (src_col >= 0) & (src_col < W)
+        w_tap = w_ptr + tap * C_IN * n_pre
+        acc_a, acc_b = _add_products(acc_a, acc_b, x_row + src_col * stride_xw, stride_xc, src_ok, C_IN, w_tap, n_pre, cols_a, cols_b, n_ok, BLOCK_K, GATED)
+    if bias_ptr is not None:
+        acc_a += tl.load(bias_ptr + cols_a, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_b += tl.load(bias_ptr + cols_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+    if GATED:
+        # The 1×1 link from the vertical stack's pre-activation at column j.
+        v_col = v_ptr + images[:, None] * stride_vb + col * stride_vw
+        acc_a, acc_b = _add_products(acc_a, acc_b, v_col, stride_vc, image_ok, n_pre, wv_ptr, n_pre, cols_a, cols_b, n_ok, BLOCK_K, True)
+        if bias_v_ptr is not None:
+            acc_a += tl.load(bias_v_ptr + cols_a, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_b += tl.load(bias_v_ptr + cols_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if cond_ptr is not None:
+            cond_rows = cond_ptr + images[:, None] * n_pre
+            cond_ok = image_ok[:, None] & n_ok[None, :]
+            acc_a += tl.load(cond_rows + cols_a[None, :], mask=cond_ok, other=0.0).to(tl.float32)
+            acc_b += tl.load(cond_rows + cols_b[None, :], mask=cond_ok, other=0.0).to(tl.float32)
+        # Padded channels hold tanh(0)·σ(0) = 0, and their rows of w1 are masked to 0 as well.
+        gated = gate_tanh_sigmoid_math(acc_a, acc_b)
+        # The output 1×1 and the residual, a column block at a time (bounds the registers of w1's tile).
+        for o0 in tl.static_range(0, BLOCK_C, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            o_ok = o < C_OUT
+            result = _dot_columns(tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32), gated, w1_ptr + n[:, None] * C_OUT, o, n_ok[:, None] & o_ok[None, :])
+            if bias1_ptr is not None:
+                result += tl.load(bias1_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            store_ok = image_ok[:, None] & o_ok[None, :]
+            result += tl.load(x_row + col * stride_xw + o[None, :] * stride_xc, mask=store_ok, other=0.0).to(tl.float32)
+            out = out_ptr + images[:, None] * stride_ob + row * stride_oh + col * stride_ow + o[None, :] * stride_oc
+            tl.store(out, result.to(out_ptr.dtype.element_ty), mask=store_ok)
+    else:
+        out = out_ptr + images[:, None] * stride_ob + row * stride_oh + col * stride_ow + n[None, :] * stride_oc
+        tl.store(out, acc_a.to(out_ptr.dtype.element_ty), mask=image_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------- launcher
+
+# Images per program: tl.dot's smallest tile. The step is latency-bound: a bigger
+# batch gets more programs, not bigger ones.
+_BLOCK_B = 16
+# Reduction chunk (input channels of a tap, or of the vertical link) and output-column
+# block of the 1×1: 64 fp32 columns keep each weight tile at 32 registers per thread.
+_MAX_BLOCK_K = 64
+_MAX_BLOCK_O = 64
+# tl.dot needs every tile dimension to be at least 16.
+_MIN_DOT_DIM = 16
+
+
+def _block(size: int, largest: int | None = None) -> int:
+    """Power-of-two tile covering ``size``, at least 16 (and at most ``largest``)."""
+    block = max(_MIN_DOT_DIM, triton.next_power_of_2(size))
+    return block if largest is None else min(block, largest)
+
+
+def _num_warps(block_c: int) -> int:
+    """Four warps; eight once the (BLOCK_B, BLOCK_C) accumulators and gate reach 32 registers per thread each."""
+    return 8 if block_c >= 256 else 4
+
+
+def gated_pixel_step(
+    pixel: torch.Tensor,
+    x: torch.Tensor,
+    wp: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: list[int],
+    v_pre: torch.Tensor | None,
+    link_weight: torch.Tensor | None,
+    link_bias: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    out_weight: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
+    group_size: int,
+    out: torch.Tensor,
+) -> None:
+    """Writes one pixel of ``out`` in place (the CUDA op ``gated_pixel_step``'s signature).
+
+    Gated iff ``v_pre`` is given (then ``link_weight``, ``out_weight`` too); see the
+    module docstring for the layout. Arguments are validated by the caller.
+    """
+    batch, height, width, c_in = x.shape
+    c_out = out.shape[3]
+    if batch == 0:
+        return
+    gated = v_pre is not None
+    block_c = _block(c_out)
+    v_strides = v_pre.stride() if gated else (0, 0, 0)
+    reduction = max(c_in, 2 * c_out) if gated else c_in
+    _pixel_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+        pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
+        batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
+        OFFSETS=tuple(offsets), GATED=gated, BLOCK_B=_BLOCK_B, BLOCK_K=_block(reduction, _MAX_BLOCK_K),
+        BLOCK_C=block_c, BLOCK_O=min(block_c, _MAX_BLOCK_O), num_warps=_num_warps(block_c),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- sm_90 compile cases
+
+
+def _register_compile_cases() -> None:
+    """The tutorial model's steps: its first 1×3 ``horizontal_A`` conv (3 colours in) and a 64-channel gated layer."""
+    sizes = dict.fromkeys(("B", "H", "W", "C_IN", "C_OUT", "group_size"), "i32")
+    strides = dict.fromkeys(("stride_xb", "stride_xh", "stride_xw", "stride_xc", "stride_vb", "stride_vw", "stride_vc", "stride_ob", "stride_oh", "stride_ow", "stride_oc"), "i32")
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
+        common = {"pixel_ptr": "*i64", "x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, **sizes, **strides}
+        gated = {name: ptr for name in ("v_ptr", "wv_ptr", "bias_v_ptr", "cond_ptr", "w1_ptr", "bias1_ptr")}
+        blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_C": 64, "BLOCK_O": 64}
+        register_compile_case(
+            f"sampling_step_first_conv_1x3_{dtype_name}", _pixel_step_kernel, common,
+            {**dict.fromkeys(gated, None), **blocks, "OFFSETS": (-1, 0), "GATED": False, "BLOCK_K": _MIN_DOT_DIM}, num_warps=4,
+        )  # fmt: skip
+        for dilation in (1, 2):
+            register_compile_case(
+                f"sampling_step_gated_1x3_dil{dilation}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
+                {**blocks, "OFFSETS": (-dilation, 0), "GATED": True, "BLOCK_K": _MAX_BLOCK_K}, num_warps=4,
+            )  # fmt: skip
+
+
+_register_compile_cases()

@@ -1,0 +1,312 @@
+"""Issue 7: the fused per-pixel step of cached Gated PixelCNN sampling and its CUDA graph.
+
+The references: the masked convolution's reference (:func:`masked_conv2d_ref`) for the
+plain step, the PyTorch step (:class:`CachedGatedPixelCNN`) for every layer of a model,
+and the naive sampler for the images. On the CPU the Triton kernel runs in the
+interpreter on tiny float32 models; the ``gpu`` tests run the CUDA and Triton kernels
+on a GPU, the CUDA graph against eager steps, and larger layers.
+"""
+
+import pytest
+import torch
+
+from pixelcnn_kernels.backend import BackendUnavailableError, unavailable_reason, use_backend
+from pixelcnn_kernels.models import GatedPixelCNN
+from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
+from pixelcnn_kernels.reference.masked_conv import masked_conv2d_ref
+from pixelcnn_kernels.sampling import SamplingProblem
+from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN, FusedCachedGatedPixelCNN
+from pixelcnn_kernels.testing import tolerance
+from pixelcnn_kernels.triton import sampling as triton_sampling
+
+N = 2
+GPU = (pytest.mark.gpu,)
+# (backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU.
+STEP_BACKENDS = [
+    pytest.param("triton", "cpu", id="triton-cpu"),
+    pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
+    pytest.param("cuda", "cuda", id="cuda", marks=GPU + (pytest.mark.sanitize,)),
+]
+# name -> GatedPixelCNN keyword arguments; every variant has 2 layers, 8 bins and a 4×5 image.
+VARIANTS = {
+    "grey": dict(in_channels=1, hidden=6),
+    "rgb": dict(in_channels=3, hidden=6),
+    "dmol_rgb": dict(in_channels=3, hidden=6, head="dmol", num_logistic_mix=2),
+    "rgb_cond_dilated": dict(in_channels=3, hidden=6, dilations=[1, 2], num_classes=3),
+}
+HEIGHT, WIDTH = 4, 5
+
+
+@pytest.fixture(autouse=True)
+def _exact_gpu_convs(monkeypatch):
+    """On a GPU, PyTorch's and the naive sampler's convolutions in full fp32 (no TF32) and deterministic, as the fused step computes."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+def kernel_backend(backend: str, device: str) -> use_backend:
+    """Forces ``backend``; skips only where it cannot run on ``device`` at all (no GPU, extension not built)."""
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(reason)
+    return use_backend(backend)
+
+
+def build(name: str, dtype=torch.float32, device="cpu", scale=3.0, **overrides):
+    """The variant (parameters × ``scale``: draws that depend on the context) in ``dtype`` and its cond labels."""
+    torch.manual_seed(0)
+    config = {**VARIANTS[name], **overrides}
+    model = GatedPixelCNN(layers=2, num_bins=8, image_size=(HEIGHT, WIDTH), **config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    cond = torch.tensor([2, 0])[:N] if model.num_classes else None
+    return model.to(device, dtype).eval(), None if cond is None else cond.to(device)
+
+
+def noise_for(model, batch: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    if model.head == "softmax":
+        return torch.rand(batch, model.in_channels, HEIGHT, WIDTH, generator=generator).to(device)
+    return tuple(torch.rand(batch, c, HEIGHT, WIDTH, generator=generator).to(device) for c in (model.num_logistic_mix, model.in_channels))
+
+
+def known_problem(model, cond, batch: int = N) -> SamplingProblem:
+    """Random images every pixel of which is known: each step's activations are a function of them."""
+    device = next(model.parameters()).device
+    images = torch.randint(0, model.num_bins, (batch, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(4)).to(device)
+    known = torch.ones(batch, HEIGHT, WIDTH, dtype=torch.bool, device=device)
+    return SamplingProblem(images, known, noise_for(model, batch), cond, model.class_vector(cond, batch))
+
+
+def every_pixel(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's last horizontal stack and logits, in raster order, from a PyTorch or fused cached run."""
+    stacks, logits = [], []
+    for i in range(HEIGHT):
+        run.start_row(i)
+        for j in range(WIDTH):
+            if isinstance(run, CachedGatedPixelCNN):
+                h = run.horizontal_stack(i, j)
+            else:
+                h = run.horizontal_stack().clone()  # a view of the run's output buffer
+                run.pixel += 1
+            stacks.append(h)
+            logits.append(run.logits(h))
+    return torch.stack(stacks), torch.stack(logits)
+
+
+def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "", atol: float | None = None) -> None:
+    """The project tolerance of ``dtype`` (or ``atol``) on both tensors divided by the expected's largest magnitude."""
+    scale = expected.abs().max().item()
+    rtol, table_atol = tolerance(dtype)
+    atol = table_atol if atol is None else atol
+    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+
+
+# ---------------------------------------------------------------- the plain step: one pixel of a masked conv
+
+
+@pytest.mark.parametrize("backend, device", STEP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_horizontal_conv_step_is_the_masked_conv_at_its_pixel_only(backend, device, dtype):
+    """Pixel by pixel, each step writes its pixel of the reference convolution and nothing else."""
+    conv = MaskedConv2d(6, 9, (1, 5), mask="horizontal", dilation=2, color_groups=3).to(device, dtype)
+    x = torch.randn(3, 6, HEIGHT, WIDTH, device=device).to(dtype)
+    expected = masked_conv2d_ref(x.double(), conv.weight.double(), conv.bias.double(), conv.spec, 2, 3)
+    out = torch.full((3, HEIGHT, WIDTH, 9), float("nan"), device=device, dtype=dtype)
+    pixel = torch.zeros(1, dtype=torch.int64, device=device)
+    weights = HorizontalStepWeights.from_conv(conv, dtype)
+    with kernel_backend(backend, device):
+        for p in range(HEIGHT * WIDTH):
+            horizontal_conv_step(pixel, x.permute(0, 2, 3, 1), weights, out)
+            assert not out.flatten(1, 2)[:, : p + 1].isnan().any() and out.flatten(1, 2)[:, p + 1 :].isnan().all()
+            pixel += 1
+        done = out.clone()
+        for outside in (HEIGHT * WIDTH, -1):
+            horizontal_conv_step(pixel.fill_(outside), x.permute(0, 2, 3, 1), weights, out)
+    assert torch.equal(out, done)
+    assert_close_at_scale(out.permute(0, 3, 1, 2), expected, dtype)
+
+
+# ---------------------------------------------------------------- every layer of a model against the PyTorch step
+
+
+def test_step_backend_is_a_kernel_backend_in_kernel_dtypes_only():
+    weight = torch.zeros(1)
+    assert step_backend(weight) is None  # CPU tensors: the reference backend
+    with use_backend("triton"):
+        assert step_backend(weight) == "triton"
+        assert step_backend(weight.double()) is None  # float64 stays on the PyTorch step
+    with use_backend("reference"):
+        assert step_backend(weight) is None
+
+
+@pytest.mark.parametrize("backend, device", STEP_BACKENDS)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fused_steps_match_the_pytorch_step_in_float32(name, backend, device):
+    model, cond = build(name, device=device)
+    with torch.no_grad():
+        expected = every_pixel(CachedGatedPixelCNN(model, known_problem(model, cond)))
+        with kernel_backend(backend, device):
+            fused = every_pixel(FusedCachedGatedPixelCNN(model, known_problem(model, cond)))
+    for what, got, want in zip(("horizontal stack", "logits"), fused, expected):
+        assert_close_at_scale(got, want, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend, device", STEP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["grey", "rgb_cond_dilated"])
+def test_fused_steps_in_half_precision_are_as_accurate_as_the_pytorch_step(name, dtype, backend, device):
+    """Against the float64 PyTorch step: the fused step (fp32 inside, one rounding per layer) errs at most 3× the PyTorch step in ``dtype``."""
+    model, cond = build(name, dtype, device)
+    exact, _ = build(name, torch.float64, device)
+    with torch.no_grad():
+        truth = every_pixel(CachedGatedPixelCNN(exact, known_problem(exact, cond)))
+        pytorch_step = every_pixel(CachedGatedPixelCNN(model, known_problem(model, cond)))
+        with kernel_backend(backend, device):
+            fused = every_pixel(FusedCachedGatedPixelCNN(model, known_problem(model, cond)))
+    for got, baseline, want in zip(fused, pytorch_step, truth):
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max() <= 3 * (baseline.double() - want).abs().max()
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+@pytest.mark.parametrize("completion", [False, True], ids=["full", "completion"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value(name, completion, monkeypatch):
+    """float32 on the Triton interpreter: the fused cached sampler's image is naive's, known pixels kept."""
+    model, cond = build(name)
+    noise = noise_for(model, N)
+    prefix = torch.randint(0, model.num_bins, (N, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2)) if completion else None
+    known = (torch.rand(N, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) < 0.4) if completion else None
+    launches = []
+    launch = triton_sampling.gated_pixel_step
+    monkeypatch.setattr(triton_sampling, "gated_pixel_step", lambda *args: launches.append(1) or launch(*args))
+    with use_backend("triton"):
+        naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
+        launches.clear()
+        cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
+    assert torch.equal(cached, naive) and naive.unique().numel() > 2
+    if completion:
+        kept = known[:, None].expand_as(prefix)
+        assert torch.equal(cached[kept], prefix[kept])
+    all_known = 0 if known is None else int(known.all(dim=0).sum())
+    values_per_pixel = model.in_channels if model.head == "softmax" else 1
+    layers = len(model.conv_layers) + 1  # the first conv, then each gated layer
+    assert len(launches) == layers * ((HEIGHT * WIDTH - all_known) * values_per_pixel + all_known)
+
+
+def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):
+    launches = []
+    monkeypatch.setattr(triton_sampling, "gated_pixel_step", lambda *args: launches.append(1))
+    model, _ = build("grey")
+    model.sample(N, method="cached", noise=noise_for(model, N), progress=False)  # CPU tensors: reference
+    with use_backend("triton"):
+        model.double().sample(N, method="cached", noise=noise_for(model, N), progress=False)
+    assert launches == []
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    model, cond = build("grey")
+    with use_backend("triton"), pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        FusedCachedGatedPixelCNN(model, known_problem(model, cond)).sample(progress=False, cuda_graph=True)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_step_inputs_name_the_argument():
+    model, cond = build("rgb_cond_dilated")
+    layer = GatedLayerStepWeights.from_layer(model.conv_layers[0], torch.float32)
+    pixel = torch.zeros(1, dtype=torch.int64)
+    x, v_pre, out = torch.zeros(N, HEIGHT, WIDTH, 6), torch.zeros(N, WIDTH, 12), torch.zeros(N, HEIGHT, WIDTH, 6)
+    cond = torch.zeros(N, 12)
+    with use_backend("triton"):
+        gated_layer_step(pixel, x, v_pre, cond, layer, out)  # the valid call
+        with pytest.raises(TypeError, match="pixel must be an int64"):
+            gated_layer_step(pixel.int(), x, v_pre, cond, layer, out)
+        with pytest.raises(ValueError, match=r"pixel must have shape \(1,\)"):
+            gated_layer_step(torch.zeros(2, dtype=torch.int64), x, v_pre, cond, layer, out)
+        with pytest.raises(TypeError, match="x must have dtype"):
+            gated_layer_step(pixel, x.double(), v_pre, cond, layer, out)
+        with pytest.raises(TypeError, match="out has dtype"):
+            gated_layer_step(pixel, x, v_pre, cond, layer, out.half())
+        with pytest.raises(ValueError, match="out must have shape"):
+            gated_layer_step(pixel, x, v_pre, cond, layer, out[:, :, :, :3])
+        with pytest.raises(ValueError, match="v_pre must have shape"):
+            gated_layer_step(pixel, x, v_pre[:, :, :6], cond, layer, out)
+        with pytest.raises(TypeError, match="v_pre must be a torch.Tensor"):
+            gated_layer_step(pixel, x, None, cond, layer, out)
+        with pytest.raises(ValueError, match="cond must have shape"):
+            gated_layer_step(pixel, x, v_pre, cond[:1], layer, out)
+        with pytest.raises(ValueError, match="wp must be a contiguous"):
+            gated_layer_step(pixel, x[..., :3], v_pre, cond, layer, out[..., :3])
+        with pytest.raises(ValueError, match="weights.color_groups"):
+            gated_layer_step(pixel, x, v_pre, cond, GatedLayerStepWeights(**{**vars(layer), "color_groups": 4}), out)
+        with pytest.raises(ValueError, match="one kernel row"):
+            HorizontalStepWeights.from_conv(model.conv_layers[0].conv_vert, torch.float32)
+    with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
+        gated_layer_step(pixel, x, v_pre, cond, layer, out)  # CPU tensors: the reference backend
+
+
+# ---------------------------------------------------------------- GPU: the CUDA graph
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, completion", [("rgb_cond_dilated", False), ("dmol_rgb", False), ("grey", True)])
+def test_gpu_cuda_graph_replays_the_eager_steps(name, completion, dtype, backend):
+    """One captured pixel step replayed per pixel gives the eager steps' images bit for bit (and naive's in float32)."""
+    model, cond = build(name, dtype, "cuda")
+    batch = 20  # not a multiple of the kernels' images per block
+    noise = noise_for(model, batch)
+    cond = None if cond is None else cond.repeat(batch // N)
+    images = torch.randint(0, model.num_bins, (batch, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2)).cuda()
+    known = (torch.rand(batch, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) < 0.4).cuda() if completion else torch.zeros(batch, HEIGHT, WIDTH, dtype=torch.bool, device="cuda")
+    drawn = {}
+    with kernel_backend(backend, "cuda"), torch.no_grad():
+        for graph in (False, True):
+            problem = SamplingProblem(images.clone(), known, noise, cond, model.class_vector(cond, batch))
+            assert FusedCachedGatedPixelCNN(model, problem).sample(progress=False, cuda_graph=graph) == graph
+            drawn[graph] = problem.images
+        naive = model.sample(batch, cond=cond, prefix=images if completion else None, known=known if completion else None, noise=noise, size=(HEIGHT, WIDTH), progress=False)
+    assert torch.equal(drawn[True], drawn[False])
+    assert torch.equal(drawn[True][known[:, None].expand_as(images)], images[known[:, None].expand_as(images)])
+    if dtype == torch.float32:
+        assert torch.equal(drawn[True], naive)
+
+
+@pytest.mark.gpu
+def test_gpu_sample_uses_the_graph_by_default(monkeypatch):
+    """``model.sample(method="cached")`` on a GPU runs the fused step in a CUDA graph."""
+    used = []
+    sample = FusedCachedGatedPixelCNN.sample
+    monkeypatch.setattr(FusedCachedGatedPixelCNN, "sample", lambda self, *args, **kwargs: used.append(sample(self, *args, **kwargs)))
+    model, cond = build("rgb_cond_dilated", device="cuda")
+    noise = noise_for(model, N)
+    cached = model.sample(N, method="cached", cond=cond, noise=noise, progress=False)
+    assert used == [True]
+    assert torch.equal(cached, model.sample(N, cond=cond, noise=noise, progress=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("in_channels, hidden", [(1, 64), (3, 66)])
+def test_gpu_fused_steps_at_the_tutorial_width(backend, in_channels, hidden):
+    """64 channels (66 for colour groups), a batch of 70: both kernels against the PyTorch step in float32.
+
+    Sums of a few hundred products: an atol of 1e-5 of the largest magnitude, as the
+    masked convolution's GPU tests allow fp32 without TF32 at realistic sizes.
+    """
+    model, _ = build("grey", device="cuda", scale=1.0, in_channels=in_channels, hidden=hidden, dilations=[1, 4])
+    with torch.no_grad():
+        expected = every_pixel(CachedGatedPixelCNN(model, known_problem(model, None, batch=70)))
+        with kernel_backend(backend, "cuda"):
+            fused = every_pixel(FusedCachedGatedPixelCNN(model, known_problem(model, None, batch=70)))
+    for what, got, want in zip(("horizontal stack", "logits"), fused, expected):
+        assert_close_at_scale(got, want, torch.float32, what, atol=1e-5)
