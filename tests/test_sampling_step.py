@@ -22,12 +22,18 @@ from pixelcnn_kernels.triton import sampling as triton_sampling
 
 N = 2
 GPU = (pytest.mark.gpu,)
-# (backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU.
-STEP_BACKENDS = [
-    pytest.param("triton", "cpu", id="triton-cpu"),
-    pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
-    pytest.param("cuda", "cuda", id="cuda", marks=GPU + (pytest.mark.sanitize,)),
-]
+
+
+def step_backends(*cuda_marks) -> list:
+    """(backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU."""
+    return [
+        pytest.param("triton", "cpu", id="triton-cpu"),
+        pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
+        pytest.param("cuda", "cuda", id="cuda", marks=GPU + cuda_marks),
+    ]
+
+
+STEP_BACKENDS = step_backends()
 # name -> GatedPixelCNN keyword arguments; every variant has 2 layers, 8 bins and a 4×5 image.
 VARIANTS = {
     "grey": dict(in_channels=1, hidden=6),
@@ -108,10 +114,10 @@ def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: t
 # ---------------------------------------------------------------- the plain step: one pixel of a masked conv
 
 
-@pytest.mark.parametrize("backend, device", STEP_BACKENDS)
+@pytest.mark.parametrize("backend, device", step_backends(pytest.mark.sanitize))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_horizontal_conv_step_is_the_masked_conv_at_its_pixel_only(backend, device, dtype):
-    """Pixel by pixel, each step writes its pixel of the reference convolution and nothing else."""
+    """Pixel by pixel, each step writes its pixel of the reference convolution and nothing else (compute-sanitizer runs the CUDA kernel here)."""
     conv = MaskedConv2d(6, 9, (1, 5), mask="horizontal", dilation=2, color_groups=3).to(device, dtype)
     x = torch.randn(3, 6, HEIGHT, WIDTH, device=device).to(dtype)
     expected = masked_conv2d_ref(x.double(), conv.weight.double(), conv.bias.double(), conv.spec, 2, 3)
