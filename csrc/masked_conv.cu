@@ -13,6 +13,15 @@
 // gives each CTA the matching column blocks of both halves (two accumulator sets) so
 // the gate runs in the epilogue.
 //
+// The fusions of masked_conv.h are small pieces of these kernels: the residual is one
+// more term in the epilogue (add_residual); the concat_elu prologue maps the
+// gathered x tile to elu(x) or elu(-x) before it is stored to shared memory
+// (concat_elu_tile), the reduction running over x's channels twice per tap (part 0
+// against the weight's first C input channels, part 1 against the last C); dgrad of a
+// concat_elu input is the two-halves GEMM of the gated forward over the weight read
+// transposed, whose epilogue (combine_halves) takes concat_elu's backward instead of
+// the gate.
+//
 // wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
 // rows input channels, columns output channels, reduction over the pixels, split
 // over grid z into fixed ranges whose partials `sum_splits_kernel` adds in order.
@@ -35,6 +44,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "gates.h"
 #include "masked_conv.h"
 
 namespace pixelcnn_kernels {
@@ -124,6 +134,21 @@ struct TileLoader {
     }
   }
 
+  // Replaces every gathered element v by fn(v), computed in float32: a prologue, run
+  // between gather() and commit() (it waits for the loads). Missing elements are zero,
+  // so fn must map 0 to 0.
+  template <typename Fn>
+  __device__ __forceinline__ void map(Fn fn) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      Elem values[kVec];
+      memcpy(values, &chunk[i], sizeof(values));
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) values[e] = from_float<Elem>(fn(to_float(values[e])));
+      memcpy(&chunk[i], values, sizeof(values));
+    }
+  }
+
   __device__ __forceinline__ void commit(Elem* tile) const {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) *reinterpret_cast<uint4*>(tile + row(i) * kLd + col()) = chunk[i];
@@ -154,6 +179,15 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
   const int x = px.x + dx;
   if (!px.inside || y < 0 || y >= height || x < 0 || x >= width) return nullptr;
   return base + (px.image_start + static_cast<int64_t>(y) * width + x) * channels + col0;
+}
+
+// The concat_elu prologue: a gathered tile of x becomes elu(x) (part 0) or elu(-x)
+// (part 1), rounded to Elem as the materialised activation would be; zeros (padding)
+// stay zero.
+template <typename Loader>
+__device__ __forceinline__ void concat_elu_tile(Loader& loader, int part) {
+  const float sign = part == 0 ? 1.0f : -1.0f;
+  loader.map([sign](float v) { return elu_math(sign * v); });
 }
 
 // ---------------------------------------------------------------------------------
@@ -297,18 +331,21 @@ struct ExactFloatMath {
 // Forward / dgrad / gated forward
 
 struct ConvParams {
-  const void* src;     // (N, H, W, k_channels) channels-last
-  const void* weight;  // (taps, Cin, Cout): B_t[k][n] is weight[t][k][n], or weight[t][n][k] transposed
-  const float* bias;   // (n_channels) or null
-  const float* cond;   // (N, n_channels) or null
-  void* out;           // (N, H, W, n_channels / halves)
-  void* preact;        // (N, H, W, n_channels) or null; gated only
+  const void* src;           // (N, H, W, k_channels) channels-last; (N, H, W, k_channels / 2) if concat_elu_input
+  const void* weight;        // (taps, Cin, Cout): B_t[k][n] is weight[t][k][n], or weight[t][n][k] transposed
+  const float* bias;         // (n_channels) or null
+  const float* cond;         // (N, n_channels) or null
+  const void* residual;      // (N, H, W, n_channels / halves) or null: added to out
+  const void* concat_elu_x;  // two halves, dgrad: the forward's x (N, H, W, n_channels / 2); else null
+  void* out;                 // (N, H, W, n_channels / halves)
+  void* preact;              // (N, H, W, n_channels) or null; gated only
   int64_t pixels;
   int height;
   int width;
   int k_channels;  // reduced channels per tap
-  int n_channels;  // GEMM columns, both gate halves included
+  int n_channels;  // GEMM columns, both halves included
   Gate gate;
+  bool concat_elu_input;  // the GEMM reads concat_elu(src)
   int taps;
   bool src_vec_ok;
   bool weight_vec_ok;
@@ -323,7 +360,24 @@ __device__ __forceinline__ float apply_gate(Gate gate, float a, float b) {
   return (gate == Gate::kTanhSigmoid ? tanhf(a) : a) * sigmoid_b;
 }
 
-// out = epilogue(src (*) weight). kHalves == 2: gated forward; kWeightTransposed: dgrad.
+// The result of a two-halves GEMM at output element `index` from its halves: the gate
+// or, in dgrad of a concat_elu input, the gradient w.r.t. x from those w.r.t. elu(x)
+// and elu(-x) (x has out's shape).
+template <typename Elem>
+__device__ __forceinline__ float combine_halves(const ConvParams& p, int64_t index, float first, float second) {
+  if (p.concat_elu_x != nullptr)
+    return concat_elu_grad_math(to_float(static_cast<const Elem*>(p.concat_elu_x)[index]), first, second);
+  return apply_gate(p.gate, first, second);
+}
+
+// `value` plus the residual at output element `index`, when there is one.
+template <typename Elem>
+__device__ __forceinline__ float add_residual(const ConvParams& p, int64_t index, float value) {
+  return p.residual == nullptr ? value : value + to_float(static_cast<const Elem*>(p.residual)[index]);
+}
+
+// out = epilogue(src (*) weight). kHalves == 2: gated forward, or dgrad of a concat_elu
+// input; kWeightTransposed: dgrad.
 // Grid: (ceil(pixels / kBlockM), ceil(n_channels / kHalves / kBlockN)).
 template <typename Elem, typename Math, int kHalves, bool kWeightTransposed>
 __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
@@ -356,16 +410,22 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 #pragma unroll
   for (int i = 0; i < LoaderA::kChunks; ++i) pixel_rows[i] = decode_pixel(m0 + LoaderA::row(i), p.pixels, p.height, p.width);
 
+  // With a concat_elu input each tap's reduction runs over src's channels twice: part 0
+  // reads elu(src) against weight rows [0, C), part 1 elu(-src) against rows [C, 2C).
+  const int parts = p.concat_elu_input ? 2 : 1;
+  const int src_channels = p.k_channels / parts;
+
   LoaderA a_loader;
   LoaderB b_loaders[kHalves];
-  // Loads the tiles of reduction step (tap, k0) into registers.
-  auto gather = [&](int tap, int k0) {
+  // Loads the tiles of reduction step (tap, part, k0) into registers.
+  auto gather = [&](int tap, int part, int k0) {
     const int dy = p.dy[tap];
     const int dx = p.dx[tap];
     a_loader.gather(
-        [&](int i) { return shifted_row(src, p.k_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
-        p.k_channels - k0, p.src_vec_ok);
+        [&](int i) { return shifted_row(src, src_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
+        src_channels - k0, p.src_vec_ok);
     const Elem* tap_weight = weight + static_cast<int64_t>(tap) * p.k_channels * p.n_channels;
+    const int k_base = part * src_channels;  // the weight's first reduction row (k) of this part
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       const int col0 = h * half + n0;  // first weight column (n) of this half's block
@@ -373,14 +433,14 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
         b_loaders[h].gather(
             [&](int i) {
               const int r = LoaderB::row(i);
-              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k0 : nullptr;
+              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k_base + k0 : nullptr;
             },
-            p.k_channels - k0, p.weight_vec_ok);
+            src_channels - k0, p.weight_vec_ok);
       } else {
         b_loaders[h].gather(
             [&](int i) {
               const int k = k0 + LoaderB::row(i);
-              return k < p.k_channels ? tap_weight + static_cast<int64_t>(k) * p.n_channels + col0 : nullptr;
+              return k < src_channels ? tap_weight + static_cast<int64_t>(k_base + k) * p.n_channels + col0 : nullptr;
             },
             half - n0, p.weight_vec_ok);
       }
@@ -390,29 +450,34 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
   // The reduction: every active tap, and within it the channels in kBlockK steps.
   // The tiles of the next step are gathered while the current step is multiplied.
   Math math;
-  const int steps = p.taps * ((p.k_channels + kBlockK - 1) / kBlockK);
+  const int steps = p.taps * parts * ((src_channels + kBlockK - 1) / kBlockK);
   int tap = 0;
+  int part = 0;
   int k0 = 0;
-  gather(tap, k0);
+  gather(tap, part, k0);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();  // the previous step's multiply is done with the tiles
+    if (p.concat_elu_input) concat_elu_tile(a_loader, part);  // (tap, part, k0) is still this step's
     a_loader.commit(a_tile);
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));
     __syncthreads();
     if (step + 1 < steps) {
       k0 += kBlockK;
-      if (k0 >= p.k_channels) {
+      if (k0 >= src_channels) {
         k0 = 0;
-        ++tap;
+        if (++part == parts) {
+          part = 0;
+          ++tap;
+        }
       }
-      gather(tap, k0);
+      gather(tap, part, k0);
     }
     math.template multiply<wmma::row_major, kLdA, BLayout, kLdB>(a_tile, b_tile);
   }
 
   // Epilogue: accumulators -> fp32 staging tile (aliasing the input tiles) -> bias,
-  // cond, gate -> guarded, coalesced stores.
+  // cond, gate (or concat_elu's backward), residual -> guarded, coalesced stores.
   __syncthreads();
   float* stage = reinterpret_cast<float*>(smem);
   math.template store<kLdStage>(stage);
@@ -434,15 +499,16 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
       if (p.bias != nullptr) pre[h] += p.bias[channel];
       if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
     }
-    if constexpr (kHalves == 1) {
-      out[pixel * half + col] = from_float<Elem>(pre[0]);
-    } else {
+    const int64_t index = pixel * half + col;
+    float value = pre[0];
+    if constexpr (kHalves == 2) {
       if (preact != nullptr) {
 #pragma unroll
         for (int h = 0; h < kHalves; ++h) preact[pixel * p.n_channels + h * half + col] = from_float<Elem>(pre[h]);
       }
-      out[pixel * half + col] = from_float<Elem>(apply_gate(p.gate, pre[0], pre[1]));
+      value = combine_halves<Elem>(p, index, pre[0], pre[1]);
     }
+    out[index] = from_float<Elem>(add_residual<Elem>(p, index, value));
   }
 #else
   __trap();
@@ -453,25 +519,27 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 // Weight gradient
 
 struct WgradParams {
-  const void* x;     // (N, H, W, Cin)
+  const void* x;     // (N, H, W, x_channels)
   const void* gout;  // (N, H, W, Cout)
   float* dst;        // gwp (T, Cin, Cout), or the workspace (splits, T, Cin, Cout)
   int64_t pixels;
   int64_t pixels_per_split;
   int height;
   int width;
-  int in_channels;
+  int x_channels;  // Cin, or Cin / 2 with concat_elu_input
   int out_channels;
   int taps;
+  bool concat_elu_input;  // gwp rows [0, C) come from elu(x), rows [C, 2C) from elu(-x)
   bool x_vec_ok;
   bool gout_vec_ok;
   int dy[kMaxTaps];
   int dx[kMaxTaps];
 };
 
-// dst[split][t][ci][co] = sum over the split's pixels m of x[shift_t(m), ci] * gout[m, co].
-// Grid: (ci blocks * co blocks, taps, splits). The pixel tile is the reduction (k) axis:
-// the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
+// dst[split][t][ci][co] = sum over the split's pixels m of in[shift_t(m), ci] * gout[m, co],
+// `in` being x or concat_elu(x). Grid: (ci blocks * co blocks, taps, splits), the ci blocks
+// covering x's channels once per part (twice for concat_elu). The pixel tile is the
+// reduction (k) axis: the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
 template <typename Elem, typename Math>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
@@ -487,9 +555,12 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   const Elem* x = static_cast<const Elem*>(p.x);
   const Elem* gout = static_cast<const Elem*>(p.gout);
-  const int ci_blocks = (p.in_channels + kBlockM - 1) / kBlockM;
-  const int m0 = blockIdx.x % ci_blocks * kBlockM;  // first input channel
-  const int n0 = blockIdx.x / ci_blocks * kBlockN;  // first output channel
+  const int parts = p.concat_elu_input ? 2 : 1;
+  const int ci_blocks = (p.x_channels + kBlockM - 1) / kBlockM;  // per part
+  const int row_block = blockIdx.x % (parts * ci_blocks);
+  const int part = row_block / ci_blocks;
+  const int m0 = row_block % ci_blocks * kBlockM;             // first x channel
+  const int n0 = blockIdx.x / (parts * ci_blocks) * kBlockN;  // first output channel
   const int tap = blockIdx.y;
   const int dy = p.dy[tap];
   const int dx = p.dx[tap];
@@ -502,8 +573,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
     PixelCoords rows[Loader::kChunks];
 #pragma unroll
     for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(p0 + Loader::row(i), end, p.height, p.width);
-    x_loader.gather([&](int i) { return shifted_row(x, p.in_channels, m0, rows[i], dy, dx, p.height, p.width); },
-                    p.in_channels - m0, p.x_vec_ok);
+    x_loader.gather([&](int i) { return shifted_row(x, p.x_channels, m0, rows[i], dy, dx, p.height, p.width); },
+                    p.x_channels - m0, p.x_vec_ok);
     g_loader.gather([&](int i) { return shifted_row(gout, p.out_channels, n0, rows[i], 0, 0, p.height, p.width); },
                     p.out_channels - n0, p.gout_vec_ok);
   };
@@ -512,6 +583,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   gather(begin);
   for (int64_t p0 = begin; p0 < end; p0 += kBlockK) {
     __syncthreads();  // the previous step's multiply is done with the tiles
+    if (p.concat_elu_input) concat_elu_tile(x_loader, part);
     x_loader.commit(x_tile);
     g_loader.commit(g_tile);
     __syncthreads();
@@ -523,13 +595,15 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   float* stage = reinterpret_cast<float*>(smem);
   math.template store<kLdStage>(stage);
   __syncthreads();
-  const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
-  float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
+  const int in_channels = parts * p.x_channels;
+  const int64_t gwp_size = static_cast<int64_t>(p.taps) * in_channels * p.out_channels;
+  float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * in_channels * p.out_channels;
   for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
     const int ci = m0 + idx / kBlockN;
     const int co = n0 + idx % kBlockN;
-    if (ci < p.in_channels && co < p.out_channels)
-      dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / kBlockN * kLdStage + idx % kBlockN];
+    if (ci < p.x_channels && co < p.out_channels)
+      dst[static_cast<int64_t>(part * p.x_channels + ci) * p.out_channels + co] =
+          stage[idx / kBlockN * kLdStage + idx % kBlockN];
   }
 #else
   __trap();
@@ -573,52 +647,90 @@ void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
   });
 }
 
-// One conv_kernel GEMM: `src` (N, H, W, k_channels) against the weight, offsets
-// negated for dgrad. The caller has checked 1 <= taps <= kMaxTaps.
+// The ConvParams of a GEMM of `src` (k_channels per tap, or half of them for a
+// concat_elu input) against `weight` into `out`: no bias, cond, residual or preact.
+ConvParams conv_params(const void* src, int k_channels, const void* weight, int n_channels, void* out) {
+  ConvParams params{};
+  params.src = src;
+  params.k_channels = k_channels;
+  params.weight = weight;
+  params.n_channels = n_channels;
+  params.out = out;
+  return params;
+}
+
+// One conv_kernel GEMM of `params` (tensors, channel counts and epilogue set); fills in
+// the problem's sizes and taps (offsets negated for dgrad) and the vector-load flags.
+// The caller has checked 1 <= taps <= kMaxTaps.
 template <int kHalves, bool kWeightTransposed>
-void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* src, int k_channels,
-                 const void* weight, int n_channels, const float* bias, const float* cond, Gate gate, void* out,
-                 void* preact, cudaStream_t stream) {
-  const int64_t pixels = problem.batch * problem.height * problem.width;
-  const int half = n_channels / kHalves;
-  if (pixels == 0 || half == 0) return;
+void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvParams params, cudaStream_t stream) {
+  params.pixels = problem.batch * problem.height * problem.width;
+  const int half = params.n_channels / kHalves;
+  if (params.pixels == 0 || half == 0) return;
+  params.height = problem.height;
+  params.width = problem.width;
+  params.taps = problem.taps;
   const int bytes = elem_bytes(dtype);
-  ConvParams params{src, weight, bias, cond, out, preact, pixels, problem.height, problem.width, k_channels,
-                    n_channels, gate, problem.taps, chunk_aligned(src, k_channels, bytes),
-                    // plain: rows of n_channels, each half starting `half` in; transposed: rows of k_channels
-                    kWeightTransposed ? chunk_aligned(weight, k_channels, bytes)
-                                      : chunk_aligned(weight, n_channels, bytes) && chunk_aligned(weight, half, bytes)};
+  const int src_channels = params.k_channels / (params.concat_elu_input ? 2 : 1);
+  params.src_vec_ok = chunk_aligned(params.src, src_channels, bytes);
+  // plain: rows of n_channels, each half starting `half` in; transposed: rows of
+  // k_channels, each concat_elu part starting src_channels in.
+  params.weight_vec_ok = kWeightTransposed ? chunk_aligned(params.weight, params.k_channels, bytes) &&
+                                                 chunk_aligned(params.weight, src_channels, bytes)
+                                           : chunk_aligned(params.weight, params.n_channels, bytes) &&
+                                                 chunk_aligned(params.weight, half, bytes);
   const int offset_sign = kWeightTransposed ? -1 : 1;
   for (int t = 0; t < problem.taps; ++t) {
     params.dy[t] = offset_sign * problem.offsets[2 * t];
     params.dx[t] = offset_sign * problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kBlockM)), static_cast<unsigned>(ceil_div(half, kBlockN)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.pixels, kBlockM)), static_cast<unsigned>(ceil_div(half, kBlockN)));
   dispatch_math<kHalves>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
     conv_kernel<decltype(elem_tag), typename decltype(math_tag)::type, kHalves, kWeightTransposed>
         <<<grid, kThreads, 0, stream>>>(params);
   });
 }
 
+// wgrad's CTA rows: blocks of x's channels, once per concat_elu part.
+int64_t wgrad_row_blocks(const ConvProblem& problem) {
+  const int parts = problem.concat_elu_input ? 2 : 1;
+  return parts * ceil_div(problem.in_channels / parts, kBlockM);
+}
+
 }  // namespace
 
 void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                       const float* bias, void* out, cudaStream_t stream) {
-  launch_conv<1, false>(dtype, allow_tf32, problem, x, problem.in_channels, wp, problem.out_channels, bias, nullptr,
-                        Gate::kTanhSigmoid, out, nullptr, stream);
+                       const float* bias, const void* residual, void* out, cudaStream_t stream) {
+  ConvParams params = conv_params(x, problem.in_channels, wp, problem.out_channels, out);
+  params.bias = bias;
+  params.residual = residual;
+  params.concat_elu_input = problem.concat_elu_input;
+  launch_conv<1, false>(dtype, allow_tf32, problem, params, stream);
 }
 
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                             const float* bias, const float* cond, Gate gate, void* out, void* preact,
-                             cudaStream_t stream) {
-  launch_conv<2, false>(dtype, allow_tf32, problem, x, problem.in_channels, wp, problem.out_channels, bias, cond, gate,
-                        out, preact, stream);
+                             const float* bias, const float* cond, const void* residual, Gate gate, void* out,
+                             void* preact, cudaStream_t stream) {
+  ConvParams params = conv_params(x, problem.in_channels, wp, problem.out_channels, out);
+  params.bias = bias;
+  params.cond = cond;
+  params.residual = residual;
+  params.gate = gate;
+  params.preact = preact;
+  params.concat_elu_input = problem.concat_elu_input;
+  launch_conv<2, false>(dtype, allow_tf32, problem, params, stream);
 }
 
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
-                         void* gx, cudaStream_t stream) {
-  launch_conv<1, true>(dtype, allow_tf32, problem, gout, problem.out_channels, wp, problem.in_channels, nullptr,
-                       nullptr, Gate::kTanhSigmoid, gx, nullptr, stream);
+                         const void* x, void* gx, cudaStream_t stream) {
+  ConvParams params = conv_params(gout, problem.out_channels, wp, problem.in_channels, gx);
+  if (!problem.concat_elu_input) {
+    launch_conv<1, true>(dtype, allow_tf32, problem, params, stream);
+    return;
+  }
+  // The columns are concat_elu's 2C channels: halves elu(x) and elu(-x), folded into x's gradient.
+  params.concat_elu_x = x;
+  launch_conv<2, true>(dtype, allow_tf32, problem, params, stream);
 }
 
 WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
@@ -627,7 +739,7 @@ WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
   constexpr int kCtasPerSm = 4;
   constexpr int64_t kMinPixelsPerSplit = 512;
   const int64_t pixels = problem.batch * problem.height * problem.width;
-  const int64_t tiles = ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
+  const int64_t tiles = wgrad_row_blocks(problem) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
   int64_t splits = std::min(ceil_div(static_cast<int64_t>(kCtasPerSm) * sm_count, std::max<int64_t>(tiles, 1)),
                             ceil_div(pixels, kMinPixelsPerSplit));
   splits = std::max<int64_t>(splits, 1);
@@ -648,6 +760,7 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     return;
   }
   const int bytes = elem_bytes(dtype);
+  const int x_channels = problem.in_channels / (problem.concat_elu_input ? 2 : 1);
   WgradParams params{x,
                      gout,
                      plan.splits > 1 ? workspace : gwp,
@@ -655,16 +768,17 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
                      plan.pixels_per_split,
                      problem.height,
                      problem.width,
-                     problem.in_channels,
+                     x_channels,
                      problem.out_channels,
                      problem.taps,
-                     chunk_aligned(x, problem.in_channels, bytes),
+                     problem.concat_elu_input,
+                     chunk_aligned(x, x_channels, bytes),
                      chunk_aligned(gout, problem.out_channels, bytes)};
   for (int t = 0; t < problem.taps; ++t) {
     params.dy[t] = problem.offsets[2 * t];
     params.dx[t] = problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN)),
+  const dim3 grid(static_cast<unsigned>(wgrad_row_blocks(problem) * ceil_div(problem.out_channels, kBlockN)),
                   static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
   dispatch_math<1>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
     wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, kThreads, 0, stream>>>(params);

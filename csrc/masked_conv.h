@@ -12,6 +12,13 @@
 // where shift_t(n, y, x) = (n, y + dy_t, x + dx_t) and pixels outside the image read
 // as zero. Masked-out taps are not in the list, so no kernel ever loads or
 // multiplies them. Torch-free: included by the .cu file and by the glue.
+//
+// Two fusions ride on these GEMMs. A residual (the output's shape) is added last in
+// the forward's epilogue. With problem.concat_elu_input, the conv's input is
+// concat_elu(x) = elu(cat([x, -x], channels)): x has C = Cin / 2 channels, and the
+// forward and wgrad compute the activation as they load x (never storing it), while
+// dgrad accumulates the gradients g1, g2 w.r.t. elu(x), elu(-x) side by side and
+// its epilogue writes the gradient w.r.t. x, g1 * elu'(x) - g2 * elu'(-x).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,10 +39,11 @@ struct ConvProblem {
   int64_t batch;
   int height;
   int width;
-  int in_channels;
+  int in_channels;  // of the weight: the conv's input channels (2C when the input is concat_elu(x))
   int out_channels;
   int taps;
-  const int* offsets;  // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
+  const int* offsets;     // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
+  bool concat_elu_input;  // the conv reads concat_elu(x); x has in_channels / 2 channels
 };
 
 // The gated epilogue, applied to the two halves a = pre[..., :Cout/2], b = pre[..., Cout/2:].
@@ -57,27 +65,34 @@ struct WgradPlan {
 // has the same type, except the float32 weight gradient) and computes in float32:
 // on tensor cores (WMMA: TF32 for float32 inputs when allow_tf32, else exact FFMA;
 // bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
-// cond are float32. All launches go on `stream`; errors surface via cudaGetLastError.
+// cond are float32, a residual has the activations' type. x is (N, H, W, Cin), or
+// (N, H, W, Cin / 2) with problem.concat_elu_input. All launches go on `stream`;
+// errors surface via cudaGetLastError.
 
-// out (N, H, W, Cout) = conv(x (N, H, W, Cin), wp (T, Cin, Cout)) + bias (Cout, may be null).
+// out (N, H, W, Cout) = conv(x, wp (T, Cin, Cout)) + bias (Cout, may be null) + residual
+// (N, H, W, Cout, may be null).
 void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                       const float* bias, void* out, cudaStream_t stream);
+                       const float* bias, const void* residual, void* out, cudaStream_t stream);
 
 // pre = conv + bias (Cout, may be null) + cond[n] (N, Cout, may be null); out (N, H, W, Cout/2) =
-// gate(pre); preact (N, H, W, Cout) receives pre unless null. Cout must be even.
+// gate(pre) + residual (N, H, W, Cout/2, may be null); preact (N, H, W, Cout) receives pre
+// unless null. Cout must be even.
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                             const float* bias, const float* cond, Gate gate, void* out, void* preact,
-                             cudaStream_t stream);
+                             const float* bias, const float* cond, const void* residual, Gate gate, void* out,
+                             void* preact, cudaStream_t stream);
 
-// gx (N, H, W, Cin) from gout (N, H, W, Cout) and wp (T, Cin, Cout).
+// gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): (N, H, W, Cin), the gradient w.r.t. the
+// conv's input; with problem.concat_elu_input, (N, H, W, Cin / 2), the gradient w.r.t. x
+// (the forward's x, which `x` points to; unused otherwise).
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
-                         void* gx, cudaStream_t stream);
+                         const void* x, void* gx, cudaStream_t stream);
 
 // The split of the weight gradient for a device with `sm_count` multiprocessors.
 WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count);
 
-// gwp (T, Cin, Cout) float32 from x (N, H, W, Cin) and gout (N, H, W, Cout); `workspace`
-// holds plan.workspace_elements floats (may be null when that is 0).
+// gwp (T, Cin, Cout) float32 from x and gout (N, H, W, Cout) (with problem.concat_elu_input,
+// from concat_elu(x) as the forward read it); `workspace` holds plan.workspace_elements
+// floats (may be null when that is 0).
 void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
                          const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream);
 

@@ -4,7 +4,8 @@
 // The Python op (pixelcnn_kernels/ops/masked_conv.py) validates the user's arguments
 // and packs the weight; these checks guard the contract itself: CUDA tensors on one
 // device, contiguous channels-last activations (N, H, W, C), wp (T, Cin, Cout) of the
-// activations' dtype, offsets [dy_0, dx_0, ...] with 1 <= T <= kMaxTaps (see masked_conv.h).
+// activations' dtype, offsets [dy_0, dx_0, ...] with 1 <= T <= kMaxTaps, a residual of
+// the output's shape and dtype, and Cin = 2C for a concat_elu input (see masked_conv.h).
 #include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
@@ -69,6 +70,21 @@ void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t i
   TORCH_CHECK(wp.size(2) < kMaxExtent, "wp has ", wp.size(2), " output channels; the kernels take < 2^30");
 }
 
+// A residual must be a contiguous CUDA tensor of the output's shape, x's dtype and device.
+void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, at::IntArrayRef out_shape) {
+  if (!residual.has_value()) return;
+  check_cuda_contiguous(*residual, "residual");
+  check_same_device(*residual, "residual", x, "x");
+  check_same_dtype(*residual, "residual", x, "x");
+  TORCH_CHECK(residual->sizes() == out_shape, "residual must have the output's shape ", out_shape, ", got ",
+              residual->sizes());
+}
+
+// The conv's input channels (wp's Cin): x's, or twice them when it reads concat_elu(x).
+int64_t conv_in_channels(const at::Tensor& x, bool concat_elu_input) {
+  return concat_elu_input ? 2 * x.size(3) : x.size(3);
+}
+
 // bias (Cout,) or cond (N, Cout) as a contiguous float32 tensor (the kernels read fp32).
 std::optional<at::Tensor> checked_float32_copy(const std::optional<at::Tensor>& t, const char* name,
                                                const at::Tensor& x, at::IntArrayRef shape) {
@@ -95,81 +111,107 @@ void check_device_capability(const at::Tensor& t) {
 }
 
 ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int64_t out_channels,
-                         const std::vector<int>& offsets) {
+                         const std::vector<int>& offsets, bool concat_elu_input) {
   return {activations.size(0),
           static_cast<int>(activations.size(1)),
           static_cast<int>(activations.size(2)),
           static_cast<int>(in_channels),
           static_cast<int>(out_channels),
           static_cast<int>(offsets.size() / 2),
-          offsets.data()};
+          offsets.data(),
+          concat_elu_input};
 }
 
 const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+const void* raw_data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
 at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
-                                  at::IntArrayRef offsets, bool allow_tf32) {
+                                  const std::optional<at::Tensor>& residual, at::IntArrayRef offsets,
+                                  bool concat_elu_input, bool allow_tf32) {
   check_activation(x, "x");
   const std::vector<int> offsets32 = checked_offsets(offsets);
-  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), x.size(3), -1);
+  const int64_t in_channels = conv_in_channels(x, concat_elu_input);
+  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
   const int64_t out_channels = wp.size(2);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
+  check_residual(residual, x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
-  masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, x.size(3), out_channels, offsets32),
-                    x.data_ptr(), wp.data_ptr(), data_or_null(bias32), out.data_ptr(), current_stream());
+  masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32,
+                    make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
+                    wp.data_ptr(), data_or_null(bias32), raw_data_or_null(residual), out.data_ptr(), current_stream());
   check_launch("masked_conv2d_fwd");
   return out;
 }
 
 std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const at::Tensor& wp,
                                                       const std::optional<at::Tensor>& bias,
-                                                      const std::optional<at::Tensor>& cond, at::IntArrayRef offsets,
-                                                      int64_t gate, bool write_preact, bool allow_tf32) {
+                                                      const std::optional<at::Tensor>& cond,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      at::IntArrayRef offsets, bool concat_elu_input, int64_t gate,
+                                                      bool write_preact, bool allow_tf32) {
   check_activation(x, "x");
   const std::vector<int> offsets32 = checked_offsets(offsets);
-  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), x.size(3), -1);
+  const int64_t in_channels = conv_in_channels(x, concat_elu_input);
+  check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
   const int64_t out_channels = wp.size(2);
   TORCH_CHECK(out_channels % 2 == 0, "the gated conv splits Cout into two halves; wp has odd Cout ", out_channels);
   TORCH_CHECK(gate == static_cast<int64_t>(Gate::kTanhSigmoid) || gate == static_cast<int64_t>(Gate::kLinearSigmoid),
               "gate must be 1 (tanh(a) * sigmoid(b)) or 2 (a * sigmoid(b)), got ", gate);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
   const auto cond32 = checked_float32_copy(cond, "cond", x, {x.size(0), out_channels});
+  check_residual(residual, x, {x.size(0), x.size(1), x.size(2), out_channels / 2});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels / 2}, x.options());
   at::Tensor preact = write_preact ? at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options())
                                    : at::empty({0}, x.options());
-  masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, x.size(3), out_channels, offsets32),
-                          x.data_ptr(), wp.data_ptr(), data_or_null(bias32), data_or_null(cond32),
+  masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32,
+                          make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
+                          wp.data_ptr(), data_or_null(bias32), data_or_null(cond32), raw_data_or_null(residual),
                           static_cast<Gate>(gate), out.data_ptr(), write_preact ? preact.data_ptr() : nullptr,
                           current_stream());
   check_launch("masked_conv2d_fwd_gated");
   return {out, preact};
 }
 
-at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp, at::IntArrayRef offsets,
-                                    bool allow_tf32) {
+// x given: the forward read concat_elu(x), and the result is the gradient w.r.t. x.
+at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp, const std::optional<at::Tensor>& x,
+                                    at::IntArrayRef offsets, bool allow_tf32) {
   check_activation(gout, "gout");
   const std::vector<int> offsets32 = checked_offsets(offsets);
   TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Cout), got shape ", wp.sizes());
   const int64_t in_channels = wp.size(1);
   check_weight(wp, gout, static_cast<int>(offsets32.size() / 2), in_channels, gout.size(3));
+  const bool concat_elu_input = x.has_value();
+  if (concat_elu_input) {
+    check_activation(*x, "x");
+    check_same_device(*x, "x", gout, "gout");
+    check_same_dtype(*x, "x", gout, "gout");
+    TORCH_CHECK(x->size(0) == gout.size(0) && x->size(1) == gout.size(1) && x->size(2) == gout.size(2) &&
+                    2 * x->size(3) == in_channels,
+                "x must be (N, H, W, Cin / 2) = (", gout.size(0), ", ", gout.size(1), ", ", gout.size(2), ", ",
+                in_channels / 2, ") for a concat_elu input with wp's Cin = ", in_channels, ", got ", x->sizes());
+  }
   check_device_capability(gout);
   const c10::cuda::CUDAGuard guard(gout.device());
-  at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), in_channels}, gout.options());
+  const int64_t gx_channels = concat_elu_input ? in_channels / 2 : in_channels;
+  at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), gx_channels}, gout.options());
   masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32,
-                      make_problem(gout, in_channels, gout.size(3), offsets32), gout.data_ptr(), wp.data_ptr(),
-                      gx.data_ptr(), current_stream());
+                      make_problem(gout, in_channels, gout.size(3), offsets32, concat_elu_input), gout.data_ptr(),
+                      wp.data_ptr(), raw_data_or_null(x), gx.data_ptr(), current_stream());
   check_launch("masked_conv2d_dgrad");
   return gx;
 }
 
 at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout, at::IntArrayRef offsets,
-                                    bool allow_tf32) {
+                                    bool concat_elu_input, bool allow_tf32) {
   check_activation(x, "x");
   check_activation(gout, "gout");
   check_same_device(gout, "gout", x, "x");
@@ -179,9 +221,10 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
   const std::vector<int> offsets32 = checked_offsets(offsets);
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const ConvProblem problem = make_problem(x, x.size(3), gout.size(3), offsets32);
+  const int64_t in_channels = conv_in_channels(x, concat_elu_input);
+  const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32, concat_elu_input);
   const WgradPlan plan = plan_masked_conv2d_wgrad(problem, device_attribute(x, cudaDevAttrMultiProcessorCount));
-  at::Tensor gwp = at::empty({problem.taps, x.size(3), gout.size(3)}, x.options().dtype(at::kFloat));
+  at::Tensor gwp = at::empty({problem.taps, in_channels, gout.size(3)}, x.options().dtype(at::kFloat));
   at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));
   masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, x.data_ptr(), gout.data_ptr(),
                       gwp.data_ptr<float>(), plan.workspace_elements > 0 ? workspace.data_ptr<float>() : nullptr,
@@ -195,12 +238,15 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
 }  // namespace pixelcnn_kernels
 
 TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
-  m.def("masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, int[] offsets, bool allow_tf32) -> Tensor");
   m.def(
-      "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, int[] offsets, int gate, "
-      "bool write_preact, bool allow_tf32) -> Tensor[]");
-  m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, int[] offsets, bool allow_tf32) -> Tensor");
-  m.def("masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool allow_tf32) -> Tensor");
+      "masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, "
+      "bool allow_tf32) -> Tensor");
+  m.def(
+      "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, int[] offsets, "
+      "bool concat_elu_input, int gate, bool write_preact, bool allow_tf32) -> Tensor[]");
+  m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor");
+  m.def(
+      "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {

@@ -112,6 +112,22 @@ def test_gated_resnet_matches_the_reference_built_layer(shift, skip_streams, con
         assert_layers_agree(fused, reference, resnet_inputs(4, skip_streams, cond_channels))
 
 
+def test_gated_resnet_with_dropout_matches_the_reference_built_layer_in_training_and_eval():
+    """Training with dropout keeps concat_elu and dropout before ``conv_out`` as passes of their own; eval fuses concat_elu."""
+    fused, reference = layer_pair("GatedResnet", 4, "down", 1, 3, dropout=0.5)
+    inputs = resnet_inputs(4, 1, 3)
+    with pixelcnn_kernels.use_backend("reference"):
+        torch.manual_seed(0)
+        fused_train = outputs_and_grads(fused.train(), inputs)
+        torch.manual_seed(0)
+        reference_train = outputs_and_grads(reference.train(), inputs)
+        fused_eval, reference_eval = outputs_and_grads(fused.eval(), inputs), outputs_and_grads(reference.eval(), inputs)
+    for (fused_out, fused_grads), (ref_out, ref_grads) in ((fused_train, reference_train), (fused_eval, reference_eval)):
+        for a, b in zip(fused_out + fused_grads, ref_out + ref_grads, strict=True):
+            assert_close(a, b)
+    assert not torch.allclose(fused_train[0][0], fused_eval[0][0])  # dropout was active in training
+
+
 def test_gated_masked_conv_is_the_tutorial_layer():
     """Written out with F.conv2d on explicitly masked weights (the UvA tutorial's formulation)."""
     layer = fused_layers.GatedMaskedConv2d(4, kernel_size=3, dilation=2, cond_channels=3).double()

@@ -2,10 +2,11 @@
 
 CPU: the reference against independent formulations, the Triton kernels under the
 interpreter on tiny shapes against the float64 reference (every mask kind,
-dilations, colour groups, odd channel counts), causality by gradients, exact zero
-gradients of masked-out weights, layouts, opcheck, torch.compile, state_dict
-round-trips, bad input. GPU (marked ``gpu``): the triton and cuda backends in
-float32 (TF32 and IEEE), float16, bfloat16 at realistic sizes, and > 2**31 elements.
+dilations, colour groups, odd channel counts; the fused residual and concat_elu
+input, with and without the gate), causality by gradients, exact zero gradients of
+masked-out weights, layouts, opcheck, torch.compile, state_dict round-trips, bad
+input. GPU (marked ``gpu``): the triton and cuda backends in float32 (TF32 and
+IEEE), float16, bfloat16 at realistic sizes, the fusions, and > 2**31 elements.
 """
 
 from __future__ import annotations
@@ -108,6 +109,50 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: masked_conv2d_ref(*a, "B", 1, 3), (x, weight, bias))
 
 
+def test_reference_concat_elu_input_and_residual_are_pixelcnn_pp_pad_then_conv():
+    """PixelCNN++'s ``x + down_shifted_conv(concat_elu(x))``: elu(cat([x, -x])), pad, valid conv, then the residual."""
+    x, weight, bias = make_conv_inputs(3, 4, (2, 3), 2, 5, 6, dtype=torch.float64)
+    residual = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    weight = torch.cat([weight, weight.flip(0)], 1)  # 2C = 6 input channels
+    activation = F.elu(torch.cat([x, -x], 1))
+    expected = F.conv2d(F.pad(activation, (1, 1, 1, 0)), weight, bias) + residual
+    got = masked_conv2d_ref(x, weight, bias, "down_shifted", residual=residual, input_activation="concat_elu")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_reference_gated_residual_is_added_after_the_gate():
+    x, weight, bias = make_conv_inputs(4, 6, (3, 3), 2, 4, 5, dtype=torch.float64)
+    x = x[:, :2]  # concat_elu: 2C = 4 input channels
+    residual = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    masked_weight = weight * resolve_mask("vertical", 3).weight_mask(6, 4, dtype=torch.float64)
+    pre = F.conv2d(F.pad(F.elu(torch.cat([x, -x], 1)), (1, 1, 1, 1)), masked_weight, bias)
+    expected = pre[:, :3] * torch.sigmoid(pre[:, 3:]) + residual
+    got = masked_conv2d_gated_ref(x, weight, bias, "vertical", gate="sigmoid", residual=residual, input_activation="concat_elu")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_reference_gradcheck_residual_and_concat_elu(gated):
+    x, weight, bias = make_conv_inputs(2, 4, (2, 2), 1, 3, 4, dtype=torch.float64)
+    weight = torch.cat([weight, -weight], 1)
+    out_channels = 2 if gated else 4
+    residual = torch.randn(1, out_channels, 3, 4, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (x, weight, bias, residual)]
+    if gated:
+        cond = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+
+        def fn(x, weight, bias, residual, cond):
+            return masked_conv2d_gated_ref(x, weight, bias, "down_right_shifted", cond=cond, residual=residual, input_activation="concat_elu")
+
+        leaves.append(cond)
+    else:
+
+        def fn(x, weight, bias, residual):
+            return masked_conv2d_ref(x, weight, bias, "down_right_shifted", residual=residual, input_activation="concat_elu")
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
 # ------------------------------------------------------------------ kernels against the reference
 
 
@@ -169,20 +214,26 @@ def test_triton_never_reads_masked_out_weights():
     assert_close(out, masked_conv2d_ref(x.double(), weight.double(), bias.double(), "A", 1, 3), dtype=torch.float32)
 
 
-def test_triton_weight_grad_split_reduction_is_deterministic_and_correct():
+@pytest.mark.parametrize("input_activation", [None, "concat_elu"])
+def test_triton_weight_grad_split_reduction_is_deterministic_and_correct(input_activation):
     """Split in partial sums or not, the weight gradient matches the reference; a split run repeats bit for bit."""
     from pixelcnn_kernels.triton import masked_conv as kernels
 
+    concat_elu_input = input_activation is not None
     x, weight, _ = make_conv_inputs(4, 5, (3, 3), 2, 7, 6)
+    if concat_elu_input:
+        weight = torch.cat([weight, weight], 1)
     spec = resolve_mask("B", 3)
     grad_out = torch.randn(2, 5, 7, 6)
     x_rows, grad_rows = x.permute(0, 2, 3, 1).contiguous(), grad_out.permute(0, 2, 3, 1).contiguous()
     offsets = ops.tap_offsets(spec, 1)
     with run_backend("triton"):
-        whole = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=1)
-        split = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=3)
-        assert torch.equal(split, kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, num_splits=3))
-    _, _, expected, _ = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), torch.zeros(5, dtype=torch.float64), grad_out.double(), mask=spec)
+        whole = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, concat_elu_input, False, num_splits=1)
+        split = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, concat_elu_input, False, num_splits=3)
+        assert torch.equal(split, kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, concat_elu_input, False, num_splits=3))
+    _, _, expected, _ = conv_and_grads(
+        masked_conv2d_ref, x.double(), weight.double(), torch.zeros(5, dtype=torch.float64), grad_out.double(), mask=spec, input_activation=input_activation
+    )
     for grad_packed in (whole, split):
         assert_close(ops.unpack_weight_grad(grad_packed, spec, weight), expected, dtype=torch.float32)
 
@@ -205,6 +256,94 @@ def test_gated_matches_float64_reference(gate, backend):
     for name, g, e in zip(("out", "grad x", "grad weight", "grad bias", "grad cond"), got, expected):
         assert_close(g, e, dtype=torch.float32, msg=name)
     assert torch.equal(no_grad_out, out.detach())
+
+
+# (mask, kernel size, dilation, colour groups, C (x's channels), Cout, N, H, W, residual, input_activation):
+# PixelCNN++'s shifted convs and its 1×1 nin on concat_elu(x); C = 20 puts the boundary
+# between elu(x) and elu(-x) inside a reduction block (2C = 40: blocks of 32), and a
+# column block of the fused input gradient; the residual alone with colour groups.
+FUSED_CASES = [
+    ("down_shifted", (2, 3), 1, 1, 3, 5, 2, 5, 4, True, "concat_elu"),
+    ("down_right_shifted", (2, 2), 1, 1, 4, 4, 1, 5, 6, False, "concat_elu"),
+    ("full", 1, 1, 1, 20, 6, 1, 3, 4, True, "concat_elu"),
+    ("B", 3, 2, 3, 6, 9, 2, 4, 5, True, None),
+]
+FUSED_IDS = [f"{c[0]}-g{c[3]}-{c[4]}to{c[5]}{'-residual' if c[9] else ''}{'-concat_elu' if c[10] else ''}" for c in FUSED_CASES]
+
+
+def make_fused_inputs(c_x, c_out, kernel_size, batch, height, width, input_activation, residual_channels, *, dtype=torch.float32, device="cpu"):
+    """x (N, C, H, W); weight (Cout, C or 2C, kh, kw); bias; a residual (N, residual_channels, H, W) or None."""
+    c_in = 2 * c_x if input_activation == "concat_elu" else c_x
+    x, weight, bias = make_conv_inputs(c_in, c_out, kernel_size, batch, height, width, dtype=dtype, device=device)
+    residual = None if residual_channels is None else torch.randn(batch, residual_channels, height, width, dtype=dtype, device=device)
+    return x[:, :c_x].contiguous(), weight, bias, residual
+
+
+def gated_with_cond(fn, **gate_options):
+    """The gated conv ``fn`` as f(x, weight, bias, cond, **kwargs), cond positional as fused_and_grads passes it."""
+    return lambda x, weight, bias, cond, **kwargs: fn(x, weight, bias, cond=cond, **gate_options, **kwargs)
+
+
+def fused_and_grads(fn, tensors, grad_out, **kwargs):
+    """fn(*tensors, **kwargs) with residual= the last tensor (if any), and its gradients w.r.t. every tensor."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
+    *args, residual = leaves
+    out = fn(*args, residual=residual, **kwargs)
+    present = [t for t in leaves if t is not None]
+    return (out, *torch.autograd.grad(out, present, grad_out))
+
+
+@pytest.mark.parametrize(
+    "mask, kernel_size, dilation, color_groups, c_x, c_out, batch, height, width, with_residual, input_activation", FUSED_CASES, ids=FUSED_IDS
+)
+def test_triton_fused_matches_float64_reference(mask, kernel_size, dilation, color_groups, c_x, c_out, batch, height, width, with_residual, input_activation):
+    kernel_size = as_pair(kernel_size)
+    x, weight, bias, residual = make_fused_inputs(c_x, c_out, kernel_size, batch, height, width, input_activation, c_out if with_residual else None)
+    grad_out = torch.randn(batch, c_out, height, width)
+    options = dict(mask=mask, dilation=dilation, color_groups=color_groups, input_activation=input_activation)
+    with run_backend("triton"):
+        got = fused_and_grads(masked_conv2d, (x, weight, bias, residual), grad_out, **options)
+    doubles = [None if t is None else t.double() for t in (x, weight, bias, residual)]
+    expected = fused_and_grads(masked_conv2d_ref, doubles, grad_out.double(), **options)
+    names = ("out", "grad x", "grad weight", "grad bias", "grad residual")[: len(got)]
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    if with_residual:
+        assert torch.equal(got[-1], grad_out)
+
+
+@pytest.mark.parametrize("with_residual, input_activation", [(True, None), (False, "concat_elu"), (True, "concat_elu")], ids=["residual", "concat_elu", "both"])
+@pytest.mark.parametrize("gate", ["tanh_sigmoid", "sigmoid"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_fused_matches_float64_reference(backend, gate, with_residual, input_activation):
+    """The gated conv with a residual after the gate and/or a concat_elu input (2·5·7 pixels: two pixel blocks)."""
+    x, weight, bias, residual = make_fused_inputs(3, 8, (2, 3), 2, 5, 7, input_activation, 4 if with_residual else None)
+    cond = torch.randn(2, 8)
+    grad_out = torch.randn(2, 4, 5, 7)
+    options = dict(mask="down_shifted", gate=gate, input_activation=input_activation)
+
+    with run_backend(backend):
+        got = fused_and_grads(gated_with_cond(masked_conv2d_gated), (x, weight, bias, cond, residual), grad_out, **options)
+        with torch.no_grad():
+            inference = masked_conv2d_gated(x, weight, bias, cond=cond, residual=residual, **options)
+    doubles = [None if t is None else t.double() for t in (x, weight, bias, cond, residual)]
+    expected = fused_and_grads(gated_with_cond(masked_conv2d_gated_ref), doubles, grad_out.double(), **options)
+    names = ("out", "grad x", "grad weight", "grad bias", "grad cond", "grad residual")[: len(got)]
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    assert torch.equal(inference, got[0].detach())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_residual_alone_needs_no_preactivation(backend):
+    """Only the residual asks for a gradient: the forward keeps no pre-activation, and the backward passes grad_out on."""
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
+    residual = torch.randn(1, 3, 4, 4, requires_grad=True)
+    grad_out = torch.randn(1, 3, 4, 4)
+    with run_backend(backend):
+        out = masked_conv2d_gated(x, weight, bias, "B", residual=residual)
+        (grad_residual,) = torch.autograd.grad(out, residual, grad_out)
+    assert torch.equal(grad_residual, grad_out)
 
 
 # ------------------------------------------------------------------ causality and masked-out weights
@@ -335,12 +474,16 @@ def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
     for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
         assert_close(g, e, dtype=torch.float32, msg=name)
     assert [name for name, _ in triton_as_cuda_ops] == ["masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad"]
-    (_, (x_rows, packed, bias_arg, offsets, tf32)), (_, (grad_rows, packed_again, offsets_again, _)), (_, (x_again, grad_again, _, _)) = triton_as_cuda_ops
+    (_, forward_args), (_, dgrad_args), (_, wgrad_args) = triton_as_cuda_ops
+    x_rows, packed, bias_arg, residual_arg, offsets, concat_elu_input, tf32 = forward_args
+    grad_rows, packed_again, dgrad_x, offsets_again, _ = dgrad_args
+    x_again, grad_again, _, wgrad_concat_elu_input, _ = wgrad_args
     for rows, channels in ((x_rows, 3), (grad_rows, 6), (x_again, 3), (grad_again, 6)):
         assert rows.shape == (2, 4, 5, channels) and rows.is_contiguous()
     assert packed.shape == (len(spec.taps), 3, 6) and packed.is_contiguous() and torch.equal(packed, packed_again)
     assert offsets == offsets_again == ops.tap_offsets(spec, 1) and all(type(d) is int for d in offsets)
     assert bias_arg.shape == (6,) and tf32 is ops.conv_allows_tf32()
+    assert residual_arg is None and dgrad_x is None and concat_elu_input is False and wgrad_concat_elu_input is False
 
     triton_as_cuda_ops.clear()
     x, weight, bias = make_conv_inputs(3, 8, (3, 3), 2, 4, 5)
@@ -349,11 +492,40 @@ def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
         fused = masked_conv2d_gated(x, weight, bias, "vertical", cond=cond)
     trained = masked_conv2d_gated(x, weight.requires_grad_(True), bias, "vertical", cond=cond)
     (_, inference_args), (_, training_args) = triton_as_cuda_ops
-    assert inference_args[3].shape == (2, 8) and inference_args[5:7] == (ops.GATE_CODES["tanh_sigmoid"], False)
-    assert training_args[6] is True
+    assert inference_args[3].shape == (2, 8) and inference_args[4] is None
+    assert inference_args[6:9] == (False, ops.GATE_CODES["tanh_sigmoid"], False)
+    assert training_args[8] is True
     expected = masked_conv2d_gated_ref(x.double(), weight.detach().double(), bias.double(), "vertical", cond=cond.double())
     assert_close(fused, expected, dtype=torch.float32)
     assert_close(trained, expected, dtype=torch.float32)
+
+
+def test_cuda_backend_gets_the_fused_contract_arguments(triton_as_cuda_ops):
+    """A residual as contiguous rows; concat_elu: the flag to the forward and wgrad, x to dgrad; gated: the same."""
+    x, weight, bias, residual = make_fused_inputs(3, 4, (2, 3), 2, 4, 5, "concat_elu", 4)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 4, 4, 5)
+    options = dict(mask="down_shifted", input_activation="concat_elu")
+    got = fused_and_grads(masked_conv2d, (x, weight, bias, residual), grad_out, **options)
+    expected = fused_and_grads(masked_conv2d_ref, [t.double() for t in (x, weight, bias, residual)], grad_out.double(), **options)
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias", "grad residual"), got, expected, strict=True):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous(memory_format=torch.channels_last)
+    (_, forward_args), (_, dgrad_args), (_, wgrad_args) = triton_as_cuda_ops
+    x_rows, packed, _, residual_rows, _, concat_elu_input, _ = forward_args
+    assert x_rows.shape == (2, 4, 5, 3) and packed.shape == (6, 6, 4) and concat_elu_input is True
+    assert residual_rows.shape == (2, 4, 5, 4) and residual_rows.is_contiguous() and torch.equal(residual_rows, residual.permute(0, 2, 3, 1))
+    assert torch.equal(dgrad_args[2], x_rows) and wgrad_args[3] is True
+
+    triton_as_cuda_ops.clear()
+    gated_weight = torch.cat([weight, weight], 0)
+    gated_out = masked_conv2d_gated(x, gated_weight, None, "down_shifted", gate="sigmoid", residual=residual, input_activation="concat_elu")
+    (_, gated_args), = triton_as_cuda_ops
+    assert gated_args[4].shape == (2, 4, 5, 4) and gated_args[6] is True and gated_args[7] == ops.GATE_CODES["sigmoid"]
+    expected_gated = masked_conv2d_gated_ref(
+        x.double(), gated_weight.double(), None, "down_shifted", gate="sigmoid", residual=residual.double(), input_activation="concat_elu"
+    )
+    assert_close(gated_out, expected_gated, dtype=torch.float32)
 
 
 def test_float64_on_a_forced_kernel_backend_raises():
@@ -368,17 +540,33 @@ def test_float64_on_a_forced_kernel_backend_raises():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend):
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 5)
-    mask_args = ops._validate(x, weight, bias, "A", 2, 3)
+    conv_args = ops._validate(x, weight, bias, "A", 2, 3)
     gated_args = ops._validate(x, weight, bias, "vertical", 1, 1)
     grad_out = torch.randn(2, 6, 4, 5)
     cond = torch.randn(2, 6)
     with run_backend(backend):
         trainable = [t.clone().requires_grad_(True) for t in (x, weight, bias, cond)]
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], *mask_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *mask_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *mask_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, *gated_args, 1, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, *gated_args, 2, False))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], None, *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *gated_args, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, None, *gated_args, 2, False))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_residual_and_concat_elu(backend):
+    x, weight, bias, residual = make_fused_inputs(3, 6, (2, 3), 2, 4, 5, "concat_elu", 6)
+    x = x.contiguous(memory_format=torch.channels_last)
+    conv_args = ops._validate(x, weight, bias, "down_shifted", 1, 1, "concat_elu")
+    grad_out = torch.randn(2, 6, 4, 5)
+    cond = torch.randn(2, 6)
+    with run_backend(backend):
+        trainable = [t.clone().requires_grad_(True) for t in (x, weight, bias, cond, residual[:, :3])]
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], residual.clone().requires_grad_(True), *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, *conv_args, 2, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], *conv_args, 1, False))
 
 
 def test_torch_compile_fullgraph():
@@ -387,8 +575,8 @@ def test_torch_compile_fullgraph():
     cond = torch.randn(2, 4)
 
     def layer(x, weight, bias, gated_weight, gated_bias, cond):
-        h = masked_conv2d(x, weight, bias, "B", 2, 3)
-        return masked_conv2d_gated(h, gated_weight, gated_bias, "horizontal", cond=cond)
+        h = masked_conv2d(x, weight, bias, "B", 2, 3, residual=x.repeat(1, 2, 1, 1))
+        return masked_conv2d_gated(h[:, :3], gated_weight, gated_bias, "horizontal", cond=cond, residual=x[:, :2], input_activation="concat_elu")
 
     leaves = [t.requires_grad_(True) for t in (x, weight, bias, gated_weight, gated_bias, cond)]
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -467,6 +655,14 @@ def _bad_input_cases():
         ("dilation value", dict(dilation=0), ValueError, "dilation"),
         ("mask name", dict(mask="C"), ValueError, "mask must be one of"),
         ("even kernel", dict(weight=torch.randn(6, 3, 2, 2), mask="B"), ValueError, "odd kernel"),
+        ("residual shape", dict(residual=torch.randn(1, 5, 4, 4)), ValueError, r"^residual must have the output's shape \(1, 6, 4, 4\)"),
+        ("residual rank", dict(residual=torch.randn(6, 4, 4)), ValueError, "^residual must have 4 dimensions"),
+        ("residual dtype", dict(residual=torch.randn(1, 6, 4, 4, dtype=torch.float64)), TypeError, "^residual has dtype torch.float64 but x has"),
+        ("residual type", dict(residual=[0.0]), TypeError, "^residual must be a torch.Tensor"),
+        ("residual device", dict(residual=torch.randn(1, 6, 4, 4, device="meta")), ValueError, "^residual is on meta but x is on cpu"),
+        ("input activation", dict(input_activation="elu"), ValueError, "^input_activation must be None or one of"),
+        ("concat_elu channels", dict(input_activation="concat_elu"), ValueError, r"^x has 3 channels, 6 after input_activation='concat_elu', but weight expects 3"),
+        ("concat_elu colour groups", dict(weight=torch.randn(6, 6, 3, 3), input_activation="concat_elu", color_groups=3), ValueError, "^input_activation='concat_elu' needs color_groups=1"),
     ], dict(x=x, weight=weight, bias=bias, mask="B", dilation=1, color_groups=1)
 
 
@@ -490,12 +686,20 @@ def test_gated_bad_input():
         masked_conv2d_gated(x, weight, bias, cond=torch.randn(2, 3))
     with pytest.raises(TypeError, match="cond has dtype"):
         masked_conv2d_gated(x, weight, bias, cond=torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^residual must have the output's shape \(2, 3, 4, 4\)"):
+        masked_conv2d_gated(x, weight, bias, residual=torch.randn(2, 6, 4, 4))
+    with pytest.raises(TypeError, match="^residual has dtype"):
+        masked_conv2d_gated(x, weight, bias, residual=torch.randn(2, 3, 4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="^residual is on meta"):
+        masked_conv2d_gated(x, weight, bias, residual=torch.randn(2, 3, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="after input_activation='concat_elu'"):
+        masked_conv2d_gated(x, weight, bias, input_activation="concat_elu")
 
 
 def test_gated_op_without_preactivation_refuses_a_backward():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
     weight.requires_grad_(True)
-    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
+    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
     with pytest.raises(RuntimeError, match="keep_preactivation"):
         out.sum().backward()
 
@@ -577,6 +781,33 @@ def test_gpu_gated_matches_reference(backend, dtype, gate):
     for name, g, e in zip(("out", "grad x", "grad weight", "grad bias", "grad cond"), got, expected):
         assert_close_at_scale(g, e, dtype=dtype, tf32=tf32, msg=name)
     assert_close_at_scale(inference, expected_out, dtype=dtype, tf32=tf32, msg="no-grad output")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gpu_fused_residual_and_concat_elu_match_reference(backend, dtype, gated):
+    """PixelCNN++'s shifted conv at the issue's size: concat_elu of 80 channels (160 in), plus a residual, forward and backward."""
+    c_out = 160 if gated else 80
+    x, weight, bias, residual = make_fused_inputs(80, c_out, (2, 3), 4, 32, 32, "concat_elu", 80, dtype=dtype, device="cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(4, 80, 32, 32, device="cuda", dtype=dtype)
+    options = dict(mask="down_shifted", input_activation="concat_elu")
+    if gated:
+        tensors = (x, weight, bias, torch.randn(4, c_out, device="cuda", dtype=dtype), residual)
+        fn, reference = gated_with_cond(masked_conv2d_gated, gate="sigmoid"), gated_with_cond(masked_conv2d_gated_ref, gate="sigmoid")
+    else:
+        tensors, fn, reference = (x, weight, bias, residual), masked_conv2d, masked_conv2d_ref
+    with gpu_backend(backend):
+        got = fused_and_grads(fn, tensors, grad_out, **options)
+    expected = fused_and_grads(reference, [t.double() for t in tensors], grad_out.double(), **options)
+    tf32 = ops.conv_allows_tf32()
+    names = ("out", "grad x", "grad weight", "grad bias") + (("grad cond",) if gated else ()) + ("grad residual",)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert g.dtype == dtype
+        assert_close_at_scale(g, e, dtype=dtype, tf32=tf32, msg=name)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.gpu

@@ -9,8 +9,9 @@ a float32 accumulation meets, times the project's tolerance for the dtype.
 
 CPU: the schemas the extension registers (when it is built). GPU (marked ``gpu``):
 every mask kind and tap count, dilations 1/2/4, fp32 with and without TF32, fp16,
-bf16, odd channel counts, N = 1, H != W, the gated epilogue, deterministic wgrad,
-inputs over 2**31 elements and the glue's errors.
+bf16, odd channel counts, N = 1, H != W, the gated epilogue, the residual epilogue,
+the concat_elu prologue (forward, wgrad) and its backward in dgrad's epilogue,
+deterministic wgrad, inputs over 2**31 elements and the glue's errors.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from pixelcnn_kernels import backend
 from pixelcnn_kernels.backend import cuda_ops
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets
+from pixelcnn_kernels.reference.gates import concat_elu
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import tolerance
 
 SCHEMAS = {
-    "masked_conv2d_fwd": "(Tensor x, Tensor wp, Tensor? bias, int[] offsets, bool allow_tf32) -> Tensor",
+    "masked_conv2d_fwd": "(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
     "masked_conv2d_fwd_gated": (
-        "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, int[] offsets, int gate, bool write_preact, bool allow_tf32) -> Tensor[]"
+        "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, int[] offsets, bool concat_elu_input, int gate, "
+        "bool write_preact, bool allow_tf32) -> Tensor[]"
     ),
-    "masked_conv2d_dgrad": "(Tensor gout, Tensor wp, int[] offsets, bool allow_tf32) -> Tensor",
-    "masked_conv2d_wgrad": "(Tensor x, Tensor gout, int[] offsets, bool allow_tf32) -> Tensor",
+    "masked_conv2d_dgrad": "(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor",
+    "masked_conv2d_wgrad": "(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
 }
 
 # (mask, kernel size, colour groups): every tap count the drop-in models use.
@@ -89,12 +92,21 @@ def _make_inputs(shape, spec, dtype, *, seed=0):
     return randn(batch, c_in, height, width), randn(c_out, c_in, kh, kw), randn(c_out)
 
 
-def _conv_ref(x, weight, bias, spec, dilation):
-    """The float64 reference (N, H, W, Cout) and its error scale: the same conv of |x|, |weight|, |bias|."""
+def _activation(x, input_activation):
+    """What the convolution reads: x, or concat_elu(x)."""
+    return x if input_activation is None else concat_elu(x)
+
+
+def _conv_ref(x, weight, bias, spec, dilation, *, residual=None, input_activation=None):
+    """The float64 reference (N, H, W, Cout) and its error scale: the same conv of |input|, |weight|, |bias|, plus |residual|."""
     x, weight = x.double(), weight.double()
     bias = None if bias is None else bias.double()
-    exact = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups)
-    scale = masked_conv2d_ref(x.abs(), weight.abs(), None if bias is None else bias.abs(), spec, dilation, spec.color_groups)
+    residual = None if residual is None else residual.double()
+    exact = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=input_activation)
+    activation = _activation(x, input_activation).abs()
+    scale = masked_conv2d_ref(activation, weight.abs(), None if bias is None else bias.abs(), spec, dilation, spec.color_groups)
+    if residual is not None:
+        scale = scale + residual.abs()
     return _to_rows(exact), _to_rows(scale)
 
 
@@ -129,7 +141,7 @@ def _check_forward(mask, kernel_size, color_groups, dilation, shape, precision):
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask(mask, kernel_size, color_groups)
     x, weight, bias = _make_inputs(shape, spec, dtype)
-    out = cuda_ops().masked_conv2d_fwd(_to_rows(x), pack_weight(weight, spec), bias, tap_offsets(spec, dilation), allow_tf32)
+    out = cuda_ops().masked_conv2d_fwd(_to_rows(x), pack_weight(weight, spec), bias, None, tap_offsets(spec, dilation), False, allow_tf32)
     expected, scale = _conv_ref(x, weight, bias, spec, dilation)
     assert out.dtype == dtype
     _assert_within(out, expected, scale, dtype, allow_tf32, f"forward {len(spec.taps)} taps")
@@ -140,7 +152,7 @@ def _check_dgrad(mask, kernel_size, color_groups, dilation, shape, precision):
     spec = resolve_mask(mask, kernel_size, color_groups)
     x, weight, _ = _make_inputs(shape, spec, dtype)
     gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
-    gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), pack_weight(weight, spec), tap_offsets(spec, dilation), allow_tf32)
+    gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), pack_weight(weight, spec), None, tap_offsets(spec, dilation), allow_tf32)
 
     def input_grad(x64, w64, g64):
         x64 = x64.detach().requires_grad_()
@@ -153,15 +165,17 @@ def _check_dgrad(mask, kernel_size, color_groups, dilation, shape, precision):
     _assert_within(gx, expected, scale, dtype, allow_tf32, f"dgrad {len(spec.taps)} taps")
 
 
-def _wgrad_ref(x, gout, weight, spec, dilation):
+def _wgrad_ref(x, gout, weight, spec, dilation, input_activation=None):
     """(expected, scale) of the packed weight gradient, float64 (T, Cin, Cout)."""
 
-    def packed_weight_grad(x64, g64):
+    def packed_weight_grad(x64, g64, activation):
         w64 = weight.double().detach().requires_grad_()
-        (grad,) = torch.autograd.grad(masked_conv2d_ref(x64, w64, None, spec, dilation, spec.color_groups), w64, g64)
+        out = masked_conv2d_ref(x64, w64, None, spec, dilation, spec.color_groups, input_activation=activation)
+        (grad,) = torch.autograd.grad(out, w64, g64)
         return pack_weight(grad, spec)
 
-    return packed_weight_grad(x.double(), gout.double()), packed_weight_grad(x.double().abs(), gout.double().abs())
+    x64 = x.double()
+    return packed_weight_grad(x64, gout.double(), input_activation), packed_weight_grad(_activation(x64, input_activation).abs(), gout.double().abs(), None)
 
 
 def _check_wgrad(mask, kernel_size, dilation, shape, precision):
@@ -169,7 +183,7 @@ def _check_wgrad(mask, kernel_size, dilation, shape, precision):
     spec = resolve_mask(mask, kernel_size, 1)  # the kernel's gwp has no colour-group zeros; the op applies them
     x, weight, _ = _make_inputs(shape, spec, dtype)
     gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
-    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, dilation), allow_tf32)
+    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, dilation), False, allow_tf32)
     expected, scale = _wgrad_ref(x, gout, weight, spec, dilation)
     assert gwp.dtype == torch.float32
     # float32 whatever the input dtype, but accumulated on tensor cores (which truncate
@@ -240,46 +254,135 @@ def test_wgrad_is_deterministic(precision):
     x = torch.randn(64, 32, 32, 40, device="cuda").to(dtype)
     gout = torch.randn(64, 32, 32, 72, device="cuda").to(dtype)
     offsets = tap_offsets(spec, 1)
-    first = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, allow_tf32)
-    second = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, allow_tf32)
+    first = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
+    second = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
     assert torch.equal(first, second)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("gate", GATE_CODES)
-@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact"), [
-    (SHAPE, True, True, True),
-    ((2, 9, 11, 48, 10), True, False, False),  # half = 5 columns
-    ((1, 6, 13, 64, 130), False, True, True),  # half = 65: two column blocks per half
-    ((2, 5, 7, 3, 256), True, True, False),
-], ids=["48to72", "48to10-no-bias", "64to130-n1-no-cond", "3to256"])
-def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, precision):
+@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "input_activation"), [
+    (SHAPE, True, True, True, False, None),
+    ((2, 9, 11, 48, 10), True, False, False, False, None),  # half = 5 columns
+    ((1, 6, 13, 64, 130), False, True, True, False, None),  # half = 65: two column blocks per half
+    ((2, 5, 7, 3, 256), True, True, False, False, None),
+    (SHAPE, True, True, True, True, "concat_elu"),  # x has 24 channels: one reduction step per part
+    ((1, 6, 13, 80, 130), False, True, False, True, "concat_elu"),  # 40: two steps per part, a partial one
+    ((2, 5, 7, 6, 10), True, False, True, True, "concat_elu"),  # 3: scalar loads
+], ids=["48to72", "48to10-no-bias", "64to130-n1-no-cond", "3to256", "48to72-fused", "80to130-fused", "6to10-fused"])
+def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, input_activation, precision):
+    """shape's Cin is the weight's: x has Cin / 2 channels with a concat_elu input."""
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask("vertical", 3, 1)
     x, weight, bias = _make_inputs(shape, spec, dtype)
+    if input_activation is not None:
+        x = x[:, : shape[3] // 2].contiguous()
+    half = shape[4] // 2
     bias = bias if with_bias else None
     cond = torch.randn(shape[0], shape[4], device="cuda").to(dtype) if with_cond else None
+    residual = torch.randn(shape[0], half, *shape[1:3], device="cuda").to(dtype) if with_residual else None
     out, preact = cuda_ops().masked_conv2d_fwd_gated(
-        _to_rows(x), pack_weight(weight, spec), bias, cond, tap_offsets(spec, 2), GATE_CODES[gate], write_preact, allow_tf32
+        _to_rows(x), pack_weight(weight, spec), bias, cond, None if residual is None else _to_rows(residual), tap_offsets(spec, 2),
+        input_activation is not None, GATE_CODES[gate], write_preact, allow_tf32,
     )
 
     cond64 = None if cond is None else cond.double()
-    expected = _to_rows(masked_conv2d_gated_ref(x.double(), weight.double(), None if bias is None else bias.double(), spec, 2, 1, gate, cond64))
-    pre, pre_scale = _conv_ref(x, weight, bias, spec, 2)
+    residual64 = None if residual is None else residual.double()
+    expected = masked_conv2d_gated_ref(
+        x.double(), weight.double(), None if bias is None else bias.double(), spec, 2, 1, gate, cond64, residual=residual64, input_activation=input_activation
+    )
+    expected = _to_rows(expected)
+    pre, pre_scale = _conv_ref(x, weight, bias, spec, 2, input_activation=input_activation)
     if cond is not None:
         pre = pre + cond64[:, None, None, :]
         pre_scale = pre_scale + cond64.abs()[:, None, None, :]
     # The pre-activation error bounds carried through the gate: |d out / d a| <= 1 for both
-    # gates and |d out / d b| <= max(1, |a|) / 4, here bounded by 1 + |a|.
-    half = shape[4] // 2
+    # gates and |d out / d b| <= max(1, |a|) / 4, here bounded by 1 + |a|; the residual adds its magnitude.
     out_scale = pre_scale[..., :half] + pre_scale[..., half:] * (1 + pre[..., :half].abs())
+    if residual is not None:
+        out_scale = out_scale + _to_rows(residual64.abs())
     assert out.dtype == dtype and out.shape == (*shape[:3], half)
     _assert_within(out, expected, out_scale, dtype, allow_tf32, f"gated out, gate {gate}")
     if write_preact:
         _assert_within(preact, pre, pre_scale, dtype, allow_tf32, f"gated preact, gate {gate}")
     else:
         assert preact.numel() == 0
+
+
+# (N, H, W, C, Cout) of the concat_elu tests, C being x's channels (the conv's Cin is 2C):
+# one reduction step or column block per part (24), two with a partial one (40, 80),
+# scalar loads (3).
+CONCAT_ELU_SHAPES = [(2, 9, 11, 24, 72), (1, 6, 13, 40, 130), (2, 5, 7, 3, 5)]
+CONCAT_ELU_IDS = [f"{s[3]}to{s[4]}-n{s[0]}" for s in CONCAT_ELU_SHAPES]
+PIXELCNN_PP_MASKS = [("down_shifted", (2, 3)), ("down_right_shifted", (2, 2)), ("full", 1)]
+
+
+def _concat_elu_inputs(shape, spec, dtype):
+    """x (N, C, H, W) and weight (Cout, 2C, kh, kw), bias (Cout,) for a conv of concat_elu(x)."""
+    batch, height, width, c_x, c_out = shape
+    x, weight, bias = _make_inputs((batch, height, width, 2 * c_x, c_out), spec, dtype)
+    return x[:, :c_x].contiguous(), weight, bias
+
+
+def _concat_elu_backward_inputs(mask, kernel_size, shape, precision):
+    """(dtype, allow_tf32, spec, x, weight, gout) of a backward pass of a conv of concat_elu(x)."""
+    dtype, allow_tf32 = PRECISIONS[precision]
+    spec = resolve_mask(mask, kernel_size, 1)
+    x, weight, _ = _concat_elu_inputs(shape, spec, dtype)
+    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
+    return dtype, allow_tf32, spec, x, weight, gout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("shape", CONCAT_ELU_SHAPES, ids=CONCAT_ELU_IDS)
+@pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
+def test_forward_concat_elu_and_residual(mask, kernel_size, shape, with_residual, precision):
+    dtype, allow_tf32 = PRECISIONS[precision]
+    spec = resolve_mask(mask, kernel_size, 1)
+    x, weight, bias = _concat_elu_inputs(shape, spec, dtype)
+    residual = torch.randn(shape[0], shape[4], *shape[1:3], device="cuda").to(dtype) if with_residual else None
+    out = cuda_ops().masked_conv2d_fwd(
+        _to_rows(x), pack_weight(weight, spec), bias, None if residual is None else _to_rows(residual), tap_offsets(spec, 1), True, allow_tf32
+    )
+    expected, scale = _conv_ref(x, weight, bias, spec, 1, residual=residual, input_activation="concat_elu")
+    assert out.dtype == dtype
+    _assert_within(out, expected, scale, dtype, allow_tf32, f"forward of concat_elu, {mask}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", [(2, 9, 11, 24, 72), (1, 6, 13, 80, 130), (2, 5, 7, 3, 5)], ids=["24to72", "80to130-n1", "3to5"])
+@pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
+def test_dgrad_folds_concat_elu_backward(mask, kernel_size, shape, precision):
+    """Given x, dgrad returns the gradient w.r.t. x through concat_elu (C = 80: two column blocks of the halves)."""
+    dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
+    gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), pack_weight(weight, spec), _to_rows(x), tap_offsets(spec, 1), allow_tf32)
+
+    x64 = x.double().requires_grad_()
+    (expected,) = torch.autograd.grad(masked_conv2d_ref(x64, weight.double(), None, spec, input_activation="concat_elu"), x64, gout.double())
+    # The error of the gradient w.r.t. concat_elu(x) (bounded as in _check_dgrad), carried
+    # through elu' <= 1 from both halves.
+    activation = concat_elu(x.double()).requires_grad_()
+    (activation_scale,) = torch.autograd.grad(masked_conv2d_ref(activation, weight.double().abs(), None, spec), activation, gout.double().abs())
+    scale = activation_scale[:, : shape[3]] + activation_scale[:, shape[3] :]
+    assert gx.dtype == dtype and gx.shape == (shape[0], shape[1], shape[2], shape[3])
+    _assert_within(gx, _to_rows(expected), _to_rows(scale), dtype, allow_tf32, f"dgrad of concat_elu, {mask}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", [(2, 9, 11, 24, 72), (2, 9, 11, 80, 72), (1, 6, 13, 3, 5), (4, 32, 40, 24, 72)], ids=["24to72", "80to72", "3to5", "split-k"])
+@pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
+def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
+    """The weight gradient applies concat_elu to x as it loads it (C = 80: two channel blocks per part)."""
+    dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
+    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, 1), True, allow_tf32)
+    expected, scale = _wgrad_ref(x, gout, weight, spec, 1, "concat_elu")
+    assert gwp.dtype == torch.float32 and gwp.shape == (len(spec.taps), 2 * shape[3], shape[4])
+    _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad of concat_elu, {mask}")
 
 
 @pytest.mark.gpu
@@ -297,14 +400,14 @@ def test_over_2_pow_31_elements(dtype):
     x = torch.randn(batch, height, width, c_in, device="cuda", generator=generator, dtype=dtype)
     weight = torch.randn(c_out, c_in, 3, 3, device="cuda", generator=generator, dtype=dtype)
     wp, offsets = pack_weight(weight, spec), tap_offsets(spec, 1)
-    out = cuda_ops().masked_conv2d_fwd(x, wp, None, offsets, True)
+    out = cuda_ops().masked_conv2d_fwd(x, wp, None, None, offsets, False, True)
     tail = x[:, -3:].permute(0, 3, 1, 2)
     expected, scale = _conv_ref(tail, weight, None, spec, 1)
     _assert_within(out[:, -2:], expected[:, 1:], scale[:, 1:], dtype, True, "forward, last rows")
 
     gout = torch.randn(batch, height, width, c_out, device="cuda", generator=generator, dtype=dtype)
     del x, out
-    gx = cuda_ops().masked_conv2d_dgrad(gout, wp, offsets, True)
+    gx = cuda_ops().masked_conv2d_dgrad(gout, wp, None, offsets, True)
     # gx[y] reads gout rows y and y + 1: the last two rows need only gout's last two.
     g_tail = gout[:, -2:].permute(0, 3, 1, 2).double()
     x_tail = torch.zeros(batch, c_in, 2, width, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -325,38 +428,57 @@ def _valid_args(dtype=torch.float16):
 def test_glue_rejects_contract_violations():
     ops = cuda_ops()
     x, wp, offsets = _valid_args()
+
+    def fwd(x=x, wp=wp, bias=None, residual=None, offsets=offsets, concat_elu_input=False):
+        return ops.masked_conv2d_fwd(x, wp, bias, residual, offsets, concat_elu_input, True)
+
+    def fwd_gated(wp=wp, cond=None, residual=None, gate=1):
+        return ops.masked_conv2d_fwd_gated(x, wp, None, cond, residual, offsets, False, gate, False, True)
+
     with pytest.raises(RuntimeError, match="offsets must hold"):
-        ops.masked_conv2d_fwd(x, wp, None, offsets[:-1], True)
+        fwd(offsets=offsets[:-1])
     with pytest.raises(RuntimeError, match="taps but offsets hold"):
-        ops.masked_conv2d_fwd(x, wp, None, offsets[:-2], True)
+        fwd(offsets=offsets[:-2])
     with pytest.raises(RuntimeError, match="1 to 49 active taps"):
-        ops.masked_conv2d_fwd(x, wp.repeat(11, 1, 1), None, offsets * 11, True)
+        fwd(wp=wp.repeat(11, 1, 1), offsets=offsets * 11)
     with pytest.raises(RuntimeError, match="input channels"):
-        ops.masked_conv2d_fwd(x[..., :7].contiguous(), wp, None, offsets, True)
+        fwd(x=x[..., :7].contiguous())
+    with pytest.raises(RuntimeError, match="input channels"):
+        fwd(concat_elu_input=True)  # concat_elu(x) has 16 channels, wp 8
     with pytest.raises(TypeError, match="must match"):
-        ops.masked_conv2d_fwd(x, wp.float(), None, offsets, True)
+        fwd(wp=wp.float())
     with pytest.raises(RuntimeError, match="contiguous"):
-        ops.masked_conv2d_fwd(x.transpose(1, 2), wp, None, offsets, True)
+        fwd(x=x.transpose(1, 2))
     with pytest.raises(RuntimeError, match="channels-last"):
-        ops.masked_conv2d_fwd(x[0], wp, None, offsets, True)
+        fwd(x=x[0])
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        ops.masked_conv2d_fwd(x, wp, torch.zeros(5, device="cuda"), offsets, True)
+        fwd(bias=torch.zeros(5, device="cuda"))
     with pytest.raises(TypeError, match="bias must be float32"):
-        ops.masked_conv2d_fwd(x, wp, torch.zeros(6, device="cuda", dtype=torch.bfloat16), offsets, True)
+        fwd(bias=torch.zeros(6, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="CUDA tensor"):
-        ops.masked_conv2d_fwd(x, wp, torch.zeros(6), offsets, True)
+        fwd(bias=torch.zeros(6))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        fwd(residual=torch.zeros(1, 4, 5, 8, device="cuda", dtype=x.dtype))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        fwd(residual=torch.zeros(1, 4, 5, 6, device="cuda"))
+    with pytest.raises(RuntimeError, match="residual must be contiguous"):
+        fwd(residual=torch.zeros(1, 5, 4, 6, device="cuda", dtype=x.dtype).transpose(1, 2))
     with pytest.raises(RuntimeError, match="odd Cout"):
-        ops.masked_conv2d_fwd_gated(x, wp[..., :5].contiguous(), None, None, offsets, 1, False, True)
+        fwd_gated(wp=wp[..., :5].contiguous())
     with pytest.raises(RuntimeError, match="gate must be 1"):
-        ops.masked_conv2d_fwd_gated(x, wp, None, None, offsets, 3, False, True)
+        fwd_gated(gate=3)
     with pytest.raises(RuntimeError, match="cond must have shape"):
-        ops.masked_conv2d_fwd_gated(x, wp, None, torch.zeros(2, 6, device="cuda"), offsets, 1, False, True)
+        fwd_gated(cond=torch.zeros(2, 6, device="cuda"))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        fwd_gated(residual=torch.zeros(1, 4, 5, 6, device="cuda", dtype=x.dtype))
     with pytest.raises(RuntimeError, match="output channels but gout has"):
-        ops.masked_conv2d_dgrad(torch.zeros(1, 4, 5, 7, device="cuda", dtype=x.dtype), wp, offsets, True)
+        ops.masked_conv2d_dgrad(torch.zeros(1, 4, 5, 7, device="cuda", dtype=x.dtype), wp, None, offsets, True)
+    with pytest.raises(RuntimeError, match=r"x must be \(N, H, W, Cin / 2\)"):
+        ops.masked_conv2d_dgrad(torch.zeros(1, 4, 5, 6, device="cuda", dtype=x.dtype), wp, x, offsets, True)
     with pytest.raises(RuntimeError, match="must match x"):
-        ops.masked_conv2d_wgrad(x, torch.zeros(1, 4, 6, 6, device="cuda", dtype=x.dtype), offsets, True)
+        ops.masked_conv2d_wgrad(x, torch.zeros(1, 4, 6, 6, device="cuda", dtype=x.dtype), offsets, False, True)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        ops.masked_conv2d_fwd(x.double(), wp.double(), None, offsets, True)
+        fwd(x=x.double(), wp=wp.double())
 
 
 @pytest.mark.gpu
@@ -365,7 +487,7 @@ def test_glue_rejects_images_of_2_pow_31_pixels():
     x = torch.empty(1, 2**16, 2**15, 1, device="cuda", dtype=torch.bfloat16)
     wp = torch.empty(1, 1, 2, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="pixels per image"):
-        cuda_ops().masked_conv2d_fwd(x, wp, None, [0, 0], True)
+        cuda_ops().masked_conv2d_fwd(x, wp, None, None, [0, 0], False, True)
 
 
 @pytest.mark.gpu
@@ -374,7 +496,13 @@ def test_empty_batch_and_no_pixels():
     ops = cuda_ops()
     x, wp, offsets = _valid_args()
     empty = x[:0]
-    assert ops.masked_conv2d_fwd(empty, wp, None, offsets, True).shape == (0, 4, 5, 6)
-    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), wp, offsets, True).shape == (0, 4, 5, 8)
-    gwp = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), offsets, True)
+    assert ops.masked_conv2d_fwd(empty, wp, None, None, offsets, False, True).shape == (0, 4, 5, 6)
+    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), wp, None, offsets, True).shape == (0, 4, 5, 8)
+    gwp = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), offsets, False, True)
     assert gwp.shape == wp.shape and gwp.dtype == torch.float32 and not gwp.any()
+    # concat_elu: x has half of wp's input channels; the gradients keep x's and wp's shapes.
+    half_x = empty[..., :4].contiguous()
+    assert ops.masked_conv2d_fwd(half_x, wp, None, None, offsets, True, True).shape == (0, 4, 5, 6)
+    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), wp, half_x, offsets, True).shape == (0, 4, 5, 4)
+    gwp = ops.masked_conv2d_wgrad(half_x, torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), offsets, True, True)
+    assert gwp.shape == wp.shape and not gwp.any()

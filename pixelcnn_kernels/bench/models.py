@@ -89,14 +89,15 @@ def _count_flops(module: nn.Module, data: tuple) -> int:
 
     def count(x, weight, mask, out_channels):
         nonlocal masked_flops
-        batch, in_channels, height, width = x.shape
-        masked_flops += 2 * batch * height * width * weight.shape[0] * in_channels * len(mask.taps)
+        batch, _, height, width = x.shape
+        # The weight's input channels: 2C when the conv reads concat_elu of a C-channel x.
+        masked_flops += 2 * batch * height * width * weight.shape[0] * weight.shape[1] * len(mask.taps)
         return x.new_empty(batch, out_channels, height, width)
 
-    def masked_conv2d(x, weight, bias=None, mask=None, dilation=1, color_groups=1):
+    def masked_conv2d(x, weight, bias=None, mask=None, dilation=1, color_groups=1, *, residual=None, input_activation=None):
         return count(x, weight, mask, weight.shape[0])
 
-    def masked_conv2d_gated(x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None):
+    def masked_conv2d_gated(x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None, *, residual=None, input_activation=None):
         return count(x, weight, mask, weight.shape[0] // 2)
 
     counting_ops = OpSet(**{**REFERENCE_OPS.__dict__, "masked_conv2d": masked_conv2d, "masked_conv2d_gated": masked_conv2d_gated})

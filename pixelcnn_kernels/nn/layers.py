@@ -2,11 +2,20 @@
 
 Each class here is its reference-built namesake with ``ops`` = :data:`FUSED_OPS`, the
 public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, see
-:mod:`pixelcnn_kernels.backend`). What the kernels fuse: the conv bias and the
-conditioning vector and the gate into one ``masked_conv2d_gated`` (the second conv of
-:class:`GatedResnet`); the conditioning add and the gate into one ``gate_tanh_sigmoid``
-(:class:`GatedMaskedConv2d`, whose vertical pre-activation is also needed by the
-horizontal stack, so it is not gated inside the conv); concat_elu in one pass.
+:mod:`pixelcnn_kernels.backend`). What the kernels fuse:
+
+- :class:`GatedResnet`: every concat_elu into the conv reading it (computed as the conv
+  loads x, never stored; its backward in the input gradient's epilogue), except the
+  second one in training with dropout p > 0, which runs with the dropout as passes of
+  their own; ``nin_skip``'s add of ``c`` into its epilogue; the second conv, bias,
+  conditioning, gate and the residual ``x + ·`` into one ``masked_conv2d_gated``;
+- :class:`GatedMaskedConv2d`: the horizontal stack's two adds into conv epilogues
+  (``conv_horiz(h)`` into the 1×1 link's, the residual ``h`` into the 1×1 output
+  conv's); the conditioning add and the gate into one ``gate_tanh_sigmoid`` (the
+  vertical pre-activation is also needed by the horizontal stack, so it is not gated
+  inside the conv).
+
+Under autocast a residual kept in a wider dtype than the convs' is added separately.
 """
 
 from __future__ import annotations

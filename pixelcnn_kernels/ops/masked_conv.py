@@ -13,6 +13,11 @@ activations, the packed weight ``wp`` (T, Cin, Cout) of the T active taps, the
 taps' (dy, dx) offsets, and ``allow_tf32``: fp32 products use TF32 where
 PyTorch allows it for its own convolutions (:func:`conv_allows_tf32`).
 The output has the input's memory format (channels-last in, channels-last out).
+
+Both ops take two fusions: ``residual`` (added to the output in the forward's
+epilogue; its gradient is the output's) and ``input_activation="concat_elu"``
+(the kernels read concat_elu(x) while loading x, in the forward and the weight
+gradient, and fold concat_elu's backward into the input gradient's epilogue).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, forced_backend, resolve_backend, unavailable_reason
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
-from pixelcnn_kernels.reference.masked_conv import GATES, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
 from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
@@ -193,8 +198,14 @@ def _check_dtype_matches(x: torch.Tensor, **others: torch.Tensor | None) -> None
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
 
 
-def _validate(x, weight, bias, mask, dilation, color_groups) -> tuple:
-    """Checks the arguments of masked_conv2d; returns the mask as the ops' arguments."""
+def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=None) -> tuple:
+    """Checks the arguments of masked_conv2d but residual; returns the ops' conv arguments.
+
+    They are (taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input).
+    """
+    if input_activation is not None and input_activation not in INPUT_ACTIVATIONS:
+        raise ValueError(f"input_activation must be None or one of {INPUT_ACTIVATIONS}, got {input_activation!r}")
+    concat_elu_input = input_activation == "concat_elu"
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=4)
     if bias is not None:
@@ -204,7 +215,11 @@ def _validate(x, weight, bias, mask, dilation, color_groups) -> tuple:
     out_channels, in_channels, kernel_height, kernel_width = weight.shape
     if out_channels == 0 or in_channels == 0:
         raise ValueError(f"weight must have at least one output and one input channel, got shape {tuple(weight.shape)}")
-    if x.shape[1] != in_channels:
+    if concat_elu_input and 2 * x.shape[1] != in_channels:
+        raise ValueError(
+            f"x has {x.shape[1]} channels, {2 * x.shape[1]} after input_activation='concat_elu', but weight expects {in_channels} (weight shape {tuple(weight.shape)})"
+        )
+    if not concat_elu_input and x.shape[1] != in_channels:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {in_channels} (weight shape {tuple(weight.shape)})")
     if bias is not None and bias.shape[0] != out_channels:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has {out_channels} output channels")
@@ -220,78 +235,112 @@ def _validate(x, weight, bias, mask, dilation, color_groups) -> tuple:
         args = _mask_args(resolve_mask(mask, (kernel_height, kernel_width), color_groups))
     if color_groups > 1 and (in_channels % color_groups or out_channels % color_groups):
         raise ValueError(f"color_groups={color_groups} must divide the input and output channels, got {in_channels} and {out_channels}")
-    return args + (dilation,)
+    if color_groups > 1 and concat_elu_input:
+        # concat_elu's channels [elu(x), elu(-x)] are not colour-major: a colour third of them mixes groups.
+        raise ValueError(f"input_activation='concat_elu' needs color_groups=1 (its 2C channels would mix colour groups), got {color_groups}")
+    return args + (dilation, concat_elu_input)
+
+
+def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, out_channels: int) -> None:
+    """A residual must be the output's shape, in x's dtype and on its device."""
+    if residual is None:
+        return
+    check_tensor(residual, "residual", ndim=4)
+    _check_dtype_matches(x, residual=residual)
+    check_same_device(x=x, residual=residual)
+    expected = (x.shape[0], out_channels, *x.shape[2:])
+    if tuple(residual.shape) != expected:
+        raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
 
 
 # ---------------------------------------------------------------- masked_conv2d and its gradients
 
-# Every op below takes the mask and dilation as
-# (taps: flat (i, j) list, anchor: (i, j), color_groups, anchor_inclusive, dilation).
+# Every op below takes the mask, dilation and input activation as (taps: flat (i, j)
+# list, anchor: (i, j), color_groups, anchor_inclusive, dilation, concat_elu_input).
 
 
-def _forward(backend: str, x, weight, bias, spec: MaskSpec, dilation: int) -> torch.Tensor:
-    """The convolution on ``backend``, output in x's memory format."""
+def _input_activation(concat_elu_input: bool) -> str | None:
+    """The reference's ``input_activation`` argument of the ops' flag."""
+    return "concat_elu" if concat_elu_input else None
+
+
+def _optional_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _channels_last_rows(t)
+
+
+def _forward(backend: str, x, weight, bias, residual, spec: MaskSpec, dilation: int, concat_elu_input: bool) -> torch.Tensor:
+    """The convolution (+ residual) on ``backend``, output in x's memory format."""
     if backend == "reference":
-        return masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups).contiguous(memory_format=_memory_format(x))
+        out = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=_input_activation(concat_elu_input))
+        return out.contiguous(memory_format=_memory_format(x))
     bias = bias.contiguous() if bias is not None else None
-    out = _kernels(backend).masked_conv2d_fwd(_channels_last_rows(x), pack_weight(weight, spec), bias, tap_offsets(spec, dilation), conv_allows_tf32())
+    out = _kernels(backend).masked_conv2d_fwd(
+        _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
+    )
     return _from_channels_last_rows(out, x)
 
 
 @torch.library.custom_op("pixelcnn_kernels::masked_conv2d", mutates_args=())
 def _masked_conv2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool,
 ) -> torch.Tensor:
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    return _forward(_choose_backend("masked_conv2d_fwd", x, weight, bias), x, weight, bias, spec, dilation)
+    backend = _choose_backend("masked_conv2d_fwd", x, weight, bias, residual)
+    return _forward(backend, x, weight, bias, residual, spec, dilation, concat_elu_input)
 
 
 @_masked_conv2d_op.register_fake
-def _(x, weight, bias, taps, anchor, color_groups, anchor_inclusive, dilation):
+def _(x, weight, bias, residual, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
     return _empty_nchw(x, weight.shape[0])
 
 
-def _reference_grad(grad_out, x, weight, spec, dilation, wrt_input: bool) -> torch.Tensor:
+def _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input: bool) -> torch.Tensor:
     """Gradient of the reference convolution w.r.t. x or weight (autograd: no math written twice)."""
     with autograd_inside_custom_op():
         x = x.detach().requires_grad_(wrt_input)
         weight = weight.detach().requires_grad_(not wrt_input)
-        out = masked_conv2d_ref(x, weight, None, spec, dilation, spec.color_groups)
+        out = masked_conv2d_ref(x, weight, None, spec, dilation, spec.color_groups, input_activation=_input_activation(concat_elu_input))
         (grad,) = torch.autograd.grad(out, x if wrt_input else weight, grad_out)
     return grad
 
 
 @torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_input", mutates_args=())
 def _grad_input_op(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
 ) -> torch.Tensor:
+    """The gradient w.r.t. x (through concat_elu when ``concat_elu_input``)."""
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
     backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight)
     if backend == "reference":
-        return _reference_grad(grad_out, x, weight, spec, dilation, wrt_input=True).contiguous(memory_format=_memory_format(x))
-    grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), tap_offsets(spec, dilation), conv_allows_tf32())
+        return _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True).contiguous(memory_format=_memory_format(x))
+    # The kernels take x only to fold concat_elu's backward into the epilogue.
+    activation_x = _channels_last_rows(x) if concat_elu_input else None
+    grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32())
     return _from_channels_last_rows(grad, x)
 
 
 @_grad_input_op.register_fake
-def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation):
+def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
     return _empty_nchw(x, x.shape[1])
 
 
 @torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_weight", mutates_args=())
 def _grad_weight_op(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
 ) -> torch.Tensor:
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
     backend = _choose_backend("masked_conv2d_wgrad", grad_out, x, weight)
     if backend == "reference":
-        return _reference_grad(grad_out, x, weight, spec, dilation, wrt_input=False).contiguous()
-    grad_packed = _kernels(backend).masked_conv2d_wgrad(_channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), conv_allows_tf32())
+        return _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=False).contiguous()
+    grad_packed = _kernels(backend).masked_conv2d_wgrad(
+        _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
+    )
     return unpack_weight_grad(grad_packed, spec, weight)
 
 
 @_grad_weight_op.register_fake
-def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation):
+def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -302,22 +351,24 @@ def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) 
 
 def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
     """(grad x, grad weight, grad bias) of the convolution given the gradient of its output."""
-    grad_x = _grad_input_op(grad_pre, x, weight, *ctx.mask_args) if needs_x else None
-    grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.mask_args) if needs_weight else None
+    grad_x = _grad_input_op(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
+    grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
     grad_bias = _channel_sum(grad_pre, (0, 2, 3), weight.dtype) if needs_bias else None
     return grad_x, grad_weight, grad_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, *mask_args = inputs
+    x, weight, bias, residual, *conv_args = inputs
     ctx.save_for_backward(x, weight)
-    ctx.mask_args = mask_args
+    ctx.conv_args = conv_args
 
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     grads = _conv_grads(ctx, grad_out, x, weight, *ctx.needs_input_grad[:3])
-    return grads + (None,) * 5
+    # The residual is added last: its gradient is the output's.
+    grad_residual = grad_out if ctx.needs_input_grad[3] else None
+    return grads + (grad_residual,) + (None,) * len(ctx.conv_args)
 
 
 _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -330,14 +381,18 @@ def masked_conv2d(
     mask: str | torch.Tensor | MaskSpec = "B",
     dilation: int = 1,
     color_groups: int = 1,
+    *,
+    residual: torch.Tensor | None = None,
+    input_activation: str | None = None,
 ) -> torch.Tensor:
     """Stride-1, same-size masked convolution; only the mask's active taps are computed.
 
     Args:
-        x: (N, Cin, H, W), float32 / float16 / bfloat16 (float64 on the reference
+        x: (N, C, H, W), float32 / float16 / bfloat16 (float64 on the reference
             backend), NCHW or channels-last (the kernels work channels-last; the
             output has x's memory format).
-        weight: (Cout, Cin, kh, kw) as in ``nn.Conv2d``, x's dtype and device.
+        weight: (Cout, Cin, kh, kw) as in ``nn.Conv2d``, x's dtype and device;
+            Cin = C, or 2C with ``input_activation="concat_elu"``.
         bias: (Cout,) or None.
         mask: a name from :data:`pixelcnn_kernels.masks.NAMED_MASKS`, a boolean
             (kh, kw) tensor (odd sizes, anchored at the centre) or a MaskSpec.
@@ -345,14 +400,21 @@ def masked_conv2d(
         color_groups: 1, or 3 to split channels into R, G, B groups (both channel
             counts divisible by 3): at the anchor tap output group g sees input
             groups < g (mask A) or <= g (mask B).
+        residual: (N, Cout, H, W) in x's dtype and device, or None: added to the
+            output (after the bias) in the same pass.
+        input_activation: None, or ``"concat_elu"``: the convolution reads
+            concat_elu(x) = elu(cat([x, -x], 1)), computed as x is loaded and never
+            stored (needs ``color_groups=1``).
 
-    Returns (N, Cout, H, W). Gradients flow to x, weight and bias; the gradient
-    of masked-out weights is exactly zero. fp32 uses TF32 on the kernel backends
-    where PyTorch allows it for convolutions (``torch.backends.cudnn.allow_tf32``,
-    True by default, or ``torch.backends.cudnn.conv.fp32_precision``).
+    Returns (N, Cout, H, W). Gradients flow to x, weight, bias and residual; the
+    gradient of masked-out weights is exactly zero. fp32 uses TF32 on the kernel
+    backends where PyTorch allows it for convolutions
+    (``torch.backends.cudnn.allow_tf32``, True by default, or
+    ``torch.backends.cudnn.conv.fp32_precision``).
     """
-    mask_args = _validate(x, weight, bias, mask, dilation, color_groups)
-    return _masked_conv2d_op(x, weight, bias, *mask_args)
+    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
+    _check_residual(residual, x, weight.shape[0])
+    return _masked_conv2d_op(x, weight, bias, residual, *conv_args)
 
 
 # ---------------------------------------------------------------- masked_conv2d_gated
@@ -364,56 +426,65 @@ def _masked_conv2d_gated_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     cond: torch.Tensor | None,
+    residual: torch.Tensor | None,
     taps: list[int],
     anchor: list[int],
     color_groups: int,
     anchor_inclusive: bool,
     dilation: int,
+    concat_elu_input: bool,
     gate: int,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gated output, pre-activation conv + bias + cond); the latter is empty unless ``keep_preactivation``."""
+    """(gated output + residual, pre-activation conv + bias + cond); the latter is empty unless ``keep_preactivation``."""
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond)
+    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual)
     if backend == "reference":
-        preactivation = _forward(backend, x, weight, bias, spec, dilation)
+        preactivation = _forward(backend, x, weight, bias, None, spec, dilation, concat_elu_input)
         if cond is not None:
             preactivation = preactivation + cond[:, :, None, None]
         out = _GATE_OPS[gate](preactivation, 1, None)
+        if residual is not None:
+            out = (out + residual).contiguous(memory_format=_memory_format(x))
         return out, preactivation if keep_preactivation else x.new_empty(0)
     bias = bias.contiguous() if bias is not None else None
     cond = cond.contiguous() if cond is not None else None
     out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
-        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, tap_offsets(spec, dilation), gate, keep_preactivation, conv_allows_tf32()
+        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, _optional_rows(residual), tap_offsets(spec, dilation),
+        concat_elu_input, gate, keep_preactivation, conv_allows_tf32(),
     )
     return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
 
 
 @_masked_conv2d_gated_op.register_fake
-def _(x, weight, bias, cond, taps, anchor, color_groups, anchor_inclusive, dilation, gate, keep_preactivation):
+def _(x, weight, bias, cond, residual, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, keep_preactivation):
     out_channels = weight.shape[0]
     return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
 
 
 def _gated_setup_context(ctx, inputs, output):
-    x, weight, bias, cond, *mask_args, gate, keep_preactivation = inputs
+    x, weight, bias, cond, residual, *conv_args, gate, keep_preactivation = inputs
     _, preactivation = output
     ctx.mark_non_differentiable(preactivation)
     ctx.save_for_backward(x, weight, preactivation)
-    ctx.mask_args = mask_args
+    ctx.conv_args = conv_args
     ctx.gate = gate
     ctx.keep_preactivation = keep_preactivation
 
 
 def _gated_backward(ctx, grad_out, _grad_preactivation):
     x, weight, preactivation = ctx.saved_tensors
-    if not ctx.keep_preactivation:
-        raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
-    grad_pre = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, None)
-    needs_x, needs_weight, needs_bias, needs_cond = ctx.needs_input_grad[:4]
-    grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
-    grad_cond = _channel_sum(grad_pre, (2, 3), weight.dtype) if needs_cond else None
-    return (grad_x, grad_weight, grad_bias, grad_cond) + (None,) * 7
+    needs_x, needs_weight, needs_bias, needs_cond, needs_residual = ctx.needs_input_grad[:5]
+    # The residual is added after the gate: its gradient is the output's, no pre-activation needed.
+    grad_residual = grad_out if needs_residual else None
+    grads = (None,) * 4
+    if needs_x or needs_weight or needs_bias or needs_cond:
+        if not ctx.keep_preactivation:
+            raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
+        grad_pre = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, None)
+        grad_cond = _channel_sum(grad_pre, (2, 3), weight.dtype) if needs_cond else None
+        grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias) + (grad_cond,)
+    return grads + (grad_residual,) + (None,) * (len(ctx.conv_args) + 2)
 
 
 _masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
@@ -428,18 +499,23 @@ def masked_conv2d_gated(
     color_groups: int = 1,
     gate: str = "tanh_sigmoid",
     cond: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    input_activation: str | None = None,
 ) -> torch.Tensor:
-    """``gate(masked_conv2d(x, weight, bias) + cond[:, :, None, None])`` in one fused pass.
+    """``gate(masked_conv2d(x, weight, bias) + cond[:, :, None, None]) + residual`` in one fused pass.
 
     The gate splits the Cout (even) output channels into halves a (first) and b
     (second) and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b)
-    (``"sigmoid"``): (N, Cout / 2, H, W). ``cond`` is (N, Cout) or None. Other
-    arguments as :func:`masked_conv2d`, except that ``color_groups`` must be 1: the
-    halves a and b would hold different colour groups (use ``masked_conv2d`` with
-    ``color_groups=3`` and gate per group instead). When a gradient is needed the
-    forward also keeps the pre-activation for the backward.
+    (``"sigmoid"``): (N, Cout / 2, H, W). ``cond`` is (N, Cout) or None;
+    ``residual`` (N, Cout / 2, H, W) or None is added to the gated output. Other
+    arguments (``input_activation`` included) as :func:`masked_conv2d`, except that
+    ``color_groups`` must be 1: the halves a and b would hold different colour
+    groups (use ``masked_conv2d`` with ``color_groups=3`` and gate per group
+    instead). When a gradient is needed the forward also keeps the pre-activation
+    for the backward.
     """
-    mask_args = _validate(x, weight, bias, mask, dilation, color_groups)
+    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if color_groups != 1:
@@ -452,6 +528,8 @@ def masked_conv2d_gated(
         check_same_device(x=x, cond=cond)
         if tuple(cond.shape) != (x.shape[0], weight.shape[0]):
             raise ValueError(f"cond must have shape (N, Cout) = {(x.shape[0], weight.shape[0])}, got {tuple(cond.shape)}")
+    _check_residual(residual, x, weight.shape[0] // 2)
+    # Only the gradients through the gate need the pre-activation (not the residual's).
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond))
-    out, _ = _masked_conv2d_gated_op(x, weight, bias, cond, *mask_args, GATE_CODES[gate], needs_grad)
+    out, _ = _masked_conv2d_gated_op(x, weight, bias, cond, residual, *conv_args, GATE_CODES[gate], needs_grad)
     return out

@@ -36,6 +36,8 @@ SHIFTS = ("down", "down_right")
 class OpSet:
     """The ops a layer or model calls, with the signatures of the public ops of the same names.
 
+    The masked convolutions take ``residual=`` and ``input_activation=`` (the reference
+    adds and applies them as separate passes, the kernels fuse them).
     ``discretized_mix_logistic_nll(x, logits, num_bins=...)`` returns the per-pixel
     (B, H, W) NLL (the public op with ``reduction="none"``).
     """
@@ -87,6 +89,17 @@ def apply_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d, x
     """``ops_fn`` (a masked convolution op) with the weight, bias and mask settings of ``conv``."""
     x, weight, bias = conv_operands(conv, x)
     return ops_fn(x, weight, bias, mask=conv.spec, dilation=conv.dilation[0], color_groups=conv.spec.color_groups, **kwargs)
+
+
+def residual_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d, x: torch.Tensor, residual: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``residual + apply_masked_conv(ops_fn, conv, x, **kwargs)``, the add in the conv's epilogue.
+
+    The op takes a residual of its own dtype only; under autocast the residual stream
+    keeps its wider dtype, and so does the sum: the add is then a separate op.
+    """
+    if residual.dtype == activation_dtype(x):
+        return apply_masked_conv(ops_fn, conv, x, residual=residual, **kwargs)
+    return residual + apply_masked_conv(ops_fn, conv, x, **kwargs)
 
 
 def grouped_gate(ops: OpSet, preactivation: torch.Tensor, cond: torch.Tensor | None, color_groups: int) -> torch.Tensor:
@@ -164,6 +177,8 @@ class GatedMaskedConv2d(nn.Module):
     ``cond`` (N, cond_channels), e.g. a one-hot class, is projected without bias to each
     stack's 2C pre-activation channels and added just before its gate (so the vertical
     link carries the conv output only; the horizontal projection covers that term).
+    Both adds of the horizontal stack run in a conv's epilogue (``residual=``): the 1×1
+    link's output adds ``conv_horiz(h)``, the 1×1 output conv's adds ``h``.
 
     With ``color_groups=3`` the horizontal stack's channels are R, G, B thirds (C must be
     a multiple of 3): ``conv_horiz`` and ``conv_horiz_1x1`` are colour-masked (group g sees
@@ -212,9 +227,9 @@ class GatedMaskedConv2d(nn.Module):
         ops = self.ops
         v_pre = apply_masked_conv(ops.masked_conv2d, self.conv_vert, v)
         v_out = grouped_gate(ops, v_pre, _project(self.cond_vert, cond, v_pre), 1)
-        h_pre = apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h) + apply_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre)
+        h_pre = residual_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre, apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h))
         h_gated = grouped_gate(ops, h_pre, _project(self.cond_horiz, cond, h_pre), self.color_groups)
-        h_out = h + apply_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, self.dropout(h_gated))
+        h_out = residual_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, self.dropout(h_gated), h)
         return v_out, h_out
 
 
@@ -234,9 +249,14 @@ class GatedResnet(nn.Module):
     ``skip_streams`` is how many C-channel tensors are concatenated in ``skip`` (0: none;
     ``skip`` is then (N, skip_streams·C, H, W)). ``cond`` (N, cond_channels) is projected
     without bias and added before the gate, as in the original's ``h``. The second
-    conv, the bias, the conditioning and the gate run as one ``masked_conv2d_gated``.
-    Dropout is elementwise (``nn.Dropout``), as in the original TensorFlow code; the
-    PyTorch port pclucas14/pixel-cnn-pp uses ``nn.Dropout2d`` (whole channels).
+    conv, the bias, the conditioning, the gate and the residual run as one
+    ``masked_conv2d_gated``. Every concat_elu is the ``input_activation`` of the conv
+    that reads it (computed as the conv loads its input), except the second one
+    while dropout is active (training with p > 0): dropout sits between it and the
+    conv, so concat_elu and dropout are then passes of their own. ``nin_skip``
+    adds ``c`` in its epilogue. Dropout is elementwise (``nn.Dropout``), as in the
+    original TensorFlow code; the PyTorch port pclucas14/pixel-cnn-pp uses
+    ``nn.Dropout2d`` (whole channels).
     """
 
     ops: ClassVar[OpSet] = REFERENCE_OPS
@@ -272,12 +292,15 @@ class GatedResnet(nn.Module):
             raise ValueError("skip was given but the block was built with skip_streams=0")
         _check_cond(cond, self.cond_channels, x.shape[0])
         ops = self.ops
-        c = apply_masked_conv(ops.masked_conv2d, self.conv_input, ops.concat_elu(x))
+        c = apply_masked_conv(ops.masked_conv2d, self.conv_input, x, input_activation="concat_elu")
         if skip is not None:
-            c = c + apply_masked_conv(ops.masked_conv2d, self.nin_skip, ops.concat_elu(skip))
-        c = self.dropout(ops.concat_elu(c))
-        gated = apply_masked_conv(ops.masked_conv2d_gated, self.conv_out, c, gate="sigmoid", cond=_project(self.cond_proj, cond, c))
-        return x + gated
+            c = residual_masked_conv(ops.masked_conv2d, self.nin_skip, skip, c, input_activation="concat_elu")
+        activation = "concat_elu"
+        if self.training and self.dropout.p > 0:
+            c, activation = self.dropout(ops.concat_elu(c)), None
+        return residual_masked_conv(
+            ops.masked_conv2d_gated, self.conv_out, c, x, input_activation=activation, gate="sigmoid", cond=_project(self.cond_proj, cond, c)
+        )
 
 
 def down_shift(x: torch.Tensor) -> torch.Tensor:

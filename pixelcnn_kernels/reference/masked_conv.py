@@ -1,8 +1,9 @@
 """Reference masked convolution: a dense ``F.conv2d`` on the masked weight.
 
 This is the formulation the kernels replace (it multiplies every masked-out tap
-by zero); it is the source of truth for tests and the ``eager`` benchmark
-provider, and runs in any dtype (float64 included) on any device.
+by zero, materialises concat_elu's 2C-channel input and adds the residual in a
+pass of its own); it is the source of truth for tests and the ``eager``
+benchmark provider, and runs in any dtype (float64 included) on any device.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
-from pixelcnn_kernels.reference.gates import gate_sigmoid, gate_tanh_sigmoid
+from pixelcnn_kernels.reference.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
 
 # The gates of masked_conv2d_gated, by name (the gates family's references).
 GATE_FUNCTIONS = {"tanh_sigmoid": gate_tanh_sigmoid, "sigmoid": gate_sigmoid}
 GATES = tuple(GATE_FUNCTIONS)
+# The activations the convolutions can apply to x as they read it (``input_activation``).
+INPUT_ACTIVATIONS = ("concat_elu",)
+
+
+def _conv_input(x: torch.Tensor, input_activation: str | None) -> torch.Tensor:
+    """What the convolution reads: ``x``, or concat_elu(x) = elu(cat([x, -x], 1)) (2C channels)."""
+    return x if input_activation is None else concat_elu(x, 1)
 
 
 def masked_conv2d_ref(
@@ -25,19 +33,25 @@ def masked_conv2d_ref(
     mask: str | torch.Tensor | MaskSpec = "B",
     dilation: int = 1,
     color_groups: int = 1,
+    *,
+    residual: torch.Tensor | None = None,
+    input_activation: str | None = None,
 ) -> torch.Tensor:
-    """Stride-1, same-size masked convolution of ``x`` (N, Cin, H, W).
+    """Stride-1, same-size masked convolution of ``x`` (N, C, H, W), plus ``residual``.
 
     ``weight`` is (Cout, Cin, kh, kw) as in ``nn.Conv2d``; it is multiplied by the
     spec's 0/1 weight mask, so the gradient of a masked-out weight is exactly zero.
-    The input is zero-padded by the spec's (possibly asymmetric) padding.
+    The convolution reads ``x`` (Cin = C) or, with ``input_activation="concat_elu"``,
+    concat_elu(x) (Cin = 2C), zero-padded by the spec's (possibly asymmetric)
+    padding. ``residual`` (N, Cout, H, W) or None is added to the output, after the bias.
     """
     out_channels, in_channels, kh, kw = weight.shape
     spec = resolve_mask(mask, (kh, kw), color_groups)
     weight_mask = spec.weight_mask(out_channels, in_channels, dtype=weight.dtype, device=weight.device)
     top, bottom, left, right = spec.padding(dilation)
-    padded = F.pad(x, (left, right, top, bottom))
-    return F.conv2d(padded, weight * weight_mask, bias, dilation=dilation)
+    padded = F.pad(_conv_input(x, input_activation), (left, right, top, bottom))
+    out = F.conv2d(padded, weight * weight_mask, bias, dilation=dilation)
+    return out if residual is None else out + residual
 
 
 def masked_conv2d_gated_ref(
@@ -49,10 +63,17 @@ def masked_conv2d_gated_ref(
     color_groups: int = 1,
     gate: str = "tanh_sigmoid",
     cond: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    input_activation: str | None = None,
 ) -> torch.Tensor:
-    """``gate(masked_conv2d_ref(x, weight, bias) + cond[:, :, None, None])``; cond is (N, Cout).
+    """``gate(masked_conv2d_ref(x, weight, bias) + cond[:, :, None, None]) + residual``; cond is (N, Cout).
 
     The gate splits the channels into halves a (first), b (second) and returns
-    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``).
+    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); ``residual``
+    (N, Cout / 2, H, W) or None is added to it. ``input_activation`` as in
+    :func:`masked_conv2d_ref`.
     """
-    return GATE_FUNCTIONS[gate](masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups), 1, cond)
+    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, input_activation=input_activation)
+    out = GATE_FUNCTIONS[gate](preactivation, 1, cond)
+    return out if residual is None else out + residual

@@ -17,6 +17,17 @@ the reduction). The weight gradient is one (Cin × Cout) GEMM per tap reduced ov
 all pixels, split over pixels into partial sums that are added in a fixed order
 (deterministic: no atomics).
 
+Fused around the GEMMs:
+
+- a residual (the output's shape) added last in the forward epilogue (after the gate);
+- the concat_elu prologue (``concat_elu_input``): x has C = Cin / 2 channels and the
+  forward and weight-gradient GEMMs read concat_elu(x) = elu(cat([x, -x])) as they
+  load x, so the 2C-channel activation is never written;
+- its backward in the input gradient's epilogue: given x, the input-gradient GEMM
+  accumulates the gradients w.r.t. elu(x) and elu(-x) side by side (as the gated
+  forward does its two halves) and stores grad_x = g₁·elu'(x) − g₂·elu'(−x), so
+  neither the 2C-channel gradient nor a separate elementwise pass exists.
+
 Dtypes: float32, float16, bfloat16 (all tensors of one call share it). Products
 accumulate in fp32; fp16/bf16 tiles go to ``tl.dot`` as they are (tensor cores),
 fp32 tiles use TF32 when the ``allow_tf32`` argument says so (the op passes
@@ -30,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.gates import gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import concat_elu_grad_math, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
@@ -59,11 +70,42 @@ def _pixel_block(start, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.co
 
 
 @triton.jit
+def _x_channels(C_IN, CONCAT_ELU_INPUT: tl.constexpr):
+    """Channels of x's rows when the convolution's input has C_IN: C_IN / 2 if it is concat_elu(x)."""
+    if CONCAT_ELU_INPUT:
+        channels = C_IN // 2
+    else:
+        channels = C_IN
+    return channels
+
+
+@triton.jit
+def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr):
+    """The tile of the convolution's input at ``channels`` of the pixel rows ``rows`` (pointers to channel 0).
+
+    The input is x itself, or with CONCAT_ELU_INPUT concat_elu(x), computed from x's
+    C_X channels as they are loaded (channel k < C_X: elu(x[k]), else elu(-x[k - C_X]))
+    and rounded to x's dtype as the materialised activation would be. Masked-out
+    elements are 0, which elu keeps: the activation's zero padding.
+    """
+    if CONCAT_ELU_INPUT:
+        first_half = channels < C_X
+        x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
+        positive, negative = concat_elu_math(x.to(tl.float32))
+        tile = tl.where(first_half, positive, negative).to(x.dtype)
+    else:
+        tile = tl.load(rows + channels, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _masked_conv_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
     cond_ptr,
+    residual_ptr,
+    elu_x_ptr,
     out_ptr,
     pre_ptr,
     num_pixels,
@@ -76,28 +118,40 @@ def _masked_conv_kernel(
     stride_wn,
     OFFSETS: tl.constexpr,
     GATE: tl.constexpr,
+    CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[p, n] = bias[n] + Σ_t Σ_k x[p shifted by tap t, k] · w[t, k, n], gated if GATE.
+    """out[p, n] = bias[n] + Σ_t Σ_k in[p shifted by tap t, k] · w[t, k, n] (+ residual), gated if GATE.
 
-    x: (N·H·W, C_IN) channels-last rows; w[t, k, n] at w_ptr + t·stride_wt +
-    k·stride_wk + n·stride_wn (the forward reads wp as (T, Cin, Cout), the input
-    gradient reads it transposed). GATE_NONE: out (N·H·W, N_COLS). Otherwise the
-    GEMM has 2·N_COLS columns, bias/cond (N, 2·N_COLS) are added, program (m, n)
-    accumulates columns n and n + N_COLS (halves a and b) side by side, stores
-    the pre-activation to pre (N·H·W, 2·N_COLS) unless pre_ptr is None, and
-    gate(a, b) to out (N·H·W, N_COLS). bias_ptr / cond_ptr may be None.
+    The GEMM's input ``in`` has C_IN channels: x (N·H·W, C_IN) channels-last rows, or
+    with CONCAT_ELU_INPUT concat_elu(x) of x (N·H·W, C_IN / 2). w[t, k, n] at w_ptr +
+    t·stride_wt + k·stride_wk + n·stride_wn (the forward reads wp as (T, Cin, Cout),
+    the input gradient reads it transposed). The epilogue:
+
+    - GATE_NONE, elu_x_ptr None: out (N·H·W, N_COLS) = the GEMM + bias;
+    - GATE_TANH_SIGMOID / GATE_SIGMOID: the GEMM has 2·N_COLS columns, bias/cond
+      (N, 2·N_COLS) are added, program (m, n) accumulates columns n and n + N_COLS
+      (halves a and b) side by side, stores the pre-activation to pre (N·H·W,
+      2·N_COLS) unless pre_ptr is None, and gate(a, b) to out (N·H·W, N_COLS);
+    - elu_x_ptr given (the input gradient of a concat_elu input x (N·H·W, N_COLS)):
+      the halves are the gradients g₁, g₂ w.r.t. elu(x), elu(-x), and out = the
+      gradient w.r.t. x, g₁·elu'(x) − g₂·elu'(−x).
+
+    residual (the shape of out) is added last, to the stored value. bias_ptr,
+    cond_ptr, residual_ptr and elu_x_ptr may be None.
     """
+    TWO_HALVES: tl.constexpr = GATE != 0 or elu_x_ptr is not None
+    x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
     pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0) * BLOCK_M, num_pixels, H, W, BLOCK_M, WIDE_INDEX)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_COLS
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATE != 0:
+    if TWO_HALVES:
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in tl.static_range(len(OFFSETS) // 2):
         dy = OFFSETS[2 * tap]
@@ -105,23 +159,27 @@ def _masked_conv_kernel(
         # The neighbour exists iff it lies inside the image (zero padding otherwise);
         # then it is pixel p + dy·W + dx of the same image.
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-        x_rows = x_ptr + (pixels + (dy * W + dx))[:, None] * C_IN
+        x_rows = x_ptr + (pixels + (dy * W + dx))[:, None] * x_channels
         w_tap = w_ptr + tap * stride_wt + cols[None, :] * stride_wn
         for k0 in range(0, C_IN, BLOCK_K):
             k_ok = k0 + ks < C_IN
-            a = tl.load(x_rows + (k0 + ks)[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            a = _load_conv_input(x_rows, (k0 + ks)[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT)
             w_tile = w_tap + (k0 + ks)[:, None] * stride_wk
             b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if GATE != 0:
-                b_gate = tl.load(w_tile + N_COLS * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_b = tl.dot(a, b_gate, acc_b, input_precision=DOT_PRECISION)
+            if TWO_HALVES:
+                b_second = tl.load(w_tile + N_COLS * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_b = tl.dot(a, b_second, acc_b, input_precision=DOT_PRECISION)
 
     store_ok = pixel_ok[:, None] & col_ok[None, :]
+    out_index = pixels[:, None] * N_COLS + cols[None, :]
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATE == 0:
-        tl.store(out_ptr + pixels[:, None] * N_COLS + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=store_ok)
+    if elu_x_ptr is not None:
+        elu_x = tl.load(elu_x_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
+        result = concat_elu_grad_math(elu_x, acc, acc_b)
+    elif GATE == 0:
+        result = acc
     else:
         if bias_ptr is not None:
             acc_b += tl.load(bias_ptr + N_COLS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -133,8 +191,10 @@ def _masked_conv_kernel(
             pre_rows = pre_ptr + pixels[:, None] * (2 * N_COLS) + cols[None, :]
             tl.store(pre_rows, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
             tl.store(pre_rows + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
-        gated = _apply_gate(acc, acc_b, GATE)
-        tl.store(out_ptr + pixels[:, None] * N_COLS + cols[None, :], gated.to(out_ptr.dtype.element_ty), mask=store_ok)
+        result = _apply_gate(acc, acc_b, GATE)
+    if residual_ptr is not None:
+        result += tl.load(residual_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_index, result.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
@@ -149,18 +209,22 @@ def _masked_conv_wgrad_kernel(
     C_OUT,
     blocks_per_split,
     OFFSETS: tl.constexpr,
+    CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """partial[s, t, ci, co] = Σ_{p in split s} x[p shifted by tap t, ci] · gout[p, co], in fp32.
+    """partial[s, t, ci, co] = Σ_{p in split s} in[p shifted by tap t, ci] · gout[p, co], in fp32.
 
-    x: (N·H·W, C_IN), gout: (N·H·W, C_OUT) channels-last rows; partial:
-    (splits, T, C_IN, C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT,
-    BLOCK_CO), splits); split s covers pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
+    The convolution's input ``in`` has C_IN channels: x (N·H·W, C_IN) channels-last
+    rows, or with CONCAT_ELU_INPUT concat_elu(x) of x (N·H·W, C_IN / 2), applied as x
+    is loaded (as the forward did). gout: (N·H·W, C_OUT); partial: (splits, T, C_IN,
+    C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits);
+    split s covers pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
     """
+    x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
     ci_blocks = tl.cdiv(C_IN, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
     ci = (tl.program_id(0) % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
@@ -181,7 +245,8 @@ def _masked_conv_wgrad_kernel(
         pixels, pixel_ok, row, col = _pixel_block(block * BLOCK_P, num_pixels, H, W, BLOCK_P, WIDE_INDEX)
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
-        x_tile = tl.load(x_ptr + (pixels + dy * W + dx)[None, :] * C_IN + ci[:, None], mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
+        x_rows = x_ptr + (pixels + dy * W + dx)[None, :] * x_channels
+        x_tile = _load_conv_input(x_rows, ci[:, None], x_channels, ci_ok[:, None] & src_ok[None, :], CONCAT_ELU_INPUT)
         g_tile = tl.load(gout_ptr + pixels[:, None] * C_OUT + co[None, :], mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
     out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
@@ -194,11 +259,12 @@ def _masked_conv_wgrad_kernel(
 # numerics). Forward / input gradient: 128 pixels × 64 columns × 32 fp32 (64
 # 16-bit) reduction elements: 24 KiB of operands per pipeline stage, 3 stages
 # fit the H200's shared memory, the 128×64 fp32 accumulator is 64 registers per
-# thread at 4 warps. The gated kernel keeps two accumulators, so it halves
-# BLOCK_M to stay at the same register budget. Weight gradient: 64×64 output
+# thread at 4 warps. The gated forward and the input gradient of a concat_elu
+# input keep two accumulators, so they halve BLOCK_M to stay at the same
+# register budget. Weight gradient: 64×64 output
 # tiles (Cin × Cout) reduced over 32 (64) pixels at a time.
 _BLOCK_M = 128
-_BLOCK_M_GATED = 64
+_BLOCK_M_TWO_HALVES = 64
 _BLOCK_N = 64
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
@@ -231,18 +297,25 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
-def _conv_launch(x, w, w_strides, bias, cond, out, pre, offsets, gate, n_cols, block_m, allow_tf32):
-    """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C_IN) into ``out``; returns ``out``."""
-    batch, height, width, c_in = x.shape
+def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None, cond=None, residual=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE):
+    """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C) into ``out``; returns ``out``.
+
+    The GEMM reads x, or concat_elu(x) (2C channels) when ``concat_elu_input``; the
+    keyword arguments are the kernel's epilogue inputs (None: absent).
+    """
+    batch, height, width, x_channels = x.shape
     num_pixels = batch * height * width
     if num_pixels == 0:
         return out
+    c_in = 2 * x_channels if concat_elu_input else x_channels
+    two_halves = gate != GATE_NONE or elu_x is not None
+    block_m = _BLOCK_M_TWO_HALVES if two_halves else _BLOCK_M
     block_n = _tile(n_cols, _BLOCK_N)
     grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
     _masked_conv_kernel[grid](
-        x, w, bias, cond, out, pre,
+        x, w, bias, cond, residual, elu_x, out, pre,
         num_pixels, height, width, c_in, n_cols, *w_strides,
-        OFFSETS=tuple(offsets), GATE=gate, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+        OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
         WIDE_INDEX=needs_int64_index(x, out, pre),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
@@ -250,28 +323,36 @@ def _conv_launch(x, w, w_strides, bias, cond, out, pre, offsets, gate, n_cols, b
     return out
 
 
-def masked_conv2d_fwd(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
-    """out[n, y, x, co] = bias[co] + Σ_t Σ_ci x[n, y+dy_t, x+dx_t, ci] · wp[t, ci, co].
+def masked_conv2d_fwd(
+    x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, offsets: list[int], concat_elu_input: bool, allow_tf32: bool
+) -> torch.Tensor:
+    """out[n, y, x, co] = bias[co] + Σ_t Σ_ci in[n, y+dy_t, x+dx_t, ci] · wp[t, ci, co] + residual[n, y, x, co].
 
-    x: (N, H, W, Cin) contiguous; wp: (T, Cin, Cout) contiguous; bias: (Cout,) or
-    None; offsets: (dy_0, dx_0, ...) of length 2T; allow_tf32: fp32 products in
-    TF32. Returns (N, H, W, Cout) in x's dtype.
+    x: (N, H, W, C) contiguous; ``in`` is x (Cin = C), or concat_elu(x) (Cin = 2C)
+    when ``concat_elu_input``; wp: (T, Cin, Cout) contiguous; bias: (Cout,) or None;
+    residual: (N, H, W, Cout) contiguous in x's dtype, or None; offsets: (dy_0,
+    dx_0, ...) of length 2T; allow_tf32: fp32 products in TF32. Returns (N, H, W,
+    Cout) in x's dtype.
     """
     out = x.new_empty(*x.shape[:3], wp.shape[2])
-    return _conv_launch(x, wp, wp.stride(), bias, None, out, None, offsets, GATE_NONE, wp.shape[2], _BLOCK_M, allow_tf32)
+    return _conv_launch(x, wp, wp.stride(), out, offsets, wp.shape[2], allow_tf32, bias=bias, residual=residual, concat_elu_input=concat_elu_input)
 
 
-def masked_conv2d_dgrad(gout: torch.Tensor, wp: torch.Tensor, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
-    """gx[n, y, x, ci] = Σ_t Σ_co gout[n, y-dy_t, x-dx_t, co] · wp[t, ci, co].
+def masked_conv2d_dgrad(gout: torch.Tensor, wp: torch.Tensor, x: torch.Tensor | None, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
+    """gin[n, y, x, ci] = Σ_t Σ_co gout[n, y-dy_t, x-dx_t, co] · wp[t, ci, co]: the gradient w.r.t. the conv's input.
 
     gout: (N, H, W, Cout) contiguous; wp: (T, Cin, Cout) contiguous. The forward
     kernel with negated offsets, reading wp as (T, Cout, Cin) through its strides.
-    Returns (N, H, W, Cin) in gout's dtype.
+    x: None, or the forward's x (N, H, W, Cin / 2) contiguous when the forward read
+    concat_elu(x): then the epilogue folds concat_elu's backward in and the result
+    is the gradient w.r.t. x, gin[..., :C]·elu'(x) − gin[..., C:]·elu'(−x).
+    Returns (N, H, W, Cin), or (N, H, W, Cin / 2) given x, in gout's dtype.
     """
-    gx = gout.new_empty(*gout.shape[:3], wp.shape[1])
+    n_cols = wp.shape[1] if x is None else x.shape[3]
+    gx = gout.new_empty(*gout.shape[:3], n_cols)
     negated = [-d for d in offsets]
     transposed = (wp.stride(0), wp.stride(2), wp.stride(1))
-    return _conv_launch(gout, wp, transposed, None, None, gx, None, negated, GATE_NONE, wp.shape[1], _BLOCK_M, allow_tf32)
+    return _conv_launch(gout, wp, transposed, gx, negated, n_cols, allow_tf32, elu_x=x)
 
 
 def masked_conv2d_fwd_gated(
@@ -279,23 +360,29 @@ def masked_conv2d_fwd_gated(
     wp: torch.Tensor,
     bias: torch.Tensor | None,
     cond: torch.Tensor | None,
+    residual: torch.Tensor | None,
     offsets: list[int],
+    concat_elu_input: bool,
     gate: int,
     write_preact: bool,
     allow_tf32: bool,
 ) -> list[torch.Tensor]:
-    """[gate(a, b), pre-activation] of the forward's output split in channel halves a, b.
+    """[gate(a, b) + residual, pre-activation] of the forward's output split in channel halves a, b.
 
-    x: (N, H, W, Cin); wp: (T, Cin, Cout) with Cout even; bias: (Cout,) or None;
-    cond: (N, Cout) contiguous or None, added before the gate; gate:
-    GATE_TANH_SIGMOID or GATE_SIGMOID. Returns the gated (N, H, W, Cout / 2) and,
-    when ``write_preact``, the pre-activation conv + bias + cond (N, H, W, Cout)
-    written in the same pass (else an empty tensor).
+    x, wp, bias, offsets, concat_elu_input as :func:`masked_conv2d_fwd`, with Cout
+    even; cond: (N, Cout) contiguous or None, added before the gate; gate:
+    GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N, H, W, Cout / 2) contiguous or
+    None, added after it. Returns the gated (N, H, W, Cout / 2) and, when
+    ``write_preact``, the pre-activation conv + bias + cond (N, H, W, Cout) written
+    in the same pass (else an empty tensor).
     """
     half = wp.shape[2] // 2
     out = x.new_empty(*x.shape[:3], half)
     preact = x.new_empty(*x.shape[:3], wp.shape[2]) if write_preact else x.new_empty(0)
-    _conv_launch(x, wp, wp.stride(), bias, cond, out, preact if write_preact else None, offsets, gate, half, _BLOCK_M_GATED, allow_tf32)
+    _conv_launch(
+        x, wp, wp.stride(), out, offsets, half, allow_tf32,
+        bias=bias, cond=cond, residual=residual, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, gate=gate,
+    )
     return [out, preact]
 
 
@@ -312,15 +399,19 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> 
     return max(1, min(triton.cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
-def masked_conv2d_wgrad(x: torch.Tensor, gout: torch.Tensor, offsets: list[int], allow_tf32: bool, num_splits: int | None = None) -> torch.Tensor:
-    """gwp[t, ci, co] = Σ_{n,y,x} x[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co], in fp32.
+def masked_conv2d_wgrad(
+    x: torch.Tensor, gout: torch.Tensor, offsets: list[int], concat_elu_input: bool, allow_tf32: bool, num_splits: int | None = None
+) -> torch.Tensor:
+    """gwp[t, ci, co] = Σ_{n,y,x} in[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co], in fp32.
 
-    x: (N, H, W, Cin), gout: (N, H, W, Cout), both contiguous and of one dtype.
-    The pixel reduction is split in ``num_splits`` ranges (default: chosen from
-    the shapes and the device) whose partial sums torch adds in a fixed order.
-    Returns (T, Cin, Cout) float32.
+    x: (N, H, W, C), gout: (N, H, W, Cout), both contiguous and of one dtype; ``in``
+    is x (Cin = C), or concat_elu(x) (Cin = 2C) when ``concat_elu_input``, applied
+    as x is loaded. The pixel reduction is split in ``num_splits`` ranges (default:
+    chosen from the shapes and the device) whose partial sums torch adds in a fixed
+    order. Returns (T, Cin, Cout) float32.
     """
-    batch, height, width, c_in = x.shape
+    batch, height, width, x_channels = x.shape
+    c_in = 2 * x_channels if concat_elu_input else x_channels
     num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
     if num_pixels == 0:
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
@@ -334,7 +425,7 @@ def masked_conv2d_wgrad(x: torch.Tensor, gout: torch.Tensor, offsets: list[int],
     grid = (num_taps * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)
     _masked_conv_wgrad_kernel[grid](
         x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,
-        OFFSETS=tuple(offsets), DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
+        OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
         BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -353,6 +444,19 @@ def _register_compile_cases() -> None:
         "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
         "A5x5_dil2": tap_offsets(resolve_mask("A", 5), 2),
     }
+    # (kind, gate, concat_elu_input, the optional pointers given): every tap set gets
+    # the plain passes; PixelCNN++'s shifted convs also the concat_elu and residual ones.
+    plain_variants = (
+        ("fwd", GATE_NONE, False, ("bias_ptr",)),
+        ("dgrad", GATE_NONE, False, ()),
+        ("fwd_gated", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "pre_ptr")),
+    )
+    fused_variants = (
+        ("fwd_concat_elu_residual", GATE_NONE, True, ("bias_ptr", "residual_ptr")),
+        ("dgrad_concat_elu", GATE_NONE, False, ("elu_x_ptr",)),
+        ("fwd_gated_concat_elu_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr")),
+    )
+    optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "elu_x_ptr", "pre_ptr")
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         block_k = _max_reduction_tile(dtype)
@@ -360,23 +464,25 @@ def _register_compile_cases() -> None:
             common = {"OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": False}
             conv_sig = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
             blocks = {"BLOCK_N": _BLOCK_N, "BLOCK_K": block_k}
-            for kind, gate, block_m, given_pointers in (
-                ("fwd", GATE_NONE, _BLOCK_M, ("bias_ptr",)),
-                ("dgrad", GATE_NONE, _BLOCK_M, ()),
-                ("fwd_gated", GATE_TANH_SIGMOID, _BLOCK_M_GATED, ("bias_ptr", "cond_ptr", "pre_ptr")),
-            ):
+            pixelcnn_pp = tap_name == "down_shifted2x3"
+            for kind, gate, concat_elu_input, given_pointers in plain_variants + (fused_variants if pixelcnn_pp else ()):
                 signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
-                absent = {name: None for name in ("bias_ptr", "cond_ptr", "pre_ptr") if name not in given_pointers}
-                constexprs = {**common, **blocks, **absent, "GATE": gate, "BLOCK_M": block_m}
+                absent = {name: None for name in optional_pointers if name not in given_pointers}
+                two_halves = gate != GATE_NONE or "elu_x_ptr" in given_pointers
+                constexprs = {
+                    **common, **blocks, **absent, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input,
+                    "BLOCK_M": _BLOCK_M_TWO_HALVES if two_halves else _BLOCK_M,
+                }
                 register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
-            register_compile_case(
-                f"masked_conv_wgrad_{tap_name}_{dtype_name}",
-                _masked_conv_wgrad_kernel,
-                {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")},
-                {**common, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
-                num_warps=_NUM_WARPS,
-                num_stages=_NUM_STAGES,
-            )
+            for suffix, concat_elu_input in (("", False), ("_concat_elu", True)) if pixelcnn_pp else (("", False),):
+                register_compile_case(
+                    f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}",
+                    _masked_conv_wgrad_kernel,
+                    {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")},
+                    {**common, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
+                    num_warps=_NUM_WARPS,
+                    num_stages=_NUM_STAGES,
+                )
 
 
 _register_compile_cases()
