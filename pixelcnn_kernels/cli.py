@@ -61,6 +61,11 @@ def _bench(args: argparse.Namespace) -> int:
         print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
     cases = [c for family in families for c in cases_for(family, on_gpu) if not args.k or args.k in c.name]
+    command = "pixelcnn-kernels " + " ".join(sys.argv[1:])
+
+    def save(results_so_far, meta, plot: bool = False) -> list[Path]:  # after every case: a run cut short keeps what it measured
+        return write_results(results_so_far, Path(args.out), {**meta, "command": command}, plot) if args.out else []
+
     results, meta = run(
         cases,
         dtypes,
@@ -68,12 +73,11 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 1),
         repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
         only=set(args.providers) if args.providers else None,
+        after_case=save,
     )
-    meta["command"] = "pixelcnn-kernels " + " ".join(sys.argv[1:])
     print(format_table(results))
-    if args.out:
-        for path in write_results(results, Path(args.out), meta):
-            print(f"wrote {path}")
+    for path in save(results, meta, plot=True):
+        print(f"wrote {path}")
     return 0
 
 

@@ -41,6 +41,15 @@ def test_harness_times_every_mode_and_provider(tmp_path):
     assert all(path.exists() for path in written)
 
 
+def test_partial_results_are_handed_over_after_each_case():
+    seen = []
+    results, meta = run([_toy_case(), _toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=2,
+                        only={"eager"}, after_case=lambda so_far, env: seen.append((len(so_far), env)))
+    per_case = len(results) // 2
+    assert [count for count, _ in seen] == [per_case, 2 * per_case]
+    assert all(env is meta for _, env in seen)
+
+
 def test_every_family_defines_cpu_cases():
     for family in FAMILIES:
         cases = cases_for(family, on_gpu=False)

@@ -282,8 +282,8 @@ def _cell(value: float, width: int, decimals: int) -> str:
     return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
 
 
-def write_results(results: list[Result], out_dir: Path, meta: dict) -> list[Path]:
-    """Writes results.csv, results.json (with ``meta``), table.txt and ratio plot."""
+def write_results(results: list[Result], out_dir: Path, meta: dict, plot: bool = True) -> list[Path]:
+    """Writes results.csv, results.json (with ``meta``), table.txt and, if ``plot``, the ratio plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in results]
     csv_path, json_path, table_path = out_dir / "results.csv", out_dir / "results.json", out_dir / "table.txt"
@@ -292,8 +292,8 @@ def write_results(results: list[Result], out_dir: Path, meta: dict) -> list[Path
     json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     table_path.write_text("\n".join(f"# {k}: {v}" for k, v in meta.items()) + "\n" + format_table(results) + "\n")
     written = [csv_path, json_path, table_path]
-    plot = _plot(results, out_dir / "ratio_to_compile.png")
-    return written + ([plot] if plot else [])
+    plot_path = _plot(results, out_dir / "ratio_to_compile.png") if plot else None
+    return written + ([plot_path] if plot_path else [])
 
 
 def _plot(results: list[Result], path: Path) -> Path | None:
@@ -342,12 +342,29 @@ def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
     return meta
 
 
-def run(cases: list[Case], dtypes: list[torch.dtype], device: torch.device, *, warmup: int, repeats: int, seed: int = 0, only: set[str] | None = None) -> tuple[list[Result], dict]:
-    """Runs ``cases`` with a progress bar; returns the results and the environment."""
+def run(
+    cases: list[Case],
+    dtypes: list[torch.dtype],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    only: set[str] | None = None,
+    after_case: Callable[[list[Result], dict], None] | None = None,
+) -> tuple[list[Result], dict]:
+    """Runs ``cases`` with a progress bar; returns the results and the environment.
+
+    ``after_case(results_so_far, environment)`` runs after each (case, dtype), so a
+    caller can save partial results of a run that may be cut short.
+    """
     ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    meta = environment(device, ceilings)
     compile_cache: dict = {}
     results: list[Result] = []
     work = [(case, dtype) for case in cases for dtype in dtypes]
     for case, dtype in tqdm(work, desc="bench", unit="case"):
         results += run_case(case, dtype, device, ceilings, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only)
-    return results, environment(device, ceilings)
+        if after_case is not None:
+            after_case(results, meta)
+    return results, meta
