@@ -1,6 +1,7 @@
-// Cached Gated PixelCNN sampling: the per-pixel step of one horizontal-stack layer (see sampling.h).
+// Cached sampling's per-pixel steps (see sampling.h): Gated PixelCNN's horizontal-stack layer, then
+// PixelCNN++'s gated resnet block.
 //
-// A block takes kImages images of the batch at the pixel p read from the device. It first
+// The Gated PixelCNN step: a block takes kImages images of the batch at the pixel p read from the device. It first
 // stages, in fp32 shared memory, each image's tap inputs x[b, i, j + dx_t, :] (zero outside
 // the image) and, for a gated layer, the v_pre column v_pre[b, j, :]; then thread n computes
 // pre-activation columns a(n) and b(n) for all kImages images (each weight is read once per
@@ -126,15 +127,114 @@ __global__ void __launch_bounds__(kThreads) pixel_step_kernel(const PixelStep s)
   }
 }
 
-template <typename T, bool kGated>
-void launch_typed(const PixelStep& s, cudaStream_t stream) {
-  const int64_t per_image = pixel_step_shared_bytes_per_image(s);
+// Cached PixelCNN++ sampling's resnet step (sampling.h). Same scheme as the pixel step: a block
+// takes kImages images; for each new inner pixel it stages the fp32 concat_elu of the tap window
+// of x (and of the skips) in shared memory, thread n computes inner channel n and stores it; then
+// the block stages the concat_elu of the inner window (read back from global memory, rounded as
+// stored, after a barrier that makes the block's own stores visible), and thread n computes the
+// gate's channel n from pre-activation columns n and C + n, plus the residual.
+
+__host__ __device__ inline int resnet_taps(const ResnetStep& s) { return s.kernel_height * s.kernel_width; }
+
+// window[image][t * 2C + k] = elu(v), [t * 2C + C + k] = elu(-v), v = src at (row, col) + tap t's
+// offset (padded coordinates) in image image0 + image; zero for images past the batch.
+template <typename T, int kImages>
+__device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, int64_t image0, int row, int col,
+                                             float* window) {
+  const int c = s.channels, per_image = resnet_taps(s) * c;
+  for (int i = threadIdx.x; i < kImages * per_image; i += kThreads) {
+    const int image = i / per_image, r = i - image * per_image, t = r / c, k = r - t * c;
+    const int64_t b = image0 + image;
+    const int64_t pixel = int64_t{row + t / s.kernel_width - s.top} * s.padded_width + col + t % s.kernel_width - s.left;
+    const float v = b < s.batch ? to_float(src[(b * s.padded_height * s.padded_width + pixel) * c + k]) : 0.0f;
+    float* dst = window + image * 2 * per_image + t * 2 * c;
+    dst[k] = elu_math(v);
+    dst[c + k] = elu_math(-v);
+  }
+}
+
+template <typename T, int kImages>
+__global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep s) {
+  extern __shared__ float shared[];
+  const int c = s.channels, n_skip = s.skip_streams * c;
+  const int window_len = 2 * resnet_taps(s) * c, skip_len = 2 * n_skip;
+  float* window_s = shared;                         // [kImages][window_len]
+  float* skip_s = window_s + kImages * window_len;  // [kImages][skip_len]
+  const int64_t image0 = int64_t{blockIdx.x} * kImages;
+  const int64_t image_len = int64_t{s.padded_height} * s.padded_width * c;
+  const T* x = static_cast<const T*>(s.x);
+  T* inner = static_cast<T*>(s.inner);
+
+  for (int tap = 0; tap < resnet_taps(s); ++tap) {
+    if (((s.new_taps >> tap) & 1u) == 0) continue;  // uniform over the block: the barriers below are safe
+    const int q_row = s.row + 1 + tap / s.kernel_width - s.top, q_col = s.col + 1 + tap % s.kernel_width - s.left;
+    const int64_t q_pixel = int64_t{q_row} * s.padded_width + q_col;
+    __syncthreads();  // the previous new pixel's products are done with the staging
+    stage_window<T, kImages>(x, s, image0, q_row, q_col, window_s);
+    for (int i = threadIdx.x; i < kImages * n_skip; i += kThreads) {
+      const int image = i / n_skip, r = i - image * n_skip, stream = r / c, k = r - stream * c;
+      const int64_t b = image0 + image;
+      const T* skip = static_cast<const T*>(s.skip[stream]);
+      const float v = b < s.batch ? to_float(skip[b * image_len + q_pixel * c + k]) : 0.0f;
+      skip_s[image * skip_len + r] = elu_math(v);
+      skip_s[image * skip_len + n_skip + r] = elu_math(-v);
+    }
+    __syncthreads();
+    for (int n = threadIdx.x; n < c; n += kThreads) {
+      float acc[kImages] = {};
+      add_products(window_s, window_len, static_cast<const T*>(s.input_weight), c, n, acc);
+      if (n_skip > 0) add_products(skip_s, skip_len, static_cast<const T*>(s.skip_weight), c, n, acc);
+      const float bias = load_or_zero<T>(s.input_bias, n) + load_or_zero<T>(s.skip_bias, n);
+#pragma unroll
+      for (int image = 0; image < kImages; ++image) {
+        const int64_t b = image0 + image;
+        if (b < s.batch) inner[b * image_len + q_pixel * c + n] = from_float<T>(acc[image] + bias);
+      }
+    }
+  }
+  __syncthreads();  // the inner stores are visible to the whole block, and the staging is free
+  stage_window<T, kImages>(inner, s, image0, s.row + 1, s.col + 1, window_s);
+  __syncthreads();
+
+  const T* cond = static_cast<const T*>(s.cond);
+  T* out = static_cast<T*>(s.out);
+  const int64_t pixel = (int64_t{s.row} + 1) * s.padded_width + s.col + 1;
+  for (int n = threadIdx.x; n < c; n += kThreads) {
+    float acc_a[kImages] = {}, acc_g[kImages] = {};
+    add_products(window_s, window_len, static_cast<const T*>(s.out_weight), 2 * c, n, acc_a);
+    add_products(window_s, window_len, static_cast<const T*>(s.out_weight), 2 * c, c + n, acc_g);
+    const float bias_a = load_or_zero<T>(s.out_bias, n), bias_g = load_or_zero<T>(s.out_bias, c + n);
+#pragma unroll
+    for (int image = 0; image < kImages; ++image) {
+      const int64_t b = image0 + image;
+      if (b >= s.batch) continue;
+      float a = acc_a[image] + bias_a, g = acc_g[image] + bias_g;
+      if (cond != nullptr) {
+        a += to_float(cond[b * 2 * c + n]);
+        g += to_float(cond[b * 2 * c + c + n]);
+      }
+      const int64_t at = b * image_len + pixel * c + n;
+      out[at] = from_float<T>(to_float(x[at]) + gate_sigmoid_math(a, g));
+    }
+  }
+}
+
+// kernel<kImagesPerBlock> (one block per kImagesPerBlock images) when their staging fits in
+// shared memory, else kernel<1> (one block per image).
+template <typename Step>
+void launch_blocks(void (*many)(Step), void (*one)(Step), const Step& s, int64_t per_image, cudaStream_t stream) {
   if (kImagesPerBlock * per_image <= kMaxSharedBytes) {
     const auto blocks = static_cast<unsigned>(ceil_div(s.batch, kImagesPerBlock));
-    pixel_step_kernel<T, kGated, kImagesPerBlock><<<blocks, kThreads, kImagesPerBlock * per_image, stream>>>(s);
+    many<<<blocks, kThreads, kImagesPerBlock * per_image, stream>>>(s);
   } else {
-    pixel_step_kernel<T, kGated, 1><<<static_cast<unsigned>(s.batch), kThreads, per_image, stream>>>(s);
+    one<<<static_cast<unsigned>(s.batch), kThreads, per_image, stream>>>(s);
   }
+}
+
+template <typename T, bool kGated>
+void launch_typed(const PixelStep& s, cudaStream_t stream) {
+  launch_blocks<PixelStep>(pixel_step_kernel<T, kGated, kImagesPerBlock>, pixel_step_kernel<T, kGated, 1>, s,
+                           pixel_step_shared_bytes_per_image(s), stream);
 }
 
 }  // namespace
@@ -142,6 +242,19 @@ void launch_typed(const PixelStep& s, cudaStream_t stream) {
 int64_t pixel_step_shared_bytes_per_image(const PixelStep& s) {
   const int64_t floats = int64_t{s.taps} * s.in_channels + (s.v_pre != nullptr ? 3 * int64_t{s.out_channels} : 0);
   return floats * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t resnet_step_shared_bytes_per_image(const ResnetStep& s) {
+  return 2 * (int64_t{resnet_taps(s)} + s.skip_streams) * s.channels * static_cast<int64_t>(sizeof(float));
+}
+
+void launch_resnet_step(DType dtype, const ResnetStep& step, cudaStream_t stream) {
+  if (step.batch == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_blocks<ResnetStep>(resnet_step_kernel<T, kImagesPerBlock>, resnet_step_kernel<T, 1>, step,
+                              resnet_step_shared_bytes_per_image(step), stream);
+  });
 }
 
 void launch_pixel_step(DType dtype, const PixelStep& step, cudaStream_t stream) {

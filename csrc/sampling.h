@@ -57,5 +57,42 @@ constexpr int64_t kMaxSharedBytes = 48 * 1024;
 
 void launch_pixel_step(DType dtype, const PixelStep& step, cudaStream_t stream);
 
+// Cached PixelCNN++ sampling: one gated resnet block at one pixel (pixelcnn_kernels/ops/sampling.py's
+// resnet_position_step). Caches x, inner, skip[s], out are (B, H + 2, W + 2, C) contiguous with a zero
+// ring (pixel (i, j) at [i + 1, j + 1]). Both convs have every tap of a kernel_height x kernel_width
+// kernel anchored at (top, left): tap t = ty * kernel_width + tx reads pixel (row + ty - top, col + tx - left).
+//
+//   for each tap t set in new_taps, at its pixel q:
+//     inner[b,q,:] = input_bias + sum_t' concat_elu(x[b,q+off_t',:]) . input_weight[t']
+//                    (+ skip_bias + concat_elu(cat(skip[0], skip[1])[b,q,:]) . skip_weight)
+//   a | g = out_bias + cond[b] + sum_t concat_elu(inner[b,(row,col)+off_t,:]) . out_weight[t]
+//   out[b,row,col,:] = x[b,row,col,:] + a * sigmoid(g)
+//
+// input_weight (T, 2C, C) and out_weight (T, 2C, 2C) packed taps, skip_weight (2SC, C) with rows
+// [elu(skip0), elu(skip1), elu(-skip0), elu(-skip1)], all contiguous (in, out); cond (B, 2C)
+// contiguous or null; biases contiguous or null. One dtype, fp32 arithmetic.
+struct ResnetStep {
+  const void* x;
+  void* inner;
+  const void* skip[2];  // the first skip_streams are set
+  void* out;
+  const void* input_weight;
+  const void* input_bias;
+  const void* skip_weight;
+  const void* skip_bias;
+  const void* out_weight;
+  const void* out_bias;
+  const void* cond;
+  int64_t batch;
+  int padded_height, padded_width, channels, skip_streams, row, col;
+  int kernel_height, kernel_width, top, left;
+  uint32_t new_taps;  // bit t: tap t's inner pixel is computed first
+};
+
+// Shared memory per image of a block: the fp32 concat_elu of its tap window and of its skips.
+int64_t resnet_step_shared_bytes_per_image(const ResnetStep& step);
+
+void launch_resnet_step(DType dtype, const ResnetStep& step, cudaStream_t stream);
+
 }  // namespace sampling
 }  // namespace pixelcnn_kernels

@@ -1,5 +1,5 @@
-// Torch glue of cached sampling's per-pixel step: schema and CUDA implementation of
-// torch.ops.pixelcnn_kernels_cuda.gated_pixel_step (an in-place, inference-only op).
+// Torch glue of cached sampling's per-pixel steps: schemas and CUDA implementations of
+// torch.ops.pixelcnn_kernels_cuda.gated_pixel_step and resnet_position_step (in-place, inference-only ops).
 //
 // The Python functions (pixelcnn_kernels/ops/sampling.py) validate the user's arguments and
 // pack the weights; these checks guard the contract the kernel relies on (sampling.h): CUDA
@@ -31,6 +31,17 @@ const void* operand(const std::optional<at::Tensor>& t, const char* name, const 
   TORCH_CHECK(t->sizes() == shape && t->is_contiguous(), name, " must be contiguous of shape ", shape, ", got ",
               t->sizes());
   return t->data_ptr();
+}
+
+// Checks that one image's staging fits in the kernel's shared memory, then launches on x's device and stream.
+template <typename Step>
+void launch_checked(const char* op, void (*launch)(DType, const Step&, cudaStream_t), DType dtype, const Step& step,
+                    int64_t shared_bytes_per_image, const at::Tensor& x) {
+  TORCH_CHECK(shared_bytes_per_image <= kMaxSharedBytes, op, " stages ", shared_bytes_per_image,
+              " bytes per image in shared memory; the kernel takes at most ", kMaxSharedBytes, " (fewer taps or channels)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch(dtype, step, current_stream());
+  check_launch(op);
 }
 
 void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const at::Tensor& wp,
@@ -107,12 +118,71 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
                     !out_bias.has_value(),
                 "the plain step (no v_pre) takes no link, cond or output weights");
   }
-  TORCH_CHECK(pixel_step_shared_bytes_per_image(step) <= kMaxSharedBytes, "the step stages ",
-              pixel_step_shared_bytes_per_image(step), " bytes per image in shared memory; the kernel takes at most ",
-              kMaxSharedBytes, " (fewer taps or channels)");
-  const c10::cuda::CUDAGuard guard(x.device());
-  launch_pixel_step(dtype, step, current_stream());
-  check_launch("gated_pixel_step");
+  launch_checked("gated_pixel_step", launch_pixel_step, dtype, step, pixel_step_shared_bytes_per_image(step), x);
+}
+
+// A resnet-step cache or weight: contiguous, like x, of exactly `shape`.
+const void* required(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
+  return operand(std::optional<at::Tensor>(t), name, x, shape);
+}
+
+void resnet_position_step_cuda(int64_t row, int64_t col, int64_t new_taps, at::IntArrayRef kernel, const at::Tensor& x,
+                               at::Tensor& inner, at::TensorList skips, const at::Tensor& input_weight,
+                               const std::optional<at::Tensor>& input_bias, const std::optional<at::Tensor>& skip_weight,
+                               const std::optional<at::Tensor>& skip_bias, const at::Tensor& out_weight,
+                               const std::optional<at::Tensor>& out_bias, const std::optional<at::Tensor>& cond,
+                               at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x must be a contiguous (B, H + 2, W + 2, C) cache, got shape ", x.sizes());
+  const DType dtype = to_kernel_dtype(x, "x");
+  for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
+  TORCH_CHECK(x.size(1) * x.size(2) * x.size(3) < kMaxExtent, "x has ", x.size(1) * x.size(2) * x.size(3),
+              " elements per image; the step takes < 2^30");
+  TORCH_CHECK(kernel.size() == 4, "kernel must be (kernel_height, kernel_width, top, left), got ", kernel);
+  const int64_t kh = kernel[0], kw = kernel[1], top = kernel[2], left = kernel[3];
+  // Windows reach at most one pixel past the image: the caches' zero ring.
+  TORCH_CHECK(1 <= kh && kh <= 3 && 1 <= kw && kw <= 3 && 0 <= top && top < kh && kh - 1 - top <= 1 && top <= 1 &&
+                  0 <= left && left < kw && kw - 1 - left <= 1 && left <= 1,
+              "kernel ", kernel, " reaches more than one pixel past the image");
+  const int64_t taps = kh * kw;
+  const int64_t height = x.size(1) - 2, width = x.size(2) - 2, channels = x.size(3);
+  TORCH_CHECK(0 <= row && row < height && 0 <= col && col < width, "(row, col) = (", row, ", ", col,
+              ") is outside the ", height, "x", width, " image");
+  TORCH_CHECK(0 <= new_taps && new_taps < (int64_t{1} << taps), "new_taps must be a bit mask of the ", taps, " taps, got ", new_taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t r = row + t / kw - top, c = col + t % kw - left;
+    TORCH_CHECK(!((new_taps >> t) & 1) || (0 <= r && r < height && 0 <= c && c < width), "new_taps sets tap ", t,
+                " whose pixel (", r, ", ", c, ") is outside the image (the zero ring must stay zero)");
+  }
+  const int64_t streams = static_cast<int64_t>(skips.size());
+  TORCH_CHECK(streams <= 2, "the step takes at most 2 skip streams, got ", streams);
+  TORCH_CHECK(skip_weight.has_value() == (streams > 0), "skip_weight must be given exactly when skips are");
+
+  ResnetStep step{};
+  step.x = x.data_ptr();
+  step.inner = const_cast<void*>(required(inner, "inner", x, x.sizes()));
+  step.out = const_cast<void*>(required(out, "out", x, x.sizes()));
+  for (int64_t s = 0; s < streams; ++s) step.skip[s] = required(skips[s], "skips", x, x.sizes());
+  step.input_weight = required(input_weight, "input_weight", x, {taps, 2 * channels, channels});
+  step.input_bias = operand(input_bias, "input_bias", x, {channels});
+  step.skip_weight = operand(skip_weight, "skip_weight", x, {2 * streams * channels, channels});
+  step.skip_bias = operand(skip_bias, "skip_bias", x, {channels});
+  step.out_weight = required(out_weight, "out_weight", x, {taps, 2 * channels, 2 * channels});
+  step.out_bias = operand(out_bias, "out_bias", x, {2 * channels});
+  step.cond = operand(cond, "cond", x, {x.size(0), 2 * channels});
+  step.batch = x.size(0);
+  step.padded_height = static_cast<int>(x.size(1));
+  step.padded_width = static_cast<int>(x.size(2));
+  step.channels = static_cast<int>(channels);
+  step.skip_streams = static_cast<int>(streams);
+  step.row = static_cast<int>(row);
+  step.col = static_cast<int>(col);
+  step.kernel_height = static_cast<int>(kh);
+  step.kernel_width = static_cast<int>(kw);
+  step.top = static_cast<int>(top);
+  step.left = static_cast<int>(left);
+  step.new_taps = static_cast<uint32_t>(new_taps);
+  launch_checked("resnet_position_step", launch_resnet_step, dtype, step, resnet_step_shared_bytes_per_image(step), x);
 }
 
 }  // namespace
@@ -124,8 +194,13 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "gated_pixel_step(Tensor pixel, Tensor x, Tensor wp, Tensor? bias, int[] offsets, Tensor? v_pre, "
       "Tensor? link_weight, Tensor? link_bias, Tensor? cond, Tensor? out_weight, Tensor? out_bias, int group_size, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "resnet_position_step(int row, int col, int new_taps, int[] kernel, Tensor x, Tensor(a!) inner, Tensor[] skips, "
+      "Tensor input_weight, Tensor? input_bias, Tensor? skip_weight, Tensor? skip_bias, Tensor out_weight, "
+      "Tensor? out_bias, Tensor? cond, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
   m.impl("gated_pixel_step", &pixelcnn_kernels::sampling::gated_pixel_step_cuda);
+  m.impl("resnet_position_step", &pixelcnn_kernels::sampling::resnet_position_step_cuda);
 }

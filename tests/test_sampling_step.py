@@ -10,29 +10,18 @@ on a GPU, the CUDA graph against eager steps, and larger layers.
 import pytest
 import torch
 
-from pixelcnn_kernels.backend import BackendUnavailableError, unavailable_reason, use_backend
+from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends
+
+from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_ref
 from pixelcnn_kernels.sampling import SamplingProblem
 from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN, FusedCachedGatedPixelCNN
-from pixelcnn_kernels.testing import tolerance
 from pixelcnn_kernels.triton import sampling as triton_sampling
 
 N = 2
-GPU = (pytest.mark.gpu,)
-
-
-def step_backends(*cuda_marks) -> list:
-    """(backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU."""
-    return [
-        pytest.param("triton", "cpu", id="triton-cpu"),
-        pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
-        pytest.param("cuda", "cuda", id="cuda", marks=GPU + cuda_marks),
-    ]
-
-
 STEP_BACKENDS = step_backends()
 # name -> GatedPixelCNN keyword arguments; every variant has 2 layers, 8 bins and a 4×5 image.
 VARIANTS = {
@@ -44,19 +33,7 @@ VARIANTS = {
 HEIGHT, WIDTH = 4, 5
 
 
-@pytest.fixture(autouse=True)
-def _exact_gpu_convs(monkeypatch):
-    """On a GPU, PyTorch's and the naive sampler's convolutions in full fp32 (no TF32) and deterministic, as the fused step computes."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-
-
-def kernel_backend(backend: str, device: str) -> use_backend:
-    """Forces ``backend``; skips only where it cannot run on ``device`` at all (no GPU, extension not built)."""
-    reason = unavailable_reason(backend, torch.device(device))
-    if reason is not None:
-        pytest.skip(reason)
-    return use_backend(backend)
+pytestmark = pytest.mark.usefixtures(exact_gpu_convs.__name__)
 
 
 def build(name: str, dtype=torch.float32, device="cpu", scale=3.0, **overrides):
@@ -101,14 +78,6 @@ def every_pixel(run) -> tuple[torch.Tensor, torch.Tensor]:
             stacks.append(h)
             logits.append(run.logits(h))
     return torch.stack(stacks), torch.stack(logits)
-
-
-def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "", atol: float | None = None) -> None:
-    """The project tolerance of ``dtype`` (or ``atol``) on both tensors divided by the expected's largest magnitude."""
-    scale = expected.abs().max().item()
-    rtol, table_atol = tolerance(dtype)
-    atol = table_atol if atol is None else atol
-    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
 
 
 # ---------------------------------------------------------------- the plain step: one pixel of a masked conv

@@ -1,4 +1,4 @@
-"""The fused per-pixel step of cached Gated PixelCNN sampling (issue 7).
+"""The fused per-pixel steps of cached sampling, Gated PixelCNN and PixelCNN++ (issue 7).
 
 Cached sampling (:mod:`pixelcnn_kernels.sampling.cached_gated`) computes, for each
 generated value, one pixel (i, j) of every horizontal-stack layer. Each layer is one
@@ -15,7 +15,23 @@ launch here instead of about six PyTorch ops:
   with :func:`~pixelcnn_kernels.reference.layers.grouped_gate`'s colour-grouped
   tanh·σ (1 or 3 groups) and the residual on the layer input.
 
-The pixel is the device tensor ``pixel`` (int64 (1,), ``p = i·W + j``), never a host
+And one launch per block and position of cached PixelCNN++ sampling
+(:mod:`pixelcnn_kernels.sampling.cached_pixelcnn_pp`) instead of about ten:
+
+- :func:`resnet_position_step`: a :class:`~pixelcnn_kernels.nn.GatedResnet` at one
+  position (i, j), from caches of its input ``x``, its skips and its *inner* map ``c``
+  (the first shifted conv, before its concat_elu), each (B, H+2, W+2, C) with a zero
+  ring (pixel (i, j) at [i+1, j+1]: the padding the shifted convs read)::
+
+      for each tap t set in new_taps, at its pixel q (inner values not yet computed):
+          inner[b, q] = conv_input(concat_elu(x))[b, q] (+ nin_skip(concat_elu(cat(skips)))[b, q])
+      out[b, i, j] = x[b, i, j] + a·σ(g),  a | g = conv_out(concat_elu(inner))[b, i, j] + cond[b]
+
+  the two shifted convs read the window of their kernel around the pixel from the
+  caches. The position is host integers: which positions the demand-driven sampler
+  computes varies from pixel to pixel, so no per-pixel CUDA graph replays them.
+
+The Gated PixelCNN step's pixel is the device tensor ``pixel`` (int64 (1,), ``p = i·W + j``), never a host
 integer, so one launch sequence with fixed pointers serves every pixel: a CUDA graph
 captures it once. ``x`` and ``out`` are (B, H, W, C) views of any strides, so a row
 buffer (B, W, C) expanded over H (stride 0) or a per-image vector (B, C) expanded over
@@ -25,10 +41,12 @@ The weights are packed once per sampling run (:class:`HorizontalStepWeights`,
 :class:`GatedLayerStepWeights`): the active taps only, as the masked convolution's
 kernels read them (:func:`~pixelcnn_kernels.ops.masked_conv.pack_weight`).
 
-Backends: ``triton`` and ``cuda`` (the extension's ``gated_pixel_step``), float32,
-float16 and bfloat16, fp32 arithmetic. The reference is the PyTorch step of
-:class:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN` (which also runs
-float64); :func:`step_backend` says which a tensor gets. These are plain functions, not
+Backends: ``triton`` and ``cuda`` (the extension's ``gated_pixel_step`` and
+``resnet_position_step``), float32, float16 and bfloat16, fp32 arithmetic. The
+references are the PyTorch steps of
+:class:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN` and
+:class:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp.CachedPixelCNNPlusPlus` (which
+also run float64); :func:`step_backend` says which a tensor gets. These are plain functions, not
 ``torch.library`` custom ops: they write into caches in place, have no gradient and run
 thousands of times per image, where a custom op's dispatch would cost more than the
 kernel.
@@ -46,10 +64,25 @@ from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor
 
-__all__ = ["GatedLayerStepWeights", "HorizontalStepWeights", "gated_layer_step", "horizontal_conv_step", "step_backend"]
+__all__ = [
+    "GatedLayerStepWeights",
+    "HorizontalStepWeights",
+    "ResnetStepWeights",
+    "gated_layer_step",
+    "horizontal_conv_step",
+    "resnet_position_step",
+    "step_backend",
+]
 
-# The extension's op (csrc/sampling_ops.cpp); an extension built before it lacks it.
-_CUDA_OP = "gated_pixel_step"
+# The extension's ops (csrc/sampling_ops.cpp); an extension built before them lacks them.
+GATED_CUDA_OP = "gated_pixel_step"
+RESNET_CUDA_OP = "resnet_position_step"
+
+
+def _pack(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv``'s weight packed (T, Cin, Cout) contiguous (colour-masked pairs exact zeros) and its bias, in ``dtype``."""
+    bias = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
+    return pack_weight(conv.weight.detach().to(dtype), conv.spec), bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +100,7 @@ class HorizontalStepWeights:
         if conv.spec.kernel_size[0] != 1:
             raise ValueError(f"conv must have one kernel row (a horizontal or 1×1 mask), got kernel_size {conv.spec.kernel_size}")
         offsets = tap_offsets(conv.spec, conv.dilation[0])
-        bias = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
-        return cls(pack_weight(conv.weight.detach().to(dtype), conv.spec), bias, tuple(offsets[1::2]))
+        return cls(*_pack(conv, dtype), tuple(offsets[1::2]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +127,39 @@ class GatedLayerStepWeights:
         return cls(HorizontalStepWeights.from_conv(layer.conv_horiz, dtype), link.wp[0], link.bias, out.wp[0], out.bias, layer.color_groups)
 
 
-def step_backend(like: torch.Tensor) -> str | None:
-    """The kernel backend the step runs on for tensors like ``like``, or None: the PyTorch step.
+@dataclasses.dataclass(frozen=True)
+class ResnetStepWeights:
+    """A :class:`~pixelcnn_kernels.nn.GatedResnet` packed for :func:`resnet_position_step`.
+
+    ``input_weight`` (T, 2C, C) and ``out_weight`` (T, 2C, 2C): ``conv_input`` and
+    ``conv_out``'s T = kh·kw taps (:func:`~pixelcnn_kernels.ops.masked_conv.pack_weight`);
+    ``skip_weight`` (2SC, C): ``nin_skip`` laid out (in, out), None without skips;
+    their biases (or None); ``kernel`` (kh, kw, top, left): the convs' kernel size and
+    the anchor (the tap over the output pixel).
+    """
+
+    input_weight: torch.Tensor
+    input_bias: torch.Tensor | None
+    skip_weight: torch.Tensor | None
+    skip_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    kernel: tuple[int, int, int, int]
+
+    @classmethod
+    def from_block(cls, block, dtype: torch.dtype) -> "ResnetStepWeights":
+        spec = block.conv_input.spec
+        kh, kw = spec.kernel_size
+        if len(spec.taps) != kh * kw or block.conv_out.spec != spec:
+            raise ValueError(f"block must have two shifted convs with every tap active and one mask, got {spec.name!r} and {block.conv_out.spec.name!r}")
+        skip_weight, skip_bias = (None, None) if block.nin_skip is None else _pack(block.nin_skip, dtype)
+        top, _, left, _ = spec.padding()
+        # A 1×1 convolution's packed (1, in, out) weight is the matrix.
+        return cls(*_pack(block.conv_input, dtype), None if skip_weight is None else skip_weight[0], skip_bias, *_pack(block.conv_out, dtype), (kh, kw, top, left))
+
+
+def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None:
+    """The kernel backend the step ``cuda_op`` runs on for tensors like ``like``, or None: the PyTorch step.
 
     None for the ``reference`` backend and for float64. An automatic ``cuda`` choice
     whose extension lacks the op falls back to ``triton`` (None where Triton cannot
@@ -105,9 +168,9 @@ def step_backend(like: torch.Tensor) -> str | None:
     backend = resolve_backend(like)
     if backend == "reference" or like.dtype not in FLOAT_DTYPES:
         return None
-    if backend == "cuda" and not hasattr(cuda_ops(), _CUDA_OP):
+    if backend == "cuda" and not hasattr(cuda_ops(), cuda_op):
         if forced_backend() is not None:
-            raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {_CUDA_OP} op (rebuild it)")
+            raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {cuda_op} op (rebuild it)")
         return "triton" if unavailable_reason("triton", like.device) is None else None
     return backend
 
@@ -151,6 +214,70 @@ def gated_layer_step(
     )  # fmt: skip
 
 
+def resnet_position_step(
+    row: int,
+    col: int,
+    new_taps: int,
+    x: torch.Tensor,
+    inner: torch.Tensor,
+    skips: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    cond: torch.Tensor | None,
+    weights: ResnetStepWeights,
+    out: torch.Tensor,
+) -> None:
+    """Writes a gated resnet block's output at pixel (``row``, ``col``) into ``out`` (see the module docstring).
+
+    ``x``, ``inner``, ``out`` and each of the 0 to 2 ``skips``: contiguous
+    (B, H+2, W+2, C) caches with a zero ring, float32/float16/bfloat16, one dtype and
+    device with the weights. ``new_taps``: a bit per tap t = ty·kw + tx of the block's
+    kernel, set where the inner value at pixel (row + ty - top, col + tx - left) is
+    computed (and stored) first; every other inner pixel of the window is read from
+    ``inner`` as it is. ``cond`` (B, 2C) or None: the block's projected conditioning.
+    The caches must hold, at every pixel read, the values the block's inputs have there.
+    """
+    check_tensor(x, "x", ndim=4, allow_float64=False)
+    backend = _kernel_backend(x, RESNET_CUDA_OP)
+    if not x.is_contiguous():
+        raise ValueError("x must be a contiguous (B, H+2, W+2, C) cache")
+    batch, padded_height, padded_width, channels = x.shape
+    kh, kw, top, left = weights.kernel
+    if not (0 <= top < kh and 0 <= left < kw and max(top, kh - 1 - top, left, kw - 1 - left) <= 1):
+        raise ValueError(f"weights.kernel {weights.kernel} must have a window reaching at most one pixel past the image (the caches' zero ring)")
+    height, width, taps = padded_height - 2, padded_width - 2, kh * kw
+    for name, value, size in (("row", row, height), ("col", col, width)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+            raise ValueError(f"{name} must be an int in [0, {size}) for a cache x of shape {tuple(x.shape)}, got {value!r}")
+    if isinstance(new_taps, bool) or not isinstance(new_taps, int) or not 0 <= new_taps < 2**taps:
+        raise ValueError(f"new_taps must be an int bit mask of the {taps} taps, got {new_taps!r}")
+    for tap in range(taps):
+        q_row, q_col = row + tap // kw - top, col + tap % kw - left
+        if new_taps >> tap & 1 and not (0 <= q_row < height and 0 <= q_col < width):
+            raise ValueError(f"new_taps sets tap {tap}, whose pixel ({q_row}, {q_col}) is outside the image (the zero ring must stay zero)")
+    if not isinstance(skips, (list, tuple)) or len(skips) > 2:
+        raise ValueError(f"skips must be a list of at most 2 caches, got {skips!r}")
+    if (weights.skip_weight is None) != (len(skips) == 0):
+        given = "absent" if weights.skip_weight is None else "given"
+        raise ValueError(f"skips has {len(skips)} caches but weights.skip_weight is {given}: the block's nin_skip reads the skips")
+    caches = {"inner": inner, "out": out, **{f"skips[{index}]": skip for index, skip in enumerate(skips)}}
+    for name, cache in caches.items():
+        _check_operand(cache, name, x, tuple(x.shape), required=True, contiguous=True)
+    operands = (
+        ("weights.input_weight", weights.input_weight, (taps, 2 * channels, channels), True),
+        ("weights.input_bias", weights.input_bias, (channels,), False),
+        ("weights.skip_weight", weights.skip_weight, (2 * len(skips) * channels, channels), False),
+        ("weights.skip_bias", weights.skip_bias, (channels,), False),
+        ("weights.out_weight", weights.out_weight, (taps, 2 * channels, 2 * channels), True),
+        ("weights.out_bias", weights.out_bias, (2 * channels,), False),
+        ("cond", cond, (batch, 2 * channels), False),
+    )
+    for name, t, shape, needed in operands:
+        _check_operand(t, name, x, shape, required=needed, contiguous=True)
+    _kernels(backend).resnet_position_step(
+        row, col, new_taps, list(weights.kernel), x, inner, list(skips), weights.input_weight, weights.input_bias,
+        weights.skip_weight, weights.skip_bias, weights.out_weight, weights.out_bias, cond, out,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- validation and dispatch
 
 
@@ -176,11 +303,16 @@ def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) ->
         raise ValueError(f"bias must be contiguous of shape ({wp.shape[2]},), got {tuple(bias.shape)}")
     if not all(isinstance(dx, int) and abs(dx) < 2**30 for dx in offsets):
         raise ValueError(f"offsets must be int column offsets within +-2^30, got {offsets!r}")
-    backend = step_backend(x)
+    return _kernel_backend(x, GATED_CUDA_OP)
+
+
+def _kernel_backend(x: torch.Tensor, cuda_op: str) -> str:
+    """The backend the step ``cuda_op`` runs on for ``x``; raises where that is the PyTorch step."""
+    backend = step_backend(x, cuda_op)
     if backend is None:
         raise BackendUnavailableError(
             f"the fused sampling step runs on the triton or cuda backend with float32, float16 or bfloat16 tensors; got {x.dtype} tensors on {x.device} "
-            f"with the {resolve_backend(x)} backend (the PyTorch step of sampling.cached_gated covers the rest)"
+            f"with the {resolve_backend(x)} backend (the PyTorch steps of the cached samplers cover the rest)"
         )
     return backend
 
@@ -198,7 +330,7 @@ def _check_operand(t, name: str, x: torch.Tensor, shape: tuple[int, ...], *, req
 
 
 def _kernels(backend: str):
-    """The module holding ``gated_pixel_step`` for a kernel backend (one signature)."""
+    """The module holding ``gated_pixel_step`` and ``resnet_position_step`` for a kernel backend (one signature each)."""
     if backend == "cuda":
         return cuda_ops()
     return importlib.import_module("pixelcnn_kernels.triton.sampling")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.gates import gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import pointer_type, register_compile_case
 
 
@@ -40,11 +40,15 @@ def _dot_columns(acc, tile, w_rows, cols, w_ok):
 
 
 @triton.jit
-def _add_products(acc_a, acc_b, in_rows, in_stride, in_ok, K, w_ptr, n_pre, cols_a, cols_b, n_ok, BLOCK_K: tl.constexpr, PAIR: tl.constexpr):
+def _add_products(
+    acc_a, acc_b, in_rows, in_stride, in_ok, K, w_ptr, n_pre, cols_a, cols_b, n_ok, neg_rows, BLOCK_K: tl.constexpr, PAIR: tl.constexpr, CONCAT_ELU: tl.constexpr
+):
     """``acc_a += in · w[:, cols_a]`` (and ``acc_b += in · w[:, cols_b]`` if PAIR) over K inputs, BLOCK_K at a time.
 
     ``in_rows`` (BLOCK_B, 1) points at each image's K inputs, ``in_stride`` apart (zero
-    where not ``in_ok``); ``w`` is (K, n_pre) row-major.
+    where not ``in_ok``); ``w`` is (K, n_pre) row-major. CONCAT_ELU: the inputs are
+    ``concat_elu(in)``, computed as loaded: input k's ``elu(in_k)`` multiplies row k of
+    w and its ``elu(-in_k)`` row ``neg_rows + k`` (a zero input is zero in both halves).
     """
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -53,9 +57,16 @@ def _add_products(acc_a, acc_b, in_rows, in_stride, in_ok, K, w_ptr, n_pre, cols
         tile = tl.load(in_rows + k[None, :] * in_stride, mask=in_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w_rows = w_ptr + k[:, None] * n_pre
         w_ok = k_ok[:, None] & n_ok[None, :]
+        if CONCAT_ELU:
+            tile, neg = concat_elu_math(tile)
         acc_a = _dot_columns(acc_a, tile, w_rows, cols_a, w_ok)
         if PAIR:
             acc_b = _dot_columns(acc_b, tile, w_rows, cols_b, w_ok)
+        if CONCAT_ELU:
+            w_neg = w_rows + neg_rows * n_pre
+            acc_a = _dot_columns(acc_a, neg, w_neg, cols_a, w_ok)
+            if PAIR:
+                acc_b = _dot_columns(acc_b, neg, w_neg, cols_b, w_ok)
     return acc_a, acc_b
 
 
@@ -127,7 +138,7 @@ def _pixel_step_kernel(
         # Zero padding: a tap left (or right) of the image reads nothing.
         src_ok = image_ok & (src_col >= 0) & (src_col < W)
         w_tap = w_ptr + tap * C_IN * n_pre
-        acc_a, acc_b = _add_products(acc_a, acc_b, x_row + src_col * stride_xw, stride_xc, src_ok, C_IN, w_tap, n_pre, cols_a, cols_b, n_ok, BLOCK_K, GATED)
+        acc_a, acc_b = _add_products(acc_a, acc_b, x_row + src_col * stride_xw, stride_xc, src_ok, C_IN, w_tap, n_pre, cols_a, cols_b, n_ok, 0, BLOCK_K, GATED, False)
     if bias_ptr is not None:
         acc_a += tl.load(bias_ptr + cols_a, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -136,7 +147,7 @@ def _pixel_step_kernel(
     if GATED:
         # The 1×1 link from the vertical stack's pre-activation at column j.
         v_col = v_ptr + images[:, None] * stride_vb + col * stride_vw
-        acc_a, acc_b = _add_products(acc_a, acc_b, v_col, stride_vc, image_ok, n_pre, wv_ptr, n_pre, cols_a, cols_b, n_ok, BLOCK_K, True)
+        acc_a, acc_b = _add_products(acc_a, acc_b, v_col, stride_vc, image_ok, n_pre, wv_ptr, n_pre, cols_a, cols_b, n_ok, 0, BLOCK_K, True, False)
         if bias_v_ptr is not None:
             acc_a += tl.load(bias_v_ptr + cols_a, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             acc_b += tl.load(bias_v_ptr + cols_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -161,6 +172,107 @@ def _pixel_step_kernel(
     else:
         out = out_ptr + images[:, None] * stride_ob + row * stride_oh + col * stride_ow + n[None, :] * stride_oc
         tl.store(out, acc_a.to(out_ptr.dtype.element_ty), mask=image_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _add_skip_products(acc, skip_ptr, pixel_offset, image_base, image_ok, C, w_ptr, n, n_ok, neg_rows, BLOCK_K: tl.constexpr):
+    """``acc += concat_elu(skip[b, pixel]) · w`` (C rows for elu(skip), C at ``neg_rows`` for elu(-skip)); no-op for an absent skip."""
+    if skip_ptr is not None:
+        acc, _ = _add_products(acc, acc, skip_ptr + image_base + pixel_offset, 1, image_ok, C, w_ptr, C, n, n, n_ok, neg_rows, BLOCK_K, False, True)
+    return acc
+
+
+@triton.jit(do_not_specialize=("row", "col", "new_taps"))
+def _resnet_step_kernel(
+    x_ptr,
+    inner_ptr,
+    skip0_ptr,
+    skip1_ptr,
+    out_ptr,
+    w_in_ptr,
+    bias_in_ptr,
+    w_skip_ptr,
+    bias_skip_ptr,
+    w_out_ptr,
+    bias_out_ptr,
+    cond_ptr,
+    row,
+    col,
+    new_taps,
+    KH,
+    KW,
+    TOP,
+    LEFT,
+    B,
+    HP,
+    WP,
+    C,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """A gated resnet block at pixel (row, col) for the images b of this program.
+
+    Caches are (B, HP, WP, C) contiguous with a zero ring: pixel (i, j) at [i + 1, j + 1].
+    Both convs have every tap of a KH×KW kernel anchored at (TOP, LEFT): tap
+    t = ty·KW + tx reads pixel (row + ty - TOP, col + tx - LEFT). First, for each tap t
+    whose bit is set in ``new_taps``, the inner value at its pixel q::
+
+        inner[b, q] = bias_in + Σ_t' concat_elu(x[b, q + off_t']) · w_in[t']
+                      (+ bias_skip + concat_elu(cat(skip0, skip1)[b, q]) · w_skip)
+
+    then, after a barrier (other threads of the program read what these stored)::
+
+        a | g = bias_out + cond[b] + Σ_t concat_elu(inner[b, (row, col) + off_t]) · w_out[t]
+        out[b, row, col] = x[b, row, col] + a·σ(g)
+
+    The tap loops are runtime loops: unrolled, the kernel took minutes to compile.
+    """
+    images = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    image_ok = images < B
+    image_base = (images.to(tl.int64) * HP * WP * C)[:, None]
+    n = tl.arange(0, BLOCK_C)
+    n_ok = n < C
+    store_ok = image_ok[:, None] & n_ok[None, :]
+    # Rows of w_skip: elu(skip0), elu(skip1), then elu(-skip0), elu(-skip1).
+    skip_rows = C if skip1_ptr is None else 2 * C
+    taps = KH * KW
+
+    for tap in range(taps):
+        if (new_taps >> tap) & 1:
+            q_row = row + 1 + tap // KW - TOP
+            q_col = col + 1 + tap % KW - LEFT
+            c = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+            for src in range(taps):
+                src_offset = ((q_row + src // KW - TOP) * WP + q_col + src % KW - LEFT) * C
+                c, _ = _add_products(c, c, x_ptr + image_base + src_offset, 1, image_ok, C, w_in_ptr + src * 2 * C * C, C, n, n, n_ok, C, BLOCK_K, False, True)
+            if bias_in_ptr is not None:
+                c += tl.load(bias_in_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if w_skip_ptr is not None:
+                q_offset = (q_row * WP + q_col) * C
+                c = _add_skip_products(c, skip0_ptr, q_offset, image_base, image_ok, C, w_skip_ptr, n, n_ok, skip_rows, BLOCK_K)
+                c = _add_skip_products(c, skip1_ptr, q_offset, image_base, image_ok, C, w_skip_ptr + C * C, n, n_ok, skip_rows, BLOCK_K)
+                if bias_skip_ptr is not None:
+                    c += tl.load(bias_skip_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(inner_ptr + image_base + (q_row * WP + q_col) * C + n[None, :], c.to(inner_ptr.dtype.element_ty), mask=store_ok)
+    tl.debug_barrier()
+
+    acc_a = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for tap in range(taps):
+        tap_offset = ((row + 1 + tap // KW - TOP) * WP + col + 1 + tap % KW - LEFT) * C
+        w_tap = w_out_ptr + tap * 4 * C * C
+        acc_a, acc_b = _add_products(acc_a, acc_b, inner_ptr + image_base + tap_offset, 1, image_ok, C, w_tap, 2 * C, n, n + C, n_ok, C, BLOCK_K, True, True)
+    if bias_out_ptr is not None:
+        acc_a += tl.load(bias_out_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_b += tl.load(bias_out_ptr + C + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if cond_ptr is not None:
+        cond_rows = cond_ptr + images[:, None] * 2 * C
+        acc_a += tl.load(cond_rows + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
+        acc_b += tl.load(cond_rows + C + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
+    pixel_offset = ((row + 1) * WP + col + 1) * C + n[None, :]
+    result = tl.load(x_ptr + image_base + pixel_offset, mask=store_ok, other=0.0).to(tl.float32) + gate_sigmoid_math(acc_a, acc_b)
+    tl.store(out_ptr + image_base + pixel_offset, result.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 # ---------------------------------------------------------------- launcher
@@ -223,6 +335,51 @@ def gated_pixel_step(
     )  # fmt: skip
 
 
+# No software pipelining of the resnet step's reduction loops: with 3 stages its fp32 weight
+# tiles took 264 KiB of shared memory at 160 channels, past the 227 KiB a block may have.
+_RESNET_STAGES = 1
+
+
+def _resnet_block_k(channels: int, block_c: int) -> int:
+    """Reduction chunk of the resnet step: at most the channels, and its weight tiles (BLOCK_K, BLOCK_C) at most 8192 fp32 (32 registers a thread at 8 warps)."""
+    return _block(min(channels, 8192 // block_c), _MAX_BLOCK_K)
+
+
+def resnet_position_step(
+    row: int,
+    col: int,
+    new_taps: int,
+    kernel: list[int],
+    x: torch.Tensor,
+    inner: torch.Tensor,
+    skips: list[torch.Tensor],
+    input_weight: torch.Tensor,
+    input_bias: torch.Tensor | None,
+    skip_weight: torch.Tensor | None,
+    skip_bias: torch.Tensor | None,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Writes a gated resnet block's output at (row, col), and its inner values at the ``new_taps``, in place.
+
+    The CUDA op ``resnet_position_step``'s signature; ``kernel`` is (KH, KW, TOP, LEFT):
+    the convs' kernel size and anchor; layout in :func:`_resnet_step_kernel`. Arguments
+    are validated by the caller.
+    """
+    batch, padded_height, padded_width, channels = x.shape
+    if batch == 0:
+        return
+    skip0, skip1 = (list(skips) + [None, None])[:2]
+    block_c = _block(channels)
+    _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+        x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
+        row, col, new_taps, *kernel, batch, padded_height, padded_width, channels,
+        BLOCK_B=_BLOCK_B, BLOCK_K=_resnet_block_k(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_RESNET_STAGES,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- sm_90 compile cases
 
 
@@ -246,4 +403,22 @@ def _register_compile_cases() -> None:
             )  # fmt: skip
 
 
+def _register_resnet_compile_cases() -> None:
+    """PixelCNN++'s blocks at nr_filters 160: without skip (the up pass's u), with one (ul) and two (the down pass's ul) skip streams."""
+    sizes = dict.fromkeys(("row", "col", "new_taps", "KH", "KW", "TOP", "LEFT", "B", "HP", "WP", "C"), "i32")
+    block_c = _block(160)
+    blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _resnet_block_k(160, block_c), "BLOCK_C": block_c}
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
+        tensors = dict.fromkeys(("x_ptr", "inner_ptr", "out_ptr", "w_in_ptr", "bias_in_ptr", "w_out_ptr", "bias_out_ptr", "cond_ptr"), ptr)
+        for skip_streams in (0, 1, 2):
+            present = {"skip0_ptr": skip_streams >= 1, "skip1_ptr": skip_streams == 2, "w_skip_ptr": skip_streams > 0, "bias_skip_ptr": skip_streams > 0}
+            signature = {**tensors, **{name: ptr for name, given in present.items() if given}, **sizes}
+            constexprs = {**{name: None for name, given in present.items() if not given}, **blocks}
+            register_compile_case(
+                f"sampling_resnet_step_skips{skip_streams}_{dtype_name}", _resnet_step_kernel, signature, constexprs,
+                num_warps=_num_warps(block_c), num_stages=_RESNET_STAGES,
+            )  # fmt: skip
+
 _register_compile_cases()
+_register_resnet_compile_cases()

@@ -1,0 +1,46 @@
+"""What the fused sampling-step tests share (``test_sampling_step.py``, ``test_sampling_step_pp.py``).
+
+Where a step runs (the interpreter on the CPU, both kernel backends on a GPU), a fixture
+making PyTorch's GPU convolutions compute as the fused steps do, and the comparison at
+the expected's scale with :mod:`pixelcnn_kernels.testing`'s tolerance table.
+"""
+
+import pytest
+import torch
+
+from pixelcnn_kernels.backend import unavailable_reason, use_backend
+from pixelcnn_kernels.testing import tolerance
+
+GPU = (pytest.mark.gpu,)
+
+
+def step_backends(*cuda_marks) -> list:
+    """(backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU."""
+    return [
+        pytest.param("triton", "cpu", id="triton-cpu"),
+        pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
+        pytest.param("cuda", "cuda", id="cuda", marks=GPU + cuda_marks),
+    ]
+
+
+@pytest.fixture
+def exact_gpu_convs(monkeypatch):
+    """On a GPU, PyTorch's and the naive sampler's convolutions in full fp32 (no TF32) and deterministic, as the fused steps compute."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+def kernel_backend(backend: str, device: str) -> use_backend:
+    """Forces ``backend``; skips only where it cannot run on ``device`` at all (no GPU, extension not built)."""
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(reason)
+    return use_backend(backend)
+
+
+def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "", atol: float | None = None) -> None:
+    """The project tolerance of ``dtype`` (or ``atol``) on both tensors divided by the expected's largest magnitude."""
+    scale = expected.abs().max().item()
+    rtol, table_atol = tolerance(dtype)
+    atol = table_atol if atol is None else atol
+    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
