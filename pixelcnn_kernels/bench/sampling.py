@@ -14,8 +14,10 @@ column reads as the speed-up over naive sampling. Only the ``forward`` mode appl
 
 On a GPU the Gated PixelCNN's cached sampler runs its fused step (one kernel per layer
 per value, :mod:`pixelcnn_kernels.ops.sampling`) inside a CUDA graph replayed per pixel,
-on the ``triton`` and ``cuda`` providers alike; PixelCNN++'s cached sampler is still the
-pure-PyTorch update path (many small launches per step).
+on the ``triton`` and ``cuda`` providers alike. PixelCNN++'s cached sampler runs each gated
+resnet block's position as one fused kernel, but its plain shifted and transposed
+convolutions are PyTorch ops and every launch is issued from Python (no CUDA graph yet),
+so its time is expected to be launch-bound.
 
 The config column gives the steps of one call: H·W·C values (softmax) or H·W pixels
 (DMOL); time per step is ``median / steps``. The floor is the larger of the cached

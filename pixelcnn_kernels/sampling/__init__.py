@@ -2,8 +2,10 @@
 
 - ``naive`` (in :mod:`pixelcnn_kernels.models.base`): one full forward per value, the oracle;
 - ``cached`` (:mod:`.cached_gated`, :mod:`.cached_pixelcnn_pp`): incremental generation
-  from per-layer caches (the Gated PixelCNN's per-pixel step as fused kernels on the
-  ``triton`` and ``cuda`` backends, replayed as one CUDA graph per pixel on a GPU);
+  from per-layer caches. On the ``triton`` and ``cuda`` backends the Gated PixelCNN's
+  per-pixel step runs as fused kernels, replayed as one CUDA graph per pixel on a GPU,
+  and each PixelCNN++ gated resnet block's position is one fused kernel (its shifted
+  and transposed convolutions, and the per-position schedule, stay in PyTorch/Python);
 - ``jacobi`` (:mod:`.jacobi`): parallel forwards iterated to the fixed point, optionally
   in windows of rows.
 
