@@ -153,9 +153,10 @@ __device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, 
   }
 }
 
+// One position (row, col) of the block with its new inner pixels (new_taps); every argument is uniform
+// over the block, so the barriers are safe.
 template <typename T, int kImages>
-__global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep s) {
-  extern __shared__ float shared[];
+__device__ void resnet_position(const ResnetStep& s, int row, int col, uint32_t new_taps, float* shared) {
   const int c = s.channels, n_skip = s.skip_streams * c;
   const int window_len = 2 * resnet_taps(s) * c, skip_len = 2 * n_skip;
   float* window_s = shared;                         // [kImages][window_len]
@@ -166,10 +167,11 @@ __global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep 
   T* inner = static_cast<T*>(s.inner);
 
   for (int tap = 0; tap < resnet_taps(s); ++tap) {
-    if (((s.new_taps >> tap) & 1u) == 0) continue;  // uniform over the block: the barriers below are safe
-    const int q_row = s.row + 1 + tap / s.kernel_width - s.top, q_col = s.col + 1 + tap % s.kernel_width - s.left;
+    const int q_row = row + 1 + tap / s.kernel_width - s.top, q_col = col + 1 + tap % s.kernel_width - s.left;
+    const bool inside = 1 <= q_row && q_row <= s.padded_height - 2 && 1 <= q_col && q_col <= s.padded_width - 2;
+    if (((new_taps >> tap) & 1u) == 0 || !inside) continue;  // the zero ring stays zero
     const int64_t q_pixel = int64_t{q_row} * s.padded_width + q_col;
-    __syncthreads();  // the previous new pixel's products are done with the staging
+    __syncthreads();  // the previous new pixel's (or position's) products are done with the staging
     stage_window<T, kImages>(x, s, image0, q_row, q_col, window_s);
     for (int i = threadIdx.x; i < kImages * n_skip; i += kThreads) {
       const int image = i / n_skip, r = i - image * n_skip, stream = r / c, k = r - stream * c;
@@ -193,12 +195,12 @@ __global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep 
     }
   }
   __syncthreads();  // the inner stores are visible to the whole block, and the staging is free
-  stage_window<T, kImages>(inner, s, image0, s.row + 1, s.col + 1, window_s);
+  stage_window<T, kImages>(inner, s, image0, row + 1, col + 1, window_s);
   __syncthreads();
 
   const T* cond = static_cast<const T*>(s.cond);
   T* out = static_cast<T*>(s.out);
-  const int64_t pixel = (int64_t{s.row} + 1) * s.padded_width + s.col + 1;
+  const int64_t pixel = (int64_t{row} + 1) * s.padded_width + col + 1;
   for (int n = threadIdx.x; n < c; n += kThreads) {
     float acc_a[kImages] = {}, acc_g[kImages] = {};
     add_products(window_s, window_len, static_cast<const T*>(s.out_weight), 2 * c, n, acc_a);
@@ -216,6 +218,21 @@ __global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep 
       const int64_t at = b * image_len + pixel * c + n;
       out[at] = from_float<T>(to_float(x[at]) + gate_sigmoid_math(a, g));
     }
+  }
+}
+
+template <typename T, int kImages>
+__global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep s) {
+  extern __shared__ float shared[];
+  const int64_t p = *s.pixel;
+  if (p < 0 || p >= s.steps) return;  // uniform over the block
+  for (int slot = 0; slot < s.slots; ++slot) {
+    const int32_t* entry = s.table + (p * s.slots + slot) * 3;
+    const int row = entry[0], col = entry[1];
+    if (row < 0 || row >= s.padded_height - 2 || col < 0 || col >= s.padded_width - 2) continue;
+    // Before the next position stages over shared memory, every thread is done reading it.
+    __syncthreads();
+    resnet_position<T, kImages>(s, row, col, static_cast<uint32_t>(entry[2]), shared);
   }
 }
 
@@ -249,7 +266,7 @@ int64_t resnet_step_shared_bytes_per_image(const ResnetStep& s) {
 }
 
 void launch_resnet_step(DType dtype, const ResnetStep& step, cudaStream_t stream) {
-  if (step.batch == 0) return;
+  if (step.batch == 0 || step.steps == 0 || step.slots == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     launch_blocks<ResnetStep>(resnet_step_kernel<T, kImagesPerBlock>, resnet_step_kernel<T, 1>, step,

@@ -57,10 +57,16 @@ constexpr int64_t kMaxSharedBytes = 48 * 1024;
 
 void launch_pixel_step(DType dtype, const PixelStep& step, cudaStream_t stream);
 
-// Cached PixelCNN++ sampling: one gated resnet block at one pixel (pixelcnn_kernels/ops/sampling.py's
-// resnet_position_step). Caches x, inner, skip[s], out are (B, H + 2, W + 2, C) contiguous with a zero
-// ring (pixel (i, j) at [i + 1, j + 1]). Both convs have every tap of a kernel_height x kernel_width
-// kernel anchored at (top, left): tap t = ty * kernel_width + tx reads pixel (row + ty - top, col + tx - left).
+// Cached PixelCNN++ sampling: one gated resnet block at the positions of one step of a table
+// (pixelcnn_kernels/ops/sampling.py's resnet_position_step). Caches x, inner, skip[s], out are
+// (B, H + 2, W + 2, C) contiguous with a zero ring (pixel (i, j) at [i + 1, j + 1]). Both convs have every
+// tap of a kernel_height x kernel_width kernel anchored at (top, left): tap t = ty * kernel_width + tx
+// reads pixel (row + ty - top, col + tx - left).
+//
+// The step p is *pixel (read on the device: one launch serves every step, a CUDA graph replays it);
+// table[p][slot] = (row, col, new_taps) for slot = 0 .. slots - 1 in order, or -1s for none. An entry
+// outside the image, a new_taps bit whose pixel is outside it, or p outside [0, steps) does nothing.
+// For each position:
 //
 //   for each tap t set in new_taps, at its pixel q:
 //     inner[b,q,:] = input_bias + sum_t' concat_elu(x[b,q+off_t',:]) . input_weight[t']
@@ -83,10 +89,11 @@ struct ResnetStep {
   const void* out_weight;
   const void* out_bias;
   const void* cond;
-  int64_t batch;
-  int padded_height, padded_width, channels, skip_streams, row, col;
+  const int64_t* pixel;  // (1,): the step p
+  const int32_t* table;  // (steps, slots, 3): (row, col, new_taps), new_taps bit t: tap t's inner pixel is computed first
+  int64_t batch, steps;
+  int padded_height, padded_width, channels, skip_streams, slots;
   int kernel_height, kernel_width, top, left;
-  uint32_t new_taps;  // bit t: tap t's inner pixel is computed first
 };
 
 // Shared memory per image of a block: the fp32 concat_elu of its tap window and of its skips.

@@ -126,7 +126,7 @@ const void* required(const at::Tensor& t, const char* name, const at::Tensor& x,
   return operand(std::optional<at::Tensor>(t), name, x, shape);
 }
 
-void resnet_position_step_cuda(int64_t row, int64_t col, int64_t new_taps, at::IntArrayRef kernel, const at::Tensor& x,
+void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table, at::IntArrayRef kernel, const at::Tensor& x,
                                at::Tensor& inner, at::TensorList skips, const at::Tensor& input_weight,
                                const std::optional<at::Tensor>& input_bias, const std::optional<at::Tensor>& skip_weight,
                                const std::optional<at::Tensor>& skip_bias, const at::Tensor& out_weight,
@@ -138,6 +138,12 @@ void resnet_position_step_cuda(int64_t row, int64_t col, int64_t new_taps, at::I
   for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
   TORCH_CHECK(x.size(1) * x.size(2) * x.size(3) < kMaxExtent, "x has ", x.size(1) * x.size(2) * x.size(3),
               " elements per image; the step takes < 2^30");
+  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.dim() == 1 && pixel.size(0) == 1 && pixel.device() == x.device(),
+              "pixel must be an int64 (1,) tensor on x's device");
+  TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 3 && table.size(2) == 3 && table.is_contiguous() &&
+                  table.device() == x.device(),
+              "table must be a contiguous int32 (steps, slots, 3) tensor on x's device, got shape ", table.sizes());
+  TORCH_CHECK(table.size(1) < kMaxExtent, "table has ", table.size(1), " slots; the step takes < 2^30");
   TORCH_CHECK(kernel.size() == 4, "kernel must be (kernel_height, kernel_width, top, left), got ", kernel);
   const int64_t kh = kernel[0], kw = kernel[1], top = kernel[2], left = kernel[3];
   // Windows reach at most one pixel past the image: the caches' zero ring.
@@ -145,15 +151,7 @@ void resnet_position_step_cuda(int64_t row, int64_t col, int64_t new_taps, at::I
                   0 <= left && left < kw && kw - 1 - left <= 1 && left <= 1,
               "kernel ", kernel, " reaches more than one pixel past the image");
   const int64_t taps = kh * kw;
-  const int64_t height = x.size(1) - 2, width = x.size(2) - 2, channels = x.size(3);
-  TORCH_CHECK(0 <= row && row < height && 0 <= col && col < width, "(row, col) = (", row, ", ", col,
-              ") is outside the ", height, "x", width, " image");
-  TORCH_CHECK(0 <= new_taps && new_taps < (int64_t{1} << taps), "new_taps must be a bit mask of the ", taps, " taps, got ", new_taps);
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t r = row + t / kw - top, c = col + t % kw - left;
-    TORCH_CHECK(!((new_taps >> t) & 1) || (0 <= r && r < height && 0 <= c && c < width), "new_taps sets tap ", t,
-                " whose pixel (", r, ", ", c, ") is outside the image (the zero ring must stay zero)");
-  }
+  const int64_t channels = x.size(3);
   const int64_t streams = static_cast<int64_t>(skips.size());
   TORCH_CHECK(streams <= 2, "the step takes at most 2 skip streams, got ", streams);
   TORCH_CHECK(skip_weight.has_value() == (streams > 0), "skip_weight must be given exactly when skips are");
@@ -175,13 +173,14 @@ void resnet_position_step_cuda(int64_t row, int64_t col, int64_t new_taps, at::I
   step.padded_width = static_cast<int>(x.size(2));
   step.channels = static_cast<int>(channels);
   step.skip_streams = static_cast<int>(streams);
-  step.row = static_cast<int>(row);
-  step.col = static_cast<int>(col);
+  step.pixel = pixel.data_ptr<int64_t>();
+  step.table = table.data_ptr<int32_t>();
+  step.steps = table.size(0);
+  step.slots = static_cast<int>(table.size(1));
   step.kernel_height = static_cast<int>(kh);
   step.kernel_width = static_cast<int>(kw);
   step.top = static_cast<int>(top);
   step.left = static_cast<int>(left);
-  step.new_taps = static_cast<uint32_t>(new_taps);
   launch_checked("resnet_position_step", launch_resnet_step, dtype, step, resnet_step_shared_bytes_per_image(step), x);
 }
 
@@ -195,7 +194,7 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "Tensor? link_weight, Tensor? link_bias, Tensor? cond, Tensor? out_weight, Tensor? out_bias, int group_size, "
       "Tensor(a!) out) -> ()");
   m.def(
-      "resnet_position_step(int row, int col, int new_taps, int[] kernel, Tensor x, Tensor(a!) inner, Tensor[] skips, "
+      "resnet_position_step(Tensor pixel, Tensor table, int[] kernel, Tensor x, Tensor(a!) inner, Tensor[] skips, "
       "Tensor input_weight, Tensor? input_bias, Tensor? skip_weight, Tensor? skip_bias, Tensor out_weight, "
       "Tensor? out_bias, Tensor? cond, Tensor(b!) out) -> ()");
 }

@@ -8,12 +8,13 @@ float32 models (slow: a few tests, 4×4 images); the ``gpu`` tests run the CUDA 
 Triton kernels at PixelCNN++'s width (160 channels), in bf16 too, and the sampler.
 """
 
+import functools
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from sampling_step_helpers import GPU, assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends
+from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends
 
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import PixelCNNPlusPlus
@@ -22,7 +23,7 @@ from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, res
 from pixelcnn_kernels.reference.layers import GatedResnet
 from pixelcnn_kernels.sampling import SamplingProblem
 from pixelcnn_kernels.sampling import cached_pixelcnn_pp
-from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus
+from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus, TableCachedPixelCNNPlusPlus
 from pixelcnn_kernels.triton import sampling as triton_sampling
 
 pytestmark = pytest.mark.usefixtures(exact_gpu_convs.__name__)
@@ -52,10 +53,10 @@ def padded_cache(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.pad(t, (1, 1, 1, 1)).permute(0, 2, 3, 1).to(dtype).contiguous()
 
 
-def block_steps(block, x, skip, cond, dtype, order) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's output and inner caches after one step per position, in ``order``; the output starts NaN.
+def block_steps(block, x, skip, cond, dtype, order, slots=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's output and inner caches after steps of ``slots`` positions each of ``order`` (the last step padded with -1s); the output starts NaN.
 
-    Each step computes the inner pixels of its window no earlier step computed, as the sampler does.
+    Each position computes the inner pixels of its window no earlier one computed, as the sampler does.
     """
     channels, height, width = x.shape[1:]
     weights = ResnetStepWeights.from_block(block, dtype)
@@ -66,6 +67,7 @@ def block_steps(block, x, skip, cond, dtype, order) -> tuple[torch.Tensor, torch
     out = torch.full_like(x_cache, float("nan"))
     projected = None if cond is None else block.cond_proj(cond).to(dtype)
     done = set()
+    entries = []
     for i, j in order:
         new_taps = 0
         for tap in range(kh * kw):
@@ -73,7 +75,13 @@ def block_steps(block, x, skip, cond, dtype, order) -> tuple[torch.Tensor, torch
             if 0 <= q[0] < height and 0 <= q[1] < width and q not in done:
                 done.add(q)
                 new_taps |= 1 << tap
-        resnet_position_step(i, j, new_taps, x_cache, inner, skips, projected, weights, out)
+        entries.append((i, j, new_taps))
+    entries += [(-1, -1, -1)] * (-len(entries) % slots)
+    table = torch.tensor(entries, dtype=torch.int32, device=x.device).view(-1, slots, 3)
+    pixel = torch.zeros(1, dtype=torch.int64, device=x.device)
+    for _ in range(len(table)):
+        resnet_position_step(pixel, table, x_cache, inner, skips, projected, weights, out)
+        pixel += 1
     return out, inner
 
 
@@ -88,7 +96,7 @@ def random_block(name: str, channels: int, batch: int, device: str, height: int 
     return block, x, skip, cond
 
 
-def check_block(name, backend, device, dtype, channels, batch, order_name="raster", atol=None):
+def check_block(name, backend, device, dtype, channels, batch, order_name="raster", atol=None, slots=1):
     block, x, skip, cond = random_block(name, channels, batch, device)
     height, width = x.shape[2:]
     order = [(i, j) for i in range(height) for j in range(width)]
@@ -97,7 +105,7 @@ def check_block(name, backend, device, dtype, channels, batch, order_name="raste
     with torch.no_grad():
         expected = block(x, skip, cond)
         with kernel_backend(backend, device):
-            out, inner = block_steps(block, x, skip, cond, dtype, order)
+            out, inner = block_steps(block, x, skip, cond, dtype, order, slots)
     assert out.dtype == dtype
     ring = torch.ones(height + 2, width + 2, dtype=torch.bool, device=device)
     ring[1:-1, 1:-1] = False
@@ -115,10 +123,10 @@ def test_resnet_step_is_the_block_at_its_pixel(name, backend, device):
 
 
 @pytest.mark.parametrize("backend, device", STEP_BACKENDS)
-def test_resnet_step_in_any_order_and_bf16(backend, device):
-    """Positions in a shuffled order (new_taps then covers every tap of a window) and bf16 storage."""
-    check_block("down_right_two_skips_cond", backend, device, torch.float32, channels=5, batch=3, order_name="shuffled")
-    check_block("down_skip_cond", backend, device, torch.bfloat16, channels=5, batch=3)
+def test_resnet_step_in_any_order_with_slots_and_bf16(backend, device):
+    """Positions in a shuffled order (new_taps then covers every tap of a window), 5 slots a step (the last step's empty ones -1s), and bf16 storage."""
+    check_block("down_right_two_skips_cond", backend, device, torch.float32, channels=5, batch=3, order_name="shuffled", slots=5)
+    check_block("down_skip_cond", backend, device, torch.bfloat16, channels=5, batch=3, slots=2)
 
 
 # ---------------------------------------------------------------- every block of a model against the PyTorch step
@@ -141,24 +149,37 @@ def noise_for(model, batch: int, device, seed: int = 1):
     return tuple(torch.rand(batch, c, SIZE, SIZE, generator=generator).to(device) for c in (model.num_logistic_mix, model.in_channels))
 
 
-def every_logit(model, cond, fused: bool | None, batch: int = N) -> torch.Tensor:
-    """Each pixel's logits, in raster order, with every pixel known (random images)."""
+def problem_for(model, cond, completion: bool = False, batch: int = N) -> SamplingProblem:
+    """Zeros to fill (``completion``: a random prefix, about 40% of it known), the noise of :func:`noise_for`."""
     device = next(model.parameters()).device
-    images = torch.randint(0, model.num_bins, (batch, model.in_channels, SIZE, SIZE), generator=torch.Generator().manual_seed(4)).to(device)
-    known = torch.ones(batch, SIZE, SIZE, dtype=torch.bool, device=device)
-    problem = SamplingProblem(images, known, noise_for(model, batch, device), cond, model.class_vector(cond, batch))
-    cached = CachedPixelCNNPlusPlus(model, problem, fused=fused)
+    shape = (batch, model.in_channels, SIZE, SIZE)
+    images = torch.randint(0, model.num_bins, shape, generator=torch.Generator().manual_seed(2)) if completion else torch.zeros(shape, dtype=torch.int64)
+    known = torch.rand(batch, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) < (0.4 if completion else 0.0)
+    return SamplingProblem(images.to(device), known.to(device), noise_for(model, batch, device), cond, model.class_vector(cond, batch))
+
+
+def every_logit(model, images, cond) -> torch.Tensor:
+    """Each pixel's logits of ``images``, in raster order, from the demand-driven PyTorch graph (every pixel known)."""
+    problem = SamplingProblem(images, torch.ones(images.shape[0], SIZE, SIZE, dtype=torch.bool, device=images.device), noise_for(model, images.shape[0], images.device), cond, model.class_vector(cond, images.shape[0]))
+    cached = CachedPixelCNNPlusPlus(model, problem)
     return torch.stack([cached.logits(i, j) for i in range(SIZE) for j in range(SIZE)])
 
 
 @pytest.mark.parametrize("backend, device", STEP_BACKENDS)
-def test_fused_blocks_match_the_pytorch_step_in_float32(backend, device):
+def test_table_step_logits_match_the_pytorch_graph_in_float32(backend, device):
+    """The table-driven step's logits at each pixel, against the PyTorch graph's on the image it drew."""
     model, cond = build("rgb_cond", device=device)
+    problem = problem_for(model, cond)
+    with torch.no_grad(), kernel_backend(backend, device):
+        sampler = TableCachedPixelCNNPlusPlus(model, problem)
+        logits = []
+        head = sampler.logits
+        sampler.logits = lambda: logits.append(head()) or logits[-1]
+        for _ in range(SIZE * SIZE):
+            sampler.pixel_step()
     with torch.no_grad():
-        expected = every_logit(model, cond, fused=False)
-        with kernel_backend(backend, device):
-            fused = every_logit(model, cond, fused=True)
-    assert_close_at_scale(fused, expected, torch.float32)
+        expected = every_logit(model, problem.images, cond)
+    assert_close_at_scale(torch.stack(logits), expected, torch.float32)
 
 
 def test_step_backend_picks_the_fused_blocks_on_kernel_backends_only():
@@ -169,23 +190,76 @@ def test_step_backend_picks_the_fused_blocks_on_kernel_backends_only():
         assert step_backend(weight.double(), RESNET_CUDA_OP) is None
 
 
+# ---------------------------------------------------------------- the schedule
+
+
+@pytest.mark.parametrize("name, completion", [("grey", False), ("rgb_cond", True)])
+def test_schedule_is_what_the_demand_driven_sampler_computes_each_once_inputs_first(name, completion, monkeypatch):
+    """The symbolic demand resolution records, per pixel step, exactly the (node, position) the PyTorch sampler computes, in its order."""
+    model, cond = build(name, dtype=torch.float64)
+    runs = []
+
+    class Instrumented(CachedPixelCNNPlusPlus):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.computed = [[] for _ in range(SIZE * SIZE)]
+            runs.append(self)
+            for node in self.nodes:
+                node.compute = functools.partial(self.log, node, node.compute)
+
+        def logits(self, i, j):
+            self.step = i * SIZE + j
+            return super().logits(i, j)
+
+        def log(self, node, compute, i, j):
+            self.computed[self.step].append((self.nodes.index(node), i, j))
+            return compute(i, j)
+
+    monkeypatch.setattr(cached_pixelcnn_pp, "CachedPixelCNNPlusPlus", Instrumented)
+    problem = problem_for(model, cond, completion)
+    all_known = problem.pixels_all_known()
+    with torch.no_grad():
+        model.sample(N, method="cached", cond=cond, prefix=problem.images if completion else None, known=problem.known if completion else None, noise=problem.noise, progress=False)
+        graph = CachedPixelCNNPlusPlus(model, problem)
+        schedule = graph.schedule(all_known)
+    (run,) = runs
+    assert [[(graph.nodes.index(node), i, j) for node, i, j in step] for step in schedule] == run.computed
+    assert sum(map(len, schedule)) > 0 and (not completion or any(row.count(True) for row in all_known))
+    # Each (node, position) once; each position after what it reads (the image: pixels before the step).
+    done = set()
+    for p, step in enumerate(schedule):
+        for node, i, j in step:
+            for source, rows, cols in node.reads(i, j):
+                for r in range(max(rows.start, 0), min(rows.stop, source.height)):
+                    for c in range(max(cols.start, 0), min(cols.stop, source.width)):
+                        assert (source, r, c) in done or (source is graph.x and r * SIZE + c < p), (p, graph.nodes.index(node), i, j)
+            assert (node, i, j) not in done
+            done.add((node, i, j))
+    # The symbolic run leaves the graph as it was: it still computes everything.
+    assert not any(any(row) for node in graph.nodes for row in node.done)
+
+
 # ---------------------------------------------------------------- the sampler
 
 
 @pytest.mark.parametrize("name, completion", [("grey", False), ("rgb_cond", False), ("rgb_cond", True)])
-def test_fused_sampler_draws_the_naive_image_with_one_launch_per_block_and_position(name, completion, monkeypatch):
-    """float32 on the Triton interpreter: the cached image is naive's (known pixels kept); no block runs PyTorch ops."""
+def test_table_sampler_draws_the_naive_image_with_one_launch_per_block_and_step(name, completion, monkeypatch):
+    """float32 on the Triton interpreter, eager steps: the cached image is naive's (known pixels kept); each block's positions come from its table, each once."""
     model, cond = build(name)
-    noise = noise_for(model, N, "cpu")
-    prefix = torch.randint(0, model.num_bins, (N, model.in_channels, SIZE, SIZE), generator=torch.Generator().manual_seed(2)) if completion else None
-    known = (torch.rand(N, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) < 0.4) if completion else None
+    problem = problem_for(model, cond, completion)
+    prefix, known = (problem.images, problem.known) if completion else (None, None)
     positions = []
     launch = triton_sampling.resnet_position_step
-    monkeypatch.setattr(triton_sampling, "resnet_position_step", lambda row, col, *args: positions.append((args[-1].data_ptr(), row, col)) or launch(row, col, *args))
+
+    def logged(pixel, table, *args):
+        positions.extend((args[-1].data_ptr(), row, col) for row, col, _ in table[pixel.item()].tolist() if row >= 0)
+        launch(pixel, table, *args)
+
+    monkeypatch.setattr(triton_sampling, "resnet_position_step", logged)
     monkeypatch.setattr(cached_pixelcnn_pp, "gate_sigmoid", None)  # the PyTorch block's gate: calling it fails
-    naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=noise, progress=False)  # CPU tensors: reference ops
+    naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)  # CPU tensors: reference ops
     with use_backend("triton"):
-        cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
+        cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)
     assert torch.equal(cached, naive) and naive.unique().numel() > 2
     if completion:
         kept = known[:, None].expand_as(prefix)
@@ -194,13 +268,11 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_block_and_posit
     assert len(set(positions)) == len(positions) and len({ptr for ptr, _, _ in positions}) == blocks
 
 
-def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):
+def test_the_reference_backend_keeps_the_pytorch_step(monkeypatch):
     launches = []
     monkeypatch.setattr(triton_sampling, "resnet_position_step", lambda *args: launches.append(1))
     model, _ = build("grey")
     model.sample(N, method="cached", noise=noise_for(model, N, "cpu"), progress=False)  # CPU tensors: reference
-    with use_backend("triton"), torch.no_grad():
-        every_logit(model.double(), None, fused=None)  # (the triton DMOL sampler takes no float64 logits)
     assert launches == []
 
 
@@ -214,18 +286,21 @@ def test_bad_step_inputs_name_the_argument():
     skips = [padded_cache(part, torch.float32) for part in skip.split(4, dim=1)]
     inner, out, projected = torch.zeros_like(x_cache), torch.zeros_like(x_cache), torch.zeros(N, 8)
 
-    def step(row=1, col=2, new_taps=0b1111, x=x_cache, inner=inner, skips=skips, cond=projected, weights=weights, out=out):
-        resnet_position_step(row, col, new_taps, x, inner, skips, cond, weights, out)
+    table = torch.tensor([[[1, 2, 0b1111]]], dtype=torch.int32)
+    pixel = torch.zeros(1, dtype=torch.int64)
+
+    def step(pixel=pixel, table=table, x=x_cache, inner=inner, skips=skips, cond=projected, weights=weights, out=out):
+        resnet_position_step(pixel, table, x, inner, skips, cond, weights, out)
 
     with use_backend("triton"):
         step()  # the valid call
         for kwargs, error, match in [
             (dict(x=x_cache.double()), TypeError, "x must have dtype"),
             (dict(x=x_cache.transpose(1, 2)), ValueError, "x must be a contiguous"),
-            (dict(row=3), ValueError, r"row must be an int in \[0, 3\)"),
-            (dict(col=-1), ValueError, "col must be an int"),
-            (dict(new_taps=16), ValueError, "new_taps must be an int bit mask of the 4 taps"),
-            (dict(row=0, new_taps=0b0001), ValueError, r"new_taps sets tap 0, whose pixel \(-1, 1\) is outside the image"),
+            (dict(pixel=pixel.int()), TypeError, "pixel must be an int64 tensor"),
+            (dict(pixel=pixel.expand(2)), ValueError, r"pixel must have shape \(1,\)"),
+            (dict(table=table.long()), TypeError, "table must be an int32 tensor"),
+            (dict(table=table[..., :2]), ValueError, r"table must be a contiguous \(steps, slots, 3\) tensor"),
             (dict(skips=skips[:1]), ValueError, r"weights.skip_weight must have shape \(8, 4\)"),
             (dict(skips=[]), ValueError, "skips has 0 caches but weights.skip_weight is given"),
             (dict(skips=[skips[0], skips[1][:, :-1]]), ValueError, r"skips\[1\] must have shape"),
@@ -240,6 +315,12 @@ def test_bad_step_inputs_name_the_argument():
         not_shifted = MaskedConv2d(8, 4, 3, mask="A")
         with pytest.raises(ValueError, match="block must have two shifted convs"):
             ResnetStepWeights.from_block(types.SimpleNamespace(conv_input=not_shifted, conv_out=not_shifted, nin_skip=None), torch.float32)
+        # What the kernel ignores: a position outside the image, a new inner pixel outside it (the
+        # position itself is computed), a step past the table. The inner map's ring stays zero.
+        for entry, at, writes_out in [((3, 0, 0), 0, False), ((0, -1, 0), 0, False), ((0, 1, 0b0001), 0, True), ((1, 2, 0b1111), 1, False)]:
+            inner_before, out_before = inner.clone(), out.clone()
+            step(pixel=torch.tensor([at]), table=torch.tensor([[entry]], dtype=torch.int32))
+            assert torch.equal(inner, inner_before) and torch.equal(out, out_before) != writes_out, entry
     with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
         step()  # CPU tensors: the reference backend
 
@@ -269,18 +350,26 @@ def test_gpu_cuda_and_triton_steps_agree(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings("error:cached sampling:RuntimeWarning")  # the automatic sampler's fallback to eager steps fails the test
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("name, completion", [("grey", True), ("rgb_cond", False)])
-def test_gpu_fused_sampler_draws_the_naive_image(name, completion, backend):
-    """float32 at 8×8 with 32 filters, a batch of 20: the fused cached sampler's image is naive's."""
+def test_gpu_table_sampler_as_a_cuda_graph_is_the_eager_sampler_bit_for_bit(name, completion, backend):
+    """float32, 32 filters at 8×8, a batch of 20: one captured pixel step replayed for every pixel gives the eager steps' image, and naive's (so does ``model.sample``, a graph on a GPU)."""
     model, cond = build(name, device="cuda", nr_filters=32, image_size=(8, 8))
     batch = 20
     cond = None if cond is None else cond.repeat(batch // N)
     generator = torch.Generator().manual_seed(1)
     noise = tuple(torch.rand(batch, c, 8, 8, generator=generator).cuda() for c in (model.num_logistic_mix, model.in_channels))
-    prefix = torch.randint(0, model.num_bins, (batch, model.in_channels, 8, 8), generator=torch.Generator().manual_seed(2)).cuda() if completion else None
-    known = (torch.rand(batch, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.4).cuda() if completion else None
-    naive = model.sample(batch, cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
-    with kernel_backend(backend, "cuda"):
-        cached = model.sample(batch, method="cached", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
-    assert torch.equal(cached, naive)
+    images = torch.randint(0, model.num_bins, (batch, model.in_channels, 8, 8), generator=torch.Generator().manual_seed(2)).cuda() if completion else None
+    known = (torch.rand(batch, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.4).cuda() if completion else torch.zeros(batch, 8, 8, dtype=torch.bool, device="cuda")
+    naive = model.sample(batch, cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)
+    drawn = {}
+    with torch.no_grad(), kernel_backend(backend, "cuda"):
+        for cuda_graph in (True, False):
+            start = torch.zeros(batch, model.in_channels, 8, 8, dtype=torch.int64, device="cuda") if images is None else images.clone()
+            problem = SamplingProblem(start, known, noise, cond, model.class_vector(cond, batch))
+            assert TableCachedPixelCNNPlusPlus(model, problem).sample(progress=False, cuda_graph=cuda_graph) == cuda_graph
+            drawn[cuda_graph] = problem.images
+        automatic = model.sample(batch, method="cached", cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)
+    assert torch.equal(drawn[True], drawn[False])
+    assert torch.equal(drawn[True], naive) and torch.equal(automatic, naive)

@@ -15,25 +15,26 @@ launch here instead of about six PyTorch ops:
   with :func:`~pixelcnn_kernels.reference.layers.grouped_gate`'s colour-grouped
   tanh·σ (1 or 3 groups) and the residual on the layer input.
 
-And one launch per block and position of cached PixelCNN++ sampling
-(:mod:`pixelcnn_kernels.sampling.cached_pixelcnn_pp`) instead of about ten:
+And one launch per block and pixel step of cached PixelCNN++ sampling
+(:mod:`pixelcnn_kernels.sampling.cached_pixelcnn_pp`) instead of about ten ops per position:
 
-- :func:`resnet_position_step`: a :class:`~pixelcnn_kernels.nn.GatedResnet` at one
-  position (i, j), from caches of its input ``x``, its skips and its *inner* map ``c``
-  (the first shifted conv, before its concat_elu), each (B, H+2, W+2, C) with a zero
-  ring (pixel (i, j) at [i+1, j+1]: the padding the shifted convs read)::
+- :func:`resnet_position_step`: a :class:`~pixelcnn_kernels.nn.GatedResnet` at the
+  positions (i, j) a table gives the step, from caches of its input ``x``, its skips and
+  its *inner* map ``c`` (the first shifted conv, before its concat_elu), each
+  (B, H+2, W+2, C) with a zero ring (pixel (i, j) at [i+1, j+1]: the padding the
+  shifted convs read); for each position in the step's slots, in order::
 
       for each tap t set in new_taps, at its pixel q (inner values not yet computed):
           inner[b, q] = conv_input(concat_elu(x))[b, q] (+ nin_skip(concat_elu(cat(skips)))[b, q])
       out[b, i, j] = x[b, i, j] + a·σ(g),  a | g = conv_out(concat_elu(inner))[b, i, j] + cond[b]
 
   the two shifted convs read the window of their kernel around the pixel from the
-  caches. The position is host integers: which positions the demand-driven sampler
-  computes varies from pixel to pixel, so no per-pixel CUDA graph replays them.
+  caches. The step and the table are device tensors, so the same launch serves every
+  pixel step (a CUDA graph replays it).
 
-The Gated PixelCNN step's pixel is the device tensor ``pixel`` (int64 (1,), ``p = i·W + j``), never a host
+Every step's pixel is the device tensor ``pixel`` (int64 (1,), ``p = i·W + j``), never a host
 integer, so one launch sequence with fixed pointers serves every pixel: a CUDA graph
-captures it once. ``x`` and ``out`` are (B, H, W, C) views of any strides, so a row
+captures it once. The Gated PixelCNN steps' ``x`` and ``out`` are (B, H, W, C) views of any strides, so a row
 buffer (B, W, C) expanded over H (stride 0) or a per-image vector (B, C) expanded over
 H and W serves as well as a whole image; ``out`` is written at the pixel only.
 
@@ -215,9 +216,8 @@ def gated_layer_step(
 
 
 def resnet_position_step(
-    row: int,
-    col: int,
-    new_taps: int,
+    pixel: torch.Tensor,
+    table: torch.Tensor,
     x: torch.Tensor,
     inner: torch.Tensor,
     skips: list[torch.Tensor] | tuple[torch.Tensor, ...],
@@ -225,34 +225,40 @@ def resnet_position_step(
     weights: ResnetStepWeights,
     out: torch.Tensor,
 ) -> None:
-    """Writes a gated resnet block's output at pixel (``row``, ``col``) into ``out`` (see the module docstring).
+    """Writes a gated resnet block's output at the positions of step ``pixel`` in ``table`` into ``out`` (see the module docstring).
+
+    ``pixel``: int64 (1,), the step p (the flat pixel index i·W + j of the sampler);
+    ``table``: int32 (steps, slots, 3), contiguous: slot s of step p is a position
+    (row, col) and its ``new_taps``, or -1 in every field for none; the slots run in
+    order, each after the previous one's writes. ``new_taps`` has a bit per tap
+    t = ty·kw + tx of the block's kernel, set where the inner value at pixel
+    (row + ty - top, col + tx - left) is computed (and stored) first; every other inner
+    pixel of the window is read from ``inner`` as it is. The table is read on the
+    device, not checked: an entry outside the image, a bit whose pixel is outside it,
+    or a step outside [0, steps) does nothing, so no table makes the kernel reach past
+    the caches or write their zero ring.
 
     ``x``, ``inner``, ``out`` and each of the 0 to 2 ``skips``: contiguous
     (B, H+2, W+2, C) caches with a zero ring, float32/float16/bfloat16, one dtype and
-    device with the weights. ``new_taps``: a bit per tap t = ty·kw + tx of the block's
-    kernel, set where the inner value at pixel (row + ty - top, col + tx - left) is
-    computed (and stored) first; every other inner pixel of the window is read from
-    ``inner`` as it is. ``cond`` (B, 2C) or None: the block's projected conditioning.
-    The caches must hold, at every pixel read, the values the block's inputs have there.
+    device with the weights. ``cond`` (B, 2C) or None: the block's projected
+    conditioning. The caches must hold, at every pixel read, the values the block's
+    inputs have there.
     """
     check_tensor(x, "x", ndim=4, allow_float64=False)
     backend = _kernel_backend(x, RESNET_CUDA_OP)
     if not x.is_contiguous():
         raise ValueError("x must be a contiguous (B, H+2, W+2, C) cache")
-    batch, padded_height, padded_width, channels = x.shape
+    _check_pixel(pixel)
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.int32:
+        raise TypeError("table must be an int32 tensor of (row, col, new_taps) entries")
+    if table.dim() != 3 or table.shape[2] != 3 or not table.is_contiguous():
+        raise ValueError(f"table must be a contiguous (steps, slots, 3) tensor, got shape {tuple(table.shape)}")
+    check_same_device(x=x, pixel=pixel, table=table)
+    batch, _, _, channels = x.shape
     kh, kw, top, left = weights.kernel
     if not (0 <= top < kh and 0 <= left < kw and max(top, kh - 1 - top, left, kw - 1 - left) <= 1):
         raise ValueError(f"weights.kernel {weights.kernel} must have a window reaching at most one pixel past the image (the caches' zero ring)")
-    height, width, taps = padded_height - 2, padded_width - 2, kh * kw
-    for name, value, size in (("row", row, height), ("col", col, width)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-            raise ValueError(f"{name} must be an int in [0, {size}) for a cache x of shape {tuple(x.shape)}, got {value!r}")
-    if isinstance(new_taps, bool) or not isinstance(new_taps, int) or not 0 <= new_taps < 2**taps:
-        raise ValueError(f"new_taps must be an int bit mask of the {taps} taps, got {new_taps!r}")
-    for tap in range(taps):
-        q_row, q_col = row + tap // kw - top, col + tap % kw - left
-        if new_taps >> tap & 1 and not (0 <= q_row < height and 0 <= q_col < width):
-            raise ValueError(f"new_taps sets tap {tap}, whose pixel ({q_row}, {q_col}) is outside the image (the zero ring must stay zero)")
+    taps = kh * kw
     if not isinstance(skips, (list, tuple)) or len(skips) > 2:
         raise ValueError(f"skips must be a list of at most 2 caches, got {skips!r}")
     if (weights.skip_weight is None) != (len(skips) == 0):
@@ -273,7 +279,7 @@ def resnet_position_step(
     for name, t, shape, needed in operands:
         _check_operand(t, name, x, shape, required=needed, contiguous=True)
     _kernels(backend).resnet_position_step(
-        row, col, new_taps, list(weights.kernel), x, inner, list(skips), weights.input_weight, weights.input_bias,
+        pixel, table, list(weights.kernel), x, inner, list(skips), weights.input_weight, weights.input_bias,
         weights.skip_weight, weights.skip_bias, weights.out_weight, weights.out_bias, cond, out,
     )  # fmt: skip
 
@@ -283,10 +289,7 @@ def resnet_position_step(
 
 def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) -> str:
     """Checks what both steps share (``out_channels`` None: x's, as a gated layer's residual needs); returns the backend."""
-    if not isinstance(pixel, torch.Tensor) or pixel.dtype != torch.int64:
-        raise TypeError("pixel must be an int64 tensor holding the flat pixel index i·W + j")
-    if pixel.shape != (1,):
-        raise ValueError(f"pixel must have shape (1,), got {tuple(pixel.shape)}")
+    _check_pixel(pixel)
     check_tensor(x, "x", ndim=4, allow_float64=False)
     check_tensor(out, "out", ndim=4, allow_float64=False)
     check_same_device(x=x, pixel=pixel, out=out, wp=wp, bias=bias)
@@ -304,6 +307,13 @@ def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) ->
     if not all(isinstance(dx, int) and abs(dx) < 2**30 for dx in offsets):
         raise ValueError(f"offsets must be int column offsets within +-2^30, got {offsets!r}")
     return _kernel_backend(x, GATED_CUDA_OP)
+
+
+def _check_pixel(pixel) -> None:
+    if not isinstance(pixel, torch.Tensor) or pixel.dtype != torch.int64:
+        raise TypeError("pixel must be an int64 tensor holding the flat pixel index i·W + j")
+    if pixel.shape != (1,):
+        raise ValueError(f"pixel must have shape (1,), got {tuple(pixel.shape)}")
 
 
 def _kernel_backend(x: torch.Tensor, cuda_op: str) -> str:

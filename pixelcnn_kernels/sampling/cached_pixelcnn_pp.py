@@ -47,7 +47,6 @@ PyTorch ones within the float32 tolerance (tested).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -57,37 +56,57 @@ from tqdm.auto import tqdm
 from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
+from pixelcnn_kernels.sampling.cached_gated import FusedCachedGatedPixelCNN
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 
-__all__ = ["CachedPixelCNNPlusPlus", "sample_cached_pixelcnn_pp"]
+__all__ = ["CachedPixelCNNPlusPlus", "TableCachedPixelCNNPlusPlus", "sample_cached_pixelcnn_pp"]
+
+# (rows, cols): a window of a node, in image coordinates (-1 and height/width being the padding).
+Window = tuple[range, range]
 
 
 class _Node:
     """One activation map (B, channels, height, width), computed position by position on demand.
 
-    ``compute(i, j)`` returns the (B, channels, 1, 1) value at (i, j), or None where it
-    wrote it into the cache itself (a fused step). The ``cache`` (B, height + 2,
-    width + 2, channels), channels-last as the step kernels read it, has a one-pixel ring
-    of zeros around the image: the padding every convolution of the network reads (its
-    windows reach at most one pixel outside); ``values`` is its (B, channels, ...) view.
+    ``reads(i, j)`` lists the windows of other nodes that position (i, j) reads;
+    ``compute(i, j)`` returns its (B, channels) value from them. The ``cache``
+    (B, height + 2, width + 2, channels), channels-last as the step kernels read it, has
+    a one-pixel ring of zeros around the image: the padding every convolution of the
+    network reads (its windows reach at most one pixel outside); ``values`` is its
+    (B, channels, ...) view, ``flat`` its (B, (height + 2)·(width + 2), channels) one.
+    With ``record`` a list, :meth:`require` appends (node, i, j) to it instead of
+    computing: the demand resolution run symbolically (:meth:`CachedPixelCNNPlusPlus.schedule`).
     """
 
-    def __init__(self, channels: int, height: int, width: int, like: torch.Tensor, compute: Callable[[int, int], torch.Tensor | None] | None):
+    def __init__(self, channels: int, height: int, width: int, like: torch.Tensor, reads: Callable[[int, int], list[tuple[_Node, range, range]]] | None, compute: Callable[[int, int], torch.Tensor] | None):
         self.height, self.width = height, width
         self.cache = like.new_zeros(like.shape[0], height + 2, width + 2, channels)
         self.values = self.cache.permute(0, 3, 1, 2)
-        self.compute = compute
+        self.flat = self.cache.view(like.shape[0], (height + 2) * (width + 2), channels)
+        self.reads, self.compute = reads, compute
         self.done = [[compute is None] * width for _ in range(height)]
+        self.record: list[tuple[_Node, int, int]] | None = None
 
-    def window(self, rows: range, cols: range) -> torch.Tensor:
-        """The values at rows × cols (image coordinates, -1 and height/width being the padding), computed if need be."""
+    def padded_index(self, i: int, j: int) -> int:
+        """The index of (i, j) (image coordinates, the ring included) in ``flat``."""
+        return (i + 1) * (self.width + 2) + j + 1
+
+    def require(self, rows: range, cols: range) -> None:
+        """Computes (or records) the positions of rows × cols not done yet, each after the inputs it reads."""
         for r in range(max(rows.start, 0), min(rows.stop, self.height)):
             for c in range(max(cols.start, 0), min(cols.stop, self.width)):
                 if not self.done[r][c]:
-                    value = self.compute(r, c)
-                    if value is not None:
-                        self.values[:, :, r + 1 : r + 2, c + 1 : c + 2] = value
+                    for node, node_rows, node_cols in self.reads(r, c):
+                        node.require(node_rows, node_cols)
+                    if self.record is None:
+                        self.cache[:, r + 1, c + 1] = self.compute(r, c)
+                    else:
+                        self.record.append((self, r, c))
                     self.done[r][c] = True
+
+    def window(self, rows: range, cols: range) -> torch.Tensor:
+        """The values at rows × cols, computed if need be."""
+        self.require(rows, cols)
         return self.values[:, :, rows.start + 1 : rows.stop + 1, cols.start + 1 : cols.stop + 1]
 
     def at(self, i: int, j: int) -> torch.Tensor:
@@ -95,7 +114,47 @@ class _Node:
         return self.window(range(i, i + 1), range(j, j + 1))
 
 
-def _conv_node(conv: ShiftedConv2d, source: _Node, dtype: torch.dtype) -> _Node:
+# Terms of a linear node's position: per source, (row, col, tap) triples (image coordinates).
+Terms = list[list[tuple[int, int, int]]]
+
+
+class _LinearNode(_Node):
+    """``bias + Σ_k Σ_(r, c, t) sources[k][r, c] · weights[k][t]`` (``weights[k]`` None: the identity).
+
+    A shifted conv, a transposed conv or the sum of two nodes, by its ``terms(i, j)``
+    (per source, the (row, col, tap) it reads; none at all: the value is zero, a
+    shift's zero row or column). ``weights[k]``: (taps, Cin, Cout). :meth:`linear`
+    computes positions from padded indices on the device, which both the demand-driven
+    and the table-driven samplers call.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, sources: list[_Node], weights: list[torch.Tensor | None], bias: torch.Tensor | None, terms: Callable[[int, int], Terms]):
+        self.sources, self.weights, self.bias, self.terms = sources, weights, bias, terms
+
+        def reads(i: int, j: int) -> list[tuple[_Node, range, range]]:
+            return [(source, range(r, r + 1), range(c, c + 1)) for source, source_terms in zip(sources, terms(i, j)) for r, c, _ in source_terms]
+
+        super().__init__(channels, height, width, sources[0].values, reads, self._compute)
+
+    def linear(self, index: list[torch.Tensor], taps: list[torch.Tensor]) -> torch.Tensor:
+        """(B, S, Cout): for S positions, ``bias + Σ_k Σ_t sources[k].flat[:, index[k][s, t]] · weights[k][taps[k][s, t]]``; ``index[k]``, ``taps[k]`` (S, T_k) int64."""
+        out = 0 if self.bias is None else self.bias
+        for source, weight, source_index, source_taps in zip(self.sources, self.weights, index, taps):
+            gathered = source.flat.index_select(1, source_index.flatten()).unflatten(1, source_index.shape)  # (B, S, T, Cin)
+            out = out + (gathered.sum(2) if weight is None else torch.einsum("bstc,stcd->bsd", gathered, weight[source_taps]))
+        return out
+
+    def _compute(self, i: int, j: int) -> torch.Tensor:
+        terms = self.terms(i, j)
+        if not any(terms):
+            return self.cache.new_zeros(1)  # the shift's zero row / column (broadcast)
+        device = self.cache.device
+        index = [torch.tensor([[source.padded_index(r, c) for r, c, _ in t]], device=device) for source, t in zip(self.sources, terms)]
+        taps = [torch.tensor([[tap for _, _, tap in t]], device=device) for t in terms]
+        return self.linear(index, taps)[:, 0]
+
+
+def _conv_node(conv: ShiftedConv2d, source: _Node, dtype: torch.dtype) -> _LinearNode:
     """``conv`` (stride 1 or 2, with or without its output shift) on ``source``."""
     weight, bias = masked_operands(conv, dtype)
     stride = conv.conv_stride
@@ -104,18 +163,17 @@ def _conv_node(conv: ShiftedConv2d, source: _Node, dtype: torch.dtype) -> _Node:
     # The output shift moves the conv's output one row down ("down") or one column right.
     shift = (0, 0) if not conv.shift_output else (1, 0) if conv.shift == "down" else (0, 1)
 
-    def compute(i: int, j: int) -> torch.Tensor:
+    def terms(i: int, j: int) -> Terms:
         i, j = i - shift[0], j - shift[1]
         if i < 0 or j < 0:
-            return weight.new_zeros(1)  # the shift's zero row / column (broadcast)
-        rows = range(stride * i - top, stride * i - top + kh)
-        cols = range(stride * j - left, stride * j - left + kw)
-        return F.conv2d(source.window(rows, cols), weight, bias)
+            return [[]]
+        return [[(stride * i - top + tap // kw, stride * j - left + tap % kw, tap) for tap in range(kh * kw)]]
 
-    return _Node(conv.out_channels, math.ceil(source.height / stride), math.ceil(source.width / stride), source.values, compute)
+    taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, conv.in_channels, conv.out_channels)
+    return _LinearNode(conv.out_channels, -(-source.height // stride), -(-source.width // stride), [source], [taps], bias, terms)
 
 
-def _transposed_node(deconv: ShiftedConvTranspose2d, source: _Node, dtype: torch.dtype) -> _Node:
+def _transposed_node(deconv: ShiftedConvTranspose2d, source: _Node, dtype: torch.dtype) -> _LinearNode:
     """``deconv`` (stride 2, cropped as :class:`ShiftedConvTranspose2d` does) on ``source``.
 
     Output (i, j) of the uncropped transposed conv sums input (i', j') times kernel tap
@@ -123,143 +181,315 @@ def _transposed_node(deconv: ShiftedConvTranspose2d, source: _Node, dtype: torch
     2×3) or none ("down_right", 2×2), and the rows past 2H.
     """
     weight = deconv.weight.to(dtype)  # (in, out, kh, kw)
-    bias = deconv.bias.to(dtype)
     stride = deconv.stride[0]
-    kw = deconv.kernel_size[1]  # kernel rows = stride: output row i reads input row i // stride at tap i % stride
+    kh, kw = deconv.kernel_size  # kernel rows = stride: output row i reads input row i // stride at tap i % stride
     col_offset = (kw - 1) // 2 if deconv.shift == "down" else 0
 
-    def compute(i: int, j: int) -> torch.Tensor:
+    def terms(i: int, j: int) -> Terms:
         full_col = j + col_offset
         tap_row, source_row = i % stride, i // stride
-        out = bias.expand(source.values.shape[0], -1)
-        for tap_col in range(full_col % stride, kw, stride):
-            source_col = (full_col - tap_col) // stride
-            if source_col < source.width:
-                out = out + source.at(source_row, source_col)[:, :, 0, 0] @ weight[:, :, tap_row, tap_col]
-        return out[:, :, None, None]
+        columns = ((full_col - tap_col) // stride for tap_col in range(full_col % stride, kw, stride))
+        return [[(source_row, c, tap_row * kw + full_col - stride * c) for c in columns if 0 <= c < source.width]]
 
-    return _Node(deconv.out_channels, stride * source.height, stride * source.width, source.values, compute)
+    taps = weight.permute(2, 3, 0, 1).reshape(kh * kw, deconv.in_channels, deconv.out_channels)
+    return _LinearNode(deconv.out_channels, stride * source.height, stride * source.width, [source], [taps], deconv.bias.to(dtype), terms)
 
 
-def _resnet_node(block: GatedResnet, source: _Node, skips: list[_Node], class_vector: torch.Tensor | None, dtype: torch.dtype, fused: bool) -> _Node:
-    """``block(source, cat(skips), cond)``, with its inner map ``c`` (before the concat_elu that ``conv_out`` reads) cached as well.
+class _ResnetNode(_Node):
+    """``block(source, cat(skips), cond)``, its inner map ``c`` (before the concat_elu that ``conv_out`` reads) a node of its own.
 
-    ``fused``: each position is one :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step`,
-    which also computes the inner pixels of its window not computed yet; else PyTorch
-    ops, the inner map a node of its own.
+    Computed by PyTorch ops (``F.conv2d`` on the exact windows, the masked weights of
+    the reference, all taps active for the shifted convolutions, the model's
+    ``concat_elu`` op and the reference sigmoid gate); the table-driven sampler
+    computes a position and its new inner pixels in one fused step instead.
     """
-    cond = None if block.cond_proj is None else block.cond_proj(class_vector)
-    top, _, left, _ = block.conv_input.spec.padding()
-    kh, kw = block.conv_input.spec.kernel_size
 
-    def window(i: int, j: int) -> tuple[range, range]:
-        return range(i - top, i - top + kh), range(j - left, j - left + kw)
+    def __init__(self, block: GatedResnet, source: _Node, skips: list[_Node], class_vector: torch.Tensor | None, dtype: torch.dtype):
+        self.block, self.source, self.skips = block, source, skips
+        self.cond = None if block.cond_proj is None else block.cond_proj(class_vector)
+        top, _, left, _ = block.conv_input.spec.padding()
+        kh, kw = block.conv_input.spec.kernel_size
 
-    if fused:
-        return _fused_resnet_node(block, source, skips, cond, window, dtype)
-    concat_elu = block.ops.concat_elu
-    in_weight, in_bias = masked_operands(block.conv_input, dtype)
-    out_weight, out_bias = masked_operands(block.conv_out, dtype)
-    skip_weight, skip_bias = masked_operands(block.nin_skip, dtype) if skips else (None, None)
+        def window(i: int, j: int) -> Window:
+            return range(i - top, i - top + kh), range(j - left, j - left + kw)
 
-    def compute_inner(i: int, j: int) -> torch.Tensor:
-        c = F.conv2d(concat_elu(source.window(*window(i, j))), in_weight, in_bias)
-        if skips:
-            skip = torch.cat([node.at(i, j) for node in skips], dim=1)
-            c = c + F.conv2d(concat_elu(skip), skip_weight, skip_bias)
-        return c
+        self.window_of = window
+        concat_elu = block.ops.concat_elu
+        in_weight, in_bias = masked_operands(block.conv_input, dtype)
+        out_weight, out_bias = masked_operands(block.conv_out, dtype)
+        skip_weight, skip_bias = masked_operands(block.nin_skip, dtype) if skips else (None, None)
 
-    inner = _Node(block.channels, source.height, source.width, source.values, compute_inner)
+        def inner_reads(i: int, j: int) -> list[tuple[_Node, range, range]]:
+            return [(source, *window(i, j))] + [(skip, range(i, i + 1), range(j, j + 1)) for skip in skips]
 
-    def compute(i: int, j: int) -> torch.Tensor:
-        # dropout: identity in eval mode
-        pre = F.conv2d(concat_elu(inner.window(*window(i, j))), out_weight, out_bias)
-        return source.at(i, j) + gate_sigmoid(pre, 1, cond)
+        def compute_inner(i: int, j: int) -> torch.Tensor:
+            c = F.conv2d(concat_elu(source.window(*window(i, j))), in_weight, in_bias)
+            if skips:
+                skip = torch.cat([node.at(i, j) for node in skips], dim=1)
+                c = c + F.conv2d(concat_elu(skip), skip_weight, skip_bias)
+            return c[:, :, 0, 0]
 
-    return _Node(block.channels, source.height, source.width, source.values, compute)
+        self.inner = _Node(block.channels, source.height, source.width, source.values, inner_reads, compute_inner)
 
+        def reads(i: int, j: int) -> list[tuple[_Node, range, range]]:
+            return [(self.inner, *window(i, j)), (source, range(i, i + 1), range(j, j + 1))]
 
-def _fused_resnet_node(block: GatedResnet, source: _Node, skips: list[_Node], cond: torch.Tensor | None, window, dtype: torch.dtype) -> _Node:
-    """The fused :func:`_resnet_node`: the host finds the new inner pixels and computes their inputs, one launch does the rest."""
-    weights = ResnetStepWeights.from_block(block, dtype)
-    inner = source.cache.new_zeros(source.cache.shape)
-    inner_done = [[False] * source.width for _ in range(source.height)]
+        def compute(i: int, j: int) -> torch.Tensor:
+            # dropout: identity in eval mode
+            pre = F.conv2d(concat_elu(self.inner.window(*window(i, j))), out_weight, out_bias)
+            return (source.at(i, j) + gate_sigmoid(pre, 1, self.cond))[:, :, 0, 0]
 
-    def compute(i: int, j: int) -> None:
-        new_taps = 0
-        rows, cols = window(i, j)
-        for tap, (r, c) in enumerate((r, c) for r in rows for c in cols):
-            if 0 <= r < source.height and 0 <= c < source.width and not inner_done[r][c]:
-                source.window(*window(r, c))
-                for skip in skips:
-                    skip.at(r, c)
-                inner_done[r][c] = True
-                new_taps |= 1 << tap
-        source.at(i, j)
-        resnet_position_step(i, j, new_taps, source.cache, inner, [skip.cache for skip in skips], cond, weights, node.cache)
-
-    node = _Node(block.channels, source.height, source.width, source.values, compute)
-    return node
+        super().__init__(block.channels, source.height, source.width, source.values, reads, compute)
 
 
 class CachedPixelCNNPlusPlus:
-    """The activation caches of one cached sampling run of a PixelCNNPlusPlus ``model``.
+    """The activation caches of one cached sampling run of a PixelCNNPlusPlus ``model``, demand-driven.
 
-    Mirrors ``PixelCNNPlusPlus.network`` node for node. :meth:`logits` gives pixel
-    (i, j)'s DMOL parameters (B, P, 1, 1); :meth:`store_pixel` enters a drawn pixel.
-    ``fused``: the gated resnet blocks run as fused steps (default: where
-    :func:`~pixelcnn_kernels.ops.sampling.step_backend` gives a kernel backend for the
-    parameters), else as PyTorch ops.
+    Mirrors ``PixelCNNPlusPlus.network`` node for node; ``nodes`` lists them in the
+    order they are built, inputs first. :meth:`logits` gives pixel (i, j)'s DMOL
+    parameters (B, P, 1, 1), computing what it needs with PyTorch ops; :meth:`store_pixel`
+    enters a drawn pixel; :meth:`schedule` runs the demand resolution symbolically.
     """
 
-    def __init__(self, model, problem: SamplingProblem, fused: bool | None = None):
+    def __init__(self, model, problem: SamplingProblem):
         dtype = model.parameter_dtype()
-        if fused is None:
-            fused = step_backend(model.nin_out.weight, RESNET_CUDA_OP) is not None
         inputs = model.to_inputs(problem.images)
         self.model = model
-        self.x = _Node(model.in_channels + 1, problem.height, problem.width, inputs, None)
+        self.x = _Node(model.in_channels + 1, problem.height, problem.width, inputs, None, None)
         # The image with a channel of ones, so that the zero padding is distinguishable.
         self.x.values[:, :, 1:-1, 1:-1] = torch.cat((inputs, torch.ones_like(inputs[:, :1])), dim=1)
-        u_list = [_conv_node(model.u_init, self.x, dtype)]
-        ul_parts = [_conv_node(conv, self.x, dtype) for conv in model.ul_init]
-        ul_list = [_Node(model.u_init.out_channels, problem.height, problem.width, inputs, lambda i, j: ul_parts[0].at(i, j) + ul_parts[1].at(i, j))]
+        self.nodes: list[_Node] = []
+        add = self._add
+        u_list = [add(_conv_node(model.u_init, self.x, dtype))]
+        ul_parts = [add(_conv_node(conv, self.x, dtype)) for conv in model.ul_init]
+        ul_list = [add(_LinearNode(model.u_init.out_channels, problem.height, problem.width, ul_parts, [None, None], None, lambda i, j: [[(i, j, 0)], [(i, j, 0)]]))]
         class_vector = problem.class_vector
         for stage, up_layer in enumerate(model.up_layers):
             for u_block, ul_block in zip(up_layer.u_stream, up_layer.ul_stream):
-                u_list.append(_resnet_node(u_block, u_list[-1], [], class_vector, dtype, fused))
-                ul_list.append(_resnet_node(ul_block, ul_list[-1], [u_list[-1]], class_vector, dtype, fused))
+                u_list.append(add(_ResnetNode(u_block, u_list[-1], [], class_vector, dtype)))
+                ul_list.append(add(_ResnetNode(ul_block, ul_list[-1], [u_list[-1]], class_vector, dtype)))
             if stage < len(model.up_layers) - 1:
-                u_list.append(_conv_node(model.downsize_u_stream[stage], u_list[-1], dtype))
-                ul_list.append(_conv_node(model.downsize_ul_stream[stage], ul_list[-1], dtype))
+                u_list.append(add(_conv_node(model.downsize_u_stream[stage], u_list[-1], dtype)))
+                ul_list.append(add(_conv_node(model.downsize_ul_stream[stage], ul_list[-1], dtype)))
         u, ul = u_list.pop(), ul_list.pop()
         for stage, down_layer in enumerate(model.down_layers):
             for u_block, ul_block in zip(down_layer.u_stream, down_layer.ul_stream):
-                u = _resnet_node(u_block, u, [u_list.pop()], class_vector, dtype, fused)
-                ul = _resnet_node(ul_block, ul, [u, ul_list.pop()], class_vector, dtype, fused)
+                u = add(_ResnetNode(u_block, u, [u_list.pop()], class_vector, dtype))
+                ul = add(_ResnetNode(ul_block, ul, [u, ul_list.pop()], class_vector, dtype))
             if stage < len(model.down_layers) - 1:
-                u = _transposed_node(model.upsize_u_stream[stage], u, dtype)
-                ul = _transposed_node(model.upsize_ul_stream[stage], ul, dtype)
+                u = add(_transposed_node(model.upsize_u_stream[stage], u, dtype))
+                ul = add(_transposed_node(model.upsize_ul_stream[stage], ul, dtype))
         self.ul = ul
         self.head_weight, self.head_bias = masked_operands(model.nin_out, dtype)
 
+    def _add(self, node: _Node) -> _Node:
+        self.nodes.extend([node.inner, node] if isinstance(node, _ResnetNode) else [node])
+        return node
+
+    def head(self, ul: torch.Tensor) -> torch.Tensor:
+        """``nin_out(elu(ul))`` of the (B, C, 1, 1) ``ul``: (B, P, 1, 1)."""
+        return F.conv2d(F.elu(ul), self.head_weight, self.head_bias)
+
     def logits(self, i: int, j: int) -> torch.Tensor:
         """``nin_out(elu(ul))`` at pixel (i, j): (B, P, 1, 1)."""
-        return F.conv2d(F.elu(self.ul.at(i, j)), self.head_weight, self.head_bias)
+        return self.head(self.ul.at(i, j))
 
     def store_pixel(self, i: int, j: int, values: torch.Tensor) -> None:
         """Enters the integer values (B, C, 1, 1) of pixel (i, j)."""
         self.x.values[:, :-1, i + 1 : i + 2, j + 1 : j + 2] = self.model.to_inputs(values)
+
+    def schedule(self, all_known: list[list[bool]]) -> list[list[tuple[_Node, int, int]]]:
+        """Per pixel step p = i·W + j, the (node, i, j) that :meth:`logits` (i, j) computes, in its order.
+
+        The demand resolution run without computing anything (nothing at a pixel every
+        image knows: no logits are asked there); the caches are left as they were.
+        """
+        record: list[tuple[_Node, int, int]] = []
+        done = [[row[:] for row in node.done] for node in self.nodes]
+        for node in self.nodes:
+            node.record = record
+        steps = []
+        try:
+            for i, row in enumerate(all_known):
+                for j, known in enumerate(row):
+                    if not known:
+                        self.ul.require(range(i, i + 1), range(j, j + 1))
+                    steps.append(record[:])
+                    record.clear()
+        finally:
+            for node, node_done in zip(self.nodes, done):
+                node.record, node.done = None, node_done
+        return steps
+
+
+class _LinearTable:
+    """A :class:`_LinearNode`'s positions per step as device tables: every step the same ops, no host integer.
+
+    Slot s of step p: the node's s-th position there (``valid``), its padded index
+    ``dest`` and its terms' ``index`` and ``taps`` per source (padded with the zero
+    corner of the source's ring, tap 0); an empty slot writes zero at the node's own
+    corner (the ring stays zero). Positions whose value is zero (no terms: a shift's
+    zero row or column) are left out: the cache holds that zero already.
+    """
+
+    def __init__(self, node: _LinearNode, positions: list[list[tuple[int, int]]], pixel: torch.Tensor):
+        self.node, self.pixel = node, pixel
+        entries = [[(node.padded_index(i, j), terms) for i, j in step if any(terms := node.terms(i, j))] for step in positions]
+        slots = max(map(len, entries), default=0)
+        counts = [max((len(terms[k]) for step in entries for _, terms in step), default=0) for k in range(len(node.sources))]
+        dest = [[0] * slots for _ in entries]
+        valid = [[[False] for _ in range(slots)] for _ in entries]
+        index = [[[[0] * count for _ in range(slots)] for _ in entries] for count in counts]
+        taps = [[[[0] * count for _ in range(slots)] for _ in entries] for count in counts]
+        for p, step in enumerate(entries):
+            for slot, (padded, terms) in enumerate(step):
+                dest[p][slot], valid[p][slot] = padded, [True]
+                for k, (source, source_terms) in enumerate(zip(node.sources, terms)):
+                    for t, (r, c, tap) in enumerate(source_terms):
+                        index[k][p][slot][t], taps[k][p][slot][t] = source.padded_index(r, c), tap
+        device = node.cache.device
+        self.dest = torch.tensor(dest, dtype=torch.int64, device=device).view(len(entries), slots)
+        self.valid = torch.tensor(valid, dtype=torch.bool, device=device).view(len(entries), slots, 1)
+        self.index = [torch.tensor(t, dtype=torch.int64, device=device).view(len(entries), slots, count) for t, count in zip(index, counts)]
+        self.taps = [torch.tensor(t, dtype=torch.int64, device=device).view(len(entries), slots, count) for t, count in zip(taps, counts)]
+        self.slots = slots
+
+    def __call__(self) -> None:
+        if self.slots == 0:
+            return
+        at = self.pixel
+        value = self.node.linear([t.index_select(0, at)[0] for t in self.index], [t.index_select(0, at)[0] for t in self.taps])
+        value = torch.where(self.valid.index_select(0, at), value, 0)
+        self.node.flat.index_copy_(1, self.dest.index_select(0, at)[0], value)
+
+
+class _ResnetTable:
+    """A :class:`_ResnetNode`'s positions per step as a :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` table.
+
+    A position's ``new_taps`` are the inner pixels the demand resolution computed for
+    it, right before it (only the block reads its inner map).
+    """
+
+    def __init__(self, node: _ResnetNode, inner_positions: list[list[tuple[int, int]]], order: list[list[tuple[_Node, int, int]]], pixel: torch.Tensor, dtype: torch.dtype):
+        self.node, self.pixel = node, pixel
+        self.weights = ResnetStepWeights.from_block(node.block, dtype)
+        kh, kw, top, left = self.weights.kernel
+        entries = []
+        for step in order:
+            pending, step_entries = [], []
+            for owner, i, j in step:
+                if owner is node.inner:
+                    pending.append((i, j))
+                elif owner is node:
+                    taps = [(r - i + top) * kw + c - j + left for r, c in pending]
+                    if not all(0 <= r - i + top < kh and 0 <= c - j + left < kw for r, c in pending):
+                        raise AssertionError(f"inner pixels {pending} computed for ({i}, {j}) lie outside its window")
+                    step_entries.append((i, j, sum(1 << tap for tap in taps)))
+                    pending = []
+            entries.append(step_entries)
+        slots = max(map(len, entries), default=0)
+        table = torch.full((len(entries), slots, 3), -1, dtype=torch.int32)
+        for p, step_entries in enumerate(entries):
+            if step_entries:
+                table[p, : len(step_entries)] = torch.tensor(step_entries, dtype=torch.int32)
+        self.table = table.to(node.cache.device)
+        self.slots = slots
+
+    def __call__(self) -> None:
+        if self.slots == 0:
+            return
+        node = self.node
+        resnet_position_step(self.pixel, self.table, node.source.cache, node.inner.cache, [skip.cache for skip in node.skips], node.cond, self.weights, node.cache)
+
+
+class TableCachedPixelCNNPlusPlus:
+    """One cached sampling run of a PixelCNNPlusPlus ``model`` as a uniform, table-driven pixel step.
+
+    The demand-driven graph (:class:`CachedPixelCNNPlusPlus`) is built and its
+    :meth:`~CachedPixelCNNPlusPlus.schedule` taken once; every node then gets a
+    table of the positions it computes at each step p (padded to its most per step,
+    empty slots doing nothing), on the device. The pixel being generated is the device
+    tensor ``pixel`` (int64 (1,), p = i·W + j), so :meth:`pixel_step` launches, for
+    every node in the graph's order, the same work on the same addresses at every
+    pixel: the gated resnet blocks one fused :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step`
+    each (all its positions of the step, their new inner pixels included), the other
+    nodes a few PyTorch ops on device indices (a gather, a batched product, a scatter);
+    then the head, the draw, the writes and ``pixel += 1``. One CUDA graph can replay
+    it: :meth:`sample` (``cuda_graph=None``: a graph on a CUDA device, eager steps with a
+    warning where the capture fails; True: a graph or an error; False: eager steps) fills
+    ``problem.images`` and returns whether a graph ran. Needs :func:`~pixelcnn_kernels.ops.sampling.step_backend` to
+    give a kernel backend for the model's parameters.
+    """
+
+    def __init__(self, model, problem: SamplingProblem):
+        images = problem.images
+        batch, channels, height, width = images.shape
+        self.model, self.problem = model, problem
+        self.graph = graph = CachedPixelCNNPlusPlus(model, problem)
+        self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
+        order = graph.schedule(problem.pixels_all_known())
+        positions = {node: [[] for _ in order] for node in graph.nodes}
+        for p, step in enumerate(order):
+            for node, i, j in step:
+                positions[node][p].append((i, j))
+        self.steps: list[Callable[[], None]] = []
+        for node in graph.nodes:
+            if isinstance(node, _LinearNode):
+                self.steps.append(_LinearTable(node, positions[node], self.pixel))
+            elif isinstance(node, _ResnetNode):
+                self.steps.append(_ResnetTable(node, positions[node.inner], order, self.pixel, model.parameter_dtype()))
+        # Pixel p's index in the x and ul caches' flat views (they share the image's size).
+        self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
+        self.images_flat = images.view(batch, channels, height * width)
+        self.inputs_flat = graph.x.flat[:, :, :channels]
+        self.known_flat = problem.known.reshape(batch, height * width)
+        self.noise_flat = tuple(u.flatten(2) for u in problem.noise)
+
+    def logits(self) -> torch.Tensor:
+        """The head at the pixel: (B, P, 1, 1); run after the step's nodes."""
+        ul = self.graph.ul.flat.index_select(1, self.padded_pixel.index_select(0, self.pixel))
+        return self.graph.head(ul.transpose(1, 2)[..., None])
+
+    def pixel_step(self, draw: bool = True) -> None:
+        """Computes the step's positions of every node, draws the pixel and writes it (except where known), and moves to the next pixel.
+
+        ``draw=False`` (eager only, at a pixel every image knows, whose step computes nothing): only the move.
+        """
+        if draw:
+            for step in self.steps:
+                step()
+            pixel = self.pixel
+            noise = tuple(u.index_select(2, pixel)[..., None] for u in self.noise_flat)
+            (channels,) = self.model.step_channels()  # the DMOL head draws a pixel's channels together
+            drawn = self.model.draw_values(self.logits(), noise)[:, channels, :, 0]
+            keep = self.known_flat.index_select(1, pixel)[:, :, None]
+            values = torch.where(keep, self.images_flat.index_select(2, pixel), drawn)
+            self.images_flat.index_copy_(2, pixel, values)
+            self.inputs_flat.index_copy_(1, self.padded_pixel.index_select(0, pixel), self.model.to_inputs(values).transpose(1, 2))
+        self.pixel += 1
+
+    def start_row(self, row: int) -> None:
+        """Nothing: unlike the Gated PixelCNN's vertical stack, no work here is per row (the tables hold it all)."""
+
+    # The Gated PixelCNN sampler's loop (eager steps, or one captured step replayed per
+    # pixel, with its fallback) and capture: they use only ``problem``, ``pixel``,
+    # :meth:`start_row` and :meth:`pixel_step`.
+    sample = FusedCachedGatedPixelCNN.sample
+    _step_and_capture = FusedCachedGatedPixelCNN._step_and_capture
 
 
 def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -> int:
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.PixelCNNPlusPlus` in eval mode,
-    called under ``torch.no_grad``. The gated resnet blocks run fused where
-    :func:`~pixelcnn_kernels.ops.sampling.step_backend` gives a kernel backend for the
-    parameters, as PyTorch ops elsewhere.
+    called under ``torch.no_grad``. Where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
+    gives a kernel backend for the parameters, the table-driven step
+    (:class:`TableCachedPixelCNNPlusPlus`, a CUDA graph on a CUDA device); elsewhere the
+    demand-driven PyTorch graph (:class:`CachedPixelCNNPlusPlus`).
     """
+    if step_backend(model.nin_out.weight, RESNET_CUDA_OP) is not None:
+        TableCachedPixelCNNPlusPlus(model, problem).sample(progress)
+        return 0
     cached = CachedPixelCNNPlusPlus(model, problem)
     all_known = problem.pixels_all_known()
     (channels,) = model.step_channels()  # the DMOL head draws a pixel's channels together

@@ -182,7 +182,7 @@ def _add_skip_products(acc, skip_ptr, pixel_offset, image_base, image_ok, C, w_p
     return acc
 
 
-@triton.jit(do_not_specialize=("row", "col", "new_taps"))
+@triton.jit(do_not_specialize=("STEPS", "SLOTS"))
 def _resnet_step_kernel(
     x_ptr,
     inner_ptr,
@@ -196,9 +196,10 @@ def _resnet_step_kernel(
     w_out_ptr,
     bias_out_ptr,
     cond_ptr,
-    row,
-    col,
-    new_taps,
+    pixel_ptr,
+    table_ptr,
+    STEPS,
+    SLOTS,
     KH,
     KW,
     TOP,
@@ -211,7 +212,13 @@ def _resnet_step_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """A gated resnet block at pixel (row, col) for the images b of this program.
+    """A gated resnet block at the positions the table gives the step p in ``pixel``, for the images b of this program.
+
+    ``table`` (STEPS, SLOTS, 3) int32: slot s of step p is a position (row, col) and its
+    ``new_taps``, or a row of -1 (nothing); the slots run in order. An entry outside
+    the image, a ``new_taps`` bit whose pixel is outside it, or p outside [0, STEPS) does
+    nothing, so no table reaches past the caches. A slot reads the inner values earlier
+    slots stored (each slot's stores are followed by a barrier).
 
     Caches are (B, HP, WP, C) contiguous with a zero ring: pixel (i, j) at [i + 1, j + 1].
     Both convs have every tap of a KH×KW kernel anchored at (TOP, LEFT): tap
@@ -229,50 +236,61 @@ def _resnet_step_kernel(
     The tap loops are runtime loops: unrolled, the kernel took minutes to compile.
     """
     images = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    image_ok = images < B
     image_base = (images.to(tl.int64) * HP * WP * C)[:, None]
     n = tl.arange(0, BLOCK_C)
     n_ok = n < C
-    store_ok = image_ok[:, None] & n_ok[None, :]
     # Rows of w_skip: elu(skip0), elu(skip1), then elu(-skip0), elu(-skip1).
     skip_rows = C if skip1_ptr is None else 2 * C
     taps = KH * KW
+    step = tl.load(pixel_ptr)
+    step_ok = (step >= 0) & (step < STEPS)
+    step = tl.where(step_ok, step, 0)
 
-    for tap in range(taps):
-        if (new_taps >> tap) & 1:
-            q_row = row + 1 + tap // KW - TOP
-            q_col = col + 1 + tap % KW - LEFT
-            c = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-            for src in range(taps):
-                src_offset = ((q_row + src // KW - TOP) * WP + q_col + src % KW - LEFT) * C
-                c, _ = _add_products(c, c, x_ptr + image_base + src_offset, 1, image_ok, C, w_in_ptr + src * 2 * C * C, C, n, n, n_ok, C, BLOCK_K, False, True)
-            if bias_in_ptr is not None:
-                c += tl.load(bias_in_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if w_skip_ptr is not None:
-                q_offset = (q_row * WP + q_col) * C
-                c = _add_skip_products(c, skip0_ptr, q_offset, image_base, image_ok, C, w_skip_ptr, n, n_ok, skip_rows, BLOCK_K)
-                c = _add_skip_products(c, skip1_ptr, q_offset, image_base, image_ok, C, w_skip_ptr + C * C, n, n_ok, skip_rows, BLOCK_K)
-                if bias_skip_ptr is not None:
-                    c += tl.load(bias_skip_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(inner_ptr + image_base + (q_row * WP + q_col) * C + n[None, :], c.to(inner_ptr.dtype.element_ty), mask=store_ok)
-    tl.debug_barrier()
+    for slot in range(SLOTS):
+        entry = table_ptr + (step * SLOTS + slot) * 3
+        row = tl.load(entry)
+        col = tl.load(entry + 1)
+        position_ok = step_ok & (row >= 0) & (row < HP - 2) & (col >= 0) & (col < WP - 2)
+        new_taps = tl.load(entry + 2)
+        if position_ok:  # uniform over the program: the barriers inside are safe
+            image_ok = images < B
+            store_ok = image_ok[:, None] & n_ok[None, :]
+            for tap in range(taps):
+                if (new_taps >> tap) & 1:
+                    q_row = row + 1 + tap // KW - TOP
+                    q_col = col + 1 + tap % KW - LEFT
+                    q_ok = image_ok & (q_row >= 1) & (q_row < HP - 1) & (q_col >= 1) & (q_col < WP - 1)
+                    c = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+                    for src in range(taps):
+                        src_offset = ((q_row + src // KW - TOP) * WP + q_col + src % KW - LEFT) * C
+                        c, _ = _add_products(c, c, x_ptr + image_base + src_offset, 1, q_ok, C, w_in_ptr + src * 2 * C * C, C, n, n, n_ok, C, BLOCK_K, False, True)
+                    if bias_in_ptr is not None:
+                        c += tl.load(bias_in_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    if w_skip_ptr is not None:
+                        q_offset = (q_row * WP + q_col) * C
+                        c = _add_skip_products(c, skip0_ptr, q_offset, image_base, q_ok, C, w_skip_ptr, n, n_ok, skip_rows, BLOCK_K)
+                        c = _add_skip_products(c, skip1_ptr, q_offset, image_base, q_ok, C, w_skip_ptr + C * C, n, n_ok, skip_rows, BLOCK_K)
+                        if bias_skip_ptr is not None:
+                            c += tl.load(bias_skip_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    tl.store(inner_ptr + image_base + (q_row * WP + q_col) * C + n[None, :], c.to(inner_ptr.dtype.element_ty), mask=q_ok[:, None] & n_ok[None, :])
+            tl.debug_barrier()
 
-    acc_a = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    for tap in range(taps):
-        tap_offset = ((row + 1 + tap // KW - TOP) * WP + col + 1 + tap % KW - LEFT) * C
-        w_tap = w_out_ptr + tap * 4 * C * C
-        acc_a, acc_b = _add_products(acc_a, acc_b, inner_ptr + image_base + tap_offset, 1, image_ok, C, w_tap, 2 * C, n, n + C, n_ok, C, BLOCK_K, True, True)
-    if bias_out_ptr is not None:
-        acc_a += tl.load(bias_out_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc_b += tl.load(bias_out_ptr + C + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if cond_ptr is not None:
-        cond_rows = cond_ptr + images[:, None] * 2 * C
-        acc_a += tl.load(cond_rows + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
-        acc_b += tl.load(cond_rows + C + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
-    pixel_offset = ((row + 1) * WP + col + 1) * C + n[None, :]
-    result = tl.load(x_ptr + image_base + pixel_offset, mask=store_ok, other=0.0).to(tl.float32) + gate_sigmoid_math(acc_a, acc_b)
-    tl.store(out_ptr + image_base + pixel_offset, result.to(out_ptr.dtype.element_ty), mask=store_ok)
+            acc_a = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+            acc_b = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+            for tap in range(taps):
+                tap_offset = ((row + 1 + tap // KW - TOP) * WP + col + 1 + tap % KW - LEFT) * C
+                w_tap = w_out_ptr + tap * 4 * C * C
+                acc_a, acc_b = _add_products(acc_a, acc_b, inner_ptr + image_base + tap_offset, 1, image_ok, C, w_tap, 2 * C, n, n + C, n_ok, C, BLOCK_K, True, True)
+            if bias_out_ptr is not None:
+                acc_a += tl.load(bias_out_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                acc_b += tl.load(bias_out_ptr + C + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if cond_ptr is not None:
+                cond_rows = cond_ptr + images[:, None] * 2 * C
+                acc_a += tl.load(cond_rows + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
+                acc_b += tl.load(cond_rows + C + n[None, :], mask=store_ok, other=0.0).to(tl.float32)
+            pixel_offset = ((row + 1) * WP + col + 1) * C + n[None, :]
+            result = tl.load(x_ptr + image_base + pixel_offset, mask=store_ok, other=0.0).to(tl.float32) + gate_sigmoid_math(acc_a, acc_b)
+            tl.store(out_ptr + image_base + pixel_offset, result.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 # ---------------------------------------------------------------- launcher
@@ -346,9 +364,8 @@ def _resnet_block_k(channels: int, block_c: int) -> int:
 
 
 def resnet_position_step(
-    row: int,
-    col: int,
-    new_taps: int,
+    pixel: torch.Tensor,
+    table: torch.Tensor,
     kernel: list[int],
     x: torch.Tensor,
     inner: torch.Tensor,
@@ -362,20 +379,21 @@ def resnet_position_step(
     cond: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    """Writes a gated resnet block's output at (row, col), and its inner values at the ``new_taps``, in place.
+    """Writes a gated resnet block's outputs at the positions ``table[pixel]`` gives, and their new inner values, in place.
 
     The CUDA op ``resnet_position_step``'s signature; ``kernel`` is (KH, KW, TOP, LEFT):
     the convs' kernel size and anchor; layout in :func:`_resnet_step_kernel`. Arguments
     are validated by the caller.
     """
     batch, padded_height, padded_width, channels = x.shape
-    if batch == 0:
+    steps, slots, _ = table.shape
+    if batch == 0 or steps == 0 or slots == 0:
         return
     skip0, skip1 = (list(skips) + [None, None])[:2]
     block_c = _block(channels)
     _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
         x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
-        row, col, new_taps, *kernel, batch, padded_height, padded_width, channels,
+        pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
         BLOCK_B=_BLOCK_B, BLOCK_K=_resnet_block_k(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_RESNET_STAGES,
     )  # fmt: skip
 
@@ -405,7 +423,7 @@ def _register_compile_cases() -> None:
 
 def _register_resnet_compile_cases() -> None:
     """PixelCNN++'s blocks at nr_filters 160: without skip (the up pass's u), with one (ul) and two (the down pass's ul) skip streams."""
-    sizes = dict.fromkeys(("row", "col", "new_taps", "KH", "KW", "TOP", "LEFT", "B", "HP", "WP", "C"), "i32")
+    sizes = {"pixel_ptr": "*i64", "table_ptr": "*i32", **dict.fromkeys(("STEPS", "SLOTS", "KH", "KW", "TOP", "LEFT", "B", "HP", "WP", "C"), "i32")}
     block_c = _block(160)
     blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _resnet_block_k(160, block_c), "BLOCK_C": block_c}
     for dtype in (torch.float32, torch.bfloat16):
