@@ -12,12 +12,14 @@ column reads as the speed-up over naive sampling. Only the ``forward`` mode appl
   (goal at B = 64: ≤ 0.04 s per call on an H200);
 - PixelCNN++ (160 filters, 5 resnets, 10 logistics, 3×32×32) at B = 64 (goal: ≤ 0.5 s).
 
-On a GPU the Gated PixelCNN's cached sampler runs its fused step (one kernel per layer
-per value, :mod:`pixelcnn_kernels.ops.sampling`) inside a CUDA graph replayed per pixel,
-on the ``triton`` and ``cuda`` providers alike. PixelCNN++'s cached sampler runs each gated
-resnet block's position as one fused kernel, but its plain shifted and transposed
-convolutions are PyTorch ops and every launch is issued from Python (no CUDA graph yet),
-so its time is expected to be launch-bound.
+On a GPU both cached samplers run their pixel step inside a CUDA graph replayed per
+pixel, on the ``triton`` and ``cuda`` providers alike: the Gated PixelCNN's fused step
+(one kernel per layer per value, :mod:`pixelcnn_kernels.ops.sampling`), and
+PixelCNN++'s table-driven step (one fused kernel per gated resnet block for all its
+positions of the pixel, gathers and batched products for its shifted and transposed
+convolutions, positions read from tables on the device). PixelCNN++'s tables are built
+on the first call for a model and image size (the demand resolution run on the host,
+one to two seconds at 3×32×32) and reused by later calls: the warm-up call pays it.
 
 The config column gives the steps of one call: H·W·C values (softmax) or H·W pixels
 (DMOL); time per step is ``median / steps``. The floor is the larger of the cached

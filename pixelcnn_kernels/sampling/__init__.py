@@ -3,9 +3,11 @@
 - ``naive`` (in :mod:`pixelcnn_kernels.models.base`): one full forward per value, the oracle;
 - ``cached`` (:mod:`.cached_gated`, :mod:`.cached_pixelcnn_pp`): incremental generation
   from per-layer caches. On the ``triton`` and ``cuda`` backends the Gated PixelCNN's
-  per-pixel step runs as fused kernels, replayed as one CUDA graph per pixel on a GPU,
-  and each PixelCNN++ gated resnet block's position is one fused kernel (its shifted
-  and transposed convolutions, and the per-position schedule, stay in PyTorch/Python);
+  per-pixel step runs as fused kernels, and PixelCNN++'s as a table-driven step (a
+  schedule of the positions each node computes at each pixel, precomputed once, read
+  on the device: one fused kernel per gated resnet block, PyTorch gathers and products
+  for its shifted and transposed convolutions); both are replayed as one CUDA graph per
+  pixel on a GPU;
 - ``jacobi`` (:mod:`.jacobi`): parallel forwards iterated to the fixed point, optionally
   in windows of rows.
 

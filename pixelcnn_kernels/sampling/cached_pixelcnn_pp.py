@@ -14,39 +14,51 @@ every image knows not at all until a later pixel needs them. Each gated resnet b
 also caches its inner map ``c`` (its first conv, plus the 1×1 of its skips, before the
 concat_elu that its second conv reads).
 
-A position of a **gated resnet block** (the bulk of the work) runs one of two ways:
+The sampler runs one of two ways:
 
-- **fused** (the ``triton`` and ``cuda`` backends in float32, float16 and bfloat16):
-  one launch of :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` computes
-  the inner values its window needs that no earlier position computed (concat_elu,
-  the shifted conv's taps read from the input node's cache, the 1×1 of concat_elu of
-  the skips), then concat_elu, the second shifted conv over the inner window, the
-  conditioning, a·σ(b) and the residual, writing into the block's cache. The host
-  only finds the new inner pixels and asks their inputs of the graph.
-- **PyTorch** (the ``reference`` backend, the default for CPU tensors, and float64):
-  about ten ops per position, ``F.conv2d`` on the exact windows (the masked weights of
-  the reference, all taps active for the shifted convolutions), the model's
-  ``concat_elu`` op and the reference sigmoid gate.
-
-Still PyTorch ops on every backend: the first shifted convs (``u_init``, ``ul_init``),
-the stride-2 down-sampling convs and the transposed convs (the sum of the ≤ 2 input
-pixels times the kernel taps that reach the output pixel): 11 nodes against 64 blocks
-at nr_resnet 5, the strided ones at a quarter of the positions or fewer, left unfused;
-and the head (elu, 1×1) and the draw. The positions are host
-integers and the demand-driven graph runs in Python, one launch per block and
-position: no CUDA graph replays the steps (the Gated PixelCNN's sampler can, as its
-per-pixel work is the same at every pixel; here which positions each pixel computes
-varies with the resolution and the borders).
+- **demand-driven, PyTorch** (:class:`CachedPixelCNNPlusPlus`: the ``reference``
+  backend, the default for CPU tensors, and float64): the graph above, run from Python
+  with host-integer positions. A gated resnet block's position is about ten ops
+  (``F.conv2d`` on the exact windows, the masked weights of the reference, all taps
+  active for the shifted convolutions, the model's ``concat_elu`` op and the reference
+  sigmoid gate); a shifted, down-sampling or transposed conv's is a gather of the input
+  pixels its taps read and one batched product (:class:`_LinearNode`).
+- **table-driven, fused** (:class:`TableCachedPixelCNNPlusPlus`: the ``triton`` and
+  ``cuda`` backends in float32, float16 and bfloat16). Which (node, position) pairs a
+  pixel step computes varies from pixel to pixel (resolutions, borders, known
+  pixels), so the demand resolution is run once per run symbolically
+  (:meth:`CachedPixelCNNPlusPlus.schedule`: nothing computed, the order recorded) and
+  turned into small int tables on the device: per node and step p = i·W + j, its
+  positions, padded to the node's most per step with empty slots. Every step then
+  launches the same work, reading its positions from the tables at the device pixel
+  counter: per gated resnet block one
+  :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` (Triton or CUDA) for all
+  its positions of the step, each computing the inner values its window needs that no
+  earlier position computed (concat_elu, the shifted conv's taps read from the input
+  node's cache, the 1×1 of concat_elu of the skips), then concat_elu, the second
+  shifted conv over the inner window, the conditioning, a·σ(b) and the residual; per
+  other node (the first shifted convs ``u_init`` and ``ul_init``, their sum, the
+  stride-2 down-sampling convs and the transposed convs: 12 nodes against 64 blocks at
+  nr_resnet 5) a gather, one batched product and a scatter on device indices (PyTorch
+  ops, no host sync); then the head (elu, 1×1), the draw and the writes (PyTorch ops)
+  and the counter increment. On a CUDA device that step is captured once in a CUDA
+  graph and replayed for every pixel (eager steps, with a warning, where the capture
+  fails): no Python and no host synchronisation per pixel. The tables depend only on
+  the network's structure, the image size and the pixels every image knows, and are
+  kept per model for later calls.
 
 **Exactness** as for :mod:`~pixelcnn_kernels.sampling.cached_gated`: the same values
 up to the rounding of the other reduction shapes; images equal the naive sampler's in
-float64 (tested), and in float32 on the fused path for tiny models (tested); float32
-logits are as accurate as the full forward's (tested), and the fused blocks match the
-PyTorch ones within the float32 tolerance (tested).
+float64 (tested), and in float32 on the table-driven path for tiny models (tested, eager
+on the Triton interpreter; on a GPU also as a CUDA graph, bit for bit the eager steps);
+float32 logits are as accurate as the full forward's (tested), and the table-driven
+step's match the PyTorch graph's within the float32 tolerance (tested).
 """
 
 from __future__ import annotations
 
+import collections
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -322,40 +334,99 @@ class CachedPixelCNNPlusPlus:
         return steps
 
 
-class _LinearTable:
-    """A :class:`_LinearNode`'s positions per step as device tables: every step the same ops, no host integer.
+def _linear_tables(node: _LinearNode, positions: list[tuple[int, _Node, int, int]], steps: int) -> list[torch.Tensor]:
+    """A :class:`_LinearNode`'s positions per step as host tables: ``dest`` (steps, S), ``valid`` (steps, S, 1), then per source ``index`` and ``taps`` (steps, S, T).
 
     Slot s of step p: the node's s-th position there (``valid``), its padded index
-    ``dest`` and its terms' ``index`` and ``taps`` per source (padded with the zero
+    ``dest`` and its terms' padded ``index`` and ``taps`` per source (padded with the zero
     corner of the source's ring, tap 0); an empty slot writes zero at the node's own
     corner (the ring stays zero). Positions whose value is zero (no terms: a shift's
     zero row or column) are left out: the cache holds that zero already.
+    ``positions``: (p, node, i, j) in the order computed.
     """
+    entries = collections.defaultdict(list)
+    for p, _, i, j in positions:
+        if any(terms := node.terms(i, j)):
+            entries[p].append((node.padded_index(i, j), terms))
+    slots = max(map(len, entries.values()), default=0)
+    counts = [max((len(terms[k]) for step in entries.values() for _, terms in step), default=0) for k in range(len(node.sources))]
+    at = [(p, slot) for p, step in entries.items() for slot in range(len(step))]
+    dest = torch.zeros(steps, slots, dtype=torch.int64)
+    valid = torch.zeros(steps, slots, 1, dtype=torch.bool)
+    if at:
+        dest[tuple(torch.tensor(at).T)] = torch.tensor([padded for step in entries.values() for padded, _ in step])
+        valid[tuple(torch.tensor(at).T)] = True
+    tables = [dest, valid]
+    for k, (source, count) in enumerate(zip(node.sources, counts)):
+        index, taps = torch.zeros(steps, slots, count, dtype=torch.int64), torch.zeros(steps, slots, count, dtype=torch.int64)
+        terms = [(p, slot, t, source.padded_index(r, c), tap) for p, step in entries.items() for slot, (_, all_terms) in enumerate(step) for t, (r, c, tap) in enumerate(all_terms[k])]
+        if terms:
+            p, slot, t, padded, tap = torch.tensor(terms).T
+            index[p, slot, t], taps[p, slot, t] = padded, tap
+        tables += [index, taps]
+    return tables
 
-    def __init__(self, node: _LinearNode, positions: list[list[tuple[int, int]]], pixel: torch.Tensor):
+
+def _resnet_table(node: _ResnetNode, positions: list[tuple[int, _Node, int, int]], steps: int) -> torch.Tensor:
+    """A :class:`_ResnetNode`'s positions per step as a host :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` table (steps, S, 3).
+
+    ``positions``: (p, the node or its inner node, i, j) in the order computed. A
+    position's ``new_taps`` are the inner pixels the demand resolution computed right
+    before it (only the block reads its inner map).
+    """
+    top, _, left, _ = node.block.conv_input.spec.padding()
+    kh, kw = node.block.conv_input.spec.kernel_size
+    entries, pending = collections.defaultdict(list), []
+    for p, owner, i, j in positions:
+        if owner is node.inner:
+            pending.append((i, j))
+            continue
+        taps = [((r - i + top) * kw + c - j + left, 0 <= r - i + top < kh and 0 <= c - j + left < kw) for r, c in pending]
+        if not all(inside for _, inside in taps):
+            raise AssertionError(f"inner pixels computed for ({i}, {j}) lie outside its window: {pending}")
+        entries[p].append((i, j, sum(1 << tap for tap, _ in taps)))
+        pending = []
+    slots = max(map(len, entries.values()), default=0)
+    table = torch.full((steps, slots, 3), -1, dtype=torch.int32)
+    at = [(p, slot) for p, step in entries.items() for slot in range(len(step))]
+    if at:
+        table[tuple(torch.tensor(at).T)] = torch.tensor([entry for step in entries.values() for entry in step], dtype=torch.int32)
+    return table
+
+
+# model -> {(height, width, pixels every image knows): each node's host tables}: the tables are
+# a function of the network's structure, the image size and the known pixels only, so repeated
+# sample calls on one model build them once. (A model's structure is fixed once it is built.)
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _host_tables(graph: CachedPixelCNNPlusPlus, all_known: list[list[bool]]) -> list[list[torch.Tensor] | torch.Tensor | None]:
+    """Per node of ``graph``: its host tables (:func:`_linear_tables`, :func:`_resnet_table`), None for a node computed by its block."""
+    key = (len(all_known), len(all_known[0]) if all_known else 0, tuple(map(tuple, all_known)))
+    per_model = _TABLES.setdefault(graph.model, {})
+    if key not in per_model:
+        order = graph.schedule(all_known)
+        # Each node's (p, node, i, j) in the order computed, a block's inner positions under the block.
+        owner = {node.inner: node for node in graph.nodes if isinstance(node, _ResnetNode)}
+        positions = {node: [] for node in graph.nodes}
+        for p, step in enumerate(order):
+            for node, i, j in step:
+                positions[owner.get(node, node)].append((p, node, i, j))
+        tables = {_LinearNode: _linear_tables, _ResnetNode: _resnet_table}
+        per_model[key] = [tables[type(node)](node, positions[node], len(order)) if type(node) in tables else None for node in graph.nodes]
+    return per_model[key]
+
+
+class _LinearStep:
+    """A :class:`_LinearNode`'s table-driven step: at the step ``pixel``, its slots' values (gather, batched product) scattered into its cache."""
+
+    def __init__(self, node: _LinearNode, tables: list[torch.Tensor], pixel: torch.Tensor):
         self.node, self.pixel = node, pixel
-        entries = [[(node.padded_index(i, j), terms) for i, j in step if any(terms := node.terms(i, j))] for step in positions]
-        slots = max(map(len, entries), default=0)
-        counts = [max((len(terms[k]) for step in entries for _, terms in step), default=0) for k in range(len(node.sources))]
-        dest = [[0] * slots for _ in entries]
-        valid = [[[False] for _ in range(slots)] for _ in entries]
-        index = [[[[0] * count for _ in range(slots)] for _ in entries] for count in counts]
-        taps = [[[[0] * count for _ in range(slots)] for _ in entries] for count in counts]
-        for p, step in enumerate(entries):
-            for slot, (padded, terms) in enumerate(step):
-                dest[p][slot], valid[p][slot] = padded, [True]
-                for k, (source, source_terms) in enumerate(zip(node.sources, terms)):
-                    for t, (r, c, tap) in enumerate(source_terms):
-                        index[k][p][slot][t], taps[k][p][slot][t] = source.padded_index(r, c), tap
-        device = node.cache.device
-        self.dest = torch.tensor(dest, dtype=torch.int64, device=device).view(len(entries), slots)
-        self.valid = torch.tensor(valid, dtype=torch.bool, device=device).view(len(entries), slots, 1)
-        self.index = [torch.tensor(t, dtype=torch.int64, device=device).view(len(entries), slots, count) for t, count in zip(index, counts)]
-        self.taps = [torch.tensor(t, dtype=torch.int64, device=device).view(len(entries), slots, count) for t, count in zip(taps, counts)]
-        self.slots = slots
+        self.dest, self.valid, *terms = (t.to(node.cache.device) for t in tables)
+        self.index, self.taps = terms[0::2], terms[1::2]
 
     def __call__(self) -> None:
-        if self.slots == 0:
+        if self.dest.shape[1] == 0:
             return
         at = self.pixel
         value = self.node.linear([t.index_select(0, at)[0] for t in self.index], [t.index_select(0, at)[0] for t in self.taps])
@@ -363,40 +434,15 @@ class _LinearTable:
         self.node.flat.index_copy_(1, self.dest.index_select(0, at)[0], value)
 
 
-class _ResnetTable:
-    """A :class:`_ResnetNode`'s positions per step as a :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` table.
+class _ResnetStep:
+    """A :class:`_ResnetNode`'s table-driven step: one :func:`~pixelcnn_kernels.ops.sampling.resnet_position_step` for all its positions of the step ``pixel``."""
 
-    A position's ``new_taps`` are the inner pixels the demand resolution computed for
-    it, right before it (only the block reads its inner map).
-    """
-
-    def __init__(self, node: _ResnetNode, inner_positions: list[list[tuple[int, int]]], order: list[list[tuple[_Node, int, int]]], pixel: torch.Tensor, dtype: torch.dtype):
-        self.node, self.pixel = node, pixel
+    def __init__(self, node: _ResnetNode, table: torch.Tensor, pixel: torch.Tensor, dtype: torch.dtype):
+        self.node, self.pixel, self.table = node, pixel, table.to(node.cache.device)
         self.weights = ResnetStepWeights.from_block(node.block, dtype)
-        kh, kw, top, left = self.weights.kernel
-        entries = []
-        for step in order:
-            pending, step_entries = [], []
-            for owner, i, j in step:
-                if owner is node.inner:
-                    pending.append((i, j))
-                elif owner is node:
-                    taps = [(r - i + top) * kw + c - j + left for r, c in pending]
-                    if not all(0 <= r - i + top < kh and 0 <= c - j + left < kw for r, c in pending):
-                        raise AssertionError(f"inner pixels {pending} computed for ({i}, {j}) lie outside its window")
-                    step_entries.append((i, j, sum(1 << tap for tap in taps)))
-                    pending = []
-            entries.append(step_entries)
-        slots = max(map(len, entries), default=0)
-        table = torch.full((len(entries), slots, 3), -1, dtype=torch.int32)
-        for p, step_entries in enumerate(entries):
-            if step_entries:
-                table[p, : len(step_entries)] = torch.tensor(step_entries, dtype=torch.int32)
-        self.table = table.to(node.cache.device)
-        self.slots = slots
 
     def __call__(self) -> None:
-        if self.slots == 0:
+        if self.table.shape[1] == 0:
             return
         node = self.node
         resnet_position_step(self.pixel, self.table, node.source.cache, node.inner.cache, [skip.cache for skip in node.skips], node.cond, self.weights, node.cache)
@@ -427,17 +473,12 @@ class TableCachedPixelCNNPlusPlus:
         self.model, self.problem = model, problem
         self.graph = graph = CachedPixelCNNPlusPlus(model, problem)
         self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
-        order = graph.schedule(problem.pixels_all_known())
-        positions = {node: [[] for _ in order] for node in graph.nodes}
-        for p, step in enumerate(order):
-            for node, i, j in step:
-                positions[node][p].append((i, j))
         self.steps: list[Callable[[], None]] = []
-        for node in graph.nodes:
+        for node, tables in zip(graph.nodes, _host_tables(graph, problem.pixels_all_known())):
             if isinstance(node, _LinearNode):
-                self.steps.append(_LinearTable(node, positions[node], self.pixel))
+                self.steps.append(_LinearStep(node, tables, self.pixel))
             elif isinstance(node, _ResnetNode):
-                self.steps.append(_ResnetTable(node, positions[node.inner], order, self.pixel, model.parameter_dtype()))
+                self.steps.append(_ResnetStep(node, tables, self.pixel, model.parameter_dtype()))
         # Pixel p's index in the x and ul caches' flat views (they share the image's size).
         self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
         self.images_flat = images.view(batch, channels, height * width)
