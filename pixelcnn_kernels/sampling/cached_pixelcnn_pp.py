@@ -225,7 +225,6 @@ class _ResnetNode(_Node):
         def window(i: int, j: int) -> Window:
             return range(i - top, i - top + kh), range(j - left, j - left + kw)
 
-        self.window_of = window
         concat_elu = block.ops.concat_elu
         in_weight, in_bias = masked_operands(block.conv_input, dtype)
         out_weight, out_bias = masked_operands(block.conv_out, dtype)
