@@ -47,8 +47,6 @@ as the full forward's (within twice its error against float64; tested).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -57,6 +55,7 @@ from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
 from pixelcnn_kernels.reference.layers import grouped_gate
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
+from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
 __all__ = ["CachedGatedPixelCNN", "FusedCachedGatedPixelCNN", "sample_cached_gated"]
 
@@ -113,7 +112,7 @@ class CachedGatedPixelCNN:
         self.x_horizontal.store(inputs, row, col)
 
 
-class FusedCachedGatedPixelCNN:
+class FusedCachedGatedPixelCNN(PixelStepSampler):
     """One cached sampling run of a GatedPixelCNN ``model`` whose horizontal step runs on the fused kernels.
 
     Every buffer is allocated here, once, and the pixel being generated is the device
@@ -195,60 +194,6 @@ class FusedCachedGatedPixelCNN:
         else:
             self.horizontal_stack()
         self.pixel += 1
-
-    def sample(self, progress: bool, cuda_graph: bool | None = None) -> bool:
-        """Fills ``problem.images`` pixel by pixel; returns whether the steps after the first ran as a CUDA graph.
-
-        ``cuda_graph``: True captures one pixel step in a CUDA graph after running the
-        first pixel eagerly, and replays it for the others (raises where the capture
-        fails); False runs every step eagerly; None (default): a graph on a CUDA
-        device, falling back to eager steps, with a warning, where the capture fails.
-        Both give the same images (the same kernels on the same values).
-        """
-        problem = self.problem
-        if cuda_graph and not problem.images.is_cuda:
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {problem.images.device}")
-        strict = bool(cuda_graph)
-        capture = problem.images.is_cuda if cuda_graph is None else cuda_graph
-        all_known = problem.pixels_all_known()
-        graph = None
-        with tqdm(total=problem.height * problem.width, desc="sampling (cached, fused)", unit="pixel", disable=not progress) as bar:
-            for i in range(problem.height):
-                self.start_row(i)
-                for j in range(problem.width):
-                    if graph is not None:
-                        graph.replay()
-                    elif capture:
-                        graph = self._step_and_capture(strict)
-                        capture = graph is not None
-                    else:
-                        self.pixel_step(draw=not all_known[i][j])
-                    bar.update()
-        return graph is not None
-
-    def _step_and_capture(self, strict: bool) -> torch.cuda.CUDAGraph | None:
-        """Runs this pixel's step eagerly, then captures the next pixel's step in a CUDA graph.
-
-        Both on one side stream, so that whatever the step's ops initialise lazily
-        (Triton modules, cuBLAS and cuDNN state for that stream) exists before the
-        capture. Returns None, after a warning, where the capture fails and not ``strict``.
-        """
-        device = self.pixel.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self.pixel_step()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=stream):
-                self.pixel_step()
-        except RuntimeError as error:
-            if strict:
-                raise
-            warnings.warn(f"cached sampling: capturing the pixel step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=3)
-            graph = None
-        torch.cuda.current_stream(device).wait_stream(stream)
-        return graph
 
 
 def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:

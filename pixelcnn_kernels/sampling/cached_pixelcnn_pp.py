@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
-from pixelcnn_kernels.sampling.cached_gated import FusedCachedGatedPixelCNN
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
+from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
 __all__ = ["CachedPixelCNNPlusPlus", "TableCachedPixelCNNPlusPlus", "sample_cached_pixelcnn_pp"]
 
@@ -447,7 +447,7 @@ class _ResnetStep:
         resnet_position_step(self.pixel, self.table, node.source.cache, node.inner.cache, [skip.cache for skip in node.skips], node.cond, self.weights, node.cache)
 
 
-class TableCachedPixelCNNPlusPlus:
+class TableCachedPixelCNNPlusPlus(PixelStepSampler):
     """One cached sampling run of a PixelCNNPlusPlus ``model`` as a uniform, table-driven pixel step.
 
     The demand-driven graph (:class:`CachedPixelCNNPlusPlus`) is built and its
@@ -507,15 +507,6 @@ class TableCachedPixelCNNPlusPlus:
             self.images_flat.index_copy_(2, pixel, values)
             self.inputs_flat.index_copy_(1, self.padded_pixel.index_select(0, pixel), self.model.to_inputs(values).transpose(1, 2))
         self.pixel += 1
-
-    def start_row(self, row: int) -> None:
-        """Nothing: unlike the Gated PixelCNN's vertical stack, no work here is per row (the tables hold it all)."""
-
-    # The Gated PixelCNN sampler's loop (eager steps, or one captured step replayed per
-    # pixel, with its fallback) and capture: they use only ``problem``, ``pixel``,
-    # :meth:`start_row` and :meth:`pixel_step`.
-    sample = FusedCachedGatedPixelCNN.sample
-    _step_and_capture = FusedCachedGatedPixelCNN._step_and_capture
 
 
 def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -> int:
