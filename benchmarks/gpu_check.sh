@@ -8,6 +8,8 @@
 # It fits one call of the project's device tool (10 minutes at most, of a 15-minute
 # session): every step gets a share of GPU_CHECK_SECONDS (default 540) and whatever
 # a step leaves is passed on; a step that runs out is cut, and the summary says so.
+# GPU_CHECK_STEPS picks the steps after the build (default "tests sanitize bench"),
+# e.g. GPU_CHECK_STEPS=bench for a second call that only times.
 # The tests run on 4 processes when pytest-xdist is there (most of their time is
 # Triton compiling kernels on the CPU).
 #
@@ -36,6 +38,10 @@ allowance() {
 # "exit N" for a finished command, "cut after N s" for one that timeout stopped.
 outcome() { [ "$1" -eq 124 ] && echo "cut after $2 s" || echo "exit $1"; }
 
+steps=" ${GPU_CHECK_STEPS:-tests sanitize bench} "
+wants() { [[ $steps == *" $1 "* ]]; }
+tests_rc=0 bench_rc=0
+
 step "build"
 start=$(date +%s)
 python setup.py build_ext --inplace >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
@@ -57,17 +63,19 @@ python -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
 parallel=()
 python -c "import xdist" 2>/dev/null && parallel=(-n 4)
 
-step "gpu tests"
-limit=$(allowance 240 200)
-timeout "$limit" python -m pytest -m gpu "${parallel[@]}" "${pytest_args[@]}" >"$out/gpu_tests.log" 2>&1
-tests_rc=$?
-{ echo; echo "## GPU tests (pytest -m gpu): $(outcome $tests_rc "$limit")"; echo '```'
-  grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -30; tail -3 "$out/gpu_tests.log"; echo '```'; } >>"$summary"
+if wants tests; then
+  step "gpu tests"
+  limit=$(allowance 240 200)
+  timeout "$limit" python -m pytest -m gpu "${parallel[@]}" "${pytest_args[@]}" >"$out/gpu_tests.log" 2>&1
+  tests_rc=$?
+  { echo; echo "## GPU tests (pytest -m gpu): $(outcome $tests_rc "$limit")"; echo '```'
+    grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -30; tail -3 "$out/gpu_tests.log"; echo '```'; } >>"$summary"
+fi
 
-if command -v compute-sanitizer >/dev/null; then
+if wants sanitize && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
-    limit=$(allowance 60 100)
+    limit=$(allowance 75 100)
     timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
       python -m pytest -m "gpu and sanitize" "${pytest_args[@]}" >"$out/sanitizer_$tool.log" 2>&1
     rc=$?
@@ -76,12 +84,14 @@ if command -v compute-sanitizer >/dev/null; then
   done
 fi
 
-step "benchmarks"
-limit=$(allowance 300 5)
-timeout "$limit" python -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
-bench_rc=$?
-{ echo; echo "## Benchmarks (pixelcnn-kernels bench ${families[*]}): $(outcome $bench_rc "$limit")"; echo '```'
-  cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'; } >>"$summary"
+if wants bench; then
+  step "benchmarks"
+  limit=$(allowance 300 5)
+  timeout "$limit" python -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
+  bench_rc=$?
+  { echo; echo "## Benchmarks (pixelcnn-kernels bench ${families[*]}): $(outcome $bench_rc "$limit")"; echo '```'
+    cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'; } >>"$summary"
+fi
 
 step "done"
 cat "$summary"
