@@ -130,11 +130,10 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         batch, channels, height, width = images.shape
         dtype, device = model.parameter_dtype(), images.device
         hidden = model.conv_hstack.out_channels
-        self.model, self.problem = model, problem
+        super().__init__(model, problem)
         # The network's input, kept equal to to_inputs(images) as values are drawn.
         self.inputs = model.to_inputs(images)
         self.vertical = _VerticalStack(model, problem, self.inputs)
-        self.pixel = torch.zeros(1, dtype=torch.int64, device=device)
         self.first_conv = HorizontalStepWeights.from_conv(model.conv_hstack, dtype)
         self.layers = [GatedLayerStepWeights.from_layer(layer, dtype) for layer in model.conv_layers]
         self.cond = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
@@ -149,12 +148,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         expanded = [row[:, None].expand(batch, height, width, hidden) for row in h_rows]
         self.step_inputs = [self.inputs.permute(0, 2, 3, 1)] + expanded
         self.step_outputs = expanded + [self.h_out[:, None, None].expand(batch, height, width, hidden)]
-        # (B, C or K, H·W) views, read and written at p.
-        self.images_flat = images.view(batch, channels, height * width)
-        self.inputs_flat = self.inputs.view(batch, channels, height * width)
-        self.known_flat = problem.known.reshape(batch, height * width)
-        noise = problem.noise
-        self.noise_flat = noise.flatten(2) if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
+        self.inputs_flat = self.inputs.view(batch, channels, height * width)  # written at the pixel
 
     def start_row(self, row: int) -> None:
         """Computes row ``row`` of every layer's vertical pre-activation into ``v_pre_rows`` (the rows above must be final)."""
@@ -177,14 +171,8 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
 
     def draw(self, channels: slice) -> None:
         """Draws ``channels`` at the pixel; writes them to the images (except where known) and to the network's input."""
-        pixel = self.pixel
-        noise = self.noise_flat.index_select(2, pixel)[..., None] if isinstance(self.noise_flat, torch.Tensor) else tuple(u.index_select(2, pixel)[..., None] for u in self.noise_flat)
-        drawn = self.model.draw_values(self.logits(self.horizontal_stack()), noise)[:, channels, :, 0]
-        images = self.images_flat[:, channels]
-        keep = self.known_flat.index_select(1, pixel)[:, :, None]
-        values = torch.where(keep, images.index_select(2, pixel), drawn)
-        images.index_copy_(2, pixel, values)
-        self.inputs_flat[:, channels].index_copy_(2, pixel, self.model.to_inputs(values))
+        values = self.draw_pixel(self.logits(self.horizontal_stack()), channels)
+        self.inputs_flat[:, channels].index_copy_(2, self.pixel, self.model.to_inputs(values))
 
     def pixel_step(self, draw: bool = True) -> None:
         """Generates the pixel's values (``draw=False``: only its activations, for a pixel every image knows) and moves to the next pixel."""

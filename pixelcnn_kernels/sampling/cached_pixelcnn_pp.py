@@ -468,10 +468,9 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
 
     def __init__(self, model, problem: SamplingProblem):
         images = problem.images
-        batch, channels, height, width = images.shape
-        self.model, self.problem = model, problem
+        _, channels, height, width = images.shape
+        super().__init__(model, problem)
         self.graph = graph = CachedPixelCNNPlusPlus(model, problem)
-        self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
         self.steps: list[Callable[[], None]] = []
         for node, tables in zip(graph.nodes, _host_tables(graph, problem.pixels_all_known())):
             if isinstance(node, _LinearNode):
@@ -480,10 +479,7 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
                 self.steps.append(_ResnetStep(node, tables, self.pixel, model.parameter_dtype()))
         # Pixel p's index in the x and ul caches' flat views (they share the image's size).
         self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
-        self.images_flat = images.view(batch, channels, height * width)
         self.inputs_flat = graph.x.flat[:, :, :channels]
-        self.known_flat = problem.known.reshape(batch, height * width)
-        self.noise_flat = tuple(u.flatten(2) for u in problem.noise)
 
     def logits(self) -> torch.Tensor:
         """The head at the pixel: (B, P, 1, 1); run after the step's nodes."""
@@ -498,14 +494,9 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         if draw:
             for step in self.steps:
                 step()
-            pixel = self.pixel
-            noise = tuple(u.index_select(2, pixel)[..., None] for u in self.noise_flat)
             (channels,) = self.model.step_channels()  # the DMOL head draws a pixel's channels together
-            drawn = self.model.draw_values(self.logits(), noise)[:, channels, :, 0]
-            keep = self.known_flat.index_select(1, pixel)[:, :, None]
-            values = torch.where(keep, self.images_flat.index_select(2, pixel), drawn)
-            self.images_flat.index_copy_(2, pixel, values)
-            self.inputs_flat.index_copy_(1, self.padded_pixel.index_select(0, pixel), self.model.to_inputs(values).transpose(1, 2))
+            values = self.draw_pixel(self.logits(), channels)
+            self.inputs_flat.index_copy_(1, self.padded_pixel.index_select(0, self.pixel), self.model.to_inputs(values).transpose(1, 2))
         self.pixel += 1
 
 

@@ -22,13 +22,38 @@ __all__ = ["PixelStepSampler"]
 class PixelStepSampler:
     """Base of the fused cached samplers: :meth:`sample` runs their pixel steps in raster order.
 
-    A subclass sets ``problem`` (the :class:`~pixelcnn_kernels.sampling.common.SamplingProblem`)
-    and ``pixel`` (int64 (1,) on the images' device, p = i·W + j, 0 at the start) and
-    defines :meth:`start_row` and :meth:`pixel_step`.
+    Holds the run's ``model``, ``problem`` and the pixel being generated, ``pixel``
+    (int64 (1,) on the images' device, p = i·W + j), and draws and writes a pixel's
+    values with device indices (:meth:`draw_pixel`). A subclass defines
+    :meth:`pixel_step` and, if it has per-row work, :meth:`start_row`.
     """
 
-    problem: SamplingProblem
-    pixel: torch.Tensor
+    def __init__(self, model, problem: SamplingProblem):
+        images = problem.images
+        batch, channels, height, width = images.shape
+        self.model, self.problem = model, problem
+        self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
+        # (B, C or K, H·W) views, read and written at the pixel.
+        self.images_flat = images.view(batch, channels, height * width)
+        self.known_flat = problem.known.reshape(batch, height * width)
+        noise = problem.noise
+        self.noise_flat = noise.flatten(2) if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
+
+    def draw_pixel(self, logits: torch.Tensor, channels: slice) -> torch.Tensor:
+        """Draws ``channels`` of the pixel from the head's ``logits`` at its noise; returns the values (B, c, 1).
+
+        The values are written to the images, except where the pixel is known, where
+        they are the known values (no host sync: the known mask is read on the device).
+        """
+        pixel = self.pixel
+        noise_flat = self.noise_flat
+        noise = noise_flat.index_select(2, pixel)[..., None] if isinstance(noise_flat, torch.Tensor) else tuple(u.index_select(2, pixel)[..., None] for u in noise_flat)
+        drawn = self.model.draw_values(logits, noise)[:, channels, :, 0]
+        images = self.images_flat[:, channels]
+        keep = self.known_flat.index_select(1, pixel)[:, :, None]
+        values = torch.where(keep, images.index_select(2, pixel), drawn)
+        images.index_copy_(2, pixel, values)
+        return values
 
     def start_row(self, row: int) -> None:
         """Work done once per row, eagerly, before the row's first pixel (default: none)."""
