@@ -167,6 +167,20 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
     return "reference"
 
 
+def backend_with_cuda_op(backend: str, cuda_op: str, device: torch.device) -> str:
+    """``backend``, unless it is ``cuda`` and the built extension lacks the op ``cuda_op``.
+
+    An extension built before the op existed lacks it: then a forced ``cuda`` raises
+    BackendUnavailableError saying so, and an automatic choice falls back to ``triton``
+    (``reference`` where Triton cannot run on ``device``).
+    """
+    if backend != "cuda" or hasattr(cuda_ops(), cuda_op):
+        return backend
+    if forced_backend() is not None:
+        raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {cuda_op} op (rebuild it)")
+    return "triton" if unavailable_reason("triton", device) is None else "reference"
+
+
 def cuda_ops():
     """``torch.ops.pixelcnn_kernels_cuda`` after making sure the extension is loaded."""
     error = _cuda_extension_error()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pixelcnn_kernels
+from pixelcnn_kernels import backend as backend_module
 from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, unavailable_reason, use_backend
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d, MaskedConv2dGated
@@ -423,10 +424,10 @@ def test_tf32_follows_pytorch_conv_setting(monkeypatch):
 
 @pytest.fixture
 def cuda_backend_without_ops(monkeypatch):
-    """The op module seeing a 'cuda' backend whose extension registers no masked_conv2d op."""
+    """The op module seeing a 'cuda' backend whose extension registers no masked_conv2d op (the fallback is the backend module's)."""
     monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
-    monkeypatch.setattr(ops, "cuda_ops", lambda: types.SimpleNamespace())
-    monkeypatch.setattr(ops, "unavailable_reason", lambda backend, device=None: None)
+    monkeypatch.setattr(backend_module, "cuda_ops", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(backend_module, "unavailable_reason", lambda backend, device=None: None)
     return monkeypatch
 
 
@@ -436,7 +437,7 @@ def test_missing_cuda_op_falls_back_to_triton_when_automatic(cuda_backend_withou
 
 
 def test_missing_cuda_op_raises_when_cuda_is_forced(cuda_backend_without_ops):
-    cuda_backend_without_ops.setattr(ops, "forced_backend", lambda: "cuda")
+    cuda_backend_without_ops.setattr(backend_module, "forced_backend", lambda: "cuda")
     with pytest.raises(BackendUnavailableError, match="no masked_conv2d_fwd op"):
         ops._choose_backend("masked_conv2d_fwd", torch.zeros(1, 1, 1, 1))
 

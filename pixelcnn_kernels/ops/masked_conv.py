@@ -27,7 +27,7 @@ import importlib
 
 import torch
 
-from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, forced_backend, resolve_backend, unavailable_reason
+from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, forced_backend, resolve_backend
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
@@ -131,16 +131,11 @@ def _choose_backend(cuda_op: str, *tensors: torch.Tensor | None) -> str:
     backend = resolve_backend(*tensors)
     if backend == "reference":
         return backend
-    forced = forced_backend() is not None
     if tensors[0].dtype == torch.float64:
-        if forced:
+        if forced_backend() is not None:
             raise BackendUnavailableError(f"{backend} backend unavailable: its masked-convolution kernels take float32, float16 or bfloat16, got float64")
         return "reference"
-    if backend == "cuda" and not hasattr(cuda_ops(), cuda_op):
-        if forced:
-            raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {cuda_op} op")
-        return "triton" if unavailable_reason("triton", tensors[0].device) is None else "reference"
-    return backend
+    return backend_with_cuda_op(backend, cuda_op, tensors[0].device)
 
 
 def conv_allows_tf32() -> bool:

@@ -60,7 +60,7 @@ import importlib
 
 import torch
 
-from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops, forced_backend, resolve_backend, unavailable_reason
+from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, resolve_backend
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor
@@ -169,11 +169,8 @@ def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None
     backend = resolve_backend(like)
     if backend == "reference" or like.dtype not in FLOAT_DTYPES:
         return None
-    if backend == "cuda" and not hasattr(cuda_ops(), cuda_op):
-        if forced_backend() is not None:
-            raise BackendUnavailableError(f"cuda backend unavailable: the extension has no {cuda_op} op (rebuild it)")
-        return "triton" if unavailable_reason("triton", like.device) is None else None
-    return backend
+    backend = backend_with_cuda_op(backend, cuda_op, like.device)
+    return None if backend == "reference" else backend
 
 
 def horizontal_conv_step(pixel: torch.Tensor, x: torch.Tensor, weights: HorizontalStepWeights, out: torch.Tensor) -> None:
