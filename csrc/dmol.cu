@@ -282,11 +282,16 @@ __global__ void __launch_bounds__(kThreads)
   const int b = at.b, h = at.h, w = at.w;
   const int mixtures = problem.mixtures;
   const PixelLogits<T> px = at.logits<T>(problem);
-  // Gumbel-max: the first component with the largest logit - log(-log(u)).
+  // Gumbel-max: the first component with the largest logit - log(-log(u)); as in
+  // torch.argmax, the first NaN score wins (the Triton kernel and the reference agree).
   int chosen = 0;
   float best = -INFINITY;
   for (int k = 0; k < mixtures; ++k) {
     const float score = px[k] - logf(-logf(clamp_noise(u_mix[offset4(u_mix_strides, b, k, h, w)])));
+    if (isnan(score)) {
+      chosen = k;
+      break;
+    }
     if (score > best) {
       best = score;
       chosen = k;

@@ -23,6 +23,9 @@ namespace {
 // Sizes at or above this could overflow the kernels' 32-bit pixel coordinates and
 // channel indices (y + dy, channel counts); offsets are bounded the same way.
 constexpr int64_t kMaxExtent = int64_t{1} << 30;
+// Each channel count is the GEMM's columns in some pass (Cout forward, Cin dgrad), laid
+// out 64 per CTA along grid.y, which holds at most 65535 blocks.
+constexpr int64_t kMaxChannels = int64_t{65535} * 64;
 
 void check_activation(const at::Tensor& t, const char* name) {
   check_cuda_contiguous(t, name);
@@ -67,7 +70,9 @@ void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t i
   TORCH_CHECK(wp.size(1) == in_channels, "wp has ", wp.size(1), " input channels but the input has ", in_channels);
   if (out_channels >= 0)
     TORCH_CHECK(wp.size(2) == out_channels, "wp has ", wp.size(2), " output channels but gout has ", out_channels);
-  TORCH_CHECK(wp.size(2) < kMaxExtent, "wp has ", wp.size(2), " output channels; the kernels take < 2^30");
+  for (int64_t d : {1, 2})
+    TORCH_CHECK(wp.size(d) <= kMaxChannels, "wp has ", wp.size(d), d == 1 ? " input" : " output",
+                " channels; the kernels take at most ", kMaxChannels);
 }
 
 // A residual must be a contiguous CUDA tensor of the output's shape, x's dtype and device.

@@ -105,6 +105,15 @@ def test_horizontal_conv_step_is_the_masked_conv_at_its_pixel_only(backend, devi
     assert_close_at_scale(out.permute(0, 3, 1, 2), expected, dtype)
 
 
+def test_triton_pixel_step_names_a_width_past_its_limit():
+    """Past MAX_PIXEL_STEP_CHANNELS the Triton step's tiles would not fit shared memory: a ValueError, not an OutOfResources at launch."""
+    channels = triton_sampling.MAX_PIXEL_STEP_CHANNELS + 1
+    x = torch.zeros(1, 1, 2, 4)
+    out = torch.zeros(1, 1, 2, channels)
+    with pytest.raises(ValueError, match=f"out has {channels} channels"):
+        triton_sampling.gated_pixel_step(torch.zeros(1, dtype=torch.int64), x, torch.zeros(1, 4, channels), None, [0], None, None, None, None, None, None, 0, out)
+
+
 # ---------------------------------------------------------------- every layer of a model against the PyTorch step
 
 
@@ -271,9 +280,10 @@ def test_gpu_sample_uses_the_graph_by_default(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("in_channels, hidden", [(1, 64), (3, 66)])
+@pytest.mark.parametrize("in_channels, hidden", [(1, 64), (3, 66), (1, 256), (3, triton_sampling.MAX_PIXEL_STEP_CHANNELS - 2)])
 def test_gpu_fused_steps_at_the_tutorial_width(backend, in_channels, hidden):
-    """64 channels (66 for colour groups), a batch of 70: both kernels against the PyTorch step in float32.
+    """64 channels (66 for colour groups), a batch of 70: both kernels against the PyTorch step in float32;
+    also at widths whose tiles would not fit shared memory with Triton's default pipelining (up to 510).
 
     Sums of a few hundred products: an atol of 1e-5 of the largest magnitude, as the
     masked convolution's GPU tests allow fp32 without TF32 at realistic sizes.

@@ -135,12 +135,11 @@ def concat_elu_grad_math(x, grad_pos, grad_neg):
 def _tile(outer, row_len, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr, INT64: tl.constexpr):
     """This program's ``(rows[:, None], cols[None, :], mask)`` in an ``(outer, row_len)`` grid."""
     pid = tl.program_id(0)
+    if INT64:  # before any product: the first row of a program can itself pass 2^31
+        pid = pid.to(tl.int64)
     blocks_per_row = tl.cdiv(row_len, BLOCK_ROW)
     rows = (pid // blocks_per_row) * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
     cols = (pid % blocks_per_row) * BLOCK_ROW + tl.arange(0, BLOCK_ROW)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
     mask = (rows < outer)[:, None] & (cols < row_len)[None, :]
     return rows[:, None], cols[None, :], mask
 

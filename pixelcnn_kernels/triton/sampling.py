@@ -117,7 +117,7 @@ def _pixel_step_kernel(
     p = tl.load(pixel_ptr)
     row = p // W
     col = p - row * W
-    images = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    images = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # int64: images·stride_xb can pass 2^31
     image_ok = (images < B) & (p >= 0) & (p < H * W)
     n = tl.arange(0, BLOCK_C)
     n_ok = n < C_OUT
@@ -158,8 +158,9 @@ def _pixel_step_kernel(
             acc_b += tl.load(cond_rows + cols_b[None, :], mask=cond_ok, other=0.0).to(tl.float32)
         # Padded channels hold tanh(0)·σ(0) = 0, and their rows of w1 are masked to 0 as well.
         gated = gate_tanh_sigmoid_math(acc_a, acc_b)
-        # The output 1×1 and the residual, a column block at a time (bounds the registers of w1's tile).
-        for o0 in tl.static_range(0, BLOCK_C, BLOCK_O):
+        # The output 1×1 and the residual, a column block at a time (bounds the registers of w1's tile);
+        # a runtime loop: unrolled over 512 channels the kernel took minutes to compile.
+        for o0 in range(0, C_OUT, BLOCK_O):
             o = o0 + tl.arange(0, BLOCK_O)
             o_ok = o < C_OUT
             result = _dot_columns(tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32), gated, w1_ptr + n[:, None] * C_OUT, o, n_ok[:, None] & o_ok[None, :])
@@ -299,11 +300,19 @@ def _resnet_step_kernel(
 # batch gets more programs, not bigger ones.
 _BLOCK_B = 16
 # Reduction chunk (input channels of a tap, or of the vertical link) and output-column
-# block of the 1×1: 64 fp32 columns keep each weight tile at 32 registers per thread.
+# block of the 1×1: at most 64, and each weight tile (chunk × BLOCK_C) at most
+# _MAX_TILE fp32 (32 registers per thread at 8 warps).
 _MAX_BLOCK_K = 64
-_MAX_BLOCK_O = 64
+_MAX_TILE = 8192
 # tl.dot needs every tile dimension to be at least 16.
 _MIN_DOT_DIM = 16
+# No software pipelining of the steps' reduction loops: with 3 stages the pixel step's two
+# fp32 weight tiles took 264 KiB of shared memory at 192 channels and the resnet step's
+# at 160, past the 227 KiB a block may have on sm_90.
+_STAGES = 1
+# Channels the pixel step takes: every channel is in one program (the gate needs both
+# halves, the 1×1 every gated channel); at 512 its tiles fit sm_90's shared memory.
+MAX_PIXEL_STEP_CHANNELS = 512
 
 
 def _block(size: int, largest: int | None = None) -> int:
@@ -312,9 +321,22 @@ def _block(size: int, largest: int | None = None) -> int:
     return block if largest is None else min(block, largest)
 
 
+def _chunk(size: int, block_c: int) -> int:
+    """Reduction or 1×1-column chunk against BLOCK_C columns: at most ``size``, 64 and _MAX_TILE // block_c."""
+    return _block(min(size, _MAX_TILE // block_c), _MAX_BLOCK_K)
+
+
 def _num_warps(block_c: int) -> int:
     """Four warps; eight once the (BLOCK_B, BLOCK_C) accumulators and gate reach 32 registers per thread each."""
     return 8 if block_c >= 256 else 4
+
+
+def _pixel_step_config(c_in: int, c_out: int, gated: bool) -> tuple[dict, int]:
+    """The pixel step's block sizes and warps for these widths (the launcher's and the compile cases')."""
+    block_c = _block(c_out)
+    reduction = max(c_in, 2 * c_out) if gated else c_in
+    blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _chunk(reduction, block_c), "BLOCK_C": block_c, "BLOCK_O": _chunk(block_c, block_c)}
+    return blocks, _num_warps(block_c)
 
 
 def gated_pixel_step(
@@ -335,32 +357,23 @@ def gated_pixel_step(
     """Writes one pixel of ``out`` in place (the CUDA op ``gated_pixel_step``'s signature).
 
     Gated iff ``v_pre`` is given (then ``link_weight``, ``out_weight`` too); see the
-    module docstring for the layout. Arguments are validated by the caller.
+    module docstring for the layout. Arguments are validated by the caller, except
+    the width: ValueError past MAX_PIXEL_STEP_CHANNELS output channels.
     """
     batch, height, width, c_in = x.shape
     c_out = out.shape[3]
+    if c_out > MAX_PIXEL_STEP_CHANNELS:
+        raise ValueError(f"out has {c_out} channels; the Triton pixel step takes at most {MAX_PIXEL_STEP_CHANNELS} (the cuda backend takes more)")
     if batch == 0:
         return
     gated = v_pre is not None
-    block_c = _block(c_out)
+    blocks, num_warps = _pixel_step_config(c_in, c_out, gated)
     v_strides = v_pre.stride() if gated else (0, 0, 0)
-    reduction = max(c_in, 2 * c_out) if gated else c_in
     _pixel_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
         pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
         batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
-        OFFSETS=tuple(offsets), GATED=gated, BLOCK_B=_BLOCK_B, BLOCK_K=_block(reduction, _MAX_BLOCK_K),
-        BLOCK_C=block_c, BLOCK_O=min(block_c, _MAX_BLOCK_O), num_warps=_num_warps(block_c),
+        OFFSETS=tuple(offsets), GATED=gated, **blocks, num_warps=num_warps, num_stages=_STAGES,
     )  # fmt: skip
-
-
-# No software pipelining of the resnet step's reduction loops: with 3 stages its fp32 weight
-# tiles took 264 KiB of shared memory at 160 channels, past the 227 KiB a block may have.
-_RESNET_STAGES = 1
-
-
-def _resnet_block_k(channels: int, block_c: int) -> int:
-    """Reduction chunk of the resnet step: at most the channels, and its weight tiles (BLOCK_K, BLOCK_C) at most 8192 fp32 (32 registers a thread at 8 warps)."""
-    return _block(min(channels, 8192 // block_c), _MAX_BLOCK_K)
 
 
 def resnet_position_step(
@@ -394,7 +407,7 @@ def resnet_position_step(
     _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
         x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
         pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
-        BLOCK_B=_BLOCK_B, BLOCK_K=_resnet_block_k(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_RESNET_STAGES,
+        BLOCK_B=_BLOCK_B, BLOCK_K=_chunk(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_STAGES,
     )  # fmt: skip
 
 
@@ -402,22 +415,23 @@ def resnet_position_step(
 
 
 def _register_compile_cases() -> None:
-    """The tutorial model's steps: its first 1×3 ``horizontal_A`` conv (3 colours in) and a 64-channel gated layer."""
+    """The tutorial model's steps (its first 1×3 ``horizontal_A`` conv from 3 colours, a 64-channel gated layer) and the widest gated layer."""
     sizes = dict.fromkeys(("B", "H", "W", "C_IN", "C_OUT", "group_size"), "i32")
     strides = dict.fromkeys(("stride_xb", "stride_xh", "stride_xw", "stride_xc", "stride_vb", "stride_vw", "stride_vc", "stride_ob", "stride_oh", "stride_ow", "stride_oc"), "i32")
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         common = {"pixel_ptr": "*i64", "x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, **sizes, **strides}
         gated = {name: ptr for name in ("v_ptr", "wv_ptr", "bias_v_ptr", "cond_ptr", "w1_ptr", "bias1_ptr")}
-        blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_C": 64, "BLOCK_O": 64}
+        blocks, num_warps = _pixel_step_config(3, 64, gated=False)
         register_compile_case(
             f"sampling_step_first_conv_1x3_{dtype_name}", _pixel_step_kernel, common,
-            {**dict.fromkeys(gated, None), **blocks, "OFFSETS": (-1, 0), "GATED": False, "BLOCK_K": _MIN_DOT_DIM}, num_warps=4,
+            {**dict.fromkeys(gated, None), **blocks, "OFFSETS": (-1, 0), "GATED": False}, num_warps=num_warps, num_stages=_STAGES,
         )  # fmt: skip
-        for dilation in (1, 2):
+        for channels, dilation in ((64, 1), (64, 2), (MAX_PIXEL_STEP_CHANNELS, 1)):
+            blocks, num_warps = _pixel_step_config(channels, channels, gated=True)
             register_compile_case(
-                f"sampling_step_gated_1x3_dil{dilation}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
-                {**blocks, "OFFSETS": (-dilation, 0), "GATED": True, "BLOCK_K": _MAX_BLOCK_K}, num_warps=4,
+                f"sampling_step_gated_1x3_c{channels}_dil{dilation}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
+                {**blocks, "OFFSETS": (-dilation, 0), "GATED": True}, num_warps=num_warps, num_stages=_STAGES,
             )  # fmt: skip
 
 
@@ -425,7 +439,7 @@ def _register_resnet_compile_cases() -> None:
     """PixelCNN++'s blocks at nr_filters 160: without skip (the up pass's u), with one (ul) and two (the down pass's ul) skip streams."""
     sizes = {"pixel_ptr": "*i64", "table_ptr": "*i32", **dict.fromkeys(("STEPS", "SLOTS", "KH", "KW", "TOP", "LEFT", "B", "HP", "WP", "C"), "i32")}
     block_c = _block(160)
-    blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _resnet_block_k(160, block_c), "BLOCK_C": block_c}
+    blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _chunk(160, block_c), "BLOCK_C": block_c}
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         tensors = dict.fromkeys(("x_ptr", "inner_ptr", "out_ptr", "w_in_ptr", "bias_in_ptr", "w_out_ptr", "bias_out_ptr", "cond_ptr"), ptr)
@@ -435,7 +449,7 @@ def _register_resnet_compile_cases() -> None:
             constexprs = {**{name: None for name, given in present.items() if not given}, **blocks}
             register_compile_case(
                 f"sampling_resnet_step_skips{skip_streams}_{dtype_name}", _resnet_step_kernel, signature, constexprs,
-                num_warps=_num_warps(block_c), num_stages=_RESNET_STAGES,
+                num_warps=_num_warps(block_c), num_stages=_STAGES,
             )  # fmt: skip
 
 _register_compile_cases()
