@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import pixelcnn_kernels.train as train_module
 from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from pixelcnn_kernels.cli import build_parser
 from pixelcnn_kernels.data import load_dataset, load_digits, load_images, load_photos, quantize, save_image_grid
@@ -19,7 +20,9 @@ TINY_MODEL = ["--hidden", "8", "--layers", "1", "--kernel-size", "3", "--batch-s
 
 
 def train_args(tmp_path, *extra):
-    return build_parser().parse_args(["train", "--out", str(tmp_path / "run"), *TINY_MODEL, *extra])
+    """float32 unless ``extra`` asks for bfloat16: the default precision depends on the machine (native_bfloat16)."""
+    precision = [] if "--bf16" in extra else ["--fp32"]
+    return build_parser().parse_args(["train", "--out", str(tmp_path / "run"), *TINY_MODEL, *precision, *extra])
 
 
 def digits_npz(directory, count: int) -> str:
@@ -237,7 +240,7 @@ def test_backends_train_to_the_same_curve(tmp_path, tiny_digits):
 
 def test_ddp_with_two_processes_matches_one(tmp_path, tiny_digits):
     # Without dropout: each rank draws the dropout masks of its half batch from its own generator.
-    common = ["--data", tiny_digits, "--epochs", "1", *TINY_MODEL, "--dropout", "0"]
+    common = ["--data", tiny_digits, "--epochs", "1", *TINY_MODEL, "--dropout", "0", "--fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pixelcnn_kernels", "train"]
     subprocess.run([*command, "--out", str(tmp_path / "ddp"), *common], check=True, env=env, capture_output=True, timeout=300)
@@ -247,9 +250,28 @@ def test_ddp_with_two_processes_matches_one(tmp_path, tiny_digits):
     assert ddp["held_out_bpd"] == pytest.approx(one["held_out_bpd"], rel=1e-4)
 
 
+@pytest.mark.parametrize("schedule, last_lr", [("constant", 0.01), ("cosine", 0.0)])
+def test_lr_schedule(tmp_path, tiny_digits, schedule, last_lr):
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "2", "--lr", "0.01", "--lr-schedule", schedule))
+    epochs = json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"]
+    assert epochs[0]["lr"] == pytest.approx(0.01 if schedule == "constant" else 0.005, abs=1e-3)  # half way, the cosine is at half
+    assert epochs[-1]["lr"] == pytest.approx(last_lr, abs=1e-12)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_defaults_to_bfloat16_where_it_is_native(monkeypatch, native):
+    monkeypatch.setattr(train_module, "native_bfloat16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert train_module.autocast_dtype(None, cpu) == (torch.bfloat16 if native else None)
+    assert train_module.autocast_dtype("bf16", cpu) == torch.bfloat16 and train_module.autocast_dtype("fp32", cpu) is None
+    assert build_parser().parse_args(["train"]).precision is None
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["train", "--bf16", "--fp32"])
+
+
 def test_train_help_lists_every_option():
     result = subprocess.run([sys.executable, "-m", "pixelcnn_kernels", "train", "--help"], capture_output=True, text=True, check=True)
-    for option in ("--data", "--model", "--hidden", "--layers", "--epochs", "--batch-size", "--lr", "--seed", "--bf16", "--backend", "--out", "--resume", "--class-conditional", "--max-minutes",
+    for option in ("--data", "--model", "--hidden", "--layers", "--epochs", "--batch-size", "--lr", "--seed", "--bf16", "--fp32", "--lr-schedule", "--backend", "--out", "--resume", "--class-conditional", "--max-minutes",
                    "--dropout", "--dilations", "--ema-decay"):
         assert option in result.stdout
 
