@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
 
 # The reference's constants, as constexprs the kernels can read.
 LOG_SCALE_MIN = tl.constexpr(_reference.LOG_SCALE_MIN)
@@ -340,14 +340,15 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
     k_pad = triton.next_power_of_2(num_mix)
     block = _nll_block(k_pad)
     num_pixels = batch * height * width
-    _dmol_nll_kernel[(triton.cdiv(num_pixels, block),)](
-        x, logits, grad_nll, nll, grad_logits,
-        num_pixels, height, width, num_mix,
-        *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
-        1.0 / (num_bins - 1), 2.0 / (num_bins - 1), num_bins - 1, math.log((num_bins - 1) / 2),
-        CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
-        K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll),
-    )
+    with launch_device(logits):
+        _dmol_nll_kernel[(triton.cdiv(num_pixels, block),)](
+            x, logits, grad_nll, nll, grad_logits,
+            num_pixels, height, width, num_mix,
+            *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
+            1.0 / (num_bins - 1), 2.0 / (num_bins - 1), num_bins - 1, math.log((num_bins - 1) / 2),
+            CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
+            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll),
+        )
 
 
 def nll_forward(x: torch.Tensor, logits: torch.Tensor, num_bins: int, nll: torch.Tensor) -> None:
@@ -372,14 +373,15 @@ def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, 
     batch, num_logit_channels, height, width = logits.shape
     channels = u_logistic.shape[1]
     num_pixels = batch * height * width
-    _dmol_sample_kernel[(triton.cdiv(num_pixels, _SAMPLE_BLOCK),)](
-        logits, u_mix, u_logistic, out,
-        num_pixels, height, width, _reference.num_mixtures(num_logit_channels, channels),
-        *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
-        (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
-        CHANNELS=channels, QUANTIZE=quantize, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK=_SAMPLE_BLOCK,
-        INDEX_64=_needs_int64(logits, u_mix, u_logistic, out),
-    )
+    with launch_device(logits):
+        _dmol_sample_kernel[(triton.cdiv(num_pixels, _SAMPLE_BLOCK),)](
+            logits, u_mix, u_logistic, out,
+            num_pixels, height, width, _reference.num_mixtures(num_logit_channels, channels),
+            *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
+            (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
+            CHANNELS=channels, QUANTIZE=quantize, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK=_SAMPLE_BLOCK,
+            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out),
+        )
 
 
 # --------------------------------------------------------------------------- sm_90 compile cases

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
 
 # Elements per program: 16 per thread at 4 warps, i.e. a few 16-byte vectors per tensor.
 _TILE = 2048
@@ -246,7 +246,8 @@ def _launch(kernel, outer: int, row_len: int, int64: bool, *args, **constexprs) 
     block_row = min(triton.next_power_of_2(row_len), _TILE)
     block_outer = _TILE // block_row
     grid = (triton.cdiv(outer, block_outer) * triton.cdiv(row_len, block_row),)
-    kernel[grid](*args, INT64=int64, BLOCK_OUTER=block_outer, BLOCK_ROW=block_row, num_warps=_NUM_WARPS, **constexprs)
+    with launch_device(args[0]):
+        kernel[grid](*args, INT64=int64, BLOCK_OUTER=block_outer, BLOCK_ROW=block_row, num_warps=_NUM_WARPS, **constexprs)
 
 
 def _cond_args(cond: torch.Tensor | None, x_rows: torch.Tensor, batch_div: int) -> tuple:

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.triton.gates import concat_elu_grad_math, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
-from pixelcnn_kernels.triton.utils import needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
 GATE_NONE = 0
@@ -61,11 +61,11 @@ def _apply_gate(a, b, GATE: tl.constexpr):
 
 
 @triton.jit
-def _pixel_block(start, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.constexpr):
-    """Flat pixel indices start..start+BLOCK, whether each exists, and its row and column."""
-    pixels = start + tl.arange(0, BLOCK)
-    if WIDE_INDEX:
-        pixels = pixels.to(tl.int64)
+def _pixel_block(block, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """Flat pixel indices of block ``block`` (block·BLOCK onwards), whether each exists, and its row and column."""
+    if WIDE_INDEX:  # before the product, which itself can pass 2^31
+        block = block.to(tl.int64)
+    pixels = block * BLOCK + tl.arange(0, BLOCK)
     return pixels, pixels < num_pixels, (pixels // W) % H, pixels % W
 
 
@@ -146,7 +146,7 @@ def _masked_conv_kernel(
     """
     TWO_HALVES: tl.constexpr = GATE != 0 or elu_x_ptr is not None
     x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
-    pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0) * BLOCK_M, num_pixels, H, W, BLOCK_M, WIDE_INDEX)
+    pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0), num_pixels, H, W, BLOCK_M, WIDE_INDEX)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_COLS
     ks = tl.arange(0, BLOCK_K)
@@ -242,7 +242,7 @@ def _masked_conv_wgrad_kernel(
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(num_pixels, BLOCK_P))
     for block in range(first, last):
-        pixels, pixel_ok, row, col = _pixel_block(block * BLOCK_P, num_pixels, H, W, BLOCK_P, WIDE_INDEX)
+        pixels, pixel_ok, row, col = _pixel_block(block, num_pixels, H, W, BLOCK_P, WIDE_INDEX)
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
         x_rows = x_ptr + (pixels + dy * W + dx)[None, :] * x_channels
@@ -312,14 +312,15 @@ def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None
     block_m = _BLOCK_M_TWO_HALVES if two_halves else _BLOCK_M
     block_n = _tile(n_cols, _BLOCK_N)
     grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
-    _masked_conv_kernel[grid](
-        x, w, bias, cond, residual, elu_x, out, pre,
-        num_pixels, height, width, c_in, n_cols, *w_strides,
-        OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-        WIDE_INDEX=needs_int64_index(x, out, pre),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )
+    with launch_device(x):
+        _masked_conv_kernel[grid](
+            x, w, bias, cond, residual, elu_x, out, pre,
+            num_pixels, height, width, c_in, n_cols, *w_strides,
+            OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+            WIDE_INDEX=needs_int64_index(x, out, pre),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )
     return out
 
 
@@ -423,11 +424,12 @@ def masked_conv2d_wgrad(
     blocks_per_split = triton.cdiv(pixel_blocks, splits)
     partial = torch.empty(splits, num_taps, c_in, c_out, device=x.device, dtype=torch.float32)
     grid = (num_taps * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)
-    _masked_conv_wgrad_kernel[grid](
-        x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,
-        OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
-        BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )
+    with launch_device(x):
+        _masked_conv_wgrad_kernel[grid](
+            x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,
+            OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
+            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
 
@@ -474,12 +476,24 @@ def _register_compile_cases() -> None:
                     "BLOCK_M": _BLOCK_M_TWO_HALVES if two_halves else _BLOCK_M,
                 }
                 register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
-            for suffix, concat_elu_input in (("", False), ("_concat_elu", True)) if pixelcnn_pp else (("", False),):
+                if pixelcnn_pp and kind == "fwd":  # past 2^31 elements: 64-bit indices (num_pixels then arrives as i64)
+                    register_compile_case(
+                        f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", _masked_conv_kernel, {**signature, "num_pixels": "i64"},
+                        {**constexprs, "WIDE_INDEX": True}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                    )  # fmt: skip
+                if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
+                    register_compile_case(
+                        f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", _masked_conv_kernel, signature,
+                        {**constexprs, "DOT_PRECISION": dot_precision(dtype, allow_tf32=False)}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                    )  # fmt: skip
+            wgrad_sig = {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
+            wgrad_variants = (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)) if pixelcnn_pp else (("", False, False),)
+            for suffix, concat_elu_input, wide_index in wgrad_variants:
                 register_compile_case(
                     f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}",
                     _masked_conv_wgrad_kernel,
-                    {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")},
-                    {**common, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
+                    {**wgrad_sig, "num_pixels": "i64"} if wide_index else wgrad_sig,
+                    {**common, "WIDE_INDEX": wide_index, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
                     num_warps=_NUM_WARPS,
                     num_stages=_NUM_STAGES,
                 )

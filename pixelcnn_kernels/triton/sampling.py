@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
-from pixelcnn_kernels.triton.utils import pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import launch_device, pointer_type, register_compile_case
 
 
 @triton.jit
@@ -369,11 +369,12 @@ def gated_pixel_step(
     gated = v_pre is not None
     blocks, num_warps = _pixel_step_config(c_in, c_out, gated)
     v_strides = v_pre.stride() if gated else (0, 0, 0)
-    _pixel_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
-        pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
-        batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
-        OFFSETS=tuple(offsets), GATED=gated, **blocks, num_warps=num_warps, num_stages=_STAGES,
-    )  # fmt: skip
+    with launch_device(x):
+        _pixel_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+            pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
+            batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
+            OFFSETS=tuple(offsets), GATED=gated, **blocks, num_warps=num_warps, num_stages=_STAGES,
+        )  # fmt: skip
 
 
 def resnet_position_step(
@@ -404,11 +405,12 @@ def resnet_position_step(
         return
     skip0, skip1 = (list(skips) + [None, None])[:2]
     block_c = _block(channels)
-    _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
-        x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
-        pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
-        BLOCK_B=_BLOCK_B, BLOCK_K=_chunk(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_STAGES,
-    )  # fmt: skip
+    with launch_device(x):
+        _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+            x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
+            pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
+            BLOCK_B=_BLOCK_B, BLOCK_K=_chunk(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_STAGES,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- sm_90 compile cases

@@ -8,6 +8,7 @@ H100/H200 (sm_90) without a GPU, so compile errors surface in CI.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,16 @@ def register_compile_case(name: str, kernel, signature: dict[str, str], constexp
     (``"*fp32"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr.
     """
     COMPILE_CASES.append(CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages))
+
+
+def launch_device(t: torch.Tensor):
+    """Context making ``t``'s GPU the current device for a launch.
+
+    Triton launches on the current device and its current stream, not on the tensors'
+    device: without this, tensors on cuda:1 under current device 0 would be read by a
+    kernel on GPU 0. A no-op for CPU tensors (the interpreter).
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def grid_1d(n: int, block: int) -> tuple[int]:
