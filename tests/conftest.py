@@ -16,11 +16,24 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run by benchmarks/gpu_check.sh on a GPU machine)")
     for item in items:
+        if HAS_CUDA and ("kernel_device" in getattr(item, "fixturenames", ()) or getattr(getattr(item, "module", None), "__name__", "") == "test_properties"):
+            item.add_marker(pytest.mark.gpu)  # they run their kernels on the GPU here: part of `pytest -m gpu`
+        if HAS_CUDA and "2_31" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("beyond_2_31"))  # 10-70 GB each: one worker, one after the other
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _return_cached_gpu_memory():
+    """Hands a test's cached GPU memory back when it is large, so parallel workers do not starve each other."""
+    yield
+    if HAS_CUDA and torch.cuda.memory_reserved() > 4 * 2**30:
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(autouse=True)
