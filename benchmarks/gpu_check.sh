@@ -30,7 +30,8 @@ families=("$@")
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# HYPOTHESIS_PROFILE=gpu draws more and larger property-test examples; unset, the ci ones run (on the GPU).
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 summary="$out/summary.md"
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} ))
 step() { echo "== $1 ($(date +%T), $(( deadline - $(date +%s) )) s left)" | tee -a "$out/steps.log"; }

@@ -32,6 +32,7 @@ it (mask B); the anchor tap is then active with that channel mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,13 +74,28 @@ class MaskSpec:
         return (ai * dilation, (kh - 1 - ai) * dilation, aj * dilation, (kw - 1 - aj) * dilation)
 
     def weight_mask(self, out_channels: int, in_channels: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        """The 0/1 mask of an nn.Conv2d weight (out, in, kh, kw) implementing this spec."""
+        """The 0/1 mask of an nn.Conv2d weight (out, in, kh, kw) implementing this spec.
+
+        Outside torch.compile the tensor is cached per (shape, dtype, device) and shared:
+        do not modify it in place. Built on the host, a GPU mask would cost every call of
+        the reference convolution a Python loop and a pageable copy that waits for the GPU.
+        """
+        if torch.compiler.is_compiling():
+            return self._build_weight_mask(out_channels, in_channels, dtype, device)
+        return _cached_weight_mask(self, out_channels, in_channels, dtype, None if device is None else torch.device(device))
+
+    def _build_weight_mask(self, out_channels: int, in_channels: int, dtype: torch.dtype, device) -> torch.Tensor:
         mask = self.tap_mask().to(dtype=dtype, device=device).expand(out_channels, in_channels, *self.kernel_size).clone()
         if self.color_groups > 1:
             mask[:, :, self.anchor[0], self.anchor[1]] = channel_group_mask(
                 out_channels, in_channels, self.color_groups, self.anchor_inclusive
             ).to(dtype=dtype, device=device)
         return mask
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_weight_mask(spec: MaskSpec, out_channels: int, in_channels: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    return spec._build_weight_mask(out_channels, in_channels, dtype, device)
 
 
 def channel_group_mask(out_channels: int, in_channels: int, groups: int, inclusive: bool) -> torch.Tensor:

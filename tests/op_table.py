@@ -5,7 +5,8 @@ given sizes, call it and its reference, and compare the two with
 :mod:`pixelcnn_kernels.testing`'s tolerance table. Also the hypothesis profiles:
 ``ci`` (the default: few, tiny examples, derandomized so that a CI run is
 reproducible; the Triton kernels run in the interpreter) and ``gpu``
-(``HYPOTHESIS_PROFILE=gpu``: more and larger examples, for the GPU check).
+(``HYPOTHESIS_PROFILE=gpu``: more and larger examples on a GPU; the GPU check passes
+the variable on, and runs ``ci``'s examples on the GPU when it is unset, to fit one call).
 """
 
 from __future__ import annotations

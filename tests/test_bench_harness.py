@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU: every mode and provider is measured or says why not."""
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -48,6 +49,16 @@ def test_partial_results_are_handed_over_after_each_case():
     per_case = len(results) // 2
     assert [count for count, _ in seen] == [per_case, 2 * per_case]
     assert all(env is meta for _, env in seen)
+
+
+def test_a_case_whose_inputs_fail_is_one_row_and_the_run_goes_on():
+    def out_of_memory(device, dtype, generator):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    failing = dataclasses.replace(_toy_case(), name="too_big", make_inputs=out_of_memory)
+    results, _ = run([failing, _toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=2, only={"eager"})
+    assert [(r.name, r.provider, r.error) for r in results if r.name == "too_big"] == [("too_big", "inputs", "RuntimeError: CUDA out of memory (a stand-in)")]
+    assert all(r.median_ms > 0 for r in results if r.name == "tanh")
 
 
 def test_every_family_defines_cpu_cases():

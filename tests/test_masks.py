@@ -107,3 +107,11 @@ def test_every_named_mask_resolves():
     for name in NAMED_MASKS:
         kernel_size = {"horizontal": (1, 3), "horizontal_A": (1, 3)}.get(name, None if name.startswith("down") else 3)
         assert resolve_mask(name, kernel_size).taps
+
+
+def test_weight_mask_is_built_once_per_shape_dtype_and_device():
+    """The reference convolution asks for the mask on every call: it must not be rebuilt (and, on a GPU, copied) each time."""
+    spec = resolve_mask("A", 3, 3)
+    mask = spec.weight_mask(6, 3)
+    assert spec.weight_mask(6, 3) is mask and resolve_mask("A", 3, 3).weight_mask(6, 3) is mask  # equal specs share it
+    assert spec.weight_mask(6, 3, torch.float64) is not mask and torch.equal(spec.weight_mask(6, 3, torch.float64), mask.double())

@@ -8,7 +8,8 @@ forward and backward are compared with the reference in float64 within
 
 Profiles: ``ci`` (the default: few, tiny examples, derandomized so that a CI
 run is reproducible; the Triton kernels run in the interpreter) and ``gpu``
-(``HYPOTHESIS_PROFILE=gpu``: more and larger examples, for the GPU check).
+(``HYPOTHESIS_PROFILE=gpu``: more and larger examples on a GPU; the GPU check passes
+the variable on, and runs ``ci``'s examples on the GPU when it is unset, to fit one call).
 
 The op table and the profiles are in ``op_table.py``, shared with
 ``test_bad_inputs.py`` and ``test_determinism.py``.

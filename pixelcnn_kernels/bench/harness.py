@@ -237,14 +237,18 @@ def _on_backend(fn: Callable, backend: str) -> Callable:
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, ceilings: Ceilings | None, *, warmup: int, repeats: int, seed: int, compile_cache: dict, only: set[str] | None = None) -> list[Result]:
     """Times every provider on one case and dtype, in every mode of the case."""
     timer = _Timer(device)
-    input_sets = _input_sets(case, device, dtype, seed)
+    dtype_name = str(dtype).removeprefix("torch.")
+    try:
+        input_sets = _input_sets(case, device, dtype, seed)
+    except Exception as exc:  # e.g. out of memory: one row says so, the run goes on
+        return [Result(case.family, case.name, case.config, dtype_name, "-", "inputs", *(5 * [float("nan")]), error=_error_text(exc))]
     results = []
     for mode in case.modes:
         floor_ms = ceilings.floor_s(case.bytes_moved(mode, dtype), case.flops(mode), dtype) * 1e3 if ceilings else float("nan")
         for provider, fn in _providers(case, device, compile_cache).items():
             if only and provider not in only:
                 continue
-            row = Result(case.family, case.name, case.config, str(dtype).removeprefix("torch."), mode, provider, *(4 * [float("nan")]), floor_ms)
+            row = Result(case.family, case.name, case.config, dtype_name, mode, provider, *(4 * [float("nan")]), floor_ms)
             if isinstance(fn, str):
                 row.error = fn
                 results.append(row)
@@ -265,12 +269,16 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, ceilings: Cei
                     row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
                 del steps, graph_cache, sets
             except Exception as exc:  # a failing provider is reported in the table, the run goes on
-                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.error = _error_text(exc)
             results.append(row)
     compile_time = {(r.mode): r.median_ms for r in results if r.provider == "compile"}
     for r in results:
         r.ratio_to_compile = compile_time.get(r.mode, float("nan")) / r.median_ms if r.median_ms == r.median_ms else float("nan")
     return results
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def format_table(results: list[Result]) -> str:
