@@ -48,7 +48,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from pixelcnn_kernels.bench import cases_for
-    from pixelcnn_kernels.bench.harness import format_table, run, write_results
+    from pixelcnn_kernels.bench.harness import KERNEL_PROVIDERS, format_table, run, write_results
 
     on_gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -61,6 +61,12 @@ def _bench(args: argparse.Namespace) -> int:
         print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
     cases = [c for family in families for c in cases_for(family, on_gpu) if not args.k or args.k in c.name]
+    known_providers = {"eager", "compile", *KERNEL_PROVIDERS, *(name for case in cases for name in case.extra_providers)}
+    unknown = sorted(set(args.providers or ()) - known_providers)
+    if unknown:  # e.g. `--providers eager gates`: the family was taken for a provider
+        print(f"bench: unknown providers {unknown} for these cases (put the families before --providers); "
+              f"choose from {', '.join(sorted(known_providers))}", file=sys.stderr)
+        return 2
     command = "pixelcnn-kernels " + " ".join(sys.argv[1:])
 
     def save(results_so_far, meta, plot: bool = False) -> list[Path]:  # after every case: a run cut short keeps what it measured

@@ -9,6 +9,7 @@ import torch
 
 from pixelcnn_kernels.bench import FAMILIES, cases_for
 from pixelcnn_kernels.bench.harness import MODES, Case, format_table, run, write_results
+from pixelcnn_kernels.cli import main
 
 
 def _toy_case():
@@ -73,3 +74,8 @@ def test_gpu_check_script_is_valid_bash():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_names_a_family_taken_for_a_provider(capsys):
+    assert main(["bench", "gates", "--providers", "eager", "dmol"]) == 2
+    assert "unknown providers ['dmol']" in capsys.readouterr().err
