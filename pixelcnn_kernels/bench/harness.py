@@ -128,9 +128,8 @@ class _Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
-def measure_ceilings(device: torch.device) -> Ceilings:
+def measure_ceilings(timer: _Timer, device: torch.device) -> Ceilings:
     """Copy bandwidth and matmul rates measured on ``device`` (GPU only)."""
-    timer = _Timer(device)
     rates = {
         "bfloat16": _matmul_rate(timer, device, torch.bfloat16, tf32=False),
         "float16": _matmul_rate(timer, device, torch.float16, tf32=False),
@@ -234,9 +233,10 @@ def _on_backend(fn: Callable, backend: str) -> Callable:
     return run
 
 
-def run_case(case: Case, dtype: torch.dtype, device: torch.device, ceilings: Ceilings | None, *, warmup: int, repeats: int, seed: int, compile_cache: dict, only: set[str] | None = None) -> list[Result]:
+def run_case(
+    case: Case, dtype: torch.dtype, device: torch.device, ceilings: Ceilings | None, timer: _Timer, *, warmup: int, repeats: int, seed: int, compile_cache: dict, only: set[str] | None = None
+) -> list[Result]:
     """Times every provider on one case and dtype, in every mode of the case."""
-    timer = _Timer(device)
     dtype_name = str(dtype).removeprefix("torch.")
     try:
         input_sets = _input_sets(case, device, dtype, seed)
@@ -377,7 +377,8 @@ def run(
     ``after_case(results_so_far, environment)`` runs after each (case, dtype), so a
     caller can save partial results of a run that may be cut short.
     """
-    ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    timer = _Timer(device)  # one for the run: on a GPU it holds the L2-sized flush buffer
+    ceilings = measure_ceilings(timer, device) if device.type == "cuda" else None
     meta = environment(device, ceilings)
     compile_cache: dict = {}
     results: list[Result] = []
@@ -392,7 +393,7 @@ def run(
                 torch._dynamo.reset()
                 compile_cache.clear()
                 previous = case
-            results += run_case(case, dtype, device, ceilings, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only)
+            results += run_case(case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only)
             if after_case is not None:
                 after_case(results, meta)
     return results, meta

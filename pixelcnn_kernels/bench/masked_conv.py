@@ -89,27 +89,17 @@ def _conv_case(
         one_pass = 2 * pixels * c_in * c_out * taps
         return {"forward": one_pass, "backward": 2 * one_pass, "full": 3 * one_pass}[mode]
 
-    # The reference's weight mask lives on the device, as a module's buffer would: built per call,
-    # on the host, it would add a copy and tens of µs to every eager call.
-    weight_masks: dict = {}
-
-    def mask_of(weight):
-        key = (weight.device, weight.dtype)
-        if key not in weight_masks:
-            weight_masks[key] = spec.weight_mask(c_out, c_in, dtype=weight.dtype, device=weight.device)
-        return weight_masks[key]
-
     if gated:
         op = lambda x, weight, bias, cond: masked_conv2d_gated(x, weight, bias, spec, cond=cond)  # noqa: E731
-        reference = lambda x, weight, bias, cond: masked_conv2d_gated_ref(x, weight, bias, spec, cond=cond, weight_mask=mask_of(weight))  # noqa: E731
+        reference = lambda x, weight, bias, cond: masked_conv2d_gated_ref(x, weight, bias, spec, cond=cond)  # noqa: E731
         extra = {}
     elif fused:
         op = lambda x, weight, bias, residual: masked_conv2d(x, weight, bias, spec, residual=residual, input_activation="concat_elu")  # noqa: E731
-        reference = lambda x, weight, bias, residual: masked_conv2d_ref(x, weight, bias, spec, residual=residual, input_activation="concat_elu", weight_mask=mask_of(weight))  # noqa: E731
+        reference = lambda x, weight, bias, residual: masked_conv2d_ref(x, weight, bias, spec, residual=residual, input_activation="concat_elu")  # noqa: E731
         extra = {}
     else:
         op = lambda x, weight, bias: masked_conv2d(x, weight, bias, spec)  # noqa: E731
-        reference = lambda x, weight, bias: masked_conv2d_ref(x, weight, bias, spec, weight_mask=mask_of(weight))  # noqa: E731
+        reference = lambda x, weight, bias: masked_conv2d_ref(x, weight, bias, spec)  # noqa: E731
         shifted = _bounding_box_conv(spec)
         extra = {"cudnn_shift": shifted} if shifted is not None else {}
     config = f"{batch}x{x_channels}x{height}x{width}->{out_channels} {taps}/{kernel_size[0] * kernel_size[1]}"

@@ -36,22 +36,18 @@ def masked_conv2d_ref(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
-    weight_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stride-1, same-size masked convolution of ``x`` (N, C, H, W), plus ``residual``.
 
     ``weight`` is (Cout, Cin, kh, kw) as in ``nn.Conv2d``; it is multiplied by the
     spec's 0/1 weight mask, so the gradient of a masked-out weight is exactly zero.
-    ``weight_mask``: that mask precomputed in the weight's shape, dtype and device (as
-    a module holds it in a buffer); built from the spec when None.
     The convolution reads ``x`` (Cin = C) or, with ``input_activation="concat_elu"``,
     concat_elu(x) (Cin = 2C), zero-padded by the spec's (possibly asymmetric)
     padding. ``residual`` (N, Cout, H, W) or None is added to the output, after the bias.
     """
     out_channels, in_channels, kh, kw = weight.shape
     spec = resolve_mask(mask, (kh, kw), color_groups)
-    if weight_mask is None:
-        weight_mask = spec.weight_mask(out_channels, in_channels, dtype=weight.dtype, device=weight.device)
+    weight_mask = spec.weight_mask(out_channels, in_channels, dtype=weight.dtype, device=weight.device)
     top, bottom, left, right = spec.padding(dilation)
     padded = F.pad(_conv_input(x, input_activation), (left, right, top, bottom))
     out = F.conv2d(padded, weight * weight_mask, bias, dilation=dilation)
@@ -70,15 +66,14 @@ def masked_conv2d_gated_ref(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
-    weight_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``gate(masked_conv2d_ref(x, weight, bias) + cond[:, :, None, None]) + residual``; cond is (N, Cout).
 
     The gate splits the channels into halves a (first), b (second) and returns
     tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); ``residual``
-    (N, Cout / 2, H, W) or None is added to it. ``input_activation`` and ``weight_mask``
-    as in :func:`masked_conv2d_ref`.
+    (N, Cout / 2, H, W) or None is added to it. ``input_activation`` as in
+    :func:`masked_conv2d_ref`.
     """
-    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, input_activation=input_activation, weight_mask=weight_mask)
+    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, input_activation=input_activation)
     out = GATE_FUNCTIONS[gate](preactivation, 1, cond)
     return out if residual is None else out + residual
