@@ -292,13 +292,14 @@ def _reduction_tile(size: int, dtype: torch.dtype) -> int:
     return _tile(size, _max_reduction_tile(dtype))
 
 
-def _block_m(two_halves: bool, dtype: torch.dtype, precision: str) -> int:
-    """Pixels per program: _BLOCK_M, halved for two accumulators, and halved again for full-fp32 products.
+def _block_m(gate: int, has_elu_x: bool, dtype: torch.dtype, precision: str) -> int:
+    """Pixels per program: _BLOCK_M, halved for two accumulators (a gate, or concat_elu's backward:
+    the kernel's TWO_HALVES), and halved again for full-fp32 products.
 
     Full-fp32 ("ieee") ``tl.dot`` is an FMA loop holding both operand tiles in registers:
     compiled for sm_90 at 128 (64) rows it spilled at 255 registers; at half, 168 and no spills.
     """
-    rows = _BLOCK_M_TWO_HALVES if two_halves else _BLOCK_M
+    rows = _BLOCK_M_TWO_HALVES if gate != GATE_NONE or has_elu_x else _BLOCK_M
     return rows // 2 if dtype == torch.float32 and precision == "ieee" else rows
 
 
@@ -318,9 +319,8 @@ def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None
     if num_pixels == 0:
         return out
     c_in = 2 * x_channels if concat_elu_input else x_channels
-    two_halves = gate != GATE_NONE or elu_x is not None
     precision = dot_precision(x.dtype, allow_tf32)
-    block_m = _block_m(two_halves, x.dtype, precision)
+    block_m = _block_m(gate, elu_x is not None, x.dtype, precision)
     block_n = _tile(n_cols, _BLOCK_N)
     grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
     with launch_device(x):
@@ -481,10 +481,9 @@ def _register_compile_cases() -> None:
             for kind, gate, concat_elu_input, given_pointers in plain_variants + (fused_variants if pixelcnn_pp else ()):
                 signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
                 absent = {name: None for name in optional_pointers if name not in given_pointers}
-                two_halves = gate != GATE_NONE or "elu_x_ptr" in given_pointers
                 constexprs = {
                     **common, **blocks, **absent, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input,
-                    "BLOCK_M": _block_m(two_halves, dtype, common["DOT_PRECISION"]),
+                    "BLOCK_M": _block_m(gate, "elu_x_ptr" in given_pointers, dtype, common["DOT_PRECISION"]),
                 }
                 register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
                 if pixelcnn_pp and kind == "fwd":  # past 2^31 elements: 64-bit indices (num_pixels then arrives as i64)
@@ -495,7 +494,7 @@ def _register_compile_cases() -> None:
                 if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
                     register_compile_case(
                         f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", _masked_conv_kernel, signature,
-                        {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _block_m(False, dtype, "ieee")}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                        {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _block_m(GATE_NONE, False, dtype, "ieee")}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
                     )  # fmt: skip
             wgrad_sig = {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
             wgrad_variants = (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)) if pixelcnn_pp else (("", False, False),)
