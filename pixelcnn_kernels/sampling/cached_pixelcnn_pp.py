@@ -58,6 +58,7 @@ step's match the PyTorch graph's within the float32 tolerance (tested).
 from __future__ import annotations
 
 import collections
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -226,14 +227,18 @@ class _ResnetNode(_Node):
             return range(i - top, i - top + kh), range(j - left, j - left + kw)
 
         concat_elu = block.ops.concat_elu
-        in_weight, in_bias = masked_operands(block.conv_input, dtype)
-        out_weight, out_bias = masked_operands(block.conv_out, dtype)
-        skip_weight, skip_bias = masked_operands(block.nin_skip, dtype) if skips else (None, None)
+
+        @functools.cache
+        def operands():
+            """The masked weights, made on first use: the table-driven sampler packs its own and never computes here."""
+            skip = masked_operands(block.nin_skip, dtype) if skips else (None, None)
+            return masked_operands(block.conv_input, dtype), masked_operands(block.conv_out, dtype), skip
 
         def inner_reads(i: int, j: int) -> list[tuple[_Node, range, range]]:
             return [(source, *window(i, j))] + [(skip, range(i, i + 1), range(j, j + 1)) for skip in skips]
 
         def compute_inner(i: int, j: int) -> torch.Tensor:
+            (in_weight, in_bias), _, (skip_weight, skip_bias) = operands()
             c = F.conv2d(concat_elu(source.window(*window(i, j))), in_weight, in_bias)
             if skips:
                 skip = torch.cat([node.at(i, j) for node in skips], dim=1)
@@ -247,6 +252,7 @@ class _ResnetNode(_Node):
 
         def compute(i: int, j: int) -> torch.Tensor:
             # dropout: identity in eval mode
+            _, (out_weight, out_bias), _ = operands()
             pre = F.conv2d(concat_elu(self.inner.window(*window(i, j))), out_weight, out_bias)
             return (source.at(i, j) + gate_sigmoid(pre, 1, self.cond))[:, :, 0, 0]
 
@@ -481,9 +487,9 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
         self.inputs_flat = graph.x.flat[:, :, :channels]
 
-    def logits(self) -> torch.Tensor:
-        """The head at the pixel: (B, P, 1, 1); run after the step's nodes."""
-        ul = self.graph.ul.flat.index_select(1, self.padded_pixel.index_select(0, self.pixel))
+    def logits(self, padded_pixel: torch.Tensor) -> torch.Tensor:
+        """The head at the pixel (``padded_pixel``: its index in the caches' flat views): (B, P, 1, 1); run after the step's nodes."""
+        ul = self.graph.ul.flat.index_select(1, padded_pixel)
         return self.graph.head(ul.transpose(1, 2)[..., None])
 
     def pixel_step(self, draw: bool = True) -> None:
@@ -495,8 +501,9 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
             for step in self.steps:
                 step()
             (channels,) = self.model.step_channels()  # the DMOL head draws a pixel's channels together
-            values = self.draw_pixel(self.logits(), channels)
-            self.inputs_flat.index_copy_(1, self.padded_pixel.index_select(0, self.pixel), self.model.to_inputs(values).transpose(1, 2))
+            padded_pixel = self.padded_pixel.index_select(0, self.pixel)
+            values = self.draw_pixel(self.logits(padded_pixel), channels)
+            self.inputs_flat.index_copy_(1, padded_pixel, self.model.to_inputs(values).transpose(1, 2))
         self.pixel += 1
 
 

@@ -339,6 +339,12 @@ def _pixel_step_config(c_in: int, c_out: int, gated: bool) -> tuple[dict, int]:
     return blocks, _num_warps(block_c)
 
 
+def _resnet_step_config(channels: int) -> tuple[dict, int]:
+    """The resnet step's block sizes and warps for this width (the launcher's and the compile cases')."""
+    block_c = _block(channels)
+    return {"BLOCK_B": _BLOCK_B, "BLOCK_K": _chunk(channels, block_c), "BLOCK_C": block_c}, _num_warps(block_c)
+
+
 def gated_pixel_step(
     pixel: torch.Tensor,
     x: torch.Tensor,
@@ -404,12 +410,12 @@ def resnet_position_step(
     if batch == 0 or steps == 0 or slots == 0:
         return
     skip0, skip1 = (list(skips) + [None, None])[:2]
-    block_c = _block(channels)
+    blocks, num_warps = _resnet_step_config(channels)
     with launch_device(x):
         _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
             x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
             pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
-            BLOCK_B=_BLOCK_B, BLOCK_K=_chunk(channels, block_c), BLOCK_C=block_c, num_warps=_num_warps(block_c), num_stages=_STAGES,
+            **blocks, num_warps=num_warps, num_stages=_STAGES,
         )  # fmt: skip
 
 
@@ -440,8 +446,7 @@ def _register_compile_cases() -> None:
 def _register_resnet_compile_cases() -> None:
     """PixelCNN++'s blocks at nr_filters 160: without skip (the up pass's u), with one (ul) and two (the down pass's ul) skip streams."""
     sizes = {"pixel_ptr": "*i64", "table_ptr": "*i32", **dict.fromkeys(("STEPS", "SLOTS", "KH", "KW", "TOP", "LEFT", "B", "HP", "WP", "C"), "i32")}
-    block_c = _block(160)
-    blocks = {"BLOCK_B": _BLOCK_B, "BLOCK_K": _chunk(160, block_c), "BLOCK_C": block_c}
+    blocks, num_warps = _resnet_step_config(160)
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         tensors = dict.fromkeys(("x_ptr", "inner_ptr", "out_ptr", "w_in_ptr", "bias_in_ptr", "w_out_ptr", "bias_out_ptr", "cond_ptr"), ptr)
@@ -451,7 +456,7 @@ def _register_resnet_compile_cases() -> None:
             constexprs = {**{name: None for name, given in present.items() if not given}, **blocks}
             register_compile_case(
                 f"sampling_resnet_step_skips{skip_streams}_{dtype_name}", _resnet_step_kernel, signature, constexprs,
-                num_warps=_num_warps(block_c), num_stages=_STAGES,
+                num_warps=num_warps, num_stages=_STAGES,
             )  # fmt: skip
 
 _register_compile_cases()
