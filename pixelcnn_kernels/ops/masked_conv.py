@@ -31,7 +31,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
-from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_same_dtype, check_tensor, compute_dtype, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -187,12 +187,6 @@ def _spec(weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups
     return _spec_from_args(tuple(weight.shape[2:]), tuple(taps), tuple(anchor), color_groups, anchor_inclusive)
 
 
-def _check_dtype_matches(x: torch.Tensor, **others: torch.Tensor | None) -> None:
-    for name, t in others.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-
-
 def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=None) -> tuple:
     """Checks the arguments of masked_conv2d but residual; returns the ops' conv arguments.
 
@@ -205,7 +199,7 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
     check_tensor(weight, "weight", ndim=4)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
-    _check_dtype_matches(x, weight=weight, bias=bias)
+    check_same_dtype(x, weight=weight, bias=bias)
     check_same_device(x=x, weight=weight, bias=bias)
     out_channels, in_channels, kernel_height, kernel_width = weight.shape
     if out_channels == 0 or in_channels == 0:
@@ -241,7 +235,7 @@ def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, out_channels
     if residual is None:
         return
     check_tensor(residual, "residual", ndim=4)
-    _check_dtype_matches(x, residual=residual)
+    check_same_dtype(x, residual=residual)
     check_same_device(x=x, residual=residual)
     expected = (x.shape[0], out_channels, *x.shape[2:])
     if tuple(residual.shape) != expected:
@@ -519,7 +513,7 @@ def masked_conv2d_gated(
         raise ValueError(f"weight must have an even number of output channels to split into gate halves, got {weight.shape[0]}")
     if cond is not None:
         check_tensor(cond, "cond", ndim=2)
-        _check_dtype_matches(x, cond=cond)
+        check_same_dtype(x, cond=cond)
         check_same_device(x=x, cond=cond)
         if tuple(cond.shape) != (x.shape[0], weight.shape[0]):
             raise ValueError(f"cond must have shape (N, Cout) = {(x.shape[0], weight.shape[0])}, got {tuple(cond.shape)}")

@@ -63,7 +63,7 @@ import torch
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, resolve_backend
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
-from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor
+from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 __all__ = [
     "GatedLayerStepWeights",
@@ -294,9 +294,7 @@ def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) ->
     out_channels = in_channels if out_channels is None else out_channels
     if tuple(out.shape) != (batch, height, width, out_channels):
         raise ValueError(f"out must have shape {(batch, height, width, out_channels)} (B, H, W, C) for x of shape {tuple(x.shape)}, got {tuple(out.shape)}")
-    for name, t in (("out", out), ("wp", wp), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    check_same_dtype(x, out=out, wp=wp, bias=bias)
     if wp.dim() != 3 or not wp.is_contiguous() or wp.shape[0] != len(offsets) or wp.shape[1] != in_channels:
         raise ValueError(f"wp must be a contiguous (T={len(offsets)}, Cin={in_channels}, Cout) packed weight, got shape {tuple(wp.shape)}")
     if bias is not None and (tuple(bias.shape) != (wp.shape[2],) or not bias.is_contiguous()):
@@ -329,8 +327,7 @@ def _check_operand(t, name: str, x: torch.Tensor, shape: tuple[int, ...], *, req
     if t is None and not required:
         return
     check_tensor(t, name, allow_float64=False)
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+    check_same_dtype(x, **{name: t})
     check_same_device(x=x, **{name: t})
     if tuple(t.shape) != shape or (contiguous and not t.is_contiguous()):
         raise ValueError(f"{name} must have shape {shape}{' and be contiguous' if contiguous else ''}, got {tuple(t.shape)}")
