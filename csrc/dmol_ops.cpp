@@ -15,11 +15,6 @@ dmol::Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& logits) {
-  TORCH_CHECK(t.is_cuda() && t.device() == logits.device(), name, " must be on logits' device ", logits.device(),
-              ", got ", t.device());
-}
-
 // Checks logits (B, P, H, W) for `channels` colour channels; returns the shared problem.
 dmol::Problem make_problem(const at::Tensor& logits, int64_t channels, int64_t num_bins) {
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
@@ -42,7 +37,7 @@ dmol::Problem make_problem(const at::Tensor& logits, int64_t channels, int64_t n
 }
 
 dmol::XType check_x(const at::Tensor& x, const at::Tensor& logits) {
-  check_on_device(x, "x", logits);
+  check_same_device(x, "x", logits, "logits");
   TORCH_CHECK(x.dim() == 4 && x.size(0) == logits.size(0) && x.size(2) == logits.size(2) &&
                   x.size(3) == logits.size(3),
               "x must have shape (B, C, H, W) matching logits ", logits.sizes(), ", got ", x.sizes());
@@ -55,7 +50,7 @@ dmol::XType check_x(const at::Tensor& x, const at::Tensor& logits) {
 }
 
 void check_float32_like(const at::Tensor& t, const char* name, const at::Tensor& logits, at::IntArrayRef shape) {
-  check_on_device(t, name, logits);
+  check_same_device(t, name, logits, "logits");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }

@@ -10,14 +10,6 @@
 namespace pixelcnn_kernels {
 namespace {
 
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
-  check_cuda_contiguous(t, name);
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
 // The gate's x: a contiguous (outer, 2, half, inner).
 DType check_gate_x(const at::Tensor& x) {
   check_cuda_contiguous(x, "x");
@@ -37,7 +29,7 @@ GateBias gate_bias(const std::optional<at::Tensor>& cond, const at::Tensor& x, i
   if (!cond.has_value()) return {};
   TORCH_CHECK(cond->dim() == 2, "cond must have shape (batch, 2 * half), got ", cond->sizes());
   const at::Tensor contiguous = cond->contiguous();
-  check_like(contiguous, "cond", x, {cond->size(0), 2 * x.size(2)});
+  check_operand(contiguous, "cond", x, "x", {cond->size(0), 2 * x.size(2)});
   TORCH_CHECK(batch_div >= 1, "batch_div must be positive, got ", batch_div);
   return {contiguous, batch_div, cond->size(0)};
 }
@@ -62,7 +54,7 @@ at::Tensor gate_backward(const at::Tensor& grad, const at::Tensor& x, const std:
                          int64_t batch_div, bool tanh_gate) {
   const DType dtype = check_gate_x(x);
   const int64_t outer = x.size(0), half = x.size(2), inner = x.size(3);
-  check_like(grad, "grad", x, {outer, half, inner});
+  check_operand(grad, "grad", x, "x", {outer, half, inner});
   const GateBias bias = gate_bias(cond, x, batch_div);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = x.new_empty(x.sizes());
@@ -96,7 +88,7 @@ at::Tensor concat_elu_forward(const at::Tensor& x) {
 at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
   const DType dtype = check_concat_elu_x(x);
   const int64_t outer = x.size(0), row_len = x.size(1);
-  check_like(grad, "grad", x, {outer, 2, row_len});
+  check_operand(grad, "grad", x, "x", {outer, 2, row_len});
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = x.new_empty(x.sizes());
   if (dx.numel() > 0) {

@@ -345,7 +345,7 @@ struct ConvParams {
   int k_channels;  // reduced channels per tap
   int n_channels;  // GEMM columns, both halves included
   Gate gate;
-  bool concat_elu_input;  // the GEMM reads concat_elu(src)
+  bool concat_elu_input;  // the GEMM reads concat_elu(src); forward only (dgrad's src is gout)
   int taps;
   bool src_vec_ok;
   bool weight_vec_ok;
@@ -410,9 +410,9 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 #pragma unroll
   for (int i = 0; i < LoaderA::kChunks; ++i) pixel_rows[i] = decode_pixel(m0 + LoaderA::row(i), p.pixels, p.height, p.width);
 
-  // With a concat_elu input each tap's reduction runs over src's channels twice: part 0
-  // reads elu(src) against weight rows [0, C), part 1 elu(-src) against rows [C, 2C).
-  const int parts = p.concat_elu_input ? 2 : 1;
+  // With a concat_elu input (forward only) each tap's reduction runs over src's channels
+  // twice: part 0 reads elu(src) against weight rows [0, C), part 1 elu(-src) against rows [C, 2C).
+  const int parts = !kWeightTransposed && p.concat_elu_input ? 2 : 1;
   const int src_channels = p.k_channels / parts;
 
   LoaderA a_loader;
@@ -425,7 +425,6 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
         [&](int i) { return shifted_row(src, src_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
         src_channels - k0, p.src_vec_ok);
     const Elem* tap_weight = weight + static_cast<int64_t>(tap) * p.k_channels * p.n_channels;
-    const int k_base = part * src_channels;  // the weight's first reduction row (k) of this part
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       const int col0 = h * half + n0;  // first weight column (n) of this half's block
@@ -433,10 +432,11 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
         b_loaders[h].gather(
             [&](int i) {
               const int r = LoaderB::row(i);
-              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k_base + k0 : nullptr;
+              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k0 : nullptr;
             },
             src_channels - k0, p.weight_vec_ok);
       } else {
+        const int k_base = part * src_channels;  // the weight's first reduction row (k) of this part
         b_loaders[h].gather(
             [&](int i) {
               const int k = k0 + LoaderB::row(i);
@@ -673,10 +673,8 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
   const int bytes = elem_bytes(dtype);
   const int src_channels = params.k_channels / (params.concat_elu_input ? 2 : 1);
   params.src_vec_ok = chunk_aligned(params.src, src_channels, bytes);
-  // plain: rows of n_channels, each half starting `half` in; transposed: rows of
-  // k_channels, each concat_elu part starting src_channels in.
-  params.weight_vec_ok = kWeightTransposed ? chunk_aligned(params.weight, params.k_channels, bytes) &&
-                                                 chunk_aligned(params.weight, src_channels, bytes)
+  // plain: rows of n_channels, each half starting `half` in; transposed: rows of k_channels.
+  params.weight_vec_ok = kWeightTransposed ? chunk_aligned(params.weight, params.k_channels, bytes)
                                            : chunk_aligned(params.weight, params.n_channels, bytes) &&
                                                  chunk_aligned(params.weight, half, bytes);
   const int offset_sign = kWeightTransposed ? -1 : 1;
@@ -724,7 +722,7 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
                          const void* x, void* gx, cudaStream_t stream) {
   ConvParams params = conv_params(gout, problem.out_channels, wp, problem.in_channels, gx);
-  if (!problem.concat_elu_input) {
+  if (x == nullptr) {
     launch_conv<1, true>(dtype, allow_tf32, problem, params, stream);
     return;
   }

@@ -81,9 +81,9 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
                              const float* bias, const float* cond, const void* residual, Gate gate, void* out,
                              void* preact, cudaStream_t stream);
 
-// gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): (N, H, W, Cin), the gradient w.r.t. the
-// conv's input; with problem.concat_elu_input, (N, H, W, Cin / 2), the gradient w.r.t. x
-// (the forward's x, which `x` points to; unused otherwise).
+// gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): with x null, (N, H, W, Cin), the gradient
+// w.r.t. the conv's input; with x the forward's concat_elu input (N, H, W, Cin / 2), the
+// gradient w.r.t. x, of x's shape.
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
                          const void* x, void* gx, cudaStream_t stream);
 

@@ -20,9 +20,6 @@ namespace pixelcnn_kernels {
 namespace masked_conv {
 namespace {
 
-// Sizes at or above this could overflow the kernels' 32-bit pixel coordinates and
-// channel indices (y + dy, channel counts); offsets are bounded the same way.
-constexpr int64_t kMaxExtent = int64_t{1} << 30;
 // Each channel count is the GEMM's columns in some pass (Cout forward, Cin dgrad), laid
 // out 64 per CTA along grid.y, which holds at most 65535 blocks.
 constexpr int64_t kMaxChannels = int64_t{65535} * 64;
@@ -36,15 +33,6 @@ void check_activation(const at::Tensor& t, const char* name) {
   // The kernels index a pixel within its image in 32 bits.
   TORCH_CHECK(t.size(1) * t.size(2) <= std::numeric_limits<int32_t>::max(), name, " has H * W = ", t.size(1) * t.size(2),
               " pixels per image; the kernels take < 2^31");
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
-}
-
-void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
-                   " has dtype ", ref.scalar_type(), "; they must match");
 }
 
 // The offsets as 32-bit ints, after checking they form 1 to kMaxTaps (dy, dx) pairs within range.
@@ -75,14 +63,9 @@ void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t i
                 " channels; the kernels take at most ", kMaxChannels);
 }
 
-// A residual must be a contiguous CUDA tensor of the output's shape, x's dtype and device.
+// A residual (added to the output) must be like x, of the output's shape.
 void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, at::IntArrayRef out_shape) {
-  if (!residual.has_value()) return;
-  check_cuda_contiguous(*residual, "residual");
-  check_same_device(*residual, "residual", x, "x");
-  check_same_dtype(*residual, "residual", x, "x");
-  TORCH_CHECK(residual->sizes() == out_shape, "residual must have the output's shape ", out_shape, ", got ",
-              residual->sizes());
+  if (residual.has_value()) check_operand(*residual, "residual", x, "x", out_shape);
 }
 
 // The conv's input channels (wp's Cin): x's, or twice them when it reads concat_elu(x).
@@ -94,7 +77,6 @@ int64_t conv_in_channels(const at::Tensor& x, bool concat_elu_input) {
 std::optional<at::Tensor> checked_float32_copy(const std::optional<at::Tensor>& t, const char* name,
                                                const at::Tensor& x, at::IntArrayRef shape) {
   if (!t.has_value()) return std::nullopt;
-  TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor");
   check_same_device(*t, name, x, "x");
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == x.scalar_type(), name,
                    " must be float32 or x's dtype ", x.scalar_type(), ", got ", t->scalar_type());

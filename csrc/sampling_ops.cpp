@@ -15,21 +15,10 @@ namespace pixelcnn_kernels {
 namespace sampling {
 namespace {
 
-// Extents and offsets stay far from int32 overflow in the kernel's column arithmetic.
-constexpr int64_t kMaxExtent = int64_t{1} << 30;
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ",
-                   x.scalar_type(), "; they must match");
-}
-
-// A contiguous operand of exactly `shape`; returns its data or null when absent.
+// An optional operand like x (check_operand); returns its data or null when absent.
 const void* operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
   if (!t.has_value()) return nullptr;
-  check_like(*t, name, x);
-  TORCH_CHECK(t->sizes() == shape && t->is_contiguous(), name, " must be contiguous of shape ", shape, ", got ",
-              t->sizes());
+  check_operand(*t, name, x, "x", shape);
   return t->data_ptr();
 }
 
@@ -56,9 +45,12 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
   TORCH_CHECK(pixel.is_cuda() && pixel.device() == x.device(), "pixel must be on x's device ", x.device());
   TORCH_CHECK_TYPE(pixel.scalar_type() == at::kLong, "pixel must be int64, got ", pixel.scalar_type());
   TORCH_CHECK(pixel.numel() == 1, "pixel must hold one flat pixel index, got shape ", pixel.sizes());
-  check_like(out, "out", x);
-  check_like(wp, "wp", x);
-  TORCH_CHECK(wp.is_contiguous() && wp.dim() == 3, "wp must be a contiguous (T, Cin, Npre), got shape ", wp.sizes());
+  check_same_device(out, "out", x, "x");
+  check_same_dtype(out, "out", x, "x");
+  check_cuda_contiguous(wp, "wp");
+  check_same_device(wp, "wp", x, "x");
+  check_same_dtype(wp, "wp", x, "x");
+  TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Npre), got shape ", wp.sizes());
   const int64_t taps = static_cast<int64_t>(offsets.size());
   TORCH_CHECK(1 <= taps && taps <= kMaxTaps, "the step takes 1 to ", kMaxTaps, " taps, got ", taps);
   TORCH_CHECK(wp.size(0) == taps, "wp has ", wp.size(0), " taps but offsets hold ", taps);
@@ -100,7 +92,8 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
                 wp.sizes());
     TORCH_CHECK(group_size >= 1 && channels % group_size == 0, "group_size must divide the ", channels,
                 " channels, got ", group_size);
-    check_like(*v_pre, "v_pre", x);
+    check_same_device(*v_pre, "v_pre", x, "x");
+    check_same_dtype(*v_pre, "v_pre", x, "x");
     TORCH_CHECK(v_pre->dim() == 3 && v_pre->size(0) == x.size(0) && v_pre->size(1) == x.size(2) &&
                     v_pre->size(2) == 2 * channels,
                 "v_pre must be (B, W, 2C) = (", x.size(0), ", ", x.size(2), ", ", 2 * channels, "), got ", v_pre->sizes());
@@ -121,9 +114,10 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
   launch_checked("gated_pixel_step", launch_pixel_step, dtype, step, pixel_step_shared_bytes_per_image(step), x);
 }
 
-// A resnet-step cache or weight: contiguous, like x, of exactly `shape`.
+// A resnet-step cache or weight (check_operand); returns its data.
 const void* required(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
-  return operand(std::optional<at::Tensor>(t), name, x, shape);
+  check_operand(t, name, x, "x", shape);
+  return t.data_ptr();
 }
 
 void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table, at::IntArrayRef kernel, const at::Tensor& x,

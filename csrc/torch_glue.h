@@ -11,6 +11,10 @@
 
 namespace pixelcnn_kernels {
 
+// Extents and offsets below this keep the kernels' 32-bit index arithmetic (y + dy,
+// channel counts, column offsets) far from overflow.
+constexpr int64_t kMaxExtent = int64_t{1} << 30;
+
 inline DType to_kernel_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -23,6 +27,25 @@ inline DType to_kernel_dtype(const at::Tensor& t, const char* name) {
 inline void check_cuda_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+                   " has dtype ", ref.scalar_type(), "; they must match");
+}
+
+// An operand the kernels read beside `ref`: contiguous, on its device, of its dtype and of exactly `shape`.
+inline void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                          at::IntArrayRef shape) {
+  check_cuda_contiguous(t, name);
+  check_same_device(t, name, ref, ref_name);
+  check_same_dtype(t, name, ref, ref_name);
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
