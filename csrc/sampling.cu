@@ -1,5 +1,5 @@
-// Cached sampling's per-pixel steps (see sampling.h): Gated PixelCNN's horizontal-stack layer, then
-// PixelCNN++'s gated resnet block.
+// Cached sampling's per-pixel steps (see sampling.h): Gated PixelCNN's horizontal-stack layer,
+// PixelCNN++'s gated resnet block, then the softmax head's draw.
 //
 // The Gated PixelCNN step: a block takes kImages images of the batch at the pixel p read from the device. It first
 // stages, in fp32 shared memory, each image's tap inputs x[b, i, j + dx_t, :] (zero outside
@@ -236,6 +236,81 @@ __global__ void __launch_bounds__(kThreads) resnet_step_kernel(const ResnetStep 
   }
 }
 
+
+// ---------------------------------------------------------------------------------
+// The softmax head's draw
+
+constexpr int kDrawThreads = 256;
+constexpr int kWarp = 32;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// Every thread computes the logits of bins tid, tid + kDrawThreads, ... (consecutive threads read
+// consecutive weight columns); then warp 0 turns them into the draw: each lane takes a run of
+// consecutive bins, the lanes' sums are scanned across the warp, and each lane counts the bins
+// of its run whose CDF is at most the threshold. The count is the drawn bin.
+template <typename T>
+__global__ void __launch_bounds__(kDrawThreads) softmax_draw_kernel(const SoftmaxDraw d) {
+  extern __shared__ double draw_shared[];
+  double* weights = draw_shared;                                        // [num_bins]: logits, then exp(logit - max)
+  float* elu_h = reinterpret_cast<float*>(draw_shared + d.num_bins);    // [hidden]
+  const int64_t p = *d.pixel;
+  if (p < 0 || p >= d.pixels) return;
+  const int64_t b = blockIdx.x;
+  const T* h = static_cast<const T*>(d.h) + b * d.hidden;
+  // Rounded to T, as F.elu's output is before the PyTorch head's 1x1.
+  for (int n = threadIdx.x; n < d.hidden; n += kDrawThreads) elu_h[n] = to_float(from_float<T>(elu_math(to_float(h[n]))));
+  __syncthreads();
+  const int64_t columns = int64_t{d.channels} * d.num_bins;
+  const int64_t first_column = int64_t{d.channel} * d.num_bins;
+  const T* weight = static_cast<const T*>(d.weight) + first_column;
+  for (int k = threadIdx.x; k < d.num_bins; k += kDrawThreads) {
+    float acc = 0.0f;
+    for (int n = 0; n < d.hidden; ++n) acc = fmaf(elu_h[n], to_float(weight[n * columns + k]), acc);
+    acc += load_or_zero<T>(d.bias, first_column + k);
+    weights[k] = to_float(from_float<T>(acc));
+  }
+  __syncthreads();
+  if (threadIdx.x >= kWarp) return;
+
+  const int lane = threadIdx.x;
+  const int run = (d.num_bins + kWarp - 1) / kWarp;
+  const int begin = min(lane * run, d.num_bins), end = min(begin + run, d.num_bins);
+  double max_logit = -INFINITY;
+  for (int k = begin; k < end; ++k) max_logit = fmax(max_logit, weights[k]);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) max_logit = fmax(max_logit, __shfl_xor_sync(kFullWarp, max_logit, offset));
+  double run_sum = 0.0;
+  for (int k = begin; k < end; ++k) {
+    weights[k] = exp(weights[k] - max_logit);
+    run_sum += weights[k];
+  }
+  double inclusive = run_sum;  // the CDF at the end of this lane's run
+  for (int offset = 1; offset < kWarp; offset *= 2) {
+    const double before = __shfl_up_sync(kFullWarp, inclusive, offset);
+    if (lane >= offset) inclusive += before;
+  }
+  const double total = __shfl_sync(kFullWarp, inclusive, kWarp - 1);
+  const double exclusive = __shfl_up_sync(kFullWarp, inclusive, 1);
+  double cdf = lane == 0 ? 0.0 : exclusive;
+  const int64_t value_index = (b * d.channels + d.channel) * d.pixels + p;
+  // The CDF unnormalised: u scaled by its last entry, as the PyTorch draw does.
+  const double threshold = static_cast<double>(d.noise[value_index]) * total;
+  int count = 0;
+  for (int k = begin; k < end; ++k) {
+    cdf += weights[k];
+    count += cdf <= threshold;
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) count += __shfl_xor_sync(kFullWarp, count, offset);
+  if (lane != 0) return;
+  const int64_t value = d.known[b * d.pixels + p] ? d.images[value_index] : min(count, d.num_bins - 1);
+  d.images[value_index] = value;
+  // Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
+  const int64_t bin = value < 0 ? 0 : (value >= d.num_bins ? d.num_bins - 1 : value);
+  static_cast<T*>(d.inputs)[value_index] = static_cast<const T*>(d.bin_inputs)[bin];
+}
+
+// ---------------------------------------------------------------------------------
+// Launchers
+
 // kernel<kImagesPerBlock> (one block per kImagesPerBlock images) when their staging fits in
 // shared memory, else kernel<1> (one block per image).
 template <typename Step>
@@ -283,6 +358,18 @@ void launch_pixel_step(DType dtype, const PixelStep& step, cudaStream_t stream) 
     } else {
       launch_typed<T, false>(step, stream);
     }
+  });
+}
+
+int64_t softmax_draw_shared_bytes(const SoftmaxDraw& d) {
+  return int64_t{d.num_bins} * static_cast<int64_t>(sizeof(double)) + int64_t{d.hidden} * static_cast<int64_t>(sizeof(float));
+}
+
+void launch_softmax_draw(DType dtype, const SoftmaxDraw& draw, cudaStream_t stream) {
+  if (draw.batch == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    softmax_draw_kernel<T><<<static_cast<unsigned>(draw.batch), kDrawThreads, softmax_draw_shared_bytes(draw), stream>>>(draw);
   });
 }
 

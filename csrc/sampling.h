@@ -1,4 +1,4 @@
-// Launcher of cached Gated PixelCNN sampling's per-pixel step (csrc/sampling.cu); the math
+// Launchers of cached sampling's per-pixel steps (csrc/sampling.cu). Gated PixelCNN's layer step: the math
 // and layouts are those of pixelcnn_kernels/ops/sampling.py and triton/sampling.py:
 //
 //   pixel   int64 (1,) on the device: the flat pixel index p = i * W + j (read by the kernel,
@@ -100,6 +100,36 @@ struct ResnetStep {
 int64_t resnet_step_shared_bytes_per_image(const ResnetStep& step);
 
 void launch_resnet_step(DType dtype, const ResnetStep& step, cudaStream_t stream);
+
+// Cached Gated PixelCNN sampling: the softmax head's draw of channel c at the pixel p = *pixel
+// (pixelcnn_kernels/ops/sampling.py's softmax_draw_step), one block per image b:
+//
+//   logits[k] = bias[c * bins + k] + sum_n elu(h[b, n]) * weight[n, c * bins + k]   (elu and logits rounded to T)
+//   value     = the first k with cdf[k] > u[b, c, p] * cdf[bins - 1], cdf the float64 cumulative
+//               sum of exp(logits - max logit)
+//   images[b, c, p] = value unless known[b, p];  inputs[b, c, p] = bin_inputs[images[b, c, p]]
+//
+// h (B, hidden), weight (hidden, C * bins), bias (C * bins) or null, bin_inputs (bins) and inputs
+// (B, C, HW) of one dtype T; noise (B, C, HW) float32, known (B, HW) bool, images (B, C, HW) int64;
+// all contiguous. p outside [0, HW) does nothing.
+struct SoftmaxDraw {
+  const int64_t* pixel;
+  const void* h;
+  const void* weight;
+  const void* bias;
+  const void* bin_inputs;
+  const float* noise;
+  const bool* known;
+  int64_t* images;
+  void* inputs;
+  int64_t batch, pixels;
+  int hidden, num_bins, channels, channel;
+};
+
+// Shared memory of a block: the float64 logits of every bin and the fp32 elu(h).
+int64_t softmax_draw_shared_bytes(const SoftmaxDraw& draw);
+
+void launch_softmax_draw(DType dtype, const SoftmaxDraw& draw, cudaStream_t stream);
 
 }  // namespace sampling
 }  // namespace pixelcnn_kernels

@@ -1,5 +1,6 @@
 // Torch glue of cached sampling's per-pixel steps: schemas and CUDA implementations of
-// torch.ops.pixelcnn_kernels_cuda.gated_pixel_step and resnet_position_step (in-place, inference-only ops).
+// torch.ops.pixelcnn_kernels_cuda.{gated_pixel_step, resnet_position_step, softmax_draw_step}
+// (in-place, inference-only ops).
 //
 // The Python functions (pixelcnn_kernels/ops/sampling.py) validate the user's arguments and
 // pack the weights; these checks guard the contract the kernel relies on (sampling.h): CUDA
@@ -22,12 +23,19 @@ const void* operand(const std::optional<at::Tensor>& t, const char* name, const 
   return t->data_ptr();
 }
 
+// The step's pixel: an int64 (1,) on x's device (read by the kernel, so a graph replays the launch).
+void check_pixel(const at::Tensor& pixel, const at::Tensor& x) {
+  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.numel() == 1 && pixel.is_cuda() && pixel.device() == x.device(),
+              "pixel must be an int64 (1,) tensor on x's device ", x.device(), ", got ", pixel.scalar_type(), " ",
+              pixel.sizes(), " on ", pixel.device());
+}
+
 // Checks that one image's staging fits in the kernel's shared memory, then launches on x's device and stream.
 template <typename Step>
 void launch_checked(const char* op, void (*launch)(DType, const Step&, cudaStream_t), DType dtype, const Step& step,
                     int64_t shared_bytes_per_image, const at::Tensor& x) {
   TORCH_CHECK(shared_bytes_per_image <= kMaxSharedBytes, op, " stages ", shared_bytes_per_image,
-              " bytes per image in shared memory; the kernel takes at most ", kMaxSharedBytes, " (fewer taps or channels)");
+              " bytes per image in shared memory; the kernel takes at most ", kMaxSharedBytes, " (fewer taps, channels or bins)");
   const c10::cuda::CUDAGuard guard(x.device());
   launch(dtype, step, current_stream());
   check_launch(op);
@@ -42,9 +50,7 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, "x must be (B, H, W, Cin), got shape ", x.sizes());
   const DType dtype = to_kernel_dtype(x, "x");
-  TORCH_CHECK(pixel.is_cuda() && pixel.device() == x.device(), "pixel must be on x's device ", x.device());
-  TORCH_CHECK_TYPE(pixel.scalar_type() == at::kLong, "pixel must be int64, got ", pixel.scalar_type());
-  TORCH_CHECK(pixel.numel() == 1, "pixel must hold one flat pixel index, got shape ", pixel.sizes());
+  check_pixel(pixel, x);
   check_same_device(out, "out", x, "x");
   check_same_dtype(out, "out", x, "x");
   check_cuda_contiguous(wp, "wp");
@@ -132,8 +138,7 @@ void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table,
   for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
   TORCH_CHECK(x.size(1) * x.size(2) * x.size(3) < kMaxExtent, "x has ", x.size(1) * x.size(2) * x.size(3),
               " elements per image; the step takes < 2^30");
-  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.dim() == 1 && pixel.size(0) == 1 && pixel.device() == x.device(),
-              "pixel must be an int64 (1,) tensor on x's device");
+  check_pixel(pixel, x);
   TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 3 && table.size(2) == 3 && table.is_contiguous() &&
                   table.device() == x.device(),
               "table must be a contiguous int32 (steps, slots, 3) tensor on x's device, got shape ", table.sizes());
@@ -178,6 +183,58 @@ void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table,
   launch_checked("resnet_position_step", launch_resnet_step, dtype, step, resnet_step_shared_bytes_per_image(step), x);
 }
 
+void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& bin_inputs, const at::Tensor& noise,
+                            const at::Tensor& known, at::Tensor& images, at::Tensor& inputs, int64_t channel) {
+  check_cuda_contiguous(h, "h");
+  TORCH_CHECK(h.dim() == 2, "h must be (B, hidden), got shape ", h.sizes());
+  const DType dtype = to_kernel_dtype(h, "h");
+  check_pixel(pixel, h);
+  check_cuda_contiguous(images, "images");
+  check_same_device(images, "images", h, "h");
+  TORCH_CHECK_TYPE(images.scalar_type() == at::kLong, "images must be int64, got ", images.scalar_type());
+  TORCH_CHECK(images.dim() == 3 && images.size(0) == h.size(0), "images must be (B, C, HW) with h's B = ", h.size(0),
+              ", got shape ", images.sizes());
+  TORCH_CHECK(bin_inputs.dim() == 1, "bin_inputs must be (num_bins,), got shape ", bin_inputs.sizes());
+  const int64_t batch = h.size(0), hidden = h.size(1), channels = images.size(1), pixels = images.size(2);
+  const int64_t num_bins = bin_inputs.size(0);
+  TORCH_CHECK(num_bins >= 1, "bin_inputs must hold at least one bin");
+  TORCH_CHECK(hidden < kMaxExtent && channels * num_bins < kMaxExtent && pixels < kMaxExtent,
+              "the draw takes fewer than 2^30 hidden units, logits and pixels, got ", hidden, ", ", channels * num_bins,
+              " and ", pixels);
+  TORCH_CHECK(0 <= channel && channel < channels, "channel must be in [0, ", channels, "), got ", channel);
+  check_operand(bin_inputs, "bin_inputs", h, "h", {num_bins});
+  check_operand(weight, "weight", h, "h", {hidden, channels * num_bins});
+  check_operand(inputs, "inputs", h, "h", images.sizes());
+  check_cuda_contiguous(noise, "noise");
+  check_same_device(noise, "noise", h, "h");
+  TORCH_CHECK_TYPE(noise.scalar_type() == at::kFloat, "noise must be float32, got ", noise.scalar_type());
+  TORCH_CHECK(noise.sizes() == images.sizes(), "noise must have images' shape ", images.sizes(), ", got ", noise.sizes());
+  check_cuda_contiguous(known, "known");
+  check_same_device(known, "known", h, "h");
+  TORCH_CHECK_TYPE(known.scalar_type() == at::kBool, "known must be bool, got ", known.scalar_type());
+  TORCH_CHECK(known.dim() == 2 && known.size(0) == batch && known.size(1) == pixels, "known must be (B, HW) = (", batch,
+              ", ", pixels, "), got ", known.sizes());
+
+  SoftmaxDraw draw{};
+  draw.pixel = pixel.data_ptr<int64_t>();
+  draw.h = h.data_ptr();
+  draw.weight = weight.data_ptr();
+  draw.bias = operand(bias, "bias", h, {channels * num_bins});
+  draw.bin_inputs = bin_inputs.data_ptr();
+  draw.noise = noise.data_ptr<float>();
+  draw.known = known.data_ptr<bool>();
+  draw.images = images.data_ptr<int64_t>();
+  draw.inputs = inputs.data_ptr();
+  draw.batch = batch;
+  draw.pixels = pixels;
+  draw.hidden = static_cast<int>(hidden);
+  draw.num_bins = static_cast<int>(num_bins);
+  draw.channels = static_cast<int>(channels);
+  draw.channel = static_cast<int>(channel);
+  launch_checked("softmax_draw_step", launch_softmax_draw, dtype, draw, softmax_draw_shared_bytes(draw), h);
+}
+
 }  // namespace
 }  // namespace sampling
 }  // namespace pixelcnn_kernels
@@ -191,9 +248,13 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "resnet_position_step(Tensor pixel, Tensor table, int[] kernel, Tensor x, Tensor(a!) inner, Tensor[] skips, "
       "Tensor input_weight, Tensor? input_bias, Tensor? skip_weight, Tensor? skip_bias, Tensor out_weight, "
       "Tensor? out_bias, Tensor? cond, Tensor(b!) out) -> ()");
+  m.def(
+      "softmax_draw_step(Tensor pixel, Tensor h, Tensor weight, Tensor? bias, Tensor bin_inputs, Tensor noise, "
+      "Tensor known, Tensor(a!) images, Tensor(b!) inputs, int channel) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
   m.impl("gated_pixel_step", &pixelcnn_kernels::sampling::gated_pixel_step_cuda);
   m.impl("resnet_position_step", &pixelcnn_kernels::sampling::resnet_position_step_cuda);
+  m.impl("softmax_draw_step", &pixelcnn_kernels::sampling::softmax_draw_step_cuda);
 }

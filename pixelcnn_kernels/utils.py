@@ -51,11 +51,11 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first.device
 
 
-def check_same_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """TypeError naming the first of ``others`` (None: absent) whose dtype is not ``x``'s."""
+def check_same_dtype(x: torch.Tensor, /, x_name: str = "x", **others: torch.Tensor | None) -> None:
+    """TypeError naming the first of ``others`` (None: absent) whose dtype is not ``x``'s (called ``x_name``)."""
     for name, t in others.items():
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; they must match")
 
 
 def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:

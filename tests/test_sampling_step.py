@@ -15,7 +15,15 @@ from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
-from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
+from pixelcnn_kernels.ops.sampling import (
+    GatedLayerStepWeights,
+    HorizontalStepWeights,
+    SoftmaxHeadWeights,
+    gated_layer_step,
+    horizontal_conv_step,
+    softmax_draw_step,
+    step_backend,
+)
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_ref
 from pixelcnn_kernels.sampling import SamplingProblem
 from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN, FusedCachedGatedPixelCNN
@@ -39,8 +47,8 @@ pytestmark = pytest.mark.usefixtures(exact_gpu_convs.__name__)
 def build(name: str, dtype=torch.float32, device="cpu", scale=3.0, **overrides):
     """The variant (parameters × ``scale``: draws that depend on the context) in ``dtype`` and its cond labels."""
     torch.manual_seed(0)
-    config = {**VARIANTS[name], **overrides}
-    model = GatedPixelCNN(layers=2, num_bins=8, image_size=(HEIGHT, WIDTH), **config)
+    config = {"num_bins": 8, **VARIANTS[name], **overrides}
+    model = GatedPixelCNN(layers=2, image_size=(HEIGHT, WIDTH), **config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(scale)
@@ -114,6 +122,101 @@ def test_triton_pixel_step_names_a_width_past_its_limit():
         triton_sampling.gated_pixel_step(torch.zeros(1, dtype=torch.int64), x, torch.zeros(1, 4, channels), None, [0], None, None, None, None, None, None, 0, out)
 
 
+# ---------------------------------------------------------------- the softmax head's draw against the PyTorch head and draw
+
+
+def draw_operands(model, batch: int, seed: int = 5):
+    """A random last horizontal stack h (B, hidden) and the draw's noise, known, images and inputs, (B, ·, H·W) each."""
+    generator = torch.Generator().manual_seed(seed)
+    device, dtype = next(model.parameters()).device, model.parameter_dtype()
+    pixels = HEIGHT * WIDTH
+    h = (3 * torch.randn(batch, model.conv_out.in_channels, generator=generator)).to(device, dtype)
+    noise = torch.rand(batch, model.in_channels, pixels, generator=generator).to(device)
+    known = (torch.rand(batch, pixels, generator=generator) < 0.3).to(device)
+    images = torch.randint(0, model.num_bins, (batch, model.in_channels, pixels), generator=generator).to(device)
+    return h, noise, known, images, model.to_inputs(images)
+
+
+@pytest.mark.parametrize("backend, device", step_backends(pytest.mark.sanitize))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["grey", "rgb_cond_dilated"])
+def test_softmax_draw_step_is_the_pytorch_head_and_draw_at_its_value_only(name, dtype, backend, device):
+    """Each launch writes the PyTorch draw (a known value where known) and its network input at its value, nothing else (compute-sanitizer runs the CUDA kernel here)."""
+    model, cond = build(name, dtype, device)
+    batch = 7
+    h, noise, known, images, inputs = draw_operands(model, batch)
+    reference = CachedGatedPixelCNN(model, known_problem(model, cond))
+    logits = reference.logits(h[:, :, None, None])
+    pixel = torch.zeros(1, dtype=torch.int64, device=device)
+    weights = SoftmaxHeadWeights.from_model(model, dtype)
+    drawn_somewhere = False
+    with kernel_backend(backend, device):
+        for p in (0, 7, HEIGHT * WIDTH - 1):
+            for channel in range(model.in_channels):
+                drawn = model.draw_values(logits, noise[:, :, p, None, None])[:, channel, 0, 0]
+                expected_images = images.clone()
+                expected_images[:, channel, p] = torch.where(known[:, p], images[:, channel, p], drawn)
+                expected_inputs = inputs.clone()
+                expected_inputs[:, channel, p] = model.to_inputs(expected_images[:, channel, p])
+                softmax_draw_step(pixel.fill_(p), channel, h, weights, noise, known, images, inputs)
+                assert torch.equal(images, expected_images) and torch.equal(inputs, expected_inputs)
+                drawn_somewhere |= bool((drawn != drawn[0]).any())
+        done = images.clone(), inputs.clone()
+        for outside in (HEIGHT * WIDTH, -1):
+            softmax_draw_step(pixel.fill_(outside), 0, h, weights, noise, known, images, inputs)
+    assert torch.equal(images, done[0]) and torch.equal(inputs, done[1])
+    assert drawn_somewhere  # the draws depend on the noise: not one bin everywhere
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("in_channels, hidden", [(1, 64), (3, 66)])
+def test_gpu_softmax_draw_step_at_the_tutorial_size(backend, in_channels, hidden):
+    """256 bins (more than the CUDA kernel's threads' first pass over them), a batch of 70: the PyTorch head and draw, value for value."""
+    model, _ = build("grey", device="cuda", scale=1.0, in_channels=in_channels, hidden=hidden, num_bins=256)
+    batch = 70
+    h, noise, known, images, inputs = draw_operands(model, batch)
+    logits = CachedGatedPixelCNN(model, known_problem(model, None, batch=batch)).logits(h[:, :, None, None])
+    pixel = torch.full((1,), 3, dtype=torch.int64, device="cuda")
+    channel = in_channels - 1
+    drawn = model.draw_values(logits, noise[:, :, 3, None, None])[:, channel, 0, 0]
+    expected = torch.where(known[:, 3], images[:, channel, 3], drawn)
+    with kernel_backend(backend, "cuda"):
+        softmax_draw_step(pixel, channel, h, SoftmaxHeadWeights.from_model(model, torch.float32), noise, known, images, inputs)
+    assert torch.equal(images[:, channel, 3], expected) and expected.unique().numel() > 10
+    assert torch.equal(inputs[:, channel, 3], model.to_inputs(expected))
+
+
+def test_bad_draw_inputs_name_the_argument():
+    model, _ = build("rgb")
+    weights = SoftmaxHeadWeights.from_model(model, torch.float32)
+    h, noise, known, images, inputs = draw_operands(model, N)
+    pixel = torch.zeros(1, dtype=torch.int64)
+    with use_backend("triton"):
+        softmax_draw_step(pixel, 2, h, weights, noise, known, images, inputs)  # the valid call
+        with pytest.raises(ValueError, match=r"channel must be an int in \[0, 3\)"):
+            softmax_draw_step(pixel, 3, h, weights, noise, known, images, inputs)
+        with pytest.raises(TypeError, match="noise must have dtype float32"):
+            softmax_draw_step(pixel, 0, h, weights, noise.double(), known, images, inputs)
+        with pytest.raises(ValueError, match="known must be contiguous of shape"):
+            softmax_draw_step(pixel, 0, h, weights, noise, known[:, :-1], images, inputs)
+        with pytest.raises(TypeError, match="images must have dtype int64"):
+            softmax_draw_step(pixel, 0, h, weights, noise, known, images.int(), inputs)
+        with pytest.raises(TypeError, match="weights.weight has dtype torch.float16 but h has torch.float32"):
+            softmax_draw_step(pixel, 0, h, SoftmaxHeadWeights(weights.weight.half(), weights.bias, weights.bin_inputs), noise, known, images, inputs)
+        with pytest.raises(ValueError, match="weights.weight must have shape"):
+            softmax_draw_step(pixel, 0, h[:, :3].contiguous(), weights, noise, known, images, inputs)
+        with pytest.raises(ValueError, match="inputs must have shape"):
+            softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs[:, :2])
+        with pytest.raises(ValueError, match="model must have the softmax head"):
+            SoftmaxHeadWeights.from_model(build("dmol_rgb")[0], torch.float32)
+        too_many = triton_sampling.MAX_DRAW_BINS + 1
+        with pytest.raises(ValueError, match=f"bin_inputs has {too_many} bins"):
+            triton_sampling.softmax_draw_step(pixel, h, torch.zeros(h.shape[1], too_many), None, torch.zeros(too_many), noise, known, images, inputs, 0)
+    with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
+        softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs)  # CPU tensors: the reference backend
+
+
 # ---------------------------------------------------------------- every layer of a model against the PyTorch step
 
 
@@ -167,12 +270,13 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
     noise = noise_for(model, N)
     prefix = torch.randint(0, model.num_bins, (N, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2)) if completion else None
     known = (torch.rand(N, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) < 0.4) if completion else None
-    launches = []
-    launch = triton_sampling.gated_pixel_step
-    monkeypatch.setattr(triton_sampling, "gated_pixel_step", lambda *args: launches.append(1) or launch(*args))
+    launches = {"gated_pixel_step": 0, "softmax_draw_step": 0}
+    for op in launches:
+        launch = getattr(triton_sampling, op)
+        monkeypatch.setattr(triton_sampling, op, lambda *args, op=op, launch=launch: launches.__setitem__(op, launches[op] + 1) or launch(*args))
     with use_backend("triton"):
         naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
-        launches.clear()
+        launches.update(dict.fromkeys(launches, 0))
         cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
     assert torch.equal(cached, naive) and naive.unique().numel() > 2
     if completion:
@@ -180,8 +284,10 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
         assert torch.equal(cached[kept], prefix[kept])
     all_known = 0 if known is None else int(known.all(dim=0).sum())
     values_per_pixel = model.in_channels if model.head == "softmax" else 1
+    values = (HEIGHT * WIDTH - all_known) * values_per_pixel
     layers = len(model.conv_layers) + 1  # the first conv, then each gated layer
-    assert len(launches) == layers * ((HEIGHT * WIDTH - all_known) * values_per_pixel + all_known)
+    assert launches["gated_pixel_step"] == layers * (values + all_known)
+    assert launches["softmax_draw_step"] == (values if model.head == "softmax" else 0)
 
 
 def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):

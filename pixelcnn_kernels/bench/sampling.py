@@ -14,7 +14,8 @@ column reads as the speed-up over naive sampling. Only the ``forward`` mode appl
 
 On a GPU both cached samplers run their pixel step inside a CUDA graph replayed per
 pixel, on the ``triton`` and ``cuda`` providers alike: the Gated PixelCNN's fused step
-(one kernel per layer per value, :mod:`pixelcnn_kernels.ops.sampling`), and
+(one kernel per layer per value and one for the head and draw,
+:mod:`pixelcnn_kernels.ops.sampling`), and
 PixelCNN++'s table-driven step (one fused kernel per gated resnet block for all its
 positions of the pixel, gathers and batched products for its shifted and transposed
 convolutions, positions read from tables on the device). PixelCNN++'s tables are built
@@ -31,6 +32,14 @@ step plus the vertical stack's once per row. At the tutorial's size a step reads
 1.1 MB of fp32 weights: 0.27 µs at 4.1 TB/s, so the 784 steps of a call need at least
 0.21 ms, whatever the batch. The naive sampler takes minutes per call at these sizes:
 run these cases with ``--warmup 1 --repeats 3``.
+
+At the tutorial's size the step is bound by latency, not by that floor: a replayed
+graph runs its kernels one after another, each a couple of microseconds. Prediction,
+not yet measured (2026-11-29): with the head and draw as PyTorch ops a value took 8
+layer kernels plus about 19 small ops (elu, the 1×1, the float64 softmax, cumsum and
+search, the noise, known and image gathers and writes), ~55 µs, so ~45 ms per call at
+B = 64, over the 40 ms goal; the fused draw makes it 10 kernels, ~25 µs a value and
+~20 ms a call, plus the vertical stack's eager PyTorch per row (~4 ms).
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@ launch here instead of about six PyTorch ops:
       out[b, i, j] = x[b, i, j] + conv_horiz_1x1(grouped_gate(pre))
 
   with :func:`~pixelcnn_kernels.reference.layers.grouped_gate`'s colour-grouped
-  tanh·σ (1 or 3 groups) and the residual on the layer input.
+  tanh·σ (1 or 3 groups) and the residual on the layer input;
+- :func:`softmax_draw_step`: the softmax head on the last layer's output at the pixel
+  (elu, the colour-masked 1×1), the categorical draw of one channel at its noise, and
+  the writes of the value to the images (unless known) and to the network's input: one
+  launch instead of about twenty ops.
 
 And one launch per block and pixel step of cached PixelCNN++ sampling
 (:mod:`pixelcnn_kernels.sampling.cached_pixelcnn_pp`) instead of about ten ops per position:
@@ -42,8 +46,9 @@ The weights are packed once per sampling run (:class:`HorizontalStepWeights`,
 :class:`GatedLayerStepWeights`): the active taps only, as the masked convolution's
 kernels read them (:func:`~pixelcnn_kernels.ops.masked_conv.pack_weight`).
 
-Backends: ``triton`` and ``cuda`` (the extension's ``gated_pixel_step`` and
-``resnet_position_step``), float32, float16 and bfloat16, fp32 arithmetic. The
+Backends: ``triton`` and ``cuda`` (the extension's ``gated_pixel_step``,
+``resnet_position_step`` and ``softmax_draw_step``), float32, float16 and bfloat16,
+fp32 arithmetic (the draw's softmax in float64). The
 references are the PyTorch steps of
 :class:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN` and
 :class:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp.CachedPixelCNNPlusPlus` (which
@@ -63,21 +68,25 @@ import torch
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, resolve_backend
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
+from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 __all__ = [
     "GatedLayerStepWeights",
     "HorizontalStepWeights",
     "ResnetStepWeights",
+    "SoftmaxHeadWeights",
     "gated_layer_step",
     "horizontal_conv_step",
     "resnet_position_step",
+    "softmax_draw_step",
     "step_backend",
 ]
 
 # The extension's ops (csrc/sampling_ops.cpp); an extension built before them lacks them.
 GATED_CUDA_OP = "gated_pixel_step"
 RESNET_CUDA_OP = "resnet_position_step"
+DRAW_CUDA_OP = "softmax_draw_step"
 
 
 def _pack(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,6 +166,30 @@ class ResnetStepWeights:
         top, _, left, _ = spec.padding()
         # A 1×1 convolution's packed (1, in, out) weight is the matrix.
         return cls(*_pack(block.conv_input, dtype), None if skip_weight is None else skip_weight[0], skip_bias, *_pack(block.conv_out, dtype), (kh, kw, top, left))
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxHeadWeights:
+    """A :class:`~pixelcnn_kernels.models.GatedPixelCNN`'s softmax head packed for :func:`softmax_draw_step`.
+
+    ``weight`` (hidden, C·num_bins): ``conv_out`` (colour-masked pairs exact zeros) laid
+    out (in, out); ``bias`` (C·num_bins,) or None; ``bin_inputs`` (num_bins,): each
+    bin's network input (the model's ``to_inputs``), so the step writes exactly what
+    ``to_inputs`` gives for the drawn value.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bin_inputs: torch.Tensor
+
+    @classmethod
+    def from_model(cls, model, dtype: torch.dtype) -> "SoftmaxHeadWeights":
+        if model.head != "softmax":
+            raise ValueError(f"model must have the softmax head, got head={model.head!r}")
+        # A 1×1 convolution is a one-tap horizontal one: its packed (1, in, out) weight is the matrix.
+        head = HorizontalStepWeights.from_conv(model.conv_out, dtype)
+        bins = torch.arange(model.num_bins, device=head.wp.device)
+        return cls(head.wp[0], head.bias, bins_to_values(bins, model.num_bins, dtype))
 
 
 def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None:
@@ -281,6 +314,59 @@ def resnet_position_step(
     )  # fmt: skip
 
 
+def softmax_draw_step(
+    pixel: torch.Tensor,
+    channel: int,
+    h: torch.Tensor,
+    weights: SoftmaxHeadWeights,
+    noise: torch.Tensor,
+    known: torch.Tensor,
+    images: torch.Tensor,
+    inputs: torch.Tensor,
+) -> None:
+    """Draws channel ``channel`` of every image at the pixel p = i·W + j in ``pixel`` from the softmax head on ``h``; writes it.
+
+    One launch for the PyTorch head and draw of cached sampling
+    (:meth:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN.logits`, then the
+    model's ``draw_values`` and the writes), with bins = ``weights.bin_inputs.numel()``::
+
+        logits = conv_out(elu(h[b]))[channel·bins : (channel + 1)·bins]   (elu and logits rounded to h's dtype)
+        value  = the first k with CDF(k) > noise[b, channel, p]·CDF(bins - 1), CDF the float64 cumulative softmax
+        images[b, channel, p] = value unless known[b, p]
+        inputs[b, channel, p] = weights.bin_inputs[images[b, channel, p]]
+
+    ``h`` (B, hidden): the last horizontal stack at the pixel, contiguous
+    float32/float16/bfloat16, one dtype and device with the weights and ``inputs``;
+    ``noise`` (B, C, H·W) float32, ``known`` (B, H·W) bool, ``images`` (B, C, H·W)
+    int64 and ``inputs`` (B, C, H·W): contiguous, on ``h``'s device.
+    """
+    _check_pixel(pixel)
+    check_tensor(h, "h", ndim=2, allow_float64=False)
+    backend = _kernel_backend(h, DRAW_CUDA_OP)
+    if not h.is_contiguous():
+        raise ValueError("h must be a contiguous (B, hidden) tensor")
+    check_tensor(images, "images", ndim=3, dtypes=(torch.int64,))
+    check_tensor(noise, "noise", dtypes=(torch.float32,), allow_float64=False)
+    check_tensor(known, "known", dtypes=(torch.bool,))
+    check_same_device(h=h, pixel=pixel, images=images, noise=noise, known=known)
+    batch, hidden = h.shape
+    _, channels, pixels = images.shape
+    if images.shape[0] != batch or not images.is_contiguous():
+        raise ValueError(f"images must be a contiguous (B={batch}, C, H·W) tensor, got shape {tuple(images.shape)}")
+    if not isinstance(channel, int) or not 0 <= channel < channels:
+        raise ValueError(f"channel must be an int in [0, {channels}), got {channel!r}")
+    if tuple(noise.shape) != tuple(images.shape) or not noise.is_contiguous():
+        raise ValueError(f"noise must be contiguous of images' shape {tuple(images.shape)}, got {tuple(noise.shape)}")
+    if tuple(known.shape) != (batch, pixels) or not known.is_contiguous():
+        raise ValueError(f"known must be contiguous of shape {(batch, pixels)}, got {tuple(known.shape)}")
+    _check_operand(weights.bin_inputs, "weights.bin_inputs", h, (weights.bin_inputs.numel(),), required=True, contiguous=True, x_name="h")
+    num_bins = weights.bin_inputs.numel()
+    _check_operand(weights.weight, "weights.weight", h, (hidden, channels * num_bins), required=True, contiguous=True, x_name="h")
+    _check_operand(weights.bias, "weights.bias", h, (channels * num_bins,), contiguous=True, x_name="h")
+    _check_operand(inputs, "inputs", h, tuple(images.shape), required=True, contiguous=True, x_name="h")
+    _kernels(backend).softmax_draw_step(pixel, h, weights.weight, weights.bias, weights.bin_inputs, noise, known, images, inputs, channel)
+
+
 # ---------------------------------------------------------------- validation and dispatch
 
 
@@ -322,19 +408,21 @@ def _kernel_backend(x: torch.Tensor, cuda_op: str) -> str:
     return backend
 
 
-def _check_operand(t, name: str, x: torch.Tensor, shape: tuple[int, ...], *, required: bool = False, contiguous: bool = False) -> None:
-    """A gated layer's operand: None unless ``required``, else of ``x``'s dtype and device and this shape."""
+def _check_operand(
+    t, name: str, x: torch.Tensor, shape: tuple[int, ...], *, required: bool = False, contiguous: bool = False, x_name: str = "x"
+) -> None:
+    """A step's operand: None unless ``required``, else of ``x``'s dtype and device (``x`` called ``x_name``) and this shape."""
     if t is None and not required:
         return
     check_tensor(t, name, allow_float64=False)
-    check_same_dtype(x, **{name: t})
-    check_same_device(x=x, **{name: t})
+    check_same_dtype(x, x_name, **{name: t})
+    check_same_device(**{x_name: x, name: t})
     if tuple(t.shape) != shape or (contiguous and not t.is_contiguous()):
         raise ValueError(f"{name} must have shape {shape}{' and be contiguous' if contiguous else ''}, got {tuple(t.shape)}")
 
 
 def _kernels(backend: str):
-    """The module holding ``gated_pixel_step`` and ``resnet_position_step`` for a kernel backend (one signature each)."""
+    """The module holding ``gated_pixel_step``, ``resnet_position_step`` and ``softmax_draw_step`` for a kernel backend (one signature each)."""
     if backend == "cuda":
         return cuda_ops()
     return importlib.import_module("pixelcnn_kernels.triton.sampling")

@@ -27,12 +27,14 @@ cached rows, the model's gate op). The horizontal step has two implementations:
   float32, float16 and bfloat16): one launch per layer per value
   (:mod:`pixelcnn_kernels.ops.sampling`) for the first ``horizontal_A`` conv and for
   each gated layer's taps, bias, link, conditioning, colour-grouped gate, 1×1 and
-  residual, reading a row buffer of the layer's input and writing the next layer's.
-  The head (elu and the 1×1 output conv), the draw and the writes of the drawn value
-  stay PyTorch ops. The pixel is a device tensor, so on a CUDA device one whole pixel
-  step (every value's layer steps, head, draw and writes, then the pixel increment) is
-  captured once in a CUDA graph and replayed for every pixel: no Python and no host
-  synchronisation per pixel, only per row (the vertical stack).
+  residual, reading a row buffer of the layer's input and writing the next layer's;
+  with the softmax head, one more launch per value for the head (elu and the 1×1
+  output conv), the draw and the writes of the drawn value
+  (:func:`~pixelcnn_kernels.ops.sampling.softmax_draw_step`). The DMOL head's head,
+  draw and writes stay PyTorch ops. The pixel is a device tensor, so on a CUDA device
+  one whole pixel step (every value's layer steps, head, draw and writes, then the pixel
+  increment) is captured once in a CUDA graph and replayed for every pixel: no Python
+  and no host synchronisation per pixel, only per row (the vertical stack).
 
 **Exactness.** The step computes each activation from the same values as the full
 forward, but on other shapes than the full image, which may sum in another order
@@ -52,7 +54,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
-from pixelcnn_kernels.ops.sampling import GatedLayerStepWeights, HorizontalStepWeights, gated_layer_step, horizontal_conv_step, step_backend
+from pixelcnn_kernels.ops.sampling import (
+    GatedLayerStepWeights,
+    HorizontalStepWeights,
+    SoftmaxHeadWeights,
+    gated_layer_step,
+    horizontal_conv_step,
+    softmax_draw_step,
+    step_backend,
+)
 from pixelcnn_kernels.reference.layers import grouped_gate
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 from pixelcnn_kernels.sampling.replay import PixelStepSampler
@@ -138,6 +148,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.layers = [GatedLayerStepWeights.from_layer(layer, dtype) for layer in model.conv_layers]
         self.cond = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
         self.conv_out = _pointwise(model.conv_out, dtype)
+        self.softmax_head = SoftmaxHeadWeights.from_model(model, dtype) if model.head == "softmax" else None
         # Row i of each layer's vertical pre-activation, channels-last (B, W, 2C): the link's operand.
         self.v_pre_rows = [torch.zeros(batch, width, 2 * hidden, dtype=dtype, device=device) for _ in model.conv_layers]
         # Each layer's input on the current row (B, W, C): a step reads its taps there, left of
@@ -171,7 +182,11 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
 
     def draw(self, channels: slice) -> None:
         """Draws ``channels`` at the pixel; writes them to the images (except where known) and to the network's input."""
-        values = self.draw_pixel(self.logits(self.horizontal_stack()), channels)
+        h = self.horizontal_stack()
+        if self.softmax_head is not None:
+            softmax_draw_step(self.pixel, channels.start, self.h_out, self.softmax_head, self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat)
+            return
+        values = self.draw_pixel(self.logits(h), channels)
         self.inputs_flat[:, channels].index_copy_(2, self.pixel, self.model.to_inputs(values))
 
     def pixel_step(self, draw: bool = True) -> None:

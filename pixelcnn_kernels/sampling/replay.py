@@ -33,11 +33,12 @@ class PixelStepSampler:
         batch, channels, height, width = images.shape
         self.model, self.problem = model, problem
         self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
-        # (B, C or K, H·W) views, read and written at the pixel.
+        # (B, C or K, H·W), read and written at the pixel: views of the images, contiguous copies
+        # of known and noise where they are not contiguous (a fused draw reads them by index).
         self.images_flat = images.view(batch, channels, height * width)
-        self.known_flat = problem.known.reshape(batch, height * width)
+        self.known_flat = problem.known.reshape(batch, height * width).contiguous()
         noise = problem.noise
-        self.noise_flat = noise.flatten(2) if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
+        self.noise_flat = noise.flatten(2).contiguous() if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
 
     def draw_pixel(self, logits: torch.Tensor, channels: slice) -> torch.Tensor:
         """Draws ``channels`` of the pixel from the head's ``logits`` at its noise; returns the values (B, c, 1).

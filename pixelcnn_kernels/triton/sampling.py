@@ -1,6 +1,6 @@
-"""Triton kernel of cached Gated PixelCNN sampling's per-pixel step (kernel, then launcher).
+"""Triton kernels of cached sampling's per-pixel steps (kernels, then launchers).
 
-One launch computes one pixel of one horizontal-stack layer for a batch of images
+Gated PixelCNN's layer step: one launch computes one pixel of one horizontal-stack layer for a batch of images
 (:mod:`pixelcnn_kernels.ops.sampling` states the math and validates the arguments;
 ``csrc/sampling.cu`` is the CUDA twin). Layout, shared with the CUDA kernel:
 
@@ -20,6 +20,11 @@ A program takes BLOCK_B images and every channel: the gate needs both halves and
 ``tl.dot`` in full fp32 ("ieee"): the step is a handful of tiny matrix products bound
 by latency, not by arithmetic, and full precision keeps it close to the PyTorch step.
 Loads are converted to fp32 at once; the result is rounded once, on store.
+
+The other kernels state their own layouts: PixelCNN++'s block step
+(:func:`_resnet_step_kernel`) and the softmax head's draw (:func:`_softmax_draw_kernel`:
+a program per image holds every bin's logit, as the softmax needs them all, and draws
+in float64 as the PyTorch draw does).
 """
 
 from __future__ import annotations
@@ -294,6 +299,71 @@ def _resnet_step_kernel(
             tl.store(out_ptr + image_base + pixel_offset, result.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
+@triton.jit
+def _softmax_draw_kernel(
+    pixel_ptr,
+    h_ptr,
+    w_ptr,
+    bias_ptr,
+    bin_inputs_ptr,
+    noise_ptr,
+    known_ptr,
+    images_ptr,
+    inputs_ptr,
+    HIDDEN,
+    NUM_BINS,
+    CHANNELS,
+    HW,
+    channel,
+    BLOCK_BINS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Channel ``channel`` of image ``program_id`` at the pixel p: the softmax head's draw, written to the images and inputs.
+
+    ``h`` (B, HIDDEN) the last horizontal stack at the pixel; ``w`` (HIDDEN,
+    CHANNELS·NUM_BINS) the head's 1×1 laid out (in, out), ``bias`` (CHANNELS·NUM_BINS,)
+    or None; ``bin_inputs`` (NUM_BINS,) the network input of each bin; ``noise``
+    (B, CHANNELS, HW) float32, ``known`` (B, HW) bool, ``images`` (B, CHANNELS, HW)
+    int64, ``inputs`` (B, CHANNELS, HW): all contiguous. As the PyTorch head and draw::
+
+        logits = elu(h) · w[:, channel·NUM_BINS:][:, :NUM_BINS] + bias   (elu and logits rounded to h's dtype)
+        value  = the first k with CDF(k) > u·CDF(NUM_BINS - 1), CDF the float64 cumulative softmax of logits
+        images[b, channel, p] = value unless known[b, p]; inputs[b, channel, p] = bin_inputs[images[b, channel, p]]
+
+    A pixel index outside [0, HW) writes nothing.
+    """
+    image = tl.program_id(0).to(tl.int64)
+    p = tl.load(pixel_ptr)
+    pixel_ok = (p >= 0) & (p < HW)
+    bins = tl.arange(0, BLOCK_BINS)
+    bin_ok = bins < NUM_BINS
+    w_columns = w_ptr + channel * NUM_BINS + bins[None, :]
+    acc = tl.zeros((BLOCK_BINS,), dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < HIDDEN
+        h = tl.load(h_ptr + image * HIDDEN + k, mask=k_ok, other=0.0).to(tl.float32)
+        elu_h, _ = concat_elu_math(h)
+        # Rounded to h's dtype, as F.elu's output is before the PyTorch head's 1×1.
+        elu_h = elu_h.to(h_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_columns + k[:, None] * (CHANNELS * NUM_BINS), mask=k_ok[:, None] & bin_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * elu_h[:, None], axis=0)
+    if bias_ptr is not None:
+        acc += tl.load(bias_ptr + channel * NUM_BINS + bins, mask=bin_ok, other=0.0).to(tl.float32)
+    logits = tl.where(bin_ok, acc.to(h_ptr.dtype.element_ty).to(tl.float64), float("-inf"))
+    # The CDF unnormalised: scaled by its last entry below, as the PyTorch draw scales u.
+    cdf = tl.cumsum(tl.where(bin_ok, tl.exp(logits - tl.max(logits, axis=0)), 0.0), axis=0)
+    value_offset = (image * CHANNELS + channel) * HW + p
+    threshold = tl.load(noise_ptr + value_offset, mask=pixel_ok, other=0.0).to(tl.float64) * tl.max(cdf, axis=0)
+    drawn = tl.minimum(tl.sum(tl.where(bin_ok & (cdf <= threshold), 1, 0), axis=0), NUM_BINS - 1).to(tl.int64)
+    known = tl.load(known_ptr + image * HW + p, mask=pixel_ok, other=0) != 0
+    value = tl.where(known, tl.load(images_ptr + value_offset, mask=pixel_ok, other=0), drawn)
+    tl.store(images_ptr + value_offset, value, mask=pixel_ok)
+    # Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
+    bin_input = tl.load(bin_inputs_ptr + tl.minimum(tl.maximum(value, 0), NUM_BINS - 1), mask=pixel_ok)
+    tl.store(inputs_ptr + value_offset, bin_input, mask=pixel_ok)
+
+
 # ---------------------------------------------------------------- launcher
 
 # Images per program: tl.dot's smallest tile. The step is latency-bound: a bigger
@@ -313,6 +383,10 @@ _STAGES = 1
 # Channels the pixel step takes: every channel is in one program (the gate needs both
 # halves, the 1×1 every gated channel); at 512 its tiles fit sm_90's shared memory.
 MAX_PIXEL_STEP_CHANNELS = 512
+
+# Bins the draw takes: one program holds every bin's logit (the softmax needs them all).
+MAX_DRAW_BINS = 4096
+_DRAW_WARPS = 4
 
 
 def _block(size: int, largest: int | None = None) -> int:
@@ -343,6 +417,12 @@ def _resnet_step_config(channels: int) -> tuple[dict, int]:
     """The resnet step's block sizes and warps for this width (the launcher's and the compile cases')."""
     block_c = _block(channels)
     return {"BLOCK_B": _BLOCK_B, "BLOCK_K": _chunk(channels, block_c), "BLOCK_C": block_c}, _num_warps(block_c)
+
+
+def _softmax_draw_config(hidden: int, num_bins: int) -> dict:
+    """The draw's block sizes: every bin at once, and hidden units in chunks of at most _MAX_TILE // BLOCK_BINS."""
+    block_bins = triton.next_power_of_2(num_bins)
+    return {"BLOCK_BINS": block_bins, "BLOCK_K": min(triton.next_power_of_2(hidden), max(1, _MAX_TILE // block_bins))}
 
 
 def gated_pixel_step(
@@ -419,6 +499,37 @@ def resnet_position_step(
         )  # fmt: skip
 
 
+def softmax_draw_step(
+    pixel: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bin_inputs: torch.Tensor,
+    noise: torch.Tensor,
+    known: torch.Tensor,
+    images: torch.Tensor,
+    inputs: torch.Tensor,
+    channel: int,
+) -> None:
+    """Draws channel ``channel`` of every image at the pixel and writes it (the CUDA op ``softmax_draw_step``'s signature).
+
+    Layout in :func:`_softmax_draw_kernel`; arguments are validated by the caller, except
+    the bins: ValueError past MAX_DRAW_BINS.
+    """
+    batch, hidden = h.shape
+    num_bins = bin_inputs.shape[0]
+    if num_bins > MAX_DRAW_BINS:
+        raise ValueError(f"bin_inputs has {num_bins} bins; the Triton draw takes at most {MAX_DRAW_BINS} (the cuda backend takes more)")
+    if batch == 0:
+        return
+    blocks = _softmax_draw_config(hidden, num_bins)
+    with launch_device(h):
+        _softmax_draw_kernel[(batch,)](
+            pixel, h, weight, bias, bin_inputs, noise, known, images, inputs,
+            hidden, num_bins, images.shape[1], images.shape[2], channel, **blocks, num_warps=_DRAW_WARPS,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------- sm_90 compile cases
 
 
@@ -459,5 +570,23 @@ def _register_resnet_compile_cases() -> None:
                 num_warps=num_warps, num_stages=_STAGES,
             )  # fmt: skip
 
+
+def _register_draw_compile_cases() -> None:
+    """The tutorial model's head (64 hidden units, 256 bins, with and without a bias) and the widest draw."""
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
+        signature = {
+            "pixel_ptr": "*i64", "h_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "bin_inputs_ptr": ptr, "noise_ptr": "*fp32",
+            "known_ptr": "*i1", "images_ptr": "*i64", "inputs_ptr": ptr, **dict.fromkeys(("HIDDEN", "NUM_BINS", "CHANNELS", "HW", "channel"), "i32"),
+        }  # fmt: skip
+        for hidden, num_bins in ((64, 256), (512, MAX_DRAW_BINS)):
+            register_compile_case(
+                f"sampling_softmax_draw_h{hidden}_bins{num_bins}_{dtype_name}", _softmax_draw_kernel, signature,
+                _softmax_draw_config(hidden, num_bins), num_warps=_DRAW_WARPS,
+            )  # fmt: skip
+        no_bias = {name: type_ for name, type_ in signature.items() if name != "bias_ptr"}
+        register_compile_case(f"sampling_softmax_draw_no_bias_{dtype_name}", _softmax_draw_kernel, no_bias, {"bias_ptr": None, **_softmax_draw_config(64, 256)}, num_warps=_DRAW_WARPS)
+
 _register_compile_cases()
 _register_resnet_compile_cases()
+_register_draw_compile_cases()
