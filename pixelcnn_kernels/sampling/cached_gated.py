@@ -33,8 +33,9 @@ cached rows, the model's gate op). The horizontal step has two implementations:
   (:func:`~pixelcnn_kernels.ops.sampling.softmax_draw_step`). The DMOL head's head,
   draw and writes stay PyTorch ops. The pixel is a device tensor, so on a CUDA device
   one whole pixel step (every value's layer steps, head, draw and writes, then the pixel
-  increment) is captured once in a CUDA graph and replayed for every pixel: no Python
-  and no host synchronisation per pixel, only per row (the vertical stack).
+  increment) is captured once in a CUDA graph and replayed for every pixel, and so is
+  one row's vertical stack (its row a device tensor too): no Python and no host
+  synchronisation per pixel or per row.
 
 **Exactness.** The step computes each activation from the same values as the full
 forward, but on other shapes than the full image, which may sum in another order
@@ -125,12 +126,13 @@ class CachedGatedPixelCNN:
 class FusedCachedGatedPixelCNN(PixelStepSampler):
     """One cached sampling run of a GatedPixelCNN ``model`` whose horizontal step runs on the fused kernels.
 
-    Every buffer is allocated here, once, and the pixel being generated is the device
-    tensor ``pixel`` (int64 (1,), p = i·W + j), so :meth:`pixel_step` launches the same
-    work on the same addresses for every pixel and one CUDA graph can replay it
-    (:meth:`sample`). Per row i, :meth:`start_row` (eager, before the row's first
-    pixel); then :meth:`pixel_step` for each pixel, which draws its values, writes them
-    to ``problem.images`` (except where known) and moves ``pixel`` on. Needs
+    Every buffer is allocated here, once, and the pixel and the row being generated are
+    the device tensors ``pixel`` (int64 (1,), p = i·W + j) and ``row`` (int64 (1,), i),
+    so :meth:`pixel_step` launches the same work on the same addresses for every pixel,
+    and :meth:`start_row` for every row after the first: a CUDA graph can replay each
+    (:meth:`sample`). Per row i, :meth:`start_row` before the row's first pixel; then
+    :meth:`pixel_step` for each pixel, which draws its values, writes them to
+    ``problem.images`` (except where known) and moves ``pixel`` on. Needs
     :func:`~pixelcnn_kernels.ops.sampling.step_backend` to give a kernel backend for the
     model's parameters.
     """
@@ -141,6 +143,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         dtype, device = model.parameter_dtype(), images.device
         hidden = model.conv_hstack.out_channels
         super().__init__(model, problem)
+        self.row = torch.zeros(1, dtype=torch.int64, device=device)
         # The network's input, kept equal to to_inputs(images) as values are drawn.
         self.inputs = model.to_inputs(images)
         self.vertical = _VerticalStack(model, problem, self.inputs)
@@ -161,13 +164,21 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.step_outputs = expanded + [self.h_out[:, None, None].expand(batch, height, width, hidden)]
         self.inputs_flat = self.inputs.view(batch, channels, height * width)  # written at the pixel
 
+    graph_rows = True
+
     def start_row(self, row: int) -> None:
-        """Computes row ``row`` of every layer's vertical pre-activation into ``v_pre_rows`` (the rows above must be final)."""
+        """Computes row ``row`` of every layer's vertical pre-activation into ``v_pre_rows`` and moves ``row`` on (the rows above must be final).
+
+        The work indexes the row by the device tensor ``row``, which must hold ``row``;
+        the host ``row`` only says whether there is a row above to store.
+        """
         if row > 0:
-            # Row - 1 is final now: the vertical stack's input cache takes it whole, not pixel by pixel.
-            self.vertical.inputs.store(self.inputs[:, :, row - 1 : row], row - 1, 0)
-        for buffer, v_pre in zip(self.v_pre_rows, self.vertical.pre_activations(row)):
+            # The row above is final now: the vertical stack's input cache takes it whole, not pixel by pixel.
+            above = self.row - 1
+            self.vertical.inputs.store(self.inputs.index_select(2, above), above, 0)
+        for buffer, v_pre in zip(self.v_pre_rows, self.vertical.pre_activations(self.row)):
             buffer.copy_(v_pre[:, :, 0].transpose(1, 2))
+        self.row += 1
 
     def horizontal_stack(self) -> torch.Tensor:
         """The last layer's horizontal stack at the pixel, (B, C, 1, 1); writes every layer's input there."""
@@ -245,8 +256,8 @@ class _VerticalStack:
         self.cond = [_projection(layer.cond_vert, problem.class_vector) for layer in model.conv_layers]
         self.inputs.store(inputs, 0, 0)
 
-    def pre_activations(self, row: int) -> list[torch.Tensor]:
-        """Row ``row`` of every layer's vertical pre-activation, (B, 2C, 1, W) each; the input rows above it must be final."""
+    def pre_activations(self, row: int | torch.Tensor) -> list[torch.Tensor]:
+        """Row ``row`` (an int or a device index, as :meth:`_CachedConv.row`) of every layer's vertical pre-activation, (B, 2C, 1, W) each; the input rows above it must be final."""
         ops = self.model.ops
         v = self.inputs.row(row)
         rows = []
@@ -282,15 +293,30 @@ class _CachedConv:
         kh, kw = conv.spec.kernel_size
         self.span = (self.dilation * (kh - 1) + 1, self.dilation * (kw - 1) + 1)
         self.cache = torch.zeros(batch, conv.in_channels, self.top + height + bottom, self.left + width + right, dtype=dtype, device=conv.weight.device)
+        self.window_rows = torch.arange(self.span[0], device=conv.weight.device)
 
-    def store(self, value: torch.Tensor, row: int, col: int) -> None:
-        """Stores ``value`` (B, in_channels, h, w) as the input at rows row..row+h-1, columns col..col+w-1."""
+    def store(self, value: torch.Tensor, row: int | torch.Tensor, col: int) -> None:
+        """Stores ``value`` (B, in_channels, h, w) as the input at rows row..row+h-1, columns col..col+w-1.
+
+        ``row`` an int, or a device index (int64 (1,)) for one row (h = 1).
+        """
         top, left = self.top + row, self.left + col
-        self.cache[:, :, top : top + value.shape[2], left : left + value.shape[3]] = value
+        columns = self.cache[:, :, :, left : left + value.shape[3]]
+        if isinstance(row, torch.Tensor):
+            columns.index_copy_(2, top, value)
+        else:
+            columns[:, :, top : top + value.shape[2]] = value
 
-    def row(self, row: int) -> torch.Tensor:
-        """The output at row ``row``, every column: (B, out_channels, 1, W)."""
-        window = self.cache[:, :, row : row + self.span[0]]
+    def row(self, row: int | torch.Tensor) -> torch.Tensor:
+        """The output at row ``row``, every column: (B, out_channels, 1, W).
+
+        ``row`` an int, or a device index (int64 (1,)): the same launches on the same
+        addresses for every row, which a CUDA graph can replay.
+        """
+        if isinstance(row, torch.Tensor):
+            window = self.cache.index_select(2, row + self.window_rows)
+        else:
+            window = self.cache[:, :, row : row + self.span[0]]
         return F.conv2d(window, self.weight, self.bias, dilation=self.dilation)
 
     def pixel(self, row: int, col: int) -> torch.Tensor:

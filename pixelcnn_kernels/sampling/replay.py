@@ -1,15 +1,18 @@
-"""The pixel loop the fused cached samplers share: eager steps, or one step replayed as a CUDA graph.
+"""The pixel loop the fused cached samplers share: eager steps, or steps replayed as CUDA graphs.
 
 A fused cached sampler (:class:`~pixelcnn_kernels.sampling.cached_gated.FusedCachedGatedPixelCNN`,
 :class:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp.TableCachedPixelCNNPlusPlus`)
 keeps the pixel being generated in a device tensor and launches the same work on the
 same addresses at every pixel, so the step of one pixel, captured once, can be replayed
-for all the others with no Python and no host sync per pixel.
+for all the others with no Python and no host sync per pixel. A sampler with per-row
+work that keeps its row in a device tensor too (:attr:`PixelStepSampler.graph_rows`)
+has that work captured and replayed the same way, from the second row on.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +30,10 @@ class PixelStepSampler:
     values with device indices (:meth:`draw_pixel`). A subclass defines
     :meth:`pixel_step` and, if it has per-row work, :meth:`start_row`.
     """
+
+    # Whether start_row launches the same work on the same addresses at every row after the
+    # first (its row a device tensor), so that one CUDA graph can replay it for those rows.
+    graph_rows = False
 
     def __init__(self, model, problem: SamplingProblem):
         images = problem.images
@@ -57,20 +64,21 @@ class PixelStepSampler:
         return values
 
     def start_row(self, row: int) -> None:
-        """Work done once per row, eagerly, before the row's first pixel (default: none)."""
+        """Work done once per row ``row``, before the row's first pixel (default: none); see :attr:`graph_rows`."""
 
     def pixel_step(self, draw: bool = True) -> None:
         """Generates the pixel at ``pixel`` (``draw=False``: a pixel every image knows) and adds 1 to ``pixel``."""
         raise NotImplementedError
 
     def sample(self, progress: bool, cuda_graph: bool | None = None) -> bool:
-        """Fills ``problem.images`` pixel by pixel; returns whether the steps after the first ran as a CUDA graph.
+        """Fills ``problem.images`` pixel by pixel; returns whether the pixel steps after the first ran as a CUDA graph.
 
         ``cuda_graph``: True captures one pixel step in a CUDA graph after running the
-        first pixel eagerly, and replays it for the others (raises where the capture
-        fails); False runs every step eagerly; None (default): a graph on a CUDA
-        device, falling back to eager steps, with a warning, where the capture fails.
-        Both give the same images (the same kernels on the same values).
+        first pixel eagerly, and replays it for the others (with :attr:`graph_rows`, the
+        row step too, from the third row on), raising where a capture fails; False runs
+        every step eagerly; None (default): graphs on a CUDA device, falling back to
+        eager steps, with a warning, where a capture fails. All give the same images
+        (the same kernels on the same values).
         """
         problem = self.problem
         if cuda_graph and not problem.images.is_cuda:
@@ -78,41 +86,59 @@ class PixelStepSampler:
         strict = bool(cuda_graph)
         capture = problem.images.is_cuda if cuda_graph is None else cuda_graph
         all_known = problem.pixels_all_known()
-        graph = None
+        device = problem.images.device
+        rows = _ReplayedStep(self.start_row, "row", device, capture and self.graph_rows, strict)
+        pixels = _ReplayedStep(self.pixel_step, "pixel", device, capture, strict)
         with tqdm(total=problem.height * problem.width, desc="sampling (cached, fused)", unit="pixel", disable=not progress) as bar:
             for i in range(problem.height):
-                self.start_row(i)
+                if i == 0:
+                    self.start_row(0)  # the first row has no row above it: not the later rows' work
+                else:
+                    rows((i,), capture_args=(i + 1,))
                 for j in range(problem.width):
-                    if graph is not None:
-                        graph.replay()
-                    elif capture:
-                        graph = self._step_and_capture(strict)
-                        capture = graph is not None
-                    else:
-                        self.pixel_step(draw=not all_known[i][j])
+                    # A captured step draws: known values are kept where every image knows the pixel.
+                    pixels((not all_known[i][j],), capture_args=())
                     bar.update()
-        return graph is not None
+        return pixels.graph is not None
 
-    def _step_and_capture(self, strict: bool) -> torch.cuda.CUDAGraph | None:
-        """Runs this pixel's step eagerly, then captures the next pixel's step in a CUDA graph.
+
+class _ReplayedStep:
+    """A sampler step run eagerly or, once ``capture``, run eagerly one last time and captured in a CUDA graph replayed ever after."""
+
+    def __init__(self, step: Callable[..., None], name: str, device: torch.device, capture: bool, strict: bool):
+        self.step, self.name, self.device, self.capture, self.strict = step, name, device, capture, strict
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, args: tuple, capture_args: tuple) -> None:
+        """This step with ``args``; the graph captures the next one, with ``capture_args``."""
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture:
+            self.graph = self._step_and_capture(args, capture_args)
+            self.capture = self.graph is not None
+        else:
+            self.step(*args)
+
+    def _step_and_capture(self, args: tuple, capture_args: tuple) -> torch.cuda.CUDAGraph | None:
+        """Runs this step eagerly, then captures the next one in a CUDA graph.
 
         Both on one side stream, so that whatever the step's ops initialise lazily
         (Triton modules, cuBLAS and cuDNN state for that stream) exists before the
         capture. Returns None, after a warning, where the capture fails and not ``strict``.
         """
-        device = self.pixel.device
+        device = self.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self.pixel_step()
+            self.step(*args)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=stream):
-                self.pixel_step()
+                self.step(*capture_args)
         except RuntimeError as error:
-            if strict:
+            if self.strict:
                 raise
-            warnings.warn(f"cached sampling: capturing the pixel step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cached sampling: capturing the {self.name} step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=4)
             graph = None
         torch.cuda.current_stream(device).wait_stream(stream)
         return graph
