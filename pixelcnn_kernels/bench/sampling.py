@@ -43,6 +43,11 @@ B = 64, over the 40 ms goal; the fused draw makes it 10 kernels, ~25 µs a value
 ~20 ms a call. The vertical stack's rows ran as eager PyTorch: about 45 launches a row,
 7 of them the gate's custom op at tens of µs of Python each, ~0.4 ms a row and ~10 ms
 a call; replayed as a graph from the third row on, ~0.1 ms a row and ~3 ms a call.
+PixelCNN++'s step is about 64 block kernels, 12 other nodes and the head and draw:
+with each node reading its five device tables apart and gathering a per-position copy
+of its weight, ~230 launches, ~0.55 ms a step and ~0.57 s a call (goal 0.5 s); one
+packed table per node and the shifted convs' weights used as they are make it ~190,
+~0.47 s a call (prediction, not yet measured, 2026-11-29).
 """
 
 from __future__ import annotations

@@ -149,12 +149,23 @@ class _LinearNode(_Node):
 
         super().__init__(channels, height, width, sources[0].values, reads, self._compute)
 
-    def linear(self, index: list[torch.Tensor], taps: list[torch.Tensor]) -> torch.Tensor:
-        """(B, S, Cout): for S positions, ``bias + Σ_k Σ_t sources[k].flat[:, index[k][s, t]] · weights[k][taps[k][s, t]]``; ``index[k]``, ``taps[k]`` (S, T_k) int64."""
+    def linear(self, index: list[torch.Tensor], taps: list[torch.Tensor | None]) -> torch.Tensor:
+        """(B, S, Cout): for S positions, ``bias + Σ_k Σ_t sources[k].flat[:, index[k][s, t]] · weights[k][taps[k][s, t]]``.
+
+        ``index[k]``, ``taps[k]`` (S, T_k) int64; ``taps[k]`` None: tap t is the weight's
+        t-th for every position (T_k the weight's taps), so the product takes the weight
+        as it is, one matrix product, where per-position taps gather a copy of it.
+        """
         out = 0 if self.bias is None else self.bias
         for source, weight, source_index, source_taps in zip(self.sources, self.weights, index, taps):
             gathered = source.flat.index_select(1, source_index.flatten()).unflatten(1, source_index.shape)  # (B, S, T, Cin)
-            out = out + (gathered.sum(2) if weight is None else torch.einsum("bstc,stcd->bsd", gathered, weight[source_taps]))
+            if weight is None:
+                product = gathered.sum(2)
+            elif source_taps is None:
+                product = gathered.flatten(2) @ weight.flatten(0, 1)
+            else:
+                product = torch.einsum("bstc,stcd->bsd", gathered, weight[source_taps])
+            out = out + product
         return out
 
     def _compute(self, i: int, j: int) -> torch.Tensor:
@@ -340,14 +351,14 @@ class CachedPixelCNNPlusPlus:
 
 
 def _linear_tables(node: _LinearNode, positions: list[tuple[int, _Node, int, int]], steps: int) -> list[torch.Tensor]:
-    """A :class:`_LinearNode`'s positions per step as host tables: ``dest`` (steps, S), ``valid`` (steps, S, 1), then per source ``index`` and ``taps`` (steps, S, T).
+    """A :class:`_LinearNode`'s positions per step as host tables: ``dest`` (steps, S), then per source ``index`` and ``taps`` (steps, S, T).
 
-    Slot s of step p: the node's s-th position there (``valid``), its padded index
-    ``dest`` and its terms' padded ``index`` and ``taps`` per source (padded with the zero
-    corner of the source's ring, tap 0); an empty slot writes zero at the node's own
-    corner (the ring stays zero). Positions whose value is zero (no terms: a shift's
-    zero row or column) are left out: the cache holds that zero already.
-    ``positions``: (p, node, i, j) in the order computed.
+    Slot s of step p: the node's s-th position there, its padded index ``dest`` and its
+    terms' padded ``index`` and ``taps`` per source (padded with the zero corner of the
+    source's ring, tap 0). An empty slot has ``dest`` 0, the node's own corner, which no
+    position has: it writes zero there (the ring stays zero). Positions whose value is
+    zero (no terms: a shift's zero row or column) are left out: the cache holds that
+    zero already. ``positions``: (p, node, i, j) in the order computed.
     """
     entries = collections.defaultdict(list)
     for p, _, i, j in positions:
@@ -357,11 +368,9 @@ def _linear_tables(node: _LinearNode, positions: list[tuple[int, _Node, int, int
     counts = [max((len(terms[k]) for step in entries.values() for _, terms in step), default=0) for k in range(len(node.sources))]
     at = [(p, slot) for p, step in entries.items() for slot in range(len(step))]
     dest = torch.zeros(steps, slots, dtype=torch.int64)
-    valid = torch.zeros(steps, slots, 1, dtype=torch.bool)
     if at:
         dest[tuple(torch.tensor(at).T)] = torch.tensor([padded for step in entries.values() for padded, _ in step])
-        valid[tuple(torch.tensor(at).T)] = True
-    tables = [dest, valid]
+    tables = [dest]
     for k, (source, count) in enumerate(zip(node.sources, counts)):
         index, taps = torch.zeros(steps, slots, count, dtype=torch.int64), torch.zeros(steps, slots, count, dtype=torch.int64)
         terms = [(p, slot, t, source.padded_index(r, c), tap) for p, step in entries.items() for slot, (_, all_terms) in enumerate(step) for t, (r, c, tap) in enumerate(all_terms[k])]
@@ -423,20 +432,37 @@ def _host_tables(graph: CachedPixelCNNPlusPlus, all_known: list[list[bool]]) -> 
 
 
 class _LinearStep:
-    """A :class:`_LinearNode`'s table-driven step: at the step ``pixel``, its slots' values (gather, batched product) scattered into its cache."""
+    """A :class:`_LinearNode`'s table-driven step: at the step ``pixel``, its slots' values (gather, batched product) scattered into its cache.
+
+    The node's tables (:func:`_linear_tables`) travel as one (steps, ·) device tensor,
+    each step's row holding every table's (S, ·) entries flattened one after another,
+    so a step reads its positions with one gather. A source whose every position reads
+    all its weight's taps in order (a shifted conv's) multiplies by the weight as it is
+    (:meth:`_LinearNode.linear`).
+    """
 
     def __init__(self, node: _LinearNode, tables: list[torch.Tensor], pixel: torch.Tensor):
         self.node, self.pixel = node, pixel
-        self.dest, self.valid, *terms = (t.to(node.cache.device) for t in tables)
-        self.index, self.taps = terms[0::2], terms[1::2]
+        dest, *terms = tables
+        self.slots = dest.shape[1]
+        self.shapes = [t.shape[1:] for t in tables]
+        self.packed = torch.cat([t.flatten(1) for t in tables], dim=1).to(node.cache.device)
+        empty = dest == 0
+        self.in_order = [
+            weight is not None and taps.shape[2] == weight.shape[0] and bool(((taps == torch.arange(taps.shape[2])).all(2) | empty).all())
+            for weight, taps in zip(node.weights, terms[1::2])
+        ]  # fmt: skip
 
     def __call__(self) -> None:
-        if self.dest.shape[1] == 0:
+        if self.slots == 0:
             return
-        at = self.pixel
-        value = self.node.linear([t.index_select(0, at)[0] for t in self.index], [t.index_select(0, at)[0] for t in self.taps])
-        value = torch.where(self.valid.index_select(0, at), value, 0)
-        self.node.flat.index_copy_(1, self.dest.index_select(0, at)[0], value)
+        row = self.packed.index_select(0, self.pixel)[0]
+        dest, *terms = (part.view(shape) for part, shape in zip(row.split([shape.numel() for shape in self.shapes]), self.shapes))
+        taps = [None if in_order else source_taps for source_taps, in_order in zip(terms[1::2], self.in_order)]
+        value = self.node.linear(terms[0::2], taps)
+        # An empty slot (dest 0, the node's corner) writes zero: the ring stays zero.
+        value = torch.where((dest != 0)[:, None], value, 0)
+        self.node.flat.index_copy_(1, dest, value)
 
 
 class _ResnetStep:
