@@ -137,6 +137,8 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
     model's parameters.
     """
 
+    graph_rows = True
+
     def __init__(self, model, problem: SamplingProblem):
         images = problem.images
         batch, channels, height, width = images.shape
@@ -163,8 +165,6 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.step_inputs = [self.inputs.permute(0, 2, 3, 1)] + expanded
         self.step_outputs = expanded + [self.h_out[:, None, None].expand(batch, height, width, hidden)]
         self.inputs_flat = self.inputs.view(batch, channels, height * width)  # written at the pixel
-
-    graph_rows = True
 
     def start_row(self, row: int) -> None:
         """Computes row ``row`` of every layer's vertical pre-activation into ``v_pre_rows`` and moves ``row`` on (the rows above must be final).
@@ -194,11 +194,11 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
     def draw(self, channels: slice) -> None:
         """Draws ``channels`` at the pixel; writes them to the images (except where known) and to the network's input."""
         h = self.horizontal_stack()
-        if self.softmax_head is not None:
+        if self.softmax_head is None:
+            values = self.draw_pixel(self.logits(h), channels)
+            self.inputs_flat[:, channels].index_copy_(2, self.pixel, self.model.to_inputs(values))
+        else:  # one channel per step; h is the view (B, C, 1, 1) of h_out
             softmax_draw_step(self.pixel, channels.start, self.h_out, self.softmax_head, self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat)
-            return
-        values = self.draw_pixel(self.logits(h), channels)
-        self.inputs_flat[:, channels].index_copy_(2, self.pixel, self.model.to_inputs(values))
 
     def pixel_step(self, draw: bool = True) -> None:
         """Generates the pixel's values (``draw=False``: only its activations, for a pixel every image knows) and moves to the next pixel."""
