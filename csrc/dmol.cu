@@ -1,5 +1,6 @@
 // CUDA kernels of the discretized logistic mixture (DMOL): NLL forward, NLL backward
-// (recomputes the forward and writes the logits' gradient in the same pass), sampler.
+// (recomputes the forward and writes the logits' gradient in the same pass), sampler, and
+// cached sampling's draw step.
 // Layouts in dmol.h; the math is pixelcnn_kernels/reference/dmol.py's, in float32 with
 // the same numerically stable forms as the Triton kernels (pixelcnn_kernels/triton/dmol.py).
 #include <cmath>
@@ -272,22 +273,18 @@ __device__ __forceinline__ float finish_channel(float value, bool quantize, int 
   return value;
 }
 
-template <int C, typename T>
-__global__ void __launch_bounds__(kThreads)
-    sample_kernel(Problem problem, const float* __restrict__ u_mix, Strides4 u_mix_strides,
-                  const float* __restrict__ u_logistic, Strides4 u_logistic_strides, bool quantize,
-                  float* __restrict__ sample) {
-  const ThreadPixel at(problem);
-  if (!at.in_range(problem)) return;
-  const int b = at.b, h = at.h, w = at.w;
-  const int mixtures = problem.mixtures;
-  const PixelLogits<T> px = at.logits<T>(problem);
-  // Gumbel-max: the first component with the largest logit - log(-log(u)); as in
-  // torch.argmax, the first NaN score wins (the Triton kernel and the reference agree).
+// One pixel's draw from its logits `px`, given its noise u_mix(k) and u_logistic(c): the
+// component is the first with the largest logit - log(-log(u)) (Gumbel-max; as in
+// torch.argmax, the first NaN score wins: the Triton kernel and the reference agree), then
+// channel c is mean' + exp(max(log_scale, -7)) * (log(u) - log(1 - u)), finished
+// (finish_channel) before it conditions the next channel.
+template <int C, typename T, typename MixNoise, typename LogisticNoise>
+__device__ __forceinline__ void draw_pixel(const PixelLogits<T>& px, int mixtures, MixNoise u_mix,
+                                           LogisticNoise u_logistic, bool quantize, int num_bins, float (&drawn)[C]) {
   int chosen = 0;
   float best = -INFINITY;
   for (int k = 0; k < mixtures; ++k) {
-    const float score = px[k] - logf(-logf(clamp_noise(u_mix[offset4(u_mix_strides, b, k, h, w)])));
+    const float score = px[k] - logf(-logf(clamp_noise(u_mix(k))));
     if (isnan(score)) {
       chosen = k;
       break;
@@ -297,10 +294,9 @@ __global__ void __launch_bounds__(kThreads)
       chosen = k;
     }
   }
-  float drawn[C];
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const float u = clamp_noise(u_logistic[offset4(u_logistic_strides, b, c, h, w)]);
+    const float u = clamp_noise(u_logistic(c));
     const float raw_log_scale = px[param_channel<C>(1, c, chosen, mixtures)];
     const float log_scale = raw_log_scale < kLogScaleMin ? kLogScaleMin : raw_log_scale;
     float value = px[param_channel<C>(0, c, chosen, mixtures)] + expf(log_scale) * (logf(u) - logf(1.f - u));
@@ -311,8 +307,53 @@ __global__ void __launch_bounds__(kThreads)
                  tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh * drawn[1];
       }
     }
-    drawn[c] = finish_channel(value, quantize, problem.num_bins);
-    sample[((static_cast<int64_t>(b) * C + c) * problem.height + h) * problem.width + w] = drawn[c];
+    drawn[c] = finish_channel(value, quantize, num_bins);
+  }
+}
+
+template <int C, typename T>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(Problem problem, const float* __restrict__ u_mix, Strides4 u_mix_strides,
+                  const float* __restrict__ u_logistic, Strides4 u_logistic_strides, bool quantize,
+                  float* __restrict__ sample) {
+  const ThreadPixel at(problem);
+  if (!at.in_range(problem)) return;
+  const int b = at.b, h = at.h, w = at.w;
+  float drawn[C];
+  draw_pixel<C>(
+      at.logits<T>(problem), problem.mixtures, [&](int k) { return u_mix[offset4(u_mix_strides, b, k, h, w)]; },
+      [&](int c) { return u_logistic[offset4(u_logistic_strides, b, c, h, w)]; }, quantize, problem.num_bins, drawn);
+#pragma unroll
+  for (int c = 0; c < C; ++c) sample[((static_cast<int64_t>(b) * C + c) * problem.height + h) * problem.width + w] = drawn[c];
+}
+
+// Cached sampling's draw at the pixel *step.pixel: one thread per image (layouts in dmol.h).
+template <int C, typename T>
+__global__ void __launch_bounds__(kThreads) draw_step_kernel(const DrawStep step) {
+  const int64_t b = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  const int64_t p = *step.pixel;
+  if (b >= step.batch || p < 0 || p >= step.pixels) return;
+  const int mixtures = step.mixtures;
+  const PixelLogits<T> px{static_cast<const T*>(step.logits), b * mixtures * (C == 3 ? 10 : 3), 1};
+  const float* u_mix = step.u_mix + b * mixtures * step.pixels + p;
+  const float* u_logistic = step.u_logistic + b * C * step.pixels + p;
+  float drawn[C];
+  draw_pixel<C>(px, mixtures, [&](int k) { return u_mix[k * step.pixels]; },
+                [&](int c) { return u_logistic[c * step.pixels]; }, true, step.num_bins, drawn);
+  const bool known = step.known[b * step.pixels + p];
+  const int64_t position = step.input_index == nullptr ? p : step.input_index[p];
+  const float last = static_cast<float>(step.num_bins - 1);
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int64_t index = (b * C + c) * step.pixels + p;
+    // The drawn centre's bin, as the PyTorch sampler's to_bins maps it (NaN to bin 0).
+    const float bin = floorf((drawn[c] + 1.f) * (0.5f * last) + 0.5f);
+    const int64_t value = known ? step.images[index] : static_cast<int64_t>(bin > 0.f ? (bin < last ? bin : last) : 0.f);
+    step.images[index] = value;
+    // Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
+    const int64_t lookup = value < 0 ? 0 : (value > step.num_bins - 1 ? step.num_bins - 1 : value);
+    static_cast<T*>(step.inputs)[b * step.input_strides[0] + c * step.input_strides[1] + position * step.input_strides[2]] =
+        static_cast<const T*>(step.bin_inputs)[lookup];
   }
 }
 
@@ -377,6 +418,17 @@ void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_st
     dispatch_channels(problem.channels, [&](auto channels) {
       sample_kernel<decltype(channels)::value, T><<<num_blocks(problem), kThreads, 0, stream>>>(
           problem, u_mix, u_mix_strides, u_logistic, u_logistic_strides, quantize, sample);
+    });
+  });
+}
+
+void launch_draw_step(const DrawStep& step, cudaStream_t stream) {
+  if (step.batch == 0) return;
+  dispatch_dtype(step.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_channels(step.channels, [&](auto channels) {
+      draw_step_kernel<decltype(channels)::value, T>
+          <<<static_cast<unsigned int>(ceil_div(step.batch, kThreads)), kThreads, 0, stream>>>(step);
     });
   });
 }

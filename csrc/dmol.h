@@ -59,5 +59,31 @@ void launch_nll_backward(const Problem& problem, const void* x, XType x_type, St
 void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_strides, const float* u_logistic,
                    Strides4 u_logistic_strides, bool quantize, float* sample, cudaStream_t stream);
 
+// Cached sampling's draw of the pixel p = *pixel from the head's logits (B, P) (the op
+// dmol_draw_step of pixelcnn_kernels/ops/sampling.py): for each image b, the sampler's
+// quantized draw from logits[b] at the noise u_mix[b, :, p], u_logistic[b, :, p]; its bins
+// floor((v + 1) (num_bins - 1) / 2 + 0.5) go to images[b, :, p] unless known[b, p], and
+// inputs[b, c, input_index[p]] (input_index null: p) = bin_inputs[images[b, c, p]].
+// logits (B, P), u_mix (B, K, HW), u_logistic and images (B, C, HW) int64, known (B, HW)
+// bool: contiguous; inputs (B, C, N) through input_strides; logits, inputs and bin_inputs
+// of `dtype`. p outside [0, HW) does nothing.
+struct DrawStep {
+  const int64_t* pixel;
+  const void* logits;
+  DType dtype;
+  const float* u_mix;
+  const float* u_logistic;
+  const bool* known;
+  int64_t* images;
+  void* inputs;
+  int64_t input_strides[3];
+  const int64_t* input_index;
+  const void* bin_inputs;
+  int64_t batch, pixels;
+  int channels, mixtures, num_bins;
+};
+
+void launch_draw_step(const DrawStep& step, cudaStream_t stream);
+
 }  // namespace dmol
 }  // namespace pixelcnn_kernels

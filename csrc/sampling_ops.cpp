@@ -1,6 +1,6 @@
 // Torch glue of cached sampling's per-pixel steps: schemas and CUDA implementations of
-// torch.ops.pixelcnn_kernels_cuda.{gated_pixel_step, resnet_position_step, softmax_draw_step}
-// (in-place, inference-only ops).
+// torch.ops.pixelcnn_kernels_cuda.{gated_pixel_step, resnet_position_step, softmax_draw_step,
+// dmol_draw_step} (in-place, inference-only ops).
 //
 // The Python functions (pixelcnn_kernels/ops/sampling.py) validate the user's arguments and
 // pack the weights; these checks guard the contract the kernel relies on (sampling.h): CUDA
@@ -9,6 +9,7 @@
 // device memory or synchronises, so a CUDA graph can capture the op.
 #include <optional>
 
+#include "dmol.h"
 #include "sampling.h"
 #include "torch_glue.h"
 
@@ -183,6 +184,32 @@ void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table,
   launch_checked("resnet_position_step", launch_resnet_step, dtype, step, resnet_step_shared_bytes_per_image(step), x);
 }
 
+// The draws' pixel-indexed operands: images (B, C, HW) int64, known (B, HW) bool and each
+// noise tensor (B, channels, HW) float32, contiguous on `ref`'s device.
+void check_draw_targets(const at::Tensor& images, const at::Tensor& known, const at::Tensor& ref, const char* ref_name) {
+  check_cuda_contiguous(images, "images");
+  check_same_device(images, "images", ref, ref_name);
+  TORCH_CHECK_TYPE(images.scalar_type() == at::kLong, "images must be int64, got ", images.scalar_type());
+  TORCH_CHECK(images.dim() == 3 && images.size(0) == ref.size(0), "images must be (B, C, HW) with ", ref_name, "'s B = ",
+              ref.size(0), ", got shape ", images.sizes());
+  TORCH_CHECK(images.size(2) < kMaxExtent, "images has ", images.size(2), " pixels; the draws take < 2^30");
+  check_cuda_contiguous(known, "known");
+  check_same_device(known, "known", ref, ref_name);
+  TORCH_CHECK_TYPE(known.scalar_type() == at::kBool, "known must be bool, got ", known.scalar_type());
+  TORCH_CHECK(known.dim() == 2 && known.size(0) == images.size(0) && known.size(1) == images.size(2),
+              "known must be (B, HW) = (", images.size(0), ", ", images.size(2), "), got ", known.sizes());
+}
+
+void check_noise(const at::Tensor& noise, const char* name, const at::Tensor& images, int64_t channels) {
+  check_cuda_contiguous(noise, name);
+  check_same_device(noise, name, images, "images");
+  TORCH_CHECK_TYPE(noise.scalar_type() == at::kFloat, name, " must be float32, got ", noise.scalar_type());
+  TORCH_CHECK(noise.dim() == 3 && noise.size(0) == images.size(0) && noise.size(1) == channels &&
+                  noise.size(2) == images.size(2),
+              name, " must be (B, ", channels, ", HW) = (", images.size(0), ", ", channels, ", ", images.size(2),
+              "), got ", noise.sizes());
+}
+
 void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& bin_inputs, const at::Tensor& noise,
                             const at::Tensor& known, at::Tensor& images, at::Tensor& inputs, int64_t channel) {
@@ -190,31 +217,18 @@ void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const 
   TORCH_CHECK(h.dim() == 2, "h must be (B, hidden), got shape ", h.sizes());
   const DType dtype = to_kernel_dtype(h, "h");
   check_pixel(pixel, h);
-  check_cuda_contiguous(images, "images");
-  check_same_device(images, "images", h, "h");
-  TORCH_CHECK_TYPE(images.scalar_type() == at::kLong, "images must be int64, got ", images.scalar_type());
-  TORCH_CHECK(images.dim() == 3 && images.size(0) == h.size(0), "images must be (B, C, HW) with h's B = ", h.size(0),
-              ", got shape ", images.sizes());
+  check_draw_targets(images, known, h, "h");
   TORCH_CHECK(bin_inputs.dim() == 1, "bin_inputs must be (num_bins,), got shape ", bin_inputs.sizes());
   const int64_t batch = h.size(0), hidden = h.size(1), channels = images.size(1), pixels = images.size(2);
   const int64_t num_bins = bin_inputs.size(0);
   TORCH_CHECK(num_bins >= 1, "bin_inputs must hold at least one bin");
-  TORCH_CHECK(hidden < kMaxExtent && channels * num_bins < kMaxExtent && pixels < kMaxExtent,
-              "the draw takes fewer than 2^30 hidden units, logits and pixels, got ", hidden, ", ", channels * num_bins,
-              " and ", pixels);
+  TORCH_CHECK(hidden < kMaxExtent && channels * num_bins < kMaxExtent,
+              "the draw takes fewer than 2^30 hidden units and logits, got ", hidden, " and ", channels * num_bins);
   TORCH_CHECK(0 <= channel && channel < channels, "channel must be in [0, ", channels, "), got ", channel);
   check_operand(bin_inputs, "bin_inputs", h, "h", {num_bins});
   check_operand(weight, "weight", h, "h", {hidden, channels * num_bins});
   check_operand(inputs, "inputs", h, "h", images.sizes());
-  check_cuda_contiguous(noise, "noise");
-  check_same_device(noise, "noise", h, "h");
-  TORCH_CHECK_TYPE(noise.scalar_type() == at::kFloat, "noise must be float32, got ", noise.scalar_type());
-  TORCH_CHECK(noise.sizes() == images.sizes(), "noise must have images' shape ", images.sizes(), ", got ", noise.sizes());
-  check_cuda_contiguous(known, "known");
-  check_same_device(known, "known", h, "h");
-  TORCH_CHECK_TYPE(known.scalar_type() == at::kBool, "known must be bool, got ", known.scalar_type());
-  TORCH_CHECK(known.dim() == 2 && known.size(0) == batch && known.size(1) == pixels, "known must be (B, HW) = (", batch,
-              ", ", pixels, "), got ", known.sizes());
+  check_noise(noise, "noise", images, channels);
 
   SoftmaxDraw draw{};
   draw.pixel = pixel.data_ptr<int64_t>();
@@ -235,6 +249,58 @@ void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const 
   launch_checked("softmax_draw_step", launch_softmax_draw, dtype, draw, softmax_draw_shared_bytes(draw), h);
 }
 
+void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, const at::Tensor& u_mix,
+                         const at::Tensor& u_logistic, const at::Tensor& known, at::Tensor& images, at::Tensor& inputs,
+                         const std::optional<at::Tensor>& input_index, const at::Tensor& bin_inputs) {
+  check_cuda_contiguous(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be (B, P), got shape ", logits.sizes());
+  const DType dtype = to_kernel_dtype(logits, "logits");
+  check_pixel(pixel, logits);
+  check_draw_targets(images, known, logits, "logits");
+  const int64_t channels = images.size(1), pixels = images.size(2);
+  TORCH_CHECK(channels == 1 || channels == 3, "images must have 1 or 3 channels, got ", channels);
+  const int64_t per_mixture = channels == 3 ? 10 : 3;
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) % per_mixture == 0 && logits.size(1) < kMaxExtent, "logits must have P = ",
+              per_mixture, "K channels for ", channels, " colour channels, got ", logits.size(1));
+  const int64_t mixtures = logits.size(1) / per_mixture;
+  check_noise(u_mix, "u_mix", images, mixtures);
+  check_noise(u_logistic, "u_logistic", images, channels);
+  TORCH_CHECK(bin_inputs.dim() == 1 && 2 <= bin_inputs.size(0) && bin_inputs.size(0) < kMaxExtent,
+              "bin_inputs must be (num_bins,) with num_bins >= 2, got shape ", bin_inputs.sizes());
+  check_operand(bin_inputs, "bin_inputs", logits, "logits", {bin_inputs.size(0)});
+  check_same_device(inputs, "inputs", logits, "logits");
+  check_same_dtype(inputs, "inputs", logits, "logits");
+  TORCH_CHECK(inputs.dim() == 3 && inputs.size(0) == images.size(0) && inputs.size(1) == channels,
+              "inputs must be (B, C, N) with images' B and C, got shape ", inputs.sizes());
+  if (input_index.has_value()) {
+    check_operand(*input_index, "input_index", images, "images", {pixels});
+  } else {
+    TORCH_CHECK(inputs.size(2) == pixels, "inputs must have images' HW = ", pixels, " positions without input_index, got ",
+                inputs.size(2));
+  }
+
+  dmol::DrawStep step{};
+  step.pixel = pixel.data_ptr<int64_t>();
+  step.logits = logits.data_ptr();
+  step.dtype = dtype;
+  step.u_mix = u_mix.data_ptr<float>();
+  step.u_logistic = u_logistic.data_ptr<float>();
+  step.known = known.data_ptr<bool>();
+  step.images = images.data_ptr<int64_t>();
+  step.inputs = inputs.data_ptr();
+  for (int d = 0; d < 3; ++d) step.input_strides[d] = inputs.stride(d);
+  step.input_index = input_index.has_value() ? input_index->data_ptr<int64_t>() : nullptr;
+  step.bin_inputs = bin_inputs.data_ptr();
+  step.batch = images.size(0);
+  step.pixels = pixels;
+  step.channels = static_cast<int>(channels);
+  step.mixtures = static_cast<int>(mixtures);
+  step.num_bins = static_cast<int>(bin_inputs.size(0));
+  const c10::cuda::CUDAGuard guard(logits.device());
+  dmol::launch_draw_step(step, current_stream());
+  check_launch("dmol_draw_step");
+}
+
 }  // namespace
 }  // namespace sampling
 }  // namespace pixelcnn_kernels
@@ -251,10 +317,14 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
   m.def(
       "softmax_draw_step(Tensor pixel, Tensor h, Tensor weight, Tensor? bias, Tensor bin_inputs, Tensor noise, "
       "Tensor known, Tensor(a!) images, Tensor(b!) inputs, int channel) -> ()");
+  m.def(
+      "dmol_draw_step(Tensor pixel, Tensor logits, Tensor u_mix, Tensor u_logistic, Tensor known, Tensor(a!) images, "
+      "Tensor(b!) inputs, Tensor? input_index, Tensor bin_inputs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
   m.impl("gated_pixel_step", &pixelcnn_kernels::sampling::gated_pixel_step_cuda);
   m.impl("resnet_position_step", &pixelcnn_kernels::sampling::resnet_position_step_cuda);
   m.impl("softmax_draw_step", &pixelcnn_kernels::sampling::softmax_draw_step_cuda);
+  m.impl("dmol_draw_step", &pixelcnn_kernels::sampling::dmol_draw_step_cuda);
 }

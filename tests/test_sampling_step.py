@@ -19,6 +19,8 @@ from pixelcnn_kernels.ops.sampling import (
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
+    bin_inputs,
+    dmol_draw_step,
     gated_layer_step,
     horizontal_conv_step,
     softmax_draw_step,
@@ -217,6 +219,77 @@ def test_bad_draw_inputs_name_the_argument():
         softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs)  # CPU tensors: the reference backend
 
 
+@pytest.mark.parametrize("backend, device", step_backends(pytest.mark.sanitize))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_channels, into_cache", [(1, False), (3, True)], ids=["grey", "rgb-cache"])
+def test_dmol_draw_step_is_the_pytorch_draw_at_its_pixel_only(in_channels, into_cache, dtype, backend, device):
+    """Each launch writes the reference sampler's draw (known values where known) and its network input at its pixel, nothing else;
+    ``into_cache``: the inputs are a channels-last cache with more channels and positions than pixels, as PixelCNN++'s (compute-sanitizer runs the CUDA kernel here)."""
+    model, _ = build("dmol_rgb", dtype, device, in_channels=in_channels)
+    batch, pixels = 7, HEIGHT * WIDTH
+    generator = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(batch, model.conv_out.out_channels, generator=generator)).to(device, dtype)
+    u_mix = torch.rand(batch, model.num_logistic_mix, pixels, generator=generator).to(device)
+    u_logistic = torch.rand(batch, in_channels, pixels, generator=generator).to(device)
+    known = (torch.rand(batch, pixels, generator=generator) < 0.3).to(device)
+    images = torch.randint(0, model.num_bins, (batch, in_channels, pixels), generator=generator).to(device)
+    if into_cache:
+        cache = torch.randn(batch, pixels + 3, in_channels + 2, generator=generator).to(device, dtype)
+        input_index = torch.randperm(pixels + 3, generator=generator)[:pixels].to(device)
+        target = lambda tensor: tensor[:, :, :in_channels].transpose(1, 2)  # noqa: E731
+    else:
+        cache, input_index = model.to_inputs(images), None
+        target = lambda tensor: tensor  # noqa: E731
+    table = bin_inputs(model.num_bins, dtype, device)
+    pixel = torch.zeros(1, dtype=torch.int64, device=device)
+    drawn_somewhere = False
+    for p in (0, 7, pixels - 1):
+        with use_backend("reference"):
+            drawn = model.draw_values(logits[:, :, None, None], (u_mix[:, :, p, None, None], u_logistic[:, :, p, None, None]))[:, :, 0, 0]
+        expected_images, expected_cache = images.clone(), cache.clone()
+        expected_images[:, :, p] = torch.where(known[:, p, None], images[:, :, p], drawn)
+        target(expected_cache)[:, :, p if input_index is None else input_index[p]] = model.to_inputs(expected_images[:, :, p])
+        with kernel_backend(backend, device):
+            dmol_draw_step(pixel.fill_(p), logits, (u_mix, u_logistic), known, images, target(cache), table, input_index)
+        assert torch.equal(images, expected_images) and torch.equal(cache, expected_cache)
+        drawn_somewhere |= bool((drawn != drawn[0]).any())
+    done = images.clone(), cache.clone()
+    with kernel_backend(backend, device):
+        for outside in (pixels, -1):
+            dmol_draw_step(pixel.fill_(outside), logits, (u_mix, u_logistic), known, images, target(cache), table, input_index)
+    assert torch.equal(images, done[0]) and torch.equal(cache, done[1])
+    assert drawn_somewhere  # the draws depend on the logits and noise: not one value everywhere
+
+
+def test_bad_dmol_draw_inputs_name_the_argument():
+    model, _ = build("dmol_rgb")
+    batch, pixels = N, HEIGHT * WIDTH
+    logits = torch.randn(batch, model.conv_out.out_channels)
+    noise = (torch.rand(batch, model.num_logistic_mix, pixels), torch.rand(batch, 3, pixels))
+    known, images = torch.zeros(batch, pixels, dtype=torch.bool), torch.zeros(batch, 3, pixels, dtype=torch.int64)
+    inputs, table, pixel = torch.zeros(batch, 3, pixels), bin_inputs(model.num_bins, torch.float32, "cpu"), torch.zeros(1, dtype=torch.int64)
+    with use_backend("triton"):
+        dmol_draw_step(pixel, logits, noise, known, images, inputs, table)  # the valid call
+        for args, error, match in [
+            (dict(logits=logits[:, :-1].contiguous()), ValueError, "logits must have P = 10K channels for 3 colour channels"),
+            (dict(logits=logits.t().contiguous().t()), ValueError, r"logits must be a contiguous \(B, ·\) tensor"),
+            (dict(noise=noise[0]), TypeError, r"noise must be a pair \(u_mix, u_logistic\)"),
+            (dict(noise=(noise[0][:, :1], noise[1])), ValueError, r"noise\[0\] \(u_mix\) must be contiguous of shape \(2, 2, 20\)"),
+            (dict(noise=(noise[0], noise[1].double())), TypeError, r"noise\[1\] \(u_logistic\) must have dtype float32"),
+            (dict(images=images[:, :2].contiguous()), ValueError, "images must have 1 or 3 channels"),
+            (dict(known=known.int()), TypeError, "known must have dtype bool"),
+            (dict(inputs=inputs.half()), TypeError, "inputs has dtype torch.float16 but logits has torch.float32"),
+            (dict(inputs=inputs[:, :, :-1]), ValueError, "inputs must have images' H·W = 20 positions without input_index"),
+            (dict(table=table[:1]), ValueError, "bin_inputs must hold at least 2 bins"),
+            (dict(input_index=torch.arange(pixels - 1)), ValueError, r"input_index must be contiguous of shape \(20,\)"),
+        ]:
+            call = {**dict(pixel=pixel, logits=logits, noise=noise, known=known, images=images, inputs=inputs, table=table, input_index=None), **args}
+            with pytest.raises(error, match=match):
+                dmol_draw_step(*call.values())
+    with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
+        dmol_draw_step(pixel, logits, noise, known, images, inputs, table)  # CPU tensors: the reference backend
+
+
 # ---------------------------------------------------------------- every layer of a model against the PyTorch step
 
 
@@ -270,7 +343,7 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
     noise = noise_for(model, N)
     prefix = torch.randint(0, model.num_bins, (N, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2)) if completion else None
     known = (torch.rand(N, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) < 0.4) if completion else None
-    launches = {"gated_pixel_step": 0, "softmax_draw_step": 0}
+    launches = {"gated_pixel_step": 0, "softmax_draw_step": 0, "dmol_draw_step": 0}
     for op in launches:
         launch = getattr(triton_sampling, op)
         monkeypatch.setattr(triton_sampling, op, lambda *args, op=op, launch=launch: launches.__setitem__(op, launches[op] + 1) or launch(*args))
@@ -288,6 +361,7 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
     layers = len(model.conv_layers) + 1  # the first conv, then each gated layer
     assert launches["gated_pixel_step"] == layers * (values + all_known)
     assert launches["softmax_draw_step"] == (values if model.head == "softmax" else 0)
+    assert launches["dmol_draw_step"] == (values if model.head == "dmol" else 0)
 
 
 def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):

@@ -258,6 +258,9 @@ def test_table_sampler_draws_the_naive_image_with_one_launch_per_block_and_step(
         launch(pixel, table, *args)
 
     monkeypatch.setattr(triton_sampling, "resnet_position_step", logged)
+    draws = []
+    draw = triton_sampling.dmol_draw_step
+    monkeypatch.setattr(triton_sampling, "dmol_draw_step", lambda *args: draws.append(1) or draw(*args))
     monkeypatch.setattr(cached_pixelcnn_pp, "gate_sigmoid", None)  # the PyTorch block's gate: calling it fails
     naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)  # CPU tensors: reference ops
     with use_backend("triton"):
@@ -268,6 +271,8 @@ def test_table_sampler_draws_the_naive_image_with_one_launch_per_block_and_step(
         assert torch.equal(cached[kept], prefix[kept])
     blocks = sum(len(layer.u_stream) + len(layer.ul_stream) for layer in (*model.up_layers, *model.down_layers))
     assert len(set(positions)) == len(positions) and len({ptr for ptr, _, _ in positions}) == blocks
+    all_known = 0 if known is None else int(known.all(dim=0).sum())
+    assert len(draws) == problem.height * problem.width - all_known  # one fused draw per pixel drawn
 
 
 def test_the_reference_backend_keeps_the_pytorch_step(monkeypatch):

@@ -17,7 +17,10 @@ launch here instead of about six PyTorch ops:
 - :func:`softmax_draw_step`: the softmax head on the last layer's output at the pixel
   (elu, the colour-masked 1×1), the categorical draw of one channel at its noise, and
   the writes of the value to the images (unless known) and to the network's input: one
-  launch instead of about twenty ops.
+  launch instead of about twenty ops;
+- :func:`dmol_draw_step` (both models' DMOL heads): from the head's logits at the pixel,
+  the DMOL draw of every channel at its noise and the same writes: one launch instead
+  of about fifteen ops.
 
 And one launch per block and pixel step of cached PixelCNN++ sampling
 (:mod:`pixelcnn_kernels.sampling.cached_pixelcnn_pp`) instead of about ten ops per position:
@@ -47,7 +50,7 @@ The weights are packed once per sampling run (:class:`HorizontalStepWeights`,
 kernels read them (:func:`~pixelcnn_kernels.ops.masked_conv.pack_weight`).
 
 Backends: ``triton`` and ``cuda`` (the extension's ``gated_pixel_step``,
-``resnet_position_step`` and ``softmax_draw_step``), float32, float16 and bfloat16,
+``resnet_position_step``, ``softmax_draw_step`` and ``dmol_draw_step``), float32, float16 and bfloat16,
 fp32 arithmetic (the draw's softmax in float64). The
 references are the PyTorch steps of
 :class:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN` and
@@ -76,6 +79,8 @@ __all__ = [
     "HorizontalStepWeights",
     "ResnetStepWeights",
     "SoftmaxHeadWeights",
+    "bin_inputs",
+    "dmol_draw_step",
     "gated_layer_step",
     "horizontal_conv_step",
     "resnet_position_step",
@@ -87,6 +92,7 @@ __all__ = [
 GATED_CUDA_OP = "gated_pixel_step"
 RESNET_CUDA_OP = "resnet_position_step"
 DRAW_CUDA_OP = "softmax_draw_step"
+DMOL_DRAW_CUDA_OP = "dmol_draw_step"
 
 
 def _pack(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -188,8 +194,7 @@ class SoftmaxHeadWeights:
             raise ValueError(f"model must have the softmax head, got head={model.head!r}")
         # A 1×1 convolution is a one-tap horizontal one: its packed (1, in, out) weight is the matrix.
         head = HorizontalStepWeights.from_conv(model.conv_out, dtype)
-        bins = torch.arange(model.num_bins, device=head.wp.device)
-        return cls(head.wp[0], head.bias, bins_to_values(bins, model.num_bins, dtype))
+        return cls(head.wp[0], head.bias, bin_inputs(model.num_bins, dtype, head.wp.device))
 
 
 def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None:
@@ -340,34 +345,116 @@ def softmax_draw_step(
     ``noise`` (B, C, H·W) float32, ``known`` (B, H·W) bool, ``images`` (B, C, H·W)
     int64 and ``inputs`` (B, C, H·W): contiguous, on ``h``'s device.
     """
-    _check_pixel(pixel)
-    check_tensor(h, "h", ndim=2, allow_float64=False)
-    backend = _kernel_backend(h, DRAW_CUDA_OP)
-    if not h.is_contiguous():
-        raise ValueError("h must be a contiguous (B, hidden) tensor")
-    check_tensor(images, "images", ndim=3, dtypes=(torch.int64,))
-    check_tensor(noise, "noise", dtypes=(torch.float32,), allow_float64=False)
-    check_tensor(known, "known", dtypes=(torch.bool,))
-    check_same_device(h=h, pixel=pixel, images=images, noise=noise, known=known)
-    batch, hidden = h.shape
-    _, channels, pixels = images.shape
-    if images.shape[0] != batch or not images.is_contiguous():
-        raise ValueError(f"images must be a contiguous (B={batch}, C, H·W) tensor, got shape {tuple(images.shape)}")
+    backend = _check_draw(pixel, h, "h", DRAW_CUDA_OP, images, known)
+    _, hidden = h.shape
+    channels = images.shape[1]
+    _check_noise(noise, "noise", images, channels)
     if not isinstance(channel, int) or not 0 <= channel < channels:
         raise ValueError(f"channel must be an int in [0, {channels}), got {channel!r}")
-    if tuple(noise.shape) != tuple(images.shape) or not noise.is_contiguous():
-        raise ValueError(f"noise must be contiguous of images' shape {tuple(images.shape)}, got {tuple(noise.shape)}")
-    if tuple(known.shape) != (batch, pixels) or not known.is_contiguous():
-        raise ValueError(f"known must be contiguous of shape {(batch, pixels)}, got {tuple(known.shape)}")
-    _check_operand(weights.bin_inputs, "weights.bin_inputs", h, (weights.bin_inputs.numel(),), required=True, contiguous=True, x_name="h")
-    num_bins = weights.bin_inputs.numel()
+    num_bins = _check_bin_inputs(weights.bin_inputs, "weights.bin_inputs", h, "h")
     _check_operand(weights.weight, "weights.weight", h, (hidden, channels * num_bins), required=True, contiguous=True, x_name="h")
     _check_operand(weights.bias, "weights.bias", h, (channels * num_bins,), contiguous=True, x_name="h")
     _check_operand(inputs, "inputs", h, tuple(images.shape), required=True, contiguous=True, x_name="h")
     _kernels(backend).softmax_draw_step(pixel, h, weights.weight, weights.bias, weights.bin_inputs, noise, known, images, inputs, channel)
 
 
+def dmol_draw_step(
+    pixel: torch.Tensor,
+    logits: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+    known: torch.Tensor,
+    images: torch.Tensor,
+    inputs: torch.Tensor,
+    bin_inputs: torch.Tensor,
+    input_index: torch.Tensor | None = None,
+) -> None:
+    """Draws every image's pixel p = i·W + j in ``pixel`` from the DMOL head's ``logits`` at its noise; writes it.
+
+    One launch for the PyTorch draw of cached sampling (the model's ``draw_values`` on
+    the head's logits at the pixel, then the writes), with
+    :func:`~pixelcnn_kernels.sample_discretized_mix_logistic`'s quantized draw::
+
+        v = the draw from logits[b] at u_mix[b, :, p], u_logistic[b, :, p]; its bins floor((v + 1)·(bins - 1)/2 + 0.5)
+        images[b, :, p] = those bins unless known[b, p]
+        inputs[b, c, input_index[p]] = bin_inputs[images[b, c, p]]   (input_index None: p)
+
+    ``logits`` (B, P) contiguous float32/float16/bfloat16, P = 3K for C = 1 and 10K for
+    C = 3; ``noise`` = (u_mix (B, K, H·W), u_logistic (B, C, H·W)) float32, ``known``
+    (B, H·W) bool and ``images`` (B, C, H·W) int64: contiguous, on ``logits``' device;
+    ``inputs`` (B, C, N) of ``logits``' dtype, any strides (the network input, e.g. a
+    channels-last cache with ``input_index`` (H·W,) int64 the pixels' positions in it;
+    None: N = H·W, position p); ``bin_inputs`` (num_bins,): :func:`bin_inputs`.
+    """
+    backend = _check_draw(pixel, logits, "logits", DMOL_DRAW_CUDA_OP, images, known)
+    batch, channels, pixels = images.shape
+    if channels not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {channels}")
+    per_mixture = 10 if channels == 3 else 3
+    if logits.shape[1] == 0 or logits.shape[1] % per_mixture:
+        raise ValueError(f"logits must have P = {per_mixture}K channels for {channels} colour channels, got {logits.shape[1]}")
+    if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+        raise TypeError("noise must be a pair (u_mix, u_logistic) of tensors")
+    _check_noise(noise[0], "noise[0] (u_mix)", images, logits.shape[1] // per_mixture)
+    _check_noise(noise[1], "noise[1] (u_logistic)", images, channels)
+    _check_bin_inputs(bin_inputs, "bin_inputs", logits, "logits")
+    check_tensor(inputs, "inputs", ndim=3, allow_float64=False)
+    check_same_dtype(logits, "logits", inputs=inputs)
+    check_same_device(logits=logits, inputs=inputs)
+    if inputs.shape[:2] != (batch, channels):
+        raise ValueError(f"inputs must be (B, C, N) = ({batch}, {channels}, N), got shape {tuple(inputs.shape)}")
+    if input_index is None:
+        if inputs.shape[2] != pixels:
+            raise ValueError(f"inputs must have images' H·W = {pixels} positions without input_index, got {inputs.shape[2]}")
+    else:
+        check_tensor(input_index, "input_index", ndim=1, dtypes=(torch.int64,))
+        check_same_device(logits=logits, input_index=input_index)
+        if input_index.shape != (pixels,) or not input_index.is_contiguous():
+            raise ValueError(f"input_index must be contiguous of shape ({pixels},), got {tuple(input_index.shape)}")
+    _kernels(backend).dmol_draw_step(pixel, logits, noise[0], noise[1], known, images, inputs, input_index, bin_inputs)
+
+
+def bin_inputs(num_bins: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """(num_bins,): the network input of each bin, ``2·bin/(num_bins-1) - 1`` as the models' ``to_inputs`` computes it in ``dtype``."""
+    return bins_to_values(torch.arange(num_bins, device=device), num_bins, dtype)
+
+
 # ---------------------------------------------------------------- validation and dispatch
+
+
+def _check_draw(pixel, source: torch.Tensor, name: str, cuda_op: str, images, known) -> str:
+    """Checks what both draws share: ``source`` (B, ·) contiguous, images (B, C, H·W) int64 and known (B, H·W) bool, contiguous; returns the backend."""
+    _check_pixel(pixel)
+    check_tensor(source, name, ndim=2, allow_float64=False)
+    backend = _kernel_backend(source, cuda_op)
+    if not source.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous (B, ·) tensor")
+    check_tensor(images, "images", ndim=3, dtypes=(torch.int64,))
+    check_tensor(known, "known", dtypes=(torch.bool,))
+    check_same_device(**{name: source}, pixel=pixel, images=images, known=known)
+    batch, _, pixels = images.shape
+    if images.shape[0] != source.shape[0] or not images.is_contiguous():
+        raise ValueError(f"images must be a contiguous (B={source.shape[0]}, C, H·W) tensor, got shape {tuple(images.shape)}")
+    if tuple(known.shape) != (batch, pixels) or not known.is_contiguous():
+        raise ValueError(f"known must be contiguous of shape {(batch, pixels)}, got {tuple(known.shape)}")
+    return backend
+
+
+def _check_noise(noise, name: str, images: torch.Tensor, channels: int) -> None:
+    """A draw's uniforms: float32 (B, channels, H·W), contiguous, on images' device."""
+    check_tensor(noise, name, dtypes=(torch.float32,), allow_float64=False)
+    check_same_device(images=images, **{name: noise})
+    shape = (images.shape[0], channels, images.shape[2])
+    if tuple(noise.shape) != shape or not noise.is_contiguous():
+        raise ValueError(f"{name} must be contiguous of shape {shape}, got {tuple(noise.shape)}")
+
+
+def _check_bin_inputs(table, name: str, source: torch.Tensor, source_name: str) -> int:
+    """A draw's bin_inputs: (num_bins,) contiguous, of the source's dtype and device; returns num_bins."""
+    check_tensor(table, name, ndim=1, allow_float64=False)
+    _check_operand(table, name, source, (table.shape[0],), required=True, contiguous=True, x_name=source_name)
+    if table.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 bins, got {table.shape[0]}")
+    return table.shape[0]
 
 
 def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) -> str:
@@ -422,7 +509,7 @@ def _check_operand(
 
 
 def _kernels(backend: str):
-    """The module holding ``gated_pixel_step``, ``resnet_position_step`` and ``softmax_draw_step`` for a kernel backend (one signature each)."""
+    """The module holding the steps (``gated_pixel_step``, ``resnet_position_step``, ``softmax_draw_step``, ``dmol_draw_step``) for a kernel backend (one signature each)."""
     if backend == "cuda":
         return cuda_ops()
     return importlib.import_module("pixelcnn_kernels.triton.sampling")

@@ -30,8 +30,9 @@ cached rows, the model's gate op). The horizontal step has two implementations:
   residual, reading a row buffer of the layer's input and writing the next layer's;
   with the softmax head, one more launch per value for the head (elu and the 1×1
   output conv), the draw and the writes of the drawn value
-  (:func:`~pixelcnn_kernels.ops.sampling.softmax_draw_step`). The DMOL head's head,
-  draw and writes stay PyTorch ops. The pixel is a device tensor, so on a CUDA device
+  (:func:`~pixelcnn_kernels.ops.sampling.softmax_draw_step`); with the DMOL head, the
+  head in PyTorch ops and one launch for the draw and the writes
+  (:func:`~pixelcnn_kernels.ops.sampling.dmol_draw_step`). The pixel is a device tensor, so on a CUDA device
   one whole pixel step (every value's layer steps, head, draw and writes, then the pixel
   increment) is captured once in a CUDA graph and replayed for every pixel, and so is
   one row's vertical stack (its row a device tensor too): no Python and no host
@@ -59,6 +60,8 @@ from pixelcnn_kernels.ops.sampling import (
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
+    bin_inputs,
+    dmol_draw_step,
     gated_layer_step,
     horizontal_conv_step,
     softmax_draw_step,
@@ -154,6 +157,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.cond = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
         self.conv_out = _pointwise(model.conv_out, dtype)
         self.softmax_head = SoftmaxHeadWeights.from_model(model, dtype) if model.head == "softmax" else None
+        self.bin_inputs = bin_inputs(model.num_bins, dtype, device) if self.softmax_head is None else None
         # Row i of each layer's vertical pre-activation, channels-last (B, W, 2C): the link's operand.
         self.v_pre_rows = [torch.zeros(batch, width, 2 * hidden, dtype=dtype, device=device) for _ in model.conv_layers]
         # Each layer's input on the current row (B, W, C): a step reads its taps there, left of
@@ -194,9 +198,8 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
     def draw(self, channels: slice) -> None:
         """Draws ``channels`` at the pixel; writes them to the images (except where known) and to the network's input."""
         h = self.horizontal_stack()
-        if self.softmax_head is None:
-            values = self.draw_pixel(self.logits(h), channels)
-            self.inputs_flat[:, channels].index_copy_(2, self.pixel, self.model.to_inputs(values))
+        if self.softmax_head is None:  # DMOL: every channel at once, from the PyTorch head's logits
+            dmol_draw_step(self.pixel, self.logits(h).flatten(1), self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat, self.bin_inputs)
         else:  # one channel per step; h is the view (B, C, 1, 1) of h_out
             softmax_draw_step(self.pixel, channels.start, self.h_out, self.softmax_head, self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat)
 

@@ -40,8 +40,8 @@ The sampler runs one of two ways:
   other node (the first shifted convs ``u_init`` and ``ul_init``, their sum, the
   stride-2 down-sampling convs and the transposed convs: 12 nodes against 64 blocks at
   nr_resnet 5) a gather, one batched product and a scatter on device indices (PyTorch
-  ops, no host sync); then the head (elu, 1×1), the draw and the writes (PyTorch ops)
-  and the counter increment. On a CUDA device that step is captured once in a CUDA
+  ops, no host sync); then the head (elu, 1×1: PyTorch ops), the draw and the writes
+  (one :func:`~pixelcnn_kernels.ops.sampling.dmol_draw_step`) and the counter increment. On a CUDA device that step is captured once in a CUDA
   graph and replayed for every pixel (eager steps, with a warning, where the capture
   fails): no Python and no host synchronisation per pixel. The tables depend only on
   the network's structure, the image size and the pixels every image knows, and are
@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, step_backend
+from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, bin_inputs, dmol_draw_step, resnet_position_step, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
@@ -511,7 +511,9 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
                 self.steps.append(_ResnetStep(node, tables, self.pixel, model.parameter_dtype()))
         # Pixel p's index in the x and ul caches' flat views (they share the image's size).
         self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
-        self.inputs_flat = graph.x.flat[:, :, :channels]
+        # The network's input in the x cache, (B, C, padded positions): the draw writes pixel p at padded_pixel[p].
+        self.inputs = graph.x.flat[:, :, :channels].transpose(1, 2)
+        self.bin_inputs = bin_inputs(model.num_bins, model.parameter_dtype(), images.device)
 
     def logits(self, padded_pixel: torch.Tensor) -> torch.Tensor:
         """The head at the pixel (``padded_pixel``: its index in the caches' flat views): (B, P, 1, 1); run after the step's nodes."""
@@ -526,10 +528,8 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         if draw:
             for step in self.steps:
                 step()
-            (channels,) = self.model.step_channels()  # the DMOL head draws a pixel's channels together
-            padded_pixel = self.padded_pixel.index_select(0, self.pixel)
-            values = self.draw_pixel(self.logits(padded_pixel), channels)
-            self.inputs_flat.index_copy_(1, padded_pixel, self.model.to_inputs(values).transpose(1, 2))
+            logits = self.logits(self.padded_pixel.index_select(0, self.pixel)).flatten(1)
+            dmol_draw_step(self.pixel, logits, self.noise_flat, self.known_flat, self.images_flat, self.inputs, self.bin_inputs, input_index=self.padded_pixel)
         self.pixel += 1
 
 

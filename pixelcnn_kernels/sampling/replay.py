@@ -26,8 +26,8 @@ class PixelStepSampler:
     """Base of the fused cached samplers: :meth:`sample` runs their pixel steps in raster order.
 
     Holds the run's ``model``, ``problem`` and the pixel being generated, ``pixel``
-    (int64 (1,) on the images' device, p = i·W + j), and draws and writes a pixel's
-    values with device indices (:meth:`draw_pixel`). A subclass defines
+    (int64 (1,) on the images' device, p = i·W + j), and the images, known mask and
+    noise laid out (B, ·, H·W) for the fused draws. A subclass defines
     :meth:`pixel_step` and, if it has per-row work, :meth:`start_row`.
     """
 
@@ -40,28 +40,12 @@ class PixelStepSampler:
         batch, channels, height, width = images.shape
         self.model, self.problem = model, problem
         self.pixel = torch.zeros(1, dtype=torch.int64, device=images.device)
-        # (B, C or K, H·W), read and written at the pixel: views of the images, contiguous copies
-        # of known and noise where they are not contiguous (a fused draw reads them by index).
+        # (B, C or K, H·W), read and written at the pixel by the fused draws
+        # (pixelcnn_kernels.ops.sampling): a view of the images, contiguous known and noise.
         self.images_flat = images.view(batch, channels, height * width)
         self.known_flat = problem.known.reshape(batch, height * width).contiguous()
         noise = problem.noise
-        self.noise_flat = noise.flatten(2).contiguous() if isinstance(noise, torch.Tensor) else tuple(u.flatten(2) for u in noise)
-
-    def draw_pixel(self, logits: torch.Tensor, channels: slice) -> torch.Tensor:
-        """Draws ``channels`` of the pixel from the head's ``logits`` at its noise; returns the values (B, c, 1).
-
-        The values are written to the images, except where the pixel is known, where
-        they are the known values (no host sync: the known mask is read on the device).
-        """
-        pixel = self.pixel
-        noise_flat = self.noise_flat
-        noise = noise_flat.index_select(2, pixel)[..., None] if isinstance(noise_flat, torch.Tensor) else tuple(u.index_select(2, pixel)[..., None] for u in noise_flat)
-        drawn = self.model.draw_values(logits, noise)[:, channels, :, 0]
-        images = self.images_flat[:, channels]
-        keep = self.known_flat.index_select(1, pixel)[:, :, None]
-        values = torch.where(keep, images.index_select(2, pixel), drawn)
-        images.index_copy_(2, pixel, values)
-        return values
+        self.noise_flat = noise.flatten(2).contiguous() if isinstance(noise, torch.Tensor) else tuple(u.flatten(2).contiguous() for u in noise)
 
     def start_row(self, row: int) -> None:
         """Work done once per row ``row``, before the row's first pixel (default: none); see :attr:`graph_rows`."""

@@ -270,6 +270,49 @@ def _finish_channel(value, bins_per_unit, last_bin, bin_scale, QUANTIZE: tl.cons
 
 
 @triton.jit
+def draw_pixels(
+    logits_ptr, l_offset, l_stride_p, num_mix, u_mix_ptr, m_offset, m_stride_k, u_logistic_ptr, u_offset, u_stride_c, pix_mask,
+    bins_per_unit, bin_scale, last_bin,
+    CHANNELS: tl.constexpr, QUANTIZE: tl.constexpr, K_PAD: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """One draw per pixel of a (BLOCK,) block: (red, green, blue), green and blue red's when CHANNELS is 1.
+
+    Pixel i's logits channel p at ``logits_ptr + l_offset[i] + p·l_stride_p``, its
+    u_mix component k at ``u_mix_ptr + m_offset[i] + k·m_stride_k``, its u_logistic
+    channel c at ``u_logistic_ptr + u_offset[i] + c·u_stride_c``. The component is
+    ``argmax_k(logit_k - log(-log(u_mix_k)))`` (first index on ties); each channel is
+    finished (:func:`_finish_channel`) before it conditions the next. For the sampler
+    and cached sampling's draw step (:mod:`pixelcnn_kernels.triton.sampling`).
+    """
+    k = tl.arange(0, K_PAD)
+    k_mask = k < num_mix
+    tile_mask = pix_mask[:, None] & k_mask[None, :]
+    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset[:, None], k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    u_mix = _clamp_noise(tl.load(_channel_ptrs(u_mix_ptr, m_offset[:, None], k[None, :], m_stride_k, INDEX_64), mask=tile_mask, other=0.5))
+    scores = mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix))
+    # A NaN score wins, as in torch.argmax; made +inf so the argmax can never pick a padded lane (k >= K).
+    scores = tl.where(scores != scores, float("inf"), scores)
+    component = tl.argmax(tl.where(k_mask[None, :], scores, -float("inf")), axis=1)
+
+    u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
+    red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
+    red = _finish_channel(red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+    green = red
+    blue = red
+    if CHANNELS == 3:
+        coef0, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        coef1, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        coef2, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
+        u_green = tl.load(u_logistic_ptr + u_offset + u_stride_c, mask=pix_mask, other=0.5)
+        green = _logistic_draw(logits_ptr, l_offset, 4 * num_mix + component, l_stride_p, num_mix, u_green, pix_mask, INDEX_64)
+        green = _finish_channel(green + coef0 * red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+        u_blue = tl.load(u_logistic_ptr + u_offset + 2 * u_stride_c, mask=pix_mask, other=0.5)
+        blue = _logistic_draw(logits_ptr, l_offset, 7 * num_mix + component, l_stride_p, num_mix, u_blue, pix_mask, INDEX_64)
+        blue = _finish_channel(blue + coef1 * red + coef2 * green, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+    return red, green, blue
+
+
+@triton.jit
 def _dmol_sample_kernel(
     logits_ptr, u_mix_ptr, u_logistic_ptr, out_ptr,
     num_pixels, height, width, num_mix,
@@ -288,34 +331,16 @@ def _dmol_sample_kernel(
     """
     batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
     l_offset = batch * l_stride_b + row * l_stride_h + col * l_stride_w
+    m_offset = batch * m_stride_b + row * m_stride_h + col * m_stride_w
     u_offset = batch * u_stride_b + row * u_stride_h + col * u_stride_w
     o_offset = batch * o_stride_b + row * o_stride_h + col * o_stride_w
-    k = tl.arange(0, K_PAD)
-    k_mask = k < num_mix
-    tile_mask = pix_mask[:, None] & k_mask[None, :]
-    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset[:, None], k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-    m_offset = (batch * m_stride_b + row * m_stride_h + col * m_stride_w)[:, None]
-    u_mix = _clamp_noise(tl.load(_channel_ptrs(u_mix_ptr, m_offset, k[None, :], m_stride_k, INDEX_64), mask=tile_mask, other=0.5))
-    scores = mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix))
-    # A NaN score wins, as in torch.argmax; made +inf so the argmax can never pick a padded lane (k >= K).
-    scores = tl.where(scores != scores, float("inf"), scores)
-    component = tl.argmax(tl.where(k_mask[None, :], scores, -float("inf")), axis=1)
-
-    u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
-    red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
-    red = _finish_channel(red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+    red, green, blue = draw_pixels(
+        logits_ptr, l_offset, l_stride_p, num_mix, u_mix_ptr, m_offset, m_stride_k, u_logistic_ptr, u_offset, u_stride_c, pix_mask,
+        bins_per_unit, bin_scale, last_bin, CHANNELS, QUANTIZE, K_PAD, INDEX_64,
+    )  # fmt: skip
     tl.store(out_ptr + o_offset, red, mask=pix_mask)
     if CHANNELS == 3:
-        coef0, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
-        coef1, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
-        coef2, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
-        u_green = tl.load(u_logistic_ptr + u_offset + u_stride_c, mask=pix_mask, other=0.5)
-        green = _logistic_draw(logits_ptr, l_offset, 4 * num_mix + component, l_stride_p, num_mix, u_green, pix_mask, INDEX_64)
-        green = _finish_channel(green + coef0 * red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
         tl.store(out_ptr + o_offset + o_stride_c, green, mask=pix_mask)
-        u_blue = tl.load(u_logistic_ptr + u_offset + 2 * u_stride_c, mask=pix_mask, other=0.5)
-        blue = _logistic_draw(logits_ptr, l_offset, 7 * num_mix + component, l_stride_p, num_mix, u_blue, pix_mask, INDEX_64)
-        blue = _finish_channel(blue + coef1 * red + coef2 * green, bins_per_unit, last_bin, bin_scale, QUANTIZE)
         tl.store(out_ptr + o_offset + 2 * o_stride_c, blue, mask=pix_mask)
 
 

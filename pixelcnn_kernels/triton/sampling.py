@@ -22,9 +22,10 @@ by latency, not by arithmetic, and full precision keeps it close to the PyTorch 
 Loads are converted to fp32 at once; the result is rounded once, on store.
 
 The other kernels state their own layouts: PixelCNN++'s block step
-(:func:`_resnet_step_kernel`) and the softmax head's draw (:func:`_softmax_draw_kernel`:
+(:func:`_resnet_step_kernel`), the softmax head's draw (:func:`_softmax_draw_kernel`:
 a program per image holds every bin's logit, as the softmax needs them all, and draws
-in float64 as the PyTorch draw does).
+in float64 as the PyTorch draw does) and the DMOL head's (:func:`_dmol_draw_kernel`,
+the DMOL sampler's draw at one pixel of BLOCK_B images).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pixelcnn_kernels.triton.dmol import draw_pixels
 from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import launch_device, pointer_type, register_compile_case
 
@@ -357,11 +359,73 @@ def _softmax_draw_kernel(
     threshold = tl.load(noise_ptr + value_offset, mask=pixel_ok, other=0.0).to(tl.float64) * tl.max(cdf, axis=0)
     drawn = tl.minimum(tl.sum(tl.where(bin_ok & (cdf <= threshold), 1, 0), axis=0), NUM_BINS - 1).to(tl.int64)
     known = tl.load(known_ptr + image * HW + p, mask=pixel_ok, other=0) != 0
-    value = tl.where(known, tl.load(images_ptr + value_offset, mask=pixel_ok, other=0), drawn)
-    tl.store(images_ptr + value_offset, value, mask=pixel_ok)
+    _write_value(drawn, known, images_ptr + value_offset, inputs_ptr + value_offset, bin_inputs_ptr, NUM_BINS, pixel_ok)
+
+
+@triton.jit
+def _write_value(drawn, known, image_ptrs, input_ptrs, bin_inputs_ptr, NUM_BINS, ok):
+    """A draw's writes (where ``ok``): the image's value becomes ``drawn`` unless ``known``; the network input, its bin's."""
+    value = tl.where(known, tl.load(image_ptrs, mask=ok, other=0), drawn)
+    tl.store(image_ptrs, value, mask=ok)
     # Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
-    bin_input = tl.load(bin_inputs_ptr + tl.minimum(tl.maximum(value, 0), NUM_BINS - 1), mask=pixel_ok)
-    tl.store(inputs_ptr + value_offset, bin_input, mask=pixel_ok)
+    tl.store(input_ptrs, tl.load(bin_inputs_ptr + tl.minimum(tl.maximum(value, 0), NUM_BINS - 1), mask=ok), mask=ok)
+
+
+@triton.jit
+def _dmol_draw_kernel(
+    pixel_ptr,
+    logits_ptr,
+    u_mix_ptr,
+    u_logistic_ptr,
+    known_ptr,
+    images_ptr,
+    inputs_ptr,
+    input_index_ptr,
+    bin_inputs_ptr,
+    B,
+    P,
+    NUM_MIX,
+    HW,
+    NUM_BINS,
+    stride_ib,
+    stride_ic,
+    stride_in,
+    bins_per_unit,
+    bin_scale,
+    last_bin,
+    CHANNELS: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """The DMOL draw at the pixel p for the BLOCK_B images of this program, written to the images and inputs.
+
+    ``logits`` (B, P), ``u_mix`` (B, NUM_MIX, HW), ``u_logistic`` and ``images``
+    (B, CHANNELS, HW) int64, ``known`` (B, HW): contiguous; ``inputs`` (B, CHANNELS, N)
+    through its strides, at position ``input_index[p]`` (None: p). The draw is the
+    sampler's (:func:`~pixelcnn_kernels.triton.dmol.draw_pixels`, quantized); each
+    channel's bin ``floor((v + 1)·bins_per_unit + 0.5)`` (NaN: bin 0) is written as
+    :func:`_write_value` says. A pixel index outside [0, HW) writes nothing.
+    """
+    p = tl.load(pixel_ptr)
+    pixel_ok = (p >= 0) & (p < HW)
+    images = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = (images < B) & pixel_ok
+    red, green, blue = draw_pixels(
+        logits_ptr, images * P, 1, NUM_MIX, u_mix_ptr, images * NUM_MIX * HW + p, HW, u_logistic_ptr, images * CHANNELS * HW + p, HW, ok,
+        bins_per_unit, bin_scale, last_bin, CHANNELS, True, K_PAD, True,
+    )  # fmt: skip
+    known = tl.load(known_ptr + images * HW + p, mask=ok, other=0) != 0
+    if input_index_ptr is None:
+        position = p
+    else:
+        position = tl.load(input_index_ptr + tl.where(pixel_ok, p, 0))
+    image_ptrs = images_ptr + images * CHANNELS * HW + p
+    input_ptrs = inputs_ptr + images * stride_ib + position * stride_in
+    for channel in tl.static_range(CHANNELS):
+        drawn = red if channel == 0 else (green if channel == 1 else blue)
+        bins = tl.floor((drawn + 1.0) * bins_per_unit + 0.5)
+        bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0).to(tl.int64)
+        _write_value(bins, known, image_ptrs + channel * HW, input_ptrs + channel * stride_ic, bin_inputs_ptr, NUM_BINS, ok)
 
 
 # ---------------------------------------------------------------- launcher
@@ -530,6 +594,34 @@ def softmax_draw_step(
         )  # fmt: skip
 
 
+def dmol_draw_step(
+    pixel: torch.Tensor,
+    logits: torch.Tensor,
+    u_mix: torch.Tensor,
+    u_logistic: torch.Tensor,
+    known: torch.Tensor,
+    images: torch.Tensor,
+    inputs: torch.Tensor,
+    input_index: torch.Tensor | None,
+    bin_inputs: torch.Tensor,
+) -> None:
+    """Draws every image's pixel from the DMOL head's logits and writes it (the CUDA op ``dmol_draw_step``'s signature).
+
+    Layout in :func:`_dmol_draw_kernel`; arguments are validated by the caller.
+    """
+    batch, num_logits = logits.shape
+    _, channels, pixels = images.shape
+    if batch == 0:
+        return
+    num_bins = bin_inputs.shape[0]
+    with launch_device(logits):
+        _dmol_draw_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+            pixel, logits, u_mix, u_logistic, known, images, inputs, input_index, bin_inputs,
+            batch, num_logits, u_mix.shape[1], pixels, num_bins, *inputs.stride(), (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
+            CHANNELS=channels, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------- sm_90 compile cases
 
 
@@ -587,6 +679,22 @@ def _register_draw_compile_cases() -> None:
         no_bias = {name: type_ for name, type_ in signature.items() if name != "bias_ptr"}
         register_compile_case(f"sampling_softmax_draw_no_bias_{dtype_name}", _softmax_draw_kernel, no_bias, {"bias_ptr": None, **_softmax_draw_config(64, 256)}, num_warps=_DRAW_WARPS)
 
+
+def _register_dmol_draw_compile_cases() -> None:
+    """PixelCNN++'s draw (3 channels, 10 logistics) into its channels-last input cache, and a grey draw into (B, C, HW) inputs."""
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
+        signature = {
+            "pixel_ptr": "*i64", "logits_ptr": ptr, "u_mix_ptr": "*fp32", "u_logistic_ptr": "*fp32", "known_ptr": "*i1", "images_ptr": "*i64",
+            "inputs_ptr": ptr, "input_index_ptr": "*i64", "bin_inputs_ptr": ptr,
+            **dict.fromkeys(("B", "P", "NUM_MIX", "HW", "NUM_BINS", "stride_ib", "stride_ic", "stride_in"), "i32"),
+            **dict.fromkeys(("bins_per_unit", "bin_scale", "last_bin"), "fp32"),
+        }  # fmt: skip
+        register_compile_case(f"sampling_dmol_draw_c3_{dtype_name}", _dmol_draw_kernel, signature, {"CHANNELS": 3, "K_PAD": 16, "BLOCK_B": _BLOCK_B})
+        no_index = {name: type_ for name, type_ in signature.items() if name != "input_index_ptr"}
+        register_compile_case(f"sampling_dmol_draw_c1_{dtype_name}", _dmol_draw_kernel, no_index, {"input_index_ptr": None, "CHANNELS": 1, "K_PAD": 4, "BLOCK_B": _BLOCK_B})
+
 _register_compile_cases()
 _register_resnet_compile_cases()
 _register_draw_compile_cases()
+_register_dmol_draw_compile_cases()
