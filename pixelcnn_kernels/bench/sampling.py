@@ -45,9 +45,10 @@ B = 64, over the 40 ms goal; the fused draw makes it 10 kernels, ~25 µs a value
 a call; replayed as a graph from the third row on, ~0.1 ms a row and ~3 ms a call.
 PixelCNN++'s step is about 64 block kernels, 12 other nodes and the head and draw:
 with each node reading its five device tables apart and gathering a per-position copy
-of its weight, ~230 launches, ~0.55 ms a step and ~0.57 s a call (goal 0.5 s); one
-packed table per node and the shifted convs' weights used as they are make it ~190,
-~0.47 s a call (prediction, not yet measured, 2026-11-29).
+of its weight, and the draw and writes as ~16 PyTorch ops, ~230 launches, ~0.55 ms a
+step and ~0.57 s a call (goal 0.5 s); one packed table per node, the shifted convs'
+weights used as they are and the fused draw make it ~175, ~0.45 s a call (prediction,
+not yet measured, 2026-11-29).
 """
 
 from __future__ import annotations
