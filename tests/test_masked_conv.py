@@ -461,6 +461,8 @@ def triton_as_cuda_ops(monkeypatch):
     names = ("masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad", "masked_conv2d_fwd_gated")
     extension = types.SimpleNamespace(**{name: recorded(name) for name in names})
     monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
+    # This extension has every op, built or not (torch without CUDA builds none).
+    monkeypatch.setattr(ops, "backend_with_cuda_op", lambda backend, cuda_op, device: backend)
     monkeypatch.setattr(ops, "cuda_ops", lambda: extension)
     return calls
 
