@@ -49,6 +49,8 @@ class Case:
     ``reference`` the pure-PyTorch reference. ``bytes_moved(mode, dtype)`` and
     ``flops(mode)`` give the least traffic and arithmetic the mode needs.
     ``extra_providers`` are other formulations timed alongside (name -> fn).
+    ``note(device, dtype)``, after a provider's runs, describes its last run in a few
+    words for the table (e.g. how many iterations the Jacobi sampler took).
     """
 
     family: str
@@ -62,6 +64,7 @@ class Case:
     grad_inputs: tuple[int, ...] = (0,)
     modes: tuple[str, ...] = MODES
     extra_providers: dict[str, Callable[..., object]] = dataclasses.field(default_factory=dict)
+    note: Callable[[torch.device, torch.dtype], str] = lambda device, dtype: ""
 
 
 @dataclasses.dataclass
@@ -92,6 +95,7 @@ class Result:
     floor_ms: float
     ratio_to_compile: float = float("nan")
     error: str = ""
+    note: str = ""
 
 
 def _outputs(value) -> list[torch.Tensor]:
@@ -265,6 +269,7 @@ def run_case(
                     steps[i % len(steps)]()
                 times = [timer.time_ms(steps[i % len(steps)]) for i in range(repeats)]
                 row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+                row.note = case.note(device, dtype)
                 if device.type == "cuda":
                     row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
                 del steps, graph_cache, sets
@@ -291,7 +296,7 @@ def format_table(results: list[Result]) -> str:
             continue
         lines.append(
             f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}"
-            f"{_cell(r.peak_mib, 10, 1)}{_cell(r.floor_ms, 10, 4)}{_cell(r.ratio_to_compile, 10, 2)}"
+            f"{_cell(r.peak_mib, 10, 1)}{_cell(r.floor_ms, 10, 4)}{_cell(r.ratio_to_compile, 10, 2)}{'  ' + r.note if r.note else ''}"
         )
     return "\n".join(lines)
 

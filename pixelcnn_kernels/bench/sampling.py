@@ -24,7 +24,9 @@ on the first call for a model and image size (the demand resolution run on the h
 one to two seconds at 3×32×32) and reused by later calls: the warm-up call pays it.
 
 The config column gives the steps of one call: H·W·C values (softmax) or H·W pixels
-(DMOL); time per step is ``median / steps``. The floor is the larger of the cached
+(DMOL); time per step is ``median / steps``. Each row ends with the last call's full
+network passes: the Jacobi sampler's iterations (the naive sampler's are its steps,
+the cached sampler's 0). The floor is the larger of the cached
 sampler's arithmetic at the matmul rate (each activation computed once: one full
 forward, times C passes per pixel for RGB softmax) and its least traffic at the copy
 rate: the noise read once and, for the Gated PixelCNN, the weights each step reads (the
@@ -125,6 +127,11 @@ def _case(name: str, models: _Models, batch: int) -> Case:
     def bytes_moved(mode: str, dtype: torch.dtype) -> int:
         return sum(4 * torch.Size(shape).numel() for shape in noise_shapes) + _weight_bytes(probe, height, steps, dtype)
 
+    def note(device, dtype) -> str:
+        """The last call's full network passes: the Jacobi sampler's iterations, the naive sampler's values, 0 for cached."""
+        stats = models.get(device, dtype).last_sample_stats
+        return f"{stats.network_passes} {'iterations' if stats.method == 'jacobi' else 'network passes'}"
+
     naive_eager = torch.compiler.disable(_sampler("naive", batch))
 
     def naive(*inputs):
@@ -144,6 +151,7 @@ def _case(name: str, models: _Models, batch: int) -> Case:
         modes=("forward",),
         # The cached sampler on the automatic backend too: the only row for it on a CPU.
         extra_providers={"cached": _sampler("cached", batch), "jacobi": _sampler("jacobi", batch)},
+        note=note,
     )
 
 
