@@ -9,9 +9,10 @@ builds these tensors once for both backends):
   to the output pixel.
 
 The forward is a GEMM with M = N·H·W output pixels, N = Cout columns and
-K = T·Cin: the tap loop is unrolled over the compile-time ``OFFSETS`` tuple, so
-every tap set (mask, kernel size, dilation) is its own specialisation and a
-masked-out tap is never loaded nor multiplied. The input gradient is the same
+K = T·Cin, reduced in one loop over (tap, channel block) steps whose tap offsets
+come from the compile-time ``OFFSETS`` tuple, so every tap set (mask, kernel size,
+dilation) is its own specialisation and a masked-out tap is never loaded nor
+multiplied. The input gradient is the same
 kernel with negated offsets reading the packed weight transposed (Cout is then
 the reduction). The weight gradient is one (Cin × Cout) GEMM per tap reduced over
 all pixels, split over pixels into partial sums that are added in a fixed order
@@ -67,6 +68,17 @@ def _pixel_block(block, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.co
         block = block.to(tl.int64)
     pixels = block * BLOCK + tl.arange(0, BLOCK)
     return pixels, pixels < num_pixels, (pixels // W) % H, pixels % W
+
+
+@triton.jit
+def _tap_offset(tap, OFFSETS: tl.constexpr):
+    """(dy, dx) of the runtime tap index ``tap``, picked out of the compile-time table (only active taps are in it)."""
+    dy = 0
+    dx = 0
+    for t in tl.static_range(len(OFFSETS) // 2):
+        dy = tl.where(tap == t, OFFSETS[2 * t], dy)
+        dx = tl.where(tap == t, OFFSETS[2 * t + 1], dx)
+    return dy, dx
 
 
 @triton.jit
@@ -153,23 +165,25 @@ def _masked_conv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TWO_HALVES:
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(len(OFFSETS) // 2):
-        dy = OFFSETS[2 * tap]
-        dx = OFFSETS[2 * tap + 1]
+    # One loop over every (tap, channel block) step, so the software pipeline runs across
+    # taps instead of filling and draining once per tap (a tap has only C_IN / BLOCK_K steps).
+    k_steps = tl.cdiv(C_IN, BLOCK_K)
+    for step in range(0, (len(OFFSETS) // 2) * k_steps):
+        tap = step // k_steps
+        k = (step - tap * k_steps) * BLOCK_K + ks
+        dy, dx = _tap_offset(tap, OFFSETS)
         # The neighbour exists iff it lies inside the image (zero padding otherwise);
         # then it is pixel p + dy·W + dx of the same image.
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         x_rows = x_ptr + (pixels + (dy * W + dx))[:, None] * x_channels
-        w_tap = w_ptr + tap * stride_wt + cols[None, :] * stride_wn
-        for k0 in range(0, C_IN, BLOCK_K):
-            k_ok = k0 + ks < C_IN
-            a = _load_conv_input(x_rows, (k0 + ks)[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT)
-            w_tile = w_tap + (k0 + ks)[:, None] * stride_wk
-            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if TWO_HALVES:
-                b_second = tl.load(w_tile + N_COLS * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_b = tl.dot(a, b_second, acc_b, input_precision=DOT_PRECISION)
+        k_ok = k < C_IN
+        a = _load_conv_input(x_rows, k[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT)
+        w_tile = w_ptr + tap * stride_wt + k[:, None] * stride_wk + cols[None, :] * stride_wn
+        b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if TWO_HALVES:
+            b_second = tl.load(w_tile + N_COLS * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_b = tl.dot(a, b_second, acc_b, input_precision=DOT_PRECISION)
 
     store_ok = pixel_ok[:, None] & col_ok[None, :]
     out_index = pixels[:, None] * N_COLS + cols[None, :]
@@ -230,12 +244,7 @@ def _masked_conv_wgrad_kernel(
     ci = (tl.program_id(0) % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     split = tl.program_id(2)
-    # This program's tap offset, picked out of the compile-time table.
-    dy = 0
-    dx = 0
-    for t in tl.static_range(len(OFFSETS) // 2):
-        dy = tl.where(tap == t, OFFSETS[2 * t], dy)
-        dx = tl.where(tap == t, OFFSETS[2 * t + 1], dx)
+    dy, dx = _tap_offset(tap, OFFSETS)
     ci_ok = ci < C_IN
     co_ok = co < C_OUT
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
@@ -260,8 +269,8 @@ def _masked_conv_wgrad_kernel(
 # 16-bit) reduction elements: 24 KiB of operands per pipeline stage, 3 stages
 # fit the H200's shared memory, the 128×64 fp32 accumulator is 64 registers per
 # thread at 4 warps. The gated forward and the input gradient of a concat_elu
-# input keep two accumulators, so they halve BLOCK_M to stay at the same
-# register budget. Weight gradient: 64×64 output
+# input keep two accumulators, so they halve BLOCK_M to stay near the same
+# register budget (_conv_tiles). Weight gradient: 64×64 output
 # tiles (Cin × Cout) reduced over 32 (64) pixels at a time.
 _BLOCK_M = 128
 _BLOCK_M_TWO_HALVES = 64
@@ -292,15 +301,19 @@ def _reduction_tile(size: int, dtype: torch.dtype) -> int:
     return _tile(size, _max_reduction_tile(dtype))
 
 
-def _block_m(gate: int, has_elu_x: bool, dtype: torch.dtype, precision: str) -> int:
-    """Pixels per program: _BLOCK_M, halved for two accumulators (a gate, or concat_elu's backward:
-    the kernel's TWO_HALVES), and halved again for full-fp32 products.
+def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of _masked_conv_kernel: _BLOCK_M pixels at 4 warps; half as many
+    for two accumulators (a gate, or concat_elu's backward: the kernel's TWO_HALVES), at 8
+    warps for 16-bit inputs; half again for full-fp32 ("ieee") products.
 
-    Full-fp32 ("ieee") ``tl.dot`` is an FMA loop holding both operand tiles in registers:
-    compiled for sm_90 at 128 (64) rows it spilled at 255 registers; at half, 168 and no spills.
+    Register use compiled for sm_90 (ptxas -v; no spills unless said), e.g. the vertical 3×3
+    taps: one accumulator 128 (fp32, TF32) or 175 (bf16); two 164 (fp32), and for bf16 255
+    with 32 bytes of spills at 4 warps, 125 at 8. "ieee" ``tl.dot`` is an FMA loop holding
+    both operand tiles in registers: at 128 rows the input gradient spills 12 bytes and the
+    64-bit-index forward 16; at 64 rows, 96.
     """
-    rows = _BLOCK_M_TWO_HALVES if gate != GATE_NONE or has_elu_x else _BLOCK_M
-    return rows // 2 if dtype == torch.float32 and precision == "ieee" else rows
+    rows, warps = (_BLOCK_M_TWO_HALVES, _NUM_WARPS if dtype == torch.float32 else 2 * _NUM_WARPS) if two_halves else (_BLOCK_M, _NUM_WARPS)
+    return (rows // 2 if precision == "ieee" and dtype == torch.float32 else rows), warps
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -320,7 +333,7 @@ def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None
         return out
     c_in = 2 * x_channels if concat_elu_input else x_channels
     precision = dot_precision(x.dtype, allow_tf32)
-    block_m = _block_m(gate, elu_x is not None, x.dtype, precision)
+    block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision)
     block_n = _tile(n_cols, _BLOCK_N)
     grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
     with launch_device(x):
@@ -330,7 +343,7 @@ def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None
             OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
             WIDE_INDEX=needs_int64_index(x, out, pre),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
-            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+            num_warps=num_warps, num_stages=_NUM_STAGES,
         )
     return out
 
@@ -481,20 +494,18 @@ def _register_compile_cases() -> None:
             for kind, gate, concat_elu_input, given_pointers in plain_variants + (fused_variants if pixelcnn_pp else ()):
                 signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
                 absent = {name: None for name in optional_pointers if name not in given_pointers}
-                constexprs = {
-                    **common, **blocks, **absent, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input,
-                    "BLOCK_M": _block_m(gate, "elu_x_ptr" in given_pointers, dtype, common["DOT_PRECISION"]),
-                }
-                register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, common["DOT_PRECISION"])
+                constexprs = {**common, **blocks, **absent, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_M": block_m}
+                register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES)
                 if pixelcnn_pp and kind == "fwd":  # past 2^31 elements: 64-bit indices (num_pixels then arrives as i64)
                     register_compile_case(
                         f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", _masked_conv_kernel, {**signature, "num_pixels": "i64"},
-                        {**constexprs, "WIDE_INDEX": True}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                        {**constexprs, "WIDE_INDEX": True}, num_warps=num_warps, num_stages=_NUM_STAGES,
                     )  # fmt: skip
                 if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
                     register_compile_case(
                         f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", _masked_conv_kernel, signature,
-                        {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _block_m(GATE_NONE, False, dtype, "ieee")}, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                        {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _conv_tiles(False, dtype, "ieee")[0]}, num_warps=num_warps, num_stages=_NUM_STAGES,
                     )  # fmt: skip
             wgrad_sig = {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
             wgrad_variants = (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)) if pixelcnn_pp else (("", False, False),)
