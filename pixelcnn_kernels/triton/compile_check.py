@@ -4,6 +4,11 @@ Run as ``python -m pixelcnn_kernels.triton.compile_check``; exits non-zero and
 names the kernel when one fails. It must run without ``TRITON_INTERPRET``
 (interpreted kernels cannot be compiled), so the test suite starts it in a
 subprocess.
+
+A kernel fails when it needs more shared memory than a block may have, or when it
+spills more registers than its case allows (none unless registered otherwise): the
+registers and spill stores are those Triton's own ptxas reports (``-v``) for the
+kernel's PTX, the figures a GPU would run with, found without one.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 KERNEL_MODULES = ("gates", "dmol", "masked_conv", "sampling")
@@ -46,6 +54,21 @@ def compile_case(case, capability: int = 90, warp_size: int = 32):
     )
 
 
+def register_usage(compiled, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) of a compiled kernel, from Triton's ptxas ``-v`` on its PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        result = subprocess.run(
+            [get_ptxas(capability).path, f"-arch={sm_arch_from_capability(capability)}", "-v", ptx.name, "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    report = result.stdout + result.stderr
+    return int(re.search(r"Used (\d+) registers", report).group(1)), int(re.search(r"(\d+) bytes spill stores", report).group(1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
@@ -60,11 +83,16 @@ def main(argv=None) -> int:
         try:
             compiled = compile_case(case, args.capability)
             shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES.get(args.capability)
+            registers, spilled = register_usage(compiled, args.capability)
+            usage = f"shared {shared} B, {registers} registers, {spilled} B spilled"
             if limit is not None and shared > limit:
                 failures += 1
                 print(f"FAIL  {case.name}: needs {shared} B of shared memory, sm_{args.capability} allows {limit} B")
-                continue
-            print(f"ok    {case.name}  (shared {shared} B)")
+            elif spilled > case.max_spill_bytes:
+                failures += 1
+                print(f"FAIL  {case.name}: spills {spilled} B of registers per thread, its case allows {case.max_spill_bytes} B ({usage})")
+            else:
+                print(f"ok    {case.name}  ({usage})")
         except Exception:  # report every failing kernel, not just the first
             failures += 1
             print(f"FAIL  {case.name}\n{traceback.format_exc()}")

@@ -645,6 +645,8 @@ def _register_compile_cases() -> None:
             register_compile_case(
                 f"sampling_step_gated_1x3_c{channels}_dil{dilation}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
                 {**blocks, "OFFSETS": (-dilation, 0), "GATED": True}, num_warps=num_warps, num_stages=_STAGES,
+                # The widest step's two (16, 512) fp32 accumulators and gate leave a few spills at the smallest chunks.
+                max_spill_bytes=128 if channels == MAX_PIXEL_STEP_CHANNELS else 0,
             )  # fmt: skip
 
 

@@ -40,18 +40,22 @@ class CompileCase:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    max_spill_bytes: int = 0
 
 
 COMPILE_CASES: list[CompileCase] = []
 
 
-def register_compile_case(name: str, kernel, signature: dict[str, str], constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3) -> None:
+def register_compile_case(
+    name: str, kernel, signature: dict[str, str], constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3, max_spill_bytes: int = 0
+) -> None:
     """Adds a kernel signature to the sm_90 ahead-of-time compile check.
 
     ``signature`` maps every non-constexpr argument to its Triton type
     (``"*fp32"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr.
+    ``max_spill_bytes``: the register spill stores per thread the check lets pass (say why where not 0).
     """
-    COMPILE_CASES.append(CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages))
+    COMPILE_CASES.append(CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes))
 
 
 def launch_device(t: torch.Tensor):
