@@ -44,4 +44,16 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Cached sampling's fused draws end alike: images[index] becomes `drawn` unless `known` (then it
+// keeps its value), and *input, when given, the network input of that value's bin, looked up in
+// bin_inputs (clamped: a known value is a bin, the sampler checks its prefix, but the lookup
+// never leaves the table).
+template <typename T>
+__device__ __forceinline__ void write_drawn_value(int64_t* images, int64_t index, bool known, int64_t drawn, T* input,
+                                                  const T* bin_inputs, int num_bins) {
+  const int64_t value = known ? images[index] : drawn;
+  images[index] = value;
+  if (input != nullptr) *input = bin_inputs[value < 0 ? 0 : (value >= num_bins ? num_bins - 1 : value)];
+}
+
 }  // namespace pixelcnn_kernels

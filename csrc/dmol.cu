@@ -342,18 +342,16 @@ __global__ void __launch_bounds__(kThreads) draw_step_kernel(const DrawStep step
                 [&](int c) { return u_logistic[c * step.pixels]; }, true, step.num_bins, drawn);
   const bool known = step.known[b * step.pixels + p];
   const int64_t position = step.input_index == nullptr ? p : step.input_index[p];
+  // A position outside inputs (a bad input_index) writes no input.
+  const bool input_ok = 0 <= position && position < step.input_positions;
   const float last = static_cast<float>(step.num_bins - 1);
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const int64_t index = (b * C + c) * step.pixels + p;
     // The drawn centre's bin, as the PyTorch sampler's to_bins maps it (NaN to bin 0).
     const float bin = floorf((drawn[c] + 1.f) * (0.5f * last) + 0.5f);
-    const int64_t value = known ? step.images[index] : static_cast<int64_t>(bin > 0.f ? (bin < last ? bin : last) : 0.f);
-    step.images[index] = value;
-    // Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
-    const int64_t lookup = value < 0 ? 0 : (value > step.num_bins - 1 ? step.num_bins - 1 : value);
-    static_cast<T*>(step.inputs)[b * step.input_strides[0] + c * step.input_strides[1] + position * step.input_strides[2]] =
-        static_cast<const T*>(step.bin_inputs)[lookup];
+    T* input = static_cast<T*>(step.inputs) + b * step.input_strides[0] + c * step.input_strides[1] + position * step.input_strides[2];
+    write_drawn_value(step.images, (b * C + c) * step.pixels + p, known, static_cast<int64_t>(bin > 0.f ? (bin < last ? bin : last) : 0.f),
+                      input_ok ? input : nullptr, static_cast<const T*>(step.bin_inputs), step.num_bins);
   }
 }
 

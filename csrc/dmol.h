@@ -63,7 +63,7 @@ void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_st
 // dmol_draw_step of pixelcnn_kernels/ops/sampling.py): for each image b, the sampler's
 // quantized draw from logits[b] at the noise u_mix[b, :, p], u_logistic[b, :, p]; its bins
 // floor((v + 1) (num_bins - 1) / 2 + 0.5) go to images[b, :, p] unless known[b, p], and
-// inputs[b, c, input_index[p]] (input_index null: p) = bin_inputs[images[b, c, p]].
+// inputs[b, c, input_index[p]] (input_index null: p; outside [0, N): no write) = bin_inputs[images[b, c, p]].
 // logits (B, P), u_mix (B, K, HW), u_logistic and images (B, C, HW) int64, known (B, HW)
 // bool: contiguous; inputs (B, C, N) through input_strides; logits, inputs and bin_inputs
 // of `dtype`. p outside [0, HW) does nothing.
@@ -77,6 +77,7 @@ struct DrawStep {
   int64_t* images;
   void* inputs;
   int64_t input_strides[3];
+  int64_t input_positions;  // N: inputs' last dimension
   const int64_t* input_index;
   const void* bin_inputs;
   int64_t batch, pixels;

@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
   gather(tap, part, k0);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();  // the previous step's multiply is done with the tiles
-    if (p.concat_elu_input) concat_elu_tile(a_loader, part);  // (tap, part, k0) is still this step's
+    if (parts == 2) concat_elu_tile(a_loader, part);  // (tap, part, k0) is still this step's
     a_loader.commit(a_tile);
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));

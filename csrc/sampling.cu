@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(kDrawThreads) softmax_draw_kernel(const Softma
     const double before = __shfl_up_sync(kFullWarp, inclusive, offset);
     if (lane >= offset) inclusive += before;
   }
+  // CDF(bins - 1); a non-finite logit (NaN, +inf, or all -inf) makes it NaN: no bin passes, bin 0 is drawn.
   const double total = __shfl_sync(kFullWarp, inclusive, kWarp - 1);
   const double exclusive = __shfl_up_sync(kFullWarp, inclusive, 1);
   double cdf = lane == 0 ? 0.0 : exclusive;
@@ -301,11 +302,8 @@ __global__ void __launch_bounds__(kDrawThreads) softmax_draw_kernel(const Softma
   }
   for (int offset = kWarp / 2; offset > 0; offset /= 2) count += __shfl_xor_sync(kFullWarp, count, offset);
   if (lane != 0) return;
-  const int64_t value = d.known[b * d.pixels + p] ? d.images[value_index] : min(count, d.num_bins - 1);
-  d.images[value_index] = value;
-  // Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
-  const int64_t bin = value < 0 ? 0 : (value >= d.num_bins ? d.num_bins - 1 : value);
-  static_cast<T*>(d.inputs)[value_index] = static_cast<const T*>(d.bin_inputs)[bin];
+  write_drawn_value(d.images, value_index, d.known[b * d.pixels + p], min(count, d.num_bins - 1),
+                    static_cast<T*>(d.inputs) + value_index, static_cast<const T*>(d.bin_inputs), d.num_bins);
 }
 
 // ---------------------------------------------------------------------------------

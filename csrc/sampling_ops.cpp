@@ -7,6 +7,7 @@
 // tensors on one device and of one dtype, the shapes, contiguous weights, at most kMaxTaps
 // taps, and one image's staging within the kernel's shared memory. Nothing here reads
 // device memory or synchronises, so a CUDA graph can capture the op.
+#include <limits>
 #include <optional>
 
 #include "dmol.h"
@@ -17,18 +18,19 @@ namespace pixelcnn_kernels {
 namespace sampling {
 namespace {
 
-// An optional operand like x (check_operand); returns its data or null when absent.
-const void* operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
+// An optional operand like ref (check_operand); returns its data or null when absent.
+const void* operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                    const char* ref_name = "x") {
   if (!t.has_value()) return nullptr;
-  check_operand(*t, name, x, "x", shape);
+  check_operand(*t, name, ref, ref_name, shape);
   return t->data_ptr();
 }
 
-// The step's pixel: an int64 (1,) on x's device (read by the kernel, so a graph replays the launch).
-void check_pixel(const at::Tensor& pixel, const at::Tensor& x) {
-  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.numel() == 1 && pixel.is_cuda() && pixel.device() == x.device(),
-              "pixel must be an int64 (1,) tensor on x's device ", x.device(), ", got ", pixel.scalar_type(), " ",
-              pixel.sizes(), " on ", pixel.device());
+// The step's pixel: an int64 (1,) on ref's device (read by the kernel, so a graph replays the launch).
+void check_pixel(const at::Tensor& pixel, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.numel() == 1 && pixel.is_cuda() && pixel.device() == ref.device(),
+              "pixel must be an int64 (1,) tensor on ", ref_name, "'s device ", ref.device(), ", got ", pixel.scalar_type(),
+              " ", pixel.sizes(), " on ", pixel.device());
 }
 
 // Checks that one image's staging fits in the kernel's shared memory, then launches on x's device and stream.
@@ -51,7 +53,7 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, "x must be (B, H, W, Cin), got shape ", x.sizes());
   const DType dtype = to_kernel_dtype(x, "x");
-  check_pixel(pixel, x);
+  check_pixel(pixel, x, "x");
   check_same_device(out, "out", x, "x");
   check_same_dtype(out, "out", x, "x");
   check_cuda_contiguous(wp, "wp");
@@ -139,7 +141,7 @@ void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table,
   for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
   TORCH_CHECK(x.size(1) * x.size(2) * x.size(3) < kMaxExtent, "x has ", x.size(1) * x.size(2) * x.size(3),
               " elements per image; the step takes < 2^30");
-  check_pixel(pixel, x);
+  check_pixel(pixel, x, "x");
   TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 3 && table.size(2) == 3 && table.is_contiguous() &&
                   table.device() == x.device(),
               "table must be a contiguous int32 (steps, slots, 3) tensor on x's device, got shape ", table.sizes());
@@ -216,12 +218,14 @@ void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const 
   check_cuda_contiguous(h, "h");
   TORCH_CHECK(h.dim() == 2, "h must be (B, hidden), got shape ", h.sizes());
   const DType dtype = to_kernel_dtype(h, "h");
-  check_pixel(pixel, h);
+  check_pixel(pixel, h, "h");
   check_draw_targets(images, known, h, "h");
   TORCH_CHECK(bin_inputs.dim() == 1, "bin_inputs must be (num_bins,), got shape ", bin_inputs.sizes());
   const int64_t batch = h.size(0), hidden = h.size(1), channels = images.size(1), pixels = images.size(2);
   const int64_t num_bins = bin_inputs.size(0);
-  TORCH_CHECK(num_bins >= 1, "bin_inputs must hold at least one bin");
+  TORCH_CHECK(num_bins >= 2, "bin_inputs must hold at least 2 bins, got ", num_bins);
+  // One block per image: the grid's x dimension.
+  TORCH_CHECK(h.size(0) <= std::numeric_limits<int32_t>::max(), "the draw takes at most 2^31 - 1 images, got ", h.size(0));
   TORCH_CHECK(hidden < kMaxExtent && channels * num_bins < kMaxExtent,
               "the draw takes fewer than 2^30 hidden units and logits, got ", hidden, " and ", channels * num_bins);
   TORCH_CHECK(0 <= channel && channel < channels, "channel must be in [0, ", channels, "), got ", channel);
@@ -234,7 +238,7 @@ void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const 
   draw.pixel = pixel.data_ptr<int64_t>();
   draw.h = h.data_ptr();
   draw.weight = weight.data_ptr();
-  draw.bias = operand(bias, "bias", h, {channels * num_bins});
+  draw.bias = operand(bias, "bias", h, {channels * num_bins}, "h");
   draw.bin_inputs = bin_inputs.data_ptr();
   draw.noise = noise.data_ptr<float>();
   draw.known = known.data_ptr<bool>();
@@ -255,7 +259,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   check_cuda_contiguous(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits must be (B, P), got shape ", logits.sizes());
   const DType dtype = to_kernel_dtype(logits, "logits");
-  check_pixel(pixel, logits);
+  check_pixel(pixel, logits, "logits");
   check_draw_targets(images, known, logits, "logits");
   const int64_t channels = images.size(1), pixels = images.size(2);
   TORCH_CHECK(channels == 1 || channels == 3, "images must have 1 or 3 channels, got ", channels);
@@ -289,6 +293,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   step.images = images.data_ptr<int64_t>();
   step.inputs = inputs.data_ptr();
   for (int d = 0; d < 3; ++d) step.input_strides[d] = inputs.stride(d);
+  step.input_positions = inputs.size(2);
   step.input_index = input_index.has_value() ? input_index->data_ptr<int64_t>() : nullptr;
   step.bin_inputs = bin_inputs.data_ptr();
   step.batch = images.size(0);

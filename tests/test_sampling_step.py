@@ -16,6 +16,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import (
+    MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
@@ -170,6 +171,21 @@ def test_softmax_draw_step_is_the_pytorch_head_and_draw_at_its_value_only(name, 
     assert drawn_somewhere  # the draws depend on the noise: not one bin everywhere
 
 
+@pytest.mark.parametrize("backend, device", step_backends())
+@pytest.mark.parametrize("bad_logit", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_softmax_draw_of_non_finite_logits_is_bin_0_on_every_backend(bad_logit, backend, device):
+    """A NaN or +inf logit leaves no distribution to draw from: both kernels draw bin 0 (the PyTorch draw gives something else again)."""
+    model, _ = build("grey", device=device)
+    h, noise, known, images, inputs = draw_operands(model, 5)
+    weights = SoftmaxHeadWeights.from_model(model, torch.float32)
+    bias = weights.bias.clone()
+    bias[3] = bad_logit
+    expected = torch.where(known[:, 0], images[:, 0, 0], 0)
+    with kernel_backend(backend, device):
+        softmax_draw_step(torch.zeros(1, dtype=torch.int64, device=device), 0, h, SoftmaxHeadWeights(weights.weight, bias, weights.bin_inputs), noise, known, images, inputs)
+    assert torch.equal(images[:, 0, 0], expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("in_channels, hidden", [(1, 64), (3, 66)])
@@ -212,9 +228,9 @@ def test_bad_draw_inputs_name_the_argument():
             softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs[:, :2])
         with pytest.raises(ValueError, match="model must have the softmax head"):
             SoftmaxHeadWeights.from_model(build("dmol_rgb")[0], torch.float32)
-        too_many = triton_sampling.MAX_DRAW_BINS + 1
-        with pytest.raises(ValueError, match=f"bin_inputs has {too_many} bins"):
-            triton_sampling.softmax_draw_step(pixel, h, torch.zeros(h.shape[1], too_many), None, torch.zeros(too_many), noise, known, images, inputs, 0)
+        too_many = bin_inputs(MAX_DRAW_BINS + 1, torch.float32, "cpu")
+        with pytest.raises(ValueError, match=f"weights.bin_inputs must be contiguous and hold 2 to {MAX_DRAW_BINS} bins"):
+            softmax_draw_step(pixel, 0, h, SoftmaxHeadWeights(weights.weight, weights.bias, too_many), noise, known, images, inputs)
     with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
         softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs)  # CPU tensors: the reference backend
 
@@ -261,6 +277,21 @@ def test_dmol_draw_step_is_the_pytorch_draw_at_its_pixel_only(in_channels, into_
     assert drawn_somewhere  # the draws depend on the logits and noise: not one value everywhere
 
 
+@pytest.mark.parametrize("backend, device", step_backends(pytest.mark.sanitize))
+def test_dmol_draw_step_writes_no_input_at_a_position_outside_inputs(backend, device):
+    """input_index is read on the device, not checked: a position past inputs writes the image but no input (compute-sanitizer runs the CUDA kernel here)."""
+    model, _ = build("dmol_rgb", device=device)
+    pixels = HEIGHT * WIDTH
+    logits = torch.randn(N, model.conv_out.out_channels).to(device)
+    noise = (torch.rand(N, model.num_logistic_mix, pixels).to(device), torch.rand(N, 3, pixels).to(device))
+    known, images = torch.zeros(N, pixels, dtype=torch.bool, device=device), torch.full((N, 3, pixels), -1, device=device)
+    inputs = torch.zeros(N, 3, 1, device=device)
+    input_index = torch.full((pixels,), 1, dtype=torch.int64, device=device)  # inputs has one position, 0
+    with kernel_backend(backend, device):
+        dmol_draw_step(torch.zeros(1, dtype=torch.int64, device=device), logits, noise, known, images, inputs, bin_inputs(model.num_bins, torch.float32, device), input_index)
+    assert (images[:, :, 0] >= 0).all() and (images[:, :, 1:] == -1).all() and (inputs == 0).all()
+
+
 def test_bad_dmol_draw_inputs_name_the_argument():
     model, _ = build("dmol_rgb")
     batch, pixels = N, HEIGHT * WIDTH
@@ -280,7 +311,7 @@ def test_bad_dmol_draw_inputs_name_the_argument():
             (dict(known=known.int()), TypeError, "known must have dtype bool"),
             (dict(inputs=inputs.half()), TypeError, "inputs has dtype torch.float16 but logits has torch.float32"),
             (dict(inputs=inputs[:, :, :-1]), ValueError, "inputs must have images' H·W = 20 positions without input_index"),
-            (dict(table=table[:1]), ValueError, "bin_inputs must hold at least 2 bins"),
+            (dict(table=table[:1]), ValueError, "bin_inputs must be contiguous and hold 2 to"),
             (dict(input_index=torch.arange(pixels - 1)), ValueError, r"input_index must be contiguous of shape \(20,\)"),
         ]:
             call = {**dict(pixel=pixel, logits=logits, noise=noise, known=known, images=images, inputs=inputs, table=table, input_index=None), **args}
@@ -362,6 +393,29 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
     assert launches["gated_pixel_step"] == layers * (values + all_known)
     assert launches["softmax_draw_step"] == (values if model.head == "softmax" else 0)
     assert launches["dmol_draw_step"] == (values if model.head == "dmol" else 0)
+
+
+def test_a_softmax_head_past_the_draws_bins_keeps_the_pytorch_step(monkeypatch):
+    """More bins than one program or block of the fused draw holds: the PyTorch cached step, still naive's image."""
+    model, _ = build("grey", num_bins=MAX_DRAW_BINS + 1)
+    monkeypatch.setattr(FusedCachedGatedPixelCNN, "sample", None)  # calling it fails
+    noise = noise_for(model, 1)
+    with use_backend("triton"):
+        cached = model.sample(1, method="cached", noise=noise, progress=False)
+        assert torch.equal(cached, model.sample(1, noise=noise, progress=False))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_a_prefix_in_any_layout_completes_as_naive(channels_last):
+    """The fused draws index the images flat: a channels-last prefix is copied to the sampler's contiguous images."""
+    model, _ = build("rgb")
+    prefix = torch.randint(0, model.num_bins, (N, 3, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2))
+    prefix = prefix.to(memory_format=torch.channels_last) if channels_last else prefix
+    known = torch.rand(N, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) < 0.4
+    noise = noise_for(model, N)
+    with use_backend("triton"):
+        cached = model.sample(N, method="cached", prefix=prefix, known=known, noise=noise, progress=False)
+        assert torch.equal(cached, model.sample(N, prefix=prefix, known=known, noise=noise, progress=False))
 
 
 def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):

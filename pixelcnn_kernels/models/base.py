@@ -295,7 +295,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise ValueError(f"prefix is on {prefix.device} but the model is on {device}")
         if int(prefix.min()) < 0 or int(prefix.max()) >= self.num_bins:
             raise ValueError(f"prefix values must be bins in [0, {self.num_bins - 1}]")
-        return prefix.long().clone()
+        # A contiguous copy whatever the prefix's layout: the samplers index the images flat.
+        return prefix.to(torch.long, memory_format=torch.contiguous_format, copy=True)
 
     def _known_mask(self, n, height, width, known, device) -> torch.Tensor:
         if known is None:

@@ -93,6 +93,8 @@ GATED_CUDA_OP = "gated_pixel_step"
 RESNET_CUDA_OP = "resnet_position_step"
 DRAW_CUDA_OP = "softmax_draw_step"
 DMOL_DRAW_CUDA_OP = "dmol_draw_step"
+# Bins the softmax draw takes: one program (Triton) or block (CUDA) holds every bin's logit.
+MAX_DRAW_BINS = 4096
 
 
 def _pack(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -349,9 +351,9 @@ def softmax_draw_step(
     _, hidden = h.shape
     channels = images.shape[1]
     _check_noise(noise, "noise", images, channels)
-    if not isinstance(channel, int) or not 0 <= channel < channels:
+    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < channels:
         raise ValueError(f"channel must be an int in [0, {channels}), got {channel!r}")
-    num_bins = _check_bin_inputs(weights.bin_inputs, "weights.bin_inputs", h, "h")
+    num_bins = _check_bin_inputs(weights.bin_inputs, "weights.bin_inputs", h, "h", MAX_DRAW_BINS)
     _check_operand(weights.weight, "weights.weight", h, (hidden, channels * num_bins), required=True, contiguous=True, x_name="h")
     _check_operand(weights.bias, "weights.bias", h, (channels * num_bins,), contiguous=True, x_name="h")
     _check_operand(inputs, "inputs", h, tuple(images.shape), required=True, contiguous=True, x_name="h")
@@ -448,12 +450,14 @@ def _check_noise(noise, name: str, images: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{name} must be contiguous of shape {shape}, got {tuple(noise.shape)}")
 
 
-def _check_bin_inputs(table, name: str, source: torch.Tensor, source_name: str) -> int:
-    """A draw's bin_inputs: (num_bins,) contiguous, of the source's dtype and device; returns num_bins."""
+def _check_bin_inputs(table, name: str, source: torch.Tensor, source_name: str, max_bins: int | None = None) -> int:
+    """A draw's bin_inputs: (num_bins,) contiguous, at least 2 (and at most ``max_bins``) bins, of the source's dtype and device; returns num_bins."""
     check_tensor(table, name, ndim=1, allow_float64=False)
-    _check_operand(table, name, source, (table.shape[0],), required=True, contiguous=True, x_name=source_name)
-    if table.shape[0] < 2:
-        raise ValueError(f"{name} must hold at least 2 bins, got {table.shape[0]}")
+    check_same_dtype(source, source_name, **{name: table})
+    check_same_device(**{source_name: source, name: table})
+    most = 2**30 if max_bins is None else max_bins
+    if not table.is_contiguous() or not 2 <= table.shape[0] <= most:
+        raise ValueError(f"{name} must be contiguous and hold 2 to {most} bins, got {table.shape[0]}")
     return table.shape[0]
 
 

@@ -57,6 +57,9 @@ from tqdm.auto import tqdm
 
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import (
+    DMOL_DRAW_CUDA_OP,
+    DRAW_CUDA_OP,
+    MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
@@ -218,12 +221,16 @@ def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
 
     ``model`` is a :class:`~pixelcnn_kernels.models.GatedPixelCNN` in eval mode, called
     under ``torch.no_grad``. The fused step runs where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
-    gives a kernel backend for the parameters (with a CUDA graph on a CUDA device), the
-    PyTorch step elsewhere. Pixels every image knows are still run through the
-    horizontal stack (later pixels read their activations), but nothing is drawn there
-    (except inside a CUDA graph, which replays one step for every pixel; known values are kept).
+    gives a kernel backend for the parameters, for the layer step and the head's draw
+    alike, and a softmax head has at most :data:`~pixelcnn_kernels.ops.sampling.MAX_DRAW_BINS`
+    bins (with a CUDA graph on a CUDA device); the PyTorch step elsewhere. Pixels every
+    image knows are still run through the horizontal stack (later pixels read their
+    activations), but nothing is drawn there (except inside a CUDA graph, which replays
+    one step for every pixel; known values are kept).
     """
-    if step_backend(model.conv_out.weight) is not None:
+    weight = model.conv_out.weight
+    draw_op, draw_fits = (DRAW_CUDA_OP, model.num_bins <= MAX_DRAW_BINS) if model.head == "softmax" else (DMOL_DRAW_CUDA_OP, True)
+    if draw_fits and step_backend(weight) is not None and step_backend(weight, draw_op) is not None:
         FusedCachedGatedPixelCNN(model, problem).sample(progress)
         return 0
     cached = CachedGatedPixelCNN(model, problem)

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, bin_inputs, dmol_draw_step, resnet_position_step, step_backend
+from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, bin_inputs, dmol_draw_step, resnet_position_step, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
@@ -538,11 +538,12 @@ def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -
 
     ``model`` is a :class:`~pixelcnn_kernels.models.PixelCNNPlusPlus` in eval mode,
     called under ``torch.no_grad``. Where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
-    gives a kernel backend for the parameters, the table-driven step
+    gives a kernel backend for the parameters, for the block step and the draw alike, the table-driven step
     (:class:`TableCachedPixelCNNPlusPlus`, a CUDA graph on a CUDA device); elsewhere the
     demand-driven PyTorch graph (:class:`CachedPixelCNNPlusPlus`).
     """
-    if step_backend(model.nin_out.weight, RESNET_CUDA_OP) is not None:
+    weight = model.nin_out.weight
+    if step_backend(weight, RESNET_CUDA_OP) is not None and step_backend(weight, DMOL_DRAW_CUDA_OP) is not None:
         TableCachedPixelCNNPlusPlus(model, problem).sample(progress)
         return 0
     cached = CachedPixelCNNPlusPlus(model, problem)

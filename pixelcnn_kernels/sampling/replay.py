@@ -6,7 +6,7 @@ keeps the pixel being generated in a device tensor and launches the same work on
 same addresses at every pixel, so the step of one pixel, captured once, can be replayed
 for all the others with no Python and no host sync per pixel. A sampler with per-row
 work that keeps its row in a device tensor too (:attr:`PixelStepSampler.graph_rows`)
-has that work captured and replayed the same way, from the second row on.
+has that work captured the same way, at the second row, and replayed from the third.
 """
 
 from __future__ import annotations

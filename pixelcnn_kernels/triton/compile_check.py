@@ -44,10 +44,12 @@ def compile_case(case, capability: int = 90, warp_size: int = 32):
     signature = dict(case.signature)
     for name in case.constexprs:
         signature[name] = "constexpr"
-    # Specialise as a launch does: torch's allocations are 16-byte aligned and the models' channel counts
-    # and strides multiples of 16, so a launch marks pointers and ints divisible by 16. Without the hint,
-    # 16-bit loads are neither vectorised nor pipelined and the shared memory is a fraction of a launch's.
-    attrs = {(case.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in case.signature.items() if kind.startswith("*") or kind in ("i32", "i64")}
+    # Specialise as a launch does: torch's allocations are 16-byte aligned, so a launch marks pointers
+    # divisible by 16, and ints too where they are (the models' channel counts and strides; a case
+    # whose ints are not says so). Without the hint, 16-bit loads are neither vectorised nor
+    # pipelined and the shared memory is a fraction of a launch's.
+    hinted = ("i32", "i64") if case.divisible_ints else ()
+    attrs = {(case.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in case.signature.items() if kind.startswith("*") or kind in hinted}
     source = triton.compiler.ASTSource(fn=case.kernel, signature=signature, constexprs=case.constexprs, attrs=attrs)
     return triton.compile(
         source, target=GPUTarget("cuda", capability, warp_size), options={"num_warps": case.num_warps, "num_stages": case.num_stages}

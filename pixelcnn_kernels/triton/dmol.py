@@ -453,6 +453,7 @@ for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
         dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_PAD=_k_pad,
              BLOCK=_nll_block(_k_pad), INDEX_64=_index_64),
         num_warps=_nll_warps(_grad),
+        divisible_ints=False,  # K = 10 mixtures, P = 100 logits
     )
 
 for _channels, _logits_dtype, _quantize in ((3, torch.float32, True), (1, torch.bfloat16, False)):
@@ -463,4 +464,5 @@ for _channels, _logits_dtype, _quantize in ((3, torch.float32, True), (1, torch.
         _dmol_sample_kernel,
         _signature(_SAMPLE_ARGS, _types, "i32"),
         dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=16, BLOCK=_SAMPLE_BLOCK, INDEX_64=False),
+        divisible_ints=False,
     )

@@ -353,22 +353,24 @@ def _softmax_draw_kernel(
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + channel * NUM_BINS + bins, mask=bin_ok, other=0.0).to(tl.float32)
     logits = tl.where(bin_ok, acc.to(h_ptr.dtype.element_ty).to(tl.float64), float("-inf"))
-    # The CDF unnormalised: scaled by its last entry below, as the PyTorch draw scales u.
+    # The CDF unnormalised: u is scaled by its last entry, as the PyTorch draw scales it. A
+    # non-finite logit (NaN, +inf, or all -inf) makes that entry NaN: no bin passes, bin 0 is drawn.
     cdf = tl.cumsum(tl.where(bin_ok, tl.exp(logits - tl.max(logits, axis=0)), 0.0), axis=0)
+    total = tl.sum(tl.where(bins == NUM_BINS - 1, cdf, 0.0), axis=0)
     value_offset = (image * CHANNELS + channel) * HW + p
-    threshold = tl.load(noise_ptr + value_offset, mask=pixel_ok, other=0.0).to(tl.float64) * tl.max(cdf, axis=0)
+    threshold = tl.load(noise_ptr + value_offset, mask=pixel_ok, other=0.0).to(tl.float64) * total
     drawn = tl.minimum(tl.sum(tl.where(bin_ok & (cdf <= threshold), 1, 0), axis=0), NUM_BINS - 1).to(tl.int64)
     known = tl.load(known_ptr + image * HW + p, mask=pixel_ok, other=0) != 0
-    _write_value(drawn, known, images_ptr + value_offset, inputs_ptr + value_offset, bin_inputs_ptr, NUM_BINS, pixel_ok)
+    _write_value(drawn, known, images_ptr + value_offset, inputs_ptr + value_offset, bin_inputs_ptr, NUM_BINS, pixel_ok, pixel_ok)
 
 
 @triton.jit
-def _write_value(drawn, known, image_ptrs, input_ptrs, bin_inputs_ptr, NUM_BINS, ok):
-    """A draw's writes (where ``ok``): the image's value becomes ``drawn`` unless ``known``; the network input, its bin's."""
+def _write_value(drawn, known, image_ptrs, input_ptrs, bin_inputs_ptr, NUM_BINS, ok, input_ok):
+    """A draw's writes: where ``ok`` the image's value becomes ``drawn`` unless ``known``; where ``input_ok`` the network input, its bin's."""
     value = tl.where(known, tl.load(image_ptrs, mask=ok, other=0), drawn)
     tl.store(image_ptrs, value, mask=ok)
     # Clamped only for the lookup: a known value is in range (the sampler checks its prefix).
-    tl.store(input_ptrs, tl.load(bin_inputs_ptr + tl.minimum(tl.maximum(value, 0), NUM_BINS - 1), mask=ok), mask=ok)
+    tl.store(input_ptrs, tl.load(bin_inputs_ptr + tl.minimum(tl.maximum(value, 0), NUM_BINS - 1), mask=input_ok), mask=input_ok)
 
 
 @triton.jit
@@ -386,6 +388,7 @@ def _dmol_draw_kernel(
     P,
     NUM_MIX,
     HW,
+    N,
     NUM_BINS,
     stride_ib,
     stride_ic,
@@ -401,7 +404,7 @@ def _dmol_draw_kernel(
 
     ``logits`` (B, P), ``u_mix`` (B, NUM_MIX, HW), ``u_logistic`` and ``images``
     (B, CHANNELS, HW) int64, ``known`` (B, HW): contiguous; ``inputs`` (B, CHANNELS, N)
-    through its strides, at position ``input_index[p]`` (None: p). The draw is the
+    through its strides, at position ``input_index[p]`` (None: p; outside [0, N): no write). The draw is the
     sampler's (:func:`~pixelcnn_kernels.triton.dmol.draw_pixels`, quantized); each
     channel's bin ``floor((v + 1)·bins_per_unit + 0.5)`` (NaN: bin 0) is written as
     :func:`_write_value` says. A pixel index outside [0, HW) writes nothing.
@@ -418,14 +421,16 @@ def _dmol_draw_kernel(
     if input_index_ptr is None:
         position = p
     else:
-        position = tl.load(input_index_ptr + tl.where(pixel_ok, p, 0))
+        position = tl.load(input_index_ptr + p, mask=pixel_ok, other=0)
+    # A position outside inputs (a bad input_index) writes no input.
+    input_ok = ok & (position >= 0) & (position < N)
     image_ptrs = images_ptr + images * CHANNELS * HW + p
     input_ptrs = inputs_ptr + images * stride_ib + position * stride_in
     for channel in tl.static_range(CHANNELS):
         drawn = red if channel == 0 else (green if channel == 1 else blue)
         bins = tl.floor((drawn + 1.0) * bins_per_unit + 0.5)
         bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0).to(tl.int64)
-        _write_value(bins, known, image_ptrs + channel * HW, input_ptrs + channel * stride_ic, bin_inputs_ptr, NUM_BINS, ok)
+        _write_value(bins, known, image_ptrs + channel * HW, input_ptrs + channel * stride_ic, bin_inputs_ptr, NUM_BINS, ok, input_ok)
 
 
 # ---------------------------------------------------------------- launcher
@@ -435,7 +440,7 @@ def _dmol_draw_kernel(
 _BLOCK_B = 16
 # Reduction chunk (input channels of a tap, or of the vertical link) and output-column
 # block of the 1×1: at most 64, and each weight tile (chunk × BLOCK_C) at most _MAX_TILE
-# elements. Full-fp32 tl.dot is an FMA loop holding its operand tiles in registers; compiled
+# elements where tl.dot's 16-row minimum allows (past 64 channels it does not). Full-fp32 tl.dot is an FMA loop holding its operand tiles in registers; compiled
 # for sm_90 (ptxas -v) the 64-channel gated step with 64 × 64 chunks at 4 warps spilled
 # 1.3 KB (fp32) and 1.8 KB (bf16) per thread, with 16 × 64 at 8 warps it takes about 105
 # registers and spills nothing (the 160-channel resnet step 222; 512 channels, at the
@@ -453,8 +458,6 @@ _STAGES = 1
 # halves, the 1×1 every gated channel); at 512 its tiles fit sm_90's shared memory.
 MAX_PIXEL_STEP_CHANNELS = 512
 
-# Bins the draw takes: one program holds every bin's logit (the softmax needs them all).
-MAX_DRAW_BINS = 4096
 _DRAW_WARPS = 4
 # The draw's (hidden chunk × bins) weight tile, a plain product and sum (no spills at 8192).
 _DRAW_TILE = 8192
@@ -579,13 +582,10 @@ def softmax_draw_step(
 ) -> None:
     """Draws channel ``channel`` of every image at the pixel and writes it (the CUDA op ``softmax_draw_step``'s signature).
 
-    Layout in :func:`_softmax_draw_kernel`; arguments are validated by the caller, except
-    the bins: ValueError past MAX_DRAW_BINS.
+    Layout in :func:`_softmax_draw_kernel`; arguments are validated by the caller.
     """
     batch, hidden = h.shape
     num_bins = bin_inputs.shape[0]
-    if num_bins > MAX_DRAW_BINS:
-        raise ValueError(f"bin_inputs has {num_bins} bins; the Triton draw takes at most {MAX_DRAW_BINS} (the cuda backend takes more)")
     if batch == 0:
         return
     blocks = _softmax_draw_config(hidden, num_bins)
@@ -619,7 +619,7 @@ def dmol_draw_step(
     with launch_device(logits):
         _dmol_draw_kernel[(triton.cdiv(batch, _BLOCK_B),)](
             pixel, logits, u_mix, u_logistic, known, images, inputs, input_index, bin_inputs,
-            batch, num_logits, u_mix.shape[1], pixels, num_bins, *inputs.stride(), (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
+            batch, num_logits, u_mix.shape[1], pixels, inputs.shape[2], num_bins, *inputs.stride(), (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
             CHANNELS=channels, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B,
         )  # fmt: skip
 
@@ -669,6 +669,8 @@ def _register_resnet_compile_cases() -> None:
 
 def _register_draw_compile_cases() -> None:
     """The tutorial model's head (64 hidden units, 256 bins, with and without a bias) and the widest draw."""
+    from pixelcnn_kernels.ops.sampling import MAX_DRAW_BINS
+
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         signature = {
@@ -678,10 +680,13 @@ def _register_draw_compile_cases() -> None:
         for hidden, num_bins in ((64, 256), (512, MAX_DRAW_BINS)):
             register_compile_case(
                 f"sampling_softmax_draw_h{hidden}_bins{num_bins}_{dtype_name}", _softmax_draw_kernel, signature,
-                _softmax_draw_config(hidden, num_bins), num_warps=_DRAW_WARPS,
+                _softmax_draw_config(hidden, num_bins), num_warps=_DRAW_WARPS, divisible_ints=False,
             )  # fmt: skip
         no_bias = {name: type_ for name, type_ in signature.items() if name != "bias_ptr"}
-        register_compile_case(f"sampling_softmax_draw_no_bias_{dtype_name}", _softmax_draw_kernel, no_bias, {"bias_ptr": None, **_softmax_draw_config(64, 256)}, num_warps=_DRAW_WARPS)
+        register_compile_case(
+            f"sampling_softmax_draw_no_bias_{dtype_name}", _softmax_draw_kernel, no_bias, {"bias_ptr": None, **_softmax_draw_config(64, 256)},
+            num_warps=_DRAW_WARPS, divisible_ints=False,
+        )  # fmt: skip
 
 
 def _register_dmol_draw_compile_cases() -> None:
@@ -691,12 +696,14 @@ def _register_dmol_draw_compile_cases() -> None:
         signature = {
             "pixel_ptr": "*i64", "logits_ptr": ptr, "u_mix_ptr": "*fp32", "u_logistic_ptr": "*fp32", "known_ptr": "*i1", "images_ptr": "*i64",
             "inputs_ptr": ptr, "input_index_ptr": "*i64", "bin_inputs_ptr": ptr,
-            **dict.fromkeys(("B", "P", "NUM_MIX", "HW", "NUM_BINS", "stride_ib", "stride_ic", "stride_in"), "i32"),
+            **dict.fromkeys(("B", "P", "NUM_MIX", "HW", "N", "NUM_BINS", "stride_ib", "stride_ic", "stride_in"), "i32"),
             **dict.fromkeys(("bins_per_unit", "bin_scale", "last_bin"), "fp32"),
         }  # fmt: skip
-        register_compile_case(f"sampling_dmol_draw_c3_{dtype_name}", _dmol_draw_kernel, signature, {"CHANNELS": 3, "K_PAD": 16, "BLOCK_B": _BLOCK_B})
+        register_compile_case(f"sampling_dmol_draw_c3_{dtype_name}", _dmol_draw_kernel, signature, {"CHANNELS": 3, "K_PAD": 16, "BLOCK_B": _BLOCK_B}, divisible_ints=False)
         no_index = {name: type_ for name, type_ in signature.items() if name != "input_index_ptr"}
-        register_compile_case(f"sampling_dmol_draw_c1_{dtype_name}", _dmol_draw_kernel, no_index, {"input_index_ptr": None, "CHANNELS": 1, "K_PAD": 4, "BLOCK_B": _BLOCK_B})
+        register_compile_case(
+            f"sampling_dmol_draw_c1_{dtype_name}", _dmol_draw_kernel, no_index, {"input_index_ptr": None, "CHANNELS": 1, "K_PAD": 4, "BLOCK_B": _BLOCK_B}, divisible_ints=False
+        )  # fmt: skip
 
 _register_compile_cases()
 _register_resnet_compile_cases()

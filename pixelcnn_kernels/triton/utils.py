@@ -41,21 +41,33 @@ class CompileCase:
     num_warps: int = 4
     num_stages: int = 3
     max_spill_bytes: int = 0
+    divisible_ints: bool = True
 
 
 COMPILE_CASES: list[CompileCase] = []
 
 
 def register_compile_case(
-    name: str, kernel, signature: dict[str, str], constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3, max_spill_bytes: int = 0
+    name: str,
+    kernel,
+    signature: dict[str, str],
+    constexprs: dict | None = None,
+    *,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    max_spill_bytes: int = 0,
+    divisible_ints: bool = True,
 ) -> None:
     """Adds a kernel signature to the sm_90 ahead-of-time compile check.
 
     ``signature`` maps every non-constexpr argument to its Triton type
     (``"*fp32"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr.
     ``max_spill_bytes``: the register spill stores per thread the check lets pass (say why where not 0).
+    ``divisible_ints``: whether launches pass multiples of 16 for the int arguments (channel counts,
+    strides), as Triton then specialises; False for kernels taking counts such as K = 10 mixtures.
     """
-    COMPILE_CASES.append(CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes))
+    case = CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints)
+    COMPILE_CASES.append(case)
 
 
 def launch_device(t: torch.Tensor):
