@@ -151,7 +151,7 @@ def test_softmax_draw_step_is_the_pytorch_head_and_draw_at_its_value_only(name, 
     reference = CachedGatedPixelCNN(model, known_problem(model, cond))
     logits = reference.logits(h[:, :, None, None])
     pixel = torch.zeros(1, dtype=torch.int64, device=device)
-    weights = SoftmaxHeadWeights.from_model(model, dtype)
+    weights, table = SoftmaxHeadWeights.from_model(model, dtype), bin_inputs(model.num_bins, dtype, device)
     drawn_somewhere = False
     with kernel_backend(backend, device):
         for p in (0, 7, HEIGHT * WIDTH - 1):
@@ -161,12 +161,12 @@ def test_softmax_draw_step_is_the_pytorch_head_and_draw_at_its_value_only(name, 
                 expected_images[:, channel, p] = torch.where(known[:, p], images[:, channel, p], drawn)
                 expected_inputs = inputs.clone()
                 expected_inputs[:, channel, p] = model.to_inputs(expected_images[:, channel, p])
-                softmax_draw_step(pixel.fill_(p), channel, h, weights, noise, known, images, inputs)
+                softmax_draw_step(pixel.fill_(p), channel, h, weights, noise, known, images, inputs, table)
                 assert torch.equal(images, expected_images) and torch.equal(inputs, expected_inputs)
                 drawn_somewhere |= bool((drawn != drawn[0]).any())
         done = images.clone(), inputs.clone()
         for outside in (HEIGHT * WIDTH, -1):
-            softmax_draw_step(pixel.fill_(outside), 0, h, weights, noise, known, images, inputs)
+            softmax_draw_step(pixel.fill_(outside), 0, h, weights, noise, known, images, inputs, table)
     assert torch.equal(images, done[0]) and torch.equal(inputs, done[1])
     assert drawn_somewhere  # the draws depend on the noise: not one bin everywhere
 
@@ -182,7 +182,7 @@ def test_softmax_draw_of_non_finite_logits_is_bin_0_on_every_backend(bad_logit, 
     bias[3] = bad_logit
     expected = torch.where(known[:, 0], images[:, 0, 0], 0)
     with kernel_backend(backend, device):
-        softmax_draw_step(torch.zeros(1, dtype=torch.int64, device=device), 0, h, SoftmaxHeadWeights(weights.weight, bias, weights.bin_inputs), noise, known, images, inputs)
+        softmax_draw_step(torch.zeros(1, dtype=torch.int64, device=device), 0, h, SoftmaxHeadWeights(weights.weight, bias), noise, known, images, inputs, bin_inputs(model.num_bins, torch.float32, device))
     assert torch.equal(images[:, 0, 0], expected)
 
 
@@ -200,39 +200,39 @@ def test_gpu_softmax_draw_step_at_the_tutorial_size(backend, in_channels, hidden
     drawn = model.draw_values(logits, noise[:, :, 3, None, None])[:, channel, 0, 0]
     expected = torch.where(known[:, 3], images[:, channel, 3], drawn)
     with kernel_backend(backend, "cuda"):
-        softmax_draw_step(pixel, channel, h, SoftmaxHeadWeights.from_model(model, torch.float32), noise, known, images, inputs)
+        softmax_draw_step(pixel, channel, h, SoftmaxHeadWeights.from_model(model, torch.float32), noise, known, images, inputs, bin_inputs(model.num_bins, torch.float32, "cuda"))
     assert torch.equal(images[:, channel, 3], expected) and expected.unique().numel() > 10
     assert torch.equal(inputs[:, channel, 3], model.to_inputs(expected))
 
 
 def test_bad_draw_inputs_name_the_argument():
     model, _ = build("rgb")
-    weights = SoftmaxHeadWeights.from_model(model, torch.float32)
+    weights, table = SoftmaxHeadWeights.from_model(model, torch.float32), bin_inputs(model.num_bins, torch.float32, "cpu")
     h, noise, known, images, inputs = draw_operands(model, N)
     pixel = torch.zeros(1, dtype=torch.int64)
     with use_backend("triton"):
-        softmax_draw_step(pixel, 2, h, weights, noise, known, images, inputs)  # the valid call
+        softmax_draw_step(pixel, 2, h, weights, noise, known, images, inputs, table)  # the valid call
         with pytest.raises(ValueError, match=r"channel must be an int in \[0, 3\)"):
-            softmax_draw_step(pixel, 3, h, weights, noise, known, images, inputs)
+            softmax_draw_step(pixel, 3, h, weights, noise, known, images, inputs, table)
         with pytest.raises(TypeError, match="noise must have dtype float32"):
-            softmax_draw_step(pixel, 0, h, weights, noise.double(), known, images, inputs)
+            softmax_draw_step(pixel, 0, h, weights, noise.double(), known, images, inputs, table)
         with pytest.raises(ValueError, match="known must be contiguous of shape"):
-            softmax_draw_step(pixel, 0, h, weights, noise, known[:, :-1], images, inputs)
+            softmax_draw_step(pixel, 0, h, weights, noise, known[:, :-1], images, inputs, table)
         with pytest.raises(TypeError, match="images must have dtype int64"):
-            softmax_draw_step(pixel, 0, h, weights, noise, known, images.int(), inputs)
+            softmax_draw_step(pixel, 0, h, weights, noise, known, images.int(), inputs, table)
         with pytest.raises(TypeError, match="weights.weight has dtype torch.float16 but h has torch.float32"):
-            softmax_draw_step(pixel, 0, h, SoftmaxHeadWeights(weights.weight.half(), weights.bias, weights.bin_inputs), noise, known, images, inputs)
+            softmax_draw_step(pixel, 0, h, SoftmaxHeadWeights(weights.weight.half(), weights.bias), noise, known, images, inputs, table)
         with pytest.raises(ValueError, match="weights.weight must have shape"):
-            softmax_draw_step(pixel, 0, h[:, :3].contiguous(), weights, noise, known, images, inputs)
+            softmax_draw_step(pixel, 0, h[:, :3].contiguous(), weights, noise, known, images, inputs, table)
         with pytest.raises(ValueError, match="inputs must have shape"):
-            softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs[:, :2])
+            softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs[:, :2], table)
         with pytest.raises(ValueError, match="model must have the softmax head"):
             SoftmaxHeadWeights.from_model(build("dmol_rgb")[0], torch.float32)
         too_many = bin_inputs(MAX_DRAW_BINS + 1, torch.float32, "cpu")
-        with pytest.raises(ValueError, match=f"weights.bin_inputs must be contiguous and hold 2 to {MAX_DRAW_BINS} bins"):
-            softmax_draw_step(pixel, 0, h, SoftmaxHeadWeights(weights.weight, weights.bias, too_many), noise, known, images, inputs)
+        with pytest.raises(ValueError, match=f"bin_inputs must be contiguous and hold 2 to {MAX_DRAW_BINS} bins"):
+            softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs, too_many)
     with pytest.raises(BackendUnavailableError, match="runs on the triton or cuda backend"):
-        softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs)  # CPU tensors: the reference backend
+        softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs, table)  # CPU tensors: the reference backend
 
 
 @pytest.mark.parametrize("backend, device", step_backends(pytest.mark.sanitize))
@@ -302,7 +302,7 @@ def test_bad_dmol_draw_inputs_name_the_argument():
     with use_backend("triton"):
         dmol_draw_step(pixel, logits, noise, known, images, inputs, table)  # the valid call
         for args, error, match in [
-            (dict(logits=logits[:, :-1].contiguous()), ValueError, "logits must have P = 10K channels for 3 colour channels"),
+            (dict(logits=logits[:, :-1].contiguous()), ValueError, "logits must have P = 10K channels for C = 3 colour channels"),
             (dict(logits=logits.t().contiguous().t()), ValueError, r"logits must be a contiguous \(B, ·\) tensor"),
             (dict(noise=noise[0]), TypeError, r"noise must be a pair \(u_mix, u_logistic\)"),
             (dict(noise=(noise[0][:, :1], noise[1])), ValueError, r"noise\[0\] \(u_mix\) must be contiguous of shape \(2, 2, 20\)"),

@@ -40,20 +40,25 @@ def check_num_bins(num_bins: object) -> int:
     return num_bins
 
 
-def _check_logits(logits: object, channels: int) -> int:
-    """Checks ``logits`` (B, P, H, W) for ``channels`` colour channels; returns K."""
-    check_tensor(logits, "logits", ndim=4)
-    per_mixture = 1 + channels * _reference.params_per_channel(channels)
-    num_logit_channels = logits.shape[1]
+def check_num_logit_channels(num_logit_channels: int, channels: int) -> int:
+    """K for logits of P = ``num_logit_channels`` channels and ``channels`` colour channels; ValueError naming logits unless P is a positive multiple of 3 (C=1) or 10 (C=3)."""
+    per_mixture = _reference.logits_per_mixture(channels)
     if num_logit_channels == 0 or num_logit_channels % per_mixture:
         raise ValueError(
             f"logits must have P = {per_mixture}K channels for C = {channels} colour channels "
             f"(K mixture logits, then per channel K means, K log-scales{', K coefficients' if channels == 3 else ''}); "
             f"got P = {num_logit_channels}"
         )
+    return num_logit_channels // per_mixture
+
+
+def _check_logits(logits: object, channels: int) -> int:
+    """Checks ``logits`` (B, P, H, W) for ``channels`` colour channels; returns K."""
+    check_tensor(logits, "logits", ndim=4)
+    mixtures = check_num_logit_channels(logits.shape[1], channels)
     if logits.shape[0] * logits.shape[2] * logits.shape[3] >= 2**31:
         raise ValueError(f"logits has {logits.shape[0] * logits.shape[2] * logits.shape[3]} pixels; at most 2**31 - 1 are supported")
-    return num_logit_channels // per_mixture
+    return mixtures
 
 
 def _check_x_range(x: torch.Tensor, num_bins: int) -> None:
@@ -231,7 +236,7 @@ def _sample_channels(logits: torch.Tensor, noise, channels: int | None) -> int:
         _, u_logistic = _noise_pair(noise)
         check_tensor(u_logistic, "noise[1] (u_logistic)", ndim=4, dtypes=(torch.float32,))
         return u_logistic.shape[1]
-    fits = [c for c in (1, 3) if logits.shape[1] and logits.shape[1] % (1 + c * _reference.params_per_channel(c)) == 0]
+    fits = [c for c in (1, 3) if logits.shape[1] and logits.shape[1] % _reference.logits_per_mixture(c) == 0]
     if len(fits) == 1:
         return fits[0]
     if not fits:

@@ -70,6 +70,7 @@ import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, resolve_backend
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.ops.dmol import check_num_logit_channels
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
@@ -181,14 +182,11 @@ class SoftmaxHeadWeights:
     """A :class:`~pixelcnn_kernels.models.GatedPixelCNN`'s softmax head packed for :func:`softmax_draw_step`.
 
     ``weight`` (hidden, C·num_bins): ``conv_out`` (colour-masked pairs exact zeros) laid
-    out (in, out); ``bias`` (C·num_bins,) or None; ``bin_inputs`` (num_bins,): each
-    bin's network input (the model's ``to_inputs``), so the step writes exactly what
-    ``to_inputs`` gives for the drawn value.
+    out (in, out); ``bias`` (C·num_bins,) or None.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    bin_inputs: torch.Tensor
 
     @classmethod
     def from_model(cls, model, dtype: torch.dtype) -> "SoftmaxHeadWeights":
@@ -196,7 +194,7 @@ class SoftmaxHeadWeights:
             raise ValueError(f"model must have the softmax head, got head={model.head!r}")
         # A 1×1 convolution is a one-tap horizontal one: its packed (1, in, out) weight is the matrix.
         head = HorizontalStepWeights.from_conv(model.conv_out, dtype)
-        return cls(head.wp[0], head.bias, bin_inputs(model.num_bins, dtype, head.wp.device))
+        return cls(head.wp[0], head.bias)
 
 
 def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None:
@@ -330,20 +328,22 @@ def softmax_draw_step(
     known: torch.Tensor,
     images: torch.Tensor,
     inputs: torch.Tensor,
+    bin_inputs: torch.Tensor,
 ) -> None:
     """Draws channel ``channel`` of every image at the pixel p = i·W + j in ``pixel`` from the softmax head on ``h``; writes it.
 
     One launch for the PyTorch head and draw of cached sampling
     (:meth:`~pixelcnn_kernels.sampling.cached_gated.CachedGatedPixelCNN.logits`, then the
-    model's ``draw_values`` and the writes), with bins = ``weights.bin_inputs.numel()``::
+    model's ``draw_values`` and the writes), with bins = ``bin_inputs.numel()``::
 
         logits = conv_out(elu(h[b]))[channel·bins : (channel + 1)·bins]   (elu and logits rounded to h's dtype)
         value  = the first k with CDF(k) > noise[b, channel, p]·CDF(bins - 1), CDF the float64 cumulative softmax
         images[b, channel, p] = value unless known[b, p]
-        inputs[b, channel, p] = weights.bin_inputs[images[b, channel, p]]
+        inputs[b, channel, p] = bin_inputs[images[b, channel, p]]
 
     ``h`` (B, hidden): the last horizontal stack at the pixel, contiguous
-    float32/float16/bfloat16, one dtype and device with the weights and ``inputs``;
+    float32/float16/bfloat16, one dtype and device with the weights, ``inputs`` and
+    ``bin_inputs`` (num_bins,) (:func:`bin_inputs`, at most :data:`MAX_DRAW_BINS`);
     ``noise`` (B, C, H·W) float32, ``known`` (B, H·W) bool, ``images`` (B, C, H·W)
     int64 and ``inputs`` (B, C, H·W): contiguous, on ``h``'s device.
     """
@@ -353,11 +353,11 @@ def softmax_draw_step(
     _check_noise(noise, "noise", images, channels)
     if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < channels:
         raise ValueError(f"channel must be an int in [0, {channels}), got {channel!r}")
-    num_bins = _check_bin_inputs(weights.bin_inputs, "weights.bin_inputs", h, "h", MAX_DRAW_BINS)
+    num_bins = _check_bin_inputs(bin_inputs, "bin_inputs", h, "h", MAX_DRAW_BINS)
     _check_operand(weights.weight, "weights.weight", h, (hidden, channels * num_bins), required=True, contiguous=True, x_name="h")
     _check_operand(weights.bias, "weights.bias", h, (channels * num_bins,), contiguous=True, x_name="h")
     _check_operand(inputs, "inputs", h, tuple(images.shape), required=True, contiguous=True, x_name="h")
-    _kernels(backend).softmax_draw_step(pixel, h, weights.weight, weights.bias, weights.bin_inputs, noise, known, images, inputs, channel)
+    _kernels(backend).softmax_draw_step(pixel, h, weights.weight, weights.bias, bin_inputs, noise, known, images, inputs, channel)
 
 
 def dmol_draw_step(
@@ -391,12 +391,10 @@ def dmol_draw_step(
     batch, channels, pixels = images.shape
     if channels not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {channels}")
-    per_mixture = 10 if channels == 3 else 3
-    if logits.shape[1] == 0 or logits.shape[1] % per_mixture:
-        raise ValueError(f"logits must have P = {per_mixture}K channels for {channels} colour channels, got {logits.shape[1]}")
+    mixtures = check_num_logit_channels(logits.shape[1], channels)
     if not isinstance(noise, (tuple, list)) or len(noise) != 2:
         raise TypeError("noise must be a pair (u_mix, u_logistic) of tensors")
-    _check_noise(noise[0], "noise[0] (u_mix)", images, logits.shape[1] // per_mixture)
+    _check_noise(noise[0], "noise[0] (u_mix)", images, mixtures)
     _check_noise(noise[1], "noise[1] (u_logistic)", images, channels)
     _check_bin_inputs(bin_inputs, "bin_inputs", logits, "logits")
     check_tensor(inputs, "inputs", ndim=3, allow_float64=False)

@@ -73,9 +73,14 @@ def params_per_channel(channels: int) -> int:
     return 3 if channels == 3 else 2
 
 
+def logits_per_mixture(channels: int) -> int:
+    """Logit channels per mixture component: its mixture logit and ``params_per_channel`` per colour channel (3 for C=1, 10 for C=3)."""
+    return 1 + channels * params_per_channel(channels)
+
+
 def num_mixtures(num_logit_channels: int, channels: int) -> int:
     """K for a logits tensor with ``num_logit_channels`` = P channels: P = 3K (C=1) or 10K (C=3)."""
-    return num_logit_channels // (1 + channels * params_per_channel(channels))
+    return num_logit_channels // logits_per_mixture(channels)
 
 
 def unpack_logits(logits: torch.Tensor, channels: int):

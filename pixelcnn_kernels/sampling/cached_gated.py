@@ -63,7 +63,6 @@ from pixelcnn_kernels.ops.sampling import (
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
-    bin_inputs,
     dmol_draw_step,
     gated_layer_step,
     horizontal_conv_step,
@@ -160,7 +159,6 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.cond = [_projection(layer.cond_horiz, problem.class_vector) for layer in model.conv_layers]
         self.conv_out = _pointwise(model.conv_out, dtype)
         self.softmax_head = SoftmaxHeadWeights.from_model(model, dtype) if model.head == "softmax" else None
-        self.bin_inputs = bin_inputs(model.num_bins, dtype, device) if self.softmax_head is None else None
         # Row i of each layer's vertical pre-activation, channels-last (B, W, 2C): the link's operand.
         self.v_pre_rows = [torch.zeros(batch, width, 2 * hidden, dtype=dtype, device=device) for _ in model.conv_layers]
         # Each layer's input on the current row (B, W, C): a step reads its taps there, left of
@@ -204,7 +202,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         if self.softmax_head is None:  # DMOL: every channel at once, from the PyTorch head's logits
             dmol_draw_step(self.pixel, self.logits(h).flatten(1), self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat, self.bin_inputs)
         else:  # one channel per step; h is the view (B, C, 1, 1) of h_out
-            softmax_draw_step(self.pixel, channels.start, self.h_out, self.softmax_head, self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat)
+            softmax_draw_step(self.pixel, channels.start, self.h_out, self.softmax_head, self.noise_flat, self.known_flat, self.images_flat, self.inputs_flat, self.bin_inputs)
 
     def pixel_step(self, draw: bool = True) -> None:
         """Generates the pixel's values (``draw=False``: only its activations, for a pixel every image knows) and moves to the next pixel."""

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, bin_inputs, dmol_draw_step, resnet_position_step, step_backend
+from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, dmol_draw_step, resnet_position_step, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
@@ -513,7 +513,6 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         self.padded_pixel = torch.tensor([graph.x.padded_index(i, j) for i in range(height) for j in range(width)], device=images.device)
         # The network's input in the x cache, (B, C, padded positions): the draw writes pixel p at padded_pixel[p].
         self.inputs = graph.x.flat[:, :, :channels].transpose(1, 2)
-        self.bin_inputs = bin_inputs(model.num_bins, model.parameter_dtype(), images.device)
 
     def logits(self, padded_pixel: torch.Tensor) -> torch.Tensor:
         """The head at the pixel (``padded_pixel``: its index in the caches' flat views): (B, P, 1, 1); run after the step's nodes."""

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from pixelcnn_kernels.ops.sampling import bin_inputs
 from pixelcnn_kernels.sampling.common import SamplingProblem
 
 __all__ = ["PixelStepSampler"]
@@ -27,7 +28,7 @@ class PixelStepSampler:
 
     Holds the run's ``model``, ``problem`` and the pixel being generated, ``pixel``
     (int64 (1,) on the images' device, p = i·W + j), and the images, known mask and
-    noise laid out (B, ·, H·W) for the fused draws. A subclass defines
+    noise laid out (B, ·, H·W) and the bins' network inputs for the fused draws. A subclass defines
     :meth:`pixel_step` and, if it has per-row work, :meth:`start_row`.
     """
 
@@ -46,6 +47,8 @@ class PixelStepSampler:
         self.known_flat = problem.known.reshape(batch, height * width).contiguous()
         noise = problem.noise
         self.noise_flat = noise.flatten(2).contiguous() if isinstance(noise, torch.Tensor) else tuple(u.flatten(2).contiguous() for u in noise)
+        # Each bin's network input, the table the fused draws write the network's input from.
+        self.bin_inputs = bin_inputs(model.num_bins, model.parameter_dtype(), images.device)
 
     def start_row(self, row: int) -> None:
         """Work done once per row ``row``, before the row's first pixel (default: none); see :attr:`graph_rows`."""
