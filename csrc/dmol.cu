@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) draw_step_kernel(const DrawStep step
   const int64_t p = *step.pixel;
   if (b >= step.batch || p < 0 || p >= step.pixels) return;
   const int mixtures = step.mixtures;
-  const PixelLogits<T> px{static_cast<const T*>(step.logits), b * mixtures * (C == 3 ? 10 : 3), 1};
+  const PixelLogits<T> px{static_cast<const T*>(step.logits), b * mixtures * logits_per_mixture(C), 1};
   const float* u_mix = step.u_mix + b * mixtures * step.pixels + p;
   const float* u_logistic = step.u_logistic + b * C * step.pixels + p;
   float drawn[C];

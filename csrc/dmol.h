@@ -30,6 +30,10 @@ struct Strides4 {
   int64_t b, c, h, w;
 };
 
+// Logit channels per mixture component: its mixture logit, then per colour channel a mean, a
+// log-scale and, for C = 3, a coefficient (P = 3K for C = 1, 10K for C = 3).
+__host__ __device__ constexpr int logits_per_mixture(int channels) { return 1 + channels * (channels == 3 ? 3 : 2); }
+
 // The problem every DMOL kernel shares.
 struct Problem {
   const void* logits;

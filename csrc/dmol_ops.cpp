@@ -20,7 +20,7 @@ dmol::Problem make_problem(const at::Tensor& logits, int64_t channels, int64_t n
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 4, "logits must have shape (B, P, H, W), got ", logits.sizes());
   TORCH_CHECK(channels == 1 || channels == 3, "C must be 1 or 3, got ", channels);
-  const int64_t per_mixture = channels == 3 ? 10 : 3;
+  const int64_t per_mixture = dmol::logits_per_mixture(static_cast<int>(channels));
   TORCH_CHECK(logits.size(1) > 0 && logits.size(1) % per_mixture == 0, "logits must have P = ", per_mixture,
               "K channels, got ", logits.size(1));
   TORCH_CHECK(logits.size(0) * logits.size(2) * logits.size(3) < (int64_t{1} << 31), "at most 2^31 - 1 pixels");

@@ -212,6 +212,14 @@ void check_noise(const at::Tensor& noise, const char* name, const at::Tensor& im
               "), got ", noise.sizes());
 }
 
+// A draw's table of each bin's network input: (num_bins,) like ref, 2 <= num_bins < 2^30; returns num_bins.
+int64_t check_bin_inputs(const at::Tensor& bin_inputs, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(bin_inputs.dim() == 1 && 2 <= bin_inputs.size(0) && bin_inputs.size(0) < kMaxExtent,
+              "bin_inputs must be (num_bins,) with 2 <= num_bins < 2^30, got shape ", bin_inputs.sizes());
+  check_operand(bin_inputs, "bin_inputs", ref, ref_name, {bin_inputs.size(0)});
+  return bin_inputs.size(0);
+}
+
 void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& bin_inputs, const at::Tensor& noise,
                             const at::Tensor& known, at::Tensor& images, at::Tensor& inputs, int64_t channel) {
@@ -220,16 +228,13 @@ void softmax_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& h, const 
   const DType dtype = to_kernel_dtype(h, "h");
   check_pixel(pixel, h, "h");
   check_draw_targets(images, known, h, "h");
-  TORCH_CHECK(bin_inputs.dim() == 1, "bin_inputs must be (num_bins,), got shape ", bin_inputs.sizes());
   const int64_t batch = h.size(0), hidden = h.size(1), channels = images.size(1), pixels = images.size(2);
-  const int64_t num_bins = bin_inputs.size(0);
-  TORCH_CHECK(num_bins >= 2, "bin_inputs must hold at least 2 bins, got ", num_bins);
+  const int64_t num_bins = check_bin_inputs(bin_inputs, h, "h");
   // One block per image: the grid's x dimension.
   TORCH_CHECK(h.size(0) <= std::numeric_limits<int32_t>::max(), "the draw takes at most 2^31 - 1 images, got ", h.size(0));
   TORCH_CHECK(hidden < kMaxExtent && channels * num_bins < kMaxExtent,
               "the draw takes fewer than 2^30 hidden units and logits, got ", hidden, " and ", channels * num_bins);
   TORCH_CHECK(0 <= channel && channel < channels, "channel must be in [0, ", channels, "), got ", channel);
-  check_operand(bin_inputs, "bin_inputs", h, "h", {num_bins});
   check_operand(weight, "weight", h, "h", {hidden, channels * num_bins});
   check_operand(inputs, "inputs", h, "h", images.sizes());
   check_noise(noise, "noise", images, channels);
@@ -263,15 +268,13 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   check_draw_targets(images, known, logits, "logits");
   const int64_t channels = images.size(1), pixels = images.size(2);
   TORCH_CHECK(channels == 1 || channels == 3, "images must have 1 or 3 channels, got ", channels);
-  const int64_t per_mixture = channels == 3 ? 10 : 3;
+  const int64_t per_mixture = dmol::logits_per_mixture(static_cast<int>(channels));
   TORCH_CHECK(logits.size(1) > 0 && logits.size(1) % per_mixture == 0 && logits.size(1) < kMaxExtent, "logits must have P = ",
               per_mixture, "K channels for ", channels, " colour channels, got ", logits.size(1));
   const int64_t mixtures = logits.size(1) / per_mixture;
   check_noise(u_mix, "u_mix", images, mixtures);
   check_noise(u_logistic, "u_logistic", images, channels);
-  TORCH_CHECK(bin_inputs.dim() == 1 && 2 <= bin_inputs.size(0) && bin_inputs.size(0) < kMaxExtent,
-              "bin_inputs must be (num_bins,) with num_bins >= 2, got shape ", bin_inputs.sizes());
-  check_operand(bin_inputs, "bin_inputs", logits, "logits", {bin_inputs.size(0)});
+  const int64_t num_bins = check_bin_inputs(bin_inputs, logits, "logits");
   check_same_device(inputs, "inputs", logits, "logits");
   check_same_dtype(inputs, "inputs", logits, "logits");
   TORCH_CHECK(inputs.dim() == 3 && inputs.size(0) == images.size(0) && inputs.size(1) == channels,
@@ -300,7 +303,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   step.pixels = pixels;
   step.channels = static_cast<int>(channels);
   step.mixtures = static_cast<int>(mixtures);
-  step.num_bins = static_cast<int>(bin_inputs.size(0));
+  step.num_bins = static_cast<int>(num_bins);
   const c10::cuda::CUDAGuard guard(logits.device());
   dmol::launch_draw_step(step, current_stream());
   check_launch("dmol_draw_step");
