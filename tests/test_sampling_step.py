@@ -16,6 +16,8 @@ from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import (
+    DRAW_CUDA_OP,
+    GATED_CUDA_OP,
     MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
@@ -26,6 +28,7 @@ from pixelcnn_kernels.ops.sampling import (
     horizontal_conv_step,
     softmax_draw_step,
     step_backend,
+    steps_have_kernels,
 )
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_ref
 from pixelcnn_kernels.sampling import SamplingProblem
@@ -332,6 +335,14 @@ def test_step_backend_is_a_kernel_backend_in_kernel_dtypes_only():
         assert step_backend(weight.double()) is None  # float64 stays on the PyTorch step
     with use_backend("reference"):
         assert step_backend(weight) is None
+
+
+def test_steps_have_kernels_needs_a_kernel_backend_for_every_step():
+    weight = torch.zeros(1)
+    assert not steps_have_kernels(weight, GATED_CUDA_OP, DRAW_CUDA_OP)  # CPU tensors: the reference backend
+    with use_backend("triton"):
+        assert steps_have_kernels(weight, GATED_CUDA_OP, DRAW_CUDA_OP)
+        assert not steps_have_kernels(weight.double(), GATED_CUDA_OP)
 
 
 @pytest.mark.parametrize("backend, device", STEP_BACKENDS)

@@ -87,6 +87,7 @@ __all__ = [
     "resnet_position_step",
     "softmax_draw_step",
     "step_backend",
+    "steps_have_kernels",
 ]
 
 # The extension's ops (csrc/sampling_ops.cpp); an extension built before them lacks them.
@@ -209,6 +210,11 @@ def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None
         return None
     backend = backend_with_cuda_op(backend, cuda_op, like.device)
     return None if backend == "reference" else backend
+
+
+def steps_have_kernels(like: torch.Tensor, *cuda_ops: str) -> bool:
+    """Whether every step in ``cuda_ops`` has a kernel backend for tensors like ``like``: a fused sampler's condition."""
+    return all(step_backend(like, cuda_op) is not None for cuda_op in cuda_ops)
 
 
 def horizontal_conv_step(pixel: torch.Tensor, x: torch.Tensor, weights: HorizontalStepWeights, out: torch.Tensor) -> None:

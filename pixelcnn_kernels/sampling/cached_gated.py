@@ -59,6 +59,7 @@ from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import (
     DMOL_DRAW_CUDA_OP,
     DRAW_CUDA_OP,
+    GATED_CUDA_OP,
     MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
@@ -67,7 +68,7 @@ from pixelcnn_kernels.ops.sampling import (
     gated_layer_step,
     horizontal_conv_step,
     softmax_draw_step,
-    step_backend,
+    steps_have_kernels,
 )
 from pixelcnn_kernels.reference.layers import grouped_gate
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
@@ -138,8 +139,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
     (:meth:`sample`). Per row i, :meth:`start_row` before the row's first pixel; then
     :meth:`pixel_step` for each pixel, which draws its values, writes them to
     ``problem.images`` (except where known) and moves ``pixel`` on. Needs
-    :func:`~pixelcnn_kernels.ops.sampling.step_backend` to give a kernel backend for the
-    model's parameters.
+    :func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels` for the model's parameters.
     """
 
     graph_rows = True
@@ -218,9 +218,9 @@ def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.GatedPixelCNN` in eval mode, called
-    under ``torch.no_grad``. The fused step runs where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
-    gives a kernel backend for the parameters, for the layer step and the head's draw
-    alike, and a softmax head has at most :data:`~pixelcnn_kernels.ops.sampling.MAX_DRAW_BINS`
+    under ``torch.no_grad``. The fused step runs where the layer step and the head's draw
+    both have a kernel backend for the parameters (:func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`)
+    and a softmax head has at most :data:`~pixelcnn_kernels.ops.sampling.MAX_DRAW_BINS`
     bins (with a CUDA graph on a CUDA device); the PyTorch step elsewhere. Pixels every
     image knows are still run through the horizontal stack (later pixels read their
     activations), but nothing is drawn there (except inside a CUDA graph, which replays
@@ -228,7 +228,7 @@ def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
     """
     weight = model.conv_out.weight
     draw_op, draw_fits = (DRAW_CUDA_OP, model.num_bins <= MAX_DRAW_BINS) if model.head == "softmax" else (DMOL_DRAW_CUDA_OP, True)
-    if draw_fits and step_backend(weight) is not None and step_backend(weight, draw_op) is not None:
+    if draw_fits and steps_have_kernels(weight, GATED_CUDA_OP, draw_op):
         FusedCachedGatedPixelCNN(model, problem).sample(progress)
         return 0
     cached = CachedGatedPixelCNN(model, problem)

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, dmol_draw_step, resnet_position_step, step_backend
+from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, dmol_draw_step, resnet_position_step, steps_have_kernels
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
@@ -494,8 +494,8 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
     then the head, the draw, the writes and ``pixel += 1``. One CUDA graph can replay
     it: :meth:`sample` (``cuda_graph=None``: a graph on a CUDA device, eager steps with a
     warning where the capture fails; True: a graph or an error; False: eager steps) fills
-    ``problem.images`` and returns whether a graph ran. Needs :func:`~pixelcnn_kernels.ops.sampling.step_backend` to
-    give a kernel backend for the model's parameters.
+    ``problem.images`` and returns whether a graph ran. Needs :func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`
+    for the model's parameters.
     """
 
     def __init__(self, model, problem: SamplingProblem):
@@ -536,13 +536,13 @@ def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.PixelCNNPlusPlus` in eval mode,
-    called under ``torch.no_grad``. Where :func:`~pixelcnn_kernels.ops.sampling.step_backend`
-    gives a kernel backend for the parameters, for the block step and the draw alike, the table-driven step
+    called under ``torch.no_grad``. Where the block step and the draw both have a kernel backend for the parameters
+    (:func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`), the table-driven step
     (:class:`TableCachedPixelCNNPlusPlus`, a CUDA graph on a CUDA device); elsewhere the
     demand-driven PyTorch graph (:class:`CachedPixelCNNPlusPlus`).
     """
     weight = model.nin_out.weight
-    if step_backend(weight, RESNET_CUDA_OP) is not None and step_backend(weight, DMOL_DRAW_CUDA_OP) is not None:
+    if steps_have_kernels(weight, RESNET_CUDA_OP, DMOL_DRAW_CUDA_OP):
         TableCachedPixelCNNPlusPlus(model, problem).sample(progress)
         return 0
     cached = CachedPixelCNNPlusPlus(model, problem)
