@@ -27,7 +27,9 @@ struct GateBias {
 
 GateBias gate_bias(const std::optional<at::Tensor>& cond, const at::Tensor& x, int64_t batch_div) {
   if (!cond.has_value()) return {};
-  TORCH_CHECK(cond->dim() == 2, "cond must have shape (batch, 2 * half), got ", cond->sizes());
+  // A batch of at least one: the kernels read cond[(row / batch_div) % batch].
+  TORCH_CHECK(cond->dim() == 2 && (cond->size(0) >= 1 || x.numel() == 0), "cond must have shape (batch >= 1, 2 * half), got ",
+              cond->sizes());
   const at::Tensor contiguous = cond->contiguous();
   check_operand(contiguous, "cond", x, "x", {cond->size(0), 2 * x.size(2)});
   TORCH_CHECK(batch_div >= 1, "batch_div must be positive, got ", batch_div);

@@ -207,12 +207,14 @@ def test_kernels_are_accurate_near_zero(backend, kernel_device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", OPS)
-def test_kernels_empty_input(name, backend, kernel_device):
-    x = torch.randn(0, 4, 3, device=kernel_device)
+@pytest.mark.parametrize("shape", [(0, 4, 3), (2, 4, 0), (2, 0, 3)])
+def test_kernels_empty_input(name, backend, kernel_device, shape):
+    x = torch.randn(shape, device=kernel_device)
     op, _ = _ops(name)
     with pk.use_backend(backend):
         y, dx, _ = _forward_backward(lambda x_: op(x_, 1), x, None)
-    assert y.shape == (0, 8 if name == "concat_elu" else 2, 3) and dx.shape == x.shape
+    channels = 2 * shape[1] if name == "concat_elu" else shape[1] // 2
+    assert y.shape == (shape[0], channels, shape[2]) and dx.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -129,8 +129,9 @@ def _dense_input(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> torch.
 
 
 def _batch_div(x: torch.Tensor, dim: int, layout: _RowsLayout) -> int:
-    """Rows of ``(outer, ...)`` per batch element: row ``o`` is in batch ``(o // batch_div) % batch``."""
-    return x.stride(0) // (x.shape[dim] * layout.inner) if x.shape[0] > 1 else 1
+    """Rows of ``(outer, ...)`` per batch element: row ``o`` is in batch ``(o // batch_div) % batch``
+    (1 for one image, and for an empty x, which has no rows)."""
+    return x.stride(0) // (x.shape[dim] * layout.inner) if x.shape[0] > 1 and x.numel() > 0 else 1
 
 
 def _kernels(backend: str):
