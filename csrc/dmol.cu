@@ -41,6 +41,10 @@ __device__ __forceinline__ TanhSech2 tanh_and_sech2(float v) {
 // P = sinh(h) / (cosh m + cosh h), all terms scaled by exp(-max(|m|, h)).
 struct SubPixel {
   float log_prob, d_mean, d_log_scale;
+  // Whether the raw log-scale's gradient passes the clamp at -7: at or above it, not below nor
+  // for NaN, as torch.clamp's backward (2.14 stops it at the bound itself too); the written
+  // gradient is 0 elsewhere, where a NaN posterior times 0 would leave NaN.
+  bool passes_clamp;
 };
 
 template <bool kGrad>
@@ -85,10 +89,10 @@ __device__ __forceinline__ SubPixel sub_pixel_terms(float value, bool first_bin,
       }
     }
   }
-  SubPixel out{log_prob, 0.f, 0.f};
+  SubPixel out{log_prob, 0.f, 0.f, raw_log_scale >= kLogScaleMin};
   if (kGrad) {
     out.d_mean = -dm * inv_scale;
-    out.d_log_scale = raw_log_scale < kLogScaleMin ? 0.f : -m * dm - dh_term;
+    out.d_log_scale = -m * dm - dh_term;
   }
   return out;
 }
@@ -103,6 +107,17 @@ struct PixelLogits {
     return to_float(logits[offset + channel * channel_stride]);
   }
 };
+
+// Bins and their centres, rounded as reference/dmol.py's to_bins and bins_to_values round them,
+// so a drawn bin and a bin's value do not depend on the compiler's choices:
+// - the centre (2 bin - last) / last with last = num_bins - 1 (bin and last exact integers):
+//   one IEEE division, correctly rounded (nvcc's default -prec-div=true);
+// - the nearest bin floor((v + 1) * last / 2 + 0.5) of v in [-1, 1], each step rounded on its
+//   own (__fadd_rn/__fmul_rn are never fused into an FMA), halves up; NaN stays NaN.
+__device__ __forceinline__ float bin_centre(float bin, float last) { return (2.f * bin - last) / last; }
+__device__ __forceinline__ float nearest_bin(float value, float last) {
+  return floorf(__fadd_rn(__fmul_rn(__fadd_rn(value, 1.f), 0.5f * last), 0.5f));
+}
 
 // One pixel's x per colour channel: value in [-1, 1] and edge-bin flags.
 template <int C>
@@ -123,7 +138,7 @@ __device__ __forceinline__ PixelX<C> load_x(const XT* x, int64_t offset, int64_t
       out.last_bin[c] = raw > kEdgeThreshold;
     } else {  // integer bins: edges by index
       const int64_t bin = static_cast<int64_t>(raw);
-      out.value[c] = static_cast<float>(bin) * (2.f / (num_bins - 1)) - 1.f;
+      out.value[c] = bin_centre(static_cast<float>(bin), static_cast<float>(num_bins - 1));
       out.first_bin[c] = bin == 0;
       out.last_bin[c] = bin == num_bins - 1;
     }
@@ -166,7 +181,10 @@ __device__ __forceinline__ Component<C> component_terms(const PixelLogits<T>& px
     float mean = px[param_channel<C>(0, c, k, mixtures)];
     if constexpr (C == 3) {  // green's mean gets coef_0 * red; blue's coef_1 * red + coef_2 * green
       if (c == 1) mean += coef[0] * x.value[0];
-      if (c == 2) mean += coef[1] * x.value[0] + coef[2] * x.value[1];
+      if (c == 2) {  // in the reference's order: (mean + coef_1 red) + coef_2 green
+        mean += coef[1] * x.value[0];
+        mean += coef[2] * x.value[1];
+      }
     }
     out.channel[c] = sub_pixel_terms<kGrad>(x.value[c], x.first_bin[c], x.last_bin[c], mean,
                                            px[param_channel<C>(1, c, k, mixtures)], half_bin, log_half_bins);
@@ -194,14 +212,16 @@ __device__ __forceinline__ int64_t offset4(const Strides4& s, int b, int c, int 
 }
 
 // The pixel (b, h, w) of this thread: one thread per pixel, pixels in (B, H, W) order.
+// 64-bit flat index: the last block's padding threads sit past 2^31 when the pixel count is near it.
 struct ThreadPixel {
-  int flat, b, h, w;
+  int64_t flat;
+  int b, h, w;
   __device__ __forceinline__ explicit ThreadPixel(const Problem& p)
-      : flat(blockIdx.x * kThreads + threadIdx.x),
-        b(flat / (p.width * p.height)),
-        h((flat / p.width) % p.height),
-        w(flat % p.width) {}
-  __device__ __forceinline__ bool in_range(const Problem& p) const { return flat < p.batch * p.height * p.width; }
+      : flat(int64_t{blockIdx.x} * kThreads + threadIdx.x),
+        b(static_cast<int>(flat / (int64_t{p.width} * p.height))),
+        h(static_cast<int>((flat / p.width) % p.height)),
+        w(static_cast<int>(flat % p.width)) {}
+  __device__ __forceinline__ bool in_range(const Problem& p) const { return flat < int64_t{p.batch} * p.height * p.width; }
   template <typename T>
   __device__ __forceinline__ PixelLogits<T> logits(const Problem& p) const {
     return {static_cast<const T*>(p.logits), offset4(p.logits_strides, b, 0, h, w), p.logits_strides.c};
@@ -246,7 +266,8 @@ __global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         write(param_channel<C>(0, c, k, mixtures), neg_posterior * comp.channel[c].d_mean);
-        write(param_channel<C>(1, c, k, mixtures), neg_posterior * comp.channel[c].d_log_scale);
+        const SubPixel& channel = comp.channel[c];
+        write(param_channel<C>(1, c, k, mixtures), channel.passes_clamp ? neg_posterior * channel.d_log_scale : 0.f);
       }
       if constexpr (C == 3) {
         const float g_mean1 = neg_posterior * comp.channel[1].d_mean;
@@ -261,14 +282,14 @@ __global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT
 
 __device__ __forceinline__ float clamp_noise(float u) { return u < kUEps ? kUEps : (u > 1.f - kUEps ? 1.f - kUEps : u); }
 
-// Clamps to [-1, 1] (NaN-propagating) and, if quantize, rounds to the nearest bin centre (halves up).
+// Clamps to [-1, 1] (NaN-propagating) and, if quantize, rounds to the nearest bin centre (halves up;
+// NaN: bin 0's, as reference/dmol.py's to_bins).
 __device__ __forceinline__ float finish_channel(float value, bool quantize, int num_bins) {
   value = value < -1.f ? -1.f : (value > 1.f ? 1.f : value);
   if (quantize) {
     const float last = static_cast<float>(num_bins - 1);
-    float bin = floorf((value + 1.f) * (0.5f * last) + 0.5f);
-    bin = bin < 0.f ? 0.f : (bin > last ? last : bin);
-    value = bin * (2.f / last) - 1.f;
+    const float bin = nearest_bin(value, last);
+    value = bin_centre(bin > 0.f ? (bin < last ? bin : last) : 0.f, last);
   }
   return value;
 }
@@ -302,9 +323,9 @@ __device__ __forceinline__ void draw_pixel(const PixelLogits<T>& px, int mixture
     float value = px[param_channel<C>(0, c, chosen, mixtures)] + expf(log_scale) * (logf(u) - logf(1.f - u));
     if constexpr (C == 3) {  // the colour coefficients act on the channels already drawn
       if (c == 1) value += tanh_and_sech2(px[param_channel<C>(2, 0, chosen, mixtures)]).tanh * drawn[0];
-      if (c == 2) {
-        value += tanh_and_sech2(px[param_channel<C>(2, 1, chosen, mixtures)]).tanh * drawn[0] +
-                 tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh * drawn[1];
+      if (c == 2) {  // in the reference's order: (value + coef_1 red) + coef_2 green
+        value += tanh_and_sech2(px[param_channel<C>(2, 1, chosen, mixtures)]).tanh * drawn[0];
+        value += tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh * drawn[1];
       }
     }
     drawn[c] = finish_channel(value, quantize, num_bins);
@@ -348,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) draw_step_kernel(const DrawStep step
 #pragma unroll
   for (int c = 0; c < C; ++c) {
     // The drawn centre's bin, as the PyTorch sampler's to_bins maps it (NaN to bin 0).
-    const float bin = floorf((drawn[c] + 1.f) * (0.5f * last) + 0.5f);
+    const float bin = nearest_bin(drawn[c], last);
     T* input = static_cast<T*>(step.inputs) + b * step.input_strides[0] + c * step.input_strides[1] + position * step.input_strides[2];
     write_drawn_value(step.images, (b * C + c) * step.pixels + p, known, static_cast<int64_t>(bin > 0.f ? (bin < last ? bin : last) : 0.f),
                       input_ok ? input : nullptr, static_cast<const T*>(step.bin_inputs), step.num_bins);

@@ -165,6 +165,19 @@ def test_integer_and_float_x_agree():
             torch.testing.assert_close(nll_op(x, logits), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_bins", [2, 17, 256, 4096])
+def test_bin_centres_are_correctly_rounded(num_bins):
+    """Each float32 centre is within half an ulp of (2·bin - L)/L, L = num_bins - 1 (the NLL at
+    log-scale -7 magnifies an error in x by e^7: an ulp of 1 there fails the GPU tolerance)."""
+    from fractions import Fraction
+
+    last = num_bins - 1
+    centres = bin_values(torch.arange(num_bins), num_bins).numpy()
+    for bin_, centre in enumerate(centres):
+        error = abs(Fraction(float(centre)) - Fraction(2 * bin_ - last, last))
+        assert error <= Fraction(float(np.spacing(np.abs(centre)))) / 2, (bin_, centre)
+
+
 def test_reductions():
     logits = make_logits(3, 2, dtype=torch.float64)
     bins = make_bins(3, 256)
@@ -208,6 +221,42 @@ def test_kernel_matches_reference(kernel_backend, kernel_device, channels, mixtu
     assert_close(nll, reference.discretized_mix_logistic_nll(x64, logits.double(), num_bins))
     rtol, atol = grad_tolerance(torch.float32)
     torch.testing.assert_close(grad.double(), reference_grad(x, logits, grad_nll, num_bins), rtol=rtol, atol=atol)
+
+
+def test_kernel_integer_x_is_the_float_bin_centre_bit_for_bit(kernel_backend, kernel_device):
+    """The kernels map a bin to the reference's correctly rounded centre: the NLL and gradient of
+    uint8 bins equal those of their float32 centres exactly, at log-scales down to the -7 clamp."""
+    logits = make_logits(3, 10, height=17, width=9, device=kernel_device, log_scale_range=(-10.0, 0.0))
+    bins = torch.arange(256, device=kernel_device).repeat(2 * 3 * 17 * 9 // 256 + 1)[: 2 * 3 * 17 * 9].reshape(2, 3, 17, 9)
+    grad_nll = torch.randn(2, 17, 9, device=kernel_device)
+    results = []
+    for x in (bins.to(torch.uint8), bin_values(bins, 256)):
+        leaf = logits.clone().requires_grad_(True)
+        with use_backend(kernel_backend):
+            nll = nll_op(x, leaf)
+            (grad,) = torch.autograd.grad(nll, leaf, grad_nll)
+        results.append((nll, grad))
+    (nll_int, grad_int), (nll_float, grad_float) = results
+    assert torch.equal(nll_int, nll_float)
+    assert torch.equal(grad_int, grad_float)
+
+
+def test_kernel_log_scale_gradient_is_the_clamps(kernel_backend, kernel_device):
+    """A raw log-scale below the -7 bound or NaN gets gradient 0, as torch.clamp's backward gives it
+    (the NaN pixel's other gradients are NaN on both sides). At the bound itself torch 2.14 gives
+    0 and earlier versions let it through, as the kernels do: not tested."""
+    logits = make_logits(1, 2, batch=1, height=1, width=3, device=kernel_device, log_scale_range=(-4.0, 0.0))
+    logits[0, 4, 0, 0] = -7.5  # channels: 2 mixture logits, 2 means, 2 log-scales
+    logits[0, 4, 0, 1] = float("nan")
+    bins = make_bins(1, 256, batch=1, height=1, width=3, device=kernel_device)
+    grad_nll = torch.ones(1, 1, 3, device=kernel_device)
+    leaf = logits.clone().requires_grad_(True)
+    with use_backend(kernel_backend):
+        (grad,) = torch.autograd.grad(nll_op(bins, leaf), leaf, grad_nll)
+    expected = reference_grad(bins, logits, grad_nll, 256)
+    assert grad[0, 4, 0, 0] == 0 and grad[0, 4, 0, 1] == 0 and expected[0, 4, 0, 1] == 0
+    rtol, atol = grad_tolerance(torch.float32)
+    torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def test_kernel_half_precision(kernel_backend, kernel_device):
@@ -416,6 +465,21 @@ def test_kernel_sampler_with_nan_mixture_logits_picks_a_real_component(kernel_ba
         got = sample_op(logits, num_bins=32, noise=noise, channels=3)
     expected = reference.sample_discretized_mix_logistic(logits, *noise, 32, True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+def test_kernel_sampler_quantizes_a_nan_draw_to_bin_0_as_the_reference(kernel_backend, kernel_device):
+    """NaN means at one pixel: its quantized red is bin 0's centre and green and blue are drawn
+    given it, as ``reference.to_bins`` maps NaN; the continuous draw stays NaN."""
+    logits = make_logits(3, 3, batch=1, height=1, width=2, device=kernel_device, log_scale_range=(-4.0, 0.0))
+    logits[0, 3:6, 0, 1] = float("nan")  # every component's red mean
+    noise = (torch.rand(1, 3, 1, 2, device=kernel_device), torch.rand(1, 3, 1, 2, device=kernel_device))
+    with use_backend(kernel_backend):
+        got = sample_op(logits, num_bins=32, noise=noise, channels=3)
+        continuous = sample_op(logits, num_bins=32, noise=noise, channels=3, quantize=False)
+    expected = reference.sample_discretized_mix_logistic(logits, *noise, 32, True)
+    assert got[0, 0, 0, 1] == -1.0 and not got.isnan().any()
+    assert torch.equal(pixelcnn_kernels.to_bins(got, 32), pixelcnn_kernels.to_bins(expected, 32))
+    assert continuous[0, :, 0, 1].isnan().all()
+
 
 @pytest.mark.parametrize("channels, num_bins", [(1, 32), (3, 4)])
 def test_sampled_bins_follow_the_likelihood(channels, num_bins):

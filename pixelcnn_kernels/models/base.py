@@ -335,8 +335,10 @@ def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The categorical draw of each row of ``logits`` (n, K) at ``uniforms`` (n,): the first k with CDF(k) > u.
 
     The CDF is computed in float64 and scaled by its last entry, so rounding cannot leave
-    u above the whole CDF.
+    u above the whole CDF. A row with a non-finite logit (NaN, +inf, or every logit -inf)
+    has a NaN CDF and no distribution: it draws 0, as the fused draws do.
     """
     cdf = torch.softmax(logits.double(), dim=1).cumsum(dim=1)
-    threshold = uniforms.double()[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, threshold, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    total = cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniforms.double()[:, None] * total, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    return drawn.masked_fill_(total.squeeze(1).isnan(), 0)

@@ -52,7 +52,7 @@ def compile_case(case, capability: int = 90, warp_size: int = 32):
     attrs = {(case.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in case.signature.items() if kind.startswith("*") or kind in hinted}
     source = triton.compiler.ASTSource(fn=case.kernel, signature=signature, constexprs=case.constexprs, attrs=attrs)
     return triton.compile(
-        source, target=GPUTarget("cuda", capability, warp_size), options={"num_warps": case.num_warps, "num_stages": case.num_stages}
+        source, target=GPUTarget("cuda", capability, warp_size), options={"num_warps": case.num_warps, "num_stages": case.num_stages, **case.launch_options}
     )
 
 

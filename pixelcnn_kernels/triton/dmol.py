@@ -29,9 +29,15 @@ LOG_SCALE_MIN = tl.constexpr(_reference.LOG_SCALE_MIN)
 LOG_MIN_BIN_PROBABILITY = tl.constexpr(math.log(_reference.MIN_BIN_PROBABILITY))
 EDGE_THRESHOLD = tl.constexpr(_reference.EDGE_THRESHOLD)
 U_EPS = tl.constexpr(_reference.U_EPS)
-# Pixels per program: keeps a (BLOCK, K_PAD) float32 tile at 512 elements (4 per thread).
+# Pixels per program: keeps a (BLOCK, K_PAD) float32 tile at 512 elements (4 per thread) in the
+# NLL; in the sampler at most 128 pixels (a pixel's draw holds about a dozen values per channel:
+# 2048 at K = 1 spilled 528 B on sm_90) and at most 2048 elements (128 at K_PAD = 64 spilled 1 KB).
 _NLL_TILE_ELEMENTS = 512
 _SAMPLE_BLOCK = 128
+_SAMPLE_TILE_ELEMENTS = 2048
+# Launch options of the kernels that draw: every product and sum rounded on its own, as in the
+# PyTorch reference (no FMA contraction), so a value at a bin's edge falls in the reference's bin.
+DRAW_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 # --------------------------------------------------------------------------- math helpers
@@ -69,8 +75,8 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
     """log P(bin) of one discretized logistic and its derivatives, on a (BLOCK, K_PAD) tile.
 
     Returns ``(log_prob, d log_prob / d mean, d log_prob / d raw_log_scale)`` where
-    ``mean`` is the colour-adjusted mean and the log-scale derivative is zero where
-    the clamp at -7 is active (torch.clamp passes the gradient at equality). With
+    ``mean`` is the colour-adjusted mean and the log-scale derivative is the unclamped
+    one (:func:`_through_clamp` applies the clamp to the gradient written). With
     ``m = (x - mean) / scale`` and ``h = half_bin / scale``, each branch gives
     ``d log_prob / dm`` and ``d log_prob / dh``; then ``d/dmean = -dm / scale`` and
     ``d/dlog_scale = -m * dm - h * dh`` (minus 1 more for the mid-point density).
@@ -108,8 +114,32 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
         first_bin, h * sigmoid_neg_plus, tl.where(last_bin, h * sigmoid_minus, tl.where(use_delta, h * delta_dh, 1.0))
     )  # h * dh, plus the mid-point density's direct -log_scale term
     d_mean = -dm * inv_scale
-    d_log_scale = tl.where(raw_log_scale < LOG_SCALE_MIN, 0.0, -m * dm - dh_term)
+    d_log_scale = -m * dm - dh_term
     return log_prob, d_mean, d_log_scale
+
+
+@triton.jit
+def _through_clamp(grad, raw_log_scale):
+    """A raw log-scale's gradient through the clamp at -7: at or above it, not below nor for NaN,
+    as torch.clamp's backward (2.14 stops it at the bound itself too); 0 elsewhere, where a NaN
+    posterior times 0 would leave NaN."""
+    return tl.where(raw_log_scale >= LOG_SCALE_MIN, grad, 0.0)
+
+
+@triton.jit
+def _bin_centre(bins, last_bin):
+    """The centre ``(2·bin - last_bin) / last_bin`` of float bins: exact integers over an IEEE
+    division (``/`` is approximate on the GPU), correctly rounded as ``reference.bins_to_values``."""
+    return tl.math.div_rn(2.0 * bins - last_bin, last_bin)
+
+
+@triton.jit
+def nearest_bin(value, last_bin):
+    """The nearest bin ``floor((value + 1)·last_bin/2 + 0.5)`` of values in [-1, 1] as floats (halves up, NaN stays).
+
+    As ``reference.to_bins`` rounds it only in kernels launched with :data:`DRAW_LAUNCH_OPTIONS`.
+    """
+    return tl.floor((value + 1.0) * (0.5 * last_bin) + 0.5)
 
 
 # --------------------------------------------------------------------------- addressing helpers
@@ -117,15 +147,16 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
 
 @triton.jit
 def _pixel_coords(pid, num_pixels, height, width, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
-    """(b, h, w, mask) of the BLOCK pixels of program ``pid`` (int64 when INDEX_64)."""
+    """(b, h, w, mask) of the BLOCK pixels of program ``pid`` (int64 when INDEX_64, from the
+    pixel index on: the last program's padding lanes can pass 2**31 - 1)."""
+    if INDEX_64:
+        pid = pid.to(tl.int64)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
     mask = pix < num_pixels
     col = pix % width
     rest = pix // width
     row = rest % height
     batch = rest // height
-    if INDEX_64:
-        batch, row, col = batch.to(tl.int64), row.to(tl.int64), col.to(tl.int64)
     return batch, row, col, mask
 
 
@@ -138,13 +169,14 @@ def _channel_ptrs(base_ptr, pixel_offset, channel, channel_stride, INDEX_64: tl.
 
 
 @triton.jit
-def _load_x(x_ptr, x_offset, channel, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT: tl.constexpr):
-    """x of one colour channel as (value, first_bin, last_bin), each (BLOCK, 1)."""
+def _load_x(x_ptr, x_offset, channel, x_stride_c, pix_mask, last_bin_index, X_IS_INT: tl.constexpr):
+    """x of one colour channel as (value, first_bin, last_bin), each (BLOCK, 1); ``last_bin_index`` = num_bins - 1 as a float."""
     raw = tl.load(x_ptr + x_offset + channel * x_stride_c, mask=pix_mask, other=0)
     if X_IS_INT:
-        value = raw.to(tl.float32) * bin_scale - 1.0
-        first_bin = raw == 0
-        last_bin = raw == last_bin_index
+        bins = raw.to(tl.float32)  # exact: bins < 2**24
+        value = _bin_centre(bins, last_bin_index)
+        first_bin = bins == 0.0
+        last_bin = bins == last_bin_index
     else:
         value = raw.to(tl.float32)
         first_bin = value < -EDGE_THRESHOLD
@@ -163,7 +195,7 @@ def _dmol_nll_kernel(
     l_stride_b, l_stride_p, l_stride_h, l_stride_w,
     g_stride_b, g_stride_h, g_stride_w,
     d_stride_b, d_stride_p, d_stride_h, d_stride_w,
-    half_bin, bin_scale, last_bin_index, log_half_bins,
+    half_bin, last_bin_index, log_half_bins,
     CHANNELS: tl.constexpr, X_IS_INT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
@@ -185,13 +217,13 @@ def _dmol_nll_kernel(
     mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset, k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
     mix_logits = tl.where(k_mask[None, :], mix_logits.to(tl.float32), -float("inf"))
 
-    x0, first0, last0 = _load_x(x_ptr, x_offset, 0, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
+    x0, first0, last0 = _load_x(x_ptr, x_offset, 0, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
     mean0 = tl.load(_channel_ptrs(logits_ptr, l_offset, num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
     raw_ls0 = tl.load(_channel_ptrs(logits_ptr, l_offset, 2 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
     log_probs, d_mean0, d_ls0 = _sub_pixel_terms(x0, first0, last0, mean0.to(tl.float32), raw_ls0.to(tl.float32), half_bin, log_half_bins)
     if CHANNELS == 3:
-        x1, first1, last1 = _load_x(x_ptr, x_offset, 1, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
-        x2, first2, last2 = _load_x(x_ptr, x_offset, 2, x_stride_c, pix_mask, bin_scale, last_bin_index, X_IS_INT)
+        x1, first1, last1 = _load_x(x_ptr, x_offset, 1, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
+        x2, first2, last2 = _load_x(x_ptr, x_offset, 2, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
         # Channel c's block starts at num_mix * (1 + 3c): K means, K log-scales, K coefficients.
         coef0, sech2_0 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
         coef1, sech2_1 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
@@ -227,16 +259,16 @@ def _dmol_nll_kernel(
         d_offset = (batch * d_stride_b + row * d_stride_h + col * d_stride_w)[:, None]
         tl.store(_channel_ptrs(grad_logits_ptr, d_offset, k[None, :], d_stride_p, INDEX_64), (grad * prior + neg_posterior).to(out_ty), mask=tile_mask)
         tl.store(_channel_ptrs(grad_logits_ptr, d_offset, num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_mean0).to(out_ty), mask=tile_mask)
-        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 2 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls0).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 2 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls0, raw_ls0.to(tl.float32)).to(out_ty), mask=tile_mask)
         if CHANNELS == 3:
             g_mean1 = neg_posterior * d_mean1
             g_mean2 = neg_posterior * d_mean2
             tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 3 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean1 * x0 * sech2_0).to(out_ty), mask=tile_mask)
             tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 4 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean1.to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 5 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls1).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 5 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls1, raw_ls1.to(tl.float32)).to(out_ty), mask=tile_mask)
             tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 6 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x0 * sech2_1).to(out_ty), mask=tile_mask)
             tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 7 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean2.to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 8 * num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_ls2).to(out_ty), mask=tile_mask)
+            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 8 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls2, raw_ls2.to(tl.float32)).to(out_ty), mask=tile_mask)
             tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 9 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x1 * sech2_2).to(out_ty), mask=tile_mask)
 
 
@@ -259,20 +291,20 @@ def _logistic_draw(logits_ptr, l_offset, mean_channel, l_stride_p, num_mix, u, p
 
 
 @triton.jit
-def _finish_channel(value, bins_per_unit, last_bin, bin_scale, QUANTIZE: tl.constexpr):
-    """Clamps to [-1, 1] (NaN-propagating) and, if QUANTIZE, rounds to the nearest bin centre (halves up)."""
+def _finish_channel(value, last_bin, QUANTIZE: tl.constexpr):
+    """Clamps to [-1, 1] (NaN-propagating) and, if QUANTIZE, rounds to the nearest bin centre (halves up; NaN: bin 0's, as ``reference.to_bins``)."""
     value = tl.where(value < -1.0, -1.0, tl.where(value > 1.0, 1.0, value))
     if QUANTIZE:
-        bins = tl.floor((value + 1.0) * bins_per_unit + 0.5)
-        bins = tl.where(bins < 0.0, 0.0, tl.where(bins > last_bin, last_bin, bins))
-        value = bins * bin_scale - 1.0
+        bins = nearest_bin(value, last_bin)
+        bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0)
+        value = _bin_centre(bins, last_bin)
     return value
 
 
 @triton.jit
 def draw_pixels(
     logits_ptr, l_offset, l_stride_p, num_mix, u_mix_ptr, m_offset, m_stride_k, u_logistic_ptr, u_offset, u_stride_c, pix_mask,
-    bins_per_unit, bin_scale, last_bin,
+    last_bin,
     CHANNELS: tl.constexpr, QUANTIZE: tl.constexpr, K_PAD: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """One draw per pixel of a (BLOCK,) block: (red, green, blue), green and blue red's when CHANNELS is 1.
@@ -296,7 +328,7 @@ def draw_pixels(
 
     u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
     red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
-    red = _finish_channel(red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+    red = _finish_channel(red, last_bin, QUANTIZE)
     green = red
     blue = red
     if CHANNELS == 3:
@@ -305,10 +337,10 @@ def draw_pixels(
         coef2, _ = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + component, l_stride_p, INDEX_64), mask=pix_mask, other=0.0).to(tl.float32))
         u_green = tl.load(u_logistic_ptr + u_offset + u_stride_c, mask=pix_mask, other=0.5)
         green = _logistic_draw(logits_ptr, l_offset, 4 * num_mix + component, l_stride_p, num_mix, u_green, pix_mask, INDEX_64)
-        green = _finish_channel(green + coef0 * red, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+        green = _finish_channel(green + coef0 * red, last_bin, QUANTIZE)
         u_blue = tl.load(u_logistic_ptr + u_offset + 2 * u_stride_c, mask=pix_mask, other=0.5)
         blue = _logistic_draw(logits_ptr, l_offset, 7 * num_mix + component, l_stride_p, num_mix, u_blue, pix_mask, INDEX_64)
-        blue = _finish_channel(blue + coef1 * red + coef2 * green, bins_per_unit, last_bin, bin_scale, QUANTIZE)
+        blue = _finish_channel(blue + coef1 * red + coef2 * green, last_bin, QUANTIZE)
     return red, green, blue
 
 
@@ -320,7 +352,7 @@ def _dmol_sample_kernel(
     m_stride_b, m_stride_k, m_stride_h, m_stride_w,
     u_stride_b, u_stride_c, u_stride_h, u_stride_w,
     o_stride_b, o_stride_c, o_stride_h, o_stride_w,
-    bins_per_unit, bin_scale, last_bin,
+    last_bin,
     CHANNELS: tl.constexpr, QUANTIZE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """One draw per pixel from the DMOL, given its uniform noise.
@@ -336,7 +368,7 @@ def _dmol_sample_kernel(
     o_offset = batch * o_stride_b + row * o_stride_h + col * o_stride_w
     red, green, blue = draw_pixels(
         logits_ptr, l_offset, l_stride_p, num_mix, u_mix_ptr, m_offset, m_stride_k, u_logistic_ptr, u_offset, u_stride_c, pix_mask,
-        bins_per_unit, bin_scale, last_bin, CHANNELS, QUANTIZE, K_PAD, INDEX_64,
+        last_bin, CHANNELS, QUANTIZE, K_PAD, INDEX_64,
     )  # fmt: skip
     tl.store(out_ptr + o_offset, red, mask=pix_mask)
     if CHANNELS == 3:
@@ -358,6 +390,10 @@ def _nll_block(k_pad: int) -> int:
     return max(1, _NLL_TILE_ELEMENTS // k_pad)
 
 
+def _sample_block(k_pad: int) -> int:
+    return max(1, min(_SAMPLE_BLOCK, _SAMPLE_TILE_ELEMENTS // k_pad))
+
+
 def _nll_warps(compute_grad: bool) -> int:
     """Four warps; eight for the backward, whose gradient terms per tile took 232 registers (fp32)
     and 255 with 104 bytes of spills (bf16, 64-bit indices) at 4 warps on sm_90, 139 and 116 at 8."""
@@ -376,7 +412,7 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
             x, logits, grad_nll, nll, grad_logits,
             num_pixels, height, width, num_mix,
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
-            1.0 / (num_bins - 1), 2.0 / (num_bins - 1), num_bins - 1, math.log((num_bins - 1) / 2),
+            1.0 / (num_bins - 1), float(num_bins - 1), math.log((num_bins - 1) / 2),
             CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
             K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll), num_warps=_nll_warps(compute_grad),
         )
@@ -405,13 +441,15 @@ def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, 
     channels = u_logistic.shape[1]
     num_pixels = batch * height * width
     with launch_device(logits):
-        _dmol_sample_kernel[(triton.cdiv(num_pixels, _SAMPLE_BLOCK),)](
+        k_pad = triton.next_power_of_2(u_mix.shape[1])
+        block = _sample_block(k_pad)
+        _dmol_sample_kernel[(triton.cdiv(num_pixels, block),)](
             logits, u_mix, u_logistic, out,
             num_pixels, height, width, _reference.num_mixtures(num_logit_channels, channels),
             *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
-            (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
-            CHANNELS=channels, QUANTIZE=quantize, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK=_SAMPLE_BLOCK,
-            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out),
+            float(num_bins - 1),
+            CHANNELS=channels, QUANTIZE=quantize, K_PAD=k_pad, BLOCK=block,
+            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out), **DRAW_LAUNCH_OPTIONS,
         )
 
 
@@ -426,15 +464,15 @@ _NLL_ARGS = (
     "x_ptr logits_ptr grad_nll_ptr nll_ptr grad_logits_ptr num_pixels height width num_mix "
     "x_stride_b x_stride_c x_stride_h x_stride_w l_stride_b l_stride_p l_stride_h l_stride_w "
     "g_stride_b g_stride_h g_stride_w d_stride_b d_stride_p d_stride_h d_stride_w "
-    "half_bin bin_scale last_bin_index log_half_bins"
+    "half_bin last_bin_index log_half_bins"
 )
 _SAMPLE_ARGS = (
     "logits_ptr u_mix_ptr u_logistic_ptr out_ptr num_pixels height width num_mix "
     "l_stride_b l_stride_p l_stride_h l_stride_w m_stride_b m_stride_k m_stride_h m_stride_w "
     "u_stride_b u_stride_c u_stride_h u_stride_w o_stride_b o_stride_c o_stride_h o_stride_w "
-    "bins_per_unit bin_scale last_bin"
+    "last_bin"
 )
-_FLOAT_ARGS = ("half_bin", "bin_scale", "log_half_bins", "bins_per_unit", "last_bin")
+_FLOAT_ARGS = ("half_bin", "last_bin_index", "log_half_bins", "last_bin")
 
 for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
     (3, torch.float32, torch.float32, False, 16, False),
@@ -442,12 +480,14 @@ for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
     (3, torch.uint8, torch.bfloat16, True, 16, True),
     (1, torch.int64, torch.float16, False, 8, False),
     (1, torch.uint8, torch.bfloat16, True, 4, False),
+    (3, torch.uint8, torch.float16, True, 1, False),  # K = 1 (512 pixels per program) and K = 64
+    (3, torch.uint8, torch.float32, True, 64, False),
 ):
     _types = {name: "fp32" for name in _FLOAT_ARGS}
     _types.update(x_ptr=pointer_type(_x_dtype), logits_ptr=pointer_type(_logits_dtype), grad_logits_ptr=pointer_type(_logits_dtype))
     register_compile_case(
         f"dmol_nll_{'backward' if _grad else 'forward'}_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_x{str(_x_dtype).removeprefix('torch.')}"
-        f"{'_int64' if _index_64 else ''}",
+        f"_k{_k_pad}{'_int64' if _index_64 else ''}",
         _dmol_nll_kernel,
         _signature(_NLL_ARGS, _types, "i32") | {"grad_nll_ptr": "*fp32", "nll_ptr": "*fp32"},
         dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_PAD=_k_pad,
@@ -456,13 +496,19 @@ for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
         divisible_ints=False,  # K = 10 mixtures, P = 100 logits
     )
 
-for _channels, _logits_dtype, _quantize in ((3, torch.float32, True), (1, torch.bfloat16, False)):
+for _channels, _logits_dtype, _quantize, _k_pad in (
+    (3, torch.float32, True, 16),
+    (1, torch.bfloat16, False, 16),
+    (3, torch.float16, True, 1),
+    (3, torch.float32, True, 64),
+):
     _types = {name: "fp32" for name in _FLOAT_ARGS}
     _types.update(logits_ptr=pointer_type(_logits_dtype), u_mix_ptr="*fp32", u_logistic_ptr="*fp32", out_ptr="*fp32")
     register_compile_case(
-        f"dmol_sample_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}{'_quantize' if _quantize else ''}",
+        f"dmol_sample_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_k{_k_pad}{'_quantize' if _quantize else ''}",
         _dmol_sample_kernel,
         _signature(_SAMPLE_ARGS, _types, "i32"),
-        dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=16, BLOCK=_SAMPLE_BLOCK, INDEX_64=False),
+        dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=_k_pad, BLOCK=_sample_block(_k_pad), INDEX_64=False),
         divisible_ints=False,
+        launch_options=DRAW_LAUNCH_OPTIONS,
     )

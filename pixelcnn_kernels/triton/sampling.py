@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.dmol import draw_pixels
+from pixelcnn_kernels.triton.dmol import DRAW_LAUNCH_OPTIONS, draw_pixels, nearest_bin
 from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import launch_device, pointer_type, register_compile_case
 
@@ -393,8 +393,6 @@ def _dmol_draw_kernel(
     stride_ib,
     stride_ic,
     stride_in,
-    bins_per_unit,
-    bin_scale,
     last_bin,
     CHANNELS: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -406,7 +404,7 @@ def _dmol_draw_kernel(
     (B, CHANNELS, HW) int64, ``known`` (B, HW): contiguous; ``inputs`` (B, CHANNELS, N)
     through its strides, at position ``input_index[p]`` (None: p; outside [0, N): no write). The draw is the
     sampler's (:func:`~pixelcnn_kernels.triton.dmol.draw_pixels`, quantized); each
-    channel's bin ``floor((v + 1)·bins_per_unit + 0.5)`` (NaN: bin 0) is written as
+    channel's bin (:func:`~pixelcnn_kernels.triton.dmol.nearest_bin`, NaN: bin 0) is written as
     :func:`_write_value` says. A pixel index outside [0, HW) writes nothing.
     """
     p = tl.load(pixel_ptr)
@@ -415,7 +413,7 @@ def _dmol_draw_kernel(
     ok = (images < B) & pixel_ok
     red, green, blue = draw_pixels(
         logits_ptr, images * P, 1, NUM_MIX, u_mix_ptr, images * NUM_MIX * HW + p, HW, u_logistic_ptr, images * CHANNELS * HW + p, HW, ok,
-        bins_per_unit, bin_scale, last_bin, CHANNELS, True, K_PAD, True,
+        last_bin, CHANNELS, True, K_PAD, True,
     )  # fmt: skip
     known = tl.load(known_ptr + images * HW + p, mask=ok, other=0) != 0
     if input_index_ptr is None:
@@ -428,7 +426,7 @@ def _dmol_draw_kernel(
     input_ptrs = inputs_ptr + images * stride_ib + position * stride_in
     for channel in tl.static_range(CHANNELS):
         drawn = red if channel == 0 else (green if channel == 1 else blue)
-        bins = tl.floor((drawn + 1.0) * bins_per_unit + 0.5)
+        bins = nearest_bin(drawn, last_bin)
         bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0).to(tl.int64)
         _write_value(bins, known, image_ptrs + channel * HW, input_ptrs + channel * stride_ic, bin_inputs_ptr, NUM_BINS, ok, input_ok)
 
@@ -619,8 +617,8 @@ def dmol_draw_step(
     with launch_device(logits):
         _dmol_draw_kernel[(triton.cdiv(batch, _BLOCK_B),)](
             pixel, logits, u_mix, u_logistic, known, images, inputs, input_index, bin_inputs,
-            batch, num_logits, u_mix.shape[1], pixels, inputs.shape[2], num_bins, *inputs.stride(), (num_bins - 1) / 2, 2.0 / (num_bins - 1), float(num_bins - 1),
-            CHANNELS=channels, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B,
+            batch, num_logits, u_mix.shape[1], pixels, inputs.shape[2], num_bins, *inputs.stride(), float(num_bins - 1),
+            CHANNELS=channels, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B, **DRAW_LAUNCH_OPTIONS,
         )  # fmt: skip
 
 
@@ -697,12 +695,16 @@ def _register_dmol_draw_compile_cases() -> None:
             "pixel_ptr": "*i64", "logits_ptr": ptr, "u_mix_ptr": "*fp32", "u_logistic_ptr": "*fp32", "known_ptr": "*i1", "images_ptr": "*i64",
             "inputs_ptr": ptr, "input_index_ptr": "*i64", "bin_inputs_ptr": ptr,
             **dict.fromkeys(("B", "P", "NUM_MIX", "HW", "N", "NUM_BINS", "stride_ib", "stride_ic", "stride_in"), "i32"),
-            **dict.fromkeys(("bins_per_unit", "bin_scale", "last_bin"), "fp32"),
+            "last_bin": "fp32",
         }  # fmt: skip
-        register_compile_case(f"sampling_dmol_draw_c3_{dtype_name}", _dmol_draw_kernel, signature, {"CHANNELS": 3, "K_PAD": 16, "BLOCK_B": _BLOCK_B}, divisible_ints=False)
+        register_compile_case(
+            f"sampling_dmol_draw_c3_{dtype_name}", _dmol_draw_kernel, signature, {"CHANNELS": 3, "K_PAD": 16, "BLOCK_B": _BLOCK_B},
+            divisible_ints=False, launch_options=DRAW_LAUNCH_OPTIONS,
+        )
         no_index = {name: type_ for name, type_ in signature.items() if name != "input_index_ptr"}
         register_compile_case(
-            f"sampling_dmol_draw_c1_{dtype_name}", _dmol_draw_kernel, no_index, {"input_index_ptr": None, "CHANNELS": 1, "K_PAD": 4, "BLOCK_B": _BLOCK_B}, divisible_ints=False
+            f"sampling_dmol_draw_c1_{dtype_name}", _dmol_draw_kernel, no_index, {"input_index_ptr": None, "CHANNELS": 1, "K_PAD": 4, "BLOCK_B": _BLOCK_B},
+            divisible_ints=False, launch_options=DRAW_LAUNCH_OPTIONS,
         )  # fmt: skip
 
 _register_compile_cases()

@@ -42,6 +42,7 @@ class CompileCase:
     num_stages: int = 3
     max_spill_bytes: int = 0
     divisible_ints: bool = True
+    launch_options: dict[str, object] = field(default_factory=dict)
 
 
 COMPILE_CASES: list[CompileCase] = []
@@ -57,6 +58,7 @@ def register_compile_case(
     num_stages: int = 3,
     max_spill_bytes: int = 0,
     divisible_ints: bool = True,
+    launch_options: dict | None = None,
 ) -> None:
     """Adds a kernel signature to the sm_90 ahead-of-time compile check.
 
@@ -65,8 +67,11 @@ def register_compile_case(
     ``max_spill_bytes``: the register spill stores per thread the check lets pass (say why where not 0).
     ``divisible_ints``: whether launches pass multiples of 16 for the int arguments (channel counts,
     strides), as Triton then specialises; False for kernels taking counts such as K = 10 mixtures.
+    ``launch_options``: the other compile options the launcher passes (``enable_fp_fusion``).
     """
-    case = CompileCase(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints)
+    case = CompileCase(
+        name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints, dict(launch_options or {})
+    )
     COMPILE_CASES.append(case)
 
 
