@@ -177,7 +177,7 @@ def test_softmax_draw_step_is_the_pytorch_head_and_draw_at_its_value_only(name, 
 @pytest.mark.parametrize("backend, device", step_backends())
 @pytest.mark.parametrize("bad_logit", [float("inf"), float("nan")], ids=["inf", "nan"])
 def test_softmax_draw_of_non_finite_logits_is_bin_0_on_every_backend(bad_logit, backend, device):
-    """A NaN or +inf logit leaves no distribution to draw from: both kernels draw bin 0 (the PyTorch draw gives something else again)."""
+    """A NaN or +inf logit leaves no distribution to draw from: both kernels draw bin 0, as the PyTorch draw does."""
     model, _ = build("grey", device=device)
     h, noise, known, images, inputs = draw_operands(model, 5)
     weights = SoftmaxHeadWeights.from_model(model, torch.float32)
@@ -187,6 +187,28 @@ def test_softmax_draw_of_non_finite_logits_is_bin_0_on_every_backend(bad_logit, 
     with kernel_backend(backend, device):
         softmax_draw_step(torch.zeros(1, dtype=torch.int64, device=device), 0, h, SoftmaxHeadWeights(weights.weight, bias), noise, known, images, inputs, bin_inputs(model.num_bins, torch.float32, device))
     assert torch.equal(images[:, 0, 0], expected)
+
+
+@pytest.mark.parametrize("bad_logit", [float("inf"), float("nan"), "all -inf"])
+def test_pytorch_draws_of_non_finite_logits_are_bin_0_as_the_fused_ones(bad_logit):
+    softmax_model, _ = build("grey")
+    logits = torch.randn(3, softmax_model.num_bins, 1, 1, 2)
+    if bad_logit == "all -inf":
+        logits[1, :, 0, 0, 1] = -float("inf")
+    else:
+        logits[1, 7, 0, 0, 1] = bad_logit
+    noise = torch.rand(3, 1, 1, 2)
+    drawn = softmax_model.draw_values(logits, noise)
+    assert drawn[1, 0, 0, 1] == 0
+    finite = torch.ones_like(drawn, dtype=torch.bool)
+    finite[1, 0, 0, 1] = False
+    assert (drawn[finite] > 0).any()  # the other values are drawn as usual
+    dmol_model = GatedPixelCNN(in_channels=3, hidden=8, layers=1, kernel_size=3, head="dmol", num_logistic_mix=2)
+    dmol_logits = torch.randn(1, 2 * 10, 1, 2)  # K = 2 mixtures of 10 parameters
+    dmol_logits[0, 2:4, 0, 1] = float("nan")  # the red means: a NaN red draw is bin 0, and green and blue see its value
+    dmol_noise = (torch.rand(1, 2, 1, 2), torch.rand(1, 3, 1, 2))
+    dmol_drawn = dmol_model.draw_values(dmol_logits, dmol_noise)
+    assert dmol_drawn[0, 0, 0, 1] == 0 and ((0 <= dmol_drawn) & (dmol_drawn < dmol_model.num_bins)).all()
 
 
 @pytest.mark.gpu
@@ -472,6 +494,8 @@ def test_bad_step_inputs_name_the_argument():
             gated_layer_step(pixel, x, None, cond, layer, out)
         with pytest.raises(ValueError, match="cond must have shape"):
             gated_layer_step(pixel, x, v_pre, cond[:1], layer, out)
+        with pytest.raises(ValueError, match="out shares memory with x"):
+            gated_layer_step(pixel, x, v_pre, cond, layer, x[:])
         with pytest.raises(ValueError, match="wp must be a contiguous"):
             gated_layer_step(pixel, x[..., :3], v_pre, cond, layer, out[..., :3])
         with pytest.raises(ValueError, match="weights.color_groups"):
@@ -513,6 +537,56 @@ def test_gpu_cuda_graph_replays_the_eager_steps(name, completion, dtype, backend
     assert torch.equal(drawn[True][known[:, None].expand_as(images)], images[known[:, None].expand_as(images)])
     if dtype == torch.float32:
         assert torch.equal(drawn[True], naive)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["grey", "dmol_rgb"])
+def test_gpu_step_before_the_capture_draws_where_every_image_knows_the_pixel(name, backend, monkeypatch):
+    """Completion with pixel (0, 0) known in every image: the eager step run before the capture
+    still draws (so the head and draw kernels are not launched first inside the capture), and the
+    graph's images are the eager ones."""
+    model, cond = build(name, device="cuda")
+    noise = noise_for(model, N)
+    images = torch.randint(0, model.num_bins, (N, model.in_channels, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2)).cuda()
+    known = torch.zeros(N, HEIGHT, WIDTH, dtype=torch.bool, device="cuda")
+    known[:, 0, 0] = True
+    draws, drawn = [], {}
+    pixel_step = FusedCachedGatedPixelCNN.pixel_step
+    monkeypatch.setattr(FusedCachedGatedPixelCNN, "pixel_step", lambda self, draw=True: draws.append(draw) or pixel_step(self, draw))
+    with kernel_backend(backend, "cuda"), torch.no_grad():
+        for graph in (True, False):
+            draws.clear()
+            problem = SamplingProblem(images.clone(), known, noise, cond, model.class_vector(cond, N))
+            assert FusedCachedGatedPixelCNN(model, problem).sample(progress=False, cuda_graph=graph) == graph
+            drawn[graph] = problem.images
+            # graph: the eager step at (0, 0) and the captured one; eager: (0, 0) known, then every other pixel drawn
+            assert draws == ([True, True] if graph else [False] + [True] * (HEIGHT * WIDTH - 1))
+    assert torch.equal(drawn[True], drawn[False])
+
+
+@pytest.mark.gpu
+def test_gpu_failed_capture_falls_back_on_the_callers_stream(monkeypatch):
+    """A pixel step that cannot be captured (it synchronises): a warning, eager steps on the
+    caller's stream (torch.cuda.graph leaves its own current when its capture fails), the eager images."""
+    model, cond = build("grey", device="cuda")
+    noise = noise_for(model, N)
+
+    def new_problem():
+        images = torch.zeros(N, 1, HEIGHT, WIDTH, dtype=torch.int64, device="cuda")
+        return SamplingProblem(images, torch.zeros(N, HEIGHT, WIDTH, dtype=torch.bool, device="cuda"), noise, cond, model.class_vector(cond, N))
+
+    with torch.no_grad():
+        expected_problem = new_problem()
+        FusedCachedGatedPixelCNN(model, expected_problem).sample(progress=False, cuda_graph=False)
+        pixel_step = FusedCachedGatedPixelCNN.pixel_step
+        monkeypatch.setattr(FusedCachedGatedPixelCNN, "pixel_step", lambda self, draw=True: torch.cuda.synchronize() or pixel_step(self, draw))
+        problem = new_problem()
+        caller = torch.cuda.current_stream()
+        with pytest.warns(RuntimeWarning, match="capturing the pixel step in a CUDA graph failed"):
+            assert FusedCachedGatedPixelCNN(model, problem).sample(progress=False) is False
+        assert torch.cuda.current_stream() == caller
+    assert torch.equal(problem.images, expected_problem.images)
 
 
 @pytest.mark.gpu

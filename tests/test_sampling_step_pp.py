@@ -314,6 +314,9 @@ def test_bad_step_inputs_name_the_argument():
             (dict(inner=inner[..., :2]), ValueError, "inner must have shape"),
             (dict(out=out.half()), TypeError, "out has dtype"),
             (dict(cond=projected[:1]), ValueError, "cond must have shape"),
+            (dict(out=x_cache), ValueError, "out shares memory with x"),
+            (dict(inner=skips[1]), ValueError, r"inner shares memory with skips\[1\]"),
+            (dict(inner=out.view_as(out)), ValueError, "out shares memory with inner"),
             (dict(weights=ResnetStepWeights(**{**vars(weights), "out_weight": weights.out_weight[:, :, :4]})), ValueError, "weights.out_weight must have shape"),
             (dict(weights=ResnetStepWeights(**{**vars(weights), "kernel": (3, 3, 2, 1)})), ValueError, "weights.kernel"),
         ]:

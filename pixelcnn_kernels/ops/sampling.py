@@ -250,6 +250,7 @@ def gated_layer_step(
     _check_operand(weights.link_bias, "weights.link_bias", x, (2 * channels,), contiguous=True)
     _check_operand(weights.out_bias, "weights.out_bias", x, (channels,), contiguous=True)
     _check_operand(cond, "cond", x, (batch, 2 * channels), contiguous=True)
+    _check_written_apart({"out": out}, {"v_pre": v_pre})
     _kernels(backend).gated_pixel_step(
         pixel, x, horizontal.wp, horizontal.bias, list(horizontal.offsets), v_pre,
         weights.link_weight, weights.link_bias, cond, weights.out_weight, weights.out_bias, channels // weights.color_groups, out,
@@ -281,7 +282,7 @@ def resnet_position_step(
 
     ``x``, ``inner``, ``out`` and each of the 0 to 2 ``skips``: contiguous
     (B, H+2, W+2, C) caches with a zero ring, float32/float16/bfloat16, one dtype and
-    device with the weights. ``cond`` (B, 2C) or None: the block's projected
+    device with the weights; ``inner`` and ``out``, which the step writes, each in memory of its own. ``cond`` (B, 2C) or None: the block's projected
     conditioning. The caches must hold, at every pixel read, the values the block's
     inputs have there.
     """
@@ -319,6 +320,7 @@ def resnet_position_step(
     )
     for name, t, shape, needed in operands:
         _check_operand(t, name, x, shape, required=needed, contiguous=True)
+    _check_written_apart({"out": out, "inner": inner}, {"x": x, **{f"skips[{index}]": skip for index, skip in enumerate(skips)}})
     _kernels(backend).resnet_position_step(
         pixel, table, list(weights.kernel), x, inner, list(skips), weights.input_weight, weights.input_bias,
         weights.skip_weight, weights.skip_bias, weights.out_weight, weights.out_bias, cond, out,
@@ -482,7 +484,19 @@ def _check_common(pixel, x, wp, bias, offsets, out, out_channels: int | None) ->
         raise ValueError(f"bias must be contiguous of shape ({wp.shape[2]},), got {tuple(bias.shape)}")
     if not all(isinstance(dx, int) and abs(dx) < 2**30 for dx in offsets):
         raise ValueError(f"offsets must be int column offsets within +-2^30, got {offsets!r}")
+    _check_written_apart({"out": out}, {"x": x})
     return _kernel_backend(x, GATED_CUDA_OP)
+
+
+def _check_written_apart(written: dict[str, torch.Tensor], read: dict[str, torch.Tensor | None]) -> None:
+    """Each tensor a step writes in memory of its own: the kernels' threads read their inputs while
+    others write, in no set order, so a write into memory an input shares (a view of it, or the
+    same cache) would race."""
+    tensors = list(written.items()) + [(name, t) for name, t in read.items() if t is not None]
+    for index, (name, t) in enumerate(written.items()):
+        for other_name, other in tensors[index + 1 :]:
+            if t.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+                raise ValueError(f"{name} shares memory with {other_name}: the step writes {name} while it reads {other_name}")
 
 
 def _check_pixel(pixel) -> None:

@@ -83,8 +83,11 @@ class PixelStepSampler:
                 else:
                     rows((i,), capture_args=(i + 1,))
                 for j in range(problem.width):
-                    # A captured step draws: known values are kept where every image knows the pixel.
-                    pixels((not all_known[i][j],), capture_args=())
+                    # A captured step draws (known values are kept where every image knows the pixel), so
+                    # the eager step before the capture draws too: the capture then meets no kernel
+                    # for the first time (a first launch loads its module, which a capture forbids).
+                    draws = not all_known[i][j] or pixels.will_capture()
+                    pixels((draws,), capture_args=())
                     bar.update()
         return pixels.graph is not None
 
@@ -95,6 +98,10 @@ class _ReplayedStep:
     def __init__(self, step: Callable[..., None], name: str, device: torch.device, capture: bool, strict: bool):
         self.step, self.name, self.device, self.capture, self.strict = step, name, device, capture, strict
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def will_capture(self) -> bool:
+        """Whether the next call runs the step eagerly and then captures it."""
+        return self.graph is None and self.capture
 
     def __call__(self, args: tuple, capture_args: tuple) -> None:
         """This step with ``args``; the graph captures the next one, with ``capture_args``."""
@@ -112,20 +119,24 @@ class _ReplayedStep:
         Both on one side stream, so that whatever the step's ops initialise lazily
         (Triton modules, cuBLAS and cuDNN state for that stream) exists before the
         capture. Returns None, after a warning, where the capture fails and not ``strict``.
+        The caller's stream is current again afterwards, a failed capture included: the
+        outer stream context restores it (``torch.cuda.graph``'s own does not when its
+        capture fails).
         """
         device = self.device
+        caller = torch.cuda.current_stream(device)
         stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self.step(*args)
+        stream.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=stream):
-                self.step(*capture_args)
+            with torch.cuda.stream(stream):
+                self.step(*args)
+                with torch.cuda.graph(graph, stream=stream):
+                    self.step(*capture_args)
         except RuntimeError as error:
             if self.strict:
                 raise
             warnings.warn(f"cached sampling: capturing the {self.name} step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=4)
             graph = None
-        torch.cuda.current_stream(device).wait_stream(stream)
+        caller.wait_stream(stream)
         return graph
