@@ -66,6 +66,10 @@ def set_ops(module: nn.Module, ops: OpSet) -> nn.Module:
     return module
 
 
+# Where the layers run under autocast (torch.is_autocast_enabled raises for types without it, e.g. meta).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in: autocast's dtype when autocast is on for ``x``'s device.
 
@@ -73,7 +77,9 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     doing it here for both op sets keeps the fused and reference-built layers identical.
     """
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # The device types named, not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot
+    # trace that (a graph break per layer under torch.compile), 2.13's can.
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
