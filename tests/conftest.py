@@ -20,8 +20,10 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run by benchmarks/gpu_check.sh on a GPU machine)")
     for item in items:
-        if HAS_CUDA and ("kernel_device" in getattr(item, "fixturenames", ()) or getattr(getattr(item, "module", None), "__name__", "") == "test_properties"):
-            item.add_marker(pytest.mark.gpu)  # they run their kernels on the GPU here: part of `pytest -m gpu`
+        # Tests taking kernel_device, and the op-table modules (their DEVICE), run their kernels on the GPU here: part of `pytest -m gpu`.
+        on_device = "kernel_device" in getattr(item, "fixturenames", ()) or getattr(getattr(item, "module", None), "DEVICE", None) == torch.device("cuda")
+        if HAS_CUDA and on_device:
+            item.add_marker(pytest.mark.gpu)
         if HAS_CUDA and "2_31" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group("beyond_2_31"))  # 10-70 GB each: one worker, one after the other
         if "gpu" in item.keywords and not HAS_CUDA:

@@ -11,6 +11,7 @@ the variable on, and runs ``ci``'s examples on the GPU when it is unset, to fit 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -403,9 +404,9 @@ def assert_matches(case: OpCase, got: torch.Tensor, expected: torch.Tensor, dtyp
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{case.name} {what}: {m}")
 
 
-def check_against_reference(case: OpCase, backend: str, inputs: dict[str, Any], dtype: torch.dtype) -> None:
-    """Runs ``case`` on ``backend``; checks its output and gradients against the reference."""
-    with use_backend(backend):
+def check_against_reference(case: OpCase, backend: str | None, inputs: dict[str, Any], dtype: torch.dtype) -> None:
+    """Runs ``case`` on ``backend`` (None: the automatic choice); checks its output and gradients against the reference."""
+    with use_backend(backend) if backend is not None else contextlib.nullcontext():
         out, grads = forward_backward(case, inputs)
     expected, expected_grads = reference_forward_backward(case, inputs)
     assert_matches(case, out, expected, dtype, "output")

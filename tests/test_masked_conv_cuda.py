@@ -387,7 +387,7 @@ def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_over_2_pow_31_elements(dtype):
+def test_over_2_31_elements(dtype):
     """x and gx of 2**31 + elements: the kernels' global offsets are 64-bit.
 
     The last image rows are checked against the reference on a slice of x (a
@@ -406,7 +406,7 @@ def test_over_2_pow_31_elements(dtype):
     _assert_within(out[:, -2:], expected[:, 1:], scale[:, 1:], dtype, True, "forward, last rows")
 
     gout = torch.randn(batch, height, width, c_out, device="cuda", generator=generator, dtype=dtype)
-    del x, out
+    del x, out, tail  # tail is a view of x: x's memory goes only with it
     gx = cuda_ops().masked_conv2d_dgrad(gout, wp, None, offsets, True)
     # gx[y] reads gout rows y and y + 1: the last two rows need only gout's last two.
     g_tail = gout[:, -2:].permute(0, 3, 1, 2).double()
@@ -482,7 +482,7 @@ def test_glue_rejects_contract_violations():
 
 
 @pytest.mark.gpu
-def test_glue_rejects_images_of_2_pow_31_pixels():
+def test_glue_rejects_images_of_2_31_pixels():
     """The kernels index a pixel within its image in 32 bits (an uninitialised 4 GiB x: no kernel runs)."""
     x = torch.empty(1, 2**16, 2**15, 1, device="cuda", dtype=torch.bfloat16)
     wp = torch.empty(1, 1, 2, device="cuda", dtype=torch.bfloat16)
