@@ -34,7 +34,8 @@ __device__ __forceinline__ TanhSech2 tanh_and_sech2(float v) {
 }
 
 // log P(bin) of one discretized logistic, and with kGrad its derivatives w.r.t. the
-// (colour-adjusted) mean and the raw log-scale (zero where the clamp at -7 is active).
+// (colour-adjusted) mean and the raw log-scale (unclamped: passes_clamp says where the
+// written gradient is it rather than 0).
 // With m = (x - mean) / scale and h = half_bin / scale each branch gives dlp/dm and
 // h * dlp/dh; d/dmean = -dm / scale and d/dlog_scale = -m * dm - h * dh (minus 1 more
 // for the mid-point density). The interior probability is
@@ -320,12 +321,13 @@ __device__ __forceinline__ void draw_pixel(const PixelLogits<T>& px, int mixture
     const float u = clamp_noise(u_logistic(c));
     const float raw_log_scale = px[param_channel<C>(1, c, chosen, mixtures)];
     const float log_scale = raw_log_scale < kLogScaleMin ? kLogScaleMin : raw_log_scale;
-    float value = px[param_channel<C>(0, c, chosen, mixtures)] + expf(log_scale) * (logf(u) - logf(1.f - u));
+    // Each product rounded on its own (__fmul_rn is never fused into an FMA), as the reference rounds it.
+    float value = px[param_channel<C>(0, c, chosen, mixtures)] + __fmul_rn(expf(log_scale), logf(u) - logf(1.f - u));
     if constexpr (C == 3) {  // the colour coefficients act on the channels already drawn
-      if (c == 1) value += tanh_and_sech2(px[param_channel<C>(2, 0, chosen, mixtures)]).tanh * drawn[0];
+      if (c == 1) value += __fmul_rn(tanh_and_sech2(px[param_channel<C>(2, 0, chosen, mixtures)]).tanh, drawn[0]);
       if (c == 2) {  // in the reference's order: (value + coef_1 red) + coef_2 green
-        value += tanh_and_sech2(px[param_channel<C>(2, 1, chosen, mixtures)]).tanh * drawn[0];
-        value += tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh * drawn[1];
+        value += __fmul_rn(tanh_and_sech2(px[param_channel<C>(2, 1, chosen, mixtures)]).tanh, drawn[0]);
+        value += __fmul_rn(tanh_and_sech2(px[param_channel<C>(2, 2, chosen, mixtures)]).tanh, drawn[1]);
       }
     }
     drawn[c] = finish_channel(value, quantize, num_bins);

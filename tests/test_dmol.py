@@ -454,12 +454,14 @@ def _chi_square_critical(dof: int, z: float = 4.75) -> float:
 
 
 
-@pytest.mark.parametrize("nan_components", [slice(0, 3), slice(1, 2)], ids=["all", "second"])
-def test_kernel_sampler_with_nan_mixture_logits_picks_a_real_component(kernel_backend, kernel_device, nan_components):
+@pytest.mark.parametrize("bad_logits", [(float("nan"),) * 3, (0.0, float("nan")), (float("inf"), float("nan"))], ids=["all", "second", "inf_then_nan"])
+def test_kernel_sampler_with_nan_mixture_logits_picks_a_real_component(kernel_backend, kernel_device, bad_logits):
     """NaN mixture logits at the last pixel, K=3 (padded to 4 lanes): the draw picks the
-    first NaN component, as torch.argmax does, never a padded lane."""
+    first NaN component, as torch.argmax does (after a +inf one too), never a padded lane."""
     logits = make_logits(3, 3, batch=1, height=1, width=2, device=kernel_device, log_scale_range=(-4.0, 0.0))
-    logits[0, nan_components, 0, 1] = float("nan")
+    for k, bad in enumerate(bad_logits):
+        if bad != 0.0:
+            logits[0, k, 0, 1] = bad
     noise = (torch.rand(1, 3, 1, 2, device=kernel_device), torch.rand(1, 3, 1, 2, device=kernel_device))
     with use_backend(kernel_backend):
         got = sample_op(logits, num_bins=32, noise=noise, channels=3)

@@ -499,6 +499,8 @@ def test_bad_step_inputs_name_the_argument():
             gated_layer_step(pixel, x, v_pre, cond[:1], layer, out)
         with pytest.raises(ValueError, match="out shares memory with x"):
             gated_layer_step(pixel, x, v_pre, cond, layer, x[:])
+        # Fresh empty tensors all start at address 0, yet share no memory.
+        gated_layer_step(pixel, torch.zeros(0, *x.shape[1:]), torch.zeros(0, *v_pre.shape[1:]), cond[:0], layer, torch.zeros(0, *out.shape[1:]))
         with pytest.raises(ValueError, match="wp must be a contiguous"):
             gated_layer_step(pixel, x[..., :3], v_pre, cond, layer, out[..., :3])
         with pytest.raises(ValueError, match="weights.color_groups"):

@@ -124,7 +124,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         return next(self.parameters()).dtype
 
     def to_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer bins to floats in [-1, 1]: ``2·x/(num_bins-1) - 1`` (the DMOL op's own mapping), in the parameters' dtype."""
+        """Integer bins to floats in [-1, 1]: ``(2·x - L)/L`` with L = num_bins - 1, correctly rounded (the DMOL op's own mapping), in the parameters' dtype."""
         return bins_to_values(x, self.num_bins, self.parameter_dtype())
 
     # ---- likelihood ----

@@ -293,8 +293,10 @@ def sample_discretized_mix_logistic(
             is a multiple of 30, which fits both).
 
     Returns ``(B, C, H, W)`` values in [-1, 1], float32 (float64 for float64 logits);
-    :func:`to_bins` maps them to integer bins. Not differentiable. Samples from
-    non-finite logits are unspecified.
+    :func:`to_bins` maps them to integer bins. Not differentiable. Non-finite logits
+    draw as the reference does: NaN mixture logits pick the first NaN component (as
+    ``torch.argmax``), a NaN value quantizes to bin 0's centre (-1) and stays NaN
+    with ``quantize=False``, ±inf values clamp to ±1.
     """
     check_tensor(logits, "logits", ndim=4)
     channels = _sample_channels(logits, noise, channels)
@@ -314,6 +316,6 @@ def sample_discretized_mix_logistic(
 
 
 def to_bins(values: torch.Tensor, num_bins: int = 256) -> torch.Tensor:
-    """Values in [-1, 1] (e.g. a sample) -> int64 bins ``0..num_bins-1``, nearest centre (halves round up)."""
+    """Values in [-1, 1] (e.g. a sample) -> int64 bins ``0..num_bins-1``, nearest centre (halves round up; NaN: bin 0)."""
     check_tensor(values, "values")
     return _reference.to_bins(values, check_num_bins(num_bins))

@@ -422,7 +422,7 @@ def dmol_draw_step(
 
 
 def bin_inputs(num_bins: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """(num_bins,): the network input of each bin, ``2·bin/(num_bins-1) - 1`` as the models' ``to_inputs`` computes it in ``dtype``."""
+    """(num_bins,): the network input of each bin, ``(2·bin - L)/L`` with L = num_bins - 1, as the models' ``to_inputs`` computes it in ``dtype``."""
     return bins_to_values(torch.arange(num_bins, device=device), num_bins, dtype)
 
 
@@ -492,8 +492,12 @@ def _check_written_apart(written: dict[str, torch.Tensor], read: dict[str, torch
     """Each tensor a step writes in memory of its own: the kernels' threads read their inputs while
     others write, in no set order, so a write into memory an input shares (a view of it, or the
     same cache) would race."""
+    # Empty tensors hold no memory (their storages all start at address 0).
     tensors = list(written.items()) + [(name, t) for name, t in read.items() if t is not None]
-    for index, (name, t) in enumerate(written.items()):
+    tensors = [(name, t) for name, t in tensors if t.numel() > 0]
+    for index, (name, t) in enumerate(tensors):
+        if name not in written:
+            break
         for other_name, other in tensors[index + 1 :]:
             if t.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
                 raise ValueError(f"{name} shares memory with {other_name}: the step writes {name} while it reads {other_name}")

@@ -128,15 +128,15 @@ class _ReplayedStep:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):
-                self.step(*args)
+        with torch.cuda.stream(stream):
+            self.step(*args)  # its errors are the step's, not the capture's: raised as they are
+            try:
                 with torch.cuda.graph(graph, stream=stream):
                     self.step(*capture_args)
-        except RuntimeError as error:
-            if self.strict:
-                raise
-            warnings.warn(f"cached sampling: capturing the {self.name} step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=4)
-            graph = None
+            except RuntimeError as error:
+                if self.strict:
+                    raise
+                warnings.warn(f"cached sampling: capturing the {self.name} step in a CUDA graph failed, running it without one: {error}", RuntimeWarning, stacklevel=4)
+                graph = None
         caller.wait_stream(stream)
         return graph

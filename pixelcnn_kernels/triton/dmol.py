@@ -36,7 +36,8 @@ _NLL_TILE_ELEMENTS = 512
 _SAMPLE_BLOCK = 128
 _SAMPLE_TILE_ELEMENTS = 2048
 # Launch options of the kernels that draw: every product and sum rounded on its own, as in the
-# PyTorch reference (no FMA contraction), so a value at a bin's edge falls in the reference's bin.
+# PyTorch reference (no FMA contraction), so a value is binned exactly as the reference bins it
+# (the value itself may still differ in its last bits: tl.exp and tl.log are the GPU's own).
 DRAW_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
@@ -322,9 +323,12 @@ def draw_pixels(
     mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset[:, None], k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
     u_mix = _clamp_noise(tl.load(_channel_ptrs(u_mix_ptr, m_offset[:, None], k[None, :], m_stride_k, INDEX_64), mask=tile_mask, other=0.5))
     scores = mix_logits.to(tl.float32) - tl.log(-tl.log(u_mix))
-    # A NaN score wins, as in torch.argmax; made +inf so the argmax can never pick a padded lane (k >= K).
-    scores = tl.where(scores != scores, float("inf"), scores)
-    component = tl.argmax(tl.where(k_mask[None, :], scores, -float("inf")), axis=1)
+    # The first NaN score wins, as in torch.argmax (even after a +inf); else the first maximum.
+    # Padded lanes (k >= K) are neither NaN nor above -inf, so never picked.
+    is_nan = ((scores != scores) & k_mask[None, :]).to(tl.int32)
+    first_nan = tl.argmax(is_nan, axis=1)
+    best = tl.argmax(tl.where(k_mask[None, :] & (is_nan == 0), scores, -float("inf")), axis=1)
+    component = tl.where(tl.max(is_nan, axis=1) > 0, first_nan, best)
 
     u_red = tl.load(u_logistic_ptr + u_offset, mask=pix_mask, other=0.5)
     red = _logistic_draw(logits_ptr, l_offset, num_mix + component, l_stride_p, num_mix, u_red, pix_mask, INDEX_64)
@@ -386,6 +390,12 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _pixels_need_int64(num_pixels: int, block: int) -> bool:
+    """True when the last program's pixel indices (padding lanes included) can pass 2**31 - 1,
+    which expanded (stride-0) tensors allow with every offset below it."""
+    return triton.cdiv(num_pixels, block) * block > 2**31 - 1
+
+
 def _nll_block(k_pad: int) -> int:
     return max(1, _NLL_TILE_ELEMENTS // k_pad)
 
@@ -414,7 +424,8 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
             1.0 / (num_bins - 1), float(num_bins - 1), math.log((num_bins - 1) / 2),
             CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
-            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll), num_warps=_nll_warps(compute_grad),
+            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll) or _pixels_need_int64(num_pixels, block),
+            num_warps=_nll_warps(compute_grad),
         )
 
 
@@ -449,7 +460,7 @@ def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, 
             *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
             float(num_bins - 1),
             CHANNELS=channels, QUANTIZE=quantize, K_PAD=k_pad, BLOCK=block,
-            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out), **DRAW_LAUNCH_OPTIONS,
+            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out) or _pixels_need_int64(num_pixels, block), **DRAW_LAUNCH_OPTIONS,
         )
 
 
@@ -474,6 +485,11 @@ _SAMPLE_ARGS = (
 )
 _FLOAT_ARGS = ("half_bin", "last_bin_index", "log_half_bins", "last_bin")
 
+
+def _as_launched(k_pad: int) -> dict:
+    """K = 1 reaches a launch as an int argument equal to 1, which Triton specialises to a constant."""
+    return {"num_mix": 1} if k_pad == 1 else {}
+
 for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
     (3, torch.float32, torch.float32, False, 16, False),
     (3, torch.float32, torch.float32, True, 16, False),
@@ -491,7 +507,7 @@ for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
         _dmol_nll_kernel,
         _signature(_NLL_ARGS, _types, "i32") | {"grad_nll_ptr": "*fp32", "nll_ptr": "*fp32"},
         dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_PAD=_k_pad,
-             BLOCK=_nll_block(_k_pad), INDEX_64=_index_64),
+             BLOCK=_nll_block(_k_pad), INDEX_64=_index_64, **_as_launched(_k_pad)),
         num_warps=_nll_warps(_grad),
         divisible_ints=False,  # K = 10 mixtures, P = 100 logits
     )
@@ -508,7 +524,7 @@ for _channels, _logits_dtype, _quantize, _k_pad in (
         f"dmol_sample_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_k{_k_pad}{'_quantize' if _quantize else ''}",
         _dmol_sample_kernel,
         _signature(_SAMPLE_ARGS, _types, "i32"),
-        dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=_k_pad, BLOCK=_sample_block(_k_pad), INDEX_64=False),
+        dict(CHANNELS=_channels, QUANTIZE=_quantize, K_PAD=_k_pad, BLOCK=_sample_block(_k_pad), INDEX_64=False, **_as_launched(_k_pad)),
         divisible_ints=False,
         launch_options=DRAW_LAUNCH_OPTIONS,
     )
