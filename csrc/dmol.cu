@@ -114,10 +114,11 @@ struct PixelLogits {
 // - the centre (2 bin - last) / last with last = num_bins - 1 (bin and last exact integers):
 //   one IEEE division, correctly rounded (nvcc's default -prec-div=true);
 // - the nearest bin floor((v + 1) * last / 2 + 0.5) of v in [-1, 1], each step rounded on its
-//   own (__fadd_rn/__fmul_rn are never fused into an FMA), halves up; NaN stays NaN.
+//   own (__fadd_rn/__fmul_rn are never fused into an FMA), halves up, clamped to [0, last] (NaN: bin 0).
 __device__ __forceinline__ float bin_centre(float bin, float last) { return (2.f * bin - last) / last; }
 __device__ __forceinline__ float nearest_bin(float value, float last) {
-  return floorf(__fadd_rn(__fmul_rn(__fadd_rn(value, 1.f), 0.5f * last), 0.5f));
+  const float bin = floorf(__fadd_rn(__fmul_rn(__fadd_rn(value, 1.f), 0.5f * last), 0.5f));
+  return bin > 0.f ? (bin < last ? bin : last) : 0.f;
 }
 
 // One pixel's x per colour channel: value in [-1, 1] and edge-bin flags.
@@ -289,8 +290,7 @@ __device__ __forceinline__ float finish_channel(float value, bool quantize, int 
   value = value < -1.f ? -1.f : (value > 1.f ? 1.f : value);
   if (quantize) {
     const float last = static_cast<float>(num_bins - 1);
-    const float bin = nearest_bin(value, last);
-    value = bin_centre(bin > 0.f ? (bin < last ? bin : last) : 0.f, last);
+    value = bin_centre(nearest_bin(value, last), last);
   }
   return value;
 }
@@ -370,11 +370,11 @@ __global__ void __launch_bounds__(kThreads) draw_step_kernel(const DrawStep step
   const float last = static_cast<float>(step.num_bins - 1);
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    // The drawn centre's bin, as the PyTorch sampler's to_bins maps it (NaN to bin 0).
-    const float bin = nearest_bin(drawn[c], last);
+    // The drawn centre's bin, as the PyTorch sampler's to_bins maps it.
+    const auto bin = static_cast<int64_t>(nearest_bin(drawn[c], last));
     T* input = static_cast<T*>(step.inputs) + b * step.input_strides[0] + c * step.input_strides[1] + position * step.input_strides[2];
-    write_drawn_value(step.images, (b * C + c) * step.pixels + p, known, static_cast<int64_t>(bin > 0.f ? (bin < last ? bin : last) : 0.f),
-                      input_ok ? input : nullptr, static_cast<const T*>(step.bin_inputs), step.num_bins);
+    write_drawn_value(step.images, (b * C + c) * step.pixels + p, known, bin, input_ok ? input : nullptr,
+                      static_cast<const T*>(step.bin_inputs), step.num_bins);
   }
 }
 

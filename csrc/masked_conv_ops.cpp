@@ -51,8 +51,7 @@ std::vector<int> checked_offsets(at::IntArrayRef offsets) {
 
 void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t in_channels, int64_t out_channels) {
   check_cuda_contiguous(wp, "wp");
-  check_same_device(wp, "wp", x, "the activations");
-  check_same_dtype(wp, "wp", x, "the activations");
+  check_like(wp, "wp", x, "the activations");
   TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Cout), got shape ", wp.sizes());
   TORCH_CHECK(wp.size(0) == taps, "wp has ", wp.size(0), " taps but offsets hold ", taps, " (dy, dx) pairs");
   TORCH_CHECK(wp.size(1) == in_channels, "wp has ", wp.size(1), " input channels but the input has ", in_channels);
@@ -179,8 +178,7 @@ at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp
   const bool concat_elu_input = x.has_value();
   if (concat_elu_input) {
     check_activation(*x, "x");
-    check_same_device(*x, "x", gout, "gout");
-    check_same_dtype(*x, "x", gout, "gout");
+    check_like(*x, "x", gout, "gout");
     TORCH_CHECK(x->size(0) == gout.size(0) && x->size(1) == gout.size(1) && x->size(2) == gout.size(2) &&
                     2 * x->size(3) == in_channels,
                 "x must be (N, H, W, Cin / 2) = (", gout.size(0), ", ", gout.size(1), ", ", gout.size(2), ", ",
@@ -201,8 +199,7 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
                                     bool concat_elu_input, bool allow_tf32) {
   check_activation(x, "x");
   check_activation(gout, "gout");
-  check_same_device(gout, "gout", x, "x");
-  check_same_dtype(gout, "gout", x, "x");
+  check_like(gout, "gout", x, "x");
   TORCH_CHECK(gout.size(0) == x.size(0) && gout.size(1) == x.size(1) && gout.size(2) == x.size(2),
               "gout (N, H, W, Cout) must match x (N, H, W, Cin) in N, H, W: got ", gout.sizes(), " and ", x.sizes());
   const std::vector<int> offsets32 = checked_offsets(offsets);

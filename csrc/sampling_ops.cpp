@@ -54,11 +54,9 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
   TORCH_CHECK(x.dim() == 4, "x must be (B, H, W, Cin), got shape ", x.sizes());
   const DType dtype = to_kernel_dtype(x, "x");
   check_pixel(pixel, x, "x");
-  check_same_device(out, "out", x, "x");
-  check_same_dtype(out, "out", x, "x");
+  check_like(out, "out", x, "x");
   check_cuda_contiguous(wp, "wp");
-  check_same_device(wp, "wp", x, "x");
-  check_same_dtype(wp, "wp", x, "x");
+  check_like(wp, "wp", x, "x");
   TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Npre), got shape ", wp.sizes());
   const int64_t taps = static_cast<int64_t>(offsets.size());
   TORCH_CHECK(1 <= taps && taps <= kMaxTaps, "the step takes 1 to ", kMaxTaps, " taps, got ", taps);
@@ -101,8 +99,7 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
                 wp.sizes());
     TORCH_CHECK(group_size >= 1 && channels % group_size == 0, "group_size must divide the ", channels,
                 " channels, got ", group_size);
-    check_same_device(*v_pre, "v_pre", x, "x");
-    check_same_dtype(*v_pre, "v_pre", x, "x");
+    check_like(*v_pre, "v_pre", x, "x");
     TORCH_CHECK(v_pre->dim() == 3 && v_pre->size(0) == x.size(0) && v_pre->size(1) == x.size(2) &&
                     v_pre->size(2) == 2 * channels,
                 "v_pre must be (B, W, 2C) = (", x.size(0), ", ", x.size(2), ", ", 2 * channels, "), got ", v_pre->sizes());
@@ -275,8 +272,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   check_noise(u_mix, "u_mix", images, mixtures);
   check_noise(u_logistic, "u_logistic", images, channels);
   const int64_t num_bins = check_bin_inputs(bin_inputs, logits, "logits");
-  check_same_device(inputs, "inputs", logits, "logits");
-  check_same_dtype(inputs, "inputs", logits, "logits");
+  check_like(inputs, "inputs", logits, "logits");
   TORCH_CHECK(inputs.dim() == 3 && inputs.size(0) == images.size(0) && inputs.size(1) == channels,
               "inputs must be (B, C, N) with images' B and C, got shape ", inputs.sizes());
   if (input_index.has_value()) {

@@ -39,12 +39,17 @@ inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Te
                    " has dtype ", ref.scalar_type(), "; they must match");
 }
 
+// On ref's device and of its dtype.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_same_device(t, name, ref, ref_name);
+  check_same_dtype(t, name, ref, ref_name);
+}
+
 // An operand the kernels read beside `ref`: contiguous, on its device, of its dtype and of exactly `shape`.
 inline void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
                           at::IntArrayRef shape) {
   check_cuda_contiguous(t, name);
-  check_same_device(t, name, ref, ref_name);
-  check_same_dtype(t, name, ref, ref_name);
+  check_like(t, name, ref, ref_name);
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 

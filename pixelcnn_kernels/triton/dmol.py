@@ -136,11 +136,13 @@ def _bin_centre(bins, last_bin):
 
 @triton.jit
 def nearest_bin(value, last_bin):
-    """The nearest bin ``floor((value + 1)·last_bin/2 + 0.5)`` of values in [-1, 1] as floats (halves up, NaN stays).
+    """The nearest bin ``floor((value + 1)·last_bin/2 + 0.5)`` of values in [-1, 1] as floats, halves up,
+    clamped to [0, last_bin] (NaN: bin 0), as ``reference.to_bins``.
 
-    As ``reference.to_bins`` rounds it only in kernels launched with :data:`DRAW_LAUNCH_OPTIONS`.
+    Rounded as ``reference.to_bins`` rounds it only in kernels launched with :data:`DRAW_LAUNCH_OPTIONS`.
     """
-    return tl.floor((value + 1.0) * (0.5 * last_bin) + 0.5)
+    bins = tl.floor((value + 1.0) * (0.5 * last_bin) + 0.5)
+    return tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0)
 
 
 # --------------------------------------------------------------------------- addressing helpers
@@ -296,9 +298,7 @@ def _finish_channel(value, last_bin, QUANTIZE: tl.constexpr):
     """Clamps to [-1, 1] (NaN-propagating) and, if QUANTIZE, rounds to the nearest bin centre (halves up; NaN: bin 0's, as ``reference.to_bins``)."""
     value = tl.where(value < -1.0, -1.0, tl.where(value > 1.0, 1.0, value))
     if QUANTIZE:
-        bins = nearest_bin(value, last_bin)
-        bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0)
-        value = _bin_centre(bins, last_bin)
+        value = _bin_centre(nearest_bin(value, last_bin), last_bin)
     return value
 
 
@@ -383,17 +383,15 @@ def _dmol_sample_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when an element offset of any tensor (views included) can reach 2**31."""
-    return needs_int64_index(*tensors) or any(
-        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors
+def _needs_int64(num_pixels: int, block: int, *tensors: torch.Tensor) -> bool:
+    """True when an element offset of any tensor (views included) can reach 2**31, or the last
+    program's pixel indices (padding lanes included) can pass 2**31 - 1, which expanded
+    (stride-0) tensors allow with every offset below it."""
+    return (
+        triton.cdiv(num_pixels, block) * block > 2**31 - 1
+        or needs_int64_index(*tensors)
+        or any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors)
     )
-
-
-def _pixels_need_int64(num_pixels: int, block: int) -> bool:
-    """True when the last program's pixel indices (padding lanes included) can pass 2**31 - 1,
-    which expanded (stride-0) tensors allow with every offset below it."""
-    return triton.cdiv(num_pixels, block) * block > 2**31 - 1
 
 
 def _nll_block(k_pad: int) -> int:
@@ -424,7 +422,7 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
             1.0 / (num_bins - 1), float(num_bins - 1), math.log((num_bins - 1) / 2),
             CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
-            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(x, logits, grad_logits, grad_nll) or _pixels_need_int64(num_pixels, block),
+            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(num_pixels, block, x, logits, grad_logits, grad_nll),
             num_warps=_nll_warps(compute_grad),
         )
 
@@ -460,7 +458,7 @@ def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, 
             *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),
             float(num_bins - 1),
             CHANNELS=channels, QUANTIZE=quantize, K_PAD=k_pad, BLOCK=block,
-            INDEX_64=_needs_int64(logits, u_mix, u_logistic, out) or _pixels_need_int64(num_pixels, block), **DRAW_LAUNCH_OPTIONS,
+            INDEX_64=_needs_int64(num_pixels, block, logits, u_mix, u_logistic, out), **DRAW_LAUNCH_OPTIONS,
         )
 
 

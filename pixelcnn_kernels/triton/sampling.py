@@ -404,7 +404,7 @@ def _dmol_draw_kernel(
     (B, CHANNELS, HW) int64, ``known`` (B, HW): contiguous; ``inputs`` (B, CHANNELS, N)
     through its strides, at position ``input_index[p]`` (None: p; outside [0, N): no write). The draw is the
     sampler's (:func:`~pixelcnn_kernels.triton.dmol.draw_pixels`, quantized); each
-    channel's bin (:func:`~pixelcnn_kernels.triton.dmol.nearest_bin`, NaN: bin 0) is written as
+    channel's bin (:func:`~pixelcnn_kernels.triton.dmol.nearest_bin`) is written as
     :func:`_write_value` says. A pixel index outside [0, HW) writes nothing.
     """
     p = tl.load(pixel_ptr)
@@ -426,8 +426,7 @@ def _dmol_draw_kernel(
     input_ptrs = inputs_ptr + images * stride_ib + position * stride_in
     for channel in tl.static_range(CHANNELS):
         drawn = red if channel == 0 else (green if channel == 1 else blue)
-        bins = nearest_bin(drawn, last_bin)
-        bins = tl.where(bins > 0.0, tl.where(bins < last_bin, bins, last_bin), 0.0).to(tl.int64)
+        bins = nearest_bin(drawn, last_bin).to(tl.int64)
         _write_value(bins, known, image_ptrs + channel * HW, input_ptrs + channel * stride_ic, bin_inputs_ptr, NUM_BINS, ok, input_ok)
 
 
