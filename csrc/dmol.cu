@@ -43,8 +43,8 @@ __device__ __forceinline__ TanhSech2 tanh_and_sech2(float v) {
 struct SubPixel {
   float log_prob, d_mean, d_log_scale;
   // Whether the raw log-scale's gradient passes the clamp at -7: at or above it, not below nor
-  // for NaN, as torch.clamp's backward (2.14 stops it at the bound itself too); the written
-  // gradient is 0 elsewhere, where a NaN posterior times 0 would leave NaN.
+  // for NaN, as reference.clamp_log_scales; the written gradient is 0 elsewhere, where a NaN
+  // posterior times 0 would leave NaN.
   bool passes_clamp;
 };
 

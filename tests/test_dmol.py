@@ -241,20 +241,34 @@ def test_kernel_integer_x_is_the_float_bin_centre_bit_for_bit(kernel_backend, ke
     assert torch.equal(grad_int, grad_float)
 
 
+def test_reference_log_scale_clamp_gradient():
+    """The clamp's gradient passes at -7 and above and is 0 below it and at NaN, whatever torch.clamp's
+    backward does at the bound in this torch version; NaN stays NaN going forward."""
+    raw = torch.tensor([-7.5, -7.0, -3.0, float("nan")], dtype=torch.float64, requires_grad=True)
+    clamped = reference.clamp_log_scales(raw)
+    (grad,) = torch.autograd.grad(clamped, raw, torch.full_like(raw, 2.0))
+    assert torch.equal(clamped[:3], torch.tensor([-7.0, -7.0, -3.0], dtype=torch.float64)) and clamped[3].isnan()
+    assert grad.tolist() == [0.0, 2.0, 2.0, 0.0]
+
+
 def test_kernel_log_scale_gradient_is_the_clamps(kernel_backend, kernel_device):
-    """A raw log-scale below the -7 bound or NaN gets gradient 0, as torch.clamp's backward gives it
-    (the NaN pixel's other gradients are NaN on both sides). At the bound itself torch 2.14 gives
-    0 and earlier versions let it through, as the kernels do: not tested."""
+    """A raw log-scale below the -7 bound or NaN gets gradient 0 and one at the bound gets its gradient,
+    on the kernels as in the reference (the NaN pixel's other gradients are NaN on both sides)."""
     logits = make_logits(1, 2, batch=1, height=1, width=3, device=kernel_device, log_scale_range=(-4.0, 0.0))
     logits[0, 4, 0, 0] = -7.5  # channels: 2 mixture logits, 2 means, 2 log-scales
     logits[0, 4, 0, 1] = float("nan")
     bins = make_bins(1, 256, batch=1, height=1, width=3, device=kernel_device)
+    # At the third pixel the first component, at the bound, holds the mass and its mean sits half a
+    # scale off bin 128's centre, so its log-scale's gradient is far from 0.
+    bins[0, 0, 0, 2] = 128
+    logits[0, :, 0, 2] = torch.tensor([4.0, -4.0, 1 / 255 + 5e-4, 0.0, -7.0, 0.0])
     grad_nll = torch.ones(1, 1, 3, device=kernel_device)
     leaf = logits.clone().requires_grad_(True)
     with use_backend(kernel_backend):
         (grad,) = torch.autograd.grad(nll_op(bins, leaf), leaf, grad_nll)
     expected = reference_grad(bins, logits, grad_nll, 256)
     assert grad[0, 4, 0, 0] == 0 and grad[0, 4, 0, 1] == 0 and expected[0, 4, 0, 1] == 0
+    assert grad[0, 4, 0, 2] != 0 and expected[0, 4, 0, 2] != 0
     rtol, atol = grad_tolerance(torch.float32)
     torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
 

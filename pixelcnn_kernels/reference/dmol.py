@@ -83,6 +83,16 @@ def num_mixtures(num_logit_channels: int, channels: int) -> int:
     return num_logit_channels // logits_per_mixture(channels)
 
 
+def clamp_log_scales(raw: torch.Tensor) -> torch.Tensor:
+    """``max(raw, -7)`` with NaN kept, whose gradient passes where ``raw >= -7`` and is 0 elsewhere (NaN too).
+
+    PixelCNN++'s ``tf.maximum`` lets the gradient through at the bound itself; torch.clamp's
+    backward does up to torch 2.13 and stops it from 2.14. Spelling the rule out keeps the
+    reference, and so every test, the same on every torch version, and equal to the kernels.
+    """
+    return torch.where(raw >= LOG_SCALE_MIN, raw, raw.clamp(min=LOG_SCALE_MIN).detach())
+
+
 def unpack_logits(logits: torch.Tensor, channels: int):
     """Splits ``(B, P, H, W)`` logits into PixelCNN++'s parameters (module docstring layout).
 
@@ -92,7 +102,7 @@ def unpack_logits(logits: torch.Tensor, channels: int):
     k = num_mixtures(logits.shape[1], channels)
     per_channel = logits[:, k:].unflatten(1, (channels, params_per_channel(channels), k))
     means = per_channel[:, :, 0]
-    log_scales = per_channel[:, :, 1].clamp(min=LOG_SCALE_MIN)
+    log_scales = clamp_log_scales(per_channel[:, :, 1])
     coeffs = torch.tanh(per_channel[:, :, 2]) if channels == 3 else None
     return logits[:, :k], means, log_scales, coeffs
 

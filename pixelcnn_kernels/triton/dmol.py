@@ -122,8 +122,7 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
 @triton.jit
 def _through_clamp(grad, raw_log_scale):
     """A raw log-scale's gradient through the clamp at -7: at or above it, not below nor for NaN,
-    as torch.clamp's backward (2.14 stops it at the bound itself too); 0 elsewhere, where a NaN
-    posterior times 0 would leave NaN."""
+    as ``reference.clamp_log_scales``; 0 elsewhere, where a NaN posterior times 0 would leave NaN."""
     return tl.where(raw_log_scale >= LOG_SCALE_MIN, grad, 0.0)
 
 
