@@ -1,8 +1,9 @@
 """What the fused sampling-step tests share (``test_sampling_step.py``, ``test_sampling_step_pp.py``).
 
 Where a step runs (the interpreter on the CPU, both kernel backends on a GPU), a fixture
-making PyTorch's GPU convolutions compute as the fused steps do, and the comparison at
-the expected's scale with :mod:`pixelcnn_kernels.testing`'s tolerance table.
+making PyTorch's GPU convolutions compute as the fused steps do, the comparison at
+the expected's scale with :mod:`pixelcnn_kernels.testing`'s tolerance table, and the
+widest step a size predicate allows.
 """
 
 import pytest
@@ -44,3 +45,8 @@ def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: t
     rtol, table_atol = tolerance(dtype)
     atol = table_atol if atol is None else atol
     torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+
+
+def widest(fits) -> int:
+    """The largest width below 2^15 that ``fits`` (one of :mod:`pixelcnn_kernels.ops.sampling`'s monotone ``*_fits`` predicates) allows."""
+    return max(width for width in range(1, 1 << 15) if fits(width))

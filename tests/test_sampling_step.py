@@ -10,14 +10,12 @@ on a GPU, the CUDA graph against eager steps, and larger layers.
 import pytest
 import torch
 
-from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends
+from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends, widest
 
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import (
-    DRAW_CUDA_OP,
-    GATED_CUDA_OP,
     MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
@@ -26,13 +24,14 @@ from pixelcnn_kernels.ops.sampling import (
     dmol_draw_step,
     gated_layer_step,
     horizontal_conv_step,
+    pixel_step_fits,
+    softmax_draw_fits,
     softmax_draw_step,
     step_backend,
-    steps_have_kernels,
 )
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_ref
 from pixelcnn_kernels.sampling import SamplingProblem
-from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN, FusedCachedGatedPixelCNN
+from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN, FusedCachedGatedPixelCNN, fused_steps_fit
 from pixelcnn_kernels.triton import sampling as triton_sampling
 
 N = 2
@@ -128,6 +127,30 @@ def test_triton_pixel_step_names_a_width_past_its_limit():
         triton_sampling.gated_pixel_step(torch.zeros(1, dtype=torch.int64), x, torch.zeros(1, 4, channels), None, [0], None, None, None, None, None, None, 0, out)
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_gated_step_takes_the_widths_pixel_step_fits_allows():
+    """The widest 1×3 gated layer :func:`pixel_step_fits` allows the cuda backend writes its pixel; one channel more, the glue refuses (its shared memory)."""
+    taps = 2  # a 1×3 horizontal mask: the pixel and its left neighbour
+    channels = widest(lambda width: pixel_step_fits("cuda", taps, width, width, gated=True))
+    pixel = torch.ones(1, dtype=torch.int64, device="cuda")  # the middle one of 3 columns
+
+    def weight(*shape):  # products with unit-normal inputs stay near unit scale
+        return torch.randn(*shape, device="cuda") / shape[-2] ** 0.5
+
+    with kernel_backend("cuda", "cuda"):
+        for width in (channels, channels + 1):
+            weights = GatedLayerStepWeights(HorizontalStepWeights(weight(taps, width, 2 * width), None, (-1, 0)), weight(2 * width, 2 * width), None, weight(width, width), None, 1)
+            x = torch.randn(2, 1, 3, width, device="cuda")
+            v_pre = torch.randn(2, 3, 2 * width, device="cuda")
+            out = torch.full_like(x, float("nan"))
+            if width == channels:
+                gated_layer_step(pixel, x, v_pre, None, weights, out)
+                assert out[:, 0, 1].isfinite().all() and out[:, 0, [0, 2]].isnan().all()
+            else:
+                with pytest.raises(RuntimeError, match="shared memory"):
+                    gated_layer_step(pixel, x, v_pre, None, weights, out)
+
+
 # ---------------------------------------------------------------- the softmax head's draw against the PyTorch head and draw
 
 
@@ -212,6 +235,28 @@ def test_pytorch_draws_of_non_finite_logits_are_bin_0_as_the_fused_ones(bad_logi
     dmol_noise = (torch.rand(1, 2, 1, 2), torch.rand(1, 3, 1, 2))
     dmol_drawn = dmol_model.draw_values(dmol_logits, dmol_noise)
     assert dmol_drawn[0, 0, 0, 1] == 0 and ((0 <= dmol_drawn) & (dmol_drawn < dmol_model.num_bins)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_softmax_draw_takes_the_widths_softmax_draw_fits_allows():
+    """The widest head into 256 bins :func:`softmax_draw_fits` allows the cuda backend draws; one hidden unit more, the glue refuses (its shared memory)."""
+    num_bins, batch, pixels = 256, 3, 4
+    hidden = widest(lambda width: softmax_draw_fits("cuda", width, num_bins))
+    pixel = torch.zeros(1, dtype=torch.int64, device="cuda")
+    noise, known = torch.rand(batch, 1, pixels, device="cuda"), torch.zeros(batch, pixels, dtype=torch.bool, device="cuda")
+    table = bin_inputs(num_bins, torch.float32, "cuda")
+    with kernel_backend("cuda", "cuda"):
+        for width in (hidden, hidden + 1):
+            weights = SoftmaxHeadWeights(torch.randn(width, num_bins, device="cuda") / width**0.5, None)
+            h = torch.randn(batch, width, device="cuda")
+            images, inputs = torch.full((batch, 1, pixels), -1, device="cuda"), torch.zeros(batch, 1, pixels, device="cuda")
+            if width == hidden:
+                softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs, table)
+                drawn = images[:, 0, 0]
+                assert ((0 <= drawn) & (drawn < num_bins)).all() and torch.equal(inputs[:, 0, 0], table[drawn]) and (images[:, 0, 1:] == -1).all()
+            else:
+                with pytest.raises(RuntimeError, match="shared memory"):
+                    softmax_draw_step(pixel, 0, h, weights, noise, known, images, inputs, table)
 
 
 @pytest.mark.gpu
@@ -362,12 +407,12 @@ def test_step_backend_is_a_kernel_backend_in_kernel_dtypes_only():
         assert step_backend(weight) is None
 
 
-def test_steps_have_kernels_needs_a_kernel_backend_for_every_step():
-    weight = torch.zeros(1)
-    assert not steps_have_kernels(weight, GATED_CUDA_OP, DRAW_CUDA_OP)  # CPU tensors: the reference backend
+def test_fused_steps_fit_needs_a_kernel_backend():
+    model, _ = build("grey")
+    assert not fused_steps_fit(model)  # CPU tensors: the reference backend
     with use_backend("triton"):
-        assert steps_have_kernels(weight, GATED_CUDA_OP, DRAW_CUDA_OP)
-        assert not steps_have_kernels(weight.double(), GATED_CUDA_OP)
+        assert fused_steps_fit(model)
+        assert not fused_steps_fit(build("grey", torch.float64)[0])
 
 
 @pytest.mark.parametrize("backend, device", STEP_BACKENDS)
@@ -431,7 +476,15 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
     assert launches["dmol_draw_step"] == (values if model.head == "dmol" else 0)
 
 
-def test_a_softmax_head_past_the_draws_bins_keeps_the_pytorch_step(monkeypatch):
+@pytest.mark.parametrize("size, widest_fused", [("num_bins", MAX_DRAW_BINS), ("hidden", triton_sampling.MAX_PIXEL_STEP_CHANNELS)])
+def test_fused_steps_fit_the_triton_steps_widest_models(size, widest_fused):
+    """The fused draw's most bins and the Triton pixel step's most channels: one more keeps the PyTorch step (not the step's ValueError)."""
+    with use_backend("triton"):
+        assert fused_steps_fit(build("grey", **{size: widest_fused})[0])
+        assert not fused_steps_fit(build("grey", **{size: widest_fused + 1})[0])
+
+
+def test_a_model_past_a_fused_steps_limit_keeps_the_pytorch_step(monkeypatch):
     """More bins than one program or block of the fused draw holds: the PyTorch cached step, still naive's image."""
     model, _ = build("grey", num_bins=MAX_DRAW_BINS + 1)
     monkeypatch.setattr(FusedCachedGatedPixelCNN, "sample", None)  # calling it fails

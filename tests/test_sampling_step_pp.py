@@ -14,12 +14,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends
+from sampling_step_helpers import assert_close_at_scale, exact_gpu_convs, kernel_backend, step_backends, widest
 
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.models import PixelCNNPlusPlus
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
-from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, step_backend
+from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, resnet_step_fits, step_backend
 from pixelcnn_kernels.reference.layers import GatedResnet
 from pixelcnn_kernels.sampling import SamplingProblem
 from pixelcnn_kernels.sampling import cached_pixelcnn_pp
@@ -182,12 +182,13 @@ def test_table_step_logits_match_the_pytorch_graph_in_float32(backend, device):
     assert_close_at_scale(torch.stack(logits), expected, torch.float32)
 
 
-def test_step_backend_picks_the_fused_blocks_on_kernel_backends_only():
+def test_the_fused_blocks_run_on_kernel_backends_only():
     weight = torch.zeros(1)
-    assert step_backend(weight, RESNET_CUDA_OP) is None  # CPU tensors: the reference backend
+    model, _ = build("grey")
+    assert step_backend(weight, RESNET_CUDA_OP) is None and not cached_pixelcnn_pp.fused_steps_fit(model)  # CPU tensors: the reference backend
     with use_backend("triton"):
-        assert step_backend(weight, RESNET_CUDA_OP) == "triton"
-        assert step_backend(weight.double(), RESNET_CUDA_OP) is None
+        assert step_backend(weight, RESNET_CUDA_OP) == "triton" and cached_pixelcnn_pp.fused_steps_fit(model)
+        assert step_backend(weight.double(), RESNET_CUDA_OP) is None and not cached_pixelcnn_pp.fused_steps_fit(build("grey", torch.float64)[0])
 
 
 # ---------------------------------------------------------------- the schedule
@@ -349,6 +350,18 @@ def test_gpu_resnet_step_at_pixelcnn_pp_width(name, dtype, backend):
     masked convolution's GPU tests allow fp32 without TF32 at realistic sizes.
     """
     check_block(name, backend, "cuda", dtype, channels=160, batch=20, atol=1e-5 if dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["down_skip_cond", "down_right_two_skips_cond"])
+def test_gpu_cuda_resnet_step_takes_the_widths_resnet_step_fits_allows(name):
+    """The widest block :func:`resnet_step_fits` allows the cuda backend computes; one channel more, the glue refuses (its shared memory)."""
+    shift, skip_streams, _ = BLOCKS[name]
+    taps = len(GatedResnet(1, shift, skip_streams).conv_input.spec.taps)
+    channels = widest(lambda width: resnet_step_fits("cuda", taps, skip_streams, width))
+    check_block(name, "cuda", "cuda", torch.float32, channels=channels, batch=2, atol=1e-4)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        check_block(name, "cuda", "cuda", torch.float32, channels=channels + 1, batch=2)
 
 
 @pytest.mark.gpu

@@ -84,10 +84,12 @@ __all__ = [
     "dmol_draw_step",
     "gated_layer_step",
     "horizontal_conv_step",
+    "pixel_step_fits",
     "resnet_position_step",
+    "resnet_step_fits",
+    "softmax_draw_fits",
     "softmax_draw_step",
     "step_backend",
-    "steps_have_kernels",
 ]
 
 # The extension's ops (csrc/sampling_ops.cpp); an extension built before them lacks them.
@@ -97,6 +99,13 @@ DRAW_CUDA_OP = "softmax_draw_step"
 DMOL_DRAW_CUDA_OP = "dmol_draw_step"
 # Bins the softmax draw takes: one program (Triton) or block (CUDA) holds every bin's logit.
 MAX_DRAW_BINS = 4096
+# A CUDA step stages one image's operands in shared memory, within the 48 KiB a block has without
+# opting in (kMaxSharedBytes and kMaxTaps in csrc/sampling.h; the byte counts are sampling.cu's
+# *_shared_bytes functions). The glue refuses a larger step; the *_fits predicates tell a
+# sampler before it starts, so it keeps the PyTorch step for such a model instead.
+_CUDA_STEP_SHARED_BYTES = 48 * 1024
+_CUDA_PIXEL_STEP_TAPS = 16
+_FP32_BYTES, _FP64_BYTES = 4, 8
 
 
 def _pack(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -212,9 +221,28 @@ def step_backend(like: torch.Tensor, cuda_op: str = GATED_CUDA_OP) -> str | None
     return None if backend == "reference" else backend
 
 
-def steps_have_kernels(like: torch.Tensor, *cuda_ops: str) -> bool:
-    """Whether every step in ``cuda_ops`` has a kernel backend for tensors like ``like``: a fused sampler's condition."""
-    return all(step_backend(like, cuda_op) is not None for cuda_op in cuda_ops)
+def pixel_step_fits(backend: str, taps: int, in_channels: int, out_channels: int, gated: bool) -> bool:
+    """Whether ``backend``'s pixel step takes a 1×k conv of ``taps`` active taps from ``in_channels``
+    to ``out_channels`` (gated: :func:`gated_layer_step`'s C → C; else :func:`horizontal_conv_step`)."""
+    if backend == "triton":
+        return out_channels <= _kernels("triton").MAX_PIXEL_STEP_CHANNELS
+    staged = taps * in_channels + (3 * out_channels if gated else 0)
+    return taps <= _CUDA_PIXEL_STEP_TAPS and staged * _FP32_BYTES <= _CUDA_STEP_SHARED_BYTES
+
+
+def resnet_step_fits(backend: str, taps: int, skip_streams: int, channels: int) -> bool:
+    """Whether ``backend``'s :func:`resnet_position_step` takes a block of ``channels`` whose shifted convs have ``taps`` taps and ``skip_streams`` skips.
+
+    Triton's takes any width (past 256 channels it spills registers: slower, still exact).
+    """
+    return backend == "triton" or 2 * (taps + skip_streams) * channels * _FP32_BYTES <= _CUDA_STEP_SHARED_BYTES
+
+
+def softmax_draw_fits(backend: str, hidden: int, num_bins: int) -> bool:
+    """Whether ``backend``'s :func:`softmax_draw_step` takes a head from ``hidden`` units to ``num_bins`` bins per channel."""
+    if num_bins > MAX_DRAW_BINS:
+        return False
+    return backend == "triton" or num_bins * _FP64_BYTES + hidden * _FP32_BYTES <= _CUDA_STEP_SHARED_BYTES
 
 
 def horizontal_conv_step(pixel: torch.Tensor, x: torch.Tensor, weights: HorizontalStepWeights, out: torch.Tensor) -> None:

@@ -60,21 +60,22 @@ from pixelcnn_kernels.ops.sampling import (
     DMOL_DRAW_CUDA_OP,
     DRAW_CUDA_OP,
     GATED_CUDA_OP,
-    MAX_DRAW_BINS,
     GatedLayerStepWeights,
     HorizontalStepWeights,
     SoftmaxHeadWeights,
     dmol_draw_step,
     gated_layer_step,
     horizontal_conv_step,
+    pixel_step_fits,
+    softmax_draw_fits,
     softmax_draw_step,
-    steps_have_kernels,
+    step_backend,
 )
 from pixelcnn_kernels.reference.layers import grouped_gate
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
-__all__ = ["CachedGatedPixelCNN", "FusedCachedGatedPixelCNN", "sample_cached_gated"]
+__all__ = ["CachedGatedPixelCNN", "FusedCachedGatedPixelCNN", "fused_steps_fit", "sample_cached_gated"]
 
 
 class CachedGatedPixelCNN:
@@ -139,7 +140,7 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
     (:meth:`sample`). Per row i, :meth:`start_row` before the row's first pixel; then
     :meth:`pixel_step` for each pixel, which draws its values, writes them to
     ``problem.images`` (except where known) and moves ``pixel`` on. Needs
-    :func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels` for the model's parameters.
+    :func:`fused_steps_fit`.
     """
 
     graph_rows = True
@@ -214,21 +215,35 @@ class FusedCachedGatedPixelCNN(PixelStepSampler):
         self.pixel += 1
 
 
+def fused_steps_fit(model) -> bool:
+    """Whether :class:`FusedCachedGatedPixelCNN` can sample ``model``: its layer step and its head's
+    draw each have a kernel backend for the parameters (:func:`~pixelcnn_kernels.ops.sampling.step_backend`)
+    that takes the model's sizes (the ``*_fits`` predicates of :mod:`pixelcnn_kernels.ops.sampling`)."""
+    weight = model.conv_out.weight
+    softmax = model.head == "softmax"
+    layer_backend = step_backend(weight, GATED_CUDA_OP)
+    draw_backend = step_backend(weight, DRAW_CUDA_OP if softmax else DMOL_DRAW_CUDA_OP)
+    if layer_backend is None or draw_backend is None:
+        return False
+    first = model.conv_hstack
+    return (
+        pixel_step_fits(layer_backend, len(first.spec.taps), first.in_channels, first.out_channels, gated=False)
+        and all(pixel_step_fits(layer_backend, len(layer.conv_horiz.spec.taps), layer.channels, layer.channels, gated=True) for layer in model.conv_layers)
+        and (not softmax or softmax_draw_fits(draw_backend, model.conv_out.in_channels, model.num_bins))
+    )
+
+
 def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.GatedPixelCNN` in eval mode, called
-    under ``torch.no_grad``. The fused step runs where the layer step and the head's draw
-    both have a kernel backend for the parameters (:func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`)
-    and a softmax head has at most :data:`~pixelcnn_kernels.ops.sampling.MAX_DRAW_BINS`
-    bins (with a CUDA graph on a CUDA device); the PyTorch step elsewhere. Pixels every
+    under ``torch.no_grad``. The fused step runs where :func:`fused_steps_fit` holds (with a
+    CUDA graph on a CUDA device); the PyTorch step elsewhere. Pixels every
     image knows are still run through the horizontal stack (later pixels read their
     activations), but nothing is drawn there (except inside a CUDA graph, which replays
     one step for every pixel; known values are kept).
     """
-    weight = model.conv_out.weight
-    draw_op, draw_fits = (DRAW_CUDA_OP, model.num_bins <= MAX_DRAW_BINS) if model.head == "softmax" else (DMOL_DRAW_CUDA_OP, True)
-    if draw_fits and steps_have_kernels(weight, GATED_CUDA_OP, draw_op):
+    if fused_steps_fit(model):
         FusedCachedGatedPixelCNN(model, problem).sample(progress)
         return 0
     cached = CachedGatedPixelCNN(model, problem)

@@ -66,13 +66,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, dmol_draw_step, resnet_position_step, steps_have_kernels
+from pixelcnn_kernels.ops.sampling import DMOL_DRAW_CUDA_OP, RESNET_CUDA_OP, ResnetStepWeights, dmol_draw_step, resnet_position_step, resnet_step_fits, step_backend
 from pixelcnn_kernels.reference.gates import gate_sigmoid
 from pixelcnn_kernels.reference.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
-__all__ = ["CachedPixelCNNPlusPlus", "TableCachedPixelCNNPlusPlus", "sample_cached_pixelcnn_pp"]
+__all__ = ["CachedPixelCNNPlusPlus", "TableCachedPixelCNNPlusPlus", "fused_steps_fit", "sample_cached_pixelcnn_pp"]
 
 # (rows, cols): a window of a node, in image coordinates (-1 and height/width being the padding).
 Window = tuple[range, range]
@@ -494,8 +494,7 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
     then the head, the draw, the writes and ``pixel += 1``. One CUDA graph can replay
     it: :meth:`sample` (``cuda_graph=None``: a graph on a CUDA device, eager steps with a
     warning where the capture fails; True: a graph or an error; False: eager steps) fills
-    ``problem.images`` and returns whether a graph ran. Needs :func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`
-    for the model's parameters.
+    ``problem.images`` and returns whether a graph ran. Needs :func:`fused_steps_fit`.
     """
 
     def __init__(self, model, problem: SamplingProblem):
@@ -532,17 +531,27 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         self.pixel += 1
 
 
+def fused_steps_fit(model) -> bool:
+    """Whether :class:`TableCachedPixelCNNPlusPlus` can sample ``model``: its block step and its draw each
+    have a kernel backend for the parameters (:func:`~pixelcnn_kernels.ops.sampling.step_backend`)
+    and the block step's takes every gated resnet's sizes (:func:`~pixelcnn_kernels.ops.sampling.resnet_step_fits`)."""
+    weight = model.nin_out.weight
+    block_backend = step_backend(weight, RESNET_CUDA_OP)
+    if block_backend is None or step_backend(weight, DMOL_DRAW_CUDA_OP) is None:
+        return False
+    blocks = (module for module in model.modules() if isinstance(module, GatedResnet))
+    return all(resnet_step_fits(block_backend, len(block.conv_input.spec.taps), block.skip_streams, block.channels) for block in blocks)
+
+
 def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -> int:
     """Fills ``problem.images`` by cached incremental generation; returns 0 (no full network pass runs).
 
     ``model`` is a :class:`~pixelcnn_kernels.models.PixelCNNPlusPlus` in eval mode,
-    called under ``torch.no_grad``. Where the block step and the draw both have a kernel backend for the parameters
-    (:func:`~pixelcnn_kernels.ops.sampling.steps_have_kernels`), the table-driven step
+    called under ``torch.no_grad``. Where :func:`fused_steps_fit` holds, the table-driven step
     (:class:`TableCachedPixelCNNPlusPlus`, a CUDA graph on a CUDA device); elsewhere the
     demand-driven PyTorch graph (:class:`CachedPixelCNNPlusPlus`).
     """
-    weight = model.nin_out.weight
-    if steps_have_kernels(weight, RESNET_CUDA_OP, DMOL_DRAW_CUDA_OP):
+    if fused_steps_fit(model):
         TableCachedPixelCNNPlusPlus(model, problem).sample(progress)
         return 0
     cached = CachedPixelCNNPlusPlus(model, problem)
