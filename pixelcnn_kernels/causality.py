@@ -1,8 +1,10 @@
 """Checks that an autoregressive image model respects its generation order.
 
 :func:`check_causality` takes the gradient of each output position with respect
-to the input (on a float64 CPU copy of the model, so a masked-out path gives a
-gradient of exactly zero) and classifies every input position:
+to the input (on the CPU, with the model's weights in float64, or float32 for a
+model whose forward casts its input, and convolutions without oneDNN or NNPACK's
+transforms: a masked-out path gives a gradient of exactly zero) and classifies
+every input position:
 
 - **leak**: the output depends on an input at or after its own position in the
   generation order (a model trained with a leak learns to copy the answer);
@@ -25,7 +27,9 @@ a pixel, channels in index order (R, then G, then B). How outputs map to it:
   predicts input channel g (the colour-group convention of masked convolutions);
   with ``output_groups = 1`` every channel predicts the whole pixel (e.g.
   discretized-mixture-of-logistics parameters), so it may only see earlier
-  pixels. Default: C when C' is a multiple of C, else 1.
+  pixels. Default: 1 for one input channel or where C' is not a multiple of C;
+  otherwise the layout is ambiguous (30 channels may be 3 groups of logits or a
+  3-component logistic mixture) and must be given.
 
 An output position is written (g, i, j): g is the predicted channel (always 0
 with one output group), (i, j) the pixel. Input positions are (c, i, j).
@@ -33,7 +37,8 @@ with one output group), (i, j) the pixel. Input positions are (c, i, j).
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +205,13 @@ def _output_layout(output: torch.Tensor, input_shape: tuple[int, int, int], outp
         return channels
     if output.dim() == 4 and tuple(output.shape[2:]) == (height, width):
         out_channels = output.shape[1]
-        groups = output_groups if output_groups is not None else (channels if out_channels % channels == 0 else 1)
+        if output_groups is None and channels > 1 and out_channels % channels == 0:
+            raise ValueError(
+                f"output_groups is needed for a (B, {out_channels}, H, W) output of a {channels}-channel input: 1 if every "
+                f"output channel predicts the whole pixel (e.g. mixture-of-logistics parameters), {channels} if "
+                f"{channels} contiguous groups predict the input channels in order"
+            )
+        groups = output_groups if output_groups is not None else 1
         if groups not in (1, channels) or out_channels % groups:
             raise ValueError(f"output_groups must be 1 or {channels} and divide the {out_channels} output channels, got {groups}")
         return groups
@@ -229,6 +240,53 @@ def _default_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+class _NotATensorError(TypeError):
+    """The model's forward returned something else than a tensor (in any dtype)."""
+
+
+class _ForwardCall(nn.Module):
+    """``forward_fn(model, x)`` as one module's forward, which :func:`torch.func.functional_call` runs on substituted weights."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn):
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.forward_fn(self.model, x)
+        if not isinstance(output, torch.Tensor):
+            raise _NotATensorError(f"the model's forward returned a {type(output).__name__}, not a tensor; pass forward_fn=lambda model, x: ... returning the output")
+        return output
+
+
+def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> forward_fn(model, x)`` on CPU copies of the weights and buffers, float64 where the model runs
+    in it, else float32 (a forward that casts its input, ``x.float()``), and ``x`` in that dtype.
+
+    Substituted (:func:`torch.func.functional_call`) rather than a deep copy of the
+    model, which PyTorch cannot make of ``torch.nn.utils.weight_norm`` modules.
+    """
+    call = _ForwardCall(model, forward_fn)
+    named = list(itertools.chain(call.named_parameters(remove_duplicate=False), call.named_buffers(remove_duplicate=False)))
+    failure = None
+    for dtype in (torch.float64, torch.float32):
+        state = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype) for name, t in named}
+
+        def run(x: torch.Tensor, state=state, dtype=dtype) -> torch.Tensor:
+            return torch.func.functional_call(call, state, (x.to(dtype),))
+
+        try:
+            with torch.no_grad():
+                run(probe)
+        except _NotATensorError:
+            raise
+        except Exception as exc:  # e.g. "Input type (float) and bias type (double) should be the same"
+            failure = failure or exc
+            continue
+        return run
+    raise failure
+
+
 def _check_shape(input_shape: object) -> tuple[int, int, int]:
     if not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
@@ -250,13 +308,16 @@ def check_causality(
 ) -> CausalityReport:
     """Finds leaks and blind spots of ``model`` on inputs of shape ``input_shape`` (C, H, W).
 
-    The model is deep-copied to float64 on the CPU and put in eval mode (the
-    original is not touched). ``forward_fn(model_copy, x)`` maps a float input
-    (B, C, H, W) to the outputs. Default: for the package's models
+    The model runs in eval mode on CPU float64 copies of its weights (float32
+    where its forward casts its input); its own weights and modes are left as
+    they were. ``forward_fn(model, x)`` maps a float input (B, C, H, W) to the
+    output tensor. Default: for the package's models
     (:class:`~pixelcnn_kernels.models.PixelCNNModel`) their float path
     ``network(x, class_vector)`` (class 0 for a class-conditional one; the
-    mixture-of-logistics head counts as one output group), else ``model_copy(x)``;
-    pass one for other models that take integer images. ``positions``
+    mixture-of-logistics head counts as one output group), else ``model(x)``;
+    pass one for models that take integer images or return several tensors:
+    the input must reach the output through differentiable operations, or a
+    ValueError says no output depends on it. ``positions``
     lists the output positions (g, i, j) to check (default: all; see the module
     docstring for g). Each output's gradient is taken at ``trials`` random inputs
     (uniform in [-1, 1]) and an input counts as influencing if any gradient is
@@ -275,15 +336,39 @@ def check_causality(
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
     forward = forward_fn or _default_forward
-    channels, height, width = input_shape
 
-    checked = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with _exact_cpu_convolutions():
+            return _check_causality(model, input_shape, forward, positions, output_groups, trials, batch_size, seed)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextlib.contextmanager
+def _exact_cpu_convolutions():
+    """CPU convolutions as plain sums of products: oneDNN and NNPACK may pick transformed (Winograd)
+    algorithms, whose float32 rounding would turn a masked-out weight's zero into noise."""
+    mkldnn_enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.backends.nnpack.flags(enabled=False):
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn_enabled
+
+
+def _check_causality(model, input_shape, forward, positions, output_groups, trials, batch_size, seed) -> CausalityReport:
+    channels, height, width = input_shape
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.rand(trials, *input_shape, generator=generator, dtype=torch.float64) * 2 - 1
-    if output_groups is None and isinstance(checked, PixelCNNModel) and checked.head == "dmol":
+    if output_groups is None and isinstance(model, PixelCNNModel) and model.head == "dmol":
         output_groups = 1
+    run = _cpu_forward(model, forward, inputs[:1])
     with torch.no_grad():
-        groups = _output_layout(forward(checked, inputs[:1]), input_shape, output_groups)
+        groups = _output_layout(run(inputs[:1]), input_shape, output_groups)
 
     all_positions = [(g, i, j) for i in range(height) for j in range(width) for g in range(groups)]
     if positions is None:
@@ -300,14 +385,21 @@ def check_causality(
             chunk = targets[start : start + batch_size]
             x = inputs[trial].expand(len(chunk), *input_shape).clone().requires_grad_(True)
             with torch.enable_grad():
-                output = forward(checked, x)
+                output = run(x)
                 cotangent = torch.zeros_like(output)
                 for b, position in enumerate(chunk):
                     index = _select(output, groups, position)
-                    cotangent[b][index] = torch.randn(output[b][index].shape, generator=generator, dtype=output.dtype)
-                (grad,) = torch.autograd.grad(output, x, cotangent)
+                    cotangent[b][index] = torch.randn(output[b][index].shape, generator=generator, dtype=torch.float64).to(output.dtype)
+                # No graph from x (integer casts, embeddings): no influence, reported below.
+                (grad,) = torch.autograd.grad(output, x, cotangent, allow_unused=True) if output.requires_grad else (None,)
             for b, position in enumerate(chunk):
-                influence[position] += grad[b].abs()
+                if grad is not None:
+                    influence[position] += grad[b].abs().double()
+    if not any(influence[p].any() for p in targets) and any(_allowed_inputs(input_shape, groups, p).any() for p in targets):
+        raise ValueError(
+            "no output depends on the input through gradients: the forward quantises it, casts it to integers or looks it "
+            "up in an embedding; pass forward_fn=lambda model, x: ... feeding the float input x in [-1, 1] to the layers"
+        )
 
     report = CausalityReport(input_shape, groups, influence=influence)
     for position in targets:

@@ -208,7 +208,7 @@ def _check_plain_conv(conv: nn.Conv2d) -> int:
 
 def _check_no_hooks(*modules: nn.Module) -> None:
     for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             raise NotConvertible(f"{type(module).__name__} has forward/backward hooks the replacement would not run")
 
 
@@ -220,10 +220,11 @@ def _keep_mask(replacement: nn.Module, found: _MaskTensor) -> None:
         replacement.register_parameter(found.name, found.tensor)
     else:
         replacement.register_buffer(found.name, found.tensor, persistent=found.storage == "buffer")
-    implemented = found.tensor.detach().clone()
+    # On the CPU: the model may move to another device after the conversion.
+    implemented = found.tensor.detach().cpu().clone()
 
     def check_loaded_mask(module: nn.Module, incompatible_keys) -> None:
-        if not torch.equal(getattr(module, found.name), implemented):
+        if not torch.equal(getattr(module, found.name).detach().cpu().to(implemented.dtype), implemented):  # 0/1: exact in any dtype
             raise ValueError(
                 f"the loaded {found.name!r} differs from the mask this converted conv implements; "
                 "load that state dict into the unconverted model"
@@ -237,6 +238,17 @@ def _probe_inputs(conv: nn.Conv2d, generator: torch.Generator) -> torch.Tensor:
     size = max(PROBE_SIZE, 2 * conv.dilation[0] * max(kh, kw) + 1)
     x = torch.randn(PROBE_BATCH, conv.in_channels, size, size, generator=generator, dtype=torch.float64)
     return x.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; NotConvertible where its forward needs more than ``x`` or returns no tensor (a MaskedConv2d's forward does neither)."""
+    try:
+        out = module(x)
+    except Exception as exc:  # e.g. forward(x, h) of a conditional conv
+        raise NotConvertible(f"its forward cannot run on an image batch alone ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(out, torch.Tensor):
+        raise NotConvertible(f"its forward returns a {type(out).__name__}, not a tensor")
+    return out
 
 
 def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
@@ -254,7 +266,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
                     for p in params:
                         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).mul_(scale).to(p))
                 x = _probe_inputs(conv, generator)
-                expected = old(x)
+                expected = _probe(old, x)
                 actual = new(x)
                 if actual.shape != expected.shape:
                     raise NotConvertible(f"output shape {tuple(actual.shape)} differs from the module's {tuple(expected.shape)}")
@@ -310,7 +322,6 @@ def _wrapped_conv(module: nn.Module) -> tuple[str, nn.Conv2d]:
     others = [type(c).__name__ for c in module.children() if c is not conv and not _is_zero_pad(c)]
     if others:
         raise NotConvertible(f"it also holds {others}, which the masked conv would drop")
-    _check_no_hooks(module, conv)
     return conv_name, conv
 
 
@@ -360,10 +371,10 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
         raise NotConvertible(f"it holds several mask tensors {[m.name for m in masks]}")
     if isinstance(module, nn.Conv2d):  # kind 1: a conv holding its own mask
         conv_name, conv = None, module
-        _check_no_hooks(module)
     else:  # kinds 2 and 3: a wrapper of one conv
         conv_name, conv = _wrapped_conv(module)
-    dilation = _check_plain_conv(conv)
+    dilation = _check_plain_conv(conv)  # first: weight norm's hook is named as weight norm
+    _check_no_hooks(module, conv)
     if masks:
         _check_centred_padding(conv, dilation)
         mask, color_groups = _infer_mask(masks[0], conv.weight.shape)
@@ -411,22 +422,37 @@ def convert(model: nn.Module, inplace: bool = True, *, seed: int = 0) -> Convers
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
+            raise ValueError(f"inplace=False converts a deep copy, and PyTorch cannot deep-copy this model ({exc}); convert it in place") from exc
     report = ConversionReport(model)
     generator = torch.Generator().manual_seed(seed)
     replaced_prefixes: list[str] = []
-    for name, module in list(model.named_modules()):
+    # id(module) -> (its first name, its replacement or None, the replacement's description or the skip's reason):
+    # a module held at several names (tied layers) gets one replacement at every name, so it stays one module.
+    seen: dict[int, tuple[str, nn.Module | None, str]] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if any(name.startswith(prefix + ".") for prefix in replaced_prefixes) or not _is_candidate(module):
             continue
         old_class = type(module).__name__
-        try:
-            if not name:
-                raise NotConvertible("the model itself is the masked conv; convert a module that holds it")
-            replacement, description = _convert_one(module, generator)
-        except NotConvertible as exc:
-            report.skipped.append(Skipped(name, old_class, str(exc)))
-            continue
-        replacement.train(module.training)
+        if id(module) in seen:
+            first_name, replacement, what = seen[id(module)]
+            if replacement is None:
+                report.skipped.append(Skipped(name, old_class, f"the module at {first_name!r} again: {what}"))
+                continue
+            description = f"{what} (the module at {first_name!r} again)"
+        else:
+            try:
+                if not name:
+                    raise NotConvertible("the model itself is the masked conv; convert a module that holds it")
+                replacement, description = _convert_one(module, generator)
+            except NotConvertible as exc:
+                seen[id(module)] = (name, None, str(exc))
+                report.skipped.append(Skipped(name, old_class, str(exc)))
+                continue
+            replacement.train(module.training)
+            seen[id(module)] = (name, replacement, description)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacement)
         replaced_prefixes.append(name)

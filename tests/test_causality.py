@@ -41,7 +41,7 @@ def test_first_layer_mask_b_leaks_the_current_pixel():
 
 
 def test_colour_groups_follow_the_channel_order():
-    report = check_causality(masked_stack("A", channels=3, color_groups=3), (3, 5, 5), positions=[(0, 3, 3), (1, 3, 3), (2, 3, 3)])
+    report = check_causality(masked_stack("A", channels=3, color_groups=3), (3, 5, 5), output_groups=3, positions=[(0, 3, 3), (1, 3, 3), (2, 3, 3)])
     assert not report.leaks
     own_pixel = report.receptive_field((2, 3, 3))[:, 3, 3]
     assert own_pixel[0] != 0 and own_pixel[1] != 0 and own_pixel[2] == 0  # B sees R and G of its pixel, not itself
@@ -49,7 +49,7 @@ def test_colour_groups_follow_the_channel_order():
 
 
 def test_colour_mask_b_first_layer_leaks_each_channel_into_itself():
-    report = check_causality(masked_stack("B", channels=3, color_groups=3), (3, 4, 4), positions=[(1, 2, 2)])
+    report = check_causality(masked_stack("B", channels=3, color_groups=3), (3, 4, 4), output_groups=3, positions=[(1, 2, 2)])
     assert [finding.inputs for finding in report.leaks] == [((1, 2, 2),)]
 
 
@@ -97,10 +97,73 @@ def test_model_is_left_untouched():
         assert torch.equal(p, before[name])
 
 
+class CastsItsInput(nn.Module):
+    """A third-party model that casts its input, as ``x.float()`` in most forwards: checked in float32."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.float())
+
+
+def test_a_model_casting_its_input_to_float32_is_checked_in_float32():
+    report = check_causality(CastsItsInput(masked_stack("B")), (1, 4, 4), positions=[(0, 2, 1)])
+    assert [finding.inputs for finding in report.leaks] == [((0, 2, 1),)]  # mask B's first layer sees its own pixel
+    assert report.receptive_field((0, 2, 1)).dtype == torch.float64
+    assert not check_causality(CastsItsInput(masked_stack("A")), (1, 4, 4)).leaks
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_old_style_weight_norm_models_are_checked_untouched():
+    """torch.nn.utils.weight_norm modules cannot be deep-copied; the check substitutes float64 weights instead, and leaves the model's as they were."""
+    model = masked_stack("A")
+    model[0] = nn.utils.weight_norm(model[0])
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    assert not check_causality(model, (1, 5, 5)).leaks
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
+class QuantisesItsInput(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 127.5 + 127.5) / 127.5 - 1)
+
+
+class ReturnsAPair(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        return out, out.mean()
+
+
+def test_a_forward_without_a_gradient_path_or_tensor_output_asks_for_forward_fn():
+    """A leaky model that quantises its input would show no influence at all, so no leak: an error instead, as for a pair of outputs."""
+    with pytest.raises(ValueError, match="no output depends on the input through gradients.*forward_fn"):
+        check_causality(QuantisesItsInput(masked_stack("B")), (1, 4, 4))
+    with pytest.raises(TypeError, match="returned a tuple, not a tensor; pass forward_fn"):
+        check_causality(ReturnsAPair(masked_stack("A")), (1, 4, 4))
+    model = ReturnsAPair(masked_stack("B"))
+    assert check_causality(model, (1, 4, 4), forward_fn=lambda m, x: m(x)[0]).leaks
+
+
+def test_a_colour_output_with_a_multiple_of_c_channels_needs_output_groups():
+    """3K channels from RGB may be K logits per colour group or a K-component mixture's parameters: the caller says which."""
+    with pytest.raises(ValueError, match="output_groups is needed for a \\(B, 6, H, W\\) output of a 3-channel input"):
+        check_causality(masked_stack("A", channels=3, color_groups=3), (3, 4, 4))
+
+
 def test_receptive_field_png(tmp_path):
     from PIL import Image
 
-    report = check_causality(masked_stack("A", channels=3, color_groups=3), (3, 6, 6), positions=[(1, 4, 3)])
+    report = check_causality(masked_stack("A", channels=3, color_groups=3), (3, 6, 6), output_groups=3, positions=[(1, 4, 3)])
     path = report.save_receptive_field_png(tmp_path / "field.png", (1, 4, 3))
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 100

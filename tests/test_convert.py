@@ -209,6 +209,67 @@ def test_loading_a_different_mask_into_a_converted_conv_fails():
         converted.load_state_dict(state)
 
 
+def test_a_converted_conv_moved_to_another_dtype_loads_its_checkpoint():
+    """The mask check compares on the CPU in the mask's first dtype: the model may move after the conversion."""
+    converted = convert(nn.Sequential(InPlaceMaskedConv(2, 2, 3, "B"))).model.double()
+    converted.load_state_dict(converted.state_dict())
+    state = converted.state_dict()
+    state["0.mask"] = torch.ones_like(state["0.mask"])
+    with pytest.raises(ValueError, match="differs from the mask"):
+        converted.load_state_dict(state)
+
+
+def test_a_module_held_at_two_names_is_replaced_at_both():
+    """Tied layers: one replacement at every name, so the model still holds one module there."""
+    model = nn.Sequential(FunctionalMaskedConv(2, 2, pixelcnn_mask("B", 3)), nn.ReLU())
+    model.append(model[0])
+    keys, x = list(model.state_dict()), torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = convert(model)
+    assert model[0] is model[2] and isinstance(model[0], MaskedConv2d)
+    assert [r.name for r in report.replaced] == ["0", "2"] and "the module at '0' again" in report.replaced[1].mask
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert_close(model(x), expected)
+
+
+class ConditionalMaskedConv(FunctionalMaskedConv):
+    """A class-conditional conv: forward(x, h) adds a per-channel bias."""
+
+    def forward(self, x, h):
+        return super().forward(x) + h[:, :, None, None]
+
+
+class PairMaskedConv(FunctionalMaskedConv):
+    def forward(self, x):
+        out = super().forward(x)
+        return out, out
+
+
+def test_candidates_that_cannot_be_probed_or_are_hooked_are_skipped_with_reasons():
+    backward_hooked = FunctionalMaskedConv(2, 2, pixelcnn_mask("A", 3))
+    backward_hooked.register_full_backward_pre_hook(lambda module, grad_output: None)
+    model = nn.ModuleList([ConditionalMaskedConv(2, 2, pixelcnn_mask("A", 3)), PairMaskedConv(2, 2, pixelcnn_mask("A", 3)), backward_hooked])
+    report = convert(model)
+    assert not report.replaced
+    reasons = [s.reason for s in report.skipped]
+    assert "cannot run on an image batch alone (TypeError" in reasons[0]
+    assert "returns a tuple, not a tensor" in reasons[1]
+    assert "hooks" in reasons[2]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_old_style_weight_norm_is_named_and_cannot_be_copied():
+    """torch.nn.utils.weight_norm (PixelCNN++'s default) registers a hook; the reason names weight norm, and
+    inplace=False, which needs a deep copy PyTorch cannot make of such a module, says so."""
+    module = DownShiftedConv(2, 2)
+    module.conv = nn.utils.weight_norm(module.conv)
+    assert "weight-normalised" in convert(nn.Sequential(module)).skipped[0].reason
+    with pytest.raises(ValueError, match="cannot deep-copy this model"):
+        convert(nn.Sequential(module), inplace=False)
+
+
 def test_not_inplace_converts_a_copy():
     model = nn.Sequential(InPlaceMaskedConv(2, 4, 3, "A"), nn.ReLU(), MaskWrapper(4, 4, pixelcnn_mask("B", 3)))
     report = convert(model, inplace=False)
