@@ -35,15 +35,17 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 summary="$out/summary.md"
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} ))
 step() { echo "== $1 ($(date +%T), $(( deadline - $(date +%s) )) s left)" | tee -a "$out/steps.log"; }
-# The seconds a step may take: its share, but at most what is left after reserving $2 for the steps after it.
+# The seconds a step may take: its share, but at most what is left after reserving $2 for the steps
+# after it; 0 (the step is skipped) when that is under 10 s, so the deadline holds.
 allowance() {
   local left=$(( deadline - $(date +%s) - $2 ))
-  (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
+  (( left < 10 )) && echo 0 || echo $(( left < $1 ? left : $1 ))
 }
-# "exit N" for a finished command, "cut after N s" for one that timeout stopped.
-outcome() { [ "$1" -eq 124 ] && echo "cut after $2 s" || echo "exit $1"; }
-# SIGINT first, so that a cut pytest still prints its FAILED/ERROR lines; KILL 20 s later.
-cut_after() { timeout -s INT -k 20 "$@"; }
+# "exit N" for a finished command, "cut after N s" for one that timeout stopped (124, or 137 after its KILL).
+outcome() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ] && echo "cut after $2 s" || echo "exit $1"; }
+# Runs "$@" for at most $1 s: SIGINT first, so that a cut pytest still prints its FAILED/ERROR
+# lines; KILL 20 s later. A limit of 0 runs nothing and reads as cut.
+within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT -k 20 "$limit" "$@"; }
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
@@ -52,8 +54,9 @@ tests_rc=0 bench_rc=0 build_rc=0
 step "build"
 start=$(date +%s)
 # A failed build still lets the Triton tests and rows run (the cuda ones then fail, and the summary says why).
-$py setup.py build_ext --inplace >"$out/build.log" 2>&1 || { build_rc=$?; tail -40 "$out/build.log"; }
-echo "extension build: exit $build_rc after $(( $(date +%s) - start )) s" | tee -a "$out/steps.log"
+within "$(allowance 240 120)" $py setup.py build_ext --inplace >"$out/build.log" 2>&1 || { build_rc=$?; tail -40 "$out/build.log"; }
+elapsed=$(( $(date +%s) - start ))
+echo "extension build: $(outcome "$build_rc" "$elapsed"), $elapsed s" | tee -a "$out/steps.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
@@ -76,7 +79,7 @@ $py -c "import xdist" 2>/dev/null && parallel=(-n 8 --dist loadgroup)
 if wants tests; then
   step "gpu tests"
   limit=$(allowance 240 200)
-  cut_after "$limit" $py -m pytest -m gpu "${parallel[@]}" "${pytest_args[@]}" >"$out/gpu_tests.log" 2>&1
+  within "$limit" $py -m pytest -m gpu "${parallel[@]}" "${pytest_args[@]}" >"$out/gpu_tests.log" 2>&1
   tests_rc=$?
   { echo; echo "## GPU tests (pytest -m gpu): $(outcome $tests_rc "$limit")"; echo '```'
     grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -30; tail -3 "$out/gpu_tests.log"; echo '```'; } >>"$summary"
@@ -90,7 +93,7 @@ elif wants sanitize; then
     limit=$(allowance 75 100)
     # memcheck sees overruns only at real allocation boundaries: no caching allocator under it.
     caching=(); [ "$tool" = memcheck ] && caching=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-    cut_after "$limit" env "${caching[@]}" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    within "$limit" env "${caching[@]}" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
       $py -m pytest -m "gpu and sanitize" "${pytest_args[@]}" >"$out/sanitizer_$tool.log" 2>&1
     rc=$?
     { echo; echo "## compute-sanitizer --tool $tool (pytest -m 'gpu and sanitize'): $(outcome $rc "$limit")"; echo '```'
@@ -101,7 +104,7 @@ fi
 if wants bench; then
   step "benchmarks"
   limit=$(allowance 300 5)
-  cut_after "$limit" $py -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
+  within "$limit" $py -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
   bench_rc=$?
   { echo; echo "## Benchmarks (pixelcnn-kernels bench ${families[*]}): $(outcome $bench_rc "$limit")"; echo '```'
     cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'; } >>"$summary"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import threading
+import types
 
 import torch
 
@@ -98,12 +98,14 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-_state = threading.local()
+# Process-wide, not per thread: autograd runs a CUDA backward on its own device threads, which
+# must see the backend forced around ``loss.backward()`` as the forward's thread does.
+_state = types.SimpleNamespace(backend=None)
 
 
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or the environment, or None."""
-    forced = getattr(_state, "backend", None)
+    forced = _state.backend
     if forced is not None:
         return forced
     from_env = os.environ.get(ENV_VAR, "").strip()
@@ -121,8 +123,10 @@ class use_backend:
         with pixelcnn_kernels.use_backend("triton"):
             y = model(x)
 
-    As a plain call it stays in force (on this thread) until the next call;
-    ``use_backend(None)`` returns to the automatic choice.
+    As a plain call it stays in force until the next call; ``use_backend(None)``
+    returns to the automatic choice. The choice is process-wide, so a backward
+    pass run inside it (on autograd's threads too) runs on that backend; one run
+    after it, on whatever is in force then.
     """
 
     def __init__(self, backend: str | None):
@@ -131,7 +135,7 @@ class use_backend:
             reason = unavailable_reason(backend)
             if reason is not None:
                 raise BackendUnavailableError(f"{backend} backend unavailable: {reason}")
-        self._previous = getattr(_state, "backend", None)
+        self._previous = _state.backend
         _state.backend = backend
 
     def __enter__(self) -> "use_backend":

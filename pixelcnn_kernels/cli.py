@@ -84,7 +84,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(results))
     for path in save(results, meta, plot=True):
         print(f"wrote {path}")
-    return 0
+    failed = [r for r in results if r.failed]
+    if failed:
+        print(f"bench: {len(failed)} measurements FAILED (tracebacks above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def register(subparsers) -> None:
@@ -101,8 +104,9 @@ def register(subparsers) -> None:
     bench.add_argument("-k", default="", help="only cases whose name contains this string")
     bench.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtypes (repeatable; default float32 and bfloat16 on a GPU)")
     bench.add_argument("--providers", nargs="+", help="only these providers (eager, compile, triton, cuda, ...)")
-    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 1 on CPU)")
-    bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU)")
+    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 1 on CPU; at least 1)")
+    bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU); where calls are slow, "
+                       "fewer of both (at least 3 timed), about 20 s a measurement")
     bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
     bench.add_argument("--out", help="directory for results.csv, results.json, table.txt and ratio_to_compile.png")
     bench.set_defaults(func=_bench)

@@ -26,12 +26,16 @@ the state dict is registered on the replacement under its old name, and loading
 a state dict whose mask differs from the one the fused conv implements raises a
 ValueError. Checkpoints load both ways.
 
+A weight-normalised conv (``torch.nn.utils.weight_norm``, PixelCNN++'s default,
+or any ``torch.nn.utils.parametrize`` parametrization of the weight) keeps its
+normalisation: the replacement computes its weight by the same hook or
+parametrization from the same Parameters (:meth:`MaskedConv2d.from_conv`).
+
 Not converted (each skipped candidate is listed in the report with the reason):
-weight-normalised convs (``torch.nn.utils.weight_norm`` or
-``parametrizations.weight_norm``: call ``remove_weight_norm`` first for
-inference), strided, grouped or non-zero-padded convs, modules with hooks, and
-modules whose forward does more than the masked conv (e.g. PixelCNN++'s
-``shift_output_down=True``).
+strided, grouped or non-zero-padded convs, convs with a parametrized bias,
+modules with hooks (other than weight norm's), modules whose forward needs more
+than the image or returns more than a tensor, and modules whose forward does
+more than the masked conv (e.g. PixelCNN++'s ``shift_output_down=True``).
 
 Code-level operations cannot be swapped by walking modules; change one line:
 ``a, b = x.chunk(2, dim); torch.tanh(a) * torch.sigmoid(b)`` becomes
@@ -52,6 +56,7 @@ from torch.nn.utils import parametrize
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
+from pixelcnn_kernels.nn.masked_conv import weight_norm_hook
 from pixelcnn_kernels.testing import tolerance
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
@@ -193,8 +198,8 @@ def _infer_mask(found: _MaskTensor, weight_shape: torch.Size) -> tuple[str | tor
 
 def _check_plain_conv(conv: nn.Conv2d) -> int:
     """The conv's dilation, after checking the fused conv can stand in for it."""
-    if parametrize.is_parametrized(conv) or hasattr(conv, "weight_g"):
-        raise NotConvertible("weight-normalised conv: the fused conv does not apply weight norm (remove_weight_norm first)")
+    if parametrize.is_parametrized(conv) and set(conv.parametrizations) != {"weight"}:
+        raise NotConvertible(f"parametrizations of {sorted(set(conv.parametrizations) - {'weight'})}: the fused conv carries over the weight's only")
     if tuple(conv.stride) != (1, 1):
         raise NotConvertible(f"stride {tuple(conv.stride)}: the fused conv is stride 1")
     if conv.groups != 1:
@@ -207,8 +212,10 @@ def _check_plain_conv(conv: nn.Conv2d) -> int:
 
 
 def _check_no_hooks(*modules: nn.Module) -> None:
+    """NotConvertible where a module has hooks other than weight norm's (which the replacement carries over)."""
     for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        forward_pre_hooks = [hook for hook in module._forward_pre_hooks.values() if hook is not weight_norm_hook(module)]
+        if module._forward_hooks or forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             raise NotConvertible(f"{type(module).__name__} has forward/backward hooks the replacement would not run")
 
 
@@ -253,7 +260,7 @@ def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
     """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights."""
-    params = [p for p in (conv.weight, conv.bias) if p is not None]
+    params = list(conv.parameters())  # the weight, or what it is computed from, and the bias
     saved = [p.detach().clone() for p in params]
     dtype = conv.weight.dtype
     rtol, atol = tolerance(dtype, tf32=conv.weight.device.type == "cuda")
@@ -373,7 +380,7 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
         conv_name, conv = None, module
     else:  # kinds 2 and 3: a wrapper of one conv
         conv_name, conv = _wrapped_conv(module)
-    dilation = _check_plain_conv(conv)  # first: weight norm's hook is named as weight norm
+    dilation = _check_plain_conv(conv)
     _check_no_hooks(module, conv)
     if masks:
         _check_centred_padding(conv, dilation)

@@ -1,11 +1,13 @@
 """Backend selection: defaults, forcing, and the errors that say why."""
 
+import threading
+
 import pytest
 import torch
 
 import pixelcnn_kernels
 from pixelcnn_kernels import backend
-from pixelcnn_kernels.backend import BackendUnavailableError, resolve_backend, use_backend
+from pixelcnn_kernels.backend import BackendUnavailableError, forced_backend, resolve_backend, use_backend
 
 
 def test_cpu_tensors_default_to_reference():
@@ -32,6 +34,29 @@ def test_use_backend_as_plain_call_stays_in_force_until_reset():
     finally:
         pixelcnn_kernels.use_backend(None)
     assert backend.forced_backend() is None
+
+
+def test_a_forced_backend_holds_on_every_thread():
+    """autograd runs a CUDA backward on its own device threads: they see the backend forced around it."""
+    seen = []
+    with use_backend("reference"):
+        worker = threading.Thread(target=lambda: seen.append(forced_backend()))
+        worker.start()
+        worker.join()
+    assert seen == ["reference"] and forced_backend() is None
+
+
+@pytest.mark.gpu
+def test_gpu_backward_inside_use_backend_runs_on_that_backend(monkeypatch):
+    from pixelcnn_kernels.triton import gates as triton_gates
+
+    calls = []
+    kernel = triton_gates.gate_backward
+    monkeypatch.setattr(triton_gates, "gate_backward", lambda *args: calls.append(1) or kernel(*args))
+    x = torch.randn(2, 4, 3, 3, device="cuda", requires_grad=True)
+    with use_backend("triton"):
+        pixelcnn_kernels.gate_tanh_sigmoid(x).sum().backward()
+    assert calls == [1]
 
 
 def test_environment_variable_forces_backend(monkeypatch):

@@ -5,9 +5,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
+from pixelcnn_kernels.backend import forced_backend
 from pixelcnn_kernels.bench import FAMILIES, cases_for
+from pixelcnn_kernels.bench import harness
 from pixelcnn_kernels.bench.harness import MODES, Case, format_table, run, write_results
 from pixelcnn_kernels.cli import main
 
@@ -38,9 +41,56 @@ def test_harness_times_every_mode_and_provider(tmp_path):
     assert "skipped:" in table and "tanh" in table
     written = write_results(results, tmp_path, meta)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
-    payload = json.loads((tmp_path / "results.json").read_text())
+    payload = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert payload["meta"]["torch"] == torch.__version__ and len(payload["results"]) == len(results)
     assert all(path.exists() for path in written)
+
+
+class _RecordsBackwardBackend(torch.autograd.Function):
+    """tanh whose backward records the backend in force when it runs."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordsBackwardBackend.seen.append(forced_backend())
+        (x,) = ctx.saved_tensors
+        return grad * (1 - x.tanh() ** 2)
+
+
+def test_a_kernel_provider_times_its_backward_on_its_backend_too():
+    """The backward pass picks its backend when it runs: the whole measurement is under the provider's."""
+    _RecordsBackwardBackend.seen.clear()
+    case = dataclasses.replace(_toy_case(), op=_RecordsBackwardBackend.apply)
+    results, _ = run([case], [torch.float32], torch.device("cpu"), warmup=1, repeats=2, only={"triton"})
+    assert all(not r.error for r in results)
+    assert _RecordsBackwardBackend.seen and set(_RecordsBackwardBackend.seen) == {"triton"}
+
+
+def test_a_failing_provider_is_marked_failed_apart_from_one_that_cannot_run():
+    def broken(x):
+        raise RuntimeError("a kernel bug (a stand-in)")
+
+    results, _ = run([dataclasses.replace(_toy_case(), op=broken)], [torch.float32], torch.device("cpu"), warmup=1, repeats=2, only={"triton", "cuda"})
+    by_provider = {(r.mode, r.provider): r for r in results}
+    assert by_provider[("forward", "triton")].failed and "a kernel bug" in by_provider[("forward", "triton")].error
+    assert not by_provider[("forward", "cuda")].failed and by_provider[("forward", "cuda")].error  # no GPU here
+    table = format_table(results)
+    assert "FAILED: RuntimeError: a kernel bug" in table and "skipped:" in table
+
+
+def test_slow_calls_get_fewer_warmups_and_repeats(monkeypatch):
+    """Past the measurement's time budget: two warm-up calls (the second one timed, after any compilation) and MIN_REPEATS timed ones."""
+    monkeypatch.setattr(harness, "MEASURE_SECONDS", 0.0)
+    calls = []
+    case = dataclasses.replace(_toy_case(), reference=lambda x: calls.append(1) or torch.tanh(x), modes=("forward",))
+    results, _ = run([case], [torch.float32], torch.device("cpu"), warmup=5, repeats=10, only={"eager"})
+    assert not results[0].error and len(calls) == 2 + harness.MIN_REPEATS
 
 
 def test_partial_results_are_handed_over_after_each_case():

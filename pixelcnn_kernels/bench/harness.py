@@ -24,6 +24,7 @@ import json
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from pixelcnn_kernels.backend import unavailable_reason, use_backend
 MODES = ("forward", "backward", "full")
 KERNEL_PROVIDERS = ("triton", "cuda")
 L2_BYTES = 60 * 2**20  # a little above the H200's 50 MiB L2
+MEASURE_SECONDS = 20.0  # about the most one measurement takes where calls are slow ...
+MIN_REPEATS = 3  # ... with at least this many timed calls
 
 
 @dataclasses.dataclass
@@ -96,6 +99,7 @@ class Result:
     ratio_to_compile: float = float("nan")
     error: str = ""
     note: str = ""
+    failed: bool = False  # the provider raised (``error`` says what); else an error is why it could not run here
 
 
 def _outputs(value) -> list[torch.Tensor]:
@@ -200,41 +204,29 @@ def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, 
 
         return forward
     wrt = [inputs[i] for i in grad_inputs]
-    if mode == "full":
-
-        def full():
-            outs = _outputs(fn(*inputs))
-            return torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs])
-
-        return full
     key = id(inputs)
-    if key not in cache:  # backward: the forward graph is built once, outside the timing
+    if key not in cache:  # the forward graph and the output gradients, made once, outside the timing
         outs = _outputs(fn(*inputs))
         cache[key] = (outs, [torch.randn_like(o) for o in outs])
     outs, grads = cache[key]
+    if mode == "full":
+        return lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads)
     return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
 
 
-def _providers(case: Case, device: torch.device, compile_cache: dict) -> dict[str, Callable | str]:
-    """Provider name -> function, or -> reason string when it cannot run here."""
-    providers: dict[str, Callable | str] = {"eager": case.reference}
+def _providers(case: Case, device: torch.device, compile_cache: dict) -> dict[str, tuple[Callable, str | None] | str]:
+    """Provider name -> (function, the backend forced while it is timed, or None: the automatic choice),
+    or -> reason string when it cannot run here."""
+    providers: dict[str, tuple[Callable, str | None] | str] = {"eager": (case.reference, None)}
     key = (case.family, case.name)
     if key not in compile_cache:
         compile_cache[key] = torch.compile(case.reference)
-    providers["compile"] = compile_cache[key]
+    providers["compile"] = (compile_cache[key], None)
     for backend in KERNEL_PROVIDERS:
         reason = unavailable_reason(backend, device)
-        providers[backend] = reason if reason else _on_backend(case.op, backend)
-    providers.update(case.extra_providers)
+        providers[backend] = reason if reason else (case.op, backend)
+    providers.update({name: (fn, None) for name, fn in case.extra_providers.items()})
     return providers
-
-
-def _on_backend(fn: Callable, backend: str) -> Callable:
-    def run(*args):
-        with use_backend(backend):
-            return fn(*args)
-
-    return run
 
 
 def run_case(
@@ -249,37 +241,58 @@ def run_case(
     results = []
     for mode in case.modes:
         floor_ms = ceilings.floor_s(case.bytes_moved(mode, dtype), case.flops(mode), dtype) * 1e3 if ceilings else float("nan")
-        for provider, fn in _providers(case, device, compile_cache).items():
+        for provider, choice in _providers(case, device, compile_cache).items():
             if only and provider not in only:
                 continue
             row = Result(case.family, case.name, case.config, dtype_name, mode, provider, *(4 * [float("nan")]), floor_ms)
-            if isinstance(fn, str):
-                row.error = fn
-                results.append(row)
-                continue
-            try:
-                sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
-                graph_cache: dict = {}
-                steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    baseline = torch.cuda.memory_allocated()
-                for i in range(warmup):
-                    steps[i % len(steps)]()
-                times = [timer.time_ms(steps[i % len(steps)]) for i in range(repeats)]
-                row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
-                row.note = case.note(device, dtype)
-                if device.type == "cuda":
-                    row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-                del steps, graph_cache, sets
-            except Exception as exc:  # a failing provider is reported in the table, the run goes on
-                row.error = _error_text(exc)
+            if isinstance(choice, str):
+                row.error = choice
+            else:
+                fn, backend = choice
+                try:
+                    # The whole measurement under the provider's backend: a backward pass picks its backend when it runs.
+                    with use_backend(backend):
+                        _measure(row, fn, case, mode, input_sets, device, timer, warmup, repeats)
+                    row.note = case.note(device, dtype)
+                except Exception as exc:  # a failing provider is reported in the table, the run goes on
+                    traceback.print_exc()
+                    row.error, row.failed = _error_text(exc), True
             results.append(row)
     compile_time = {(r.mode): r.median_ms for r in results if r.provider == "compile"}
     for r in results:
         r.ratio_to_compile = compile_time.get(r.mode, float("nan")) / r.median_ms if r.median_ms == r.median_ms else float("nan")
     return results
+
+
+def _measure(row: Result, fn: Callable, case: Case, mode: str, input_sets, device: torch.device, timer: _Timer, warmup: int, repeats: int) -> None:
+    """Times ``fn`` in ``mode`` into ``row``: median, p20 and p80 of ``repeats`` calls after ``warmup``, rotating
+    the input sets, and the peak memory of the timed calls. Slow calls get fewer of both (at least one warm-up
+    and MIN_REPEATS timed calls), so a measurement takes about MEASURE_SECONDS (a naive sampler's calls take a minute)."""
+    sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
+    graph_cache: dict = {}
+    steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
+    call_s = 0.0
+    for i in range(max(warmup, 1)):
+        call_s = _host_seconds(steps[i % len(steps)], device)  # the last one's: compiled and warm
+        if i >= 1 and (i + 1) * call_s > MEASURE_SECONDS:
+            break
+    repeats = min(repeats, max(MIN_REPEATS, int(MEASURE_SECONDS / max(call_s, 1e-9))))
+    if device.type == "cuda":  # after the warm-up: compilation and first-call workspaces are not the op's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    times = [timer.time_ms(steps[i % len(steps)]) for i in range(repeats)]
+    row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+    if device.type == "cuda":
+        row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+def _host_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    begin = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
 
 
 def _error_text(exc: Exception) -> str:
@@ -292,7 +305,7 @@ def format_table(results: list[Result]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error:
-            lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  skipped: {r.error}")
+            lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  {'FAILED' if r.failed else 'skipped'}: {r.error}")
             continue
         lines.append(
             f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}"
@@ -303,7 +316,8 @@ def format_table(results: list[Result]) -> str:
 
 def _cell(value: float, width: int, decimals: int) -> str:
     """A right-aligned number, or '-' where it was not measured (NaN: no GPU, no compile row)."""
-    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
+    text = "-" if math.isnan(value) else f"{value:.{decimals}f}"
+    return f"{text:>{width}}" if len(text) < width else f" {text}"  # a wide number still leaves a space
 
 
 def write_results(results: list[Result], out_dir: Path, meta: dict, plot: bool = True) -> list[Path]:
@@ -313,7 +327,8 @@ def write_results(results: list[Result], out_dir: Path, meta: dict, plot: bool =
     csv_path, json_path, table_path = out_dir / "results.csv", out_dir / "results.json", out_dir / "table.txt"
     fields = list(rows[0]) if rows else [f.name for f in dataclasses.fields(Result)]
     csv_path.write_text("\n".join([",".join(fields)] + [",".join(str(row[f]).replace(",", ";") for f in fields) for row in rows]) + "\n")
-    json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    unmeasured_as_null = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]  # strict JSON has no NaN
+    json_path.write_text(json.dumps({"meta": meta, "results": unmeasured_as_null}, indent=1))
     table_path.write_text("\n".join(f"# {k}: {v}" for k, v in meta.items()) + "\n" + format_table(results) + "\n")
     written = [csv_path, json_path, table_path]
     plot_path = _plot(results, out_dir / "ratio_to_compile.png") if plot else None

@@ -57,7 +57,8 @@ class _Twins:
         self.cache: dict = {}
 
     def get(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-        key = (str(device), dtype)
+        device = torch.device(device)
+        key = (device.type, device.index or 0, dtype)  # "cuda" and a tensor's "cuda:0" are one device
         if key not in self.cache:
             torch.manual_seed(0)
             fused = self.build().to(device, dtype)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
 from pixelcnn_kernels.reference.masked_conv import GATES
+
+
+def weight_norm_hook(conv: nn.Module) -> WeightNorm | None:
+    """The ``torch.nn.utils.weight_norm`` hook computing ``conv.weight``, if it has one."""
+    hooks = [hook for hook in conv._forward_pre_hooks.values() if isinstance(hook, WeightNorm) and hook.name == "weight"]
+    return hooks[0] if hooks else None
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -51,9 +59,12 @@ class MaskedConv2d(nn.Conv2d):
 
         ``conv`` must have stride 1, one group, zero padding mode and equal
         dilations (``dilation``, if given, must be that value); its ``padding``
-        is ignored (the mask fixes the padding). ``options`` are the
-        constructor's remaining keywords (``color_groups``; ``gate`` for
-        MaskedConv2dGated).
+        is ignored (the mask fixes the padding). A weight that ``conv`` computes
+        (``torch.nn.utils.weight_norm``, or a ``torch.nn.utils.parametrize``
+        parametrization such as ``parametrizations.weight_norm``) is computed the
+        same way, by the same hook or parametrization modules, from the same
+        Parameters under the same names. ``options`` are the constructor's
+        remaining keywords (``color_groups``; ``gate`` for MaskedConv2dGated).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -63,6 +74,8 @@ class MaskedConv2d(nn.Conv2d):
             raise ValueError(f"conv must have equal dilations, got {conv.dilation}")
         if dilation is not None and dilation != conv.dilation[0]:
             raise ValueError(f"dilation={dilation} differs from the conv's dilation {conv.dilation}")
+        if parametrize.is_parametrized(conv) and set(conv.parametrizations) != {"weight"}:
+            raise ValueError(f"conv must have parametrizations of its weight only, got {sorted(conv.parametrizations)}")
         # Built on the meta device: no memory or initialisation for Parameters that are replaced at once.
         module = cls(
             conv.in_channels,
@@ -75,8 +88,22 @@ class MaskedConv2d(nn.Conv2d):
             dtype=conv.weight.dtype,
             **options,
         )
-        module.weight = conv.weight
         module.bias = conv.bias
+        weight_norm = weight_norm_hook(conv)
+        if weight_norm is not None:
+            del module.weight  # a plain attribute from now on, which the hook sets before each forward
+            for name in (f"{weight_norm.name}_g", f"{weight_norm.name}_v"):
+                module.register_parameter(name, getattr(conv, name))
+            module.weight = weight_norm.compute_weight(module)
+            module.register_forward_pre_hook(weight_norm)
+        elif parametrize.is_parametrized(conv, "weight"):
+            chain = conv.parametrizations.weight
+            for parametrization in chain:
+                parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+            for name, original in chain.named_parameters(recurse=False):
+                setattr(module.parametrizations.weight, name, original)
+        else:
+            module.weight = conv.weight
         return module.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
