@@ -258,9 +258,21 @@ def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _weight_and_bias(conv: nn.Conv2d) -> list[nn.Parameter]:
+    """The Parameters of ``conv``'s weight (or those weight norm or a parametrization computes it from) and its bias: not a mask held as one."""
+    weight_norm = weight_norm_hook(conv)
+    if weight_norm is not None:
+        weight = [getattr(conv, f"{weight_norm.name}_g"), getattr(conv, f"{weight_norm.name}_v")]
+    elif parametrize.is_parametrized(conv, "weight"):
+        weight = list(conv.parametrizations.weight.parameters())
+    else:
+        weight = [conv.weight]
+    return weight + ([conv.bias] if conv.bias is not None else [])
+
+
 def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
     """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights."""
-    params = list(conv.parameters())  # the weight, or what it is computed from, and the bias
+    params = _weight_and_bias(conv)
     saved = [p.detach().clone() for p in params]
     dtype = conv.weight.dtype
     rtol, atol = tolerance(dtype, tf32=conv.weight.device.type == "cuda")

@@ -142,11 +142,11 @@ EXPECTED_MASKS = {
     "horizontal": "horizontal 1×3",
     "down": "down_shifted 2×3",
     "down_right": "down_right_shifted 2×2",
+    "weight_normed": "down_shifted 2×3",
 }
 EXPECTED_REASONS = {
     "leaky": "output differs from the masked conv",
     "strided": "stride (2, 2)",
-    "weight_normed": "weight-normalised",
     "shifted_output": "output differs",
 }
 
@@ -168,7 +168,7 @@ def test_recognises_every_style_and_skips_with_reasons():
     for name in before:
         assert_close(after[name], before[name], msg=name)
     table = str(report)
-    assert "convert: 8 replaced, 4 skipped" in table and "down_right_shifted 2×2" in table and "weight-normalised" in table
+    assert "convert: 9 replaced, 3 skipped" in table and "down_right_shifted 2×2" in table and "stride (2, 2)" in table
 
 
 def test_same_parameters_keep_an_optimizer_working():
@@ -260,12 +260,37 @@ def test_candidates_that_cannot_be_probed_or_are_hooked_are_skipped_with_reasons
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
-def test_old_style_weight_norm_is_named_and_cannot_be_copied():
-    """torch.nn.utils.weight_norm (PixelCNN++'s default) registers a hook; the reason names weight norm, and
-    inplace=False, which needs a deep copy PyTorch cannot make of such a module, says so."""
+@pytest.mark.parametrize("style", ["hook", "parametrization"])
+def test_weight_normalised_convs_keep_their_normalisation(style):
+    """PixelCNN++'s torch.nn.utils.weight_norm (a hook) or parametrizations.weight_norm: the replacement
+    computes its weight the same way from the same g and v Parameters, which get the gradients."""
+    module = DownShiftedConv(2, 3)
+    module.conv = nn.utils.weight_norm(module.conv) if style == "hook" else nn.utils.parametrizations.weight_norm(module.conv)
+    model = nn.Sequential(module)
+    sources = [p for name, p in model.named_parameters() if "bias" not in name]
+    keys, x = list(model.state_dict()), torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = convert(model)
+    assert [r.mask for r in report.replaced] == ["down_shifted 2×3"] and isinstance(model[0], MaskedConvWrapper)
+    assert list(model.state_dict()) == keys and [p for name, p in model.named_parameters() if "bias" not in name] == sources
+    output = model(x)
+    assert_close(output, expected)
+    output.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sources)
+
+
+def test_a_parametrized_bias_is_skipped():
+    module = DownShiftedConv(2, 2)
+    torch.nn.utils.parametrize.register_parametrization(module.conv, "bias", nn.Identity())
+    report = convert(nn.Sequential(module))
+    assert not report.replaced and "parametrizations of ['bias']" in report.skipped[0].reason
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_not_inplace_on_a_model_pytorch_cannot_copy_says_so():
     module = DownShiftedConv(2, 2)
     module.conv = nn.utils.weight_norm(module.conv)
-    assert "weight-normalised" in convert(nn.Sequential(module)).skipped[0].reason
     with pytest.raises(ValueError, match="cannot deep-copy this model"):
         convert(nn.Sequential(module), inplace=False)
 
