@@ -13,7 +13,8 @@ code::
 :func:`save_checkpoint` writes a temporary file beside the target and renames it
 over the target (``os.replace``), so a crash mid-write never leaves a truncated
 checkpoint under the real name. :func:`load_checkpoint` raises
-:class:`CheckpointError` naming the file when it is truncated, corrupt, holds
+:class:`CheckpointError` naming the file when it is truncated, corrupt (its
+stored data failing the zip checksums, which ``torch.load`` does not check), holds
 anything but tensors and plain containers (e.g. a tampered pickle), or is not a
 pixelcnn-kernels checkpoint.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -88,7 +90,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Reads a checkpoint with ``weights_only=True``; raises CheckpointError naming the file if unusable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    _check_crcs(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -109,11 +112,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def _check_crcs(path: Path) -> None:
+    """CheckpointError where a stored tensor's bytes fail their zip CRC: torch.load does not check them,
+    so flipped bits would load as silently wrong weights."""
+    if not zipfile.is_zipfile(path):
+        return  # not torch.save's zip format: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {exc}") from exc
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the stored data of {bad} fails its checksum")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model stored in a checkpoint (rebuilt from its config, weights loaded)."""
+    """The trained model stored in a checkpoint (rebuilt from its config, weights loaded); CheckpointError where they do not fit."""
     from pixelcnn_kernels.models import model_from_config
 
     payload = load_checkpoint(path, map_location)
-    model = model_from_config(payload["model"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = model_from_config(payload["model"])
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")  # load_state_dict: a heading, then one line per key
+        raise CheckpointError(f"checkpoint {path}: its model entry and weights do not build a model: {detail}") from exc
     return model.to(map_location)

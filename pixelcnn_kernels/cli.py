@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"bench: unknown op families {unknown}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
         return 2
     families = args.ops or FAMILIES
+    for option, value, least in (("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{option} must be at least {least}, got {value}")
     if not on_gpu:
         print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
@@ -91,7 +95,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    info = subparsers.add_parser("info", help="versions, device, and which backends are available (and why not)")
+    info = subparsers.add_parser(
+        "info",
+        help="versions, device, and which backends are available (and why not)",
+        description="Print the Python, torch, Triton and CUDA versions, the visible GPUs, each backend's availability "
+        "(with the reason where it is unavailable) and the backend forced by PIXELCNN_KERNELS_BACKEND, if any.",
+    )
     info.set_defaults(func=_info)
     bench = subparsers.add_parser(
         "bench",
@@ -123,13 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a command raises for bad input or a bad file (ValueError covers CheckpointError and the
+# backend errors; OSError missing or unwritable paths): one line naming the problem, not a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+DEBUG_ENV_VAR = "PIXELCNN_KERNELS_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if os.environ.get(DEBUG_ENV_VAR):
+            raise
+        print(f"pixelcnn-kernels {args.command}: {exc} ({type(exc).__name__}; {DEBUG_ENV_VAR}=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -131,7 +131,12 @@ def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
-    opened = [Image.open(p) for p in files]
+    opened = []
+    for file in files:
+        try:
+            opened.append(Image.open(file))
+        except OSError as exc:  # PIL's UnidentifiedImageError: a PNG/JPEG name on something else
+            raise ValueError(f"{file}: not a readable image ({exc})") from exc
     grey = all(im.mode in ("L", "1", "I;16", "I") for im in opened)
     arrays = [np.asarray(im.convert("L" if grey else "RGB")) for im in opened]
     sizes = {a.shape[:2] for a in arrays}
@@ -143,7 +148,13 @@ def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
 
 
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:  # not a .npz, or one holding pickled objects
+        raise ValueError(f"{path}: not a readable .npz file of arrays ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
+        raise ValueError(f"{path}: an .npz data set needs an 'images' array, found one unnamed array")
+    with archive:
         if "images" not in archive:
             raise ValueError(f"{path}: an .npz data set needs an 'images' array, found keys {sorted(archive.files)}")
         array = archive["images"]
@@ -176,6 +187,8 @@ def load_images(path: str | Path, *, num_bins: int | None = None, held_out: floa
         images, labels, data_bins = _read_folder(path)
     elif path.suffix.lower() == ".npz" and path.is_file():
         images, labels, data_bins = _read_npz(path)
+    elif not path.exists():
+        raise ValueError(f"data must be 'digits', 'photos', a folder of PNG/JPEG images or an .npz file; {path} does not exist")
     else:
         raise ValueError(f"data must be 'digits', 'photos', a folder of PNG/JPEG images or an .npz file; {path} is none of them")
     bins = data_bins if num_bins is None else num_bins

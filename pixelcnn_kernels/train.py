@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.backend import BACKENDS, use_backend
-from pixelcnn_kernels.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
 
 MODEL_NAMES = {"gated": "gated_pixelcnn", "pixelcnnpp": "pixelcnn_pp"}  # --model choice -> models.MODELS name
@@ -281,7 +281,7 @@ def _save_samples(model, data: ImageDataset, args: argparse.Namespace, path: Pat
     count = args.samples
     cond = torch.arange(count, device=run.device) % data.num_classes if args.class_conditional else None
     generator = torch.Generator(run.device).manual_seed(args.seed)
-    images = model.sample(count, cond=cond, size=data.image_shape[1:], generator=generator, progress=not args.no_progress)
+    images = model.sample(count, method="cached", cond=cond, size=data.image_shape[1:], generator=generator, progress=not args.no_progress)
     save_image_grid(images.cpu(), data.num_bins, path)
     print(f"train: wrote {path}", flush=True)
 
@@ -308,6 +308,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> dict:
     """Runs the training the options describe; returns the summary (rank 0 also writes the files)."""
     _check_args(args)
+    if args.data not in ("digits", "photos"):  # saved with the checkpoints: --resume from another directory finds it
+        args.data = str(Path(args.data).resolve())
     run = _setup_distributed(args.device)
     try:
         with use_backend(args.backend) if args.backend else nullcontext():
@@ -321,10 +323,18 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     from pixelcnn_kernels.models import model_from_config
 
     out = Path(args.out)
+    if run.is_main:  # before any work: an unwritable --out would otherwise surface after the first epoch
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     resume_path = _resume_path(args)
     resumed = load_checkpoint(resume_path) if resume_path is not None else None
     if resumed is not None:
-        fixed = {k: v for k, v in resumed["args"].items() if k in _FIXED_ON_RESUME}
+        training_state = resumed["optimizer"]
+        if not isinstance(training_state, dict) or not {"optimizer", "schedule"} <= set(training_state):
+            raise CheckpointError(f"checkpoint {resume_path} holds no training state to resume from (its optimizer entry is {type(training_state).__name__})")
+        fixed = {k: v for k, v in (resumed.get("args") or {}).items() if k in _FIXED_ON_RESUME}
         fixed.setdefault("ema_decay", 0.0)  # checkpoints written before --ema-decay existed: no average
         fixed.setdefault("lr_schedule", "cosine")  # nor --lr-schedule: the cosine
         args = argparse.Namespace(**{**vars(args), **fixed})
@@ -399,6 +409,9 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             "epoch": epoch + 1, "train_bpd": train_bpd, "held_out_bpd": held_out_bpd,
             "seconds": time.perf_counter() - epoch_started, "lr": schedule.get_last_lr()[0], "step_losses": step_losses,
         })
+        if not (math.isfinite(train_bpd) and math.isfinite(held_out_bpd)):
+            raise ValueError(f"training diverged in epoch {epoch + 1} (train {train_bpd} bits/dim, held-out {held_out_bpd}): "
+                             f"try a lower --lr than {args.lr}; the checkpoints of the epochs before are in {out}")
         improved = held_out_bpd < best
         best = min(best, held_out_bpd)
         if run.is_main:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pixelcnn_kernels
+from pixelcnn_kernels.backend import resolve_backend
 
 
 class MaskedConvolution(nn.Module):
@@ -113,7 +114,8 @@ def time_training_step(model, images, repeats):
         loss = F.cross_entropy(model(images), images.long())
         loss.backward()
 
-    step()  # warm-up (compilation, autotuning, allocator)
+    for _ in range(2):  # warm-up (compilation, autotuning, allocator)
+        step()
     times = []
     for _ in range(repeats):
         if images.is_cuda:
@@ -133,8 +135,10 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=28, help="image height and width (default 28)")
     parser.add_argument("--hidden", type=int, default=64, help="channels (default 64)")
     parser.add_argument("--layers", type=int, default=5, help="gated layers (default 5)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (default 5, at least 3)")
     args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error(f"--repeats must be at least 3 for a median, got {args.repeats}")
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -155,8 +159,11 @@ def main(argv=None):
     after = time_training_step(model, images, args.repeats)
     optimizer.step()
     print(f"max |logits difference| after conversion: {difference:.3g}")
-    print(f"forward+backward, batch {args.batch} of {args.size}×{args.size} on {device}: "
+    backend = resolve_backend(images.float())
+    print(f"forward+backward, batch {args.batch} of {args.size}×{args.size} on {device}, converted convs on the {backend} backend: "
           f"{before * 1e3:.1f} ms before, {after * 1e3:.1f} ms after ({before / after:.2f}×)")
+    if backend == "reference":
+        print("(the reference backend runs the PyTorch reference ops, not fused kernels: timings need a GPU, or TRITON_INTERPRET=1 to exercise the Triton kernels)")
     print("next: replace `torch.tanh(a) * torch.sigmoid(b)` with `pixelcnn_kernels.gate_tanh_sigmoid(x, dim=1)` to fuse the gates")
 
 

@@ -22,7 +22,7 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 def test_convert_tutorial_pixelcnn(tmp_path):
     out = run_example("convert_tutorial_pixelcnn.py", "--device", "cpu", "--batch", "2", "--size", "8", "--hidden", "8", "--layers", "2",
-                      "--repeats", "1", cwd=tmp_path)
+                      "--repeats", "3", cwd=tmp_path)
     # 2 first-layer stacks + 2 convs per gated layer + the mask-B conv; the 1×1 convs are plain.
     assert "convert: 7 replaced, 0 skipped" in out
     difference = float(out.split("max |logits difference| after conversion: ")[1].split()[0])

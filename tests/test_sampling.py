@@ -95,7 +95,7 @@ def test_every_method_draws_the_naive_image(name):
 def test_jacobi_is_bit_exact_in_float32(name):
     model, cond = sharpened(name, torch.float32)
     noise = make_noise(model, *model.default_sample_size())
-    naive = model.sample(N, cond=cond, noise=noise, progress=False)
+    naive = model.sample(N, method="naive", cond=cond, noise=noise, progress=False)
     assert torch.equal(model.sample(N, method="jacobi", cond=cond, noise=noise, progress=False), naive)
 
 
@@ -105,7 +105,7 @@ def test_block_jacobi_draws_the_naive_image(name, block_rows):
     model, cond = sharpened(name)
     height, width = model.default_sample_size()
     noise = make_noise(model, height, width)
-    naive = model.sample(N, cond=cond, noise=noise, progress=False)
+    naive = model.sample(N, method="naive", cond=cond, noise=noise, progress=False)
     block = model.sample(N, method="jacobi", block_rows=block_rows, cond=cond, noise=noise, progress=False)
     stats = model.last_sample_stats
     assert torch.equal(block, naive)
@@ -245,6 +245,11 @@ def test_sample_command_rejects_what_the_model_cannot_do(tmp_path, capsys):
     assert "--n must be a positive int" in capsys.readouterr().err
     assert sample("gated_rgb_cond_dilated", "--n", "1", "--label", "3") == 2
     assert "--label must be a class in [0, 2]" in capsys.readouterr().err
+    assert sample("pp_grey", "--n", "1", "--out", str(tmp_path / "grid.jpgg")) == 2
+    assert "--out must name a .png file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert sample("pp_grey", "--n", "1", "--device", "cuda") == 2
+        assert "--device cuda, but no CUDA device is visible" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -285,6 +290,6 @@ def test_jacobi_is_bit_exact_on_the_kernel_backends(name, dtype, deterministic_c
     cond = None if cond is None else cond.cuda()
     noise = make_noise(model, 8, 8)
     noise = noise.cuda() if isinstance(noise, torch.Tensor) else tuple(u.cuda() for u in noise)
-    naive = model.sample(N, cond=cond, noise=noise, size=(8, 8), progress=False)
+    naive = model.sample(N, method="naive", cond=cond, noise=noise, size=(8, 8), progress=False)
     for block_rows in (None, 2):
         assert torch.equal(model.sample(N, method="jacobi", block_rows=block_rows, cond=cond, noise=noise, size=(8, 8), progress=False), naive)

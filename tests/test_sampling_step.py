@@ -460,7 +460,7 @@ def test_fused_sampler_draws_the_naive_image_with_one_launch_per_layer_and_value
         launch = getattr(triton_sampling, op)
         monkeypatch.setattr(triton_sampling, op, lambda *args, op=op, launch=launch: launches.__setitem__(op, launches[op] + 1) or launch(*args))
     with use_backend("triton"):
-        naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
+        naive = model.sample(N, method="naive", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
         launches.update(dict.fromkeys(launches, 0))
         cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=noise, progress=False)
     assert torch.equal(cached, naive) and naive.unique().numel() > 2
@@ -491,7 +491,7 @@ def test_a_model_past_a_fused_steps_limit_keeps_the_pytorch_step(monkeypatch):
     noise = noise_for(model, 1)
     with use_backend("triton"):
         cached = model.sample(1, method="cached", noise=noise, progress=False)
-        assert torch.equal(cached, model.sample(1, noise=noise, progress=False))
+        assert torch.equal(cached, model.sample(1, method="naive", noise=noise, progress=False))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -504,7 +504,7 @@ def test_a_prefix_in_any_layout_completes_as_naive(channels_last):
     noise = noise_for(model, N)
     with use_backend("triton"):
         cached = model.sample(N, method="cached", prefix=prefix, known=known, noise=noise, progress=False)
-        assert torch.equal(cached, model.sample(N, prefix=prefix, known=known, noise=noise, progress=False))
+        assert torch.equal(cached, model.sample(N, method="naive", prefix=prefix, known=known, noise=noise, progress=False))
 
 
 def test_the_reference_backend_and_float64_keep_the_pytorch_step(monkeypatch):
@@ -590,7 +590,7 @@ def test_gpu_cuda_graph_replays_the_eager_steps(name, completion, dtype, backend
             # With graphs, Python runs rows 0 and 1 and the capture of row 2's step; replays do the rest.
             assert row_calls == ([0, 1, 2] if graph else list(range(HEIGHT)))
             drawn[graph] = problem.images
-        naive = model.sample(batch, cond=cond, prefix=images if completion else None, known=known if completion else None, noise=noise, size=(HEIGHT, WIDTH), progress=False)
+        naive = model.sample(batch, method="naive", cond=cond, prefix=images if completion else None, known=known if completion else None, noise=noise, size=(HEIGHT, WIDTH), progress=False)
     assert torch.equal(drawn[True], drawn[False])
     assert torch.equal(drawn[True][known[:, None].expand_as(images)], images[known[:, None].expand_as(images)])
     if dtype == torch.float32:
@@ -657,7 +657,7 @@ def test_gpu_sample_uses_the_graph_by_default(monkeypatch):
     noise = noise_for(model, N)
     cached = model.sample(N, method="cached", cond=cond, noise=noise, progress=False)
     assert used == [True]
-    assert torch.equal(cached, model.sample(N, cond=cond, noise=noise, progress=False))
+    assert torch.equal(cached, model.sample(N, method="naive", cond=cond, noise=noise, progress=False))
 
 
 @pytest.mark.gpu

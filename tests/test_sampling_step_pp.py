@@ -263,7 +263,7 @@ def test_table_sampler_draws_the_naive_image_with_one_launch_per_block_and_step(
     draw = triton_sampling.dmol_draw_step
     monkeypatch.setattr(triton_sampling, "dmol_draw_step", lambda *args: draws.append(1) or draw(*args))
     monkeypatch.setattr(cached_pixelcnn_pp, "gate_sigmoid", None)  # the PyTorch block's gate: calling it fails
-    naive = model.sample(N, cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)  # CPU tensors: reference ops
+    naive = model.sample(N, method="naive", cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)  # CPU tensors: reference ops
     with use_backend("triton"):
         cached = model.sample(N, method="cached", cond=cond, prefix=prefix, known=known, noise=problem.noise, progress=False)
     assert torch.equal(cached, naive) and naive.unique().numel() > 2
@@ -385,7 +385,7 @@ def test_gpu_table_sampler_as_a_cuda_graph_is_the_eager_sampler_bit_for_bit(name
     noise = tuple(torch.rand(batch, c, 8, 8, generator=generator).cuda() for c in (model.num_logistic_mix, model.in_channels))
     images = torch.randint(0, model.num_bins, (batch, model.in_channels, 8, 8), generator=torch.Generator().manual_seed(2)).cuda() if completion else None
     known = (torch.rand(batch, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.4).cuda() if completion else torch.zeros(batch, 8, 8, dtype=torch.bool, device="cuda")
-    naive = model.sample(batch, cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)
+    naive = model.sample(batch, method="naive", cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)
     drawn = {}
     with torch.no_grad(), kernel_backend(backend, "cuda"):
         for cuda_graph in (True, False):

@@ -12,7 +12,7 @@ import torch
 
 import pixelcnn_kernels.train as train_module
 from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from pixelcnn_kernels.cli import build_parser
+from pixelcnn_kernels.cli import build_parser, main
 from pixelcnn_kernels.data import load_dataset, load_digits, load_images, load_photos, quantize, save_image_grid
 from pixelcnn_kernels.train import Distributed, evaluate, train
 
@@ -112,8 +112,15 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "d.npz", images=np.zeros((3, 5, 4, 4), dtype=np.uint8))
     with pytest.raises(ValueError, match="shape"):
         load_images(tmp_path / "d.npz")
-    with pytest.raises(ValueError, match="is none of them"):
+    with pytest.raises(ValueError, match="missing.npz does not exist"):
         load_dataset(str(tmp_path / "missing.npz"))
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"text\.npz: not a readable \.npz file"):
+        load_dataset(str(tmp_path / "text.npz"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "broken.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"broken\.png: not a readable image"):
+        load_dataset(str(tmp_path / "folder"))
 
 
 def test_image_grid(tmp_path):
@@ -158,6 +165,23 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pt is truncated or corrupt"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_flipped_bytes_in_a_checkpoint_fail_its_checksum(tmp_path):
+    """torch.load does not check the zip CRCs: flipped bits in a tensor would load as wrong weights."""
+    data = bytearray(small_checkpoint(tmp_path / "c.pt").read_bytes())
+    stored = torch.arange(3.0).numpy().tobytes()
+    at = data.index(stored)
+    data[at + 5] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"flipped\.pt is corrupt: the stored data of .* fails its checksum"):
+        load_checkpoint(tmp_path / "flipped.pt")
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_says_so(tmp_path):
+    path = small_checkpoint(tmp_path / "c.pt")  # its state_dict holds only "w"
+    with pytest.raises(CheckpointError, match=r"c\.pt: its model entry and weights do not build a model: Error\(s\) in loading state_dict"):
+        load_model(path)
 
 
 def test_foreign_or_missing_checkpoint(tmp_path):
@@ -228,6 +252,25 @@ def test_bad_options(tmp_path, tiny_digits):
         train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--class-conditional"))
     with pytest.raises(FileNotFoundError, match="last.pt"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume"))
+    with pytest.raises(CheckpointError, match="holds no training state to resume from"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--resume", str(small_checkpoint(tmp_path / "weights_only.pt"))))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError):  # before any data is loaded or epoch run
+        train(build_parser().parse_args(["train", "--out", str(tmp_path / "a_file" / "run"), "--data", tiny_digits]))
+
+
+def test_a_diverging_run_stops_with_a_message(tmp_path, tiny_digits):
+    with pytest.raises(ValueError, match="training diverged in epoch 1 .* try a lower --lr"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "2", "--lr", "1e9", "--ema-decay", "0", "--samples", "0"))
+
+
+def test_command_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nothing.npz"), "--out", str(tmp_path / "run")]) == 2
+    assert main(["sample", "--checkpoint", str(tmp_path / "nothing.pt")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in "".join(lines)
+    assert lines[0].startswith("pixelcnn-kernels train: data must be") and "nothing.npz does not exist (ValueError;" in lines[0]
+    assert lines[1].startswith("pixelcnn-kernels sample: checkpoint") and "nothing.pt does not exist" in lines[1]
 
 
 def test_backends_train_to_the_same_curve(tmp_path, tiny_digits):

@@ -157,7 +157,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
     def sample(
         self,
         n: int,
-        method: str = "naive",
+        method: str = "cached",
         cond: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
         known: torch.Tensor | None = None,
@@ -173,10 +173,10 @@ class PixelCNNModel(nn.Module, abc.ABC):
         head with RGB, channel by channel (R, G, B) inside each pixel; for the DMOL head
         a pixel's channels are drawn together by the DMOL sampler.
 
-        - ``method``: ``"naive"``, one full forward per generated value (the oracle);
-          ``"cached"``, incremental generation that computes only the new pixel's
-          activations from per-layer caches (:mod:`pixelcnn_kernels.sampling.cached_gated`,
-          :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`); ``"jacobi"``, parallel forwards iterated to the
+        - ``method``: ``"cached"`` (the default), incremental generation that computes
+          only the new pixel's activations from per-layer caches (:mod:`pixelcnn_kernels.sampling.cached_gated`,
+          :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`); ``"naive"``, one full forward
+          per generated value (the oracle); ``"jacobi"``, parallel forwards iterated to the
           fixed point (:mod:`pixelcnn_kernels.sampling.jacobi`). Given ``noise``, the three
           return the same image (see those modules for the exact guarantee).
         - ``cond``: class labels (n,) for a class-conditional model.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,14 @@ def main(args: argparse.Namespace) -> int:
     if args.n < 1:
         print(f"sample: --n must be a positive int, got {args.n}", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sample: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        print(f"sample: --out must name a .png file, got {args.out}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)  # before sampling: an unusable path fails now, not after the work
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model = load_model(args.checkpoint, map_location=device)
     cond = None
@@ -69,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"sample: {exc}", file=sys.stderr)
         return 2
     stats = model.last_sample_stats
-    path = save_image_grid(images.cpu(), model.num_bins, args.out)
+    path = save_image_grid(images.cpu(), model.num_bins, out)
     line = f"sample: {stats.images} images by {args.method} in {stats.seconds:.3f} s ({stats.images / stats.seconds:.1f} images/s"
     if args.method == "jacobi":
         line += f"; {stats.network_passes} Jacobi iterations for {stats.values} values"
