@@ -161,10 +161,11 @@ def _named_equivalent(spec: MaskSpec) -> str | torch.Tensor:
     return spec.tap_mask()
 
 
-def _describe(mask: str | torch.Tensor, kernel_size: tuple[int, int], color_groups: int) -> str:
+def _describe(mask: str | torch.Tensor, kernel_size: tuple[int, int], dilation: int, color_groups: int) -> str:
     what = mask if isinstance(mask, str) else "custom"
+    dilated = f", dilation {dilation}" if dilation > 1 else ""
     groups = f", colour groups {color_groups}" if color_groups > 1 else ""
-    return f"{what} {kernel_size[0]}×{kernel_size[1]}{groups}"
+    return f"{what} {kernel_size[0]}×{kernel_size[1]}{dilated}{groups}"
 
 
 def _infer_mask(found: _MaskTensor, weight_shape: torch.Size) -> tuple[str | torch.Tensor, int]:
@@ -409,7 +410,7 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
             replacement = MaskedConvWrapper(conv_name, replacement)
         if masks:
             _keep_mask(replacement, masks[0])
-        options.append((replacement, _describe(mask, conv.kernel_size, color_groups)))
+        options.append((replacement, _describe(mask, conv.kernel_size, dilation, color_groups)))
     return conv, options
 
 

@@ -64,7 +64,7 @@ class ImageDataset:
 def quantize(images: torch.Tensor, from_bins: int, to_bins: int) -> torch.Tensor:
     """Maps integer images with bins 0..from_bins-1 onto 0..to_bins-1 (equal-width bins)."""
     if not 2 <= to_bins <= from_bins:
-        raise ValueError(f"num_bins must be between 2 and the data's {from_bins} bins, got {to_bins}")
+        raise ValueError(f"num_bins (--num-bins) must be between 2 and the data's {from_bins} bins, got {to_bins}")
     if to_bins == from_bins:
         return images
     return (images.to(torch.int64) * to_bins // from_bins).to(torch.uint8)

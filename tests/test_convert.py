@@ -135,11 +135,11 @@ def run_all(model: nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 EXPECTED_MASKS = {
     "first": "A 5×5",
-    "dilated": "B 3×3",
+    "dilated": "B 3×3, dilation 2",
     "frozen_param": "B 3×3",
     "colour": "B 3×3, colour groups 3",
     "vertical": "vertical 3×3",
-    "horizontal": "horizontal 1×3",
+    "horizontal": "horizontal 1×3, dilation 2",
     "down": "down_shifted 2×3",
     "down_right": "down_right_shifted 2×2",
     "weight_normed": "down_shifted 2×3",
