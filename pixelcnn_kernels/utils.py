@@ -13,6 +13,10 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class DTypeError(TypeError, ValueError):
+    """A tensor argument of the wrong dtype: a TypeError, and a ValueError as the issues word a bad argument."""
+
+
 def check_tensor(
     t: object,
     name: str,
@@ -32,7 +36,7 @@ def check_tensor(
         accepted = dtypes + ((torch.float64,) if allow_float64 and torch.float64 not in dtypes else ())
         if t.dtype not in accepted:
             names = ", ".join(str(d).removeprefix("torch.") for d in accepted)
-            raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).removeprefix('torch.')}")
+            raise DTypeError(f"{name} must have dtype {names}; got {str(t.dtype).removeprefix('torch.')}")
     if ndim is not None:
         ranks = (ndim,) if isinstance(ndim, int) else ndim
         if t.dim() not in ranks:
@@ -52,10 +56,10 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_same_dtype(x: torch.Tensor, /, x_name: str = "x", **others: torch.Tensor | None) -> None:
-    """TypeError naming the first of ``others`` (None: absent) whose dtype is not ``x``'s (called ``x_name``)."""
+    """DTypeError naming the first of ``others`` (None: absent) whose dtype is not ``x``'s (called ``x_name``)."""
     for name, t in others.items():
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; they must match")
+            raise DTypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; they must match")
 
 
 def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:

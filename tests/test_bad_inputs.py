@@ -25,6 +25,7 @@ import pixelcnn_kernels as pk
 from pixelcnn_kernels import backend as backend_module
 from pixelcnn_kernels.backend import BackendUnavailableError, use_backend
 from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.utils import DTypeError
 
 GATES = ("gate_tanh_sigmoid", "gate_sigmoid")
 CONVS = ("masked_conv2d", "masked_conv2d_gated")
@@ -90,13 +91,13 @@ def _every_op(kind: str, error: type[Exception], match: str, setup) -> list[Row]
 
 def _wrong_dtype_rows() -> list[Row]:
     ints = lambda t: t.to(torch.int32)  # noqa: E731
-    rows = [Row(name, "wrong_dtype", _changed("x", ints), TypeError, r"^x must have dtype") for name in (*GATES, "concat_elu", *CONVS)]
-    rows += [Row(name, "wrong_dtype", _changed("logits", ints), TypeError, r"^logits must have dtype") for name in ("discretized_mix_logistic_nll", "sample_discretized_mix_logistic")]
-    rows += [Row(name, "mismatched_dtypes", _changed("cond", torch.Tensor.double), TypeError, r"^cond must have x's dtype") for name in GATES]
+    rows = [Row(name, "wrong_dtype", _changed("x", ints), DTypeError, r"^x must have dtype") for name in (*GATES, "concat_elu", *CONVS)]
+    rows += [Row(name, "wrong_dtype", _changed("logits", ints), DTypeError, r"^logits must have dtype") for name in ("discretized_mix_logistic_nll", "sample_discretized_mix_logistic")]
+    rows += [Row(name, "mismatched_dtypes", _changed("cond", torch.Tensor.double), DTypeError, r"^cond must have x's dtype") for name in GATES]
     rows += [
-        Row("masked_conv2d", "mismatched_dtypes", _changed("weight", torch.Tensor.half), TypeError, r"^weight has dtype torch.float16 but x has"),
-        Row("masked_conv2d_gated", "mismatched_dtypes", _changed("cond", torch.Tensor.double), TypeError, r"^cond has dtype torch.float64 but x has"),
-        Row("sample_discretized_mix_logistic", "mismatched_dtypes", _changed("u_mix", torch.Tensor.half), TypeError, r"^noise\[0\] \(u_mix\) must have dtype float32"),
+        Row("masked_conv2d", "mismatched_dtypes", _changed("weight", torch.Tensor.half), DTypeError, r"^weight has dtype torch.float16 but x has"),
+        Row("masked_conv2d_gated", "mismatched_dtypes", _changed("cond", torch.Tensor.double), DTypeError, r"^cond has dtype torch.float64 but x has"),
+        Row("sample_discretized_mix_logistic", "mismatched_dtypes", _changed("u_mix", torch.Tensor.half), DTypeError, r"^noise\[0\] \(u_mix\) must have dtype float32"),
     ]
     return rows
 
@@ -398,6 +399,11 @@ ERROR_ROWS = [
     *_backend_rows(),
 ]
 RESULT_ROWS = _result_rows()
+
+
+def test_a_wrong_dtype_is_a_type_error_and_a_value_error():
+    """Both ways of catching a bad argument catch it: ``except TypeError`` and the issues' ``ValueError``."""
+    assert issubclass(DTypeError, TypeError) and issubclass(DTypeError, ValueError)
 
 
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.id, marks=row.marks) for row in ERROR_ROWS])

@@ -648,8 +648,8 @@ def _bad_input_cases():
         ("mask shape", dict(mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "mask has shape"),
         ("colour groups", dict(weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), color_groups=3), ValueError, "color_groups"),
         ("colour groups value", dict(color_groups=2), ValueError, "color_groups"),
-        ("x dtype", dict(x=x.to(torch.int32)), TypeError, "x must have dtype"),
-        ("weight dtype", dict(weight=weight.double()), TypeError, "weight has dtype"),
+        ("x dtype", dict(x=x.to(torch.int32)), ValueError, "x must have dtype"),  # DTypeError: a TypeError too (test_bad_inputs)
+        ("weight dtype", dict(weight=weight.double()), ValueError, "weight has dtype"),
         ("device", dict(weight=weight.to("meta")), ValueError, "device"),
         ("x rank", dict(x=x[0]), ValueError, "x must have 4 dimensions"),
         ("channels", dict(x=torch.randn(1, 4, 4, 4)), ValueError, "x has 4 channels"),

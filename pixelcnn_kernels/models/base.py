@@ -33,7 +33,7 @@ from pixelcnn_kernels.ops.dmol import sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.reference.layers import OpSet
 from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats, write_values
-from pixelcnn_kernels.utils import compute_dtype
+from pixelcnn_kernels.utils import DTypeError, compute_dtype
 
 HEADS = ("softmax", "dmol")
 SAMPLING_METHODS = ("naive", "cached", "jacobi")
@@ -98,7 +98,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in IMAGE_DTYPES:
-            raise TypeError(f"{name} must hold integer bins (uint8, int32 or int64), got {str(x.dtype).removeprefix('torch.')}")
+            raise DTypeError(f"{name} must hold integer bins (uint8, int32 or int64), got {str(x.dtype).removeprefix('torch.')}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{name} must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         self.check_spatial_size(x.shape[2], x.shape[3])
@@ -114,7 +114,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         if not isinstance(cond, torch.Tensor):
             raise TypeError(f"cond must be a torch.Tensor of class labels, got {type(cond).__name__}")
         if cond.dtype not in IMAGE_DTYPES:
-            raise TypeError(f"cond must hold integer class labels, got {str(cond.dtype).removeprefix('torch.')}")
+            raise DTypeError(f"cond must hold integer class labels, got {str(cond.dtype).removeprefix('torch.')}")
         if tuple(cond.shape) != (batch,):
             raise ValueError(f"cond must be ({batch},) class labels, got shape {tuple(cond.shape)}")
         return F.one_hot(cond.long(), self.num_classes).to(self.parameter_dtype())

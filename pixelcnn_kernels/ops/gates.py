@@ -26,7 +26,7 @@ import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -50,7 +50,7 @@ def _check_gate_args(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> in
     if cond is not None:
         check_tensor(cond, "cond")
         if cond.dtype != x.dtype:
-            raise TypeError(f"cond must have x's dtype {x.dtype}, got {cond.dtype}")
+            raise DTypeError(f"cond must have x's dtype {x.dtype}, got {cond.dtype}")
         check_same_device(x=x, cond=cond)
         if dim == 0:
             raise ValueError("cond is a per-(batch, channel) bias, so dim must not be 0 (the batch dimension) when cond is given")
