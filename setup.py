@@ -50,8 +50,16 @@ def _find_cuda_home():
     return None
 
 
+def _record_skip_reason(reason):
+    """Writes why the extension was not built (None: it was) into the package, where
+    ``pixelcnn-kernels info`` quotes it: pip shows a build's own output only with -v."""
+    with open(os.path.join("pixelcnn_kernels", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py at install time."""\n\nCUDA_EXTENSION_SKIPPED = {reason!r}\n')
+
+
 def _extensions():
     reason = _cuda_skip_reason()
+    _record_skip_reason(reason)
     if reason is not None:
         print(f"pixelcnn-kernels: installing without the CUDA extension: {reason}", file=sys.stderr)
         return [], {}

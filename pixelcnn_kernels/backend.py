@@ -45,6 +45,14 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _build_info():
+    """setup.py's record of the install (``_build_info.CUDA_EXTENSION_SKIPPED``), or None for an install without one."""
+    try:
+        return importlib.import_module("pixelcnn_kernels._build_info")
+    except ImportError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_extension_error() -> str | None:
     """Loads the compiled extension once; returns why it is unusable, or None."""
@@ -54,10 +62,9 @@ def _cuda_extension_error() -> str | None:
         importlib.import_module("pixelcnn_kernels._C")
     except ImportError as exc:
         if "No module named" in str(exc):
-            return (
-                "extension not built (nvcc not found at install time, or PIXELCNN_KERNELS_SKIP_CUDA was set); "
-                "reinstall with CUDA_HOME pointing at the CUDA toolkit"
-            )
+            skipped = getattr(_build_info(), "CUDA_EXTENSION_SKIPPED", None)
+            why = f"at install time {skipped}" if skipped else "nvcc not found at install time, or PIXELCNN_KERNELS_SKIP_CUDA was set"
+            return f"extension not built ({why}); reinstall with CUDA_HOME pointing at the CUDA toolkit"
         return f"extension failed to load: {exc}"
     return None
 

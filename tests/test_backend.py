@@ -1,6 +1,7 @@
 """Backend selection: defaults, forcing, and the errors that say why."""
 
 import threading
+import types
 
 import pytest
 import torch
@@ -108,6 +109,27 @@ def test_available_backends_lists_every_backend_with_a_reason_or_none():
 @pytest.mark.skipif(torch.version.cuda is not None, reason="message for a torch build without CUDA")
 def test_cuda_reason_names_torch_without_cuda():
     assert "has no CUDA" in backend.unavailable_reason("cuda")
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a torch build without CUDA has that reason instead")
+def test_a_skipped_extension_build_is_explained_by_its_reason(monkeypatch):
+    """pip hides setup.py's output without -v: the reason it recorded is what info and the errors quote."""
+    real_import = backend.importlib.import_module
+
+    def without_extension(name):
+        if name == "pixelcnn_kernels._C":
+            raise ImportError("No module named 'pixelcnn_kernels._C'")
+        if name == "pixelcnn_kernels._build_info":
+            return types.SimpleNamespace(CUDA_EXTENSION_SKIPPED="PIXELCNN_KERNELS_SKIP_CUDA is set")
+        return real_import(name)
+
+    monkeypatch.setattr(backend.importlib, "import_module", without_extension)
+    backend._cuda_extension_error.cache_clear()
+    try:
+        reason = backend._cuda_extension_error()
+    finally:
+        backend._cuda_extension_error.cache_clear()
+    assert reason.startswith("extension not built (at install time PIXELCNN_KERNELS_SKIP_CUDA is set)")
 
 
 def test_package_works_without_triton():

@@ -27,8 +27,6 @@ import pixelcnn_kernels as pk
 from pixelcnn_kernels.backend import use_backend
 
 ROOT = Path(__file__).resolve().parent.parent
-# Ops whose tiny CUDA runs compute-sanitizer checks (racecheck: the split reductions).
-SANITIZED = ("masked_conv2d", "discretized_mix_logistic_nll")
 
 # Realistic sizes for the GPU runs: several pixel blocks, split weight-gradient reductions.
 GPU_PARAMS = {
@@ -55,7 +53,7 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def _params(backends_marks: dict[str, tuple], on_gpu: bool, extra_marks=lambda name, backend: ()) -> list:
+def _params(backends_marks: dict[str, tuple], on_gpu: bool, extra_marks=lambda backend, deterministic: ()) -> list:
     """(name, backend, deterministic) for every op, backend and mode, but the reference on the GPU outside deterministic mode.
 
     There the reference backend is PyTorch's own code, deterministic only in deterministic mode.
@@ -67,7 +65,7 @@ def _params(backends_marks: dict[str, tuple], on_gpu: bool, extra_marks=lambda n
                 if backend == "reference" and on_gpu and not deterministic:
                     continue
                 mode = "deterministic_algorithms" if deterministic else "default"
-                params.append(pytest.param(name, backend, deterministic, id=f"{name}-{backend}-{mode}", marks=marks + extra_marks(name, backend)))
+                params.append(pytest.param(name, backend, deterministic, id=f"{name}-{backend}-{mode}", marks=marks + extra_marks(backend, deterministic)))
     return params
 
 
@@ -85,8 +83,9 @@ def assert_bitwise_reproducible(name: str, backend: str, inputs: dict[str, Any])
 GPU = (pytest.mark.gpu,)
 
 
-def _sanitized(name: str, backend: str) -> tuple:
-    return (pytest.mark.sanitize,) if backend == "cuda" and name in SANITIZED else ()
+def _sanitized(backend: str, deterministic: bool) -> tuple:
+    """compute-sanitizer (memcheck, racecheck) runs every op's tiny inputs forward and backward on both kernel backends, once."""
+    return (pytest.mark.sanitize,) if backend in ("triton", "cuda") and not deterministic else ()
 
 
 @pytest.mark.parametrize("name, backend, deterministic", _params({"reference": (), "triton": (), "cuda": GPU}, DEVICE.type == "cuda", _sanitized))
