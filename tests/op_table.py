@@ -266,28 +266,36 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
             bias=st.booleans(),
             cond=st.just(False) if not gated else st.booleans(),
             gate=st.sampled_from(GATES),
+            residual=st.booleans(),
+            concat_elu=st.booleans(),  # input_activation="concat_elu", with one colour group
         )
     )
 
 
 def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> dict[str, Any]:
-    """x ~ N(0, 1) and weight ~ N(0, 1/fan-in) as a trained conv's (outputs O(1)); channels scaled to the groups."""
+    """x ~ N(0, 1) and weight ~ N(0, 1/fan-in) as a trained conv's (outputs O(1)); channels scaled to the groups.
+
+    ``residual`` and ``concat_elu`` (the fused epilogue and input activation) are optional in ``params``.
+    """
     (name, (kh, kw)), groups = params["mask"], params["color_groups"]
     mask = torch.tensor(params["custom_taps"]).view(3, 3) if name == "custom" else name
     c_in, c_out = groups * params["in_channels"], groups * params["out_channels"]
-    if gated:
-        c_out *= 2
-    batch = params["batch"]
+    concat_elu = params.get("concat_elu", False) and groups == 1
+    c_read = 2 * c_in if concat_elu else c_in  # the channels the convolution reads
+    c_conv = 2 * c_out if gated else c_out  # the channels it writes, before the gate halves them
+    batch, height, width = params["batch"], params["height"], params["width"]
     inputs = dict(
-        x=_randn((batch, c_in, params["height"], params["width"]), generator, device, dtype),
-        weight=_randn((c_out, c_in, kh, kw), generator, device, dtype, (c_in * kh * kw) ** -0.5),
-        bias=_randn((c_out,), generator, device, dtype) if params["bias"] else None,
+        x=_randn((batch, c_in, height, width), generator, device, dtype),
+        weight=_randn((c_conv, c_read, kh, kw), generator, device, dtype, (c_read * kh * kw) ** -0.5),
+        bias=_randn((c_conv,), generator, device, dtype) if params["bias"] else None,
         mask=mask,
         dilation=params["dilation"],
         color_groups=groups,
+        residual=_randn((batch, c_out, height, width), generator, device, dtype) if params.get("residual", False) else None,
+        input_activation="concat_elu" if concat_elu else None,
     )
     if gated:
-        inputs.update(gate=params["gate"], cond=_randn((batch, c_out), generator, device, dtype) if params["cond"] else None)
+        inputs.update(gate=params["gate"], cond=_randn((batch, c_conv), generator, device, dtype) if params["cond"] else None)
     return inputs
 
 
@@ -297,7 +305,7 @@ MASKED_CONV = OpCase(
     lambda params, dtype, device, generator: _make_conv_inputs(params, dtype, device, generator, gated=False),
     lambda a: pk.masked_conv2d(**a),
     lambda a: masked_conv2d_ref(**a),
-    grad_inputs=("x", "weight", "bias"),
+    grad_inputs=("x", "weight", "bias", "residual"),
     activations=("x",),
     sums=True,
 )
@@ -308,7 +316,7 @@ MASKED_CONV_GATED = OpCase(
     lambda params, dtype, device, generator: _make_conv_inputs(params, dtype, device, generator, gated=True),
     lambda a: pk.masked_conv2d_gated(**a),
     lambda a: masked_conv2d_gated_ref(**a),
-    grad_inputs=("x", "weight", "bias", "cond"),
+    grad_inputs=("x", "weight", "bias", "cond", "residual"),
     activations=("x",),
     sums=True,
 )

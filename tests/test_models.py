@@ -256,6 +256,15 @@ def test_config_without_dropout_rebuilds_a_model_without_dropout():
     assert all(layer.dropout.p == 0.0 for layer in rebuilt.conv_layers)
 
 
+def test_constructors_take_the_issues_argument_order():
+    """GatedPixelCNN(in_channels, hidden, layers, kernel_size, dilations, num_classes, head, num_bins) and
+    PixelCNNPlusPlus(nr_resnet, nr_filters, nr_logistic_mix, in_channels, num_classes, dropout) in position."""
+    gated = GatedPixelCNN(3, 6, 2, 5, [1, 2], 4, "dmol", 16)
+    assert gated.config.items() >= dict(in_channels=3, hidden=6, layers=2, kernel_size=5, dilations=[1, 2], num_classes=4, head="dmol", num_bins=16).items()
+    pixelcnn_pp = PixelCNNPlusPlus(1, 4, 2, 1, 3, 0.25)
+    assert pixelcnn_pp.config.items() >= dict(nr_resnet=1, nr_filters=4, nr_logistic_mix=2, in_channels=1, num_classes=3, dropout=0.25).items()
+
+
 # ---------------------------------------------------------------- bad input
 
 

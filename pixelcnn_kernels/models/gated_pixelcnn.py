@@ -49,10 +49,11 @@ class GatedPixelCNN(PixelCNNModel):
         layers: int = 7,
         kernel_size: int = 3,
         dilations: list[int] | tuple[int, ...] | None = None,
-        dropout: float = 0.0,
         num_classes: int | None = None,
         head: str = "softmax",
         num_bins: int = 256,
+        *,
+        dropout: float = 0.0,
         num_logistic_mix: int = 10,
         image_size: tuple[int, int] = (28, 28),
     ):
