@@ -44,8 +44,13 @@ allowance() {
   local left=$(( deadline - $(date +%s) - $2 ))
   (( left < 10 )) && echo 0 || echo $(( left < $1 ? left : $1 ))
 }
-# "exit N" for a finished command, "cut after N s" for one that timeout stopped (124, or 137 after its KILL).
-outcome() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ] && echo "cut after $2 s" || echo "exit $1"; }
+# "exit N" for a finished command, "cut after N s" for one that timeout stopped (124, or 137 after
+# its KILL), "skipped" for one given no time ($2 = 0).
+outcome() {
+  if [ "$2" -eq 0 ]; then echo "skipped, no time left"
+  elif [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then echo "cut after $2 s"
+  else echo "exit $1"; fi
+}
 # Runs "$@" for at most $1 s: SIGINT first, so that a cut pytest still prints its FAILED/ERROR
 # lines; KILL 20 s later. A limit of 0 runs nothing and reads as cut.
 within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT -k 20 "$limit" "$@"; }
@@ -57,9 +62,9 @@ tests_rc=0 sanitize_rc=0 properties_rc=0 bench_rc=0 build_rc=0
 step "build"
 start=$(date +%s)
 # A failed build still lets the Triton tests and rows run (the cuda ones then fail, and the summary says why).
-within "$(allowance 240 150)" $py setup.py build_ext --inplace >"$out/build.log" 2>&1 || { build_rc=$?; tail -40 "$out/build.log"; }
-elapsed=$(( $(date +%s) - start ))
-echo "extension build: $(outcome "$build_rc" "$elapsed"), $elapsed s" | tee -a "$out/steps.log"
+limit=$(allowance 240 150)
+within "$limit" $py setup.py build_ext --inplace >"$out/build.log" 2>&1 || { build_rc=$?; tail -40 "$out/build.log"; }
+echo "extension build: $(outcome "$build_rc" "$limit"), $(( $(date +%s) - start )) s" | tee -a "$out/steps.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import types
 
 import torch
 
@@ -105,14 +104,16 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# Process-wide, not per thread: autograd runs a CUDA backward on its own device threads, which
-# must see the backend forced around ``loss.backward()`` as the forward's thread does.
-_state = types.SimpleNamespace(backend=None)
+# The use_backend calls in force, oldest first; the last one decides. Process-wide, not per thread:
+# autograd runs a CUDA backward on its own device threads, which must see the backend forced around
+# ``loss.backward()`` as the forward's thread does. A context leaves by removing its own entry, so
+# contexts that threads leave in any order still end with the choice made before them.
+_in_force: list["use_backend"] = []
 
 
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or the environment, or None."""
-    forced = _state.backend
+    forced = _in_force[-1].backend if _in_force else None
     if forced is not None:
         return forced
     from_env = os.environ.get(ENV_VAR, "").strip()
@@ -131,9 +132,10 @@ class use_backend:
             y = model(x)
 
     As a plain call it stays in force until the next call; ``use_backend(None)``
-    returns to the automatic choice. The choice is process-wide, so a backward
-    pass run inside it (on autograd's threads too) runs on that backend; one run
-    after it, on whatever is in force then.
+    returns to the automatic choice. The choice is process-wide, like
+    ``torch.backends`` flags: a backward pass run inside it (on autograd's threads
+    too) runs on that backend, one run after it on whatever is in force then; and
+    threads forcing different backends at once see the latest one entered.
     """
 
     def __init__(self, backend: str | None):
@@ -142,14 +144,14 @@ class use_backend:
             reason = unavailable_reason(backend)
             if reason is not None:
                 raise BackendUnavailableError(f"{backend} backend unavailable: {reason}")
-        self._previous = _state.backend
-        _state.backend = backend
+        self.backend = backend
+        _in_force.append(self)
 
     def __enter__(self) -> "use_backend":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _state.backend = self._previous
+        _in_force.remove(self)
 
 
 def resolve_backend(*tensors: torch.Tensor | None) -> str:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from pixelcnn_kernels.models.base import PixelCNNModel
+from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 MAX_TABLE_ROWS = 20
@@ -267,7 +268,8 @@ def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -
     model, which PyTorch cannot make of ``torch.nn.utils.weight_norm`` modules.
     """
     call = _ForwardCall(model, forward_fn)
-    named = list(itertools.chain(call.named_parameters(remove_duplicate=False), call.named_buffers(remove_duplicate=False)))
+    # One name per tensor: functional_call ties the weights a model holds under several names itself.
+    named = list(itertools.chain(call.named_parameters(), call.named_buffers()))
     failure = None
     for dtype in (torch.float64, torch.float32):
         state = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype) for name, t in named}
@@ -345,6 +347,7 @@ def check_causality(
     finally:
         for module, training in modes.items():
             module.training = training
+        refresh_weight_norm(model)  # its hooks left CPU float64 weights computed from the substitutes
 
 
 @contextlib.contextmanager

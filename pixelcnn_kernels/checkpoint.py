@@ -114,16 +114,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _check_crcs(path: Path) -> None:
     """CheckpointError where a stored tensor's bytes fail their zip CRC: torch.load does not check them,
-    so flipped bits would load as silently wrong weights."""
-    if not zipfile.is_zipfile(path):
-        return  # not torch.save's zip format: torch.load says what it is
+    so flipped bits would load as silently wrong weights. Entries written without a CRC (0, under
+    ``torch.serialization.set_crc32_options(False)``) are not checked."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # not torch.save's zip format (e.g. the legacy one): torch.load says what it is
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            for entry in archive.infolist():
+                if entry.CRC != 0:
+                    _read_checked(archive, entry, path)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {exc}") from exc
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: the stored data of {bad} fails its checksum")
+
+
+def _read_checked(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, path: Path) -> None:
+    """Reads one entry through, in chunks; zipfile compares its CRC at the end."""
+    with archive.open(entry) as stream:
+        try:
+            while stream.read(1 << 24):
+                pass
+        except zipfile.BadZipFile as exc:  # "Bad CRC-32 for file ..."
+            raise CheckpointError(f"checkpoint {path} is corrupt: the stored data of {entry.filename} fails its checksum") from exc
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:

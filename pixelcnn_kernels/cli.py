@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.bench import FAMILIES
 
 # Modules that add a subcommand, in the order ``--help`` lists them.
@@ -80,7 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
         cases,
         dtypes,
         device,
-        warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 1),
+        warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 2),
         repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
         only=set(args.providers) if args.providers else None,
         after_case=save,
@@ -113,7 +114,7 @@ def register(subparsers) -> None:
     bench.add_argument("-k", default="", help="only cases whose name contains this string")
     bench.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtypes (repeatable; default float32 and bfloat16 on a GPU)")
     bench.add_argument("--providers", nargs="+", help="only these providers (eager, compile, triton, cuda, ...)")
-    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 1 on CPU; at least 1)")
+    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 2 on CPU; at least 2)")
     bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU); where calls are slow, "
                        "fewer of both (at least 3 timed), about 20 s a measurement")
     bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
@@ -132,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What a command raises for bad input or a bad file (ValueError covers CheckpointError and the
-# backend errors; OSError missing or unwritable paths): one line naming the problem, not a traceback.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+# What a command raises for bad input or a bad file (ValueError covers CheckpointError; OSError
+# missing or unwritable paths; BackendUnavailableError a --backend that cannot run here): one line
+# naming the problem, not a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, BackendUnavailableError)
 DEBUG_ENV_VAR = "PIXELCNN_KERNELS_DEBUG"
 
 

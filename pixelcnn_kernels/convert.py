@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
-from pixelcnn_kernels.nn.masked_conv import weight_norm_hook
+from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook
 from pixelcnn_kernels.testing import tolerance
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
@@ -245,7 +245,8 @@ def _probe_inputs(conv: nn.Conv2d, generator: torch.Generator) -> torch.Tensor:
     kh, kw = conv.kernel_size
     size = max(PROBE_SIZE, 2 * conv.dilation[0] * max(kh, kw) + 1)
     x = torch.randn(PROBE_BATCH, conv.in_channels, size, size, generator=generator, dtype=torch.float64)
-    return x.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    weight = _weight_and_bias(conv)[0]  # a Parameter: weight norm's computed weight is stale until a forward
+    return x.to(device=weight.device, dtype=weight.dtype)
 
 
 def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -275,8 +276,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
     """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights."""
     params = _weight_and_bias(conv)
     saved = [p.detach().clone() for p in params]
-    dtype = conv.weight.dtype
-    rtol, atol = tolerance(dtype, tf32=conv.weight.device.type == "cuda")
+    rtol, atol = tolerance(params[0].dtype, tf32=params[0].device.type == "cuda")
     try:
         with torch.no_grad():
             for weights in ("current", "random"):
@@ -300,6 +300,8 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
+        for module in (old, new):  # weight norm's weights were last computed from the probe's random Parameters
+            refresh_weight_norm(module)
 
 
 def _check_same_state(old: nn.Module, new: nn.Module) -> None:

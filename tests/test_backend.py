@@ -47,6 +47,17 @@ def test_a_forced_backend_holds_on_every_thread():
     assert seen == ["reference"] and forced_backend() is None
 
 
+def test_contexts_left_in_any_order_end_with_the_choice_before_them():
+    """Two threads' contexts, the first entered left first: the second's choice holds until it leaves, then the automatic one."""
+    first = use_backend("reference")
+    second = use_backend("triton") if backend.unavailable_reason("triton") is None else use_backend("reference")
+    with first:
+        second.__enter__()
+    assert forced_backend() == second.backend
+    second.__exit__(None, None, None)
+    assert forced_backend() is None
+
+
 @pytest.mark.gpu
 def test_gpu_backward_inside_use_backend_runs_on_that_backend(monkeypatch):
     from pixelcnn_kernels.triton import gates as triton_gates

@@ -123,6 +123,16 @@ def test_old_style_weight_norm_models_are_checked_untouched():
     before = {name: t.clone() for name, t in model.state_dict().items()}
     assert not check_causality(model, (1, 5, 5)).leaks
     assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    # The hook's weight attribute is the model's own again, not the check's CPU float64 one.
+    assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight.detach(), torch._weight_norm(model[0].weight_v, model[0].weight_g, 0).detach())
+
+
+def test_tied_layers_are_checked():
+    """functional_call needs one substitute per tensor: a layer held twice shares its weights."""
+    shared = MaskedConv2d(4, 4, 3, mask="B")
+    model = nn.Sequential(MaskedConv2d(1, 4, 3, mask="A"), nn.ReLU(), shared, nn.ReLU(), shared)
+    report = check_causality(model, (1, 5, 5))
+    assert not report.leaks and report.receptive_field((0, 4, 4))[0, 3, 3] != 0
 
 
 class QuantisesItsInput(nn.Module):

@@ -280,6 +280,19 @@ def test_weight_normalised_convs_keep_their_normalisation(style):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sources)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_a_weight_norm_conv_moved_since_its_last_forward_converts_with_its_own_weight():
+    """weight norm's weight is a plain attribute its hook sets before a forward: after .double() it is stale
+    float32, and after the probes it would hold their random Parameters' result."""
+    module = DownShiftedConv(2, 3)
+    module.conv = nn.utils.weight_norm(module.conv)
+    model = nn.Sequential(module).double()
+    weight = torch._weight_norm(module.conv.weight_v, module.conv.weight_g, 0).detach()
+    report = convert(model)
+    assert [r.mask for r in report.replaced] == ["down_shifted 2×3"]
+    assert model[0].conv.weight.dtype == torch.float64 and torch.equal(model[0].conv.weight.detach(), weight)
+
+
 def test_a_parametrized_bias_is_skipped():
     module = DownShiftedConv(2, 2)
     torch.nn.utils.parametrize.register_parametrization(module.conv, "bias", nn.Identity())

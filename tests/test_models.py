@@ -313,7 +313,7 @@ def test_softmax_sampler_draws_the_models_categorical():
     with torch.no_grad():
         model.conv_out.bias.copy_(torch.tensor([1.0, -0.5, 0.0, 0.7, -1.0, 0.3]))
         probs = torch.softmax(model(torch.zeros(1, 1, 1, 1, dtype=torch.long))[0, :, 0, 0, 0].double(), dim=0)
-    draws = model.sample(4000, size=(1, 1), generator=torch.Generator().manual_seed(0), progress=False)
+    draws = model.sample(4000, method="naive", size=(1, 1), generator=torch.Generator().manual_seed(0), progress=False)
     counts = torch.bincount(draws.flatten(), minlength=6).double()
     assert stats.chisquare(counts.numpy(), (probs * 4000).numpy()).pvalue > 1e-3
 
@@ -330,7 +330,7 @@ def test_dmol_sampler_draws_the_models_mixture():
     known = torch.ones(4, 4, dtype=torch.bool)
     known[3, 3] = False
     n = 3000
-    draws = model.sample(n, prefix=prefix.repeat(n, 1, 1, 1), known=known, generator=torch.Generator().manual_seed(0), progress=False)
+    draws = model.sample(n, method="naive", prefix=prefix.repeat(n, 1, 1, 1), known=known, generator=torch.Generator().manual_seed(0), progress=False)
     counts = torch.bincount(draws[:, 0, 3, 3], minlength=5).double()
     assert stats.chisquare(counts.numpy(), (probs * n).numpy()).pvalue > 1e-3
 
@@ -348,27 +348,27 @@ def test_completion_keeps_known_pixels_and_only_looks_back(name):
         noise = torch.rand(2, channels, height, width, generator=generator)
     else:
         noise = (torch.rand(2, model.num_logistic_mix, height, width, generator=generator), torch.rand(2, channels, height, width, generator=generator))
-    first = model.sample(2, prefix=prefix, known=known, noise=noise, progress=False)
+    first = model.sample(2, method="naive", prefix=prefix, known=known, noise=noise, progress=False)
     assert torch.equal(first[:, :, known], prefix[:, :, known])
     assert int(first.min()) >= 0 and int(first.max()) < model.num_bins
     changed = prefix.clone()
     changed[:, :, height - 1, width - 1] = (changed[:, :, height - 1, width - 1] + 1) % model.num_bins
-    second = model.sample(2, prefix=changed, known=known, noise=noise, progress=False)
+    second = model.sample(2, method="naive", prefix=changed, known=known, noise=noise, progress=False)
     assert torch.equal(first[:, :, ~known], second[:, :, ~known])  # a later pixel changes nothing generated
 
 
 def test_sampler_is_reproducible_and_leaves_the_model_in_training_mode():
     model, (channels, height, width) = tiny("gated_rgb")
     model.train()
-    first = model.sample(2, size=(2, 2), generator=torch.Generator().manual_seed(5), progress=False)
-    second = model.sample(2, size=(2, 2), generator=torch.Generator().manual_seed(5), progress=False)
+    first = model.sample(2, method="naive", size=(2, 2), generator=torch.Generator().manual_seed(5), progress=False)
+    second = model.sample(2, method="naive", size=(2, 2), generator=torch.Generator().manual_seed(5), progress=False)
     assert torch.equal(first, second) and first.dtype == torch.int64 and first.shape == (2, 3, 2, 2)
     assert model.training
 
 
 def test_class_conditional_sampling():
     model = GatedPixelCNN(1, hidden=3, layers=1, num_bins=4, num_classes=2, image_size=(2, 2))
-    draws = model.sample(3, cond=torch.tensor([0, 1, 1]), progress=False)
+    draws = model.sample(3, method="naive", cond=torch.tensor([0, 1, 1]), progress=False)
     assert draws.shape == (3, 1, 2, 2)
     with pytest.raises(ValueError, match="class-conditional"):
         model.sample(3, progress=False)

@@ -178,6 +178,16 @@ def test_flipped_bytes_in_a_checkpoint_fail_its_checksum(tmp_path):
         load_checkpoint(tmp_path / "flipped.pt")
 
 
+@pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"), reason="this torch always writes CRCs")
+def test_a_checkpoint_written_without_crcs_loads(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = small_checkpoint(tmp_path / "c.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(path)["epoch"] == 2
+
+
 def test_a_checkpoint_whose_weights_do_not_fit_its_model_says_so(tmp_path):
     path = small_checkpoint(tmp_path / "c.pt")  # its state_dict holds only "w"
     with pytest.raises(CheckpointError, match=r"c\.pt: its model entry and weights do not build a model: Error\(s\) in loading state_dict"):

@@ -19,6 +19,7 @@ numbers need a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -205,9 +206,10 @@ def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, 
         return forward
     wrt = [inputs[i] for i in grad_inputs]
     key = id(inputs)
-    if key not in cache:  # the forward graph and the output gradients, made once, outside the timing
-        outs = _outputs(fn(*inputs))
-        cache[key] = (outs, [torch.randn_like(o) for o in outs])
+    if key not in cache:  # the output gradients, and for backward the forward graph: made once, outside the timing
+        with torch.no_grad() if mode == "full" else contextlib.nullcontext():
+            outs = _outputs(fn(*inputs))
+        cache[key] = (outs if mode == "backward" else None, [torch.randn_like(o) for o in outs])
     outs, grads = cache[key]
     if mode == "full":
         return lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads)
@@ -266,14 +268,14 @@ def run_case(
 
 def _measure(row: Result, fn: Callable, case: Case, mode: str, input_sets, device: torch.device, timer: _Timer, warmup: int, repeats: int) -> None:
     """Times ``fn`` in ``mode`` into ``row``: median, p20 and p80 of ``repeats`` calls after ``warmup``, rotating
-    the input sets, and the peak memory of the timed calls. Slow calls get fewer of both (at least one warm-up
+    the input sets, and the peak memory of the timed calls. Slow calls get fewer of both (at least two warm-ups
     and MIN_REPEATS timed calls), so a measurement takes about MEASURE_SECONDS (a naive sampler's calls take a minute)."""
     sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
     graph_cache: dict = {}
     steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
     call_s = 0.0
-    for i in range(max(warmup, 1)):
-        call_s = _host_seconds(steps[i % len(steps)], device)  # the last one's: compiled and warm
+    for i in range(max(warmup, 2)):  # at least 2: the budget is the last call's time, after any compilation
+        call_s = _host_seconds(steps[i % len(steps)], device)
         if i >= 1 and (i + 1) * call_s > MEASURE_SECONDS:
             break
     repeats = min(repeats, max(MIN_REPEATS, int(MEASURE_SECONDS / max(call_s, 1e-9))))

@@ -18,6 +18,19 @@ def weight_norm_hook(conv: nn.Module) -> WeightNorm | None:
     return hooks[0] if hooks else None
 
 
+def refresh_weight_norm(model: nn.Module) -> None:
+    """Recomputes the weight of every ``torch.nn.utils.weight_norm`` module of ``model`` from its g and v.
+
+    The hook sets that weight, a plain attribute, before each forward only: after a
+    forward on substituted or since-restored Parameters it holds their result. As the
+    hook does, with autograd (the weight's graph reaches g and v).
+    """
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                setattr(module, hook.name, hook.compute_weight(module))
+
+
 class MaskedConv2d(nn.Conv2d):
     """A stride-1, same-size masked convolution with ``nn.Conv2d``'s parameters.
 
