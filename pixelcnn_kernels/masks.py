@@ -21,8 +21,9 @@ Named specs for a kernel of size (kh, kw), centre (ci, cj) = (kh // 2, kw // 2):
   every tap, the output aligned with the bottom-right tap.
 - ``"full"``: every tap, centred (an ordinary "same" convolution, e.g. 1×1).
 
-Any boolean (kh, kw) tensor with odd kh and kw is also a spec, anchored at the
-centre.
+Any boolean (kh, kw) tensor is also a spec, anchored at the centre; along an
+even side at its last row or column, as PixelCNN++'s shifted convolutions are (a
+2×3 tensor of ones is ``"down_shifted"``, a 2×2 one ``"down_right_shifted"``).
 
 Colour groups (``color_groups=3``): input and output channels are split into
 contiguous R, G, B thirds. At the anchor tap output group g sees input groups
@@ -172,9 +173,8 @@ def resolve_mask(mask: str | torch.Tensor | MaskSpec, kernel_size: int | tuple[i
     if isinstance(mask, torch.Tensor):
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask tensor must be boolean or hold only 0 and 1")
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"a mask tensor is anchored at its centre and needs odd sizes, got shape {(kh, kw)}")
-        spatial, anchor, name = mask.detach().to("cpu", torch.bool), (kh // 2, kw // 2), "custom"
+        anchor = tuple(size // 2 if size % 2 else size - 1 for size in (kh, kw))
+        spatial, name = mask.detach().to("cpu", torch.bool), "custom"
     elif isinstance(mask, str):
         if mask not in NAMED_MASKS:
             raise ValueError(f"mask must be one of {NAMED_MASKS} or a boolean (kh, kw) tensor, got {mask!r}")

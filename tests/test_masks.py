@@ -90,7 +90,6 @@ def test_mask_spec_passes_through():
         ("horizontal", 3, 1, ValueError, "1×k"),
         ("A", None, 1, ValueError, "needs a kernel_size"),
         ("A", 3, 2, ValueError, "color_groups must be 1 or 3"),
-        (torch.ones(2, 2), None, 1, ValueError, "odd sizes"),
         (torch.ones(3, 3), 5, 1, ValueError, "kernel_size"),
         (torch.full((3, 3), 2.0), None, 1, ValueError, "only 0 and 1"),
         (torch.zeros(3, 3), None, 1, ValueError, "no active tap"),
@@ -101,6 +100,13 @@ def test_mask_spec_passes_through():
 def test_bad_masks_raise_naming_the_problem(mask, kernel_size, color_groups, error, match):
     with pytest.raises(error, match=match):
         resolve_mask(mask, kernel_size, color_groups)
+
+
+@pytest.mark.parametrize("name, shape", [("down_shifted", (2, 3)), ("down_right_shifted", (2, 2)), ("down_shifted", (2, 5))])
+def test_an_even_sided_mask_tensor_anchors_as_pixelcnn_pp_shifts(name, shape):
+    """Along an even side a tensor's anchor is its last row or column: a tensor of ones is the shifted spec."""
+    named, custom = resolve_mask(name, shape), resolve_mask(torch.ones(shape, dtype=torch.bool))
+    assert (custom.taps, custom.anchor, custom.padding(2)) == (named.taps, named.anchor, named.padding(2))
 
 
 def test_every_named_mask_resolves():

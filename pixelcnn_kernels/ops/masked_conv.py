@@ -384,7 +384,7 @@ def masked_conv2d(
             Cin = C, or 2C with ``input_activation="concat_elu"``.
         bias: (Cout,) or None.
         mask: a name from :data:`pixelcnn_kernels.masks.NAMED_MASKS`, a boolean
-            (kh, kw) tensor (odd sizes, anchored at the centre) or a MaskSpec.
+            (kh, kw) tensor (anchored at the centre, along an even side at its last row or column) or a MaskSpec.
         dilation: spacing of the taps (the padding grows with it).
         color_groups: 1, or 3 to split channels into R, G, B groups (both channel
             counts divisible by 3): at the anchor tap output group g sees input
