@@ -260,9 +260,10 @@ class _ForwardCall(nn.Module):
         return output
 
 
-def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     """``x -> forward_fn(model, x)`` on CPU copies of the weights and buffers, float64 where the model runs
-    in it, else float32 (a forward that casts its input, ``x.float()``), and ``x`` in that dtype.
+    in it, else float32 (a forward that casts its input, ``x.float()``), and ``x`` in that dtype; and its
+    output on ``probe``, the run that chose the dtype.
 
     Substituted (:func:`torch.func.functional_call`) rather than a deep copy of the
     model, which PyTorch cannot make of ``torch.nn.utils.weight_norm`` modules.
@@ -279,13 +280,13 @@ def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -
 
         try:
             with torch.no_grad():
-                run(probe)
+                output = run(probe)
         except _NotATensorError:
             raise
         except Exception as exc:  # e.g. "Input type (float) and bias type (double) should be the same"
             failure = failure or exc
             continue
-        return run
+        return run, output
     raise failure
 
 
@@ -369,9 +370,8 @@ def _check_causality(model, input_shape, forward, positions, output_groups, tria
     inputs = torch.rand(trials, *input_shape, generator=generator, dtype=torch.float64) * 2 - 1
     if output_groups is None and isinstance(model, PixelCNNModel) and model.head == "dmol":
         output_groups = 1
-    run = _cpu_forward(model, forward, inputs[:1])
-    with torch.no_grad():
-        groups = _output_layout(run(inputs[:1]), input_shape, output_groups)
+    run, probe_output = _cpu_forward(model, forward, inputs[:1])
+    groups = _output_layout(probe_output, input_shape, output_groups)
 
     all_positions = [(g, i, j) for i in range(height) for j in range(width) for g in range(groups)]
     if positions is None:

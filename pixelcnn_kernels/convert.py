@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
-from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook
+from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook, weight_norm_parameters
 from pixelcnn_kernels.testing import tolerance
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
@@ -215,7 +215,8 @@ def _check_plain_conv(conv: nn.Conv2d) -> int:
 def _check_no_hooks(*modules: nn.Module) -> None:
     """NotConvertible where a module has hooks other than weight norm's (which the replacement carries over)."""
     for module in modules:
-        forward_pre_hooks = [hook for hook in module._forward_pre_hooks.values() if hook is not weight_norm_hook(module)]
+        carried_over = weight_norm_hook(module)
+        forward_pre_hooks = [hook for hook in module._forward_pre_hooks.values() if hook is not carried_over]
         if module._forward_hooks or forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             raise NotConvertible(f"{type(module).__name__} has forward/backward hooks the replacement would not run")
 
@@ -262,13 +263,9 @@ def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _weight_and_bias(conv: nn.Conv2d) -> list[nn.Parameter]:
     """The Parameters of ``conv``'s weight (or those weight norm or a parametrization computes it from) and its bias: not a mask held as one."""
-    weight_norm = weight_norm_hook(conv)
-    if weight_norm is not None:
-        weight = [getattr(conv, f"{weight_norm.name}_g"), getattr(conv, f"{weight_norm.name}_v")]
-    elif parametrize.is_parametrized(conv, "weight"):
-        weight = list(conv.parametrizations.weight.parameters())
-    else:
-        weight = [conv.weight]
+    weight = list(weight_norm_parameters(conv).values())
+    if not weight:
+        weight = list(conv.parametrizations.weight.parameters()) if parametrize.is_parametrized(conv, "weight") else [conv.weight]
     return weight + ([conv.bias] if conv.bias is not None else [])
 
 

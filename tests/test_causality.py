@@ -1,5 +1,7 @@
 """check_causality: leaks, blind spots, colour order, the receptive-field PNG and bad input."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -97,22 +99,28 @@ def test_model_is_left_untouched():
         assert torch.equal(p, before[name])
 
 
-class CastsItsInput(nn.Module):
-    """A third-party model that casts its input, as ``x.float()`` in most forwards: checked in float32."""
+class Wrapped(nn.Module):
+    """A third-party model: ``net`` called by ``forward(net, x)``, e.g. casting or quantising x first."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, forward: Callable[[nn.Module, torch.Tensor], object]):
         super().__init__()
         self.net = net
+        self.wrapped_forward = forward
 
     def forward(self, x):
-        return self.net(x.float())
+        return self.wrapped_forward(self.net, x)
+
+
+def casts_its_input(net: nn.Module) -> Wrapped:
+    """As ``x.float()`` in most forwards: checked in float32."""
+    return Wrapped(net, lambda net, x: net(x.float()))
 
 
 def test_a_model_casting_its_input_to_float32_is_checked_in_float32():
-    report = check_causality(CastsItsInput(masked_stack("B")), (1, 4, 4), positions=[(0, 2, 1)])
+    report = check_causality(casts_its_input(masked_stack("B")), (1, 4, 4), positions=[(0, 2, 1)])
     assert [finding.inputs for finding in report.leaks] == [((0, 2, 1),)]  # mask B's first layer sees its own pixel
     assert report.receptive_field((0, 2, 1)).dtype == torch.float64
-    assert not check_causality(CastsItsInput(masked_stack("A")), (1, 4, 4)).leaks
+    assert not check_causality(casts_its_input(masked_stack("A")), (1, 4, 4)).leaks
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
@@ -135,32 +143,14 @@ def test_tied_layers_are_checked():
     assert not report.leaks and report.receptive_field((0, 4, 4))[0, 3, 3] != 0
 
 
-class QuantisesItsInput(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(torch.round(x * 127.5 + 127.5) / 127.5 - 1)
-
-
-class ReturnsAPair(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        out = self.net(x)
-        return out, out.mean()
-
-
 def test_a_forward_without_a_gradient_path_or_tensor_output_asks_for_forward_fn():
     """A leaky model that quantises its input would show no influence at all, so no leak: an error instead, as for a pair of outputs."""
     with pytest.raises(ValueError, match="no output depends on the input through gradients.*forward_fn"):
-        check_causality(QuantisesItsInput(masked_stack("B")), (1, 4, 4))
+        check_causality(Wrapped(masked_stack("B"), lambda net, x: net(torch.round(x * 127.5 + 127.5) / 127.5 - 1)), (1, 4, 4))
+    returns_a_pair = lambda net, x: (net(x), net(x).mean())  # noqa: E731
     with pytest.raises(TypeError, match="returned a tuple, not a tensor; pass forward_fn"):
-        check_causality(ReturnsAPair(masked_stack("A")), (1, 4, 4))
-    model = ReturnsAPair(masked_stack("B"))
+        check_causality(Wrapped(masked_stack("A"), returns_a_pair), (1, 4, 4))
+    model = Wrapped(masked_stack("B"), returns_a_pair)
     assert check_causality(model, (1, 4, 4), forward_fn=lambda m, x: m(x)[0]).leaks
 
 

@@ -18,6 +18,12 @@ def weight_norm_hook(conv: nn.Module) -> WeightNorm | None:
     return hooks[0] if hooks else None
 
 
+def weight_norm_parameters(conv: nn.Module) -> dict[str, nn.Parameter]:
+    """The g and v Parameters, by name, that ``conv``'s ``torch.nn.utils.weight_norm`` hook computes its weight from ({} without one)."""
+    hook = weight_norm_hook(conv)
+    return {} if hook is None else {name: getattr(conv, name) for name in (f"{hook.name}_g", f"{hook.name}_v")}
+
+
 def refresh_weight_norm(model: nn.Module) -> None:
     """Recomputes the weight of every ``torch.nn.utils.weight_norm`` module of ``model`` from its g and v.
 
@@ -105,8 +111,8 @@ class MaskedConv2d(nn.Conv2d):
         weight_norm = weight_norm_hook(conv)
         if weight_norm is not None:
             del module.weight  # a plain attribute from now on, which the hook sets before each forward
-            for name in (f"{weight_norm.name}_g", f"{weight_norm.name}_v"):
-                module.register_parameter(name, getattr(conv, name))
+            for name, parameter in weight_norm_parameters(conv).items():
+                module.register_parameter(name, parameter)
             module.weight = weight_norm.compute_weight(module)
             module.register_forward_pre_hook(weight_norm)
         elif parametrize.is_parametrized(conv, "weight"):
