@@ -336,9 +336,10 @@ struct ConvParams {
   const float* bias;         // (n_channels) or null
   const float* cond;         // (N, n_channels) or null
   const void* residual;      // (N, H, W, n_channels / halves) or null: added to out
+  const void* addend;        // (N, H, W, n_channels) or null; gated only: added before the gate
   const void* concat_elu_x;  // two halves, dgrad: the forward's x (N, H, W, n_channels / 2); else null
   void* out;                 // (N, H, W, n_channels / halves)
-  void* preact;              // (N, H, W, n_channels) or null; gated only
+  void* preact;              // (N, H, W, n_channels) or null; gated only: conv + bias + addend
   int64_t pixels;
   int height;
   int width;
@@ -477,13 +478,15 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
   }
 
   // Epilogue: accumulators -> fp32 staging tile (aliasing the input tiles) -> bias,
-  // cond, gate (or concat_elu's backward), residual -> guarded, coalesced stores.
+  // addend, (preact stored) cond, gate (or concat_elu's backward), residual -> guarded,
+  // coalesced stores.
   __syncthreads();
   float* stage = reinterpret_cast<float*>(smem);
   math.template store<kLdStage>(stage);
   __syncthreads();
   Elem* out = static_cast<Elem*>(p.out);
   Elem* preact = static_cast<Elem*>(p.preact);
+  const Elem* addend = static_cast<const Elem*>(p.addend);
   const int64_t hw = static_cast<int64_t>(p.height) * p.width;
   for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
     const int r = idx / kBlockN;
@@ -497,14 +500,16 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
       const int channel = h * half + col;
       pre[h] = stage[r * kLdStage + h * kBlockN + c];
       if (p.bias != nullptr) pre[h] += p.bias[channel];
-      if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
+      if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
     }
     const int64_t index = pixel * half + col;
     float value = pre[0];
     if constexpr (kHalves == 2) {
-      if (preact != nullptr) {
 #pragma unroll
-        for (int h = 0; h < kHalves; ++h) preact[pixel * p.n_channels + h * half + col] = from_float<Elem>(pre[h]);
+      for (int h = 0; h < kHalves; ++h) {
+        const int channel = h * half + col;
+        if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
+        if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
       }
       value = combine_halves<Elem>(p, index, pre[0], pre[1]);
     }
@@ -648,7 +653,7 @@ void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
 }
 
 // The ConvParams of a GEMM of `src` (k_channels per tap, or half of them for a
-// concat_elu input) against `weight` into `out`: no bias, cond, residual or preact.
+// concat_elu input) against `weight` into `out`: no bias, addend, cond, residual or preact.
 ConvParams conv_params(const void* src, int k_channels, const void* weight, int n_channels, void* out) {
   ConvParams params{};
   params.src = src;
@@ -707,10 +712,11 @@ void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem,
 }
 
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                             const float* bias, const float* cond, const void* residual, Gate gate, void* out,
-                             void* preact, cudaStream_t stream) {
+                             const float* bias, const void* addend, const float* cond, const void* residual, Gate gate,
+                             void* out, void* preact, cudaStream_t stream) {
   ConvParams params = conv_params(x, problem.in_channels, wp, problem.out_channels, out);
   params.bias = bias;
+  params.addend = addend;
   params.cond = cond;
   params.residual = residual;
   params.gate = gate;

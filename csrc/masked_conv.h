@@ -65,7 +65,7 @@ struct WgradPlan {
 // has the same type, except the float32 weight gradient) and computes in float32:
 // on tensor cores (WMMA: TF32 for float32 inputs when allow_tf32, else exact FFMA;
 // bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
-// cond are float32, a residual has the activations' type. x is (N, H, W, Cin), or
+// cond are float32, a residual or addend has the activations' type. x is (N, H, W, Cin), or
 // (N, H, W, Cin / 2) with problem.concat_elu_input. All launches go on `stream`;
 // errors surface via cudaGetLastError.
 
@@ -74,12 +74,12 @@ struct WgradPlan {
 void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
                        const float* bias, const void* residual, void* out, cudaStream_t stream);
 
-// pre = conv + bias (Cout, may be null) + cond[n] (N, Cout, may be null); out (N, H, W, Cout/2) =
-// gate(pre) + residual (N, H, W, Cout/2, may be null); preact (N, H, W, Cout) receives pre
-// unless null. Cout must be even.
+// pre = conv + bias (Cout, may be null) + addend (N, H, W, Cout, may be null); out (N, H, W, Cout/2)
+// = gate(pre + cond[n]) (cond (N, Cout), may be null) + residual (N, H, W, Cout/2, may be null);
+// preact (N, H, W, Cout) receives pre unless null. Cout must be even.
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
-                             const float* bias, const float* cond, const void* residual, Gate gate, void* out,
-                             void* preact, cudaStream_t stream);
+                             const float* bias, const void* addend, const float* cond, const void* residual, Gate gate,
+                             void* out, void* preact, cudaStream_t stream);
 
 // gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): with x null, (N, H, W, Cin), the gradient
 // w.r.t. the conv's input; with x the forward's concat_elu input (N, H, W, Cin / 2), the

@@ -5,7 +5,8 @@
 // and packs the weight; these checks guard the contract itself: CUDA tensors on one
 // device, contiguous channels-last activations (N, H, W, C), wp (T, Cin, Cout) of the
 // activations' dtype, offsets [dy_0, dx_0, ...] with 1 <= T <= kMaxTaps, a residual of
-// the output's shape and dtype, and Cin = 2C for a concat_elu input (see masked_conv.h).
+// the output's shape and dtype (an addend: the pre-activation's), and Cin = 2C for a
+// concat_elu input (see masked_conv.h).
 #include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
@@ -62,9 +63,10 @@ void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t i
                 " channels; the kernels take at most ", kMaxChannels);
 }
 
-// A residual (added to the output) must be like x, of the output's shape.
-void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, at::IntArrayRef out_shape) {
-  if (residual.has_value()) check_operand(*residual, "residual", x, "x", out_shape);
+// An optional activation-typed operand (a residual, an addend) must be like x, of `shape`.
+void check_optional_operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                            at::IntArrayRef shape) {
+  if (t.has_value()) check_operand(*t, name, x, "x", shape);
 }
 
 // The conv's input channels (wp's Cin): x's, or twice them when it reads concat_elu(x).
@@ -125,7 +127,7 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, con
   check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
   const int64_t out_channels = wp.size(2);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
-  check_residual(residual, x, {x.size(0), x.size(1), x.size(2), out_channels});
+  check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
@@ -140,6 +142,7 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
                                                       const std::optional<at::Tensor>& bias,
                                                       const std::optional<at::Tensor>& cond,
                                                       const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& addend,
                                                       at::IntArrayRef offsets, bool concat_elu_input, int64_t gate,
                                                       bool write_preact, bool allow_tf32) {
   check_activation(x, "x");
@@ -152,7 +155,8 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
               "gate must be 1 (tanh(a) * sigmoid(b)) or 2 (a * sigmoid(b)), got ", gate);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
   const auto cond32 = checked_float32_copy(cond, "cond", x, {x.size(0), out_channels});
-  check_residual(residual, x, {x.size(0), x.size(1), x.size(2), out_channels / 2});
+  check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels / 2});
+  check_optional_operand(addend, "addend", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels / 2}, x.options());
@@ -160,8 +164,8 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
                                    : at::empty({0}, x.options());
   masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32,
                           make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
-                          wp.data_ptr(), data_or_null(bias32), data_or_null(cond32), raw_data_or_null(residual),
-                          static_cast<Gate>(gate), out.data_ptr(), write_preact ? preact.data_ptr() : nullptr,
+                          wp.data_ptr(), data_or_null(bias32), raw_data_or_null(addend), data_or_null(cond32),
+                          raw_data_or_null(residual), static_cast<Gate>(gate), out.data_ptr(), write_preact ? preact.data_ptr() : nullptr,
                           current_stream());
   check_launch("masked_conv2d_fwd_gated");
   return {out, preact};
@@ -226,8 +230,8 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, "
       "bool allow_tf32) -> Tensor");
   m.def(
-      "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, int[] offsets, "
-      "bool concat_elu_input, int gate, bool write_preact, bool allow_tf32) -> Tensor[]");
+      "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, "
+      "int[] offsets, bool concat_elu_input, int gate, bool write_preact, bool allow_tf32) -> Tensor[]");
   m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor");
   m.def(
       "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor");

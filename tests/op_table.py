@@ -265,6 +265,7 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
             color_groups=groups,
             bias=st.booleans(),
             cond=st.just(False) if not gated else st.booleans(),
+            addend=st.just(False) if not gated else st.booleans(),
             gate=st.sampled_from(GATES),
             residual=st.booleans(),
             concat_elu=st.booleans(),  # input_activation="concat_elu", with one colour group
@@ -275,7 +276,7 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
 def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> dict[str, Any]:
     """x ~ N(0, 1) and weight ~ N(0, 1/fan-in) as a trained conv's (outputs O(1)); channels scaled to the groups.
 
-    ``residual`` and ``concat_elu`` (the fused epilogue and input activation) are optional in ``params``.
+    ``residual``, ``addend`` and ``concat_elu`` (the fused epilogue and input activation) are optional in ``params``.
     """
     (name, (kh, kw)), groups = params["mask"], params["color_groups"]
     mask = torch.tensor(params["custom_taps"]).view(3, 3) if name == "custom" else name
@@ -295,7 +296,11 @@ def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> di
         input_activation="concat_elu" if concat_elu else None,
     )
     if gated:
-        inputs.update(gate=params["gate"], cond=_randn((batch, c_conv), generator, device, dtype) if params["cond"] else None)
+        inputs.update(
+            gate=params["gate"],
+            cond=_randn((batch, c_conv), generator, device, dtype) if params["cond"] else None,
+            addend=_randn((batch, c_conv, height, width), generator, device, dtype) if params.get("addend", False) else None,
+        )
     return inputs
 
 
@@ -316,7 +321,7 @@ MASKED_CONV_GATED = OpCase(
     lambda params, dtype, device, generator: _make_conv_inputs(params, dtype, device, generator, gated=True),
     lambda a: pk.masked_conv2d_gated(**a),
     lambda a: masked_conv2d_gated_ref(**a),
-    grad_inputs=("x", "weight", "bias", "cond", "residual"),
+    grad_inputs=("x", "weight", "bias", "cond", "residual", "addend"),
     activations=("x",),
     sums=True,
 )
@@ -445,7 +450,7 @@ VALID_PARAMS = {
     ),
 }
 VALID_PARAMS["gate_sigmoid"] = VALID_PARAMS["gate_tanh_sigmoid"]
-VALID_PARAMS["masked_conv2d_gated"] = dict(VALID_PARAMS["masked_conv2d"], out_channels=3, cond=True, gate="sigmoid")
+VALID_PARAMS["masked_conv2d_gated"] = dict(VALID_PARAMS["masked_conv2d"], out_channels=3, cond=True, addend=True, gate="sigmoid")
 
 
 def valid_inputs(name: str, device: torch.device = CPU, dtype: torch.dtype = torch.float32, **changes) -> dict[str, Any]:

@@ -39,7 +39,7 @@ GPU_PARAMS = {
     ),
 }
 GPU_PARAMS["gate_sigmoid"] = GPU_PARAMS["gate_tanh_sigmoid"]
-GPU_PARAMS["masked_conv2d_gated"] = dict(GPU_PARAMS["masked_conv2d"], cond=True, gate="tanh_sigmoid")
+GPU_PARAMS["masked_conv2d_gated"] = dict(GPU_PARAMS["masked_conv2d"], cond=True, addend=True, gate="tanh_sigmoid")
 
 
 @contextlib.contextmanager

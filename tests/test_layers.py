@@ -6,9 +6,12 @@ level (values and gradients), that the shifted (de)convolutions are PixelCNN++'s
 that bad input is refused before any op runs.
 """
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixelcnn_kernels
 from pixelcnn_kernels.nn import layers as fused_layers
@@ -71,6 +74,30 @@ def test_gated_masked_conv_matches_the_reference_built_layer(color_groups, dilat
     fused, reference = layer_pair("GatedMaskedConv2d", 6, 3, dilation, color_groups, cond_channels)
     with pixelcnn_kernels.use_backend("reference"):
         assert_layers_agree(fused, reference, gated_inputs(6, cond_channels))
+
+
+class _CountedOps(TorchDispatchMode):
+    """Counts the calls of the package's custom ops (``pixelcnn_kernels::*``) by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pixelcnn_kernels":
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("color_groups, expected", [
+    (1, {"masked_conv2d_gated": 2, "masked_conv2d": 2}),  # each stack's gate in a conv epilogue
+    (3, {"masked_conv2d_gated": 1, "masked_conv2d": 3, "gate_tanh_sigmoid": 1}),  # colour-major halves: a separate gate
+])  # fmt: skip
+def test_gated_masked_conv_runs_its_gates_in_conv_epilogues(color_groups, expected):
+    layer = fused_layers.GatedMaskedConv2d(6, 3, 1, color_groups, cond_channels=4)
+    with _CountedOps() as counted, torch.no_grad():
+        layer(*gated_inputs(6, 4, dtype=torch.float32))
+    assert dict(counted.calls) == expected
 
 
 def test_gated_masked_conv_dropout_drops_the_horizontal_residual_branch_in_training_only():
@@ -319,9 +346,11 @@ def test_fused_layers_on_the_triton_backend_match_the_reference_built_layers(ker
     both sides' convolutions may run in TF32 (PyTorch's default for convs)."""
     dtype = torch.float32
     tf32 = kernel_device.type == "cuda"
-    fused, reference = layer_pair("GatedMaskedConv2d", 3, 3, 1, 3, 2, dtype=dtype, device=kernel_device)
-    with pixelcnn_kernels.use_backend("triton"):
-        assert_layers_agree(fused, reference, gated_inputs(3, 2, batch=1, size=(3, 4), dtype=dtype, device=kernel_device), tf32=tf32)
+    # One colour group: both stacks' gates in conv epilogues; three: the horizontal gate runs separately.
+    for channels, dilation, color_groups in ((4, 2, 1), (3, 1, 3)):
+        fused, reference = layer_pair("GatedMaskedConv2d", channels, 3, dilation, color_groups, 2, dtype=dtype, device=kernel_device)
+        with pixelcnn_kernels.use_backend("triton"):
+            assert_layers_agree(fused, reference, gated_inputs(channels, 2, batch=1, size=(3, 4), dtype=dtype, device=kernel_device), tf32=tf32)
     fused, reference = layer_pair("GatedResnet", 2, "down_right", 1, 2, dropout=0.0, dtype=dtype, device=kernel_device)
     with pixelcnn_kernels.use_backend("triton"):
         assert_layers_agree(fused, reference, resnet_inputs(2, 1, 2, batch=1, size=(3, 4), dtype=dtype, device=kernel_device), tf32=tf32)

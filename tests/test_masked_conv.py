@@ -335,6 +335,34 @@ def test_gated_fused_matches_float64_reference(backend, gate, with_residual, inp
     assert torch.equal(inference, got[0].detach())
 
 
+@pytest.mark.parametrize("used", ["both", "out", "pre"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_addend_and_preactivation_match_float64_reference(backend, used):
+    """Gated PixelCNN's stacks: an addend before the gate, the pre-activation returned; either output or both feed the loss."""
+    x, weight, bias = make_conv_inputs(3, 8, (1, 3), 2, 6, 7)
+    cond, addend = torch.randn(2, 8), torch.randn(2, 8, 6, 7)
+    grads_out = {"out": torch.randn(2, 4, 6, 7), "pre": torch.randn(2, 8, 6, 7)}
+    weights = {"both": (1, 1), "out": (1, 0), "pre": (0, 1)}[used]
+
+    def outputs_and_grads(fn, tensors):
+        leaves = [t.detach().requires_grad_(True) for t in tensors]
+        out, pre = fn(*leaves[:3], "horizontal", cond=leaves[3], addend=leaves[4], return_preactivation=True)
+        loss = sum(w * (t * grads_out[name].to(t.dtype)).sum() for w, name, t in zip(weights, ("out", "pre"), (out, pre)) if w)
+        return (out, pre, *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+
+    with run_backend(backend):
+        got = outputs_and_grads(masked_conv2d_gated, (x, weight, bias, cond, addend))
+        with torch.no_grad():
+            inference = masked_conv2d_gated(x, weight, bias, "horizontal", cond=cond, addend=addend, return_preactivation=True)
+    expected = outputs_and_grads(masked_conv2d_gated_ref, [t.double() for t in (x, weight, bias, cond, addend)])
+    names = ("out", "pre", "grad x", "grad weight", "grad bias", "grad cond", "grad addend")
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+    assert all(torch.equal(i, g.detach()) for i, g in zip(inference, got[:2]))
+    if used == "pre":  # no gradient through the gate: pre's gradient reaches addend unchanged, cond gets none
+        assert torch.equal(got[-1], grads_out["pre"]) and torch.equal(got[-2], torch.zeros_like(cond))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gated_residual_alone_needs_no_preactivation(backend):
     """Only the residual asks for a gradient: the forward keeps no pre-activation, and the backward passes grad_out on."""
@@ -495,9 +523,9 @@ def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
         fused = masked_conv2d_gated(x, weight, bias, "vertical", cond=cond)
     trained = masked_conv2d_gated(x, weight.requires_grad_(True), bias, "vertical", cond=cond)
     (_, inference_args), (_, training_args) = triton_as_cuda_ops
-    assert inference_args[3].shape == (2, 8) and inference_args[4] is None
-    assert inference_args[6:9] == (False, ops.GATE_CODES["tanh_sigmoid"], False)
-    assert training_args[8] is True
+    assert inference_args[3].shape == (2, 8) and inference_args[4] is None and inference_args[5] is None
+    assert inference_args[7:10] == (False, ops.GATE_CODES["tanh_sigmoid"], False)
+    assert training_args[9] is True
     expected = masked_conv2d_gated_ref(x.double(), weight.detach().double(), bias.double(), "vertical", cond=cond.double())
     assert_close(fused, expected, dtype=torch.float32)
     assert_close(trained, expected, dtype=torch.float32)
@@ -522,11 +550,14 @@ def test_cuda_backend_gets_the_fused_contract_arguments(triton_as_cuda_ops):
 
     triton_as_cuda_ops.clear()
     gated_weight = torch.cat([weight, weight], 0)
-    gated_out = masked_conv2d_gated(x, gated_weight, None, "down_shifted", gate="sigmoid", residual=residual, input_activation="concat_elu")
+    addend = torch.randn(2, 8, 4, 5).contiguous(memory_format=torch.channels_last)
+    gated_options = dict(gate="sigmoid", input_activation="concat_elu")
+    gated_out = masked_conv2d_gated(x, gated_weight, None, "down_shifted", residual=residual, addend=addend, **gated_options)
     (_, gated_args), = triton_as_cuda_ops
-    assert gated_args[4].shape == (2, 4, 5, 4) and gated_args[6] is True and gated_args[7] == ops.GATE_CODES["sigmoid"]
+    assert gated_args[4].shape == (2, 4, 5, 4) and gated_args[7] is True and gated_args[8] == ops.GATE_CODES["sigmoid"]
+    assert gated_args[5].is_contiguous() and torch.equal(gated_args[5], addend.permute(0, 2, 3, 1))
     expected_gated = masked_conv2d_gated_ref(
-        x.double(), gated_weight.double(), None, "down_shifted", gate="sigmoid", residual=residual.double(), input_activation="concat_elu"
+        x.double(), gated_weight.double(), None, "down_shifted", residual=residual.double(), addend=addend.double(), **gated_options
     )
     assert_close(gated_out, expected_gated, dtype=torch.float32)
 
@@ -552,8 +583,10 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], None, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *gated_args, 1, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, None, *gated_args, 2, False))
+        addend = torch.randn(2, 6, 4, 5, requires_grad=True)
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, None, *gated_args, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, addend, *gated_args, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, None, None, *gated_args, 2, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -568,8 +601,8 @@ def test_opcheck_residual_and_concat_elu(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], residual.clone().requires_grad_(True), *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, *conv_args, 2, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], *conv_args, 1, False))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *conv_args, 2, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], None, *conv_args, 1, False))
 
 
 def test_torch_compile_fullgraph():
@@ -697,12 +730,18 @@ def test_gated_bad_input():
         masked_conv2d_gated(x, weight, bias, residual=torch.randn(2, 3, 4, 4, device="meta"))
     with pytest.raises(ValueError, match="after input_activation='concat_elu'"):
         masked_conv2d_gated(x, weight, bias, input_activation="concat_elu")
+    with pytest.raises(ValueError, match=r"^addend must have the pre-activation's shape \(2, 6, 4, 4\)"):
+        masked_conv2d_gated(x, weight, bias, addend=torch.randn(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="^addend has dtype"):
+        masked_conv2d_gated(x, weight, bias, addend=torch.randn(2, 6, 4, 4, dtype=torch.float16))
+    with pytest.raises(TypeError, match="^return_preactivation must be a bool"):
+        masked_conv2d_gated(x, weight, bias, return_preactivation=1)
 
 
 def test_gated_op_without_preactivation_refuses_a_backward():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
     weight.requires_grad_(True)
-    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
+    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, None, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
     with pytest.raises(RuntimeError, match="keep_preactivation"):
         out.sum().backward()
 

@@ -30,8 +30,8 @@ from pixelcnn_kernels.testing import tolerance
 SCHEMAS = {
     "masked_conv2d_fwd": "(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
     "masked_conv2d_fwd_gated": (
-        "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, int[] offsets, bool concat_elu_input, int gate, "
-        "bool write_preact, bool allow_tf32) -> Tensor[]"
+        "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, int[] offsets, bool concat_elu_input, "
+        "int gate, bool write_preact, bool allow_tf32) -> Tensor[]"
     ),
     "masked_conv2d_dgrad": "(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor",
     "masked_conv2d_wgrad": "(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
@@ -262,16 +262,17 @@ def test_wgrad_is_deterministic(precision):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("gate", GATE_CODES)
-@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "input_activation"), [
-    (SHAPE, True, True, True, False, None),
-    ((2, 9, 11, 48, 10), True, False, False, False, None),  # half = 5 columns
-    ((1, 6, 13, 64, 130), False, True, True, False, None),  # half = 65: two column blocks per half
-    ((2, 5, 7, 3, 256), True, True, False, False, None),
-    (SHAPE, True, True, True, True, "concat_elu"),  # x has 24 channels: one reduction step per part
-    ((1, 6, 13, 80, 130), False, True, False, True, "concat_elu"),  # 40: two steps per part, a partial one
-    ((2, 5, 7, 6, 10), True, False, True, True, "concat_elu"),  # 3: scalar loads
-], ids=["48to72", "48to10-no-bias", "64to130-n1-no-cond", "3to256", "48to72-fused", "80to130-fused", "6to10-fused"])
-def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, input_activation, precision):
+@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "with_addend", "input_activation"), [
+    (SHAPE, True, True, True, False, False, None),
+    (SHAPE, True, True, True, False, True, None),  # Gated PixelCNN's horizontal stack
+    ((2, 9, 11, 48, 10), True, False, False, False, False, None),  # half = 5 columns
+    ((1, 6, 13, 64, 130), False, True, True, False, True, None),  # half = 65: two column blocks per half
+    ((2, 5, 7, 3, 256), True, True, False, False, False, None),
+    (SHAPE, True, True, True, True, False, "concat_elu"),  # x has 24 channels: one reduction step per part
+    ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu"),  # 40: two steps per part, a partial one
+    ((2, 5, 7, 6, 10), True, False, True, True, True, "concat_elu"),  # 3: scalar loads
+], ids=["48to72", "48to72-addend", "48to10-no-bias", "64to130-n1-no-cond-addend", "3to256", "48to72-fused", "80to130-fused", "6to10-fused-addend"])
+def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, with_addend, input_activation, precision):
     """shape's Cin is the weight's: x has Cin / 2 channels with a concat_elu input."""
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask("vertical", 3, 1)
@@ -282,24 +283,27 @@ def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_res
     bias = bias if with_bias else None
     cond = torch.randn(shape[0], shape[4], device="cuda").to(dtype) if with_cond else None
     residual = torch.randn(shape[0], half, *shape[1:3], device="cuda").to(dtype) if with_residual else None
+    addend = torch.randn(shape[0], shape[4], *shape[1:3], device="cuda").to(dtype) if with_addend else None
     out, preact = cuda_ops().masked_conv2d_fwd_gated(
-        _to_rows(x), pack_weight(weight, spec), bias, cond, None if residual is None else _to_rows(residual), tap_offsets(spec, 2),
-        input_activation is not None, GATE_CODES[gate], write_preact, allow_tf32,
+        _to_rows(x), pack_weight(weight, spec), bias, cond, None if residual is None else _to_rows(residual), None if addend is None else _to_rows(addend),
+        tap_offsets(spec, 2), input_activation is not None, GATE_CODES[gate], write_preact, allow_tf32,
     )
 
-    cond64 = None if cond is None else cond.double()
-    residual64 = None if residual is None else residual.double()
+    cond64, residual64, addend64 = (None if t is None else t.double() for t in (cond, residual, addend))
     expected = masked_conv2d_gated_ref(
-        x.double(), weight.double(), None if bias is None else bias.double(), spec, 2, 1, gate, cond64, residual=residual64, input_activation=input_activation
-    )
+        x.double(), weight.double(), None if bias is None else bias.double(), spec, 2, 1, gate, cond64,
+        residual=residual64, addend=addend64, input_activation=input_activation,
+    )  # fmt: skip
     expected = _to_rows(expected)
     pre, pre_scale = _conv_ref(x, weight, bias, spec, 2, input_activation=input_activation)
-    if cond is not None:
-        pre = pre + cond64[:, None, None, :]
-        pre_scale = pre_scale + cond64.abs()[:, None, None, :]
+    if addend is not None:
+        pre = pre + _to_rows(addend64)
+        pre_scale = pre_scale + _to_rows(addend64.abs())
+    gated_pre = pre if cond is None else pre + cond64[:, None, None, :]
+    gated_scale = pre_scale if cond is None else pre_scale + cond64.abs()[:, None, None, :]
     # The pre-activation error bounds carried through the gate: |d out / d a| <= 1 for both
     # gates and |d out / d b| <= max(1, |a|) / 4, here bounded by 1 + |a|; the residual adds its magnitude.
-    out_scale = pre_scale[..., :half] + pre_scale[..., half:] * (1 + pre[..., :half].abs())
+    out_scale = gated_scale[..., :half] + gated_scale[..., half:] * (1 + gated_pre[..., :half].abs())
     if residual is not None:
         out_scale = out_scale + _to_rows(residual64.abs())
     assert out.dtype == dtype and out.shape == (*shape[:3], half)
@@ -432,8 +436,8 @@ def test_glue_rejects_contract_violations():
     def fwd(x=x, wp=wp, bias=None, residual=None, offsets=offsets, concat_elu_input=False):
         return ops.masked_conv2d_fwd(x, wp, bias, residual, offsets, concat_elu_input, True)
 
-    def fwd_gated(wp=wp, cond=None, residual=None, gate=1):
-        return ops.masked_conv2d_fwd_gated(x, wp, None, cond, residual, offsets, False, gate, False, True)
+    def fwd_gated(wp=wp, cond=None, residual=None, addend=None, gate=1):
+        return ops.masked_conv2d_fwd_gated(x, wp, None, cond, residual, addend, offsets, False, gate, False, True)
 
     with pytest.raises(RuntimeError, match="offsets must hold"):
         fwd(offsets=offsets[:-1])
@@ -471,6 +475,8 @@ def test_glue_rejects_contract_violations():
         fwd_gated(cond=torch.zeros(2, 6, device="cuda"))
     with pytest.raises(RuntimeError, match="residual must have shape"):
         fwd_gated(residual=torch.zeros(1, 4, 5, 6, device="cuda", dtype=x.dtype))
+    with pytest.raises(RuntimeError, match="addend must have shape"):
+        fwd_gated(addend=torch.zeros(1, 4, 5, 3, device="cuda", dtype=x.dtype))
     with pytest.raises(RuntimeError, match="output channels but gout has"):
         ops.masked_conv2d_dgrad(torch.zeros(1, 4, 5, 7, device="cuda", dtype=x.dtype), wp, None, offsets, True)
     with pytest.raises(RuntimeError, match=r"x must be \(N, H, W, Cin / 2\)"):

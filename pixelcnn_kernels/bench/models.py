@@ -98,8 +98,12 @@ def _count_flops(module: nn.Module, data: tuple) -> int:
     def masked_conv2d(x, weight, bias=None, mask=None, dilation=1, color_groups=1, *, residual=None, input_activation=None):
         return count(x, weight, mask, weight.shape[0])
 
-    def masked_conv2d_gated(x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None, *, residual=None, input_activation=None):
-        return count(x, weight, mask, weight.shape[0] // 2)
+    def masked_conv2d_gated(
+        x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None, *,
+        residual=None, input_activation=None, addend=None, return_preactivation=False,
+    ):  # fmt: skip
+        out = count(x, weight, mask, weight.shape[0] // 2)
+        return (out, out.new_empty(out.shape[0], weight.shape[0], *out.shape[2:])) if return_preactivation else out
 
     counting_ops = OpSet(**{**REFERENCE_OPS.__dict__, "masked_conv2d": masked_conv2d, "masked_conv2d_gated": masked_conv2d_gated})
     meta_module = set_ops(copy.deepcopy(module).to("meta"), counting_ops)

@@ -9,11 +9,12 @@ public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, 
   second one in training with dropout p > 0, which runs with the dropout as passes of
   their own; ``nin_skip``'s add of ``c`` into its epilogue; the second conv, bias,
   conditioning, gate and the residual ``x + ·`` into one ``masked_conv2d_gated``;
-- :class:`GatedMaskedConv2d`: the horizontal stack's two adds into conv epilogues
-  (``conv_horiz(h)`` into the 1×1 link's, the residual ``h`` into the 1×1 output
-  conv's); the conditioning add and the gate into one ``gate_tanh_sigmoid`` (the
-  vertical pre-activation is also needed by the horizontal stack, so it is not gated
-  inside the conv).
+- :class:`GatedMaskedConv2d`: the vertical conv, bias, conditioning and gate into one
+  ``masked_conv2d_gated`` that also writes the pre-activation the link reads; the
+  link (1×1 of that pre-activation), the add of ``conv_horiz(h)``, the conditioning
+  and the gate into another (with colour groups the gate pairs channels within each
+  colour third, so the add runs in the link's epilogue and the gate separately); the
+  residual ``h`` into the 1×1 output conv's epilogue.
 
 Under autocast a residual kept in a wider dtype than the convs' is added separately.
 """

@@ -18,6 +18,9 @@ Both ops take two fusions: ``residual`` (added to the output in the forward's
 epilogue; its gradient is the output's) and ``input_activation="concat_elu"``
 (the kernels read concat_elu(x) while loading x, in the forward and the weight
 gradient, and fold concat_elu's backward into the input gradient's epilogue).
+The gated op also takes an ``addend`` to its pre-activation (added in the
+epilogue before the gate; its gradient is the pre-activation's) and can return
+that pre-activation, written in the same pass.
 """
 
 from __future__ import annotations
@@ -230,16 +233,16 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
     return args + (dilation, concat_elu_input)
 
 
-def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, out_channels: int) -> None:
-    """A residual must be the output's shape, in x's dtype and on its device."""
-    if residual is None:
+def _check_output_shaped(t: torch.Tensor | None, name: str, what: str, x: torch.Tensor, channels: int) -> None:
+    """``t`` (argument ``name``), if given, must be (N, channels, H, W) of x (``what``), in x's dtype and on its device."""
+    if t is None:
         return
-    check_tensor(residual, "residual", ndim=4)
-    check_same_dtype(x, residual=residual)
-    check_same_device(x=x, residual=residual)
-    expected = (x.shape[0], out_channels, *x.shape[2:])
-    if tuple(residual.shape) != expected:
-        raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
+    check_tensor(t, name, ndim=4)
+    check_same_dtype(x, **{name: t})
+    check_same_device(x=x, **{name: t})
+    expected = (x.shape[0], channels, *x.shape[2:])
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have {what} {expected}, got {tuple(t.shape)}")
 
 
 # ---------------------------------------------------------------- masked_conv2d and its gradients
@@ -402,7 +405,7 @@ def masked_conv2d(
     ``torch.backends.cudnn.conv.fp32_precision``).
     """
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
-    _check_residual(residual, x, weight.shape[0])
+    _check_output_shaped(residual, "residual", "the output's shape", x, weight.shape[0])
     return _masked_conv2d_op(x, weight, bias, residual, *conv_args)
 
 
@@ -416,6 +419,7 @@ def _masked_conv2d_gated_op(
     bias: torch.Tensor | None,
     cond: torch.Tensor | None,
     residual: torch.Tensor | None,
+    addend: torch.Tensor | None,
     taps: list[int],
     anchor: list[int],
     color_groups: int,
@@ -425,55 +429,59 @@ def _masked_conv2d_gated_op(
     gate: int,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gated output + residual, pre-activation conv + bias + cond); the latter is empty unless ``keep_preactivation``."""
+    """(gate(pre + cond) + residual, pre) with pre = conv + bias + addend; pre is empty unless ``keep_preactivation``."""
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual)
+    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual, addend)
     if backend == "reference":
-        preactivation = _forward(backend, x, weight, bias, None, spec, dilation, concat_elu_input)
-        if cond is not None:
-            preactivation = preactivation + cond[:, :, None, None]
-        out = _GATE_OPS[gate](preactivation, 1, None)
+        preactivation = _forward(backend, x, weight, bias, addend, spec, dilation, concat_elu_input)
+        out = _GATE_OPS[gate](preactivation, 1, cond)
         if residual is not None:
             out = (out + residual).contiguous(memory_format=_memory_format(x))
         return out, preactivation if keep_preactivation else x.new_empty(0)
     bias = bias.contiguous() if bias is not None else None
     cond = cond.contiguous() if cond is not None else None
     out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
-        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, _optional_rows(residual), tap_offsets(spec, dilation),
+        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, _optional_rows(residual), _optional_rows(addend), tap_offsets(spec, dilation),
         concat_elu_input, gate, keep_preactivation, conv_allows_tf32(),
     )
     return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
 
 
 @_masked_conv2d_gated_op.register_fake
-def _(x, weight, bias, cond, residual, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, keep_preactivation):
+def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, keep_preactivation):
     out_channels = weight.shape[0]
     return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
 
 
 def _gated_setup_context(ctx, inputs, output):
-    x, weight, bias, cond, residual, *conv_args, gate, keep_preactivation = inputs
+    x, weight, bias, cond, residual, addend, *conv_args, gate, keep_preactivation = inputs
     _, preactivation = output
-    ctx.mark_non_differentiable(preactivation)
-    ctx.save_for_backward(x, weight, preactivation)
+    ctx.save_for_backward(x, weight, preactivation, cond)
     ctx.conv_args = conv_args
     ctx.gate = gate
     ctx.keep_preactivation = keep_preactivation
+    # An unused output's gradient arrives as None, not zeros to add (pre when only kept for backward).
+    ctx.set_materialize_grads(False)
 
 
-def _gated_backward(ctx, grad_out, _grad_preactivation):
-    x, weight, preactivation = ctx.saved_tensors
-    needs_x, needs_weight, needs_bias, needs_cond, needs_residual = ctx.needs_input_grad[:5]
+def _gated_backward(ctx, grad_out, grad_preactivation):
+    x, weight, preactivation, cond = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias, needs_cond, needs_residual, needs_addend = ctx.needs_input_grad[:6]
     # The residual is added after the gate: its gradient is the output's, no pre-activation needed.
     grad_residual = grad_out if needs_residual else None
-    grads = (None,) * 4
-    if needs_x or needs_weight or needs_bias or needs_cond:
+    grad_cond = None
+    grad_pre = grad_preactivation  # pre's gradient from its other uses, None if none
+    if grad_out is not None and (needs_x or needs_weight or needs_bias or needs_cond or needs_addend):
         if not ctx.keep_preactivation:
             raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
-        grad_pre = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, None)
-        grad_cond = _channel_sum(grad_pre, (2, 3), weight.dtype) if needs_cond else None
-        grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias) + (grad_cond,)
-    return grads + (grad_residual,) + (None,) * (len(ctx.conv_args) + 2)
+        grad_through_gate = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, cond)
+        grad_cond = _channel_sum(grad_through_gate, (2, 3), weight.dtype) if needs_cond else None
+        grad_pre = grad_through_gate if grad_pre is None else grad_through_gate + grad_pre
+    grads = (None,) * 3
+    if grad_pre is not None:
+        grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
+    grad_addend = grad_pre if needs_addend else None
+    return grads + (grad_cond, grad_residual, grad_addend) + (None,) * (len(ctx.conv_args) + 2)
 
 
 _masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
@@ -491,34 +499,47 @@ def masked_conv2d_gated(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
-) -> torch.Tensor:
-    """``gate(masked_conv2d(x, weight, bias) + cond[:, :, None, None]) + residual`` in one fused pass.
+    addend: torch.Tensor | None = None,
+    return_preactivation: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``gate(pre + cond[:, :, None, None]) + residual``, ``pre = masked_conv2d(x, weight, bias) + addend``, in one pass.
 
     The gate splits the Cout (even) output channels into halves a (first) and b
     (second) and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b)
     (``"sigmoid"``): (N, Cout / 2, H, W). ``cond`` is (N, Cout) or None;
+    ``addend`` (N, Cout, H, W) or None is added to the convolution before the gate
+    (Gated PixelCNN's horizontal stack: its own conv plus the vertical link);
     ``residual`` (N, Cout / 2, H, W) or None is added to the gated output. Other
     arguments (``input_activation`` included) as :func:`masked_conv2d`, except that
     ``color_groups`` must be 1: the halves a and b would hold different colour
     groups (use ``masked_conv2d`` with ``color_groups=3`` and gate per group
-    instead). When a gradient is needed the forward also keeps the pre-activation
-    for the backward.
+    instead).
+
+    Returns the gated output, or with ``return_preactivation`` the pair (gated
+    output, ``pre``), ``pre`` (N, Cout, H, W) written in the same pass (Gated
+    PixelCNN's vertical stack feeds it to the horizontal one); gradients flow
+    through both. When a gradient is needed the forward keeps ``pre`` for the
+    backward either way.
     """
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if color_groups != 1:
         raise ValueError(f"masked_conv2d_gated needs color_groups=1 (its channel halves would mix colour groups), got {color_groups}")
-    if weight.shape[0] % 2:
-        raise ValueError(f"weight must have an even number of output channels to split into gate halves, got {weight.shape[0]}")
+    out_channels = weight.shape[0]
+    if out_channels % 2:
+        raise ValueError(f"weight must have an even number of output channels to split into gate halves, got {out_channels}")
     if cond is not None:
         check_tensor(cond, "cond", ndim=2)
         check_same_dtype(x, cond=cond)
         check_same_device(x=x, cond=cond)
-        if tuple(cond.shape) != (x.shape[0], weight.shape[0]):
-            raise ValueError(f"cond must have shape (N, Cout) = {(x.shape[0], weight.shape[0])}, got {tuple(cond.shape)}")
-    _check_residual(residual, x, weight.shape[0] // 2)
+        if tuple(cond.shape) != (x.shape[0], out_channels):
+            raise ValueError(f"cond must have shape (N, Cout) = {(x.shape[0], out_channels)}, got {tuple(cond.shape)}")
+    _check_output_shaped(residual, "residual", "the output's shape", x, out_channels // 2)
+    _check_output_shaped(addend, "addend", "the pre-activation's shape", x, out_channels)
+    if not isinstance(return_preactivation, bool):
+        raise TypeError(f"return_preactivation must be a bool, got {type(return_preactivation).__name__}")
     # Only the gradients through the gate need the pre-activation (not the residual's).
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond))
-    out, _ = _masked_conv2d_gated_op(x, weight, bias, cond, residual, *conv_args, GATE_CODES[gate], needs_grad)
-    return out
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond, addend))
+    out, preactivation = _masked_conv2d_gated_op(x, weight, bias, cond, residual, addend, *conv_args, GATE_CODES[gate], needs_grad or return_preactivation)
+    return (out, preactivation) if return_preactivation else out

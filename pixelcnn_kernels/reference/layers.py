@@ -183,8 +183,12 @@ class GatedMaskedConv2d(nn.Module):
     ``cond`` (N, cond_channels), e.g. a one-hot class, is projected without bias to each
     stack's 2C pre-activation channels and added just before its gate (so the vertical
     link carries the conv output only; the horizontal projection covers that term).
-    Both adds of the horizontal stack run in a conv's epilogue (``residual=``): the 1×1
-    link's output adds ``conv_horiz(h)``, the 1×1 output conv's adds ``h``.
+    The vertical conv, its conditioning and gate run as one ``masked_conv2d_gated``
+    that also returns the pre-activation for the link. With one colour group the
+    horizontal stack's link, the add of ``conv_horiz(h)``, its conditioning and gate
+    run as another (``addend=``); with three, the add runs in the link's epilogue
+    and the colour-grouped gate separately. The 1×1 output conv adds ``h`` in its
+    epilogue (``residual=``).
 
     With ``color_groups=3`` the horizontal stack's channels are R, G, B thirds (C must be
     a multiple of 3): ``conv_horiz`` and ``conv_horiz_1x1`` are colour-masked (group g sees
@@ -231,10 +235,16 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"v and h must have one shape, got {tuple(v.shape)} and {tuple(h.shape)}")
         _check_cond(cond, self.cond_channels, v.shape[0])
         ops = self.ops
-        v_pre = apply_masked_conv(ops.masked_conv2d, self.conv_vert, v)
-        v_out = grouped_gate(ops, v_pre, _project(self.cond_vert, cond, v_pre), 1)
-        h_pre = residual_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre, apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h))
-        h_gated = grouped_gate(ops, h_pre, _project(self.cond_horiz, cond, h_pre), self.color_groups)
+        v_out, v_pre = apply_masked_conv(ops.masked_conv2d_gated, self.conv_vert, v, cond=_project(self.cond_vert, cond, v), return_preactivation=True)
+        h_conv = apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h)
+        h_cond = _project(self.cond_horiz, cond, h)
+        if self.color_groups == 1:
+            h_gated = apply_masked_conv(ops.masked_conv2d_gated, self.conv_vert_to_horiz, v_pre, cond=h_cond, addend=h_conv)
+        else:
+            # The colour-major pre-activation pairs a and b within each colour third, not
+            # across the halves the fused gate splits, so the gate is a pass of its own.
+            h_pre = residual_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre, h_conv)
+            h_gated = grouped_gate(ops, h_pre, h_cond, self.color_groups)
         h_out = residual_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, self.dropout(h_gated), h)
         return v_out, h_out
 

@@ -66,14 +66,20 @@ def masked_conv2d_gated_ref(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
-) -> torch.Tensor:
-    """``gate(masked_conv2d_ref(x, weight, bias) + cond[:, :, None, None]) + residual``; cond is (N, Cout).
+    addend: torch.Tensor | None = None,
+    return_preactivation: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``gate(pre + cond[:, :, None, None]) + residual`` with ``pre = masked_conv2d_ref(x, weight, bias) + addend``.
 
     The gate splits the channels into halves a (first), b (second) and returns
-    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); ``residual``
-    (N, Cout / 2, H, W) or None is added to it. ``input_activation`` as in
-    :func:`masked_conv2d_ref`.
+    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``). ``cond`` (N, Cout),
+    ``addend`` (N, Cout, H, W) and ``residual`` (N, Cout / 2, H, W) may each be None.
+    ``input_activation`` as in :func:`masked_conv2d_ref`. With ``return_preactivation``
+    returns ``(out, pre)``: the layer that also feeds ``pre`` elsewhere (Gated
+    PixelCNN's vertical stack) gets it from the same call.
     """
-    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, input_activation=input_activation)
+    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, residual=addend, input_activation=input_activation)
     out = GATE_FUNCTIONS[gate](preactivation, 1, cond)
-    return out if residual is None else out + residual
+    if residual is not None:
+        out = out + residual
+    return (out, preactivation) if return_preactivation else out

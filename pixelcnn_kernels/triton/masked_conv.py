@@ -117,6 +117,7 @@ def _masked_conv_kernel(
     bias_ptr,
     cond_ptr,
     residual_ptr,
+    addend_ptr,
     elu_x_ptr,
     out_ptr,
     pre_ptr,
@@ -145,16 +146,17 @@ def _masked_conv_kernel(
     the input gradient reads it transposed). The epilogue:
 
     - GATE_NONE, elu_x_ptr None: out (N·H·W, N_COLS) = the GEMM + bias;
-    - GATE_TANH_SIGMOID / GATE_SIGMOID: the GEMM has 2·N_COLS columns, bias/cond
-      (N, 2·N_COLS) are added, program (m, n) accumulates columns n and n + N_COLS
-      (halves a and b) side by side, stores the pre-activation to pre (N·H·W,
-      2·N_COLS) unless pre_ptr is None, and gate(a, b) to out (N·H·W, N_COLS);
+    - GATE_TANH_SIGMOID / GATE_SIGMOID: the GEMM has 2·N_COLS columns; program
+      (m, n) accumulates columns n and n + N_COLS (halves a and b) side by side, adds
+      bias and addend (N·H·W, 2·N_COLS), stores that pre-activation to pre (N·H·W,
+      2·N_COLS) unless pre_ptr is None, adds cond (N, 2·N_COLS) and stores
+      gate(a, b) to out (N·H·W, N_COLS);
     - elu_x_ptr given (the input gradient of a concat_elu input x (N·H·W, N_COLS)):
       the halves are the gradients g₁, g₂ w.r.t. elu(x), elu(-x), and out = the
       gradient w.r.t. x, g₁·elu'(x) − g₂·elu'(−x).
 
     residual (the shape of out) is added last, to the stored value. bias_ptr,
-    cond_ptr, residual_ptr and elu_x_ptr may be None.
+    cond_ptr, residual_ptr, addend_ptr, elu_x_ptr and pre_ptr may be None.
     """
     TWO_HALVES: tl.constexpr = GATE != 0 or elu_x_ptr is not None
     x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
@@ -197,14 +199,17 @@ def _masked_conv_kernel(
     else:
         if bias_ptr is not None:
             acc_b += tl.load(bias_ptr + N_COLS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        pre_index = pixels[:, None] * (2 * N_COLS) + cols[None, :]
+        if addend_ptr is not None:
+            acc += tl.load(addend_ptr + pre_index, mask=store_ok, other=0.0).to(tl.float32)
+            acc_b += tl.load(addend_ptr + pre_index + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
+        if pre_ptr is not None:
+            tl.store(pre_ptr + pre_index, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
+            tl.store(pre_ptr + pre_index + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
         if cond_ptr is not None:
             cond_rows = cond_ptr + (pixels // (H * W))[:, None] * (2 * N_COLS) + cols[None, :]
             acc += tl.load(cond_rows, mask=store_ok, other=0.0).to(tl.float32)
             acc_b += tl.load(cond_rows + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
-        if pre_ptr is not None:
-            pre_rows = pre_ptr + pixels[:, None] * (2 * N_COLS) + cols[None, :]
-            tl.store(pre_rows, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
-            tl.store(pre_rows + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
         result = _apply_gate(acc, acc_b, GATE)
     if residual_ptr is not None:
         result += tl.load(residual_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
@@ -321,7 +326,9 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
-def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None, cond=None, residual=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE):
+def _conv_launch(
+    x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None, cond=None, residual=None, addend=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE
+):
     """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C) into ``out``; returns ``out``.
 
     The GEMM reads x, or concat_elu(x) (2C channels) when ``concat_elu_input``; the
@@ -338,10 +345,10 @@ def _conv_launch(x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None
     grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
     with launch_device(x):
         _masked_conv_kernel[grid](
-            x, w, bias, cond, residual, elu_x, out, pre,
+            x, w, bias, cond, residual, addend, elu_x, out, pre,
             num_pixels, height, width, c_in, n_cols, *w_strides,
             OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
-            WIDE_INDEX=needs_int64_index(x, out, pre),
+            WIDE_INDEX=needs_int64_index(x, out, addend, pre),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
             num_warps=num_warps, num_stages=_NUM_STAGES,
         )
@@ -386,27 +393,28 @@ def masked_conv2d_fwd_gated(
     bias: torch.Tensor | None,
     cond: torch.Tensor | None,
     residual: torch.Tensor | None,
+    addend: torch.Tensor | None,
     offsets: list[int],
     concat_elu_input: bool,
     gate: int,
     write_preact: bool,
     allow_tf32: bool,
 ) -> list[torch.Tensor]:
-    """[gate(a, b) + residual, pre-activation] of the forward's output split in channel halves a, b.
+    """[gate(pre + cond) + residual, pre], pre = the forward's output + addend, gated in channel halves a, b.
 
     x, wp, bias, offsets, concat_elu_input as :func:`masked_conv2d_fwd`, with Cout
-    even; cond: (N, Cout) contiguous or None, added before the gate; gate:
-    GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N, H, W, Cout / 2) contiguous or
-    None, added after it. Returns the gated (N, H, W, Cout / 2) and, when
-    ``write_preact``, the pre-activation conv + bias + cond (N, H, W, Cout) written
-    in the same pass (else an empty tensor).
+    even; addend: (N, H, W, Cout) contiguous or None; cond: (N, Cout) contiguous or
+    None; gate: GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N, H, W, Cout / 2)
+    contiguous or None, added after the gate. Returns the gated (N, H, W, Cout / 2)
+    and, when ``write_preact``, the pre-activation conv + bias + addend (N, H, W,
+    Cout) written in the same pass (else an empty tensor).
     """
     half = wp.shape[2] // 2
     out = x.new_empty(*x.shape[:3], half)
     preact = x.new_empty(*x.shape[:3], wp.shape[2]) if write_preact else x.new_empty(0)
     _conv_launch(
         x, wp, wp.stride(), out, offsets, half, allow_tf32,
-        bias=bias, cond=cond, residual=residual, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, gate=gate,
+        bias=bias, cond=cond, residual=residual, addend=addend, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, gate=gate,
     )
     return [out, preact]
 
@@ -469,20 +477,28 @@ def _register_compile_cases() -> None:
         "horizontal1x3": tap_offsets(resolve_mask("horizontal", (1, 3)), 1),
         "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
         "A5x5_dil2": tap_offsets(resolve_mask("A", 5), 2),
+        "full1x1": tap_offsets(resolve_mask("full", 1), 1),
     }
-    # (kind, gate, concat_elu_input, the optional pointers given): every tap set gets
-    # the plain passes; PixelCNN++'s shifted convs also the concat_elu and residual ones.
+    # (kind, gate, concat_elu_input, the optional pointers given): the tap sets of
+    # gated layers' k×k convs get the plain passes; PixelCNN++'s shifted convs also
+    # the concat_elu and residual ones; the 1×1 convs of Gated PixelCNN's horizontal
+    # stack (the vertical link, the output conv) only their fused forwards.
     plain_variants = (
         ("fwd", GATE_NONE, False, ("bias_ptr",)),
         ("dgrad", GATE_NONE, False, ()),
         ("fwd_gated", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "pre_ptr")),
     )
-    fused_variants = (
+    pixelcnn_pp_variants = (
         ("fwd_concat_elu_residual", GATE_NONE, True, ("bias_ptr", "residual_ptr")),
         ("dgrad_concat_elu", GATE_NONE, False, ("elu_x_ptr",)),
         ("fwd_gated_concat_elu_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr")),
     )
-    optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "elu_x_ptr", "pre_ptr")
+    link_variants = (
+        ("fwd_residual", GATE_NONE, False, ("bias_ptr", "residual_ptr")),
+        ("fwd_gated_addend", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
+    )
+    variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
+    optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "pre_ptr")
     for dtype in (torch.float32, torch.bfloat16):
         ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
         block_k = _max_reduction_tile(dtype)
@@ -491,7 +507,7 @@ def _register_compile_cases() -> None:
             conv_sig = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
             blocks = {"BLOCK_N": _BLOCK_N, "BLOCK_K": block_k}
             pixelcnn_pp = tap_name == "down_shifted2x3"
-            for kind, gate, concat_elu_input, given_pointers in plain_variants + (fused_variants if pixelcnn_pp else ()):
+            for kind, gate, concat_elu_input, given_pointers in variants_of.get(tap_name, plain_variants):
                 signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
                 absent = {name: None for name in optional_pointers if name not in given_pointers}
                 block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, common["DOT_PRECISION"])
@@ -508,7 +524,10 @@ def _register_compile_cases() -> None:
                         {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _conv_tiles(False, dtype, "ieee")[0]}, num_warps=num_warps, num_stages=_NUM_STAGES,
                     )  # fmt: skip
             wgrad_sig = {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
-            wgrad_variants = (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)) if pixelcnn_pp else (("", False, False),)
+            wgrad_variants = {
+                "down_shifted2x3": (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)),
+                "full1x1": (),
+            }.get(tap_name, (("", False, False),))
             for suffix, concat_elu_input, wide_index in wgrad_variants:
                 register_compile_case(
                     f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}",
