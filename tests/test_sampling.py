@@ -18,7 +18,7 @@ from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.checkpoint import save_checkpoint
 from pixelcnn_kernels.cli import main as cli_main
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
-from pixelcnn_kernels.sampling import SamplingProblem, SamplingStats, cached_sampler
+from pixelcnn_kernels.sampling import CACHED_SAMPLERS, SamplingProblem, SamplingStats, cached_sampler
 from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN
 from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus
 
@@ -88,7 +88,44 @@ def test_every_method_draws_the_naive_image(name):
         assert torch.equal(images, naive), method
         assert stats.method == method and stats.values == values
     assert 1 < draws["jacobi"][1].network_passes <= values
-    assert draws["cached"][1].network_passes == 0
+    # The cached draft itself is the naive image: the checking forward redrew nothing.
+    assert draws["cached"][1].network_passes == 1 and draws["cached"][1].redrawn_values == 0
+
+
+@pytest.mark.parametrize("name, corrupted", [
+    ("gated_rgb_cond_dilated", [(0, 1, 2, 3)]),  # the green of a pixel: its blue is redrawn by a naive step
+    ("gated_rgb", [(0, 0, 0, 0), (1, 2, 3, 3)]),  # the first value of one image, the last of another
+    ("gated_dmol_rgb", [(1, 0, 3, 1)]),
+    ("pp_rgb_cond", [(0, 2, 1, 2), (1, 0, 0, 1)]),
+])  # fmt: skip
+def test_cached_draft_drawn_otherwise_is_repaired_to_the_naive_image(name, corrupted, monkeypatch):
+    """A cached sampler whose first draft has values the naive sampler draws otherwise (as a rounding
+    difference would): the check redraws each image's first one and runs the cached sampler again after it."""
+    model, cond = sharpened(name)
+    height, width = model.default_sample_size()
+    noise = make_noise(model, height, width)
+    naive = model.sample(N, method="naive", cond=cond, noise=noise, progress=False)
+    genuine, drafts = CACHED_SAMPLERS[model.name], []
+
+    def corrupting_sampler(model, problem, progress):
+        genuine(model, problem, progress)
+        if not drafts:  # the first draft only: the reruns after a repair are genuine
+            for image, channel, row, col in corrupted:
+                problem.images[image, channel, row, col] = (problem.images[image, channel, row, col] + 1) % model.num_bins
+        drafts.append(problem.images.shape[0])
+        return 0
+
+    monkeypatch.setitem(CACHED_SAMPLERS, model.name, corrupting_sampler)
+    images = model.sample(N, method="cached", cond=cond, noise=noise, progress=False)
+    stats = model.last_sample_stats
+    assert torch.equal(images, naive)
+    repaired_images = len({image for image, *_ in corrupted})
+    assert stats.redrawn_values == repaired_images
+    last_pixel = [(row, col) == (height - 1, width - 1) for _, _, row, col in corrupted]
+    # a rerun on the repaired images, unless the only repair was an image's last pixel
+    assert drafts == [N] + ([repaired_images] if not all(last_pixel) else [])
+    later_colours = max((model.in_channels - 1 - channel for _, channel, *_ in corrupted), default=0) if model.head == "softmax" else 0
+    assert stats.network_passes == 2 + later_colours  # check, naive steps of the later colours, check again
 
 
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "gated_dmol_rgb", "pp_rgb_cond"])
@@ -283,13 +320,15 @@ def test_every_method_draws_the_naive_image_on_the_gpu(name, deterministic_cudnn
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
-def test_jacobi_is_bit_exact_on_the_kernel_backends(name, dtype, deterministic_cudnn):
-    """Jacobi against naive with the fused kernels (automatic backend), float32 and bf16 models."""
+def test_cached_and_jacobi_are_bit_exact_on_the_kernel_backends(name, dtype, deterministic_cudnn):
+    """Cached (fused steps, checked and repaired) and Jacobi against naive with the fused kernels
+    (automatic backend), float32 and bf16 models."""
     model, cond = sharpened(name, dtype)
     model = model.cuda()
     cond = None if cond is None else cond.cuda()
     noise = make_noise(model, 8, 8)
     noise = noise.cuda() if isinstance(noise, torch.Tensor) else tuple(u.cuda() for u in noise)
     naive = model.sample(N, method="naive", cond=cond, noise=noise, size=(8, 8), progress=False)
+    assert torch.equal(model.sample(N, method="cached", cond=cond, noise=noise, size=(8, 8), progress=False), naive)
     for block_rows in (None, 2):
         assert torch.equal(model.sample(N, method="jacobi", block_rows=block_rows, cond=cond, noise=noise, size=(8, 8), progress=False), naive)

@@ -175,10 +175,12 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
         - ``method``: ``"cached"`` (the default), incremental generation that computes
           only the new pixel's activations from per-layer caches (:mod:`pixelcnn_kernels.sampling.cached_gated`,
-          :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`); ``"naive"``, one full forward
+          :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`), then one full forward that
+          checks the draft and redraws any value the naive sampler draws otherwise
+          (:mod:`~pixelcnn_kernels.sampling.verify`); ``"naive"``, one full forward
           per generated value (the oracle); ``"jacobi"``, parallel forwards iterated to the
           fixed point (:mod:`pixelcnn_kernels.sampling.jacobi`). Given ``noise``, the three
-          return the same image (see those modules for the exact guarantee).
+          return the same image, bit for bit (see those modules for why).
         - ``cond``: class labels (n,) for a class-conditional model.
         - ``prefix`` (n, C, H, W) integer images and ``known``, a boolean (H, W) or
           (n, H, W) mask: the known pixels of ``prefix`` are kept, never resampled; the
@@ -203,7 +205,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        from pixelcnn_kernels.sampling import cached_sampler, jacobi_sample  # the samplers build on this module
+        from pixelcnn_kernels.sampling import cached_sampler, jacobi_sample, sample_cached_exactly  # the samplers build on this module
 
         run_cached = cached_sampler(self) if method == "cached" else None  # raises for a model without one
         problem = self._sampling_problem(n, cond, prefix, known, noise, generator, size)
@@ -212,10 +214,11 @@ class PixelCNNModel(nn.Module, abc.ABC):
         try:
             with torch.no_grad():
                 begin = time.perf_counter()
+                redrawn_values = 0
                 if method == "naive":
                     network_passes = self._sample_naive(problem, progress)
                 elif method == "cached":
-                    network_passes = run_cached(self, problem, progress)
+                    network_passes, redrawn_values = sample_cached_exactly(self, problem, run_cached, progress)
                 else:
                     network_passes = jacobi_sample(self, problem, block_rows, progress)
                 if problem.images.is_cuda:
@@ -223,7 +226,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
                 seconds = time.perf_counter() - begin
         finally:
             self.train(was_training)
-        self.last_sample_stats = SamplingStats(method, n, problem.steps(len(self.step_channels())), network_passes, seconds, block_rows)
+        values = problem.steps(len(self.step_channels()))
+        self.last_sample_stats = SamplingStats(method, n, values, network_passes, seconds, block_rows, redrawn_values)
         return problem.images
 
     def step_channels(self) -> list[slice]:

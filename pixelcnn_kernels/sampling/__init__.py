@@ -7,11 +7,12 @@
   schedule of the positions each node computes at each pixel, precomputed once, read
   on the device: one fused kernel per gated resnet block, PyTorch gathers and products
   for its shifted and transposed convolutions); both are replayed as one CUDA graph per
-  pixel on a GPU;
+  pixel on a GPU; one full forward then checks the draft against the naive draws and
+  repairs the rare value drawn otherwise (:mod:`.verify`);
 - ``jacobi`` (:mod:`.jacobi`): parallel forwards iterated to the fixed point, optionally
   in windows of rows.
 
-Given the same noise the three return the same image; ``model.last_sample_stats`` (a
+Given the same noise the three return the same image, bit for bit; ``model.last_sample_stats`` (a
 :class:`SamplingStats`) records what a call did. The ``pixelcnn-kernels sample`` command
 is :mod:`.cli`.
 """
@@ -24,8 +25,9 @@ from pixelcnn_kernels.sampling.cached_gated import sample_cached_gated
 from pixelcnn_kernels.sampling.cached_pixelcnn_pp import sample_cached_pixelcnn_pp
 from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats
 from pixelcnn_kernels.sampling.jacobi import jacobi_sample
+from pixelcnn_kernels.sampling.verify import sample_cached_exactly
 
-__all__ = ["CACHED_SAMPLERS", "SamplingProblem", "SamplingStats", "cached_sampler", "jacobi_sample"]
+__all__ = ["CACHED_SAMPLERS", "SamplingProblem", "SamplingStats", "cached_sampler", "jacobi_sample", "sample_cached_exactly"]
 
 # Model name -> its cached sampler (model, problem, progress) -> full network passes run.
 CACHED_SAMPLERS: dict[str, Callable] = {"gated_pixelcnn": sample_cached_gated, "pixelcnn_pp": sample_cached_pixelcnn_pp}

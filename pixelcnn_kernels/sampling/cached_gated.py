@@ -41,12 +41,14 @@ cached rows, the model's gate op). The horizontal step has two implementations:
 **Exactness.** The step computes each activation from the same values as the full
 forward, but on other shapes than the full image, which may sum in another order
 (``F.conv2d`` on a window; the fused kernels' fp32 reductions): the logits can differ
-from the full forward's in the last bits. Images are identical to the naive sampler's
-given the same noise unless a noise value falls within that rounding of a category
-boundary: never in practice for a float64 model (the tests compare images in float64),
-rarely possible in float32 (the fused path's float32 images are compared too) and
-likely over large batches in bf16/fp16. In float32 the cached logits are as accurate
-as the full forward's (within twice its error against float64; tested).
+from the full forward's in the last bits. The draft is then the naive sampler's image
+unless a noise value falls within that rounding of a category boundary: never in
+practice for a float64 model (the tests check the draft needed no repair), rarely in
+float32, now and then over large batches in bf16/fp16. ``model.sample`` checks every
+draft with one full forward and redraws such values
+(:mod:`~pixelcnn_kernels.sampling.verify`), so the returned image is the naive one bit
+for bit. In float32 the cached logits are as accurate as the full forward's (within
+twice its error against float64; tested).
 """
 
 from __future__ import annotations

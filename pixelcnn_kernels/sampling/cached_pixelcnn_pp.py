@@ -48,7 +48,8 @@ The sampler runs one of two ways:
   kept per model for later calls.
 
 **Exactness** as for :mod:`~pixelcnn_kernels.sampling.cached_gated`: the same values
-up to the rounding of the other reduction shapes; images equal the naive sampler's in
+up to the rounding of the other reduction shapes, the draft checked and repaired by
+:mod:`~pixelcnn_kernels.sampling.verify`; drafts equal the naive sampler's image in
 float64 (tested), and in float32 on the table-driven path for tiny models (tested, eager
 on the Triton interpreter; on a GPU also as a CUDA graph, bit for bit the eager steps);
 float32 logits are as accurate as the full forward's (tested), and the table-driven

@@ -82,5 +82,7 @@ def main(args: argparse.Namespace) -> int:
     line = f"sample: {stats.images} images by {args.method} in {stats.seconds:.3f} s ({stats.images / stats.seconds:.1f} images/s"
     if args.method == "jacobi":
         line += f"; {stats.network_passes} Jacobi iterations for {stats.values} values"
+    elif args.method == "cached" and stats.redrawn_values:
+        line += f"; the check redrew {stats.redrawn_values} values drawn otherwise than by the naive sampler"
     print(line + f"); wrote {path}")
     return 0

@@ -68,9 +68,12 @@ class SamplingStats:
       values (the pixels, for the DMOL head, which draws a pixel's channels together)
       not known in every image, at most H·W·C;
     - ``network_passes``: full forward passes of the network: ``values`` for ``naive``,
-      the Jacobi iterations for ``jacobi`` (at most ``values``), 0 for ``cached``
-      (which computes one pixel's activations per step instead);
-    - ``seconds``: wall time of the sampling loop (the device synchronised at its end).
+      the Jacobi iterations for ``jacobi`` (at most ``values``); for ``cached`` (which
+      computes one pixel's activations per step) the checking forwards, 1 when the
+      draft was exact, and the naive steps of a repair;
+    - ``seconds``: wall time of the sampling loop (the device synchronised at its end);
+    - ``redrawn_values``: ``cached`` only: the values the check found drawn otherwise
+      than by the naive sampler and redrew (:mod:`~pixelcnn_kernels.sampling.verify`).
     """
 
     method: str
@@ -79,6 +82,7 @@ class SamplingStats:
     network_passes: int
     seconds: float
     block_rows: int | None = None
+    redrawn_values: int = 0
 
 
 def write_values(problem: SamplingProblem, row: int, col: int, channels: slice, drawn: torch.Tensor) -> None:
