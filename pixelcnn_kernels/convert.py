@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -269,10 +270,32 @@ def _weight_and_bias(conv: nn.Conv2d) -> list[nn.Parameter]:
     return weight + ([conv.bias] if conv.bias is not None else [])
 
 
+def _buffer_snapshot(*modules: nn.Module) -> Callable[[], None]:
+    """A function that puts back the values every buffer of ``modules`` holds now.
+
+    A forward in training mode may update buffers in place (spectral norm's power
+    iteration vectors, a batch norm's running statistics): the probes must leave them
+    as they were, and each probe must start from the same state.
+    """
+    buffers = {id(b): b for module in modules for b in module.buffers()}
+    saved = [(b, b.detach().clone()) for b in buffers.values()]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+    return restore
+
+
 def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
-    """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights."""
+    """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights.
+
+    Leaves the Parameters and buffers of both as they were.
+    """
     params = _weight_and_bias(conv)
     saved = [p.detach().clone() for p in params]
+    restore_buffers = _buffer_snapshot(old, new)
     rtol, atol = tolerance(params[0].dtype, tf32=params[0].device.type == "cuda")
     try:
         with torch.no_grad():
@@ -284,7 +307,9 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
                         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).mul_(scale).to(p))
                 x = _probe_inputs(conv, generator)
                 expected = _probe(old, x)
+                restore_buffers()
                 actual = new(x)
+                restore_buffers()
                 if actual.shape != expected.shape:
                     raise NotConvertible(f"output shape {tuple(actual.shape)} differs from the module's {tuple(expected.shape)}")
                 if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
@@ -297,6 +322,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
+        restore_buffers()
         for module in (old, new):  # weight norm's weights were last computed from the probe's random Parameters
             refresh_weight_norm(module)
 
@@ -414,18 +440,26 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
 
 
 def _convert_one(module: nn.Module, generator: torch.Generator) -> tuple[nn.Module, str]:
-    """The first replacement of ``module`` that verifies, and its mask; NotConvertible if none does."""
-    conv, options = _replacement_options(module)
-    failures = []
-    for replacement, description in options:
-        try:
-            _verify(module, replacement, conv, generator)
-            _check_same_state(module, replacement)
-        except NotConvertible as exc:
-            failures.append(f"as {description}: {exc}" if len(options) > 1 else str(exc))
-            continue
-        return replacement, description
-    raise NotConvertible("; ".join(failures))
+    """The first replacement of ``module`` that verifies, and its mask; NotConvertible if none does.
+
+    ``module``'s buffers end as they began: in training mode even reading a parametrized
+    weight runs its parametrization, and spectral norm's then updates its vectors.
+    """
+    restore_buffers = _buffer_snapshot(module)
+    try:
+        conv, options = _replacement_options(module)
+        failures = []
+        for replacement, description in options:
+            try:
+                _verify(module, replacement, conv, generator)
+                _check_same_state(module, replacement)
+            except NotConvertible as exc:
+                failures.append(f"as {description}: {exc}" if len(options) > 1 else str(exc))
+                continue
+            return replacement, description
+        raise NotConvertible("; ".join(failures))
+    finally:
+        restore_buffers()
 
 
 def convert(model: nn.Module, inplace: bool = True, *, seed: int = 0) -> ConversionReport:

@@ -293,6 +293,37 @@ def test_a_weight_norm_conv_moved_since_its_last_forward_converts_with_its_own_w
     assert model[0].conv.weight.dtype == torch.float64 and torch.equal(model[0].conv.weight.detach(), weight)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_spectral_normalised_convs_convert_and_keep_their_power_iteration_state(training):
+    """parametrizations.spectral_norm updates its vectors at every training-mode forward, and even when
+    its weight is read: the probes start from and leave the model's state; the converted model then
+    takes the same steps as the original."""
+    torch.manual_seed(0)
+
+    def build():
+        model = nn.Sequential(FunctionalMaskedConv(2, 4, pixelcnn_mask("A", 3)), nn.ReLU(), FunctionalMaskedConv(4, 4, pixelcnn_mask("B", 3)))
+        for i in (0, 2):
+            nn.utils.parametrizations.spectral_norm(model[i])
+        return model
+
+    model, x = build(), torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # the vectors away from their initial values
+    original = build()
+    original.load_state_dict(model.state_dict())
+    model.train(training)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    report = convert(model)
+    assert [r.mask for r in report.replaced] == ["A 3×3", "B 3×3"]
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    for mode in (True, False):  # a training step's forward (advancing the vectors), then evaluation
+        model.train(mode), original.train(mode)
+        with torch.no_grad():
+            assert_close(model(x), original(x))
+        assert all(torch.equal(value, original.state_dict()[key]) for key, value in model.state_dict().items())
+
+
 def test_a_parametrized_bias_is_skipped():
     module = DownShiftedConv(2, 2)
     torch.nn.utils.parametrize.register_parametrization(module.conv, "bias", nn.Identity())
