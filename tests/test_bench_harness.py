@@ -118,7 +118,7 @@ def test_sampling_rows_say_how_many_network_passes_each_sampler_ran():
     results, _ = run([case], [torch.float32], torch.device("cpu"), warmup=0, repeats=1, only={"eager", "cached", "jacobi"})
     notes = {r.provider: r.note for r in results}
     steps = int(case.config.split()[2])
-    assert notes["eager"] == f"{steps} network passes" and notes["cached"] == "1 network pass, 0 values redrawn"
+    assert notes["eager"] == f"{steps} network passes" and notes["cached"] == "1 network pass, 0 values repaired"
     iterations = int(notes["jacobi"].removesuffix(" iterations"))
     assert 1 <= iterations <= steps
     assert notes["jacobi"] in format_table(results)

@@ -275,11 +275,19 @@ def test_layers_follow_autocast():
     assert_close(out, resnet(x), dtype=torch.bfloat16)
 
 
-def test_layer_compiles_with_fullgraph():
-    layer = fused_layers.GatedResnet(2, "down_right", skip_streams=1, cond_channels=2, dropout=0.0)
-    inputs = resnet_inputs(2, 1, 2, dtype=torch.float32)
+@pytest.mark.parametrize("make_layer, make_inputs", [
+    (lambda: fused_layers.GatedResnet(2, "down_right", skip_streams=1, cond_channels=2, dropout=0.0), lambda: resnet_inputs(2, 1, 2, dtype=torch.float32)),
+    (lambda: fused_layers.GatedMaskedConv2d(4, cond_channels=2), lambda: gated_inputs(4, 2, dtype=torch.float32)),
+    (lambda: fused_layers.GatedMaskedConv2d(3, color_groups=3, cond_channels=2), lambda: gated_inputs(3, 2, dtype=torch.float32)),
+], ids=["gated_resnet", "gated_masked_conv", "gated_masked_conv_rgb"])  # fmt: skip
+def test_layer_compiles_with_fullgraph(make_layer, make_inputs):
+    """Forward and backward (every input and parameter) of the compiled layer are the eager layer's."""
+    layer, inputs = make_layer(), make_inputs()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(*inputs), layer(*inputs))
+    eager_out, eager_grads = outputs_and_grads(layer, inputs)
+    compiled_out, compiled_grads = outputs_and_grads(compiled, inputs)
+    for got, expected in zip(compiled_out + compiled_grads, eager_out + eager_grads, strict=True):
+        assert_close(got, expected)
 
 
 # ---------------------------------------------------------------- bad input

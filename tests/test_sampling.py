@@ -21,6 +21,7 @@ from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
 from pixelcnn_kernels.sampling import CACHED_SAMPLERS, SamplingProblem, SamplingStats, cached_sampler
 from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN
 from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus
+from pixelcnn_kernels.sampling.verify import MAX_REPAIR_ROUNDS
 
 # name -> (constructor, cond labels for n=2 or None)
 VARIANTS = {
@@ -92,40 +93,65 @@ def test_every_method_draws_the_naive_image(name):
     assert draws["cached"][1].network_passes == 1 and draws["cached"][1].redrawn_values == 0
 
 
-@pytest.mark.parametrize("name, corrupted", [
+@pytest.mark.parametrize("name, wrong", [
     ("gated_rgb_cond_dilated", [(0, 1, 2, 3)]),  # the green of a pixel: its blue is redrawn by a naive step
-    ("gated_rgb", [(0, 0, 0, 0), (1, 2, 3, 3)]),  # the first value of one image, the last of another
+    ("gated_rgb", [(0, 0, 0, 0), (0, 2, 1, 2), (1, 2, 3, 3)]),  # two in one image (the first value), the last value of another
     ("gated_dmol_rgb", [(1, 0, 3, 1)]),
     ("pp_rgb_cond", [(0, 2, 1, 2), (1, 0, 0, 1)]),
 ])  # fmt: skip
-def test_cached_draft_drawn_otherwise_is_repaired_to_the_naive_image(name, corrupted, monkeypatch):
-    """A cached sampler whose first draft has values the naive sampler draws otherwise (as a rounding
-    difference would): the check redraws each image's first one and runs the cached sampler again after it."""
+def test_a_cached_draft_drawn_otherwise_is_repaired_to_the_naive_image(name, wrong, monkeypatch):
+    """A cached sampler whose draft has values the naive sampler draws otherwise, and the values after them
+    drawn from those (as a rounding difference would make them): one round repairs each image's first wrong
+    value, samples the rest again, and a second check confirms the naive image."""
     model, cond = sharpened(name)
     height, width = model.default_sample_size()
     noise = make_noise(model, height, width)
     naive = model.sample(N, method="naive", cond=cond, noise=noise, progress=False)
-    genuine, drafts = CACHED_SAMPLERS[model.name], []
+    genuine, runs = CACHED_SAMPLERS[model.name], []
 
-    def corrupting_sampler(model, problem, progress):
+    def drafting_with_errors(model, problem, progress):
+        runs.append(problem.images.shape[0])
         genuine(model, problem, progress)
-        if not drafts:  # the first draft only: the reruns after a repair are genuine
-            for image, channel, row, col in corrupted:
+        if len(runs) == 1:  # the draft (the repair's reruns are genuine)
+            known = problem.known.clone()
+            for image, channel, row, col in wrong:
                 problem.images[image, channel, row, col] = (problem.images[image, channel, row, col] + 1) % model.num_bins
-        drafts.append(problem.images.shape[0])
+                known[image].view(-1)[: row * width + col + 1] = True
+            genuine(model, SamplingProblem(problem.images, known, problem.noise, problem.cond, problem.class_vector), progress)
         return 0
 
-    monkeypatch.setitem(CACHED_SAMPLERS, model.name, corrupting_sampler)
+    monkeypatch.setitem(CACHED_SAMPLERS, model.name, drafting_with_errors)
     images = model.sample(N, method="cached", cond=cond, noise=noise, progress=False)
     stats = model.last_sample_stats
     assert torch.equal(images, naive)
-    repaired_images = len({image for image, *_ in corrupted})
-    assert stats.redrawn_values == repaired_images
-    last_pixel = [(row, col) == (height - 1, width - 1) for _, _, row, col in corrupted]
-    # a rerun on the repaired images, unless the only repair was an image's last pixel
-    assert drafts == [N] + ([repaired_images] if not all(last_pixel) else [])
-    later_colours = max((model.in_channels - 1 - channel for _, channel, *_ in corrupted), default=0) if model.head == "softmax" else 0
-    assert stats.network_passes == 2 + later_colours  # check, naive steps of the later colours, check again
+    first_wrong = {}  # image -> its first wrong (pixel, channel)
+    for image, channel, row, col in sorted(wrong, key=lambda w: (w[0], w[2] * width + w[3], w[1])):
+        first_wrong.setdefault(image, (row * width + col, channel))
+    rerun = any(pixel < height * width - 1 for pixel, _ in first_wrong.values())
+    assert runs == [N] + ([len(first_wrong)] if rerun else [])
+    assert stats.redrawn_values >= len(first_wrong)
+    later_colours = max(model.in_channels - 1 - channel for _, channel in first_wrong.values()) if model.head == "softmax" else 0
+    assert stats.network_passes == 2 + later_colours  # check, naive steps of the pixel's later colours, check
+
+
+def test_a_draft_far_from_the_naive_image_is_finished_by_jacobi_iterations(monkeypatch):
+    """A cached sampler that draws every value otherwise: after MAX_REPAIR_ROUNDS rounds Jacobi iterations finish."""
+    model, cond = sharpened("gated_dmol_grey")
+    height, width = model.default_sample_size()
+    noise = make_noise(model, height, width)
+    naive = model.sample(N, method="naive", cond=cond, noise=noise, progress=False)
+    runs = []
+
+    def drafting_only_errors(model, problem, progress):
+        runs.append(problem.images.shape[0])
+        problem.images.copy_(torch.where(problem.known[:, None], problem.images, (naive + 1) % model.num_bins))
+        return 0
+
+    monkeypatch.setitem(CACHED_SAMPLERS, model.name, drafting_only_errors)
+    images = model.sample(N, method="cached", cond=cond, noise=noise, progress=False)
+    assert torch.equal(images, naive)
+    assert len(runs) == 1 + MAX_REPAIR_ROUNDS
+    assert model.last_sample_stats.redrawn_values == N * height * width
 
 
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "gated_dmol_rgb", "pp_rgb_cond"])

@@ -21,7 +21,7 @@ from pixelcnn_kernels.models import PixelCNNPlusPlus
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.sampling import RESNET_CUDA_OP, ResnetStepWeights, resnet_position_step, resnet_step_fits, step_backend
 from pixelcnn_kernels.reference.layers import GatedResnet
-from pixelcnn_kernels.sampling import SamplingProblem
+from pixelcnn_kernels.sampling import CACHED_SAMPLERS, SamplingProblem
 from pixelcnn_kernels.sampling import cached_pixelcnn_pp
 from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus, TableCachedPixelCNNPlusPlus
 from pixelcnn_kernels.triton import sampling as triton_sampling
@@ -218,16 +218,16 @@ def test_schedule_is_what_the_demand_driven_sampler_computes_each_once_inputs_fi
 
     monkeypatch.setattr(cached_pixelcnn_pp, "CachedPixelCNNPlusPlus", Instrumented)
     problem = problem_for(model, cond, completion)
-    all_known = problem.pixels_all_known()
+    skipped = problem.skipped_pixels()
     with torch.no_grad():
         model.sample(N, method="cached", cond=cond, prefix=problem.images if completion else None, known=problem.known if completion else None, noise=problem.noise, progress=False)
         graph = CachedPixelCNNPlusPlus(model, problem)
-        schedule = graph.schedule(all_known)
+        schedule = graph.schedule(skipped)
     (run,) = runs
     assert [[(graph.nodes.index(node), i, j) for node, i, j in step] for step in schedule] == run.computed
     assert sum(map(len, schedule)) > 0
     if completion:
-        assert any(map(any, all_known))  # pixels every image knows: steps that compute nothing
+        assert any(map(any, skipped))  # pixels every image knows: steps that compute nothing
     # Each (node, position) once; each position after what it reads (the image: pixels before the step).
     done = set()
     for p, step in enumerate(schedule):
@@ -274,6 +274,28 @@ def test_table_sampler_draws_the_naive_image_with_one_launch_per_block_and_step(
     assert len(set(positions)) == len(positions) and len({ptr for ptr, _, _ in positions}) == blocks
     all_known = 0 if known is None else int(known.all(dim=0).sum())
     assert len(draws) == problem.height * problem.width - all_known  # one fused draw per pixel drawn
+
+
+def test_a_repaired_draft_reruns_the_table_sampler_on_the_first_runs_tables(monkeypatch):
+    """The repair's rerun knows more pixels than the first run but keeps its schedule: no second set of
+    tables (a build takes seconds at PixelCNN++'s size) and the naive image."""
+    model, cond = build("grey")
+    problem = problem_for(model, cond, False)
+    naive = model.sample(N, method="naive", cond=cond, noise=problem.noise, progress=False)
+    genuine, runs = CACHED_SAMPLERS[model.name], []
+
+    def drafting_with_an_error(model, problem, progress):
+        runs.append(problem.images.shape[0])
+        genuine(model, problem, progress)
+        if len(runs) == 1:
+            problem.images[0, 0, 1, 2] = (problem.images[0, 0, 1, 2] + 1) % model.num_bins
+        return 0
+
+    monkeypatch.setitem(CACHED_SAMPLERS, model.name, drafting_with_an_error)
+    with use_backend("triton"):
+        cached = model.sample(N, method="cached", cond=cond, noise=problem.noise, progress=False)
+    assert torch.equal(cached, naive) and runs == [N, 1]
+    assert len(cached_pixelcnn_pp._TABLES[model]) == 1
 
 
 def test_the_reference_backend_keeps_the_pytorch_step(monkeypatch):

@@ -26,8 +26,8 @@ one to two seconds at 3×32×32) and reused by later calls: the warm-up call pay
 The config column gives the steps of one call: H·W·C values (softmax) or H·W pixels
 (DMOL); time per step is ``median / steps``. Each row ends with the last call's full
 network passes: the Jacobi sampler's iterations (the naive sampler's are its steps,
-the cached sampler's the forward that checks its draft, 1 unless values were redrawn,
-with their count, :mod:`pixelcnn_kernels.sampling.verify`). The floor is the larger of the cached
+the cached sampler's forwards that check and repair its draft, 1 when the draft is
+exact, with the values repaired, :mod:`pixelcnn_kernels.sampling.verify`). The floor is the larger of the cached
 sampler's arithmetic at the matmul rate (each activation computed once: one full
 forward, times C passes per pixel for RGB softmax, plus the checking forward) and its least traffic at the copy
 rate: the noise read once and, for the Gated PixelCNN, the weights each step reads (the
@@ -53,14 +53,14 @@ step and ~0.57 s a call (goal 0.5 s); one packed table per node, the shifted con
 weights used as they are and the fused draw make it ~175, ~0.45 s a call (prediction,
 not yet measured, 2026-11-29).
 
-The check of the cached draft (one full forward of the batch and a redraw of every
-value) adds, for the Gated PixelCNN at B = 64, 62 GFLOP (0.16 ms at ~380 TFLOP/s
+The check of an exact cached draft (one full forward of the batch and a redraw of
+every value) adds, for the Gated PixelCNN at B = 64, 62 GFLOP (0.16 ms at ~380 TFLOP/s
 TF32; ~0.4 ms at the kernels' expected third of it) and a float64 softmax over
 64·784·256 logits (~0.2 ms): ~0.6 ms, 2–3% of a 20–45 ms call; for PixelCNN++ at
 B = 64, 3.1 TFLOP (8 ms at the TF32 rate, ~20 ms expected): ~4% of a ~0.5 s call.
-A repair reruns the cached sampler on the images it touches, doubling that call's
-time: rare in float32 (FLOPs counted by the harness's counter; times predicted, not
-yet measured, 2026-11-29).
+A repair round costs another such check and about one cached pass over the images it
+touches (PixelCNN++'s tables reused): rare in float32 (FLOPs counted by the harness's
+counter; times predicted, not yet measured, 2026-11-29).
 """
 
 from __future__ import annotations
@@ -138,12 +138,12 @@ def _case(name: str, models: _Models, batch: int) -> Case:
         return sum(4 * torch.Size(shape).numel() for shape in noise_shapes) + _weight_bytes(probe, height, steps, dtype)
 
     def note(device, dtype) -> str:
-        """The last call's full network passes: the Jacobi sampler's iterations, the naive sampler's values, the cached sampler's check (and repairs)."""
+        """The last call's full network passes: the Jacobi sampler's iterations, the naive sampler's values, the cached sampler's check and repairs."""
         stats = models.get(device, dtype).last_sample_stats
         if stats.method == "jacobi":
             return f"{stats.network_passes} iterations"
         passes = f"{stats.network_passes} network pass{'es' if stats.network_passes != 1 else ''}"
-        return f"{passes}, {stats.redrawn_values} values redrawn" if stats.method == "cached" else passes
+        return f"{passes}, {stats.redrawn_values} values repaired" if stats.method == "cached" else passes
 
     naive_eager = torch.compiler.disable(_sampler("naive", batch))
 

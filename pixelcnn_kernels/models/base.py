@@ -176,8 +176,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
         - ``method``: ``"cached"`` (the default), incremental generation that computes
           only the new pixel's activations from per-layer caches (:mod:`pixelcnn_kernels.sampling.cached_gated`,
           :mod:`~pixelcnn_kernels.sampling.cached_pixelcnn_pp`), then one full forward that
-          checks the draft and redraws any value the naive sampler draws otherwise
-          (:mod:`~pixelcnn_kernels.sampling.verify`); ``"naive"``, one full forward
+          checks the draft against the naive draws, and a repair of the rare value drawn
+          otherwise (:mod:`~pixelcnn_kernels.sampling.verify`); ``"naive"``, one full forward
           per generated value (the oracle); ``"jacobi"``, parallel forwards iterated to the
           fixed point (:mod:`pixelcnn_kernels.sampling.jacobi`). Given ``noise``, the three
           return the same image, bit for bit (see those modules for why).
@@ -253,8 +253,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
     def _sample_naive(self, problem: SamplingProblem, progress: bool) -> int:
         """One full forward per generated value; returns the number of forwards."""
-        all_known = problem.pixels_all_known()
-        steps = [(i, j, channels) for i in range(problem.height) for j in range(problem.width) if not all_known[i][j] for channels in self.step_channels()]
+        skipped = problem.skipped_pixels()
+        steps = [(i, j, channels) for i in range(problem.height) for j in range(problem.width) if not skipped[i][j] for channels in self.step_channels()]
         for i, j, channels in tqdm(steps, desc="sampling (naive)", unit="value", disable=not progress):
             drawn = self.draw_values(self(problem.images, problem.cond), problem.noise)
             write_values(problem, i, j, channels, drawn[:, channels, i, j])

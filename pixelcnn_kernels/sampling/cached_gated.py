@@ -45,7 +45,7 @@ from the full forward's in the last bits. The draft is then the naive sampler's 
 unless a noise value falls within that rounding of a category boundary: never in
 practice for a float64 model (the tests check the draft needed no repair), rarely in
 float32, now and then over large batches in bf16/fp16. ``model.sample`` checks every
-draft with one full forward and redraws such values
+draft with one full forward and repairs such values and the values drawn after them
 (:mod:`~pixelcnn_kernels.sampling.verify`), so the returned image is the naive one bit
 for bit. In float32 the cached logits are as accurate as the full forward's (within
 twice its error against float64; tested).
@@ -249,12 +249,12 @@ def sample_cached_gated(model, problem: SamplingProblem, progress: bool) -> int:
         FusedCachedGatedPixelCNN(model, problem).sample(progress)
         return 0
     cached = CachedGatedPixelCNN(model, problem)
-    all_known = problem.pixels_all_known()
+    skipped = problem.skipped_pixels()
     with tqdm(total=problem.height * problem.width, desc="sampling (cached)", unit="pixel", disable=not progress) as bar:
         for i in range(problem.height):
             cached.start_row(i)
             for j in range(problem.width):
-                if all_known[i][j]:
+                if skipped[i][j]:
                     cached.horizontal_stack(i, j)
                 else:
                     for channels in model.step_channels():

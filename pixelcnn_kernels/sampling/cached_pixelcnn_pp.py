@@ -327,11 +327,12 @@ class CachedPixelCNNPlusPlus:
         """Enters the integer values (B, C, 1, 1) of pixel (i, j)."""
         self.x.values[:, :-1, i + 1 : i + 2, j + 1 : j + 2] = self.model.to_inputs(values)
 
-    def schedule(self, all_known: list[list[bool]]) -> list[list[tuple[_Node, int, int]]]:
+    def schedule(self, skipped: list[list[bool]]) -> list[list[tuple[_Node, int, int]]]:
         """Per pixel step p = i·W + j, the (node, i, j) that :meth:`logits` (i, j) computes, in its order.
 
-        The demand resolution run without computing anything (nothing at a pixel every
-        image knows: no logits are asked there); the caches are left as they were.
+        The demand resolution run without computing anything (nothing at a ``skipped``
+        pixel, one every image knows: no logits are asked there); the caches are left as
+        they were.
         """
         record: list[tuple[_Node, int, int]] = []
         done = [[row[:] for row in node.done] for node in self.nodes]
@@ -339,7 +340,7 @@ class CachedPixelCNNPlusPlus:
             node.record = record
         steps = []
         try:
-            for i, row in enumerate(all_known):
+            for i, row in enumerate(skipped):
                 for j, known in enumerate(row):
                     if not known:
                         self.ul.require(range(i, i + 1), range(j, j + 1))
@@ -409,18 +410,18 @@ def _resnet_table(node: _ResnetNode, positions: list[tuple[int, _Node, int, int]
     return table
 
 
-# model -> {(height, width, pixels every image knows): each node's host tables}: the tables are
-# a function of the network's structure, the image size and the known pixels only, so repeated
-# sample calls on one model build them once. (A model's structure is fixed once it is built.)
+# model -> {(height, width, skipped pixels): each node's host tables}: the tables are a function
+# of the network's structure, the image size and the skipped pixels (those every image knows) only,
+# so repeated sample calls on one model build them once. (A model's structure is fixed once it is built.)
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _host_tables(graph: CachedPixelCNNPlusPlus, all_known: list[list[bool]]) -> list[list[torch.Tensor] | torch.Tensor | None]:
+def _host_tables(graph: CachedPixelCNNPlusPlus, skipped: list[list[bool]]) -> list[list[torch.Tensor] | torch.Tensor | None]:
     """Per node of ``graph``: its host tables (:func:`_linear_tables`, :func:`_resnet_table`), None for a node computed by its block."""
-    key = (len(all_known), len(all_known[0]) if all_known else 0, tuple(map(tuple, all_known)))
+    key = (len(skipped), len(skipped[0]) if skipped else 0, tuple(map(tuple, skipped)))
     per_model = _TABLES.setdefault(graph.model, {})
     if key not in per_model:
-        order = graph.schedule(all_known)
+        order = graph.schedule(skipped)
         # Each node's (p, node, i, j) in the order computed, a block's inner positions under the block.
         owner = {node.inner: node for node in graph.nodes if isinstance(node, _ResnetNode)}
         positions = {node: [] for node in graph.nodes}
@@ -504,7 +505,7 @@ class TableCachedPixelCNNPlusPlus(PixelStepSampler):
         super().__init__(model, problem)
         self.graph = graph = CachedPixelCNNPlusPlus(model, problem)
         self.steps: list[Callable[[], None]] = []
-        for node, tables in zip(graph.nodes, _host_tables(graph, problem.pixels_all_known())):
+        for node, tables in zip(graph.nodes, _host_tables(graph, problem.skipped_pixels())):
             if isinstance(node, _LinearNode):
                 self.steps.append(_LinearStep(node, tables, self.pixel))
             elif isinstance(node, _ResnetNode):
@@ -556,12 +557,12 @@ def sample_cached_pixelcnn_pp(model, problem: SamplingProblem, progress: bool) -
         TableCachedPixelCNNPlusPlus(model, problem).sample(progress)
         return 0
     cached = CachedPixelCNNPlusPlus(model, problem)
-    all_known = problem.pixels_all_known()
+    skipped = problem.skipped_pixels()
     (channels,) = model.step_channels()  # the DMOL head draws a pixel's channels together
     with tqdm(total=problem.height * problem.width, desc="sampling (cached)", unit="pixel", disable=not progress) as bar:
         for i in range(problem.height):
             for j in range(problem.width):
-                if not all_known[i][j]:
+                if not skipped[i][j]:
                     drawn = model.draw_values(cached.logits(i, j), problem.noise_window(i, j))
                     write_values(problem, i, j, channels, drawn[:, channels, 0, 0])
                     cached.store_pixel(i, j, problem.images[:, :, i : i + 1, j : j + 1])

@@ -83,6 +83,6 @@ def main(args: argparse.Namespace) -> int:
     if args.method == "jacobi":
         line += f"; {stats.network_passes} Jacobi iterations for {stats.values} values"
     elif args.method == "cached" and stats.redrawn_values:
-        line += f"; the check redrew {stats.redrawn_values} values drawn otherwise than by the naive sampler"
+        line += f"; {stats.network_passes} full forwards checked the draft and repaired {stats.redrawn_values} values"
     print(line + f"); wrote {path}")
     return 0

@@ -26,7 +26,13 @@ class SamplingProblem:
     - ``noise``: the uniform noise of every value (the layout :meth:`~PixelCNNModel.sample`
       documents): a (n, C, H, W) tensor (softmax head) or a ``(u_mix, u_logistic)`` pair (DMOL);
     - ``cond``: class labels (n,) or None; ``class_vector``: their one-hot (n, num_classes)
-      in the parameters' dtype, or None.
+      in the parameters' dtype, or None;
+    - ``skip``: (H, W) bool or None: the pixels the samplers compute nothing at; None
+      (the default): the pixels every image knows. A skipped pixel must be known in
+      every image; a known one need not be skipped (its values are kept all the same).
+      The repair of a cached draft (:mod:`~pixelcnn_kernels.sampling.verify`) reruns
+      the cached sampler with more pixels known but the first run's ``skip``, so the
+      same schedule (PixelCNN++'s tables) serves it.
     """
 
     images: torch.Tensor
@@ -34,6 +40,7 @@ class SamplingProblem:
     noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     cond: torch.Tensor | None
     class_vector: torch.Tensor | None
+    skip: torch.Tensor | None = None
 
     @property
     def height(self) -> int:
@@ -53,9 +60,9 @@ class SamplingProblem:
         """The naive sampler's steps in ``rows``: ``steps_per_pixel`` for each pixel not known in every image."""
         return int((~self.known[:, rows].all(dim=0)).sum()) * steps_per_pixel
 
-    def pixels_all_known(self) -> list[list[bool]]:
-        """[row][col]: True where every image knows the pixel (read to the host once, not per step)."""
-        return self.known.all(dim=0).tolist()
+    def skipped_pixels(self) -> list[list[bool]]:
+        """[row][col]: True at the pixels the samplers skip, ``skip`` (read to the host once, not per step)."""
+        return (self.known.all(dim=0) if self.skip is None else self.skip).tolist()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +76,11 @@ class SamplingStats:
       not known in every image, at most H·W·C;
     - ``network_passes``: full forward passes of the network: ``values`` for ``naive``,
       the Jacobi iterations for ``jacobi`` (at most ``values``); for ``cached`` (which
-      computes one pixel's activations per step) the checking forwards, 1 when the
-      draft was exact, and the naive steps of a repair;
+      computes one pixel's activations per step) the forwards that check and repair its
+      draft, 1 when the draft was exact;
     - ``seconds``: wall time of the sampling loop (the device synchronised at its end);
-    - ``redrawn_values``: ``cached`` only: the values the check found drawn otherwise
-      than by the naive sampler and redrew (:mod:`~pixelcnn_kernels.sampling.verify`).
+    - ``redrawn_values``: ``cached`` only: the values that ended other than drafted
+      (:mod:`~pixelcnn_kernels.sampling.verify`).
     """
 
     method: str

@@ -72,7 +72,7 @@ class PixelStepSampler:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {problem.images.device}")
         strict = bool(cuda_graph)
         capture = problem.images.is_cuda if cuda_graph is None else cuda_graph
-        all_known = problem.pixels_all_known()
+        skipped = problem.skipped_pixels()
         device = problem.images.device
         rows = _ReplayedStep(self.start_row, "row", device, capture and self.graph_rows, strict)
         pixels = _ReplayedStep(self.pixel_step, "pixel", device, capture, strict)
@@ -86,7 +86,7 @@ class PixelStepSampler:
                     # A captured step draws (known values are kept where every image knows the pixel), so
                     # the eager step before the capture draws too: the capture then meets no kernel
                     # for the first time (a first launch loads its module, which a capture forbids).
-                    draws = not all_known[i][j] or pixels.will_capture()
+                    draws = not skipped[i][j] or pixels.will_capture()
                     pixels((draws,), capture_args=())
                     bar.update()
         return pixels.graph is not None

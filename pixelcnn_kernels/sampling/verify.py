@@ -1,25 +1,32 @@
-"""Makes a cached sample the naive sampler's image bit for bit: one full forward checks it, rare values are redrawn.
+"""Makes a cached sample the naive sampler's image bit for bit: one full forward checks it, rare values are repaired.
 
 A cached step computes each activation from the same values as the full forward but
 on other shapes, so its logits can differ from the full forward's in the last bits
 (:mod:`~pixelcnn_kernels.sampling.cached_gated`, "Exactness"); a noise value within
 that rounding of a category boundary then draws another value than the naive sampler
-would. The naive sampler's own arithmetic settles it, as in Jacobi sampling
-(:mod:`~pixelcnn_kernels.sampling.jacobi`): a full forward on the drafted images and a
-redraw of every value at its noise. The logits of a value depend only on the values
-before it (in the naive order: pixels in raster order, then the steps of a pixel), so
-if the redraw equals the draft everywhere, the draft is the naive image (by induction
-along that order), and that one forward is the whole cost.
+would, and the values after it are drawn from that other value. The naive sampler's own
+arithmetic settles it, as in Jacobi sampling (:mod:`~pixelcnn_kernels.sampling.jacobi`):
+a full forward on the drafted images and a redraw of every value at its noise. The
+logits of a value depend only on the values before it (in the naive order: pixels in
+raster order, then the steps of a pixel), so if the redraw equals the draft everywhere,
+the draft is the naive image (by induction along that order), and that one forward is
+the whole cost.
 
 Otherwise, in each image whose redraw differs, the first differing value was drawn
 from a prefix that is the naive one: its redraw is the naive value. It is written, the
 later steps of its pixel (softmax RGB: the later colours) are drawn by naive steps, and
-the cached sampler runs again on those images with every pixel up to that one known.
-Each round fixes at least one more value of every image it touches, so the loop ends;
-a float64 draft needs no round in practice, a float32 one rarely, bf16 over a large
-batch now and then. Like Jacobi sampling this relies on a forward that is a
-deterministic function of its input for a given shape (the package's kernels, the CPU;
-cuDNN with ``torch.backends.cudnn.deterministic``).
+the cached sampler runs again on those images from the next pixel, every pixel up to
+this one known (scheduled as in the first run, so PixelCNN++'s tables are reused). Each
+round fixes at least one more value of every image it touches and costs about one
+cached pass, where Jacobi iterations from the draft would spend a full forward per step
+of the changes' spread through the later values. After :data:`MAX_REPAIR_ROUNDS` rounds
+(a draft far from the naive image) Jacobi iterations finish the image: their fixed
+point is the naive image too, reached within as many forwards as values.
+
+A float64 draft needs no round in practice, a float32 one rarely; bf16 and fp16 drafts
+now and then over a large batch. Like Jacobi sampling this relies on a forward that is
+a deterministic function of its input for a given shape (the package's kernels, the
+CPU; cuDNN with ``torch.backends.cudnn.deterministic``).
 """
 
 from __future__ import annotations
@@ -29,31 +36,50 @@ from collections.abc import Callable
 import torch
 
 from pixelcnn_kernels.sampling.common import SamplingProblem
+from pixelcnn_kernels.sampling.jacobi import jacobi_sample
 
-__all__ = ["sample_cached_exactly"]
+__all__ = ["MAX_REPAIR_ROUNDS", "sample_cached_exactly"]
+
+# Rounds of repair (each about one cached pass) before Jacobi iterations finish the image.
+MAX_REPAIR_ROUNDS = 4
 
 
 def sample_cached_exactly(model, problem: SamplingProblem, run_cached: Callable, progress: bool) -> tuple[int, int]:
-    """Fills ``problem.images`` with ``run_cached`` and repairs the draft to the naive image.
+    """Fills ``problem.images`` with ``run_cached`` and makes the draft the naive image.
 
     ``model`` is a :class:`~pixelcnn_kernels.models.PixelCNNModel` in eval mode, called
     under ``torch.no_grad``; ``run_cached(model, problem, progress)`` is its cached
-    sampler. Returns (full forwards run, values redrawn): (1, 0) when the draft was exact.
+    sampler. Returns (full forwards run, values that ended other than drafted): (1, 0)
+    when the draft was exact, (0, 0) when every image knows every pixel.
     """
     run_cached(model, problem, progress)
+    if bool(problem.known.all()):
+        return 0, 0
+    draft = problem.images.clone()
     steps = model.step_channels()
-    passes = redrawn = 0
-    while True:
+    passes = 0
+    for repair_round in range(MAX_REPAIR_ROUNDS + 1):
         drawn = model.draw_values(model(problem.images, problem.cond), problem.noise)
         passes += 1
         first = _first_differences(problem, drawn, len(steps))
         if not first:
-            return passes, redrawn
-        redrawn += len(first)
+            break
+        if repair_round == MAX_REPAIR_ROUNDS:  # a draft far from the naive image: Jacobi iterations finish it
+            passes += jacobi_sample(model, problem, None, progress)
+            break
         for image, (pixel, step) in first.items():
             _write(problem, drawn, image, pixel, steps[step])
         passes += _finish_pixels(model, problem, first, steps)
         _resample_after(model, problem, run_cached, first, progress)
+    return passes, _changed_values(problem.images, draft, len(steps))
+
+
+def _changed_values(images: torch.Tensor, draft: torch.Tensor, step_count: int) -> int:
+    """How many values (naive steps) of ``images`` differ from ``draft``."""
+    changed = images != draft
+    if step_count == 1:  # the DMOL head draws a pixel's channels as one value
+        changed = changed.any(dim=1)
+    return int(changed.sum())
 
 
 def _first_differences(problem: SamplingProblem, drawn: torch.Tensor, step_count: int) -> dict[int, tuple[int, int]]:
@@ -107,6 +133,7 @@ def _resample_after(model, problem: SamplingProblem, run_cached: Callable, first
         return None if t is None else t[images]
 
     noise = problem.noise[images] if isinstance(problem.noise, torch.Tensor) else tuple(u[images] for u in problem.noise)
-    again = SamplingProblem(problem.images[images], known, noise, rows(problem.cond), rows(problem.class_vector))
+    skip = problem.known.all(dim=0) if problem.skip is None else problem.skip
+    again = SamplingProblem(problem.images[images], known, noise, rows(problem.cond), rows(problem.class_vector), skip)
     run_cached(model, again, progress)
     problem.images[images] = again.images
