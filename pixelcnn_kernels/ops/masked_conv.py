@@ -476,7 +476,8 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
             raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
         grad_through_gate = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, cond)
         grad_cond = _channel_sum(grad_through_gate, (2, 3), weight.dtype) if needs_cond else None
-        grad_pre = grad_through_gate if grad_pre is None else grad_through_gate + grad_pre
+        # In place: the gate backward's output is this function's own (one tensor less at the peak).
+        grad_pre = grad_through_gate if grad_pre is None else grad_through_gate.add_(grad_pre)
     grads = (None,) * 3
     if grad_pre is not None:
         grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
