@@ -75,8 +75,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
-    """True when a 4-d tensor is stored channels-last (NHWC) and not also plainly contiguous."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """True when a 4-d tensor is stored channels-last (NHWC).
+
+    With one channel both layouts fit; as PyTorch's convolutions do, the channel's
+    stride decides: 1 (how :func:`channels_last` lays it out) is channels-last.
+    """
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return not t.is_contiguous() or (t.shape[1] == 1 and t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1)
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) stored channels-last (NHWC), as :func:`is_channels_last` reads it: ``t`` itself if it is.
+
+    ``t.contiguous(memory_format=torch.channels_last)`` leaves a one-channel tensor
+    as it is (both layouts fit), so its convolutions' outputs would be NCHW.
+    """
+    if is_channels_last(t):
+        return t
+    n, c, h, w = t.shape
+    return torch.empty_strided(t.shape, (h * w * c, 1, w * c, c), dtype=t.dtype, device=t.device).copy_(t)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from pixelcnn_kernels.nn import MaskedConv2d, MaskedConv2dGated
 from pixelcnn_kernels.ops import masked_conv as ops
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import assert_close, tolerance
+from pixelcnn_kernels.utils import channels_last, is_channels_last
 
 masked_conv2d = pixelcnn_kernels.masked_conv2d
 masked_conv2d_gated = pixelcnn_kernels.masked_conv2d_gated
@@ -423,6 +424,20 @@ def test_output_keeps_the_input_memory_format(backend):
     assert plain.is_contiguous()
     assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
     assert_close(channels_last, plain)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_one_channel_input_laid_out_channels_last_gives_a_channels_last_output(backend):
+    """Both layouts fit a one-channel tensor; the channel stride decides, as for PyTorch's convolutions
+    (a grey image entering a model): 1, as utils.channels_last lays it out, is channels-last."""
+    x, weight, bias = make_conv_inputs(1, 4, (3, 3), 2, 4, 5)
+    marked = channels_last(x)
+    assert torch.equal(marked, x) and marked.stride(1) == 1 and is_channels_last(marked) and not is_channels_last(x)
+    assert channels_last(marked) is marked
+    with run_backend(backend):
+        plain, from_marked = (masked_conv2d(t, weight, bias, "B") for t in (x, marked))
+    assert plain.is_contiguous() and is_channels_last(from_marked)
+    assert_close(from_marked, plain)
 
 
 def test_pack_and_unpack_follow_the_tap_order():

@@ -10,8 +10,10 @@ from scipy import stats
 
 import pixelcnn_kernels
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus, build_model, model_from_config
+from pixelcnn_kernels.ops import masked_conv as masked_conv_ops
 from pixelcnn_kernels.reference.layers import REFERENCE_OPS, set_ops
 from pixelcnn_kernels.testing import assert_close, tolerance
+from pixelcnn_kernels.utils import channels_last, is_channels_last
 
 # Tiny configurations: the fused ops' reference backend on a loaded 2-core CPU needs them tiny.
 TINY = {
@@ -112,6 +114,35 @@ def test_triton_backend_matches_the_reference_built_model(make, shape, kernel_de
     assert_close(loss, built_loss, tf32=tf32)
     for a, b in zip(grads, built_grads):
         assert_close(a, b, tf32=tf32)
+
+
+@pytest.mark.parametrize("name", ["gated_rgb", "gated_dmol", "pp_rgb"])
+def test_a_channels_last_network_keeps_every_activation_channels_last(name, kernel_device, monkeypatch):
+    """What forward does on a GPU: from channels-last inputs every activation and gradient reaches the
+    masked convolutions channels-last (the kernels' layout), so none is converted in or out; except the
+    output gradients of PixelCNN++'s three first convs, whose output shift's backward builds them NCHW
+    (only their weight gradients read them)."""
+    to_rows, from_rows, converted = masked_conv_ops._channels_last_rows, masked_conv_ops._from_channels_last_rows, []
+
+    def counted_to_rows(t):
+        if not t.permute(0, 2, 3, 1).is_contiguous():
+            converted.append(("in", tuple(t.shape)))
+        return to_rows(t)
+
+    def counted_from_rows(rows, like):
+        if not is_channels_last(like):
+            converted.append(("out", tuple(like.shape)))
+        return from_rows(rows, like)
+
+    monkeypatch.setattr(masked_conv_ops, "_channels_last_rows", counted_to_rows)
+    monkeypatch.setattr(masked_conv_ops, "_from_channels_last_rows", counted_from_rows)
+    model, shape = tiny(name)
+    model = model.to(kernel_device)
+    x = images(model, shape).to(kernel_device)
+    with pixelcnn_kernels.use_backend("triton"):
+        logits = model.network(channels_last(model.to_inputs(x)), None)
+        torch.autograd.grad(logits.float().square().sum(), list(model.parameters()))
+    assert len(converted) == (3 if name.startswith("pp") else 0), converted
 
 
 # ---------------------------------------------------------------- causality

@@ -9,7 +9,8 @@ inputs) is a training step's forward and backward; the optimiser update is not t
 
 - layers (issue 5): one ``GatedMaskedConv2d`` of 128 channels (dilation 2, class
   conditioning) and one PixelCNN++ ``GatedResnet`` of 160 channels (down-right stream,
-  two skip streams), at 32×32, batch 64;
+  two skip streams), at 32×32, batch 64, on channels-last activations (the layout the
+  drop-in models run in: the kernels' own, and cuDNN's fast one for the reference);
 - models (issue 6): Gated PixelCNN, 7 gated layers of 126 channels (the issue's 128
   rounded to a multiple of 3 for the RGB colour groups), dilations 1,2,1,4,1,2,1,
   RGB 32×32, 256-way softmax, batch 64; PixelCNN++ (nr_filters 160, nr_resnet 5,
@@ -33,6 +34,7 @@ from pixelcnn_kernels.bench.harness import Case
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d, GatedResnet
 from pixelcnn_kernels.reference.layers import REFERENCE_OPS, OpSet, set_ops
+from pixelcnn_kernels.utils import channels_last
 
 # A backward pass costs about twice the forward's arithmetic.
 BACKWARD_FLOP_FACTOR = 2
@@ -170,14 +172,15 @@ def cases(on_gpu: bool) -> list[Case]:
     nr_resnet, nr_filters = (5, 160) if on_gpu else (1, 4)
     classes = 10
 
+    def activations(device, dtype, generator, channels):
+        return channels_last(_randn(device, dtype, generator, batch, channels, size, size))
+
     def gated_data(device, dtype, generator):
-        v, h = (_randn(device, dtype, generator, batch, gated_channels, size, size) for _ in range(2))
+        v, h = (activations(device, dtype, generator, gated_channels) for _ in range(2))
         return (v, h, _randn(device, dtype, generator, batch, classes))
 
     def resnet_data(device, dtype, generator):
-        x = _randn(device, dtype, generator, batch, resnet_channels, size, size)
-        skip = _randn(device, dtype, generator, batch, 2 * resnet_channels, size, size)
-        return (x, skip)
+        return (activations(device, dtype, generator, resnet_channels), activations(device, dtype, generator, 2 * resnet_channels))
 
     def rgb_images(device, dtype, generator):
         return (_images(device, generator, 256, batch, 3, size, size),)

@@ -33,7 +33,7 @@ from pixelcnn_kernels.ops.dmol import sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.reference.layers import OpSet
 from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats, write_values
-from pixelcnn_kernels.utils import DTypeError, compute_dtype
+from pixelcnn_kernels.utils import DTypeError, channels_last, compute_dtype
 
 HEADS = ("softmax", "dmol")
 SAMPLING_METHODS = ("naive", "cached", "jacobi")
@@ -131,7 +131,13 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_images(x)
-        return self.network(self.to_inputs(x), self.class_vector(cond, x.shape[0]))
+        inputs = self.to_inputs(x)
+        if inputs.is_cuda:
+            # Channels-last from the start: each op's output keeps its input's layout and the
+            # kernels work in NHWC (an NCHW network would convert every activation both ways),
+            # cuDNN's tensor-core convolutions too. The CPU's convolutions are faster NCHW.
+            inputs = channels_last(inputs)
+        return self.network(inputs, self.class_vector(cond, x.shape[0]))
 
     def nll(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) negative log-likelihood of each image in nats, summed over C·H·W.

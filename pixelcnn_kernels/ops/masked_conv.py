@@ -34,7 +34,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
-from pixelcnn_kernels.utils import autograd_inside_custom_op, check_same_device, check_same_dtype, check_tensor, compute_dtype, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -343,6 +343,9 @@ def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) 
 
 def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
     """(grad x, grad weight, grad bias) of the convolution given the gradient of its output."""
+    if needs_x and needs_weight:
+        # Both kernels read it as channels-last rows: laid out so once, not copied by each.
+        grad_pre = channels_last(grad_pre)
     grad_x = _grad_input_op(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
     grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
     grad_bias = _channel_sum(grad_pre, (0, 2, 3), weight.dtype) if needs_bias else None

@@ -28,6 +28,7 @@ from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as disc
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.utils import is_channels_last
 
 SHIFTS = ("down", "down_right")
 
@@ -319,14 +320,18 @@ class GatedResnet(nn.Module):
         )
 
 
+# The shifts pad after slicing: the result is then dense in x's layout (a slice of a padded
+# tensor is neither NCHW nor NHWC, and the next convolution would have to copy it).
+
+
 def down_shift(x: torch.Tensor) -> torch.Tensor:
     """Moves every row one down, with a zero first row (PixelCNN++'s ``down_shift``)."""
-    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+    return F.pad(x[:, :, :-1, :], (0, 0, 1, 0))
 
 
 def right_shift(x: torch.Tensor) -> torch.Tensor:
     """Moves every column one right, with a zero first column (PixelCNN++'s ``right_shift``)."""
-    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+    return F.pad(x[:, :, :, :-1], (1, 0, 0, 0))
 
 
 class ShiftedConv2d(MaskedConv2d):
@@ -392,7 +397,6 @@ class ShiftedConvTranspose2d(nn.ConvTranspose2d):
         out = F.conv_transpose2d(x.to(dtype), self.weight.to(dtype), bias, stride=self.stride, output_padding=self.output_padding)
         kh, kw = self.kernel_size
         rows = out.shape[2] - kh + 1
-        if self.shift == "down":
-            side = (kw - 1) // 2
-            return out[:, :, :rows, side : out.shape[3] - side]
-        return out[:, :, :rows, : out.shape[3] - kw + 1]
+        left, right = ((kw - 1) // 2, (kw - 1) // 2) if self.shift == "down" else (0, kw - 1)
+        # The crop made dense in the input's layout, once, for the convolutions that read it.
+        return out[:, :, :rows, left : out.shape[3] - right].contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
