@@ -440,6 +440,23 @@ def test_a_one_channel_input_laid_out_channels_last_gives_a_channels_last_output
     assert_close(from_marked, plain)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_one_channel_outputs_and_gradients_have_the_fakes_strides(backend, layout):
+    """A one-channel tensor fits both layouts, and its channel stride says which (is_channels_last): the real
+    outputs' strides must be the fake implementations' (``_empty_nchw``), or torch.compile's inductor rejects
+    the graph."""
+    x, weight, bias = make_conv_inputs(1, 1, (3, 3), 2, 4, 5)
+    x = channels_last(x) if layout == "channels_last" else x
+    x.requires_grad_(True)
+    with run_backend(backend):
+        outputs = [masked_conv2d(x, weight, bias, "B"), masked_conv2d_gated(x, torch.randn(2, 1, 3, 3), torch.randn(2), "B")]
+        outputs += [torch.autograd.grad(out.sum(), x)[0] for out in outputs]  # each op's own input gradient
+    fake_stride = ops._empty_nchw(x, 1).stride()
+    assert [t.stride() for t in outputs] == [fake_stride] * 4
+    assert is_channels_last(outputs[0]) == (layout == "channels_last")
+
+
 def test_pack_and_unpack_follow_the_tap_order():
     spec = resolve_mask("B", 3, 3)
     weight = torch.randn(6, 3, 3, 3)

@@ -118,11 +118,11 @@ def test_triton_backend_matches_the_reference_built_model(make, shape, kernel_de
 
 @pytest.mark.parametrize("name", ["gated_rgb", "gated_dmol", "pp_rgb"])
 def test_a_channels_last_network_keeps_every_activation_channels_last(name, kernel_device, monkeypatch):
-    """What forward does on a GPU: from channels-last inputs every activation and gradient reaches the
-    masked convolutions channels-last (the kernels' layout), so none is converted in or out; except the
-    output gradients of PixelCNN++'s three first convs, whose output shift's backward builds them NCHW
-    (only their weight gradients read them)."""
-    to_rows, from_rows, converted = masked_conv_ops._channels_last_rows, masked_conv_ops._from_channels_last_rows, []
+    """What forward does on a GPU: from channels-last inputs every activation and gradient of the training
+    loss reaches the masked convolutions channels-last (the kernels' layout), so none is converted in or
+    out; except the output gradients of PixelCNN++'s three first convs, whose output shift's backward
+    builds them NCHW (only their weight gradients read them)."""
+    to_rows, from_rows, laid_out, converted = masked_conv_ops._channels_last_rows, masked_conv_ops._from_channels_last_rows, masked_conv_ops.channels_last, []
 
     def counted_to_rows(t):
         if not t.permute(0, 2, 3, 1).is_contiguous():
@@ -134,14 +134,20 @@ def test_a_channels_last_network_keeps_every_activation_channels_last(name, kern
             converted.append(("out", tuple(like.shape)))
         return from_rows(rows, like)
 
+    def counted_laid_out(t):  # the conv backward's one layout of the output gradient
+        if not is_channels_last(t):
+            converted.append(("gradient", tuple(t.shape)))
+        return laid_out(t)
+
     monkeypatch.setattr(masked_conv_ops, "_channels_last_rows", counted_to_rows)
     monkeypatch.setattr(masked_conv_ops, "_from_channels_last_rows", counted_from_rows)
+    monkeypatch.setattr(masked_conv_ops, "channels_last", counted_laid_out)
     model, shape = tiny(name)
     model = model.to(kernel_device)
     x = images(model, shape).to(kernel_device)
     with pixelcnn_kernels.use_backend("triton"):
         logits = model.network(channels_last(model.to_inputs(x)), None)
-        torch.autograd.grad(logits.float().square().sum(), list(model.parameters()))
+        torch.autograd.grad(model.nll_of_logits(x, logits).mean(), list(model.parameters()))
     assert len(converted) == (3 if name.startswith("pp") else 0), converted
 
 

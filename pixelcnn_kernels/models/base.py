@@ -144,9 +144,17 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
         Computed in float32 from float32/float16/bfloat16 logits, in float64 from float64 logits.
         """
-        logits = self(x, cond)
+        return self.nll_of_logits(x, self(x, cond))
+
+    def nll_of_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) :meth:`nll` of the images ``x`` from the network's ``logits`` on them."""
         if self.head == "softmax":
-            return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), x.long(), reduction="none").sum(dim=(1, 2, 3))
+            # (B, bins, C, H, W) as (B·H·W·C, bins) rows: a view of channels-last logits, whose gradient
+            # then comes back channels-last (the 5-D cross entropy's would not, and the head's conv copied it).
+            bins = logits.shape[1]
+            rows = logits.permute(0, 3, 4, 2, 1).reshape(-1, bins).to(compute_dtype(logits.dtype))
+            targets = x.long().permute(0, 2, 3, 1).reshape(-1)
+            return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], -1).sum(dim=1)
         return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
 
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,9 +109,18 @@ def _memory_format(like: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(like) else torch.contiguous_format
 
 
+def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` dense in ``like``'s layout, with the strides the fakes give (a one-channel NCHW tensor's channel stride H*W)."""
+    if is_channels_last(like):
+        return channels_last(t)
+    t = t.contiguous()
+    n, c, h, w = t.shape
+    return t.as_strided(t.shape, (c * h * w, h * w, w, 1)) if c == 1 else t
+
+
 def _from_channels_last_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) kernel output as (N, C, H, W) in ``like``'s memory format."""
-    return rows.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(like))
+    return _in_layout(rows.permute(0, 3, 1, 2), like)
 
 
 def _empty_nchw(like: torch.Tensor, channels: int) -> torch.Tensor:
@@ -264,7 +273,7 @@ def _forward(backend: str, x, weight, bias, residual, spec: MaskSpec, dilation: 
     """The convolution (+ residual) on ``backend``, output in x's memory format."""
     if backend == "reference":
         out = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=_input_activation(concat_elu_input))
-        return out.contiguous(memory_format=_memory_format(x))
+        return _in_layout(out, x)
     bias = bias.contiguous() if bias is not None else None
     out = _kernels(backend).masked_conv2d_fwd(
         _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
@@ -305,7 +314,7 @@ def _grad_input_op(
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
     backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight)
     if backend == "reference":
-        return _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True).contiguous(memory_format=_memory_format(x))
+        return _in_layout(_reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True), x)
     # The kernels take x only to fold concat_elu's backward into the epilogue.
     activation_x = _channels_last_rows(x) if concat_elu_input else None
     grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32())
@@ -343,8 +352,8 @@ def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) 
 
 def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
     """(grad x, grad weight, grad bias) of the convolution given the gradient of its output."""
-    if needs_x and needs_weight:
-        # Both kernels read it as channels-last rows: laid out so once, not copied by each.
+    if needs_x and needs_weight and is_channels_last(x):
+        # A channels-last network's kernels read it as rows, both: laid out so once, not copied by each.
         grad_pre = channels_last(grad_pre)
     grad_x = _grad_input_op(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
     grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
@@ -439,7 +448,7 @@ def _masked_conv2d_gated_op(
         preactivation = _forward(backend, x, weight, bias, addend, spec, dilation, concat_elu_input)
         out = _GATE_OPS[gate](preactivation, 1, cond)
         if residual is not None:
-            out = (out + residual).contiguous(memory_format=_memory_format(x))
+            out = _in_layout(out + residual, x)
         return out, preactivation if keep_preactivation else x.new_empty(0)
     bias = bias.contiguous() if bias is not None else None
     cond = cond.contiguous() if cond is not None else None
