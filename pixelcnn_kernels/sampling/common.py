@@ -50,19 +50,35 @@ class SamplingProblem:
     def width(self) -> int:
         return self.images.shape[3]
 
+    def _noise_at(self, index):
+        """``noise[index]``, in the layout of ``noise`` (a tensor, or the DMOL pair)."""
+        if isinstance(self.noise, torch.Tensor):
+            return self.noise[index]
+        return tuple(u[index] for u in self.noise)
+
     def noise_window(self, row: int, col: int):
         """The noise of pixel (row, col) as 1×1 windows, in the layout of ``noise``."""
-        if isinstance(self.noise, torch.Tensor):
-            return self.noise[:, :, row : row + 1, col : col + 1]
-        return tuple(u[:, :, row : row + 1, col : col + 1] for u in self.noise)
+        return self._noise_at((slice(None), slice(None), slice(row, row + 1), slice(col, col + 1)))
+
+    def subproblem(self, images: torch.Tensor, known: torch.Tensor) -> SamplingProblem:
+        """The problem of the images at the indices ``images`` only, with ``known`` (their own) and this ``skip_mask``."""
+
+        def rows(t):
+            return None if t is None else t[images]
+
+        return SamplingProblem(self.images[images], known, self._noise_at(images), rows(self.cond), rows(self.class_vector), self.skip_mask())
 
     def steps(self, steps_per_pixel: int, rows: slice = slice(None)) -> int:
         """The naive sampler's steps in ``rows``: ``steps_per_pixel`` for each pixel not known in every image."""
         return int((~self.known[:, rows].all(dim=0)).sum()) * steps_per_pixel
 
+    def skip_mask(self) -> torch.Tensor:
+        """(H, W) bool: ``skip``, by default the pixels every image knows."""
+        return self.known.all(dim=0) if self.skip is None else self.skip
+
     def skipped_pixels(self) -> list[list[bool]]:
-        """[row][col]: True at the pixels the samplers skip, ``skip`` (read to the host once, not per step)."""
-        return (self.known.all(dim=0) if self.skip is None else self.skip).tolist()
+        """[row][col]: :meth:`skip_mask` read to the host once (not per step)."""
+        return self.skip_mask().tolist()
 
 
 @dataclasses.dataclass(frozen=True)

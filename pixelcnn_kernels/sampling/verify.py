@@ -74,12 +74,19 @@ def sample_cached_exactly(model, problem: SamplingProblem, run_cached: Callable,
     return passes, _changed_values(problem.images, draft, len(steps))
 
 
+def _differing_values(images: torch.Tensor, other: torch.Tensor, step_count: int) -> torch.Tensor:
+    """(B, steps, H, W) bool: where a value (a naive step) of ``images`` differs from ``other``'s.
+
+    The steps are the colours (softmax head), or one per pixel (the DMOL head draws a
+    pixel's channels as one value).
+    """
+    differs = images != other
+    return differs.any(dim=1, keepdim=True) if step_count == 1 else differs
+
+
 def _changed_values(images: torch.Tensor, draft: torch.Tensor, step_count: int) -> int:
     """How many values (naive steps) of ``images`` differ from ``draft``."""
-    changed = images != draft
-    if step_count == 1:  # the DMOL head draws a pixel's channels as one value
-        changed = changed.any(dim=1)
-    return int(changed.sum())
+    return int(_differing_values(images, draft, step_count).sum())
 
 
 def _first_differences(problem: SamplingProblem, drawn: torch.Tensor, step_count: int) -> dict[int, tuple[int, int]]:
@@ -88,10 +95,7 @@ def _first_differences(problem: SamplingProblem, drawn: torch.Tensor, step_count
     A pixel is ``i·W + j``; a step indexes :meth:`~PixelCNNModel.step_channels` (one per
     colour for the softmax head, one per pixel for DMOL). Known pixels never differ.
     """
-    differs = drawn != problem.images  # (B, C, H, W)
-    if step_count == 1:  # the DMOL head draws a pixel's channels in one step
-        differs = differs.any(dim=1, keepdim=True)
-    differs &= ~problem.known[:, None]
+    differs = _differing_values(drawn, problem.images, step_count) & ~problem.known[:, None]
     in_naive_order = differs.flatten(2).transpose(1, 2).flatten(1)  # (B, H·W·steps): pixel-major, then step
     has_difference = in_naive_order.any(dim=1)
     first = in_naive_order.to(torch.uint8).argmax(dim=1)
@@ -128,12 +132,6 @@ def _resample_after(model, problem: SamplingProblem, run_cached: Callable, first
     known = problem.known[images] | fixed
     if bool(known.all()):
         return
-
-    def rows(t):
-        return None if t is None else t[images]
-
-    noise = problem.noise[images] if isinstance(problem.noise, torch.Tensor) else tuple(u[images] for u in problem.noise)
-    skip = problem.known.all(dim=0) if problem.skip is None else problem.skip
-    again = SamplingProblem(problem.images[images], known, noise, rows(problem.cond), rows(problem.class_vector), skip)
+    again = problem.subproblem(images, known)
     run_cached(model, again, progress)
     problem.images[images] = again.images
