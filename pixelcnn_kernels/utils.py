@@ -97,6 +97,20 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, (h * w * c, 1, w * c, c), dtype=t.dtype, device=t.device).copy_(t)
 
 
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) dense in ``like``'s layout: :func:`channels_last`, or NCHW-contiguous.
+
+    An NCHW one-channel result gets the channel stride H·W an empty NCHW tensor has
+    (the custom ops' fake implementations' strides), not the 1 that
+    :func:`is_channels_last` would read as channels-last.
+    """
+    if is_channels_last(like):
+        return channels_last(t)
+    t = t.contiguous()
+    n, c, h, w = t.shape
+    return t.as_strided(t.shape, (c * h * w, h * w, w, 1)) if c == 1 else t
+
+
 @contextlib.contextmanager
 def autograd_inside_custom_op():
     """Lets the reference backward take autograd through the reference forward.

@@ -20,7 +20,7 @@ from pixelcnn_kernels.models.base import PixelCNNModel, dmol_parameter_count
 from pixelcnn_kernels.nn.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.reference.layers import apply_masked_conv
-from pixelcnn_kernels.utils import channels_last, is_channels_last
+from pixelcnn_kernels.utils import in_layout_of
 
 # Two down-sampling (and two up-sampling) stages: three resolutions.
 STAGES = 3
@@ -138,9 +138,9 @@ class PixelCNNPlusPlus(PixelCNNModel):
         return self.image_size
 
     def network(self, inputs: torch.Tensor, class_vector: torch.Tensor | None) -> torch.Tensor:
-        x = torch.cat((inputs, torch.ones_like(inputs[:, :1])), dim=1)  # a channel of ones: the original's padding indicator
-        if is_channels_last(inputs):  # the concatenation keeps the layout only where every part has it
-            x = channels_last(x)
+        # A channel of ones (the original's padding indicator); the concatenation keeps the
+        # input's layout only where every part has it.
+        x = in_layout_of(torch.cat((inputs, torch.ones_like(inputs[:, :1])), dim=1), inputs)
         u_list = [self.u_init(x)]
         ul_list = [self.ul_init[0](x) + self.ul_init[1](x)]
         for stage, up_layer in enumerate(self.up_layers):

@@ -34,7 +34,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
-from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -109,18 +109,9 @@ def _memory_format(like: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(like) else torch.contiguous_format
 
 
-def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` dense in ``like``'s layout, with the strides the fakes give (a one-channel NCHW tensor's channel stride H*W)."""
-    if is_channels_last(like):
-        return channels_last(t)
-    t = t.contiguous()
-    n, c, h, w = t.shape
-    return t.as_strided(t.shape, (c * h * w, h * w, w, 1)) if c == 1 else t
-
-
 def _from_channels_last_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) kernel output as (N, C, H, W) in ``like``'s memory format."""
-    return _in_layout(rows.permute(0, 3, 1, 2), like)
+    return in_layout_of(rows.permute(0, 3, 1, 2), like)
 
 
 def _empty_nchw(like: torch.Tensor, channels: int) -> torch.Tensor:
@@ -273,7 +264,7 @@ def _forward(backend: str, x, weight, bias, residual, spec: MaskSpec, dilation: 
     """The convolution (+ residual) on ``backend``, output in x's memory format."""
     if backend == "reference":
         out = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=_input_activation(concat_elu_input))
-        return _in_layout(out, x)
+        return in_layout_of(out, x)
     bias = bias.contiguous() if bias is not None else None
     out = _kernels(backend).masked_conv2d_fwd(
         _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
@@ -314,7 +305,7 @@ def _grad_input_op(
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
     backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight)
     if backend == "reference":
-        return _in_layout(_reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True), x)
+        return in_layout_of(_reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True), x)
     # The kernels take x only to fold concat_elu's backward into the epilogue.
     activation_x = _channels_last_rows(x) if concat_elu_input else None
     grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32())
@@ -448,7 +439,7 @@ def _masked_conv2d_gated_op(
         preactivation = _forward(backend, x, weight, bias, addend, spec, dilation, concat_elu_input)
         out = _GATE_OPS[gate](preactivation, 1, cond)
         if residual is not None:
-            out = _in_layout(out + residual, x)
+            out = in_layout_of(out + residual, x)
         return out, preactivation if keep_preactivation else x.new_empty(0)
     bias = bias.contiguous() if bias is not None else None
     cond = cond.contiguous() if cond is not None else None

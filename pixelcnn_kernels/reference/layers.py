@@ -28,7 +28,7 @@ from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as disc
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
-from pixelcnn_kernels.utils import is_channels_last
+from pixelcnn_kernels.utils import in_layout_of
 
 SHIFTS = ("down", "down_right")
 
@@ -399,4 +399,4 @@ class ShiftedConvTranspose2d(nn.ConvTranspose2d):
         rows = out.shape[2] - kh + 1
         left, right = ((kw - 1) // 2, (kw - 1) // 2) if self.shift == "down" else (0, kw - 1)
         # The crop made dense in the input's layout, once, for the convolutions that read it.
-        return out[:, :, :rows, left : out.shape[3] - right].contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+        return in_layout_of(out[:, :, :rows, left : out.shape[3] - right], x)
