@@ -178,6 +178,39 @@ def test_gated_masked_conv_is_the_tutorial_layer():
     assert_close(h_out, h_expected)
 
 
+def test_colour_grouped_gated_masked_conv_is_the_written_out_layer():
+    """Three colour groups written out: colour-masked horizontal convs, each third of the
+    2C pre-activation holding its colour's a and b halves, the gate per colour."""
+    channels, per_colour = 6, 2
+    layer = fused_layers.GatedMaskedConv2d(channels, kernel_size=3, color_groups=3, cond_channels=3).double()
+    v, h, cond = gated_inputs(channels, 3)
+    vert_mask = torch.zeros(3, 3, dtype=torch.float64)
+    vert_mask[:2] = 1
+
+    def colour_mask(out_channels, in_channels, kernel_width):
+        """Earlier taps see every colour; the centre tap, output colour g sees input colours <= g."""
+        mask = torch.ones(out_channels, in_channels, 1, kernel_width, dtype=torch.float64)
+        mask[..., kernel_width // 2 + 1 :] = 0
+        mask[:, :, 0, kernel_width // 2] = (torch.arange(out_channels)[:, None] // (out_channels // 3) >= torch.arange(in_channels)[None, :] // (in_channels // 3)).double()
+        return mask
+
+    def colour_gate(pre):
+        thirds = pre.unflatten(1, (3, 2 * per_colour))
+        return (torch.tanh(thirds[:, :, :per_colour]) * torch.sigmoid(thirds[:, :, per_colour:])).flatten(1, 2)
+
+    v_conv = F.conv2d(F.pad(v, (1, 1, 1, 1)), layer.conv_vert.weight * vert_mask, layer.conv_vert.bias)
+    h_pre = F.conv2d(F.pad(h, (1, 1, 0, 0)), layer.conv_horiz.weight * colour_mask(2 * channels, channels, 3), layer.conv_horiz.bias)
+    h_pre = h_pre + F.conv2d(v_conv, layer.conv_vert_to_horiz.weight, layer.conv_vert_to_horiz.bias)
+    h_pre = h_pre + (cond @ layer.cond_horiz.weight.T)[:, :, None, None]
+    h_expected = h + F.conv2d(colour_gate(h_pre), layer.conv_horiz_1x1.weight * colour_mask(channels, channels, 1), layer.conv_horiz_1x1.bias)
+    with pixelcnn_kernels.use_backend("reference"):
+        _, h_out = layer(v, h, cond)
+    assert_close(h_out.detach(), h_expected.detach())
+    h_out.sum().backward()
+    assert torch.all(layer.conv_horiz.weight.grad[colour_mask(2 * channels, channels, 3) == 0] == 0)  # masked-out weights
+    assert torch.all(layer.conv_horiz_1x1.weight.grad[colour_mask(channels, channels, 1) == 0] == 0)
+
+
 def test_gated_resnet_is_pixelcnn_plus_plus_block():
     """Written out as the original: pad-then-conv shifted convs, concat_elu, a·σ(b), residual."""
     layer = fused_layers.GatedResnet(3, "down", skip_streams=1, cond_channels=2, dropout=0.0).double()

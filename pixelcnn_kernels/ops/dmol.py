@@ -18,7 +18,7 @@ import torch
 
 from pixelcnn_kernels import backend as _backend
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype
+from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, eager_fast_path
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
@@ -157,12 +157,16 @@ def _nll_setup_context(ctx, inputs, output):
     ctx.num_bins = num_bins
 
 
+_dmol_nll_backward_call = eager_fast_path(_dmol_nll_backward)
+
+
 def _nll_backward(ctx, grad_nll):
     x, logits = ctx.saved_tensors
-    return None, _dmol_nll_backward(x, logits, grad_nll, ctx.num_bins), None
+    return None, _dmol_nll_backward_call(x, logits, grad_nll, ctx.num_bins), None
 
 
 _dmol_nll.register_autograd(_nll_backward, setup_context=_nll_setup_context)
+_dmol_nll_call = eager_fast_path(_dmol_nll)
 
 
 def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int = 256, reduction: str = "none") -> torch.Tensor:
@@ -190,7 +194,7 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
     is skipped under ``torch.compile`` and CUDA-graph capture).
     """
     _check_nll_args(x, logits, num_bins, reduction)
-    nll = _dmol_nll(x, logits, num_bins)
+    nll = _dmol_nll_call(x, logits, num_bins)
     if reduction == "none":
         return nll
     if reduction == "sum":

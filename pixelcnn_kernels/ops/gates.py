@@ -26,7 +26,7 @@ import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, eager_fast_path, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -166,8 +166,8 @@ def _cond_grad(dx: torch.Tensor, dim: int, cond: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------- gates
 
 
-def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> Callable:
-    """Defines the custom ops ``pixelcnn_kernels::<name>`` and ``<name>_backward``; returns the forward."""
+def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[Callable, Callable]:
+    """Defines the custom ops ``pixelcnn_kernels::<name>`` and ``<name>_backward``; returns both (:func:`eager_fast_path`)."""
 
     @torch.library.custom_op(f"pixelcnn_kernels::{name}", mutates_args=())
     def forward_op(x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -207,18 +207,20 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> Callab
         x, ctx.dim, cond = inputs
         ctx.save_for_backward(x, cond)
 
+    backward_call = eager_fast_path(backward_op)
+
     def backward(ctx, grad):
         x, cond = ctx.saved_tensors
-        dx = backward_op(grad, x, ctx.dim, cond)
+        dx = backward_call(grad, x, ctx.dim, cond)
         dcond = _cond_grad(dx, ctx.dim, cond) if cond is not None and ctx.needs_input_grad[2] else None
         return dx, None, dcond
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-    return forward_op
+    return eager_fast_path(forward_op), backward_call
 
 
-_gate_tanh_sigmoid_op = _define_gate("gate_tanh_sigmoid", True, reference.gate_tanh_sigmoid)
-_gate_sigmoid_op = _define_gate("gate_sigmoid", False, reference.gate_sigmoid)
+_gate_tanh_sigmoid_call, gate_tanh_sigmoid_backward = _define_gate("gate_tanh_sigmoid", True, reference.gate_tanh_sigmoid)
+_gate_sigmoid_call, gate_sigmoid_backward = _define_gate("gate_sigmoid", False, reference.gate_sigmoid)
 
 
 def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,7 +242,7 @@ def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None =
         ValueError: ``dim`` is out of range, ``x.shape[dim]`` is odd, or ``cond`` has the wrong shape or device.
     """
     dim = _check_gate_args(x, dim, cond)
-    return _gate_tanh_sigmoid_op(x, dim, cond)
+    return _gate_tanh_sigmoid_call(x, dim, cond)
 
 
 def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,7 +251,7 @@ def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None
     Arguments, result and errors as in :func:`gate_tanh_sigmoid`.
     """
     dim = _check_gate_args(x, dim, cond)
-    return _gate_sigmoid_op(x, dim, cond)
+    return _gate_sigmoid_call(x, dim, cond)
 
 
 # ---------------------------------------------------------------------- concat_elu
@@ -299,12 +301,16 @@ def _concat_elu_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
+_concat_elu_backward_call = eager_fast_path(_concat_elu_backward_op)
+
+
 def _concat_elu_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return _concat_elu_backward_op(grad, x, ctx.dim), None
+    return _concat_elu_backward_call(grad, x, ctx.dim), None
 
 
 _concat_elu_op.register_autograd(_concat_elu_backward, setup_context=_concat_elu_setup_context)
+_concat_elu_call = eager_fast_path(_concat_elu_op)
 
 
 def concat_elu(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -322,4 +328,4 @@ def concat_elu(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         ValueError: ``dim`` is out of range.
     """
     dim = _check_x_and_dim(x, dim)
-    return _concat_elu_op(x, dim)
+    return _concat_elu_call(x, dim)

@@ -32,15 +32,15 @@ import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, forced_backend, resolve_backend
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
-from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_tanh_sigmoid
+from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
-from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, eager_fast_path, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
 # The unfused gate and its gradient are the gates family's ops (their own backend choice).
 _GATE_OPS = {1: gate_tanh_sigmoid, 2: gate_sigmoid}
-_GATE_BACKWARD_OPS = {1: torch.ops.pixelcnn_kernels.gate_tanh_sigmoid_backward, 2: torch.ops.pixelcnn_kernels.gate_sigmoid_backward}
+_GATE_BACKWARD_OPS = {1: gate_tanh_sigmoid_backward, 2: gate_sigmoid_backward}
 
 # ---------------------------------------------------------------- host-side packing (triton and cuda)
 
@@ -336,6 +336,10 @@ def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilatio
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
+_grad_input = eager_fast_path(_grad_input_op)
+_grad_weight = eager_fast_path(_grad_weight_op)
+
+
 def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Σ of ``grad`` over ``dims``, accumulated in fp32 (fp64 for fp64) and cast to ``dtype``."""
     return grad.sum(dim=dims, dtype=compute_dtype(grad.dtype)).to(dtype)
@@ -346,8 +350,8 @@ def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_wei
     if needs_x and needs_weight and is_channels_last(x):
         # A channels-last network's kernels read it as rows, both: laid out so once, not copied by each.
         grad_pre = channels_last(grad_pre)
-    grad_x = _grad_input_op(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
-    grad_weight = _grad_weight_op(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
+    grad_x = _grad_input(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
+    grad_weight = _grad_weight(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
     grad_bias = _channel_sum(grad_pre, (0, 2, 3), weight.dtype) if needs_bias else None
     return grad_x, grad_weight, grad_bias
 
@@ -367,6 +371,7 @@ def _backward(ctx, grad_out):
 
 
 _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_masked_conv2d = eager_fast_path(_masked_conv2d_op)
 
 
 def masked_conv2d(
@@ -409,7 +414,7 @@ def masked_conv2d(
     """
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
     _check_output_shaped(residual, "residual", "the output's shape", x, weight.shape[0])
-    return _masked_conv2d_op(x, weight, bias, residual, *conv_args)
+    return _masked_conv2d(x, weight, bias, residual, *conv_args)
 
 
 # ---------------------------------------------------------------- masked_conv2d_gated
@@ -489,6 +494,7 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
 
 
 _masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+_masked_conv2d_gated = eager_fast_path(_masked_conv2d_gated_op)
 
 
 def masked_conv2d_gated(
@@ -545,5 +551,5 @@ def masked_conv2d_gated(
         raise TypeError(f"return_preactivation must be a bool, got {type(return_preactivation).__name__}")
     # Only the gradients through the gate need the pre-activation (not the residual's).
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond, addend))
-    out, preactivation = _masked_conv2d_gated_op(x, weight, bias, cond, residual, addend, *conv_args, GATE_CODES[gate], needs_grad or return_preactivation)
+    out, preactivation = _masked_conv2d_gated(x, weight, bias, cond, residual, addend, *conv_args, GATE_CODES[gate], needs_grad or return_preactivation)
     return (out, preactivation) if return_preactivation else out

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # The reference's constants, as constexprs the kernels can read.
 LOG_SCALE_MIN = tl.constexpr(_reference.LOG_SCALE_MIN)
@@ -387,7 +387,7 @@ def _needs_int64(num_pixels: int, block: int, *tensors: torch.Tensor) -> bool:
     program's pixel indices (padding lanes included) can pass 2**31 - 1, which expanded
     (stride-0) tensors allow with every offset below it."""
     return (
-        triton.cdiv(num_pixels, block) * block > 2**31 - 1
+        cdiv(num_pixels, block) * block > 2**31 - 1
         or needs_int64_index(*tensors)
         or any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors)
     )
@@ -411,11 +411,11 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
     batch, num_logit_channels, height, width = logits.shape
     channels = x.shape[1]
     num_mix = _reference.num_mixtures(num_logit_channels, channels)
-    k_pad = triton.next_power_of_2(num_mix)
+    k_pad = next_power_of_2(num_mix)
     block = _nll_block(k_pad)
     num_pixels = batch * height * width
     with launch_device(logits):
-        _dmol_nll_kernel[(triton.cdiv(num_pixels, block),)](
+        _dmol_nll_kernel[(cdiv(num_pixels, block),)](
             x, logits, grad_nll, nll, grad_logits,
             num_pixels, height, width, num_mix,
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
@@ -449,9 +449,9 @@ def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, 
     channels = u_logistic.shape[1]
     num_pixels = batch * height * width
     with launch_device(logits):
-        k_pad = triton.next_power_of_2(u_mix.shape[1])
+        k_pad = next_power_of_2(u_mix.shape[1])
         block = _sample_block(k_pad)
-        _dmol_sample_kernel[(triton.cdiv(num_pixels, block),)](
+        _dmol_sample_kernel[(cdiv(num_pixels, block),)](
             logits, u_mix, u_logistic, out,
             num_pixels, height, width, _reference.num_mixtures(num_logit_channels, channels),
             *logits.stride(), *u_mix.stride(), *u_logistic.stride(), *out.stride(),

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Elements per program: 16 per thread at 4 warps, i.e. a few 16-byte vectors per tensor.
 _TILE = 2048
@@ -243,9 +243,9 @@ def _concat_elu_backward_kernel(
 
 def _launch(kernel, outer: int, row_len: int, int64: bool, *args, **constexprs) -> None:
     """Runs ``kernel`` over an ``(outer, row_len)`` grid of tiles of ``_TILE`` elements."""
-    block_row = min(triton.next_power_of_2(row_len), _TILE)
+    block_row = min(next_power_of_2(row_len), _TILE)
     block_outer = _TILE // block_row
-    grid = (triton.cdiv(outer, block_outer) * triton.cdiv(row_len, block_row),)
+    grid = (cdiv(outer, block_outer) * cdiv(row_len, block_row),)
     with launch_device(args[0]):
         kernel[grid](*args, INT64=int64, BLOCK_OUTER=block_outer, BLOCK_ROW=block_row, num_warps=_NUM_WARPS, **constexprs)
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.triton.gates import concat_elu_grad_math, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
-from pixelcnn_kernels.triton.utils import launch_device, needs_int64_index, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
 GATE_NONE = 0
@@ -293,7 +293,7 @@ _MIN_DOT_DIM = 16
 
 def _tile(size: int, largest: int) -> int:
     """Power-of-two tile covering ``size`` where possible, between 16 and ``largest``."""
-    return max(_MIN_DOT_DIM, min(largest, triton.next_power_of_2(size)))
+    return max(_MIN_DOT_DIM, min(largest, next_power_of_2(size)))
 
 
 def _max_reduction_tile(dtype: torch.dtype) -> int:
@@ -342,7 +342,7 @@ def _conv_launch(
     precision = dot_precision(x.dtype, allow_tf32)
     block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision)
     block_n = _tile(n_cols, _BLOCK_N)
-    grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(num_pixels, block_m), cdiv(n_cols, block_n))
     with launch_device(x):
         _masked_conv_kernel[grid](
             x, w, bias, cond, residual, addend, elu_x, out, pre,
@@ -429,7 +429,7 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> 
     if device.type != "cuda":
         return 1
     programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
+    return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
 def masked_conv2d_wgrad(
@@ -450,12 +450,12 @@ def masked_conv2d_wgrad(
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
     block_ci, block_co = _tile(c_in, _WGRAD_BLOCK), _tile(c_out, _WGRAD_BLOCK)
     block_p = _reduction_tile(num_pixels, x.dtype)
-    pixel_blocks = triton.cdiv(num_pixels, block_p)
-    tiles = num_taps * triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co)
+    pixel_blocks = cdiv(num_pixels, block_p)
+    tiles = num_taps * cdiv(c_in, block_ci) * cdiv(c_out, block_co)
     splits = num_splits or _weight_grad_splits(tiles, pixel_blocks, x.device)
-    blocks_per_split = triton.cdiv(pixel_blocks, splits)
+    blocks_per_split = cdiv(pixel_blocks, splits)
     partial = torch.empty(splits, num_taps, c_in, c_out, device=x.device, dtype=torch.float32)
-    grid = (num_taps * triton.cdiv(c_in, block_ci), triton.cdiv(c_out, block_co), splits)
+    grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
     with launch_device(x):
         _masked_conv_wgrad_kernel[grid](
             x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from pixelcnn_kernels.triton.dmol import DRAW_LAUNCH_OPTIONS, draw_pixels, nearest_bin
 from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
-from pixelcnn_kernels.triton.utils import launch_device, pointer_type, register_compile_case
+from pixelcnn_kernels.triton.utils import cdiv, launch_device, next_power_of_2, pointer_type, register_compile_case
 
 
 @triton.jit
@@ -462,7 +462,7 @@ _DRAW_TILE = 8192
 
 def _block(size: int, largest: int | None = None) -> int:
     """Power-of-two tile covering ``size``, at least 16 (and at most ``largest``)."""
-    block = max(_MIN_DOT_DIM, triton.next_power_of_2(size))
+    block = max(_MIN_DOT_DIM, next_power_of_2(size))
     return block if largest is None else min(block, largest)
 
 
@@ -487,8 +487,8 @@ def _resnet_step_config(channels: int) -> tuple[dict, int]:
 
 def _softmax_draw_config(hidden: int, num_bins: int) -> dict:
     """The draw's block sizes: every bin at once, and hidden units in chunks of at most _DRAW_TILE // BLOCK_BINS."""
-    block_bins = triton.next_power_of_2(num_bins)
-    return {"BLOCK_BINS": block_bins, "BLOCK_K": min(triton.next_power_of_2(hidden), max(1, _DRAW_TILE // block_bins))}
+    block_bins = next_power_of_2(num_bins)
+    return {"BLOCK_BINS": block_bins, "BLOCK_K": min(next_power_of_2(hidden), max(1, _DRAW_TILE // block_bins))}
 
 
 def gated_pixel_step(
@@ -522,7 +522,7 @@ def gated_pixel_step(
     blocks, num_warps = _pixel_step_config(c_in, c_out, gated)
     v_strides = v_pre.stride() if gated else (0, 0, 0)
     with launch_device(x):
-        _pixel_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+        _pixel_step_kernel[(cdiv(batch, _BLOCK_B),)](
             pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
             batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
             OFFSETS=tuple(offsets), GATED=gated, **blocks, num_warps=num_warps, num_stages=_STAGES,
@@ -558,7 +558,7 @@ def resnet_position_step(
     skip0, skip1 = (list(skips) + [None, None])[:2]
     blocks, num_warps = _resnet_step_config(channels)
     with launch_device(x):
-        _resnet_step_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+        _resnet_step_kernel[(cdiv(batch, _BLOCK_B),)](
             x, inner, skip0, skip1, out, input_weight, input_bias, skip_weight, skip_bias, out_weight, out_bias, cond,
             pixel, table, steps, slots, *kernel, batch, padded_height, padded_width, channels,
             **blocks, num_warps=num_warps, num_stages=_STAGES,
@@ -614,10 +614,10 @@ def dmol_draw_step(
         return
     num_bins = bin_inputs.shape[0]
     with launch_device(logits):
-        _dmol_draw_kernel[(triton.cdiv(batch, _BLOCK_B),)](
+        _dmol_draw_kernel[(cdiv(batch, _BLOCK_B),)](
             pixel, logits, u_mix, u_logistic, known, images, inputs, input_index, bin_inputs,
             batch, num_logits, u_mix.shape[1], pixels, inputs.shape[2], num_bins, *inputs.stride(), float(num_bins - 1),
-            CHANNELS=channels, K_PAD=triton.next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B, **DRAW_LAUNCH_OPTIONS,
+            CHANNELS=channels, K_PAD=next_power_of_2(u_mix.shape[1]), BLOCK_B=_BLOCK_B, **DRAW_LAUNCH_OPTIONS,
         )  # fmt: skip
 
 

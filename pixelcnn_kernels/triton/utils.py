@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 _TRITON_POINTER_TYPES = {
     torch.float32: "*fp32",
@@ -85,9 +84,24 @@ def launch_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Launch arithmetic on the host in plain Python: Triton 3.8 makes ``triton.cdiv`` and
+# ``triton.next_power_of_2`` constexpr functions, ~2 µs a call from host code, and a
+# training step makes hundreds of such calls.
+
+
+def cdiv(n: int, d: int) -> int:
+    """⌈n / d⌉ for non-negative ints."""
+    return -(-n // d)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def grid_1d(n: int, block: int) -> tuple[int]:
     """A 1-d launch grid covering ``n`` items in blocks of ``block``."""
-    return (triton.cdiv(n, block),)
+    return (cdiv(n, block),)
 
 
 def needs_int64_index(*tensors: torch.Tensor) -> bool:
