@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,10 @@ def test_harness_times_every_mode_and_provider(tmp_path):
             assert (mode, provider) in by_key
         assert by_key[(mode, "eager")].median_ms > 0
         assert by_key[(mode, "eager")].p20_ms <= by_key[(mode, "eager")].p80_ms
+        assert by_key[(mode, "eager")].host_ms == by_key[(mode, "eager")].median_ms  # the CPU's wall time is the host's
     assert by_key[("full", "cuda")].error  # no GPU here: the reason is reported instead of a time
     table = format_table(results)
-    assert "skipped:" in table and "tanh" in table
+    assert "skipped:" in table and "tanh" in table and "host ms" in table
     written = write_results(results, tmp_path, meta)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
     payload = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
@@ -141,3 +143,17 @@ def test_gpu_check_script_is_valid_bash():
 def test_bench_names_a_family_taken_for_a_provider(capsys):
     assert main(["bench", "gates", "--providers", "eager", "dmol"]) == 2
     assert "unknown providers ['dmol']" in capsys.readouterr().err
+
+
+def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path):
+    """benchmarks/host_overhead.py, one step per row: every workload's two rows, the fused ones with their launch counts."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    out = tmp_path / "host.md"
+    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[1].strip() for row in rows] == ["fused", "reference"] * 4
+    for workload, ops, host_ms, launches in rows:
+        assert float(host_ms) > 0, workload
+        assert int(launches) > 0 if ops.strip() == "fused" else launches.strip() == "-"
+    assert "command: python benchmarks/host_overhead.py --steps 1" in out.read_text()

@@ -10,6 +10,9 @@ ratio to ``compile`` and the floor beside each time:
   any extra formulations a case names (e.g. a dense cuDNN conv);
 - floor: ``max(bytes / copy bandwidth, FLOPs / matmul rate)``, with both
   ceilings measured on this machine at start;
+- host: the median time the host takes to issue one call (Python, dispatch, kernel
+  launches), beside the GPU's: a call whose GPU time is close to its host time is
+  bound by the host, and a faster kernel would not show;
 - GPU timing: CUDA events around each call, warm-up first, inputs rotated over
   enough sets that they do not sit in L2, random data (never zeros).
 
@@ -97,6 +100,7 @@ class Result:
     p80_ms: float
     peak_mib: float
     floor_ms: float
+    host_ms: float = float("nan")
     ratio_to_compile: float = float("nan")
     error: str = ""
     note: str = ""
@@ -123,18 +127,25 @@ class _Timer:
             self.l2_flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8, device=device)
 
     def time_ms(self, fn: Callable[[], object]) -> float:
+        return self.time_call(fn)[0]
+
+    def time_call(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """(the call's time in ms, the host's time issuing it in ms): the same on the CPU."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.l2_flush.zero_()
-            torch.cuda._sleep(1_000_000)  # about 0.5 ms at the H200's clock: longer than queueing one call
+            torch.cuda._sleep(1_000_000)  # about 0.5 ms at the H200's clock: longer than queueing most calls
             start.record()
+            begin = time.perf_counter()
             fn()
+            host_ms = (time.perf_counter() - begin) * 1e3
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end), host_ms
         begin = time.perf_counter()
         fn()
-        return (time.perf_counter() - begin) * 1e3
+        wall_ms = (time.perf_counter() - begin) * 1e3
+        return wall_ms, wall_ms
 
 
 def measure_ceilings(timer: _Timer, device: torch.device) -> Ceilings:
@@ -283,8 +294,9 @@ def _measure(row: Result, fn: Callable, case: Case, mode: str, input_sets, devic
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    times = [timer.time_ms(steps[i % len(steps)]) for i in range(repeats)]
+    times, host_times = zip(*(timer.time_call(steps[i % len(steps)]) for i in range(repeats)))
     row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+    row.host_ms = _median(host_times)
     if device.type == "cuda":
         row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
@@ -303,14 +315,14 @@ def _error_text(exc: Exception) -> str:
 
 def format_table(results: list[Result]) -> str:
     """A fixed-width table: one row per (case, dtype, mode, provider)."""
-    header = f"{'op':<26}{'config':<26}{'dtype':<9}{'mode':<9}{'provider':<14}{'median ms':>11}{'p20':>9}{'p80':>9}{'peak MiB':>10}{'floor ms':>10}{'x compile':>10}"
+    header = f"{'op':<26}{'config':<26}{'dtype':<9}{'mode':<9}{'provider':<14}{'median ms':>11}{'p20':>9}{'p80':>9}{'host ms':>9}{'peak MiB':>10}{'floor ms':>10}{'x compile':>10}"
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error:
             lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  {'FAILED' if r.failed else 'skipped'}: {r.error}")
             continue
         lines.append(
-            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}"
+            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}{_cell(r.host_ms, 9, 4)}"
             f"{_cell(r.peak_mib, 10, 1)}{_cell(r.floor_ms, 10, 4)}{_cell(r.ratio_to_compile, 10, 2)}{'  ' + r.note if r.note else ''}"
         )
     return "\n".join(lines)
