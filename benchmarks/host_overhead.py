@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table, with the date, CPU and versions, to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lines = [f"| workload | ops | host ms (fwd+bwd) | Triton launches |", "|---|---|---:|---:|"]
+    lines = ["| workload | ops | host ms (fwd+bwd) | Triton launches |", "|---|---|---:|---:|"]
     for name, module, inputs in workloads():
         for ops in ("fused", "reference"):
             if ops == "reference":
