@@ -12,7 +12,10 @@
 # is skipped, and the summary says so. GPU_CHECK_STEPS picks the steps after the
 # build (default "tests sanitize properties bench"), e.g. GPU_CHECK_STEPS=bench for
 # a second call that only times. "properties" reruns the GPU property tests with
-# the larger hypothesis profile (issue 8).
+# the larger hypothesis profile (issue 8). "graphs" (not a default) times the
+# `models` family again as CUDA-graph replays (`bench --cuda-graph`, without the
+# compile provider): the GPU's work of the layers and training steps without the
+# host's, to set beside the plain table's `host ms`.
 # The tests run on 8 processes when pytest-xdist is there (most of their time is
 # Triton compiling kernels on the CPU); the >2^31-element tests share one of them.
 #
@@ -57,7 +60,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 bench_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -128,8 +131,17 @@ if wants bench; then
     cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'; } >>"$summary"
 fi
 
+if wants graphs; then
+  step "benchmarks as CUDA-graph replays"
+  limit=$(allowance 240 5)
+  within "$limit" $py -m pixelcnn_kernels bench models --cuda-graph --providers eager triton cuda --out "$out/bench_graph" >"$out/bench_graph.log" 2>&1
+  graphs_rc=$?
+  { echo; echo "## Benchmarks as CUDA-graph replays (pixelcnn-kernels bench models --cuda-graph --providers eager triton cuda): $(outcome $graphs_rc "$limit")"; echo '```'
+    cat "$out/bench_graph/table.txt" 2>/dev/null || tail -20 "$out/bench_graph.log"; echo '```'; } >>"$summary"
+fi
+
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build.log gpu_tests.log sanitizer_*.log properties.log bench.log bench/results.csv 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build.log gpu_tests.log sanitizer_*.log properties.log bench*.log bench/results.csv bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]

@@ -63,6 +63,9 @@ def _bench(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise ValueError(f"{option} must be at least {least}, got {value}")
     if not on_gpu:
+        if args.cuda_graph:
+            print("bench: --cuda-graph needs a GPU", file=sys.stderr)
+            return 2
         print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
     cases = [c for family in families for c in cases_for(family, on_gpu) if not args.k or args.k in c.name]
@@ -85,6 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
         only=set(args.providers) if args.providers else None,
         after_case=save,
+        cuda_graph=args.cuda_graph,
     )
     print(format_table(results))
     for path in save(results, meta, plot=True):
@@ -118,6 +122,8 @@ def register(subparsers) -> None:
     bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU); where calls are slow, "
                        "fewer of both (at least 3 timed), about 20 s a measurement")
     bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
+    bench.add_argument("--cuda-graph", action="store_true", help="capture each provider's call in a CUDA graph and time the replays "
+                       "(providers named <name>+graph): the GPU's work without the host's launch overhead")
     bench.add_argument("--out", help="directory for results.csv, results.json, table.txt and ratio_to_compile.png")
     bench.set_defaults(func=_bench)
 

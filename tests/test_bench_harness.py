@@ -48,6 +48,23 @@ def test_harness_times_every_mode_and_provider(tmp_path):
     assert all(path.exists() for path in written)
 
 
+def test_cuda_graph_rows_say_they_need_a_gpu_on_the_cpu(capsys):
+    results, _ = run([_toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=1, cuda_graph=True)
+    assert {r.provider for r in results} == {"eager+graph", "compile+graph", "triton+graph", "cuda+graph"}
+    assert all(r.error and r.median_ms != r.median_ms for r in results)  # a reason, no time
+    assert {r.error for r in results if r.provider == "eager+graph"} == {"CUDA graphs need a GPU"}
+    assert main(["bench", "gates", "--cpu", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_are_timed_on_the_gpu():
+    results, _ = run([_toy_case()], [torch.float32], torch.device("cuda"), warmup=1, repeats=3, only={"eager", "triton"}, cuda_graph=True)
+    assert {r.provider for r in results} == {"eager+graph", "triton+graph"}
+    for r in results:
+        assert not r.error and r.median_ms > 0 and r.host_ms > 0, (r.provider, r.mode, r.error)
+
+
 class _RecordsBackwardBackend(torch.autograd.Function):
     """tanh whose backward records the backend in force when it runs."""
 

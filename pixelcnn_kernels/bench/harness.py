@@ -13,6 +13,9 @@ ratio to ``compile`` and the floor beside each time:
 - host: the median time the host takes to issue one call (Python, dispatch, kernel
   launches), beside the GPU's: a call whose GPU time is close to its host time is
   bound by the host, and a faster kernel would not show;
+- ``cuda_graph=True``: every provider's call is captured once per input set in a CUDA
+  graph and the replays are timed (providers ``<name>+graph``): the GPU's work without
+  the host's, for every provider alike;
 - GPU timing: CUDA events around each call, warm-up first, inputs rotated over
   enough sets that they do not sit in L2, random data (never zeros).
 
@@ -243,9 +246,20 @@ def _providers(case: Case, device: torch.device, compile_cache: dict) -> dict[st
 
 
 def run_case(
-    case: Case, dtype: torch.dtype, device: torch.device, ceilings: Ceilings | None, timer: _Timer, *, warmup: int, repeats: int, seed: int, compile_cache: dict, only: set[str] | None = None
+    case: Case,
+    dtype: torch.dtype,
+    device: torch.device,
+    ceilings: Ceilings | None,
+    timer: _Timer,
+    *,
+    warmup: int,
+    repeats: int,
+    seed: int,
+    compile_cache: dict,
+    only: set[str] | None = None,
+    cuda_graph: bool = False,
 ) -> list[Result]:
-    """Times every provider on one case and dtype, in every mode of the case."""
+    """Times every provider on one case and dtype, in every mode of the case (as CUDA-graph replays with ``cuda_graph``)."""
     dtype_name = str(dtype).removeprefix("torch.")
     try:
         input_sets = _input_sets(case, device, dtype, seed)
@@ -257,48 +271,80 @@ def run_case(
         for provider, choice in _providers(case, device, compile_cache).items():
             if only and provider not in only:
                 continue
-            row = Result(case.family, case.name, case.config, dtype_name, mode, provider, *(4 * [float("nan")]), floor_ms)
+            label = f"{provider}+graph" if cuda_graph else provider
+            row = Result(case.family, case.name, case.config, dtype_name, mode, label, *(4 * [float("nan")]), floor_ms)
             if isinstance(choice, str):
                 row.error = choice
+            elif cuda_graph and device.type != "cuda":
+                row.error = "CUDA graphs need a GPU"
             else:
                 fn, backend = choice
                 try:
                     # The whole measurement under the provider's backend: a backward pass picks its backend when it runs.
                     with use_backend(backend):
-                        _measure(row, fn, case, mode, input_sets, device, timer, warmup, repeats)
+                        _measure(row, fn, case, mode, input_sets, device, timer, warmup, repeats, cuda_graph)
                     row.note = case.note(device, dtype)
                 except Exception as exc:  # a failing provider is reported in the table, the run goes on
                     traceback.print_exc()
                     row.error, row.failed = _error_text(exc), True
             results.append(row)
-    compile_time = {(r.mode): r.median_ms for r in results if r.provider == "compile"}
+    compile_time = {(r.mode): r.median_ms for r in results if r.provider in ("compile", "compile+graph")}
     for r in results:
         r.ratio_to_compile = compile_time.get(r.mode, float("nan")) / r.median_ms if r.median_ms == r.median_ms else float("nan")
     return results
 
 
-def _measure(row: Result, fn: Callable, case: Case, mode: str, input_sets, device: torch.device, timer: _Timer, warmup: int, repeats: int) -> None:
+def _measure(
+    row: Result, fn: Callable, case: Case, mode: str, input_sets, device: torch.device, timer: _Timer, warmup: int, repeats: int, cuda_graph: bool = False
+) -> None:
     """Times ``fn`` in ``mode`` into ``row``: median, p20 and p80 of ``repeats`` calls after ``warmup``, rotating
     the input sets, and the peak memory of the timed calls. Slow calls get fewer of both (at least two warm-ups
-    and MIN_REPEATS timed calls), so a measurement takes about MEASURE_SECONDS (a naive sampler's calls take a minute)."""
+    and MIN_REPEATS timed calls), so a measurement takes about MEASURE_SECONDS (a naive sampler's calls take a minute).
+    With ``cuda_graph`` each set's call is captured in a CUDA graph and its replays are timed; the peak memory
+    is then that of the captures (the replays allocate nothing)."""
     sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
     graph_cache: dict = {}
     steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
+    if cuda_graph:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        steps = [_captured(step) for step in steps]
+        row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     call_s = 0.0
     for i in range(max(warmup, 2)):  # at least 2: the budget is the last call's time, after any compilation
         call_s = _host_seconds(steps[i % len(steps)], device)
         if i >= 1 and (i + 1) * call_s > MEASURE_SECONDS:
             break
     repeats = min(repeats, max(MIN_REPEATS, int(MEASURE_SECONDS / max(call_s, 1e-9))))
-    if device.type == "cuda":  # after the warm-up: compilation and first-call workspaces are not the op's
+    measure_memory = device.type == "cuda" and not cuda_graph
+    if measure_memory:  # after the warm-up: compilation and first-call workspaces are not the op's
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     times, host_times = zip(*(timer.time_call(steps[i % len(steps)]) for i in range(repeats)))
     row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
     row.host_ms = _median(host_times)
-    if device.type == "cuda":
+    if measure_memory:
         row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+# Calls before a capture, on a side stream as CUDA graphs need: lazy initialisation, compilation, caches.
+CAPTURE_WARMUP = 3
+
+
+def _captured(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` captured in a CUDA graph (after warm-up calls on a side stream); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(CAPTURE_WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _host_seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -405,6 +451,7 @@ def run(
     seed: int = 0,
     only: set[str] | None = None,
     after_case: Callable[[list[Result], dict], None] | None = None,
+    cuda_graph: bool = False,
 ) -> tuple[list[Result], dict]:
     """Runs ``cases`` with a progress bar; returns the results and the environment.
 
@@ -427,7 +474,9 @@ def run(
                 torch._dynamo.reset()
                 compile_cache.clear()
                 previous = case
-            results += run_case(case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only)
+            results += run_case(
+                case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only, cuda_graph=cuda_graph
+            )
             if after_case is not None:
                 after_case(results, meta)
     return results, meta
