@@ -476,6 +476,17 @@ def test_tf32_follows_pytorch_conv_setting(monkeypatch):
     assert ops.conv_allows_tf32()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert not ops.conv_allows_tf32()
+    if hasattr(torch.backends.cudnn, "conv"):  # the per-op settings: "none" defers to cuDNN's, then the global one
+        settings = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
+        saved = [owner.fp32_precision for owner in settings]
+        try:
+            for values, expected in ((("tf32", "ieee", "ieee"), True), (("ieee", "tf32", "tf32"), False), (("none", "tf32", "ieee"), True), (("none", "none", "ieee"), False)):
+                for owner, value in zip(settings, values):
+                    owner.fp32_precision = value
+                assert ops.conv_allows_tf32() is expected, values
+        finally:
+            for owner, value in zip(settings, saved):
+                owner.fp32_precision = value
     assert (dot_precision(torch.float32, True), dot_precision(torch.float32, False), dot_precision(torch.bfloat16, True)) == ("tf32", "ieee", "ieee")
 
 

@@ -58,33 +58,25 @@ def _tap_index(taps: tuple[tuple[int, int], ...], kernel_width: int, device: tor
 
 
 @functools.lru_cache(maxsize=None)
-def _hidden_channel_pairs(out_channels: int, in_channels: int, groups: int, inclusive: bool, device: torch.device) -> torch.Tensor:
-    """Boolean (Cout, Cin): the channel pairs the colour-group rule masks out at the anchor tap."""
-    return ~channel_group_mask(out_channels, in_channels, groups, inclusive).to(device)
+def _hidden_channel_pairs(spec: MaskSpec, out_channels: int, in_channels: int, device: torch.device) -> torch.Tensor:
+    """Boolean (Cout, Cin): the channel pairs ``spec``'s colour groups hide at the anchor tap.
 
-
-def _hide_anchor_channel_pairs(per_position: torch.Tensor, spec: MaskSpec, anchor_position: int) -> None:
-    """Zeroes, in place, the channel pairs the colour groups hide at the anchor.
-
-    ``per_position`` is (Cout, Cin, positions) and ``anchor_position`` the anchor's
-    index along its last dimension. masked_fill, not a multiply: exact zeros even
-    where the values are not finite.
+    Zeroed with masked_fill, not a multiply: exact zeros even where the values are not finite.
     """
-    out_channels, in_channels, _ = per_position.shape
-    hidden = _hidden_channel_pairs(out_channels, in_channels, spec.color_groups, spec.anchor_inclusive, per_position.device)
-    per_position[:, :, anchor_position].masked_fill_(hidden, 0)
+    return ~channel_group_mask(out_channels, in_channels, spec.color_groups, spec.anchor_inclusive).to(device)
 
 
 def pack_weight(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     """The kernels' weight ``wp`` (T, Cin, Cout), contiguous: wp[t, ci, co] = weight[co, ci, i_t, j_t].
 
-    With colour groups, the channel pairs hidden at the anchor tap are zero.
+    One gather of the taps from the transposed view (index_select writes its result
+    contiguous). With colour groups, the channel pairs hidden at the anchor tap are zero.
     """
-    kernel_width = weight.shape[3]
-    taps = weight.flatten(2).index_select(2, _tap_index(spec.taps, kernel_width, weight.device))
+    out_channels, in_channels, _, kernel_width = weight.shape
+    packed = weight.flatten(2).permute(2, 1, 0).index_select(0, _tap_index(spec.taps, kernel_width, weight.device))
     if spec.color_groups > 1:
-        _hide_anchor_channel_pairs(taps, spec, spec.taps.index(spec.anchor))
-    return taps.permute(2, 1, 0).contiguous()
+        packed[spec.taps.index(spec.anchor)].masked_fill_(_hidden_channel_pairs(spec, out_channels, in_channels, weight.device).T, 0)
+    return packed
 
 
 def unpack_weight_grad(grad_packed: torch.Tensor, spec: MaskSpec, weight: torch.Tensor) -> torch.Tensor:
@@ -96,7 +88,7 @@ def unpack_weight_grad(grad_packed: torch.Tensor, spec: MaskSpec, weight: torch.
     grad = torch.zeros(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
     grad.index_copy_(2, _tap_index(spec.taps, kernel_width, weight.device), grad_packed.permute(2, 1, 0).to(weight.dtype))
     if spec.color_groups > 1:
-        _hide_anchor_channel_pairs(grad, spec, spec.anchor[0] * kernel_width + spec.anchor[1])
+        grad[:, :, spec.anchor[0] * kernel_width + spec.anchor[1]].masked_fill_(_hidden_channel_pairs(spec, out_channels, in_channels, weight.device), 0)
     return grad.view_as(weight)
 
 
@@ -141,6 +133,13 @@ def _choose_backend(cuda_op: str, *tensors: torch.Tensor | None) -> str:
     return backend_with_cuda_op(backend, cuda_op, tensors[0].device)
 
 
+# The (backend, op) keys of torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision
+# and torch.backends.fp32_precision, read by the getter those properties call: each property read
+# costs ~1 µs of Python, and every convolution launch reads them.
+_CONV_FP32_PRECISION_KEYS = (("cuda", "conv"), ("cuda", "all"), ("generic", "all"))
+_fp32_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
 def conv_allows_tf32() -> bool:
     """Whether PyTorch lets fp32 convolutions use TF32 (True by default); passed to the kernels.
 
@@ -148,10 +147,10 @@ def conv_allows_tf32() -> bool:
     ("none" defers to the cuDNN-wide, then the global setting), else the legacy
     ``torch.backends.cudnn.allow_tf32`` (whose getter raises once the two APIs are mixed).
     """
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is None or not hasattr(conv, "fp32_precision"):
+    if _fp32_precision is None or not hasattr(torch.backends.cudnn, "conv"):
         return torch.backends.cudnn.allow_tf32
-    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+    for backend, op in _CONV_FP32_PRECISION_KEYS:
+        precision = _fp32_precision(backend, op)
         if precision != "none":
             return precision == "tf32"
     return False
