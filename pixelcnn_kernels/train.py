@@ -67,6 +67,7 @@ LR_SCHEDULES = {
     "cosine": lambda step, total_steps: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))),
 }
 SAMPLE_COUNT = 64
+PROGRESS_SECONDS = 1.0  # the least time between the progress bar's reads of the loss (each waits for the GPU)
 DEFAULT_OUT = "runs/train"
 
 
@@ -217,6 +218,28 @@ def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor, run: Distributed)
     return (both[0] / both[1]).item()
 
 
+def _means_over_ranks(values: list[torch.Tensor], run: Distributed) -> list[float]:
+    """Each of ``values`` (0-d, one per step) averaged over the ranks: one all-reduce and one read for all of them."""
+    if not values:
+        return []
+    stacked = torch.stack(values).double()
+    if run.world_size > 1:
+        dist.all_reduce(stacked)
+    return (stacked / run.world_size).tolist()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``; to a GPU from pinned memory without waiting.
+
+    A copy from pageable memory makes the host wait until the GPU has finished every
+    step queued before it, so the host could not prepare the next step while the GPU
+    runs this one.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None, run: Distributed, batch_size: int, autocast) -> float:
     """Held-out bits/dim of ``model`` on ``images`` (each rank takes every world_size-th image)."""
     shard = list(range(run.rank, len(images), run.world_size))
@@ -225,8 +248,8 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None, run: Dist
     model.eval()
     with torch.no_grad(), autocast():
         for batch in _batches(shard, batch_size):
-            x = images[batch].to(run.device)
-            cond = None if labels is None else labels[batch].to(run.device)
+            x = _to_device(images[batch], run.device)
+            cond = None if labels is None else _to_device(labels[batch], run.device)
             total += model.bits_per_dim(x, cond).double().sum()
     model.train(was_training)
     return _mean_over_ranks(total, torch.tensor(float(len(shard)), device=run.device), run)
@@ -260,11 +283,14 @@ def _update_average(average: torch.nn.Module, model: torch.nn.Module, decay: flo
 
     d = min(decay, (1 + steps_done) / (10 + steps_done)), as TensorFlow's
     ExponentialMovingAverage with num_updates: early steps average over fewer steps, so
-    the random initialisation does not linger in the average of a short run.
+    the random initialisation does not linger in the average of a short run. One
+    foreach call for all parameters (on a GPU a few kernels, not one per parameter).
     """
     step_decay = min(decay, (1 + steps_done) / (10 + steps_done))
-    for averaged, trained in zip(average.parameters(), model.parameters(), strict=True):
-        averaged.lerp_(trained, 1.0 - step_decay)
+    averaged, trained = list(average.parameters()), list(model.parameters())
+    if len(averaged) != len(trained):
+        raise ValueError(f"the average has {len(averaged)} parameters, the model {len(trained)}")
+    torch._foreach_lerp_(averaged, trained, 1.0 - step_decay)
 
 
 def _saved_args(args: argparse.Namespace) -> dict:
@@ -386,12 +412,15 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
         epoch_started = time.perf_counter()
         model.train()
         nats = torch.zeros((), dtype=torch.float64, device=run.device)
-        step_losses = []
+        # Kept on the device and read once per epoch (and by the progress bar at most every
+        # PROGRESS_SECONDS): a read each step would make the host wait for the GPU every step.
+        step_losses: list[torch.Tensor] = []
+        shown = time.perf_counter()
         bar = tqdm(_batches(list(sampler), local_batch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                    disable=args.no_progress or not run.is_main, leave=False)
         for batch in bar:
-            x = data.train[batch].to(run.device)
-            cond = None if train_labels is None else train_labels[batch].to(run.device)
+            x = _to_device(data.train[batch], run.device)
+            cond = None if train_labels is None else _to_device(train_labels[batch], run.device)
             with autocast():
                 loss = loss_fn(x, cond)
             optimizer.zero_grad(set_to_none=True)
@@ -401,13 +430,15 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             if average is not None:
                 _update_average(average, model, args.ema_decay, schedule.last_epoch)
             nats += loss.detach().double() * len(batch)
-            step_losses.append(_mean_over_ranks(loss.detach(), torch.ones((), device=run.device), run))
-            bar.set_postfix(bpd=f"{step_losses[-1] / nats_per_bit_dim:.3f}")
+            step_losses.append(loss.detach())
+            if not bar.disable and time.perf_counter() - shown > PROGRESS_SECONDS:
+                bar.set_postfix(bpd=f"{step_losses[-1].item() / nats_per_bit_dim:.3f}")  # this rank's loss
+                shown = time.perf_counter()
         train_bpd = _mean_over_ranks(nats, torch.tensor(float(len(sampler)), device=run.device), run) / nats_per_bit_dim
         held_out_bpd = evaluate(evaluated, data.held_out, held_out_labels, run, 4 * local_batch, autocast)
         metrics.append({
             "epoch": epoch + 1, "train_bpd": train_bpd, "held_out_bpd": held_out_bpd,
-            "seconds": time.perf_counter() - epoch_started, "lr": schedule.get_last_lr()[0], "step_losses": step_losses,
+            "seconds": time.perf_counter() - epoch_started, "lr": schedule.get_last_lr()[0], "step_losses": _means_over_ranks(step_losses, run),
         })
         if not (math.isfinite(train_bpd) and math.isfinite(held_out_bpd)):
             raise ValueError(f"training diverged in epoch {epoch + 1} (train {train_bpd} bits/dim, held-out {held_out_bpd}): "

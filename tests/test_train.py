@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -232,6 +233,29 @@ def test_resume_continues_exactly(tmp_path, tiny_digits, dropout, ema_decay):
     if float(ema_decay):  # the trained weights, beside the average
         trained = a["optimizer"]["trained_state_dict"]
         assert all(torch.equal(trained[k], b["optimizer"]["trained_state_dict"][k]) for k in trained)
+
+
+def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, monkeypatch):
+    """No read of a device value per step (on a GPU each would make the host wait for the GPU):
+    the step losses are read once per epoch, the progress bar's at most once a second."""
+    reads = []
+    item = torch.Tensor.item
+
+    def counted_item(t):
+        caller = traceback.extract_stack(limit=2)[0]
+        if f"torch{os.sep}optim" not in caller.filename:  # the optimiser reads its step counters, kept on the host
+            reads.append(f"{caller.filename}:{caller.lineno}")
+        return item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 3600.0)
+    args = train_args(tmp_path, "--data", digits_subset, "--epochs", "2", "--batch-size", "8")
+    args.no_progress = False
+    summary = train(args)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    steps = sum(len(epoch["step_losses"]) for epoch in metrics["epochs"])
+    assert steps == 2 * 18 and all(isinstance(loss, float) for epoch in metrics["epochs"] for loss in epoch["step_losses"])
+    assert len(reads) <= 2 * summary["epochs_done"], reads  # the train and held-out means of each epoch
 
 
 def test_ema_is_what_is_evaluated_and_saved(tmp_path, tiny_digits):
