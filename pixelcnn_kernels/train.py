@@ -377,7 +377,8 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     # the trained weights then travel in the checkpoint's optimizer entry, for --resume.
     average = copy.deepcopy(model).requires_grad_(False) if args.ema_decay else None
     evaluated = model if average is None else average
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # On a GPU the fused AdamW: one multi-tensor kernel per step, without a host read of the step counters.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=run.device.type == "cuda" or None)
     sampler = DistributedSampler(range(len(data.train)), num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
     total_steps = args.epochs * math.ceil(len(sampler) / local_batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(LR_SCHEDULES[args.lr_schedule], total_steps=total_steps))
