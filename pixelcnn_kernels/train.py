@@ -12,6 +12,10 @@ epoch shuffles with a :class:`~torch.utils.data.DistributedSampler` seeded by
 single process uses, and a step of W processes sees the same global batch of
 ``--batch-size`` images as one process (gradients are averaged across ranks).
 Only rank 0 writes files and shows the progress bar.
+
+On one GPU, ``--cuda-graph`` replays the model's forward and backward from a CUDA
+graph (:class:`GraphedLoss`): a step then costs the host a few calls instead of a
+few hundred Python-level op calls and kernel launches.
 """
 
 from __future__ import annotations
@@ -145,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="no autocast: float32 throughout (the default elsewhere)")
     run.add_argument("--backend", choices=BACKENDS, help="force the ops onto one backend (default: automatic, cuda/triton on a GPU, reference on the CPU)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default: cuda when available)")
+    run.add_argument("--cuda-graph", action="store_true", help="replay the model's forward and backward from a CUDA graph every step: "
+                     "the host's per-step Python and kernel launches gone (one GPU, one process)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"directory for last.pt, best.pt, metrics.json and samples.png (default {DEFAULT_OUT})")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", help="continue from a checkpoint (default: OUT/last.pt); the model and data options are the checkpoint's")
     run.add_argument("--samples", type=int, default=SAMPLE_COUNT, help=f"images in the final samples.png grid (default {SAMPLE_COUNT}; 0: none)")
@@ -268,8 +274,49 @@ class _Loss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.loss(x, cond)
+
+
+class GraphedLoss:
+    """``model.loss(x, cond)`` with its forward and backward captured in CUDA graphs and replayed.
+
+    A training step of a PixelCNN issues hundreds of small kernels, and on the fused
+    kernels the host's Python and launches can take longer than the GPU's work
+    (``benchmarks/results/*-host-overhead-cpu.md``). ``torch.cuda.make_graphed_callables``
+    captures the loss's forward and its backward to the parameters once, after warm-up
+    runs on ``example_x`` / ``example_cond``; each call then copies the batch into the
+    graph's inputs and replays, and ``loss.backward()`` replays the backward and adds
+    the gradients to the parameters' ``.grad`` as usual. The optimiser runs outside.
+
+    - A batch of another shape (an epoch's last, smaller one) runs the plain loss.
+    - The returned loss is the graph's output buffer, overwritten by the next call:
+      clone it to keep it.
+    - Under autocast, capture and call it in ``torch.autocast(..., cache_enabled=False)``,
+      as CUDA graphs need.
+    - One process (DistributedDataParallel's gradient hooks are not captured); the
+      model must stay in the training mode it was captured in (dropout draws new
+      numbers at each replay).
+    """
+
+    def __init__(self, model: torch.nn.Module, example_x: torch.Tensor, example_cond: torch.Tensor | None = None):
+        if not example_x.is_cuda:
+            raise ValueError(f"GraphedLoss needs CUDA tensors: example_x is on {example_x.device}")
+        self.model = model
+        self.conditional = example_cond is not None
+        example = (example_x, example_cond) if self.conditional else (example_x,)
+        self.shapes = tuple(t.shape for t in example)
+        # A module comes back with its forward replaced by the graphs' (the captured one while in the
+        # training mode it was captured in): a wrapper of its own, so model.loss stays the plain loss.
+        self.graphed = torch.cuda.make_graphed_callables(_Loss(model), example, allow_unused_input=True)
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if (cond is not None) != self.conditional:
+            raise ValueError(f"cond must be {'given' if self.conditional else 'None'}, as when the loss was captured")
+        inputs = (x, cond) if self.conditional else (x,)
+        if tuple(t.shape for t in inputs) != self.shapes:
+            return self.model.loss(x, cond)
+        return self.graphed(*inputs)
 
 
 # Options a resumed run takes from its checkpoint: they fix the data, the model and the shuffling.
@@ -329,6 +376,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} must not be negative, got {value}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--cuda-graph needs a CUDA device")
+    if args.cuda_graph and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--cuda-graph trains in one process: DistributedDataParallel's gradient all-reduce is not captured")
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -393,12 +444,19 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
         metrics = resumed["metrics"]
         start_epoch = resumed["epoch"]
         set_rng_state(resumed["rng"])
+    autocast_to = autocast_dtype(args.precision, run.device)
+    # CUDA graphs replay autocast's casts of the weights: its cache (cast weights kept across calls) must be off.
+    autocast = (lambda: torch.autocast(run.device.type, dtype=autocast_to, cache_enabled=not args.cuda_graph)) if autocast_to is not None else nullcontext
+    train_labels = data.train_labels if args.class_conditional else None
     loss_fn = _Loss(model)
     if run.world_size > 1:
         loss_fn = DistributedDataParallel(loss_fn)
-    autocast_to = autocast_dtype(args.precision, run.device)
-    autocast = (lambda: torch.autocast(run.device.type, dtype=autocast_to)) if autocast_to is not None else nullcontext
-    train_labels = data.train_labels if args.class_conditional else None
+    elif args.cuda_graph:
+        model.train()
+        example = slice(0, min(local_batch, len(data.train)))
+        with autocast():
+            loss_fn = GraphedLoss(model, _to_device(data.train[example], run.device),
+                                  None if train_labels is None else _to_device(train_labels[example], run.device))
     held_out_labels = data.held_out_labels if args.class_conditional else None
     nats_per_bit_dim = math.prod(data.image_shape) * math.log(2.0)  # loss (nats per image) / this = bits/dim
     if run.is_main:
@@ -431,7 +489,7 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             if average is not None:
                 _update_average(average, model, args.ema_decay, schedule.last_epoch)
             nats += loss.detach().double() * len(batch)
-            step_losses.append(loss.detach())
+            step_losses.append(loss.detach().clone())  # a graphed loss's buffer is overwritten by the next step
             if not bar.disable and time.perf_counter() - shown > PROGRESS_SECONDS:
                 bar.set_postfix(bpd=f"{step_losses[-1].item() / nats_per_bit_dim:.3f}")  # this rank's loss
                 shown = time.perf_counter()

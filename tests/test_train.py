@@ -286,6 +286,8 @@ def test_bad_options(tmp_path, tiny_digits):
         train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--class-conditional"))
     with pytest.raises(FileNotFoundError, match="last.pt"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume"))
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--cuda-graph", "--device", "cpu"))
     with pytest.raises(CheckpointError, match="holds no training state to resume from"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume", str(small_checkpoint(tmp_path / "weights_only.pt"))))
     (tmp_path / "a_file").write_text("")
@@ -349,7 +351,7 @@ def test_precision_defaults_to_bfloat16_where_it_is_native(monkeypatch, native):
 def test_train_help_lists_every_option():
     result = subprocess.run([sys.executable, "-m", "pixelcnn_kernels", "train", "--help"], capture_output=True, text=True, check=True)
     for option in ("--data", "--model", "--hidden", "--layers", "--epochs", "--batch-size", "--lr", "--seed", "--bf16", "--fp32", "--lr-schedule", "--backend", "--out", "--resume", "--class-conditional", "--max-minutes",
-                   "--dropout", "--dilations", "--ema-decay"):
+                   "--dropout", "--dilations", "--ema-decay", "--cuda-graph"):
         assert option in result.stdout
 
 
@@ -365,6 +367,41 @@ def test_gpu_backends_and_bf16_train_alike(tmp_path, tiny_digits):
     np.testing.assert_allclose(curves["cuda"], curves["reference"], rtol=5e-3)
     np.testing.assert_allclose(curves["bf16"], curves["reference"], rtol=5e-2)
     assert abs(runs["bf16"]["best_held_out_bpd"] - runs["reference"]["best_held_out_bpd"]) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["gated", "pixelcnnpp"])
+def test_cuda_graph_training_follows_the_eager_curve(tmp_path, tiny_digits, model):
+    """36 train digits in batches of 16: two replayed steps and a smaller last batch run eagerly, per epoch."""
+    common = ["--data", tiny_digits, "--epochs", "2", "--device", "cuda", "--dropout", "0", "--model", model, "--class-conditional"]
+    runs = {name: train(train_args(tmp_path / name, *common, *extra)) for name, extra in {"eager": [], "graph": ["--cuda-graph"]}.items()}
+    curves = {name: [loss for epoch in json.loads((tmp_path / name / "run" / "metrics.json").read_text())["epochs"] for loss in epoch["step_losses"]]
+              for name in runs}
+    assert len(curves["graph"]) == 6 and len(set(curves["graph"])) == 6  # every step's own loss, not the graph's last
+    np.testing.assert_allclose(curves["graph"], curves["eager"], rtol=1e-4)
+    assert runs["graph"]["best_held_out_bpd"] == pytest.approx(runs["eager"]["best_held_out_bpd"], rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_graphed_loss_replays_the_loss_and_its_gradients():
+    from pixelcnn_kernels.models import GatedPixelCNN
+    from pixelcnn_kernels.train import GraphedLoss
+
+    torch.manual_seed(0)
+    model = GatedPixelCNN(3, hidden=6, layers=2, dropout=0.0).cuda()
+    batches = [torch.randint(0, 256, (4, 3, 8, 8), device="cuda") for _ in range(3)]
+    graphed = GraphedLoss(model, batches[0])
+    for x in batches + [batches[0][:3]]:  # the last, of another shape, runs the plain loss
+        model.zero_grad(set_to_none=True)
+        loss = graphed(x)
+        loss.backward()
+        got = (loss.detach().clone(), [p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        expected_loss = model.loss(x)
+        expected_loss.backward()
+        torch.testing.assert_close(got[0], expected_loss.detach())
+        for grad, p in zip(got[1], model.parameters()):
+            torch.testing.assert_close(grad, p.grad)
 
 
 def test_pixelcnn_plus_plus_trains(tmp_path, tiny_digits):
