@@ -144,6 +144,26 @@ def _plain_eager(args: tuple) -> bool:
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
+# The device types with autocast (torch.is_autocast_enabled raises for others, e.g. meta).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _without_autocast(impl: Callable) -> Callable:
+    """``impl`` run with autocast off, as a custom op's implementation runs (the dispatcher
+    passes autocast by for ops without an autocast rule, and their inner ops are not cast)."""
+
+    def run(*args):
+        enabled = [device_type for device_type in _AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
+        if not enabled:
+            return impl(*args)
+        with contextlib.ExitStack() as stack:
+            for device_type in enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return impl(*args)
+
+    return run
+
+
 def eager_fast_path(op) -> Callable:
     """``op``, a ``torch.library.custom_op``, callable without torch.library's dispatch in plain eager calls.
 
@@ -154,7 +174,8 @@ def eager_fast_path(op) -> Callable:
     autograd.Function made of its registered ``setup_context`` and ``backward``: the same
     code, values and gradients. An op without autograd runs it directly when grad mode is
     off (inside a backward pass), else as the op. Everything else (torch.compile, fake
-    tensors, opcheck, vmap) calls ``op``. Register the op's autograd before wrapping it.
+    tensors, opcheck, vmap) calls ``op``. Autocast is off inside, as inside the op. Register
+    the op's autograd before wrapping it.
     Reads the op's implementation from ``CustomOpDef``'s private fields; without them
     (another torch), every call goes through ``op``. Positional arguments only.
     """
@@ -162,6 +183,7 @@ def eager_fast_path(op) -> Callable:
     backward = getattr(op, "_backward_fn", None)
     if impl is None:
         return op
+    impl = _without_autocast(impl)
     if backward is None:
 
         def call_without_autograd(*args):

@@ -62,6 +62,20 @@ def test_fast_path_gives_the_custom_ops_outputs_and_gradients(name, backend):
         assert torch.equal(fast_grads[arg], grad), f"d/d{arg}"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_fast_path_runs_without_autocast_as_the_custom_op_does(name, backend):
+    """float32 inputs under bfloat16 autocast: the op's inner ops are not cast (the reference's F.conv2d would be)."""
+    inputs = valid_inputs(name)
+    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_out, fast_grads = forward_backward(OPS[name], inputs)
+        with _DispatchedOps():
+            op_out, op_grads = forward_backward(OPS[name], inputs)
+    assert fast_out.dtype == op_out.dtype and torch.equal(fast_out, op_out)
+    for arg, grad in op_grads.items():
+        assert torch.equal(fast_grads[arg], grad), f"d/d{arg}"
+
+
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_plain_eager_calls_skip_the_dispatcher_forward_and_backward(name):
     inputs = valid_inputs(name)
