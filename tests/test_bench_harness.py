@@ -143,6 +143,28 @@ def test_sampling_rows_say_how_many_network_passes_each_sampler_ran():
     assert notes["jacobi"] in format_table(results)
 
 
+def test_a_full_call_of_a_training_case_updates_its_parameters_with_adamw():
+    x, weight = torch.randn(4, 8), torch.randn(8, requires_grad=True)
+    step = harness._step(lambda x, w: (x * w).tanh(), (x.requires_grad_(True), weight), (0, 1), "full", {}, optimized_inputs=(1,))
+    before = weight.detach().clone()
+    step()
+    assert x.grad is not None and weight.grad is not None
+    first = weight.detach().clone()
+    step()  # the gradients are replaced, not accumulated
+    assert not torch.equal(before, first) and not torch.equal(first, weight.detach())
+    assert (first - before).abs().max() <= 1.05 * harness.BENCH_LR  # AdamW's first step moves each weight by about lr (float32 rounding aside)
+
+
+def test_the_models_training_steps_run_on_the_cpu():
+    """Eager for both models, the fused ops (the Triton interpreter) for the Gated PixelCNN's."""
+    cases = {case.name: case for case in cases_for("models", on_gpu=False) if case.name.endswith("_train")}
+    assert set(cases) == {"gated_pixelcnn_train", "pixelcnn_pp_train"} and all(case.optimized_inputs for case in cases.values())
+    results, _ = run([cases["pixelcnn_pp_train"]], [torch.float32], torch.device("cpu"), warmup=1, repeats=1, only={"eager"})
+    results += run([cases["gated_pixelcnn_train"]], [torch.float32], torch.device("cpu"), warmup=1, repeats=1, only={"eager", "triton"})[0]
+    full = [r for r in results if r.mode == "full"]
+    assert len(full) == 3 and all(not r.error and r.median_ms > 0 for r in full), [(r.name, r.provider, r.error) for r in full]
+
+
 def test_every_family_defines_cpu_cases():
     for family in FAMILIES:
         cases = cases_for(family, on_gpu=False)

@@ -61,6 +61,8 @@ class Case:
     ``extra_providers`` are other formulations timed alongside (name -> fn).
     ``note(device, dtype)``, after a provider's runs, describes its last run in a few
     words for the table (e.g. how many iterations the Jacobi sampler took).
+    ``optimized_inputs``: inputs (a model's parameters, among ``grad_inputs``) that a
+    ``full`` call also updates with a fused AdamW step, as a training step does.
     """
 
     family: str
@@ -75,6 +77,7 @@ class Case:
     modes: tuple[str, ...] = MODES
     extra_providers: dict[str, Callable[..., object]] = dataclasses.field(default_factory=dict)
     note: Callable[[torch.device, torch.dtype], str] = lambda device, dtype: ""
+    optimized_inputs: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -209,7 +212,26 @@ def _prepare(inputs: tuple, grad_inputs: tuple[int, ...], mode: str) -> tuple:
     return tuple(t.detach().requires_grad_(True) if i in grad_inputs else t for i, t in enumerate(inputs))
 
 
-def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, cache: dict) -> Callable[[], object]:
+# The AdamW learning rate of the ``full`` calls of cases with ``optimized_inputs``: small, so
+# that a few hundred updates on random data leave the parameters at their scale.
+BENCH_LR = 1e-5
+
+
+def _training_step(fn: Callable, inputs: tuple, wrt: list, grads: list, optimized: list) -> Callable[[], None]:
+    """Forward, backward into the ``.grad`` of ``wrt``, and a fused AdamW step of ``optimized`` (capturable in a CUDA graph)."""
+    on_gpu = optimized[0].is_cuda
+    optimizer = torch.optim.AdamW(optimized, lr=BENCH_LR, fused=on_gpu or None, capturable=on_gpu)
+
+    def step():
+        for t in wrt:
+            t.grad = None
+        torch.autograd.backward(_outputs(fn(*inputs)), grads)
+        optimizer.step()
+
+    return step
+
+
+def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, cache: dict, optimized_inputs: tuple[int, ...] = ()) -> Callable[[], object]:
     """A zero-argument callable doing one timed unit of work for ``mode``."""
     if mode == "forward":
 
@@ -225,6 +247,8 @@ def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, 
             outs = _outputs(fn(*inputs))
         cache[key] = (outs if mode == "backward" else None, [torch.randn_like(o) for o in outs])
     outs, grads = cache[key]
+    if mode == "full" and optimized_inputs:
+        return _training_step(fn, inputs, wrt, grads, [inputs[i] for i in optimized_inputs])
     if mode == "full":
         return lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads)
     return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
@@ -304,7 +328,7 @@ def _measure(
     is then that of the captures (the replays allocate nothing)."""
     sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
     graph_cache: dict = {}
-    steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache) for inputs in sets]
+    steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs) for inputs in sets]
     if cuda_graph:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -5,7 +5,9 @@ Every case times a module twice: as built (the fused layers, on the ``triton`` o
 :data:`~pixelcnn_kernels.reference.layers.REFERENCE_OPS`: the ``eager`` provider, and
 ``compile`` = ``torch.compile`` of it). The parameters are inputs of the timed call
 (through ``torch.func.functional_call``), so ``full`` mode (forward + backward to the
-inputs) is a training step's forward and backward; the optimiser update is not timed.
+inputs) is a training step's forward and backward; for the models it is the whole
+training step issue 6 times: forward, backward and a fused AdamW update (the same
+optimiser for every provider).
 
 - layers (issue 5): one ``GatedMaskedConv2d`` of 128 channels (dilation 2, class
   conditioning) and one PixelCNN++ ``GatedResnet`` of 160 channels (down-right stream,
@@ -38,6 +40,8 @@ from pixelcnn_kernels.utils import channels_last
 
 # A backward pass costs about twice the forward's arithmetic.
 BACKWARD_FLOP_FACTOR = 2
+# Parameter-sized reads and writes of an AdamW update: parameter, gradient and two moments in, three out.
+ADAMW_PASSES = 7
 
 
 class _Loss(nn.Module):
@@ -115,8 +119,9 @@ def _count_flops(module: nn.Module, data: tuple) -> int:
     return masked_flops + counter.get_total_flops()
 
 
-def _case(name: str, config: str, twins: _Twins, make_data: Callable, grad_data: tuple[int, ...], modes: tuple[str, ...]) -> Case:
-    """A case timing ``twins`` on ``make_data(device, dtype, generator)`` with the parameters as extra inputs."""
+def _case(name: str, config: str, twins: _Twins, make_data: Callable, grad_data: tuple[int, ...], modes: tuple[str, ...], train_step: bool = False) -> Case:
+    """A case timing ``twins`` on ``make_data(device, dtype, generator)`` with the parameters as extra inputs;
+    with ``train_step`` a ``full`` call is a training step: forward, backward and a fused AdamW update."""
     data_count = len(make_data(torch.device("meta"), torch.float32, None))
 
     def make_inputs(device, dtype, generator):
@@ -136,7 +141,9 @@ def _case(name: str, config: str, twins: _Twins, make_data: Callable, grad_data:
         fused, _ = twins.get(torch.device("cpu"), torch.float32)
         param_bytes = sum(p.numel() for p in fused.parameters()) * dtype.itemsize
         data_bytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in make_data(torch.device("meta"), dtype, None))
-        return data_bytes + param_bytes * (1 if mode == "forward" else 2)
+        # AdamW reads each parameter, its gradient and two moments and writes three of them back.
+        update_passes = ADAMW_PASSES if train_step and mode == "full" else 0
+        return data_bytes + param_bytes * ((1 if mode == "forward" else 2) + update_passes)
 
     param_indices = tuple(range(data_count, data_count + sum(1 for _ in twins.get(torch.device("cpu"), torch.float32)[0].parameters())))
     return Case(
@@ -150,6 +157,7 @@ def _case(name: str, config: str, twins: _Twins, make_data: Callable, grad_data:
         flops=flops,
         grad_inputs=grad_data + param_indices,
         modes=modes,
+        optimized_inputs=param_indices if train_step else (),
     )
 
 
@@ -191,6 +199,6 @@ def cases(on_gpu: bool) -> list[Case]:
     return [
         _case("gated_masked_conv2d", f"{batch}x{gated_channels}x{size}x{size} d2 cond", _Twins(lambda: GatedMaskedConv2d(gated_channels, 3, 2, cond_channels=classes)), gated_data, (0, 1, 2), every_mode),
         _case("gated_resnet", f"{batch}x{resnet_channels}x{size}x{size} ul skip2", _Twins(lambda: GatedResnet(resnet_channels, "down_right", 2, dropout=0.0)), resnet_data, (0, 1), every_mode),
-        _case("gated_pixelcnn_train", f"B{batch} 3x{size}x{size} h{hidden} L7 softmax", gated_pixelcnn, rgb_images, (), ("forward", "full")),
-        _case("pixelcnn_pp_train", f"B{batch} 3x{size}x{size} F{nr_filters} R{nr_resnet} K10", pixelcnn_pp, rgb_images, (), ("forward", "full")),
+        _case("gated_pixelcnn_train", f"B{batch} 3x{size}x{size} h{hidden} L7 softmax", gated_pixelcnn, rgb_images, (), ("forward", "full"), train_step=True),
+        _case("pixelcnn_pp_train", f"B{batch} 3x{size}x{size} F{nr_filters} R{nr_resnet} K10", pixelcnn_pp, rgb_images, (), ("forward", "full"), train_step=True),
     ]
