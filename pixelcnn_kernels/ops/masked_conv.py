@@ -85,6 +85,11 @@ def unpack_weight_grad(grad_packed: torch.Tensor, spec: MaskSpec, weight: torch.
     Exactly zero at masked-out taps and at the channel pairs hidden at the anchor.
     """
     out_channels, in_channels, kernel_height, kernel_width = weight.shape
+    if len(spec.taps) == kernel_height * kernel_width and spec.color_groups == 1:
+        # Every tap active (PixelCNN++'s shifted and 1×1 convolutions): the taps are the kernel
+        # positions in order, and one copy transposes and casts.
+        grad = torch.empty(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
+        return grad.copy_(grad_packed.permute(2, 1, 0)).view_as(weight)
     grad = torch.zeros(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
     grad.index_copy_(2, _tap_index(spec.taps, kernel_width, weight.device), grad_packed.permute(2, 1, 0).to(weight.dtype))
     if spec.color_groups > 1:
