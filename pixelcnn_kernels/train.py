@@ -289,17 +289,19 @@ class GraphedLoss:
     graph's inputs and replays, and ``loss.backward()`` replays the backward and adds
     the gradients to the parameters' ``.grad`` as usual. The optimiser runs outside.
 
-    - A batch of another shape (an epoch's last, smaller one) runs the plain loss.
+    - A batch of another shape (an epoch's last, smaller one), or a call while the model
+      is not in the training mode it was captured in, runs the plain loss.
     - The returned loss is the graph's output buffer, overwritten by the next call:
       clone it to keep it.
     - Under autocast, capture and call it in ``torch.autocast(..., cache_enabled=False)``,
       as CUDA graphs need.
-    - One process (DistributedDataParallel's gradient hooks are not captured); the
-      model must stay in the training mode it was captured in (dropout draws new
-      numbers at each replay).
+    - One process (DistributedDataParallel's gradient hooks are not captured). Dropout
+      draws new numbers at each replay.
     """
 
     def __init__(self, model: torch.nn.Module, example_x: torch.Tensor, example_cond: torch.Tensor | None = None):
+        if not model.training:
+            raise ValueError("GraphedLoss captures a training step: call model.train() first")
         if not example_x.is_cuda:
             raise ValueError(f"GraphedLoss needs CUDA tensors: example_x is on {example_x.device}")
         self.model = model
@@ -314,7 +316,7 @@ class GraphedLoss:
         if (cond is not None) != self.conditional:
             raise ValueError(f"cond must be {'given' if self.conditional else 'None'}, as when the loss was captured")
         inputs = (x, cond) if self.conditional else (x,)
-        if tuple(t.shape for t in inputs) != self.shapes:
+        if not self.model.training or tuple(t.shape for t in inputs) != self.shapes:
             return self.model.loss(x, cond)
         return self.graphed(*inputs)
 
@@ -439,7 +441,10 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
         evaluated.load_state_dict(resumed["state_dict"])
         if average is not None:
             model.load_state_dict(resumed["optimizer"]["trained_state_dict"])
-        optimizer.load_state_dict(resumed["optimizer"]["optimizer"])
+        saved = resumed["optimizer"]["optimizer"]
+        # load_state_dict takes the saved groups' options, "fused" among them: keep this run's (fused on a GPU only).
+        saved = {**saved, "param_groups": [{**group, "fused": optimizer.defaults["fused"]} for group in saved["param_groups"]]}
+        optimizer.load_state_dict(saved)
         schedule.load_state_dict(resumed["optimizer"]["schedule"])
         metrics = resumed["metrics"]
         start_epoch = resumed["epoch"]

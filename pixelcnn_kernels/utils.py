@@ -7,6 +7,7 @@ ValueError/TypeError naming the argument instead of reaching a kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -137,9 +138,19 @@ def _no_context(ctx, inputs, output) -> None:
 
 
 def _plain_eager(args: tuple) -> bool:
-    """Whether nothing would intercept a custom op called on ``args``: not torch.compile, no
-    dispatch mode (FakeTensor, make_fx, FlopCounterMode), no functorch transform, plain tensors."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active():
+    """Whether nothing would intercept or record a custom op called on ``args``: not torch.compile
+    nor jit tracing, no dispatch or torch-function mode (FakeTensor, make_fx, FlopCounterMode,
+    ``with torch.device(...)``), no functorch transform, no forward-mode AD level, the profiler
+    off (its traces name the ops), plain tensors."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or is_in_torch_dispatch_mode()
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch.autograd._profiler_enabled()
+    ):
         return False
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
@@ -149,9 +160,9 @@ _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _without_autocast(impl: Callable) -> Callable:
-    """``impl`` run with autocast off, as a custom op's implementation runs (the dispatcher
-    passes autocast by for ops without an autocast rule, and their inner ops are not cast)."""
+    """``impl`` run with autocast off (its signature kept: torch.library reads the schema from it)."""
 
+    @functools.wraps(impl)
     def run(*args):
         enabled = [device_type for device_type in _AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
         if not enabled:
@@ -164,6 +175,22 @@ def _without_autocast(impl: Callable) -> Callable:
     return run
 
 
+def custom_op(name: str) -> Callable[[Callable], object]:
+    """``torch.library.custom_op(name, mutates_args=())`` on an implementation that runs with autocast off.
+
+    Autocast passes by a custom op without an autocast rule, but would cast the ops inside
+    its implementation: under bfloat16 autocast the reference backend's F.conv2d of float32
+    inputs returned bfloat16, where the kernel backends and the fake implementation give
+    the inputs' dtype. The ops compute in their inputs' dtype on every backend; the layers
+    cast their operands to autocast's dtype themselves.
+    """
+
+    def define(impl: Callable):
+        return torch.library.custom_op(name, _without_autocast(impl), mutates_args=())
+
+    return define
+
+
 def eager_fast_path(op) -> Callable:
     """``op``, a ``torch.library.custom_op``, callable without torch.library's dispatch in plain eager calls.
 
@@ -174,8 +201,8 @@ def eager_fast_path(op) -> Callable:
     autograd.Function made of its registered ``setup_context`` and ``backward``: the same
     code, values and gradients. An op without autograd runs it directly when grad mode is
     off (inside a backward pass), else as the op. Everything else (torch.compile, fake
-    tensors, opcheck, vmap) calls ``op``. Autocast is off inside, as inside the op. Register
-    the op's autograd before wrapping it.
+    tensors, opcheck, vmap, jit tracing, a torch-function mode, the profiler, forward AD)
+    calls ``op``. Register the op's autograd before wrapping it.
     Reads the op's implementation from ``CustomOpDef``'s private fields; without them
     (another torch), every call goes through ``op``. Positional arguments only.
     """
@@ -183,7 +210,6 @@ def eager_fast_path(op) -> Callable:
     backward = getattr(op, "_backward_fn", None)
     if impl is None:
         return op
-    impl = _without_autocast(impl)
     if backward is None:
 
         def call_without_autograd(*args):

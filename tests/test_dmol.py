@@ -403,6 +403,18 @@ def test_nll_bad_input(args, error, match):
         nll_op(*args)
 
 
+def test_check_x_false_skips_only_the_value_check(monkeypatch):
+    """check_x=False reads nothing of x (no aminmax, no host read: on a GPU no wait); every other check stays."""
+    logits, x = make_logits(3, 2, batch=2, height=3, width=4), torch.full((2, 3, 3, 4), 300)
+    monkeypatch.setattr(torch, "aminmax", lambda *args, **kwargs: pytest.fail("x's values were read"))
+    nll = nll_op(x, logits, check_x=False)
+    assert nll.shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="same batch size"):
+        nll_op(x[:1], logits, check_x=False)
+    with pytest.raises(TypeError, match="check_x must be a bool"):
+        nll_op(x, logits, check_x=1)
+
+
 def test_sampler_bad_input():
     logits = torch.zeros(2, 10, 3, 4)
     with pytest.raises(ValueError, match="fit both C = 1"):

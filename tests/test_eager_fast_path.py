@@ -3,19 +3,24 @@
 :func:`pixelcnn_kernels.utils.eager_fast_path` runs an op's own implementation under an
 autograd.Function made of its registered autograd. These tests check that it gives the
 custom op's outputs and gradients bit for bit (every op, both CPU-testable backends, and
-on the GPU every backend), that plain eager calls take it (and the backward's ops with
-them), and that what needs the custom op still gets it: a dispatch mode, fake tensors,
-torch.compile and a backward that records a graph.
+on the GPU every backend; also under autocast, which neither path applies inside an
+op), that plain eager calls take it (and the backward's ops with them), and that what
+needs the custom op still gets it: dispatch and torch-function modes, fake tensors,
+torch.compile, jit tracing, the profiler, forward AD and a backward that records a graph.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from op_table import DEVICE, OPS, forward_backward, valid_inputs
+from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixelcnn_kernels as pk
@@ -40,11 +45,46 @@ class _DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _profiled_op_names(fn) -> set[str]:
-    """The package's custom ops that the dispatcher ran during ``fn()`` (the profiler records them without intercepting)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return {event.name for event in profile.events() if event.name.startswith("pixelcnn_kernels::")}
+class _PassThroughFunctionMode(TorchFunctionMode):
+    """A torch-function mode that changes nothing (as ``with torch.device(...)``'s, it takes calls off the fast path)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass that intercepts nothing: it only takes the call off the fast path."""
+
+
+@contextlib.contextmanager
+def _custom_op_calls():
+    """Counts the calls of the package's torch.library custom ops (the fast path calls none) in the block."""
+    counts = collections.Counter()
+    original = CustomOpDef.__call__
+
+    def counted(op, *args, **kwargs):
+        if op._namespace == "pixelcnn_kernels":
+            counts[op._name] += 1
+        return original(op, *args, **kwargs)
+
+    CustomOpDef.__call__ = counted
+    try:
+        yield counts
+    finally:
+        CustomOpDef.__call__ = original
+
+
+def _through_the_custom_op(inputs: dict) -> dict:
+    """``inputs`` with the activations as :class:`_Subclass`: a plain call then goes through torch.library."""
+    return {name: v.as_subclass(_Subclass) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 4 else v for name, v in inputs.items()}
+
+
+def _assert_same(fast, through_op) -> None:
+    (fast_out, fast_grads), (op_out, op_grads) = fast, through_op
+    assert fast_out.dtype == op_out.dtype and torch.equal(fast_out, op_out.as_subclass(torch.Tensor))
+    assert fast_grads.keys() == op_grads.keys() and fast_grads
+    for arg, grad in op_grads.items():
+        assert torch.equal(fast_grads[arg], grad.as_subclass(torch.Tensor)), f"d/d{arg}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,38 +92,61 @@ def _profiled_op_names(fn) -> set[str]:
 def test_fast_path_gives_the_custom_ops_outputs_and_gradients(name, backend):
     inputs = valid_inputs(name, DEVICE)
     with use_backend(backend):
-        fast_out, fast_grads = forward_backward(OPS[name], inputs)
-        with _DispatchedOps() as dispatched:
-            op_out, op_grads = forward_backward(OPS[name], inputs)
-    assert dispatched.calls, "the mode should have sent the call through the custom op"
-    assert torch.equal(fast_out, op_out)
-    assert fast_grads.keys() == op_grads.keys() and fast_grads
-    for arg, grad in op_grads.items():
-        assert torch.equal(fast_grads[arg], grad), f"d/d{arg}"
+        fast = forward_backward(OPS[name], inputs)
+        with _custom_op_calls() as calls:
+            through_op = forward_backward(OPS[name], _through_the_custom_op(inputs))
+    assert calls, "the subclass should have sent the call through the custom op"
+    _assert_same(fast, through_op)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
-def test_fast_path_runs_without_autocast_as_the_custom_op_does(name, backend):
-    """float32 inputs under bfloat16 autocast: the op's inner ops are not cast (the reference's F.conv2d would be)."""
+def test_no_path_applies_autocast_inside_an_op(name, backend):
+    """float32 inputs under bfloat16 autocast: float32 results on both paths, as the fakes say (the reference's F.conv2d would be cast)."""
     inputs = valid_inputs(name)
     with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast_out, fast_grads = forward_backward(OPS[name], inputs)
-        with _DispatchedOps():
-            op_out, op_grads = forward_backward(OPS[name], inputs)
-    assert fast_out.dtype == op_out.dtype and torch.equal(fast_out, op_out)
-    for arg, grad in op_grads.items():
-        assert torch.equal(fast_grads[arg], grad), f"d/d{arg}"
+        fast = forward_backward(OPS[name], inputs)
+        through_op = forward_backward(OPS[name], _through_the_custom_op(inputs))
+    assert fast[0].dtype != torch.bfloat16
+    _assert_same(fast, through_op)
 
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
-def test_plain_eager_calls_skip_the_dispatcher_forward_and_backward(name):
+def test_plain_eager_calls_skip_the_custom_ops_forward_and_backward(name):
     inputs = valid_inputs(name)
     with use_backend("triton"):
-        assert _profiled_op_names(lambda: forward_backward(OPS[name], inputs)) == set()
-        with _DispatchedOps():  # the same calls through the dispatcher, which the profiler records
-            dispatched = _profiled_op_names(lambda: forward_backward(OPS[name], inputs))
-    assert any("backward" in op or "grad" in op for op in dispatched) and len(dispatched) >= 2, dispatched
+        with _custom_op_calls() as fast_calls:
+            forward_backward(OPS[name], inputs)
+        with _custom_op_calls() as op_calls:
+            forward_backward(OPS[name], _through_the_custom_op(inputs))
+    assert not fast_calls
+    assert any("backward" in op or "grad" in op for op in op_calls) and len(op_calls) >= 2, op_calls
+
+
+@pytest.mark.parametrize(
+    "context, in_backward",
+    [
+        pytest.param(lambda: _DispatchedOps(), True, id="dispatch_mode"),
+        # Torch-function modes are not active in the backward pass, so no mode sees its ops there.
+        pytest.param(lambda: _PassThroughFunctionMode(), False, id="torch_function_mode"),
+        pytest.param(lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), True, id="profiler"),
+        pytest.param(lambda: forward_ad.dual_level(), True, id="forward_ad"),
+    ],
+)
+def test_modes_the_profiler_and_forward_ad_see_the_custom_ops(context, in_backward):
+    inputs = valid_inputs("masked_conv2d_gated")
+    with use_backend("reference"), context(), _custom_op_calls() as calls:
+        forward_backward(OPS["masked_conv2d_gated"], inputs)
+    assert calls["masked_conv2d_gated"] == 1, calls
+    assert calls["gate_tanh_sigmoid_backward"] + calls["gate_sigmoid_backward"] == int(in_backward), calls
+
+
+def test_jit_trace_records_the_custom_op():
+    x = torch.randn(2, 4, 3, 3)
+    with use_backend("triton"):
+        traced = torch.jit.trace(lambda t: pk.gate_sigmoid(t, 1), (x,))
+        assert "pixelcnn_kernels::gate_sigmoid" in str(traced.graph)
+        assert torch.equal(traced(x), pk.gate_sigmoid(x, 1))
 
 
 def test_fake_tensors_reach_the_fake_implementations():
@@ -120,5 +183,6 @@ def test_a_backward_recording_a_graph_calls_the_backward_ops_as_custom_ops():
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     with use_backend("reference"):
         y = pk.gate_sigmoid(x, 1)
-        names = _profiled_op_names(lambda: torch.autograd.grad(y.sum(), x, create_graph=True))
-    assert names == {"pixelcnn_kernels::gate_sigmoid_backward"}
+        with _custom_op_calls() as calls:
+            torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert calls == {"gate_sigmoid_backward": 1}

@@ -235,7 +235,8 @@ def test_resume_continues_exactly(tmp_path, tiny_digits, dropout, ema_decay):
         assert all(torch.equal(trained[k], b["optimizer"]["trained_state_dict"][k]) for k in trained)
 
 
-def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, monkeypatch):
+@pytest.mark.parametrize("model", ["gated", "pixelcnnpp"])
+def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, monkeypatch, model):
     """No read of a device value per step (on a GPU each would make the host wait for the GPU):
     the step losses are read once per epoch, the progress bar's at most once a second."""
     reads = []
@@ -249,13 +250,45 @@ def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, mo
 
     monkeypatch.setattr(torch.Tensor, "item", counted_item)
     monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 3600.0)
-    args = train_args(tmp_path, "--data", digits_subset, "--epochs", "2", "--batch-size", "8")
+    args = train_args(tmp_path, "--data", digits_subset, "--epochs", "2", "--batch-size", "8", "--model", model, "--layers", "1", "--hidden", "8")
     args.no_progress = False
     summary = train(args)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     steps = sum(len(epoch["step_losses"]) for epoch in metrics["epochs"])
     assert steps == 2 * 18 and all(isinstance(loss, float) for epoch in metrics["epochs"] for loss in epoch["step_losses"])
     assert len(reads) <= 2 * summary["epochs_done"], reads  # the train and held-out means of each epoch
+
+
+def test_resume_keeps_this_runs_choice_of_fused_adamw(tmp_path, tiny_digits, monkeypatch):
+    """A checkpoint's optimizer state carries its run's "fused" option (e.g. a GPU run's); the resumed run keeps its own."""
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    for group in checkpoint["optimizer"]["optimizer"]["param_groups"]:
+        group["fused"] = True
+    fields = dict(model_spec=checkpoint["model"], state_dict=checkpoint["state_dict"], optimizer=checkpoint["optimizer"], epoch=checkpoint["epoch"],
+                  metrics=checkpoint["metrics"], args=checkpoint["args"])
+    save_checkpoint(tmp_path / "run" / "last.pt", **fields)
+    built = []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "2", "--resume"))
+    assert [group["fused"] for group in built[0].param_groups] == [None]  # not fused on the CPU
+
+
+def test_graphed_loss_needs_cuda_tensors_and_training_mode():
+    from pixelcnn_kernels.models import GatedPixelCNN
+    from pixelcnn_kernels.train import GraphedLoss
+
+    model = GatedPixelCNN(1, hidden=4, layers=1)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        GraphedLoss(model, torch.zeros(2, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="model.train"):
+        GraphedLoss(model.eval(), torch.zeros(2, 1, 4, 4, dtype=torch.long))
 
 
 def test_ema_is_what_is_evaluated_and_saved(tmp_path, tiny_digits):
@@ -402,6 +435,9 @@ def test_graphed_loss_replays_the_loss_and_its_gradients():
         torch.testing.assert_close(got[0], expected_loss.detach())
         for grad, p in zip(got[1], model.parameters()):
             torch.testing.assert_close(grad, p.grad)
+    model.eval()  # not the mode captured: the plain loss
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(batches[1]), model.loss(batches[1]))
 
 
 def test_pixelcnn_plus_plus_trains(tmp_path, tiny_digits):

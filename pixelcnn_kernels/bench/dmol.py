@@ -3,7 +3,9 @@
 GPU: the NLL (forward, backward, full) and the sampler at B = 64 and 256 of 3x32x32
 images with K = 10 (logits (B, 100, 32, 32)), plus the sampler on one pixel
 (B, 100, 1, 1) as the cached sampler calls it. CPU: tiny sizes. The NLL cases time
-``reduction="sum"`` (PixelCNN++'s training loss) with x as floats in [-1, 1].
+``reduction="sum"`` (PixelCNN++'s training loss) with x as floats in [-1, 1], with
+``check_x=False`` as the drop-in models call it; the ``checked_x`` provider times the
+default call, whose range check reads x on the host.
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ def _nll_case(batch: int, height: int, width: int) -> Case:
         name="dmol_nll",
         config=f"B={batch} {CHANNELS}x{height}x{width} K={MIXTURES}",
         make_inputs=make_inputs,
-        op=lambda x, logits: discretized_mix_logistic_nll(x, logits, reduction="sum"),
+        # As a training loop calls it (check_x=False, as the drop-in models do): the default range
+        # check reads x on the host, waiting for the GPU; "checked_x" times the default call.
+        op=lambda x, logits: discretized_mix_logistic_nll(x, logits, reduction="sum", check_x=False),
         reference=lambda x, logits: reference.discretized_mix_logistic_nll(x, logits).sum(),
         bytes_moved=bytes_moved,
         grad_inputs=(1,),
+        extra_providers={"checked_x": lambda x, logits: discretized_mix_logistic_nll(x, logits, reduction="sum")},
     )
 
 

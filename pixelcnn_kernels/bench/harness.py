@@ -328,13 +328,20 @@ def _measure(
     is then that of the captures (the replays allocate nothing)."""
     sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
     graph_cache: dict = {}
-    steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs) for inputs in sets]
     if cuda_graph:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-        steps = [_captured(step) for step in steps]
+        # One side stream for everything the captures touch: autograd runs a backward op on its forward
+        # op's stream, so backward mode's forward graph is built on the stream that captures its backward.
+        capture_stream = torch.cuda.Stream()
+        capture_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture_stream):
+            steps = [_captured(_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs), capture_stream) for inputs in sets]
+        torch.cuda.current_stream().wait_stream(capture_stream)
         row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    else:
+        steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs) for inputs in sets]
     call_s = 0.0
     for i in range(max(warmup, 2)):  # at least 2: the budget is the last call's time, after any compilation
         call_s = _host_seconds(steps[i % len(steps)], device)
@@ -353,20 +360,16 @@ def _measure(
         row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
 
-# Calls before a capture, on a side stream as CUDA graphs need: lazy initialisation, compilation, caches.
+# Calls before a capture, on the capturing side stream: lazy initialisation, compilation, caches.
 CAPTURE_WARMUP = 3
 
 
-def _captured(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` captured in a CUDA graph (after warm-up calls on a side stream); returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(CAPTURE_WARMUP):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+def _captured(step: Callable[[], object], stream: torch.cuda.Stream) -> Callable[[], object]:
+    """``step`` captured in a CUDA graph on ``stream``, the current one (after warm-up calls on it); returns the graph's replay."""
+    for _ in range(CAPTURE_WARMUP):
+        step()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         step()
     return graph.replay
 

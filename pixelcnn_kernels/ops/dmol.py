@@ -18,7 +18,7 @@ import torch
 
 from pixelcnn_kernels import backend as _backend
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, eager_fast_path
+from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, custom_op, eager_fast_path
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
@@ -76,7 +76,7 @@ def _check_x_range(x: torch.Tensor, num_bins: int) -> None:
         raise ValueError(f"x must hold {kind}; got min {lowest}, max {highest}")
 
 
-def _check_nll_args(x: object, logits: object, num_bins: object, reduction: object) -> None:
+def _check_nll_args(x: object, logits: object, num_bins: object, reduction: object, check_x: bool) -> None:
     check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES + X_INT_DTYPES)
     channels = x.shape[1]
     if channels not in (1, 3):
@@ -88,7 +88,10 @@ def _check_nll_args(x: object, logits: object, num_bins: object, reduction: obje
     num_bins = check_num_bins(num_bins)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_x_range(x, num_bins)
+    if not isinstance(check_x, bool):
+        raise TypeError(f"check_x must be a bool, got {type(check_x).__name__}")
+    if check_x:
+        _check_x_range(x, num_bins)
 
 
 def _check_kernel_logits(logits: torch.Tensor, backend: str) -> None:
@@ -106,7 +109,7 @@ def _kernel_x(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- NLL custom ops
 
 
-@torch.library.custom_op("pixelcnn_kernels::dmol_nll", mutates_args=())
+@custom_op("pixelcnn_kernels::dmol_nll")
 def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Tensor:
     backend = _backend.resolve_backend(x, logits)
     if backend == "reference":
@@ -127,7 +130,7 @@ def _(x, logits, num_bins):
     return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=compute_dtype(logits.dtype))
 
 
-@torch.library.custom_op("pixelcnn_kernels::dmol_nll_backward", mutates_args=())
+@custom_op("pixelcnn_kernels::dmol_nll_backward")
 def _dmol_nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int) -> torch.Tensor:
     backend = _backend.resolve_backend(x, logits, grad_nll)
     if backend == "reference":
@@ -169,7 +172,7 @@ _dmol_nll.register_autograd(_nll_backward, setup_context=_nll_setup_context)
 _dmol_nll_call = eager_fast_path(_dmol_nll)
 
 
-def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int = 256, reduction: str = "none") -> torch.Tensor:
+def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int = 256, reduction: str = "none", *, check_x: bool = True) -> torch.Tensor:
     """PixelCNN++'s discretized logistic mixture negative log-likelihood, fused.
 
     Args:
@@ -190,10 +193,13 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
     whatever the storage dtype. Differentiable w.r.t. ``logits``.
 
     Raises TypeError/ValueError naming the argument for a wrong dtype, shape, device,
-    ``num_bins``, ``reduction`` or x out of range (the range check reads x once and
-    is skipped under ``torch.compile`` and CUDA-graph capture).
+    ``num_bins``, ``reduction`` or x out of range. The range check reads x's minimum
+    and maximum on the host, which on a GPU waits for the work queued before it; it is
+    skipped under ``torch.compile`` and CUDA-graph capture, and with ``check_x=False``
+    (a training loop whose images are valid bins by construction: the drop-in models
+    check their images' dtype and shape only).
     """
-    _check_nll_args(x, logits, num_bins, reduction)
+    _check_nll_args(x, logits, num_bins, reduction, check_x)
     nll = _dmol_nll_call(x, logits, num_bins)
     if reduction == "none":
         return nll
@@ -208,7 +214,7 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
 # --------------------------------------------------------------------------- sampler
 
 
-@torch.library.custom_op("pixelcnn_kernels::dmol_sample", mutates_args=())
+@custom_op("pixelcnn_kernels::dmol_sample")
 def _dmol_sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, num_bins: int, quantize: bool) -> torch.Tensor:
     backend = _backend.resolve_backend(logits, u_mix, u_logistic)
     if backend == "reference":

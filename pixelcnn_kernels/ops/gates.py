@@ -26,7 +26,7 @@ import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, eager_fast_path, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, custom_op, eager_fast_path, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -169,7 +169,7 @@ def _cond_grad(dx: torch.Tensor, dim: int, cond: torch.Tensor) -> torch.Tensor:
 def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[Callable, Callable]:
     """Defines the custom ops ``pixelcnn_kernels::<name>`` and ``<name>_backward``; returns both (:func:`eager_fast_path`)."""
 
-    @torch.library.custom_op(f"pixelcnn_kernels::{name}", mutates_args=())
+    @custom_op(f"pixelcnn_kernels::{name}")
     def forward_op(x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
@@ -186,7 +186,7 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
         x = _dense_input(x, dim, cond)
         return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, x.shape[dim] // 2))
 
-    @torch.library.custom_op(f"pixelcnn_kernels::{name}_backward", mutates_args=())
+    @custom_op(f"pixelcnn_kernels::{name}_backward")
     def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
@@ -257,7 +257,7 @@ def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None
 # ---------------------------------------------------------------------- concat_elu
 
 
-@torch.library.custom_op("pixelcnn_kernels::concat_elu", mutates_args=())
+@custom_op("pixelcnn_kernels::concat_elu")
 def _concat_elu_op(x: torch.Tensor, dim: int) -> torch.Tensor:
     x = _dense_input(x, dim, None)
     layout = _RowsLayout.of(x, dim)
@@ -276,7 +276,7 @@ def _(x, dim):
     return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, 2 * x.shape[dim]))
 
 
-@torch.library.custom_op("pixelcnn_kernels::concat_elu_backward", mutates_args=())
+@custom_op("pixelcnn_kernels::concat_elu_backward")
 def _concat_elu_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
     x = _dense_input(x, dim, None)
     layout = _RowsLayout.of(x, dim)

@@ -34,7 +34,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
-from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, eager_fast_path, in_layout_of, is_channels_last
+from pixelcnn_kernels.utils import autograd_inside_custom_op, channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, custom_op, eager_fast_path, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -276,7 +276,7 @@ def _forward(backend: str, x, weight, bias, residual, spec: MaskSpec, dilation: 
     return _from_channels_last_rows(out, x)
 
 
-@torch.library.custom_op("pixelcnn_kernels::masked_conv2d", mutates_args=())
+@custom_op("pixelcnn_kernels::masked_conv2d")
 def _masked_conv2d_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool,
@@ -301,7 +301,7 @@ def _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_i
     return grad
 
 
-@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_input", mutates_args=())
+@custom_op("pixelcnn_kernels::masked_conv2d_grad_input")
 def _grad_input_op(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
 ) -> torch.Tensor:
@@ -321,7 +321,7 @@ def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilatio
     return _empty_nchw(x, x.shape[1])
 
 
-@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_grad_weight", mutates_args=())
+@custom_op("pixelcnn_kernels::masked_conv2d_grad_weight")
 def _grad_weight_op(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
 ) -> torch.Tensor:
@@ -424,7 +424,7 @@ def masked_conv2d(
 # ---------------------------------------------------------------- masked_conv2d_gated
 
 
-@torch.library.custom_op("pixelcnn_kernels::masked_conv2d_gated", mutates_args=())
+@custom_op("pixelcnn_kernels::masked_conv2d_gated")
 def _masked_conv2d_gated_op(
     x: torch.Tensor,
     weight: torch.Tensor,
