@@ -186,7 +186,10 @@ def custom_op(name: str) -> Callable[[Callable], object]:
     """
 
     def define(impl: Callable):
-        return torch.library.custom_op(name, _without_autocast(impl), mutates_args=())
+        # The schema from impl itself: inferred from the wrapper, string annotations would be
+        # evaluated in this module's globals instead of impl's.
+        schema = torch.library.infer_schema(impl, mutates_args=())
+        return torch.library.custom_op(name, _without_autocast(impl), mutates_args=(), schema=schema)
 
     return define
 

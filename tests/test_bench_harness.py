@@ -155,6 +155,14 @@ def test_a_full_call_of_a_training_case_updates_its_parameters_with_adamw():
     assert (first - before).abs().max() <= 1.05 * harness.BENCH_LR  # AdamW's first step moves each weight by about lr (float32 rounding aside)
 
 
+def test_each_provider_updates_its_own_copy_of_the_parameters():
+    x, weight = torch.randn(4, 8), torch.randn(8)
+    full = harness._prepare((x, weight), (0, 1), "full", optimized_inputs=(1,))
+    assert full[1].data_ptr() != weight.data_ptr() and torch.equal(full[1], weight) and full[1].requires_grad
+    assert full[0].data_ptr() == x.data_ptr()  # not updated: shared
+    assert harness._prepare((x, weight), (0, 1), "backward", optimized_inputs=(1,))[1].data_ptr() == weight.data_ptr()
+
+
 def test_the_models_training_steps_run_on_the_cpu():
     """Eager for both models, the fused ops (the Triton interpreter) for the Gated PixelCNN's."""
     cases = {case.name: case for case in cases_for("models", on_gpu=False) if case.name.endswith("_train")}

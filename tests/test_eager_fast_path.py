@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from typing import Optional
 
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from op_table import DEVICE, OPS, forward_backward, valid_inputs
+from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
@@ -26,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pixelcnn_kernels as pk
 from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.utils import custom_op
 
 # The ops with a gradient (the sampler has none).
 DIFFERENTIABLE = [name for name, case in OPS.items() if case.grad_inputs]
@@ -186,3 +189,14 @@ def test_a_backward_recording_a_graph_calls_the_backward_ops_as_custom_ops():
         with _custom_op_calls() as calls:
             torch.autograd.grad(y.sum(), x, create_graph=True)
     assert calls == {"gate_sigmoid_backward": 1}
+
+
+def test_custom_op_infers_the_schema_from_the_implementations_own_module():
+    """This module's string annotations name Tensor and Optional, which pixelcnn_kernels.utils does not import."""
+
+    def add_if_given(x: Tensor, y: Optional[Tensor]) -> Tensor:
+        return x.clone() if y is None else x + y
+
+    op = custom_op("pixelcnn_kernels_tests::add_if_given")(add_if_given)
+    assert str(op._opoverload._schema).endswith("(Tensor x, Tensor? y) -> Tensor")
+    assert torch.equal(op(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))

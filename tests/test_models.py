@@ -336,9 +336,13 @@ def test_bad_images():
         model(torch.zeros(1, 3, 4, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):
         model([[0]])
-    pp, _ = tiny("pp_grey")
+    pp, pp_shape = tiny("pp_grey")
     with pytest.raises(ValueError, match="multiples of 4"):
         pp(torch.zeros(1, 1, 6, 8, dtype=torch.long))
+    # Bins out of range: the DMOL head checks them on the device (an error here; a device-side assert on a GPU).
+    for value in (pp.num_bins, -1):
+        with pytest.raises(RuntimeError, match=rf"x must hold bins in \[0, {pp.num_bins - 1}\]"):
+            pp.loss(torch.full((1, *pp_shape), value, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- naive sampler

@@ -206,10 +206,12 @@ def _input_sets(case: Case, device, dtype, seed: int) -> list[tuple]:
     return [first] + [case.make_inputs(device, dtype, generator) for _ in range(count - 1)]
 
 
-def _prepare(inputs: tuple, grad_inputs: tuple[int, ...], mode: str) -> tuple:
+def _prepare(inputs: tuple, grad_inputs: tuple[int, ...], mode: str, optimized_inputs: tuple[int, ...] = ()) -> tuple:
+    """``inputs`` as leaves for ``mode``; copies of those a full call's optimiser updates, so each provider starts from the same values."""
     if mode == "forward":
         return inputs
-    return tuple(t.detach().requires_grad_(True) if i in grad_inputs else t for i, t in enumerate(inputs))
+    updated = optimized_inputs if mode == "full" else ()
+    return tuple((t.detach().clone() if i in updated else t.detach()).requires_grad_(True) if i in grad_inputs else t for i, t in enumerate(inputs))
 
 
 # The AdamW learning rate of the ``full`` calls of cases with ``optimized_inputs``: small, so
@@ -217,10 +219,9 @@ def _prepare(inputs: tuple, grad_inputs: tuple[int, ...], mode: str) -> tuple:
 BENCH_LR = 1e-5
 
 
-def _training_step(fn: Callable, inputs: tuple, wrt: list, grads: list, optimized: list) -> Callable[[], None]:
-    """Forward, backward into the ``.grad`` of ``wrt``, and a fused AdamW step of ``optimized`` (capturable in a CUDA graph)."""
-    on_gpu = optimized[0].is_cuda
-    optimizer = torch.optim.AdamW(optimized, lr=BENCH_LR, fused=on_gpu or None, capturable=on_gpu)
+def _training_step(fn: Callable, inputs: tuple, wrt: list, grads: list, optimized: list, capturable: bool) -> Callable[[], None]:
+    """Forward, backward into the ``.grad`` of ``wrt``, and a fused AdamW step of ``optimized`` (``capturable`` in a CUDA graph)."""
+    optimizer = torch.optim.AdamW(optimized, lr=BENCH_LR, fused=optimized[0].is_cuda or None, capturable=capturable)
 
     def step():
         for t in wrt:
@@ -231,8 +232,10 @@ def _training_step(fn: Callable, inputs: tuple, wrt: list, grads: list, optimize
     return step
 
 
-def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, cache: dict, optimized_inputs: tuple[int, ...] = ()) -> Callable[[], object]:
-    """A zero-argument callable doing one timed unit of work for ``mode``."""
+def _step(
+    fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, cache: dict, optimized_inputs: tuple[int, ...] = (), capturable: bool = False
+) -> Callable[[], object]:
+    """A zero-argument callable doing one timed unit of work for ``mode`` (``capturable``: to be captured in a CUDA graph)."""
     if mode == "forward":
 
         def forward():
@@ -248,7 +251,7 @@ def _step(fn: Callable, inputs: tuple, grad_inputs: tuple[int, ...], mode: str, 
         cache[key] = (outs if mode == "backward" else None, [torch.randn_like(o) for o in outs])
     outs, grads = cache[key]
     if mode == "full" and optimized_inputs:
-        return _training_step(fn, inputs, wrt, grads, [inputs[i] for i in optimized_inputs])
+        return _training_step(fn, inputs, wrt, grads, [inputs[i] for i in optimized_inputs], capturable)
     if mode == "full":
         return lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads)
     return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
@@ -326,7 +329,7 @@ def _measure(
     and MIN_REPEATS timed calls), so a measurement takes about MEASURE_SECONDS (a naive sampler's calls take a minute).
     With ``cuda_graph`` each set's call is captured in a CUDA graph and its replays are timed; the peak memory
     is then that of the captures (the replays allocate nothing)."""
-    sets = [_prepare(inputs, case.grad_inputs, mode) for inputs in input_sets]
+    sets = [_prepare(inputs, case.grad_inputs, mode, case.optimized_inputs) for inputs in input_sets]
     graph_cache: dict = {}
     if cuda_graph:
         torch.cuda.synchronize()
@@ -337,7 +340,7 @@ def _measure(
         capture_stream = torch.cuda.Stream()
         capture_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(capture_stream):
-            steps = [_captured(_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs), capture_stream) for inputs in sets]
+            steps = [_captured(_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs, capturable=True), capture_stream) for inputs in sets]
         torch.cuda.current_stream().wait_stream(capture_stream)
         row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     else:

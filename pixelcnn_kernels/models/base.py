@@ -155,6 +155,9 @@ class PixelCNNModel(nn.Module, abc.ABC):
             rows = logits.permute(0, 3, 4, 2, 1).reshape(-1, bins).to(compute_dtype(logits.dtype))
             targets = x.long().permute(0, 2, 3, 1).reshape(-1)
             return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], -1).sum(dim=1)
+        # The bins checked on the device, as the softmax head's cross entropy checks its targets (a
+        # host read of x's range would make the host wait for the GPU every step): on a GPU a device-side assert.
+        torch._assert_async(((x >= 0) & (x < self.num_bins)).all(), f"x must hold bins in [0, {self.num_bins - 1}]")
         return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
 
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
