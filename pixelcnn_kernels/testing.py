@@ -1,4 +1,4 @@
-"""Tolerances for comparing a kernel backend with the reference.
+"""Tolerances for comparing a kernel backend with the reference, and a counter of the custom ops.
 
 One table for the whole project: tests, the property tests, ``convert()``'s
 probe check and the models' backend-equivalence checks all read it. Values are
@@ -8,7 +8,10 @@ inside; gradients get the same table (they are one more fused pass).
 
 from __future__ import annotations
 
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-12),
@@ -37,3 +40,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
     torch.testing.assert_close(
         actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True, msg=(lambda m: f"{msg}\n{m}") if msg else None
     )
+
+
+class CountedCustomOps(TorchDispatchMode):
+    """Counts, by name, the package's custom ops (``pixelcnn_kernels::*``) that reach the dispatcher
+    in the block; being a dispatch mode, it sends every op call there (off the eager fast path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pixelcnn_kernels":
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))

@@ -23,29 +23,16 @@ from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixelcnn_kernels as pk
 from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.testing import CountedCustomOps
 from pixelcnn_kernels.utils import custom_op
 
 # The ops with a gradient (the sampler has none).
 DIFFERENTIABLE = [name for name, case in OPS.items() if case.grad_inputs]
 BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-class _DispatchedOps(TorchDispatchMode):
-    """Counts the package's custom ops that reach the dispatcher (being a mode, it sends every call there)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "pixelcnn_kernels":
-            self.calls[func._opname] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _PassThroughFunctionMode(TorchFunctionMode):
@@ -129,7 +116,7 @@ def test_plain_eager_calls_skip_the_custom_ops_forward_and_backward(name):
 @pytest.mark.parametrize(
     "context, in_backward",
     [
-        pytest.param(lambda: _DispatchedOps(), True, id="dispatch_mode"),
+        pytest.param(lambda: CountedCustomOps(), True, id="dispatch_mode"),
         # Torch-function modes are not active in the backward pass, so no mode sees its ops there.
         pytest.param(lambda: _PassThroughFunctionMode(), False, id="torch_function_mode"),
         pytest.param(lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), True, id="profiler"),

@@ -6,17 +6,15 @@ level (values and gradients), that the shifted (de)convolutions are PixelCNN++'s
 that bad input is refused before any op runs.
 """
 
-import collections
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pixelcnn_kernels
 from pixelcnn_kernels.nn import layers as fused_layers
 from pixelcnn_kernels.reference import layers as reference_layers
-from pixelcnn_kernels.testing import assert_close, tolerance
+from pixelcnn_kernels.testing import CountedCustomOps, assert_close, tolerance
 
 
 def layer_pair(class_name: str, *args, dtype=torch.float64, device="cpu", **kwargs):
@@ -76,26 +74,13 @@ def test_gated_masked_conv_matches_the_reference_built_layer(color_groups, dilat
         assert_layers_agree(fused, reference, gated_inputs(6, cond_channels))
 
 
-class _CountedOps(TorchDispatchMode):
-    """Counts the calls of the package's custom ops (``pixelcnn_kernels::*``) by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "pixelcnn_kernels":
-            self.calls[func._opname] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("color_groups, expected", [
     (1, {"masked_conv2d_gated": 2, "masked_conv2d": 2}),  # each stack's gate in a conv epilogue
     (3, {"masked_conv2d_gated": 1, "masked_conv2d": 3, "gate_tanh_sigmoid": 1}),  # colour-major halves: a separate gate
 ])  # fmt: skip
 def test_gated_masked_conv_runs_its_gates_in_conv_epilogues(color_groups, expected):
     layer = fused_layers.GatedMaskedConv2d(6, 3, 1, color_groups, cond_channels=4)
-    with _CountedOps() as counted, torch.no_grad():
+    with CountedCustomOps() as counted, torch.no_grad():
         layer(*gated_inputs(6, 4, dtype=torch.float32))
     assert dict(counted.calls) == expected
 
