@@ -1,6 +1,6 @@
 """Plain eager calls of the ops skip torch.library's dispatch; everything else goes through it.
 
-:func:`pixelcnn_kernels.utils.eager_fast_path` runs an op's own implementation under an
+:func:`pixelcnn_kernels.ops.registration.eager_fast_path` runs an op's own implementation under an
 autograd.Function made of its registered autograd. These tests check that it gives the
 custom op's outputs and gradients bit for bit (every op, both CPU-testable backends, and
 on the GPU every backend; also under autocast, which neither path applies inside an
@@ -27,8 +27,8 @@ from torch.overrides import TorchFunctionMode
 import pixelcnn_kernels as pk
 from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.ops.registration import custom_op
 from pixelcnn_kernels.testing import CountedCustomOps
-from pixelcnn_kernels.utils import custom_op
 
 # The ops with a gradient (the sampler has none).
 DIFFERENTIABLE = [name for name, case in OPS.items() if case.grad_inputs]

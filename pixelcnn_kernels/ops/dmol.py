@@ -17,8 +17,9 @@ import math
 import torch
 
 from pixelcnn_kernels import backend as _backend
+from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, custom_op, eager_fast_path
+from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the

@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
+from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import DTypeError, autograd_inside_custom_op, check_same_device, check_tensor, compute_dtype, custom_op, eager_fast_path, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, check_same_device, check_tensor, compute_dtype, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
