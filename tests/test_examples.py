@@ -36,6 +36,13 @@ def test_train_class_conditional(tmp_path):
     assert "held-out" in out and (tmp_path / "grid.png").is_file()
 
 
+@pytest.mark.gpu
+def test_train_class_conditional_with_cuda_graphs(tmp_path):
+    out = run_example("train_class_conditional.py", "--device", "cuda", "--cuda-graph", "--epochs", "2", "--hidden", "8", "--layers", "1",
+                      "--per-class", "1", "--train-images", "72", "--batch-size", "16", "--out", "grid.png", cwd=tmp_path)
+    assert out.count("held-out") == 2 and (tmp_path / "grid.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A checkpoint of a tiny model trained one epoch on 40 digits (the example reloads that data set)."""
