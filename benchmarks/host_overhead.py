@@ -58,49 +58,45 @@ class StubbedLaunches:
 
 
 def workloads():
-    """(name, module, inputs) of issue 5's layers and issue 6's models, tiny: the step is ``module(*inputs)`` then backward."""
+    """(name, module, forward) of issue 5's layers and issue 6's models, tiny: a step is ``forward()`` (the
+    layer on its inputs, the model's loss) and the backward of its outputs."""
     torch.manual_seed(0)
     side = 4
 
     def act(channels, batch=1):
         return torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
+    v, h, skip = act(6), act(6), act(8)
+    x, cond = act(4), torch.randn(1, CLASSES)
     images = torch.randint(0, 256, (1, 3, side, side))
+    gated_layer = GatedMaskedConv2d(6, 3, 2, cond_channels=CLASSES)
+    resnet = GatedResnet(4, "down_right", 2, dropout=0.0)
     gated = GatedPixelCNN(3, hidden=6, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1])
     pixelcnn_pp = PixelCNNPlusPlus(nr_resnet=5, nr_filters=4, nr_logistic_mix=10, dropout=0.0)
     return [
-        ("GatedMaskedConv2d d2 cond", GatedMaskedConv2d(6, 3, 2, cond_channels=CLASSES), (act(6), act(6), torch.randn(1, CLASSES))),
-        ("GatedResnet down_right skip2", GatedResnet(4, "down_right", 2, dropout=0.0), (act(4), act(8))),
-        ("GatedPixelCNN RGB L7 softmax", _Loss(gated), (images,)),
-        ("PixelCNN++ R5 K10", _Loss(pixelcnn_pp), (images,)),
+        ("GatedMaskedConv2d d2 cond", gated_layer, lambda: gated_layer(v, h, cond)),
+        ("GatedResnet down_right skip2", resnet, lambda: resnet(x, skip)),
+        ("GatedPixelCNN RGB L7 softmax", gated, lambda: gated.loss(images)),
+        ("PixelCNN++ R5 K10", pixelcnn_pp, lambda: pixelcnn_pp.loss(images)),
     ]
 
 
-class _Loss(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.loss(x)
-
-
-def _step(module, inputs):
-    outputs = module(*inputs)
+def _step(forward) -> None:
+    outputs = forward()
     loss = sum(o.float().sum() for o in outputs) if isinstance(outputs, tuple) else outputs.float().sum()
     loss.backward()
 
 
-def host_ms(module, inputs, steps: int) -> tuple[float, int]:
+def host_ms(forward, steps: int) -> tuple[float, int]:
     """(median ms of ``steps`` forward+backward calls, kernel launches per call)."""
     with StubbedLaunches() as launches:
         for _ in range(3):  # warm-up: the caches of masks, tables and layouts
-            _step(module, inputs)
+            _step(forward)
         launches.count = 0
         times = []
         for _ in range(steps):
             begin = time.perf_counter()
-            _step(module, inputs)
+            _step(forward)
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times), launches.count // steps
 
@@ -112,12 +108,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["| workload | ops | host ms (fwd+bwd) | Triton launches |", "|---|---|---:|---:|"]
-    for name, module, inputs in workloads():
+    for name, module, forward in workloads():
         for ops in ("fused", "reference"):
             if ops == "reference":
                 set_ops(module, REFERENCE_OPS)
             with pk.use_backend("triton"):
-                ms, launches = host_ms(module, inputs, args.steps)
+                ms, launches = host_ms(forward, args.steps)
             lines.append(f"| {name} | {ops} | {ms:.2f} | {launches if ops == 'fused' else '-'} |")
             print(lines[-1], flush=True)
     header = [

@@ -332,9 +332,7 @@ def _measure(
     sets = [_prepare(inputs, case.grad_inputs, mode, case.optimized_inputs) for inputs in input_sets]
     graph_cache: dict = {}
     if cuda_graph:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
+        baseline = _memory_baseline()
         # One side stream for everything the captures touch: autograd runs a backward op on its forward
         # op's stream, so backward mode's forward graph is built on the stream that captures its backward.
         capture_stream = torch.cuda.Stream()
@@ -342,7 +340,7 @@ def _measure(
         with torch.cuda.stream(capture_stream):
             steps = [_captured(_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs, capturable=True), capture_stream) for inputs in sets]
         torch.cuda.current_stream().wait_stream(capture_stream)
-        row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        row.peak_mib = _peak_mib_since(baseline)
     else:
         steps = [_step(fn, inputs, case.grad_inputs, mode, graph_cache, case.optimized_inputs) for inputs in sets]
     call_s = 0.0
@@ -353,14 +351,24 @@ def _measure(
     repeats = min(repeats, max(MIN_REPEATS, int(MEASURE_SECONDS / max(call_s, 1e-9))))
     measure_memory = device.type == "cuda" and not cuda_graph
     if measure_memory:  # after the warm-up: compilation and first-call workspaces are not the op's
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
+        baseline = _memory_baseline()
     times, host_times = zip(*(timer.time_call(steps[i % len(steps)]) for i in range(repeats)))
     row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
     row.host_ms = _median(host_times)
     if measure_memory:
-        row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        row.peak_mib = _peak_mib_since(baseline)
+
+
+def _memory_baseline() -> int:
+    """The GPU memory allocated now, the peak counter reset to it (after the queued work)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_mib_since(baseline: int) -> float:
+    """MiB allocated at the peak since :func:`_memory_baseline` returned ``baseline``, beyond it."""
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
 
 # Calls before a capture, on the capturing side stream: lazy initialisation, compilation, caches.

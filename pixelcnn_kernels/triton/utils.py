@@ -99,11 +99,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def grid_1d(n: int, block: int) -> tuple[int]:
-    """A 1-d launch grid covering ``n`` items in blocks of ``block``."""
-    return (cdiv(n, block),)
-
-
 def needs_int64_index(*tensors: torch.Tensor) -> bool:
     """True when any offset into these tensors can exceed 2**31 - 1 elements."""
     return any(t.numel() >= 2**31 for t in tensors if t is not None)
