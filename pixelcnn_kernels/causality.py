@@ -67,8 +67,9 @@ class CausalityReport:
     """What :func:`check_causality` found; ``str(report)`` prints a table.
 
     ``influence`` maps each checked output position (g, i, j) to a (C, H, W)
-    float64 tensor: the summed absolute gradient of that output with respect to
-    each input position (zero: no influence).
+    boolean tensor: True where the input position influences that output (a
+    non-zero gradient in some trial). Booleans, not the gradients: one byte per
+    input and output position (150 MB for every output of a 3×64×64 image).
     """
 
     input_shape: tuple[int, int, int]
@@ -83,7 +84,7 @@ class CausalityReport:
         return not self.leaks and not self.blind_spots
 
     def receptive_field(self, position: tuple[int, int, int]) -> torch.Tensor:
-        """The (C, H, W) influence map of one checked output position (g, i, j)."""
+        """The (C, H, W) boolean influence map of one checked output position (g, i, j)."""
         position = tuple(position)
         if position not in self.influence:
             raise ValueError(f"position {position} was not checked; check_causality(positions=...) chose which are")
@@ -91,7 +92,7 @@ class CausalityReport:
 
     def categories(self, position: tuple[int, int, int]) -> torch.Tensor:
         """Per input position (C, H, W): 0 no influence, 1 influence (allowed), 2 leak, 3 blind spot."""
-        seen = self.receptive_field(position) != 0
+        seen = self.receptive_field(position)
         allowed = _allowed_inputs(self.input_shape, self.output_groups, position)
         category = torch.zeros(self.input_shape, dtype=torch.int64)
         category[seen & allowed] = 1
@@ -382,10 +383,13 @@ def _check_causality(model, input_shape, forward, positions, output_groups, tria
         if bad or not targets:
             raise ValueError(f"positions must be non-empty (g, i, j) with g < {groups}, i < {height}, j < {width}; got {bad or 'none'}")
 
-    influence = {p: torch.zeros(input_shape, dtype=torch.float64) for p in targets}
-    for trial in range(trials):
-        for start in range(0, len(targets), batch_size):
-            chunk = targets[start : start + batch_size]
+    report = CausalityReport(input_shape, groups)
+    # One batch of outputs at a time, through every trial, classified before the next:
+    # only a batch's gradients are held in float64.
+    for start in range(0, len(targets), batch_size):
+        chunk = targets[start : start + batch_size]
+        summed = torch.zeros(len(chunk), *input_shape, dtype=torch.float64)
+        for trial in range(trials):
             x = inputs[trial].expand(len(chunk), *input_shape).clone().requires_grad_(True)
             with torch.enable_grad():
                 output = run(x)
@@ -395,23 +399,20 @@ def _check_causality(model, input_shape, forward, positions, output_groups, tria
                     cotangent[b][index] = torch.randn(output[b][index].shape, generator=generator, dtype=torch.float64).to(output.dtype)
                 # No graph from x (integer casts, embeddings): no influence, reported below.
                 (grad,) = torch.autograd.grad(output, x, cotangent, allow_unused=True) if output.requires_grad else (None,)
-            for b, position in enumerate(chunk):
-                if grad is not None:
-                    influence[position] += grad[b].abs().double()
-    if not any(influence[p].any() for p in targets) and any(_allowed_inputs(input_shape, groups, p).any() for p in targets):
+            if grad is not None:
+                summed += grad.abs().double()
+        for position, influence in zip(chunk, summed != 0):
+            report.influence[position] = influence
+            allowed = _allowed_inputs(input_shape, groups, position)
+            leaked = _positions_of(influence & ~allowed)
+            if leaked:
+                report.leaks.append(CausalityFinding(position, leaked))
+            blind = _positions_of(_blind_spots(influence, allowed, position))
+            if blind:
+                report.blind_spots.append(CausalityFinding(position, blind))
+    if not any(report.influence[p].any() for p in targets) and any(_allowed_inputs(input_shape, groups, p).any() for p in targets):
         raise ValueError(
             "no output depends on the input through gradients: the forward quantises it, casts it to integers or looks it "
             "up in an embedding; pass forward_fn=lambda model, x: ... feeding the float input x in [-1, 1] to the layers"
         )
-
-    report = CausalityReport(input_shape, groups, influence=influence)
-    for position in targets:
-        seen = influence[position] != 0
-        allowed = _allowed_inputs(input_shape, groups, position)
-        leaked = _positions_of(seen & ~allowed)
-        if leaked:
-            report.leaks.append(CausalityFinding(position, leaked))
-        blind = _positions_of(_blind_spots(seen, allowed, position))
-        if blind:
-            report.blind_spots.append(CausalityFinding(position, blind))
     return report

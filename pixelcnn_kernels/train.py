@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from pixelcnn_kernels.backend import BACKENDS, use_backend
 from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
+from pixelcnn_kernels.models import TrainingLoss, model_from_config
 
 MODEL_NAMES = {"gated": "gated_pixelcnn", "pixelcnnpp": "pixelcnn_pp"}  # --model choice -> models.MODELS name
 # The gated defaults were chosen on the digits (best held-out bits/dim, seed 0; about ±0.005 run to run).
@@ -267,17 +268,6 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
     return Path(args.resume) if args.resume else Path(args.out) / "last.pt"
 
 
-class _Loss(torch.nn.Module):
-    """The model's training loss as a module's forward, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.loss(x, cond)
-
-
 class GraphedLoss:
     """``model.loss(x, cond)`` with its forward and backward captured in CUDA graphs and replayed.
 
@@ -310,7 +300,7 @@ class GraphedLoss:
         self.shapes = tuple(t.shape for t in example)
         # A module comes back with its forward replaced by the graphs' (the captured one while in the
         # training mode it was captured in): a wrapper of its own, so model.loss stays the plain loss.
-        self.graphed = torch.cuda.make_graphed_callables(_Loss(model), example, allow_unused_input=True)
+        self.graphed = torch.cuda.make_graphed_callables(TrainingLoss(model), example, allow_unused_input=True)
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if (cond is not None) != self.conditional:
@@ -399,8 +389,6 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, run: Distributed) -> dict:
-    from pixelcnn_kernels.models import model_from_config
-
     out = Path(args.out)
     if run.is_main:  # before any work: an unwritable --out would otherwise surface after the first epoch
         out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +441,7 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     # CUDA graphs replay autocast's casts of the weights: its cache (cast weights kept across calls) must be off.
     autocast = (lambda: torch.autocast(run.device.type, dtype=autocast_to, cache_enabled=not args.cuda_graph)) if autocast_to is not None else nullcontext
     train_labels = data.train_labels if args.class_conditional else None
-    loss_fn = _Loss(model)
+    loss_fn = TrainingLoss(model)
     if run.world_size > 1:
         loss_fn = DistributedDataParallel(loss_fn)
     elif args.cuda_graph:

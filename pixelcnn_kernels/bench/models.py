@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixelcnn_kernels.bench.harness import Case
-from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
+from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus, TrainingLoss
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d, GatedResnet
 from pixelcnn_kernels.reference.layers import REFERENCE_OPS, OpSet, set_ops
 from pixelcnn_kernels.utils import channels_last
@@ -42,17 +42,6 @@ from pixelcnn_kernels.utils import channels_last
 BACKWARD_FLOP_FACTOR = 2
 # Parameter-sized reads and writes of an AdamW update: parameter, gradient and two moments in, three out.
 ADAMW_PASSES = 7
-
-
-class _Loss(nn.Module):
-    """``model.loss(x, cond)`` as a forward, so ``functional_call`` can swap its parameters."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, cond=None):
-        return self.model.loss(x, cond)
 
 
 class _Twins:
@@ -193,8 +182,8 @@ def cases(on_gpu: bool) -> list[Case]:
     def rgb_images(device, dtype, generator):
         return (_images(device, generator, 256, batch, 3, size, size),)
 
-    gated_pixelcnn = _Twins(lambda: _Loss(GatedPixelCNN(3, hidden=hidden, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1])))
-    pixelcnn_pp = _Twins(lambda: _Loss(PixelCNNPlusPlus(nr_resnet=nr_resnet, nr_filters=nr_filters, nr_logistic_mix=10)))
+    gated_pixelcnn = _Twins(lambda: TrainingLoss(GatedPixelCNN(3, hidden=hidden, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1])))
+    pixelcnn_pp = _Twins(lambda: TrainingLoss(PixelCNNPlusPlus(nr_resnet=nr_resnet, nr_filters=nr_filters, nr_logistic_mix=10)))
     every_mode = ("forward", "backward", "full")
     return [
         _case("gated_masked_conv2d", f"{batch}x{gated_channels}x{size}x{size} d2 cond", _Twins(lambda: GatedMaskedConv2d(gated_channels, 3, 2, cond_channels=classes)), gated_data, (0, 1, 2), every_mode),

@@ -6,11 +6,11 @@ Checkpoints store ``{"name": model.name, "config": model.config}``;
 
 from __future__ import annotations
 
-from pixelcnn_kernels.models.base import PixelCNNModel
+from pixelcnn_kernels.models.base import PixelCNNModel, TrainingLoss
 from pixelcnn_kernels.models.gated_pixelcnn import GatedPixelCNN
 from pixelcnn_kernels.models.pixelcnn_pp import PixelCNNPlusPlus
 
-__all__ = ["MODELS", "GatedPixelCNN", "PixelCNNModel", "PixelCNNPlusPlus", "build_model", "model_from_config"]
+__all__ = ["MODELS", "GatedPixelCNN", "PixelCNNModel", "PixelCNNPlusPlus", "TrainingLoss", "build_model", "model_from_config"]
 
 MODELS: dict[str, type[PixelCNNModel]] = {cls.name: cls for cls in (GatedPixelCNN, PixelCNNPlusPlus)}
 
