@@ -31,6 +31,12 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// v rounded to T's precision, as a value stored in a T tensor and read back.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
 // Calls `fn` with a value of the element type named by `dtype`:
 //   dispatch_dtype(dtype, [&](auto tag) { using T = decltype(tag); ... });
 template <typename Fn>

@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(kThreads) pixel_step_kernel(const PixelStep s)
 __host__ __device__ inline int resnet_taps(const ResnetStep& s) { return s.kernel_height * s.kernel_width; }
 
 // window[image][t * 2C + k] = elu(v), [t * 2C + C + k] = elu(-v), v = src at (row, col) + tap t's
-// offset (padded coordinates) in image image0 + image; zero for images past the batch.
+// offset (padded coordinates) in image image0 + image; zero for images past the batch. Each elu is
+// rounded to T, as the full forward's concat_elu (materialised, or the conv's prologue) gives it.
 template <typename T, int kImages>
 __device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, int64_t image0, int row, int col,
                                              float* window) {
@@ -148,8 +149,8 @@ __device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, 
     const int64_t pixel = int64_t{row + t / s.kernel_width - s.top} * s.padded_width + col + t % s.kernel_width - s.left;
     const float v = b < s.batch ? to_float(src[(b * s.padded_height * s.padded_width + pixel) * c + k]) : 0.0f;
     float* dst = window + image * 2 * per_image + t * 2 * c;
-    dst[k] = elu_math(v);
-    dst[c + k] = elu_math(-v);
+    dst[k] = round_to<T>(elu_math(v));
+    dst[c + k] = round_to<T>(elu_math(-v));
   }
 }
 
@@ -178,8 +179,8 @@ __device__ void resnet_position(const ResnetStep& s, int row, int col, uint32_t 
       const int64_t b = image0 + image;
       const T* skip = static_cast<const T*>(s.skip[stream]);
       const float v = b < s.batch ? to_float(skip[b * image_len + q_pixel * c + k]) : 0.0f;
-      skip_s[image * skip_len + r] = elu_math(v);
-      skip_s[image * skip_len + n_skip + r] = elu_math(-v);
+      skip_s[image * skip_len + r] = round_to<T>(elu_math(v));
+      skip_s[image * skip_len + n_skip + r] = round_to<T>(elu_math(-v));
     }
     __syncthreads();
     for (int n = threadIdx.x; n < c; n += kThreads) {
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(kDrawThreads) softmax_draw_kernel(const Softma
   const int64_t b = blockIdx.x;
   const T* h = static_cast<const T*>(d.h) + b * d.hidden;
   // Rounded to T, as F.elu's output is before the PyTorch head's 1x1.
-  for (int n = threadIdx.x; n < d.hidden; n += kDrawThreads) elu_h[n] = to_float(from_float<T>(elu_math(to_float(h[n]))));
+  for (int n = threadIdx.x; n < d.hidden; n += kDrawThreads) elu_h[n] = round_to<T>(elu_math(to_float(h[n])));
   __syncthreads();
   const int64_t columns = int64_t{d.channels} * d.num_bins;
   const int64_t first_column = int64_t{d.channel} * d.num_bins;
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(kDrawThreads) softmax_draw_kernel(const Softma
     float acc = 0.0f;
     for (int n = 0; n < d.hidden; ++n) acc = fmaf(elu_h[n], to_float(weight[n * columns + k]), acc);
     acc += load_or_zero<T>(d.bias, first_column + k);
-    weights[k] = to_float(from_float<T>(acc));
+    weights[k] = round_to<T>(acc);
   }
   __syncthreads();
   if (threadIdx.x >= kWarp) return;

@@ -203,6 +203,10 @@ def _masked_conv_kernel(
         if addend_ptr is not None:
             acc += tl.load(addend_ptr + pre_index, mask=store_ok, other=0.0).to(tl.float32)
             acc_b += tl.load(addend_ptr + pre_index + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
+        # The gate sees the pre-activation rounded to the output dtype, as stored for the backward
+        # and as a separate gate op would read it.
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc_b = acc_b.to(out_ptr.dtype.element_ty).to(tl.float32)
         if pre_ptr is not None:
             tl.store(pre_ptr + pre_index, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
             tl.store(pre_ptr + pre_index + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)

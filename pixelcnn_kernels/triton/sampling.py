@@ -65,7 +65,10 @@ def _add_products(
         w_rows = w_ptr + k[:, None] * n_pre
         w_ok = k_ok[:, None] & n_ok[None, :]
         if CONCAT_ELU:
+            # Rounded to the input's dtype, as the full forward's concat_elu gives it.
             tile, neg = concat_elu_math(tile)
+            tile = tile.to(in_rows.dtype.element_ty).to(tl.float32)
+            neg = neg.to(in_rows.dtype.element_ty).to(tl.float32)
         acc_a = _dot_columns(acc_a, tile, w_rows, cols_a, w_ok)
         if PAIR:
             acc_b = _dot_columns(acc_b, tile, w_rows, cols_b, w_ok)
