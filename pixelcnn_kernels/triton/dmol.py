@@ -149,8 +149,9 @@ def nearest_bin(value, last_bin):
 
 @triton.jit
 def _pixel_coords(pid, num_pixels, height, width, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
-    """(b, h, w, mask) of the BLOCK pixels of program ``pid`` (int64 when INDEX_64, from the
-    pixel index on: the last program's padding lanes can pass 2**31 - 1)."""
+    """(pixel, b, h, w, mask) of the BLOCK pixels of program ``pid``: the flat pixel index and its
+    coordinates (int64 when INDEX_64, from the pixel index on: the last program's padding lanes
+    can pass 2**31 - 1)."""
     if INDEX_64:
         pid = pid.to(tl.int64)
     pix = pid * BLOCK + tl.arange(0, BLOCK)
@@ -159,7 +160,7 @@ def _pixel_coords(pid, num_pixels, height, width, BLOCK: tl.constexpr, INDEX_64:
     rest = pix // width
     row = rest % height
     batch = rest // height
-    return batch, row, col, mask
+    return pix, batch, row, col, mask
 
 
 @triton.jit
@@ -209,7 +210,7 @@ def _dmol_nll_kernel(
     (B, H, W) float32 (any strides, e.g. an expanded scalar) and writes
     grad_logits (B, P, H, W) in the logits dtype with its own strides.
     """
-    batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
+    pix, batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
     x_offset = batch * x_stride_b + row * x_stride_h + col * x_stride_w
     l_offset = (batch * l_stride_b + row * l_stride_h + col * l_stride_w)[:, None]
     k = tl.arange(0, K_PAD)
@@ -249,7 +250,6 @@ def _dmol_nll_kernel(
     joint_max = tl.max(joint, axis=1)
     log_total = joint_max + tl.log(tl.sum(tl.exp(joint - joint_max[:, None]), axis=1))
     if not COMPUTE_GRAD:
-        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(nll_ptr + pix, log_norm - log_total, mask=pix_mask)
     else:
         grad = tl.load(grad_nll_ptr + batch * g_stride_b + row * g_stride_h + col * g_stride_w, mask=pix_mask, other=0.0)
@@ -364,7 +364,7 @@ def _dmol_sample_kernel(
     u_logistic: (B, C, H, W) float32, any strides. out: (B, C, H, W) float32.
     The component is ``argmax_k(logit_k - log(-log(u_mix_k)))`` (first index on ties).
     """
-    batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
+    _, batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
     l_offset = batch * l_stride_b + row * l_stride_h + col * l_stride_w
     m_offset = batch * m_stride_b + row * m_stride_h + col * m_stride_w
     u_offset = batch * u_stride_b + row * u_stride_h + col * u_stride_w
