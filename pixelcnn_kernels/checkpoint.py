@@ -107,8 +107,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks the entries {missing}")
-    if payload["version"] > VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {payload['version']}; this pixelcnn-kernels reads up to {VERSION}")
+    version = payload["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {path} has no valid format version (a positive int), got {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this pixelcnn-kernels reads up to {VERSION}")
     return payload
 
 

@@ -288,14 +288,33 @@ def _buffer_snapshot(*modules: nn.Module) -> Callable[[], None]:
     return restore
 
 
-def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
-    """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random weights.
+def _replayed_randomness(device: torch.device) -> Callable[[], None]:
+    """A function that puts the global generators a forward on ``device`` draws from (the CPU's, and
+    ``device``'s) back to their state now: before each of two forwards, they draw the same dropout
+    masks; after the probes, the random streams are where they were."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    Leaves the Parameters and buffers of both as they were.
+    def replay() -> None:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+    return replay
+
+
+def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Generator) -> None:
+    """Raises NotConvertible unless ``old`` and ``new`` agree on probe inputs, with current and random
+    weights, in training and in eval mode (each pair of calls drawing the same random numbers: a
+    module that drops out in training mode, which the masked conv does not, differs there).
+
+    Leaves the Parameters, buffers, modes and the global random generators as they were.
     """
     params = _weight_and_bias(conv)
     saved = [p.detach().clone() for p in params]
     restore_buffers = _buffer_snapshot(old, new)
+    modes = {module: module.training for module in (*old.modules(), *new.modules())}
+    replay_randomness = _replayed_randomness(params[0].device)
     rtol, atol = tolerance(params[0].dtype, tf32=params[0].device.type == "cuda")
     try:
         with torch.no_grad():
@@ -306,23 +325,31 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
                     for p in params:
                         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).mul_(scale).to(p))
                 x = _probe_inputs(conv, generator)
-                expected = _probe(old, x)
-                restore_buffers()
-                actual = new(x)
-                restore_buffers()
-                if actual.shape != expected.shape:
-                    raise NotConvertible(f"output shape {tuple(actual.shape)} differs from the module's {tuple(expected.shape)}")
-                if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
-                    difference = (actual.double() - expected.double()).abs().max().item()
-                    raise NotConvertible(
-                        f"output differs from the masked conv on a probe with {weights} weights "
-                        f"(max |difference| {difference:.3g}, atol {atol:g}, rtol {rtol:g})"
-                    )
+                for training in (True, False):
+                    old.train(training)
+                    new.train(training)
+                    replay_randomness()
+                    expected = _probe(old, x)
+                    restore_buffers()
+                    replay_randomness()
+                    actual = new(x)
+                    restore_buffers()
+                    if actual.shape != expected.shape:
+                        raise NotConvertible(f"output shape {tuple(actual.shape)} differs from the module's {tuple(expected.shape)}")
+                    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+                        difference = (actual.double() - expected.double()).abs().max().item()
+                        raise NotConvertible(
+                            f"output differs from the masked conv on a probe with {weights} weights in {'training' if training else 'eval'} "
+                            f"mode (max |difference| {difference:.3g}, atol {atol:g}, rtol {rtol:g})"
+                        )
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
         restore_buffers()
+        replay_randomness()
+        for module, training in modes.items():
+            module.training = training
         for module in (old, new):  # weight norm's weights were last computed from the probe's random Parameters
             refresh_weight_norm(module)
 
@@ -416,6 +443,9 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
         raise NotConvertible(f"it holds several mask tensors {[m.name for m in masks]}")
     if isinstance(module, nn.Conv2d):  # kind 1: a conv holding its own mask
         conv_name, conv = None, module
+        others = [type(c).__name__ for name, c in module.named_children() if name != "parametrizations"]
+        if others:
+            raise NotConvertible(f"it also holds {others}, which the masked conv would drop")
     else:  # kinds 2 and 3: a wrapper of one conv
         conv_name, conv = _wrapped_conv(module)
     dilation = _check_plain_conv(conv)

@@ -359,6 +359,35 @@ def test_probes_leave_weights_unchanged():
     assert torch.all(model[0].weight == 1.0)
 
 
+class DroppingMaskedConv(FunctionalMaskedConv):
+    """A masked conv with dropout on its output in training mode: held as a child module, or called functionally."""
+
+    def __init__(self, c_in, c_out, as_child):
+        super().__init__(c_in, c_out, pixelcnn_mask("B", 3))
+        self.as_child = as_child
+        if as_child:
+            self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        out = super().forward(x)
+        return self.drop(out) if self.as_child else F.dropout(out, 0.5, training=self.training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_training_only_behaviour_is_not_dropped_and_the_random_streams_are_left_alone(training):
+    """Probed in both modes, whatever the model's: the dropout of a model converted in eval mode would vanish in training."""
+    model = nn.Sequential(DroppingMaskedConv(2, 2, as_child=True), DroppingMaskedConv(2, 2, as_child=False), InPlaceMaskedConv(2, 2, 3, "B"))
+    model.train(training)
+    state = torch.get_rng_state()
+    report = convert(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [r.name for r in report.replaced] == ["2"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "also holds ['Dropout']" in reasons["0"]
+    assert "output differs from the masked conv on a probe with current weights in training mode" in reasons["1"]
+    assert all(module.training == training for module in model.modules())
+
+
 @pytest.mark.parametrize(
     "module, reason",
     [

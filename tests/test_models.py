@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -271,6 +272,11 @@ def test_class_conditioning(model):
         model(x, torch.tensor([0]))
     with pytest.raises(TypeError, match="integer class labels"):
         model(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="cond is on meta but the model is on cpu"):
+        model(x, torch.tensor([0, 1], device="meta"))
+    for label in (3, -1):  # checked on the device (an error here; a device-side assert on a GPU)
+        with pytest.raises(RuntimeError, match=r"cond must hold class labels in \[0, 2\]"):
+            model(x, torch.tensor([0, label]))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -413,6 +419,9 @@ def test_class_conditional_sampling():
     assert draws.shape == (3, 1, 2, 2)
     with pytest.raises(ValueError, match="class-conditional"):
         model.sample(3, progress=False)
+    cuda_generator = types.SimpleNamespace(device=torch.device("cuda", 0))  # stands in for one on a machine without a GPU
+    with pytest.raises(ValueError, match="generator is on cuda:0 but the model is on cpu"):
+        model.sample(3, cond=torch.tensor([0, 1, 1]), generator=cuda_generator, progress=False)
 
 
 def test_bad_sampler_arguments():

@@ -251,11 +251,27 @@ def test_cached_logits_are_as_accurate_as_the_full_forward_in_float32(name):
 def test_sample_restores_training_mode_and_records_stats():
     model, _ = sharpened("gated_grey")
     model.train()
+    model.conv_layers[0].eval()  # one layer in eval mode on its own: left so
+    modes = {name: module.training for name, module in model.named_modules()}
     assert model.last_sample_stats is None
     model.sample(N, method="cached", size=(2, 3), generator=torch.Generator().manual_seed(0), progress=False)
-    assert model.training
+    assert {name: module.training for name, module in model.named_modules()} == modes
     stats = model.last_sample_stats
     assert stats.method == "cached" and stats.images == N and stats.values == 6 and stats.seconds > 0 and stats.block_rows is None
+
+
+def test_drawn_noise_is_float32_whatever_the_default_dtype():
+    """The samplers' noise is float32 (the fused draws take nothing else), and the same draws under another default dtype."""
+    model, _ = sharpened("gated_grey")
+    expected = model.sample(N, method="naive", size=(2, 3), generator=torch.Generator().manual_seed(0), progress=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for method in ("naive", "cached"):
+            got = model.sample(N, method=method, size=(2, 3), generator=torch.Generator().manual_seed(0), progress=False)
+            assert torch.equal(got, expected), method
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_bad_sampling_arguments():

@@ -189,6 +189,16 @@ def test_a_checkpoint_written_without_crcs_loads(tmp_path):
     assert load_checkpoint(path)["epoch"] == 2
 
 
+@pytest.mark.parametrize("version", ["1", None, [1], True, 0, 99])
+def test_a_checkpoint_without_a_readable_format_version_is_refused(tmp_path, version):
+    payload = torch.load(small_checkpoint(tmp_path / "c.pt"), weights_only=True)
+    payload["version"] = version
+    torch.save(payload, tmp_path / "v.pt")
+    expected = "has format version 99; this pixelcnn-kernels reads up to" if version == 99 else r"has no valid format version \(a positive int\)"
+    with pytest.raises(CheckpointError, match=rf"v\.pt {expected}"):
+        load_checkpoint(tmp_path / "v.pt")
+
+
 def test_a_checkpoint_whose_weights_do_not_fit_its_model_says_so(tmp_path):
     path = small_checkpoint(tmp_path / "c.pt")  # its state_dict holds only "w"
     with pytest.raises(CheckpointError, match=r"c\.pt: its model entry and weights do not build a model: Error\(s\) in loading state_dict"):

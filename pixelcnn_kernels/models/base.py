@@ -117,7 +117,13 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise DTypeError(f"cond must hold integer class labels, got {str(cond.dtype).removeprefix('torch.')}")
         if tuple(cond.shape) != (batch,):
             raise ValueError(f"cond must be ({batch},) class labels, got shape {tuple(cond.shape)}")
-        return F.one_hot(cond.long(), self.num_classes).to(self.parameter_dtype())
+        parameter = next(self.parameters())
+        if cond.device != parameter.device:
+            raise ValueError(f"cond is on {cond.device} but the model is on {parameter.device}")
+        # Checked on the device, as the DMOL head's bins (a host read would make the host wait for the GPU
+        # every step; it traces under torch.compile): a RuntimeError naming cond.
+        torch._assert_async(((cond >= 0) & (cond < self.num_classes)).all(), f"cond must hold class labels in [0, {self.num_classes - 1}]")
+        return F.one_hot(cond.long(), self.num_classes).to(parameter.dtype)
 
     def parameter_dtype(self) -> torch.dtype:
         """The dtype of the parameters, which the network's inputs are given."""
@@ -228,7 +234,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
         run_cached = cached_sampler(self) if method == "cached" else None  # raises for a model without one
         problem = self._sampling_problem(n, cond, prefix, known, noise, generator, size)
-        was_training = self.training
+        modes = {module: module.training for module in self.modules()}  # each restored: a layer may be in eval mode alone
         self.eval()
         try:
             with torch.no_grad():
@@ -244,7 +250,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
                     torch.cuda.synchronize(problem.images.device)
                 seconds = time.perf_counter() - begin
         finally:
-            self.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         values = problem.steps(len(self.step_channels()))
         self.last_sample_stats = SamplingStats(method, n, values, network_passes, seconds, block_rows, redrawn_values)
         return problem.images
@@ -290,6 +297,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
         images = self._start_images(n, height, width, prefix, known, device)
         known_mask = self._known_mask(n, height, width, known, device)
         class_vector = self.class_vector(cond, n)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         noise = self._sample_noise(n, height, width, noise, generator, device)
         return SamplingProblem(images, known_mask, noise, cond, class_vector)
 
@@ -339,7 +348,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         else:
             expected = [("noise[0] (u_mix)", (n, self.num_logistic_mix, height, width)), ("noise[1] (u_logistic)", (n, self.in_channels, height, width))]
         if noise is None:
-            drawn = tuple(torch.rand(shape, generator=generator, device=device) for _, shape in expected)
+            drawn = tuple(torch.rand(shape, generator=generator, device=device, dtype=torch.float32) for _, shape in expected)  # whatever the default dtype
             return drawn[0] if self.head == "softmax" else drawn
         given = [noise] if self.head == "softmax" else noise
         if self.head == "dmol" and (not isinstance(noise, (tuple, list)) or len(noise) != 2):

@@ -26,7 +26,8 @@ point is the naive image too, reached within as many forwards as values.
 A float64 draft needs no round in practice, a float32 one rarely; bf16 and fp16 drafts
 now and then over a large batch. Like Jacobi sampling this relies on a forward that is
 a deterministic function of its input for a given shape (the package's kernels, the
-CPU; cuDNN with ``torch.backends.cudnn.deterministic``).
+CPU; cuDNN with ``torch.backends.cudnn.deterministic``) whose masked taps add exact
+zeros (:mod:`~pixelcnn_kernels.sampling.jacobi` says when).
 """
 
 from __future__ import annotations
