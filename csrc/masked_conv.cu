@@ -508,9 +508,9 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
         const int channel = h * half + col;
-        // The gate sees the pre-activation rounded to Elem, as stored for the backward and as a
-        // separate gate op would read it.
-        pre[h] = round_to<Elem>(pre[h]);
+        // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
+        // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
+        if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
         if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
         if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
       }

@@ -388,6 +388,37 @@ def test_training_only_behaviour_is_not_dropped_and_the_random_streams_are_left_
     assert all(module.training == training for module in model.modules())
 
 
+class EvalCachedMaskedConv(FunctionalMaskedConv):
+    """Masks its weight once when put in eval mode (an inference cache); holds a counter convert() cannot keep."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__(c_in, c_out, pixelcnn_mask("B", 3))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.eval_weight = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode:
+            self.eval_weight = (self.weight * self.conv_mask).detach()
+        return self
+
+    def forward(self, x):
+        weight = self.weight * self.conv_mask if self.training else self.eval_weight
+        return F.conv2d(x, weight, self.bias, padding=self.padding)
+
+
+def test_a_skipped_module_with_a_train_override_is_left_as_it_was():
+    """The probes switch modes without calling train(): an override would cache the probe's random weights."""
+    model = nn.Sequential(EvalCachedMaskedConv(2, 4)).eval()
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        before = model(x)
+    report = convert(model)
+    assert not report.replaced and len(report.skipped) == 1  # its eval forward ignores the probe's weights
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 @pytest.mark.parametrize(
     "module, reason",
     [

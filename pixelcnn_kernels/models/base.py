@@ -297,7 +297,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         images = self._start_images(n, height, width, prefix, known, device)
         known_mask = self._known_mask(n, height, width, known, device)
         class_vector = self.class_vector(cond, n)
-        if generator is not None and generator.device.type != device.type:
+        if noise is None and generator is not None and generator.device != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         noise = self._sample_noise(n, height, width, noise, generator, device)
         return SamplingProblem(images, known_mask, noise, cond, class_vector)

@@ -486,8 +486,19 @@ def _register_compile_cases() -> None:
         "vertical3x3": tap_offsets(resolve_mask("vertical", 3), 1),
         "horizontal1x3": tap_offsets(resolve_mask("horizontal", (1, 3)), 1),
         "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
+        "down_right_shifted2x2": tap_offsets(resolve_mask("down_right_shifted"), 1),
         "A5x5_dil2": tap_offsets(resolve_mask("A", 5), 2),
         "full1x1": tap_offsets(resolve_mask("full", 1), 1),
+    }
+    # The models' first layers read the image: 1, 3 or 4 (PixelCNN++'s image and ones) input
+    # channels, whose counts and strides are not multiples of 16, so their launches specialise
+    # without the divisibility hint and take the launchers' smallest channel tiles (16): compiled
+    # that way, forward and weight gradient (the image needs no input gradient).
+    first_layer_tap_sets = {
+        "vertical_A3x3": tap_offsets(resolve_mask("vertical_A", 3), 1),
+        "horizontal_A1x3": tap_offsets(resolve_mask("horizontal_A", (1, 3)), 1),
+        "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
+        "down_right_shifted2x1": tap_offsets(resolve_mask("down_right_shifted", (2, 1)), 1),
     }
     # (kind, gate, concat_elu_input, the optional pointers given): the tap sets of
     # gated layers' k×k convs get the plain passes; PixelCNN++'s shifted convs also
@@ -507,46 +518,50 @@ def _register_compile_cases() -> None:
         ("fwd_residual", GATE_NONE, False, ("bias_ptr", "residual_ptr")),
         ("fwd_gated_addend", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
     )
-    variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
+    variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "down_right_shifted2x2": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
+    wgrad_variants_of = {  # (name suffix, concat_elu_input, wide_index)
+        "down_shifted2x3": (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)),
+        "down_right_shifted2x2": (("", False, False), ("_concat_elu", True, False)),
+        "full1x1": (),
+    }
     optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "pre_ptr")
-    for dtype in (torch.float32, torch.bfloat16):
-        ptr, dtype_name = pointer_type(dtype), str(dtype).removeprefix("torch.")
-        block_k = _max_reduction_tile(dtype)
-        for tap_name, offsets in tap_sets.items():
-            common = {"OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": False}
-            conv_sig = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
-            blocks = {"BLOCK_N": _BLOCK_N, "BLOCK_K": block_k}
-            pixelcnn_pp = tap_name == "down_shifted2x3"
-            for kind, gate, concat_elu_input, given_pointers in variants_of.get(tap_name, plain_variants):
-                signature = {**conv_sig, **dict.fromkeys(given_pointers, ptr)}
-                absent = {name: None for name in optional_pointers if name not in given_pointers}
-                block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, common["DOT_PRECISION"])
-                constexprs = {**common, **blocks, **absent, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_M": block_m}
-                register_compile_case(f"masked_conv_{kind}_{tap_name}_{dtype_name}", _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES)
-                if pixelcnn_pp and kind == "fwd":  # past 2^31 elements: 64-bit indices (num_pixels then arrives as i64)
-                    register_compile_case(
-                        f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", _masked_conv_kernel, {**signature, "num_pixels": "i64"},
-                        {**constexprs, "WIDE_INDEX": True}, num_warps=num_warps, num_stages=_NUM_STAGES,
-                    )  # fmt: skip
-                if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
-                    register_compile_case(
-                        f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", _masked_conv_kernel, signature,
-                        {**constexprs, "DOT_PRECISION": "ieee", "BLOCK_M": _conv_tiles(False, dtype, "ieee")[0]}, num_warps=num_warps, num_stages=_NUM_STAGES,
-                    )  # fmt: skip
-            wgrad_sig = {"x_ptr": ptr, "gout_ptr": ptr, "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
-            wgrad_variants = {
-                "down_shifted2x3": (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)),
-                "full1x1": (),
-            }.get(tap_name, (("", False, False),))
-            for suffix, concat_elu_input, wide_index in wgrad_variants:
-                register_compile_case(
-                    f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}",
-                    _masked_conv_wgrad_kernel,
-                    {**wgrad_sig, "num_pixels": "i64"} if wide_index else wgrad_sig,
-                    {**common, "WIDE_INDEX": wide_index, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_CI": _WGRAD_BLOCK, "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": block_k},
-                    num_warps=_NUM_WARPS,
-                    num_stages=_NUM_STAGES,
-                )
 
+    def register_conv(name, offsets, dtype, gate, concat_elu_input, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None):
+        ptr = pointer_type(dtype)
+        precision = precision or dot_precision(dtype, allow_tf32=True)
+        signature = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
+        signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {})})  # 64-bit indices: num_pixels arrives as i64
+        block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision)
+        constexprs = {
+            "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": _BLOCK_N,
+            "BLOCK_K": _max_reduction_tile(dtype) if c_in is None else _reduction_tile(c_in, dtype),
+            **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_M": block_m,
+        }  # fmt: skip
+        register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
+
+    def register_wgrad(name, offsets, dtype, concat_elu_input, *, wide_index=False, divisible_ints=True, c_in=None):
+        signature = {"x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
+        if wide_index:
+            signature["num_pixels"] = "i64"
+        constexprs = {
+            "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, "CONCAT_ELU_INPUT": concat_elu_input,
+            "BLOCK_CI": _WGRAD_BLOCK if c_in is None else _tile(c_in, _WGRAD_BLOCK), "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": _max_reduction_tile(dtype),
+        }  # fmt: skip
+        register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        dtype_name = str(dtype).removeprefix("torch.")
+        for tap_name, offsets in tap_sets.items():
+            for kind, gate, concat_elu_input, given_pointers in variants_of.get(tap_name, plain_variants):
+                register_conv(f"masked_conv_{kind}_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers)
+                if tap_name == "down_shifted2x3" and kind == "fwd":  # past 2^31 elements: 64-bit indices
+                    register_conv(f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, wide_index=True)
+                if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
+                    register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, precision="ieee")
+            for suffix, concat_elu_input, wide_index in wgrad_variants_of.get(tap_name, (("", False, False),)):
+                register_wgrad(f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}", offsets, dtype, concat_elu_input, wide_index=wide_index)
+        for tap_name, offsets in first_layer_tap_sets.items():
+            register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, False, ("bias_ptr",), divisible_ints=False, c_in=4)
+            register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, False, divisible_ints=False, c_in=4)
 
 _register_compile_cases()
