@@ -16,3 +16,23 @@ def test_all_triton_kernels_compile_for_sm90():
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " 0 failed for sm_90" in result.stdout
+
+
+def test_every_tap_set_the_drop_in_models_launch_is_compiled():
+    """The masked convolutions of both models (first layers included), at dilation 1: a dilation
+    changes the offsets' values, not the kernel's structure."""
+    from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
+    from pixelcnn_kernels.nn import MaskedConv2d
+    from pixelcnn_kernels.ops.masked_conv import tap_offsets
+    from pixelcnn_kernels.triton.compile_check import _load_cases
+    from pixelcnn_kernels.triton.masked_conv import _masked_conv_kernel
+
+    compiled = {tuple(case.constexprs["OFFSETS"]) for case in _load_cases() if case.kernel is _masked_conv_kernel}
+    models = [GatedPixelCNN(3, hidden=6, layers=1), GatedPixelCNN(1, hidden=4, layers=1, head="dmol"), PixelCNNPlusPlus(nr_resnet=1, nr_filters=4, nr_logistic_mix=1)]
+    launched = {
+        (type(model).__name__, name): tuple(tap_offsets(module.spec, 1))
+        for model in models
+        for name, module in model.named_modules()
+        if isinstance(module, MaskedConv2d) and getattr(module, "conv_stride", 1) == 1  # strided: F.conv2d
+    }
+    assert not {key for key, offsets in launched.items() if offsets not in compiled}

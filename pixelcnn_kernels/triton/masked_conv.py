@@ -498,6 +498,7 @@ def _register_compile_cases() -> None:
         "vertical_A3x3": tap_offsets(resolve_mask("vertical_A", 3), 1),
         "horizontal_A1x3": tap_offsets(resolve_mask("horizontal_A", (1, 3)), 1),
         "down_shifted2x3": tap_offsets(resolve_mask("down_shifted"), 1),
+        "down_shifted1x3": tap_offsets(resolve_mask("down_shifted", (1, 3)), 1),
         "down_right_shifted2x1": tap_offsets(resolve_mask("down_right_shifted", (2, 1)), 1),
     }
     # (kind, gate, concat_elu_input, the optional pointers given): the tap sets of
