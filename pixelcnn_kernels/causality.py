@@ -48,6 +48,7 @@ from torch import nn
 
 from pixelcnn_kernels.models.base import PixelCNNModel
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm
+from pixelcnn_kernels.utils import TrainingModes
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 MAX_TABLE_ROWS = 20
@@ -341,14 +342,13 @@ def check_causality(
         raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
     forward = forward_fn or _default_forward
 
-    modes = {module: module.training for module in model.modules()}
+    modes = TrainingModes(model)
     model.eval()
     try:
         with _exact_cpu_convolutions():
             return _check_causality(model, input_shape, forward, positions, output_groups, trials, batch_size, seed)
     finally:
-        for module, training in modes.items():
-            module.training = training
+        modes.restore()
         refresh_weight_norm(model)  # its hooks left CPU float64 weights computed from the substitutes
 
 

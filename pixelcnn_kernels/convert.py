@@ -59,6 +59,7 @@ from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook, weight_norm_parameters
 from pixelcnn_kernels.testing import tolerance
+from pixelcnn_kernels.utils import TrainingModes
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
 SHIFT_MASKS = ("down_shifted", "down_right_shifted")
@@ -313,7 +314,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
     params = _weight_and_bias(conv)
     saved = [p.detach().clone() for p in params]
     restore_buffers = _buffer_snapshot(old, new)
-    modes = {module: module.training for module in (*old.modules(), *new.modules())}
+    modes = TrainingModes(old, new)
     replay_randomness = _replayed_randomness(params[0].device)
     rtol, atol = tolerance(params[0].dtype, tf32=params[0].device.type == "cuda")
     try:
@@ -326,8 +327,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
                         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).mul_(scale).to(p))
                 x = _probe_inputs(conv, generator)
                 for training in (True, False):
-                    for module in modes:  # set, not train(): a train() override could rebuild state from the probe's weights
-                        module.training = training
+                    modes.set(training)
                     replay_randomness()
                     expected = _probe(old, x)
                     restore_buffers()
@@ -348,8 +348,7 @@ def _verify(old: nn.Module, new: nn.Module, conv: nn.Conv2d, generator: torch.Ge
                 p.copy_(value)
         restore_buffers()
         replay_randomness()
-        for module, training in modes.items():
-            module.training = training
+        modes.restore()
         for module in (old, new):  # weight norm's weights were last computed from the probe's random Parameters
             refresh_weight_norm(module)
 

@@ -1,4 +1,4 @@
-"""Argument checks, dtype and layout helpers shared by every op.
+"""Argument checks, dtype and layout helpers shared by every op, and a snapshot of modules' modes.
 
 Every public op validates its inputs here first, so bad input raises a
 ValueError/TypeError naming the argument instead of reaching a kernel.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The device types with autocast (torch.is_autocast_enabled raises for others, e.g. meta).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
 class DTypeError(TypeError, ValueError):
@@ -107,3 +109,23 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     n, c, h, w = t.shape
     return t.as_strided(t.shape, (c * h * w, h * w, w, 1)) if c == 1 else t
+
+
+class TrainingModes:
+    """The training flag of every submodule of ``modules`` as it is now.
+
+    ``set(training)`` sets them all, ``restore()`` puts each one's back: by assignment, not
+    ``Module.train()``, whose override could rebuild state from weights a caller substituted,
+    and each module's own (one layer may be in eval mode inside a training model).
+    """
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.saved = {submodule: submodule.training for module in modules for submodule in module.modules()}
+
+    def set(self, training: bool) -> None:
+        for module in self.saved:
+            module.training = training
+
+    def restore(self) -> None:
+        for module, training in self.saved.items():
+            module.training = training

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.nn.layers import FUSED_OPS
-from pixelcnn_kernels.ops.dmol import sample_discretized_mix_logistic, to_bins
+from pixelcnn_kernels.ops.dmol import every_value_is_a_bin, sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.reference.layers import OpSet
 from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats, write_values
-from pixelcnn_kernels.utils import DTypeError, channels_last, compute_dtype
+from pixelcnn_kernels.utils import DTypeError, TrainingModes, channels_last, compute_dtype
 
 HEADS = ("softmax", "dmol")
 SAMPLING_METHODS = ("naive", "cached", "jacobi")
@@ -163,8 +163,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
             return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], -1).sum(dim=1)
         # The bins checked on the device, as the softmax head's cross entropy checks its targets (a
         # host read of x's range would make the host wait for the GPU every step): on a GPU a device-side assert.
-        # Nothing to check where every value of x's dtype is a bin (uint8 images, 256 bins).
-        if not (x.dtype == torch.uint8 and self.num_bins >= 256):
+        if not every_value_is_a_bin(x.dtype, self.num_bins):
             torch._assert_async(((x >= 0) & (x < self.num_bins)).all(), f"x must hold bins in [0, {self.num_bins - 1}]")
         return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
 
@@ -234,7 +233,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
         run_cached = cached_sampler(self) if method == "cached" else None  # raises for a model without one
         problem = self._sampling_problem(n, cond, prefix, known, noise, generator, size)
-        modes = {module: module.training for module in self.modules()}  # each restored: a layer may be in eval mode alone
+        modes = TrainingModes(self)
         self.eval()
         try:
             with torch.no_grad():
@@ -250,8 +249,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
                     torch.cuda.synchronize(problem.images.device)
                 seconds = time.perf_counter() - begin
         finally:
-            for module, training in modes.items():
-                module.training = training
+            modes.restore()
         values = problem.steps(len(self.step_channels()))
         self.last_sample_stats = SamplingStats(method, n, values, network_passes, seconds, block_rows, redrawn_values)
         return problem.images

@@ -62,14 +62,19 @@ def _check_logits(logits: object, channels: int) -> int:
     return mixtures
 
 
+def every_value_is_a_bin(dtype: torch.dtype, num_bins: int) -> bool:
+    """Whether x of ``dtype`` needs no range check: uint8 with 256 or more bins."""
+    return dtype == torch.uint8 and num_bins >= 256
+
+
 def _check_x_range(x: torch.Tensor, num_bins: int) -> None:
     """Raises ValueError when x holds a value outside its range (skipped while tracing: data-dependent)."""
     if torch.compiler.is_compiling() or x.numel() == 0 or x.device.type == "meta":
         return
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
-    if x.dtype == torch.uint8 and num_bins >= 256:
-        return  # every uint8 value is a valid bin
+    if every_value_is_a_bin(x.dtype, num_bins):
+        return
     low, high = (-1, 1) if x.dtype.is_floating_point else (0, num_bins - 1)
     lowest, highest = (v.item() for v in torch.aminmax(x))
     if not (low <= lowest and highest <= high):  # also catches NaN

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES
+
 
 @contextlib.contextmanager
 def autograd_inside_custom_op():
@@ -59,16 +61,12 @@ def _plain_eager(args: tuple) -> bool:
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
-# The device types with autocast (torch.is_autocast_enabled raises for others, e.g. meta).
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
-
-
 def _without_autocast(impl: Callable) -> Callable:
     """``impl`` run with autocast off (its signature kept: torch.library reads the schema from it)."""
 
     @functools.wraps(impl)
     def run(*args):
-        enabled = [device_type for device_type in _AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
+        enabled = [device_type for device_type in AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
         if not enabled:
             return impl(*args)
         with contextlib.ExitStack() as stack:

@@ -28,7 +28,7 @@ from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as disc
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
-from pixelcnn_kernels.utils import in_layout_of
+from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, in_layout_of
 
 SHIFTS = ("down", "down_right")
 
@@ -67,10 +67,6 @@ def set_ops(module: nn.Module, ops: OpSet) -> nn.Module:
     return module
 
 
-# Where the layers run under autocast (torch.is_autocast_enabled raises for types without it, e.g. meta).
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
-
-
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in: autocast's dtype when autocast is on for ``x``'s device.
 
@@ -80,7 +76,7 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     # The device types named, not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot
     # trace that (a graph break per layer under torch.compile), 2.13's can.
-    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
