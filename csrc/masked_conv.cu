@@ -346,6 +346,9 @@ struct ConvParams {
   int k_channels;  // reduced channels per tap
   int n_channels;  // GEMM columns, both halves included
   Gate gate;
+  // Two halves: the channels are gate_groups blocks of two halves [a_1 b_1 | a_2 b_2 | ...]
+  // (one block: [a | b]) while the weight's columns come halves first; see channel_of.
+  int gate_groups;
   bool concat_elu_input;  // the GEMM reads concat_elu(src); forward only (dgrad's src is gout)
   int taps;
   bool src_vec_ok;
@@ -369,6 +372,17 @@ __device__ __forceinline__ float combine_halves(const ConvParams& p, int64_t ind
   if (p.concat_elu_x != nullptr)
     return concat_elu_grad_math(to_float(static_cast<const Elem*>(p.concat_elu_x)[index]), first, second);
   return apply_gate(p.gate, first, second);
+}
+
+// The channel of a two-halves GEMM's column `col` (of n_channels / 2) in half `h`: the
+// GEMM pairs column col with col + half, the channels come in p.gate_groups blocks
+// [a_1 b_1 | a_2 b_2 | ...] of 2 * group channels each. One block (a warp-uniform branch,
+// no integer division per element): h * half + col.
+__device__ __forceinline__ int channel_of(const ConvParams& p, int col, int h) {
+  const int half = p.n_channels / 2;
+  if (p.gate_groups == 1) return h * half + col;
+  const int group = half / p.gate_groups;
+  return col / group * 2 * group + h * group + col % group;
 }
 
 // `value` plus the residual at output element `index`, when there is one.
@@ -497,7 +511,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     float pre[kHalves];
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
-      const int channel = h * half + col;
+      const int channel = kHalves == 1 ? col : channel_of(p, col, h);
       pre[h] = stage[r * kLdStage + h * kBlockN + c];
       if (p.bias != nullptr) pre[h] += p.bias[channel];
       if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
@@ -507,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     if constexpr (kHalves == 2) {
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
-        const int channel = h * half + col;
+        const int channel = channel_of(p, col, h);
         // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
         // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
         if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
@@ -663,6 +677,7 @@ ConvParams conv_params(const void* src, int k_channels, const void* weight, int 
   params.k_channels = k_channels;
   params.weight = weight;
   params.n_channels = n_channels;
+  params.gate_groups = 1;
   params.out = out;
   return params;
 }
@@ -716,13 +731,14 @@ void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem,
 
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
                              const float* bias, const void* addend, const float* cond, const void* residual, Gate gate,
-                             void* out, void* preact, cudaStream_t stream) {
+                             int gate_groups, void* out, void* preact, cudaStream_t stream) {
   ConvParams params = conv_params(x, problem.in_channels, wp, problem.out_channels, out);
   params.bias = bias;
   params.addend = addend;
   params.cond = cond;
   params.residual = residual;
   params.gate = gate;
+  params.gate_groups = gate_groups;
   params.preact = preact;
   params.concat_elu_input = problem.concat_elu_input;
   launch_conv<2, false>(dtype, allow_tf32, problem, params, stream);

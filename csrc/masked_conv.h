@@ -76,10 +76,12 @@ void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem,
 
 // pre = conv + bias (Cout, may be null) + addend (N, H, W, Cout, may be null); out (N, H, W, Cout/2)
 // = gate(pre + cond[n]) (cond (N, Cout), may be null) + residual (N, H, W, Cout/2, may be null);
-// preact (N, H, W, Cout) receives pre unless null. Cout must be even.
+// preact (N, H, W, Cout) receives pre unless null. Cout must be a multiple of 2 * gate_groups: the
+// channels of bias, addend, cond and pre are gate_groups blocks [a_1 b_1 | a_2 b_2 | ...], each
+// gated in its halves, while wp's columns come halves first ([a_1 a_2 ... | b_1 b_2 ...]).
 void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
                              const float* bias, const void* addend, const float* cond, const void* residual, Gate gate,
-                             void* out, void* preact, cudaStream_t stream);
+                             int gate_groups, void* out, void* preact, cudaStream_t stream);
 
 // gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): with x null, (N, H, W, Cin), the gradient
 // w.r.t. the conv's input; with x the forward's concat_elu input (N, H, W, Cin / 2), the

@@ -144,13 +144,14 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
                                                       const std::optional<at::Tensor>& residual,
                                                       const std::optional<at::Tensor>& addend,
                                                       at::IntArrayRef offsets, bool concat_elu_input, int64_t gate,
-                                                      bool write_preact, bool allow_tf32) {
+                                                      int64_t gate_groups, bool write_preact, bool allow_tf32) {
   check_activation(x, "x");
   const std::vector<int> offsets32 = checked_offsets(offsets);
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
   const int64_t out_channels = wp.size(2);
-  TORCH_CHECK(out_channels % 2 == 0, "the gated conv splits Cout into two halves; wp has odd Cout ", out_channels);
+  TORCH_CHECK(gate_groups >= 1 && out_channels % (2 * gate_groups) == 0, "the gated conv splits Cout into gate_groups = ",
+              gate_groups, " blocks of two halves; wp has Cout ", out_channels);
   TORCH_CHECK(gate == static_cast<int64_t>(Gate::kTanhSigmoid) || gate == static_cast<int64_t>(Gate::kLinearSigmoid),
               "gate must be 1 (tanh(a) * sigmoid(b)) or 2 (a * sigmoid(b)), got ", gate);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
@@ -165,8 +166,8 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32,
                           make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
                           wp.data_ptr(), data_or_null(bias32), raw_data_or_null(addend), data_or_null(cond32),
-                          raw_data_or_null(residual), static_cast<Gate>(gate), out.data_ptr(), write_preact ? preact.data_ptr() : nullptr,
-                          current_stream());
+                          raw_data_or_null(residual), static_cast<Gate>(gate), static_cast<int>(gate_groups), out.data_ptr(),
+                          write_preact ? preact.data_ptr() : nullptr, current_stream());
   check_launch("masked_conv2d_fwd_gated");
   return {out, preact};
 }
@@ -231,7 +232,7 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "bool allow_tf32) -> Tensor");
   m.def(
       "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, "
-      "int[] offsets, bool concat_elu_input, int gate, bool write_preact, bool allow_tf32) -> Tensor[]");
+      "int[] offsets, bool concat_elu_input, int gate, int gate_groups, bool write_preact, bool allow_tf32) -> Tensor[]");
   m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor");
   m.def(
       "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor");

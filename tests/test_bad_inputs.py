@@ -169,7 +169,7 @@ def _option_rows() -> list[Row]:
         *(Row(name, "unsupported_option", lambda name: _replace(name, dilation=0), ValueError, r"^dilation must be >= 1") for name in CONVS),
         Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, mask="horizontal"), ValueError, r"^mask 'horizontal' is a 1×k mask"),
         Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^color_groups=3 must divide the input and output channels, got 3 and 4"),
-        Row("masked_conv2d_gated", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^masked_conv2d_gated needs color_groups=1"),
+        Row("masked_conv2d_gated", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^color_groups=3 needs gate_groups=3"),
     ]
 
 

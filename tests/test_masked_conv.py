@@ -376,6 +376,55 @@ def test_gated_residual_alone_needs_no_preactivation(backend):
     assert torch.equal(grad_residual, grad_out)
 
 
+def test_reference_gate_in_groups_is_the_gated_conv_of_each_group():
+    """gate_groups=3: each third of the channels, [a_g b_g], is gated as a conv of its own; the outputs in order."""
+    x, weight, bias = make_conv_inputs(3, 12, (1, 3), 2, 4, 5, dtype=torch.float64)
+    cond, addend, residual = torch.randn(2, 12, dtype=torch.float64), torch.randn(2, 12, 4, 5, dtype=torch.float64), torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    out, pre = masked_conv2d_gated_ref(x, weight, bias, "horizontal", cond=cond, addend=addend, residual=residual, return_preactivation=True, gate_groups=3)
+    third = [slice(4 * g, 4 * g + 4) for g in range(3)]
+    per_group = [masked_conv2d_gated_ref(x, weight[s], bias[s], "horizontal", cond=cond[:, s], addend=addend[:, s]) for s in third]
+    assert_close(out, torch.cat(per_group, 1) + residual)
+    assert torch.equal(pre, masked_conv2d_ref(x, weight, bias, "horizontal", residual=addend))
+
+
+# (mask, kernel size, colour groups, Cin, Cout): Colour Gated PixelCNN's horizontal link (a
+# 1×1 without colour mask gating a colour-major pre-activation) and a colour-masked
+# horizontal conv gated per colour; 2·5·7 = 70 pixels: two of the gated kernel's pixel blocks.
+GATED_IN_GROUPS_CASES = [("full", 1, 1, 6, 12), ("horizontal", (1, 3), 3, 3, 18)]
+
+
+@pytest.mark.parametrize("mask, kernel_size, color_groups, c_in, c_out", GATED_IN_GROUPS_CASES, ids=["link", "colour_masked"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out):
+    """bias, cond, addend and the returned pre-activation in the colour-major layout; gradients of every input."""
+    x, weight, bias = make_conv_inputs(c_in, c_out, as_pair(kernel_size), 2, 5, 7)
+    cond, addend, residual = torch.randn(2, c_out), torch.randn(2, c_out, 5, 7), torch.randn(2, c_out // 2, 5, 7)
+    grads_out = (torch.randn(2, c_out // 2, 5, 7), torch.randn(2, c_out, 5, 7))
+    options = dict(mask=mask, color_groups=color_groups, gate_groups=3, return_preactivation=True)
+
+    def outputs_and_grads(fn, tensors):
+        leaves = [t.detach().requires_grad_(True) for t in tensors]
+        x, weight, bias, cond, addend, residual = leaves
+        out, pre = fn(x, weight, bias, cond=cond, addend=addend, residual=residual, **options)
+        loss = (out * grads_out[0].to(out.dtype)).sum() + (pre * grads_out[1].to(pre.dtype)).sum()
+        return (out, pre, *torch.autograd.grad(loss, leaves))
+
+    tensors = (x, weight, bias, cond, addend, residual)
+    with run_backend(backend):
+        got = outputs_and_grads(masked_conv2d_gated, tensors)
+        with torch.no_grad():
+            inference = masked_conv2d_gated(x, weight, bias, cond=cond, addend=addend, residual=residual, **options)
+    expected = outputs_and_grads(masked_conv2d_gated_ref, [t.double() for t in tensors])
+    names = ("out", "pre", "grad x", "grad weight", "grad bias", "grad cond", "grad addend", "grad residual")
+    for name, g, e in zip(names, got, expected, strict=True):
+        # At the scale of each result: the weight's and cond's gradients sum 70 and 35 products that may cancel.
+        assert_close_at_scale(g, e, dtype=torch.float32, msg=name)
+    assert all(torch.equal(i, g.detach()) for i, g in zip(inference, got[:2]))
+    if color_groups > 1:
+        hidden = resolve_mask(mask, kernel_size, 3).weight_mask(c_out, c_in) == 0
+        assert hidden.any() and torch.all(got[3][hidden] == 0)  # colour-masked weights get exact zeros
+
+
 # ------------------------------------------------------------------ causality and masked-out weights
 
 
@@ -467,6 +516,18 @@ def test_pack_and_unpack_follow_the_tap_order():
         assert torch.equal(packed[t], (weight * mask)[:, :, i, j].T)
     assert torch.equal(ops.unpack_weight_grad(packed, spec, weight), weight * mask)
     assert ops.tap_offsets(resolve_mask("down_shifted"), 2) == [-2, -2, -2, 0, -2, 2, 0, -2, 0, 0, 0, 2]
+
+
+def test_packed_gated_weight_in_groups_comes_halves_first():
+    """[a_R b_R | a_G b_G | a_B b_B] packed as [a_R a_G a_B | b_R b_G b_B]: the kernels pair column n with n + Cout / 2."""
+    spec = resolve_mask("horizontal", (1, 3), 3)
+    weight = torch.randn(12, 3, 1, 3)
+    halves_first = torch.tensor([0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11])
+    packed = ops.pack_weight(weight, spec, gate_groups=3)
+    assert packed.shape == (len(spec.taps), 3, 12) and packed.is_contiguous()
+    masked = weight * spec.weight_mask(12, 3)
+    for t, (i, j) in enumerate(spec.taps):
+        assert torch.equal(packed[t], masked[halves_first, :, i, j].T)
 
 
 def test_tf32_follows_pytorch_conv_setting(monkeypatch):
@@ -567,8 +628,8 @@ def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
     trained = masked_conv2d_gated(x, weight.requires_grad_(True), bias, "vertical", cond=cond)
     (_, inference_args), (_, training_args) = triton_as_cuda_ops
     assert inference_args[3].shape == (2, 8) and inference_args[4] is None and inference_args[5] is None
-    assert inference_args[7:10] == (False, ops.GATE_CODES["tanh_sigmoid"], False)
-    assert training_args[9] is True
+    assert inference_args[7:11] == (False, ops.GATE_CODES["tanh_sigmoid"], 1, False)
+    assert training_args[10] is True
     expected = masked_conv2d_gated_ref(x.double(), weight.detach().double(), bias.double(), "vertical", cond=cond.double())
     assert_close(fused, expected, dtype=torch.float32)
     assert_close(trained, expected, dtype=torch.float32)
@@ -627,9 +688,10 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
         addend = torch.randn(2, 6, 4, 5, requires_grad=True)
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, None, *gated_args, 1, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, addend, *gated_args, 1, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, None, None, *gated_args, 2, False))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, None, *gated_args, 1, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, addend, *gated_args, 1, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, addend, *gated_args, 1, 3, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, cond, None, None, *gated_args, 2, 1, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -644,8 +706,8 @@ def test_opcheck_residual_and_concat_elu(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], residual.clone().requires_grad_(True), *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *conv_args, 2, True))
-        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], None, *conv_args, 1, False))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *conv_args, 2, 1, True))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], None, *conv_args, 1, 1, False))
 
 
 def test_torch_compile_fullgraph():
@@ -709,8 +771,14 @@ def test_gated_module():
     expected = masked_conv2d_gated_ref(x, module.weight, module.bias, "vertical", gate="sigmoid", cond=cond)
     torch.testing.assert_close(module(x, cond), expected)
     assert "gate='sigmoid'" in repr(module)
-    with pytest.raises(ValueError, match="even"):
+    colour = MaskedConv2dGated(3, 12, (1, 3), mask="horizontal", color_groups=3)
+    expected = masked_conv2d_gated_ref(x, colour.weight, colour.bias, "horizontal", color_groups=3, cond=torch.cat([cond, cond[:, :4]], 1), gate_groups=3)
+    torch.testing.assert_close(colour(x, torch.cat([cond, cond[:, :4]], 1)), expected)
+    assert "color_groups=3" in repr(colour)
+    with pytest.raises(ValueError, match=r"^out_channels must be a multiple of 2 \(two gate halves\), got 5"):
         MaskedConv2dGated(3, 5, 3)
+    with pytest.raises(ValueError, match=r"^out_channels must be a multiple of 6 \(two gate halves in each of 3 colour groups\), got 9"):
+        MaskedConv2dGated(3, 9, 3, color_groups=3)
     with pytest.raises(ValueError, match="gate"):
         MaskedConv2dGated(3, 4, 3, gate="relu")
 
@@ -757,9 +825,14 @@ def test_gated_bad_input():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 4)
     with pytest.raises(ValueError, match="gate must be one of"):
         masked_conv2d_gated(x, weight, bias, gate="relu")
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match=r"^weight's 5 output channels must split into gate_groups=1 blocks of two equal halves"):
         masked_conv2d_gated(x, weight[:5], bias[:5])
-    with pytest.raises(ValueError, match="color_groups=1"):
+    with pytest.raises(ValueError, match=r"^weight's 6 output channels must split into gate_groups=2 blocks"):
+        masked_conv2d_gated(x, weight, bias, gate_groups=2)
+    for gate_groups in (0, 1.0, True):
+        with pytest.raises(ValueError, match="^gate_groups must be a positive int"):
+            masked_conv2d_gated(x, weight, bias, gate_groups=gate_groups)
+    with pytest.raises(ValueError, match=r"^color_groups=3 needs gate_groups=3 \(a gate would pair channels of two colours\), got 1"):
         masked_conv2d_gated(x, weight, bias, color_groups=3)
     with pytest.raises(ValueError, match=r"cond must have shape \(N, Cout\)"):
         masked_conv2d_gated(x, weight, bias, cond=torch.randn(2, 3))
@@ -784,7 +857,7 @@ def test_gated_bad_input():
 def test_gated_op_without_preactivation_refuses_a_backward():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
     weight.requires_grad_(True)
-    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, None, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, False)
+    out, _ = torch.ops.pixelcnn_kernels.masked_conv2d_gated(x, weight, bias, None, None, None, *ops._validate(x, weight, bias, "B", 1, 1), 1, 1, False)
     with pytest.raises(RuntimeError, match="keep_preactivation"):
         out.sum().backward()
 

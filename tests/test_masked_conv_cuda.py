@@ -31,7 +31,7 @@ SCHEMAS = {
     "masked_conv2d_fwd": "(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
     "masked_conv2d_fwd_gated": (
         "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, int[] offsets, bool concat_elu_input, "
-        "int gate, bool write_preact, bool allow_tf32) -> Tensor[]"
+        "int gate, int gate_groups, bool write_preact, bool allow_tf32) -> Tensor[]"
     ),
     "masked_conv2d_dgrad": "(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor",
     "masked_conv2d_wgrad": "(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
@@ -259,21 +259,30 @@ def test_wgrad_is_deterministic(precision):
     assert torch.equal(first, second)
 
 
+def _gate_halves(rows: torch.Tensor, gate_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves (a, b) of a gated pre-activation's channels (last dim), in gate_groups blocks [a_1 b_1 | a_2 b_2 | ...]."""
+    blocks = rows.unflatten(-1, (gate_groups, 2, -1))
+    return blocks[..., 0, :].flatten(-2), blocks[..., 1, :].flatten(-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("gate", GATE_CODES)
-@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "with_addend", "input_activation"), [
-    (SHAPE, True, True, True, False, False, None),
-    (SHAPE, True, True, True, False, True, None),  # Gated PixelCNN's horizontal stack
-    ((2, 9, 11, 48, 10), True, False, False, False, False, None),  # half = 5 columns
-    ((1, 6, 13, 64, 130), False, True, True, False, True, None),  # half = 65: two column blocks per half
-    ((2, 5, 7, 3, 256), True, True, False, False, False, None),
-    (SHAPE, True, True, True, True, False, "concat_elu"),  # x has 24 channels: one reduction step per part
-    ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu"),  # 40: two steps per part, a partial one
-    ((2, 5, 7, 6, 10), True, False, True, True, True, "concat_elu"),  # 3: scalar loads
-], ids=["48to72", "48to72-addend", "48to10-no-bias", "64to130-n1-no-cond-addend", "3to256", "48to72-fused", "80to130-fused", "6to10-fused-addend"])
-def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, with_addend, input_activation, precision):
-    """shape's Cin is the weight's: x has Cin / 2 channels with a concat_elu input."""
+@pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "with_addend", "input_activation", "gate_groups"), [
+    (SHAPE, True, True, True, False, False, None, 1),
+    (SHAPE, True, True, True, False, True, None, 1),  # Gated PixelCNN's horizontal stack
+    ((2, 9, 11, 48, 10), True, False, False, False, False, None, 1),  # half = 5 columns
+    ((1, 6, 13, 64, 130), False, True, True, False, True, None, 1),  # half = 65: two column blocks per half
+    ((2, 5, 7, 3, 256), True, True, False, False, False, None, 1),
+    (SHAPE, True, True, True, True, False, "concat_elu", 1),  # x has 24 channels: one reduction step per part
+    ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu", 1),  # 40: two steps per part, a partial one
+    ((2, 5, 7, 6, 10), True, False, True, True, True, "concat_elu", 1),  # 3: scalar loads
+    ((2, 9, 11, 48, 252), True, True, True, True, True, None, 3),  # colour-major: groups of 42, two column blocks per half
+], ids=["48to72", "48to72-addend", "48to10-no-bias", "64to130-n1-no-cond-addend", "3to256", "48to72-fused", "80to130-fused", "6to10-fused-addend",
+        "48to252-3-groups"])  # fmt: skip
+def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, with_addend, input_activation, gate_groups, precision):
+    """shape's Cin is the weight's: x has Cin / 2 channels with a concat_elu input; gate_groups > 1: the
+    channels of bias, cond, addend and preact colour-major, wp's columns halves first."""
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask("vertical", 3, 1)
     x, weight, bias = _make_inputs(shape, spec, dtype)
@@ -285,14 +294,14 @@ def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_res
     residual = torch.randn(shape[0], half, *shape[1:3], device="cuda").to(dtype) if with_residual else None
     addend = torch.randn(shape[0], shape[4], *shape[1:3], device="cuda").to(dtype) if with_addend else None
     out, preact = cuda_ops().masked_conv2d_fwd_gated(
-        _to_rows(x), pack_weight(weight, spec), bias, cond, None if residual is None else _to_rows(residual), None if addend is None else _to_rows(addend),
-        tap_offsets(spec, 2), input_activation is not None, GATE_CODES[gate], write_preact, allow_tf32,
+        _to_rows(x), pack_weight(weight, spec, gate_groups), bias, cond, None if residual is None else _to_rows(residual),
+        None if addend is None else _to_rows(addend), tap_offsets(spec, 2), input_activation is not None, GATE_CODES[gate], gate_groups, write_preact, allow_tf32,
     )
 
     cond64, residual64, addend64 = (None if t is None else t.double() for t in (cond, residual, addend))
     expected = masked_conv2d_gated_ref(
         x.double(), weight.double(), None if bias is None else bias.double(), spec, 2, 1, gate, cond64,
-        residual=residual64, addend=addend64, input_activation=input_activation,
+        residual=residual64, addend=addend64, input_activation=input_activation, gate_groups=gate_groups,
     )  # fmt: skip
     expected = _to_rows(expected)
     pre, pre_scale = _conv_ref(x, weight, bias, spec, 2, input_activation=input_activation)
@@ -303,7 +312,8 @@ def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_res
     gated_scale = pre_scale if cond is None else pre_scale + cond64.abs()[:, None, None, :]
     # The pre-activation error bounds carried through the gate: |d out / d a| <= 1 for both
     # gates and |d out / d b| <= max(1, |a|) / 4, here bounded by 1 + |a|; the residual adds its magnitude.
-    out_scale = gated_scale[..., :half] + gated_scale[..., half:] * (1 + gated_pre[..., :half].abs())
+    (scale_a, scale_b), (pre_a, _) = _gate_halves(gated_scale, gate_groups), _gate_halves(gated_pre, gate_groups)
+    out_scale = scale_a + scale_b * (1 + pre_a.abs())
     if residual is not None:
         out_scale = out_scale + _to_rows(residual64.abs())
     assert out.dtype == dtype and out.shape == (*shape[:3], half)
@@ -436,8 +446,8 @@ def test_glue_rejects_contract_violations():
     def fwd(x=x, wp=wp, bias=None, residual=None, offsets=offsets, concat_elu_input=False):
         return ops.masked_conv2d_fwd(x, wp, bias, residual, offsets, concat_elu_input, True)
 
-    def fwd_gated(wp=wp, cond=None, residual=None, addend=None, gate=1):
-        return ops.masked_conv2d_fwd_gated(x, wp, None, cond, residual, addend, offsets, False, gate, False, True)
+    def fwd_gated(wp=wp, cond=None, residual=None, addend=None, gate=1, gate_groups=1):
+        return ops.masked_conv2d_fwd_gated(x, wp, None, cond, residual, addend, offsets, False, gate, gate_groups, False, True)
 
     with pytest.raises(RuntimeError, match="offsets must hold"):
         fwd(offsets=offsets[:-1])
@@ -467,8 +477,11 @@ def test_glue_rejects_contract_violations():
         fwd(residual=torch.zeros(1, 4, 5, 6, device="cuda"))
     with pytest.raises(RuntimeError, match="residual must be contiguous"):
         fwd(residual=torch.zeros(1, 5, 4, 6, device="cuda", dtype=x.dtype).transpose(1, 2))
-    with pytest.raises(RuntimeError, match="odd Cout"):
+    with pytest.raises(RuntimeError, match="blocks of two halves; wp has Cout 5"):
         fwd_gated(wp=wp[..., :5].contiguous())
+    for gate_groups in (0, 4):  # wp has Cout 6
+        with pytest.raises(RuntimeError, match=f"gate_groups = {gate_groups} blocks of two halves; wp has Cout 6"):
+            fwd_gated(gate_groups=gate_groups)
     with pytest.raises(RuntimeError, match="gate must be 1"):
         fwd_gated(gate=3)
     with pytest.raises(RuntimeError, match="cond must have shape"):

@@ -95,7 +95,7 @@ def _count_flops(module: nn.Module, data: tuple) -> int:
 
     def masked_conv2d_gated(
         x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None, *,
-        residual=None, input_activation=None, addend=None, return_preactivation=False,
+        residual=None, input_activation=None, addend=None, return_preactivation=False, gate_groups=1,
     ):  # fmt: skip
         out = count(x, weight, mask, weight.shape[0] // 2)
         return (out, out.new_empty(out.shape[0], weight.shape[0], *out.shape[2:])) if return_preactivation else out

@@ -13,8 +13,8 @@ public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, 
   ``masked_conv2d_gated`` that also writes the pre-activation the link reads; the
   link (1×1 of that pre-activation), the add of ``conv_horiz(h)``, the conditioning
   and the gate into another (with colour groups the gate pairs channels within each
-  colour third, so the add runs in the link's epilogue and the gate separately); the
-  residual ``h`` into the 1×1 output conv's epilogue.
+  colour third: ``gate_groups=3``); the residual ``h`` into the 1×1 output conv's
+  epilogue.
 
 Under autocast a residual kept in a wider dtype than the convs' is added separately.
 """

@@ -147,7 +147,11 @@ class MaskedConv2dGated(MaskedConv2d):
     conv's output split into halves a, b: tanh(a)·σ(b) (``"tanh_sigmoid"``) or
     a·σ(b) (``"sigmoid"``), fused in one pass; ``cond`` is (N, out_channels) or
     None; the output has out_channels / 2 channels. ``weight`` is (out_channels,
-    in_channels, kh, kw) as in the plain MaskedConv2d. No colour groups.
+    in_channels, kh, kw) as in the plain MaskedConv2d. With ``color_groups=3`` the
+    conv is colour-masked as MaskedConv2d's, its output channels are R, G, B thirds
+    each holding its colour's halves, [a_R b_R | a_G b_G | a_B b_B], gated per colour
+    (``gate_groups=3``), and the output is in R, G, B thirds (out_channels must be a
+    multiple of 6).
     """
 
     def __init__(
@@ -161,16 +165,19 @@ class MaskedConv2dGated(MaskedConv2d):
         bias: bool = True,
         device=None,
         dtype=None,
+        color_groups: int = 1,
     ):
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if out_channels % 2:
-            raise ValueError(f"out_channels must be even (two gate halves), got {out_channels}")
-        super().__init__(in_channels, out_channels, kernel_size, mask, dilation, 1, bias, device, dtype)
+        super().__init__(in_channels, out_channels, kernel_size, mask, dilation, color_groups, bias, device, dtype)
+        if out_channels % (2 * color_groups):
+            halves = "two gate halves" if color_groups == 1 else f"two gate halves in each of {color_groups} colour groups"
+            raise ValueError(f"out_channels must be a multiple of {2 * color_groups} ({halves}), got {out_channels}")
         self.gate = gate
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_conv2d_gated(x, self.weight, self.bias, self.spec, self.dilation[0], 1, self.gate, cond)
+        groups = self.spec.color_groups
+        return masked_conv2d_gated(x, self.weight, self.bias, self.spec, self.dilation[0], groups, self.gate, cond, gate_groups=groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate={self.gate!r}"

@@ -19,8 +19,10 @@ epilogue; its gradient is the output's) and ``input_activation="concat_elu"``
 (the kernels read concat_elu(x) while loading x, in the forward and the weight
 gradient, and fold concat_elu's backward into the input gradient's epilogue).
 The gated op also takes an ``addend`` to its pre-activation (added in the
-epilogue before the gate; its gradient is the pre-activation's) and can return
-that pre-activation, written in the same pass.
+epilogue before the gate; its gradient is the pre-activation's), can return
+that pre-activation, written in the same pass, and gates a pre-activation laid
+out in colour groups (``gate_groups``): the packed weight's columns then come
+halves first, and the epilogue maps each column to its channel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
-from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, gate_in_groups, masked_conv2d_ref
 from pixelcnn_kernels.utils import channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
@@ -67,16 +69,31 @@ def _hidden_channel_pairs(spec: MaskSpec, out_channels: int, in_channels: int, d
     return ~channel_group_mask(out_channels, in_channels, spec.color_groups, spec.anchor_inclusive).to(device)
 
 
-def pack_weight(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+def _halves_first(t: torch.Tensor, gate_groups: int) -> torch.Tensor:
+    """A view of ``t`` with its last dim, a gated conv's pre-activation channels in ``gate_groups``
+    blocks [a_1 b_1 | a_2 b_2 | ...], reordered as (2, gate_groups, C / gate_groups): halves first."""
+    return t.unflatten(-1, (gate_groups, 2, -1)).transpose(-3, -2)
+
+
+def pack_weight(weight: torch.Tensor, spec: MaskSpec, gate_groups: int = 1) -> torch.Tensor:
     """The kernels' weight ``wp`` (T, Cin, Cout), contiguous: wp[t, ci, co] = weight[co, ci, i_t, j_t].
 
     One gather of the taps from the transposed view (index_select writes its result
     contiguous). With colour groups, the channel pairs hidden at the anchor tap are zero.
+    With ``gate_groups`` > 1 (a gated conv whose pre-activation is [a_1 b_1 | a_2 b_2 |
+    ...], see :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`) the
+    columns come halves first, [a_1 a_2 ... | b_1 b_2 ...], as the gated kernels pair
+    column n with n + Cout / 2; their epilogue maps each column to its channel.
     """
     out_channels, in_channels, _, kernel_width = weight.shape
-    packed = weight.flatten(2).permute(2, 1, 0).index_select(0, _tap_index(spec.taps, kernel_width, weight.device))
-    if spec.color_groups > 1:
-        packed[spec.taps.index(spec.anchor)].masked_fill_(_hidden_channel_pairs(spec, out_channels, in_channels, weight.device).T, 0)
+    by_tap = weight.flatten(2).permute(2, 1, 0)
+    hidden = _hidden_channel_pairs(spec, out_channels, in_channels, weight.device).T if spec.color_groups > 1 else None
+    if gate_groups > 1:
+        by_tap = _halves_first(by_tap, gate_groups)
+        hidden = None if hidden is None else _halves_first(hidden, gate_groups).flatten(-3)
+    packed = by_tap.index_select(0, _tap_index(spec.taps, kernel_width, weight.device)).flatten(2)
+    if hidden is not None:
+        packed[spec.taps.index(spec.anchor)].masked_fill_(hidden, 0)
     return packed
 
 
@@ -440,6 +457,7 @@ def _masked_conv2d_gated_op(
     dilation: int,
     concat_elu_input: bool,
     gate: int,
+    gate_groups: int,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate(pre + cond) + residual, pre) with pre = conv + bias + addend; pre is empty unless ``keep_preactivation``."""
@@ -447,31 +465,43 @@ def _masked_conv2d_gated_op(
     backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual, addend)
     if backend == "reference":
         preactivation = _forward(backend, x, weight, bias, addend, spec, dilation, concat_elu_input)
-        out = _GATE_OPS[gate](preactivation, 1, cond)
+        out = gate_in_groups(_GATE_OPS[gate], preactivation, cond, gate_groups)
         if residual is not None:
             out = in_layout_of(out + residual, x)
         return out, preactivation if keep_preactivation else x.new_empty(0)
     bias = bias.contiguous() if bias is not None else None
     cond = cond.contiguous() if cond is not None else None
     out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
-        _channels_last_rows(x), pack_weight(weight, spec), bias, cond, _optional_rows(residual), _optional_rows(addend), tap_offsets(spec, dilation),
-        concat_elu_input, gate, keep_preactivation, conv_allows_tf32(),
+        _channels_last_rows(x), pack_weight(weight, spec, gate_groups), bias, cond, _optional_rows(residual), _optional_rows(addend),
+        tap_offsets(spec, dilation), concat_elu_input, gate, gate_groups, keep_preactivation, conv_allows_tf32(),
     )
     return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
 
 
 @_masked_conv2d_gated_op.register_fake
-def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, keep_preactivation):
+def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, gate_groups, keep_preactivation):
     out_channels = weight.shape[0]
     return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
 
 
+def _gate_backward(gate: int, gate_groups: int, grad_out: torch.Tensor, preactivation: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The gradient w.r.t. the pre-activation of :func:`gate_in_groups` with the gate of code ``gate``."""
+    backward = _GATE_BACKWARD_OPS[gate]
+    if gate_groups == 1:
+        return backward(grad_out, preactivation, 1, cond)
+    if cond is not None:
+        preactivation = preactivation + cond[:, :, None, None]
+    grouped = backward(grad_out.unflatten(1, (gate_groups, -1)), preactivation.unflatten(1, (gate_groups, -1)), 2, None)
+    return grouped.flatten(1, 2)
+
+
 def _gated_setup_context(ctx, inputs, output):
-    x, weight, bias, cond, residual, addend, *conv_args, gate, keep_preactivation = inputs
+    x, weight, bias, cond, residual, addend, *conv_args, gate, gate_groups, keep_preactivation = inputs
     _, preactivation = output
     ctx.save_for_backward(x, weight, preactivation, cond)
     ctx.conv_args = conv_args
     ctx.gate = gate
+    ctx.gate_groups = gate_groups
     ctx.keep_preactivation = keep_preactivation
     # An unused output's gradient arrives as None, not zeros to add (pre when only kept for backward).
     ctx.set_materialize_grads(False)
@@ -487,7 +517,7 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
     if grad_out is not None and (needs_x or needs_weight or needs_bias or needs_cond or needs_addend):
         if not ctx.keep_preactivation:
             raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
-        grad_through_gate = _GATE_BACKWARD_OPS[ctx.gate](grad_out, preactivation, 1, cond)
+        grad_through_gate = _gate_backward(ctx.gate, ctx.gate_groups, grad_out, preactivation, cond)
         grad_cond = _channel_sum(grad_through_gate, (2, 3), weight.dtype) if needs_cond else None
         # In place: the gate backward's output is this function's own (one tensor less at the peak).
         grad_pre = grad_through_gate if grad_pre is None else grad_through_gate.add_(grad_pre)
@@ -495,7 +525,7 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
     if grad_pre is not None:
         grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
     grad_addend = grad_pre if needs_addend else None
-    return grads + (grad_cond, grad_residual, grad_addend) + (None,) * (len(ctx.conv_args) + 2)
+    return grads + (grad_cond, grad_residual, grad_addend) + (None,) * (len(ctx.conv_args) + 3)
 
 
 _masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
@@ -516,19 +546,23 @@ def masked_conv2d_gated(
     input_activation: str | None = None,
     addend: torch.Tensor | None = None,
     return_preactivation: bool = False,
+    gate_groups: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``gate(pre + cond[:, :, None, None]) + residual``, ``pre = masked_conv2d(x, weight, bias) + addend``, in one pass.
 
-    The gate splits the Cout (even) output channels into halves a (first) and b
-    (second) and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b)
-    (``"sigmoid"``): (N, Cout / 2, H, W). ``cond`` is (N, Cout) or None;
-    ``addend`` (N, Cout, H, W) or None is added to the convolution before the gate
-    (Gated PixelCNN's horizontal stack: its own conv plus the vertical link);
-    ``residual`` (N, Cout / 2, H, W) or None is added to the gated output. Other
-    arguments (``input_activation`` included) as :func:`masked_conv2d`, except that
-    ``color_groups`` must be 1: the halves a and b would hold different colour
-    groups (use ``masked_conv2d`` with ``color_groups=3`` and gate per group
-    instead).
+    The gate splits the Cout output channels into halves a (first) and b (second)
+    and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``): (N, Cout
+    / 2, H, W). With ``gate_groups`` > 1 the channels are that many contiguous blocks,
+    each split into halves (Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B
+    b_B] with 3; see :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`),
+    and the output is the blocks' gated halves in order; Cout must be a multiple of
+    2 · ``gate_groups``. ``cond`` is (N, Cout) or None; ``addend`` (N, Cout, H, W) or
+    None is added to the convolution before the gate (Gated PixelCNN's horizontal
+    stack: its own conv plus the vertical link); ``residual`` (N, Cout / 2, H, W) or
+    None is added to the gated output; ``cond``, ``addend`` and the returned ``pre``
+    are in the pre-activation's channel order. Other arguments (``input_activation``
+    included) as :func:`masked_conv2d`; ``color_groups`` > 1 needs ``gate_groups``
+    equal to it, so that each gate pairs channels of one colour.
 
     Returns the gated output, or with ``return_preactivation`` the pair (gated
     output, ``pre``), ``pre`` (N, Cout, H, W) written in the same pass (Gated
@@ -539,11 +573,13 @@ def masked_conv2d_gated(
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if color_groups != 1:
-        raise ValueError(f"masked_conv2d_gated needs color_groups=1 (its channel halves would mix colour groups), got {color_groups}")
+    if isinstance(gate_groups, bool) or not isinstance(gate_groups, int) or gate_groups < 1:
+        raise ValueError(f"gate_groups must be a positive int, got {gate_groups!r}")
+    if color_groups != 1 and gate_groups != color_groups:
+        raise ValueError(f"color_groups={color_groups} needs gate_groups={color_groups} (a gate would pair channels of two colours), got {gate_groups}")
     out_channels = weight.shape[0]
-    if out_channels % 2:
-        raise ValueError(f"weight must have an even number of output channels to split into gate halves, got {out_channels}")
+    if out_channels % (2 * gate_groups):
+        raise ValueError(f"weight's {out_channels} output channels must split into gate_groups={gate_groups} blocks of two equal halves")
     if cond is not None:
         check_tensor(cond, "cond", ndim=2)
         check_same_dtype(x, cond=cond)
@@ -556,5 +592,7 @@ def masked_conv2d_gated(
         raise TypeError(f"return_preactivation must be a bool, got {type(return_preactivation).__name__}")
     # Only the gradients through the gate need the pre-activation (not the residual's).
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cond, addend))
-    out, preactivation = _masked_conv2d_gated(x, weight, bias, cond, residual, addend, *conv_args, GATE_CODES[gate], needs_grad or return_preactivation)
+    out, preactivation = _masked_conv2d_gated(
+        x, weight, bias, cond, residual, addend, *conv_args, GATE_CODES[gate], gate_groups, needs_grad or return_preactivation
+    )
     return (out, preactivation) if return_preactivation else out

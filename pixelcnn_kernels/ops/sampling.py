@@ -10,9 +10,9 @@ launch here instead of about six PyTorch ops:
   horizontal stack at one pixel::
 
       pre = conv_horiz taps + bias + conv_vert_to_horiz(v_pre[b, j]) + cond[b]
-      out[b, i, j] = x[b, i, j] + conv_horiz_1x1(grouped_gate(pre))
+      out[b, i, j] = x[b, i, j] + conv_horiz_1x1(gate_in_groups(pre))
 
-  with :func:`~pixelcnn_kernels.reference.layers.grouped_gate`'s colour-grouped
+  with :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`'s colour-grouped
   tanh·σ (1 or 3 groups) and the residual on the layer input;
 - :func:`softmax_draw_step`: the softmax head on the last layer's output at the pixel
   (elu, the colour-masked 1×1), the categorical draw of one channel at its noise, and

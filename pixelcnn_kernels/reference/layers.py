@@ -105,24 +105,6 @@ def residual_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d
     return residual + apply_masked_conv(ops_fn, conv, x, **kwargs)
 
 
-def grouped_gate(ops: OpSet, preactivation: torch.Tensor, cond: torch.Tensor | None, color_groups: int) -> torch.Tensor:
-    """tanh(a)·σ(b) of a (N, 2C, H, W) pre-activation laid out colour-major; returns (N, C, H, W).
-
-    Colour-group masks split channels into contiguous thirds, so a colour-masked conv
-    gives [R: a_R b_R | G: a_G b_G | B: a_B b_B]; the gate then splits each group in
-    halves, and its output [a·b of R | of G | of B] is again in contiguous thirds.
-    With one group this is the usual split of dim 1 into halves. ``cond`` (N, 2C), in
-    the same layout, is added to the pre-activation before the gate.
-    """
-    if color_groups == 1:
-        return ops.gate_tanh_sigmoid(preactivation, dim=1, cond=cond)
-    if cond is not None:
-        # The gate's cond is one vector per (image, channel along dim), shared by the
-        # colour groups of the grouped view, so each group's part is added here.
-        preactivation = preactivation + cond[:, :, None, None]
-    return ops.gate_tanh_sigmoid(preactivation.unflatten(1, (color_groups, -1)), dim=2).flatten(1, 2)
-
-
 def _check_channels(x: torch.Tensor, channels: int, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -181,17 +163,17 @@ class GatedMaskedConv2d(nn.Module):
     stack's 2C pre-activation channels and added just before its gate (so the vertical
     link carries the conv output only; the horizontal projection covers that term).
     The vertical conv, its conditioning and gate run as one ``masked_conv2d_gated``
-    that also returns the pre-activation for the link. With one colour group the
-    horizontal stack's link, the add of ``conv_horiz(h)``, its conditioning and gate
-    run as another (``addend=``); with three, the add runs in the link's epilogue
-    and the colour-grouped gate separately. The 1×1 output conv adds ``h`` in its
-    epilogue (``residual=``).
+    that also returns the pre-activation for the link; the horizontal stack's link,
+    the add of ``conv_horiz(h)`` (``addend=``), its conditioning and gate as another.
+    The 1×1 output conv adds ``h`` in its epilogue (``residual=``).
 
     With ``color_groups=3`` the horizontal stack's channels are R, G, B thirds (C must be
     a multiple of 3): ``conv_horiz`` and ``conv_horiz_1x1`` are colour-masked (group g sees
-    groups ≤ g at the centre), their 2C pre-activations are laid out colour-major (see
-    :func:`grouped_gate`); the vertical stack needs no colour mask (it sees no pixel of
-    the current row). Accepts float32, float16, bfloat16 and float64 inputs.
+    groups ≤ g at the centre), their 2C pre-activations are laid out colour-major, and
+    the horizontal gate pairs a and b within each third (``gate_groups=3``, see
+    :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`); the vertical stack
+    needs no colour mask (it sees no pixel of the current row). Accepts float32,
+    float16, bfloat16 and float64 inputs.
 
     ``dropout`` (default 0) drops elements of the horizontal gated output before
     ``conv_horiz_1x1`` in training mode only (the residual branch: the skip path and the
@@ -235,13 +217,9 @@ class GatedMaskedConv2d(nn.Module):
         v_out, v_pre = apply_masked_conv(ops.masked_conv2d_gated, self.conv_vert, v, cond=_project(self.cond_vert, cond, v), return_preactivation=True)
         h_conv = apply_masked_conv(ops.masked_conv2d, self.conv_horiz, h)
         h_cond = _project(self.cond_horiz, cond, h)
-        if self.color_groups == 1:
-            h_gated = apply_masked_conv(ops.masked_conv2d_gated, self.conv_vert_to_horiz, v_pre, cond=h_cond, addend=h_conv)
-        else:
-            # The colour-major pre-activation pairs a and b within each colour third, not
-            # across the halves the fused gate splits, so the gate is a pass of its own.
-            h_pre = residual_masked_conv(ops.masked_conv2d, self.conv_vert_to_horiz, v_pre, h_conv)
-            h_gated = grouped_gate(ops, h_pre, h_cond, self.color_groups)
+        h_gated = apply_masked_conv(
+            ops.masked_conv2d_gated, self.conv_vert_to_horiz, v_pre, cond=h_cond, addend=h_conv, gate_groups=self.color_groups
+        )
         h_out = residual_masked_conv(ops.masked_conv2d, self.conv_horiz_1x1, self.dropout(h_gated), h)
         return v_out, h_out
 

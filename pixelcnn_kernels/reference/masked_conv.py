@@ -8,6 +8,8 @@ benchmark provider, and runs in any dtype (float64 included) on any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,25 @@ def masked_conv2d_ref(
     return out if residual is None else out + residual
 
 
+def gate_in_groups(gate_fn: Callable[..., torch.Tensor], preactivation: torch.Tensor, cond: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``gate_fn`` (a gate of the gates family) of a (N, 2C, H, W) pre-activation in ``groups`` blocks; (N, C, H, W).
+
+    The channels are ``groups`` contiguous blocks, each split into halves a, b: with
+    3, Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B b_B], the layout a
+    colour-masked conv gives (its colour groups are contiguous thirds). The output,
+    [gate of R | of G | of B], is again in contiguous thirds. With one group this is
+    the usual split into halves. ``cond`` (N, 2C), in the pre-activation's layout, is
+    added before the gate.
+    """
+    if groups == 1:
+        return gate_fn(preactivation, 1, cond)
+    if cond is not None:
+        # A gate's cond is one vector per (image, channel along dim), which the groups of the
+        # grouped view would share: each group's part is added here.
+        preactivation = preactivation + cond[:, :, None, None]
+    return gate_fn(preactivation.unflatten(1, (groups, -1)), 2).flatten(1, 2)
+
+
 def masked_conv2d_gated_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -68,18 +89,20 @@ def masked_conv2d_gated_ref(
     input_activation: str | None = None,
     addend: torch.Tensor | None = None,
     return_preactivation: bool = False,
+    gate_groups: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``gate(pre + cond[:, :, None, None]) + residual`` with ``pre = masked_conv2d_ref(x, weight, bias) + addend``.
 
     The gate splits the channels into halves a (first), b (second) and returns
-    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``). ``cond`` (N, Cout),
+    tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); with ``gate_groups``
+    > 1 it does so within each group, as :func:`gate_in_groups`. ``cond`` (N, Cout),
     ``addend`` (N, Cout, H, W) and ``residual`` (N, Cout / 2, H, W) may each be None.
     ``input_activation`` as in :func:`masked_conv2d_ref`. With ``return_preactivation``
     returns ``(out, pre)``: the layer that also feeds ``pre`` elsewhere (Gated
     PixelCNN's vertical stack) gets it from the same call.
     """
     preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, residual=addend, input_activation=input_activation)
-    out = GATE_FUNCTIONS[gate](preactivation, 1, cond)
+    out = gate_in_groups(GATE_FUNCTIONS[gate], preactivation, cond, gate_groups)
     if residual is not None:
         out = out + residual
     return (out, preactivation) if return_preactivation else out

@@ -73,7 +73,7 @@ from pixelcnn_kernels.ops.sampling import (
     softmax_draw_step,
     step_backend,
 )
-from pixelcnn_kernels.reference.layers import grouped_gate
+from pixelcnn_kernels.reference.masked_conv import gate_in_groups
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
@@ -118,7 +118,7 @@ class CachedGatedPixelCNN:
         ):
             h_input.store(h, row, col)
             h_pre = h_input.pixel(row, col) + vert_to_horiz(v_pre[:, :, :, col : col + 1])
-            h = h + horiz_1x1(grouped_gate(ops, h_pre, cond, layer.color_groups))
+            h = h + horiz_1x1(gate_in_groups(ops.gate_tanh_sigmoid, h_pre, cond, layer.color_groups))
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -290,7 +290,7 @@ class _VerticalStack:
             v_input.store(v, row, 0)
             v_pre = v_input.row(row)
             rows.append(v_pre)
-            v = grouped_gate(ops, v_pre, cond, 1)
+            v = ops.gate_tanh_sigmoid(v_pre, 1, cond)
         return rows
 
 

@@ -117,6 +117,19 @@ def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr):
 
 
 @triton.jit
+def _preactivation_channels(cols, N_COLS, GATE_GROUPS: tl.constexpr):
+    """(channel of column n's half a, the shift to its half b) in a gated conv's pre-activation.
+
+    The GEMM pairs column n with n + N_COLS; the pre-activation's 2·N_COLS channels are
+    GATE_GROUPS blocks of two halves, [a_1 b_1 | a_2 b_2 | ...] (one block: [a | b]).
+    """
+    if GATE_GROUPS == 1:
+        return cols, N_COLS
+    group = N_COLS // GATE_GROUPS
+    return cols // group * (2 * group) + cols % group, group
+
+
+@triton.jit
 def _masked_conv_kernel(
     x_ptr,
     w_ptr,
@@ -137,6 +150,7 @@ def _masked_conv_kernel(
     stride_wn,
     OFFSETS: tl.constexpr,
     GATE: tl.constexpr,
+    GATE_GROUPS: tl.constexpr,
     CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
@@ -156,7 +170,10 @@ def _masked_conv_kernel(
       (m, n) accumulates columns n and n + N_COLS (halves a and b) side by side, adds
       bias and addend (N·H·W, 2·N_COLS), stores that pre-activation to pre (N·H·W,
       2·N_COLS) unless pre_ptr is None, adds cond (N, 2·N_COLS) and stores
-      gate(a, b) to out (N·H·W, N_COLS);
+      gate(a, b) to out (N·H·W, N_COLS). With GATE_GROUPS > 1 the pre-activation's
+      channels are GATE_GROUPS blocks [a_1 b_1 | a_2 b_2 | ...] while w's columns
+      come halves first (ops.masked_conv.pack_weight): the epilogue reads bias,
+      addend and cond and writes pre at each column's channel (_preactivation_channels);
     - elu_x_ptr given (the input gradient of a concat_elu input x (N·H·W, N_COLS)):
       the halves are the gradients g₁, g₂ w.r.t. elu(x), elu(-x), and out = the
       gradient w.r.t. x, g₁·elu'(x) − g₂·elu'(−x).
@@ -195,31 +212,34 @@ def _masked_conv_kernel(
 
     store_ok = pixel_ok[:, None] & col_ok[None, :]
     out_index = pixels[:, None] * N_COLS + cols[None, :]
-    if bias_ptr is not None:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if elu_x_ptr is not None:
-        elu_x = tl.load(elu_x_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
-        result = concat_elu_grad_math(elu_x, acc, acc_b)
-    elif GATE == 0:
-        result = acc
-    else:
+    if GATE == 0:
         if bias_ptr is not None:
-            acc_b += tl.load(bias_ptr + N_COLS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        pre_index = pixels[:, None] * (2 * N_COLS) + cols[None, :]
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if elu_x_ptr is not None:
+            elu_x = tl.load(elu_x_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
+            result = concat_elu_grad_math(elu_x, acc, acc_b)
+        else:
+            result = acc
+    else:
+        channels, b_shift = _preactivation_channels(cols, N_COLS, GATE_GROUPS)
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + channels, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_b += tl.load(bias_ptr + channels + b_shift, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        pre_index = pixels[:, None] * (2 * N_COLS) + channels[None, :]
         if addend_ptr is not None:
             acc += tl.load(addend_ptr + pre_index, mask=store_ok, other=0.0).to(tl.float32)
-            acc_b += tl.load(addend_ptr + pre_index + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
+            acc_b += tl.load(addend_ptr + pre_index + b_shift, mask=store_ok, other=0.0).to(tl.float32)
         # The gate sees the pre-activation rounded to the output dtype, as stored for the backward
         # and as a separate gate op would read it.
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc_b = acc_b.to(out_ptr.dtype.element_ty).to(tl.float32)
         if pre_ptr is not None:
             tl.store(pre_ptr + pre_index, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
-            tl.store(pre_ptr + pre_index + N_COLS, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
+            tl.store(pre_ptr + pre_index + b_shift, acc_b.to(pre_ptr.dtype.element_ty), mask=store_ok)
         if cond_ptr is not None:
-            cond_rows = cond_ptr + (pixels // (H * W))[:, None] * (2 * N_COLS) + cols[None, :]
+            cond_rows = cond_ptr + (pixels // (H * W))[:, None] * (2 * N_COLS) + channels[None, :]
             acc += tl.load(cond_rows, mask=store_ok, other=0.0).to(tl.float32)
-            acc_b += tl.load(cond_rows + N_COLS, mask=store_ok, other=0.0).to(tl.float32)
+            acc_b += tl.load(cond_rows + b_shift, mask=store_ok, other=0.0).to(tl.float32)
         result = _apply_gate(acc, acc_b, GATE)
     if residual_ptr is not None:
         result += tl.load(residual_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
@@ -316,19 +336,23 @@ def _reduction_tile(size: int, dtype: torch.dtype) -> int:
     return _tile(size, _max_reduction_tile(dtype))
 
 
-def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str) -> tuple[int, int]:
+def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, gate_groups: int = 1) -> tuple[int, int]:
     """(BLOCK_M, num_warps) of _masked_conv_kernel: _BLOCK_M pixels at 4 warps; half as many
     for two accumulators (a gate, or concat_elu's backward: the kernel's TWO_HALVES), at 8
-    warps for 16-bit inputs; half again for full-fp32 ("ieee") products.
+    warps for 16-bit inputs or a gate in groups; half again for full-fp32 ("ieee") products.
 
     Register use compiled for sm_90 (ptxas -v; no spills unless said), e.g. the vertical 3×3
     taps: one accumulator 128 (fp32, TF32) or 175 (bf16); two 164 (fp32), and for bf16 255
     with 32 bytes of spills at 4 warps, 125 at 8. "ieee" ``tl.dot`` is an FMA loop holding
     both operand tiles in registers: at 128 rows the input gradient spills 12 bytes and the
-    64-bit-index forward 16; at 64 rows, 96.
+    64-bit-index forward 16; at 64 rows, 96. A gate in groups maps each column to its channel,
+    so the epilogue's loads and stores are not vectorised: the 1×1 link of the colour model
+    (126 channels, no multiple of 16) in fp32 spills 128 bytes at 4 warps, none at 8 (151).
     """
-    rows, warps = (_BLOCK_M_TWO_HALVES, _NUM_WARPS if dtype == torch.float32 else 2 * _NUM_WARPS) if two_halves else (_BLOCK_M, _NUM_WARPS)
-    return (rows // 2 if precision == "ieee" and dtype == torch.float32 else rows), warps
+    if not two_halves:
+        return _BLOCK_M, _NUM_WARPS
+    warps = _NUM_WARPS if dtype == torch.float32 and gate_groups == 1 else 2 * _NUM_WARPS
+    return (_BLOCK_M_TWO_HALVES // 2 if precision == "ieee" and dtype == torch.float32 else _BLOCK_M_TWO_HALVES), warps
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -337,8 +361,9 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def _conv_launch(
-    x, w, w_strides, out, offsets, n_cols, allow_tf32, *, bias=None, cond=None, residual=None, addend=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE
-):
+    x, w, w_strides, out, offsets, n_cols, allow_tf32, *,
+    bias=None, cond=None, residual=None, addend=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE, gate_groups=1,
+):  # fmt: skip
     """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C) into ``out``; returns ``out``.
 
     The GEMM reads x, or concat_elu(x) (2C channels) when ``concat_elu_input``; the
@@ -350,14 +375,14 @@ def _conv_launch(
         return out
     c_in = 2 * x_channels if concat_elu_input else x_channels
     precision = dot_precision(x.dtype, allow_tf32)
-    block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision)
+    block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision, gate_groups)
     block_n = _tile(n_cols, _BLOCK_N)
     grid = (cdiv(num_pixels, block_m), cdiv(n_cols, block_n))
     with launch_device(x):
         _masked_conv_kernel[grid](
             x, w, bias, cond, residual, addend, elu_x, out, pre,
             num_pixels, height, width, c_in, n_cols, *w_strides,
-            OFFSETS=tuple(offsets), GATE=gate, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
+            OFFSETS=tuple(offsets), GATE=gate, GATE_GROUPS=gate_groups, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
             WIDE_INDEX=needs_int64_index(x, out, addend, pre),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
             num_warps=num_warps, num_stages=_NUM_STAGES,
@@ -407,17 +432,21 @@ def masked_conv2d_fwd_gated(
     offsets: list[int],
     concat_elu_input: bool,
     gate: int,
+    gate_groups: int,
     write_preact: bool,
     allow_tf32: bool,
 ) -> list[torch.Tensor]:
     """[gate(pre + cond) + residual, pre], pre = the forward's output + addend, gated in channel halves a, b.
 
-    x, wp, bias, offsets, concat_elu_input as :func:`masked_conv2d_fwd`, with Cout
-    even; addend: (N, H, W, Cout) contiguous or None; cond: (N, Cout) contiguous or
-    None; gate: GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N, H, W, Cout / 2)
-    contiguous or None, added after the gate. Returns the gated (N, H, W, Cout / 2)
-    and, when ``write_preact``, the pre-activation conv + bias + addend (N, H, W,
-    Cout) written in the same pass (else an empty tensor).
+    x, wp, bias, offsets, concat_elu_input as :func:`masked_conv2d_fwd`, with Cout a
+    multiple of 2·gate_groups; addend: (N, H, W, Cout) contiguous or None; cond: (N,
+    Cout) contiguous or None; gate: GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N,
+    H, W, Cout / 2) contiguous or None, added after the gate. With gate_groups > 1
+    the channels of bias, cond, addend and pre are gate_groups blocks [a_1 b_1 | a_2
+    b_2 | ...] and wp's columns are halves first (``pack_weight(..., gate_groups)``).
+    Returns the gated (N, H, W, Cout / 2) and, when ``write_preact``, the
+    pre-activation conv + bias + addend (N, H, W, Cout) written in the same pass
+    (else an empty tensor).
     """
     half = wp.shape[2] // 2
     out = x.new_empty(*x.shape[:3], half)
@@ -425,6 +454,7 @@ def masked_conv2d_fwd_gated(
     _conv_launch(
         x, wp, wp.stride(), out, offsets, half, allow_tf32,
         bias=bias, cond=cond, residual=residual, addend=addend, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, gate=gate,
+        gate_groups=gate_groups,
     )
     return [out, preact]
 
@@ -527,16 +557,17 @@ def _register_compile_cases() -> None:
     }
     optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "pre_ptr")
 
-    def register_conv(name, offsets, dtype, gate, concat_elu_input, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None):
+    def register_conv(name, offsets, dtype, gate, concat_elu_input, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1):
         ptr = pointer_type(dtype)
         precision = precision or dot_precision(dtype, allow_tf32=True)
         signature = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
         signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {})})  # 64-bit indices: num_pixels arrives as i64
-        block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision)
+        block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision, gate_groups)
         constexprs = {
             "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": _BLOCK_N,
             "BLOCK_K": _max_reduction_tile(dtype) if c_in is None else _reduction_tile(c_in, dtype),
-            **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "CONCAT_ELU_INPUT": concat_elu_input, "BLOCK_M": block_m,
+            **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "GATE_GROUPS": gate_groups, "CONCAT_ELU_INPUT": concat_elu_input,
+            "BLOCK_M": block_m,
         }  # fmt: skip
         register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
@@ -564,5 +595,11 @@ def _register_compile_cases() -> None:
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, False, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, False, divisible_ints=False, c_in=4)
+        # Colour Gated PixelCNN's horizontal link gates its colour-major pre-activation in three
+        # groups; its width (126 in the benchmark model) is no multiple of 16.
+        register_conv(
+            f"masked_conv_fwd_gated_addend_3_groups_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID, False,
+            ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
+        )
 
 _register_compile_cases()

@@ -13,7 +13,7 @@ Gated PixelCNN's layer step: one launch computes one pixel of one horizontal-sta
 - gated layers: ``v_pre`` (B, W, 2C) the vertical pre-activation row, the 1×1 link
   ``wv`` (2C, 2C) and output conv ``w1`` (C, C) laid out (in, out), ``cond`` (B, 2C)
   contiguous; gated channel n pairs pre-activation columns ``a(n) = (n // G)·2G + n % G``
-  and ``a(n) + G`` (G = ``group_size``: C / colour groups, :func:`~pixelcnn_kernels.reference.layers.grouped_gate`).
+  and ``a(n) + G`` (G = ``group_size``: C / colour groups, :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`).
 
 A program takes BLOCK_B images and every channel: the gate needs both halves and the
 1×1 needs every gated channel, so the channel dimension is never split. Products use
