@@ -825,12 +825,12 @@ def test_gated_bad_input():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 4)
     with pytest.raises(ValueError, match="gate must be one of"):
         masked_conv2d_gated(x, weight, bias, gate="relu")
-    with pytest.raises(ValueError, match=r"^weight's 5 output channels must split into gate_groups=1 blocks of two equal halves"):
+    with pytest.raises(ValueError, match=r"^weight must have a multiple of 2 output channels \(gate_groups=1 blocks of two halves\), got 5"):
         masked_conv2d_gated(x, weight[:5], bias[:5])
-    with pytest.raises(ValueError, match=r"^weight's 6 output channels must split into gate_groups=2 blocks"):
+    with pytest.raises(ValueError, match=r"^weight must have a multiple of 4 output channels \(gate_groups=2 blocks of two halves\), got 6"):
         masked_conv2d_gated(x, weight, bias, gate_groups=2)
-    for gate_groups in (0, 1.0, True):
-        with pytest.raises(ValueError, match="^gate_groups must be a positive int"):
+    for gate_groups, error, match in ((0, ValueError, "^gate_groups must be >= 1, got 0"), (1.0, TypeError, "^gate_groups must be an int, got float"), (True, TypeError, "^gate_groups must be an int, got bool")):
+        with pytest.raises(error, match=match):
             masked_conv2d_gated(x, weight, bias, gate_groups=gate_groups)
     with pytest.raises(ValueError, match=r"^color_groups=3 needs gate_groups=3 \(a gate would pair channels of two colours\), got 1"):
         masked_conv2d_gated(x, weight, bias, color_groups=3)

@@ -151,7 +151,8 @@ class MaskedConv2dGated(MaskedConv2d):
     conv is colour-masked as MaskedConv2d's, its output channels are R, G, B thirds
     each holding its colour's halves, [a_R b_R | a_G b_G | a_B b_B], gated per colour
     (``gate_groups=3``), and the output is in R, G, B thirds (out_channels must be a
-    multiple of 6).
+    multiple of 6). ``color_groups`` comes last, after ``dtype``, so that the
+    positional arguments before it keep their places.
     """
 
     def __init__(

@@ -485,7 +485,12 @@ def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, ancho
 
 
 def _gate_backward(gate: int, gate_groups: int, grad_out: torch.Tensor, preactivation: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """The gradient w.r.t. the pre-activation of :func:`gate_in_groups` with the gate of code ``gate``."""
+    """The gradient w.r.t. the pre-activation of :func:`gate_in_groups` with the gate of code ``gate``.
+
+    With groups and ``cond``, the gate's derivative is taken at ``pre + cond`` rounded to
+    pre's dtype (the forward kernels add cond in fp32): one rounding more in fp16/bf16, none
+    in fp32. The gate ops take one cond per channel along ``dim``, not per group.
+    """
     backward = _GATE_BACKWARD_OPS[gate]
     if gate_groups == 1:
         return backward(grad_out, preactivation, 1, cond)
@@ -573,13 +578,15 @@ def masked_conv2d_gated(
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if isinstance(gate_groups, bool) or not isinstance(gate_groups, int) or gate_groups < 1:
-        raise ValueError(f"gate_groups must be a positive int, got {gate_groups!r}")
+    if isinstance(gate_groups, bool) or not isinstance(gate_groups, int):
+        raise TypeError(f"gate_groups must be an int, got {type(gate_groups).__name__}")
+    if gate_groups < 1:
+        raise ValueError(f"gate_groups must be >= 1, got {gate_groups}")
     if color_groups != 1 and gate_groups != color_groups:
         raise ValueError(f"color_groups={color_groups} needs gate_groups={color_groups} (a gate would pair channels of two colours), got {gate_groups}")
     out_channels = weight.shape[0]
     if out_channels % (2 * gate_groups):
-        raise ValueError(f"weight's {out_channels} output channels must split into gate_groups={gate_groups} blocks of two equal halves")
+        raise ValueError(f"weight must have a multiple of {2 * gate_groups} output channels (gate_groups={gate_groups} blocks of two halves), got {out_channels}")
     if cond is not None:
         check_tensor(cond, "cond", ndim=2)
         check_same_dtype(x, cond=cond)

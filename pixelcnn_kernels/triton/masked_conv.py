@@ -347,7 +347,8 @@ def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, gate_group
     both operand tiles in registers: at 128 rows the input gradient spills 12 bytes and the
     64-bit-index forward 16; at 64 rows, 96. A gate in groups maps each column to its channel,
     so the epilogue's loads and stores are not vectorised: the 1×1 link of the colour model
-    (126 channels, no multiple of 16) in fp32 spills 128 bytes at 4 warps, none at 8 (151).
+    (126 channels, no multiple of 16) in fp32 spills 128 bytes at 4 warps under Triton 3.6,
+    none at 8 (151 registers).
     """
     if not two_halves:
         return _BLOCK_M, _NUM_WARPS
@@ -596,10 +597,15 @@ def _register_compile_cases() -> None:
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, False, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, False, divisible_ints=False, c_in=4)
         # Colour Gated PixelCNN's horizontal link gates its colour-major pre-activation in three
-        # groups; its width (126 in the benchmark model) is no multiple of 16.
+        # groups; its width (126 in the benchmark model) is no multiple of 16. And a colour-masked
+        # conv gated per colour (MaskedConv2dGated(color_groups=3)), on the horizontal stack's taps.
         register_conv(
             f"masked_conv_fwd_gated_addend_3_groups_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID, False,
             ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
+        )
+        register_conv(
+            f"masked_conv_fwd_gated_3_groups_horizontal1x3_{dtype_name}", tap_sets["horizontal1x3"], dtype, GATE_TANH_SIGMOID, False,
+            ("bias_ptr", "cond_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
         )
 
 _register_compile_cases()
