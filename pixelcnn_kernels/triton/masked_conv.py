@@ -350,10 +350,11 @@ def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, gate_group
     (126 channels, no multiple of 16) in fp32 spills 128 bytes at 4 warps under Triton 3.6,
     none at 8 (151 registers).
     """
-    if not two_halves:
-        return _BLOCK_M, _NUM_WARPS
-    warps = _NUM_WARPS if dtype == torch.float32 and gate_groups == 1 else 2 * _NUM_WARPS
-    return (_BLOCK_M_TWO_HALVES // 2 if precision == "ieee" and dtype == torch.float32 else _BLOCK_M_TWO_HALVES), warps
+    if two_halves:
+        rows, warps = _BLOCK_M_TWO_HALVES, _NUM_WARPS if dtype == torch.float32 and gate_groups == 1 else 2 * _NUM_WARPS
+    else:
+        rows, warps = _BLOCK_M, _NUM_WARPS
+    return (rows // 2 if precision == "ieee" and dtype == torch.float32 else rows), warps
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
