@@ -393,12 +393,16 @@ def test_reference_gate_in_groups_is_the_gated_conv_of_each_group():
 GATED_IN_GROUPS_CASES = [("full", 1, 1, 6, 12), ("horizontal", (1, 3), 3, 3, 18)]
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mask, kernel_size, color_groups, c_in, c_out", GATED_IN_GROUPS_CASES, ids=["link", "colour_masked"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out):
-    """bias, cond, addend and the returned pre-activation in the colour-major layout; gradients of every input."""
+def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out, layout):
+    """bias, cond, addend and the returned pre-activation in the colour-major layout; gradients of every input;
+    channels-last activations (the models' layout on a GPU) give channels-last outputs."""
+    in_layout = channels_last if layout == "channels_last" else (lambda t: t)
     x, weight, bias = make_conv_inputs(c_in, c_out, as_pair(kernel_size), 2, 5, 7)
     cond, addend, residual = torch.randn(2, c_out), torch.randn(2, c_out, 5, 7), torch.randn(2, c_out // 2, 5, 7)
+    x, addend, residual = in_layout(x), in_layout(addend), in_layout(residual)
     grads_out = (torch.randn(2, c_out // 2, 5, 7), torch.randn(2, c_out, 5, 7))
     options = dict(mask=mask, color_groups=color_groups, gate_groups=3, return_preactivation=True)
 
@@ -420,6 +424,7 @@ def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_s
         # At the scale of each result: the weight's and cond's gradients sum 70 and 35 products that may cancel.
         assert_close_at_scale(g, e, dtype=torch.float32, msg=name)
     assert all(torch.equal(i, g.detach()) for i, g in zip(inference, got[:2]))
+    assert all(is_channels_last(t) == (layout == "channels_last") for t in got[:3])  # out, pre, grad x
     if color_groups > 1:
         hidden = resolve_mask(mask, kernel_size, 3).weight_mask(c_out, c_in) == 0
         assert hidden.any() and torch.all(got[3][hidden] == 0)  # colour-masked weights get exact zeros
