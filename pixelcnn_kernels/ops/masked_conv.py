@@ -484,22 +484,6 @@ def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, ancho
     return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
 
 
-def _gate_backward(gate: int, gate_groups: int, grad_out: torch.Tensor, preactivation: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """The gradient w.r.t. the pre-activation of :func:`gate_in_groups` with the gate of code ``gate``.
-
-    With groups and ``cond``, the gate's derivative is taken at ``pre + cond`` rounded to
-    pre's dtype (the forward kernels add cond in fp32): one rounding more in fp16/bf16, none
-    in fp32. The gate ops take one cond per channel along ``dim``, not per group.
-    """
-    backward = _GATE_BACKWARD_OPS[gate]
-    if gate_groups == 1:
-        return backward(grad_out, preactivation, 1, cond)
-    if cond is not None:
-        preactivation = preactivation + cond[:, :, None, None]
-    grouped = backward(grad_out.unflatten(1, (gate_groups, -1)), preactivation.unflatten(1, (gate_groups, -1)), 2, None)
-    return grouped.flatten(1, 2)
-
-
 def _gated_setup_context(ctx, inputs, output):
     x, weight, bias, cond, residual, addend, *conv_args, gate, gate_groups, keep_preactivation = inputs
     _, preactivation = output
@@ -522,7 +506,9 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
     if grad_out is not None and (needs_x or needs_weight or needs_bias or needs_cond or needs_addend):
         if not ctx.keep_preactivation:
             raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
-        grad_through_gate = _gate_backward(ctx.gate, ctx.gate_groups, grad_out, preactivation, cond)
+        # With groups and cond, the gate's derivative is taken at pre + cond rounded to pre's dtype,
+        # the forward kernels' gate at the fp32 sum: one rounding more in fp16/bf16, none in fp32.
+        grad_through_gate = gate_in_groups(_GATE_BACKWARD_OPS[ctx.gate], preactivation, cond, ctx.gate_groups, grad_out)
         grad_cond = _channel_sum(grad_through_gate, (2, 3), weight.dtype) if needs_cond else None
         # In place: the gate backward's output is this function's own (one tensor less at the peak).
         grad_pre = grad_through_gate if grad_pre is None else grad_through_gate.add_(grad_pre)

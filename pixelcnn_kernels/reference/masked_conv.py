@@ -56,7 +56,9 @@ def masked_conv2d_ref(
     return out if residual is None else out + residual
 
 
-def gate_in_groups(gate_fn: Callable[..., torch.Tensor], preactivation: torch.Tensor, cond: torch.Tensor | None, groups: int) -> torch.Tensor:
+def gate_in_groups(
+    gate_fn: Callable[..., torch.Tensor], preactivation: torch.Tensor, cond: torch.Tensor | None, groups: int, *incoming: torch.Tensor
+) -> torch.Tensor:
     """``gate_fn`` (a gate of the gates family) of a (N, 2C, H, W) pre-activation in ``groups`` blocks; (N, C, H, W).
 
     The channels are ``groups`` contiguous blocks, each split into halves a, b: with
@@ -64,15 +66,18 @@ def gate_in_groups(gate_fn: Callable[..., torch.Tensor], preactivation: torch.Te
     colour-masked conv gives (its colour groups are contiguous thirds). The output,
     [gate of R | of G | of B], is again in contiguous thirds. With one group this is
     the usual split into halves. ``cond`` (N, 2C), in the pre-activation's layout, is
-    added before the gate.
+    added before the gate; with groups that add is a pass of its own, rounded to the
+    pre-activation's dtype. ``incoming``: tensors passed to ``gate_fn`` before the
+    pre-activation, viewed in the same groups (a gate's backward, ``gate_fn(grad, x, dim,
+    cond)``, takes the output's gradient there and returns the pre-activation's).
     """
     if groups == 1:
-        return gate_fn(preactivation, 1, cond)
+        return gate_fn(*incoming, preactivation, 1, cond)
     if cond is not None:
         # A gate's cond is one vector per (image, channel along dim), which the groups of the
         # grouped view would share: each group's part is added here.
         preactivation = preactivation + cond[:, :, None, None]
-    return gate_fn(preactivation.unflatten(1, (groups, -1)), 2).flatten(1, 2)
+    return gate_fn(*(t.unflatten(1, (groups, -1)) for t in (*incoming, preactivation)), 2, None).flatten(1, 2)
 
 
 def masked_conv2d_gated_ref(
