@@ -105,11 +105,13 @@ struct GateForward {
   }
 };
 
-// Its backward: grad (outer, row_len), x (outer, 2, row_len) -> dx (outer, 2, row_len).
+// Its backward: grad (outer, row_len), x (outer, 2, row_len) -> dx (outer, 2, row_len), plus
+// `accumulate` (x's shape, may be null: x's gradient from its other uses) added before dx's rounding.
 template <typename T, GateKind kKind>
 struct GateBackward {
   const T* grad;
   const T* x;
+  const T* accumulate;
   T* dx;
   CondBias<T> bias;
 
@@ -123,6 +125,16 @@ struct GateBackward {
     bias.template add<N>(row, col, a, b);
 #pragma unroll
     for (int k = 0; k < N; ++k) gate_grad_math<kKind>(a[k], b[k], g[k], grad_a[k], grad_b[k]);
+    if (accumulate != nullptr) {
+      float other_a[N], other_b[N];
+      load_floats<N>(accumulate + a_offset, other_a);
+      load_floats<N>(accumulate + a_offset + row_len, other_b);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        grad_a[k] += other_a[k];
+        grad_b[k] += other_b[k];
+      }
+    }
     store_floats<N>(dx + a_offset, grad_a);
     store_floats<N>(dx + a_offset + row_len, grad_b);
   }
@@ -239,16 +251,20 @@ void launch_gate_forward(DType dtype, GateKind kind, const void* x, const void* 
   });
 }
 
-void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond, void* dx,
-                          int64_t outer, int64_t half, int64_t inner, int64_t batch_div, int64_t batch,
-                          cudaStream_t stream) {
+void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond,
+                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t batch_div,
+                          int64_t batch, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     dispatch_gate_kind(kind, [&](auto kind_tag) {
-      const GateBackward<T, decltype(kind_tag)::value> op{static_cast<const T*>(grad), static_cast<const T*>(x),
+      const GateBackward<T, decltype(kind_tag)::value> op{static_cast<const T*>(grad),
+                                                          static_cast<const T*>(x),
+                                                          static_cast<const T*>(accumulate),
                                                           static_cast<T*>(dx),
                                                           {static_cast<const T*>(cond), half, inner, batch_div, batch}};
-      launch_rows<T>(op, outer, half * inner, outer * 2 * half * inner, aligned_to_vector({grad, x, dx}), stream);
+      // A null accumulate, never read, passes the alignment test (address 0).
+      launch_rows<T>(op, outer, half * inner, outer * 2 * half * inner, aligned_to_vector({grad, x, accumulate, dx}),
+                     stream);
     });
   });
 }

@@ -23,10 +23,11 @@ enum class GateKind : int { kTanhSigmoid = 0, kSigmoid = 1 };
 void launch_gate_forward(DType dtype, GateKind kind, const void* x, const void* cond, void* y, int64_t outer, int64_t half,
                          int64_t inner, int64_t batch_div, int64_t batch, cudaStream_t stream);
 
-// dx (outer, 2, half, inner) = d gate / d(x + cond) * grad, grad (outer, half, inner).
-void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond, void* dx,
-                          int64_t outer, int64_t half, int64_t inner, int64_t batch_div, int64_t batch,
-                          cudaStream_t stream);
+// dx (outer, 2, half, inner) = d gate / d(x + cond) * grad + accumulate, grad (outer, half, inner);
+// accumulate: nullptr, or x's shape (x's gradient from its other uses), added in fp32 before dx is rounded.
+void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond,
+                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t batch_div,
+                          int64_t batch, cudaStream_t stream);
 
 // y[o, 0, r] = elu(x[o, r]), y[o, 1, r] = elu(-x[o, r]).
 void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, cudaStream_t stream);

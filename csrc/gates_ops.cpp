@@ -53,16 +53,18 @@ at::Tensor gate_forward(const at::Tensor& x, const std::optional<at::Tensor>& co
 }
 
 at::Tensor gate_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& cond,
-                         int64_t batch_div, bool tanh_gate) {
+                         const std::optional<at::Tensor>& accumulate, int64_t batch_div, bool tanh_gate) {
   const DType dtype = check_gate_x(x);
   const int64_t outer = x.size(0), half = x.size(2), inner = x.size(3);
   check_operand(grad, "grad", x, "x", {outer, half, inner});
+  check_optional_operand(accumulate, "accumulate", x, {outer, 2, half, inner});
   const GateBias bias = gate_bias(cond, x, batch_div);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = x.new_empty(x.sizes());
   if (dx.numel() > 0) {
-    launch_gate_backward(dtype, gate_kind(tanh_gate), grad.data_ptr(), x.data_ptr(), bias.data(), dx.data_ptr(), outer,
-                         half, inner, bias.batch_div, bias.batch, current_stream());
+    launch_gate_backward(dtype, gate_kind(tanh_gate), grad.data_ptr(), x.data_ptr(), bias.data(),
+                         raw_data_or_null(accumulate), dx.data_ptr(), outer, half, inner, bias.batch_div, bias.batch,
+                         current_stream());
     check_launch("gate_backward");
   }
   return dx;
@@ -105,7 +107,7 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
   m.def("gate_forward(Tensor x, Tensor? cond, int batch_div, bool tanh_gate) -> Tensor");
-  m.def("gate_backward(Tensor grad, Tensor x, Tensor? cond, int batch_div, bool tanh_gate) -> Tensor");
+  m.def("gate_backward(Tensor grad, Tensor x, Tensor? cond, Tensor? accumulate, int batch_div, bool tanh_gate) -> Tensor");
   m.def("concat_elu_forward(Tensor x) -> Tensor");
   m.def("concat_elu_backward(Tensor grad, Tensor x) -> Tensor");
 }

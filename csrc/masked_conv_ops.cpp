@@ -63,12 +63,6 @@ void check_weight(const at::Tensor& wp, const at::Tensor& x, int taps, int64_t i
                 " channels; the kernels take at most ", kMaxChannels);
 }
 
-// An optional activation-typed operand (a residual, an addend) must be like x, of `shape`.
-void check_optional_operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
-                            at::IntArrayRef shape) {
-  if (t.has_value()) check_operand(*t, name, x, "x", shape);
-}
-
 // The conv's input channels (wp's Cin): x's, or twice them when it reads concat_elu(x).
 int64_t conv_in_channels(const at::Tensor& x, bool concat_elu_input) {
   return concat_elu_input ? 2 * x.size(3) : x.size(3);
@@ -112,10 +106,6 @@ ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int
 
 const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
-const void* raw_data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
 }
 
 at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "cuda_utils.h"
 
 namespace pixelcnn_kernels {
@@ -52,6 +54,14 @@ inline void check_operand(const at::Tensor& t, const char* name, const at::Tenso
   check_like(t, name, ref, ref_name);
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
+
+// An optional activation-typed operand (a residual, an addend, an accumulated gradient) must be like x, of `shape`.
+inline void check_optional_operand(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                                   at::IntArrayRef shape) {
+  if (t.has_value()) check_operand(*t, name, x, "x", shape);
+}
+
+inline const void* raw_data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -239,6 +239,34 @@ def test_outputs_and_grads_keep_the_input_layout(layout, backend, kernel_device)
         assert sorted(range(x.dim()), key=lambda d: -out.stride(d)) == sorted(range(x.dim()), key=lambda d: -x.stride(d))
 
 
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "layout",  # the GPU's also run the CUDA kernel's 16-byte vector loads
+    [LAYOUTS[0], LAYOUTS[1], LAYOUTS[2], LAYOUTS[6], *(pytest.param(layout, marks=pytest.mark.gpu) for layout in GPU_LAYOUTS[:2])],
+    ids=lambda layout: layout.name,
+)
+@pytest.mark.parametrize("name", list(GATES))
+def test_backward_adds_accumulate(name, layout, dtype, backend, kernel_device):
+    """``<gate>_backward(grad, x, dim, cond, accumulate)`` is x's gradient plus ``accumulate`` (x's gradient from its
+    other uses: a gated conv's kept pre-activation), summed before the one rounding; a contiguous accumulate
+    beside a channels-last x is read in x's layout, and the result keeps x's strides."""
+    from pixelcnn_kernels.ops import gates as gate_ops
+
+    x, cond = _inputs(layout, name, dtype, kernel_device)
+    dim = layout.dim % x.dim()  # as the forward's autograd passes it
+    grad = torch.randn(*(size // 2 if d == dim else size for d, size in enumerate(x.shape)), device=kernel_device).to(dtype)
+    accumulate = torch.randn(x.shape, device=kernel_device).to(dtype)
+    with pk.use_backend(backend):
+        dx = getattr(gate_ops, f"{name}_backward")(grad, x, dim, cond, accumulate)
+    x64 = x.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(GATES[name][1](x64, dim, None if cond is None else cond.double()), x64, grad.double())
+    assert dx.dtype == dtype
+    assert_close(dx, expected + accumulate.double(), dtype=dtype)
+    if layout.name != "strided_slice":  # a non-dense x is copied once, in its own memory order
+        assert dx.stride() == x.stride()
+
+
 # ---------------------------------------------------------------- op registration
 
 
@@ -256,6 +284,7 @@ def _opcheck_cases(name: str, device) -> list[tuple]:
             forward, forward_args = getattr(torch.ops.pixelcnn_kernels, name).default, (x.requires_grad_(), 1, cond)
             backward = getattr(torch.ops.pixelcnn_kernels, f"{name}_backward").default
             backward_args = (torch.randn(2, 3, 3, 5, device=device), x.detach(), 1, cond.detach())
+            cases.append((backward, (*backward_args, torch.randn(2, 6, 3, 5, device=device))))  # with accumulate
         cases += [(forward, forward_args), (backward, backward_args)]
     return cases
 

@@ -336,10 +336,13 @@ def test_gated_fused_matches_float64_reference(backend, gate, with_residual, inp
     assert torch.equal(inference, got[0].detach())
 
 
+@pytest.mark.parametrize("cond_grad", [True, False], ids=["cond_grad", "cond_constant"])
 @pytest.mark.parametrize("used", ["both", "out", "pre"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_gated_addend_and_preactivation_match_float64_reference(backend, used):
-    """Gated PixelCNN's stacks: an addend before the gate, the pre-activation returned; either output or both feed the loss."""
+def test_gated_addend_and_preactivation_match_float64_reference(backend, used, cond_grad):
+    """Gated PixelCNN's stacks: an addend before the gate, the pre-activation returned; either output or both feed the loss.
+
+    With a constant cond (or none), the gate's backward adds pre's own gradient in its pass (``accumulate``)."""
     x, weight, bias = make_conv_inputs(3, 8, (1, 3), 2, 6, 7)
     cond, addend = torch.randn(2, 8), torch.randn(2, 8, 6, 7)
     grads_out = {"out": torch.randn(2, 4, 6, 7), "pre": torch.randn(2, 8, 6, 7)}
@@ -347,7 +350,8 @@ def test_gated_addend_and_preactivation_match_float64_reference(backend, used):
 
     def outputs_and_grads(fn, tensors):
         leaves = [t.detach().requires_grad_(True) for t in tensors]
-        out, pre = fn(*leaves[:3], "horizontal", cond=leaves[3], addend=leaves[4], return_preactivation=True)
+        cond = leaves[3] if cond_grad else leaves[3].detach()
+        out, pre = fn(*leaves[:3], "horizontal", cond=cond, addend=leaves[4], return_preactivation=True)
         loss = sum(w * (t * grads_out[name].to(t.dtype)).sum() for w, name, t in zip(weights, ("out", "pre"), (out, pre)) if w)
         return (out, pre, *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
 
@@ -393,12 +397,14 @@ def test_reference_gate_in_groups_is_the_gated_conv_of_each_group():
 GATED_IN_GROUPS_CASES = [("full", 1, 1, 6, 12), ("horizontal", (1, 3), 3, 3, 18)]
 
 
+@pytest.mark.parametrize("cond_grad", [True, False], ids=["cond_grad", "cond_constant"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mask, kernel_size, color_groups, c_in, c_out", GATED_IN_GROUPS_CASES, ids=["link", "colour_masked"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out, layout):
+def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out, layout, cond_grad):
     """bias, cond, addend and the returned pre-activation in the colour-major layout; gradients of every input;
-    channels-last activations (the models' layout on a GPU) give channels-last outputs."""
+    channels-last activations (the models' layout on a GPU) give channels-last outputs. A constant cond: the
+    gate's backward adds pre's own gradient in its pass, through the same grouped view."""
     in_layout = channels_last if layout == "channels_last" else (lambda t: t)
     x, weight, bias = make_conv_inputs(c_in, c_out, as_pair(kernel_size), 2, 5, 7)
     cond, addend, residual = torch.randn(2, c_out), torch.randn(2, c_out, 5, 7), torch.randn(2, c_out // 2, 5, 7)
@@ -409,9 +415,9 @@ def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_s
     def outputs_and_grads(fn, tensors):
         leaves = [t.detach().requires_grad_(True) for t in tensors]
         x, weight, bias, cond, addend, residual = leaves
-        out, pre = fn(x, weight, bias, cond=cond, addend=addend, residual=residual, **options)
+        out, pre = fn(x, weight, bias, cond=cond if cond_grad else cond.detach(), addend=addend, residual=residual, **options)
         loss = (out * grads_out[0].to(out.dtype)).sum() + (pre * grads_out[1].to(pre.dtype)).sum()
-        return (out, pre, *torch.autograd.grad(loss, leaves))
+        return (out, pre, *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
 
     tensors = (x, weight, bias, cond, addend, residual)
     with run_backend(backend):
@@ -421,6 +427,9 @@ def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_s
     expected = outputs_and_grads(masked_conv2d_gated_ref, [t.double() for t in tensors])
     names = ("out", "pre", "grad x", "grad weight", "grad bias", "grad cond", "grad addend", "grad residual")
     for name, g, e in zip(names, got, expected, strict=True):
+        if name == "grad cond" and not cond_grad:
+            assert torch.equal(g, torch.zeros_like(g))
+            continue
         # At the scale of each result: the weight's and cond's gradients sum 70 and 35 products that may cancel.
         assert_close_at_scale(g, e, dtype=torch.float32, msg=name)
     assert all(torch.equal(i, g.detach()) for i, g in zip(inference, got[:2]))

@@ -188,19 +188,24 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
         return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, x.shape[dim] // 2))
 
     @custom_op(f"pixelcnn_kernels::{name}_backward")
-    def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gradient w.r.t. x (and x + cond) given the output's ``grad``, plus ``accumulate`` (x's shape
+        and dtype, or None: x's gradient from its other uses), added in the same pass before the rounding."""
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
-        backend = resolve_backend(grad, x, cond)
+        backend = resolve_backend(grad, x, cond, accumulate)
         if _runs_reference(backend, x):
             dx = _reference_input_grad(lambda x_leaf: reference_gate(x_leaf, dim, cond), x, grad)
-            return layout.empty(x, x.shape).copy_(dx)
+            return layout.empty(x, x.shape).copy_(dx if accumulate is None else dx + accumulate)
         half = x.shape[dim] // 2
-        dx_rows = _kernels(backend).gate_backward(layout.rows(grad, half), layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate)
+        accumulate_rows = None if accumulate is None else layout.rows(accumulate, 2, half)
+        dx_rows = _kernels(backend).gate_backward(
+            layout.rows(grad, half), layout.rows(x, 2, half), cond, accumulate_rows, _batch_div(x, dim, layout), tanh_gate
+        )
         return layout.from_rows(dx_rows, x.shape)
 
     @backward_op.register_fake
-    def _(grad, x, dim, cond):
+    def _(grad, x, dim, cond, accumulate=None):
         x = _dense_input(x, dim, cond)
         return _RowsLayout.of(x, dim).empty(x, x.shape)
 

@@ -57,7 +57,12 @@ def masked_conv2d_ref(
 
 
 def gate_in_groups(
-    gate_fn: Callable[..., torch.Tensor], preactivation: torch.Tensor, cond: torch.Tensor | None, groups: int, *incoming: torch.Tensor
+    gate_fn: Callable[..., torch.Tensor],
+    preactivation: torch.Tensor,
+    cond: torch.Tensor | None,
+    groups: int,
+    *incoming: torch.Tensor,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``gate_fn`` (a gate of the gates family) of a (N, 2C, H, W) pre-activation in ``groups`` blocks; (N, C, H, W).
 
@@ -69,15 +74,19 @@ def gate_in_groups(
     added before the gate; with groups that add is a pass of its own, rounded to the
     pre-activation's dtype. ``incoming``: tensors passed to ``gate_fn`` before the
     pre-activation, viewed in the same groups (a gate's backward, ``gate_fn(grad, x, dim,
-    cond)``, takes the output's gradient there and returns the pre-activation's).
+    cond, accumulate)``, takes the output's gradient there and returns the pre-activation's);
+    ``accumulate``, for a backward: a tensor of the pre-activation's shape passed after
+    ``cond``, viewed the same way (the pre-activation's gradient from its other uses).
     """
+    trailing = () if accumulate is None else (accumulate,)
     if groups == 1:
-        return gate_fn(*incoming, preactivation, 1, cond)
+        return gate_fn(*incoming, preactivation, 1, cond, *trailing)
     if cond is not None:
         # A gate's cond is one vector per (image, channel along dim), which the groups of the
         # grouped view would share: each group's part is added here.
         preactivation = preactivation + cond[:, :, None, None]
-    return gate_fn(*(t.unflatten(1, (groups, -1)) for t in (*incoming, preactivation)), 2, None).flatten(1, 2)
+    grouped = [t.unflatten(1, (groups, -1)) for t in (*incoming, preactivation, *trailing)]
+    return gate_fn(*grouped[: len(incoming) + 1], 2, None, *grouped[len(incoming) + 1 :]).flatten(1, 2)
 
 
 def masked_conv2d_gated_ref(

@@ -183,13 +183,15 @@ def _gate_forward_kernel(
 
 @triton.jit
 def _gate_backward_kernel(
-    grad_ptr, x_ptr, cond_ptr, dx_ptr, outer, row_len, half, inner, batch_div, batch,
-    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    grad_ptr, x_ptr, cond_ptr, accumulate_ptr, dx_ptr, outer, row_len, half, inner, batch_div, batch,
+    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, HAS_ACCUMULATE: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):  # fmt: skip
-    """``dx = d gate / d(x + cond) * grad``, recomputed from x (the forward saves nothing else).
+    """``dx = d gate / d(x + cond) * grad (+ accumulate)``, recomputed from x (the forward saves nothing else).
 
-    grad: contiguous (outer, half, inner); x, dx: contiguous (outer, 2, half,
-    inner); cond as in the forward; all of one dtype (fp32/fp16/bf16).
+    grad: contiguous (outer, half, inner); x, dx and, read when HAS_ACCUMULATE,
+    accumulate (x's gradient from its other uses, added before dx's rounding):
+    contiguous (outer, 2, half, inner); cond as in the forward; all of one dtype
+    (fp32/fp16/bf16).
     """
     rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
     a, b, a_offsets = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND)
@@ -198,6 +200,9 @@ def _gate_backward_kernel(
         grad_a, grad_b = gate_tanh_sigmoid_grad_math(a, b, grad)
     else:
         grad_a, grad_b = gate_sigmoid_grad_math(a, b, grad)
+    if HAS_ACCUMULATE:
+        grad_a += tl.load(accumulate_ptr + a_offsets, mask=mask).to(tl.float32)
+        grad_b += tl.load(accumulate_ptr + a_offsets + row_len, mask=mask).to(tl.float32)
     tl.store(dx_ptr + a_offsets, grad_a.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dx_ptr + a_offsets + row_len, grad_b.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -274,15 +279,19 @@ def gate_forward(x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int
     return y
 
 
-def gate_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int, tanh_gate: bool) -> torch.Tensor:
-    """Gradient w.r.t. ``x_rows`` (and ``x + cond``) of :func:`gate_forward`, given ``grad_rows`` (outer, half, inner)."""
+def gate_backward(
+    grad_rows: torch.Tensor, x_rows: torch.Tensor, cond: torch.Tensor | None, accumulate: torch.Tensor | None, batch_div: int, tanh_gate: bool
+) -> torch.Tensor:
+    """Gradient w.r.t. ``x_rows`` (and ``x + cond``) of :func:`gate_forward`, given ``grad_rows`` (outer, half, inner),
+    plus ``accumulate`` (a contiguous tensor of x_rows' shape and dtype, or None) before the result is rounded."""
     outer, _, half, inner = x_rows.shape
     dx = torch.empty_like(x_rows)
     if dx.numel():
         cond_ptr, batch_div, batch = _cond_args(cond, x_rows, batch_div)
         _launch(
             _gate_backward_kernel, outer, half * inner, needs_int64_index(x_rows),
-            grad_rows, x_rows, cond_ptr, dx, outer, half * inner, half, inner, batch_div, batch, TANH_GATE=tanh_gate, HAS_COND=cond is not None,
+            grad_rows, x_rows, cond_ptr, x_rows if accumulate is None else accumulate, dx, outer, half * inner, half, inner, batch_div, batch,
+            TANH_GATE=tanh_gate, HAS_COND=cond is not None, HAS_ACCUMULATE=accumulate is not None,
         )  # fmt: skip
     return dx
 
@@ -316,13 +325,15 @@ def _register_compile_cases() -> None:
         for tanh_gate, has_cond, int64 in ((True, True, False), (False, False, True)):
             gate = "tanh_sigmoid" if tanh_gate else "sigmoid"
             flags = dict(TANH_GATE=tanh_gate, HAS_COND=has_cond, INT64=int64, BLOCK_OUTER=16, BLOCK_ROW=128)
+            # The backward of a gated conv's kept pre-activation adds the gradient of its other uses.
+            backward_flags = dict(flags, HAS_ACCUMULATE=tanh_gate)
             register_compile_case(
                 f"gates_{gate}_forward_{name}", _gate_forward_kernel,
                 {"x_ptr": ptr, "cond_ptr": ptr, "y_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS,
             )  # fmt: skip
             register_compile_case(
                 f"gates_{gate}_backward_{name}", _gate_backward_kernel,
-                {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "dx_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS,
+                {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "accumulate_ptr": ptr, "dx_ptr": ptr, **sizes}, backward_flags, num_warps=_NUM_WARPS,
             )  # fmt: skip
         flags = dict(INT64=dtype == torch.bfloat16, BLOCK_OUTER=1, BLOCK_ROW=_TILE)
         register_compile_case(
