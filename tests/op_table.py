@@ -431,10 +431,10 @@ def check_against_reference(case: OpCase, backend: str | None, inputs: dict[str,
 
 
 def kernel_dtypes(backend: str) -> list[torch.dtype]:
-    """The dtypes a backend is tested in: bf16 only on the GPU (the interpreter gets its arithmetic wrong)."""
+    """The dtypes a backend is tested in."""
     if backend == "reference":
         return [torch.float64, torch.float32]
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+    return [torch.float32, torch.float16, torch.bfloat16]
 
 
 CPU = torch.device("cpu")

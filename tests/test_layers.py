@@ -394,12 +394,41 @@ def assert_as_accurate(results: dict[str, list[torch.Tensor]], exact: list[torch
         assert fused_error <= factor * built_error + atol * max(scale, 1.0), f"result {i}: fused error {fused_error:.3g}, reference-built {built_error:.3g}"
 
 
+def assert_fused_layer_as_accurate(class_name: str, args: tuple, inputs: tuple, dtype: torch.dtype, backend: str) -> None:
+    """The fused layer on ``backend``, outputs and every gradient, is as accurate in ``dtype`` as the
+    reference-built layer in ``dtype`` (:func:`assert_as_accurate`), both against float64."""
+    device = inputs[0].device
+    fused, reference = layer_pair(class_name, *args, dtype=dtype, device=device)
+    exact_layer = getattr(reference_layers, class_name)(*args).to(device, torch.float64)
+    exact_layer.load_state_dict(fused.state_dict())
+    with pixelcnn_kernels.use_backend(backend):
+        fused_out, fused_grads = outputs_and_grads(fused, inputs)
+    ref_out, ref_grads = outputs_and_grads(reference, inputs)
+    exact_out, exact_grads = outputs_and_grads(exact_layer, tuple(None if t is None else t.double() for t in inputs), cotangent_dtype=dtype)
+    assert_as_accurate({"fused": fused_out + fused_grads, "reference": ref_out + ref_grads}, exact_out + exact_grads, dtype)
+
+
 # name -> (layer class, constructor args, inputs(dtype, device)): the issue's layer sizes.
 GPU_LAYER_CASES = {
     "gated_masked_conv": ("GatedMaskedConv2d", (128, 3, 2, 1, 10), lambda d, dev: gated_inputs(128, 10, batch=16, size=(32, 32), dtype=d, device=dev)),
     "gated_masked_conv_rgb": ("GatedMaskedConv2d", (126, 3, 1, 3, None), lambda d, dev: gated_inputs(126, None, batch=16, size=(32, 32), dtype=d, device=dev)),
     "gated_resnet": ("GatedResnet", (160, "down_right", 2, 10, 0.0), lambda d, dev: resnet_inputs(160, 2, 10, batch=8, size=(32, 32), dtype=d, device=dev)),
 }
+# The same layers at interpreter sizes: the 16-bit paths of every fused kernel they use, on the CPU too.
+TINY_LAYER_CASES = {
+    "gated_masked_conv": ("GatedMaskedConv2d", (4, 3, 2, 1, 3), lambda d, dev: gated_inputs(4, 3, batch=2, size=(4, 5), dtype=d, device=dev)),
+    "gated_masked_conv_rgb": ("GatedMaskedConv2d", (6, 3, 1, 3, None), lambda d, dev: gated_inputs(6, None, batch=2, size=(4, 5), dtype=d, device=dev)),
+    "gated_resnet": ("GatedResnet", (4, "down_right", 2, 3, 0.0), lambda d, dev: resnet_inputs(4, 2, 3, batch=2, size=(4, 5), dtype=d, device=dev)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(TINY_LAYER_CASES))
+def test_fused_layers_in_half_precision_on_the_triton_backend(case, dtype, kernel_device):
+    """Tiny shapes: the fused layer's 16-bit path is as accurate as the reference-built layer's (bf16 in the
+    interpreter through triton.utils' widened tl.dot)."""
+    class_name, args, make_inputs = TINY_LAYER_CASES[case]
+    assert_fused_layer_as_accurate(class_name, args, make_inputs(dtype, kernel_device), dtype, "triton")
 
 
 @pytest.mark.gpu
@@ -412,12 +441,4 @@ def test_fused_layers_on_the_gpu(case, dtype, backend):
     if reason is not None:
         pytest.skip(f"{backend} backend unavailable: {reason}")
     class_name, args, make_inputs = GPU_LAYER_CASES[case]
-    fused, reference = layer_pair(class_name, *args, dtype=dtype, device="cuda")
-    exact_layer = getattr(reference_layers, class_name)(*args).to("cuda", torch.float64)
-    exact_layer.load_state_dict(fused.state_dict())
-    inputs = make_inputs(dtype, "cuda")
-    with pixelcnn_kernels.use_backend(backend):
-        fused_out, fused_grads = outputs_and_grads(fused, inputs)
-    ref_out, ref_grads = outputs_and_grads(reference, inputs)
-    exact_out, exact_grads = outputs_and_grads(exact_layer, tuple(None if t is None else t.double() for t in inputs), cotangent_dtype=dtype)
-    assert_as_accurate({"fused": fused_out + fused_grads, "reference": ref_out + ref_grads}, exact_out + exact_grads, dtype)
+    assert_fused_layer_as_accurate(class_name, args, make_inputs(dtype, "cuda"), dtype, backend)

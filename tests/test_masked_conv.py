@@ -184,15 +184,17 @@ def test_triton_many_channels_and_blocks():
         assert_close(g, e, dtype=torch.float32, msg=name)
 
 
-def test_triton_float16():
-    x, weight, bias = make_conv_inputs(5, 6, (3, 3), 2, 4, 5, dtype=torch.float16)
-    grad_out = torch.randn(2, 6, 4, 5, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_half_precision(dtype):
+    """16-bit tiles into tl.dot, fp32 accumulation (bfloat16 in the interpreter: triton.utils' widened dot)."""
+    x, weight, bias = make_conv_inputs(5, 6, (3, 3), 2, 4, 5, dtype=dtype)
+    grad_out = torch.randn(2, 6, 4, 5, dtype=dtype)
     with run_backend("triton"):
         got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="A")
     expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="A")
     for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
-        assert g.dtype == torch.float16
-        assert_close(g, e, dtype=torch.float16, msg=name)
+        assert g.dtype == dtype
+        assert_close(g, e, dtype=dtype, msg=name)
 
 
 def test_triton_custom_tensor_mask():

@@ -3,15 +3,19 @@
 Besides launch helpers, this keeps the registry of *compile cases*: every
 kernel module registers each kernel with a concrete signature, and
 ``python -m pixelcnn_kernels.triton.compile_check`` compiles all of them for an
-H100/H200 (sm_90) without a GPU, so compile errors surface in CI.
+H100/H200 (sm_90) without a GPU, so compile errors surface in CI. Under the CPU
+interpreter it mends the interpreter's bfloat16 (:func:`_mend_interpreter_bfloat16`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
+
+from pixelcnn_kernels.backend import triton_interpret
 
 _TRITON_POINTER_TYPES = {
     torch.float32: "*fp32",
@@ -102,3 +106,54 @@ def next_power_of_2(n: int) -> int:
 def needs_int64_index(*tensors: torch.Tensor) -> bool:
     """True when any offset into these tensors can exceed 2**31 - 1 elements."""
     return any(t.numel() >= 2**31 for t in tensors if t is not None)
+
+
+def _mend_interpreter_bfloat16() -> None:
+    """Makes the CPU interpreter compute bfloat16 as the GPU does, for the two uses the kernels make of it.
+
+    Triton's interpreter (``TRITON_INTERPRET=1``; 3.6 and 3.8 alike) keeps bfloat16
+    values as their uint16 bits, and (1) hands those bits to ``np.matmul`` in
+    ``tl.dot``, which multiplies them as integers: every bfloat16 tile product came out
+    as garbage, silently; (2) converts float32 to bfloat16 by truncation, where the GPU
+    (``.to(tl.bfloat16)``, like torch) rounds to nearest even: stored results were up
+    to an ulp off, in half of the elements. Mended here: dot operands are widened to
+    float32 (exact: a bfloat16 is the upper half of a float32), which is what the
+    tensor cores compute (exact products, float32 sums); float32 to bfloat16 rounds to
+    nearest even, NaN kept NaN. The interpreter's bfloat16 arithmetic itself stays
+    wrong and unused: the kernels convert every load that is not a ``tl.dot``
+    operand to float32 at once.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    create_dot, cast_impl = getattr(builder, "create_dot", None), getattr(builder, "cast_impl", None)
+    if create_dot is None or cast_impl is None or getattr(create_dot, "mended_bfloat16", False):
+        return
+
+    def widened(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    @functools.wraps(create_dot)
+    def create_dot_of_widened_bfloat16(self, a, b, d, *args, **kwargs):
+        return create_dot(self, widened(a), widened(b), d, *args, **kwargs)
+
+    @functools.wraps(cast_impl)
+    def cast_rounding_to_bfloat16(self, src, dst_type):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return cast_impl(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16  # to nearest, ties to even
+        quiet_nan = (bits >> 16) | np.uint32(0x0040)
+        return interpreter.TensorHandle(np.where(np.isnan(src.data), quiet_nan, rounded).astype(np.uint16), tl.bfloat16)
+
+    create_dot_of_widened_bfloat16.mended_bfloat16 = True
+    builder.create_dot = create_dot_of_widened_bfloat16
+    builder.cast_impl = cast_rounding_to_bfloat16
+
+
+if triton_interpret():
+    _mend_interpreter_bfloat16()
