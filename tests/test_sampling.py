@@ -332,7 +332,7 @@ def test_sample_command_rejects_what_the_model_cannot_do(tmp_path, capsys):
     assert not out.exists()
 
 
-# ---------------------------------------------------------------- GPU
+# ---------------------------------------------------------------- kernel backends and the GPU
 
 
 @pytest.fixture
@@ -359,18 +359,32 @@ def test_every_method_draws_the_naive_image_on_the_gpu(name, deterministic_cudnn
         assert images.is_cuda and torch.equal(images, draws["naive"][0]), method
 
 
+def assert_methods_bit_exact_on(device: torch.device, name: str, dtype: torch.dtype, size: int) -> None:
+    """Cached (fused steps, checked and repaired) and Jacobi, plain and by blocks of rows, draw the
+    naive image of the variant in ``dtype`` on ``device``, with whatever backend is in force."""
+    model, cond = sharpened(name, dtype)
+    model = model.to(device)
+    cond = None if cond is None else cond.to(device)
+    noise = make_noise(model, size, size)
+    noise = noise.to(device) if isinstance(noise, torch.Tensor) else tuple(u.to(device) for u in noise)
+    options = dict(cond=cond, noise=noise, size=(size, size), progress=False)
+    naive = model.sample(N, method="naive", **options)
+    assert torch.equal(model.sample(N, method="cached", **options), naive)
+    for block_rows in (None, 2):
+        assert torch.equal(model.sample(N, method="jacobi", block_rows=block_rows, **options), naive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
+def test_cached_and_jacobi_are_bit_exact_on_the_triton_backend(name, dtype, kernel_device, deterministic_cudnn):
+    """Every network pass and step on the Triton kernels (in the interpreter on the CPU, 4×4), float32 and bf16 models."""
+    with use_backend("triton"):
+        assert_methods_bit_exact_on(kernel_device, name, dtype, 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
 def test_cached_and_jacobi_are_bit_exact_on_the_kernel_backends(name, dtype, deterministic_cudnn):
-    """Cached (fused steps, checked and repaired) and Jacobi against naive with the fused kernels
-    (automatic backend), float32 and bf16 models."""
-    model, cond = sharpened(name, dtype)
-    model = model.cuda()
-    cond = None if cond is None else cond.cuda()
-    noise = make_noise(model, 8, 8)
-    noise = noise.cuda() if isinstance(noise, torch.Tensor) else tuple(u.cuda() for u in noise)
-    naive = model.sample(N, method="naive", cond=cond, noise=noise, size=(8, 8), progress=False)
-    assert torch.equal(model.sample(N, method="cached", cond=cond, noise=noise, size=(8, 8), progress=False), naive)
-    for block_rows in (None, 2):
-        assert torch.equal(model.sample(N, method="jacobi", block_rows=block_rows, cond=cond, noise=noise, size=(8, 8), progress=False), naive)
+    """With the fused kernels of the automatic backend (cuda), float32 and bf16 models, 8×8."""
+    assert_methods_bit_exact_on(torch.device("cuda"), name, dtype, 8)
