@@ -249,22 +249,38 @@ def test_outputs_and_grads_keep_the_input_layout(layout, backend, kernel_device)
 @pytest.mark.parametrize("name", list(GATES))
 def test_backward_adds_accumulate(name, layout, dtype, backend, kernel_device):
     """``<gate>_backward(grad, x, dim, cond, accumulate)`` is x's gradient plus ``accumulate`` (x's gradient from its
-    other uses: a gated conv's kept pre-activation), summed before the one rounding; a contiguous accumulate
-    beside a channels-last x is read in x's layout, and the result keeps x's strides."""
+    other uses: a gated conv's kept pre-activation); on the kernel backends summed in fp32 before the one
+    rounding, bit for bit. A contiguous accumulate beside a channels-last x is read in x's layout, and the
+    result keeps x's strides."""
     from pixelcnn_kernels.ops import gates as gate_ops
 
+    backward = getattr(gate_ops, f"{name}_backward")
     x, cond = _inputs(layout, name, dtype, kernel_device)
     dim = layout.dim % x.dim()  # as the forward's autograd passes it
     grad = torch.randn(*(size // 2 if d == dim else size for d, size in enumerate(x.shape)), device=kernel_device).to(dtype)
     accumulate = torch.randn(x.shape, device=kernel_device).to(dtype)
     with pk.use_backend(backend):
-        dx = getattr(gate_ops, f"{name}_backward")(grad, x, dim, cond, accumulate)
+        dx = backward(grad, x, dim, cond, accumulate)
+        if backend != "reference" and dtype != torch.float32:  # the same sum in fp32, rounded once
+            in_fp32 = [None if t is None else t.float() for t in (grad, x, cond, accumulate)]
+            assert torch.equal(dx, backward(in_fp32[0], in_fp32[1], dim, *in_fp32[2:]).to(dtype))
     x64 = x.double().requires_grad_(True)
     (expected,) = torch.autograd.grad(GATES[name][1](x64, dim, None if cond is None else cond.double()), x64, grad.double())
     assert dx.dtype == dtype
     assert_close(dx, expected + accumulate.double(), dtype=dtype)
     if layout.name != "strided_slice":  # a non-dense x is copied once, in its own memory order
         assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("accumulate, error, match", [
+    (torch.randn(2, 6, 3, 5), ValueError, r"^accumulate must have x's shape \(2, 6, 5, 3\)"),
+    (torch.randn(2, 6, 5, 3, dtype=torch.float64), TypeError, "^accumulate has dtype torch.float64 but x has torch.float32"),
+])
+def test_backward_rejects_an_accumulate_unlike_x(accumulate, error, match):
+    from pixelcnn_kernels.ops import gates as gate_ops
+
+    with pytest.raises(error, match=match):
+        gate_ops.gate_sigmoid_backward(torch.randn(2, 3, 5, 3), torch.randn(2, 6, 5, 3), 1, None, accumulate)
 
 
 # ---------------------------------------------------------------- op registration

@@ -27,7 +27,7 @@ import torch
 from pixelcnn_kernels.backend import cuda_ops, resolve_backend
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import DTypeError, check_same_device, check_tensor, compute_dtype, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, check_same_device, check_same_dtype, check_tensor, compute_dtype, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -156,6 +156,16 @@ def _reference_input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: to
     return dx
 
 
+def _check_accumulate(accumulate: torch.Tensor | None, x: torch.Tensor) -> None:
+    """A gate backward's ``accumulate``, if given, must be like x: its shape, dtype and device."""
+    if accumulate is None:
+        return
+    check_same_dtype(x, accumulate=accumulate)
+    check_same_device(x=x, accumulate=accumulate)
+    if accumulate.shape != x.shape:
+        raise ValueError(f"accumulate must have x's shape {tuple(x.shape)}, got {tuple(accumulate.shape)}")
+
+
 def _cond_grad(dx: torch.Tensor, dim: int, cond: torch.Tensor) -> torch.Tensor:
     """d loss / d cond: ``dx`` (the gradient of ``x + cond``) summed over all but dims 0 and ``dim``."""
     summed = [d for d in range(dx.dim()) if d not in (0, dim)]
@@ -189,8 +199,10 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
 
     @custom_op(f"pixelcnn_kernels::{name}_backward")
     def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The gradient w.r.t. x (and x + cond) given the output's ``grad``, plus ``accumulate`` (x's shape
-        and dtype, or None: x's gradient from its other uses), added in the same pass before the rounding."""
+        """The gradient w.r.t. x (and x + cond) given the output's ``grad``, plus ``accumulate`` (x's shape,
+        dtype and device, or None: x's gradient from its other uses); the kernel backends add it in the
+        same pass, in fp32 before the one rounding (the reference adds it to the rounded gradient)."""
+        _check_accumulate(accumulate, x)
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
         backend = resolve_backend(grad, x, cond, accumulate)
@@ -206,6 +218,7 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
 
     @backward_op.register_fake
     def _(grad, x, dim, cond, accumulate=None):
+        _check_accumulate(accumulate, x)
         x = _dense_input(x, dim, cond)
         return _RowsLayout.of(x, dim).empty(x, x.shape)
 

@@ -119,7 +119,7 @@ def _mend_interpreter_bfloat16() -> None:
     to an ulp off, in half of the elements. Mended here: dot operands are widened to
     float32 (exact: a bfloat16 is the upper half of a float32), which is what the
     tensor cores compute (exact products, float32 sums); float32 to bfloat16 rounds to
-    nearest even, NaN kept NaN. The interpreter's bfloat16 arithmetic itself stays
+    nearest even, NaN to the canonical NaN 0x7FFF (as ``cvt.rn.bf16.f32``). The interpreter's bfloat16 arithmetic itself stays
     wrong and unused: the kernels convert every load that is not a ``tl.dot``
     operand to float32 at once.
     """
@@ -145,10 +145,10 @@ def _mend_interpreter_bfloat16() -> None:
     def cast_rounding_to_bfloat16(self, src, dst_type):
         if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
             return cast_impl(self, src, dst_type)
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        values = np.asarray(src.data, dtype=np.float32)
+        bits = values.view(np.uint32)
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16  # to nearest, ties to even
-        quiet_nan = (bits >> 16) | np.uint32(0x0040)
-        return interpreter.TensorHandle(np.where(np.isnan(src.data), quiet_nan, rounded).astype(np.uint16), tl.bfloat16)
+        return interpreter.TensorHandle(np.where(np.isnan(values), np.uint32(0x7FFF), rounded).astype(np.uint16), tl.bfloat16)
 
     create_dot_of_widened_bfloat16.mended_bfloat16 = True
     builder.create_dot = create_dot_of_widened_bfloat16
