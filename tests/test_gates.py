@@ -262,8 +262,8 @@ def test_backward_adds_accumulate(name, layout, dtype, backend, kernel_device):
     with pk.use_backend(backend):
         dx = backward(grad, x, dim, cond, accumulate)
         if backend != "reference" and dtype != torch.float32:  # the same sum in fp32, rounded once
-            in_fp32 = [None if t is None else t.float() for t in (grad, x, cond, accumulate)]
-            assert torch.equal(dx, backward(in_fp32[0], in_fp32[1], dim, *in_fp32[2:]).to(dtype))
+            grad32, x32, cond32, accumulate32 = (None if t is None else t.float() for t in (grad, x, cond, accumulate))
+            assert torch.equal(dx, backward(grad32, x32, dim, cond32, accumulate32).to(dtype))
     x64 = x.double().requires_grad_(True)
     (expected,) = torch.autograd.grad(GATES[name][1](x64, dim, None if cond is None else cond.double()), x64, grad.double())
     assert dx.dtype == dtype

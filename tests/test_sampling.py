@@ -18,8 +18,7 @@ from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.checkpoint import save_checkpoint
 from pixelcnn_kernels.cli import main as cli_main
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
-from pixelcnn_kernels.sampling import CACHED_SAMPLERS, SamplingProblem, SamplingStats, cached_sampler
-from pixelcnn_kernels.sampling import cached_gated, cached_pixelcnn_pp
+from pixelcnn_kernels.sampling import CACHED_SAMPLERS, SamplingProblem, SamplingStats, cached_gated, cached_pixelcnn_pp, cached_sampler
 from pixelcnn_kernels.sampling.cached_gated import CachedGatedPixelCNN
 from pixelcnn_kernels.sampling.cached_pixelcnn_pp import CachedPixelCNNPlusPlus
 from pixelcnn_kernels.sampling.verify import MAX_REPAIR_ROUNDS

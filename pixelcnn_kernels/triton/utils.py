@@ -119,9 +119,9 @@ def _mend_interpreter_bfloat16() -> None:
     to an ulp off, in half of the elements. Mended here: dot operands are widened to
     float32 (exact: a bfloat16 is the upper half of a float32), which is what the
     tensor cores compute (exact products, float32 sums); float32 to bfloat16 rounds to
-    nearest even, NaN to the canonical NaN 0x7FFF (as ``cvt.rn.bf16.f32``). The interpreter's bfloat16 arithmetic itself stays
-    wrong and unused: the kernels convert every load that is not a ``tl.dot``
-    operand to float32 at once.
+    nearest even, NaN to the canonical NaN 0x7FFF (as ``cvt.rn.bf16.f32``). The
+    interpreter's bfloat16 arithmetic itself stays wrong and unused: the kernels
+    convert every load that is not a ``tl.dot`` operand to float32 at once.
     """
     import numpy as np
     import triton.language as tl
