@@ -34,6 +34,7 @@ it (mask B); the anchor tap is then active with that channel mask.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,17 @@ def default_kernel_size(mask: str | torch.Tensor, kernel_size: int | tuple[int, 
     return _as_pair(kernel_size)
 
 
+def check_color_groups(color_groups: int) -> int:
+    """``color_groups`` (1 or 3, else ValueError) as an int torch.compile specialises on.
+
+    Dynamo traces an int argument that changed between calls as a SymInt; a mask is a
+    compile-time constant, so ``operator.index`` makes Dynamo guard on the value instead.
+    """
+    if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups not in (1, 3):
+        raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
+    return operator.index(color_groups)
+
+
 def resolve_mask(mask: str | torch.Tensor | MaskSpec, kernel_size: int | tuple[int, int] | None = None, color_groups: int = 1) -> MaskSpec:
     """Turns a named spec, a boolean tensor or a MaskSpec into a validated MaskSpec."""
     if isinstance(mask, MaskSpec):
@@ -167,8 +179,7 @@ def resolve_mask(mask: str | torch.Tensor | MaskSpec, kernel_size: int | tuple[i
         if color_groups != mask.color_groups:
             raise ValueError(f"mask was resolved for color_groups={mask.color_groups}, got color_groups={color_groups}")
         return mask
-    if not isinstance(color_groups, int) or color_groups not in (1, 3):
-        raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
+    color_groups = check_color_groups(color_groups)
     kh, kw = default_kernel_size(mask, kernel_size)
     if isinstance(mask, torch.Tensor):
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):

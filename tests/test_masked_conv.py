@@ -744,6 +744,21 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+
+def test_torch_compile_fullgraph_of_a_function_whose_int_arguments_change():
+    # After a call with other values Dynamo traces the ints as SymInts: color_groups must still
+    # resolve the (constant) mask, dilation and gate_groups reach the ops symbolically.
+    x, weight = make_conv_inputs(6, 6, (3, 3), 1, 4, 5)[:2]
+
+    def layer(x, weight, color_groups, dilation):
+        h = masked_conv2d(x, weight, None, "B", dilation, color_groups)
+        return masked_conv2d_gated(h, weight, None, "B", dilation, color_groups, gate_groups=color_groups)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for color_groups, dilation in ((3, 1), (1, 2), (3, 2), (1, 1)):
+        torch.testing.assert_close(compiled(x, weight, color_groups, dilation), layer(x, weight, color_groups, dilation), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ modules
 
 

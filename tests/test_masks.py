@@ -90,6 +90,7 @@ def test_mask_spec_passes_through():
         ("horizontal", 3, 1, ValueError, "1×k"),
         ("A", None, 1, ValueError, "needs a kernel_size"),
         ("A", 3, 2, ValueError, "color_groups must be 1 or 3"),
+        ("A", 3, True, ValueError, "color_groups must be 1 or 3"),
         (torch.ones(3, 3), 5, 1, ValueError, "kernel_size"),
         (torch.full((3, 3), 2.0), None, 1, ValueError, "only 0 and 1"),
         (torch.zeros(3, 3), None, 1, ValueError, "no active tap"),

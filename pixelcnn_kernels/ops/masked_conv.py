@@ -36,7 +36,7 @@ import importlib
 import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, forced_backend, resolve_backend
-from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_groups, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, gate_in_groups, masked_conv2d_ref
@@ -245,7 +245,7 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
     if dilation < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     if isinstance(mask, str):
-        args = _named_mask_args(mask, (kernel_height, kernel_width), color_groups)
+        args = _named_mask_args(mask, (kernel_height, kernel_width), check_color_groups(color_groups))
     else:
         if isinstance(mask, torch.Tensor) and tuple(mask.shape) != (kernel_height, kernel_width):
             raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight's kernel is {(kernel_height, kernel_width)}")
