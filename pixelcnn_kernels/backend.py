@@ -80,6 +80,8 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
         error = _triton_import_error()
         if error is not None:
             return error
+        if device is not None and device.type not in ("cpu", "cuda"):
+            return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
         on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
         if on_cpu and not triton_interpret():
             return "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU"
@@ -118,7 +120,8 @@ def forced_backend() -> str | None:
         return forced
     from_env = os.environ.get(ENV_VAR, "").strip()
     if from_env:
-        _check_name(from_env)
+        if from_env not in BACKENDS:
+            raise ValueError(f"the environment variable {ENV_VAR} must be one of {BACKENDS} (or unset), got {from_env!r}")
         return from_env
     return None
 
@@ -158,13 +161,16 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
     """The backend to run an op on ``tensors`` (None entries are ignored).
 
     Raises ValueError when the tensors are on different devices and
-    BackendUnavailableError when the forced backend cannot run them.
+    BackendUnavailableError when the forced backend cannot run them. Meta tensors
+    (shapes without data: nothing to compute) take the reference, whatever is forced.
     """
     present = [t for t in tensors if t is not None]
     device = present[0].device
     for t in present[1:]:
         if t.device != device:
             raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "meta":
+        return "reference"
     forced = forced_backend()
     if forced is not None:
         reason = unavailable_reason(forced, device)
@@ -177,6 +183,20 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
         return "cuda"
     if _triton_import_error() is None:
         return "triton"
+    return "reference"
+
+
+def resolve_kernel_backend(dtype: torch.dtype, kernels: str, *tensors: torch.Tensor | None) -> str:
+    """:func:`resolve_backend`, for an op whose kernels take ``dtype`` float32, float16 or bfloat16 only.
+
+    float64 (for checking) runs the reference when the backend is chosen automatically; a
+    forced kernel backend raises BackendUnavailableError naming the ``kernels`` that refuse it.
+    """
+    backend = resolve_backend(*tensors)
+    if backend == "reference" or dtype != torch.float64:
+        return backend
+    if forced_backend() is not None:
+        raise BackendUnavailableError(f"{backend} backend unavailable: its {kernels} kernels take float32, float16 or bfloat16, got float64")
     return "reference"
 
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from pixelcnn_kernels.models.base import PixelCNNModel
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm
-from pixelcnn_kernels.utils import TrainingModes
+from pixelcnn_kernels.utils import TrainingModes, check_int
 
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 MAX_TABLE_ROWS = 20
@@ -236,6 +236,7 @@ def _select(output: torch.Tensor, groups: int, position: tuple[int, int, int]) -
 def _default_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The project models' float path (a fixed class for conditional ones), else ``model(x)``."""
     if isinstance(model, PixelCNNModel):
+        model.check_spatial_size(x.shape[2], x.shape[3])  # model(x) checks it; the float path does not
         class_vector = None
         if model.num_classes is not None:
             class_vector = model.class_vector(torch.zeros(x.shape[0], dtype=torch.long), x.shape[0])
@@ -295,7 +296,7 @@ def _cpu_forward(model: nn.Module, forward_fn: ForwardFn, probe: torch.Tensor) -
 def _check_shape(input_shape: object) -> tuple[int, int, int]:
     if not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    if not all(isinstance(s, int) and s >= 1 for s in input_shape):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape):
         raise ValueError(f"input_shape must hold positive ints, got {input_shape!r}")
     return tuple(input_shape)
 
@@ -335,9 +336,11 @@ def check_causality(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     input_shape = _check_shape(input_shape)
-    for name, value in (("trials", trials), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int(trials, "trials", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed")
+    if output_groups is not None:
+        check_int(output_groups, "output_groups", 1)
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
     forward = forward_fn or _default_forward
@@ -378,7 +381,9 @@ def _check_causality(model, input_shape, forward, positions, output_groups, tria
     if positions is None:
         targets = all_positions
     else:
-        targets = [tuple(int(v) for v in p) for p in positions]
+        if not isinstance(positions, (tuple, list)) or not all(isinstance(p, (tuple, list)) for p in positions):
+            raise ValueError(f"positions must be a list of (g, i, j) triples, got {positions!r}")
+        targets = [tuple(p) for p in positions]
         bad = [p for p in targets if p not in set(all_positions)]
         if bad or not targets:
             raise ValueError(f"positions must be non-empty (g, i, j) with g < {groups}, i < {height}, j < {width}; got {bad or 'none'}")

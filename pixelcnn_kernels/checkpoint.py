@@ -91,6 +91,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    if torch.device(map_location).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cannot load checkpoint {path} onto {map_location}: no CUDA device is visible")
     _check_crcs(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -98,10 +100,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only refuses any global that is not a tensor or plain container.
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds objects other than tensors and plain containers "
-            f"(tampered, or not written by pixelcnn-kernels); loaded with weights_only=True. Detail: {exc}"
+            f"(tampered, or not written by pixelcnn-kernels); loaded with weights_only=True. Detail: {str(exc).splitlines()[0]}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pixelcnn-kernels checkpoint (no format={FORMAT!r} entry)")
     missing = [key for key in REQUIRED_KEYS if key not in payload]
@@ -121,7 +123,8 @@ def _check_crcs(path: Path) -> None:
     ``torch.serialization.set_crc32_options(False)``) are not checked."""
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
-            return  # not torch.save's zip format (e.g. the legacy one): torch.load says what it is
+            raise CheckpointError(f"checkpoint {path} is not a pixelcnn-kernels checkpoint: not the zip archive torch.save writes "
+                                  f"({'an empty file' if path.stat().st_size == 0 else 'another kind of file'})")
     try:
         with zipfile.ZipFile(path) as archive:
             for entry in archive.infolist():

@@ -11,12 +11,14 @@ import importlib
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.bench import FAMILIES
+from pixelcnn_kernels.utils import writable_directory
 
 # Modules that add a subcommand, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES = ("pixelcnn_kernels.cli", "pixelcnn_kernels.train", "pixelcnn_kernels.sampling.cli")
@@ -69,6 +71,11 @@ def _bench(args: argparse.Namespace) -> int:
         print("bench: no GPU here, timing small CPU sizes of the available providers; GPU numbers need a GPU.")
     dtypes = [getattr(torch, d) for d in (args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"]))]
     cases = [c for family in families for c in cases_for(family, on_gpu) if not args.k or args.k in c.name]
+    if not cases:
+        print(f"bench: -k {args.k!r} matches no case of {', '.join(families)}", file=sys.stderr)
+        return 2
+    if args.out:
+        writable_directory(args.out)  # before the first case: an unusable --out fails now, not after it
     known_providers = {"eager", "compile", *KERNEL_PROVIDERS, *(name for case in cases for name in case.extra_providers)}
     unknown = sorted(set(args.providers or ()) - known_providers)
     if unknown:  # e.g. `--providers eager gates`: the family was taken for a provider
@@ -118,7 +125,7 @@ def register(subparsers) -> None:
     bench.add_argument("-k", default="", help="only cases whose name contains this string")
     bench.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtypes (repeatable; default float32 and bfloat16 on a GPU)")
     bench.add_argument("--providers", nargs="+", help="only these providers (eager, compile, triton, cuda, ...)")
-    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 2 on CPU; at least 2)")
+    bench.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 10 on GPU, 2 on CPU; fewer than 2 run 2: the time budget is the last one's)")
     bench.add_argument("--repeats", type=int, help="timed calls per measurement (default 50 on GPU, 3 on CPU); where calls are slow, "
                        "fewer of both (at least 3 timed), about 20 s a measurement")
     bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
@@ -146,19 +153,45 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError, BackendUnavailableEr
 DEBUG_ENV_VAR = "PIXELCNN_KERNELS_DEBUG"
 
 
+def report_user_errors(program: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s exit status (None: 0); bad input or a bad file (USER_ERRORS) is one line on stderr
+    naming ``program``, and status 2 (the python/ examples' ``__main__`` uses it too)."""
+    try:
+        return run() or 0
+    except USER_ERRORS as exc:
+        if os.environ.get(DEBUG_ENV_VAR):
+            raise
+        print(f"{program}: {exc} ({type(exc).__name__}; {DEBUG_ENV_VAR}=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a positive int, else the option's error ("argument --n: ... got '0'")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def available_device(text: str) -> torch.device:
+    """An argparse ``type``: "cpu", or "cuda" where a CUDA device is visible."""
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: no CUDA device is visible")
+    return torch.device(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except USER_ERRORS as exc:
-        if os.environ.get(DEBUG_ENV_VAR):
-            raise
-        print(f"pixelcnn-kernels {args.command}: {exc} ({type(exc).__name__}; {DEBUG_ENV_VAR}=1 shows the traceback)", file=sys.stderr)
-        return 2
+    return report_user_errors(f"pixelcnn-kernels {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook, weight_norm_parameters
 from pixelcnn_kernels.testing import tolerance
-from pixelcnn_kernels.utils import TrainingModes
+from pixelcnn_kernels.utils import TrainingModes, check_int
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
 SHIFT_MASKS = ("down_shifted", "down_right_shifted")
@@ -503,6 +503,7 @@ def convert(model: nn.Module, inplace: bool = True, *, seed: int = 0) -> Convers
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_int(seed, "seed")
     if not inplace:
         try:
             model = copy.deepcopy(model)

@@ -25,6 +25,7 @@ CPU run); every loader takes ``num_bins=`` to do it on load.
 from __future__ import annotations
 
 import importlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,16 +151,21 @@ def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:  # not a .npz, or one holding pickled objects
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
+            raise ValueError(f"{path}: an .npz data set needs an 'images' array, found one unnamed array")
+        with archive:
+            if "images" not in archive:
+                raise ValueError(f"{path}: an .npz data set needs an 'images' array, found keys {sorted(archive.files)}")
+            array = archive["images"]
+            labels = archive["labels"] if "labels" in archive else None
+            num_bins = archive["num_bins"] if "num_bins" in archive else np.array(256)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:  # empty, truncated, not a .npz
+        raise ValueError(f"{path}: not a readable .npz file of arrays ({exc or type(exc).__name__})") from exc
+    except ValueError as exc:  # arrays of pickled objects
         raise ValueError(f"{path}: not a readable .npz file of arrays ({exc})") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
-        raise ValueError(f"{path}: an .npz data set needs an 'images' array, found one unnamed array")
-    with archive:
-        if "images" not in archive:
-            raise ValueError(f"{path}: an .npz data set needs an 'images' array, found keys {sorted(archive.files)}")
-        array = archive["images"]
-        labels = archive["labels"] if "labels" in archive else None
-        num_bins = int(archive["num_bins"]) if "num_bins" in archive else 256
+    if num_bins.ndim != 0 or not np.issubdtype(num_bins.dtype, np.integer):
+        raise ValueError(f"{path}: 'num_bins' must be one integer, got {num_bins.dtype} of shape {num_bins.shape}")
+    num_bins = int(num_bins)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{path}: 'images' must hold integer bins, got dtype {array.dtype}")
     if array.ndim == 3:
@@ -168,6 +174,8 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         array = array.transpose(0, 3, 1, 2)
     elif not (array.ndim == 4 and array.shape[1] in (1, 3)):
         raise ValueError(f"{path}: 'images' must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3, got shape {array.shape}")
+    if 0 in array.shape[2:]:
+        raise ValueError(f"{path}: 'images' must have a height and width >= 1, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() >= num_bins):
         raise ValueError(f"{path}: 'images' values must lie in 0..{num_bins - 1}, got {array.min()}..{array.max()}")
     if not 2 <= num_bins <= 256:

@@ -62,6 +62,25 @@ class MaskSpec:
     color_groups: int = 1
     anchor_inclusive: bool = True
 
+    def __post_init__(self):
+        # The kernels index the taps as given: a hand-built spec is checked as resolve_mask's are.
+        kh, kw = _as_pair(self.kernel_size, "MaskSpec.kernel_size")
+        if not self.taps:
+            raise ValueError(f"mask {self.name!r} with kernel_size {(kh, kw)} has no active tap")
+
+        def inside(position) -> bool:
+            return len(position) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in position) and 0 <= position[0] < kh and 0 <= position[1] < kw
+
+        if not all(inside(tap) for tap in self.taps) or list(self.taps) != sorted(set(map(tuple, self.taps))):
+            raise ValueError(f"MaskSpec.taps must be distinct (row, col) positions of the {kh}×{kw} kernel in row-major order, got {self.taps!r}")
+        if not inside(self.anchor):
+            raise ValueError(f"MaskSpec.anchor must be a (row, col) position of the {kh}×{kw} kernel, got {self.anchor!r}")
+        check_color_groups(self.color_groups)
+        if self.color_groups > 1 and tuple(self.anchor) not in map(tuple, self.taps):
+            raise ValueError(f"MaskSpec.taps must include the anchor {self.anchor!r} with color_groups={self.color_groups} (its channel-group rule applies there)")
+        if not isinstance(self.anchor_inclusive, bool):
+            raise TypeError(f"MaskSpec.anchor_inclusive must be a bool, got {type(self.anchor_inclusive).__name__}")
+
     def tap_mask(self) -> torch.Tensor:
         """The spatial mask as a boolean (kh, kw) tensor (True = active tap)."""
         mask = torch.zeros(self.kernel_size, dtype=torch.bool)
@@ -138,8 +157,8 @@ def _named_tap_mask(name: str, kh: int, kw: int) -> tuple[torch.Tensor, tuple[in
 
 
 def _as_pair(kernel_size: int | tuple[int, int], name: str = "kernel_size") -> tuple[int, int]:
-    pair = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(pair) != 2 or not all(isinstance(k, int) and k >= 1 for k in pair):
+    pair = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {kernel_size!r}")
     return pair
 
@@ -198,6 +217,4 @@ def resolve_mask(mask: str | torch.Tensor | MaskSpec, kernel_size: int | tuple[i
         spatial = spatial.clone()
         spatial[anchor] = True  # the anchor tap is active with a channel-group mask
     taps = tuple((i, j) for i in range(kh) for j in range(kw) if spatial[i, j])
-    if not taps:
-        raise ValueError(f"mask {name!r} with kernel_size {(kh, kw)} has no active tap")
     return MaskSpec(name, (kh, kw), taps, anchor, color_groups, inclusive)

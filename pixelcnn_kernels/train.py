@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from pixelcnn_kernels.backend import BACKENDS, use_backend
 from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
 from pixelcnn_kernels.models import TrainingLoss, model_from_config
+from pixelcnn_kernels.utils import writable_directory
 
 MODEL_NAMES = {"gated": "gated_pixelcnn", "pixelcnnpp": "pixelcnn_pp"}  # --model choice -> models.MODELS name
 # The gated defaults were chosen on the digits (best held-out bits/dim, seed 0; about ±0.005 run to run).
@@ -120,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--class-conditional", action="store_true", help="condition on the data set's class labels (digits: 0..9; .npz: its 'labels')")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=tuple(MODEL_NAMES), default="gated", help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
-    model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']}, rounded up to a multiple of 3 for RGB with the gated model, which needs one)")
+    model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']} gated, {DEFAULTS['hidden']['pixelcnnpp']} pixelcnnpp; gated: rounded up to a multiple of 3 for RGB with the gated model, which needs one)")
     model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
     model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions (default 3)")
     model.add_argument("--dilations", type=int, nargs="+", metavar="D", help="gated: one dilation per layer (default 1, 2, 1, 2, ...)")
@@ -153,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cuda-graph", action="store_true", help="replay the model's forward and backward from a CUDA graph every step: "
                      "the host's per-step Python and kernel launches gone (one GPU, one process)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"directory for last.pt, best.pt, metrics.json and samples.png (default {DEFAULT_OUT})")
-    run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", help="continue from a checkpoint (default: OUT/last.pt); the model and data options are the checkpoint's")
+    run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", help="continue from a checkpoint (default: OUT/last.pt); the data, model and optimisation options "
+                     "(--lr, --batch-size, --seed, ...) are the checkpoint's, and another value given for one is an error")
     run.add_argument("--samples", type=int, default=SAMPLE_COUNT, help=f"images in the final samples.png grid (default {SAMPLE_COUNT}; 0: none)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -262,6 +265,15 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor | None, run: Dist
     return _mean_over_ranks(total, torch.tensor(float(len(shard)), device=run.device), run)
 
 
+def _adopt_best_checkpoint(resume_path: Path, out: Path, run: Distributed) -> None:
+    """A run resumed into a new --out starts there with its best.pt so far (the run's best, not only the new epochs')."""
+    source = resume_path.parent / "best.pt"
+    if run.is_main and source.exists() and not (out / "best.pt").exists():
+        shutil.copyfile(source, out / "best.pt")
+    if run.world_size > 1:
+        dist.barrier()  # every rank then sees the same out/best.pt
+
+
 def _resume_path(args: argparse.Namespace) -> Path | None:
     if args.resume is None:
         return None
@@ -311,9 +323,30 @@ class GraphedLoss:
         return self.graphed(*inputs)
 
 
-# Options a resumed run takes from its checkpoint: they fix the data, the model and the shuffling.
+# Options a resumed run takes from its checkpoint: they fix the data, the model, the shuffling and
+# the optimisation (the optimizer's state brings back its learning rate and weight decay).
 _FIXED_ON_RESUME = ("data", "num_bins", "class_conditional", "model", "hidden", "layers", "kernel_size", "dilations", "dropout",
-                    "num_logistic_mix", "seed", "batch_size", "ema_decay", "lr_schedule")
+                    "num_logistic_mix", "seed", "batch_size", "ema_decay", "lr_schedule", "lr", "weight_decay")
+
+
+def _resumed_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """``args`` with the options the checkpoint fixes taken from its ``saved`` args.
+
+    An option given with another value than the checkpoint's is refused (ValueError) rather than
+    silently dropped; one left at its default (None, or the parser's) takes the checkpoint's.
+    """
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    fixed = {k: v for k, v in saved.items() if k in _FIXED_ON_RESUME}
+    fixed.setdefault("ema_decay", 0.0)  # checkpoints written before --ema-decay existed: no average
+    fixed.setdefault("lr_schedule", "cosine")  # nor --lr-schedule: the cosine
+    for name, value in fixed.items():
+        given = getattr(args, name, None)
+        if given is not None and given != defaults.get_default(name) and given != value:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} {given} differs from the resumed checkpoint's {value}: a resumed run keeps the checkpoint's "
+                             f"data, model and optimisation options; drop {option}, or start a new run with another --out")
+    return argparse.Namespace(**{**vars(args), **fixed})
 
 
 @torch.no_grad()
@@ -391,20 +424,18 @@ def train(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, run: Distributed) -> dict:
     out = Path(args.out)
     if run.is_main:  # before any work: an unwritable --out would otherwise surface after the first epoch
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        writable_directory(out)
     resume_path = _resume_path(args)
+    if resume_path is not None and resume_path.exists() and (out / "last.pt").exists() and not (out / "last.pt").samefile(resume_path):
+        raise ValueError(f"--out {out} holds another run's checkpoints ({out / 'last.pt'}): resume that run with --resume, "
+                         f"or continue {resume_path} in a new --out")
     resumed = load_checkpoint(resume_path) if resume_path is not None else None
     if resumed is not None:
         training_state = resumed["optimizer"]
         if not isinstance(training_state, dict) or not {"optimizer", "schedule"} <= set(training_state):
             raise CheckpointError(f"checkpoint {resume_path} holds no training state to resume from (its optimizer entry is {type(training_state).__name__})")
-        fixed = {k: v for k, v in (resumed.get("args") or {}).items() if k in _FIXED_ON_RESUME}
-        fixed.setdefault("ema_decay", 0.0)  # checkpoints written before --ema-decay existed: no average
-        fixed.setdefault("lr_schedule", "cosine")  # nor --lr-schedule: the cosine
-        args = argparse.Namespace(**{**vars(args), **fixed})
+        args = _resumed_args(args, resumed.get("args") or {})
+        _adopt_best_checkpoint(resume_path, out, run)
     args = argparse.Namespace(**{**vars(args), **{o: DEFAULTS[o][args.model] for o in _OPTIMISATION_DEFAULTS if getattr(args, o) is None}})
     if args.batch_size % run.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {run.world_size} processes")
@@ -458,7 +489,8 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
 
     elapsed_before = sum(m["seconds"] for m in metrics)
     started = time.perf_counter()
-    best = min((m["held_out_bpd"] for m in metrics), default=math.inf)
+    # best.pt holds the best epoch so far; without one here (resumed from a run that has none) the next epoch writes it.
+    best = min((m["held_out_bpd"] for m in metrics), default=math.inf) if (out / "best.pt").exists() else math.inf
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         epoch_started = time.perf_counter()

@@ -1,10 +1,13 @@
-"""Argument checks, dtype and layout helpers shared by every op, and a snapshot of modules' modes.
+"""Argument checks, dtype and layout helpers shared by every op, a snapshot of modules' modes, and the commands' output-directory check.
 
 Every public op validates its inputs here first, so bad input raises a
 ValueError/TypeError naming the argument instead of reaching a kernel.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -43,6 +46,26 @@ def check_tensor(
             expected = " or ".join(str(r) for r in ranks)
             raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(t.shape)}")
     return t
+
+
+def writable_directory(path: str | Path) -> Path:
+    """``path``, created if missing, after writing and removing a file in it: a command checks its
+    output directory before the work, so that an unusable one fails now, not after it (OSError)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+    return directory
+
+
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

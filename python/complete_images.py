@@ -12,24 +12,29 @@ original, the kept part (hidden rows grey), then the completions.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 from pixelcnn_kernels.checkpoint import load_checkpoint, load_model
+from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
 from pixelcnn_kernels.data import load_dataset, save_image_grid
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/train/best.pt", help="a checkpoint written by `pixelcnn-kernels train` (default runs/train/best.pt)")
-    parser.add_argument("--images", type=int, default=8, help="held-out images to complete (default 8)")
-    parser.add_argument("--completions", type=int, default=5, help="completions per image (default 5)")
+    parser.add_argument("--images", type=positive_int, default=8, help="held-out images to complete (default 8)")
+    parser.add_argument("--completions", type=positive_int, default=5, help="completions per image (default 5)")
     parser.add_argument("--keep-rows", type=int, help="top rows kept (default: half the height)")
     parser.add_argument("--out", default="completions.png", help="the PNG grid to write (default completions.png)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample (default: cuda if available)")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample (default: cuda if available)")
     args = parser.parse_args(argv)
+    if not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its directory does not exist")
 
-    device = torch.device(args.device)
+    device = args.device
     saved = load_checkpoint(args.checkpoint)["args"]  # the data options the model was trained with
     model = load_model(args.checkpoint, device).eval()
     data = load_dataset(saved["data"], num_bins=saved["num_bins"], seed=saved["seed"])
@@ -54,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors("complete_images.py", main))

@@ -18,6 +18,7 @@ own model change that line to ``pixelcnn_kernels.gate_tanh_sigmoid(x, dim=1)``
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 import pixelcnn_kernels
 from pixelcnn_kernels.backend import resolve_backend
+from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
 
 
 class MaskedConvolution(nn.Module):
@@ -130,18 +132,18 @@ def time_training_step(model, images, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda if available)")
-    parser.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--size", type=int, default=28, help="image height and width (default 28)")
-    parser.add_argument("--hidden", type=int, default=64, help="channels (default 64)")
-    parser.add_argument("--layers", type=int, default=5, help="gated layers (default 5)")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda if available)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--size", type=positive_int, default=28, help="image height and width (default 28)")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="channels (default 64)")
+    parser.add_argument("--layers", type=positive_int, default=5, help="gated layers (default 5)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (default 5, at least 3)")
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error(f"--repeats must be at least 3 for a median, got {args.repeats}")
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = args.device
     model = TutorialPixelCNN(hidden=args.hidden, layers=args.layers).to(device)
     images = torch.randint(0, model.num_bins, (args.batch, 1, args.size, args.size), device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # built before conversion: it must keep working
@@ -163,9 +165,9 @@ def main(argv=None):
     print(f"forward+backward, batch {args.batch} of {args.size}×{args.size} on {device}, converted convs on the {backend} backend: "
           f"{before * 1e3:.1f} ms before, {after * 1e3:.1f} ms after ({before / after:.2f}×)")
     if backend == "reference":
-        print("(the reference backend runs the PyTorch reference ops, not fused kernels: timings need a GPU, or TRITON_INTERPRET=1 to exercise the Triton kernels)")
+        print("(the reference backend runs the PyTorch reference ops, not fused kernels: timings need a GPU; on the CPU, TRITON_INTERPRET=1 with PIXELCNN_KERNELS_BACKEND=triton exercises the Triton kernels)")
     print("next: replace `torch.tanh(a) * torch.sigmoid(b)` with `pixelcnn_kernels.gate_tanh_sigmoid(x, dim=1)` to fuse the gates")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors("convert_tutorial_pixelcnn.py", main))

@@ -15,9 +15,12 @@ and launches take longer than the GPU's work, and the graph removes them.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
 from pixelcnn_kernels.data import load_digits, save_image_grid
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.train import GraphedLoss
@@ -25,19 +28,23 @@ from pixelcnn_kernels.train import GraphedLoss
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=15, help="epochs over the 1500 training digits (default 15)")
-    parser.add_argument("--hidden", type=int, default=64, help="channels (default 64)")
-    parser.add_argument("--layers", type=int, default=5, help="gated layers (default 5)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--per-class", type=int, default=8, help="samples drawn per digit (default 8)")
-    parser.add_argument("--train-images", type=int, help="train on only the first N training digits (a quick try; default all 1500)")
+    parser.add_argument("--epochs", type=positive_int, default=15, help="epochs over the 1500 training digits (default 15)")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="channels (default 64)")
+    parser.add_argument("--layers", type=positive_int, default=5, help="gated layers (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
+    parser.add_argument("--per-class", type=positive_int, default=8, help="samples drawn per digit (default 8)")
+    parser.add_argument("--train-images", type=positive_int, help="train on only the first N training digits (a quick try; default all 1500)")
     parser.add_argument("--out", default="digits_by_class.png", help="the PNG grid to write (default digits_by_class.png)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (default: cuda if available)")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (default: cuda if available)")
     parser.add_argument("--cuda-graph", action="store_true", help="replay each step's forward and backward from a CUDA graph (GPU only)")
     args = parser.parse_args(argv)
+    if args.cuda_graph and args.device.type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
+    if not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its directory does not exist")
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = args.device
     digits = load_digits()
     model = GatedPixelCNN(in_channels=1, hidden=args.hidden, layers=args.layers, kernel_size=5, num_classes=digits.num_classes,
                           num_bins=digits.num_bins, image_size=(8, 8)).to(device)
@@ -64,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors("train_class_conditional.py", main))

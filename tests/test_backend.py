@@ -78,7 +78,7 @@ def test_environment_variable_forces_backend(monkeypatch):
 
 def test_environment_variable_with_unknown_backend_is_rejected(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cudnn")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=f"^the environment variable {backend.ENV_VAR} must be one of"):
         resolve_backend(torch.randn(2))
 
 
@@ -107,6 +107,21 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_mismatched_devices_raise_value_error():
     with pytest.raises(ValueError, match="one device"):
         resolve_backend(torch.randn(2), torch.randn(2, device="meta"))
+
+
+def test_float64_runs_the_reference_unless_a_kernel_backend_is_forced(monkeypatch):
+    """Every op family's rule (kernels take float32, float16, bfloat16): on an automatic choice float64 goes to the reference."""
+    monkeypatch.setattr(backend, "resolve_backend", lambda *tensors: "cuda")  # as for CUDA tensors with the extension built
+    assert backend.resolve_kernel_backend(torch.float32, "DMOL", torch.randn(2)) == "cuda"
+    assert backend.resolve_kernel_backend(torch.float64, "DMOL", torch.randn(2)) == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    with pytest.raises(BackendUnavailableError, match="^cuda backend unavailable: its DMOL kernels take float32, float16 or bfloat16, got float64$"):
+        backend.resolve_kernel_backend(torch.float64, "DMOL", torch.randn(2))
+
+
+def test_meta_tensors_take_the_reference_whatever_is_forced(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    assert resolve_backend(torch.empty(2, device="meta"), None) == "reference"
 
 
 def test_available_backends_lists_every_backend_with_a_reason_or_none():

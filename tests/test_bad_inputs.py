@@ -155,6 +155,7 @@ def _shape_rows() -> list[Row]:
         ),
         Row("sample_discretized_mix_logistic", "shape_mismatch", _changed("u_mix", lambda t: t[:, :2]), ValueError, r"^noise\[0\] \(u_mix\) must have shape \(2, 3, 3, 5\)"),
         Row("masked_conv2d", "shape_mismatch", _changed("x", lambda t: t[:, :2]), ValueError, r"^x has 2 channels but weight expects 3"),
+        *(Row(name, "zero_size_image", _changed("x", lambda t: t[:, :, :0]), ValueError, r"^x must have a height and width >= 1") for name in CONVS),
     ]
 
 
@@ -199,6 +200,12 @@ def _backend_rows() -> list[Row]:
             r"^triton backend unavailable: triton is not installed \(simulated\)",
             _forced("triton", triton_import_error="triton is not installed (simulated)"),
         ),
+        # float64 is the reference's (an automatic choice runs it there: test_backend.py); a forced kernel backend refuses it.
+        *(
+            Row(name, "float64_forced_triton", lambda name: valid_inputs(name, dtype=torch.float64), BackendUnavailableError,
+                r"^triton backend unavailable: its [-\w]+ kernels take float32, float16 or bfloat16, got float64", _forced("triton"))
+            for name in OPS
+        ),
     ]
 
 
@@ -219,6 +226,15 @@ def check_zero_size_batch(name: str, backend: str) -> None:
     for arg, grad in grads.items():
         assert grad.shape == inputs[arg].shape, arg
         assert torch.equal(grad.double(), expected_grads[arg]), arg  # empty, or the exact zeros of a weight or bias
+
+
+def check_meta_tensors(name: str, backend: str) -> None:
+    """Meta tensors (shapes, no data) give the reference's output shape on the meta device, whatever backend is forced."""
+    inputs = valid_inputs(name)
+    with use_backend(backend):
+        out = OPS[name].run({k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+    expected = OPS[name].run(inputs)
+    assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
 
 
 def check_gate_non_finite(name: str, backend: str) -> None:
@@ -374,6 +390,7 @@ def _result_rows() -> list[Row]:
     non_finite = {**dict.fromkeys((*GATES, "concat_elu"), check_gate_non_finite), "discretized_mix_logistic_nll": check_nll_non_finite}
     non_finite.update({"sample_discretized_mix_logistic": check_sample_non_finite, **dict.fromkeys(CONVS, check_conv_non_finite)})
     rows = [Row(name, "zero_size_batch", check=check_zero_size_batch) for name in OPS]
+    rows += [Row(name, "meta_tensors", check=check_meta_tensors) for name in OPS]
     rows += [Row(name, "non_finite", check=check) for name, check in non_finite.items()]
     rows += [
         Row("gate_sigmoid", "over_2_31_elements", check=check_gate_sigmoid_beyond_2_31, marks=GPU),

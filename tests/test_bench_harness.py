@@ -192,6 +192,14 @@ def test_bench_names_a_family_taken_for_a_provider(capsys):
     assert "unknown providers ['dmol']" in capsys.readouterr().err
 
 
+def test_bench_refuses_a_filter_matching_nothing_and_an_unusable_out_before_measuring(tmp_path, capsys):
+    assert main(["bench", "gates", "-k", "no such case"]) == 2
+    assert "bench: -k 'no such case' matches no case of gates" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["bench", "gates", "--out", str(tmp_path / "a_file")]) == 2  # a file where the results' directory would go
+    assert "pixelcnn-kernels bench: " in capsys.readouterr().err and not list(tmp_path.glob("*.csv"))
+
+
 def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path):
     """benchmarks/host_overhead.py, one step per row: every workload's two rows, the fused ones with their launch counts."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"

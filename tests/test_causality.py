@@ -192,6 +192,16 @@ def test_bad_arguments():
         check_causality(model, (1, 4, 4), positions=[(0, 4, 0)])
     with pytest.raises(ValueError, match="trials"):
         check_causality(model, (1, 4, 4), trials=0)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        check_causality(PixelCNNPlusPlus(nr_resnet=1, nr_filters=4, nr_logistic_mix=1, in_channels=1, num_bins=4, dropout=0.0), (1, 6, 6))
+    with pytest.raises(ValueError, match="input_shape must hold positive ints"):
+        check_causality(model, (True, 4, 4))
+    for name, value in (("trials", True), ("batch_size", 2.0), ("seed", 1.5), ("output_groups", "1")):
+        with pytest.raises(TypeError, match=f"^{name} must be an int, got"):
+            check_causality(model, (1, 4, 4), **{name: value})
+    for positions in ((0, 1, 1), [(0, 1.5, 1)]):
+        with pytest.raises(ValueError, match="positions must be"):
+            check_causality(model, (1, 4, 4), positions=positions)
     with pytest.raises(ValueError, match="output_groups"):
         check_causality(model, (1, 4, 4), output_groups=3)
     with pytest.raises(ValueError, match="output must be"):

@@ -476,6 +476,8 @@ def test_bad_arguments():
         convert("model")
     with pytest.raises(TypeError, match="inplace"):
         convert(nn.Sequential(), inplace="yes")
+    with pytest.raises(TypeError, match="^seed must be an int, got float"):
+        convert(nn.Sequential(), seed=1.5)
 
 
 @pytest.mark.gpu

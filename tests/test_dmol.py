@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import pixelcnn_kernels
 from pixelcnn_kernels import compat
-from pixelcnn_kernels.backend import unavailable_reason, use_backend
+from pixelcnn_kernels.backend import BackendUnavailableError, unavailable_reason, use_backend
 from pixelcnn_kernels.nn import DiscretizedMixLogisticNLL
 from pixelcnn_kernels.reference import dmol as reference
 from pixelcnn_kernels.testing import assert_close, tolerance
@@ -429,6 +429,12 @@ def test_sampler_bad_input():
         sample_op(logits, noise=(torch.rand(2, 1, 3, 4), torch.rand(2, 3, 3, 4).half()))
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         sample_op(logits, channels=2)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 3.0"):
+        sample_op(torch.zeros(2, 20, 3, 4), channels=3.0)
+    with pytest.raises(ValueError, match=r"noise\[1\] \(u_logistic\) must have C = 1 or 3 channels, got shape \(2, 2, 3, 4\)"):
+        sample_op(torch.zeros(2, 20, 3, 4), noise=(torch.rand(2, 4, 3, 4), torch.rand(2, 2, 3, 4)))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        sample_op(logits, generator=1)
     with pytest.raises(TypeError, match="quantize must be a bool"):
         sample_op(logits, quantize=1)
     with pytest.raises(ValueError, match="l must have 10 \\* nr_mix"):
@@ -440,7 +446,7 @@ def test_sampler_bad_input():
 def test_kernel_backends_reject_float64_logits(kernel_device):
     if unavailable_reason("triton", kernel_device) is not None:
         pytest.skip("triton unavailable")
-    with use_backend("triton"), pytest.raises(TypeError, match="float64 logits run on the reference backend only"):
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="its DMOL kernels take float32, float16 or bfloat16, got float64"):
         nll_op(torch.zeros(1, 3, 2, 2, device=kernel_device), torch.zeros(1, 10, 2, 2, dtype=torch.float64, device=kernel_device))
 
 

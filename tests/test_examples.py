@@ -62,7 +62,28 @@ def test_complete_images(tmp_path, tiny_checkpoint):
     assert "kept top 4 rows" in out and (tmp_path / "done.png").is_file()
 
 
+def run_failing_example(name: str, *args: str, cwd: Path) -> str:
+    """The one-line error (last stderr line) of an example run with bad input: exit status 2, no traceback."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
 def test_complete_images_rejects_bad_rows(tmp_path, tiny_checkpoint):
-    result = subprocess.run([sys.executable, str(EXAMPLES / "complete_images.py"), "--device", "cpu", "--checkpoint", str(tiny_checkpoint),
-                             "--keep-rows", "9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode != 0 and "--keep-rows must be between 0 and the height 8" in result.stderr
+    error = run_failing_example("complete_images.py", "--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--keep-rows", "9", cwd=tmp_path)
+    assert "--keep-rows must be between 0 and the height 8" in error
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("complete_images.py", ("--images", "-1"), "argument --images: must be a positive int, got '-1'"),
+        ("complete_images.py", ("--checkpoint", "missing.pt", "--device", "cpu"), "complete_images.py: checkpoint missing.pt does not exist"),
+        ("complete_images.py", ("--out", "no/such/dir/x.png"), "--out no/such/dir/x.png: its directory does not exist"),
+        ("train_class_conditional.py", ("--batch-size", "0"), "argument --batch-size: must be a positive int, got '0'"),
+        ("train_class_conditional.py", ("--device", "tpu"), "argument --device: must be cpu or cuda, got 'tpu'"),
+        ("convert_tutorial_pixelcnn.py", ("--size", "zero"), "argument --size: must be a positive int, got 'zero'"),
+    ],
+)
+def test_examples_report_bad_input_in_one_line(tmp_path, name, args, message):
+    assert message in run_failing_example(name, *args, cwd=tmp_path)

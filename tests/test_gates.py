@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pixelcnn_kernels as pk
+from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.nn import ConcatELU, GateSigmoid, GateTanhSigmoid
 from pixelcnn_kernels.reference import gates as reference
 from pixelcnn_kernels.testing import assert_close
@@ -219,12 +220,12 @@ def test_kernels_empty_input(name, backend, kernel_device, shape):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", OPS)
-def test_float64_runs_the_reference_on_kernel_backends(name, backend, kernel_device):
+def test_float64_runs_the_reference_unless_a_kernel_backend_is_forced(name, backend, kernel_device):
     op, ref = _ops(name)
     x = torch.randn(2, 4, 3, dtype=torch.float64, device=kernel_device)
-    with pk.use_backend(backend):
-        y = op(x, 1)
-    torch.testing.assert_close(y, ref(x, 1), rtol=0, atol=0)
+    torch.testing.assert_close(op(x, 1), ref(x, 1), rtol=0, atol=0)
+    with pk.use_backend(backend), pytest.raises(BackendUnavailableError, match=f"^{backend} backend unavailable: its activation kernels take float32"):
+        op(x, 1)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[2]], ids=lambda layout: layout.name)

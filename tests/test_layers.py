@@ -348,6 +348,16 @@ def test_bad_forward_arguments():
         gated(v, h, cond[:, :1])
     with pytest.raises(TypeError, match="h must be a torch.Tensor"):
         gated(v, h.numpy(), cond)
+    with pytest.raises(TypeError, match="^h has dtype torch.float64 but v has torch.float32"):
+        gated(v, h.double(), cond)
+    with pytest.raises(ValueError, match="^h is on meta but v is on cpu"):
+        gated(v, h.to("meta"), cond)
+    with pytest.raises(ValueError, match=r"v must be \(N, 3, H, W\) with H, W >= 1"):
+        gated(v[:, :, :0], h[:, :, :0], cond)
+    bins = torch.randint(0, 4, (1, 4, 4, 4))
+    for layer in (fused_layers.ShiftedConv2d(4, 6), fused_layers.ShiftedConv2d(4, 6, stride=2), fused_layers.ShiftedConvTranspose2d(4, 6)):
+        with pytest.raises(TypeError, match="^x must have dtype float32, float16, bfloat16, float64; got int64"):
+            layer(bins)  # cast to int64, the weights would be zeros
     resnet = fused_layers.GatedResnet(3, skip_streams=1, dropout=0.0)
     x, skip, _ = resnet_inputs(3, 1, dtype=torch.float32)
     with pytest.raises(ValueError, match="skip input"):

@@ -573,7 +573,7 @@ def test_tf32_follows_pytorch_conv_setting(monkeypatch):
 @pytest.fixture
 def cuda_backend_without_ops(monkeypatch):
     """The op module seeing a 'cuda' backend whose extension registers no masked_conv2d op (the fallback is the backend module's)."""
-    monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
+    monkeypatch.setattr(backend_module, "resolve_backend", lambda *tensors: "cuda")
     monkeypatch.setattr(backend_module, "cuda_ops", lambda: types.SimpleNamespace())
     monkeypatch.setattr(backend_module, "unavailable_reason", lambda backend, device=None: None)
     return monkeypatch
@@ -608,7 +608,7 @@ def triton_as_cuda_ops(monkeypatch):
 
     names = ("masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad", "masked_conv2d_fwd_gated")
     extension = types.SimpleNamespace(**{name: recorded(name) for name in names})
-    monkeypatch.setattr(ops, "resolve_backend", lambda *tensors: "cuda")
+    monkeypatch.setattr(backend_module, "resolve_backend", lambda *tensors: "cuda")
     # This extension has every op, built or not (torch without CUDA builds none).
     monkeypatch.setattr(ops, "backend_with_cuda_op", lambda backend, cuda_op, device: backend)
     monkeypatch.setattr(ops, "cuda_ops", lambda: extension)

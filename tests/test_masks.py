@@ -96,11 +96,31 @@ def test_mask_spec_passes_through():
         (torch.zeros(3, 3), None, 1, ValueError, "no active tap"),
         (3, 3, 1, TypeError, "mask must be a str"),
         ("A", (3, 0), 1, ValueError, "kernel_size must be"),
+        ("A", 3.0, 1, ValueError, "kernel_size must be a positive int or a pair of them, got 3.0"),
     ],
 )
 def test_bad_masks_raise_naming_the_problem(mask, kernel_size, color_groups, error, match):
     with pytest.raises(error, match=match):
         resolve_mask(mask, kernel_size, color_groups)
+
+
+@pytest.mark.parametrize(
+    "taps, anchor, color_groups, match",
+    [
+        ((), (1, 1), 1, "has no active tap"),
+        (((0, 0), (0, 0), (1, 1)), (1, 1), 1, r"taps must be distinct \(row, col\) positions of the 3×3 kernel in row-major order"),
+        (((1, 1), (0, 0)), (1, 1), 1, "row-major order"),
+        (((0, 0), (3, 1)), (1, 1), 1, "positions of the 3×3 kernel"),
+        (((-1, 0), (1, 1)), (1, 1), 1, "positions of the 3×3 kernel"),
+        (((0, 0), (1, 1)), (1, 3), 1, r"anchor must be a \(row, col\) position"),
+        (((0, 0),), (1, 1), 3, "must include the anchor"),
+        (((0, 0), (1, 1)), (1, 1), 2, "color_groups must be 1 or 3"),
+    ],
+)
+def test_a_hand_built_mask_spec_is_checked_as_resolved_ones_are(taps, anchor, color_groups, match):
+    """The kernels index a spec's taps as given: a duplicate or outside tap would be silent garbage."""
+    with pytest.raises(ValueError, match=match):
+        MaskSpec("custom", (3, 3), taps, anchor, color_groups)
 
 
 @pytest.mark.parametrize("name, shape", [("down_shifted", (2, 3)), ("down_right_shifted", (2, 2)), ("down_shifted", (2, 5))])

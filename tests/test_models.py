@@ -3,7 +3,7 @@
 import copy
 import json
 import math
-import types
+from unittest import mock
 
 import pytest
 import torch
@@ -345,10 +345,13 @@ def test_bad_images():
     pp, pp_shape = tiny("pp_grey")
     with pytest.raises(ValueError, match="multiples of 4"):
         pp(torch.zeros(1, 1, 6, 8, dtype=torch.long))
-    # Bins out of range: the DMOL head checks them on the device (an error here; a device-side assert on a GPU).
-    for value in (pp.num_bins, -1):
-        with pytest.raises(RuntimeError, match=rf"x must hold bins in \[0, {pp.num_bins - 1}\]"):
-            pp.loss(torch.full((1, *pp_shape), value, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must be \(B, 1, H, W\) with H, W >= 1, got shape \(1, 1, 0, 4\)"):
+        model(torch.zeros(1, 1, 0, 4, dtype=torch.long))
+    # Bins out of range: both heads check them on the device (an error here; a device-side assert on a GPU).
+    for head, head_shape in ((pp, pp_shape), (model, shape)):
+        for value in (head.num_bins, -1):
+            with pytest.raises(RuntimeError, match=rf"x must hold bins in \[0, {head.num_bins - 1}\]"):
+                head.loss(torch.full((1, *head_shape), value, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- naive sampler
@@ -419,7 +422,7 @@ def test_class_conditional_sampling():
     assert draws.shape == (3, 1, 2, 2)
     with pytest.raises(ValueError, match="class-conditional"):
         model.sample(3, progress=False)
-    cuda_generator = types.SimpleNamespace(device=torch.device("cuda", 0))  # stands in for one on a machine without a GPU
+    cuda_generator = mock.Mock(spec=torch.Generator, device=torch.device("cuda", 0))  # stands in for one on a machine without a GPU
     with pytest.raises(ValueError, match="generator is on cuda:0 but the model is on cpu"):
         model.sample(3, cond=torch.tensor([0, 1, 1]), generator=cuda_generator, progress=False)
 
@@ -430,6 +433,13 @@ def test_bad_sampler_arguments():
         model.sample(1, method="parallel")
     with pytest.raises(ValueError, match="n must be"):
         model.sample(0)
+    with pytest.raises(ValueError, match="n must be a positive int, got True"):
+        model.sample(True)
+    for size in (4, (4, 4.0), (True, 4)):
+        with pytest.raises(ValueError, match="size must be a pair of positive ints"):
+            model.sample(1, size=size)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        model.sample(1, size=(2, 2), generator=1)
     prefix = torch.zeros(1, 1, 3, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="prefix and known"):
         model.sample(1, prefix=prefix)

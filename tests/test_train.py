@@ -118,6 +118,18 @@ def test_npz_errors(tmp_path):
     (tmp_path / "text.npz").write_text("not an archive")
     with pytest.raises(ValueError, match=r"text\.npz: not a readable \.npz file"):
         load_dataset(str(tmp_path / "text.npz"))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npz: not a readable \.npz file"):
+        load_dataset(str(tmp_path / "empty.npz"))
+    np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object))
+    with pytest.raises(ValueError, match=r"objects\.npz: not a readable \.npz file"):
+        load_dataset(str(tmp_path / "objects.npz"))
+    np.savez(tmp_path / "flat.npz", images=np.zeros((10, 0, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"flat\.npz: 'images' must have a height and width >= 1"):
+        load_images(tmp_path / "flat.npz")
+    np.savez(tmp_path / "bins.npz", images=np.zeros((3, 4, 4), dtype=np.uint8), num_bins=np.array([4, 4]))
+    with pytest.raises(ValueError, match=r"bins\.npz: 'num_bins' must be one integer"):
+        load_images(tmp_path / "bins.npz")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "broken.png").write_text("not an image")
     with pytest.raises(ValueError, match=r"broken\.png: not a readable image"):
@@ -166,6 +178,17 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pt is truncated or corrupt"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_a_file_that_is_no_checkpoint_gives_a_one_line_error(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "metrics.json").write_text('{"epochs": []}')
+    for name, kind in (("empty.pt", "an empty file"), ("metrics.json", "another kind of file")):
+        with pytest.raises(CheckpointError, match=rf"^checkpoint .*{name} is not a pixelcnn-kernels checkpoint: not the zip archive torch.save writes \({kind}\)$"):
+            load_checkpoint(tmp_path / name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            load_checkpoint(small_checkpoint(tmp_path / "c.pt"), "cuda")
 
 
 def test_flipped_bytes_in_a_checkpoint_fail_its_checksum(tmp_path):
@@ -267,6 +290,34 @@ def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, mo
     steps = sum(len(epoch["step_losses"]) for epoch in metrics["epochs"])
     assert steps == 2 * 18 and all(isinstance(loss, float) for epoch in metrics["epochs"] for loss in epoch["step_losses"])
     assert len(reads) <= 2 * summary["epochs_done"], reads  # the train and held-out means of each epoch
+
+
+def test_resume_refuses_options_that_contradict_the_checkpoint(tmp_path, tiny_digits):
+    """The checkpoint fixes the data, model and optimisation: a different value given is an error, not silently dropped."""
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1", "--lr", "0.01"))
+    for option, value in (("--lr", "30"), ("--weight-decay", "0"), ("--hidden", "6"), ("--batch-size", "8"), ("--seed", "3")):
+        with pytest.raises(ValueError, match=f"^{option} .* differs from the resumed checkpoint's"):
+            train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "2", "--resume", option, value))
+    # Left at their defaults, they are the checkpoint's (lr 0.01, not the default 3e-3).
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "2", "--resume"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["lr"] == 0.01
+    assert checkpoint["optimizer"]["optimizer"]["param_groups"][0]["lr"] == 0.01
+
+
+def test_resume_into_a_new_out_starts_it_with_the_runs_best_checkpoint(tmp_path, tiny_digits):
+    first = tmp_path / "first" / "run"
+    train(train_args(tmp_path / "first", "--data", tiny_digits, "--epochs", "2"))
+    args = train_args(tmp_path / "second", "--data", tiny_digits, "--epochs", "3", "--resume", str(first / "last.pt"))
+    args.samples = 2  # sampled from the new directory's best.pt
+    train(args)
+    second = tmp_path / "second" / "run"
+    assert (second / "best.pt").is_file() and (second / "samples.png").is_file()
+    best = min(m["held_out_bpd"] for m in load_checkpoint(second / "last.pt")["metrics"])
+    assert min(m["held_out_bpd"] for m in load_checkpoint(second / "best.pt")["metrics"]) == best
+    # A directory holding another run's checkpoints is not overwritten by a resumed one.
+    with pytest.raises(ValueError, match="holds another run's checkpoints"):
+        train(train_args(tmp_path / "second", "--data", tiny_digits, "--epochs", "4", "--resume", str(first / "last.pt")))
 
 
 def test_resume_keeps_this_runs_choice_of_fused_adamw(tmp_path, tiny_digits, monkeypatch):

@@ -99,8 +99,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in IMAGE_DTYPES:
             raise DTypeError(f"{name} must hold integer bins (uint8, int32 or int64), got {str(x.dtype).removeprefix('torch.')}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{name} must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or 0 in x.shape[2:]:
+            raise ValueError(f"{name} must be (B, {self.in_channels}, H, W) with H, W >= 1, got shape {tuple(x.shape)}")
         self.check_spatial_size(x.shape[2], x.shape[3])
 
     def class_vector(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -154,6 +154,10 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
     def nll_of_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """(B,) :meth:`nll` of the images ``x`` from the network's ``logits`` on them."""
+        # The bins checked on the device (a host read of x's range would make the host wait for the
+        # GPU every step): on a GPU a device-side assert, on the CPU a RuntimeError naming x.
+        if not every_value_is_a_bin(x.dtype, self.num_bins):
+            torch._assert_async(((x >= 0) & (x < self.num_bins)).all(), f"x must hold bins in [0, {self.num_bins - 1}]")
         if self.head == "softmax":
             # (B, bins, C, H, W) as (B·H·W·C, bins) rows: a view of channels-last logits, whose gradient
             # then comes back channels-last (the 5-D cross entropy's would not, and the head's conv copied it).
@@ -161,10 +165,6 @@ class PixelCNNModel(nn.Module, abc.ABC):
             rows = logits.permute(0, 3, 4, 2, 1).reshape(-1, bins).to(compute_dtype(logits.dtype))
             targets = x.long().permute(0, 2, 3, 1).reshape(-1)
             return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], -1).sum(dim=1)
-        # The bins checked on the device, as the softmax head's cross entropy checks its targets (a
-        # host read of x's range would make the host wait for the GPU every step): on a GPU a device-side assert.
-        if not every_value_is_a_bin(x.dtype, self.num_bins):
-            torch._assert_async(((x >= 0) & (x < self.num_bins)).all(), f"x must hold bins in [0, {self.num_bins - 1}]")
         return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
 
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +227,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise ValueError(f"block_rows is an option of method='jacobi', got method={method!r}")
         if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
             raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         from pixelcnn_kernels.sampling import cached_sampler, jacobi_sample, sample_cached_exactly  # the samplers build on this module
 
@@ -295,12 +295,18 @@ class PixelCNNModel(nn.Module, abc.ABC):
         images = self._start_images(n, height, width, prefix, known, device)
         known_mask = self._known_mask(n, height, width, known, device)
         class_vector = self.class_vector(cond, n)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if noise is None and generator is not None and generator.device != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         noise = self._sample_noise(n, height, width, noise, generator, device)
         return SamplingProblem(images, known_mask, noise, cond, class_vector)
 
     def _sample_size(self, n: int, prefix: torch.Tensor | None, size: tuple[int, int] | None) -> tuple[int, int]:
+        if size is not None and (
+            not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
+        ):
+            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
         if prefix is not None:
             self.check_images(prefix, "prefix")
             if prefix.shape[0] != n:
@@ -308,11 +314,9 @@ class PixelCNNModel(nn.Module, abc.ABC):
             if size is not None and tuple(size) != tuple(prefix.shape[2:]):
                 raise ValueError(f"size={tuple(size)} does not match prefix's spatial size {tuple(prefix.shape[2:])}")
             return prefix.shape[2], prefix.shape[3]
-        size = size or self.default_sample_size()
+        size = self.default_sample_size() if size is None else size
         if size is None:
             raise ValueError("size=(H, W) is needed when no prefix is given")
-        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
         self.check_spatial_size(*size)
         return tuple(size)
 

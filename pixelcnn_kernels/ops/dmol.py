@@ -100,11 +100,6 @@ def _check_nll_args(x: object, logits: object, num_bins: object, reduction: obje
         _check_x_range(x, num_bins)
 
 
-def _check_kernel_logits(logits: torch.Tensor, backend: str) -> None:
-    if logits.dtype == torch.float64:
-        raise TypeError(f"float64 logits run on the reference backend only; the {backend} kernels take float32, float16 or bfloat16")
-
-
 def _kernel_x(x: torch.Tensor) -> torch.Tensor:
     """x in a dtype the kernels read (float32, uint8, int64), values unchanged."""
     if x.dtype in _KERNEL_X_DTYPES:
@@ -117,10 +112,9 @@ def _kernel_x(x: torch.Tensor) -> torch.Tensor:
 
 @custom_op("pixelcnn_kernels::dmol_nll")
 def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Tensor:
-    backend = _backend.resolve_backend(x, logits)
+    backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", x, logits)
     if backend == "reference":
         return _reference.discretized_mix_logistic_nll(x, logits, num_bins)
-    _check_kernel_logits(logits, backend)
     if backend == "cuda":
         return _backend.cuda_ops().dmol_nll_forward(_kernel_x(x), logits, num_bins)
     nll = logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.float32)
@@ -138,13 +132,12 @@ def _(x, logits, num_bins):
 
 @custom_op("pixelcnn_kernels::dmol_nll_backward")
 def _dmol_nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int) -> torch.Tensor:
-    backend = _backend.resolve_backend(x, logits, grad_nll)
+    backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", x, logits, grad_nll)
     if backend == "reference":
         with autograd_inside_custom_op():
             leaf = logits.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(_reference.discretized_mix_logistic_nll(x, leaf, num_bins), leaf, grad_nll)
         return torch.empty_like(logits).copy_(grad)  # the fake's layout
-    _check_kernel_logits(logits, backend)
     if backend == "cuda":
         return _backend.cuda_ops().dmol_nll_backward(_kernel_x(x), logits, grad_nll, num_bins)
     grad_logits = torch.empty_like(logits)
@@ -222,10 +215,9 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
 
 @custom_op("pixelcnn_kernels::dmol_sample")
 def _dmol_sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, num_bins: int, quantize: bool) -> torch.Tensor:
-    backend = _backend.resolve_backend(logits, u_mix, u_logistic)
+    backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", logits, u_mix, u_logistic)
     if backend == "reference":
         return _reference.sample_discretized_mix_logistic(logits, u_mix, u_logistic, num_bins, quantize)
-    _check_kernel_logits(logits, backend)
     u_mix, u_logistic = u_mix.to(torch.float32), u_logistic.to(torch.float32)
     if backend == "cuda":
         return _backend.cuda_ops().dmol_sample(logits, u_mix, u_logistic, num_bins, quantize)
@@ -245,12 +237,14 @@ def _(logits, u_mix, u_logistic, num_bins, quantize):
 def _sample_channels(logits: torch.Tensor, noise, channels: int | None) -> int:
     """The colour channel count: given, read from the noise, or inferred from P when unambiguous."""
     if channels is not None:
-        if channels not in (1, 3):
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         return channels
     if noise is not None:
         _, u_logistic = _noise_pair(noise)
         check_tensor(u_logistic, "noise[1] (u_logistic)", ndim=4, dtypes=(torch.float32,))
+        if u_logistic.shape[1] not in (1, 3):
+            raise ValueError(f"noise[1] (u_logistic) must have C = 1 or 3 channels, got shape {tuple(u_logistic.shape)}")
         return u_logistic.shape[1]
     fits = [c for c in (1, 3) if logits.shape[1] and logits.shape[1] % _reference.logits_per_mixture(c) == 0]
     if len(fits) == 1:
@@ -320,6 +314,8 @@ def sample_discretized_mix_logistic(
     num_bins = check_num_bins(num_bins)
     if not isinstance(quantize, bool):
         raise TypeError(f"quantize must be a bool, got {type(quantize).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch, _, height, width = logits.shape
     if noise is None:
         dtype = compute_dtype(logits.dtype)

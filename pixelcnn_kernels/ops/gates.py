@@ -13,8 +13,9 @@ any ``dim``, channels-last, or any other permutation of dimensions); the output
 has ``x``'s dimension order in memory, so channels-last stays channels-last.
 A tensor that is not dense (a slice, an expanded tensor) is copied once, as is
 one whose batch dimension is laid out inside ``dim`` when ``cond`` is given.
-float64 inputs run the reference on every backend (the kernels are for
-float32, float16 and bfloat16; float64 is for checking).
+float64 inputs (for checking: the kernels take float32, float16 and bfloat16)
+run the reference when the backend is chosen automatically; a forced kernel
+backend refuses them.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from pixelcnn_kernels.backend import cuda_ops, resolve_backend
+from pixelcnn_kernels.backend import cuda_ops, resolve_kernel_backend
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import gates as reference
 from pixelcnn_kernels.utils import DTypeError, check_same_device, check_same_dtype, check_tensor, compute_dtype, normalize_dim
@@ -144,10 +145,6 @@ def _kernels(backend: str):
     return cuda_ops()
 
 
-def _runs_reference(backend: str, x: torch.Tensor) -> bool:
-    return backend == "reference" or x.dtype == torch.float64
-
-
 def _reference_input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad``'s vector-Jacobian product with ``forward`` at ``x``, by autograd."""
     with autograd_inside_custom_op():
@@ -186,8 +183,8 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
         layout = _RowsLayout.of(x, dim)
         half = x.shape[dim] // 2
         out_shape = _resized(x.shape, dim, half)
-        backend = resolve_backend(x, cond)
-        if _runs_reference(backend, x):
+        backend = resolve_kernel_backend(x.dtype, "activation", x, cond)
+        if backend == "reference":
             return layout.empty(x, out_shape).copy_(reference_gate(x, dim, cond))
         y_rows = _kernels(backend).gate_forward(layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate)
         return layout.from_rows(y_rows, out_shape)
@@ -205,8 +202,8 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
         _check_accumulate(accumulate, x)
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
-        backend = resolve_backend(grad, x, cond, accumulate)
-        if _runs_reference(backend, x):
+        backend = resolve_kernel_backend(x.dtype, "activation", grad, x, cond, accumulate)
+        if backend == "reference":
             dx = _reference_input_grad(lambda x_leaf: reference_gate(x_leaf, dim, cond), x, grad)
             return layout.empty(x, x.shape).copy_(dx if accumulate is None else dx + accumulate)
         half = x.shape[dim] // 2
@@ -281,8 +278,8 @@ def _concat_elu_op(x: torch.Tensor, dim: int) -> torch.Tensor:
     x = _dense_input(x, dim, None)
     layout = _RowsLayout.of(x, dim)
     out_shape = _resized(x.shape, dim, 2 * x.shape[dim])
-    backend = resolve_backend(x)
-    if _runs_reference(backend, x):
+    backend = resolve_kernel_backend(x.dtype, "activation", x)
+    if backend == "reference":
         return layout.empty(x, out_shape).copy_(reference.concat_elu(x, dim))
     x_rows = layout.rows(x, x.shape[dim]).view(layout.outer, x.shape[dim] * layout.inner)
     y_rows = _kernels(backend).concat_elu_forward(x_rows)
@@ -299,8 +296,8 @@ def _(x, dim):
 def _concat_elu_backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
     x = _dense_input(x, dim, None)
     layout = _RowsLayout.of(x, dim)
-    backend = resolve_backend(grad, x)
-    if _runs_reference(backend, x):
+    backend = resolve_kernel_backend(x.dtype, "activation", grad, x)
+    if backend == "reference":
         dx = _reference_input_grad(lambda x_leaf: reference.concat_elu(x_leaf, dim), x, grad)
         return layout.empty(x, x.shape).copy_(dx)
     size = x.shape[dim]

@@ -35,7 +35,7 @@ import importlib
 
 import torch
 
-from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, forced_backend, resolve_backend
+from pixelcnn_kernels.backend import backend_with_cuda_op, cuda_ops, resolve_kernel_backend
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_groups, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
@@ -149,13 +149,7 @@ def _choose_backend(cuda_op: str, *tensors: torch.Tensor | None) -> str:
     BackendUnavailableError saying so, an automatic choice falls back to
     ``triton`` (``reference`` where Triton cannot run).
     """
-    backend = resolve_backend(*tensors)
-    if backend == "reference":
-        return backend
-    if tensors[0].dtype == torch.float64:
-        if forced_backend() is not None:
-            raise BackendUnavailableError(f"{backend} backend unavailable: its masked-convolution kernels take float32, float16 or bfloat16, got float64")
-        return "reference"
+    backend = resolve_kernel_backend(tensors[0].dtype, "masked-convolution", *tensors)
     return backend_with_cuda_op(backend, cuda_op, tensors[0].device)
 
 
@@ -224,6 +218,8 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         raise ValueError(f"input_activation must be None or one of {INPUT_ACTIVATIONS}, got {input_activation!r}")
     concat_elu_input = input_activation == "concat_elu"
     check_tensor(x, "x", ndim=4)
+    if 0 in x.shape[2:]:
+        raise ValueError(f"x must have a height and width >= 1 (a same-size convolution pads them), got shape {tuple(x.shape)}")
     check_tensor(weight, "weight", ndim=4)
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)

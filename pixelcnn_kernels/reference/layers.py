@@ -28,7 +28,7 @@ from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as disc
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
-from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, in_layout_of
+from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, check_same_device, check_same_dtype, check_tensor, in_layout_of
 
 SHIFTS = ("down", "down_right")
 
@@ -106,10 +106,9 @@ def residual_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d
 
 
 def _check_channels(x: torch.Tensor, channels: int, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{name} must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
+    check_tensor(x, name)  # a float tensor: cast to its dtype, integer weights would round to zeros
+    if x.dim() != 4 or x.shape[1] != channels or 0 in x.shape[2:]:
+        raise ValueError(f"{name} must be (N, {channels}, H, W) with H, W >= 1, got shape {tuple(x.shape)}")
 
 
 def _check_cond(cond: torch.Tensor | None, cond_channels: int | None, batch: int) -> None:
@@ -212,6 +211,8 @@ class GatedMaskedConv2d(nn.Module):
         _check_channels(h, self.channels, "h")
         if v.shape != h.shape:
             raise ValueError(f"v and h must have one shape, got {tuple(v.shape)} and {tuple(h.shape)}")
+        check_same_dtype(v, "v", h=h)
+        check_same_device(v=v, h=h)
         _check_cond(cond, self.cond_channels, v.shape[0])
         ops = self.ops
         v_out, v_pre = apply_masked_conv(ops.masked_conv2d_gated, self.conv_vert, v, cond=_project(self.cond_vert, cond, v), return_preactivation=True)

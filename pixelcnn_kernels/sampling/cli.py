@@ -16,6 +16,7 @@ import torch
 
 from pixelcnn_kernels.backend import BACKENDS, use_backend
 from pixelcnn_kernels.models.base import SAMPLING_METHODS
+from pixelcnn_kernels.utils import writable_directory
 
 
 def register(subparsers) -> None:
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png" or out.is_dir():
         print(f"sample: --out must name a .png file, got {args.out}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)  # before sampling: an unusable path fails now, not after the work
+    writable_directory(out.parent)  # before sampling: an unusable path fails now, not after the work
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model = load_model(args.checkpoint, map_location=device)
     cond = None
