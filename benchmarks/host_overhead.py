@@ -73,11 +73,14 @@ def workloads():
     resnet = GatedResnet(4, "down_right", 2, dropout=0.0)
     gated = GatedPixelCNN(3, hidden=6, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1])
     pixelcnn_pp = PixelCNNPlusPlus(nr_resnet=5, nr_filters=4, nr_logistic_mix=10, dropout=0.0)
+    # The benchmark's training step: dropout 0.5 after each gated resnet's second concat_elu.
+    pixelcnn_pp_dropout = PixelCNNPlusPlus(nr_resnet=5, nr_filters=4, nr_logistic_mix=10, dropout=0.5)
     return [
         ("GatedMaskedConv2d d2 cond", gated_layer, lambda: gated_layer(v, h, cond)),
         ("GatedResnet down_right skip2", resnet, lambda: resnet(x, skip)),
         ("GatedPixelCNN RGB L7 softmax", gated, lambda: gated.loss(images)),
         ("PixelCNN++ R5 K10", pixelcnn_pp, lambda: pixelcnn_pp.loss(images)),
+        ("PixelCNN++ R5 K10 dropout 0.5", pixelcnn_pp_dropout, lambda: pixelcnn_pp_dropout.loss(images)),
     ]
 
 

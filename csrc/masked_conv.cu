@@ -17,10 +17,11 @@
 // more term in the epilogue (add_residual); the concat_elu prologue maps the
 // gathered x tile to elu(x) or elu(-x) before it is stored to shared memory
 // (concat_elu_tile), the reduction running over x's channels twice per tap (part 0
-// against the weight's first C input channels, part 1 against the last C); dgrad of a
-// concat_elu input is the two-halves GEMM of the gated forward over the weight read
+// against the weight's first C input channels, part 1 against the last C), and with a
+// dropout mask applies it there too (its bits gathered beside the tile, KeepBits); dgrad
+// of a concat_elu input is the two-halves GEMM of the gated forward over the weight read
 // transposed, whose epilogue (combine_halves) takes concat_elu's backward instead of
-// the gate.
+// the gate, after the dropout's.
 //
 // wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
 // rows input channels, columns output channels, reduction over the pixels, split
@@ -95,6 +96,7 @@ struct RawBits<4> {
 // Element bits are copied as they are; missing rows and columns become zeros.
 template <typename Elem, int kRows, int kCols, int kLd>
 struct TileLoader {
+  using Element = Elem;
   using Bits = typename RawBits<sizeof(Elem)>::type;
   static constexpr int kVec = kChunkBytes / sizeof(Elem);
   static constexpr int kChunksPerRow = kCols / kVec;
@@ -134,9 +136,9 @@ struct TileLoader {
     }
   }
 
-  // Replaces every gathered element v by fn(v), computed in float32: a prologue, run
-  // between gather() and commit() (it waits for the loads). Missing elements are zero,
-  // so fn must map 0 to 0.
+  // Replaces every gathered element v (element e of chunk i) by fn(v, i, e), computed in
+  // float32: a prologue, run between gather() and commit() (it waits for the loads).
+  // Missing elements are zero, so fn must map 0 to 0.
   template <typename Fn>
   __device__ __forceinline__ void map(Fn fn) {
 #pragma unroll
@@ -144,7 +146,7 @@ struct TileLoader {
       Elem values[kVec];
       memcpy(values, &chunk[i], sizeof(values));
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) values[e] = from_float<Elem>(fn(to_float(values[e])));
+      for (int e = 0; e < kVec; ++e) values[e] = from_float<Elem>(fn(to_float(values[e]), i, e));
       memcpy(&chunk[i], values, sizeof(values));
     }
   }
@@ -181,13 +183,46 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
   return base + (px.image_start + static_cast<int64_t>(y) * width + x) * channels + col0;
 }
 
+// The dropout mask at a TileLoader's gathered elements, gathered beside it: bit e of
+// bits[i] is set where element e of chunk i is kept (a kVec <= 8 element chunk takes
+// one register, not a byte per element).
+template <typename Loader>
+struct KeepBits {
+  uint32_t bits[Loader::kChunks];
+
+  // row_start(i) is the mask's address of the tile's column 0 in chunk i's row, or
+  // nullptr for a row outside the image; columns at or past cols_valid are not kept.
+  template <typename RowStart>
+  __device__ __forceinline__ void gather(RowStart row_start, int cols_valid) {
+    const int c = Loader::col();
+#pragma unroll
+    for (int i = 0; i < Loader::kChunks; ++i) {
+      const uint8_t* src = row_start(i);
+      uint32_t kept = 0;
+      if (src != nullptr) {
+#pragma unroll
+        for (int e = 0; e < Loader::kVec; ++e)
+          if (c + e < cols_valid && __ldg(src + c + e) != 0) kept |= 1u << e;
+      }
+      bits[i] = kept;
+    }
+  }
+};
+
 // The concat_elu prologue: a gathered tile of x becomes elu(x) (part 0) or elu(-x)
 // (part 1), rounded to Elem as the materialised activation would be; zeros (padding)
-// stay zero.
+// stay zero. With `keep` (the dropout mask's bits of the tile, or null), dropout after
+// it: kept elements times keep_scale (rounded once more, as a separate dropout would),
+// the others 0.
 template <typename Loader>
-__device__ __forceinline__ void concat_elu_tile(Loader& loader, int part) {
+__device__ __forceinline__ void concat_elu_tile(Loader& loader, int part, const KeepBits<Loader>* keep, float keep_scale) {
+  using Elem = typename Loader::Element;
   const float sign = part == 0 ? 1.0f : -1.0f;
-  loader.map([sign](float v) { return elu_math(sign * v); });
+  loader.map([&](float v, int i, int e) {
+    const float activated = elu_math(sign * v);
+    if (keep == nullptr) return activated;
+    return (keep->bits[i] >> e & 1u) ? round_to<Elem>(activated) * keep_scale : 0.0f;
+  });
 }
 
 // ---------------------------------------------------------------------------------
@@ -338,6 +373,10 @@ struct ConvParams {
   const void* residual;      // (N, H, W, n_channels / halves) or null: added to out
   const void* addend;        // (N, H, W, n_channels) or null; gated only: added before the gate
   const void* concat_elu_x;  // two halves, dgrad: the forward's x (N, H, W, n_channels / 2); else null
+  // The dropout mask after concat_elu, or null: forward, (N, H, W, k_channels) applied to the
+  // input; dgrad (with concat_elu_x), (N, H, W, n_channels) applied to the halves' gradients.
+  const uint8_t* keep;
+  float keep_scale;
   void* out;                 // (N, H, W, n_channels / halves)
   void* preact;              // (N, H, W, n_channels) or null; gated only: conv + bias + addend
   int64_t pixels;
@@ -432,6 +471,8 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 
   LoaderA a_loader;
   LoaderB b_loaders[kHalves];
+  KeepBits<LoaderA> a_keep;  // with a dropout mask (forward of a concat_elu input only)
+  const bool dropout = !kWeightTransposed && parts == 2 && p.keep != nullptr;
   // Loads the tiles of reduction step (tap, part, k0) into registers.
   auto gather = [&](int tap, int part, int k0) {
     const int dy = p.dy[tap];
@@ -439,6 +480,12 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     a_loader.gather(
         [&](int i) { return shifted_row(src, src_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
         src_channels - k0, p.src_vec_ok);
+    if (dropout)
+      a_keep.gather(
+          [&](int i) {
+            return shifted_row(p.keep, p.k_channels, part * src_channels + k0, pixel_rows[i], dy, dx, p.height, p.width);
+          },
+          src_channels - k0);
     const Elem* tap_weight = weight + static_cast<int64_t>(tap) * p.k_channels * p.n_channels;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
@@ -472,7 +519,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
   gather(tap, part, k0);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();  // the previous step's multiply is done with the tiles
-    if (parts == 2) concat_elu_tile(a_loader, part);  // (tap, part, k0) is still this step's
+    if (parts == 2) concat_elu_tile(a_loader, part, dropout ? &a_keep : nullptr, p.keep_scale);  // (tap, part, k0) is still this step's
     a_loader.commit(a_tile);
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));
@@ -513,6 +560,9 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     for (int h = 0; h < kHalves; ++h) {
       const int channel = kHalves == 1 ? col : channel_of(p, col, h);
       pre[h] = stage[r * kLdStage + h * kBlockN + c];
+      // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
+      if (p.concat_elu_x != nullptr && p.keep != nullptr)
+        pre[h] = p.keep[pixel * p.n_channels + channel] != 0 ? pre[h] * p.keep_scale : 0.0f;
       if (p.bias != nullptr) pre[h] += p.bias[channel];
       if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
     }
@@ -552,6 +602,8 @@ struct WgradParams {
   int out_channels;
   int taps;
   bool concat_elu_input;  // gwp rows [0, C) come from elu(x), rows [C, 2C) from elu(-x)
+  const uint8_t* keep;    // with concat_elu_input: its dropout mask (N, H, W, 2 * x_channels), or null
+  float keep_scale;
   bool x_vec_ok;
   bool gout_vec_ok;
   int dy[kMaxTaps];
@@ -591,12 +643,20 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   Loader x_loader;
   Loader g_loader;
+  KeepBits<Loader> x_keep;
+  const bool dropout = p.concat_elu_input && p.keep != nullptr;
   auto gather = [&](int64_t p0) {
     PixelCoords rows[Loader::kChunks];
 #pragma unroll
     for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(p0 + Loader::row(i), end, p.height, p.width);
     x_loader.gather([&](int i) { return shifted_row(x, p.x_channels, m0, rows[i], dy, dx, p.height, p.width); },
                     p.x_channels - m0, p.x_vec_ok);
+    if (dropout)
+      x_keep.gather(
+          [&](int i) {
+            return shifted_row(p.keep, 2 * p.x_channels, part * p.x_channels + m0, rows[i], dy, dx, p.height, p.width);
+          },
+          p.x_channels - m0);
     g_loader.gather([&](int i) { return shifted_row(gout, p.out_channels, n0, rows[i], 0, 0, p.height, p.width); },
                     p.out_channels - n0, p.gout_vec_ok);
   };
@@ -605,7 +665,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   gather(begin);
   for (int64_t p0 = begin; p0 < end; p0 += kBlockK) {
     __syncthreads();  // the previous step's multiply is done with the tiles
-    if (p.concat_elu_input) concat_elu_tile(x_loader, part);
+    if (p.concat_elu_input) concat_elu_tile(x_loader, part, dropout ? &x_keep : nullptr, p.keep_scale);
     x_loader.commit(x_tile);
     g_loader.commit(g_tile);
     __syncthreads();
@@ -726,6 +786,8 @@ void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem,
   params.bias = bias;
   params.residual = residual;
   params.concat_elu_input = problem.concat_elu_input;
+  params.keep = problem.keep;
+  params.keep_scale = problem.keep_scale;
   launch_conv<1, false>(dtype, allow_tf32, problem, params, stream);
 }
 
@@ -741,6 +803,8 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
   params.gate_groups = gate_groups;
   params.preact = preact;
   params.concat_elu_input = problem.concat_elu_input;
+  params.keep = problem.keep;
+  params.keep_scale = problem.keep_scale;
   launch_conv<2, false>(dtype, allow_tf32, problem, params, stream);
 }
 
@@ -751,8 +815,11 @@ void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     launch_conv<1, true>(dtype, allow_tf32, problem, params, stream);
     return;
   }
-  // The columns are concat_elu's 2C channels: halves elu(x) and elu(-x), folded into x's gradient.
+  // The columns are concat_elu's 2C channels: halves elu(x) and elu(-x), folded into x's gradient
+  // (through the forward's dropout first, when it had one).
   params.concat_elu_x = x;
+  params.keep = problem.keep;
+  params.keep_scale = problem.keep_scale;
   launch_conv<2, true>(dtype, allow_tf32, problem, params, stream);
 }
 
@@ -795,6 +862,8 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
                      problem.out_channels,
                      problem.taps,
                      problem.concat_elu_input,
+                     problem.keep,
+                     problem.keep_scale,
                      chunk_aligned(x, x_channels, bytes),
                      chunk_aligned(gout, problem.out_channels, bytes)};
   for (int t = 0; t < problem.taps; ++t) {

@@ -18,7 +18,10 @@
 // concat_elu(x) = elu(cat([x, -x], channels)): x has C = Cin / 2 channels, and the
 // forward and wgrad compute the activation as they load x (never storing it), while
 // dgrad accumulates the gradients g1, g2 w.r.t. elu(x), elu(-x) side by side and
-// its epilogue writes the gradient w.r.t. x, g1 * elu'(x) - g2 * elu'(-x).
+// its epilogue writes the gradient w.r.t. x, g1 * elu'(x) - g2 * elu'(-x). With
+// problem.keep (PixelCNN++'s dropout after concat_elu, in training) the conv's input is
+// keep ? concat_elu(x) * keep_scale : 0, applied as x is loaded, and dgrad's epilogue
+// takes g1, g2 through the same dropout first.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,6 +47,10 @@ struct ConvProblem {
   int taps;
   const int* offsets;     // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
   bool concat_elu_input;  // the conv reads concat_elu(x); x has in_channels / 2 channels
+  // With concat_elu_input: the dropout mask of concat_elu(x), (N, H, W, in_channels) bytes
+  // (nonzero: kept, then times keep_scale = 1 / (1 - p)), or null for no dropout.
+  const uint8_t* keep;
+  float keep_scale;
 };
 
 // The gated epilogue, applied to the two halves a = pre[..., :Cout/2], b = pre[..., Cout/2:].

@@ -93,7 +93,8 @@ void check_device_capability(const at::Tensor& t) {
 }
 
 ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int64_t out_channels,
-                         const std::vector<int>& offsets, bool concat_elu_input) {
+                         const std::vector<int>& offsets, bool concat_elu_input,
+                         const std::optional<at::Tensor>& keep = std::nullopt, double keep_scale = 1.0) {
   return {activations.size(0),
           static_cast<int>(activations.size(1)),
           static_cast<int>(activations.size(2)),
@@ -101,7 +102,22 @@ ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int
           static_cast<int>(out_channels),
           static_cast<int>(offsets.size() / 2),
           offsets.data(),
-          concat_elu_input};
+          concat_elu_input,
+          keep.has_value() ? keep->data_ptr<uint8_t>() : nullptr,
+          static_cast<float>(keep_scale)};
+}
+
+// A dropout mask of the conv's concat_elu input: (N, H, W, in_channels) contiguous uint8 on x's device.
+void check_keep(const std::optional<at::Tensor>& keep, bool concat_elu_input, const at::Tensor& x, int64_t in_channels) {
+  if (!keep.has_value()) return;
+  TORCH_CHECK(concat_elu_input, "keep (a dropout mask) needs a concat_elu input");
+  TORCH_CHECK_TYPE(keep->scalar_type() == at::kByte, "keep must be uint8, got ", keep->scalar_type());
+  check_same_device(*keep, "keep", x, "x");
+  TORCH_CHECK(keep->is_contiguous(), "keep must be contiguous (N, H, W, Cin)");
+  TORCH_CHECK(keep->dim() == 4 && keep->size(0) == x.size(0) && keep->size(1) == x.size(1) && keep->size(2) == x.size(2) &&
+                  keep->size(3) == in_channels,
+              "keep must be (N, H, W, Cin) = (", x.size(0), ", ", x.size(1), ", ", x.size(2), ", ", in_channels, "), got ",
+              keep->sizes());
 }
 
 const float* data_or_null(const std::optional<at::Tensor>& t) {
@@ -110,11 +126,13 @@ const float* data_or_null(const std::optional<at::Tensor>& t) {
 
 at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& residual, at::IntArrayRef offsets,
-                                  bool concat_elu_input, bool allow_tf32) {
+                                  bool concat_elu_input, bool allow_tf32, const std::optional<at::Tensor>& keep,
+                                  double keep_scale) {
   check_activation(x, "x");
   const std::vector<int> offsets32 = checked_offsets(offsets);
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
+  check_keep(keep, concat_elu_input, x, in_channels);
   const int64_t out_channels = wp.size(2);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
   check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels});
@@ -122,7 +140,7 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, con
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
   masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32,
-                    make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
+                    make_problem(x, in_channels, out_channels, offsets32, concat_elu_input, keep, keep_scale), x.data_ptr(),
                     wp.data_ptr(), data_or_null(bias32), raw_data_or_null(residual), out.data_ptr(), current_stream());
   check_launch("masked_conv2d_fwd");
   return out;
@@ -134,11 +152,13 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
                                                       const std::optional<at::Tensor>& residual,
                                                       const std::optional<at::Tensor>& addend,
                                                       at::IntArrayRef offsets, bool concat_elu_input, int64_t gate,
-                                                      int64_t gate_groups, bool write_preact, bool allow_tf32) {
+                                                      int64_t gate_groups, bool write_preact, bool allow_tf32,
+                                                      const std::optional<at::Tensor>& keep, double keep_scale) {
   check_activation(x, "x");
   const std::vector<int> offsets32 = checked_offsets(offsets);
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
+  check_keep(keep, concat_elu_input, x, in_channels);
   const int64_t out_channels = wp.size(2);
   TORCH_CHECK(gate_groups >= 1 && out_channels % (2 * gate_groups) == 0, "the gated conv splits Cout into gate_groups = ",
               gate_groups, " blocks of two halves; wp has Cout ", out_channels);
@@ -154,7 +174,7 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   at::Tensor preact = write_preact ? at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options())
                                    : at::empty({0}, x.options());
   masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32,
-                          make_problem(x, in_channels, out_channels, offsets32, concat_elu_input), x.data_ptr(),
+                          make_problem(x, in_channels, out_channels, offsets32, concat_elu_input, keep, keep_scale), x.data_ptr(),
                           wp.data_ptr(), data_or_null(bias32), raw_data_or_null(addend), data_or_null(cond32),
                           raw_data_or_null(residual), static_cast<Gate>(gate), static_cast<int>(gate_groups), out.data_ptr(),
                           write_preact ? preact.data_ptr() : nullptr, current_stream());
@@ -162,9 +182,11 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   return {out, preact};
 }
 
-// x given: the forward read concat_elu(x), and the result is the gradient w.r.t. x.
+// x given: the forward read concat_elu(x) (dropped out by keep when given), and the result is
+// the gradient w.r.t. x.
 at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp, const std::optional<at::Tensor>& x,
-                                    at::IntArrayRef offsets, bool allow_tf32) {
+                                    at::IntArrayRef offsets, bool allow_tf32, const std::optional<at::Tensor>& keep,
+                                    double keep_scale) {
   check_activation(gout, "gout");
   const std::vector<int> offsets32 = checked_offsets(offsets);
   TORCH_CHECK(wp.dim() == 3, "wp must be (T, Cin, Cout), got shape ", wp.sizes());
@@ -179,19 +201,21 @@ at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp
                 "x must be (N, H, W, Cin / 2) = (", gout.size(0), ", ", gout.size(1), ", ", gout.size(2), ", ",
                 in_channels / 2, ") for a concat_elu input with wp's Cin = ", in_channels, ", got ", x->sizes());
   }
+  check_keep(keep, concat_elu_input, gout, in_channels);
   check_device_capability(gout);
   const c10::cuda::CUDAGuard guard(gout.device());
   const int64_t gx_channels = concat_elu_input ? in_channels / 2 : in_channels;
   at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), gx_channels}, gout.options());
   masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32,
-                      make_problem(gout, in_channels, gout.size(3), offsets32, concat_elu_input), gout.data_ptr(),
+                      make_problem(gout, in_channels, gout.size(3), offsets32, concat_elu_input, keep, keep_scale), gout.data_ptr(),
                       wp.data_ptr(), raw_data_or_null(x), gx.data_ptr(), current_stream());
   check_launch("masked_conv2d_dgrad");
   return gx;
 }
 
 at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout, at::IntArrayRef offsets,
-                                    bool concat_elu_input, bool allow_tf32) {
+                                    bool concat_elu_input, bool allow_tf32, const std::optional<at::Tensor>& keep,
+                                    double keep_scale) {
   check_activation(x, "x");
   check_activation(gout, "gout");
   check_like(gout, "gout", x, "x");
@@ -201,7 +225,8 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
-  const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32, concat_elu_input);
+  check_keep(keep, concat_elu_input, x, in_channels);
+  const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32, concat_elu_input, keep, keep_scale);
   const WgradPlan plan = plan_masked_conv2d_wgrad(problem, device_attribute(x, cudaDevAttrMultiProcessorCount));
   at::Tensor gwp = at::empty({problem.taps, in_channels, gout.size(3)}, x.options().dtype(at::kFloat));
   at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));
@@ -219,13 +244,17 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
 TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
   m.def(
       "masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, "
-      "bool allow_tf32) -> Tensor");
+      "bool allow_tf32, Tensor? keep=None, float keep_scale=1.0) -> Tensor");
   m.def(
       "masked_conv2d_fwd_gated(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, "
-      "int[] offsets, bool concat_elu_input, int gate, int gate_groups, bool write_preact, bool allow_tf32) -> Tensor[]");
-  m.def("masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor");
+      "int[] offsets, bool concat_elu_input, int gate, int gate_groups, bool write_preact, bool allow_tf32, "
+      "Tensor? keep=None, float keep_scale=1.0) -> Tensor[]");
   m.def(
-      "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor");
+      "masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32, Tensor? keep=None, "
+      "float keep_scale=1.0) -> Tensor");
+  m.def(
+      "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32, "
+      "Tensor? keep=None, float keep_scale=1.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {

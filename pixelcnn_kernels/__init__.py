@@ -15,6 +15,7 @@ from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus
 from pixelcnn_kernels.ops.dmol import discretized_mix_logistic_nll, sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.ops.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
 from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
+from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep
 
 __all__ = [
     "BackendUnavailableError",
@@ -25,6 +26,7 @@ __all__ = [
     "concat_elu",
     "convert",
     "discretized_mix_logistic_nll",
+    "draw_dropout_keep",
     "gate_sigmoid",
     "gate_tanh_sigmoid",
     "masked_conv2d",

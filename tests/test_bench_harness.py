@@ -207,7 +207,7 @@ def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path)
     result = subprocess.run([sys.executable, str(script), "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row[1].strip() for row in rows] == ["fused", "reference"] * 4
+    assert [row[1].strip() for row in rows] == ["fused", "reference"] * 5
     for workload, ops, host_ms, launches in rows:
         assert float(host_ms) > 0, workload
         assert int(launches) > 0 if ops.strip() == "fused" else launches.strip() == "-"

@@ -123,7 +123,7 @@ def test_gated_resnet_matches_the_reference_built_layer(shift, skip_streams, con
 
 
 def test_gated_resnet_with_dropout_matches_the_reference_built_layer_in_training_and_eval():
-    """Training with dropout keeps concat_elu and dropout before ``conv_out`` as passes of their own; eval fuses concat_elu."""
+    """Training with dropout: concat_elu and dropout both read as ``conv_out`` loads its input; eval: concat_elu only."""
     fused, reference = layer_pair("GatedResnet", 4, "down", 1, 3, dropout=0.5)
     inputs = resnet_inputs(4, 1, 3)
     with pixelcnn_kernels.use_backend("reference"):
@@ -411,9 +411,13 @@ def assert_fused_layer_as_accurate(class_name: str, args: tuple, inputs: tuple, 
     fused, reference = layer_pair(class_name, *args, dtype=dtype, device=device)
     exact_layer = getattr(reference_layers, class_name)(*args).to(device, torch.float64)
     exact_layer.load_state_dict(fused.state_dict())
+    # Seeded before each: a layer with dropout draws the same mask in all three.
+    torch.manual_seed(0)
     with pixelcnn_kernels.use_backend(backend):
         fused_out, fused_grads = outputs_and_grads(fused, inputs)
+    torch.manual_seed(0)
     ref_out, ref_grads = outputs_and_grads(reference, inputs)
+    torch.manual_seed(0)
     exact_out, exact_grads = outputs_and_grads(exact_layer, tuple(None if t is None else t.double() for t in inputs), cotangent_dtype=dtype)
     assert_as_accurate({"fused": fused_out + fused_grads, "reference": ref_out + ref_grads}, exact_out + exact_grads, dtype)
 
@@ -423,12 +427,15 @@ GPU_LAYER_CASES = {
     "gated_masked_conv": ("GatedMaskedConv2d", (128, 3, 2, 1, 10), lambda d, dev: gated_inputs(128, 10, batch=16, size=(32, 32), dtype=d, device=dev)),
     "gated_masked_conv_rgb": ("GatedMaskedConv2d", (126, 3, 1, 3, None), lambda d, dev: gated_inputs(126, None, batch=16, size=(32, 32), dtype=d, device=dev)),
     "gated_resnet": ("GatedResnet", (160, "down_right", 2, 10, 0.0), lambda d, dev: resnet_inputs(160, 2, 10, batch=8, size=(32, 32), dtype=d, device=dev)),
+    # In training: the dropout after the second concat_elu, fused into conv_out.
+    "gated_resnet_dropout": ("GatedResnet", (160, "down", 1, None, 0.5), lambda d, dev: resnet_inputs(160, 1, None, batch=8, size=(32, 32), dtype=d, device=dev)),
 }
 # The same layers at interpreter sizes: the 16-bit paths of every fused kernel they use, on the CPU too.
 TINY_LAYER_CASES = {
     "gated_masked_conv": ("GatedMaskedConv2d", (4, 3, 2, 1, 3), lambda d, dev: gated_inputs(4, 3, batch=2, size=(4, 5), dtype=d, device=dev)),
     "gated_masked_conv_rgb": ("GatedMaskedConv2d", (6, 3, 1, 3, None), lambda d, dev: gated_inputs(6, None, batch=2, size=(4, 5), dtype=d, device=dev)),
     "gated_resnet": ("GatedResnet", (4, "down_right", 2, 3, 0.0), lambda d, dev: resnet_inputs(4, 2, 3, batch=2, size=(4, 5), dtype=d, device=dev)),
+    "gated_resnet_dropout": ("GatedResnet", (4, "down", 1, None, 0.5), lambda d, dev: resnet_inputs(4, 1, None, batch=2, size=(4, 5), dtype=d, device=dev)),
 }
 
 

@@ -25,6 +25,7 @@ from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d, MaskedConv2dGated
 from pixelcnn_kernels.ops import masked_conv as ops
 from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.reference.gates import concat_elu
 from pixelcnn_kernels.testing import assert_close, tolerance
 from pixelcnn_kernels.utils import channels_last, is_channels_last
 
@@ -338,6 +339,63 @@ def test_gated_fused_matches_float64_reference(backend, gate, with_residual, inp
     assert torch.equal(inference, got[0].detach())
 
 
+def test_reference_dropout_after_concat_elu_is_dropout_of_the_activation():
+    """dropout_keep: the conv reads concat_elu(x) with the dropped elements 0 and the kept ones times 1 / (1 - p)."""
+    x, weight, bias = make_conv_inputs(6, 5, (2, 3), 2, 4, 5, dtype=torch.float64)
+    x = x[:, :3]
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 6, 0.3, torch.Generator().manual_seed(1))
+    assert keep.dtype == torch.bool and keep.shape == (2, 6, 4, 5) and keep.is_contiguous(memory_format=torch.channels_last)
+    assert 0 < keep.sum() < keep.numel()
+    dropped = torch.where(keep, concat_elu(x, 1) / 0.7, 0.0)
+    got = masked_conv2d_ref(x, weight, bias, "down_shifted", input_activation="concat_elu", dropout_keep=keep, dropout_p=0.3)
+    assert_close(got, masked_conv2d_ref(dropped, weight, bias, "down_shifted"), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dropout_after_concat_elu_matches_float64_reference(backend, gated, dtype=torch.float32):
+    """PixelCNN++'s concat_elu → dropout → conv in one op (2·5·7 pixels, C = 20: the elu(x) / elu(-x) boundary
+    inside a reduction block): output and every gradient against float64, and different from the undropped conv.
+    In 16 bits the dropped activation is rounded as a materialised one would be, which no per-op tolerance
+    bounds: the layers' tests check that the fused layer is as accurate as the reference-built one there."""
+    x, weight, bias, residual = make_fused_inputs(20, 8, (2, 3), 2, 5, 7, "concat_elu", 4 if gated else 8, dtype=dtype)
+    cond = torch.randn(2, 8, dtype=dtype) if gated else None
+    grad_out = torch.randn(2, 4 if gated else 8, 5, 7, dtype=dtype)
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 40, 0.5, torch.Generator().manual_seed(0))
+    dropout = dict(dropout_keep=keep, dropout_p=0.5)
+    options = dict(mask="down_shifted", input_activation="concat_elu", **({"gate": "sigmoid"} if gated else {}))
+    op, ref = (gated_with_cond(masked_conv2d_gated), gated_with_cond(masked_conv2d_gated_ref)) if gated else (masked_conv2d, masked_conv2d_ref)
+    tensors = (x, weight, bias, cond, residual) if gated else (x, weight, bias, residual)
+    with run_backend(backend):
+        got = fused_and_grads(op, tensors, grad_out, **options, **dropout)
+        undropped = fused_and_grads(op, tensors, grad_out, **options)
+    doubles = [None if t is None else t.double() for t in tensors]
+    expected = fused_and_grads(ref, doubles, grad_out.double(), **options, **dropout)
+    names = ("out", "grad x", "grad weight", "grad bias", "grad cond", "grad residual") if gated else ("out", "grad x", "grad weight", "grad bias", "grad residual")
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, dtype=dtype, msg=name)
+    for name, g, u in zip(names[:3], got, undropped):
+        assert not torch.allclose(g, u), name  # the mask was applied, forward and backward
+
+
+def test_dropout_keep_bad_input():
+    x, weight, bias = make_conv_inputs(6, 4, (2, 3), 2, 3, 4)
+    x = x[:, :3]
+    keep = torch.ones(2, 6, 3, 4, dtype=torch.bool)
+    options = dict(mask="down_shifted", input_activation="concat_elu")
+    with pytest.raises(ValueError, match="dropout_keep needs input_activation='concat_elu'"):
+        masked_conv2d(torch.cat([x, x], 1), weight, bias, "down_shifted", dropout_keep=keep, dropout_p=0.5)
+    with pytest.raises(TypeError, match="^dropout_keep must have dtype bool"):
+        masked_conv2d(x, weight, bias, **options, dropout_keep=keep.float(), dropout_p=0.5)
+    with pytest.raises(ValueError, match=r"dropout_keep must have the convolution input's shape \(N, Cin, H, W\) = \(2, 6, 3, 4\)"):
+        masked_conv2d(x, weight, bias, **options, dropout_keep=keep[:, :3], dropout_p=0.5)
+    for p in (1.0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="dropout_p must be a float in"):
+            masked_conv2d_gated(x, weight, bias, **options, dropout_keep=keep, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_keep is on meta but x is on cpu"):
+        masked_conv2d(x, weight, bias, **options, dropout_keep=keep.to("meta"), dropout_p=0.5)
+
+
 @pytest.mark.parametrize("cond_grad", [True, False], ids=["cond_grad", "cond_constant"])
 @pytest.mark.parametrize("used", ["both", "out", "pre"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -626,9 +684,10 @@ def test_cuda_backend_gets_the_contract_arguments(triton_as_cuda_ops):
         assert_close(g, e, dtype=torch.float32, msg=name)
     assert [name for name, _ in triton_as_cuda_ops] == ["masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad"]
     (_, forward_args), (_, dgrad_args), (_, wgrad_args) = triton_as_cuda_ops
-    x_rows, packed, bias_arg, residual_arg, offsets, concat_elu_input, tf32 = forward_args
-    grad_rows, packed_again, dgrad_x, offsets_again, _ = dgrad_args
-    x_again, grad_again, _, wgrad_concat_elu_input, _ = wgrad_args
+    x_rows, packed, bias_arg, residual_arg, offsets, concat_elu_input, tf32, keep, _ = forward_args
+    grad_rows, packed_again, dgrad_x, offsets_again, _, dgrad_keep, _ = dgrad_args
+    x_again, grad_again, _, wgrad_concat_elu_input, _, wgrad_keep, _ = wgrad_args
+    assert keep is None and dgrad_keep is None and wgrad_keep is None  # no dropout
     for rows, channels in ((x_rows, 3), (grad_rows, 6), (x_again, 3), (grad_again, 6)):
         assert rows.shape == (2, 4, 5, channels) and rows.is_contiguous()
     assert packed.shape == (len(spec.taps), 3, 6) and packed.is_contiguous() and torch.equal(packed, packed_again)
@@ -663,7 +722,7 @@ def test_cuda_backend_gets_the_fused_contract_arguments(triton_as_cuda_ops):
         assert_close(g, e, dtype=torch.float32, msg=name)
     assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous(memory_format=torch.channels_last)
     (_, forward_args), (_, dgrad_args), (_, wgrad_args) = triton_as_cuda_ops
-    x_rows, packed, _, residual_rows, _, concat_elu_input, _ = forward_args
+    x_rows, packed, _, residual_rows, _, concat_elu_input, *_ = forward_args
     assert x_rows.shape == (2, 4, 5, 3) and packed.shape == (6, 6, 4) and concat_elu_input is True
     assert residual_rows.shape == (2, 4, 5, 4) and residual_rows.is_contiguous() and torch.equal(residual_rows, residual.permute(0, 2, 3, 1))
     assert torch.equal(dgrad_args[2], x_rows) and wgrad_args[3] is True
@@ -680,6 +739,21 @@ def test_cuda_backend_gets_the_fused_contract_arguments(triton_as_cuda_ops):
         x.double(), gated_weight.double(), None, "down_shifted", residual=residual.double(), addend=addend.double(), **gated_options
     )
     assert_close(gated_out, expected_gated, dtype=torch.float32)
+
+
+def test_cuda_backend_gets_the_dropout_mask_as_uint8_rows(triton_as_cuda_ops):
+    """dropout_keep: (N, H, W, 2C) uint8 rows and 1 / (1 - p) to the forward, both backward passes and the gated forward."""
+    x, weight, bias, residual = make_fused_inputs(3, 4, (2, 3), 2, 4, 5, "concat_elu", 4)
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 6, 0.25, torch.Generator().manual_seed(0))
+    options = dict(mask="down_shifted", input_activation="concat_elu", dropout_keep=keep, dropout_p=0.25)
+    got = fused_and_grads(masked_conv2d, (x, weight, bias, residual), torch.randn(2, 4, 4, 5), **options)
+    assert_close(got[0], masked_conv2d_ref(*(t.double() for t in (x, weight, bias)), residual=residual.double(), **options), dtype=torch.float32)
+    masked_conv2d_gated(x, torch.cat([weight, weight], 0), None, **options)
+    assert [name for name, _ in triton_as_cuda_ops] == ["masked_conv2d_fwd", "masked_conv2d_dgrad", "masked_conv2d_wgrad", "masked_conv2d_fwd_gated"]
+    for _, args in triton_as_cuda_ops:
+        keep_rows, keep_scale = args[-2:]
+        assert keep_rows.dtype == torch.uint8 and keep_rows.is_contiguous() and torch.equal(keep_rows.bool(), keep.permute(0, 2, 3, 1))
+        assert keep_scale == 1 / 0.75
 
 
 def test_float64_on_a_forced_kernel_backend_raises():
@@ -724,6 +798,28 @@ def test_opcheck_residual_and_concat_elu(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *conv_args))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *conv_args, 2, 1, True))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (x, weight, bias, None, residual[:, :3], None, *conv_args, 1, 1, False))
+        # With the dropout after concat_elu (PixelCNN++ in training).
+        keep = pixelcnn_kernels.draw_dropout_keep(x, 6, 0.5, torch.Generator().manual_seed(0))
+        dropout_args = ops._validate(x, weight, bias, "down_shifted", 1, 1, "concat_elu", keep, 0.5)
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d, (*trainable[:3], None, *dropout_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_input, (grad_out, x, weight, *dropout_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_grad_weight, (grad_out, x, weight, *dropout_args))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.masked_conv2d_gated, (*trainable, None, *dropout_args, 2, 1, True))
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    x, weight, bias, residual = make_fused_inputs(3, 6, (2, 3), 2, 4, 5, "concat_elu", 3)
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 6, 0.5, torch.Generator().manual_seed(0))
+
+    def block(x, weight, bias, residual, keep):
+        return masked_conv2d_gated(x, weight, bias, "down_shifted", gate="sigmoid", residual=residual, input_activation="concat_elu", dropout_keep=keep, dropout_p=0.5)
+
+    leaves = [t.requires_grad_(True) for t in (x, weight, bias, residual)]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(*leaves, keep), block(*leaves, keep)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for g, e in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph():

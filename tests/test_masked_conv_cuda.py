@@ -24,17 +24,18 @@ from pixelcnn_kernels.backend import cuda_ops
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets
 from pixelcnn_kernels.reference.gates import concat_elu
-from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import tolerance
 
+KEEP = "Tensor? keep=None, float keep_scale=1."  # the dropout mask of a concat_elu input (PixelCNN++ in training)
 SCHEMAS = {
-    "masked_conv2d_fwd": "(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
+    "masked_conv2d_fwd": f"(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, bool allow_tf32, {KEEP}) -> Tensor",
     "masked_conv2d_fwd_gated": (
         "(Tensor x, Tensor wp, Tensor? bias, Tensor? cond, Tensor? residual, Tensor? addend, int[] offsets, bool concat_elu_input, "
-        "int gate, int gate_groups, bool write_preact, bool allow_tf32) -> Tensor[]"
+        f"int gate, int gate_groups, bool write_preact, bool allow_tf32, {KEEP}) -> Tensor[]"
     ),
-    "masked_conv2d_dgrad": "(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32) -> Tensor",
-    "masked_conv2d_wgrad": "(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32) -> Tensor",
+    "masked_conv2d_dgrad": f"(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32, {KEEP}) -> Tensor",
+    "masked_conv2d_wgrad": f"(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32, {KEEP}) -> Tensor",
 }
 
 # (mask, kernel size, colour groups): every tap count the drop-in models use.
@@ -397,6 +398,45 @@ def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
     expected, scale = _wgrad_ref(x, gout, weight, spec, 1, "concat_elu")
     assert gwp.dtype == torch.float32 and gwp.shape == (len(spec.taps), 2 * shape[3], shape[4])
     _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad of concat_elu, {mask}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
+def test_dropout_after_concat_elu(mask, kernel_size, precision):
+    """With keep, every pass reads the dropped activation A = keep ? concat_elu(x) / (1 - p) : 0 (p = 0.5;
+    C = 80: two channel blocks per part, the mask's bits gathered beside each tile), and dgrad's epilogue
+    takes the gradient through the same dropout before concat_elu's backward."""
+    shape = (2, 9, 11, 80, 72)
+    dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
+    bias = torch.randn(shape[4], device="cuda").to(dtype)
+    keep = draw_dropout_keep(x, 2 * shape[3], 0.5, torch.Generator(device="cuda").manual_seed(3))
+    keep_rows, offsets, packed = _to_rows(keep).view(torch.uint8), tap_offsets(spec, 1), pack_weight(weight, spec)
+    dropped = torch.ops.aten.native_dropout_backward(concat_elu(x.double()), keep, 2.0)
+
+    out = cuda_ops().masked_conv2d_fwd(_to_rows(x), packed, bias, None, offsets, True, allow_tf32, keep_rows, 2.0)
+    expected, scale = _conv_ref(dropped, weight, bias, spec, 1)
+    _assert_within(out, expected, scale, dtype, allow_tf32, f"forward with dropout, {mask}")
+    gated_weight = torch.cat([weight, weight], 0)
+    _, preact = cuda_ops().masked_conv2d_fwd_gated(
+        _to_rows(x), pack_weight(gated_weight, spec), None, None, None, None, offsets, True, GATE_CODES["sigmoid"], 1, True, allow_tf32, keep_rows, 2.0
+    )
+    expected, scale = _conv_ref(dropped, gated_weight, None, spec, 1)
+    _assert_within(preact, expected, scale, dtype, allow_tf32, f"gated forward's pre-activation with dropout, {mask}")
+
+    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), offsets, True, allow_tf32, keep_rows, 2.0)
+    expected, scale = _wgrad_ref(dropped, gout, weight, spec, 1)
+    _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad with dropout, {mask}")
+
+    gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), packed, _to_rows(x), offsets, allow_tf32, keep_rows, 2.0)
+    x64 = x.double().requires_grad_()
+    out64 = masked_conv2d_ref(x64, weight.double(), None, spec, input_activation="concat_elu", dropout_keep=keep, dropout_p=0.5)
+    (expected,) = torch.autograd.grad(out64, x64, gout.double())
+    activation = dropped.abs().requires_grad_()
+    (activation_scale,) = torch.autograd.grad(masked_conv2d_ref(activation, weight.double().abs(), None, spec), activation, gout.double().abs())
+    activation_scale = activation_scale * keep * 2.0  # through the dropout; elu' <= 1
+    scale = activation_scale[:, : shape[3]] + activation_scale[:, shape[3] :]
+    _assert_within(gx, _to_rows(expected), _to_rows(scale), dtype, allow_tf32, f"dgrad with dropout, {mask}")
 
 
 @pytest.mark.gpu

@@ -90,12 +90,12 @@ def _count_flops(module: nn.Module, data: tuple) -> int:
         masked_flops += 2 * batch * height * width * weight.shape[0] * weight.shape[1] * len(mask.taps)
         return x.new_empty(batch, out_channels, height, width)
 
-    def masked_conv2d(x, weight, bias=None, mask=None, dilation=1, color_groups=1, *, residual=None, input_activation=None):
+    def masked_conv2d(x, weight, bias=None, mask=None, dilation=1, color_groups=1, *, residual=None, input_activation=None, dropout_keep=None, dropout_p=0.0):
         return count(x, weight, mask, weight.shape[0])
 
     def masked_conv2d_gated(
         x, weight, bias=None, mask=None, dilation=1, color_groups=1, gate="tanh_sigmoid", cond=None, *,
-        residual=None, input_activation=None, addend=None, return_preactivation=False, gate_groups=1,
+        residual=None, input_activation=None, addend=None, return_preactivation=False, gate_groups=1, dropout_keep=None, dropout_p=0.0,
     ):  # fmt: skip
         out = count(x, weight, mask, weight.shape[0] // 2)
         return (out, out.new_empty(out.shape[0], weight.shape[0], *out.shape[2:])) if return_preactivation else out

@@ -17,7 +17,10 @@ The output has the input's memory format (channels-last in, channels-last out).
 Both ops take two fusions: ``residual`` (added to the output in the forward's
 epilogue; its gradient is the output's) and ``input_activation="concat_elu"``
 (the kernels read concat_elu(x) while loading x, in the forward and the weight
-gradient, and fold concat_elu's backward into the input gradient's epilogue).
+gradient, and fold concat_elu's backward into the input gradient's epilogue),
+optionally followed by dropout (``dropout_keep``, a boolean mask the caller
+draws, and ``dropout_p``: read beside x as uint8 rows, and applied to the
+gradient in the same epilogue before concat_elu's backward).
 The gated op also takes an ``addend`` to its pre-activation (added in the
 epilogue before the gate; its gradient is the pre-activation's), can return
 that pre-activation, written in the same pass, and gates a pre-activation laid
@@ -209,10 +212,10 @@ def _spec(weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups
     return _spec_from_args(tuple(weight.shape[2:]), tuple(taps), tuple(anchor), color_groups, anchor_inclusive)
 
 
-def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=None) -> tuple:
+def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=None, dropout_keep=None, dropout_p=0.0) -> tuple:
     """Checks the arguments of masked_conv2d but residual; returns the ops' conv arguments.
 
-    They are (taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input).
+    They are (dropout_keep, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p).
     """
     if input_activation is not None and input_activation not in INPUT_ACTIVATIONS:
         raise ValueError(f"input_activation must be None or one of {INPUT_ACTIVATIONS}, got {input_activation!r}")
@@ -251,7 +254,24 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
     if color_groups > 1 and concat_elu_input:
         # concat_elu's channels [elu(x), elu(-x)] are not colour-major: a colour third of them mixes groups.
         raise ValueError(f"input_activation='concat_elu' needs color_groups=1 (its 2C channels would mix colour groups), got {color_groups}")
-    return args + (dilation, concat_elu_input)
+    dropout_p = _check_dropout(dropout_keep, dropout_p, concat_elu_input, x, in_channels)
+    return (dropout_keep,) + args + (dilation, concat_elu_input, dropout_p)
+
+
+def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Tensor, in_channels: int) -> float:
+    """``dropout_p`` as a float (0.0 without ``dropout_keep``), after checking both."""
+    if dropout_keep is None:
+        return 0.0
+    if not concat_elu_input:
+        raise ValueError("dropout_keep needs input_activation='concat_elu' (the dropout the kernels fuse is PixelCNN++'s, after concat_elu)")
+    check_tensor(dropout_keep, "dropout_keep", ndim=4, dtypes=(torch.bool,), allow_float64=False)
+    check_same_device(x=x, dropout_keep=dropout_keep)
+    expected = (x.shape[0], in_channels, *x.shape[2:])
+    if tuple(dropout_keep.shape) != expected:
+        raise ValueError(f"dropout_keep must have the convolution input's shape (N, Cin, H, W) = {expected}, got {tuple(dropout_keep.shape)}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
 
 
 def _check_output_shaped(t: torch.Tensor | None, name: str, what: str, x: torch.Tensor, channels: int) -> None:
@@ -268,8 +288,9 @@ def _check_output_shaped(t: torch.Tensor | None, name: str, what: str, x: torch.
 
 # ---------------------------------------------------------------- masked_conv2d and its gradients
 
-# Every op below takes the mask, dilation and input activation as (taps: flat (i, j)
-# list, anchor: (i, j), color_groups, anchor_inclusive, dilation, concat_elu_input).
+# Every op below takes the input's dropout, mask, dilation and input activation as
+# (dropout_keep: boolean (N, Cin, H, W) or None, taps: flat (i, j) list, anchor: (i, j),
+# color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p).
 
 
 def _input_activation(concat_elu_input: bool) -> str | None:
@@ -281,79 +302,101 @@ def _optional_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else _channels_last_rows(t)
 
 
-def _forward(backend: str, x, weight, bias, residual, spec: MaskSpec, dilation: int, concat_elu_input: bool) -> torch.Tensor:
+def _keep_rows(dropout_keep: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean (N, Cin, H, W) keep mask as the kernels read it: (N, H, W, Cin) uint8 rows."""
+    return None if dropout_keep is None else _channels_last_rows(dropout_keep).view(torch.uint8)
+
+
+def _keep_scale(dropout_p: float) -> float:
+    """What the kernels multiply kept elements by (as the reference: 1 / (1 - p), in double, then fp32)."""
+    return 1.0 / (1.0 - dropout_p)
+
+
+def _forward(backend: str, x, weight, bias, residual, keep, spec: MaskSpec, dilation: int, concat_elu_input: bool, dropout_p: float) -> torch.Tensor:
     """The convolution (+ residual) on ``backend``, output in x's memory format."""
     if backend == "reference":
-        out = masked_conv2d_ref(x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=_input_activation(concat_elu_input))
+        out = masked_conv2d_ref(
+            x, weight, bias, spec, dilation, spec.color_groups, residual=residual, input_activation=_input_activation(concat_elu_input),
+            dropout_keep=keep, dropout_p=dropout_p,
+        )  # fmt: skip
         return in_layout_of(out, x)
     bias = bias.contiguous() if bias is not None else None
     out = _kernels(backend).masked_conv2d_fwd(
-        _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
-    )
+        _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32(),
+        _keep_rows(keep), _keep_scale(dropout_p),
+    )  # fmt: skip
     return _from_channels_last_rows(out, x)
 
 
 @custom_op("pixelcnn_kernels::masked_conv2d")
 def _masked_conv2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, dropout_keep: torch.Tensor | None,
+    taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool, dropout_p: float,
 ) -> torch.Tensor:
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_fwd", x, weight, bias, residual)
-    return _forward(backend, x, weight, bias, residual, spec, dilation, concat_elu_input)
+    backend = _choose_backend("masked_conv2d_fwd", x, weight, bias, residual, dropout_keep)
+    return _forward(backend, x, weight, bias, residual, dropout_keep, spec, dilation, concat_elu_input, dropout_p)
 
 
 @_masked_conv2d_op.register_fake
-def _(x, weight, bias, residual, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
+def _(x, weight, bias, residual, dropout_keep, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p):
     return _empty_nchw(x, weight.shape[0])
 
 
-def _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input: bool) -> torch.Tensor:
+def _reference_grad(grad_out, x, weight, keep, spec, dilation, concat_elu_input, dropout_p, wrt_input: bool) -> torch.Tensor:
     """Gradient of the reference convolution w.r.t. x or weight (autograd: no math written twice)."""
     with autograd_inside_custom_op():
         x = x.detach().requires_grad_(wrt_input)
         weight = weight.detach().requires_grad_(not wrt_input)
-        out = masked_conv2d_ref(x, weight, None, spec, dilation, spec.color_groups, input_activation=_input_activation(concat_elu_input))
+        out = masked_conv2d_ref(
+            x, weight, None, spec, dilation, spec.color_groups, input_activation=_input_activation(concat_elu_input), dropout_keep=keep, dropout_p=dropout_p
+        )
         (grad,) = torch.autograd.grad(out, x if wrt_input else weight, grad_out)
     return grad
 
 
 @custom_op("pixelcnn_kernels::masked_conv2d_grad_input")
 def _grad_input_op(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dropout_keep: torch.Tensor | None,
+    taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool, dropout_p: float,
 ) -> torch.Tensor:
-    """The gradient w.r.t. x (through concat_elu when ``concat_elu_input``)."""
+    """The gradient w.r.t. x (through concat_elu, and the dropout, when ``concat_elu_input``)."""
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight)
+    backend = _choose_backend("masked_conv2d_dgrad", grad_out, x, weight, dropout_keep)
     if backend == "reference":
-        return in_layout_of(_reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=True), x)
+        return in_layout_of(_reference_grad(grad_out, x, weight, dropout_keep, spec, dilation, concat_elu_input, dropout_p, wrt_input=True), x)
     # The kernels take x only to fold concat_elu's backward into the epilogue.
     activation_x = _channels_last_rows(x) if concat_elu_input else None
-    grad = _kernels(backend).masked_conv2d_dgrad(_channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32())
+    grad = _kernels(backend).masked_conv2d_dgrad(
+        _channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32(),
+        _keep_rows(dropout_keep), _keep_scale(dropout_p),
+    )  # fmt: skip
     return _from_channels_last_rows(grad, x)
 
 
 @_grad_input_op.register_fake
-def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
+def _(grad_out, x, weight, dropout_keep, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p):
     return _empty_nchw(x, x.shape[1])
 
 
 @custom_op("pixelcnn_kernels::masked_conv2d_grad_weight")
 def _grad_weight_op(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dropout_keep: torch.Tensor | None,
+    taps: list[int], anchor: list[int], color_groups: int, anchor_inclusive: bool, dilation: int, concat_elu_input: bool, dropout_p: float,
 ) -> torch.Tensor:
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_wgrad", grad_out, x, weight)
+    backend = _choose_backend("masked_conv2d_wgrad", grad_out, x, weight, dropout_keep)
     if backend == "reference":
-        return _reference_grad(grad_out, x, weight, spec, dilation, concat_elu_input, wrt_input=False).contiguous()
+        return _reference_grad(grad_out, x, weight, dropout_keep, spec, dilation, concat_elu_input, dropout_p, wrt_input=False).contiguous()
     grad_packed = _kernels(backend).masked_conv2d_wgrad(
-        _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32()
-    )
+        _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32(),
+        _keep_rows(dropout_keep), _keep_scale(dropout_p),
+    )  # fmt: skip
     return unpack_weight_grad(grad_packed, spec, weight)
 
 
 @_grad_weight_op.register_fake
-def _(grad_out, x, weight, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input):
+def _(grad_out, x, weight, dropout_keep, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -366,29 +409,29 @@ def _channel_sum(grad: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) 
     return grad.sum(dim=dims, dtype=compute_dtype(grad.dtype)).to(dtype)
 
 
-def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
+def _conv_grads(ctx, grad_pre: torch.Tensor, x, weight, keep, needs_x: bool, needs_weight: bool, needs_bias: bool) -> tuple:
     """(grad x, grad weight, grad bias) of the convolution given the gradient of its output."""
     if needs_x and needs_weight and is_channels_last(x):
         # A channels-last network's kernels read it as rows, both: laid out so once, not copied by each.
         grad_pre = channels_last(grad_pre)
-    grad_x = _grad_input(grad_pre, x, weight, *ctx.conv_args) if needs_x else None
-    grad_weight = _grad_weight(grad_pre, x, weight, *ctx.conv_args) if needs_weight else None
+    grad_x = _grad_input(grad_pre, x, weight, keep, *ctx.conv_args) if needs_x else None
+    grad_weight = _grad_weight(grad_pre, x, weight, keep, *ctx.conv_args) if needs_weight else None
     grad_bias = _channel_sum(grad_pre, (0, 2, 3), weight.dtype) if needs_bias else None
     return grad_x, grad_weight, grad_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, *conv_args = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, residual, keep, *conv_args = inputs
+    ctx.save_for_backward(x, weight, keep)
     ctx.conv_args = conv_args
 
 
 def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    grads = _conv_grads(ctx, grad_out, x, weight, *ctx.needs_input_grad[:3])
+    x, weight, keep = ctx.saved_tensors
+    grads = _conv_grads(ctx, grad_out, x, weight, keep, *ctx.needs_input_grad[:3])
     # The residual is added last: its gradient is the output's.
     grad_residual = grad_out if ctx.needs_input_grad[3] else None
-    return grads + (grad_residual,) + (None,) * len(ctx.conv_args)
+    return grads + (grad_residual, None) + (None,) * len(ctx.conv_args)
 
 
 _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -405,6 +448,8 @@ def masked_conv2d(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Stride-1, same-size masked convolution; only the mask's active taps are computed.
 
@@ -426,6 +471,13 @@ def masked_conv2d(
         input_activation: None, or ``"concat_elu"``: the convolution reads
             concat_elu(x) = elu(cat([x, -x], 1)), computed as x is loaded and never
             stored (needs ``color_groups=1``).
+        dropout_keep: None, or with ``input_activation="concat_elu"`` a boolean
+            (N, Cin, H, W) tensor on x's device (True: kept): the convolution reads
+            dropout(concat_elu(x)), the kept elements times 1 / (1 - ``dropout_p``)
+            and the others 0, computed as x is loaded (PixelCNN++'s concat_elu →
+            dropout → conv in one pass; draw it with
+            :func:`~pixelcnn_kernels.reference.masked_conv.draw_dropout_keep`).
+        dropout_p: the dropout rate in [0, 1) that ``dropout_keep`` was drawn with.
 
     Returns (N, Cout, H, W). Gradients flow to x, weight, bias and residual; the
     gradient of masked-out weights is exactly zero. fp32 uses TF32 on the kernel
@@ -433,7 +485,7 @@ def masked_conv2d(
     (``torch.backends.cudnn.allow_tf32``, True by default, or
     ``torch.backends.cudnn.conv.fp32_precision``).
     """
-    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
+    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation, dropout_keep, dropout_p)
     _check_output_shaped(residual, "residual", "the output's shape", x, weight.shape[0])
     return _masked_conv2d(x, weight, bias, residual, *conv_args)
 
@@ -449,21 +501,23 @@ def _masked_conv2d_gated_op(
     cond: torch.Tensor | None,
     residual: torch.Tensor | None,
     addend: torch.Tensor | None,
+    dropout_keep: torch.Tensor | None,
     taps: list[int],
     anchor: list[int],
     color_groups: int,
     anchor_inclusive: bool,
     dilation: int,
     concat_elu_input: bool,
+    dropout_p: float,
     gate: int,
     gate_groups: int,
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate(pre + cond) + residual, pre) with pre = conv + bias + addend; pre is empty unless ``keep_preactivation``."""
     spec = _spec(weight, taps, anchor, color_groups, anchor_inclusive)
-    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual, addend)
+    backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual, addend, dropout_keep)
     if backend == "reference":
-        preactivation = _forward(backend, x, weight, bias, addend, spec, dilation, concat_elu_input)
+        preactivation = _forward(backend, x, weight, bias, addend, dropout_keep, spec, dilation, concat_elu_input, dropout_p)
         out = gate_in_groups(_GATE_OPS[gate], preactivation, cond, gate_groups)
         if residual is not None:
             out = in_layout_of(out + residual, x)
@@ -472,21 +526,21 @@ def _masked_conv2d_gated_op(
     cond = cond.contiguous() if cond is not None else None
     out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
         _channels_last_rows(x), pack_weight(weight, spec, gate_groups), bias, cond, _optional_rows(residual), _optional_rows(addend),
-        tap_offsets(spec, dilation), concat_elu_input, gate, gate_groups, keep_preactivation, conv_allows_tf32(),
+        tap_offsets(spec, dilation), concat_elu_input, gate, gate_groups, keep_preactivation, conv_allows_tf32(), _keep_rows(dropout_keep), _keep_scale(dropout_p),
     )
     return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
 
 
 @_masked_conv2d_gated_op.register_fake
-def _(x, weight, bias, cond, residual, addend, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, gate, gate_groups, keep_preactivation):
+def _(x, weight, bias, cond, residual, addend, dropout_keep, taps, anchor, color_groups, anchor_inclusive, dilation, concat_elu_input, dropout_p, gate, gate_groups, keep_preactivation):
     out_channels = weight.shape[0]
     return _empty_nchw(x, out_channels // 2), _empty_nchw(x, out_channels) if keep_preactivation else x.new_empty(0)
 
 
 def _gated_setup_context(ctx, inputs, output):
-    x, weight, bias, cond, residual, addend, *conv_args, gate, gate_groups, keep_preactivation = inputs
+    x, weight, bias, cond, residual, addend, keep, *conv_args, gate, gate_groups, keep_preactivation = inputs
     _, preactivation = output
-    ctx.save_for_backward(x, weight, preactivation, cond)
+    ctx.save_for_backward(x, weight, preactivation, cond, keep)
     ctx.conv_args = conv_args
     ctx.gate = gate
     ctx.gate_groups = gate_groups
@@ -496,7 +550,7 @@ def _gated_setup_context(ctx, inputs, output):
 
 
 def _gated_backward(ctx, grad_out, grad_preactivation):
-    x, weight, preactivation, cond = ctx.saved_tensors
+    x, weight, preactivation, cond, keep = ctx.saved_tensors
     needs_x, needs_weight, needs_bias, needs_cond, needs_residual, needs_addend = ctx.needs_input_grad[:6]
     # The residual is added after the gate: its gradient is the output's, no pre-activation needed.
     grad_residual = grad_out if needs_residual else None
@@ -520,9 +574,9 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
             grad_pre = gate_in_groups(gate_backward, preactivation, cond, ctx.gate_groups, grad_out, accumulate=grad_pre)
     grads = (None,) * 3
     if grad_pre is not None:
-        grads = _conv_grads(ctx, grad_pre, x, weight, needs_x, needs_weight, needs_bias)
+        grads = _conv_grads(ctx, grad_pre, x, weight, keep, needs_x, needs_weight, needs_bias)
     grad_addend = grad_pre if needs_addend else None
-    return grads + (grad_cond, grad_residual, grad_addend) + (None,) * (len(ctx.conv_args) + 3)
+    return grads + (grad_cond, grad_residual, grad_addend, None) + (None,) * (len(ctx.conv_args) + 3)
 
 
 _masked_conv2d_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
@@ -544,6 +598,8 @@ def masked_conv2d_gated(
     addend: torch.Tensor | None = None,
     return_preactivation: bool = False,
     gate_groups: int = 1,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``gate(pre + cond[:, :, None, None]) + residual``, ``pre = masked_conv2d(x, weight, bias) + addend``, in one pass.
 
@@ -557,8 +613,8 @@ def masked_conv2d_gated(
     None is added to the convolution before the gate (Gated PixelCNN's horizontal
     stack: its own conv plus the vertical link); ``residual`` (N, Cout / 2, H, W) or
     None is added to the gated output; ``cond``, ``addend`` and the returned ``pre``
-    are in the pre-activation's channel order. Other arguments (``input_activation``
-    included) as :func:`masked_conv2d`; ``color_groups`` > 1 needs ``gate_groups``
+    are in the pre-activation's channel order. Other arguments (``input_activation``,
+    ``dropout_keep`` and ``dropout_p`` included) as :func:`masked_conv2d`; ``color_groups`` > 1 needs ``gate_groups``
     equal to it, so that each gate pairs channels of one colour.
 
     Returns the gated output, or with ``return_preactivation`` the pair (gated
@@ -567,7 +623,7 @@ def masked_conv2d_gated(
     through both. When a gradient is needed the forward keeps ``pre`` for the
     backward either way.
     """
-    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation)
+    conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation, dropout_keep, dropout_p)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if isinstance(gate_groups, bool) or not isinstance(gate_groups, int):

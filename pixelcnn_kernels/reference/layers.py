@@ -27,7 +27,7 @@ from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as discretized_mix_logistic_nll_ref
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
-from pixelcnn_kernels.reference.masked_conv import masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, check_same_device, check_same_dtype, check_tensor, in_layout_of
 
 SHIFTS = ("down", "down_right")
@@ -232,7 +232,7 @@ class GatedResnet(nn.Module):
 
         c = conv_input(concat_elu(x))            # shifted conv, 2C -> C
         c = c + nin_skip(concat_elu(skip))       # when the block has a skip input
-        c = dropout(concat_elu(c))
+        c = dropout(concat_elu(c))               # in training
         a, b = halves of conv_out(c) + cond_proj(cond)   # shifted conv, 2C -> 2C
         return x + a·σ(b)
 
@@ -243,12 +243,13 @@ class GatedResnet(nn.Module):
     without bias and added before the gate, as in the original's ``h``. The second
     conv, the bias, the conditioning, the gate and the residual run as one
     ``masked_conv2d_gated``. Every concat_elu is the ``input_activation`` of the conv
-    that reads it (computed as the conv loads its input), except the second one
-    while dropout is active (training with p > 0): dropout sits between it and the
-    conv, so concat_elu and dropout are then passes of their own. ``nin_skip``
-    adds ``c`` in its epilogue. Dropout is elementwise (``nn.Dropout``), as in the
-    original TensorFlow code; the PyTorch port pclucas14/pixel-cnn-pp uses
-    ``nn.Dropout2d`` (whole channels).
+    that reads it (computed as the conv loads its input), and in training the
+    dropout after the second one too: the layer draws its mask
+    (:func:`~pixelcnn_kernels.reference.masked_conv.draw_dropout_keep`) and the conv
+    applies it as it loads (``dropout_keep``). ``nin_skip`` adds ``c`` in its epilogue.
+    Dropout is elementwise (as ``nn.Dropout``: kept elements times 1 / (1 - p)), as in
+    the original TensorFlow code; the PyTorch port pclucas14/pixel-cnn-pp uses
+    ``nn.Dropout2d`` (whole channels). ``self.dropout`` holds p.
     """
 
     ops: ClassVar[OpSet] = REFERENCE_OPS
@@ -287,12 +288,12 @@ class GatedResnet(nn.Module):
         c = apply_masked_conv(ops.masked_conv2d, self.conv_input, x, input_activation="concat_elu")
         if skip is not None:
             c = residual_masked_conv(ops.masked_conv2d, self.nin_skip, skip, c, input_activation="concat_elu")
-        activation = "concat_elu"
-        if self.training and self.dropout.p > 0:
-            c, activation = self.dropout(ops.concat_elu(c)), None
+        p = self.dropout.p
+        keep = draw_dropout_keep(c, 2 * self.channels, p) if self.training and p > 0 else None
         return residual_masked_conv(
-            ops.masked_conv2d_gated, self.conv_out, c, x, input_activation=activation, gate="sigmoid", cond=_project(self.cond_proj, cond, c)
-        )
+            ops.masked_conv2d_gated, self.conv_out, c, x, input_activation="concat_elu", gate="sigmoid", cond=_project(self.cond_proj, cond, c),
+            dropout_keep=keep, dropout_p=p if keep is not None else 0.0,
+        )  # fmt: skip
 
 
 # The shifts pad after slicing: the result is then dense in x's layout (a slice of a padded

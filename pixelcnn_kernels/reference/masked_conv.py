@@ -23,9 +23,26 @@ GATES = tuple(GATE_FUNCTIONS)
 INPUT_ACTIVATIONS = ("concat_elu",)
 
 
-def _conv_input(x: torch.Tensor, input_activation: str | None) -> torch.Tensor:
-    """What the convolution reads: ``x``, or concat_elu(x) = elu(cat([x, -x], 1)) (2C channels)."""
-    return x if input_activation is None else concat_elu(x, 1)
+def _conv_input(x: torch.Tensor, input_activation: str | None, dropout_keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """What the convolution reads: ``x``, or concat_elu(x) = elu(cat([x, -x], 1)) (2C channels),
+    then with ``dropout_keep`` (boolean, that shape) dropout: kept elements times 1 / (1 - dropout_p)
+    (one rounding to x's dtype, as ``nn.Dropout``), the others 0."""
+    activated = x if input_activation is None else concat_elu(x, 1)
+    if dropout_keep is None:
+        return activated
+    # activated · keep · scale in one pass: the second half of nn.Dropout's own forward
+    # (native_dropout draws the mask, then scales by it with this op), and differentiable.
+    return torch.ops.aten.native_dropout_backward(activated, dropout_keep, 1.0 / (1.0 - dropout_p))
+
+
+def draw_dropout_keep(x: torch.Tensor, channels: int, dropout_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A boolean (N, channels, H, W) dropout mask for the convolutions' ``dropout_keep``: each element True
+    (kept) with probability 1 - ``dropout_p``, drawn on x's device.
+
+    Laid out channels-last, as the kernels read it (they take it without a copy); one byte per element.
+    """
+    n, _, h, w = x.shape
+    return torch.empty((n, h, w, channels), dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p, generator=generator).permute(0, 3, 1, 2)
 
 
 def masked_conv2d_ref(
@@ -38,6 +55,8 @@ def masked_conv2d_ref(
     *,
     residual: torch.Tensor | None = None,
     input_activation: str | None = None,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Stride-1, same-size masked convolution of ``x`` (N, C, H, W), plus ``residual``.
 
@@ -45,13 +64,15 @@ def masked_conv2d_ref(
     spec's 0/1 weight mask, so the gradient of a masked-out weight is exactly zero.
     The convolution reads ``x`` (Cin = C) or, with ``input_activation="concat_elu"``,
     concat_elu(x) (Cin = 2C), zero-padded by the spec's (possibly asymmetric)
-    padding. ``residual`` (N, Cout, H, W) or None is added to the output, after the bias.
+    padding; with ``dropout_keep`` (a boolean (N, Cin, H, W) tensor, True = kept) that
+    input passes through dropout of rate ``dropout_p`` first (PixelCNN++'s concat_elu →
+    dropout → conv). ``residual`` (N, Cout, H, W) or None is added to the output, after the bias.
     """
     out_channels, in_channels, kh, kw = weight.shape
     spec = resolve_mask(mask, (kh, kw), color_groups)
     weight_mask = spec.weight_mask(out_channels, in_channels, dtype=weight.dtype, device=weight.device)
     top, bottom, left, right = spec.padding(dilation)
-    padded = F.pad(_conv_input(x, input_activation), (left, right, top, bottom))
+    padded = F.pad(_conv_input(x, input_activation, dropout_keep, dropout_p), (left, right, top, bottom))
     out = F.conv2d(padded, weight * weight_mask, bias, dilation=dilation)
     return out if residual is None else out + residual
 
@@ -104,6 +125,8 @@ def masked_conv2d_gated_ref(
     addend: torch.Tensor | None = None,
     return_preactivation: bool = False,
     gate_groups: int = 1,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``gate(pre + cond[:, :, None, None]) + residual`` with ``pre = masked_conv2d_ref(x, weight, bias) + addend``.
 
@@ -111,11 +134,13 @@ def masked_conv2d_gated_ref(
     tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); with ``gate_groups``
     > 1 it does so within each group, as :func:`gate_in_groups`. ``cond`` (N, Cout),
     ``addend`` (N, Cout, H, W) and ``residual`` (N, Cout / 2, H, W) may each be None.
-    ``input_activation`` as in :func:`masked_conv2d_ref`. With ``return_preactivation``
+    ``input_activation``, ``dropout_keep`` and ``dropout_p`` as in :func:`masked_conv2d_ref`. With ``return_preactivation``
     returns ``(out, pre)``: the layer that also feeds ``pre`` elsewhere (Gated
     PixelCNN's vertical stack) gets it from the same call.
     """
-    preactivation = masked_conv2d_ref(x, weight, bias, mask, dilation, color_groups, residual=addend, input_activation=input_activation)
+    preactivation = masked_conv2d_ref(
+        x, weight, bias, mask, dilation, color_groups, residual=addend, input_activation=input_activation, dropout_keep=dropout_keep, dropout_p=dropout_p
+    )
     out = gate_in_groups(GATE_FUNCTIONS[gate], preactivation, cond, gate_groups)
     if residual is not None:
         out = out + residual

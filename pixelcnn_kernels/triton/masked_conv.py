@@ -27,7 +27,11 @@ Fused around the GEMMs:
 - its backward in the input gradient's epilogue: given x, the input-gradient GEMM
   accumulates the gradients w.r.t. elu(x) and elu(-x) side by side (as the gated
   forward does its two halves) and stores grad_x = g₁·elu'(x) − g₂·elu'(−x), so
-  neither the 2C-channel gradient nor a separate elementwise pass exists.
+  neither the 2C-channel gradient nor a separate elementwise pass exists;
+- dropout after concat_elu (PixelCNN++'s, in training): given ``keep``, a uint8
+  (N·H·W, 2C) mask, the forward and weight-gradient GEMMs read kept elements times
+  ``keep_scale`` = 1 / (1 - p) and zeros elsewhere, and the input gradient's
+  epilogue applies the same to g₁, g₂ before concat_elu's backward.
 
 Dtypes: float32, float16, bfloat16 (all tensors of one call share it). Products
 accumulate in fp32; fp16/bf16 tiles go to ``tl.dot`` as they are (tensor cores),
@@ -98,19 +102,24 @@ def _x_channels(C_IN, CONCAT_ELU_INPUT: tl.constexpr):
 
 
 @triton.jit
-def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr):
+def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr, keep_ptr, keep_rows, keep_scale):
     """The tile of the convolution's input at ``channels`` of the pixel rows ``rows`` (pointers to channel 0).
 
     The input is x itself, or with CONCAT_ELU_INPUT concat_elu(x), computed from x's
     C_X channels as they are loaded (channel k < C_X: elu(x[k]), else elu(-x[k - C_X]))
-    and rounded to x's dtype as the materialised activation would be. Masked-out
-    elements are 0, which elu keeps: the activation's zero padding.
+    and rounded to x's dtype as the materialised activation would be; then, with
+    ``keep_ptr`` (the uint8 keep mask, or None; ``keep_rows``: the offsets of the same
+    pixels' rows in it), dropout: kept elements times ``keep_scale``, rounded again,
+    the others 0. Masked-out elements are 0, which elu keeps: the activation's zero padding.
     """
     if CONCAT_ELU_INPUT:
         first_half = channels < C_X
         x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
         positive, negative = concat_elu_math(x.to(tl.float32))
         tile = tl.where(first_half, positive, negative).to(x.dtype)
+        if keep_ptr is not None:
+            kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0) != 0
+            tile = tl.where(kept, tile.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
     else:
         tile = tl.load(rows + channels, mask=mask, other=0.0)
     return tile
@@ -138,6 +147,7 @@ def _masked_conv_kernel(
     residual_ptr,
     addend_ptr,
     elu_x_ptr,
+    keep_ptr,
     out_ptr,
     pre_ptr,
     num_pixels,
@@ -148,6 +158,7 @@ def _masked_conv_kernel(
     stride_wt,
     stride_wk,
     stride_wn,
+    keep_scale,
     OFFSETS: tl.constexpr,
     GATE: tl.constexpr,
     GATE_GROUPS: tl.constexpr,
@@ -176,10 +187,14 @@ def _masked_conv_kernel(
       addend and cond and writes pre at each column's channel (_preactivation_channels);
     - elu_x_ptr given (the input gradient of a concat_elu input x (N·H·W, N_COLS)):
       the halves are the gradients g₁, g₂ w.r.t. elu(x), elu(-x), and out = the
-      gradient w.r.t. x, g₁·elu'(x) − g₂·elu'(−x).
+      gradient w.r.t. x, g₁·elu'(x) − g₂·elu'(−x); with keep_ptr (the forward's
+      dropout mask, (N·H·W, 2·N_COLS) uint8) g₁, g₂ are first those w.r.t. the
+      dropped activation: kept elements times keep_scale, the others 0.
 
-    residual (the shape of out) is added last, to the stored value. bias_ptr,
-    cond_ptr, residual_ptr, addend_ptr, elu_x_ptr and pre_ptr may be None.
+    With CONCAT_ELU_INPUT, keep_ptr (N·H·W, C_IN) uint8 or None is the dropout mask
+    of the input (see _load_conv_input). residual (the shape of out) is added last,
+    to the stored value. bias_ptr, cond_ptr, residual_ptr, addend_ptr, elu_x_ptr,
+    keep_ptr and pre_ptr may be None.
     """
     TWO_HALVES: tl.constexpr = GATE != 0 or elu_x_ptr is not None
     x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
@@ -200,9 +215,12 @@ def _masked_conv_kernel(
         # The neighbour exists iff it lies inside the image (zero padding otherwise);
         # then it is pixel p + dy·W + dx of the same image.
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-        x_rows = x_ptr + (pixels + (dy * W + dx))[:, None] * x_channels
+        sources = (pixels + (dy * W + dx))[:, None]
         k_ok = k < C_IN
-        a = _load_conv_input(x_rows, k[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT)
+        a = _load_conv_input(
+            x_ptr + sources * x_channels, k[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT,
+            keep_ptr, sources * C_IN, keep_scale,
+        )  # fmt: skip
         w_tile = w_ptr + tap * stride_wt + k[:, None] * stride_wk + cols[None, :] * stride_wn
         b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -217,6 +235,10 @@ def _masked_conv_kernel(
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if elu_x_ptr is not None:
             elu_x = tl.load(elu_x_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
+            if keep_ptr is not None:  # the gradients w.r.t. the dropped activation's halves, through the dropout
+                keep_index = pixels[:, None] * (2 * N_COLS) + cols[None, :]
+                acc = tl.where(tl.load(keep_ptr + keep_index, mask=store_ok, other=0) != 0, acc * keep_scale, 0.0)
+                acc_b = tl.where(tl.load(keep_ptr + keep_index + N_COLS, mask=store_ok, other=0) != 0, acc_b * keep_scale, 0.0)
             result = concat_elu_grad_math(elu_x, acc, acc_b)
         else:
             result = acc
@@ -250,6 +272,7 @@ def _masked_conv_kernel(
 def _masked_conv_wgrad_kernel(
     x_ptr,
     gout_ptr,
+    keep_ptr,
     partial_ptr,
     num_pixels,
     H,
@@ -257,6 +280,7 @@ def _masked_conv_wgrad_kernel(
     C_IN,
     C_OUT,
     blocks_per_split,
+    keep_scale,
     OFFSETS: tl.constexpr,
     CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -269,7 +293,8 @@ def _masked_conv_wgrad_kernel(
 
     The convolution's input ``in`` has C_IN channels: x (N·H·W, C_IN) channels-last
     rows, or with CONCAT_ELU_INPUT concat_elu(x) of x (N·H·W, C_IN / 2), applied as x
-    is loaded (as the forward did). gout: (N·H·W, C_OUT); partial: (splits, T, C_IN,
+    is loaded (as the forward did, with its dropout mask keep_ptr (N·H·W, C_IN) uint8
+    and keep_scale when keep_ptr is not None). gout: (N·H·W, C_OUT); partial: (splits, T, C_IN,
     C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits);
     split s covers pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
     """
@@ -289,8 +314,11 @@ def _masked_conv_wgrad_kernel(
         pixels, pixel_ok, row, col = _pixel_block(block, num_pixels, H, W, BLOCK_P, WIDE_INDEX)
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
-        x_rows = x_ptr + (pixels + dy * W + dx)[None, :] * x_channels
-        x_tile = _load_conv_input(x_rows, ci[:, None], x_channels, ci_ok[:, None] & src_ok[None, :], CONCAT_ELU_INPUT)
+        sources = (pixels + dy * W + dx)[None, :]
+        x_tile = _load_conv_input(
+            x_ptr + sources * x_channels, ci[:, None], x_channels, ci_ok[:, None] & src_ok[None, :], CONCAT_ELU_INPUT,
+            keep_ptr, sources * C_IN, keep_scale,
+        )  # fmt: skip
         g_tile = tl.load(gout_ptr + pixels[:, None] * C_OUT + co[None, :], mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
     out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
@@ -364,12 +392,14 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 def _conv_launch(
     x, w, w_strides, out, offsets, n_cols, allow_tf32, *,
-    bias=None, cond=None, residual=None, addend=None, pre=None, elu_x=None, concat_elu_input=False, gate=GATE_NONE, gate_groups=1,
+    bias=None, cond=None, residual=None, addend=None, pre=None, elu_x=None, concat_elu_input=False, keep=None, keep_scale=1.0, gate=GATE_NONE,
+    gate_groups=1,
 ):  # fmt: skip
     """Runs _masked_conv_kernel over channels-last ``x`` (N, H, W, C) into ``out``; returns ``out``.
 
-    The GEMM reads x, or concat_elu(x) (2C channels) when ``concat_elu_input``; the
-    keyword arguments are the kernel's epilogue inputs (None: absent).
+    The GEMM reads x, or concat_elu(x) (2C channels) when ``concat_elu_input``, dropped
+    out by ``keep`` and ``keep_scale`` when ``keep`` is given; the other keyword arguments
+    are the kernel's epilogue inputs (None: absent).
     """
     batch, height, width, x_channels = x.shape
     num_pixels = batch * height * width
@@ -382,10 +412,10 @@ def _conv_launch(
     grid = (cdiv(num_pixels, block_m), cdiv(n_cols, block_n))
     with launch_device(x):
         _masked_conv_kernel[grid](
-            x, w, bias, cond, residual, addend, elu_x, out, pre,
-            num_pixels, height, width, c_in, n_cols, *w_strides,
+            x, w, bias, cond, residual, addend, elu_x, keep, out, pre,
+            num_pixels, height, width, c_in, n_cols, *w_strides, keep_scale,
             OFFSETS=tuple(offsets), GATE=gate, GATE_GROUPS=gate_groups, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
-            WIDE_INDEX=needs_int64_index(x, out, addend, pre),
+            WIDE_INDEX=needs_int64_index(x, out, addend, pre, keep),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
             num_warps=num_warps, num_stages=_NUM_STAGES,
         )
@@ -393,35 +423,44 @@ def _conv_launch(
 
 
 def masked_conv2d_fwd(
-    x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, offsets: list[int], concat_elu_input: bool, allow_tf32: bool
-) -> torch.Tensor:
+    x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, offsets: list[int], concat_elu_input: bool,
+    allow_tf32: bool, keep: torch.Tensor | None = None, keep_scale: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
     """out[n, y, x, co] = bias[co] + Σ_t Σ_ci in[n, y+dy_t, x+dx_t, ci] · wp[t, ci, co] + residual[n, y, x, co].
 
     x: (N, H, W, C) contiguous; ``in`` is x (Cin = C), or concat_elu(x) (Cin = 2C)
-    when ``concat_elu_input``; wp: (T, Cin, Cout) contiguous; bias: (Cout,) or None;
-    residual: (N, H, W, Cout) contiguous in x's dtype, or None; offsets: (dy_0,
-    dx_0, ...) of length 2T; allow_tf32: fp32 products in TF32. Returns (N, H, W,
-    Cout) in x's dtype.
+    when ``concat_elu_input``, then with ``keep`` ((N, H, W, 2C) uint8 contiguous, or
+    None) dropped out: kept elements times ``keep_scale``, the others 0; wp: (T, Cin,
+    Cout) contiguous; bias: (Cout,) or None; residual: (N, H, W, Cout) contiguous in
+    x's dtype, or None; offsets: (dy_0, dx_0, ...) of length 2T; allow_tf32: fp32
+    products in TF32. Returns (N, H, W, Cout) in x's dtype.
     """
     out = x.new_empty(*x.shape[:3], wp.shape[2])
-    return _conv_launch(x, wp, wp.stride(), out, offsets, wp.shape[2], allow_tf32, bias=bias, residual=residual, concat_elu_input=concat_elu_input)
+    return _conv_launch(
+        x, wp, wp.stride(), out, offsets, wp.shape[2], allow_tf32, bias=bias, residual=residual, concat_elu_input=concat_elu_input, keep=keep,
+        keep_scale=keep_scale,
+    )  # fmt: skip
 
 
-def masked_conv2d_dgrad(gout: torch.Tensor, wp: torch.Tensor, x: torch.Tensor | None, offsets: list[int], allow_tf32: bool) -> torch.Tensor:
+def masked_conv2d_dgrad(
+    gout: torch.Tensor, wp: torch.Tensor, x: torch.Tensor | None, offsets: list[int], allow_tf32: bool, keep: torch.Tensor | None = None, keep_scale: float = 1.0
+) -> torch.Tensor:
     """gin[n, y, x, ci] = Σ_t Σ_co gout[n, y-dy_t, x-dx_t, co] · wp[t, ci, co]: the gradient w.r.t. the conv's input.
 
     gout: (N, H, W, Cout) contiguous; wp: (T, Cin, Cout) contiguous. The forward
     kernel with negated offsets, reading wp as (T, Cout, Cin) through its strides.
     x: None, or the forward's x (N, H, W, Cin / 2) contiguous when the forward read
     concat_elu(x): then the epilogue folds concat_elu's backward in and the result
-    is the gradient w.r.t. x, gin[..., :C]·elu'(x) − gin[..., C:]·elu'(−x).
+    is the gradient w.r.t. x, gin[..., :C]·elu'(x) − gin[..., C:]·elu'(−x); with
+    ``keep`` (the forward's (N, H, W, Cin) uint8 dropout mask, or None) gin is first
+    taken through the dropout (kept elements times ``keep_scale``, the others 0).
     Returns (N, H, W, Cin), or (N, H, W, Cin / 2) given x, in gout's dtype.
     """
     n_cols = wp.shape[1] if x is None else x.shape[3]
     gx = gout.new_empty(*gout.shape[:3], n_cols)
     negated = [-d for d in offsets]
     transposed = (wp.stride(0), wp.stride(2), wp.stride(1))
-    return _conv_launch(gout, wp, transposed, gx, negated, n_cols, allow_tf32, elu_x=x)
+    return _conv_launch(gout, wp, transposed, gx, negated, n_cols, allow_tf32, elu_x=x, keep=keep, keep_scale=keep_scale)
 
 
 def masked_conv2d_fwd_gated(
@@ -437,10 +476,12 @@ def masked_conv2d_fwd_gated(
     gate_groups: int,
     write_preact: bool,
     allow_tf32: bool,
+    keep: torch.Tensor | None = None,
+    keep_scale: float = 1.0,
 ) -> list[torch.Tensor]:
     """[gate(pre + cond) + residual, pre], pre = the forward's output + addend, gated in channel halves a, b.
 
-    x, wp, bias, offsets, concat_elu_input as :func:`masked_conv2d_fwd`, with Cout a
+    x, wp, bias, offsets, concat_elu_input, keep, keep_scale as :func:`masked_conv2d_fwd`, with Cout a
     multiple of 2·gate_groups; addend: (N, H, W, Cout) contiguous or None; cond: (N,
     Cout) contiguous or None; gate: GATE_TANH_SIGMOID or GATE_SIGMOID; residual: (N,
     H, W, Cout / 2) contiguous or None, added after the gate. With gate_groups > 1
@@ -455,8 +496,8 @@ def masked_conv2d_fwd_gated(
     preact = x.new_empty(*x.shape[:3], wp.shape[2]) if write_preact else x.new_empty(0)
     _conv_launch(
         x, wp, wp.stride(), out, offsets, half, allow_tf32,
-        bias=bias, cond=cond, residual=residual, addend=addend, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, gate=gate,
-        gate_groups=gate_groups,
+        bias=bias, cond=cond, residual=residual, addend=addend, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, keep=keep,
+        keep_scale=keep_scale, gate=gate, gate_groups=gate_groups,
     )
     return [out, preact]
 
@@ -475,12 +516,14 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> 
 
 
 def masked_conv2d_wgrad(
-    x: torch.Tensor, gout: torch.Tensor, offsets: list[int], concat_elu_input: bool, allow_tf32: bool, num_splits: int | None = None
-) -> torch.Tensor:
+    x: torch.Tensor, gout: torch.Tensor, offsets: list[int], concat_elu_input: bool, allow_tf32: bool, keep: torch.Tensor | None = None,
+    keep_scale: float = 1.0, num_splits: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """gwp[t, ci, co] = Σ_{n,y,x} in[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co], in fp32.
 
     x: (N, H, W, C), gout: (N, H, W, Cout), both contiguous and of one dtype; ``in``
-    is x (Cin = C), or concat_elu(x) (Cin = 2C) when ``concat_elu_input``, applied
+    is x (Cin = C), or concat_elu(x) (Cin = 2C) when ``concat_elu_input``, dropped out
+    by ``keep`` and ``keep_scale`` when given (as :func:`masked_conv2d_fwd`), applied
     as x is loaded. The pixel reduction is split in ``num_splits`` ranges (default:
     chosen from the shapes and the device) whose partial sums torch adds in a fixed
     order. Returns (T, Cin, Cout) float32.
@@ -500,8 +543,9 @@ def masked_conv2d_wgrad(
     grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
     with launch_device(x):
         _masked_conv_wgrad_kernel[grid](
-            x, gout, partial, num_pixels, height, width, c_in, c_out, blocks_per_split,
-            OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32), WIDE_INDEX=needs_int64_index(x, gout),
+            x, gout, keep, partial, num_pixels, height, width, c_in, c_out, blocks_per_split, keep_scale,
+            OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
+            WIDE_INDEX=needs_int64_index(x, gout, keep),
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -546,24 +590,29 @@ def _register_compile_cases() -> None:
         ("fwd_concat_elu_residual", GATE_NONE, True, ("bias_ptr", "residual_ptr")),
         ("dgrad_concat_elu", GATE_NONE, False, ("elu_x_ptr",)),
         ("fwd_gated_concat_elu_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr")),
+        # In training, with the dropout between concat_elu and the gated resnet's second conv.
+        ("fwd_gated_concat_elu_dropout_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr", "keep_ptr")),
+        ("dgrad_concat_elu_dropout", GATE_NONE, False, ("elu_x_ptr", "keep_ptr")),
     )
     link_variants = (
         ("fwd_residual", GATE_NONE, False, ("bias_ptr", "residual_ptr")),
         ("fwd_gated_addend", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
     )
     variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "down_right_shifted2x2": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
-    wgrad_variants_of = {  # (name suffix, concat_elu_input, wide_index)
-        "down_shifted2x3": (("", False, False), ("_concat_elu", True, False), ("_wide_index", False, True)),
-        "down_right_shifted2x2": (("", False, False), ("_concat_elu", True, False)),
+    wgrad_variants_of = {  # (name suffix, concat_elu_input, dropout, wide_index)
+        "down_shifted2x3": (("", False, False, False), ("_concat_elu", True, False, False), ("_concat_elu_dropout", True, True, False), ("_wide_index", False, False, True)),
+        "down_right_shifted2x2": (("", False, False, False), ("_concat_elu", True, False, False), ("_concat_elu_dropout", True, True, False)),
         "full1x1": (),
     }
-    optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "pre_ptr")
+    optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "keep_ptr", "pre_ptr")
 
     def register_conv(name, offsets, dtype, gate, concat_elu_input, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1):
         ptr = pointer_type(dtype)
         precision = precision or dot_precision(dtype, allow_tf32=True)
         signature = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
-        signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {})})  # 64-bit indices: num_pixels arrives as i64
+        signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {}), "keep_scale": "fp32"})  # 64-bit indices: num_pixels arrives as i64
+        if "keep_ptr" in given_pointers:
+            signature["keep_ptr"] = "*u8"
         block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision, gate_groups)
         constexprs = {
             "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": _BLOCK_N,
@@ -573,11 +622,15 @@ def _register_compile_cases() -> None:
         }  # fmt: skip
         register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
-    def register_wgrad(name, offsets, dtype, concat_elu_input, *, wide_index=False, divisible_ints=True, c_in=None):
+    def register_wgrad(name, offsets, dtype, concat_elu_input, *, dropout=False, wide_index=False, divisible_ints=True, c_in=None):
         signature = {"x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
+        signature["keep_scale"] = "fp32"
+        if dropout:
+            signature["keep_ptr"] = "*u8"
         if wide_index:
             signature["num_pixels"] = "i64"
         constexprs = {
+            **({} if dropout else {"keep_ptr": None}),
             "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, "CONCAT_ELU_INPUT": concat_elu_input,
             "BLOCK_CI": _WGRAD_BLOCK if c_in is None else _tile(c_in, _WGRAD_BLOCK), "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": _max_reduction_tile(dtype),
         }  # fmt: skip
@@ -592,8 +645,8 @@ def _register_compile_cases() -> None:
                     register_conv(f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, wide_index=True)
                 if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
                     register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, precision="ieee")
-            for suffix, concat_elu_input, wide_index in wgrad_variants_of.get(tap_name, (("", False, False),)):
-                register_wgrad(f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}", offsets, dtype, concat_elu_input, wide_index=wide_index)
+            for suffix, concat_elu_input, dropout, wide_index in wgrad_variants_of.get(tap_name, (("", False, False, False),)):
+                register_wgrad(f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}", offsets, dtype, concat_elu_input, dropout=dropout, wide_index=wide_index)
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, False, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, False, divisible_ints=False, c_in=4)
