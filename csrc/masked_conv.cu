@@ -213,7 +213,7 @@ struct KeepBits {
 // (part 1), rounded to Elem as the materialised activation would be; zeros (padding)
 // stay zero. With `keep` (the dropout mask's bits of the tile, or null), dropout after
 // it: kept elements times keep_scale (rounded once more, as a separate dropout would),
-// the others 0.
+// the others times 0 (a product, not a select: NaN or inf stays NaN, as in the reference).
 template <typename Loader>
 __device__ __forceinline__ void concat_elu_tile(Loader& loader, int part, const KeepBits<Loader>* keep, float keep_scale) {
   using Elem = typename Loader::Element;
@@ -221,7 +221,7 @@ __device__ __forceinline__ void concat_elu_tile(Loader& loader, int part, const 
   loader.map([&](float v, int i, int e) {
     const float activated = elu_math(sign * v);
     if (keep == nullptr) return activated;
-    return (keep->bits[i] >> e & 1u) ? round_to<Elem>(activated) * keep_scale : 0.0f;
+    return round_to<Elem>(activated) * ((keep->bits[i] >> e & 1u) ? keep_scale : 0.0f);
   });
 }
 
@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
       pre[h] = stage[r * kLdStage + h * kBlockN + c];
       // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
       if (p.concat_elu_x != nullptr && p.keep != nullptr)
-        pre[h] = p.keep[pixel * p.n_channels + channel] != 0 ? pre[h] * p.keep_scale : 0.0f;
+        pre[h] *= p.keep[pixel * p.n_channels + channel] != 0 ? p.keep_scale : 0.0f;
       if (p.bias != nullptr) pre[h] += p.bias[channel];
       if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
     }

@@ -394,6 +394,23 @@ def test_dropout_keep_bad_input():
             masked_conv2d_gated(x, weight, bias, **options, dropout_keep=keep, dropout_p=p)
     with pytest.raises(ValueError, match="dropout_keep is on meta but x is on cpu"):
         masked_conv2d(x, weight, bias, **options, dropout_keep=keep.to("meta"), dropout_p=0.5)
+    with pytest.raises(ValueError, match="dropout_p=0.5 needs dropout_keep"):
+        masked_conv2d(x, weight, bias, **options, dropout_p=0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_finite_values_at_dropped_elements_stay_non_finite(backend):
+    """Dropout multiplies by its mask (nn.Dropout's and the reference's 0·NaN = NaN): a NaN in x whose
+    activations are both dropped still reaches the outputs that read it, as in the reference."""
+    x, weight, bias, _ = make_fused_inputs(3, 6, (2, 3), 2, 4, 5, "concat_elu", None)
+    x[0, 0, 3, 2] = float("nan")
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 6, 0.5, torch.Generator().manual_seed(0))
+    keep[0, (0, 3), 3, 2] = False
+    options = dict(mask="down_shifted", input_activation="concat_elu", dropout_keep=keep, dropout_p=0.5)
+    expected = masked_conv2d_ref(x.double(), weight.double(), bias.double(), **options)
+    with run_backend(backend):
+        got = masked_conv2d(x, weight, bias, **options)
+    assert torch.equal(got.isnan(), expected.isnan()) and int(got.isnan().sum()) > 0
 
 
 @pytest.mark.parametrize("cond_grad", [True, False], ids=["cond_grad", "cond_constant"])

@@ -260,7 +260,11 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
 
 def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Tensor, in_channels: int) -> float:
     """``dropout_p`` as a float (0.0 without ``dropout_keep``), after checking both."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if dropout_keep is None:
+        if dropout_p:
+            raise ValueError(f"dropout_p={dropout_p} needs dropout_keep, the mask drawn with it (draw_dropout_keep)")
         return 0.0
     if not concat_elu_input:
         raise ValueError("dropout_keep needs input_activation='concat_elu' (the dropout the kernels fuse is PixelCNN++'s, after concat_elu)")
@@ -269,8 +273,6 @@ def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Ten
     expected = (x.shape[0], in_channels, *x.shape[2:])
     if tuple(dropout_keep.shape) != expected:
         raise ValueError(f"dropout_keep must have the convolution input's shape (N, Cin, H, W) = {expected}, got {tuple(dropout_keep.shape)}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return float(dropout_p)
 
 

@@ -117,9 +117,9 @@ def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr, 
         x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
         positive, negative = concat_elu_math(x.to(tl.float32))
         tile = tl.where(first_half, positive, negative).to(x.dtype)
-        if keep_ptr is not None:
-            kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0) != 0
-            tile = tl.where(kept, tile.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+        if keep_ptr is not None:  # times keep · scale, not a select: NaN or inf dropped stays NaN, as in the reference
+            kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0).to(tl.float32)
+            tile = (tile.to(tl.float32) * (kept * keep_scale)).to(x.dtype)
     else:
         tile = tl.load(rows + channels, mask=mask, other=0.0)
     return tile
@@ -237,8 +237,8 @@ def _masked_conv_kernel(
             elu_x = tl.load(elu_x_ptr + out_index, mask=store_ok, other=0.0).to(tl.float32)
             if keep_ptr is not None:  # the gradients w.r.t. the dropped activation's halves, through the dropout
                 keep_index = pixels[:, None] * (2 * N_COLS) + cols[None, :]
-                acc = tl.where(tl.load(keep_ptr + keep_index, mask=store_ok, other=0) != 0, acc * keep_scale, 0.0)
-                acc_b = tl.where(tl.load(keep_ptr + keep_index + N_COLS, mask=store_ok, other=0) != 0, acc_b * keep_scale, 0.0)
+                acc = acc * (tl.load(keep_ptr + keep_index, mask=store_ok, other=0).to(tl.float32) * keep_scale)
+                acc_b = acc_b * (tl.load(keep_ptr + keep_index + N_COLS, mask=store_ok, other=0).to(tl.float32) * keep_scale)
             result = concat_elu_grad_math(elu_x, acc, acc_b)
         else:
             result = acc
@@ -401,6 +401,8 @@ def _conv_launch(
     out by ``keep`` and ``keep_scale`` when ``keep`` is given; the other keyword arguments
     are the kernel's epilogue inputs (None: absent).
     """
+    if keep is not None and not (concat_elu_input or elu_x is not None):
+        raise ValueError("keep (a dropout mask) needs a concat_elu input")
     batch, height, width, x_channels = x.shape
     num_pixels = batch * height * width
     if num_pixels == 0:
@@ -528,6 +530,8 @@ def masked_conv2d_wgrad(
     chosen from the shapes and the device) whose partial sums torch adds in a fixed
     order. Returns (T, Cin, Cout) float32.
     """
+    if keep is not None and not concat_elu_input:
+        raise ValueError("keep (a dropout mask) needs a concat_elu input")
     batch, height, width, x_channels = x.shape
     c_in = 2 * x_channels if concat_elu_input else x_channels
     num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
