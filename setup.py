@@ -7,6 +7,7 @@ built with CUDA and ``nvcc`` is found, unless ``PIXELCNN_KERNELS_SKIP_CUDA=1``.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -50,16 +51,27 @@ def _find_cuda_home():
     return None
 
 
-def _record_skip_reason(reason):
+def _csrc_digest():
+    """pixelcnn_kernels.extension_sources.csrc_digest("csrc"), loaded by path: the package's
+    __init__ imports torch and the extension, neither of which a build may need."""
+    spec = importlib.util.spec_from_file_location("extension_sources", os.path.join("pixelcnn_kernels", "extension_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_digest("csrc")
+
+
+def _record_build(reason):
     """Writes why the extension was not built (None: it was) into the package, where
-    ``pixelcnn-kernels info`` quotes it: pip shows a build's own output only with -v."""
+    ``pixelcnn-kernels info`` quotes it (pip shows a build's own output only with -v),
+    and the digest of the sources it is built from (pixelcnn_kernels.backend checks it)."""
+    digest = _csrc_digest() if reason is None else None
     with open(os.path.join("pixelcnn_kernels", "_build_info.py"), "w") as f:
-        f.write(f'"""Written by setup.py at install time."""\n\nCUDA_EXTENSION_SKIPPED = {reason!r}\n')
+        f.write(f'"""Written by setup.py at install time."""\n\nCUDA_EXTENSION_SKIPPED = {reason!r}\nCSRC_DIGEST = {digest!r}\n')
 
 
 def _extensions():
     reason = _cuda_skip_reason()
-    _record_skip_reason(reason)
+    _record_build(reason)
     if reason is not None:
         print(f"pixelcnn-kernels: installing without the CUDA extension: {reason}", file=sys.stderr)
         return [], {}

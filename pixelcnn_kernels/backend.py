@@ -16,8 +16,11 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from pathlib import Path
 
 import torch
+
+from pixelcnn_kernels.extension_sources import csrc_digest
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "PIXELCNN_KERNELS_BACKEND"
@@ -65,7 +68,21 @@ def _cuda_extension_error() -> str | None:
             why = f"at install time {skipped}" if skipped else "nvcc not found at install time, or PIXELCNN_KERNELS_SKIP_CUDA was set"
             return f"extension not built ({why}); reinstall with CUDA_HOME pointing at the CUDA toolkit"
         return f"extension failed to load: {exc}"
-    return None
+    return _stale_extension_reason(_CSRC)
+
+
+# The extension's sources, where an editable install or a checkout has them beside the package.
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _stale_extension_reason(csrc: Path) -> str | None:
+    """Why the built extension is out of date: built from other sources than ``csrc`` holds now
+    (its ops' schemas may differ from the calls). None where that cannot be told (no sources
+    at hand, no digest recorded) or it is current."""
+    recorded = getattr(_build_info(), "CSRC_DIGEST", None)
+    if recorded is None or not csrc.is_dir() or csrc_digest(csrc) == recorded:
+        return None
+    return f"extension out of date: built from other sources than {csrc} holds now; rebuild it (pip install --no-build-isolation -e .)"
 
 
 def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pixelcnn_kernels
-from pixelcnn_kernels import backend
+from pixelcnn_kernels import backend, extension_sources
 from pixelcnn_kernels.backend import BackendUnavailableError, forced_backend, resolve_backend, use_backend
 
 
@@ -156,6 +156,29 @@ def test_a_skipped_extension_build_is_explained_by_its_reason(monkeypatch):
     finally:
         backend._cuda_extension_error.cache_clear()
     assert reason.startswith("extension not built (at install time PIXELCNN_KERNELS_SKIP_CUDA is set)")
+
+
+def test_an_extension_built_from_other_sources_is_reported_out_of_date(monkeypatch, tmp_path):
+    """setup.py records csrc/'s digest; where the sources are at hand, other sources mean a rebuild (not a failing call)."""
+    for name, text in (("ops.cpp", "// op schemas"), ("kernel.cu", "// kernels"), ("notes.txt", "not a source")):
+        (tmp_path / name).write_text(text)
+    built_from = extension_sources.csrc_digest(tmp_path)
+    monkeypatch.setattr(backend, "_build_info", lambda: types.SimpleNamespace(CUDA_EXTENSION_SKIPPED=None, CSRC_DIGEST=built_from))
+    assert backend._stale_extension_reason(tmp_path) is None
+    (tmp_path / "notes.txt").write_text("edited, but not a source")
+    assert backend._stale_extension_reason(tmp_path) is None
+    (tmp_path / "ops.cpp").write_text("// op schemas, changed")
+    assert backend._stale_extension_reason(tmp_path).startswith(f"extension out of date: built from other sources than {tmp_path} holds now")
+    assert backend._stale_extension_reason(tmp_path / "missing") is None  # an installed wheel: no sources to compare
+    monkeypatch.setattr(backend, "_build_info", lambda: types.SimpleNamespace(CUDA_EXTENSION_SKIPPED=None))
+    assert backend._stale_extension_reason(tmp_path) is None  # built before digests were recorded
+
+
+def test_this_install_recorded_the_digest_of_the_sources_it_built():
+    info = backend._build_info()
+    if getattr(info, "CSRC_DIGEST", None) is None:
+        pytest.skip("no extension was built by this install (its reason: see pixelcnn-kernels info)")
+    assert info.CSRC_DIGEST == extension_sources.csrc_digest(backend._CSRC)
 
 
 def test_package_works_without_triton():
