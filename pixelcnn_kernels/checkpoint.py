@@ -100,10 +100,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only refuses any global that is not a tensor or plain container.
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds objects other than tensors and plain containers "
-            f"(tampered, or not written by pixelcnn-kernels); loaded with weights_only=True. Detail: {str(exc).splitlines()[0]}"
+            f"(tampered, or not written by pixelcnn-kernels); loaded with weights_only=True. Detail: {_first_line(exc)}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {_first_line(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a pixelcnn-kernels checkpoint (no format={FORMAT!r} entry)")
     missing = [key for key in REQUIRED_KEYS if key not in payload]
@@ -115,6 +115,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if version > VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}; this pixelcnn-kernels reads up to {VERSION}")
     return payload
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's message in one line (torch.load's run to several), or its type where it has none."""
+    message = str(exc)
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def _check_crcs(path: Path) -> None:

@@ -68,6 +68,13 @@ def check_int(value: object, name: str, minimum: int | None = None) -> int:
     return value
 
 
+def check_dropout_rate(value: object, name: str) -> float:
+    """``value`` as a float if it is a dropout rate in [0, 1) (not a bool); else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """Checks that all given tensors share one device; returns it."""
     present = {name: t for name, t in tensors.items() if t is not None}

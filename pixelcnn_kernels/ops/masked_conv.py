@@ -42,8 +42,8 @@ from pixelcnn_kernels.backend import backend_with_cuda_op, cuda_ops, resolve_ker
 from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_groups, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
-from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, gate_in_groups, masked_conv2d_ref
-from pixelcnn_kernels.utils import channels_last, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
+from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, gate_in_groups, masked_conv2d_ref
+from pixelcnn_kernels.utils import channels_last, check_dropout_rate, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -260,8 +260,7 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
 
 def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Tensor, in_channels: int) -> float:
     """``dropout_p`` as a float (0.0 without ``dropout_keep``), after checking both."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = check_dropout_rate(dropout_p, "dropout_p")
     if dropout_keep is None:
         if dropout_p:
             raise ValueError(f"dropout_p={dropout_p} needs dropout_keep, the mask drawn with it (draw_dropout_keep)")
@@ -273,7 +272,7 @@ def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Ten
     expected = (x.shape[0], in_channels, *x.shape[2:])
     if tuple(dropout_keep.shape) != expected:
         raise ValueError(f"dropout_keep must have the convolution input's shape (N, Cin, H, W) = {expected}, got {tuple(dropout_keep.shape)}")
-    return float(dropout_p)
+    return dropout_p
 
 
 def _check_output_shaped(t: torch.Tensor | None, name: str, what: str, x: torch.Tensor, channels: int) -> None:
@@ -309,11 +308,6 @@ def _keep_rows(dropout_keep: torch.Tensor | None) -> torch.Tensor | None:
     return None if dropout_keep is None else _channels_last_rows(dropout_keep).view(torch.uint8)
 
 
-def _keep_scale(dropout_p: float) -> float:
-    """What the kernels multiply kept elements by (as the reference: 1 / (1 - p), in double, then fp32)."""
-    return 1.0 / (1.0 - dropout_p)
-
-
 def _forward(backend: str, x, weight, bias, residual, keep, spec: MaskSpec, dilation: int, concat_elu_input: bool, dropout_p: float) -> torch.Tensor:
     """The convolution (+ residual) on ``backend``, output in x's memory format."""
     if backend == "reference":
@@ -325,7 +319,7 @@ def _forward(backend: str, x, weight, bias, residual, keep, spec: MaskSpec, dila
     bias = bias.contiguous() if bias is not None else None
     out = _kernels(backend).masked_conv2d_fwd(
         _channels_last_rows(x), pack_weight(weight, spec), bias, _optional_rows(residual), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32(),
-        _keep_rows(keep), _keep_scale(dropout_p),
+        _keep_rows(keep), dropout_scale(dropout_p),
     )  # fmt: skip
     return _from_channels_last_rows(out, x)
 
@@ -371,7 +365,7 @@ def _grad_input_op(
     activation_x = _channels_last_rows(x) if concat_elu_input else None
     grad = _kernels(backend).masked_conv2d_dgrad(
         _channels_last_rows(grad_out), pack_weight(weight, spec), activation_x, tap_offsets(spec, dilation), conv_allows_tf32(),
-        _keep_rows(dropout_keep), _keep_scale(dropout_p),
+        _keep_rows(dropout_keep), dropout_scale(dropout_p),
     )  # fmt: skip
     return _from_channels_last_rows(grad, x)
 
@@ -392,7 +386,7 @@ def _grad_weight_op(
         return _reference_grad(grad_out, x, weight, dropout_keep, spec, dilation, concat_elu_input, dropout_p, wrt_input=False).contiguous()
     grad_packed = _kernels(backend).masked_conv2d_wgrad(
         _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32(),
-        _keep_rows(dropout_keep), _keep_scale(dropout_p),
+        _keep_rows(dropout_keep), dropout_scale(dropout_p),
     )  # fmt: skip
     return unpack_weight_grad(grad_packed, spec, weight)
 
@@ -528,7 +522,7 @@ def _masked_conv2d_gated_op(
     cond = cond.contiguous() if cond is not None else None
     out, pre_rows = _kernels(backend).masked_conv2d_fwd_gated(
         _channels_last_rows(x), pack_weight(weight, spec, gate_groups), bias, cond, _optional_rows(residual), _optional_rows(addend),
-        tap_offsets(spec, dilation), concat_elu_input, gate, gate_groups, keep_preactivation, conv_allows_tf32(), _keep_rows(dropout_keep), _keep_scale(dropout_p),
+        tap_offsets(spec, dilation), concat_elu_input, gate, gate_groups, keep_preactivation, conv_allows_tf32(), _keep_rows(dropout_keep), dropout_scale(dropout_p),
     )
     return _from_channels_last_rows(out, x), _from_channels_last_rows(pre_rows, x) if keep_preactivation else pre_rows
 

@@ -28,7 +28,7 @@ from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as disc
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
-from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, check_same_device, check_same_dtype, check_tensor, in_layout_of
+from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, check_dropout_rate, check_same_device, check_same_dtype, check_tensor, in_layout_of
 
 SHIFTS = ("down", "down_right")
 
@@ -124,11 +124,6 @@ def _check_cond(cond: torch.Tensor | None, cond_channels: int | None, batch: int
         raise ValueError(f"cond must be ({batch}, {cond_channels}), got shape {tuple(cond.shape)}")
 
 
-def _check_dropout(dropout: float) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-
-
 def _cond_projection(cond_channels: int | None, out_channels: int) -> nn.Linear | None:
     """V^T·h of the Gated PixelCNN paper: a per-image vector added to every pixel's pre-activation."""
     if cond_channels is None:
@@ -194,7 +189,7 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
         if channels % color_groups:
             raise ValueError(f"channels={channels} must be divisible by color_groups={color_groups}")
-        _check_dropout(dropout)
+        check_dropout_rate(dropout, "dropout")
         self.channels = channels
         self.color_groups = color_groups
         self.cond_channels = cond_channels
@@ -262,7 +257,7 @@ class GatedResnet(nn.Module):
             raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
         if not isinstance(skip_streams, int) or skip_streams < 0:
             raise ValueError(f"skip_streams must be a non-negative int, got {skip_streams!r}")
-        _check_dropout(dropout)
+        check_dropout_rate(dropout, "dropout")
         self.channels = channels
         self.skip_streams = skip_streams
         self.cond_channels = cond_channels
@@ -288,11 +283,11 @@ class GatedResnet(nn.Module):
         c = apply_masked_conv(ops.masked_conv2d, self.conv_input, x, input_activation="concat_elu")
         if skip is not None:
             c = residual_masked_conv(ops.masked_conv2d, self.nin_skip, skip, c, input_activation="concat_elu")
-        p = self.dropout.p
-        keep = draw_dropout_keep(c, 2 * self.channels, p) if self.training and p > 0 else None
+        p = self.dropout.p if self.training else 0.0
+        keep = draw_dropout_keep(c, 2 * self.channels, p) if p > 0 else None
         return residual_masked_conv(
             ops.masked_conv2d_gated, self.conv_out, c, x, input_activation="concat_elu", gate="sigmoid", cond=_project(self.cond_proj, cond, c),
-            dropout_keep=keep, dropout_p=p if keep is not None else 0.0,
+            dropout_keep=keep, dropout_p=p,
         )  # fmt: skip
 
 

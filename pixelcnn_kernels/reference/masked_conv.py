@@ -32,7 +32,12 @@ def _conv_input(x: torch.Tensor, input_activation: str | None, dropout_keep: tor
         return activated
     # activated · keep · scale in one pass: the second half of nn.Dropout's own forward
     # (native_dropout draws the mask, then scales by it with this op), and differentiable.
-    return torch.ops.aten.native_dropout_backward(activated, dropout_keep, 1.0 / (1.0 - dropout_p))
+    return torch.ops.aten.native_dropout_backward(activated, dropout_keep, dropout_scale(dropout_p))
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """What dropout multiplies kept elements by: 1 / (1 - p), in double (the ops round it to the compute dtype)."""
+    return 1.0 / (1.0 - dropout_p)
 
 
 def draw_dropout_keep(x: torch.Tensor, channels: int, dropout_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
