@@ -24,10 +24,27 @@ def pytest_collection_modifyitems(config, items):
         on_device = "kernel_device" in getattr(item, "fixturenames", ()) or getattr(getattr(item, "module", None), "DEVICE", None) == torch.device("cuda")
         if HAS_CUDA and on_device:
             item.add_marker(pytest.mark.gpu)
-        if HAS_CUDA and "2_31" in item.nodeid:
-            item.add_marker(pytest.mark.xdist_group("beyond_2_31"))  # 10-70 GB each: one worker, one after the other
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """Appends each failed test to $PIXELCNN_KERNELS_FAILURE_LOG as it is reported, when that is set.
+
+    The GPU check reads the list from there: a run cut at its time limit, or an xdist
+    controller that dies after a worker crashed, still leaves every failure seen so far
+    (pytest's own summary is printed only at the end). With xdist the controller writes,
+    as it receives each worker's report; a worker that crashed is reported as a failure.
+    """
+    path = os.environ.get("PIXELCNN_KERNELS_FAILURE_LOG")
+    if not path or not report.failed or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    reason = crash.message if crash is not None else str(report.longrepr)
+    first_line = (reason.strip().splitlines() or [""])[0]
+    with open(path, "a") as log:
+        log.write(f"FAILED {report.nodeid} ({report.when}): {first_line[:300]}\n")
+        log.write("".join(f"    {line}\n" for line in report.longreprtext.splitlines()[-40:]))
 
 
 @pytest.fixture(autouse=True)
