@@ -243,6 +243,26 @@ def test_triton_weight_grad_split_reduction_is_deterministic_and_correct(input_a
         assert_close(ops.unpack_weight_grad(grad_packed, spec, weight), expected, dtype=torch.float32)
 
 
+def test_triton_tf32_weight_grad_reads_a_pixel_major_gout():
+    """With TF32 allowed and a full tile of input channels the weight gradient reads a pixel-major
+    copy of gout (_pixel_major_gout); the interpreter's products are exact, so it matches the
+    channels-last read bit for bit, and the reference."""
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    x, weight, _ = make_conv_inputs(64, 16, (1, 3), 2, 3, 5)
+    spec = resolve_mask("horizontal", (1, 3))
+    grad_out = torch.randn(2, 16, 3, 5)
+    x_rows, grad_rows = x.permute(0, 2, 3, 1).contiguous(), grad_out.permute(0, 2, 3, 1).contiguous()
+    offsets = ops.tap_offsets(spec, 1)
+    assert kernels._pixel_major_gout("tf32", False, 64) and not kernels._pixel_major_gout("ieee", False, 64)
+    with run_backend("triton"):
+        pixel_major = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, True)
+        channels_last = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, False)
+    assert torch.equal(pixel_major, channels_last)
+    _, _, expected, _ = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), torch.zeros(16, dtype=torch.float64), grad_out.double(), mask=spec)
+    assert_close(ops.unpack_weight_grad(pixel_major, spec, weight), expected, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("gate", ["tanh_sigmoid", "sigmoid"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gated_matches_float64_reference(gate, backend):

@@ -22,16 +22,21 @@ Fused around the GEMMs:
 
 - a residual (the output's shape) added last in the forward epilogue (after the gate);
 - the concat_elu prologue (``concat_elu_input``): x has C = Cin / 2 channels and the
-  forward and weight-gradient GEMMs read concat_elu(x) = elu(cat([x, -x])) as they
-  load x, so the 2C-channel activation is never written;
+  GEMMs read concat_elu(x) = elu(cat([x, -x])), written by one elementwise pass
+  (_concat_elu_input_kernel) just before the forward and the weight gradient and
+  dropped after it: nothing 2C-channel is kept for the backward. Computed inside the
+  GEMMs' loads instead, as these kernels did first, it was recomputed for every tap and
+  output-channel block and broke the loads' pipelining: the H200 (2026-11-30) ran the
+  bf16 forward 4.6× slower than the same GEMM without it (0.495 ms against 0.107, where
+  the extra pass moves 32 MB, about 8 µs: predicted ~0.12 ms, not yet measured);
 - its backward in the input gradient's epilogue: given x, the input-gradient GEMM
   accumulates the gradients w.r.t. elu(x) and elu(-x) side by side (as the gated
   forward does its two halves) and stores grad_x = g₁·elu'(x) − g₂·elu'(−x), so
   neither the 2C-channel gradient nor a separate elementwise pass exists;
 - dropout after concat_elu (PixelCNN++'s, in training): given ``keep``, a uint8
-  (N·H·W, 2C) mask, the forward and weight-gradient GEMMs read kept elements times
-  ``keep_scale`` = 1 / (1 - p) and zeros elsewhere, and the input gradient's
-  epilogue applies the same to g₁, g₂ before concat_elu's backward.
+  (N·H·W, 2C) mask, the prologue pass writes kept elements times ``keep_scale`` =
+  1 / (1 - p) and zeros elsewhere, and the input gradient's epilogue applies the same
+  to g₁, g₂ before concat_elu's backward.
 
 Dtypes: float32, float16, bfloat16 (all tensors of one call share it). Products
 accumulate in fp32; fp16/bf16 tiles go to ``tl.dot`` as they are (tensor cores),
@@ -92,37 +97,40 @@ def _tap_offset(tap, OFFSETS: tl.constexpr):
 
 
 @triton.jit
-def _x_channels(C_IN, CONCAT_ELU_INPUT: tl.constexpr):
-    """Channels of x's rows when the convolution's input has C_IN: C_IN / 2 if it is concat_elu(x)."""
-    if CONCAT_ELU_INPUT:
-        channels = C_IN // 2
-    else:
-        channels = C_IN
-    return channels
+def _concat_elu_input_tile(rows, channels, C_X, mask, keep_ptr, keep_rows, keep_scale):
+    """The tile of concat_elu(x) at ``channels`` of the pixel rows ``rows`` (pointers to channel 0 of x).
+
+    Channel k < C_X: elu(x[k]), else elu(-x[k - C_X]), rounded to x's dtype as the
+    materialised activation would be; then, with ``keep_ptr`` (the uint8 keep mask, or
+    None; ``keep_rows``: the offsets of the same pixels' rows in it), dropout: kept
+    elements times ``keep_scale``, rounded again, the others 0 (a product, not a select:
+    NaN or inf dropped stays NaN, as in the reference).
+    """
+    first_half = channels < C_X
+    x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
+    positive, negative = concat_elu_math(x.to(tl.float32))
+    tile = tl.where(first_half, positive, negative).to(x.dtype)
+    if keep_ptr is not None:
+        kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0).to(tl.float32)
+        tile = (tile.to(tl.float32) * (kept * keep_scale)).to(x.dtype)
+    return tile
 
 
 @triton.jit
-def _load_conv_input(rows, channels, C_X, mask, CONCAT_ELU_INPUT: tl.constexpr, keep_ptr, keep_rows, keep_scale):
-    """The tile of the convolution's input at ``channels`` of the pixel rows ``rows`` (pointers to channel 0).
+def _concat_elu_input_kernel(x_ptr, keep_ptr, out_ptr, num_pixels, C_X, keep_scale, WIDE_INDEX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out (N·H·W, 2·C_X) = concat_elu(x), dropped out by keep_ptr (N·H·W, 2·C_X) uint8 (or None) and keep_scale.
 
-    The input is x itself, or with CONCAT_ELU_INPUT concat_elu(x), computed from x's
-    C_X channels as they are loaded (channel k < C_X: elu(x[k]), else elu(-x[k - C_X]))
-    and rounded to x's dtype as the materialised activation would be; then, with
-    ``keep_ptr`` (the uint8 keep mask, or None; ``keep_rows``: the offsets of the same
-    pixels' rows in it), dropout: kept elements times ``keep_scale``, rounded again,
-    the others 0. Masked-out elements are 0, which elu keeps: the activation's zero padding.
+    x: (N·H·W, C_X) channels-last rows, any float dtype; out in x's dtype.
+    Grid: (cdiv(N·H·W, BLOCK_P), cdiv(2·C_X, BLOCK_C)).
     """
-    if CONCAT_ELU_INPUT:
-        first_half = channels < C_X
-        x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
-        positive, negative = concat_elu_math(x.to(tl.float32))
-        tile = tl.where(first_half, positive, negative).to(x.dtype)
-        if keep_ptr is not None:  # times keep · scale, not a select: NaN or inf dropped stays NaN, as in the reference
-            kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0).to(tl.float32)
-            tile = (tile.to(tl.float32) * (kept * keep_scale)).to(x.dtype)
-    else:
-        tile = tl.load(rows + channels, mask=mask, other=0.0)
-    return tile
+    block = tl.program_id(0)
+    if WIDE_INDEX:
+        block = block.to(tl.int64)
+    pixels = (block * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
+    channels = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    ok = (pixels < num_pixels) & (channels < 2 * C_X)
+    tile = _concat_elu_input_tile(x_ptr + pixels * C_X, channels, C_X, ok, keep_ptr, pixels * (2 * C_X), keep_scale)
+    tl.store(out_ptr + pixels * (2 * C_X) + channels, tile, mask=ok)
 
 
 @triton.jit
@@ -162,7 +170,6 @@ def _masked_conv_kernel(
     OFFSETS: tl.constexpr,
     GATE: tl.constexpr,
     GATE_GROUPS: tl.constexpr,
-    CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -171,10 +178,10 @@ def _masked_conv_kernel(
 ):
     """out[p, n] = bias[n] + Σ_t Σ_k in[p shifted by tap t, k] · w[t, k, n] (+ residual), gated if GATE.
 
-    The GEMM's input ``in`` has C_IN channels: x (N·H·W, C_IN) channels-last rows, or
-    with CONCAT_ELU_INPUT concat_elu(x) of x (N·H·W, C_IN / 2). w[t, k, n] at w_ptr +
-    t·stride_wt + k·stride_wk + n·stride_wn (the forward reads wp as (T, Cin, Cout),
-    the input gradient reads it transposed). The epilogue:
+    x: (N·H·W, C_IN) channels-last rows. w[t, k, n] at w_ptr + t·stride_wt +
+    k·stride_wk + n·stride_wn (wp (T, Cin, Cout) in fp16/bf16, transposed (T, Cout, Cin)
+    in fp32, so that TF32's operand is K-major; the input gradient reads wp transposed).
+    The epilogue:
 
     - GATE_NONE, elu_x_ptr None: out (N·H·W, N_COLS) = the GEMM + bias;
     - GATE_TANH_SIGMOID / GATE_SIGMOID: the GEMM has 2·N_COLS columns; program
@@ -191,13 +198,11 @@ def _masked_conv_kernel(
       dropout mask, (N·H·W, 2·N_COLS) uint8) g₁, g₂ are first those w.r.t. the
       dropped activation: kept elements times keep_scale, the others 0.
 
-    With CONCAT_ELU_INPUT, keep_ptr (N·H·W, C_IN) uint8 or None is the dropout mask
-    of the input (see _load_conv_input). residual (the shape of out) is added last,
+    residual (the shape of out) is added last,
     to the stored value. bias_ptr, cond_ptr, residual_ptr, addend_ptr, elu_x_ptr,
     keep_ptr and pre_ptr may be None.
     """
     TWO_HALVES: tl.constexpr = GATE != 0 or elu_x_ptr is not None
-    x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
     pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0), num_pixels, H, W, BLOCK_M, WIDE_INDEX)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_COLS
@@ -217,10 +222,7 @@ def _masked_conv_kernel(
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         sources = (pixels + (dy * W + dx))[:, None]
         k_ok = k < C_IN
-        a = _load_conv_input(
-            x_ptr + sources * x_channels, k[None, :], x_channels, src_ok[:, None] & k_ok[None, :], CONCAT_ELU_INPUT,
-            keep_ptr, sources * C_IN, keep_scale,
-        )  # fmt: skip
+        a = tl.load(x_ptr + sources * C_IN + k[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = w_ptr + tap * stride_wt + k[:, None] * stride_wk + cols[None, :] * stride_wn
         b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -272,33 +274,33 @@ def _masked_conv_kernel(
 def _masked_conv_wgrad_kernel(
     x_ptr,
     gout_ptr,
-    keep_ptr,
     partial_ptr,
     num_pixels,
     H,
     W,
     C_IN,
     C_OUT,
+    stride_xp,
+    stride_xc,
+    stride_gp,
+    stride_gc,
     blocks_per_split,
-    keep_scale,
     OFFSETS: tl.constexpr,
-    CONCAT_ELU_INPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """partial[s, t, ci, co] = Σ_{p in split s} in[p shifted by tap t, ci] · gout[p, co], in fp32.
+    """partial[s, t, ci, co] = Σ_{p in split s} x[p shifted by tap t, ci] · gout[p, co], in fp32.
 
-    The convolution's input ``in`` has C_IN channels: x (N·H·W, C_IN) channels-last
-    rows, or with CONCAT_ELU_INPUT concat_elu(x) of x (N·H·W, C_IN / 2), applied as x
-    is loaded (as the forward did, with its dropout mask keep_ptr (N·H·W, C_IN) uint8
-    and keep_scale when keep_ptr is not None). gout: (N·H·W, C_OUT); partial: (splits, T, C_IN,
-    C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits);
-    split s covers pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
+    x[p, ci] at x_ptr + p·stride_xp + ci·stride_xc, gout[p, co] at gout_ptr + p·stride_gp
+    + co·stride_gc (p a flat N·H·W pixel): channels-last rows (stride_xp = C_IN), or for
+    gout with TF32 a pixel-major copy (stride_gp = 1), since TF32's products want their
+    operands contiguous along the reduction, here the pixels. partial: (splits, T, C_IN, C_OUT)
+    fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits); split s covers
+    pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
     """
-    x_channels = _x_channels(C_IN, CONCAT_ELU_INPUT)
     ci_blocks = tl.cdiv(C_IN, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
     ci = (tl.program_id(0) % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
@@ -315,11 +317,8 @@ def _masked_conv_wgrad_kernel(
         src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
         sources = (pixels + dy * W + dx)[None, :]
-        x_tile = _load_conv_input(
-            x_ptr + sources * x_channels, ci[:, None], x_channels, ci_ok[:, None] & src_ok[None, :], CONCAT_ELU_INPUT,
-            keep_ptr, sources * C_IN, keep_scale,
-        )  # fmt: skip
-        g_tile = tl.load(gout_ptr + pixels[:, None] * C_OUT + co[None, :], mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + sources * stride_xp + ci[:, None] * stride_xc, mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
+        g_tile = tl.load(gout_ptr + pixels[:, None] * stride_gp + co[None, :] * stride_gc, mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
     out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
@@ -340,6 +339,9 @@ _BLOCK_M_TWO_HALVES = 64
 _BLOCK_N = 64
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
+# The concat_elu prologue pass: tiles of 4096 elements, at most 128 channels wide.
+_PROLOGUE_TILE_ELEMENTS = 4096
+_PROLOGUE_TILE_CHANNELS = 128
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 # A weight-gradient program reduces at least this many pixel blocks before the
@@ -403,11 +405,13 @@ def _conv_launch(
     """
     if keep is not None and not (concat_elu_input or elu_x is not None):
         raise ValueError("keep (a dropout mask) needs a concat_elu input")
-    batch, height, width, x_channels = x.shape
+    batch, height, width, _ = x.shape
     num_pixels = batch * height * width
     if num_pixels == 0:
         return out
-    c_in = 2 * x_channels if concat_elu_input else x_channels
+    if concat_elu_input:
+        x, keep = _concat_elu_rows(x, keep, keep_scale), None
+    c_in = x.shape[3]
     precision = dot_precision(x.dtype, allow_tf32)
     block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision, gate_groups)
     block_n = _tile(n_cols, _BLOCK_N)
@@ -416,12 +420,46 @@ def _conv_launch(
         _masked_conv_kernel[grid](
             x, w, bias, cond, residual, addend, elu_x, keep, out, pre,
             num_pixels, height, width, c_in, n_cols, *w_strides, keep_scale,
-            OFFSETS=tuple(offsets), GATE=gate, GATE_GROUPS=gate_groups, CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=precision,
+            OFFSETS=tuple(offsets), GATE=gate, GATE_GROUPS=gate_groups, DOT_PRECISION=precision,
             WIDE_INDEX=needs_int64_index(x, out, addend, pre, keep),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_reduction_tile(c_in, x.dtype),
             num_warps=num_warps, num_stages=_NUM_STAGES,
         )
     return out
+
+
+def _concat_elu_rows(x: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
+    """concat_elu(x) as the GEMMs read it: x (N, H, W, C) contiguous to (N, H, W, 2C) in x's dtype,
+    with ``keep`` ((N, H, W, 2C) uint8 contiguous, or None) dropped out: kept elements times
+    ``keep_scale``, the others 0. One elementwise pass (see the module docstring for why)."""
+    batch, height, width, channels = x.shape
+    out = x.new_empty(batch, height, width, 2 * channels)
+    num_pixels = batch * height * width
+    if out.numel() == 0:
+        return out
+    block_c = _tile(2 * channels, _PROLOGUE_TILE_CHANNELS)
+    block_p = _PROLOGUE_TILE_ELEMENTS // block_c
+    grid = (cdiv(num_pixels, block_p), cdiv(2 * channels, block_c))
+    with launch_device(x):
+        _concat_elu_input_kernel[grid](
+            x, keep, out, num_pixels, channels, keep_scale, WIDE_INDEX=needs_int64_index(out, keep), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_NUM_WARPS
+        )
+    return out
+
+
+def _forward_weight(wp: torch.Tensor, allow_tf32: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The packed weight (T, Cin, Cout) as the forward reads it, and its (tap, k, n) strides.
+
+    For TF32 products a (T, Cout, Cin) copy read through transposed strides: TF32's
+    operands must be contiguous along the reduction (Cin), else Triton copies the weight
+    into shared memory 4 bytes at a time (16-bit operands it reads either way). Predicted
+    for the vertical 3×3 fp32 forward (0.343 ms on the H200, 2026-11-30): its ~0.4 GB of
+    weight-tile reads in 16-byte copies, ~0.25 ms; not yet measured.
+    """
+    if dot_precision(wp.dtype, allow_tf32) != "tf32":
+        return wp, wp.stride()
+    transposed = wp.transpose(1, 2).contiguous()
+    return transposed, (transposed.stride(0), transposed.stride(2), transposed.stride(1))
 
 
 def masked_conv2d_fwd(
@@ -439,8 +477,8 @@ def masked_conv2d_fwd(
     """
     out = x.new_empty(*x.shape[:3], wp.shape[2])
     return _conv_launch(
-        x, wp, wp.stride(), out, offsets, wp.shape[2], allow_tf32, bias=bias, residual=residual, concat_elu_input=concat_elu_input, keep=keep,
-        keep_scale=keep_scale,
+        x, *_forward_weight(wp, allow_tf32), out, offsets, wp.shape[2], allow_tf32, bias=bias, residual=residual, concat_elu_input=concat_elu_input,
+        keep=keep, keep_scale=keep_scale,
     )  # fmt: skip
 
 
@@ -497,7 +535,7 @@ def masked_conv2d_fwd_gated(
     out = x.new_empty(*x.shape[:3], half)
     preact = x.new_empty(*x.shape[:3], wp.shape[2]) if write_preact else x.new_empty(0)
     _conv_launch(
-        x, wp, wp.stride(), out, offsets, half, allow_tf32,
+        x, *_forward_weight(wp, allow_tf32), out, offsets, half, allow_tf32,
         bias=bias, cond=cond, residual=residual, addend=addend, pre=preact if write_preact else None, concat_elu_input=concat_elu_input, keep=keep,
         keep_scale=keep_scale, gate=gate, gate_groups=gate_groups,
     )
@@ -517,6 +555,21 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> 
     return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
+def _pixel_major_gout(precision: str, wide_index: bool, c_in: int) -> bool:
+    """Whether the weight gradient reads a pixel-major copy of gout (else its channels-last rows).
+
+    TF32's operands must be contiguous along the reduction, the pixels: from channels-last
+    rows Triton copies them into shared memory 4 bytes at a time. A pixel-major copy of
+    gout (one read and write of it) takes 16-byte copies; x's tiles start at pixels shifted
+    by the tap, not 16-byte aligned, so a pixel-major x would still take 4-byte ones.
+    Predicted: half the 4-byte copies' excess gone, the vertical 3×3 fp32 backward 1.53 ms
+    (H200, 2026-11-30) → ~1.0 ms; not yet measured. Not for tensors past 2^31 elements
+    (the copy's offsets) nor for inputs narrower than a tile (a first layer's 1-4
+    channels, whose kernel then spills registers).
+    """
+    return precision == "tf32" and not wide_index and c_in >= _WGRAD_BLOCK
+
+
 def masked_conv2d_wgrad(
     x: torch.Tensor, gout: torch.Tensor, offsets: list[int], concat_elu_input: bool, allow_tf32: bool, keep: torch.Tensor | None = None,
     keep_scale: float = 1.0, num_splits: int | None = None,
@@ -525,18 +578,23 @@ def masked_conv2d_wgrad(
 
     x: (N, H, W, C), gout: (N, H, W, Cout), both contiguous and of one dtype; ``in``
     is x (Cin = C), or concat_elu(x) (Cin = 2C) when ``concat_elu_input``, dropped out
-    by ``keep`` and ``keep_scale`` when given (as :func:`masked_conv2d_fwd`), applied
-    as x is loaded. The pixel reduction is split in ``num_splits`` ranges (default:
-    chosen from the shapes and the device) whose partial sums torch adds in a fixed
-    order. Returns (T, Cin, Cout) float32.
+    by ``keep`` and ``keep_scale`` when given (as :func:`masked_conv2d_fwd`). The pixel
+    reduction is split in ``num_splits`` ranges (default: chosen from the shapes and the
+    device) whose partial sums torch adds in a fixed order. Returns (T, Cin, Cout) float32.
     """
     if keep is not None and not concat_elu_input:
         raise ValueError("keep (a dropout mask) needs a concat_elu input")
-    batch, height, width, x_channels = x.shape
-    c_in = 2 * x_channels if concat_elu_input else x_channels
+    if concat_elu_input:
+        x = _concat_elu_rows(x, keep, keep_scale)
+    batch, height, width, c_in = x.shape
     num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
     if num_pixels == 0:
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
+    precision, wide_index = dot_precision(x.dtype, allow_tf32), needs_int64_index(x, gout)
+    if _pixel_major_gout(precision, wide_index, c_in):
+        g_rows, strides = gout.reshape(num_pixels, c_out).t().contiguous(), (c_in, 1, 1, num_pixels)
+    else:
+        g_rows, strides = gout, (c_in, 1, c_out, 1)
     block_ci, block_co = _tile(c_in, _WGRAD_BLOCK), _tile(c_out, _WGRAD_BLOCK)
     block_p = _reduction_tile(num_pixels, x.dtype)
     pixel_blocks = cdiv(num_pixels, block_p)
@@ -547,9 +605,8 @@ def masked_conv2d_wgrad(
     grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
     with launch_device(x):
         _masked_conv_wgrad_kernel[grid](
-            x, gout, keep, partial, num_pixels, height, width, c_in, c_out, blocks_per_split, keep_scale,
-            OFFSETS=tuple(offsets), CONCAT_ELU_INPUT=concat_elu_input, DOT_PRECISION=dot_precision(x.dtype, allow_tf32),
-            WIDE_INDEX=needs_int64_index(x, gout, keep),
+            x, g_rows, partial, num_pixels, height, width, c_in, c_out, *strides, blocks_per_split,
+            OFFSETS=tuple(offsets), DOT_PRECISION=precision, WIDE_INDEX=wide_index,
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -581,39 +638,39 @@ def _register_compile_cases() -> None:
         "down_shifted1x3": tap_offsets(resolve_mask("down_shifted", (1, 3)), 1),
         "down_right_shifted2x1": tap_offsets(resolve_mask("down_right_shifted", (2, 1)), 1),
     }
-    # (kind, gate, concat_elu_input, the optional pointers given): the tap sets of
-    # gated layers' k×k convs get the plain passes; PixelCNN++'s shifted convs also
-    # the concat_elu and residual ones; the 1×1 convs of Gated PixelCNN's horizontal
-    # stack (the vertical link, the output conv) only their fused forwards.
+    # (kind, gate, the optional pointers given): the tap sets of gated layers' k×k convs get
+    # the plain passes; PixelCNN++'s shifted convs also the residual ones and the input
+    # gradients of a concat_elu input; the 1×1 convs of Gated PixelCNN's horizontal stack
+    # (the vertical link, the output conv) only their fused forwards.
     plain_variants = (
-        ("fwd", GATE_NONE, False, ("bias_ptr",)),
-        ("dgrad", GATE_NONE, False, ()),
-        ("fwd_gated", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "pre_ptr")),
+        ("fwd", GATE_NONE, ("bias_ptr",)),
+        ("dgrad", GATE_NONE, ()),
+        ("fwd_gated", GATE_TANH_SIGMOID, ("bias_ptr", "cond_ptr", "pre_ptr")),
     )
     pixelcnn_pp_variants = (
-        ("fwd_concat_elu_residual", GATE_NONE, True, ("bias_ptr", "residual_ptr")),
-        ("dgrad_concat_elu", GATE_NONE, False, ("elu_x_ptr",)),
-        ("fwd_gated_concat_elu_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr")),
+        ("fwd_residual", GATE_NONE, ("bias_ptr", "residual_ptr")),
+        ("dgrad_concat_elu", GATE_NONE, ("elu_x_ptr",)),
+        ("fwd_gated_residual", GATE_SIGMOID, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr")),
         # In training, with the dropout between concat_elu and the gated resnet's second conv.
-        ("fwd_gated_concat_elu_dropout_residual", GATE_SIGMOID, True, ("bias_ptr", "cond_ptr", "residual_ptr", "pre_ptr", "keep_ptr")),
-        ("dgrad_concat_elu_dropout", GATE_NONE, False, ("elu_x_ptr", "keep_ptr")),
+        ("dgrad_concat_elu_dropout", GATE_NONE, ("elu_x_ptr", "keep_ptr")),
     )
     link_variants = (
-        ("fwd_residual", GATE_NONE, False, ("bias_ptr", "residual_ptr")),
-        ("fwd_gated_addend", GATE_TANH_SIGMOID, False, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
+        ("fwd_residual", GATE_NONE, ("bias_ptr", "residual_ptr")),
+        ("fwd_gated_addend", GATE_TANH_SIGMOID, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
     )
     variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "down_right_shifted2x2": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
-    wgrad_variants_of = {  # (name suffix, concat_elu_input, dropout, wide_index)
-        "down_shifted2x3": (("", False, False, False), ("_concat_elu", True, False, False), ("_concat_elu_dropout", True, True, False), ("_wide_index", False, False, True)),
-        "down_right_shifted2x2": (("", False, False, False), ("_concat_elu", True, False, False), ("_concat_elu_dropout", True, True, False)),
-        "full1x1": (),
-    }
+    wgrad_variants_of = {"down_shifted2x3": (False, True), "full1x1": ()}  # wide_index of each
     optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "keep_ptr", "pre_ptr")
 
-    def register_conv(name, offsets, dtype, gate, concat_elu_input, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1):
+    def register_conv(name, offsets, dtype, gate, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1):
         ptr = pointer_type(dtype)
         precision = precision or dot_precision(dtype, allow_tf32=True)
-        signature = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", "stride_wt", "stride_wk", "stride_wn"), "i32")}
+        # Triton specialises an int argument equal to 1 as a constant, as the launches pass the
+        # weight's unit stride: the reduction's in the input gradient and in a TF32 forward
+        # (_forward_weight), the output channels' in a 16-bit (or "ieee") forward.
+        unit_stride = "stride_wk" if name.startswith("masked_conv_dgrad") or precision == "tf32" else "stride_wn"
+        strides = [stride for stride in ("stride_wt", "stride_wk", "stride_wn") if stride != unit_stride]
+        signature = {"x_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "N_COLS", *strides), "i32")}
         signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {}), "keep_scale": "fp32"})  # 64-bit indices: num_pixels arrives as i64
         if "keep_ptr" in given_pointers:
             signature["keep_ptr"] = "*u8"
@@ -621,21 +678,22 @@ def _register_compile_cases() -> None:
         constexprs = {
             "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": _BLOCK_N,
             "BLOCK_K": _max_reduction_tile(dtype) if c_in is None else _reduction_tile(c_in, dtype),
-            **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "GATE_GROUPS": gate_groups, "CONCAT_ELU_INPUT": concat_elu_input,
-            "BLOCK_M": block_m,
+            **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "GATE_GROUPS": gate_groups,
+            "BLOCK_M": block_m, unit_stride: 1,
         }  # fmt: skip
         register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
-    def register_wgrad(name, offsets, dtype, concat_elu_input, *, dropout=False, wide_index=False, divisible_ints=True, c_in=None):
-        signature = {"x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32", **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", "blocks_per_split"), "i32")}
-        signature["keep_scale"] = "fp32"
-        if dropout:
-            signature["keep_ptr"] = "*u8"
-        if wide_index:
-            signature["num_pixels"] = "i64"
+    def register_wgrad(name, offsets, dtype, *, wide_index=False, divisible_ints=True, c_in=None):
+        # As masked_conv2d_wgrad launches it: x channels-last, gout too or pixel-major.
+        pixel_major = _pixel_major_gout(dot_precision(dtype, allow_tf32=True), wide_index, _WGRAD_BLOCK if c_in is None else c_in)
+        unit_strides = ("stride_xc", "stride_gp" if pixel_major else "stride_gc")
+        strides = [stride for stride in ("stride_xp", "stride_xc", "stride_gp", "stride_gc") if stride not in unit_strides]
+        signature = {
+            "x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32",
+            **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", *strides, "blocks_per_split"), "i32"), **({"num_pixels": "i64"} if wide_index else {}),
+        }  # fmt: skip
         constexprs = {
-            **({} if dropout else {"keep_ptr": None}),
-            "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, "CONCAT_ELU_INPUT": concat_elu_input,
+            "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
             "BLOCK_CI": _WGRAD_BLOCK if c_in is None else _tile(c_in, _WGRAD_BLOCK), "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": _max_reduction_tile(dtype),
         }  # fmt: skip
         register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
@@ -643,26 +701,34 @@ def _register_compile_cases() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
         for tap_name, offsets in tap_sets.items():
-            for kind, gate, concat_elu_input, given_pointers in variants_of.get(tap_name, plain_variants):
-                register_conv(f"masked_conv_{kind}_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers)
+            for kind, gate, given_pointers in variants_of.get(tap_name, plain_variants):
+                register_conv(f"masked_conv_{kind}_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers)
                 if tap_name == "down_shifted2x3" and kind == "fwd":  # past 2^31 elements: 64-bit indices
-                    register_conv(f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, wide_index=True)
+                    register_conv(f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, wide_index=True)
                 if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
-                    register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, concat_elu_input, given_pointers, precision="ieee")
-            for suffix, concat_elu_input, dropout, wide_index in wgrad_variants_of.get(tap_name, (("", False, False, False),)):
-                register_wgrad(f"masked_conv_wgrad{suffix}_{tap_name}_{dtype_name}", offsets, dtype, concat_elu_input, dropout=dropout, wide_index=wide_index)
+                    register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, precision="ieee")
+            for wide_index in wgrad_variants_of.get(tap_name, (False,)):
+                register_wgrad(f"masked_conv_wgrad{'_wide_index' if wide_index else ''}_{tap_name}_{dtype_name}", offsets, dtype, wide_index=wide_index)
         for tap_name, offsets in first_layer_tap_sets.items():
-            register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, False, ("bias_ptr",), divisible_ints=False, c_in=4)
-            register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, False, divisible_ints=False, c_in=4)
+            register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
+            register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
+        # PixelCNN++'s concat_elu input (2 × 80 or 160 channels: 128-channel tiles), with and without its dropout.
+        for keep_type in ("*u8", None):
+            register_compile_case(
+                f"masked_conv_concat_elu_input{'_dropout' if keep_type else ''}_{dtype_name}", _concat_elu_input_kernel,
+                {"x_ptr": pointer_type(dtype), "out_ptr": pointer_type(dtype), "num_pixels": "i32", "C_X": "i32", "keep_scale": "fp32", **({"keep_ptr": keep_type} if keep_type else {})},
+                {**({} if keep_type else {"keep_ptr": None}), "WIDE_INDEX": False, "BLOCK_P": _PROLOGUE_TILE_ELEMENTS // _PROLOGUE_TILE_CHANNELS, "BLOCK_C": _PROLOGUE_TILE_CHANNELS},
+                num_warps=_NUM_WARPS,
+            )  # fmt: skip
         # Colour Gated PixelCNN's horizontal link gates its colour-major pre-activation in three
         # groups; its width (126 in the benchmark model) is no multiple of 16. And a colour-masked
         # conv gated per colour (MaskedConv2dGated(color_groups=3)), on the horizontal stack's taps.
         register_conv(
-            f"masked_conv_fwd_gated_addend_3_groups_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID, False,
+            f"masked_conv_fwd_gated_addend_3_groups_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID,
             ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
         )
         register_conv(
-            f"masked_conv_fwd_gated_3_groups_horizontal1x3_{dtype_name}", tap_sets["horizontal1x3"], dtype, GATE_TANH_SIGMOID, False,
+            f"masked_conv_fwd_gated_3_groups_horizontal1x3_{dtype_name}", tap_sets["horizontal1x3"], dtype, GATE_TANH_SIGMOID,
             ("bias_ptr", "cond_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
         )
 
