@@ -20,6 +20,7 @@ import torch
 from pixelcnn_kernels.checkpoint import load_checkpoint, load_model
 from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
 from pixelcnn_kernels.data import load_dataset, save_image_grid
+from pixelcnn_kernels.utils import writable_directory
 
 
 def main(argv=None):
@@ -31,8 +32,7 @@ def main(argv=None):
     parser.add_argument("--out", default="completions.png", help="the PNG grid to write (default completions.png)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample (default: cuda if available)")
     args = parser.parse_args(argv)
-    if not Path(args.out).resolve().parent.is_dir():
-        parser.error(f"--out {args.out}: its directory does not exist")
+    writable_directory(Path(args.out).parent)  # before the work: an unusable --out fails now, not after it
 
     device = args.device
     saved = load_checkpoint(args.checkpoint)["args"]  # the data options the model was trained with

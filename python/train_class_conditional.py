@@ -24,6 +24,7 @@ from pixelcnn_kernels.cli import available_device, positive_int, report_user_err
 from pixelcnn_kernels.data import load_digits, save_image_grid
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.train import GraphedLoss
+from pixelcnn_kernels.utils import writable_directory
 
 
 def main(argv=None):
@@ -40,8 +41,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cuda_graph and args.device.type != "cuda":
         parser.error("--cuda-graph needs --device cuda")
-    if not Path(args.out).resolve().parent.is_dir():
-        parser.error(f"--out {args.out}: its directory does not exist")
+    writable_directory(Path(args.out).parent)  # before the work: an unusable --out fails now, not after it
 
     torch.manual_seed(0)
     device = args.device

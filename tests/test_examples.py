@@ -74,12 +74,19 @@ def test_complete_images_rejects_bad_rows(tmp_path, tiny_checkpoint):
     assert "--keep-rows must be between 0 and the height 8" in error
 
 
+@pytest.mark.parametrize("name", ["complete_images.py", "train_class_conditional.py"])
+def test_examples_refuse_an_unusable_out_before_the_work(tmp_path, name):
+    """--out's directory is created if missing (as `pixelcnn-kernels sample --out`); one that cannot be is an error before any work."""
+    (tmp_path / "a_file").write_text("")
+    error = run_failing_example(name, "--out", "a_file/grid.png", "--device", "cpu", cwd=tmp_path)
+    assert error.startswith(f"{name}: ") and "a_file" in error and "(FileExistsError;" in error
+
+
 @pytest.mark.parametrize(
     "name, args, message",
     [
         ("complete_images.py", ("--images", "-1"), "argument --images: must be a positive int, got '-1'"),
         ("complete_images.py", ("--checkpoint", "missing.pt", "--device", "cpu"), "complete_images.py: checkpoint missing.pt does not exist"),
-        ("complete_images.py", ("--out", "no/such/dir/x.png"), "--out no/such/dir/x.png: its directory does not exist"),
         ("train_class_conditional.py", ("--batch-size", "0"), "argument --batch-size: must be a positive int, got '0'"),
         ("train_class_conditional.py", ("--device", "tpu"), "argument --device: must be cpu or cuda, got 'tpu'"),
         ("convert_tutorial_pixelcnn.py", ("--size", "zero"), "argument --size: must be a positive int, got 'zero'"),
