@@ -20,11 +20,14 @@
 # Measured on the H200 on 2026-11-30 (benchmarks/results/2026-11-30-h200.md): the build
 # 20 s, the GPU tests about 130 s on 8 processes (most of it Triton compiling kernels on
 # the CPU), each sanitizer 20-35 s; the bench about 100 s for gates and dmol, 150 s for
-# masked_conv, over 250 s for models (torch.compile of the training steps). So a session
-# makes two calls, the second at once so that the machine stays warm (it is given back
-# after 30 s idle) and the build is reused:
-#   bash benchmarks/gpu_check.sh "$OUT" gates dmol
-#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS=bench bash benchmarks/gpu_check.sh "$OUT" masked_conv models
+# masked_conv, over 250 s for models without reaching its last case, PixelCNN++'s training
+# step (torch.compile of the training steps). So a session makes two calls, the second at
+# once so that the machine stays warm (it is given back after 30 s idle) and the build is
+# reused; the first times what its tests leave time for, the second the models first. On
+# 2026-11-30 two such calls (420 s and 330 s of commands, timeout_s 470 and 370) held the
+# machine 809 s of the session's 900, start-up included:
+#   GPU_CHECK_SECONDS=420 bash benchmarks/gpu_check.sh "$OUT" gates dmol masked_conv
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS=bench bash benchmarks/gpu_check.sh "$OUT" models masked_conv
 # The `sampling` family, whose naive baseline alone takes about a minute per call at the
 # issue's sizes, is left to a call of its own, with `--providers` trimmed.
 #
