@@ -347,6 +347,11 @@ _NUM_STAGES = 3
 # A weight-gradient program reduces at least this many pixel blocks before the
 # reduction is split further (splitting more only adds partial-sum traffic).
 _MIN_BLOCKS_PER_SPLIT = 8
+# Weight-gradient programs an SM holds at once (48 KiB of shared memory and at most 106
+# registers per thread each, compiled for sm_90). Asking for 2 per SM, the H200 run of
+# 2026-11-30 had 288 programs at its bench shapes: 24 SMs ran 3 and 108 ran 2. One full
+# wave of 4 per SM is predicted to take up to a quarter off the weight gradient; not yet measured.
+_WGRAD_BLOCKS_PER_SM = 4
 # tl.dot needs every tile dimension to be at least 16.
 _MIN_DOT_DIM = 16
 
@@ -545,13 +550,13 @@ def masked_conv2d_fwd_gated(
 def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> int:
     """How many pixel ranges the weight-gradient reduction is split into.
 
-    Enough programs for two waves over the GPU's SMs, each reducing at least
-    _MIN_BLOCKS_PER_SPLIT pixel blocks; depends on shapes and device only, so
-    the summation order, hence the result, is reproducible.
+    Enough programs for one full wave over the GPU's SMs (_WGRAD_BLOCKS_PER_SM each),
+    each reducing at least _MIN_BLOCKS_PER_SPLIT pixel blocks; depends on shapes and
+    device only, so the summation order, hence the result, is reproducible.
     """
     if device.type != "cuda":
         return 1
-    programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs_wanted = _WGRAD_BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
