@@ -112,6 +112,15 @@ def test_slow_calls_get_fewer_warmups_and_repeats(monkeypatch):
     assert not results[0].error and len(calls) == 2 + harness.MIN_REPEATS
 
 
+def test_the_gpu_spin_covers_a_call_that_fits_it_and_stays_short_past_that():
+    """Twice the warm-up call's time, at least _MIN_SPIN_MS, so the events time the GPU's work alone; a call
+    too long for _MAX_SPIN_MS keeps the minimum and is timed as back-to-back calls run, max(host, GPU)."""
+    assert harness._spin_ms(1e-5) == harness._MIN_SPIN_MS
+    assert harness._spin_ms(1e-3) == 2.0
+    assert harness._spin_ms(harness._MAX_SPIN_MS / 2e3) == harness._MAX_SPIN_MS
+    assert harness._spin_ms(0.03) == harness._MIN_SPIN_MS
+
+
 def test_partial_results_are_handed_over_after_each_case():
     seen = []
     results, meta = run([_toy_case(), _toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=2,

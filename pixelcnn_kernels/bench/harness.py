@@ -119,12 +119,30 @@ def _outputs(value) -> list[torch.Tensor]:
     return [v for v in value if isinstance(v, torch.Tensor)]
 
 
+# The GPU's spin before a timed call (torch.cuda._sleep counts clock cycles, ~2 GHz on an
+# H200): _measure asks for twice the call's time found in its warm-up, which bounds the
+# host's time issuing it, so the host has queued the whole call when the GPU reaches it.
+# A call taking longer than _MAX_SPIN_MS / 2 (the models' training steps) keeps
+# _MIN_SPIN_MS and is timed as back-to-back steps run, max(host, GPU): the host ms column
+# says which. (On 2026-11-30 every call had the minimum: rows whose host time passed it,
+# such as the gates' backward, mixed host time into the GPU's; their p20 was far below
+# their median.)
+_MIN_SPIN_MS, _MAX_SPIN_MS = 0.5, 5.0
+_SPIN_CYCLES_PER_MS = 2_000_000
+
+
+def _spin_ms(call_seconds: float) -> float:
+    """The spin before timing a call that took ``call_seconds`` (host and GPU) in its warm-up."""
+    covering = 2e3 * call_seconds
+    return max(_MIN_SPIN_MS, covering) if covering <= _MAX_SPIN_MS else _MIN_SPIN_MS
+
+
 class _Timer:
     """CUDA events on the GPU, the host clock on the CPU.
 
     On the GPU each call starts with L2 emptied (a write of twice its size) and behind
-    a short spin of the GPU, during which the host queues the call: the events then time
-    the GPU's work from cold caches, not the host's launch latency.
+    a spin of the GPU (``spin_ms``, see _spin_ms), during which the host queues the call:
+    the events then time the GPU's work from cold caches, not the host's launch latency.
     """
 
     def __init__(self, device: torch.device):
@@ -135,12 +153,12 @@ class _Timer:
     def time_ms(self, fn: Callable[[], object]) -> float:
         return self.time_call(fn)[0]
 
-    def time_call(self, fn: Callable[[], object]) -> tuple[float, float]:
+    def time_call(self, fn: Callable[[], object], spin_ms: float = _MIN_SPIN_MS) -> tuple[float, float]:
         """(the call's time in ms, the host's time issuing it in ms): the same on the CPU."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.l2_flush.zero_()
-            torch.cuda._sleep(1_000_000)  # about 0.5 ms at the H200's clock: longer than queueing most calls
+            torch.cuda._sleep(int(spin_ms * _SPIN_CYCLES_PER_MS))
             start.record()
             begin = time.perf_counter()
             fn()
@@ -352,7 +370,8 @@ def _measure(
     measure_memory = device.type == "cuda" and not cuda_graph
     if measure_memory:  # after the warm-up: compilation and first-call workspaces are not the op's
         baseline = _memory_baseline()
-    times, host_times = zip(*(timer.time_call(steps[i % len(steps)]) for i in range(repeats)))
+    spin_ms = _spin_ms(call_s)
+    times, host_times = zip(*(timer.time_call(steps[i % len(steps)], spin_ms) for i in range(repeats)))
     row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
     row.host_ms = _median(host_times)
     if measure_memory:
