@@ -466,13 +466,14 @@ def masked_conv2d(
         residual: (N, Cout, H, W) in x's dtype and device, or None: added to the
             output (after the bias) in the same pass.
         input_activation: None, or ``"concat_elu"``: the convolution reads
-            concat_elu(x) = elu(cat([x, -x], 1)), computed as x is loaded and never
-            stored (needs ``color_groups=1``).
+            concat_elu(x) = elu(cat([x, -x], 1)), computed as x is loaded (CUDA) or
+            in one pass just before (Triton), never kept for the backward (needs
+            ``color_groups=1``).
         dropout_keep: None, or with ``input_activation="concat_elu"`` a boolean
             (N, Cin, H, W) tensor on x's device (True: kept): the convolution reads
             dropout(concat_elu(x)), the kept elements times 1 / (1 - ``dropout_p``)
-            and the others 0, computed as x is loaded (PixelCNN++'s concat_elu →
-            dropout → conv in one pass; draw it with
+            and the others 0, applied where concat_elu is (PixelCNN++'s concat_elu →
+            dropout → conv without passes of their own; draw it with
             :func:`~pixelcnn_kernels.reference.masked_conv.draw_dropout_keep`).
         dropout_p: the dropout rate in [0, 1) that ``dropout_keep`` was drawn with.
 

@@ -238,10 +238,10 @@ class GatedResnet(nn.Module):
     without bias and added before the gate, as in the original's ``h``. The second
     conv, the bias, the conditioning, the gate and the residual run as one
     ``masked_conv2d_gated``. Every concat_elu is the ``input_activation`` of the conv
-    that reads it (computed as the conv loads its input), and in training the
-    dropout after the second one too: the layer draws its mask
+    that reads it (computed by the conv's kernels, not as a pass of the layer's own),
+    and in training the dropout after the second one too: the layer draws its mask
     (:func:`~pixelcnn_kernels.reference.masked_conv.draw_dropout_keep`) and the conv
-    applies it as it loads (``dropout_keep``). ``nin_skip`` adds ``c`` in its epilogue.
+    applies it with concat_elu (``dropout_keep``). ``nin_skip`` adds ``c`` in its epilogue.
     Dropout is elementwise (as ``nn.Dropout``: kept elements times 1 / (1 - p)), as in
     the original TensorFlow code; the PyTorch port pclucas14/pixel-cnn-pp uses
     ``nn.Dropout2d`` (whole channels). ``self.dropout`` holds p.

@@ -209,17 +209,23 @@ def _gate_backward_kernel(
 
 @triton.jit
 def _concat_elu_forward_kernel(
-    x_ptr, y_ptr, outer, row_len, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr
+    x_ptr, y_ptr, keep_ptr, outer, row_len, keep_scale, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr
 ):
-    """``y[o, 0, r] = elu(x[o, r])``, ``y[o, 1, r] = elu(-x[o, r])``.
+    """``y[o, 0, r] = elu(x[o, r])``, ``y[o, 1, r] = elu(-x[o, r])``, then with ``keep_ptr`` dropout.
 
     x: contiguous (outer, row_len); y: contiguous (outer, 2, row_len); one
-    dtype, fp32/fp16/bf16.
+    dtype, fp32/fp16/bf16. keep_ptr: None, or a uint8 (outer, 2, row_len) mask
+    (the masked convolution's input dropout): each value, rounded to y's dtype as
+    the activation stored without dropout, times keep · keep_scale (a product, not
+    a select: NaN or inf dropped stays NaN, as in the reference), rounded again.
     """
     rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
     x = tl.load(x_ptr + rows * row_len + cols, mask=mask).to(tl.float32)
     pos, neg = concat_elu_math(x)
     y_offsets = rows * 2 * row_len + cols
+    if keep_ptr is not None:
+        pos = pos.to(y_ptr.dtype.element_ty).to(tl.float32) * (tl.load(keep_ptr + y_offsets, mask=mask).to(tl.float32) * keep_scale)
+        neg = neg.to(y_ptr.dtype.element_ty).to(tl.float32) * (tl.load(keep_ptr + y_offsets + row_len, mask=mask).to(tl.float32) * keep_scale)
     tl.store(y_ptr + y_offsets, pos.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(y_ptr + y_offsets + row_len, neg.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -296,12 +302,13 @@ def gate_backward(
     return dx
 
 
-def concat_elu_forward(x_rows: torch.Tensor) -> torch.Tensor:
-    """``concat_elu`` of a contiguous ``(outer, row_len)`` ``x_rows``: a contiguous ``(outer, 2, row_len)``."""
+def concat_elu_forward(x_rows: torch.Tensor, keep: torch.Tensor | None = None, keep_scale: float = 1.0) -> torch.Tensor:
+    """``concat_elu`` of a contiguous ``(outer, row_len)`` ``x_rows``: a contiguous ``(outer, 2, row_len)``;
+    with ``keep`` (uint8, contiguous, y's shape) dropped out: kept elements times ``keep_scale``, the others 0."""
     outer, row_len = x_rows.shape
     y = x_rows.new_empty((outer, 2, row_len))
     if y.numel():
-        _launch(_concat_elu_forward_kernel, outer, row_len, needs_int64_index(y), x_rows, y, outer, row_len)
+        _launch(_concat_elu_forward_kernel, outer, row_len, needs_int64_index(y), x_rows, y, keep, outer, row_len, keep_scale)
     return y
 
 
@@ -336,9 +343,16 @@ def _register_compile_cases() -> None:
                 {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "accumulate_ptr": ptr, "dx_ptr": ptr, **sizes}, backward_flags, num_warps=_NUM_WARPS,
             )  # fmt: skip
         flags = dict(INT64=dtype == torch.bfloat16, BLOCK_OUTER=1, BLOCK_ROW=_TILE)
+        sizes_and_scale = {"outer": "i32", "row_len": "i32", "keep_scale": "fp32"}
         register_compile_case(
             f"gates_concat_elu_forward_{name}", _concat_elu_forward_kernel,
-            {"x_ptr": ptr, "y_ptr": ptr, "outer": "i32", "row_len": "i32"}, flags, num_warps=_NUM_WARPS,
+            {"x_ptr": ptr, "y_ptr": ptr, **sizes_and_scale}, dict(flags, keep_ptr=None), num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        # The masked convolution's concat_elu input in training, with PixelCNN++'s dropout
+        # (rows of 80 or 160 channels: the tile spans several rows).
+        register_compile_case(
+            f"gates_concat_elu_forward_dropout_{name}", _concat_elu_forward_kernel,
+            {"x_ptr": ptr, "y_ptr": ptr, "keep_ptr": "*u8", **sizes_and_scale}, dict(flags, INT64=False, BLOCK_OUTER=16, BLOCK_ROW=128), num_warps=_NUM_WARPS,
         )  # fmt: skip
         register_compile_case(
             f"gates_concat_elu_backward_{name}", _concat_elu_backward_kernel,

@@ -23,7 +23,7 @@ Fused around the GEMMs:
 - a residual (the output's shape) added last in the forward epilogue (after the gate);
 - the concat_elu prologue (``concat_elu_input``): x has C = Cin / 2 channels and the
   GEMMs read concat_elu(x) = elu(cat([x, -x])), written by one elementwise pass
-  (_concat_elu_input_kernel) just before the forward and the weight gradient and
+  (the gates family's concat_elu kernel) just before the forward and the weight gradient and
   dropped after it: nothing 2C-channel is kept for the backward. Computed inside the
   GEMMs' loads instead, as these kernels did first, it was recomputed for every tap and
   output-channel block and broke the loads' pipelining: the H200 (2026-11-30) ran the
@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.gates import concat_elu_grad_math, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import concat_elu_forward, concat_elu_grad_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
@@ -94,43 +94,6 @@ def _tap_offset(tap, OFFSETS: tl.constexpr):
         dy = tl.where(tap == t, OFFSETS[2 * t], dy)
         dx = tl.where(tap == t, OFFSETS[2 * t + 1], dx)
     return dy, dx
-
-
-@triton.jit
-def _concat_elu_input_tile(rows, channels, C_X, mask, keep_ptr, keep_rows, keep_scale):
-    """The tile of concat_elu(x) at ``channels`` of the pixel rows ``rows`` (pointers to channel 0 of x).
-
-    Channel k < C_X: elu(x[k]), else elu(-x[k - C_X]), rounded to x's dtype as the
-    materialised activation would be; then, with ``keep_ptr`` (the uint8 keep mask, or
-    None; ``keep_rows``: the offsets of the same pixels' rows in it), dropout: kept
-    elements times ``keep_scale``, rounded again, the others 0 (a product, not a select:
-    NaN or inf dropped stays NaN, as in the reference).
-    """
-    first_half = channels < C_X
-    x = tl.load(rows + tl.where(first_half, channels, channels - C_X), mask=mask, other=0.0)
-    positive, negative = concat_elu_math(x.to(tl.float32))
-    tile = tl.where(first_half, positive, negative).to(x.dtype)
-    if keep_ptr is not None:
-        kept = tl.load(keep_ptr + keep_rows + channels, mask=mask, other=0).to(tl.float32)
-        tile = (tile.to(tl.float32) * (kept * keep_scale)).to(x.dtype)
-    return tile
-
-
-@triton.jit
-def _concat_elu_input_kernel(x_ptr, keep_ptr, out_ptr, num_pixels, C_X, keep_scale, WIDE_INDEX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out (N·H·W, 2·C_X) = concat_elu(x), dropped out by keep_ptr (N·H·W, 2·C_X) uint8 (or None) and keep_scale.
-
-    x: (N·H·W, C_X) channels-last rows, any float dtype; out in x's dtype.
-    Grid: (cdiv(N·H·W, BLOCK_P), cdiv(2·C_X, BLOCK_C)).
-    """
-    block = tl.program_id(0)
-    if WIDE_INDEX:
-        block = block.to(tl.int64)
-    pixels = (block * BLOCK_P + tl.arange(0, BLOCK_P))[:, None]
-    channels = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-    ok = (pixels < num_pixels) & (channels < 2 * C_X)
-    tile = _concat_elu_input_tile(x_ptr + pixels * C_X, channels, C_X, ok, keep_ptr, pixels * (2 * C_X), keep_scale)
-    tl.store(out_ptr + pixels * (2 * C_X) + channels, tile, mask=ok)
 
 
 @triton.jit
@@ -339,9 +302,6 @@ _BLOCK_M_TWO_HALVES = 64
 _BLOCK_N = 64
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
-# The concat_elu prologue pass: tiles of 4096 elements, at most 128 channels wide.
-_PROLOGUE_TILE_ELEMENTS = 4096
-_PROLOGUE_TILE_CHANNELS = 128
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 # A weight-gradient program reduces at least this many pixel blocks before the
@@ -436,20 +396,10 @@ def _conv_launch(
 def _concat_elu_rows(x: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
     """concat_elu(x) as the GEMMs read it: x (N, H, W, C) contiguous to (N, H, W, 2C) in x's dtype,
     with ``keep`` ((N, H, W, 2C) uint8 contiguous, or None) dropped out: kept elements times
-    ``keep_scale``, the others 0. One elementwise pass (see the module docstring for why)."""
+    ``keep_scale``, the others 0. One elementwise pass (see the module docstring for why): the
+    gates family's, whose (rows, 2, C) output is these channels-last rows."""
     batch, height, width, channels = x.shape
-    out = x.new_empty(batch, height, width, 2 * channels)
-    num_pixels = batch * height * width
-    if out.numel() == 0:
-        return out
-    block_c = _tile(2 * channels, _PROLOGUE_TILE_CHANNELS)
-    block_p = _PROLOGUE_TILE_ELEMENTS // block_c
-    grid = (cdiv(num_pixels, block_p), cdiv(2 * channels, block_c))
-    with launch_device(x):
-        _concat_elu_input_kernel[grid](
-            x, keep, out, num_pixels, channels, keep_scale, WIDE_INDEX=needs_int64_index(out, keep), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_NUM_WARPS
-        )
-    return out
+    return concat_elu_forward(x.view(-1, channels), keep, keep_scale).view(batch, height, width, 2 * channels)
 
 
 def _forward_weight(wp: torch.Tensor, allow_tf32: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -717,14 +667,6 @@ def _register_compile_cases() -> None:
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
-        # PixelCNN++'s concat_elu input (2 × 80 or 160 channels: 128-channel tiles), with and without its dropout.
-        for keep_type in ("*u8", None):
-            register_compile_case(
-                f"masked_conv_concat_elu_input{'_dropout' if keep_type else ''}_{dtype_name}", _concat_elu_input_kernel,
-                {"x_ptr": pointer_type(dtype), "out_ptr": pointer_type(dtype), "num_pixels": "i32", "C_X": "i32", "keep_scale": "fp32", **({"keep_ptr": keep_type} if keep_type else {})},
-                {**({} if keep_type else {"keep_ptr": None}), "WIDE_INDEX": False, "BLOCK_P": _PROLOGUE_TILE_ELEMENTS // _PROLOGUE_TILE_CHANNELS, "BLOCK_C": _PROLOGUE_TILE_CHANNELS},
-                num_warps=_NUM_WARPS,
-            )  # fmt: skip
         # Colour Gated PixelCNN's horizontal link gates its colour-major pre-activation in three
         # groups; its width (126 in the benchmark model) is no multiple of 16. And a colour-masked
         # conv gated per colour (MaskedConv2dGated(color_groups=3)), on the horizontal stack's taps.
