@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr float kLogScaleMin = -7.f;
-constexpr float kLogMinBinProbability = -11.512925464970229f;  // log(1e-5)
+constexpr float kMinBinProbability = 1e-5f;  // below it, the mid-point density stands in for P
 constexpr float kEdgeThreshold = 0.999f;                      // PixelCNN++'s edge tests for float x
 constexpr float kUEps = 1e-5f;                                // PixelCNN++'s clamp of the sampling noise
 
@@ -73,14 +73,17 @@ __device__ __forceinline__ SubPixel sub_pixel_terms(float value, bool first_bin,
     const float abs_m = fabsf(m);
     const float widest = abs_m > h ? abs_m : h;
     const float p = expf(abs_m - widest), q = expf(-abs_m - widest), s = expf(-h - widest);
-    const float scaled_sum = p + q + expf(h - widest) + s;
+    const float scaled_exp_h = expf(h - widest);
+    const float inv_scaled_sum = 1.f / (p + q + scaled_exp_h + s);
     const float one_minus_e2h = -expm1f(-2.f * h);
-    const float log_delta = logf(one_minus_e2h) + (h - widest) - logf(scaled_sum);
-    if (log_delta > kLogMinBinProbability) {
-      log_prob = log_delta;
+    // P = delta_ratio * e^(h - widest): the reference's test log P > log(1e-5) made on P, so
+    // that the branch taken needs one log, not two.
+    const float delta_ratio = one_minus_e2h * inv_scaled_sum;
+    if (delta_ratio * scaled_exp_h > kMinBinProbability) {
+      log_prob = logf(delta_ratio) + (h - widest);
       if (kGrad) {
-        dm = -sign_of(m) * p * -expm1f(-2.f * abs_m) / scaled_sum;
-        dh_term = h * ((p + q) * (2.f - one_minus_e2h) + 4.f * s) / (one_minus_e2h * scaled_sum);
+        dm = -sign_of(m) * p * -expm1f(-2.f * abs_m) * inv_scaled_sum;
+        dh_term = h * ((p + q) * (2.f - one_minus_e2h) + 4.f * s) * inv_scaled_sum / one_minus_e2h;
       }
     } else {  // mid-point density fallback
       log_prob = m - log_scale - 2.f * softplus(m) - log_half_bins;
