@@ -220,16 +220,25 @@ def test_triton_never_reads_masked_out_weights():
 
 
 @pytest.mark.parametrize("input_activation", [None, "concat_elu"])
-def test_triton_weight_grad_split_reduction_is_deterministic_and_correct(input_activation):
-    """Split in partial sums or not, the weight gradient matches the reference; a split run repeats bit for bit."""
+@pytest.mark.parametrize(
+    "batch, height, width",
+    # A 32-pixel block steps 5 rows and 2 columns on to the next image; a row wider than a block;
+    # a block spanning several 2x3 images. Each program of the split runs several blocks.
+    [(2, 7, 6), (1, 5, 40), (20, 2, 3)],
+)
+def test_triton_weight_grad_split_reduction_is_deterministic_and_correct(input_activation, batch, height, width):
+    """Split in partial sums or not, the weight gradient matches the reference; a split run repeats bit for bit.
+
+    The kernel advances each pixel's row and column from block to block (no division in its loop):
+    the sizes make those steps wrap across rows and images."""
     from pixelcnn_kernels.triton import masked_conv as kernels
 
     concat_elu_input = input_activation is not None
-    x, weight, _ = make_conv_inputs(4, 5, (3, 3), 2, 7, 6)
+    x, weight, _ = make_conv_inputs(4, 5, (3, 3), batch, height, width)
     if concat_elu_input:
         weight = torch.cat([weight, weight], 1)
     spec = resolve_mask("B", 3)
-    grad_out = torch.randn(2, 5, 7, 6)
+    grad_out = torch.randn(batch, 5, height, width)
     x_rows, grad_rows = x.permute(0, 2, 3, 1).contiguous(), grad_out.permute(0, 2, 3, 1).contiguous()
     offsets = ops.tap_offsets(spec, 1)
     with run_backend("triton"):
