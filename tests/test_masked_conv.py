@@ -185,6 +185,21 @@ def test_triton_many_channels_and_blocks():
         assert_close(g, e, dtype=torch.float32, msg=name)
 
 
+def test_triton_wide_column_tiles():
+    """128 -> 256 channels: the forward's 256 columns and the input gradient's 128 run in the 128-column tiles."""
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    for n_cols in (128, 256):
+        assert kernels._conv_tiles(False, torch.float32, "tf32", n_cols)[1] == kernels._BLOCK_N_WIDE
+    x, weight, bias = make_conv_inputs(128, 256, (3, 3), 1, 3, 4)
+    grad_out = torch.randn(1, 256, 3, 4)
+    with run_backend("triton"):
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="vertical")
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="vertical")
+    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
+        assert_close(g, e, dtype=torch.float32, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_half_precision(dtype):
     """16-bit tiles into tl.dot, fp32 accumulation (bfloat16 in the interpreter: triton.utils' widened dot)."""

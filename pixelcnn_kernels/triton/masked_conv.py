@@ -313,11 +313,13 @@ def _masked_conv_wgrad_kernel(
 # fit the H200's shared memory, the 128×64 fp32 accumulator is 64 registers per
 # thread at 4 warps. The gated forward and the input gradient of a concat_elu
 # input keep two accumulators, so they halve BLOCK_M to stay near the same
-# register budget (_conv_tiles). Weight gradient: 64×64 output
+# register budget (_conv_tiles). One accumulator over a multiple of 128 columns
+# takes 128 of them at 8 warps (_BLOCK_N_WIDE). Weight gradient: 64×64 output
 # tiles (Cin × Cout) reduced over 32 (64) pixels at a time.
 _BLOCK_M = 128
 _BLOCK_M_TWO_HALVES = 64
 _BLOCK_N = 64
+_BLOCK_N_WIDE = 128
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
 _NUM_WARPS = 4
@@ -349,25 +351,36 @@ def _reduction_tile(size: int, dtype: torch.dtype) -> int:
     return _tile(size, _max_reduction_tile(dtype))
 
 
-def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, gate_groups: int = 1) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) of _masked_conv_kernel: _BLOCK_M pixels at 4 warps; half as many
-    for two accumulators (a gate, or concat_elu's backward: the kernel's TWO_HALVES), at 8
-    warps for 16-bit inputs or a gate in groups; half again for full-fp32 ("ieee") products.
+def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, n_cols: int, gate_groups: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of _masked_conv_kernel over ``n_cols`` output columns.
+
+    One accumulator: _BLOCK_M pixels × _BLOCK_N columns at 4 warps, or × _BLOCK_N_WIDE at 8
+    warps when the columns are a multiple of it (no padded columns): each program then
+    reads its rows of x once per 128 columns instead of per 64, a third less of the
+    operand traffic from L2 that bounds the bf16 forward (the vertical 3×3, 64×128×32×32 →
+    256: ~0.60 → ~0.40 GB; 0.099 ms on the H200 on 2026-11-30, at ~6 TB/s). Predicted
+    ~0.07 ms, not yet measured; 128 × 256 halves it but spills 116 bytes with a residual.
+    Two accumulators (a gate, or concat_elu's backward: the kernel's TWO_HALVES): half as
+    many pixels, at 8 warps for 16-bit inputs or a gate in groups. Full-fp32 ("ieee")
+    products: half the pixels again, never the wide tile.
 
     Register use compiled for sm_90 (ptxas -v; no spills unless said), e.g. the vertical 3×3
-    taps: one accumulator 128 (fp32, TF32) or 175 (bf16); two 164 (fp32), and for bf16 255
-    with 32 bytes of spills at 4 warps, 125 at 8. "ieee" ``tl.dot`` is an FMA loop holding
+    taps: one accumulator 124 (fp32, TF32) or 118 (bf16) at 4 warps, 118 and 119 wide at 8;
+    two 128 (fp32) at 4 warps, 77 (bf16) at 8. "ieee" ``tl.dot`` is an FMA loop holding
     both operand tiles in registers: at 128 rows the input gradient spills 12 bytes and the
     64-bit-index forward 16; at 64 rows, 96. A gate in groups maps each column to its channel,
     so the epilogue's loads and stores are not vectorised: the 1×1 link of the colour model
-    (126 channels, no multiple of 16) in fp32 spills 128 bytes at 4 warps under Triton 3.6,
-    none at 8 (151 registers).
+    (126 channels, no multiple of 16) in fp32 spills 20 bytes at 4 warps, none at 8 (148 registers).
     """
+    full_fp32 = precision == "ieee" and dtype == torch.float32
+    block_n = _tile(n_cols, _BLOCK_N)
     if two_halves:
         rows, warps = _BLOCK_M_TWO_HALVES, _NUM_WARPS if dtype == torch.float32 and gate_groups == 1 else 2 * _NUM_WARPS
+    elif not full_fp32 and n_cols % _BLOCK_N_WIDE == 0:
+        rows, block_n, warps = _BLOCK_M, _BLOCK_N_WIDE, 2 * _NUM_WARPS
     else:
         rows, warps = _BLOCK_M, _NUM_WARPS
-    return (rows // 2 if precision == "ieee" and dtype == torch.float32 else rows), warps
+    return (rows // 2 if full_fp32 else rows), block_n, warps
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -396,8 +409,7 @@ def _conv_launch(
         x, keep = _concat_elu_rows(x, keep, keep_scale), None
     c_in = x.shape[3]
     precision = dot_precision(x.dtype, allow_tf32)
-    block_m, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision, gate_groups)
-    block_n = _tile(n_cols, _BLOCK_N)
+    block_m, block_n, num_warps = _conv_tiles(gate != GATE_NONE or elu_x is not None, x.dtype, precision, n_cols, gate_groups)
     grid = (cdiv(num_pixels, block_m), cdiv(n_cols, block_n))
     with launch_device(x):
         _masked_conv_kernel[grid](
@@ -632,10 +644,12 @@ def _register_compile_cases() -> None:
         ("fwd_gated_addend", GATE_TANH_SIGMOID, ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr")),
     )
     variants_of = {"down_shifted2x3": plain_variants + pixelcnn_pp_variants, "down_right_shifted2x2": plain_variants + pixelcnn_pp_variants, "full1x1": link_variants}
+    # Gated PixelCNN's at 128 channels (the bench's), PixelCNN++'s at a width of a multiple of 128.
+    wide_tap_sets = ("vertical3x3", "horizontal1x3", "full1x1", "down_shifted2x3")
     wgrad_variants_of = {"down_shifted2x3": (False, True), "full1x1": ()}  # wide_index of each
     optional_pointers = ("bias_ptr", "cond_ptr", "residual_ptr", "addend_ptr", "elu_x_ptr", "keep_ptr", "pre_ptr")
 
-    def register_conv(name, offsets, dtype, gate, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1):
+    def register_conv(name, offsets, dtype, gate, given_pointers, *, wide_index=False, precision=None, divisible_ints=True, c_in=None, gate_groups=1, n_cols=_BLOCK_N):
         ptr = pointer_type(dtype)
         precision = precision or dot_precision(dtype, allow_tf32=True)
         # Triton specialises an int argument equal to 1 as a constant, as the launches pass the
@@ -647,9 +661,9 @@ def _register_compile_cases() -> None:
         signature.update({**dict.fromkeys(given_pointers, ptr), **({"num_pixels": "i64"} if wide_index else {}), "keep_scale": "fp32"})  # 64-bit indices: num_pixels arrives as i64
         if "keep_ptr" in given_pointers:
             signature["keep_ptr"] = "*u8"
-        block_m, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision, gate_groups)
+        block_m, block_n, num_warps = _conv_tiles(gate != GATE_NONE or "elu_x_ptr" in given_pointers, dtype, precision, n_cols, gate_groups)
         constexprs = {
-            "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": _BLOCK_N,
+            "OFFSETS": tuple(offsets), "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, "BLOCK_N": block_n,
             "BLOCK_K": _max_reduction_tile(dtype) if c_in is None else _reduction_tile(c_in, dtype),
             **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "GATE_GROUPS": gate_groups,
             "BLOCK_M": block_m, unit_stride: 1,
@@ -680,6 +694,8 @@ def _register_compile_cases() -> None:
                     register_conv(f"masked_conv_{kind}_wide_index_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, wide_index=True)
                 if dtype == torch.float32 and kind == "fwd" and tap_name == "vertical3x3":  # TF32 off: full-precision fp32 products
                     register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, precision="ieee")
+                if gate == GATE_NONE and "elu_x_ptr" not in given_pointers and tap_name in wide_tap_sets:  # 128 columns or a multiple
+                    register_conv(f"masked_conv_{kind}_wide_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, n_cols=_BLOCK_N_WIDE)
             for wide_index in wgrad_variants_of.get(tap_name, (False,)):
                 register_wgrad(f"masked_conv_wgrad{'_wide_index' if wide_index else ''}_{tap_name}_{dtype_name}", offsets, dtype, wide_index=wide_index)
         for tap_name, offsets in first_layer_tap_sets.items():
