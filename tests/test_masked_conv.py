@@ -186,11 +186,13 @@ def test_triton_many_channels_and_blocks():
 
 
 def test_triton_wide_column_tiles():
-    """128 -> 256 channels: the forward's 256 columns and the input gradient's 128 run in the 128-column tiles."""
+    """128 -> 256 channels: the forward's 256 columns and the input gradient's 128 run in the 128-column tiles,
+    the weight gradient in 128 x 128 tiles."""
     from pixelcnn_kernels.triton import masked_conv as kernels
 
     for n_cols in (128, 256):
         assert kernels._conv_tiles(False, torch.float32, "tf32", n_cols)[1] == kernels._BLOCK_N_WIDE
+    assert kernels._wgrad_tiles(128, 256)[:2] == (kernels._WGRAD_BLOCK_WIDE, kernels._WGRAD_BLOCK_WIDE)
     x, weight, bias = make_conv_inputs(128, 256, (3, 3), 1, 3, 4)
     grad_out = torch.randn(1, 256, 3, 4)
     with run_backend("triton"):

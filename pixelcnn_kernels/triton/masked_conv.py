@@ -322,16 +322,19 @@ _BLOCK_N = 64
 _BLOCK_N_WIDE = 128
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
+_WGRAD_BLOCK_WIDE = 128
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 # A weight-gradient program reduces at least this many pixel blocks before the
 # reduction is split further (splitting more only adds partial-sum traffic).
 _MIN_BLOCKS_PER_SPLIT = 8
-# Weight-gradient programs an SM holds at once (48 KiB of shared memory and at most 106
-# registers per thread each, compiled for sm_90). Asking for 2 per SM, the H200 run of
+# Weight-gradient programs an SM holds at once: 64×64 tiles at 4 warps take 48 KiB of shared
+# memory and at most 128 registers per thread each (sm_90), 4 fit; 128×128 tiles at 8 warps
+# 96 KiB and at most 164, 2 fit. Asking for 2 per SM of the 64×64 tiles, the H200 run of
 # 2026-11-30 had 288 programs at its bench shapes: 24 SMs ran 3 and 108 ran 2. One full
-# wave of 4 per SM is predicted to take up to a quarter off the weight gradient; not yet measured.
+# wave is predicted to take up to a quarter off the weight gradient; not yet measured.
 _WGRAD_BLOCKS_PER_SM = 4
+_WGRAD_WIDE_BLOCKS_PER_SM = 2
 # tl.dot needs every tile dimension to be at least 16.
 _MIN_DOT_DIM = 16
 
@@ -527,16 +530,29 @@ def masked_conv2d_fwd_gated(
     return [out, preact]
 
 
-def _weight_grad_splits(tiles: int, pixel_blocks: int, device: torch.device) -> int:
+def _wgrad_tiles(c_in: int, c_out: int) -> tuple[int, int, int, int]:
+    """(BLOCK_CI, BLOCK_CO, num_warps, programs per SM) of the weight gradient.
+
+    128 × 128 at 8 warps when both channel counts are multiples of 128 (no padded rows or
+    columns), else up to 64 × 64 at 4: each step's two operand tiles then feed 4× the
+    products for 2× the bytes, halving the operand traffic from L2 (the vertical 3×3 bf16:
+    ~0.8 → ~0.4 GB) and the loop's instructions per product. Not yet measured.
+    """
+    if c_in % _WGRAD_BLOCK_WIDE == 0 and c_out % _WGRAD_BLOCK_WIDE == 0:
+        return _WGRAD_BLOCK_WIDE, _WGRAD_BLOCK_WIDE, 2 * _NUM_WARPS, _WGRAD_WIDE_BLOCKS_PER_SM
+    return _tile(c_in, _WGRAD_BLOCK), _tile(c_out, _WGRAD_BLOCK), _NUM_WARPS, _WGRAD_BLOCKS_PER_SM
+
+
+def _weight_grad_splits(tiles: int, pixel_blocks: int, blocks_per_sm: int, device: torch.device) -> int:
     """How many pixel ranges the weight-gradient reduction is split into.
 
-    Enough programs for one full wave over the GPU's SMs (_WGRAD_BLOCKS_PER_SM each),
+    Enough programs for one full wave over the GPU's SMs (``blocks_per_sm`` each),
     each reducing at least _MIN_BLOCKS_PER_SPLIT pixel blocks; depends on shapes and
     device only, so the summation order, hence the result, is reproducible.
     """
     if device.type != "cuda":
         return 1
-    programs_wanted = _WGRAD_BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    programs_wanted = blocks_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
@@ -580,11 +596,11 @@ def masked_conv2d_wgrad(
         g_rows, strides = gout.reshape(num_pixels, c_out).t().contiguous(), (c_in, 1, 1, num_pixels)
     else:
         g_rows, strides = gout, (c_in, 1, c_out, 1)
-    block_ci, block_co = _tile(c_in, _WGRAD_BLOCK), _tile(c_out, _WGRAD_BLOCK)
+    block_ci, block_co, num_warps, blocks_per_sm = _wgrad_tiles(c_in, c_out)
     block_p = _reduction_tile(num_pixels, x.dtype)
     pixel_blocks = cdiv(num_pixels, block_p)
     tiles = num_taps * cdiv(c_in, block_ci) * cdiv(c_out, block_co)
-    splits = num_splits or _weight_grad_splits(tiles, pixel_blocks, x.device)
+    splits = num_splits or _weight_grad_splits(tiles, pixel_blocks, blocks_per_sm, x.device)
     blocks_per_split = cdiv(pixel_blocks, splits)
     partial = torch.empty(splits, num_taps, c_in, c_out, device=x.device, dtype=torch.float32)
     grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
@@ -592,7 +608,7 @@ def masked_conv2d_wgrad(
         _masked_conv_wgrad_kernel[grid](
             x, g_rows, partial, num_pixels, height, width, c_in, c_out, *strides, blocks_per_split,
             OFFSETS=tuple(offsets), DOT_PRECISION=precision, WIDE_INDEX=wide_index,
-            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=num_warps, num_stages=_NUM_STAGES,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
@@ -670,9 +686,10 @@ def _register_compile_cases() -> None:
         }  # fmt: skip
         register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
-    def register_wgrad(name, offsets, dtype, *, wide_index=False, divisible_ints=True, c_in=None):
+    def register_wgrad(name, offsets, dtype, *, wide_index=False, divisible_ints=True, c_in=_WGRAD_BLOCK, c_out=_WGRAD_BLOCK):
         # As masked_conv2d_wgrad launches it: x channels-last, gout too or pixel-major.
-        pixel_major = _pixel_major_gout(dot_precision(dtype, allow_tf32=True), wide_index, _WGRAD_BLOCK if c_in is None else c_in)
+        pixel_major = _pixel_major_gout(dot_precision(dtype, allow_tf32=True), wide_index, c_in)
+        block_ci, block_co, num_warps, _ = _wgrad_tiles(c_in, c_out)
         unit_strides = ("stride_xc", "stride_gp" if pixel_major else "stride_gc")
         strides = [stride for stride in ("stride_xp", "stride_xc", "stride_gp", "stride_gc") if stride not in unit_strides]
         signature = {
@@ -681,9 +698,9 @@ def _register_compile_cases() -> None:
         }  # fmt: skip
         constexprs = {
             "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
-            "BLOCK_CI": _WGRAD_BLOCK if c_in is None else _tile(c_in, _WGRAD_BLOCK), "BLOCK_CO": _WGRAD_BLOCK, "BLOCK_P": _max_reduction_tile(dtype),
+            "BLOCK_CI": block_ci, "BLOCK_CO": block_co, "BLOCK_P": _max_reduction_tile(dtype),
         }  # fmt: skip
-        register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
+        register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
@@ -698,6 +715,8 @@ def _register_compile_cases() -> None:
                     register_conv(f"masked_conv_{kind}_wide_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, n_cols=_BLOCK_N_WIDE)
             for wide_index in wgrad_variants_of.get(tap_name, (False,)):
                 register_wgrad(f"masked_conv_wgrad{'_wide_index' if wide_index else ''}_{tap_name}_{dtype_name}", offsets, dtype, wide_index=wide_index)
+            if tap_name in wide_tap_sets and tap_name != "full1x1":
+                register_wgrad(f"masked_conv_wgrad_wide_{tap_name}_{dtype_name}", offsets, dtype, c_in=_WGRAD_BLOCK_WIDE, c_out=_WGRAD_BLOCK_WIDE)
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
