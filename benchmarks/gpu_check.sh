@@ -16,6 +16,8 @@
 # a default) times the `models` family again as CUDA-graph replays (`bench
 # --cuda-graph`, without the compile provider): the GPU's work of the layers and
 # training steps without the host's, to set beside the plain table's `host ms`.
+# "tiles" (not a default; about a minute) runs benchmarks/masked_conv_tiles.py, the A/B
+# of the masked conv's 64-column and wide tiles in one run, before the bench.
 #
 # Measured on the H200 on 2026-11-30 (benchmarks/results/2026-11-30-h200.md): the build
 # 20 s, the GPU tests about 130 s on 8 processes (most of it Triton compiling kernels on
@@ -27,7 +29,7 @@
 # 2026-11-30 two such calls (420 s and 330 s of commands, timeout_s 470 and 370) held the
 # machine 809 s of the session's 900, start-up included:
 #   GPU_CHECK_SECONDS=420 bash benchmarks/gpu_check.sh "$OUT" gates dmol masked_conv
-#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS=bench bash benchmarks/gpu_check.sh "$OUT" models masked_conv
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models masked_conv
 # The `sampling` family, whose naive baseline alone takes about a minute per call at the
 # issue's sizes, is left to a call of its own, with `--providers` trimmed.
 #
@@ -72,7 +74,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -170,6 +172,15 @@ if wants properties; then
     grep -E "^(FAILED|ERROR)" "$out/properties.log" | head -10; tail -2 "$out/properties.log"; echo '```'; } >>"$summary"
 fi
 
+if wants tiles; then
+  step "masked conv tile A/B"
+  limit=$(allowance 90 60)
+  within "$limit" $py benchmarks/masked_conv_tiles.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
+  tiles_rc=$?
+  { echo; echo "## Masked conv tiles, 64-column against wide (python benchmarks/masked_conv_tiles.py): $(outcome $tiles_rc "$limit")"; echo
+    cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
+fi
+
 if wants bench; then
   step "benchmarks"
   limit=$(allowance 300 5)
@@ -190,6 +201,6 @@ fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log sanitizer_*.log properties.log bench*.log bench/results.csv bench_graph 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log sanitizer_*.log properties.log tiles.log tiles.md bench*.log bench/results.csv bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]

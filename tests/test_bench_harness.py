@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,28 @@ def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path)
         assert float(host_ms) > 0, workload
         assert int(launches) > 0 if ops.strip() == "fused" else launches.strip() == "-"
     assert "command: python benchmarks/host_overhead.py --steps 1" in out.read_text()
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_masked_conv_tiles_script_switches_the_tiles_and_needs_a_gpu():
+    """benchmarks/masked_conv_tiles.py: its "64-col" choice makes the launchers pick the 64-column tiles and
+    restores theirs after; without a GPU it runs nothing and says why."""
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    path, script = _load_script("masked_conv_tiles")
+    wide = (kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._wgrad_tiles(128, 256))
+    assert wide[0][1] == kernels._BLOCK_N_WIDE and wide[1][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2
+    with script.tiles("64-col"):
+        assert kernels._conv_tiles(False, torch.bfloat16, "ieee", 256)[1:] == (kernels._BLOCK_N, kernels._NUM_WARPS)
+        assert kernels._wgrad_tiles(128, 256)[:3] == (kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK, kernels._NUM_WARPS)
+    assert (kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._wgrad_tiles(128, 256)) == wide
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(path), "--repeats", "1"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr

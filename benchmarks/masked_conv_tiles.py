@@ -1,0 +1,119 @@
+"""A/B of the Triton masked convolution's tile choice, kernel by kernel, on a GPU.
+
+Times the forward, input-gradient and weight-gradient launchers of
+``pixelcnn_kernels.triton.masked_conv`` at the issue's shape (x 64×128×32×32 → 256
+channels, the 3×3 vertical mask's 6 taps), bf16 and fp32 (TF32), each with two tile
+choices in the same run:
+
+- ``64-col``: the tiles before 2026-11-30's change: 128 × 64 at 4 warps (forward, input
+  gradient), 64 × 64 at 4 warps (weight gradient, 4 programs per SM);
+- ``wide``: what the launchers now pick (128 × 128 at 8 warps for both, where the
+  channels are multiples of 128).
+
+Each call is timed by the bench harness's timer (CUDA events, L2 emptied and the GPU
+spinning before each call, inputs rotated over three random sets), median of
+``--repeats`` calls after warm-up; ``TFLOP/s`` counts the active taps' products only.
+The prediction it checks is in ``masked_conv_perf_notes.md``.
+
+    python benchmarks/masked_conv_tiles.py [--repeats N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pixelcnn_kernels.bench.harness import _Timer, _spin_ms
+from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
+from pixelcnn_kernels.triton import masked_conv as kernels
+
+BATCH, C_IN, C_OUT, SIDE = 64, 128, 256, 32
+INPUT_SETS = 3
+
+
+@contextlib.contextmanager
+def tiles(choice: str):
+    """Within the block the launchers use ``choice``'s tiles ("wide": their own)."""
+    if choice == "wide":
+        yield
+        return
+    conv_tiles, wgrad_tiles = kernels._conv_tiles, kernels._wgrad_tiles
+    # Asked for 64 columns (not a multiple of 128) they pick the 64-column tiles.
+    kernels._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: conv_tiles(two_halves, dtype, precision, kernels._BLOCK_N, gate_groups)
+    kernels._wgrad_tiles = lambda c_in, c_out: wgrad_tiles(kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK)
+    try:
+        yield
+    finally:
+        kernels._conv_tiles, kernels._wgrad_tiles = conv_tiles, wgrad_tiles
+
+
+def kernel_calls(dtype: torch.dtype, device: torch.device) -> dict[str, list]:
+    """name -> one zero-argument call per input set."""
+    spec = resolve_mask("vertical", 3)
+    offsets = tap_offsets(spec, 1)
+    calls = {"forward": [], "input grad": [], "weight grad": []}
+    for seed in range(INPUT_SETS):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(BATCH, SIDE, SIDE, C_IN, device=device, dtype=dtype, generator=generator)
+        gout = torch.randn(BATCH, SIDE, SIDE, C_OUT, device=device, dtype=dtype, generator=generator)
+        weight = torch.randn(C_OUT, C_IN, 3, 3, device=device, dtype=dtype, generator=generator) / (C_IN * 6) ** 0.5
+        wp = pack_weight(weight, spec)
+        calls["forward"].append(lambda x=x, wp=wp: kernels.masked_conv2d_fwd(x, wp, None, None, offsets, False, True))
+        calls["input grad"].append(lambda gout=gout, wp=wp: kernels.masked_conv2d_dgrad(gout, wp, None, offsets, True))
+        calls["weight grad"].append(lambda x=x, gout=gout: kernels.masked_conv2d_wgrad(x, gout, offsets, False, True))
+    return calls
+
+
+def time_calls(timer: _Timer, calls: list, repeats: int) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``repeats`` calls rotating over ``calls``, after a warm-up of each."""
+    begin = time.perf_counter()
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    spin = _spin_ms((time.perf_counter() - begin) / len(calls))
+    times = sorted(timer.time_call(calls[i % len(calls)], spin)[0] for i in range(repeats))
+    quantiles = statistics.quantiles(times, n=5)
+    return statistics.median(times), quantiles[0], quantiles[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per row (default 30)")
+    parser.add_argument("--out", type=Path, help="also write the table, with the date, GPU and versions, to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("masked_conv_tiles: needs a CUDA GPU (it times GPU kernels); nothing run", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    timer = _Timer(device)
+    flops = 2 * BATCH * SIDE * SIDE * C_IN * C_OUT * len(resolve_mask("vertical", 3).taps)
+    lines = ["| kernel | dtype | tiles | median ms | p20 | p80 | TFLOP/s |", "|---|---|---|---:|---:|---:|---:|"]
+    for dtype in (torch.bfloat16, torch.float32):
+        calls = kernel_calls(dtype, device)
+        for name, set_calls in calls.items():
+            for choice in ("64-col", "wide"):
+                with tiles(choice):
+                    median, p20, p80 = time_calls(timer, set_calls, args.repeats)
+                lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {flops / median * 1e-9:.0f} |")
+                print(lines[-1], flush=True)
+    header = [
+        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"gpu: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {sys.modules['triton'].__version__}",
+        f"shape: x {BATCH}x{C_IN}x{SIDE}x{SIDE} -> {C_OUT}, vertical 3x3 (6 taps); fp32 in TF32",
+        f"command: python benchmarks/masked_conv_tiles.py --repeats {args.repeats}",
+    ]
+    if args.out:
+        args.out.write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
