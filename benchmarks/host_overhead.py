@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import pixelcnn_kernels as pk  # noqa: E402
+from pixelcnn_kernels.cli import positive_int  # noqa: E402
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus  # noqa: E402
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d, GatedResnet  # noqa: E402
 from pixelcnn_kernels.reference.layers import REFERENCE_OPS, set_ops  # noqa: E402
@@ -106,7 +107,7 @@ def host_ms(forward, steps: int) -> tuple[float, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--steps", type=int, default=30, help="timed forward+backward calls per row (default 30)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed forward+backward calls per row (default 30)")
     parser.add_argument("--out", type=Path, help="also write the table, with the date, CPU and versions, to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pixelcnn_kernels.bench.harness import _Timer, _spin_ms
+from pixelcnn_kernels.bench.harness import _median, _percentile, _spin_ms, _Timer
+from pixelcnn_kernels.cli import positive_int
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
 from pixelcnn_kernels.triton import masked_conv as kernels
@@ -78,14 +78,13 @@ def time_calls(timer: _Timer, calls: list, repeats: int) -> tuple[float, float, 
         call()
     torch.cuda.synchronize()
     spin = _spin_ms((time.perf_counter() - begin) / len(calls))
-    times = sorted(timer.time_call(calls[i % len(calls)], spin)[0] for i in range(repeats))
-    quantiles = statistics.quantiles(times, n=5)
-    return statistics.median(times), quantiles[0], quantiles[-1]
+    times = [timer.time_call(calls[i % len(calls)], spin)[0] for i in range(repeats)]
+    return _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per row (default 30)")
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed calls per row (default 30)")
     parser.add_argument("--out", type=Path, help="also write the table, with the date, GPU and versions, to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
