@@ -6,12 +6,7 @@ import torch
 from torch import nn
 
 from pixelcnn_kernels.ops.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
-
-
-def _check_dim(dim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    return dim
+from pixelcnn_kernels.utils import check_int
 
 
 class _SplitGate(nn.Module):
@@ -21,7 +16,7 @@ class _SplitGate(nn.Module):
 
     def __init__(self, dim: int = 1):
         super().__init__()
-        self.dim = _check_dim(dim)
+        self.dim = check_int(dim, "dim")
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self._gate(x, self.dim, cond)
@@ -54,7 +49,7 @@ class ConcatELU(nn.Module):
 
     def __init__(self, dim: int = 1):
         super().__init__()
-        self.dim = _check_dim(dim)
+        self.dim = check_int(dim, "dim")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return concat_elu(x, self.dim)

@@ -10,6 +10,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
 from pixelcnn_kernels.reference.masked_conv import GATES
+from pixelcnn_kernels.utils import check_int
 
 
 def weight_norm_hook(conv: nn.Module) -> WeightNorm | None:
@@ -63,10 +64,7 @@ class MaskedConv2d(nn.Conv2d):
         dtype=None,
     ):
         spec = resolve_mask(mask, kernel_size, color_groups)
-        if isinstance(dilation, bool) or not isinstance(dilation, int):
-            raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
-        if dilation < 1:
-            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        check_int(dilation, "dilation", 1)
         if in_channels % color_groups or out_channels % color_groups:
             raise ValueError(f"color_groups={color_groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         super().__init__(in_channels, out_channels, spec.kernel_size, stride=1, padding=0, dilation=dilation, bias=bias, device=device, dtype=dtype)

@@ -19,7 +19,7 @@ import torch
 from pixelcnn_kernels import backend as _backend
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, compute_dtype
+from pixelcnn_kernels.utils import FLOAT_DTYPES, check_int, check_same_device, check_tensor, compute_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
@@ -34,9 +34,7 @@ _KERNEL_X_DTYPES = (torch.float32, torch.uint8, torch.int64)
 
 
 def check_num_bins(num_bins: object) -> int:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int):
-        raise TypeError(f"num_bins must be an int, got {type(num_bins).__name__}")
-    if not 2 <= num_bins <= MAX_NUM_BINS:
+    if not 2 <= check_int(num_bins, "num_bins") <= MAX_NUM_BINS:
         raise ValueError(f"num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
     return num_bins
 

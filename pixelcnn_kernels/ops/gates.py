@@ -28,7 +28,7 @@ import torch
 from pixelcnn_kernels.backend import cuda_ops, resolve_kernel_backend
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import gates as reference
-from pixelcnn_kernels.utils import DTypeError, check_same_device, check_same_dtype, check_tensor, compute_dtype, normalize_dim
+from pixelcnn_kernels.utils import DTypeError, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype, normalize_dim
 
 __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 
@@ -39,9 +39,7 @@ __all__ = ["concat_elu", "gate_sigmoid", "gate_tanh_sigmoid"]
 def _check_x_and_dim(x: torch.Tensor, dim: int) -> int:
     """Checks ``x`` and ``dim``; returns ``dim`` as a non-negative index."""
     check_tensor(x, "x")
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    return normalize_dim(dim, x.dim())
+    return normalize_dim(check_int(dim, "dim"), x.dim())
 
 
 def _check_gate_args(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> int:

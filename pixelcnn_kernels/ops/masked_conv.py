@@ -44,7 +44,7 @@ from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_gro
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, gate_in_groups, masked_conv2d_ref
-from pixelcnn_kernels.utils import channels_last, check_dropout_rate, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
+from pixelcnn_kernels.utils import channels_last, check_dropout_rate, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
 GATE_CODES = {"tanh_sigmoid": 1, "sigmoid": 2}
@@ -240,10 +240,7 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {in_channels} (weight shape {tuple(weight.shape)})")
     if bias is not None and bias.shape[0] != out_channels:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has {out_channels} output channels")
-    if isinstance(dilation, bool) or not isinstance(dilation, int):
-        raise TypeError(f"dilation must be an int, got {type(dilation).__name__}")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    check_int(dilation, "dilation", 1)
     if isinstance(mask, str):
         args = _named_mask_args(mask, (kernel_height, kernel_width), check_color_groups(color_groups))
     else:
@@ -624,10 +621,7 @@ def masked_conv2d_gated(
     conv_args = _validate(x, weight, bias, mask, dilation, color_groups, input_activation, dropout_keep, dropout_p)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if isinstance(gate_groups, bool) or not isinstance(gate_groups, int):
-        raise TypeError(f"gate_groups must be an int, got {type(gate_groups).__name__}")
-    if gate_groups < 1:
-        raise ValueError(f"gate_groups must be >= 1, got {gate_groups}")
+    check_int(gate_groups, "gate_groups", 1)
     if color_groups != 1 and gate_groups != color_groups:
         raise ValueError(f"color_groups={color_groups} needs gate_groups={color_groups} (a gate would pair channels of two colours), got {gate_groups}")
     out_channels = weight.shape[0]
