@@ -29,7 +29,9 @@
 # 2026-11-30 two such calls (420 s and 330 s of commands, timeout_s 470 and 370) held the
 # machine 809 s of the session's 900, start-up included:
 #   GPU_CHECK_SECONDS=420 bash benchmarks/gpu_check.sh "$OUT" gates dmol masked_conv
-#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models masked_conv
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models
+# (the second call's tile A/B, about a minute, replaces its masked_conv family: the first
+# call's bench reached past masked_conv on 2026-11-30).
 # The `sampling` family, whose naive baseline alone takes about a minute per call at the
 # issue's sizes, is left to a call of its own, with `--providers` trimmed.
 #

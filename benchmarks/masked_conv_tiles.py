@@ -1,19 +1,21 @@
-"""A/B of the Triton masked convolution's tile choice, kernel by kernel, on a GPU.
+"""A/B of the Triton masked convolution's tile choices, kernel by kernel, on a GPU.
 
-Times the forward, input-gradient and weight-gradient launchers of
-``pixelcnn_kernels.triton.masked_conv`` at the issue's shape (x 64×128×32×32 → 256
-channels, the 3×3 vertical mask's 6 taps), bf16 and fp32 (TF32), each with two tile
-choices in the same run:
+Times the launchers of ``pixelcnn_kernels.triton.masked_conv`` at the issue's shape (x
+64×128×32×32 → 256 channels, the 3×3 vertical mask's 6 taps), bf16 and fp32 (TF32),
+each kernel with its tile choices in the same run:
 
-- ``64-col``: the tiles before 2026-11-30's change: 128 × 64 at 4 warps (forward, input
-  gradient), 64 × 64 at 4 warps (weight gradient, 4 programs per SM);
-- ``wide``: what the launchers now pick (128 × 128 at 8 warps for both, where the
-  channels are multiples of 128).
+- forward, input gradient, weight gradient: ``64-col``, the tiles before 2026-11-30's
+  change (128 × 64 at 4 warps; the weight gradient's 64 × 64 at 4 warps, 4 programs
+  per SM), against ``current``, what the launchers pick (128 × 128 at 8 warps where the
+  channels are multiples of 128);
+- the gated forward (tanh·σ, two accumulators over 128 columns each): ``current`` (64
+  pixels × 64 columns per half) against ``gated-128-rows``, a candidate not yet taken
+  (128 pixels at 8 warps: a third less L2 traffic, but 148 registers, one program per SM).
 
 Each call is timed by the bench harness's timer (CUDA events, L2 emptied and the GPU
 spinning before each call, inputs rotated over three random sets), median of
 ``--repeats`` calls after warm-up; ``TFLOP/s`` counts the active taps' products only.
-The prediction it checks is in ``masked_conv_perf_notes.md``.
+The predictions it checks are in ``masked_conv_perf_notes.md``.
 
     python benchmarks/masked_conv_tiles.py [--repeats N] [--out FILE]
 """
@@ -40,34 +42,45 @@ INPUT_SETS = 3
 
 @contextlib.contextmanager
 def tiles(choice: str):
-    """Within the block the launchers use ``choice``'s tiles ("wide": their own)."""
-    if choice == "wide":
-        yield
-        return
+    """Within the block the launchers use ``choice``'s tiles ("current": their own)."""
     conv_tiles, wgrad_tiles = kernels._conv_tiles, kernels._wgrad_tiles
-    # Asked for 64 columns (not a multiple of 128) they pick the 64-column tiles.
-    kernels._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: conv_tiles(two_halves, dtype, precision, kernels._BLOCK_N, gate_groups)
-    kernels._wgrad_tiles = lambda c_in, c_out: wgrad_tiles(kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK)
+    if choice == "64-col":
+        # Asked for 64 columns (not a multiple of 128) they pick the 64-column tiles.
+        kernels._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: conv_tiles(two_halves, dtype, precision, kernels._BLOCK_N, gate_groups)
+        kernels._wgrad_tiles = lambda c_in, c_out: wgrad_tiles(kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK)
+    elif choice == "gated-128-rows":
+        kernels._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: (
+            (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS) if two_halves else conv_tiles(two_halves, dtype, precision, n_cols, gate_groups)
+        )
+    elif choice != "current":
+        raise ValueError(f"unknown tile choice {choice!r}")
     try:
         yield
     finally:
         kernels._conv_tiles, kernels._wgrad_tiles = conv_tiles, wgrad_tiles
 
 
-def kernel_calls(dtype: torch.dtype, device: torch.device) -> dict[str, list]:
-    """name -> one zero-argument call per input set."""
+def kernel_calls(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[tuple[str, ...], list]]:
+    """kernel name -> (its tile choices, one zero-argument call per input set)."""
     spec = resolve_mask("vertical", 3)
     offsets = tap_offsets(spec, 1)
-    calls = {"forward": [], "input grad": [], "weight grad": []}
+    plain, gated = ("64-col", "current"), ("current", "gated-128-rows")
+    calls = {"forward": (plain, []), "input grad": (plain, []), "weight grad": (plain, []), "gated forward": (gated, [])}
     for seed in range(INPUT_SETS):
         generator = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn(BATCH, SIDE, SIDE, C_IN, device=device, dtype=dtype, generator=generator)
         gout = torch.randn(BATCH, SIDE, SIDE, C_OUT, device=device, dtype=dtype, generator=generator)
         weight = torch.randn(C_OUT, C_IN, 3, 3, device=device, dtype=dtype, generator=generator) / (C_IN * 6) ** 0.5
+        bias, cond = (torch.randn(*shape, device=device, dtype=dtype, generator=generator) for shape in ((C_OUT,), (BATCH, C_OUT)))
         wp = pack_weight(weight, spec)
-        calls["forward"].append(lambda x=x, wp=wp: kernels.masked_conv2d_fwd(x, wp, None, None, offsets, False, True))
-        calls["input grad"].append(lambda gout=gout, wp=wp: kernels.masked_conv2d_dgrad(gout, wp, None, offsets, True))
-        calls["weight grad"].append(lambda x=x, gout=gout: kernels.masked_conv2d_wgrad(x, gout, offsets, False, True))
+        calls["forward"][1].append(lambda x=x, wp=wp: kernels.masked_conv2d_fwd(x, wp, None, None, offsets, False, True))
+        calls["input grad"][1].append(lambda gout=gout, wp=wp: kernels.masked_conv2d_dgrad(gout, wp, None, offsets, True))
+        calls["weight grad"][1].append(lambda x=x, gout=gout: kernels.masked_conv2d_wgrad(x, gout, offsets, False, True))
+        calls["gated forward"][1].append(
+            lambda x=x, wp=wp, bias=bias, cond=cond: kernels.masked_conv2d_fwd_gated(
+                x, wp, bias, cond, None, None, offsets, False, kernels.GATE_TANH_SIGMOID, 1, True, True
+            )
+        )
     return calls
 
 
@@ -96,8 +109,8 @@ def main(argv=None) -> int:
     lines = ["| kernel | dtype | tiles | median ms | p20 | p80 | TFLOP/s |", "|---|---|---|---:|---:|---:|---:|"]
     for dtype in (torch.bfloat16, torch.float32):
         calls = kernel_calls(dtype, device)
-        for name, set_calls in calls.items():
-            for choice in ("64-col", "wide"):
+        for name, (choices, set_calls) in calls.items():
+            for choice in choices:
                 with tiles(choice):
                     median, p20, p80 = time_calls(timer, set_calls, args.repeats)
                 lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {flops / median * 1e-9:.0f} |")

@@ -233,17 +233,28 @@ def _load_script(name: str):
 
 
 def test_masked_conv_tiles_script_switches_the_tiles_and_needs_a_gpu():
-    """benchmarks/masked_conv_tiles.py: its "64-col" choice makes the launchers pick the 64-column tiles and
-    restores theirs after; without a GPU it runs nothing and says why."""
+    """benchmarks/masked_conv_tiles.py: each tile choice makes the launchers pick its tiles and restores
+    theirs after; without a GPU it runs nothing and says why."""
     from pixelcnn_kernels.triton import masked_conv as kernels
 
     path, script = _load_script("masked_conv_tiles")
-    wide = (kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._wgrad_tiles(128, 256))
-    assert wide[0][1] == kernels._BLOCK_N_WIDE and wide[1][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2
+
+    def picks():
+        return kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._conv_tiles(True, torch.bfloat16, "ieee", 128), kernels._wgrad_tiles(128, 256)
+
+    current = picks()
+    assert current[0][1] == kernels._BLOCK_N_WIDE and current[1][0] == kernels._BLOCK_M_TWO_HALVES
+    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2
     with script.tiles("64-col"):
-        assert kernels._conv_tiles(False, torch.bfloat16, "ieee", 256)[1:] == (kernels._BLOCK_N, kernels._NUM_WARPS)
-        assert kernels._wgrad_tiles(128, 256)[:3] == (kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK, kernels._NUM_WARPS)
-    assert (kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._wgrad_tiles(128, 256)) == wide
+        plain, gated, wgrad = picks()
+        assert plain[1:] == (kernels._BLOCK_N, kernels._NUM_WARPS) and gated == current[1]
+        assert wgrad[:3] == (kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK, kernels._NUM_WARPS)
+    with script.tiles("gated-128-rows"):
+        plain, gated, wgrad = picks()
+        assert (plain, wgrad) == (current[0], current[2]) and gated == (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)
+    with pytest.raises(ValueError, match="unknown tile choice"), script.tiles("no such"):
+        pass
+    assert picks() == current
     if not torch.cuda.is_available():
         result = subprocess.run([sys.executable, str(path), "--repeats", "1"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
