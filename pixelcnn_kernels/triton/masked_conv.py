@@ -330,9 +330,10 @@ _NUM_STAGES = 3
 _MIN_BLOCKS_PER_SPLIT = 8
 # Weight-gradient programs an SM holds at once: 64×64 tiles at 4 warps take 48 KiB of shared
 # memory and at most 128 registers per thread each (sm_90), 4 fit; 128×128 tiles at 8 warps
-# 96 KiB and at most 164, 2 fit. Asking for 2 per SM of the 64×64 tiles, the H200 run of
-# 2026-11-30 had 288 programs at its bench shapes: 24 SMs ran 3 and 108 ran 2. One full
-# wave is predicted to take up to a quarter off the weight gradient; not yet measured.
+# 96 KiB and at most 122, 2 fit (164 with 64-bit indices: then 1). Asking for 2 per SM of
+# the 64×64 tiles, the H200 run of 2026-11-30 had 288 programs at its bench shapes: 24 SMs
+# ran 3 and 108 ran 2. One full wave is predicted to take up to a quarter off the weight
+# gradient; not yet measured.
 _WGRAD_BLOCKS_PER_SM = 4
 _WGRAD_WIDE_BLOCKS_PER_SM = 2
 # tl.dot needs every tile dimension to be at least 16.
@@ -367,13 +368,14 @@ def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, n_cols: in
     many pixels, at 8 warps for 16-bit inputs or a gate in groups. Full-fp32 ("ieee")
     products: half the pixels again, never the wide tile.
 
-    Register use compiled for sm_90 (ptxas -v; no spills unless said), e.g. the vertical 3×3
-    taps: one accumulator 124 (fp32, TF32) or 118 (bf16) at 4 warps, 118 and 119 wide at 8;
-    two 128 (fp32) at 4 warps, 77 (bf16) at 8. "ieee" ``tl.dot`` is an FMA loop holding
-    both operand tiles in registers: at 128 rows the input gradient spills 12 bytes and the
-    64-bit-index forward 16; at 64 rows, 96. A gate in groups maps each column to its channel,
-    so the epilogue's loads and stores are not vectorised: the 1×1 link of the colour model
-    (126 channels, no multiple of 16) in fp32 spills 20 bytes at 4 warps, none at 8 (148 registers).
+    Register use compiled for sm_90 by Triton 3.6 (ptxas -v; no spills unless said), e.g. the
+    vertical 3×3 taps: one accumulator 124 (fp32, TF32) or 118 (bf16) at 4 warps, 118 and 120
+    wide at 8 (180 for the 1×1 with an fp32 residual); two 138 (fp32) at 4 warps, 80 (bf16) at 8.
+    "ieee" ``tl.dot`` is an FMA loop holding both operand tiles in registers: at 128 rows the
+    input gradient spills 12 bytes and the 64-bit-index forward 16; at 64 rows, 96. A gate in
+    groups maps each column to its channel, so the epilogue's loads and stores are not
+    vectorised: the 1×1 link of the colour model (126 channels, no multiple of 16) in fp32
+    spills 128 bytes at 4 warps, none at 8 (151 registers).
     """
     full_fp32 = precision == "ieee" and dtype == torch.float32
     block_n = _tile(n_cols, _BLOCK_N)
