@@ -205,7 +205,8 @@ def kernel_backend(request, kernel_device):
 
 @pytest.mark.parametrize(
     "channels, mixtures, num_bins, x_kind",
-    [(3, 10, 256, "float"), (1, 5, 32, "uint8"), (3, 1, 32, "int64"), (1, 1, 256, "float"), (3, 5, 256, "uint8")],
+    # The Triton forward's component tiles: 10 = 8 + 2, 5 = 4 + 1, 7 = 4 + 4 (one padded), 3 = 2 + 1; 9 and 1 one tile.
+    [(3, 10, 256, "float"), (1, 5, 32, "uint8"), (3, 1, 32, "int64"), (1, 1, 256, "float"), (3, 5, 256, "uint8"), (3, 7, 32, "float"), (1, 9, 256, "uint8"), (1, 3, 17, "int64")],
 )
 def test_kernel_matches_reference(kernel_backend, kernel_device, channels, mixtures, num_bins, x_kind):
     logits = make_logits(channels, mixtures, device=kernel_device)
@@ -221,6 +222,23 @@ def test_kernel_matches_reference(kernel_backend, kernel_device, channels, mixtu
     assert_close(nll, reference.discretized_mix_logistic_nll(x64, logits.double(), num_bins))
     rtol, atol = grad_tolerance(torch.float32)
     torch.testing.assert_close(grad.double(), reference_grad(x, logits, grad_nll, num_bins), rtol=rtol, atol=atol)
+
+
+def test_triton_forward_covers_the_components_in_two_tiles_where_it_can():
+    """K components in a power-of-two tile and a power-of-two rest: every component covered, at most
+    a few padded, the rest's tile one element per thread or more, at most _NLL_SPLIT_MAX_ELEMENTS per
+    thread in all; the gradient pass in one padded tile."""
+    from pixelcnn_kernels.triton import dmol as kernels
+
+    threads = 32 * kernels._nll_warps(False)
+    for num_mix in range(1, 65):
+        first, rest, block = kernels._mixture_tiles(num_mix, compute_grad=False)
+        assert first & (first - 1) == 0 and rest & (rest - 1) == 0 and block & (block - 1) == 0
+        assert first + rest >= num_mix and (rest == 0 or first < num_mix)
+        assert rest == 0 or (block * rest >= threads and block * (first + rest) <= kernels._NLL_SPLIT_MAX_ELEMENTS * threads)
+        assert rest > 0 or first == kernels.next_power_of_2(num_mix)
+        assert kernels._mixture_tiles(num_mix, compute_grad=True)[:2] == (kernels.next_power_of_2(num_mix), 0)
+    assert kernels._mixture_tiles(10, compute_grad=False)[:2] == (8, 2)
 
 
 def test_kernel_integer_x_is_the_float_bin_centre_bit_for_bit(kernel_backend, kernel_device):

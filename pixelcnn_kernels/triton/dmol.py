@@ -1,9 +1,10 @@
 """Triton kernels of the discretized logistic mixture (DMOL): NLL forward, NLL backward, sampler.
 
-One program handles ``BLOCK`` pixels as a ``(BLOCK, K_PAD)`` tile (pixels x mixture
-components, ``K_PAD`` = K rounded up to a power of two), so every parameter load
-reads one logits channel across consecutive pixels (coalesced in NCHW; any
-strides, channels-last included, are read in place). The math follows
+One program handles ``BLOCK`` pixels as tiles of pixels x mixture components (the
+NLL's forward: a power-of-two tile and one for the rest, 10 = 8 + 2; its gradient pass
+and the sampler: one tile of K rounded up to a power of two), so every parameter load
+reads one logits channel across consecutive pixels (coalesced in NCHW; any strides,
+channels-last included, are read in place). The math follows
 :mod:`pixelcnn_kernels.reference.dmol` in float32 whatever the storage dtype. The
 backward recomputes the forward in the same pass that writes the logits'
 gradient, so nothing of size (B, H, W, C, K) is ever stored.
@@ -30,9 +31,11 @@ MIN_BIN_PROBABILITY = tl.constexpr(_reference.MIN_BIN_PROBABILITY)
 EDGE_THRESHOLD = tl.constexpr(_reference.EDGE_THRESHOLD)
 U_EPS = tl.constexpr(_reference.U_EPS)
 # Pixels per program: keeps a (BLOCK, K_PAD) float32 tile at 512 elements (4 per thread) in the
-# NLL; in the sampler at most 128 pixels (a pixel's draw holds about a dozen values per channel:
-# 2048 at K = 1 spilled 528 B on sm_90) and at most 2048 elements (128 at K_PAD = 64 spilled 1 KB).
+# NLL, its forward's two tiles at up to 6 per thread (_mixture_tiles); in the sampler at most
+# 128 pixels (a pixel's draw holds about a dozen values per channel: 2048 at K = 1 spilled
+# 528 B on sm_90) and at most 2048 elements (128 at K_PAD = 64 spilled 1 KB).
 _NLL_TILE_ELEMENTS = 512
+_NLL_SPLIT_MAX_ELEMENTS = 6
 _SAMPLE_BLOCK = 128
 _SAMPLE_TILE_ELEMENTS = 2048
 # Launch options of the kernels that draw: every product and sum rounded on its own, as in the
@@ -205,6 +208,70 @@ def _load_x(x_ptr, x_offset, channel, x_stride_c, pix_mask, last_bin_index, X_IS
 
 
 @triton.jit
+def _mixture_terms(
+    logits_ptr, l_offset, l_stride_p, num_mix, k, pix_mask,
+    x0, first0, last0, x1, first1, last1, x2, first2, last2, half_bin, log_half_bins,
+    CHANNELS: tl.constexpr, INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """The mixture components ``k`` (a (K_TILE,) index) of every pixel: ``(mix_logits, log_probs, terms)``.
+
+    ``mix_logits`` (BLOCK, K_TILE) is -inf for k >= num_mix, ``log_probs`` the components'
+    log P(x), summed over channels, and ``terms`` what the gradient needs: (d_mean,
+    d_raw_log_scale, raw_log_scale) of each channel, then for C = 3 each coefficient's tanh'.
+    """
+    k_mask = k < num_mix
+    tile_mask = pix_mask[:, None] & k_mask[None, :]
+    k = k[None, :]
+    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset, k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
+    mix_logits = tl.where(k_mask[None, :], mix_logits.to(tl.float32), -float("inf"))
+    mean0 = tl.load(_channel_ptrs(logits_ptr, l_offset, num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+    raw_ls0 = tl.load(_channel_ptrs(logits_ptr, l_offset, 2 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+    log_probs, d_mean0, d_ls0 = _sub_pixel_terms(x0, first0, last0, mean0, raw_ls0, half_bin, log_half_bins)
+    if CHANNELS == 1:
+        return mix_logits, log_probs, (d_mean0, d_ls0, raw_ls0)
+    else:
+        # Channel c's block starts at num_mix * (1 + 3c): K means, K log-scales, K coefficients.
+        coef0, sech2_0 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        coef1, sech2_1 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        coef2, sech2_2 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
+        mean1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 4 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+        raw_ls1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 5 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+        mean2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 7 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+        raw_ls2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 8 * num_mix + k, l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32)
+        log_prob1, d_mean1, d_ls1 = _sub_pixel_terms(x1, first1, last1, mean1 + coef0 * x0, raw_ls1, half_bin, log_half_bins)
+        log_prob2, d_mean2, d_ls2 = _sub_pixel_terms(x2, first2, last2, mean2 + coef1 * x0 + coef2 * x1, raw_ls2, half_bin, log_half_bins)
+        terms = (d_mean0, d_ls0, raw_ls0, d_mean1, d_ls1, raw_ls1, d_mean2, d_ls2, raw_ls2, sech2_0, sech2_1, sech2_2)
+        return mix_logits, log_probs + log_prob1 + log_prob2, terms
+
+
+@triton.jit
+def _store_mixture_grads(
+    grad_logits_ptr, d_offset, d_stride_p, num_mix, k, pix_mask, grad, log_norm, log_total, mix_logits, log_probs, terms, x0, x1,
+    CHANNELS: tl.constexpr, INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """Writes the logits' gradient of the components ``k``, given :func:`_mixture_terms`' values for them."""
+    tile_mask = pix_mask[:, None] & (k < num_mix)[None, :]
+    k = k[None, :]
+    out_ty = grad_logits_ptr.dtype.element_ty
+    # d NLL / d log_probs[k] = -posterior[k]; d NLL / d mix[k] = prior[k] - posterior[k].
+    neg_posterior = -grad * tl.exp(mix_logits + log_probs - log_total[:, None])
+    prior = tl.exp(mix_logits - log_norm[:, None])
+    tl.store(_channel_ptrs(grad_logits_ptr, d_offset, k, d_stride_p, INDEX_64), (grad * prior + neg_posterior).to(out_ty), mask=tile_mask)
+    tl.store(_channel_ptrs(grad_logits_ptr, d_offset, num_mix + k, d_stride_p, INDEX_64), (neg_posterior * terms[0]).to(out_ty), mask=tile_mask)
+    tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 2 * num_mix + k, d_stride_p, INDEX_64), _through_clamp(neg_posterior * terms[1], terms[2]).to(out_ty), mask=tile_mask)
+    if CHANNELS == 3:
+        g_mean1 = neg_posterior * terms[3]
+        g_mean2 = neg_posterior * terms[6]
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 3 * num_mix + k, d_stride_p, INDEX_64), (g_mean1 * x0 * terms[9]).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 4 * num_mix + k, d_stride_p, INDEX_64), g_mean1.to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 5 * num_mix + k, d_stride_p, INDEX_64), _through_clamp(neg_posterior * terms[4], terms[5]).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 6 * num_mix + k, d_stride_p, INDEX_64), (g_mean2 * x0 * terms[10]).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 7 * num_mix + k, d_stride_p, INDEX_64), g_mean2.to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 8 * num_mix + k, d_stride_p, INDEX_64), _through_clamp(neg_posterior * terms[7], terms[8]).to(out_ty), mask=tile_mask)
+        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 9 * num_mix + k, d_stride_p, INDEX_64), (g_mean2 * x1 * terms[11]).to(out_ty), mask=tile_mask)
+
+
+@triton.jit
 def _dmol_nll_kernel(
     x_ptr, logits_ptr, grad_nll_ptr, nll_ptr, grad_logits_ptr,
     num_pixels, height, width, num_mix,
@@ -214,7 +281,7 @@ def _dmol_nll_kernel(
     d_stride_b, d_stride_p, d_stride_h, d_stride_w,
     half_bin, last_bin_index, log_half_bins,
     CHANNELS: tl.constexpr, X_IS_INT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+    K_FIRST: tl.constexpr, K_REST: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Per-pixel DMOL NLL (COMPUTE_GRAD=False) or the logits' gradient (COMPUTE_GRAD=True).
 
@@ -223,69 +290,56 @@ def _dmol_nll_kernel(
     Forward writes nll: (B, H, W) float32 contiguous. Backward reads grad_nll
     (B, H, W) float32 (any strides, e.g. an expanded scalar) and writes
     grad_logits (B, P, H, W) in the logits dtype with its own strides.
+    The components are two tiles, K_FIRST of them and K_REST after (0: none), powers of two
+    covering num_mix (see :func:`_mixture_tiles`).
     """
     pix, batch, row, col, pix_mask = _pixel_coords(tl.program_id(0), num_pixels, height, width, BLOCK, INDEX_64)
     x_offset = batch * x_stride_b + row * x_stride_h + col * x_stride_w
     l_offset = (batch * l_stride_b + row * l_stride_h + col * l_stride_w)[:, None]
-    k = tl.arange(0, K_PAD)
-    k_mask = k < num_mix
-    tile_mask = pix_mask[:, None] & k_mask[None, :]
-
-    mix_logits = tl.load(_channel_ptrs(logits_ptr, l_offset, k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-    mix_logits = tl.where(k_mask[None, :], mix_logits.to(tl.float32), -float("inf"))
-
     x0, first0, last0 = _load_x(x_ptr, x_offset, 0, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
-    mean0 = tl.load(_channel_ptrs(logits_ptr, l_offset, num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-    raw_ls0 = tl.load(_channel_ptrs(logits_ptr, l_offset, 2 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-    log_probs, d_mean0, d_ls0 = _sub_pixel_terms(x0, first0, last0, mean0.to(tl.float32), raw_ls0.to(tl.float32), half_bin, log_half_bins)
+    x1, first1, last1 = x0, first0, last0
+    x2, first2, last2 = x0, first0, last0
     if CHANNELS == 3:
         x1, first1, last1 = _load_x(x_ptr, x_offset, 1, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
         x2, first2, last2 = _load_x(x_ptr, x_offset, 2, x_stride_c, pix_mask, last_bin_index, X_IS_INT)
-        # Channel c's block starts at num_mix * (1 + 3c): K means, K log-scales, K coefficients.
-        coef0, sech2_0 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 3 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
-        coef1, sech2_1 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 6 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
-        coef2, sech2_2 = _tanh_and_sech2(tl.load(_channel_ptrs(logits_ptr, l_offset, 9 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0).to(tl.float32))
-        mean1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 4 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-        raw_ls1 = tl.load(_channel_ptrs(logits_ptr, l_offset, 5 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-        mean2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 7 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-        raw_ls2 = tl.load(_channel_ptrs(logits_ptr, l_offset, 8 * num_mix + k[None, :], l_stride_p, INDEX_64), mask=tile_mask, other=0.0)
-        log_prob1, d_mean1, d_ls1 = _sub_pixel_terms(
-            x1, first1, last1, mean1.to(tl.float32) + coef0 * x0, raw_ls1.to(tl.float32), half_bin, log_half_bins
-        )
-        log_prob2, d_mean2, d_ls2 = _sub_pixel_terms(
-            x2, first2, last2, mean2.to(tl.float32) + coef1 * x0 + coef2 * x1, raw_ls2.to(tl.float32), half_bin, log_half_bins
-        )
-        log_probs += log_prob1 + log_prob2
-
-    # NLL = logsumexp_k(mix) - logsumexp_k(mix + log_probs); padded components are -inf.
-    mix_max = tl.max(mix_logits, axis=1)
-    log_norm = mix_max + tl.log(tl.sum(tl.exp(mix_logits - mix_max[:, None]), axis=1))
-    joint = mix_logits + log_probs
-    joint_max = tl.max(joint, axis=1)
-    log_total = joint_max + tl.log(tl.sum(tl.exp(joint - joint_max[:, None]), axis=1))
+    k_first = tl.arange(0, K_FIRST)
+    mix_first, log_probs_first, terms_first = _mixture_terms(
+        logits_ptr, l_offset, l_stride_p, num_mix, k_first, pix_mask, x0, first0, last0, x1, first1, last1, x2, first2, last2,
+        half_bin, log_half_bins, CHANNELS, INDEX_64,
+    )  # fmt: skip
+    # NLL = logsumexp_k(mix) - logsumexp_k(mix + log_probs) over both tiles; padded components are -inf.
+    mix_max = tl.max(mix_first, axis=1)
+    joint_max = tl.max(mix_first + log_probs_first, axis=1)
+    if K_REST > 0:
+        k_rest = K_FIRST + tl.arange(0, K_REST)
+        mix_rest, log_probs_rest, terms_rest = _mixture_terms(
+            logits_ptr, l_offset, l_stride_p, num_mix, k_rest, pix_mask, x0, first0, last0, x1, first1, last1, x2, first2, last2,
+            half_bin, log_half_bins, CHANNELS, INDEX_64,
+        )  # fmt: skip
+        mix_max = tl.where(mix_max > tl.max(mix_rest, axis=1), mix_max, tl.max(mix_rest, axis=1))
+        joint_max = tl.where(joint_max > tl.max(mix_rest + log_probs_rest, axis=1), joint_max, tl.max(mix_rest + log_probs_rest, axis=1))
+    mix_sum = tl.sum(tl.exp(mix_first - mix_max[:, None]), axis=1)
+    joint_sum = tl.sum(tl.exp(mix_first + log_probs_first - joint_max[:, None]), axis=1)
+    if K_REST > 0:
+        mix_sum += tl.sum(tl.exp(mix_rest - mix_max[:, None]), axis=1)
+        joint_sum += tl.sum(tl.exp(mix_rest + log_probs_rest - joint_max[:, None]), axis=1)
+    log_norm = mix_max + tl.log(mix_sum)
+    log_total = joint_max + tl.log(joint_sum)
     if not COMPUTE_GRAD:
         tl.store(nll_ptr + pix, log_norm - log_total, mask=pix_mask)
     else:
         grad = tl.load(grad_nll_ptr + batch * g_stride_b + row * g_stride_h + col * g_stride_w, mask=pix_mask, other=0.0)
         grad = grad.to(tl.float32)[:, None]
-        # d NLL / d log_probs[k] = -posterior[k]; d NLL / d mix[k] = prior[k] - posterior[k].
-        neg_posterior = -grad * tl.exp(joint - log_total[:, None])
-        prior = tl.exp(mix_logits - log_norm[:, None])
-        out_ty = grad_logits_ptr.dtype.element_ty
         d_offset = (batch * d_stride_b + row * d_stride_h + col * d_stride_w)[:, None]
-        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, k[None, :], d_stride_p, INDEX_64), (grad * prior + neg_posterior).to(out_ty), mask=tile_mask)
-        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, num_mix + k[None, :], d_stride_p, INDEX_64), (neg_posterior * d_mean0).to(out_ty), mask=tile_mask)
-        tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 2 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls0, raw_ls0.to(tl.float32)).to(out_ty), mask=tile_mask)
-        if CHANNELS == 3:
-            g_mean1 = neg_posterior * d_mean1
-            g_mean2 = neg_posterior * d_mean2
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 3 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean1 * x0 * sech2_0).to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 4 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean1.to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 5 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls1, raw_ls1.to(tl.float32)).to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 6 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x0 * sech2_1).to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 7 * num_mix + k[None, :], d_stride_p, INDEX_64), g_mean2.to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 8 * num_mix + k[None, :], d_stride_p, INDEX_64), _through_clamp(neg_posterior * d_ls2, raw_ls2.to(tl.float32)).to(out_ty), mask=tile_mask)
-            tl.store(_channel_ptrs(grad_logits_ptr, d_offset, 9 * num_mix + k[None, :], d_stride_p, INDEX_64), (g_mean2 * x1 * sech2_2).to(out_ty), mask=tile_mask)
+        _store_mixture_grads(
+            grad_logits_ptr, d_offset, d_stride_p, num_mix, k_first, pix_mask, grad, log_norm, log_total, mix_first, log_probs_first, terms_first,
+            x0, x1, CHANNELS, INDEX_64,
+        )  # fmt: skip
+        if K_REST > 0:
+            _store_mixture_grads(
+                grad_logits_ptr, d_offset, d_stride_p, num_mix, k_rest, pix_mask, grad, log_norm, log_total, mix_rest, log_probs_rest, terms_rest,
+                x0, x1, CHANNELS, INDEX_64,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -407,8 +461,29 @@ def _needs_int64(num_pixels: int, block: int, *tensors: torch.Tensor) -> bool:
     )
 
 
-def _nll_block(k_pad: int) -> int:
-    return max(1, _NLL_TILE_ELEMENTS // k_pad)
+def _mixture_tiles(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
+    """(K_FIRST, K_REST, BLOCK) of the NLL kernel for K = ``num_mix`` components.
+
+    The gradient pass covers K with one power-of-two tile, padded (10 → 16), _NLL_TILE_ELEMENTS
+    per program: two tiles would hold 2.5× the terms per thread in registers. The forward
+    takes a power-of-two tile and a second one for the rest (10 = 8 + 2: no padded
+    component, 37.5% of its work at K = 10 was padding), the second at least one element per
+    thread (replicated lanes would be padding again), unless that holds more than
+    _NLL_SPLIT_MAX_ELEMENTS per thread (K = 9 = 8 + 1 would need 9): then it pads too.
+    """
+    padded = next_power_of_2(num_mix)
+    single = (padded, 0, max(1, _NLL_TILE_ELEMENTS // padded))
+    first = padded if padded == num_mix else padded // 2
+    if compute_grad or first == num_mix:
+        return single
+    rest = next_power_of_2(num_mix - first)
+    threads = 32 * _nll_warps(compute_grad)
+    block = max(_NLL_TILE_ELEMENTS // (first + rest), threads // rest)
+    block = 1 << (block.bit_length() - 1)  # a power of two, rounded down
+    block = max(block, threads // rest)
+    if block * (first + rest) > _NLL_SPLIT_MAX_ELEMENTS * threads:
+        return single
+    return first, rest, block
 
 
 def _sample_block(k_pad: int) -> int:
@@ -425,8 +500,7 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
     batch, num_logit_channels, height, width = logits.shape
     channels = x.shape[1]
     num_mix = _reference.num_mixtures(num_logit_channels, channels)
-    k_pad = next_power_of_2(num_mix)
-    block = _nll_block(k_pad)
+    k_first, k_rest, block = _mixture_tiles(num_mix, compute_grad)
     num_pixels = batch * height * width
     with launch_device(logits):
         _dmol_nll_kernel[(cdiv(num_pixels, block),)](
@@ -435,7 +509,7 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
             1.0 / (num_bins - 1), float(num_bins - 1), math.log((num_bins - 1) / 2),
             CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
-            K_PAD=k_pad, BLOCK=block, INDEX_64=_needs_int64(num_pixels, block, x, logits, grad_logits, grad_nll),
+            K_FIRST=k_first, K_REST=k_rest, BLOCK=block, INDEX_64=_needs_int64(num_pixels, block, x, logits, grad_logits, grad_nll),
             num_warps=_nll_warps(compute_grad),
         )
 
@@ -497,28 +571,30 @@ _SAMPLE_ARGS = (
 _FLOAT_ARGS = ("half_bin", "last_bin_index", "log_half_bins", "last_bin")
 
 
-def _as_launched(k_pad: int) -> dict:
+def _as_launched(num_mix: int) -> dict:
     """K = 1 reaches a launch as an int argument equal to 1, which Triton specialises to a constant."""
-    return {"num_mix": 1} if k_pad == 1 else {}
+    return {"num_mix": 1} if num_mix == 1 else {}
 
-for _channels, _x_dtype, _logits_dtype, _grad, _k_pad, _index_64 in (
-    (3, torch.float32, torch.float32, False, 16, False),
-    (3, torch.float32, torch.float32, True, 16, False),
-    (3, torch.uint8, torch.bfloat16, True, 16, True),
-    (1, torch.int64, torch.float16, False, 8, False),
-    (1, torch.uint8, torch.bfloat16, True, 4, False),
+for _channels, _x_dtype, _logits_dtype, _grad, _num_mix, _index_64 in (
+    (3, torch.float32, torch.float32, False, 10, False),  # two tiles, 8 + 2
+    (3, torch.float32, torch.float32, True, 10, False),  # one, padded to 16
+    (3, torch.uint8, torch.bfloat16, True, 10, True),
+    (1, torch.int64, torch.float16, False, 5, False),  # 4 + 1
+    (3, torch.uint8, torch.bfloat16, False, 9, False),  # 8 + 1 would hold 9 per thread: padded to 16
+    (1, torch.uint8, torch.bfloat16, True, 3, False),
     (3, torch.uint8, torch.float16, True, 1, False),  # K = 1 (512 pixels per program) and K = 64
     (3, torch.uint8, torch.float32, True, 64, False),
 ):
     _types = {name: "fp32" for name in _FLOAT_ARGS}
     _types.update(x_ptr=pointer_type(_x_dtype), logits_ptr=pointer_type(_logits_dtype), grad_logits_ptr=pointer_type(_logits_dtype))
+    _k_first, _k_rest, _block = _mixture_tiles(_num_mix, _grad)
     register_compile_case(
         f"dmol_nll_{'backward' if _grad else 'forward'}_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_x{str(_x_dtype).removeprefix('torch.')}"
-        f"_k{_k_pad}{'_int64' if _index_64 else ''}",
+        f"_k{_num_mix}{'_int64' if _index_64 else ''}",
         _dmol_nll_kernel,
         _signature(_NLL_ARGS, _types, "i32") | {"grad_nll_ptr": "*fp32", "nll_ptr": "*fp32"},
-        dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_PAD=_k_pad,
-             BLOCK=_nll_block(_k_pad), INDEX_64=_index_64, **_as_launched(_k_pad)),
+        dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_FIRST=_k_first, K_REST=_k_rest,
+             BLOCK=_block, INDEX_64=_index_64, **_as_launched(_num_mix)),
         num_warps=_nll_warps(_grad),
         divisible_ints=False,  # K = 10 mixtures, P = 100 logits
     )
