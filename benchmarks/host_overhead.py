@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import pixelcnn_kernels as pk  # noqa: E402
+from pixelcnn_kernels.bench.harness import print_report  # noqa: E402
 from pixelcnn_kernels.cli import positive_int  # noqa: E402
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus  # noqa: E402
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d, GatedResnet  # noqa: E402
@@ -120,15 +121,7 @@ def main(argv=None) -> int:
                 ms, launches = host_ms(forward, args.steps)
             lines.append(f"| {name} | {ops} | {ms:.2f} | {launches if ops == 'fused' else '-'} |")
             print(lines[-1], flush=True)
-    header = [
-        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"cpu: {_cpu_name()}, torch.set_num_threads(1)",
-        f"python {platform.python_version()}, torch {torch.__version__}, triton {sys.modules['triton'].__version__}",
-        f"command: python benchmarks/host_overhead.py --steps {args.steps}",
-    ]
-    if args.out:
-        args.out.write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(header))
+    print_report(lines, f"cpu: {_cpu_name()}, torch.set_num_threads(1)", f"python benchmarks/host_overhead.py --steps {args.steps}", args.out)
     return 0
 
 

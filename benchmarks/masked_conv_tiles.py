@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pixelcnn_kernels.bench.harness import _median, _percentile, _spin_ms, _Timer
+from pixelcnn_kernels.bench.harness import _median, _percentile, _spin_ms, _Timer, print_report
 from pixelcnn_kernels.cli import positive_int
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
@@ -115,15 +115,8 @@ def main(argv=None) -> int:
                     median, p20, p80 = time_calls(timer, set_calls, args.repeats)
                 lines.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {flops / median * 1e-9:.0f} |")
                 print(lines[-1], flush=True)
-    header = [
-        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"gpu: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {sys.modules['triton'].__version__}",
-        f"shape: x {BATCH}x{C_IN}x{SIDE}x{SIDE} -> {C_OUT}, vertical 3x3 (6 taps); fp32 in TF32",
-        f"command: python benchmarks/masked_conv_tiles.py --repeats {args.repeats}",
-    ]
-    if args.out:
-        args.out.write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(header))
+    notes = (f"shape: x {BATCH}x{C_IN}x{SIDE}x{SIDE} -> {C_OUT}, vertical 3x3 (6 taps); fp32 in TF32",)
+    print_report(lines, f"gpu: {torch.cuda.get_device_name(device)}", f"python benchmarks/masked_conv_tiles.py --repeats {args.repeats}", args.out, notes)
     return 0
 
 

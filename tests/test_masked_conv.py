@@ -174,30 +174,24 @@ def test_triton_matches_float64_reference(mask, kernel_size, dilation, color_gro
     assert torch.equal(got[2][hidden], torch.zeros(int(hidden.sum())))
 
 
-def test_triton_many_channels_and_blocks():
-    """64 -> 130 channels: several column and reduction blocks, a partial last block."""
-    x, weight, bias = make_conv_inputs(64, 130, (3, 3), 1, 3, 4)
-    grad_out = torch.randn(1, 130, 3, 4)
-    with run_backend("triton"):
-        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="B")
-    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="B")
-    for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
-        assert_close(g, e, dtype=torch.float32, msg=name)
-
-
-def test_triton_wide_column_tiles():
-    """128 -> 256 channels: the forward's 256 columns and the input gradient's 128 run in the 128-column tiles,
-    the weight gradient in 128 x 128 tiles."""
+@pytest.mark.parametrize(
+    "c_in, c_out, mask, wide",
+    # 64 -> 130: several column and reduction blocks, a partial last block. 128 -> 256: the forward's
+    # 256 columns and the input gradient's 128 in the 128-column tiles, the weight gradient in 128 x 128.
+    [(64, 130, "B", False), (128, 256, "vertical", True)],
+    ids=["partial_blocks", "wide_tiles"],
+)
+def test_triton_many_channels_and_blocks(c_in, c_out, mask, wide):
     from pixelcnn_kernels.triton import masked_conv as kernels
 
-    for n_cols in (128, 256):
-        assert kernels._conv_tiles(False, torch.float32, "tf32", n_cols)[1] == kernels._BLOCK_N_WIDE
-    assert kernels._wgrad_tiles(128, 256)[:2] == (kernels._WGRAD_BLOCK_WIDE, kernels._WGRAD_BLOCK_WIDE)
-    x, weight, bias = make_conv_inputs(128, 256, (3, 3), 1, 3, 4)
-    grad_out = torch.randn(1, 256, 3, 4)
+    assert (kernels._conv_tiles(False, torch.float32, "tf32", c_out)[1] == kernels._BLOCK_N_WIDE) == wide
+    assert (kernels._conv_tiles(False, torch.float32, "tf32", c_in)[1] == kernels._BLOCK_N_WIDE) == wide
+    assert (kernels._wgrad_tiles(c_in, c_out)[:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2) == wide
+    x, weight, bias = make_conv_inputs(c_in, c_out, (3, 3), 1, 3, 4)
+    grad_out = torch.randn(1, c_out, 3, 4)
     with run_backend("triton"):
-        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask="vertical")
-    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask="vertical")
+        got = conv_and_grads(masked_conv2d, x, weight, bias, grad_out, mask=mask)
+    expected = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), bias.double(), grad_out.double(), mask=mask)
     for name, g, e in zip(("out", "grad x", "grad weight", "grad bias"), got, expected):
         assert_close(g, e, dtype=torch.float32, msg=name)
 

@@ -498,6 +498,26 @@ def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
     return meta
 
 
+def print_report(table: list[str], machine: str, command: str, out: Path | None, notes: tuple[str, ...] = ()) -> None:
+    """Prints the header of a benchmark script's report (date, ``machine``, versions, ``notes``,
+    ``command``) and, given ``out``, writes it there above the script's markdown ``table``, whose
+    rows were printed as they were measured."""
+    import platform
+
+    import triton
+
+    header = [
+        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        machine,
+        f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
+        *notes,
+        f"command: {command}",
+    ]
+    if out is not None:
+        out.write_text("\n".join(header) + "\n\n" + "\n".join(table) + "\n")
+    print("\n".join(header))
+
+
 def run(
     cases: list[Case],
     dtypes: list[torch.dtype],
