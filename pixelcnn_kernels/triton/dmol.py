@@ -62,6 +62,12 @@ def _expm1(v):
 
 
 @triton.jit
+def _larger(a, b):
+    # max(a, b), or b where either is NaN: the sums over the tiles then carry that NaN on.
+    return tl.where(a > b, a, b)
+
+
+@triton.jit
 def _sign(v):
     return tl.where(v > 0.0, 1.0, tl.where(v < 0.0, -1.0, 0.0))
 
@@ -316,8 +322,8 @@ def _dmol_nll_kernel(
             logits_ptr, l_offset, l_stride_p, num_mix, k_rest, pix_mask, x0, first0, last0, x1, first1, last1, x2, first2, last2,
             half_bin, log_half_bins, CHANNELS, INDEX_64,
         )  # fmt: skip
-        mix_max = tl.where(mix_max > tl.max(mix_rest, axis=1), mix_max, tl.max(mix_rest, axis=1))
-        joint_max = tl.where(joint_max > tl.max(mix_rest + log_probs_rest, axis=1), joint_max, tl.max(mix_rest + log_probs_rest, axis=1))
+        mix_max = _larger(mix_max, tl.max(mix_rest, axis=1))
+        joint_max = _larger(joint_max, tl.max(mix_rest + log_probs_rest, axis=1))
     mix_sum = tl.sum(tl.exp(mix_first - mix_max[:, None]), axis=1)
     joint_sum = tl.sum(tl.exp(mix_first + log_probs_first - joint_max[:, None]), axis=1)
     if K_REST > 0:
