@@ -484,9 +484,8 @@ def _mixture_tiles(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
         return single
     rest = next_power_of_2(num_mix - first)
     threads = 32 * _nll_warps(compute_grad)
-    block = max(_NLL_TILE_ELEMENTS // (first + rest), threads // rest)
-    block = 1 << (block.bit_length() - 1)  # a power of two, rounded down
-    block = max(block, threads // rest)
+    fitting = _NLL_TILE_ELEMENTS // (first + rest)
+    block = max(1 << (fitting.bit_length() - 1), threads // rest)  # powers of two
     if block * (first + rest) > _NLL_SPLIT_MAX_ELEMENTS * threads:
         return single
     return first, rest, block
