@@ -16,8 +16,8 @@
 # a default) times the `models` family again as CUDA-graph replays (`bench
 # --cuda-graph`, without the compile provider): the GPU's work of the layers and
 # training steps without the host's, to set beside the plain table's `host ms`.
-# "tiles" (not a default; about a minute) runs benchmarks/masked_conv_tiles.py, the A/B
-# of the masked conv's 64-column and wide tiles in one run, before the bench.
+# "tiles" (not a default; about a minute) runs benchmarks/tile_choices.py, the A/B of the
+# Triton tile choices made without a GPU (masked conv and DMOL), before the bench.
 #
 # Measured on the H200 on 2026-11-30 (benchmarks/results/2026-11-30-h200.md): the build
 # 20 s, the GPU tests about 130 s on 8 processes (most of it Triton compiling kernels on
@@ -177,9 +177,9 @@ fi
 if wants tiles; then
   step "masked conv tile A/B"
   limit=$(allowance 90 60)
-  within "$limit" $py benchmarks/masked_conv_tiles.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
+  within "$limit" $py benchmarks/tile_choices.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
   tiles_rc=$?
-  { echo; echo "## Masked conv tiles, 64-column against wide (python benchmarks/masked_conv_tiles.py): $(outcome $tiles_rc "$limit")"; echo
+  { echo; echo "## Tile choices, A/B (python benchmarks/tile_choices.py): $(outcome $tiles_rc "$limit")"; echo
     cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
 fi
 

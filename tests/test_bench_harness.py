@@ -228,33 +228,42 @@ def _load_script(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return path, module
 
 
-def test_masked_conv_tiles_script_switches_the_tiles_and_needs_a_gpu():
-    """benchmarks/masked_conv_tiles.py: each tile choice makes the launchers pick its tiles and restores
+def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
+    """benchmarks/tile_choices.py: each tile choice makes the launchers pick its tiles and restores
     theirs after; without a GPU it runs nothing and says why."""
+    from pixelcnn_kernels.triton import dmol
     from pixelcnn_kernels.triton import masked_conv as kernels
 
-    path, script = _load_script("masked_conv_tiles")
+    path, script = _load_script("tile_choices")
 
     def picks():
-        return kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._conv_tiles(True, torch.bfloat16, "ieee", 128), kernels._wgrad_tiles(128, 256)
+        return (
+            kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._conv_tiles(True, torch.bfloat16, "ieee", 128), kernels._wgrad_tiles(128, 256),
+            dmol._mixture_tiles(10, False), dmol._mixture_tiles(10, True),
+        )  # fmt: skip
 
     current = picks()
     assert current[0][1] == kernels._BLOCK_N_WIDE and current[1][0] == kernels._BLOCK_M_TWO_HALVES
-    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2
-    with script.tiles("64-col"):
-        plain, gated, wgrad = picks()
-        assert plain[1:] == (kernels._BLOCK_N, kernels._NUM_WARPS) and gated == current[1]
-        assert wgrad[:3] == (kernels._WGRAD_BLOCK, kernels._WGRAD_BLOCK, kernels._NUM_WARPS)
-    with script.tiles("gated-128-rows"):
-        plain, gated, wgrad = picks()
-        assert (plain, wgrad) == (current[0], current[2]) and gated == (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)
+    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2 and current[3] == (8, 2, 64) and current[4][:2] == (16, 0)
+    expected = {
+        "current": current,
+        "64-col": ((128, kernels._BLOCK_N, kernels._NUM_WARPS), current[1], (64, 64, kernels._NUM_WARPS, kernels._WGRAD_BLOCKS_PER_SM)) + current[3:],
+        "gated-128-rows": (current[0], (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)) + current[2:],
+        "padded": current[:3] + (current[4], current[4]),
+        "two-tiles": current[:4] + ((8, 2, 128),),
+    }
+    for choice, picked in expected.items():
+        with script.tiles(choice):
+            assert picks() == picked, choice
     with pytest.raises(ValueError, match="unknown tile choice"), script.tiles("no such"):
         pass
     assert picks() == current
+    assert {choice for kernel in script.kernels() for choice in kernel.choices} == set(expected)
     if not torch.cuda.is_available():
         result = subprocess.run([sys.executable, str(path), "--repeats", "1"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
