@@ -32,13 +32,12 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pixelcnn_kernels.bench.harness import _median, _percentile, _spin_ms, _Timer, print_report
+from pixelcnn_kernels.bench.harness import _host_seconds, _Timer, print_report, time_rotating
 from pixelcnn_kernels.cli import positive_int
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
@@ -159,15 +158,13 @@ def kernels() -> list[Kernel]:
     ]
 
 
-def time_calls(timer: _Timer, calls: list, repeats: int) -> tuple[float, float, float]:
-    """(median, p20, p80) ms of ``repeats`` calls rotating over ``calls``, after a warm-up of each."""
-    begin = time.perf_counter()
+def time_calls(timer: _Timer, calls: list, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``repeats`` calls rotating over ``calls``, after a warm-up of each (which
+    compiles the choice's kernels); the GPU's spin covers a call timed after that warm-up."""
     for call in calls:
         call()
-    torch.cuda.synchronize()
-    spin = _spin_ms((time.perf_counter() - begin) / len(calls))
-    times = [timer.time_call(calls[i % len(calls)], spin)[0] for i in range(repeats)]
-    return _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
+    median, p20, p80, _ = time_rotating(timer, calls, repeats, _host_seconds(calls[0], device))
+    return median, p20, p80
 
 
 def main(argv=None) -> int:
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
             calls = [kernel.make_calls(dtype, device, seed) for seed in range(INPUT_SETS)]
             for choice in kernel.choices:
                 with tiles(choice):
-                    median, p20, p80 = time_calls(timer, calls, args.repeats)
+                    median, p20, p80 = time_calls(timer, calls, args.repeats, device)
                 lines.append(f"| {kernel.name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {kernel.rate(median, dtype)} |")
                 print(lines[-1], flush=True)
     notes = (

@@ -370,12 +370,17 @@ def _measure(
     measure_memory = device.type == "cuda" and not cuda_graph
     if measure_memory:  # after the warm-up: compilation and first-call workspaces are not the op's
         baseline = _memory_baseline()
-    spin_ms = _spin_ms(call_s)
-    times, host_times = zip(*(timer.time_call(steps[i % len(steps)], spin_ms) for i in range(repeats)))
-    row.median_ms, row.p20_ms, row.p80_ms = _median(times), _percentile(times, 0.2), _percentile(times, 0.8)
-    row.host_ms = _median(host_times)
+    row.median_ms, row.p20_ms, row.p80_ms, row.host_ms = time_rotating(timer, steps, repeats, call_s)
     if measure_memory:
         row.peak_mib = _peak_mib_since(baseline)
+
+
+def time_rotating(timer: _Timer, steps: list[Callable[[], object]], repeats: int, call_seconds: float) -> tuple[float, float, float, float]:
+    """(median, p20, p80, the host's median) ms of ``repeats`` timed calls rotating over ``steps``, each
+    behind the spin for a call of ``call_seconds`` (a warm-up call's time, after any compilation)."""
+    spin_ms = _spin_ms(call_seconds)
+    times, host_times = zip(*(timer.time_call(steps[i % len(steps)], spin_ms) for i in range(repeats)))
+    return _median(times), _percentile(times, 0.2), _percentile(times, 0.8), _median(host_times)
 
 
 def _memory_baseline() -> int:
