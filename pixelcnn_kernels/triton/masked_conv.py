@@ -715,9 +715,10 @@ def _register_compile_cases() -> None:
                     register_conv(f"masked_conv_{kind}_ieee_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, precision="ieee")
                 if gate == GATE_NONE and "elu_x_ptr" not in given_pointers and tap_name in wide_tap_sets:  # 128 columns or a multiple
                     register_conv(f"masked_conv_{kind}_wide_{tap_name}_{dtype_name}", offsets, dtype, gate, given_pointers, n_cols=_BLOCK_N_WIDE)
-            for wide_index in wgrad_variants_of.get(tap_name, (False,)):
+            wgrad_index_widths = wgrad_variants_of.get(tap_name, (False,))
+            for wide_index in wgrad_index_widths:
                 register_wgrad(f"masked_conv_wgrad{'_wide_index' if wide_index else ''}_{tap_name}_{dtype_name}", offsets, dtype, wide_index=wide_index)
-            if tap_name in wide_tap_sets and tap_name != "full1x1":
+            if wgrad_index_widths and tap_name in wide_tap_sets:
                 register_wgrad(f"masked_conv_wgrad_wide_{tap_name}_{dtype_name}", offsets, dtype, c_in=_WGRAD_BLOCK_WIDE, c_out=_WGRAD_BLOCK_WIDE)
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
