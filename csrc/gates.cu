@@ -140,22 +140,31 @@ struct GateBackward {
   }
 };
 
-// concat_elu: x (outer, row_len) -> y (outer, 2, row_len).
+// concat_elu: x (outer, row_len) -> y (outer, 2, row_len), then with `keep` (y's shape, bytes,
+// may be null: PixelCNN++'s dropout, the masked convolution's concat_elu input in training) the
+// activation rounded to T as stored without dropout, times keep_scale where kept and 0 elsewhere
+// (a product, not a select: a NaN stays NaN, as in the reference).
 template <typename T>
 struct ConcatEluForward {
   const T* x;
   T* y;
+  const uint8_t* keep;
+  float keep_scale;
 
   template <int N, typename Index>
   __device__ __forceinline__ void apply(Index row, Index col, Index row_len) const {
     float v[N], pos[N], neg[N];
     load_floats<N>(x + row * row_len + col, v);
+    const Index y_offset = row * 2 * row_len + col;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       pos[k] = elu_math(v[k]);
       neg[k] = elu_math(-v[k]);
+      if (keep != nullptr) {
+        pos[k] = round_to<T>(pos[k]) * (keep[y_offset + k] != 0 ? keep_scale : 0.0f);
+        neg[k] = round_to<T>(neg[k]) * (keep[y_offset + row_len + k] != 0 ? keep_scale : 0.0f);
+      }
     }
-    const Index y_offset = row * 2 * row_len + col;
     store_floats<N>(y + y_offset, pos);
     store_floats<N>(y + y_offset + row_len, neg);
   }
@@ -269,10 +278,11 @@ void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const vo
   });
 }
 
-void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, cudaStream_t stream) {
+void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, const uint8_t* keep,
+                               float keep_scale, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
-    const ConcatEluForward<T> op{static_cast<const T*>(x), static_cast<T*>(y)};
+    const ConcatEluForward<T> op{static_cast<const T*>(x), static_cast<T*>(y), keep, keep_scale};
     launch_rows<T>(op, outer, row_len, outer * 2 * row_len, aligned_to_vector({x, y}), stream);
   });
 }

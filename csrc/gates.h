@@ -29,8 +29,10 @@ void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const vo
                           const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t batch_div,
                           int64_t batch, cudaStream_t stream);
 
-// y[o, 0, r] = elu(x[o, r]), y[o, 1, r] = elu(-x[o, r]).
-void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, cudaStream_t stream);
+// y[o, 0, r] = elu(x[o, r]), y[o, 1, r] = elu(-x[o, r]); with keep (a (outer, 2, row_len) byte mask,
+// or null) dropped out after: kept elements times keep_scale, the others 0.
+void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t outer, int64_t row_len, const uint8_t* keep,
+                               float keep_scale, cudaStream_t stream);
 
 // dx (outer, row_len) from grad (outer, 2, row_len) and x.
 void launch_concat_elu_backward(DType dtype, const void* grad, const void* x, void* dx, int64_t outer, int64_t row_len,

@@ -83,7 +83,7 @@ at::Tensor concat_elu_forward(const at::Tensor& x) {
   const int64_t outer = x.size(0), row_len = x.size(1);
   at::Tensor y = x.new_empty({outer, 2, row_len});
   if (y.numel() > 0) {
-    launch_concat_elu_forward(dtype, x.data_ptr(), y.data_ptr(), outer, row_len, current_stream());
+    launch_concat_elu_forward(dtype, x.data_ptr(), y.data_ptr(), outer, row_len, nullptr, 1.0f, current_stream());
     check_launch("concat_elu_forward");
   }
   return y;

@@ -14,14 +14,15 @@
 // the gate runs in the epilogue.
 //
 // The fusions of masked_conv.h are small pieces of these kernels: the residual is one
-// more term in the epilogue (add_residual); the concat_elu prologue maps the
-// gathered x tile to elu(x) or elu(-x) before it is stored to shared memory
-// (concat_elu_tile), the reduction running over x's channels twice per tap (part 0
-// against the weight's first C input channels, part 1 against the last C), and with a
-// dropout mask applies it there too (its bits gathered beside the tile, KeepBits); dgrad
-// of a concat_elu input is the two-halves GEMM of the gated forward over the weight read
-// transposed, whose epilogue (combine_halves) takes concat_elu's backward instead of
-// the gate, after the dropout's.
+// more term in the epilogue (add_residual); dgrad of a concat_elu input is the
+// two-halves GEMM of the gated forward over the weight read transposed, whose epilogue
+// (combine_halves) takes concat_elu's backward instead of the gate, after the
+// dropout's. The forward and wgrad of a concat_elu input read it materialised by the
+// glue (one elementwise pass of gates.cu's concat_elu kernel, dropout included), not
+// computed while loading x: there it was recomputed for every tap and block of output
+// columns that loads the element (6 taps x 3 blocks = 18 times at PixelCNN++'s 2x3
+// convolutions of 160 filters), and its expm1 and the dropout's byte gathers sat between
+// a step's loads and their stores to shared memory, where nothing hides them.
 //
 // wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
 // rows input channels, columns output channels, reduction over the pixels, split
@@ -136,21 +137,6 @@ struct TileLoader {
     }
   }
 
-  // Replaces every gathered element v (element e of chunk i) by fn(v, i, e), computed in
-  // float32: a prologue, run between gather() and commit() (it waits for the loads).
-  // Missing elements are zero, so fn must map 0 to 0.
-  template <typename Fn>
-  __device__ __forceinline__ void map(Fn fn) {
-#pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
-      Elem values[kVec];
-      memcpy(values, &chunk[i], sizeof(values));
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) values[e] = from_float<Elem>(fn(to_float(values[e]), i, e));
-      memcpy(&chunk[i], values, sizeof(values));
-    }
-  }
-
   __device__ __forceinline__ void commit(Elem* tile) const {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) *reinterpret_cast<uint4*>(tile + row(i) * kLd + col()) = chunk[i];
@@ -181,48 +167,6 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
   const int x = px.x + dx;
   if (!px.inside || y < 0 || y >= height || x < 0 || x >= width) return nullptr;
   return base + (px.image_start + static_cast<int64_t>(y) * width + x) * channels + col0;
-}
-
-// The dropout mask at a TileLoader's gathered elements, gathered beside it: bit e of
-// bits[i] is set where element e of chunk i is kept (a kVec <= 8 element chunk takes
-// one register, not a byte per element).
-template <typename Loader>
-struct KeepBits {
-  uint32_t bits[Loader::kChunks];
-
-  // row_start(i) is the mask's address of the tile's column 0 in chunk i's row, or
-  // nullptr for a row outside the image; columns at or past cols_valid are not kept.
-  template <typename RowStart>
-  __device__ __forceinline__ void gather(RowStart row_start, int cols_valid) {
-    const int c = Loader::col();
-#pragma unroll
-    for (int i = 0; i < Loader::kChunks; ++i) {
-      const uint8_t* src = row_start(i);
-      uint32_t kept = 0;
-      if (src != nullptr) {
-#pragma unroll
-        for (int e = 0; e < Loader::kVec; ++e)
-          if (c + e < cols_valid && __ldg(src + c + e) != 0) kept |= 1u << e;
-      }
-      bits[i] = kept;
-    }
-  }
-};
-
-// The concat_elu prologue: a gathered tile of x becomes elu(x) (part 0) or elu(-x)
-// (part 1), rounded to Elem as the materialised activation would be; zeros (padding)
-// stay zero. With `keep` (the dropout mask's bits of the tile, or null), dropout after
-// it: kept elements times keep_scale (rounded once more, as a separate dropout would),
-// the others times 0 (a product, not a select: NaN or inf stays NaN, as in the reference).
-template <typename Loader>
-__device__ __forceinline__ void concat_elu_tile(Loader& loader, int part, const KeepBits<Loader>* keep, float keep_scale) {
-  using Elem = typename Loader::Element;
-  const float sign = part == 0 ? 1.0f : -1.0f;
-  loader.map([&](float v, int i, int e) {
-    const float activated = elu_math(sign * v);
-    if (keep == nullptr) return activated;
-    return round_to<Elem>(activated) * ((keep->bits[i] >> e & 1u) ? keep_scale : 0.0f);
-  });
 }
 
 // ---------------------------------------------------------------------------------
@@ -366,15 +310,15 @@ struct ExactFloatMath {
 // Forward / dgrad / gated forward
 
 struct ConvParams {
-  const void* src;           // (N, H, W, k_channels) channels-last; (N, H, W, k_channels / 2) if concat_elu_input
+  const void* src;           // (N, H, W, k_channels) channels-last
   const void* weight;        // (taps, Cin, Cout): B_t[k][n] is weight[t][k][n], or weight[t][n][k] transposed
   const float* bias;         // (n_channels) or null
   const float* cond;         // (N, n_channels) or null
   const void* residual;      // (N, H, W, n_channels / halves) or null: added to out
   const void* addend;        // (N, H, W, n_channels) or null; gated only: added before the gate
   const void* concat_elu_x;  // two halves, dgrad: the forward's x (N, H, W, n_channels / 2); else null
-  // The dropout mask after concat_elu, or null: forward, (N, H, W, k_channels) applied to the
-  // input; dgrad (with concat_elu_x), (N, H, W, n_channels) applied to the halves' gradients.
+  // dgrad with concat_elu_x: the forward's dropout mask after concat_elu (N, H, W, n_channels),
+  // applied to the halves' gradients, or null.
   const uint8_t* keep;
   float keep_scale;
   void* out;                 // (N, H, W, n_channels / halves)
@@ -388,7 +332,6 @@ struct ConvParams {
   // Two halves: the channels are gate_groups blocks of two halves [a_1 b_1 | a_2 b_2 | ...]
   // (one block: [a | b]) while the weight's columns come halves first; see channel_of.
   int gate_groups;
-  bool concat_elu_input;  // the GEMM reads concat_elu(src); forward only (dgrad's src is gout)
   int taps;
   bool src_vec_ok;
   bool weight_vec_ok;
@@ -464,28 +407,16 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 #pragma unroll
   for (int i = 0; i < LoaderA::kChunks; ++i) pixel_rows[i] = decode_pixel(m0 + LoaderA::row(i), p.pixels, p.height, p.width);
 
-  // With a concat_elu input (forward only) each tap's reduction runs over src's channels
-  // twice: part 0 reads elu(src) against weight rows [0, C), part 1 elu(-src) against rows [C, 2C).
-  const int parts = !kWeightTransposed && p.concat_elu_input ? 2 : 1;
-  const int src_channels = p.k_channels / parts;
-
+  const int k_channels = p.k_channels;
   LoaderA a_loader;
   LoaderB b_loaders[kHalves];
-  KeepBits<LoaderA> a_keep;  // with a dropout mask (forward of a concat_elu input only)
-  const bool dropout = !kWeightTransposed && parts == 2 && p.keep != nullptr;
-  // Loads the tiles of reduction step (tap, part, k0) into registers.
-  auto gather = [&](int tap, int part, int k0) {
+  // Loads the tiles of reduction step (tap, k0) into registers.
+  auto gather = [&](int tap, int k0) {
     const int dy = p.dy[tap];
     const int dx = p.dx[tap];
     a_loader.gather(
-        [&](int i) { return shifted_row(src, src_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
-        src_channels - k0, p.src_vec_ok);
-    if (dropout)
-      a_keep.gather(
-          [&](int i) {
-            return shifted_row(p.keep, p.k_channels, part * src_channels + k0, pixel_rows[i], dy, dx, p.height, p.width);
-          },
-          src_channels - k0);
+        [&](int i) { return shifted_row(src, k_channels, k0, pixel_rows[i], dy, dx, p.height, p.width); },
+        k_channels - k0, p.src_vec_ok);
     const Elem* tap_weight = weight + static_cast<int64_t>(tap) * p.k_channels * p.n_channels;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
@@ -494,15 +425,14 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
         b_loaders[h].gather(
             [&](int i) {
               const int r = LoaderB::row(i);
-              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * p.k_channels + k0 : nullptr;
+              return n0 + r < half ? tap_weight + static_cast<int64_t>(col0 + r) * k_channels + k0 : nullptr;
             },
-            src_channels - k0, p.weight_vec_ok);
+            k_channels - k0, p.weight_vec_ok);
       } else {
-        const int k_base = part * src_channels;  // the weight's first reduction row (k) of this part
         b_loaders[h].gather(
             [&](int i) {
               const int k = k0 + LoaderB::row(i);
-              return k < src_channels ? tap_weight + static_cast<int64_t>(k_base + k) * p.n_channels + col0 : nullptr;
+              return k < k_channels ? tap_weight + static_cast<int64_t>(k) * p.n_channels + col0 : nullptr;
             },
             half - n0, p.weight_vec_ok);
       }
@@ -512,28 +442,23 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
   // The reduction: every active tap, and within it the channels in kBlockK steps.
   // The tiles of the next step are gathered while the current step is multiplied.
   Math math;
-  const int steps = p.taps * parts * ((src_channels + kBlockK - 1) / kBlockK);
+  const int steps = p.taps * ((k_channels + kBlockK - 1) / kBlockK);
   int tap = 0;
-  int part = 0;
   int k0 = 0;
-  gather(tap, part, k0);
+  gather(tap, k0);
   for (int step = 0; step < steps; ++step) {
     __syncthreads();  // the previous step's multiply is done with the tiles
-    if (parts == 2) concat_elu_tile(a_loader, part, dropout ? &a_keep : nullptr, p.keep_scale);  // (tap, part, k0) is still this step's
     a_loader.commit(a_tile);
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));
     __syncthreads();
     if (step + 1 < steps) {
       k0 += kBlockK;
-      if (k0 >= src_channels) {
+      if (k0 >= k_channels) {
         k0 = 0;
-        if (++part == parts) {
-          part = 0;
-          ++tap;
-        }
+        ++tap;
       }
-      gather(tap, part, k0);
+      gather(tap, k0);
     }
     math.template multiply<wmma::row_major, kLdA, BLayout, kLdB>(a_tile, b_tile);
   }
@@ -591,29 +516,25 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 // Weight gradient
 
 struct WgradParams {
-  const void* x;     // (N, H, W, x_channels)
+  const void* x;     // (N, H, W, in_channels)
   const void* gout;  // (N, H, W, Cout)
   float* dst;        // gwp (T, Cin, Cout), or the workspace (splits, T, Cin, Cout)
   int64_t pixels;
   int64_t pixels_per_split;
   int height;
   int width;
-  int x_channels;  // Cin, or Cin / 2 with concat_elu_input
+  int in_channels;
   int out_channels;
   int taps;
-  bool concat_elu_input;  // gwp rows [0, C) come from elu(x), rows [C, 2C) from elu(-x)
-  const uint8_t* keep;    // with concat_elu_input: its dropout mask (N, H, W, 2 * x_channels), or null
-  float keep_scale;
   bool x_vec_ok;
   bool gout_vec_ok;
   int dy[kMaxTaps];
   int dx[kMaxTaps];
 };
 
-// dst[split][t][ci][co] = sum over the split's pixels m of in[shift_t(m), ci] * gout[m, co],
-// `in` being x or concat_elu(x). Grid: (ci blocks * co blocks, taps, splits), the ci blocks
-// covering x's channels once per part (twice for concat_elu). The pixel tile is the
-// reduction (k) axis: the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
+// dst[split][t][ci][co] = sum over the split's pixels m of x[shift_t(m), ci] * gout[m, co].
+// Grid: (ci blocks * co blocks, taps, splits). The pixel tile is the reduction (k) axis:
+// the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
 template <typename Elem, typename Math>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
@@ -629,12 +550,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   const Elem* x = static_cast<const Elem*>(p.x);
   const Elem* gout = static_cast<const Elem*>(p.gout);
-  const int parts = p.concat_elu_input ? 2 : 1;
-  const int ci_blocks = (p.x_channels + kBlockM - 1) / kBlockM;  // per part
-  const int row_block = blockIdx.x % (parts * ci_blocks);
-  const int part = row_block / ci_blocks;
-  const int m0 = row_block % ci_blocks * kBlockM;             // first x channel
-  const int n0 = blockIdx.x / (parts * ci_blocks) * kBlockN;  // first output channel
+  const int ci_blocks = (p.in_channels + kBlockM - 1) / kBlockM;
+  const int m0 = blockIdx.x % ci_blocks * kBlockM;  // first input channel
+  const int n0 = blockIdx.x / ci_blocks * kBlockN;  // first output channel
   const int tap = blockIdx.y;
   const int dy = p.dy[tap];
   const int dx = p.dx[tap];
@@ -643,20 +561,12 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   Loader x_loader;
   Loader g_loader;
-  KeepBits<Loader> x_keep;
-  const bool dropout = p.concat_elu_input && p.keep != nullptr;
   auto gather = [&](int64_t p0) {
     PixelCoords rows[Loader::kChunks];
 #pragma unroll
     for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(p0 + Loader::row(i), end, p.height, p.width);
-    x_loader.gather([&](int i) { return shifted_row(x, p.x_channels, m0, rows[i], dy, dx, p.height, p.width); },
-                    p.x_channels - m0, p.x_vec_ok);
-    if (dropout)
-      x_keep.gather(
-          [&](int i) {
-            return shifted_row(p.keep, 2 * p.x_channels, part * p.x_channels + m0, rows[i], dy, dx, p.height, p.width);
-          },
-          p.x_channels - m0);
+    x_loader.gather([&](int i) { return shifted_row(x, p.in_channels, m0, rows[i], dy, dx, p.height, p.width); },
+                    p.in_channels - m0, p.x_vec_ok);
     g_loader.gather([&](int i) { return shifted_row(gout, p.out_channels, n0, rows[i], 0, 0, p.height, p.width); },
                     p.out_channels - n0, p.gout_vec_ok);
   };
@@ -665,7 +575,6 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   gather(begin);
   for (int64_t p0 = begin; p0 < end; p0 += kBlockK) {
     __syncthreads();  // the previous step's multiply is done with the tiles
-    if (p.concat_elu_input) concat_elu_tile(x_loader, part, dropout ? &x_keep : nullptr, p.keep_scale);
     x_loader.commit(x_tile);
     g_loader.commit(g_tile);
     __syncthreads();
@@ -677,14 +586,13 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   float* stage = reinterpret_cast<float*>(smem);
   math.template store<kLdStage>(stage);
   __syncthreads();
-  const int in_channels = parts * p.x_channels;
-  const int64_t gwp_size = static_cast<int64_t>(p.taps) * in_channels * p.out_channels;
-  float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * in_channels * p.out_channels;
+  const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
+  float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
   for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
     const int ci = m0 + idx / kBlockN;
     const int co = n0 + idx % kBlockN;
-    if (ci < p.x_channels && co < p.out_channels)
-      dst[static_cast<int64_t>(part * p.x_channels + ci) * p.out_channels + co] =
+    if (ci < p.in_channels && co < p.out_channels)
+      dst[static_cast<int64_t>(ci) * p.out_channels + co] =
           stage[idx / kBlockN * kLdStage + idx % kBlockN];
   }
 #else
@@ -729,8 +637,8 @@ void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
   });
 }
 
-// The ConvParams of a GEMM of `src` (k_channels per tap, or half of them for a
-// concat_elu input) against `weight` into `out`: no bias, addend, cond, residual or preact.
+// The ConvParams of a GEMM of `src` (k_channels per tap) against `weight` into `out`: no
+// bias, addend, cond, residual or preact.
 ConvParams conv_params(const void* src, int k_channels, const void* weight, int n_channels, void* out) {
   ConvParams params{};
   params.src = src;
@@ -754,8 +662,7 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
   params.width = problem.width;
   params.taps = problem.taps;
   const int bytes = elem_bytes(dtype);
-  const int src_channels = params.k_channels / (params.concat_elu_input ? 2 : 1);
-  params.src_vec_ok = chunk_aligned(params.src, src_channels, bytes);
+  params.src_vec_ok = chunk_aligned(params.src, params.k_channels, bytes);
   // plain: rows of n_channels, each half starting `half` in; transposed: rows of k_channels.
   params.weight_vec_ok = kWeightTransposed ? chunk_aligned(params.weight, params.k_channels, bytes)
                                            : chunk_aligned(params.weight, params.n_channels, bytes) &&
@@ -772,11 +679,6 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
   });
 }
 
-// wgrad's CTA rows: blocks of x's channels, once per concat_elu part.
-int64_t wgrad_row_blocks(const ConvProblem& problem) {
-  const int parts = problem.concat_elu_input ? 2 : 1;
-  return parts * ceil_div(problem.in_channels / parts, kBlockM);
-}
 
 }  // namespace
 
@@ -785,9 +687,6 @@ void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem,
   ConvParams params = conv_params(x, problem.in_channels, wp, problem.out_channels, out);
   params.bias = bias;
   params.residual = residual;
-  params.concat_elu_input = problem.concat_elu_input;
-  params.keep = problem.keep;
-  params.keep_scale = problem.keep_scale;
   launch_conv<1, false>(dtype, allow_tf32, problem, params, stream);
 }
 
@@ -802,14 +701,11 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
   params.gate = gate;
   params.gate_groups = gate_groups;
   params.preact = preact;
-  params.concat_elu_input = problem.concat_elu_input;
-  params.keep = problem.keep;
-  params.keep_scale = problem.keep_scale;
   launch_conv<2, false>(dtype, allow_tf32, problem, params, stream);
 }
 
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
-                         const void* x, void* gx, cudaStream_t stream) {
+                         const void* x, const uint8_t* keep, float keep_scale, void* gx, cudaStream_t stream) {
   ConvParams params = conv_params(gout, problem.out_channels, wp, problem.in_channels, gx);
   if (x == nullptr) {
     launch_conv<1, true>(dtype, allow_tf32, problem, params, stream);
@@ -818,8 +714,8 @@ void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
   // The columns are concat_elu's 2C channels: halves elu(x) and elu(-x), folded into x's gradient
   // (through the forward's dropout first, when it had one).
   params.concat_elu_x = x;
-  params.keep = problem.keep;
-  params.keep_scale = problem.keep_scale;
+  params.keep = keep;
+  params.keep_scale = keep_scale;
   launch_conv<2, true>(dtype, allow_tf32, problem, params, stream);
 }
 
@@ -829,7 +725,7 @@ WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
   constexpr int kCtasPerSm = 4;
   constexpr int64_t kMinPixelsPerSplit = 512;
   const int64_t pixels = problem.batch * problem.height * problem.width;
-  const int64_t tiles = wgrad_row_blocks(problem) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
+  const int64_t tiles = ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
   int64_t splits = std::min(ceil_div(static_cast<int64_t>(kCtasPerSm) * sm_count, std::max<int64_t>(tiles, 1)),
                             ceil_div(pixels, kMinPixelsPerSplit));
   splits = std::max<int64_t>(splits, 1);
@@ -850,7 +746,6 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     return;
   }
   const int bytes = elem_bytes(dtype);
-  const int x_channels = problem.in_channels / (problem.concat_elu_input ? 2 : 1);
   WgradParams params{x,
                      gout,
                      plan.splits > 1 ? workspace : gwp,
@@ -858,19 +753,16 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
                      plan.pixels_per_split,
                      problem.height,
                      problem.width,
-                     x_channels,
+                     problem.in_channels,
                      problem.out_channels,
                      problem.taps,
-                     problem.concat_elu_input,
-                     problem.keep,
-                     problem.keep_scale,
-                     chunk_aligned(x, x_channels, bytes),
+                     chunk_aligned(x, problem.in_channels, bytes),
                      chunk_aligned(gout, problem.out_channels, bytes)};
   for (int t = 0; t < problem.taps; ++t) {
     params.dy[t] = problem.offsets[2 * t];
     params.dx[t] = problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(wgrad_row_blocks(problem) * ceil_div(problem.out_channels, kBlockN)),
+  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN)),
                   static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
   dispatch_math<1>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
     wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, kThreads, 0, stream>>>(params);

@@ -14,14 +14,14 @@
 // multiplies them. Torch-free: included by the .cu file and by the glue.
 //
 // Two fusions ride on these GEMMs. A residual (the output's shape) is added last in
-// the forward's epilogue. With problem.concat_elu_input, the conv's input is
-// concat_elu(x) = elu(cat([x, -x], channels)): x has C = Cin / 2 channels, and the
-// forward and wgrad compute the activation as they load x (never storing it), while
-// dgrad accumulates the gradients g1, g2 w.r.t. elu(x), elu(-x) side by side and
-// its epilogue writes the gradient w.r.t. x, g1 * elu'(x) - g2 * elu'(-x). With
-// problem.keep (PixelCNN++'s dropout after concat_elu, in training) the conv's input is
-// keep ? concat_elu(x) * keep_scale : 0, applied as x is loaded, and dgrad's epilogue
-// takes g1, g2 through the same dropout first.
+// the forward's epilogue. When the conv's input is concat_elu(x) = elu(cat([x, -x],
+// channels)) (x has C = Cin / 2 channels), the forward and wgrad take that activation
+// as their x (the glue writes it with gates.h's launch_concat_elu_forward, dropout
+// included), while dgrad, given x, accumulates the gradients g1, g2 w.r.t. elu(x),
+// elu(-x) side by side and its epilogue writes the gradient w.r.t. x,
+// g1 * elu'(x) - g2 * elu'(-x); given `keep` (PixelCNN++'s dropout after concat_elu, in
+// training: the conv's input was keep ? concat_elu(x) * keep_scale : 0) it takes g1, g2
+// through the same dropout first.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,12 +45,7 @@ struct ConvProblem {
   int in_channels;  // of the weight: the conv's input channels (2C when the input is concat_elu(x))
   int out_channels;
   int taps;
-  const int* offsets;     // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
-  bool concat_elu_input;  // the conv reads concat_elu(x); x has in_channels / 2 channels
-  // With concat_elu_input: the dropout mask of concat_elu(x), (N, H, W, in_channels) bytes
-  // (nonzero: kept, then times keep_scale = 1 / (1 - p)), or null for no dropout.
-  const uint8_t* keep;
-  float keep_scale;
+  const int* offsets;  // host array [dy_0, dx_0, dy_1, dx_1, ...] of 2 * taps entries
 };
 
 // The gated epilogue, applied to the two halves a = pre[..., :Cout/2], b = pre[..., Cout/2:].
@@ -72,9 +67,8 @@ struct WgradPlan {
 // has the same type, except the float32 weight gradient) and computes in float32:
 // on tensor cores (WMMA: TF32 for float32 inputs when allow_tf32, else exact FFMA;
 // bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
-// cond are float32, a residual or addend has the activations' type. x is (N, H, W, Cin), or
-// (N, H, W, Cin / 2) with problem.concat_elu_input. All launches go on `stream`;
-// errors surface via cudaGetLastError.
+// cond are float32, a residual or addend has the activations' type. x is (N, H, W, Cin).
+// All launches go on `stream`; errors surface via cudaGetLastError.
 
 // out (N, H, W, Cout) = conv(x, wp (T, Cin, Cout)) + bias (Cout, may be null) + residual
 // (N, H, W, Cout, may be null).
@@ -92,16 +86,16 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
 
 // gx from gout (N, H, W, Cout) and wp (T, Cin, Cout): with x null, (N, H, W, Cin), the gradient
 // w.r.t. the conv's input; with x the forward's concat_elu input (N, H, W, Cin / 2), the
-// gradient w.r.t. x, of x's shape.
+// gradient w.r.t. x, of x's shape, through the dropout `keep` ((N, H, W, Cin) bytes, nonzero:
+// kept, times keep_scale = 1 / (1 - p); or null) first. keep needs x.
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
-                         const void* x, void* gx, cudaStream_t stream);
+                         const void* x, const uint8_t* keep, float keep_scale, void* gx, cudaStream_t stream);
 
 // The split of the weight gradient for a device with `sm_count` multiprocessors.
 WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count);
 
-// gwp (T, Cin, Cout) float32 from x and gout (N, H, W, Cout) (with problem.concat_elu_input,
-// from concat_elu(x) as the forward read it); `workspace` holds plan.workspace_elements
-// floats (may be null when that is 0).
+// gwp (T, Cin, Cout) float32 from x (N, H, W, Cin) and gout (N, H, W, Cout); `workspace` holds
+// plan.workspace_elements floats (may be null when that is 0).
 void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
                          const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream);
 

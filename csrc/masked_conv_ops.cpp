@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "gates.h"
 #include "masked_conv.h"
 #include "torch_glue.h"
 
@@ -93,18 +94,14 @@ void check_device_capability(const at::Tensor& t) {
 }
 
 ConvProblem make_problem(const at::Tensor& activations, int64_t in_channels, int64_t out_channels,
-                         const std::vector<int>& offsets, bool concat_elu_input,
-                         const std::optional<at::Tensor>& keep = std::nullopt, double keep_scale = 1.0) {
+                         const std::vector<int>& offsets) {
   return {activations.size(0),
           static_cast<int>(activations.size(1)),
           static_cast<int>(activations.size(2)),
           static_cast<int>(in_channels),
           static_cast<int>(out_channels),
           static_cast<int>(offsets.size() / 2),
-          offsets.data(),
-          concat_elu_input,
-          keep.has_value() ? keep->data_ptr<uint8_t>() : nullptr,
-          static_cast<float>(keep_scale)};
+          offsets.data()};
 }
 
 // A dropout mask of the conv's concat_elu input: (N, H, W, in_channels) contiguous uint8 on x's device.
@@ -124,6 +121,23 @@ const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+const uint8_t* keep_or_null(const std::optional<at::Tensor>& keep) {
+  return keep.has_value() ? keep->data_ptr<uint8_t>() : nullptr;
+}
+
+// What the forward and wgrad GEMMs read: x itself, or concat_elu(x) (N, H, W, 2C) in x's dtype,
+// dropped out by keep when given, written by one elementwise pass (see masked_conv.cu for why
+// not while loading x). Call on x's device, after check_keep.
+at::Tensor conv_input(const at::Tensor& x, bool concat_elu_input, const std::optional<at::Tensor>& keep,
+                      double keep_scale) {
+  if (!concat_elu_input) return x;
+  at::Tensor activation = at::empty({x.size(0), x.size(1), x.size(2), 2 * x.size(3)}, x.options());
+  launch_concat_elu_forward(to_kernel_dtype(x, "x"), x.data_ptr(), activation.data_ptr(), x.size(0) * x.size(1) * x.size(2),
+                            x.size(3), keep_or_null(keep), static_cast<float>(keep_scale), current_stream());
+  check_launch("concat_elu_forward (the masked conv's input)");
+  return activation;
+}
+
 at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& residual, at::IntArrayRef offsets,
                                   bool concat_elu_input, bool allow_tf32, const std::optional<at::Tensor>& keep,
@@ -138,10 +152,11 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, con
   check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
-  masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32,
-                    make_problem(x, in_channels, out_channels, offsets32, concat_elu_input, keep, keep_scale), x.data_ptr(),
-                    wp.data_ptr(), data_or_null(bias32), raw_data_or_null(residual), out.data_ptr(), current_stream());
+  masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, in_channels, out_channels, offsets32),
+                    input.data_ptr(), wp.data_ptr(), data_or_null(bias32), raw_data_or_null(residual), out.data_ptr(),
+                    current_stream());
   check_launch("masked_conv2d_fwd");
   return out;
 }
@@ -170,12 +185,12 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   check_optional_operand(addend, "addend", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels / 2}, x.options());
   at::Tensor preact = write_preact ? at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options())
                                    : at::empty({0}, x.options());
-  masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32,
-                          make_problem(x, in_channels, out_channels, offsets32, concat_elu_input, keep, keep_scale), x.data_ptr(),
-                          wp.data_ptr(), data_or_null(bias32), raw_data_or_null(addend), data_or_null(cond32),
+  masked_conv2d_fwd_gated(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, in_channels, out_channels, offsets32),
+                          input.data_ptr(), wp.data_ptr(), data_or_null(bias32), raw_data_or_null(addend), data_or_null(cond32),
                           raw_data_or_null(residual), static_cast<Gate>(gate), static_cast<int>(gate_groups), out.data_ptr(),
                           write_preact ? preact.data_ptr() : nullptr, current_stream());
   check_launch("masked_conv2d_fwd_gated");
@@ -206,9 +221,9 @@ at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp
   const c10::cuda::CUDAGuard guard(gout.device());
   const int64_t gx_channels = concat_elu_input ? in_channels / 2 : in_channels;
   at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), gx_channels}, gout.options());
-  masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32,
-                      make_problem(gout, in_channels, gout.size(3), offsets32, concat_elu_input, keep, keep_scale), gout.data_ptr(),
-                      wp.data_ptr(), raw_data_or_null(x), gx.data_ptr(), current_stream());
+  masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32, make_problem(gout, in_channels, gout.size(3), offsets32),
+                      gout.data_ptr(), wp.data_ptr(), raw_data_or_null(x), keep_or_null(keep), static_cast<float>(keep_scale),
+                      gx.data_ptr(), current_stream());
   check_launch("masked_conv2d_dgrad");
   return gx;
 }
@@ -226,11 +241,12 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_keep(keep, concat_elu_input, x, in_channels);
-  const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32, concat_elu_input, keep, keep_scale);
+  const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32);
   const WgradPlan plan = plan_masked_conv2d_wgrad(problem, device_attribute(x, cudaDevAttrMultiProcessorCount));
+  const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor gwp = at::empty({problem.taps, in_channels, gout.size(3)}, x.options().dtype(at::kFloat));
   at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));
-  masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, x.data_ptr(), gout.data_ptr(),
+  masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, input.data_ptr(), gout.data_ptr(),
                       gwp.data_ptr<float>(), plan.workspace_elements > 0 ? workspace.data_ptr<float>() : nullptr,
                       current_stream());
   check_launch("masked_conv2d_wgrad");

@@ -138,7 +138,7 @@ __host__ __device__ inline int resnet_taps(const ResnetStep& s) { return s.kerne
 
 // window[image][t * 2C + k] = elu(v), [t * 2C + C + k] = elu(-v), v = src at (row, col) + tap t's
 // offset (padded coordinates) in image image0 + image; zero for images past the batch. Each elu is
-// rounded to T, as the full forward's concat_elu (materialised, or the conv's prologue) gives it.
+// rounded to T, as the full forward's materialised concat_elu gives it.
 template <typename T, int kImages>
 __device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, int64_t image0, int row, int col,
                                              float* window) {

@@ -10,7 +10,7 @@ a float32 accumulation meets, times the project's tolerance for the dtype.
 CPU: the schemas the extension registers (when it is built). GPU (marked ``gpu``):
 every mask kind and tap count, dilations 1/2/4, fp32 with and without TF32, fp16,
 bf16, odd channel counts, N = 1, H != W, the gated epilogue, the residual epilogue,
-the concat_elu prologue (forward, wgrad) and its backward in dgrad's epilogue,
+a concat_elu input (forward, wgrad) and its backward in dgrad's epilogue,
 deterministic wgrad, inputs over 2**31 elements and the glue's errors.
 """
 
@@ -275,8 +275,8 @@ def _gate_halves(rows: torch.Tensor, gate_groups: int) -> tuple[torch.Tensor, to
     ((2, 9, 11, 48, 10), True, False, False, False, False, None, 1),  # half = 5 columns
     ((1, 6, 13, 64, 130), False, True, True, False, True, None, 1),  # half = 65: two column blocks per half
     ((2, 5, 7, 3, 256), True, True, False, False, False, None, 1),
-    (SHAPE, True, True, True, True, False, "concat_elu", 1),  # x has 24 channels: one reduction step per part
-    ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu", 1),  # 40: two steps per part, a partial one
+    (SHAPE, True, True, True, True, False, "concat_elu", 1),  # x has 24 channels, the GEMM reads 48: two reduction steps, a partial one
+    ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu", 1),  # 40: 80 read, three steps, a partial one
     ((2, 5, 7, 6, 10), True, False, True, True, True, "concat_elu", 1),  # 3: scalar loads
     ((2, 9, 11, 48, 252), True, True, True, True, True, None, 3),  # colour-major: groups of 42, two column blocks per half
 ], ids=["48to72", "48to72-addend", "48to10-no-bias", "64to130-n1-no-cond-addend", "3to256", "48to72-fused", "80to130-fused", "6to10-fused-addend",
@@ -392,7 +392,7 @@ def test_dgrad_folds_concat_elu_backward(mask, kernel_size, shape, precision):
 @pytest.mark.parametrize("shape", [(2, 9, 11, 24, 72), (2, 9, 11, 80, 72), (1, 6, 13, 3, 5), (4, 32, 40, 24, 72)], ids=["24to72", "80to72", "3to5", "split-k"])
 @pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
 def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
-    """The weight gradient applies concat_elu to x as it loads it (C = 80: two channel blocks per part)."""
+    """The weight gradient of a conv of concat_elu(x) (C = 80: 2C = 160 input channels, three channel blocks)."""
     dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
     gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, 1), True, allow_tf32)
     expected, scale = _wgrad_ref(x, gout, weight, spec, 1, "concat_elu")

@@ -4,11 +4,10 @@ Each class here is its reference-built namesake with ``ops`` = :data:`FUSED_OPS`
 public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, see
 :mod:`pixelcnn_kernels.backend`). What the kernels fuse:
 
-- :class:`GatedResnet`: every concat_elu into the conv reading it (the CUDA kernels
-  compute it as they load x, the Triton ones in one elementwise pass just before the
-  forward and the weight gradient; never kept for the backward; its backward in the
-  input gradient's epilogue), and in training the dropout after the second one too (in
-  that same load or pass, and in the input gradient's epilogue); ``nin_skip``'s add of
+- :class:`GatedResnet`: every concat_elu into the conv reading it (one elementwise pass
+  just before the forward and the weight gradient; never kept for the backward; its
+  backward in the input gradient's epilogue), and in training the dropout after the
+  second one too (in that same pass, and in the input gradient's epilogue); ``nin_skip``'s add of
   ``c`` into its epilogue; the second conv, bias, conditioning, gate and the residual
   ``x + ·`` into one ``masked_conv2d_gated``. The dropout's fusion, priced for the
   benchmark's PixelCNN++ training step (160 channels, batch 64, 32×32: 1.88 M
@@ -18,10 +17,10 @@ public custom ops (which run the ``cuda``, ``triton`` or ``reference`` backend, 
   the mask (3 × 960 B) and x's gradient's write (640 B): 10.2 KB less, 19.3 GB a step,
   ≈ 5 ms at ~4 TB/s of the 77 ms fp32 goal (~1.5 ms of the bf16 one), 3 launches fewer
   per block, and the 2C-channel activation no longer kept for the backward (2.4 GB in
-  fp32). The Triton kernels' input pass gives back 2.56 KB of it per pass (x and the mask
-  read, 2C written, the GEMM then reading 2C instead of x and the mask), 5.1 KB in all:
-  computed inside the GEMM's loads it made the H200's bf16 forward 4.6× slower
-  (benchmarks/results/2026-11-30-h200.md);
+  fp32). The input pass gives back 2.56 KB of it per pass (x and the mask read, 2C
+  written, the GEMM then reading 2C instead of x and the mask), 5.1 KB in all: computed
+  inside the GEMM's loads it made the H200's bf16 forward 4.6× slower in Triton, 2.9× in
+  CUDA (benchmarks/results/2026-11-30-h200.md);
 - :class:`GatedMaskedConv2d`: the vertical conv, bias, conditioning and gate into one
   ``masked_conv2d_gated`` that also writes the pre-activation the link reads; the
   link (1×1 of that pre-activation), the add of ``conv_horiz(h)``, the conditioning

@@ -16,12 +16,11 @@ The output has the input's memory format (channels-last in, channels-last out).
 
 Both ops take two fusions: ``residual`` (added to the output in the forward's
 epilogue; its gradient is the output's) and ``input_activation="concat_elu"``
-(the CUDA kernels read concat_elu(x) while loading x, in the forward and the
-weight gradient, the Triton ones from one elementwise pass just before each; both
-fold concat_elu's backward into the input gradient's epilogue), optionally
-followed by dropout (``dropout_keep``, a boolean mask the caller draws, and
-``dropout_p``: read beside x as uint8 rows, and applied to the gradient in the
-same epilogue before concat_elu's backward).
+(the kernels read concat_elu(x) from one elementwise pass just before the forward
+and the weight gradient, and fold concat_elu's backward into the input gradient's
+epilogue), optionally followed by dropout (``dropout_keep``, a boolean mask the
+caller draws, and ``dropout_p``: read as uint8 rows by that pass, and applied to
+the gradient in the same epilogue before concat_elu's backward).
 The gated op also takes an ``addend`` to its pre-activation (added in the
 epilogue before the gate; its gradient is the pre-activation's), can return
 that pre-activation, written in the same pass, and gates a pre-activation laid
