@@ -8,7 +8,8 @@
 // the 11 tap counts the models use took the compile of this file past 10 minutes on
 // 2 cores, and a step (a 64x64x32 tile product) dwarfs the loop's cost. Each step
 // stages a tile of shifted activations (zero outside the image) and a tile of the
-// tap's weight in shared memory and multiplies them with WMMA. dgrad is the same GEMM
+// tap's weight in shared memory and multiplies them with mma.sync, its fragments read
+// with ldmatrix (TensorCoreMath). dgrad is the same GEMM
 // on gout with negated offsets and the weight read transposed. The gated forward
 // gives each CTA the matching column blocks of both halves (two accumulator sets) so
 // the gate runs in the epilogue.
@@ -26,7 +27,8 @@
 //
 // wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
 // rows input channels, columns output channels, reduction over the pixels, split
-// over grid z into fixed ranges whose partials `sum_splits_kernel` adds in order.
+// over grid z into fixed ranges whose partials `sum_splits_kernel` adds in order. Its
+// loop moves each loaded pixel on by carries (advance_pixel), dividing only once.
 //
 // Global offsets are 64-bit throughout (tensors may exceed 2^31 elements); shared
 // memory offsets are 32-bit.
@@ -35,13 +37,14 @@
 // (T = 6): each GEMM is 2 * 65536 * 256 * (6 * 128) = 25.8 GFLOP; at ~380 TFLOP/s TF32
 // that is 68 us (34 us at ~760 TFLOP/s bf16); the forward moves x (33.5 MB fp32) and
 // out (67 MB) ~ 25 us at 4 TB/s, so every pass is compute-bound: forward + dgrad +
-// wgrad >= 204 us TF32, 102 us bf16. Predicted for this kernel (64x64x32 tiles,
-// register-staged double buffering, WMMA without ldmatrix/swizzle tuning): ~35% of the
-// tensor-core peak, i.e. ~0.2 ms per pass in TF32, ~0.6 ms forward + backward: at the
-// issue's 1.5x-of-cuDNN goal (0.54 ms), not clearly past it; larger tiles and a
-// cp.async pipeline are the next steps once GPU numbers exist.
-#include <mma.h>
-
+// wgrad >= 204 us TF32, 102 us bf16. Measured on the H200 (2026-11-30, with WMMA:
+// benchmarks/results/2026-11-30-h200.md): forward 0.686 ms TF32, 0.278 bf16, i.e. 10%
+// and 12% of the floor, issue-bound: per 64x64x32 step a warp spent ~400 instructions
+// for 16 tensor-core ones, its bf16 WMMA fragments read by 32-bit generic loads and
+// transposed by MOVM, its TF32 products as twice as many m16n8k4 HMMAs. The mma.sync +
+// ldmatrix multiplier and the divisions gone from wgrad's loop are predicted, with
+// their reasons, in benchmarks/masked_conv_perf_notes.md; larger tiles and a cp.async
+// pipeline are the next steps once those are measured.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -53,8 +56,6 @@ namespace pixelcnn_kernels {
 namespace masked_conv {
 namespace {
 
-using namespace nvcuda;
-
 constexpr int kBlockM = 64;  // GEMM rows per CTA: pixels (conv) or input channels (wgrad)
 constexpr int kBlockN = 64;  // GEMM columns per CTA (per gate half)
 constexpr int kBlockK = 32;  // reduction step: channels of one tap (conv) or pixels (wgrad)
@@ -64,19 +65,28 @@ constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kWarpTileM = kBlockM / kWarpsM;
 constexpr int kWarpTileN = kBlockN / kWarpsN;
 constexpr int kChunkBytes = 16;  // global loads and shared stores move 16-byte chunks
-// Shared tiles pad each row by one chunk: keeps every WMMA pointer 32-byte aligned and
-// shifts consecutive rows across banks.
-template <typename Elem>
-constexpr int kRowPad = kChunkBytes / sizeof(Elem);
+// Shared tiles pad each row so that the fragment reads of a warp hit 32 distinct banks:
+// 16 bytes for 16-bit tiles (ldmatrix reads 8 rows of 16 bytes per phase; rows 16 bytes
+// apart modulo 128 fill the banks) and for 32-bit tiles whose rows run along the
+// reduction (a TF32 fragment reads rows g = lane / 4 at columns t = lane % 4: rows 4
+// banks apart); 32 bytes for 32-bit tiles whose rows run across it (it reads rows t at
+// columns g: rows 8 banks apart). Rows stay 16-byte aligned for the chunked stores.
+template <typename Elem, bool kRowsAlongReduction>
+constexpr int kRowPad = (sizeof(Elem) == 4 && !kRowsAlongReduction ? 2 : 1) * kChunkBytes / sizeof(Elem);
 constexpr int kStagePad = 4;  // floats; the fp32 staging tile of the epilogue
 
 // ---------------------------------------------------------------------------------
 // Tile addressing and loading
 
+// How a shared tile holding a GEMM operand is stored: RowMajor keeps element (row, col)
+// at row * ld + col, ColMajor at col * ld + row.
+struct RowMajor {};
+struct ColMajor {};
+
 // Offset of element (row, col) of a shared tile stored in `Layout` with leading dimension kLd.
 template <typename Layout, int kLd>
 __device__ __forceinline__ int tile_offset(int row, int col) {
-  return std::is_same<Layout, wmma::row_major>::value ? row * kLd + col : col * kLd + row;
+  return std::is_same<Layout, RowMajor>::value ? row * kLd + col : col * kLd + row;
 }
 
 template <int kBytes>
@@ -158,6 +168,20 @@ __device__ __forceinline__ PixelCoords decode_pixel(int64_t pixel, int64_t pixel
   return {image * hw, rem / width, rem % width, pixel < pixels};
 }
 
+// px moved on to pixel index `pixel`, `rows` * width + `cols` pixels after it (cols < width;
+// rows < height, taken modulo the image: the image follows from the index): a carry and one
+// conditional subtraction per coordinate instead of decode_pixel's divisions.
+__device__ __forceinline__ void advance_pixel(PixelCoords& px, int64_t pixel, int rows, int cols, int64_t pixels,
+                                              int height, int width) {
+  px.x += cols;
+  const bool carry = px.x >= width;
+  if (carry) px.x -= width;
+  px.y += rows + carry;  // < 2 * height
+  if (px.y >= height) px.y -= height;
+  px.image_start = pixel - (static_cast<int64_t>(px.y) * width + px.x);
+  px.inside = pixel < pixels;
+}
+
 // Address of channel `col0` of the pixel at `px` shifted by (dy, dx) in a channels-last
 // tensor with `channels` channels, or nullptr when the shifted pixel is outside the image.
 template <typename Elem>
@@ -175,67 +199,140 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
 // column h * kBlockN + n). store() writes acc to a row-major fp32 staging tile whose
 // columns are laid out the same way.
 
-template <typename Elem>
-struct WmmaShape {
-  using Input = Elem;
-  static constexpr int kK = 16;
-};
-template <>
-struct WmmaShape<float> {  // float32 inputs run as TF32
-  using Input = wmma::precision::tf32;
-  static constexpr int kK = 8;
-};
+// Warp-level tensor-core instructions (PTX ISA, "Warp-level matrix multiply-accumulate
+// instructions"). In a fragment, lane l is thread t = l % 4 of group g = l / 4.
 
+// Four 8x8 matrices of 16-bit elements from shared memory: lanes 8j .. 8j + 7 give the
+// addresses of matrix j's rows (16 bytes each); lane l receives in r[j] the two elements
+// of matrix j at row g, columns 2t and 2t + 1 (kTransposed: at rows 2t and 2t + 1 of
+// column g, i.e. of the transposed matrix).
+template <bool kTransposed>
+__device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* row_address) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  if constexpr (kTransposed) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+}
+
+// d += a (16 x kK, row-major fragment) * b (kK x 8, column fragment) in fp32: m16n8k16 for
+// 16-bit inputs (each register two elements), m16n8k8 for TF32 (each register one).
+// a: regs (g, k), (g + 8, k), (g, k + kK/2), (g + 8, k + kK/2) for k the lane's first
+// column(s) 2t (16-bit) or t (TF32); b: (k, g), (k + kK/2, g); d: (g, 2t), (g, 2t + 1),
+// (g + 8, 2t), (g + 8, 2t + 1).
+template <typename Elem>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (std::is_same<Elem, __half>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// A float32 value rounded to TF32 (to nearest, ties away), as cuBLAS rounds its inputs,
+// rather than truncated by the tensor core.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(v));
+  return bits;
+}
+
+// Tensor-core multiplier (mma.sync; TF32 for float32 inputs). Warp (wm, wn) of the
+// kWarpsM x kWarpsN grid owns rows [wm * kWarpTileM, +kWarpTileM) and columns
+// [wn * kWarpTileN, +kWarpTileN) of each half: kFragsM x kFragsN fragments of 16 x 8.
+// 16-bit fragments are read with ldmatrix (one instruction per 16 x 16 of A, per 16 x 16
+// of B: two fragments), transposing where the tile is stored across the fragment's
+// order; TF32 fragments with 32-bit shared loads, one element each.
 template <typename Elem, int kHalves>
 struct TensorCoreMath {
-  using Input = typename WmmaShape<Elem>::Input;
-  static constexpr int kK = WmmaShape<Elem>::kK;
+  static constexpr bool kTf32 = std::is_same<Elem, float>::value;
+  static constexpr int kK = kTf32 ? 8 : 16;  // reduction per mma
   static constexpr int kFragsM = kWarpTileM / 16;
-  static constexpr int kFragsN = kWarpTileN / 16;
+  static constexpr int kFragsN = kWarpTileN / 8;
+  static_assert(kFragsN % 2 == 0, "16-bit B fragments are read in pairs");
 
-  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[kHalves][kFragsM][kFragsN];
-
-  __device__ __forceinline__ TensorCoreMath() {
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h)
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i)
-#pragma unroll
-        for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[h][i][j], 0.0f);
-  }
+  float acc[kHalves][kFragsM][kFragsN][4] = {};
 
   __device__ __forceinline__ static int warp_row() { return threadIdx.x / 32 / kWarpsN * kWarpTileM; }
   __device__ __forceinline__ static int warp_col() { return threadIdx.x / 32 % kWarpsN * kWarpTileN; }
+  __device__ __forceinline__ static int lane() { return threadIdx.x % 32; }
 
-  // TF32 fragments hold float32 values; round them to TF32 as cuBLAS does rather than
-  // let the tensor core truncate them.
-  template <typename Frag>
-  __device__ __forceinline__ static void round_inputs(Frag& frag) {
-    if constexpr (std::is_same<Elem, float>::value) {
+  // The A fragment of rows [m0, m0 + 16) and reduction columns [k0, k0 + kK).
+  template <typename Layout, int kLd>
+  __device__ __forceinline__ static void load_a(uint32_t (&a)[4], const Elem* tile, int m0, int k0) {
+    if constexpr (kTf32) {
+      const int g = lane() / 4, t = lane() % 4;
 #pragma unroll
-      for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+      for (int r = 0; r < 4; ++r) a[r] = to_tf32(tile[tile_offset<Layout, kLd>(m0 + g + (r % 2) * 8, k0 + t + (r / 2) * 4)]);
+    } else {
+      // Matrix j = lane / 8 is (rows + 8 (j % 2), columns + 8 (j / 2)); its lane supplies row r = lane % 8
+      // of the stored tile: a fragment row (row-major) or a reduction column (column-major, transposed).
+      constexpr bool kRowMajor = std::is_same<Layout, RowMajor>::value;
+      const int j = lane() / 8, r = lane() % 8;
+      const int m = m0 + (j % 2) * 8 + (kRowMajor ? r : 0);
+      const int k = k0 + (j / 2) * 8 + (kRowMajor ? 0 : r);
+      load_matrices_x4<!kRowMajor>(a, tile + tile_offset<Layout, kLd>(m, k));
+    }
+  }
+
+  // The B fragments of reduction rows [k0, k0 + kK) and columns [n0, n0 + 8) (b[0]) and, for
+  // 16-bit inputs, [n0 + 8, n0 + 16) (b[1]).
+  template <typename Layout, int kLd>
+  __device__ __forceinline__ static void load_b(uint32_t (&b)[2][2], const Elem* tile, int k0, int n0) {
+    if constexpr (kTf32) {
+      const int g = lane() / 4, t = lane() % 4;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) b[0][r] = to_tf32(tile[tile_offset<Layout, kLd>(k0 + t + r * 4, n0 + g)]);
+    } else {
+      // Matrix j = lane / 8 is (reduction rows + 8 (j % 2), columns + 8 (j / 2)); its lane supplies
+      // row r = lane % 8 of the stored tile: a reduction row (row-major, transposed) or a column.
+      constexpr bool kRowMajor = std::is_same<Layout, RowMajor>::value;
+      const int j = lane() / 8, r = lane() % 8;
+      const int k = k0 + (j % 2) * 8 + (kRowMajor ? r : 0);
+      const int n = n0 + (j / 2) * 8 + (kRowMajor ? 0 : r);
+      uint32_t regs[4];
+      load_matrices_x4<kRowMajor>(regs, tile + tile_offset<Layout, kLd>(k, n));
+      b[0][0] = regs[0];
+      b[0][1] = regs[1];
+      b[1][0] = regs[2];
+      b[1][1] = regs[3];
     }
   }
 
   template <typename ALayout, int kLdA, typename BLayout, int kLdB>
   __device__ __forceinline__ void multiply(const Elem* a_tile, const Elem* b_tile) {
+    constexpr int kPairs = kTf32 ? 1 : 2;  // B fragments per load
 #pragma unroll
     for (int kk = 0; kk < kBlockK; kk += kK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, kK, Input, ALayout> a[kFragsM];
+      uint32_t a[kFragsM][4];
 #pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        wmma::load_matrix_sync(a[i], a_tile + tile_offset<ALayout, kLdA>(warp_row() + i * 16, kk), kLdA);
-        round_inputs(a[i]);
-      }
+      for (int i = 0; i < kFragsM; ++i) load_a<ALayout, kLdA>(a[i], a_tile, warp_row() + i * 16, kk);
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
 #pragma unroll
-        for (int j = 0; j < kFragsN; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, kK, Input, BLayout> b;
-          wmma::load_matrix_sync(b, b_tile + tile_offset<BLayout, kLdB>(kk, h * kBlockN + warp_col() + j * 16), kLdB);
-          round_inputs(b);
+        for (int j = 0; j < kFragsN; j += kPairs) {
+          uint32_t b[2][2];
+          load_b<BLayout, kLdB>(b, b_tile, kk, h * kBlockN + warp_col() + j * 8);
 #pragma unroll
-          for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(acc[h][i][j], a[i], b, acc[h][i][j]);
+          for (int pair = 0; pair < kPairs; ++pair)
+#pragma unroll
+            for (int i = 0; i < kFragsM; ++i) mma<Elem>(acc[h][i][j + pair], a[i], b[pair]);
         }
       }
     }
@@ -243,14 +340,18 @@ struct TensorCoreMath {
 
   template <int kLdStage>
   __device__ __forceinline__ void store(float* stage) const {
+    const int g = lane() / 4, t = lane() % 4;
 #pragma unroll
     for (int h = 0; h < kHalves; ++h)
 #pragma unroll
       for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-        for (int j = 0; j < kFragsN; ++j)
-          wmma::store_matrix_sync(stage + (warp_row() + i * 16) * kLdStage + h * kBlockN + warp_col() + j * 16,
-                                  acc[h][i][j], kLdStage, wmma::mem_row_major);
+        for (int j = 0; j < kFragsN; ++j) {
+          const int row = warp_row() + i * 16 + g;
+          const int col = h * kBlockN + warp_col() + j * 8 + 2 * t;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) stage[(row + (r / 2) * 8) * kLdStage + col + r % 2] = acc[h][i][j][r];
+        }
   }
 };
 
@@ -299,7 +400,7 @@ struct ExactFloatMath {
   }
 };
 
-// The tensor-core paths need sm_80 (bf16 and TF32 WMMA); the glue refuses older GPUs.
+// The tensor-core paths need sm_80 (bf16 and TF32 mma.sync); the glue refuses older GPUs.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define PIXELCNN_MASKED_CONV_ARCH_OK 1
 #else
@@ -379,10 +480,10 @@ __device__ __forceinline__ float add_residual(const ConvParams& p, int64_t index
 template <typename Elem, typename Math, int kHalves, bool kWeightTransposed>
 __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
-  using BLayout = std::conditional_t<kWeightTransposed, wmma::col_major, wmma::row_major>;
+  using BLayout = std::conditional_t<kWeightTransposed, ColMajor, RowMajor>;
   constexpr int kColsB = kHalves * kBlockN;
-  constexpr int kLdA = kBlockK + kRowPad<Elem>;
-  constexpr int kLdB = kWeightTransposed ? kBlockK + kRowPad<Elem> : kColsB + kRowPad<Elem>;
+  constexpr int kLdA = kBlockK + kRowPad<Elem, true>;
+  constexpr int kLdB = kWeightTransposed ? kBlockK + kRowPad<Elem, true> : kColsB + kRowPad<Elem, false>;
   constexpr int kLdStage = kColsB + kStagePad;
   // A is kBlockM x kBlockK row-major; each half of B is kBlockK x kBlockN, stored as
   // k rows (plain) or n rows (transposed: the weight is contiguous along k).
@@ -460,7 +561,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
       }
       gather(tap, k0);
     }
-    math.template multiply<wmma::row_major, kLdA, BLayout, kLdB>(a_tile, b_tile);
+    math.template multiply<RowMajor, kLdA, BLayout, kLdB>(a_tile, b_tile);
   }
 
   // Epilogue: accumulators -> fp32 staging tile (aliasing the input tiles) -> bias,
@@ -538,7 +639,7 @@ struct WgradParams {
 template <typename Elem, typename Math>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
-  constexpr int kLd = kBlockM + kRowPad<Elem>;
+  constexpr int kLd = kBlockM + kRowPad<Elem, false>;
   static_assert(kBlockM == kBlockN, "x and gout tiles share one loader shape and pixel decode");
   constexpr int kLdStage = kBlockN + kStagePad;
   using Loader = TileLoader<Elem, kBlockK, kBlockM, kLd>;
@@ -561,10 +662,14 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   Loader x_loader;
   Loader g_loader;
-  auto gather = [&](int64_t p0) {
-    PixelCoords rows[Loader::kChunks];
+  // The pixel of each of this thread's chunks, decoded once and then moved kBlockK pixels
+  // on per step (advance_pixel): no division in the loop.
+  const int step_rows = kBlockK / p.width % p.height;
+  const int step_cols = kBlockK % p.width;
+  PixelCoords rows[Loader::kChunks];
 #pragma unroll
-    for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(p0 + Loader::row(i), end, p.height, p.width);
+  for (int i = 0; i < Loader::kChunks; ++i) rows[i] = decode_pixel(begin + Loader::row(i), end, p.height, p.width);
+  auto gather = [&]() {
     x_loader.gather([&](int i) { return shifted_row(x, p.in_channels, m0, rows[i], dy, dx, p.height, p.width); },
                     p.in_channels - m0, p.x_vec_ok);
     g_loader.gather([&](int i) { return shifted_row(gout, p.out_channels, n0, rows[i], 0, 0, p.height, p.width); },
@@ -572,14 +677,19 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
   };
 
   Math math;
-  gather(begin);
+  gather();
   for (int64_t p0 = begin; p0 < end; p0 += kBlockK) {
     __syncthreads();  // the previous step's multiply is done with the tiles
     x_loader.commit(x_tile);
     g_loader.commit(g_tile);
     __syncthreads();
-    if (p0 + kBlockK < end) gather(p0 + kBlockK);
-    math.template multiply<wmma::col_major, kLd, wmma::row_major, kLd>(x_tile, g_tile);
+    if (p0 + kBlockK < end) {
+#pragma unroll
+      for (int i = 0; i < Loader::kChunks; ++i)
+        advance_pixel(rows[i], p0 + kBlockK + Loader::row(i), step_rows, step_cols, end, p.height, p.width);
+      gather();
+    }
+    math.template multiply<ColMajor, kLd, RowMajor, kLd>(x_tile, g_tile);
   }
 
   __syncthreads();

@@ -65,7 +65,7 @@ struct WgradPlan {
 
 // Every launcher takes the element type of the activations and weight (the output
 // has the same type, except the float32 weight gradient) and computes in float32:
-// on tensor cores (WMMA: TF32 for float32 inputs when allow_tf32, else exact FFMA;
+// on tensor cores (mma.sync: TF32 for float32 inputs when allow_tf32, else exact FFMA;
 // bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
 // cond are float32, a residual or addend has the activations' type. x is (N, H, W, Cin).
 // All launches go on `stream`; errors surface via cudaGetLastError.

@@ -44,7 +44,7 @@ fp32 tiles use TF32 when the ``allow_tf32`` argument says so (the op passes
 whether PyTorch allows TF32 for convolutions), else full fp32 ("ieee"). The weight gradient is
 returned in fp32. Triton's TF32 products take the fp32 operands' top 10 mantissa bits as they
 are (truncated, triton-lang/triton#4574; the PTX has no rounding ``cvt``), where the CUDA
-kernels round to nearest (``wmma::__float_to_tf32``). Within TF32's precision either way, but
+kernels round to nearest (``cvt.rna.tf32.f32``). Within TF32's precision either way, but
 truncation shrinks every product toward zero, so sums are biased rather than scattered around
 the fp32 result: emulated on the CPU (random normal 2048×1920 @ 1920×160, operands truncated
 vs rounded to 10 mantissa bits, against float64), a gain of 1 - 7.0e-4 (RMS error 7.7e-4)
