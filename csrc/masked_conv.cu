@@ -39,12 +39,13 @@
 // out (67 MB) ~ 25 us at 4 TB/s, so every pass is compute-bound: forward + dgrad +
 // wgrad >= 204 us TF32, 102 us bf16. Measured on the H200 (2026-11-30, with WMMA:
 // benchmarks/results/2026-11-30-h200.md): forward 0.686 ms TF32, 0.278 bf16, i.e. 10%
-// and 12% of the floor, issue-bound: per 64x64x32 step a warp spent ~400 instructions
-// for 16 tensor-core ones, its bf16 WMMA fragments read by 32-bit generic loads and
-// transposed by MOVM, its TF32 products as twice as many m16n8k4 HMMAs. The mma.sync +
-// ldmatrix multiplier and the divisions gone from wgrad's loop are predicted, with
-// their reasons, in benchmarks/masked_conv_perf_notes.md; larger tiles and a cp.async
-// pipeline are the next steps once those are measured.
+// and 12% of the floor, issue-bound: a 64x64x32 step's loop body held ~400 SASS
+// instructions for 16 tensor-core ones per warp, its bf16 WMMA fragments read by 32-bit
+// generic loads and transposed by MOVM, its TF32 products as twice as many m16n8k4
+// HMMAs. The gains of the mma.sync + ldmatrix multiplier, the 128x128 tiles (WideTile)
+// and the divisions gone from wgrad's loop are predicted, with their reasons, in
+// benchmarks/masked_conv_perf_notes.md; a cp.async pipeline is the next step once those
+// are measured.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -56,14 +57,33 @@ namespace pixelcnn_kernels {
 namespace masked_conv {
 namespace {
 
-constexpr int kBlockM = 64;  // GEMM rows per CTA: pixels (conv) or input channels (wgrad)
-constexpr int kBlockN = 64;  // GEMM columns per CTA (per gate half)
 constexpr int kBlockK = 32;  // reduction step: channels of one tap (conv) or pixels (wgrad)
-constexpr int kWarpsM = 2;
-constexpr int kWarpsN = 2;
-constexpr int kThreads = 32 * kWarpsM * kWarpsN;
-constexpr int kWarpTileM = kBlockM / kWarpsM;
-constexpr int kWarpTileN = kBlockN / kWarpsN;
+
+// A CTA's GEMM tile: kM rows (pixels for the conv, input channels for wgrad) by kN
+// columns (per gate half), over kWarpsM x kWarpsN warps owning kWarpM x kWarpN each.
+template <int kRows, int kCols, int kRowWarps, int kColWarps, int kMinBlocks>
+struct Tile {
+  static constexpr int kM = kRows;
+  static constexpr int kN = kCols;
+  static constexpr int kWarpsM = kRowWarps;
+  static constexpr int kWarpsN = kColWarps;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWarpM = kM / kWarpsM;
+  static constexpr int kWarpN = kN / kWarpsN;
+  static constexpr int kMinBlocksPerSm = kMinBlocks;
+};
+// Every pass; the only tile of the two-halves GEMMs, the exact-fp32 ones and wgrad.
+using SmallTile = Tile<64, 64, 2, 2, 1>;
+// One-accumulator forward and dgrad on tensor cores over a multiple of 128 columns. The
+// loops are issue-bound (2026-11-30: a warp spent ~400 instructions a step, most of them
+// the next step's gather, for 16 tensor-core ones): here a thread gathers as many chunks
+// a step as in SmallTile (the tile has 4x the elements over 2x the threads) for warps
+// of 64 x 32, twice the mma.sync of SmallTile's 32 x 32.
+using WideTile = Tile<128, 128, 2, 4, 2>;
+// The epilogue stages the accumulators this many rows at a time: WideTile's whole fp32
+// tile (66 KB) would not fit the 48 KB of static shared memory.
+constexpr int kStageRows = 64;
+
 constexpr int kChunkBytes = 16;  // global loads and shared stores move 16-byte chunks
 // Shared tiles pad each row so that the fragment reads of a warp hit 32 distinct banks:
 // 16 bytes for 16-bit tiles (ldmatrix reads 8 rows of 16 bytes per phase; rows 16 bytes
@@ -105,7 +125,7 @@ struct RawBits<4> {
 // step are in flight while the current one is multiplied: gather() loads this
 // thread's 16-byte chunks into registers, commit() stores them to shared memory.
 // Element bits are copied as they are; missing rows and columns become zeros.
-template <typename Elem, int kRows, int kCols, int kLd>
+template <typename Elem, int kRows, int kCols, int kLd, int kThreads>
 struct TileLoader {
   using Element = Elem;
   using Bits = typename RawBits<sizeof(Elem)>::type;
@@ -194,10 +214,10 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
 }
 
 // ---------------------------------------------------------------------------------
-// Tile multipliers: acc[h] += A (kBlockM x kBlockK) * B_h (kBlockK x kBlockN), from
-// shared tiles, for kHalves column blocks of B side by side (B_h's column n is tile
-// column h * kBlockN + n). store() writes acc to a row-major fp32 staging tile whose
-// columns are laid out the same way.
+// Tile multipliers over a Tile T: acc[h] += A (T::kM x kBlockK) * B_h (kBlockK x T::kN),
+// from shared tiles, for kHalves column blocks of B side by side (B_h's column n is tile
+// column h * T::kN + n). store(stage, row0) writes acc's rows [row0, row0 + kStageRows) to
+// a row-major fp32 staging tile whose columns are laid out the same way.
 
 // Warp-level tensor-core instructions (PTX ISA, "Warp-level matrix multiply-accumulate
 // instructions"). In a fragment, lane l is thread t = l % 4 of group g = l / 4.
@@ -254,23 +274,23 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 }
 
 // Tensor-core multiplier (mma.sync; TF32 for float32 inputs). Warp (wm, wn) of the
-// kWarpsM x kWarpsN grid owns rows [wm * kWarpTileM, +kWarpTileM) and columns
-// [wn * kWarpTileN, +kWarpTileN) of each half: kFragsM x kFragsN fragments of 16 x 8.
+// T::kWarpsM x T::kWarpsN grid owns rows [wm * T::kWarpM, +T::kWarpM) and columns
+// [wn * T::kWarpN, +T::kWarpN) of each half: kFragsM x kFragsN fragments of 16 x 8.
 // 16-bit fragments are read with ldmatrix (one instruction per 16 x 16 of A, per 16 x 16
 // of B: two fragments), transposing where the tile is stored across the fragment's
 // order; TF32 fragments with 32-bit shared loads, one element each.
-template <typename Elem, int kHalves>
+template <typename Elem, int kHalves, typename T>
 struct TensorCoreMath {
   static constexpr bool kTf32 = std::is_same<Elem, float>::value;
   static constexpr int kK = kTf32 ? 8 : 16;  // reduction per mma
-  static constexpr int kFragsM = kWarpTileM / 16;
-  static constexpr int kFragsN = kWarpTileN / 8;
+  static constexpr int kFragsM = T::kWarpM / 16;
+  static constexpr int kFragsN = T::kWarpN / 8;
   static_assert(kFragsN % 2 == 0, "16-bit B fragments are read in pairs");
 
   float acc[kHalves][kFragsM][kFragsN][4] = {};
 
-  __device__ __forceinline__ static int warp_row() { return threadIdx.x / 32 / kWarpsN * kWarpTileM; }
-  __device__ __forceinline__ static int warp_col() { return threadIdx.x / 32 % kWarpsN * kWarpTileN; }
+  __device__ __forceinline__ static int warp_row() { return threadIdx.x / 32 / T::kWarpsN * T::kWarpM; }
+  __device__ __forceinline__ static int warp_col() { return threadIdx.x / 32 % T::kWarpsN * T::kWarpN; }
   __device__ __forceinline__ static int lane() { return threadIdx.x % 32; }
 
   // The A fragment of rows [m0, m0 + 16) and reduction columns [k0, k0 + kK).
@@ -328,7 +348,7 @@ struct TensorCoreMath {
 #pragma unroll
         for (int j = 0; j < kFragsN; j += kPairs) {
           uint32_t b[2][2];
-          load_b<BLayout, kLdB>(b, b_tile, kk, h * kBlockN + warp_col() + j * 8);
+          load_b<BLayout, kLdB>(b, b_tile, kk, h * T::kN + warp_col() + j * 8);
 #pragma unroll
           for (int pair = 0; pair < kPairs; ++pair)
 #pragma unroll
@@ -339,31 +359,33 @@ struct TensorCoreMath {
   }
 
   template <int kLdStage>
-  __device__ __forceinline__ void store(float* stage) const {
+  __device__ __forceinline__ void store(float* stage, int row0) const {
     const int g = lane() / 4, t = lane() % 4;
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h)
+    for (int i = 0; i < kFragsM; ++i) {
+      const int frag_row = warp_row() + i * 16 - row0;  // a fragment's 16 rows lie in one staged block
+      if (frag_row < 0 || frag_row >= kStageRows) continue;
 #pragma unroll
-      for (int i = 0; i < kFragsM; ++i)
+      for (int h = 0; h < kHalves; ++h)
 #pragma unroll
         for (int j = 0; j < kFragsN; ++j) {
-          const int row = warp_row() + i * 16 + g;
-          const int col = h * kBlockN + warp_col() + j * 8 + 2 * t;
+          const int col = h * T::kN + warp_col() + j * 8 + 2 * t;
 #pragma unroll
-          for (int r = 0; r < 4; ++r) stage[(row + (r / 2) * 8) * kLdStage + col + r % 2] = acc[h][i][j][r];
+          for (int r = 0; r < 4; ++r) stage[(frag_row + g + (r / 2) * 8) * kLdStage + col + r % 2] = acc[h][i][j][r];
         }
+    }
   }
 };
 
 // Exact float32 (FFMA) multiplier for float32 inputs when TF32 is not allowed. Thread
 // (tm, tn) owns rows tm + i * kThreadsM and columns tn + j * kThreadsN of each half, so
 // a warp reads consecutive B columns (no bank conflicts) and broadcasts A.
-template <int kHalves>
+template <int kHalves, typename T>
 struct ExactFloatMath {
   static constexpr int kThreadsN = 16;
-  static constexpr int kThreadsM = kThreads / kThreadsN;
-  static constexpr int kRows = kBlockM / kThreadsM;
-  static constexpr int kCols = kBlockN / kThreadsN;
+  static constexpr int kThreadsM = T::kThreads / kThreadsN;
+  static constexpr int kRows = T::kM / kThreadsM;
+  static constexpr int kCols = T::kN / kThreadsN;
 
   float acc[kHalves][kRows][kCols] = {};
 
@@ -381,7 +403,7 @@ struct ExactFloatMath {
       for (int h = 0; h < kHalves; ++h)
 #pragma unroll
         for (int j = 0; j < kCols; ++j) {
-          const float b = b_tile[tile_offset<BLayout, kLdB>(k, h * kBlockN + thread_col() + j * kThreadsN)];
+          const float b = b_tile[tile_offset<BLayout, kLdB>(k, h * T::kN + thread_col() + j * kThreadsN)];
 #pragma unroll
           for (int i = 0; i < kRows; ++i) acc[h][i][j] = fmaf(a[i], b, acc[h][i][j]);
         }
@@ -389,14 +411,16 @@ struct ExactFloatMath {
   }
 
   template <int kLdStage>
-  __device__ __forceinline__ void store(float* stage) const {
+  __device__ __forceinline__ void store(float* stage, int row0) const {
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h)
+    for (int i = 0; i < kRows; ++i) {
+      const int row = thread_row() + i * kThreadsM - row0;
+      if (row < 0 || row >= kStageRows) continue;
 #pragma unroll
-      for (int i = 0; i < kRows; ++i)
+      for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-        for (int j = 0; j < kCols; ++j)
-          stage[(thread_row() + i * kThreadsM) * kLdStage + h * kBlockN + thread_col() + j * kThreadsN] = acc[h][i][j];
+        for (int j = 0; j < kCols; ++j) stage[row * kLdStage + h * T::kN + thread_col() + j * kThreadsN] = acc[h][i][j];
+    }
   }
 };
 
@@ -474,34 +498,34 @@ __device__ __forceinline__ float add_residual(const ConvParams& p, int64_t index
   return p.residual == nullptr ? value : value + to_float(static_cast<const Elem*>(p.residual)[index]);
 }
 
-// out = epilogue(src (*) weight). kHalves == 2: gated forward, or dgrad of a concat_elu
-// input; kWeightTransposed: dgrad.
-// Grid: (ceil(pixels / kBlockM), ceil(n_channels / kHalves / kBlockN)).
-template <typename Elem, typename Math, int kHalves, bool kWeightTransposed>
-__global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
+// out = epilogue(src (*) weight) over Tile T. kHalves == 2: gated forward, or dgrad of a
+// concat_elu input; kWeightTransposed: dgrad.
+// Grid: (ceil(pixels / T::kM), ceil(n_channels / kHalves / T::kN)), T::kThreads threads.
+template <typename Elem, typename Math, int kHalves, bool kWeightTransposed, typename T>
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) conv_kernel(const ConvParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
   using BLayout = std::conditional_t<kWeightTransposed, ColMajor, RowMajor>;
-  constexpr int kColsB = kHalves * kBlockN;
+  constexpr int kColsB = kHalves * T::kN;
   constexpr int kLdA = kBlockK + kRowPad<Elem, true>;
   constexpr int kLdB = kWeightTransposed ? kBlockK + kRowPad<Elem, true> : kColsB + kRowPad<Elem, false>;
   constexpr int kLdStage = kColsB + kStagePad;
-  // A is kBlockM x kBlockK row-major; each half of B is kBlockK x kBlockN, stored as
-  // k rows (plain) or n rows (transposed: the weight is contiguous along k).
-  using LoaderA = TileLoader<Elem, kBlockM, kBlockK, kLdA>;
-  using LoaderB = std::conditional_t<kWeightTransposed, TileLoader<Elem, kBlockN, kBlockK, kLdB>,
-                                     TileLoader<Elem, kBlockK, kBlockN, kLdB>>;
+  // A is T::kM x kBlockK row-major; each half of B is kBlockK x T::kN, stored as k rows
+  // (plain) or n rows (transposed: the weight is contiguous along k).
+  using LoaderA = TileLoader<Elem, T::kM, kBlockK, kLdA, T::kThreads>;
+  using LoaderB = std::conditional_t<kWeightTransposed, TileLoader<Elem, T::kN, kBlockK, kLdB, T::kThreads>,
+                                     TileLoader<Elem, kBlockK, T::kN, kLdB, T::kThreads>>;
   constexpr int kRowsB = kWeightTransposed ? kColsB : kBlockK;
-  constexpr int kTileBytes = (kBlockM * kLdA + kRowsB * kLdB) * static_cast<int>(sizeof(Elem));
-  constexpr int kStageBytes = kBlockM * kLdStage * static_cast<int>(sizeof(float));
+  constexpr int kTileBytes = (T::kM * kLdA + kRowsB * kLdB) * static_cast<int>(sizeof(Elem));
+  constexpr int kStageBytes = kStageRows * kLdStage * static_cast<int>(sizeof(float));
   __shared__ __align__(128) unsigned char smem[kTileBytes > kStageBytes ? kTileBytes : kStageBytes];
   Elem* a_tile = reinterpret_cast<Elem*>(smem);
-  Elem* b_tile = a_tile + kBlockM * kLdA;
+  Elem* b_tile = a_tile + T::kM * kLdA;
 
   const Elem* src = static_cast<const Elem*>(p.src);
   const Elem* weight = static_cast<const Elem*>(p.weight);
   const int half = p.n_channels / kHalves;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  const int n0 = blockIdx.y * kBlockN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * T::kM;
+  const int n0 = blockIdx.y * T::kN;
 
   // The pixels of this thread's A rows are the same for every tap and channel step.
   PixelCoords pixel_rows[LoaderA::kChunks];
@@ -551,7 +575,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     __syncthreads();  // the previous step's multiply is done with the tiles
     a_loader.commit(a_tile);
 #pragma unroll
-    for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * kBlockN));
+    for (int h = 0; h < kHalves; ++h) b_loaders[h].commit(b_tile + tile_offset<BLayout, kLdB>(0, h * T::kN));
     __syncthreads();
     if (step + 1 < steps) {
       k0 += kBlockK;
@@ -564,49 +588,52 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(const ConvParams p) {
     math.template multiply<RowMajor, kLdA, BLayout, kLdB>(a_tile, b_tile);
   }
 
-  // Epilogue: accumulators -> fp32 staging tile (aliasing the input tiles) -> bias,
-  // addend, (preact stored) cond, gate (or concat_elu's backward), residual -> guarded,
-  // coalesced stores.
-  __syncthreads();
+  // Epilogue, kStageRows rows at a time: accumulators -> fp32 staging tile (aliasing the
+  // input tiles) -> bias, addend, (preact stored) cond, gate (or concat_elu's backward),
+  // residual -> guarded, coalesced stores.
   float* stage = reinterpret_cast<float*>(smem);
-  math.template store<kLdStage>(stage);
-  __syncthreads();
   Elem* out = static_cast<Elem*>(p.out);
   Elem* preact = static_cast<Elem*>(p.preact);
   const Elem* addend = static_cast<const Elem*>(p.addend);
   const int64_t hw = static_cast<int64_t>(p.height) * p.width;
-  for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
-    const int r = idx / kBlockN;
-    const int c = idx % kBlockN;
-    const int64_t pixel = m0 + r;
-    const int col = n0 + c;
-    if (pixel >= p.pixels || col >= half) continue;
-    float pre[kHalves];
-#pragma unroll
-    for (int h = 0; h < kHalves; ++h) {
-      const int channel = kHalves == 1 ? col : channel_of(p, col, h);
-      pre[h] = stage[r * kLdStage + h * kBlockN + c];
-      // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
-      if (p.concat_elu_x != nullptr && p.keep != nullptr)
-        pre[h] *= p.keep[pixel * p.n_channels + channel] != 0 ? p.keep_scale : 0.0f;
-      if (p.bias != nullptr) pre[h] += p.bias[channel];
-      if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
-    }
-    const int64_t index = pixel * half + col;
-    float value = pre[0];
-    if constexpr (kHalves == 2) {
+#pragma unroll 1
+  for (int row0 = 0; row0 < T::kM; row0 += kStageRows) {
+    __syncthreads();  // the multiply, or the previous block's stores, are done with the shared memory
+    math.template store<kLdStage>(stage, row0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kStageRows * T::kN; idx += T::kThreads) {
+      const int r = idx / T::kN;
+      const int c = idx % T::kN;
+      const int64_t pixel = m0 + row0 + r;
+      const int col = n0 + c;
+      if (pixel >= p.pixels || col >= half) continue;
+      float pre[kHalves];
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
-        const int channel = channel_of(p, col, h);
-        // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
-        // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
-        if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
-        if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
-        if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
+        const int channel = kHalves == 1 ? col : channel_of(p, col, h);
+        pre[h] = stage[r * kLdStage + h * T::kN + c];
+        // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
+        if (p.concat_elu_x != nullptr && p.keep != nullptr)
+          pre[h] *= p.keep[pixel * p.n_channels + channel] != 0 ? p.keep_scale : 0.0f;
+        if (p.bias != nullptr) pre[h] += p.bias[channel];
+        if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
       }
-      value = combine_halves<Elem>(p, index, pre[0], pre[1]);
+      const int64_t index = pixel * half + col;
+      float value = pre[0];
+      if constexpr (kHalves == 2) {
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) {
+          const int channel = channel_of(p, col, h);
+          // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
+          // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
+          if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
+          if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
+          if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
+        }
+        value = combine_halves<Elem>(p, index, pre[0], pre[1]);
+      }
+      out[index] = from_float<Elem>(add_residual<Elem>(p, index, value));
     }
-    out[index] = from_float<Elem>(add_residual<Elem>(p, index, value));
   }
 #else
   __trap();
@@ -637,23 +664,24 @@ struct WgradParams {
 // Grid: (ci blocks * co blocks, taps, splits). The pixel tile is the reduction (k) axis:
 // the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
 template <typename Elem, typename Math>
-__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
+__global__ void __launch_bounds__(SmallTile::kThreads) wgrad_kernel(const WgradParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
-  constexpr int kLd = kBlockM + kRowPad<Elem, false>;
-  static_assert(kBlockM == kBlockN, "x and gout tiles share one loader shape and pixel decode");
-  constexpr int kLdStage = kBlockN + kStagePad;
-  using Loader = TileLoader<Elem, kBlockK, kBlockM, kLd>;
+  using T = SmallTile;
+  constexpr int kLd = T::kM + kRowPad<Elem, false>;
+  static_assert(T::kM == T::kN && T::kM == kStageRows, "x and gout tiles share one loader shape, pixel decode and staging");
+  constexpr int kLdStage = T::kN + kStagePad;
+  using Loader = TileLoader<Elem, kBlockK, T::kM, kLd, T::kThreads>;
   constexpr int kTileBytes = 2 * kBlockK * kLd * static_cast<int>(sizeof(Elem));
-  constexpr int kStageBytes = kBlockM * kLdStage * static_cast<int>(sizeof(float));
+  constexpr int kStageBytes = T::kM * kLdStage * static_cast<int>(sizeof(float));
   __shared__ __align__(128) unsigned char smem[kTileBytes > kStageBytes ? kTileBytes : kStageBytes];
   Elem* x_tile = reinterpret_cast<Elem*>(smem);
   Elem* g_tile = x_tile + kBlockK * kLd;
 
   const Elem* x = static_cast<const Elem*>(p.x);
   const Elem* gout = static_cast<const Elem*>(p.gout);
-  const int ci_blocks = (p.in_channels + kBlockM - 1) / kBlockM;
-  const int m0 = blockIdx.x % ci_blocks * kBlockM;  // first input channel
-  const int n0 = blockIdx.x / ci_blocks * kBlockN;  // first output channel
+  const int ci_blocks = (p.in_channels + T::kM - 1) / T::kM;
+  const int m0 = blockIdx.x % ci_blocks * T::kM;  // first input channel
+  const int n0 = blockIdx.x / ci_blocks * T::kN;  // first output channel
   const int tap = blockIdx.y;
   const int dy = p.dy[tap];
   const int dx = p.dx[tap];
@@ -694,16 +722,15 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradParams p) {
 
   __syncthreads();
   float* stage = reinterpret_cast<float*>(smem);
-  math.template store<kLdStage>(stage);
+  math.template store<kLdStage>(stage, 0);
   __syncthreads();
   const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
   float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
-  for (int idx = threadIdx.x; idx < kBlockM * kBlockN; idx += kThreads) {
-    const int ci = m0 + idx / kBlockN;
-    const int co = n0 + idx % kBlockN;
+  for (int idx = threadIdx.x; idx < T::kM * T::kN; idx += T::kThreads) {
+    const int ci = m0 + idx / T::kN;
+    const int co = n0 + idx % T::kN;
     if (ci < p.in_channels && co < p.out_channels)
-      dst[static_cast<int64_t>(ci) * p.out_channels + co] =
-          stage[idx / kBlockN * kLdStage + idx % kBlockN];
+      dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / T::kN * kLdStage + idx % T::kN];
   }
 #else
   __trap();
@@ -734,17 +761,24 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls fn(Elem{}, TypeTag<Math>{}) with the element type of `dtype` and its multiplier.
-template <int kHalves, typename Fn>
-void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
-  if (dtype == DType::kFloat32 && !allow_tf32) {
-    fn(float{}, TypeTag<ExactFloatMath<kHalves>>{});
-    return;
-  }
+// Calls fn(Elem{}, TypeTag<Math>{}) with the element type of `dtype` and its tensor-core
+// multiplier over tile T.
+template <int kHalves, typename T, typename Fn>
+void dispatch_tensor_core_math(DType dtype, Fn&& fn) {
   dispatch_dtype(dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    fn(Elem{}, TypeTag<TensorCoreMath<Elem, kHalves>>{});
+    fn(Elem{}, TypeTag<TensorCoreMath<Elem, kHalves, T>>{});
   });
+}
+
+// The same with the exact fp32 multiplier for float32 when TF32 is not allowed.
+template <int kHalves, typename T, typename Fn>
+void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
+  if (dtype == DType::kFloat32 && !allow_tf32) {
+    fn(float{}, TypeTag<ExactFloatMath<kHalves, T>>{});
+    return;
+  }
+  dispatch_tensor_core_math<kHalves, T>(dtype, fn);
 }
 
 // The ConvParams of a GEMM of `src` (k_channels per tap) against `weight` into `out`: no
@@ -782,11 +816,21 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
     params.dy[t] = offset_sign * problem.offsets[2 * t];
     params.dx[t] = offset_sign * problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.pixels, kBlockM)), static_cast<unsigned>(ceil_div(half, kBlockN)));
-  dispatch_math<kHalves>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
-    conv_kernel<decltype(elem_tag), typename decltype(math_tag)::type, kHalves, kWeightTransposed>
-        <<<grid, kThreads, 0, stream>>>(params);
-  });
+  auto launch = [&](auto tile_tag) {
+    using T = typename decltype(tile_tag)::type;
+    return [&](auto elem_tag, auto math_tag) {
+      const dim3 grid(static_cast<unsigned>(ceil_div(params.pixels, T::kM)), static_cast<unsigned>(ceil_div(half, T::kN)));
+      conv_kernel<decltype(elem_tag), typename decltype(math_tag)::type, kHalves, kWeightTransposed, T>
+          <<<grid, T::kThreads, 0, stream>>>(params);
+    };
+  };
+  if constexpr (kHalves == 1) {
+    if ((dtype != DType::kFloat32 || allow_tf32) && half % WideTile::kN == 0) {
+      dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
+      return;
+    }
+  }
+  dispatch_math<kHalves, SmallTile>(dtype, allow_tf32, launch(TypeTag<SmallTile>{}));
 }
 
 
@@ -835,7 +879,7 @@ WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
   constexpr int kCtasPerSm = 4;
   constexpr int64_t kMinPixelsPerSplit = 512;
   const int64_t pixels = problem.batch * problem.height * problem.width;
-  const int64_t tiles = ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN) * problem.taps;
+  const int64_t tiles = ceil_div(problem.in_channels, SmallTile::kM) * ceil_div(problem.out_channels, SmallTile::kN) * problem.taps;
   int64_t splits = std::min(ceil_div(static_cast<int64_t>(kCtasPerSm) * sm_count, std::max<int64_t>(tiles, 1)),
                             ceil_div(pixels, kMinPixelsPerSplit));
   splits = std::max<int64_t>(splits, 1);
@@ -872,10 +916,10 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     params.dy[t] = problem.offsets[2 * t];
     params.dx[t] = problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, kBlockM) * ceil_div(problem.out_channels, kBlockN)),
+  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, SmallTile::kM) * ceil_div(problem.out_channels, SmallTile::kN)),
                   static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
-  dispatch_math<1>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
-    wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, kThreads, 0, stream>>>(params);
+  dispatch_math<1, SmallTile>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
+    wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, SmallTile::kThreads, 0, stream>>>(params);
   });
   if (plan.splits > 1) {
     constexpr int kSumThreads = 256;

@@ -237,6 +237,22 @@ def test_wgrad_every_tap_count(mask, kernel_size, color_groups, precision):
     _check_wgrad(mask, kernel_size, 1, SHAPE, precision)
 
 
+# The 128 x 128 tiles (forward and dgrad on tensor cores over a multiple of 128 columns: Cout for
+# the forward, Cin for dgrad): 2 * 9 * 11 = 198 pixels = 128 + 70, so the last tile's second block
+# of 64 staged rows is partial; 256 columns make two column blocks; 48 input channels, a partial step.
+WIDE_SHAPES = [(2, 9, 11, 48, 256), (2, 9, 11, 256, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=[f"{s[3]}to{s[4]}" for s in WIDE_SHAPES])
+@pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [MASKS[2], MASKS[8], MASKS[11]], ids=["horizontal", "vertical", "A-k5"])
+def test_wide_tiles(mask, kernel_size, color_groups, shape, precision):
+    """Forward and dgrad where the channels take the 128 x 128 tiles (exact fp32 keeps the 64 x 64 ones)."""
+    _check_forward(mask, kernel_size, color_groups, 1, shape, precision)
+    _check_dgrad(mask, kernel_size, color_groups, 1, shape, precision)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(4, 32, 40, 48, 72)], ids=["3to5", "64to130-n1", "split-k"])
@@ -326,9 +342,9 @@ def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_res
 
 
 # (N, H, W, C, Cout) of the concat_elu tests, C being x's channels (the conv's Cin is 2C):
-# one reduction step or column block per part (24), two with a partial one (40, 80),
-# scalar loads (3).
-CONCAT_ELU_SHAPES = [(2, 9, 11, 24, 72), (1, 6, 13, 40, 130), (2, 5, 7, 3, 5)]
+# 48 or 80 channels read (24, 40: a partial last reduction step), two or three column blocks
+# (72, 130), scalar loads (3), and the 128 x 128 tiles (Cout 128, with and without a residual).
+CONCAT_ELU_SHAPES = [(2, 9, 11, 24, 72), (1, 6, 13, 40, 130), (2, 5, 7, 3, 5), (2, 9, 11, 40, 128)]
 CONCAT_ELU_IDS = [f"{s[3]}to{s[4]}-n{s[0]}" for s in CONCAT_ELU_SHAPES]
 PIXELCNN_PP_MASKS = [("down_shifted", (2, 3)), ("down_right_shifted", (2, 2)), ("full", 1)]
 
