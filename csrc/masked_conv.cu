@@ -60,7 +60,8 @@ namespace {
 constexpr int kBlockK = 32;  // reduction step: channels of one tap (conv) or pixels (wgrad)
 
 // A CTA's GEMM tile: kM rows (pixels for the conv, input channels for wgrad) by kN
-// columns (per gate half), over kWarpsM x kWarpsN warps owning kWarpM x kWarpN each.
+// columns (per gate half), over kWarpsM x kWarpsN warps owning kWarpM x kWarpN each;
+// its kernels' registers are bounded for kMinBlocksPerSm resident blocks per SM.
 template <int kRows, int kCols, int kRowWarps, int kColWarps, int kMinBlocks>
 struct Tile {
   static constexpr int kM = kRows;
@@ -75,10 +76,11 @@ struct Tile {
 // Every pass; the only tile of the two-halves GEMMs, the exact-fp32 ones and wgrad.
 using SmallTile = Tile<64, 64, 2, 2, 1>;
 // One-accumulator forward and dgrad on tensor cores over a multiple of 128 columns. The
-// loops are issue-bound (2026-11-30: a warp spent ~400 instructions a step, most of them
-// the next step's gather, for 16 tensor-core ones): here a thread gathers as many chunks
-// a step as in SmallTile (the tile has 4x the elements over 2x the threads) for warps
-// of 64 x 32, twice the mma.sync of SmallTile's 32 x 32.
+// loops are issue-bound (2026-11-30: ~400 SASS instructions a step, most of them the next
+// step's gather, for 16 tensor-core ones per warp): here a thread gathers as many chunks
+// a step as in SmallTile (the tile has 4x the elements over 2x the threads) for warps of
+// 64 x 32, twice the mma.sync of SmallTile's 32 x 32. Two blocks per SM (16 warps) cover
+// a step's load latency, at 128 registers: a few spilled values, reloaded from L1.
 using WideTile = Tile<128, 128, 2, 4, 2>;
 // The epilogue stages the accumulators this many rows at a time: WideTile's whole fp32
 // tile (66 KB) would not fit the 48 KB of static shared memory.
