@@ -462,8 +462,8 @@ def masked_conv2d(
         residual: (N, Cout, H, W) in x's dtype and device, or None: added to the
             output (after the bias) in the same pass.
         input_activation: None, or ``"concat_elu"``: the convolution reads
-            concat_elu(x) = elu(cat([x, -x], 1)), computed as x is loaded (CUDA) or
-            in one pass just before (Triton), never kept for the backward (needs
+            concat_elu(x) = elu(cat([x, -x], 1)), written by one pass just before
+            the forward and the weight gradient, never kept for the backward (needs
             ``color_groups=1``).
         dropout_keep: None, or with ``input_activation="concat_elu"`` a boolean
             (N, Cin, H, W) tensor on x's device (True: kept): the convolution reads
