@@ -73,9 +73,10 @@ struct Tile {
   static constexpr int kWarpN = kN / kWarpsN;
   static constexpr int kMinBlocksPerSm = kMinBlocks;
 };
-// Every pass; the only tile of the two-halves GEMMs, the exact-fp32 ones and wgrad.
+// Every pass; the only tile of the two-halves GEMMs and the exact-fp32 ones.
 using SmallTile = Tile<64, 64, 2, 2, 1>;
-// One-accumulator forward and dgrad on tensor cores over a multiple of 128 columns. The
+// One-accumulator forward, dgrad and wgrad on tensor cores over columns (and for wgrad
+// rows) that 128-wide blocks pad no more than 64-wide ones (wide_blocks_fit). The
 // loops are issue-bound (2026-11-30: ~400 SASS instructions a step, most of them the next
 // step's gather, for 16 tensor-core ones per warp): here a thread gathers as many chunks
 // a step as in SmallTile (the tile has 4x the elements over 2x the threads) for warps of
@@ -665,16 +666,15 @@ struct WgradParams {
 // dst[split][t][ci][co] = sum over the split's pixels m of x[shift_t(m), ci] * gout[m, co].
 // Grid: (ci blocks * co blocks, taps, splits). The pixel tile is the reduction (k) axis:
 // the x tile is stored pixels x ci, i.e. A = x^T in column-major order.
-template <typename Elem, typename Math>
-__global__ void __launch_bounds__(SmallTile::kThreads) wgrad_kernel(const WgradParams p) {
+template <typename Elem, typename Math, typename T>
+__global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) wgrad_kernel(const WgradParams p) {
 #if PIXELCNN_MASKED_CONV_ARCH_OK
-  using T = SmallTile;
   constexpr int kLd = T::kM + kRowPad<Elem, false>;
-  static_assert(T::kM == T::kN && T::kM == kStageRows, "x and gout tiles share one loader shape, pixel decode and staging");
+  static_assert(T::kM == T::kN, "x and gout tiles share one loader shape and pixel decode");
   constexpr int kLdStage = T::kN + kStagePad;
   using Loader = TileLoader<Elem, kBlockK, T::kM, kLd, T::kThreads>;
   constexpr int kTileBytes = 2 * kBlockK * kLd * static_cast<int>(sizeof(Elem));
-  constexpr int kStageBytes = T::kM * kLdStage * static_cast<int>(sizeof(float));
+  constexpr int kStageBytes = kStageRows * kLdStage * static_cast<int>(sizeof(float));
   __shared__ __align__(128) unsigned char smem[kTileBytes > kStageBytes ? kTileBytes : kStageBytes];
   Elem* x_tile = reinterpret_cast<Elem*>(smem);
   Elem* g_tile = x_tile + kBlockK * kLd;
@@ -722,17 +722,21 @@ __global__ void __launch_bounds__(SmallTile::kThreads) wgrad_kernel(const WgradP
     math.template multiply<ColMajor, kLd, RowMajor, kLd>(x_tile, g_tile);
   }
 
-  __syncthreads();
+  // Epilogue, kStageRows rows (input channels) at a time, as conv_kernel's.
   float* stage = reinterpret_cast<float*>(smem);
-  math.template store<kLdStage>(stage, 0);
-  __syncthreads();
   const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
   float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
-  for (int idx = threadIdx.x; idx < T::kM * T::kN; idx += T::kThreads) {
-    const int ci = m0 + idx / T::kN;
-    const int co = n0 + idx % T::kN;
-    if (ci < p.in_channels && co < p.out_channels)
-      dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / T::kN * kLdStage + idx % T::kN];
+#pragma unroll 1
+  for (int row0 = 0; row0 < T::kM; row0 += kStageRows) {
+    __syncthreads();  // the multiply, or the previous block's stores, are done with the shared memory
+    math.template store<kLdStage>(stage, row0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kStageRows * T::kN; idx += T::kThreads) {
+      const int ci = m0 + row0 + idx / T::kN;
+      const int co = n0 + idx % T::kN;
+      if (ci < p.in_channels && co < p.out_channels)
+        dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / T::kN * kLdStage + idx % T::kN];
+    }
   }
 #else
   __trap();
@@ -757,6 +761,14 @@ bool chunk_aligned(const void* ptr, int64_t row_elements, int elem_bytes) {
 }
 
 int elem_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+bool on_tensor_cores(DType dtype, bool allow_tf32) { return dtype != DType::kFloat32 || allow_tf32; }
+
+// Whether WideTile's 128-wide blocks pad `extent` no more than SmallTile's 64-wide ones do
+// (a multiple of 128, or 64 past one: Gated PixelCNN's 126 channels, say).
+bool wide_blocks_fit(int64_t extent) {
+  return ceil_div(extent, WideTile::kN) * WideTile::kN == ceil_div(extent, SmallTile::kN) * SmallTile::kN;
+}
 
 template <typename T>
 struct TypeTag {
@@ -827,7 +839,7 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
     };
   };
   if constexpr (kHalves == 1) {
-    if ((dtype != DType::kFloat32 || allow_tf32) && half % WideTile::kN == 0) {
+    if (on_tensor_cores(dtype, allow_tf32) && wide_blocks_fit(half)) {
       dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
       return;
     }
@@ -875,21 +887,25 @@ void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
   launch_conv<2, true>(dtype, allow_tf32, problem, params, stream);
 }
 
-WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count) {
-  // Enough CTAs to fill the GPU a few times over, but at least kMinPixelsPerSplit
-  // pixels per split so the partials stay a small fraction of the traffic.
-  constexpr int kCtasPerSm = 4;
+WgradPlan plan_masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, int sm_count) {
+  // WideTile where both channel counts fit it (see WideTile), on tensor cores.
+  const bool wide = on_tensor_cores(dtype, allow_tf32) && wide_blocks_fit(problem.in_channels) &&
+                    wide_blocks_fit(problem.out_channels);
+  // One wave of CTAs (SmallTile's kernels fit 4 per SM, WideTile's 2), but at least
+  // kMinPixelsPerSplit pixels per split so the partials stay a small fraction of the traffic.
+  const int ctas_per_sm = wide ? WideTile::kMinBlocksPerSm : 4;
+  const int block = wide ? WideTile::kM : SmallTile::kM;
   constexpr int64_t kMinPixelsPerSplit = 512;
   const int64_t pixels = problem.batch * problem.height * problem.width;
-  const int64_t tiles = ceil_div(problem.in_channels, SmallTile::kM) * ceil_div(problem.out_channels, SmallTile::kN) * problem.taps;
-  int64_t splits = std::min(ceil_div(static_cast<int64_t>(kCtasPerSm) * sm_count, std::max<int64_t>(tiles, 1)),
+  const int64_t tiles = ceil_div(problem.in_channels, block) * ceil_div(problem.out_channels, block) * problem.taps;
+  int64_t splits = std::min(ceil_div(static_cast<int64_t>(ctas_per_sm) * sm_count, std::max<int64_t>(tiles, 1)),
                             ceil_div(pixels, kMinPixelsPerSplit));
   splits = std::max<int64_t>(splits, 1);
   // Whole kBlockK steps per split; recount so that no split is empty.
   const int64_t pixels_per_split = std::max<int64_t>(ceil_div(ceil_div(pixels, splits), kBlockK) * kBlockK, kBlockK);
   splits = std::max<int64_t>(ceil_div(pixels, pixels_per_split), 1);
   const int64_t gwp_size = static_cast<int64_t>(problem.taps) * problem.in_channels * problem.out_channels;
-  return {static_cast<int>(splits), pixels_per_split, splits > 1 ? splits * gwp_size : 0};
+  return {static_cast<int>(splits), pixels_per_split, splits > 1 ? splits * gwp_size : 0, wide};
 }
 
 void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
@@ -918,11 +934,18 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     params.dy[t] = problem.offsets[2 * t];
     params.dx[t] = problem.offsets[2 * t + 1];
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, SmallTile::kM) * ceil_div(problem.out_channels, SmallTile::kN)),
-                  static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
-  dispatch_math<1, SmallTile>(dtype, allow_tf32, [&](auto elem_tag, auto math_tag) {
-    wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type><<<grid, SmallTile::kThreads, 0, stream>>>(params);
-  });
+  auto launch = [&](auto tile_tag) {
+    using T = typename decltype(tile_tag)::type;
+    return [&](auto elem_tag, auto math_tag) {
+      const dim3 grid(static_cast<unsigned>(ceil_div(problem.in_channels, T::kM) * ceil_div(problem.out_channels, T::kN)),
+                      static_cast<unsigned>(problem.taps), static_cast<unsigned>(plan.splits));
+      wgrad_kernel<decltype(elem_tag), typename decltype(math_tag)::type, T><<<grid, T::kThreads, 0, stream>>>(params);
+    };
+  };
+  if (plan.wide_tiles)
+    dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
+  else
+    dispatch_math<1, SmallTile>(dtype, allow_tf32, launch(TypeTag<SmallTile>{}));
   if (plan.splits > 1) {
     constexpr int kSumThreads = 256;
     const int64_t blocks = std::min<int64_t>(ceil_div(gwp_size, kSumThreads), 65535);

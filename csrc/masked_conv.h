@@ -54,13 +54,14 @@ enum class Gate : int {
   kLinearSigmoid = 2,  // a * sigmoid(b)
 };
 
-// How the weight gradient is split over the pixels (split-K): each split writes its
-// partial gwp to a float workspace and a second kernel sums the splits in order, so
+// How the weight gradient is tiled and split over the pixels (split-K): each split writes
+// its partial gwp to a float workspace and a second kernel sums the splits in order, so
 // the result is deterministic. With one split the kernel writes gwp directly.
 struct WgradPlan {
   int splits;
   int64_t pixels_per_split;
   int64_t workspace_elements;  // splits * T * Cin * Cout when splits > 1, else 0
+  bool wide_tiles;             // 128 x 128 channel tiles, else 64 x 64
 };
 
 // Every launcher takes the element type of the activations and weight (the output
@@ -91,8 +92,8 @@ void masked_conv2d_fwd_gated(DType dtype, bool allow_tf32, const ConvProblem& pr
 void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* gout, const void* wp,
                          const void* x, const uint8_t* keep, float keep_scale, void* gx, cudaStream_t stream);
 
-// The split of the weight gradient for a device with `sm_count` multiprocessors.
-WgradPlan plan_masked_conv2d_wgrad(const ConvProblem& problem, int sm_count);
+// The tiles and split of the weight gradient for a device with `sm_count` multiprocessors.
+WgradPlan plan_masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, int sm_count);
 
 // gwp (T, Cin, Cout) float32 from x (N, H, W, Cin) and gout (N, H, W, Cout); `workspace` holds
 // plan.workspace_elements floats (may be null when that is 0).

@@ -242,7 +242,8 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_keep(keep, concat_elu_input, x, in_channels);
   const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32);
-  const WgradPlan plan = plan_masked_conv2d_wgrad(problem, device_attribute(x, cudaDevAttrMultiProcessorCount));
+  const WgradPlan plan = plan_masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem,
+                                                  device_attribute(x, cudaDevAttrMultiProcessorCount));
   const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor gwp = at::empty({problem.taps, in_channels, gout.size(3)}, x.options().dtype(at::kFloat));
   at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));

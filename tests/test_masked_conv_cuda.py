@@ -68,9 +68,10 @@ PRECISIONS = {
     "bf16": (torch.bfloat16, True),
 }
 
-# (N, H, W, Cin, Cout): two channel steps per tap (32 + 16) and two column blocks
-# (64 + 8), multiples of 8 (the vectorised loads), channels divisible by 3 for the
-# colour groups, H != W and a partial last pixel block (198 = 3 * 64 + 6).
+# (N, H, W, Cin, Cout): two channel steps per tap (32 + 16), two column blocks in the
+# 64 x 64 tiles (64 + 8) and one partial one in the 128 x 128 tiles, multiples of 8 (the
+# vectorised loads), channels divisible by 3 for the colour groups, H != W and a partial
+# last pixel block (198 = 3 * 64 + 6 = 128 + 70).
 SHAPE = (2, 9, 11, 48, 72)
 # Odd channel counts (scalar loads and partial tiles everywhere), and N = 1.
 ODD_SHAPES = [(2, 5, 7, 3, 5), (1, 6, 13, 64, 130)]
@@ -237,10 +238,13 @@ def test_wgrad_every_tap_count(mask, kernel_size, color_groups, precision):
     _check_wgrad(mask, kernel_size, 1, SHAPE, precision)
 
 
-# The 128 x 128 tiles (forward and dgrad on tensor cores over a multiple of 128 columns: Cout for
-# the forward, Cin for dgrad): 2 * 9 * 11 = 198 pixels = 128 + 70, so the last tile's second block
-# of 64 staged rows is partial; 256 columns make two column blocks; 48 input channels, a partial step.
-WIDE_SHAPES = [(2, 9, 11, 48, 256), (2, 9, 11, 256, 128)]
+# The 128 x 128 tiles, on tensor cores over channels that 128-wide blocks pad no more than 64-wide
+# ones (a multiple of 128, or 64 past one, as SHAPE's 72): the forward's Cout, dgrad's Cin, wgrad's
+# Cin and Cout both. 2 * 9 * 11 = 198 pixels = 128 + 70, so the forward's last tile has a partial
+# second block of 64 staged rows; 256 columns make two column blocks, 200 a partial second (and a
+# partial second staged block in wgrad); 48 input channels, a partial step (and 64 x 64 wgrad
+# tiles); 4 * 32 * 40 pixels, wgrad split over them. Exact fp32 takes the 64 x 64 tiles.
+WIDE_SHAPES = [(2, 9, 11, 48, 256), (2, 9, 11, 256, 128), (1, 6, 13, 200, 126), (4, 32, 40, 128, 128)]
 
 
 @pytest.mark.gpu
@@ -248,9 +252,10 @@ WIDE_SHAPES = [(2, 9, 11, 48, 256), (2, 9, 11, 256, 128)]
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=[f"{s[3]}to{s[4]}" for s in WIDE_SHAPES])
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [MASKS[2], MASKS[8], MASKS[11]], ids=["horizontal", "vertical", "A-k5"])
 def test_wide_tiles(mask, kernel_size, color_groups, shape, precision):
-    """Forward and dgrad where the channels take the 128 x 128 tiles (exact fp32 keeps the 64 x 64 ones)."""
+    """Forward, dgrad and wgrad where the channels take the 128 x 128 tiles."""
     _check_forward(mask, kernel_size, color_groups, 1, shape, precision)
     _check_dgrad(mask, kernel_size, color_groups, 1, shape, precision)
+    _check_wgrad(mask, kernel_size, 1, shape, precision)
 
 
 @pytest.mark.gpu
@@ -263,13 +268,14 @@ def test_wgrad_dilated_odd_channels_and_split(dilation, shape, precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_wgrad_is_deterministic(precision):
+@pytest.mark.parametrize("channels", [(40, 72), (128, 72)], ids=["64x64-tiles", "128x128-tiles"])
+def test_wgrad_is_deterministic(channels, precision):
     """Split-K partials are summed in a fixed order: two runs agree bit for bit."""
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask("vertical", 3, 1)
     # 64 * 32 * 32 pixels: many splits on any GPU.
-    x = torch.randn(64, 32, 32, 40, device="cuda").to(dtype)
-    gout = torch.randn(64, 32, 32, 72, device="cuda").to(dtype)
+    x = torch.randn(64, 32, 32, channels[0], device="cuda").to(dtype)
+    gout = torch.randn(64, 32, 32, channels[1], device="cuda").to(dtype)
     offsets = tap_offsets(spec, 1)
     first = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
     second = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
