@@ -73,7 +73,7 @@ struct Tile {
   static constexpr int kWarpN = kN / kWarpsN;
   static constexpr int kMinBlocksPerSm = kMinBlocks;
 };
-// Every pass; the only tile of the two-halves GEMMs and the exact-fp32 ones.
+// The exact-fp32 GEMMs, and the tensor-core ones WideTile and TwoHalvesTile do not take.
 using SmallTile = Tile<64, 64, 2, 2, 1>;
 // One-accumulator forward, dgrad and wgrad on tensor cores over columns (and for wgrad
 // rows) that 128-wide blocks pad no more than 64-wide ones (wide_blocks_fit). The
@@ -83,8 +83,13 @@ using SmallTile = Tile<64, 64, 2, 2, 1>;
 // 64 x 32, twice the mma.sync of SmallTile's 32 x 32. Two blocks per SM (16 warps) cover
 // a step's load latency, at 128 registers: a few spilled values, reloaded from L1.
 using WideTile = Tile<128, 128, 2, 4, 2>;
-// The epilogue stages the accumulators this many rows at a time: WideTile's whole fp32
-// tile (66 KB) would not fit the 48 KB of static shared memory.
+// The two-halves GEMMs (gated forward, dgrad of a concat_elu input) on tensor cores: 128
+// pixels by 64 columns of each half at 8 warps of 32 x 32 per half, 2 blocks per SM. A
+// thread gathers 4 chunks a step (bf16) where SmallTile's takes 6 for the same mma.sync.
+using TwoHalvesTile = Tile<128, 64, 4, 2, 2>;
+// The epilogue stages the accumulators this many rows at a time: the whole fp32 tile of
+// WideTile or TwoHalvesTile (128 x 132 floats, 66 KB) would not fit the 48 KB of static
+// shared memory.
 constexpr int kStageRows = 64;
 
 constexpr int kChunkBytes = 16;  // global loads and shared stores move 16-byte chunks
@@ -838,13 +843,16 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
           <<<grid, T::kThreads, 0, stream>>>(params);
     };
   };
-  if constexpr (kHalves == 1) {
-    if (on_tensor_cores(dtype, allow_tf32) && wide_blocks_fit(half)) {
-      dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
-      return;
-    }
+  const auto launch_small = launch(TypeTag<SmallTile>{});
+  if (!on_tensor_cores(dtype, allow_tf32)) {
+    launch_small(float{}, TypeTag<ExactFloatMath<kHalves, SmallTile>>{});
+  } else if constexpr (kHalves == 2) {
+    dispatch_tensor_core_math<2, TwoHalvesTile>(dtype, launch(TypeTag<TwoHalvesTile>{}));
+  } else if (wide_blocks_fit(half)) {
+    dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
+  } else {
+    dispatch_tensor_core_math<1, SmallTile>(dtype, launch_small);
   }
-  dispatch_math<kHalves, SmallTile>(dtype, allow_tf32, launch(TypeTag<SmallTile>{}));
 }
 
 
