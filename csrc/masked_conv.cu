@@ -855,7 +855,6 @@ void launch_conv(DType dtype, bool allow_tf32, const ConvProblem& problem, ConvP
   }
 }
 
-
 }  // namespace
 
 void masked_conv2d_fwd(DType dtype, bool allow_tf32, const ConvProblem& problem, const void* x, const void* wp,
