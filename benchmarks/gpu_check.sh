@@ -18,7 +18,10 @@
 # training steps without the host's, to set beside the plain table's `host ms`.
 # "tiles" (not a default; one to two minutes, mostly compiling) runs
 # benchmarks/tile_choices.py, the A/B of the Triton tile choices made without a GPU
-# (masked conv and DMOL), before the bench.
+# (masked conv and DMOL), before the bench. "ncu" (not a default; about a minute) profiles
+# the masked conv's forward and backward on the cuda and triton backends with Nsight
+# Compute (benchmarks/ncu_masked_conv.py): throughput, issue-slot use and stalls, which say
+# whether a kernel is issue-, latency- or memory-bound (masked_conv_perf_notes.md's caveat).
 #
 # Measured on the H200 on 2026-11-30 (benchmarks/results/2026-11-30-h200.md): the build
 # 20 s, the GPU tests about 130 s on 8 processes (most of it Triton compiling kernels on
@@ -77,7 +80,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 ncu_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -184,6 +187,19 @@ if wants tiles; then
     cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
 fi
 
+if wants ncu && ! command -v ncu >/dev/null; then
+  echo -e "\n## Nsight Compute: ncu not on PATH, not run" >>"$summary"
+elif wants ncu; then
+  step "Nsight Compute of the masked conv"
+  limit=$(allowance 120 10)
+  within "$limit" ncu --profile-from-start off --print-kernel-base function --section SpeedOfLight --section SchedulerStats \
+    --section WarpStateStats --section Occupancy --section LaunchStats $py benchmarks/ncu_masked_conv.py >"$out/ncu.log" 2>&1
+  ncu_rc=$?
+  { echo; echo "## Nsight Compute, masked conv forward + backward (benchmarks/ncu_masked_conv.py): $(outcome $ncu_rc "$limit")"; echo '```'
+    grep -E "^profiled:|^  [^ ].*, Context |Duration|Compute \(SM\) Throughput|Memory Throughput|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Achieved Occupancy|Registers Per Thread" \
+      "$out/ncu.log" | cut -c1-160 | head -200; echo '```'; } >>"$summary"
+fi
+
 if wants bench; then
   step "benchmarks"
   limit=$(allowance 300 5)
@@ -204,6 +220,6 @@ fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log sanitizer_*.log properties.log tiles.log tiles.md bench*.log bench/results.csv bench_graph 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]

@@ -224,6 +224,16 @@ def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path)
     assert "command: python benchmarks/host_overhead.py --steps 1" in out.read_text()
 
 
+def test_ncu_script_takes_kernel_backends_and_needs_a_gpu():
+    """benchmarks/ncu_masked_conv.py: --backends takes kernel backends only; without a GPU it runs nothing and says why."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ncu_masked_conv.py"
+    result = subprocess.run([sys.executable, str(script), "--backends", "reference"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "invalid choice: 'reference'" in result.stderr
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
 def _load_script(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
