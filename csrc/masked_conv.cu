@@ -432,6 +432,26 @@ struct ExactFloatMath {
   }
 };
 
+// The epilogue's walk over a CTA's T::kM x T::kN accumulators, kStageRows rows at a time:
+// `math` writes a block of rows to the fp32 staging tile `stage` (which aliases the input
+// tiles, hence the barriers), then element(row, col, sums) runs for each (row, col) of the
+// block, spread over the CTA's threads, `sums` pointing at its staged sum (the first half's:
+// half h's is h * T::kN floats on).
+template <typename T, int kLdStage, typename Math, typename Element>
+__device__ __forceinline__ void for_each_staged(const Math& math, float* stage, Element element) {
+#pragma unroll 1
+  for (int row0 = 0; row0 < T::kM; row0 += kStageRows) {
+    __syncthreads();  // the multiply, or the previous block's elements, are done with the shared memory
+    math.template store<kLdStage>(stage, row0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kStageRows * T::kN; idx += T::kThreads) {
+      const int r = idx / T::kN;
+      const int c = idx % T::kN;
+      element(row0 + r, c, stage + r * kLdStage + c);
+    }
+  }
+}
+
 // The tensor-core paths need sm_80 (bf16 and TF32 mma.sync); the glue refuses older GPUs.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define PIXELCNN_MASKED_CONV_ARCH_OK 1
@@ -596,53 +616,43 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) conv_kernel(c
     math.template multiply<RowMajor, kLdA, BLayout, kLdB>(a_tile, b_tile);
   }
 
-  // Epilogue, kStageRows rows at a time: accumulators -> fp32 staging tile (aliasing the
-  // input tiles) -> bias, addend, (preact stored) cond, gate (or concat_elu's backward),
-  // residual -> guarded, coalesced stores.
-  float* stage = reinterpret_cast<float*>(smem);
+  // Epilogue: staged sums -> bias, addend, (preact stored) cond, gate (or concat_elu's
+  // backward), residual -> guarded, coalesced stores.
   Elem* out = static_cast<Elem*>(p.out);
   Elem* preact = static_cast<Elem*>(p.preact);
   const Elem* addend = static_cast<const Elem*>(p.addend);
   const int64_t hw = static_cast<int64_t>(p.height) * p.width;
-#pragma unroll 1
-  for (int row0 = 0; row0 < T::kM; row0 += kStageRows) {
-    __syncthreads();  // the multiply, or the previous block's stores, are done with the shared memory
-    math.template store<kLdStage>(stage, row0);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kStageRows * T::kN; idx += T::kThreads) {
-      const int r = idx / T::kN;
-      const int c = idx % T::kN;
-      const int64_t pixel = m0 + row0 + r;
-      const int col = n0 + c;
-      if (pixel >= p.pixels || col >= half) continue;
-      float pre[kHalves];
+  for_each_staged<T, kLdStage>(math, reinterpret_cast<float*>(smem), [&](int r, int c, const float* sums) {
+    const int64_t pixel = m0 + r;
+    const int col = n0 + c;
+    if (pixel >= p.pixels || col >= half) return;
+    float pre[kHalves];
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int channel = kHalves == 1 ? col : channel_of(p, col, h);
+      pre[h] = sums[h * T::kN];
+      // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
+      if (p.concat_elu_x != nullptr && p.keep != nullptr)
+        pre[h] *= p.keep[pixel * p.n_channels + channel] != 0 ? p.keep_scale : 0.0f;
+      if (p.bias != nullptr) pre[h] += p.bias[channel];
+      if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
+    }
+    const int64_t index = pixel * half + col;
+    float value = pre[0];
+    if constexpr (kHalves == 2) {
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
-        const int channel = kHalves == 1 ? col : channel_of(p, col, h);
-        pre[h] = stage[r * kLdStage + h * T::kN + c];
-        // dgrad of a dropped-out concat_elu input: the gradient w.r.t. concat_elu's output, through the dropout.
-        if (p.concat_elu_x != nullptr && p.keep != nullptr)
-          pre[h] *= p.keep[pixel * p.n_channels + channel] != 0 ? p.keep_scale : 0.0f;
-        if (p.bias != nullptr) pre[h] += p.bias[channel];
-        if (addend != nullptr) pre[h] += to_float(addend[pixel * p.n_channels + channel]);
+        const int channel = channel_of(p, col, h);
+        // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
+        // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
+        if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
+        if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
+        if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
       }
-      const int64_t index = pixel * half + col;
-      float value = pre[0];
-      if constexpr (kHalves == 2) {
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-          const int channel = channel_of(p, col, h);
-          // A gate sees the pre-activation rounded to Elem, as stored for the backward and as a
-          // separate gate op would read it (concat_elu's backward takes the fp32 sums, as Triton's).
-          if (p.concat_elu_x == nullptr) pre[h] = round_to<Elem>(pre[h]);
-          if (preact != nullptr) preact[pixel * p.n_channels + channel] = from_float<Elem>(pre[h]);
-          if (p.cond != nullptr) pre[h] += p.cond[pixel / hw * p.n_channels + channel];
-        }
-        value = combine_halves<Elem>(p, index, pre[0], pre[1]);
-      }
-      out[index] = from_float<Elem>(add_residual<Elem>(p, index, value));
+      value = combine_halves<Elem>(p, index, pre[0], pre[1]);
     }
-  }
+    out[index] = from_float<Elem>(add_residual<Elem>(p, index, value));
+  });
 #else
   __trap();
 #endif
@@ -727,22 +737,13 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) wgrad_kernel(
     math.template multiply<ColMajor, kLd, RowMajor, kLd>(x_tile, g_tile);
   }
 
-  // Epilogue, kStageRows rows (input channels) at a time, as conv_kernel's.
-  float* stage = reinterpret_cast<float*>(smem);
   const int64_t gwp_size = static_cast<int64_t>(p.taps) * p.in_channels * p.out_channels;
   float* dst = p.dst + blockIdx.z * gwp_size + static_cast<int64_t>(tap) * p.in_channels * p.out_channels;
-#pragma unroll 1
-  for (int row0 = 0; row0 < T::kM; row0 += kStageRows) {
-    __syncthreads();  // the multiply, or the previous block's stores, are done with the shared memory
-    math.template store<kLdStage>(stage, row0);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kStageRows * T::kN; idx += T::kThreads) {
-      const int ci = m0 + row0 + idx / T::kN;
-      const int co = n0 + idx % T::kN;
-      if (ci < p.in_channels && co < p.out_channels)
-        dst[static_cast<int64_t>(ci) * p.out_channels + co] = stage[idx / T::kN * kLdStage + idx % T::kN];
-    }
-  }
+  for_each_staged<T, kLdStage>(math, reinterpret_cast<float*>(smem), [&](int r, int c, const float* sums) {
+    const int ci = m0 + r;
+    const int co = n0 + c;
+    if (ci < p.in_channels && co < p.out_channels) dst[static_cast<int64_t>(ci) * p.out_channels + co] = *sums;
+  });
 #else
   __trap();
 #endif
