@@ -23,7 +23,7 @@ namespace masked_conv {
 namespace {
 
 // Each channel count is the GEMM's columns in some pass (Cout forward, Cin dgrad), laid
-// out 64 per CTA along grid.y, which holds at most 65535 blocks.
+// out 64 (or 128) per CTA along grid.y, which holds at most 65535 blocks.
 constexpr int64_t kMaxChannels = int64_t{65535} * 64;
 
 void check_activation(const at::Tensor& t, const char* name) {
