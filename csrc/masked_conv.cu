@@ -135,7 +135,6 @@ struct RawBits<4> {
 // Element bits are copied as they are; missing rows and columns become zeros.
 template <typename Elem, int kRows, int kCols, int kLd, int kThreads>
 struct TileLoader {
-  using Element = Elem;
   using Bits = typename RawBits<sizeof(Elem)>::type;
   static constexpr int kVec = kChunkBytes / sizeof(Elem);
   static constexpr int kChunksPerRow = kCols / kVec;
