@@ -7,8 +7,15 @@ segmentation fault (2026-11-30, benchmarks/results/2026-11-30-h200.md), so a bad
 crashed instead of raising. The probe below reaches each op family's glue without a
 GPU: it redispatches an op to its CUDA kernel with CPU tensors, which the glue
 refuses. It runs in a child process, so a crash fails the test instead of the run.
-The GPU check runs this file directly (``python tests/test_extension_errors.py``)
-after building, under a debugger when it crashes, for the native backtrace.
+
+The crashes of 2026-11-30 happened in test processes that had already run GPU
+kernels. ``--after-cuda`` first runs a kernel of each family on the GPU with each
+kernel backend (CUDA context, Triton's driver and the extension's kernels loaded, as
+in a test worker), then probes with CPU tensors and with CUDA tensors that break the
+glue's contract: if only this probe dies, the process's CUDA state is the cause, not
+the compiler. The GPU check runs both probes directly (``python
+tests/test_extension_errors.py [--after-cuda]``) after building, under a debugger when
+one dies, for the native backtrace.
 """
 
 import subprocess
@@ -18,13 +25,47 @@ import pytest
 
 from pixelcnn_kernels.backend import BackendUnavailableError, cuda_ops
 
+# (op, the argument the glue names) of each family's probe with CPU tensors.
+CPU_PROBES = (("masked_conv2d_fwd", "x"), ("gate_forward", "x"), ("dmol_nll_forward", "logits"))
 
-def probe() -> None:
-    """Calls each family's CUDA glue with CPU tensors and prints the error it raised."""
+
+def _expect_runtime_error(name: str, call) -> None:
+    try:
+        call()
+    except RuntimeError as error:
+        print(f"{name}: RuntimeError: {str(error).splitlines()[0]}", flush=True)
+    else:
+        raise AssertionError(f"{name} broke the glue's contract and was accepted")
+
+
+def _run_kernels_on_gpu() -> None:
+    """One forward and backward of each op family on the GPU with each kernel backend."""
+    import torch
+
+    import pixelcnn_kernels as pk
+
+    x = torch.randn(2, 8, 5, 5, device="cuda", requires_grad=True)
+    weight = torch.randn(6, 8, 3, 3, device="cuda", requires_grad=True)
+    for backend in ("triton", "cuda"):
+        with pk.use_backend(backend):
+            outputs = (
+                pk.masked_conv2d(x, weight, mask="B"),
+                pk.gate_tanh_sigmoid(x),
+                pk.discretized_mix_logistic_nll(torch.rand(2, 3, 5, 5, device="cuda") * 2 - 1, torch.randn(2, 30, 5, 5, device="cuda")),
+            )
+            sum(output.sum() for output in outputs).backward()
+    torch.cuda.synchronize()
+    print("ran each family's kernels on the GPU with the triton and cuda backends", flush=True)
+
+
+def probe(after_cuda: bool = False) -> None:
+    """Calls each family's CUDA glue with tensors it refuses and prints the error it raised."""
     import torch
 
     ops = cuda_ops()
     cuda_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    if after_cuda:
+        _run_kernels_on_gpu()
     x = torch.randn(1, 4, 5, 8)
     calls = {
         "masked_conv2d_fwd": (x, torch.randn(3, 8, 6), None, None, [0, 0, 0, -1, -1, 0], False, True),
@@ -32,24 +73,25 @@ def probe() -> None:
         "dmol_nll_forward": (torch.rand(1, 3, 2, 2) * 2 - 1, torch.randn(1, 30, 2, 2), 256),
     }
     for name, args in calls.items():
-        try:
-            getattr(ops, name).default.redispatch(cuda_kernel, *args)
-        except RuntimeError as error:
-            print(f"{name}: RuntimeError: {str(error).splitlines()[0]}", flush=True)
-        else:
-            raise AssertionError(f"{name} accepted CPU tensors")
+        _expect_runtime_error(name, lambda: getattr(ops, name).default.redispatch(cuda_kernel, *args))
+    if after_cuda:  # the first check of test_masked_conv_cuda.py's contract test, which crashed on 2026-11-30
+        x, wp = x.cuda().half(), torch.randn(3, 8, 6, device="cuda").half()
+        _expect_runtime_error("masked_conv2d_fwd on CUDA tensors", lambda: ops.masked_conv2d_fwd(x, wp, None, None, [0, 0, 0, -1, -1], False, True))
 
 
-def test_glue_errors_are_python_exceptions():
+@pytest.mark.parametrize("after_cuda", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["cpu_tensors", "after_cuda"])
+def test_glue_errors_are_python_exceptions(after_cuda):
     try:
         cuda_ops()
     except BackendUnavailableError as missing:
         pytest.skip(str(missing))
-    child = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300)
+    child = subprocess.run([sys.executable, __file__, *(["--after-cuda"] if after_cuda else [])], capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, f"the probe died (exit {child.returncode}):\n{child.stdout}{child.stderr[-3000:]}"
-    for name, tensor in (("masked_conv2d_fwd", "x"), ("gate_forward", "x"), ("dmol_nll_forward", "logits")):
+    for name, tensor in CPU_PROBES:
         assert f"{name}: RuntimeError: {tensor} must be a CUDA tensor" in child.stdout
+    if after_cuda:
+        assert "masked_conv2d_fwd on CUDA tensors: RuntimeError: offsets must hold" in child.stdout
 
 
 if __name__ == "__main__":
-    probe()
+    probe(after_cuda="--after-cuda" in sys.argv[1:])
