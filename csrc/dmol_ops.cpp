@@ -24,7 +24,7 @@ dmol::Problem make_problem(const at::Tensor& logits, int64_t channels, int64_t n
   TORCH_CHECK(logits.size(1) > 0 && logits.size(1) % per_mixture == 0, "logits must have P = ", per_mixture,
               "K channels, got ", logits.size(1));
   TORCH_CHECK(logits.size(0) * logits.size(2) * logits.size(3) < (int64_t{1} << 31), "at most 2^31 - 1 pixels");
-  TORCH_CHECK(num_bins >= 2 && num_bins <= 2001, "num_bins must be in [2, 2001], got ", num_bins);
+  TORCH_CHECK(num_bins >= 2 && num_bins <= 2000, "num_bins must be in [2, 2000], got ", num_bins);
   return {logits.data_ptr(),
           to_kernel_dtype(logits, "logits"),
           strides_of(logits),

@@ -164,8 +164,8 @@ def _option_rows() -> list[Row]:
     even_kernel = _changed("weight", lambda t: t[:, :, :2, :2])
     return [
         *(Row(name, "unsupported_option", lambda name: _replace(name, dim=4), ValueError, r"^dim=4 is out of range") for name in (*GATES, "concat_elu")),
-        Row("discretized_mix_logistic_nll", "unsupported_option", lambda name: _replace(name, num_bins=1), ValueError, r"^num_bins must be in \[2, 2001\]"),
-        Row("sample_discretized_mix_logistic", "unsupported_option", lambda name: _replace(name, num_bins=2002), ValueError, r"^num_bins must be in \[2, 2001\]"),
+        Row("discretized_mix_logistic_nll", "unsupported_option", lambda name: _replace(name, num_bins=1), ValueError, r"^num_bins must be in \[2, 2000\]"),
+        Row("sample_discretized_mix_logistic", "unsupported_option", lambda name: _replace(name, num_bins=2001), ValueError, r"^num_bins must be in \[2, 2000\]"),
         *(Row(name, "unsupported_option", even_kernel, ValueError, r"^mask 'B' needs odd kernel sizes, got kernel_size=\(2, 2\)") for name in CONVS),
         *(Row(name, "unsupported_option", lambda name: _replace(name, dilation=0), ValueError, r"^dilation must be >= 1") for name in CONVS),
         Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, mask="horizontal"), ValueError, r"^mask 'horizontal' is a 1×k mask"),

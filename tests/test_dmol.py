@@ -18,6 +18,7 @@ import pixelcnn_kernels
 from pixelcnn_kernels import compat
 from pixelcnn_kernels.backend import BackendUnavailableError, unavailable_reason, use_backend
 from pixelcnn_kernels.nn import DiscretizedMixLogisticNLL
+from pixelcnn_kernels.ops.dmol import MAX_NUM_BINS
 from pixelcnn_kernels.reference import dmol as reference
 from pixelcnn_kernels.testing import assert_close, tolerance
 
@@ -156,13 +157,18 @@ def test_reference_fallback_branch_and_edges_are_used():
     assert nll[2].item() == pytest.approx((1.0 - 1 / 255) * math.exp(7), rel=1e-12)
 
 
-def test_integer_and_float_x_agree():
+@pytest.mark.parametrize("num_bins", [256, MAX_NUM_BINS])
+def test_integer_and_float_x_agree(num_bins):
+    """Float x finds the edge bins by PixelCNN++'s ±0.999 tests, integer x by index: the same bins, up
+    to the most bins allowed, whether the float32 centres are compared in float32 or float64."""
     logits = make_logits(3, 5, dtype=torch.float64)
-    bins = make_bins(3, 256)
-    expected = reference.discretized_mix_logistic_nll(bin_values(bins, 256, torch.float64), logits, 256)
-    for x in (bins, bins.to(torch.uint8), bins.to(torch.int32), bin_values(bins, 256, torch.float32)):
+    bins = make_bins(3, num_bins)
+    bins[1, :, 0, 0] = torch.tensor([1, num_bins - 2, 1])  # the edge bins' neighbours
+    expected = reference.discretized_mix_logistic_nll(bin_values(bins, num_bins, torch.float64), logits, num_bins)
+    x_kinds = (bins, bins.to(torch.int32), bin_values(bins, num_bins, torch.float32)) + ((bins.to(torch.uint8),) if num_bins <= 256 else ())
+    for x in x_kinds:
         with use_backend("reference"):
-            torch.testing.assert_close(nll_op(x, logits), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(nll_op(x, logits, num_bins), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_bins", [2, 17, 256, 4096])

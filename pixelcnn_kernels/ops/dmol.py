@@ -22,9 +22,10 @@ from pixelcnn_kernels.reference import dmol as _reference
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_int, check_same_device, check_tensor, compute_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
-# Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the
-# edge bins from their neighbours (the second centre is -1 + 2/(num_bins-1)).
-MAX_NUM_BINS = 2001
+# Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the edge
+# bins from their neighbours: the second centre, -1 + 2/(num_bins-1), is -0.999 itself at
+# 2001 bins, an edge or not as the comparison's precision rounds it.
+MAX_NUM_BINS = 2000
 X_INT_DTYPES = (torch.uint8, torch.int32, torch.int64)
 # The kernels read x as float32, uint8 or int64; other dtypes are converted first.
 _KERNEL_X_DTYPES = (torch.float32, torch.uint8, torch.int64)
@@ -180,7 +181,7 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
             backend), P = 3K for C = 1 and 10K for C = 3, in PixelCNN++'s channel
             order (see :mod:`pixelcnn_kernels.reference.dmol`); any strides
             (channels-last and views are read in place).
-        num_bins: quantization levels, 2..2001 (256 for 8-bit images).
+        num_bins: quantization levels, 2..2000 (256 for 8-bit images).
         reduction: ``"none"`` -> ``(B, H, W)`` NLL in nats summed over channels;
             ``"sum"`` -> scalar total (what PixelCNN++'s loss returns); ``"mean"`` ->
             mean of the ``(B, H, W)`` values; ``"bpd"`` -> ``(B,)`` bits per dimension
@@ -287,7 +288,7 @@ def sample_discretized_mix_logistic(
         logits: ``(B, P, H, W)`` float32/float16/bfloat16 (float64 on the reference
             backend), any strides; P = 3K (C = 1) or 10K (C = 3), layout in
             :mod:`pixelcnn_kernels.reference.dmol`. ``(B, P, 1, 1)`` samples one pixel.
-        num_bins: quantization levels, 2..2001.
+        num_bins: quantization levels, 2..2000.
         noise: ``(u_mix, u_logistic)``, float32 uniform noise in [0, 1]: ``u_mix``
             ``(B, K, H, W)`` for the Gumbel-max choice ``argmax_k(logit_k - log(-log(u)))``,
             ``u_logistic`` ``(B, C, H, W)`` for ``mean + exp(log_scale) * (log(u) - log(1-u))``;

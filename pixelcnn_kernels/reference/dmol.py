@@ -46,7 +46,7 @@ Edge bins: integer ``x`` (bin indices ``0..num_bins-1``) is mapped to
 ``2*x/(num_bins-1) - 1`` and its edge bins are found by index (``x == 0``,
 ``x == num_bins-1``); float ``x`` uses PixelCNN++'s own tests ``x < -0.999`` and
 ``x > 0.999`` (which separate the edge bins from their neighbours for
-``num_bins <= 2001``).
+``num_bins <= 2000``).
 
 The per-pixel loss is ``-logsumexp_k(log_softmax(mixture_logits)_k + sum_c log_prob_{c,k})``.
 """
