@@ -274,6 +274,29 @@ def test_drawn_noise_is_float32_whatever_the_default_dtype():
         torch.set_default_dtype(default)
 
 
+@pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
+def test_sampling_ignores_autocast_and_runs_deterministic_cudnn(name, kernel_device, monkeypatch):
+    """Every network pass of sampling runs in the parameters' dtype and with cuDNN's deterministic
+    algorithms, whatever the caller set (restored after): under a bf16 autocast, the cached sampler
+    on the fused kernels draws the image drawn without it."""
+    model, cond = sharpened(name, torch.float32)
+    model, cond = model.to(kernel_device), None if cond is None else cond.to(kernel_device)
+    noise = make_noise(model, 4, 4)
+    noise = noise.to(kernel_device) if isinstance(noise, torch.Tensor) else tuple(u.to(kernel_device) for u in noise)
+    options = dict(cond=cond, noise=noise, size=(4, 4), progress=False)
+    cudnn = torch.backends.cudnn
+    seen = set()
+    model.register_forward_pre_hook(lambda module, args: seen.add((torch.is_autocast_enabled(kernel_device.type), cudnn.deterministic, cudnn.benchmark)))
+    with use_backend("triton"):
+        expected = model.sample(N, method="cached", **options)
+        monkeypatch.setattr(cudnn, "deterministic", False)
+        monkeypatch.setattr(cudnn, "benchmark", True)
+        with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+            assert torch.equal(model.sample(N, method="cached", **options), expected)
+    assert seen == {(False, True, False)}
+    assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+
+
 def test_bad_sampling_arguments():
     model, _ = sharpened("gated_grey")
     with pytest.raises(ValueError, match="method must be one of"):
@@ -335,18 +358,9 @@ def test_sample_command_rejects_what_the_model_cannot_do(tmp_path, capsys):
 # ---------------------------------------------------------------- kernel backends and the GPU
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """The equality needs a forward that is a function of its input: no cuDNN algorithm that sums with atomics."""
-    previous = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = previous
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "gated_dmol_rgb", "pp_rgb_cond"])
-def test_every_method_draws_the_naive_image_on_the_gpu(name, deterministic_cudnn):
+def test_every_method_draws_the_naive_image_on_the_gpu(name):
     """float64 on the reference backend (cuDNN convs, the cached path on CUDA tensors)."""
     model, cond = sharpened(name)
     model = model.cuda()
@@ -378,7 +392,7 @@ def assert_methods_bit_exact_on(device: torch.device, name: str, dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
-def test_cached_and_jacobi_are_bit_exact_on_the_triton_backend(name, dtype, kernel_device, deterministic_cudnn):
+def test_cached_and_jacobi_are_bit_exact_on_the_triton_backend(name, dtype, kernel_device):
     """Every network pass and step on the Triton kernels (in the interpreter on the CPU, 4×4), float32 and bf16 models."""
     with use_backend("triton"):
         assert_methods_bit_exact_on(kernel_device, name, dtype, 4)
@@ -387,6 +401,6 @@ def test_cached_and_jacobi_are_bit_exact_on_the_triton_backend(name, dtype, kern
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
-def test_cached_and_jacobi_are_bit_exact_on_the_kernel_backends(name, dtype, deterministic_cudnn):
+def test_cached_and_jacobi_are_bit_exact_on_the_kernel_backends(name, dtype):
     """With the fused kernels of the automatic backend (cuda), float32 and bf16 models, 8×8."""
     assert_methods_bit_exact_on(torch.device("cuda"), name, dtype, 8)

@@ -407,9 +407,9 @@ def test_gpu_table_sampler_as_a_cuda_graph_is_the_eager_sampler_bit_for_bit(name
     noise = tuple(torch.rand(batch, c, 8, 8, generator=generator).cuda() for c in (model.num_logistic_mix, model.in_channels))
     images = torch.randint(0, model.num_bins, (batch, model.in_channels, 8, 8), generator=torch.Generator().manual_seed(2)).cuda() if completion else None
     known = (torch.rand(batch, 8, 8, generator=torch.Generator().manual_seed(3)) < 0.4).cuda() if completion else torch.zeros(batch, 8, 8, dtype=torch.bool, device="cuda")
-    naive = model.sample(batch, method="naive", cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)
     drawn = {}
     with torch.no_grad(), kernel_backend(backend, "cuda"):
+        naive = model.sample(batch, method="naive", cond=cond, prefix=images, known=known if completion else None, noise=noise, progress=False)  # on the backend: the identity holds within one
         for cuda_graph in (True, False):
             start = torch.zeros(batch, model.in_channels, 8, 8, dtype=torch.int64, device="cuda") if images is None else images.clone()
             problem = SamplingProblem(start, known, noise, cond, model.class_vector(cond, batch))

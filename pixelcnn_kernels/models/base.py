@@ -17,6 +17,7 @@ models take ``cond``: class labels (B,) of an integer dtype.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import json
 import math
@@ -44,6 +45,25 @@ def dmol_parameter_count(in_channels: int, num_logistic_mix: int) -> int:
     """Channels of a DMOL head: (π, μ, s) per mixture for grey, plus 3 colour coefficients for RGB."""
     return (3 if in_channels == 1 else 10) * num_logistic_mix
 
+
+
+@contextlib.contextmanager
+def exact_sampling_arithmetic():
+    """Within the block, a network pass is a fixed function of its input, as the samplers' equality needs.
+
+    cuDNN runs deterministic algorithms and does not benchmark (PixelCNN++'s transposed
+    convolutions may otherwise sum with atomics, and benchmarking may pick another
+    algorithm from one call to the next), and autocast is off: the cached steps compute
+    in the parameters' dtype, so the full forwards must too. Both are restored after.
+    """
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 class PixelCNNModel(nn.Module, abc.ABC):
     """Base class of the drop-in models; subclasses build the network and implement ``network``.
@@ -220,6 +240,10 @@ class PixelCNNModel(nn.Module, abc.ABC):
           the size the model was built for, when it has one.
         - ``block_rows``: ``"jacobi"`` only: iterate inside windows of this many rows,
           top to bottom (None: the whole image at once).
+
+        Sampling computes in the parameters' dtype whatever ``torch.autocast`` is on (cast
+        the model for bf16 sampling) and with cuDNN's deterministic algorithms: see
+        :func:`exact_sampling_arithmetic`.
         """
         if method not in SAMPLING_METHODS:
             raise ValueError(f"method must be one of {SAMPLING_METHODS}, got {method!r}")
@@ -236,7 +260,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
         modes = TrainingModes(self)
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_sampling_arithmetic():
                 begin = time.perf_counter()
                 redrawn_values = 0
                 if method == "naive":

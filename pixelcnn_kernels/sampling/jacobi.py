@@ -18,7 +18,7 @@ dtype: both draw with :meth:`~pixelcnn_kernels.models.PixelCNNModel.draw_values`
 logits of a full forward of the same shape, and the logits of a position only depend on
 the values before it (masked taps multiply them by an exact zero). This relies on the
 forward being deterministic for a given input shape (true on the CPU and for the
-package's kernels; a non-deterministic cuDNN algorithm would break it), and on masked
+package's kernels; ``model.sample`` keeps cuDNN to its deterministic algorithms), and on masked
 taps adding exact zeros: true of the package's kernels (they skip them) and of direct
 and GEMM convolutions; a Winograd or FFT algorithm (cuDNN may pick one for the
 ``reference`` backend's dense convolutions on a GPU) transforms the masked weights, and

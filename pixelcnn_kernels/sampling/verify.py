@@ -26,8 +26,9 @@ point is the naive image too, reached within as many forwards as values.
 A float64 draft needs no round in practice, a float32 one rarely; bf16 and fp16 drafts
 now and then over a large batch. Like Jacobi sampling this relies on a forward that is
 a deterministic function of its input for a given shape (the package's kernels, the
-CPU; cuDNN with ``torch.backends.cudnn.deterministic``) whose masked taps add exact
-zeros (:mod:`~pixelcnn_kernels.sampling.jacobi` says when).
+CPU; cuDNN with ``torch.backends.cudnn.deterministic``, which ``model.sample`` sets:
+:func:`~pixelcnn_kernels.models.base.exact_sampling_arithmetic`) whose masked taps add
+exact zeros (:mod:`~pixelcnn_kernels.sampling.jacobi` says when).
 """
 
 from __future__ import annotations
