@@ -44,24 +44,38 @@ void launch_concat_elu_backward(DType dtype, const void* grad, const void* x, vo
 
 __device__ __forceinline__ float sigmoid_math(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// sigmoid(b) and 1 - sigmoid(b), the latter for b > 0 as e * s, e = exp(-b) (1 - e / (1 + e)
+// without the cancellation: at b = 7.7, 1 - s from the rounded s is 1.5e-4 off relatively,
+// near the float32 tolerance), and as 1 - s once s rounds to 1, keeping autograd's
+// inf * 0 = nan for an infinite factor beside it.
+struct SigmoidAndComplement {
+  float s, one_minus_s;
+};
+__device__ __forceinline__ SigmoidAndComplement sigmoid_and_complement(float b) {
+  const float e = expf(-b);
+  const float s = 1.0f / (1.0f + e);
+  return {s, b > 0.0f && s < 1.0f ? e * s : 1.0f - s};
+}
+
 __device__ __forceinline__ float gate_tanh_sigmoid_math(float a, float b) { return tanhf(a) * sigmoid_math(b); }
 
 __device__ __forceinline__ float gate_sigmoid_math(float a, float b) { return a * sigmoid_math(b); }
 
 // (d/da, d/db) of grad * tanh(a) * sigmoid(b): autograd's products, with
-// 1 - tanh(a)^2 computed as 4u / (1 + u)^2, u = exp(-2|a|), where 1 - t*t cancels.
+// 1 - tanh(a)^2 computed as 4u / (1 + u)^2, u = exp(-2|a|), where 1 - t*t cancels,
+// and 1 - sigmoid(b) by sigmoid_and_complement.
 __device__ __forceinline__ void gate_tanh_sigmoid_grad_math(float a, float b, float grad, float& grad_a, float& grad_b) {
-  const float s = sigmoid_math(b);
+  const SigmoidAndComplement sig = sigmoid_and_complement(b);
   const float u = expf(-2.0f * fabsf(a));
-  grad_a = grad * s * (4.0f * u / ((1.0f + u) * (1.0f + u)));
-  grad_b = grad * tanhf(a) * (1.0f - s) * s;
+  grad_a = grad * sig.s * (4.0f * u / ((1.0f + u) * (1.0f + u)));
+  grad_b = grad * tanhf(a) * sig.one_minus_s * sig.s;
 }
 
 // (d/da, d/db) of grad * a * sigmoid(b), autograd's products (so inf * 0 = nan alike).
 __device__ __forceinline__ void gate_sigmoid_grad_math(float a, float b, float grad, float& grad_a, float& grad_b) {
-  const float s = sigmoid_math(b);
-  grad_a = grad * s;
-  grad_b = grad * a * (1.0f - s) * s;
+  const SigmoidAndComplement sig = sigmoid_and_complement(b);
+  grad_a = grad * sig.s;
+  grad_b = grad * a * sig.one_minus_s * sig.s;
 }
 
 // F.elu with alpha = 1: x if x > 0 else expm1(x) (NaN takes the expm1 branch).

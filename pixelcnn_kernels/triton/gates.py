@@ -73,6 +73,19 @@ def sech2_math(x):
 
 
 @triton.jit
+def sigmoid_and_complement(b):
+    """``(sigmoid(b), 1 - sigmoid(b))``, the latter for ``b > 0`` as ``e * s``, ``e = exp(-b)``.
+
+    ``1 - s`` cancels there (at b = 7.7, computed from the rounded ``s`` it is 1.5e-4 off
+    relatively, near the float32 tolerance); once ``s`` rounds to 1 it is ``1 - s`` = 0 again,
+    keeping autograd's ``inf * 0 = nan`` for an infinite factor beside it.
+    """
+    e = tl.exp(-b)
+    s = 1.0 / (1.0 + e)
+    return s, tl.where((b > 0.0) & (s < 1.0), e * s, 1.0 - s)
+
+
+@triton.jit
 def gate_tanh_sigmoid_math(a, b):
     """``tanh(a) * sigmoid(b)`` of fp32 tensors."""
     return tanh_math(a) * tl.sigmoid(b)
@@ -83,11 +96,12 @@ def gate_tanh_sigmoid_grad_math(a, b, grad):
     """``(d/da, d/db)`` of ``grad * tanh(a) * sigmoid(b)``.
 
     Same products as PyTorch's autograd (``sigmoid'(b) = (1 - s) * s``), so
-    infinities and NaNs propagate alike; ``1 - tanh(a)**2`` via :func:`sech2_math`.
+    infinities and NaNs propagate alike; ``1 - tanh(a)**2`` via :func:`sech2_math`,
+    ``1 - s`` via :func:`sigmoid_and_complement`.
     """
-    s = tl.sigmoid(b)
+    s, one_minus_s = sigmoid_and_complement(b)
     grad_a = grad * s * sech2_math(a)
-    grad_b = grad * tanh_math(a) * (1.0 - s) * s
+    grad_b = grad * tanh_math(a) * one_minus_s * s
     return grad_a, grad_b
 
 
@@ -99,9 +113,10 @@ def gate_sigmoid_math(a, b):
 
 @triton.jit
 def gate_sigmoid_grad_math(a, b, grad):
-    """``(d/da, d/db)`` of ``grad * a * sigmoid(b)``, with PyTorch's autograd products (``inf * 0 = nan`` alike)."""
-    s = tl.sigmoid(b)
-    return grad * s, grad * a * (1.0 - s) * s
+    """``(d/da, d/db)`` of ``grad * a * sigmoid(b)``, with PyTorch's autograd products (``inf * 0 = nan`` alike)
+    and ``1 - s`` via :func:`sigmoid_and_complement`."""
+    s, one_minus_s = sigmoid_and_complement(b)
+    return grad * s, grad * a * one_minus_s * s
 
 
 @triton.jit
