@@ -46,7 +46,6 @@ def dmol_parameter_count(in_channels: int, num_logistic_mix: int) -> int:
     return (3 if in_channels == 1 else 10) * num_logistic_mix
 
 
-
 @contextlib.contextmanager
 def exact_sampling_arithmetic():
     """Within the block, a network pass is a fixed function of its input, as the samplers' equality needs.
@@ -64,6 +63,7 @@ def exact_sampling_arithmetic():
             yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved
+
 
 class PixelCNNModel(nn.Module, abc.ABC):
     """Base class of the drop-in models; subclasses build the network and implement ``network``.
