@@ -801,7 +801,7 @@ void dispatch_tensor_core_math(DType dtype, Fn&& fn) {
 // The same with the exact fp32 multiplier for float32 when TF32 is not allowed.
 template <int kHalves, typename T, typename Fn>
 void dispatch_math(DType dtype, bool allow_tf32, Fn&& fn) {
-  if (dtype == DType::kFloat32 && !allow_tf32) {
+  if (!on_tensor_cores(dtype, allow_tf32)) {
     fn(float{}, TypeTag<ExactFloatMath<kHalves, T>>{});
     return;
   }
