@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, build the extension, run the GPU tests (plain
 # and under compute-sanitizer), run the benchmarks, and write everything into the
-# directory given as the first argument.
+# directory given as the first argument; the summary ends with the issues' performance
+# goals judged on the call's bench rows (pixelcnn_kernels/bench/goals.py).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [bench families...]
 #
@@ -235,7 +236,8 @@ if wants bench; then
   within "$limit" $py -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
   bench_rc=$?
   { echo; echo "## Benchmarks (pixelcnn-kernels bench ${families[*]}): $(outcome $bench_rc "$limit")"; echo '```'
-    cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'; } >>"$summary"
+    cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'
+    [ -f "$out/bench/goals.md" ] && { echo; echo "### The issues' goals on this call's rows"; echo; cat "$out/bench/goals.md"; }; } >>"$summary"
 fi
 
 if wants graphs; then
@@ -244,11 +246,12 @@ if wants graphs; then
   within "$limit" $py -m pixelcnn_kernels bench models --cuda-graph --providers eager triton cuda --out "$out/bench_graph" >"$out/bench_graph.log" 2>&1
   graphs_rc=$?
   { echo; echo "## Benchmarks as CUDA-graph replays (pixelcnn-kernels bench models --cuda-graph --providers eager triton cuda): $(outcome $graphs_rc "$limit")"; echo '```'
-    cat "$out/bench_graph/table.txt" 2>/dev/null || tail -20 "$out/bench_graph.log"; echo '```'; } >>"$summary"
+    cat "$out/bench_graph/table.txt" 2>/dev/null || tail -20 "$out/bench_graph.log"; echo '```'
+    [ -f "$out/bench_graph/goals.md" ] && { echo; echo "### The issues' goals on the replays' rows"; echo; cat "$out/bench_graph/goals.md"; }; } >>"$summary"
 fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench_graph 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench/goals.md bench_graph 2>/dev/null)
 cat "$summary"
 [ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]

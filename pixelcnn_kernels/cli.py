@@ -52,6 +52,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from pixelcnn_kernels.bench import cases_for
+    from pixelcnn_kernels.bench.goals import goals_table
     from pixelcnn_kernels.bench.harness import KERNEL_PROVIDERS, format_table, run, write_results
 
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -98,7 +99,14 @@ def _bench(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
     )
     print(format_table(results))
-    for path in save(results, meta, plot=True):
+    written = save(results, meta, plot=True)
+    if on_gpu:  # the issues' goals are set at the GPU sizes
+        goals = goals_table(results)
+        print(f"\nThe issues' goals (python -m pixelcnn_kernels.bench.goals judges saved runs):\n{goals}")
+        if args.out:
+            written.append(Path(args.out) / "goals.md")
+            written[-1].write_text(goals + "\n")
+    for path in written:
         print(f"wrote {path}")
     failed = [r for r in results if r.failed]
     if failed:

@@ -277,3 +277,12 @@ def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
     if not torch.cuda.is_available():
         result = subprocess.run([sys.executable, str(path), "--repeats", "1"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_table_columns_stay_apart_when_an_entry_is_wider_than_its_column():
+    """A config longer than its column once ran into the dtype ('h126 L7 softmaxfloat32')."""
+    nan = float("nan")
+    row = harness.Result("models", "gated_pixelcnn_train", "B64 3x32x32 h126 L7 softmax", "float32", "full", "triton", 33.3, 33.0, 34.0, nan, nan)
+    table = format_table([row])
+    assert "h126 L7 softmax float32  full     triton" in table
+    assert table.splitlines()[0].index("dtype") == table.splitlines()[2].index("float32")

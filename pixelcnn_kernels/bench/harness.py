@@ -421,16 +421,29 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+_TEXT_COLUMNS = (("op", "name", 26), ("config", "config", 26), ("dtype", "dtype", 9), ("mode", "mode", 9), ("provider", "provider", 14))
+
+
 def format_table(results: list[Result]) -> str:
-    """A fixed-width table: one row per (case, dtype, mode, provider)."""
-    header = f"{'op':<26}{'config':<26}{'dtype':<9}{'mode':<9}{'provider':<14}{'median ms':>11}{'p20':>9}{'p80':>9}{'host ms':>9}{'peak MiB':>10}{'floor ms':>10}{'x compile':>10}"
+    """A fixed-width table: one row per (case, dtype, mode, provider).
+
+    The text columns are at least their usual width and widen to their longest entry, so
+    that a column is always followed by a space.
+    """
+    widths = [max([minimum] + [len(getattr(r, field)) + 1 for r in results]) for _, field, minimum in _TEXT_COLUMNS]
+
+    def text(values) -> str:
+        return "".join(f"{value:<{width}}" for value, width in zip(values, widths))
+
+    header = text(title for title, _, _ in _TEXT_COLUMNS) + f"{'median ms':>11}{'p20':>9}{'p80':>9}{'host ms':>9}{'peak MiB':>10}{'floor ms':>10}{'x compile':>10}"
     lines = [header, "-" * len(header)]
     for r in results:
+        row = text(getattr(r, field) for _, field, _ in _TEXT_COLUMNS)
         if r.error:
-            lines.append(f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}  {'FAILED' if r.failed else 'skipped'}: {r.error}")
+            lines.append(f"{row}  {'FAILED' if r.failed else 'skipped'}: {r.error}")
             continue
         lines.append(
-            f"{r.name:<26}{r.config:<26}{r.dtype:<9}{r.mode:<9}{r.provider:<14}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}{_cell(r.host_ms, 9, 4)}"
+            f"{row}{_cell(r.median_ms, 11, 4)}{_cell(r.p20_ms, 9, 4)}{_cell(r.p80_ms, 9, 4)}{_cell(r.host_ms, 9, 4)}"
             f"{_cell(r.peak_mib, 10, 1)}{_cell(r.floor_ms, 10, 4)}{_cell(r.ratio_to_compile, 10, 2)}{'  ' + r.note if r.note else ''}"
         )
     return "\n".join(lines)
