@@ -158,6 +158,33 @@ def test_reference_gradcheck(channels):
     assert torch.autograd.gradcheck(lambda l: reference.discretized_mix_logistic_nll(bins, l, 32), (logits,))  # noqa: E741
 
 
+def kink_logits(dtype=torch.float64, device="cpu"):
+    """C = 1, K = 1 logits (mixture logit, mean, log-scale) at the pixels of :func:`kink_bins`, 5 bins,
+    where the likelihood's stable form has a kink (a softplus or an abs at exactly 0) that the function
+    itself does not: the last bin with mean 3/4 (m - h = 0 at log-scale 0, h = 1/4), the first with
+    mean -3/4 (m + h = 0), an interior bin with the mean on x and a scale so wide that the bin's mass
+    falls under 1e-5 (the mid-point density at m = 0: log-scale 12), and interior bins with the mean
+    half a bin off x (|m| = h, where the log of the CDF difference switches forms)."""
+    columns = [[0.0, 0.75, 0.0], [0.0, -0.75, 0.0], [0.0, 0.0, 12.0], [0.0, -0.25, 0.0], [0.0, 0.25, 0.0]]
+    return torch.tensor(columns, dtype=dtype, device=device).T.reshape(1, 3, 1, 5)
+
+
+def kink_bins(device="cpu"):
+    return torch.tensor([4, 0, 2, 2, 2], device=device).reshape(1, 1, 1, 5)
+
+
+def test_reference_gradient_is_the_likelihoods_own_at_its_stable_forms_kinks():
+    """Written with clamp and abs, softplus' autograd gave 0 instead of 1/2 at 0 exactly: the edge
+    and mid-point pixels' d/dmean and d/dlog-scale were wrong, which bf16 logits on coarse bins reach
+    (found by random property examples: bf16 mean 0.75 at the last of 5 bins). The likelihood is
+    smooth at every pixel of :func:`kink_logits`: gradcheck's finite differences are its derivative."""
+    logits = kink_logits().requires_grad_(True)
+    bins = kink_bins()
+    (grad,) = torch.autograd.grad(reference.discretized_mix_logistic_nll(bins, logits, 5).sum(), logits)
+    assert grad[0, 1, 0, 0] != 0 and grad[0, 1, 0, 1] != 0  # the edge pixels' d/dmean
+    assert torch.autograd.gradcheck(lambda l: reference.discretized_mix_logistic_nll(bins, l, 5), (logits,))  # noqa: E741
+
+
 def test_reference_fallback_branch_and_edges_are_used():
     """A very narrow logistic far from x takes the mid-point density; the edge bins integrate to infinity."""
     logits = torch.zeros(1, 3, 1, 3, dtype=torch.float64)  # C = 1, K = 1
@@ -307,6 +334,16 @@ def test_kernel_log_scale_gradient_is_the_clamps(kernel_backend, kernel_device):
     assert grad[0, 4, 0, 0] == 0 and grad[0, 4, 0, 1] == 0 and expected[0, 4, 0, 1] == 0
     assert grad[0, 4, 0, 2] != 0 and expected[0, 4, 0, 2] != 0
     assert_grad_close(grad, bins, logits, grad_nll)
+
+
+def test_kernel_gradient_at_the_likelihoods_kinks(kernel_backend, kernel_device):
+    """At the kinks of :func:`kink_logits` (exact in float32) the kernels' gradient is the reference's."""
+    logits, bins = kink_logits(torch.float32, kernel_device), kink_bins(kernel_device)
+    grad_nll = torch.ones(1, 1, 5, device=kernel_device)
+    leaf = logits.clone().requires_grad_(True)
+    with use_backend(kernel_backend):
+        (grad,) = torch.autograd.grad(nll_op(bins, leaf, 5), leaf, grad_nll)
+    assert_grad_close(grad, bins, logits, grad_nll, num_bins=5)
 
 
 def test_kernel_half_precision(kernel_backend, kernel_device):

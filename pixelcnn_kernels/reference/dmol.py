@@ -120,8 +120,15 @@ def bins_to_values(bins: torch.Tensor, num_bins: int, dtype: torch.dtype) -> tor
 
 
 def _softplus(v: torch.Tensor) -> torch.Tensor:
-    # torch.nn.functional.softplus returns v itself above 20: exact only to float32 rounding.
-    return v.clamp(min=0) + torch.log1p(torch.exp(-v.abs()))
+    """``log(1 + e^v)``, as ``max(v, 0) + log1p(e^-|v|)``, with the gradient sigmoid(v) everywhere.
+
+    torch.nn.functional.softplus returns v itself above 20: exact only to float32 rounding.
+    Written out with clamp and abs, autograd would give 0 rather than 1/2 at v = 0 exactly
+    (the subgradients of both at their kinks), a point bf16 logits and coarse bins reach:
+    x - mean ± half a bin is exactly 0 when the mean is a bin edge. ``logaddexp`` computes
+    the same value and differentiates the function itself.
+    """
+    return torch.logaddexp(v, v.new_zeros(()))
 
 
 def _log_sigmoid_difference(m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
