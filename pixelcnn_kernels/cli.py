@@ -127,7 +127,8 @@ def register(subparsers) -> None:
         help="time each op against eager PyTorch and torch.compile",
         description="Time the ops (and end-to-end workloads) per provider: eager reference, torch.compile of the "
         "reference, the triton and cuda backends. Prints median/p20/p80, peak memory, the floor and the "
-        "ratio to torch.compile; --out also writes CSV, JSON and a PNG plot.",
+        "ratio to torch.compile; --out also writes CSV, JSON and a PNG plot. On a GPU it then judges the issues' "
+        "performance goals on the rows it measured (goals.md with --out).",
     )
     bench.add_argument("ops", nargs="*", metavar="FAMILY", help=f"op families to run (default: all): {', '.join(FAMILIES)}")
     bench.add_argument("-k", default="", help="only cases whose name contains this string")
