@@ -40,14 +40,14 @@ def test_the_fastest_kernel_is_judged_against_each_kind_of_target():
     index = _index(rows)
     goal = Goal(3, "t", "dmol_nll", "B=64 3x32x32 K=10", "float32", "full", "ms", 0.06)
     verdict = judge(goal, index)
-    assert verdict.met is True and verdict.measured == "0.05 ms (triton)"
+    assert verdict.met is True and verdict.measured == "triton 0.05 ms"
     assert judge(dataclasses.replace(goal, target=0.04), index).met is False
     assert judge(dataclasses.replace(goal, kind="speedup", target=10.0, baseline="compile"), index).met is True  # 0.5 / 0.05
     assert judge(dataclasses.replace(goal, kind="speedup", target=100.0, baseline="eager"), index).met is False  # 60×
     assert judge(dataclasses.replace(goal, kind="floor", target=0.8), index).met is True  # 0.045 / 0.05
     assert judge(dataclasses.replace(goal, kind="peak", target=19.0), index).met is False
     slower_bf16 = judge(dataclasses.replace(goal, dtype="bfloat16", kind="dtype", target=1.0, baseline="float32"), index)
-    assert slower_bf16.met is False and slower_bf16.measured.startswith("1.1×")
+    assert slower_bf16.met is False and slower_bf16.measured == "1.1× (cuda 0.055 ms; float32: triton 0.05 ms)"
 
 
 def test_missing_and_failed_rows_are_not_measured_and_graph_replays_count_as_their_provider():
@@ -58,7 +58,7 @@ def test_missing_and_failed_rows_are_not_measured_and_graph_replays_count_as_the
     no_baseline = judge(goal, _index([_row(provider="cuda", ms=0.1)]))
     assert no_baseline.met is None and no_baseline.measured == "compile not measured"
     replays = judge(goal, _index([_row(provider="cuda+graph", ms=0.1), _row(provider="compile+graph", ms=0.3)]))
-    assert replays.met is True and replays.measured == "3× (cuda, graph replay)"
+    assert replays.met is True and replays.measured == "3× (cuda graph replay 0.1 ms; compile graph replay 0.3 ms)"
     cpu_floor = judge(dataclasses.replace(goal, kind="floor", target=0.8), _index([_row(provider="cuda", ms=0.1)]))
     assert cpu_floor.met is None
 
@@ -77,10 +77,10 @@ def test_goals_command_judges_saved_runs_the_later_run_winning(tmp_path, capsys)
     write_results([_row(provider="cuda", ms=0.5), _row(provider="compile", ms=0.6)], first, meta, plot=False)
     write_results([_row(provider="cuda", ms=0.05)], second, meta, plot=False)
     assert main([str(first / "results.json")]) == 0
-    assert "| ≤ 0.06 ms | 0.5 ms (cuda) | **not met** |" in capsys.readouterr().out
+    assert "| ≤ 0.06 ms | cuda 0.5 ms | **not met** |" in capsys.readouterr().out
     assert main([str(first / "results.json"), str(second / "results.json")]) == 0
     out = capsys.readouterr().out
-    assert "| ≤ 0.06 ms | 0.05 ms (cuda) | met |" in out and "| ≥ 13× compile | 12× (cuda) | **not met** |" in out
+    assert "| ≤ 0.06 ms | cuda 0.05 ms | met |" in out and "| ≥ 13× compile | 12× (cuda 0.05 ms; compile 0.6 ms) | **not met** |" in out
     assert main([str(tmp_path / "missing.json")]) == 2
     assert "goals: cannot read" in capsys.readouterr().err
 

@@ -115,9 +115,14 @@ def _fastest_kernel(index: dict, name: str, config: str, dtype: str, mode: str) 
     return min(rows, key=lambda r: r.median_ms, default=None)
 
 
-def _figure(value: float, unit: str, row: Result) -> str:
-    replay = ", graph replay" if row.provider.endswith(GRAPH_SUFFIX) else ""
-    return f"{value:.4g}{unit} ({row.provider.removesuffix(GRAPH_SUFFIX)}{replay})"
+def _source(row: Result) -> str:
+    """The row's provider, and whether it was timed as a CUDA-graph replay."""
+    provider = row.provider.removesuffix(GRAPH_SUFFIX)
+    return f"{provider} graph replay" if row.provider.endswith(GRAPH_SUFFIX) else provider
+
+
+def _timed(row: Result) -> str:
+    return f"{_source(row)} {row.median_ms:.4g} ms"
 
 
 def judge(goal: Goal, index: dict) -> Verdict:
@@ -126,28 +131,28 @@ def judge(goal: Goal, index: dict) -> Verdict:
     if kernel is None:
         return Verdict(goal, "not measured", None)
     if goal.kind == "ms":
-        return Verdict(goal, _figure(kernel.median_ms, " ms", kernel), kernel.median_ms <= goal.target)
+        return Verdict(goal, _timed(kernel), kernel.median_ms <= goal.target)
     if goal.kind == "floor":
         if math.isnan(kernel.floor_ms):
             return Verdict(goal, "no floor (a CPU run)", None)
         fraction = kernel.floor_ms / kernel.median_ms
-        return Verdict(goal, _figure(fraction, " of floor", kernel), fraction >= goal.target)
+        return Verdict(goal, f"{fraction:.3g} of floor ({_timed(kernel)}, floor {kernel.floor_ms:.4g} ms)", fraction >= goal.target)
     if goal.kind == "peak":
         if math.isnan(kernel.peak_mib):
             return Verdict(goal, "peak memory not measured", None)
-        return Verdict(goal, _figure(kernel.peak_mib, " MiB", kernel), kernel.peak_mib <= goal.target)
+        return Verdict(goal, f"{kernel.peak_mib:.4g} MiB ({_source(kernel)})", kernel.peak_mib <= goal.target)
     if goal.kind == "speedup":
         base = index.get((goal.name, goal.config, goal.dtype, goal.mode, goal.baseline))
         if base is None:
             return Verdict(goal, f"{goal.baseline} not measured", None)
         speedup = base.median_ms / kernel.median_ms
-        return Verdict(goal, _figure(speedup, "×", kernel), speedup >= goal.target)
+        return Verdict(goal, f"{speedup:.3g}× ({_timed(kernel)}; {_timed(base)})", speedup >= goal.target)
     if goal.kind == "dtype":
         other = _fastest_kernel(index, goal.name, goal.config, goal.baseline, goal.mode)
         if other is None:
             return Verdict(goal, f"{goal.baseline} not measured", None)
         ratio = kernel.median_ms / other.median_ms
-        return Verdict(goal, _figure(ratio, f"× {goal.baseline}", kernel), ratio <= goal.target)
+        return Verdict(goal, f"{ratio:.3g}× ({_timed(kernel)}; {goal.baseline}: {_timed(other)})", ratio <= goal.target)
     raise ValueError(f"unknown goal kind {goal.kind!r}")
 
 
@@ -165,7 +170,7 @@ def goals_table(results: list[Result]) -> str:
     """A markdown table of every goal's verdict on ``results``, with a count of those met."""
     index = _index(results)
     verdicts = [judge(goal, index) for goal in GOALS]
-    lines = ["| issue | goal | dtype | target | measured (fastest kernel) | verdict |", "| ---: | --- | --- | --- | --- | --- |"]
+    lines = ["| issue | goal | dtype | target | measured (the faster kernel; the baseline) | verdict |", "| ---: | --- | --- | --- | --- | --- |"]
     for v in verdicts:
         verdict = {True: "met", False: "**not met**", None: "-"}[v.met]
         lines.append(f"| {v.goal.issue} | {v.goal.what} | {v.goal.dtype} | {_target_text(v.goal)} | {v.measured} | {verdict} |")
