@@ -104,8 +104,9 @@ def _bench(args: argparse.Namespace) -> int:
         goals = goals_table(results)
         print(f"\nThe issues' goals (python -m pixelcnn_kernels.bench.goals judges saved runs):\n{goals}")
         if args.out:
-            written.append(Path(args.out) / "goals.md")
-            written[-1].write_text(goals + "\n")
+            goals_path = Path(args.out) / "goals.md"
+            goals_path.write_text(goals + "\n")
+            written.append(goals_path)
     for path in written:
         print(f"wrote {path}")
     failed = [r for r in results if r.failed]

@@ -91,7 +91,6 @@ def test_goals_command_has_help(capsys):
     assert exit_info.value.code == 0 and "results.json" in capsys.readouterr().out
 
 
-
 def test_bench_judges_no_goals_on_the_cpu(tmp_path, capsys):
     """The goals are set at the GPU sizes: a CPU run writes its tables and no goals.md."""
     assert cli_main(["bench", "gates", "-k", "gate_sigmoid", "--providers", "eager", "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
