@@ -17,7 +17,7 @@ dmol::Strides4 strides_of(const at::Tensor& t) {
 
 // Checks logits (B, P, H, W) for `channels` colour channels; returns the shared problem.
 dmol::Problem make_problem(const at::Tensor& logits, int64_t channels, int64_t num_bins) {
-  TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
+  TORCH_CHECK(on_kernels_device(logits), "logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 4, "logits must have shape (B, P, H, W), got ", logits.sizes());
   TORCH_CHECK(channels == 1 || channels == 3, "C must be 1 or 3, got ", channels);
   const int64_t per_mixture = dmol::logits_per_mixture(static_cast<int>(channels));
@@ -58,7 +58,7 @@ void check_float32_like(const at::Tensor& t, const char* name, const at::Tensor&
 at::Tensor dmol_nll_forward(const at::Tensor& x, const at::Tensor& logits, int64_t num_bins) {
   const dmol::Problem problem = make_problem(logits, x.dim() == 4 ? x.size(1) : 0, num_bins);
   const dmol::XType x_type = check_x(x, logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const KernelsDeviceGuard guard(logits.device());
   at::Tensor nll = logits.new_empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kFloat));
   if (nll.numel() > 0) {
     dmol::launch_nll_forward(problem, x.data_ptr(), x_type, strides_of(x), nll.data_ptr<float>(), current_stream());
@@ -72,7 +72,7 @@ at::Tensor dmol_nll_backward(const at::Tensor& x, const at::Tensor& logits, cons
   const dmol::Problem problem = make_problem(logits, x.dim() == 4 ? x.size(1) : 0, num_bins);
   const dmol::XType x_type = check_x(x, logits);
   check_float32_like(grad_nll, "grad_nll", logits, {logits.size(0), logits.size(2), logits.size(3)});
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const KernelsDeviceGuard guard(logits.device());
   at::Tensor grad_logits = at::empty_like(logits);
   if (grad_logits.numel() > 0) {
     dmol::launch_nll_backward(problem, x.data_ptr(), x_type, strides_of(x), grad_nll.data_ptr<float>(),
@@ -88,7 +88,7 @@ at::Tensor dmol_sample(const at::Tensor& logits, const at::Tensor& u_mix, const 
   check_float32_like(u_mix, "u_mix", logits, {logits.size(0), problem.mixtures, logits.size(2), logits.size(3)});
   check_float32_like(u_logistic, "u_logistic", logits,
                      {logits.size(0), problem.channels, logits.size(2), logits.size(3)});
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const KernelsDeviceGuard guard(logits.device());
   at::Tensor sample = u_logistic.new_empty(u_logistic.sizes());
   if (sample.numel() > 0) {
     dmol::launch_sample(problem, u_mix.data_ptr<float>(), strides_of(u_mix), u_logistic.data_ptr<float>(),
@@ -101,13 +101,13 @@ at::Tensor dmol_sample(const at::Tensor& logits, const at::Tensor& u_mix, const 
 }  // namespace
 }  // namespace pixelcnn_kernels
 
-TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
   m.def("dmol_nll_forward(Tensor x, Tensor logits, int num_bins) -> Tensor");
   m.def("dmol_nll_backward(Tensor x, Tensor logits, Tensor grad_nll, int num_bins) -> Tensor");
   m.def("dmol_sample(Tensor logits, Tensor u_mix, Tensor u_logistic, int num_bins, bool quantize) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {
   m.impl("dmol_nll_forward", &pixelcnn_kernels::dmol_nll_forward);
   m.impl("dmol_nll_backward", &pixelcnn_kernels::dmol_nll_backward);
   m.impl("dmol_sample", &pixelcnn_kernels::dmol_sample);

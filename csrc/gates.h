@@ -38,7 +38,7 @@ void launch_concat_elu_forward(DType dtype, const void* x, void* y, int64_t oute
 void launch_concat_elu_backward(DType dtype, const void* grad, const void* x, void* dx, int64_t outer, int64_t row_len,
                                 cudaStream_t stream);
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || PIXELCNN_CUDA_ON_CPU  // device code: for nvcc, and the build for the CPU (cuda_on_cpu/)
 // Elementwise math in fp32, with PyTorch's formulas (no fast-math intrinsics), so
 // results match torch's to rounding and infinities and NaNs propagate alike.
 

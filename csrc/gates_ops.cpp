@@ -41,7 +41,7 @@ GateKind gate_kind(bool tanh_gate) { return tanh_gate ? GateKind::kTanhSigmoid :
 at::Tensor gate_forward(const at::Tensor& x, const std::optional<at::Tensor>& cond, int64_t batch_div, bool tanh_gate) {
   const DType dtype = check_gate_x(x);
   const GateBias bias = gate_bias(cond, x, batch_div);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   const int64_t outer = x.size(0), half = x.size(2), inner = x.size(3);
   at::Tensor y = x.new_empty({outer, half, inner});
   if (y.numel() > 0) {
@@ -59,7 +59,7 @@ at::Tensor gate_backward(const at::Tensor& grad, const at::Tensor& x, const std:
   check_operand(grad, "grad", x, "x", {outer, half, inner});
   check_optional_operand(accumulate, "accumulate", x, {outer, 2, half, inner});
   const GateBias bias = gate_bias(cond, x, batch_div);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   at::Tensor dx = x.new_empty(x.sizes());
   if (dx.numel() > 0) {
     launch_gate_backward(dtype, gate_kind(tanh_gate), grad.data_ptr(), x.data_ptr(), bias.data(),
@@ -79,7 +79,7 @@ DType check_concat_elu_x(const at::Tensor& x) {
 
 at::Tensor concat_elu_forward(const at::Tensor& x) {
   const DType dtype = check_concat_elu_x(x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   const int64_t outer = x.size(0), row_len = x.size(1);
   at::Tensor y = x.new_empty({outer, 2, row_len});
   if (y.numel() > 0) {
@@ -93,7 +93,7 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
   const DType dtype = check_concat_elu_x(x);
   const int64_t outer = x.size(0), row_len = x.size(1);
   check_operand(grad, "grad", x, "x", {outer, 2, row_len});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   at::Tensor dx = x.new_empty(x.sizes());
   if (dx.numel() > 0) {
     launch_concat_elu_backward(dtype, grad.data_ptr(), x.data_ptr(), dx.data_ptr(), outer, row_len, current_stream());
@@ -105,14 +105,14 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
 }  // namespace
 }  // namespace pixelcnn_kernels
 
-TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
   m.def("gate_forward(Tensor x, Tensor? cond, int batch_div, bool tanh_gate) -> Tensor");
   m.def("gate_backward(Tensor grad, Tensor x, Tensor? cond, Tensor? accumulate, int batch_div, bool tanh_gate) -> Tensor");
   m.def("concat_elu_forward(Tensor x) -> Tensor");
   m.def("concat_elu_backward(Tensor grad, Tensor x) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {
   m.impl("gate_forward", &pixelcnn_kernels::gate_forward);
   m.impl("gate_backward", &pixelcnn_kernels::gate_backward);
   m.impl("concat_elu_forward", &pixelcnn_kernels::concat_elu_forward);

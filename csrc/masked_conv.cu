@@ -243,6 +243,9 @@ __device__ __forceinline__ const Elem* shifted_row(const Elem* base, int channel
 // column g, i.e. of the transposed matrix).
 template <bool kTransposed>
 __device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* row_address) {
+#if PIXELCNN_CUDA_ON_CPU
+  cuda_on_cpu::load_matrices_x4(r, row_address, kTransposed);
+#else
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
   if constexpr (kTransposed) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -253,6 +256,7 @@ __device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* r
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(address));
   }
+#endif
 }
 
 // d += a (16 x kK, row-major fragment) * b (kK x 8, column fragment) in fp32: m16n8k16 for
@@ -262,6 +266,13 @@ __device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* r
 // (g + 8, 2t), (g + 8, 2t + 1).
 template <typename Elem>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if PIXELCNN_CUDA_ON_CPU
+  using cuda_on_cpu::MmaInput;
+  cuda_on_cpu::mma(d, a, b,
+                   std::is_same<Elem, __nv_bfloat16>::value ? MmaInput::kBFloat16
+                   : std::is_same<Elem, __half>::value      ? MmaInput::kFloat16
+                                                            : MmaInput::kTf32);
+#else
   if constexpr (std::is_same<Elem, __nv_bfloat16>::value) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -278,14 +289,19 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
 }
 
 // A float32 value rounded to TF32 (to nearest, ties away), as cuBLAS rounds its inputs,
 // rather than truncated by the tensor core.
 __device__ __forceinline__ uint32_t to_tf32(float v) {
+#if PIXELCNN_CUDA_ON_CPU
+  return cuda_on_cpu::to_tf32_rna(v);
+#else
   uint32_t bits;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(v));
   return bits;
+#endif
 }
 
 // Tensor-core multiplier (mma.sync; TF32 for float32 inputs). Warp (wm, wn) of the

@@ -151,7 +151,7 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& wp, con
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});
   check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options());
   masked_conv2d_fwd(to_kernel_dtype(x, "x"), allow_tf32, make_problem(x, in_channels, out_channels, offsets32),
@@ -184,7 +184,7 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   check_optional_operand(residual, "residual", x, {x.size(0), x.size(1), x.size(2), out_channels / 2});
   check_optional_operand(addend, "addend", x, {x.size(0), x.size(1), x.size(2), out_channels});
   check_device_capability(x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2), out_channels / 2}, x.options());
   at::Tensor preact = write_preact ? at::empty({x.size(0), x.size(1), x.size(2), out_channels}, x.options())
@@ -218,7 +218,7 @@ at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp
   }
   check_keep(keep, concat_elu_input, gout, in_channels);
   check_device_capability(gout);
-  const c10::cuda::CUDAGuard guard(gout.device());
+  const KernelsDeviceGuard guard(gout.device());
   const int64_t gx_channels = concat_elu_input ? in_channels / 2 : in_channels;
   at::Tensor gx = at::empty({gout.size(0), gout.size(1), gout.size(2), gx_channels}, gout.options());
   masked_conv2d_dgrad(to_kernel_dtype(gout, "gout"), allow_tf32, make_problem(gout, in_channels, gout.size(3), offsets32),
@@ -238,7 +238,7 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
               "gout (N, H, W, Cout) must match x (N, H, W, Cin) in N, H, W: got ", gout.sizes(), " and ", x.sizes());
   const std::vector<int> offsets32 = checked_offsets(offsets);
   check_device_capability(x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_keep(keep, concat_elu_input, x, in_channels);
   const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32);
@@ -258,7 +258,7 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
 }  // namespace masked_conv
 }  // namespace pixelcnn_kernels
 
-TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
   m.def(
       "masked_conv2d_fwd(Tensor x, Tensor wp, Tensor? bias, Tensor? residual, int[] offsets, bool concat_elu_input, "
       "bool allow_tf32, Tensor? keep=None, float keep_scale=1.0) -> Tensor");
@@ -274,7 +274,7 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "Tensor? keep=None, float keep_scale=1.0) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {
   using namespace pixelcnn_kernels::masked_conv;
   m.impl("masked_conv2d_fwd", &masked_conv2d_fwd_cuda);
   m.impl("masked_conv2d_fwd_gated", &masked_conv2d_fwd_gated_cuda);

@@ -28,7 +28,7 @@ const void* operand(const std::optional<at::Tensor>& t, const char* name, const 
 
 // The step's pixel: an int64 (1,) on ref's device (read by the kernel, so a graph replays the launch).
 void check_pixel(const at::Tensor& pixel, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.numel() == 1 && pixel.is_cuda() && pixel.device() == ref.device(),
+  TORCH_CHECK(pixel.scalar_type() == at::kLong && pixel.numel() == 1 && on_kernels_device(pixel) && pixel.device() == ref.device(),
               "pixel must be an int64 (1,) tensor on ", ref_name, "'s device ", ref.device(), ", got ", pixel.scalar_type(),
               " ", pixel.sizes(), " on ", pixel.device());
 }
@@ -39,7 +39,7 @@ void launch_checked(const char* op, void (*launch)(DType, const Step&, cudaStrea
                     int64_t shared_bytes_per_image, const at::Tensor& x) {
   TORCH_CHECK(shared_bytes_per_image <= kMaxSharedBytes, op, " stages ", shared_bytes_per_image,
               " bytes per image in shared memory; the kernel takes at most ", kMaxSharedBytes, " (fewer taps, channels or bins)");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelsDeviceGuard guard(x.device());
   launch(dtype, step, current_stream());
   check_launch(op);
 }
@@ -50,7 +50,7 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
                            const std::optional<at::Tensor>& link_bias, const std::optional<at::Tensor>& cond,
                            const std::optional<at::Tensor>& out_weight, const std::optional<at::Tensor>& out_bias,
                            int64_t group_size, at::Tensor& out) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  TORCH_CHECK(on_kernels_device(x), "x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, "x must be (B, H, W, Cin), got shape ", x.sizes());
   const DType dtype = to_kernel_dtype(x, "x");
   check_pixel(pixel, x, "x");
@@ -132,7 +132,7 @@ void resnet_position_step_cuda(const at::Tensor& pixel, const at::Tensor& table,
                                const std::optional<at::Tensor>& skip_bias, const at::Tensor& out_weight,
                                const std::optional<at::Tensor>& out_bias, const std::optional<at::Tensor>& cond,
                                at::Tensor& out) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  TORCH_CHECK(on_kernels_device(x), "x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x must be a contiguous (B, H + 2, W + 2, C) cache, got shape ", x.sizes());
   const DType dtype = to_kernel_dtype(x, "x");
   for (int d = 0; d < 4; ++d) TORCH_CHECK(x.size(d) < kMaxExtent, "x has size ", x.size(d), " in dimension ", d, "; the step takes < 2^30");
@@ -300,7 +300,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
   step.channels = static_cast<int>(channels);
   step.mixtures = static_cast<int>(mixtures);
   step.num_bins = static_cast<int>(num_bins);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const KernelsDeviceGuard guard(logits.device());
   dmol::launch_draw_step(step, current_stream());
   check_launch("dmol_draw_step");
 }
@@ -309,7 +309,7 @@ void dmol_draw_step_cuda(const at::Tensor& pixel, const at::Tensor& logits, cons
 }  // namespace sampling
 }  // namespace pixelcnn_kernels
 
-TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
   m.def(
       "gated_pixel_step(Tensor pixel, Tensor x, Tensor wp, Tensor? bias, int[] offsets, Tensor? v_pre, "
       "Tensor? link_weight, Tensor? link_bias, Tensor? cond, Tensor? out_weight, Tensor? out_bias, int group_size, "
@@ -326,7 +326,7 @@ TORCH_LIBRARY_FRAGMENT(pixelcnn_kernels_cuda, m) {
       "Tensor(b!) inputs, Tensor? input_index, Tensor bin_inputs) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pixelcnn_kernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {
   m.impl("gated_pixel_step", &pixelcnn_kernels::sampling::gated_pixel_step_cuda);
   m.impl("resnet_position_step", &pixelcnn_kernels::sampling::resnet_position_step_cuda);
   m.impl("softmax_draw_step", &pixelcnn_kernels::sampling::softmax_draw_step_cuda);

@@ -3,15 +3,38 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "cuda_utils.h"
 
+// The ops register as torch.ops.pixelcnn_kernels_cuda.* for CUDA tensors; the build for the CPU
+// (csrc/cuda_on_cpu/) registers the same kernels as torch.ops.pixelcnn_kernels_cuda_on_cpu.*
+// for CPU tensors, so that both libraries can load in one process.
+#if PIXELCNN_CUDA_ON_CPU
+#define PIXELCNN_OPS_NAMESPACE pixelcnn_kernels_cuda_on_cpu
+#define PIXELCNN_KERNELS_DEVICE CPU
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define PIXELCNN_OPS_NAMESPACE pixelcnn_kernels_cuda
+#define PIXELCNN_KERNELS_DEVICE CUDA
+#endif
+
 namespace pixelcnn_kernels {
+
+#if PIXELCNN_CUDA_ON_CPU
+inline bool on_kernels_device(const at::Tensor& t) { return t.is_cpu(); }
+struct KernelsDeviceGuard {
+  explicit KernelsDeviceGuard(c10::Device) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+#else
+inline bool on_kernels_device(const at::Tensor& t) { return t.is_cuda(); }
+using KernelsDeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 // Extents and offsets below this keep the kernels' 32-bit index arithmetic (y + dy,
 // channel counts, column offsets) far from overflow.
@@ -27,12 +50,12 @@ inline DType to_kernel_dtype(const at::Tensor& t, const char* name) {
 }
 
 inline void check_cuda_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernels_device(t), name, " must be a CUDA tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+  TORCH_CHECK(on_kernels_device(t) && t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device());
 }
 
@@ -62,8 +85,6 @@ inline void check_optional_operand(const std::optional<at::Tensor>& t, const cha
 }
 
 inline const void* raw_data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
-
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Raises a RuntimeError naming the kernel when the last launch failed.
 inline void check_launch(const char* kernel) {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pixelcnn_kernels import cuda_on_cpu
 from pixelcnn_kernels.extension_sources import csrc_digest
 
 BACKENDS = ("reference", "triton", "cuda")
@@ -55,8 +56,23 @@ def _build_info():
         return None
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_extension_error() -> str | None:
+    """Why the compiled extension is unusable, or None; with PIXELCNN_KERNELS_CUDA_ON_CPU=1, its build for the CPU."""
+    return _cuda_on_cpu_error() if cuda_on_cpu.enabled() else _compiled_extension_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_on_cpu_error() -> str | None:
+    """Builds and loads the CUDA kernels' build for the CPU once; returns why that failed, or None."""
+    try:
+        cuda_on_cpu.load()
+    except Exception as exc:  # a compile error, or no toolkit headers: said as a missing extension is
+        return f"{cuda_on_cpu.ENV_VAR} is set, but the CUDA kernels' build for the CPU failed: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_extension_error() -> str | None:
     """Loads the compiled extension once; returns why it is unusable, or None."""
     if torch.version.cuda is None:
         return f"extension not built because torch {torch.__version__} has no CUDA"
@@ -106,6 +122,10 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
     error = _cuda_extension_error()
     if error is not None:
         return error
+    if cuda_on_cpu.enabled():
+        if device is not None and device.type != "cpu":
+            return f"with {cuda_on_cpu.ENV_VAR}=1 the CUDA kernels run on CPU tensors, got tensors on {device}"
+        return None
     if device is not None and device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors, got tensors on {device}"
     if device is None and not torch.cuda.is_available():
@@ -196,11 +216,7 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
         return forced
     if device.type != "cuda":
         return "reference"
-    if _cuda_extension_error() is None:
-        return "cuda"
-    if _triton_import_error() is None:
-        return "triton"
-    return "reference"
+    return next((backend for backend in ("cuda", "triton") if unavailable_reason(backend, device) is None), "reference")
 
 
 def resolve_kernel_backend(dtype: torch.dtype, kernels: str, *tensors: torch.Tensor | None) -> str:
@@ -232,8 +248,9 @@ def backend_with_cuda_op(backend: str, cuda_op: str, device: torch.device) -> st
 
 
 def cuda_ops():
-    """``torch.ops.pixelcnn_kernels_cuda`` after making sure the extension is loaded."""
+    """``torch.ops.pixelcnn_kernels_cuda`` after making sure the extension is loaded
+    (with PIXELCNN_KERNELS_CUDA_ON_CPU=1, ``torch.ops.pixelcnn_kernels_cuda_on_cpu``)."""
     error = _cuda_extension_error()
     if error is not None:
         raise BackendUnavailableError(f"cuda backend unavailable: {error}")
-    return getattr(torch.ops, CUDA_OPS_NAMESPACE)
+    return getattr(torch.ops, cuda_on_cpu.OPS_NAMESPACE if cuda_on_cpu.enabled() else CUDA_OPS_NAMESPACE)

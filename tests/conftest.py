@@ -2,7 +2,10 @@
 
 Without a CUDA device the Triton kernels run in the interpreter: TRITON_INTERPRET
 must be set before any kernel is defined, so it is set here, before
-pixelcnn_kernels is imported by any test.
+pixelcnn_kernels is imported by any test. And tests marked ``cuda_on_cpu`` (the
+``cuda`` backend's cases of the cross-backend tests) run the CUDA kernels on CPU
+tensors, built for the CPU by :mod:`pixelcnn_kernels.cuda_on_cpu`; on a GPU they
+run there instead.
 """
 
 import os
@@ -53,6 +56,15 @@ def _return_cached_gpu_memory():
     yield
     if HAS_CUDA and torch.cuda.memory_reserved() > 4 * 2**30:
         torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_on_cpu(request, monkeypatch):
+    """Without a GPU, a test marked cuda_on_cpu forces nothing but lets the cuda backend take CPU tensors."""
+    if not HAS_CUDA and request.node.get_closest_marker("cuda_on_cpu") is not None:
+        from pixelcnn_kernels import cuda_on_cpu
+
+        monkeypatch.setenv(cuda_on_cpu.ENV_VAR, "1")
 
 
 @pytest.fixture(autouse=True)

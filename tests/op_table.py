@@ -31,7 +31,9 @@ from pixelcnn_kernels.testing import tolerance
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The cuda backend's cases: on the GPU, or without one the CUDA kernels built for the CPU (conftest.py).
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu if HAS_CUDA else pytest.mark.cuda_on_cpu)
+BACKENDS = ["reference", "triton", CUDA]
 
 # --------------------------------------------------------------------------- profiles
 
@@ -401,13 +403,19 @@ SAMPLE_TOLERANCE = (1e-5, 1e-5)
 MOVED_DRAWS_PER_VALUE = 1e-3
 
 
-def assert_matches(case: OpCase, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, *, summed: bool | None = None, slack: float = 1.0) -> None:
+def products_in_tf32(case: OpCase, got: torch.Tensor, backend: str | None) -> bool:
+    """Whether ``got``'s fp32 convolution products may be TF32, as PyTorch's own are on the GPU:
+    computed there, or by the CUDA kernels on the CPU (cuda_on_cpu emulates their tensor cores)."""
+    return case.sums and torch.backends.cudnn.allow_tf32 and (got.is_cuda or backend == "cuda")
+
+
+def assert_matches(case: OpCase, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, *, summed: bool | None = None, slack: float = 1.0, backend: str | None = None) -> None:
     """``got`` within the project's tolerance for ``dtype`` (times ``slack``) of ``expected`` (NaNs in the same places).
 
     Sums (``summed``, by default the case's ``sums``) are compared divided by the
     expected's largest magnitude: their rounding error grows with the terms, not
-    with each (possibly cancelling) result. fp32 convolutions on the GPU may use
-    TF32, as PyTorch's own do. Draws: see MOVED_DRAWS_PER_VALUE.
+    with each (possibly cancelling) result. fp32 convolutions may use TF32
+    (:func:`products_in_tf32`; ``backend``: the one that computed ``got``). Draws: see MOVED_DRAWS_PER_VALUE.
     """
     if case.draws:
         rtol, atol = SAMPLE_TOLERANCE
@@ -415,7 +423,7 @@ def assert_matches(case: OpCase, got: torch.Tensor, expected: torch.Tensor, dtyp
         moved = int((~close).sum())
         assert moved <= int(MOVED_DRAWS_PER_VALUE * close.numel()), f"{case.name} {what}: {moved} of {close.numel()} draws differ"
         return
-    rtol, atol = (slack * t for t in tolerance(dtype, tf32=case.sums and got.is_cuda and torch.backends.cudnn.allow_tf32))
+    rtol, atol = (slack * t for t in tolerance(dtype, tf32=products_in_tf32(case, got, backend)))
     got = got.to(expected.dtype)
     if case.sums if summed is None else summed:
         scale = expected.abs().max().clamp(min=1.0) if expected.numel() else 1.0
@@ -428,12 +436,12 @@ def check_against_reference(case: OpCase, backend: str | None, inputs: dict[str,
     with use_backend(backend) if backend is not None else contextlib.nullcontext():
         out, grads = forward_backward(case, inputs)
     expected, expected_grads = reference_forward_backward(case, inputs)
-    assert_matches(case, out, expected, dtype, "output")
+    assert_matches(case, out, expected, dtype, "output", backend=backend)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
         slack = case.float32_grad_slack if dtype == torch.float32 else 1.0
-        assert_matches(case, grad, expected_grads[name], dtype, f"d/d{name}", summed=case.sums or name in case.summed_grads, slack=slack)
+        assert_matches(case, grad, expected_grads[name], dtype, f"d/d{name}", summed=case.sums or name in case.summed_grads, slack=slack, backend=backend)
 
 
 def kernel_dtypes(backend: str) -> list[torch.dtype]:

@@ -1,6 +1,6 @@
 """What the fused sampling-step tests share (``test_sampling_step.py``, ``test_sampling_step_pp.py``).
 
-Where a step runs (the interpreter on the CPU, both kernel backends on a GPU), a fixture
+Where a step runs (on the CPU the interpreter and the CUDA kernels built for it, both kernel backends on a GPU), a fixture
 making PyTorch's GPU convolutions compute as the fused steps do, the comparison at
 the expected's scale with :mod:`pixelcnn_kernels.testing`'s tolerance table, and the
 widest step a size predicate allows.
@@ -16,9 +16,10 @@ GPU = (pytest.mark.gpu,)
 
 
 def step_backends(*cuda_marks) -> list:
-    """(backend, device) of the step: the interpreter on the CPU, both kernel backends on a GPU."""
+    """(backend, device) of the step: on the CPU the interpreter and the CUDA kernels built for it, both kernel backends on a GPU."""
     return [
         pytest.param("triton", "cpu", id="triton-cpu"),
+        pytest.param("cuda", "cpu", id="cuda-cpu", marks=pytest.mark.cuda_on_cpu),
         pytest.param("triton", "cuda", id="triton-gpu", marks=GPU),
         pytest.param("cuda", "cuda", id="cuda", marks=GPU + cuda_marks),
     ]

@@ -150,11 +150,11 @@ def test_a_skipped_extension_build_is_explained_by_its_reason(monkeypatch):
         return real_import(name)
 
     monkeypatch.setattr(backend.importlib, "import_module", without_extension)
-    backend._cuda_extension_error.cache_clear()
+    backend._compiled_extension_error.cache_clear()
     try:
-        reason = backend._cuda_extension_error()
+        reason = backend._compiled_extension_error()
     finally:
-        backend._cuda_extension_error.cache_clear()
+        backend._compiled_extension_error.cache_clear()
     assert reason.startswith("extension not built (at install time PIXELCNN_KERNELS_SKIP_CUDA is set)")
 
 

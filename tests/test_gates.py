@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pixelcnn_kernels as pk
+from op_table import CUDA
 from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.nn import ConcatELU, GateSigmoid, GateTanhSigmoid
 from pixelcnn_kernels.reference import gates as reference
@@ -24,7 +25,7 @@ GATES = {
     "gate_sigmoid": (pk.gate_sigmoid, reference.gate_sigmoid),
 }
 OPS = [*GATES, "concat_elu"]
-KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+KERNEL_BACKENDS = ["triton", CUDA]
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXTREMES = [float("-inf"), -80.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 80.0, float("inf"), float("nan")]
 

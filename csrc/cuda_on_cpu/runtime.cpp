@@ -1,0 +1,298 @@
+// The fiber scheduler and the emulated instructions of cuda_on_cpu.h.
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace cuda_on_cpu {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr std::size_t kStackBytes = 512 * 1024;  // kernels keep tiles of accumulators on the stack
+
+enum class Waiting { kNothing, kBlockBarrier, kWarp, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  uint3 index;
+  Waiting waiting = Waiting::kNothing;
+  unsigned exchanges = 0;  // warp-synchronous ops passed: its parity picks the exchange buffer
+};
+
+// One launch's state; the running block's fibers share it.
+struct Launch {
+  dim3 grid;
+  dim3 block;
+  uint3 block_index;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  int current = -1;
+  ucontext_t scheduler;
+  std::vector<unsigned char> exchange;  // [parity][warp][lane][kExchangeBytes]
+  std::vector<std::max_align_t> shared;
+  std::string error;
+};
+
+thread_local Launch* running = nullptr;
+thread_local cudaError_t last_error = cudaSuccess;
+
+// Fiber stacks, reused from launch to launch (mapped lazily: untouched pages cost nothing).
+std::vector<void*>& stacks(std::size_t count) {
+  thread_local std::vector<void*> pool;
+  while (pool.size() < count) {
+    void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stack == MAP_FAILED) throw std::runtime_error("cuda_on_cpu: cannot map a fiber stack");
+    pool.push_back(stack);
+  }
+  return pool;
+}
+
+Fiber& current_fiber() { return running->fibers[running->current]; }
+
+void fiber_main() {
+  Launch& launch = *running;
+  (*launch.body)();
+  launch.fibers[launch.current].waiting = Waiting::kDone;  // uc_link returns to the scheduler
+}
+
+void wait(Waiting what) {
+  Fiber& fiber = current_fiber();
+  fiber.waiting = what;
+  swapcontext(&fiber.context, &running->scheduler);
+}
+
+std::string where(const Launch& launch) {
+  return "block (" + std::to_string(launch.block_index.x) + ", " + std::to_string(launch.block_index.y) + ", " +
+         std::to_string(launch.block_index.z) + ")";
+}
+
+// Lets go the fibers that may go on: a warp whose live lanes all wait at a warp-synchronous op,
+// else the block when every live thread waits at __syncthreads. False when nothing may go on
+// (every fiber done, or a deadlock: then launch.error says why).
+bool release(Launch& launch) {
+  bool released = false;
+  const int count = static_cast<int>(launch.fibers.size());
+  for (int warp0 = 0; warp0 < count; warp0 += kWarpSize) {
+    const int end = std::min(count, warp0 + kWarpSize);
+    int at_warp = 0, done = 0;
+    for (int i = warp0; i < end; ++i) {
+      at_warp += launch.fibers[i].waiting == Waiting::kWarp;
+      done += launch.fibers[i].waiting == Waiting::kDone;
+    }
+    if (at_warp == 0) continue;
+    if (at_warp != end - warp0) {
+      launch.error = "warp " + std::to_string(warp0 / kWarpSize) + " of " + where(launch) + ": " +
+                     std::to_string(at_warp) + " lanes wait at a warp-synchronous op, " + std::to_string(done) +
+                     " have exited, the others wait at __syncthreads";
+      return false;
+    }
+    for (int i = warp0; i < end; ++i) launch.fibers[i].waiting = Waiting::kNothing;
+    released = true;
+  }
+  if (released) return true;
+  int at_barrier = 0;
+  for (const Fiber& fiber : launch.fibers) at_barrier += fiber.waiting == Waiting::kBlockBarrier;
+  if (at_barrier == 0) return false;  // all done
+  for (Fiber& fiber : launch.fibers)
+    if (fiber.waiting == Waiting::kBlockBarrier) fiber.waiting = Waiting::kNothing;
+  return true;
+}
+
+void run_block(Launch& launch) {
+  const int count = static_cast<int>(launch.fibers.size());
+  std::vector<void*>& pool = stacks(count);
+  for (int i = 0; i < count; ++i) {
+    Fiber& fiber = launch.fibers[i];
+    fiber.index = {static_cast<unsigned>(i) % launch.block.x, static_cast<unsigned>(i) / launch.block.x % launch.block.y,
+                   static_cast<unsigned>(i) / (launch.block.x * launch.block.y)};
+    fiber.waiting = Waiting::kNothing;
+    fiber.exchanges = 0;
+    getcontext(&fiber.context);
+    fiber.context.uc_stack.ss_sp = pool[i];
+    fiber.context.uc_stack.ss_size = kStackBytes;
+    fiber.context.uc_link = &launch.scheduler;
+    makecontext(&fiber.context, fiber_main, 0);
+  }
+  do {
+    for (int i = 0; i < count; ++i) {
+      if (launch.fibers[i].waiting != Waiting::kNothing) continue;
+      launch.current = i;
+      swapcontext(&launch.scheduler, &launch.fibers[i].context);
+    }
+  } while (release(launch));
+  launch.current = -1;
+}
+
+}  // namespace
+
+const uint3& thread_index() { return current_fiber().index; }
+const uint3& block_index() { return running->block_index; }
+const dim3& block_dim() { return running->block; }
+const dim3& grid_dim() { return running->grid; }
+
+void syncthreads() { wait(Waiting::kBlockBarrier); }
+
+int lane_id() { return running->current % kWarpSize; }
+
+const unsigned char* warp_exchange(const void* mine, std::size_t bytes) {
+  Launch& launch = *running;
+  Fiber& fiber = current_fiber();
+  const std::size_t warps = (launch.fibers.size() + kWarpSize - 1) / kWarpSize;
+  unsigned char* buffer = launch.exchange.data() + (fiber.exchanges++ % 2) * warps * kWarpSize * kExchangeBytes;
+  unsigned char* warp = buffer + (launch.current / kWarpSize) * kWarpSize * kExchangeBytes;
+  std::memcpy(warp + lane_id() * kExchangeBytes, mine, bytes);
+  wait(Waiting::kWarp);
+  return warp;
+}
+
+void* dynamic_shared() { return running->shared.data(); }
+
+void trap() {
+  std::fprintf(stderr, "cuda_on_cpu: __trap() in %s, thread %d\n", where(*running).c_str(), running->current);
+  std::abort();
+}
+
+void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || grid.x * grid.y * grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (running != nullptr) throw std::logic_error("cuda_on_cpu: a kernel launched a kernel");
+  Launch launch;
+  launch.grid = grid;
+  launch.block = block;
+  launch.body = &body;
+  launch.fibers.resize(threads);
+  launch.exchange.resize(2 * ((threads + kWarpSize - 1) / kWarpSize) * kWarpSize * kExchangeBytes);
+  launch.shared.resize((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+  running = &launch;
+  for (unsigned z = 0; z < grid.z && launch.error.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && launch.error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && launch.error.empty(); ++x) {
+        launch.block_index = {x, y, z};
+        run_block(launch);
+      }
+  running = nullptr;
+  if (!launch.error.empty()) throw std::runtime_error("cuda_on_cpu: " + launch.error);
+}
+
+void load_matrices_x4(uint32_t (&r)[4], const void* row_address, bool transposed) {
+  const unsigned char* slots = warp_exchange(&row_address, sizeof(row_address));
+  auto row = [&](int lane) {
+    const void* address;
+    std::memcpy(&address, slots + lane * kExchangeBytes, sizeof(address));
+    return static_cast<const uint16_t*>(address);
+  };
+  const int g = lane_id() / 4, t = lane_id() % 4;
+  for (int j = 0; j < 4; ++j) {
+    const uint16_t first = transposed ? row(8 * j + 2 * t)[g] : row(8 * j + g)[2 * t];
+    const uint16_t second = transposed ? row(8 * j + 2 * t + 1)[g] : row(8 * j + g)[2 * t + 1];
+    r[j] = uint32_t{first} | (uint32_t{second} << 16);
+  }
+}
+
+namespace {
+
+float element(uint32_t bits, int half, MmaInput input) {
+  if (input == MmaInput::kTf32) {
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+  const uint16_t raw = static_cast<uint16_t>(bits >> (16 * half));
+  if (input == MmaInput::kBFloat16) {
+    const uint32_t widened = uint32_t{raw} << 16;
+    float v;
+    std::memcpy(&v, &widened, sizeof(v));
+    return v;
+  }
+  __half h;
+  std::memcpy(&h, &raw, sizeof(h));
+  return __half2float(h);
+}
+
+}  // namespace
+
+void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], MmaInput input) {
+  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const unsigned char* slots = warp_exchange(mine, sizeof(mine));
+  auto reg = [&](int lane, int i) {
+    uint32_t v;
+    std::memcpy(&v, slots + lane * kExchangeBytes + i * sizeof(uint32_t), sizeof(v));
+    return v;
+  };
+  // A (16 x K) and B (K x 8) from the fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 /
+  // mma.m16n8k8"): lane 4g + t holds A rows g, g + 8 and B column g.
+  const bool tf32 = input == MmaInput::kTf32;
+  const int k_size = tf32 ? 8 : 16;
+  float a_full[16][16], b_full[16][8];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i % 2) * 8;
+      if (tf32) {
+        a_full[row][t + (i / 2) * 4] = element(reg(lane, i), 0, input);
+      } else {
+        for (int h = 0; h < 2; ++h) a_full[row][2 * t + h + (i / 2) * 8] = element(reg(lane, i), h, input);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (tf32) {
+        b_full[t + i * 4][g] = element(reg(lane, 4 + i), 0, input);
+      } else {
+        for (int h = 0; h < 2; ++h) b_full[2 * t + h + i * 8][g] = element(reg(lane, 4 + i), h, input);
+      }
+    }
+  }
+  const int g = lane_id() / 4, t = lane_id() % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < k_size; ++k) sum += a_full[row][k] * b_full[k][col];
+    d[i] = sum;
+  }
+}
+
+uint32_t to_tf32_rna(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x1000u;  // half of the 13 dropped bits: ties away (sign-magnitude)
+  return bits & 0xffffe000u;
+}
+
+cudaError_t get_last_error() {
+  const cudaError_t error = last_error;
+  last_error = cudaSuccess;
+  return error;
+}
+
+const char* get_error_string(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid configuration argument (cuda_on_cpu)";
+}
+
+cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+// The H200's, so the launchers plan their grids as they do there.
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attribute, int) {
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t memset_async(void* dst, int value, std::size_t bytes, cudaStream_t) {
+  std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+
+}  // namespace cuda_on_cpu

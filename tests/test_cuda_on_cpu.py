@@ -1,0 +1,77 @@
+"""The CUDA kernels on the CPU (``pixelcnn_kernels.cuda_on_cpu``): the build itself, and
+the kernels' paths that the property tests' tiny shapes do not reach.
+
+``test_properties.py``, ``test_gates.py`` and ``test_dmol.py`` run the ``cuda`` backend on
+CPU tensors wherever there is no GPU (their ``cuda_on_cpu`` cases). The masked
+convolution picks its tiles by the channel counts (128 x 128 where 128-wide blocks pad
+no more than 64-wide ones; 128 pixels x 64 columns per half in the gated GEMMs), its
+arithmetic by dtype and TF32 setting (mma.sync on bf16/fp16/TF32 fragments, or exact
+fp32 FMAs) and splits its weight gradient over the pixels when its tiles are few: the
+cases below take each of those, forward and backward, against the reference in float64.
+On a GPU the same cases run on it (``test_masked_conv_cuda.py`` covers more there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_table import CUDA, DEVICE, OPS, check_against_reference
+
+from pixelcnn_kernels.cuda_on_cpu import translate
+
+pytestmark = list(CUDA.marks)  # on the GPU there, else on the CPU
+
+
+def test_launches_and_dynamic_shared_memory_are_rewritten():
+    source = """
+    conv_kernel<decltype(tag), typename Math::type, 2>
+        <<<grid, T::kThreads, 0, stream>>>(params);
+    many<<<blocks, kThreads, kImages * per_image, stream>>>(s);
+    extern __shared__ float shared[];
+    """
+    translated = translate(source)
+    assert "<<<" not in translated and "__shared__" not in translated
+    assert "::cuda_on_cpu::launch(grid, T::kThreads, 0, stream, [=](auto... params) { conv_kernel<decltype(tag), typename Math::type, 2>(params...); })(params);" in translated
+    assert "::cuda_on_cpu::launch(blocks, kThreads, kImages * per_image, stream, [=](auto... params) { many(params...); })(s);" in translated
+    assert "float* const shared = static_cast<float*>(::cuda_on_cpu::dynamic_shared());" in translated
+
+
+def test_a_launch_the_pattern_cannot_read_is_refused():
+    with pytest.raises(ValueError, match="rewrote 0 of 1 kernel launches"):
+        translate("kernel<<<grid, block, 0, stream>>> ;")
+
+
+def _conv_params(in_channels, out_channels, mask=("vertical", (3, 3)), **options):
+    params = dict(batch=2, height=5, width=4, in_channels=in_channels, out_channels=out_channels, mask=mask, custom_taps=[True] * 9,
+                  dilation=1, color_groups=1, bias=True, cond=False, addend=False, gate="tanh_sigmoid", residual=False, concat_elu=False)
+    return params | options
+
+
+# (op, params): each reaches a tile, a GEMM or an epilogue of csrc/masked_conv.cu.
+CONV_CASES = {
+    "small_tiles": ("masked_conv2d", _conv_params(5, 7, ("B", (3, 3)), residual=True)),
+    "wide_tiles": ("masked_conv2d", _conv_params(128, 256, dilation=2)),  # 128 x 128 forward, input and weight gradients
+    "wide_tiles_ragged": ("masked_conv2d", _conv_params(70, 200, ("down_right_shifted", (2, 2)))),  # 200 = 128 + 72 columns
+    "weight_gradient_splits": ("masked_conv2d", dict(_conv_params(3, 4), batch=3, height=17, width=15)),  # 765 pixels over splits
+    "concat_elu_input": ("masked_conv2d", _conv_params(6, 9, ("down_shifted", (2, 3)), concat_elu=True, residual=True)),
+    "gated_two_halves": ("masked_conv2d_gated", _conv_params(12, 80, cond=True, addend=True)),
+    "gated_sigmoid_concat_elu": ("masked_conv2d_gated", _conv_params(4, 160, ("down_shifted", (2, 3)), gate="sigmoid", concat_elu=True, residual=True)),
+    "colour_groups": ("masked_conv2d", _conv_params(2, 3, ("A", (5, 5)), color_groups=3)),
+}
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "exact"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_masked_conv_tiles_and_fp32_arithmetic(case, allow_tf32, monkeypatch):
+    name, params = CONV_CASES[case]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    inputs = OPS[name].make(params, torch.float32, DEVICE, torch.Generator().manual_seed(0))
+    check_against_reference(OPS[name], "cuda", inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["wide_tiles", "weight_gradient_splits", "gated_two_halves", "gated_sigmoid_concat_elu"])
+def test_masked_conv_tiles_in_16_bits(case, dtype):
+    name, params = CONV_CASES[case]
+    inputs = OPS[name].make(params, dtype, DEVICE, torch.Generator().manual_seed(1))
+    check_against_reference(OPS[name], "cuda", inputs, dtype)
