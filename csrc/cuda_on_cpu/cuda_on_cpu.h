@@ -7,10 +7,10 @@
 // thread would wait for others (__syncthreads, and the warp-synchronous shuffles, ldmatrix
 // and mma.sync); blocks run one after another. So the kernels' indexing, tiling, fragment
 // layouts, barriers' placement (a divergent __syncthreads or a warp-synchronous op that
-// not every lane reaches is reported, not hung) and epilogues are exercised bit for bit as
-// written, on the CPU's IEEE arithmetic: no FMA contraction, precise expf/logf for the
-// intrinsics, mma.sync summing in fp32 in k order. What it cannot show: races between
-// threads (compute-sanitizer's racecheck on a GPU), speed, and the GPU's own rounding.
+// not every lane reaches is reported, not hung) and epilogues run as written, in the CPU's
+// IEEE arithmetic (no FMA contraction, glibc's expf and logf; mma.sync sums in fp32 in k
+// order). What it cannot show: races between threads (compute-sanitizer's racecheck on a
+// GPU), speed, and the GPU's own rounding.
 #pragma once
 
 #include <cuda_bf16.h>  // the toolkit's types and conversions, which compile for the host
