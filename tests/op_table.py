@@ -31,8 +31,9 @@ from pixelcnn_kernels.testing import tolerance
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-# The cuda backend's cases: on the GPU, or without one the CUDA kernels built for the CPU (conftest.py).
-CUDA = pytest.param("cuda", marks=pytest.mark.gpu if HAS_CUDA else pytest.mark.cuda_on_cpu)
+# Tests of the CUDA kernels: on the GPU, or without one the CUDA kernels built for the CPU (conftest.py).
+CUDA_KERNELS = pytest.mark.gpu if HAS_CUDA else pytest.mark.cuda_on_cpu
+CUDA = pytest.param("cuda", marks=CUDA_KERNELS)  # the cuda backend's cases
 BACKENDS = ["reference", "triton", CUDA]
 
 # --------------------------------------------------------------------------- profiles

@@ -1,25 +1,27 @@
-"""The CUDA kernels on the CPU (``pixelcnn_kernels.cuda_on_cpu``): the build itself, and
-the kernels' paths that the property tests' tiny shapes do not reach.
+"""The CUDA kernels on the CPU (``pixelcnn_kernels.cuda_on_cpu``): the build's source
+rewriting, and the masked convolution's kernel paths through the public op.
 
-``test_properties.py``, ``test_gates.py`` and ``test_dmol.py`` run the ``cuda`` backend on
-CPU tensors wherever there is no GPU (their ``cuda_on_cpu`` cases). The masked
-convolution picks its tiles by the channel counts (128 x 128 where 128-wide blocks pad
-no more than 64-wide ones; 128 pixels x 64 columns per half in the gated GEMMs), its
-arithmetic by dtype and TF32 setting (mma.sync on bf16/fp16/TF32 fragments, or exact
-fp32 FMAs) and splits its weight gradient over the pixels when its tiles are few: the
-cases below take each of those, forward and backward, against the reference in float64.
-On a GPU the same cases run on it (``test_masked_conv_cuda.py`` covers more there).
+Without a GPU, the tests marked ``cuda_on_cpu`` (``op_table.CUDA``, ``op_table.CUDA_KERNELS``:
+the cross-backend, gates, DMOL, masked-conv contract, layer, model and sampling tests' cuda
+cases) run the CUDA kernels on CPU tensors. The masked convolution picks its tiles by the
+channel counts (128 x 128 where 128-wide blocks pad no more than 64-wide ones; 128 pixels x
+64 columns per half in the gated GEMMs), its arithmetic by dtype and TF32 setting (mma.sync
+on bf16/fp16/TF32 fragments, or exact fp32 FMAs) and splits its weight gradient over the
+pixels when its tiles are few: the cases below take each of those through
+``pk.masked_conv2d``/``masked_conv2d_gated`` (packing, autograd), forward and backward,
+against the reference in float64 (``test_masked_conv_cuda.py`` calls the ops' contract
+directly). On a GPU the same cases run on it.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from op_table import CUDA, DEVICE, OPS, check_against_reference
+from op_table import CUDA_KERNELS, DEVICE, OPS, check_against_reference
 
 from pixelcnn_kernels.cuda_on_cpu import translate
 
-pytestmark = list(CUDA.marks)  # on the GPU there, else on the CPU
+pytestmark = CUDA_KERNELS  # on the GPU there, else on the CPU
 
 
 def test_launches_and_dynamic_shared_memory_are_rewritten():

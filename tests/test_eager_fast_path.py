@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from op_table import DEVICE, OPS, forward_backward, valid_inputs
+from op_table import CUDA, DEVICE, OPS, forward_backward, valid_inputs
 from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -32,7 +32,7 @@ from pixelcnn_kernels.testing import CountedCustomOps
 
 # The ops with a gradient (the sampler has none).
 DIFFERENTIABLE = [name for name, case in OPS.items() if case.grad_inputs]
-BACKENDS = ["reference", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["reference", "triton", CUDA]
 
 
 class _PassThroughFunctionMode(TorchFunctionMode):

@@ -9,6 +9,7 @@ that bad input is refused before any op runs.
 
 import pytest
 import torch
+from op_table import CUDA
 import torch.nn.functional as F
 
 import pixelcnn_kernels
@@ -375,18 +376,20 @@ def test_bad_forward_arguments():
 # ---------------------------------------------------------------- kernel backends
 
 
-def test_fused_layers_on_the_triton_backend_match_the_reference_built_layers(kernel_device):
-    """Tiny shapes under the interpreter on the CPU (the GPU tests cover realistic sizes); on a GPU
-    both sides' convolutions may run in TF32 (PyTorch's default for convs)."""
+@pytest.mark.parametrize("backend", ["triton", CUDA])
+def test_fused_layers_on_the_kernel_backends_match_the_reference_built_layers(backend, kernel_device):
+    """Tiny shapes on the CPU (Triton's interpreter, the CUDA kernels built for it; the GPU tests cover
+    realistic sizes); the CUDA kernels' convolutions, and on a GPU both sides', may run in TF32
+    (PyTorch's default for convs)."""
     dtype = torch.float32
-    tf32 = kernel_device.type == "cuda"
+    tf32 = kernel_device.type == "cuda" or backend == "cuda"
     # One colour group and three (the horizontal gate pairs channels within each colour third).
     for channels, dilation, color_groups in ((4, 2, 1), (3, 1, 3)):
         fused, reference = layer_pair("GatedMaskedConv2d", channels, 3, dilation, color_groups, 2, dtype=dtype, device=kernel_device)
-        with pixelcnn_kernels.use_backend("triton"):
+        with pixelcnn_kernels.use_backend(backend):
             assert_layers_agree(fused, reference, gated_inputs(channels, 2, batch=1, size=(3, 4), dtype=dtype, device=kernel_device), tf32=tf32)
     fused, reference = layer_pair("GatedResnet", 2, "down_right", 1, 2, dropout=0.0, dtype=dtype, device=kernel_device)
-    with pixelcnn_kernels.use_backend("triton"):
+    with pixelcnn_kernels.use_backend(backend):
         assert_layers_agree(fused, reference, resnet_inputs(2, 1, 2, batch=1, size=(3, 4), dtype=dtype, device=kernel_device), tf32=tf32)
 
 
@@ -441,11 +444,12 @@ TINY_LAYER_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", sorted(TINY_LAYER_CASES))
-def test_fused_layers_in_half_precision_on_the_triton_backend(case, dtype, kernel_device):
+@pytest.mark.parametrize("backend", ["triton", CUDA])
+def test_fused_layers_in_half_precision_on_the_kernel_backends(backend, case, dtype, kernel_device):
     """Tiny shapes: the fused layer's 16-bit path is as accurate as the reference-built layer's (bf16 in the
     interpreter through triton.utils' widened tl.dot)."""
     class_name, args, make_inputs = TINY_LAYER_CASES[case]
-    assert_fused_layer_as_accurate(class_name, args, make_inputs(dtype, kernel_device), dtype, "triton")
+    assert_fused_layer_as_accurate(class_name, args, make_inputs(dtype, kernel_device), dtype, backend)
 
 
 @pytest.mark.gpu

@@ -7,17 +7,20 @@ reference masked_conv2d_ref. The error allowed scales with the sum of the
 magnitudes of the terms (the same convolution of |x|, |weight|, |bias|), the bound
 a float32 accumulation meets, times the project's tolerance for the dtype.
 
-CPU: the schemas the extension registers (when it is built). GPU (marked ``gpu``):
+CPU: the schemas the extension registers (when it is built). On the GPU, or without
+one on the CPU (``CUDA_KERNELS``: the kernels built for it by pixelcnn_kernels.cuda_on_cpu):
 every mask kind and tap count, dilations 1/2/4, fp32 with and without TF32, fp16,
 bf16, odd channel counts, N = 1, H != W, the gated epilogue, the residual epilogue,
-a concat_elu input (forward, wgrad) and its backward in dgrad's epilogue,
-deterministic wgrad, inputs over 2**31 elements and the glue's errors.
+a concat_elu input (forward, wgrad) and its backward in dgrad's epilogue, the dropout
+after it, empty batches. GPU only (marked ``gpu``): deterministic wgrad at size, inputs
+over 2**31 elements and the glue's errors.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from op_table import CUDA_KERNELS, DEVICE
 
 from pixelcnn_kernels import backend
 from pixelcnn_kernels.backend import cuda_ops
@@ -83,13 +86,13 @@ def _to_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _make_inputs(shape, spec, dtype, *, seed=0):
-    """x (N, Cin, H, W), weight (Cout, Cin, kh, kw), bias (Cout,) in ``dtype`` on the GPU, N(0, 1)."""
+    """x (N, Cin, H, W), weight (Cout, Cin, kh, kw), bias (Cout,) in ``dtype`` on DEVICE, N(0, 1)."""
     batch, height, width, c_in, c_out = shape
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     kh, kw = spec.kernel_size
 
     def randn(*size):
-        return torch.randn(*size, device="cuda", generator=generator).to(dtype)
+        return torch.randn(*size, device=DEVICE, generator=generator).to(dtype)
 
     return randn(batch, c_in, height, width), randn(c_out, c_in, kh, kw), randn(c_out)
 
@@ -153,7 +156,7 @@ def _check_dgrad(mask, kernel_size, color_groups, dilation, shape, precision):
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask(mask, kernel_size, color_groups)
     x, weight, _ = _make_inputs(shape, spec, dtype)
-    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
+    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device=DEVICE).to(dtype)
     gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), pack_weight(weight, spec), None, tap_offsets(spec, dilation), allow_tf32)
 
     def input_grad(x64, w64, g64):
@@ -184,7 +187,7 @@ def _check_wgrad(mask, kernel_size, dilation, shape, precision):
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask(mask, kernel_size, 1)  # the kernel's gwp has no colour-group zeros; the op applies them
     x, weight, _ = _make_inputs(shape, spec, dtype)
-    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
+    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device=DEVICE).to(dtype)
     gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, dilation), False, allow_tf32)
     expected, scale = _wgrad_ref(x, gout, weight, spec, dilation)
     assert gwp.dtype == torch.float32
@@ -193,14 +196,14 @@ def _check_wgrad(mask, kernel_size, dilation, shape, precision):
     _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad {len(spec.taps)} taps")
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), MASKS, ids=MASK_IDS)
 def test_forward_every_tap_count(mask, kernel_size, color_groups, precision):
     _check_forward(mask, kernel_size, color_groups, 1, SHAPE, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dilation", [2, 4])
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), DILATED_MASKS, ids=[MASK_IDS[MASKS.index(m)] for m in DILATED_MASKS])
@@ -208,7 +211,7 @@ def test_forward_dilated(mask, kernel_size, color_groups, dilation, precision):
     _check_forward(mask, kernel_size, color_groups, dilation, SHAPE, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: f"{s[3]}to{s[4]}-n{s[0]}")
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [MASKS[6], MASKS[9]], ids=["B-k3", "down_shifted"])
@@ -216,14 +219,14 @@ def test_forward_odd_channels(mask, kernel_size, color_groups, shape, precision)
     _check_forward(mask, kernel_size, color_groups, 2, shape, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), MASKS, ids=MASK_IDS)
 def test_dgrad_every_tap_count(mask, kernel_size, color_groups, precision):
     _check_dgrad(mask, kernel_size, color_groups, 1, SHAPE, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: f"{s[3]}to{s[4]}-n{s[0]}")
 @pytest.mark.parametrize("dilation", [2, 4])
@@ -231,7 +234,7 @@ def test_dgrad_dilated_odd_channels(dilation, shape, precision):
     _check_dgrad("vertical", 3, 1, dilation, shape, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [m for m in MASKS if m[2] == 1], ids=[i for m, i in zip(MASKS, MASK_IDS) if m[2] == 1])
 def test_wgrad_every_tap_count(mask, kernel_size, color_groups, precision):
@@ -247,7 +250,7 @@ def test_wgrad_every_tap_count(mask, kernel_size, color_groups, precision):
 WIDE_SHAPES = [(2, 9, 11, 48, 256), (2, 9, 11, 256, 128), (1, 6, 13, 200, 126), (4, 32, 40, 128, 128)]
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", WIDE_SHAPES, ids=[f"{s[3]}to{s[4]}" for s in WIDE_SHAPES])
 @pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [MASKS[2], MASKS[8], MASKS[11]], ids=["horizontal", "vertical", "A-k5"])
@@ -258,7 +261,7 @@ def test_wide_tiles(mask, kernel_size, color_groups, shape, precision):
     _check_wgrad(mask, kernel_size, 1, shape, precision)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(4, 32, 40, 48, 72)], ids=["3to5", "64to130-n1", "split-k"])
 @pytest.mark.parametrize("dilation", [1, 4])
@@ -288,7 +291,7 @@ def _gate_halves(rows: torch.Tensor, gate_groups: int) -> tuple[torch.Tensor, to
     return blocks[..., 0, :].flatten(-2), blocks[..., 1, :].flatten(-2)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("gate", GATE_CODES)
 @pytest.mark.parametrize(("shape", "with_cond", "with_bias", "write_preact", "with_residual", "with_addend", "input_activation", "gate_groups"), [
@@ -313,9 +316,9 @@ def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_res
         x = x[:, : shape[3] // 2].contiguous()
     half = shape[4] // 2
     bias = bias if with_bias else None
-    cond = torch.randn(shape[0], shape[4], device="cuda").to(dtype) if with_cond else None
-    residual = torch.randn(shape[0], half, *shape[1:3], device="cuda").to(dtype) if with_residual else None
-    addend = torch.randn(shape[0], shape[4], *shape[1:3], device="cuda").to(dtype) if with_addend else None
+    cond = torch.randn(shape[0], shape[4], device=DEVICE).to(dtype) if with_cond else None
+    residual = torch.randn(shape[0], half, *shape[1:3], device=DEVICE).to(dtype) if with_residual else None
+    addend = torch.randn(shape[0], shape[4], *shape[1:3], device=DEVICE).to(dtype) if with_addend else None
     out, preact = cuda_ops().masked_conv2d_fwd_gated(
         _to_rows(x), pack_weight(weight, spec, gate_groups), bias, cond, None if residual is None else _to_rows(residual),
         None if addend is None else _to_rows(addend), tap_offsets(spec, 2), input_activation is not None, GATE_CODES[gate], gate_groups, write_preact, allow_tf32,
@@ -367,11 +370,11 @@ def _concat_elu_backward_inputs(mask, kernel_size, shape, precision):
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask(mask, kernel_size, 1)
     x, weight, _ = _concat_elu_inputs(shape, spec, dtype)
-    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device="cuda").to(dtype)
+    gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device=DEVICE).to(dtype)
     return dtype, allow_tf32, spec, x, weight, gout
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
 @pytest.mark.parametrize("shape", CONCAT_ELU_SHAPES, ids=CONCAT_ELU_IDS)
@@ -380,7 +383,7 @@ def test_forward_concat_elu_and_residual(mask, kernel_size, shape, with_residual
     dtype, allow_tf32 = PRECISIONS[precision]
     spec = resolve_mask(mask, kernel_size, 1)
     x, weight, bias = _concat_elu_inputs(shape, spec, dtype)
-    residual = torch.randn(shape[0], shape[4], *shape[1:3], device="cuda").to(dtype) if with_residual else None
+    residual = torch.randn(shape[0], shape[4], *shape[1:3], device=DEVICE).to(dtype) if with_residual else None
     out = cuda_ops().masked_conv2d_fwd(
         _to_rows(x), pack_weight(weight, spec), bias, None if residual is None else _to_rows(residual), tap_offsets(spec, 1), True, allow_tf32
     )
@@ -389,7 +392,7 @@ def test_forward_concat_elu_and_residual(mask, kernel_size, shape, with_residual
     _assert_within(out, expected, scale, dtype, allow_tf32, f"forward of concat_elu, {mask}")
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", [(2, 9, 11, 24, 72), (1, 6, 13, 80, 130), (2, 5, 7, 3, 5)], ids=["24to72", "80to130-n1", "3to5"])
 @pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
@@ -409,7 +412,7 @@ def test_dgrad_folds_concat_elu_backward(mask, kernel_size, shape, precision):
     _assert_within(gx, _to_rows(expected), _to_rows(scale), dtype, allow_tf32, f"dgrad of concat_elu, {mask}")
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", [(2, 9, 11, 24, 72), (2, 9, 11, 80, 72), (1, 6, 13, 3, 5), (4, 32, 40, 24, 72)], ids=["24to72", "80to72", "3to5", "split-k"])
 @pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
@@ -422,7 +425,7 @@ def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
     _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad of concat_elu, {mask}")
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(("mask", "kernel_size"), PIXELCNN_PP_MASKS, ids=[m for m, _ in PIXELCNN_PP_MASKS])
 def test_dropout_after_concat_elu(mask, kernel_size, precision):
@@ -431,8 +434,8 @@ def test_dropout_after_concat_elu(mask, kernel_size, precision):
     takes the gradient through the same dropout before concat_elu's backward."""
     shape = (2, 9, 11, 80, 72)
     dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
-    bias = torch.randn(shape[4], device="cuda").to(dtype)
-    keep = draw_dropout_keep(x, 2 * shape[3], 0.5, torch.Generator(device="cuda").manual_seed(3))
+    bias = torch.randn(shape[4], device=DEVICE).to(dtype)
+    keep = draw_dropout_keep(x, 2 * shape[3], 0.5, torch.Generator(device=DEVICE).manual_seed(3))
     keep_rows, offsets, packed = _to_rows(keep).view(torch.uint8), tap_offsets(spec, 1), pack_weight(weight, spec)
     dropped = torch.ops.aten.native_dropout_backward(concat_elu(x.double()), keep, 2.0)
 
@@ -495,8 +498,8 @@ def test_over_2_31_elements(dtype):
 
 def _valid_args(dtype=torch.float16):
     spec = resolve_mask("B", 3, 1)
-    x = torch.randn(1, 4, 5, 8, device="cuda").to(dtype)
-    wp = torch.randn(len(spec.taps), 8, 6, device="cuda").to(dtype)
+    x = torch.randn(1, 4, 5, 8, device=DEVICE).to(dtype)
+    wp = torch.randn(len(spec.taps), 8, 6, device=DEVICE).to(dtype)
     return x, wp, tap_offsets(spec, 1)
 
 
@@ -571,19 +574,19 @@ def test_glue_rejects_images_of_2_31_pixels():
         cuda_ops().masked_conv2d_fwd(x, wp, None, None, [0, 0], False, True)
 
 
-@pytest.mark.gpu
+@CUDA_KERNELS
 def test_empty_batch_and_no_pixels():
     """Zero pixels launch nothing; the weight gradient of no pixels is zero."""
     ops = cuda_ops()
     x, wp, offsets = _valid_args()
     empty = x[:0]
     assert ops.masked_conv2d_fwd(empty, wp, None, None, offsets, False, True).shape == (0, 4, 5, 6)
-    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), wp, None, offsets, True).shape == (0, 4, 5, 8)
-    gwp = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), offsets, False, True)
+    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), wp, None, offsets, True).shape == (0, 4, 5, 8)
+    gwp = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, False, True)
     assert gwp.shape == wp.shape and gwp.dtype == torch.float32 and not gwp.any()
     # concat_elu: x has half of wp's input channels; the gradients keep x's and wp's shapes.
     half_x = empty[..., :4].contiguous()
     assert ops.masked_conv2d_fwd(half_x, wp, None, None, offsets, True, True).shape == (0, 4, 5, 6)
-    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), wp, half_x, offsets, True).shape == (0, 4, 5, 4)
-    gwp = ops.masked_conv2d_wgrad(half_x, torch.zeros(0, 4, 5, 6, device="cuda", dtype=x.dtype), offsets, True, True)
+    assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), wp, half_x, offsets, True).shape == (0, 4, 5, 4)
+    gwp = ops.masked_conv2d_wgrad(half_x, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, True, True)
     assert gwp.shape == wp.shape and not gwp.any()

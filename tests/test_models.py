@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from op_table import CUDA
 from scipy import stats
 
 import pixelcnn_kernels
@@ -491,12 +492,13 @@ def assert_fused_model_as_accurate(model, x: torch.Tensor, dtype: torch.dtype, b
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["gated_rgb", "gated_dmol", "pp_rgb"])
-def test_triton_backend_in_half_precision_is_as_accurate_as_the_reference_built_model(name, dtype, kernel_device):
+@pytest.mark.parametrize("backend", ["triton", CUDA])
+def test_kernel_backends_in_half_precision_are_as_accurate_as_the_reference_built_model(backend, name, dtype, kernel_device):
     """Tiny models: the 16-bit path of every fused kernel a model uses (bf16 in the interpreter through
     triton.utils' widened tl.dot), loss and every gradient, against float64."""
     torch.manual_seed(0)
     model, shape = tiny(name)
-    assert_fused_model_as_accurate(model, images(model, shape).to(kernel_device), dtype, "triton")
+    assert_fused_model_as_accurate(model, images(model, shape).to(kernel_device), dtype, backend)
 
 
 @pytest.mark.gpu

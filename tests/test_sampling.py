@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from op_table import CUDA
 
 from pixelcnn_kernels.backend import use_backend
 from pixelcnn_kernels.checkpoint import save_checkpoint
@@ -392,9 +393,11 @@ def assert_methods_bit_exact_on(device: torch.device, name: str, dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["gated_rgb_cond_dilated", "pp_rgb_cond"])
-def test_cached_and_jacobi_are_bit_exact_on_the_triton_backend(name, dtype, kernel_device):
-    """Every network pass and step on the Triton kernels (in the interpreter on the CPU, 4×4), float32 and bf16 models."""
-    with use_backend("triton"):
+@pytest.mark.parametrize("backend", ["triton", CUDA])
+def test_cached_and_jacobi_are_bit_exact_on_the_kernel_backends_on_small_images(backend, name, dtype, kernel_device):
+    """Every network pass and step on the kernels of ``backend`` (on the CPU: Triton's interpreter, the CUDA
+    kernels built for it; 4×4), float32 and bf16 models."""
+    with use_backend(backend):
         assert_methods_bit_exact_on(kernel_device, name, dtype, 4)
 
 

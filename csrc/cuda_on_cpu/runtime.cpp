@@ -1,6 +1,8 @@
 // The fiber scheduler and the emulated instructions of cuda_on_cpu.h.
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -16,11 +18,79 @@ constexpr std::size_t kStackBytes = 512 * 1024;  // kernels keep tiles of accumu
 
 enum class Waiting { kNothing, kBlockBarrier, kWarp, kDone };
 
-struct Fiber {
+// A suspended execution context: a fiber's, or the scheduler's while a fiber runs. On x86-64
+// a switch saves the callee-saved registers on the stack it leaves and restores them from the
+// one it enters (no system call: ucontext's swapcontext also saves the signal mask, a system
+// call per switch, and the kernels switch at every barrier and warp-synchronous op).
+#if defined(__x86_64__)
+struct Context {
+  void* stack_pointer = nullptr;
+};
+
+extern "C" void cuda_on_cpu_switch(void** save, void* load);
+asm(R"(
+  .text
+  .globl cuda_on_cpu_switch
+  .hidden cuda_on_cpu_switch
+  .type cuda_on_cpu_switch, @function
+cuda_on_cpu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_on_cpu_switch, .-cuda_on_cpu_switch
+)");
+
+void switch_context(Context& save, const Context& load) { cuda_on_cpu_switch(&save.stack_pointer, load.stack_pointer); }
+
+// A context that enters `entry` (which must never return) on the stack [stack, stack + bytes).
+void make_context(Context& context, void* stack, std::size_t bytes, void (*entry)()) {
+  auto* top = reinterpret_cast<uintptr_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  top[-1] = 0;                                   // entry's return address: none
+  top[-2] = reinterpret_cast<uintptr_t>(entry);  // where cuda_on_cpu_switch's ret goes
+  for (int i = 3; i <= 8; ++i) top[-i] = 0;      // the six callee-saved registers it pops
+  context.stack_pointer = top - 8;
+}
+#else
+struct Context {
   ucontext_t context;
+};
+
+void switch_context(Context& save, const Context& load) { swapcontext(&save.context, &load.context); }
+
+void make_context(Context& context, void* stack, std::size_t bytes, void (*entry)()) {
+  getcontext(&context.context);
+  context.context.uc_stack.ss_sp = stack;
+  context.context.uc_stack.ss_size = bytes;
+  context.context.uc_link = nullptr;
+  makecontext(&context.context, entry, 0);
+}
+#endif
+
+struct Fiber {
+  Context context;
   uint3 index;
   Waiting waiting = Waiting::kNothing;
   unsigned exchanges = 0;  // warp-synchronous ops passed: its parity picks the exchange buffer
+};
+
+// A warp's mma.sync operands as matrices, decoded from its lanes' fragments by the first lane to
+// get there; `op` numbers the warp-synchronous op (every lane passes the same ones in turn).
+struct MmaOperands {
+  unsigned op = ~0u;
+  float a[16][16];
+  float b[16][8];
 };
 
 // One launch's state; the running block's fibers share it.
@@ -31,9 +101,10 @@ struct Launch {
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers;
   int current = -1;
-  ucontext_t scheduler;
+  Context scheduler;
   std::vector<unsigned char> exchange;  // [parity][warp][lane][kExchangeBytes]
   std::vector<std::max_align_t> shared;
+  std::vector<MmaOperands> mma_operands;  // per warp
   std::string error;
 };
 
@@ -53,16 +124,19 @@ std::vector<void*>& stacks(std::size_t count) {
 
 Fiber& current_fiber() { return running->fibers[running->current]; }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Launch& launch = *running;
   (*launch.body)();
-  launch.fibers[launch.current].waiting = Waiting::kDone;  // uc_link returns to the scheduler
+  Fiber& fiber = launch.fibers[launch.current];
+  fiber.waiting = Waiting::kDone;
+  switch_context(fiber.context, launch.scheduler);  // never resumed
+  std::abort();
 }
 
 void wait(Waiting what) {
   Fiber& fiber = current_fiber();
   fiber.waiting = what;
-  swapcontext(&fiber.context, &running->scheduler);
+  switch_context(fiber.context, running->scheduler);
 }
 
 std::string where(const Launch& launch) {
@@ -111,17 +185,14 @@ void run_block(Launch& launch) {
                    static_cast<unsigned>(i) / (launch.block.x * launch.block.y)};
     fiber.waiting = Waiting::kNothing;
     fiber.exchanges = 0;
-    getcontext(&fiber.context);
-    fiber.context.uc_stack.ss_sp = pool[i];
-    fiber.context.uc_stack.ss_size = kStackBytes;
-    fiber.context.uc_link = &launch.scheduler;
-    makecontext(&fiber.context, fiber_main, 0);
+    make_context(fiber.context, pool[i], kStackBytes, fiber_main);
   }
+  for (MmaOperands& operands : launch.mma_operands) operands.op = ~0u;
   do {
     for (int i = 0; i < count; ++i) {
       if (launch.fibers[i].waiting != Waiting::kNothing) continue;
       launch.current = i;
-      swapcontext(&launch.scheduler, &launch.fibers[i].context);
+      switch_context(launch.scheduler, launch.fibers[i].context);
     }
   } while (release(launch));
   launch.current = -1;
@@ -170,6 +241,7 @@ void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::functi
   launch.fibers.resize(threads);
   launch.exchange.resize(2 * ((threads + kWarpSize - 1) / kWarpSize) * kWarpSize * kExchangeBytes);
   launch.shared.resize((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+  launch.mma_operands.resize((threads + kWarpSize - 1) / kWarpSize);
   running = &launch;
   for (unsigned z = 0; z < grid.z && launch.error.empty(); ++z)
     for (unsigned y = 0; y < grid.y && launch.error.empty(); ++y)
@@ -230,8 +302,11 @@ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], MmaInput
   // mma.m16n8k8"): lane 4g + t holds A rows g, g + 8 and B column g.
   const bool tf32 = input == MmaInput::kTf32;
   const int k_size = tf32 ? 8 : 16;
-  float a_full[16][16], b_full[16][8];
-  for (int lane = 0; lane < kWarpSize; ++lane) {
+  MmaOperands& operands = running->mma_operands[running->current / kWarpSize];
+  auto& a_full = operands.a;
+  auto& b_full = operands.b;
+  const unsigned op = current_fiber().exchanges;
+  for (int lane = 0; lane < kWarpSize && operands.op != op; ++lane) {
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
       const int row = g + (i % 2) * 8;
@@ -249,6 +324,7 @@ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], MmaInput
       }
     }
   }
+  operands.op = op;
   const int g = lane_id() / 4, t = lane_id() % 4;
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
