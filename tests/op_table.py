@@ -433,7 +433,11 @@ def assert_matches(case: OpCase, got: torch.Tensor, expected: torch.Tensor, dtyp
 
 
 def check_against_reference(case: OpCase, backend: str | None, inputs: dict[str, Any], dtype: torch.dtype) -> None:
-    """Runs ``case`` on ``backend`` (None: the automatic choice); checks its output and gradients against the reference."""
+    """Runs ``case`` on ``backend`` (None: the automatic choice); checks its output and gradients against the reference.
+
+    A float32 gradient of a case with ``float32_grad_slack`` may instead be as accurate as the reference's
+    own in float32: off float64 by at most twice as much, at worst (see :func:`within_float32_references_error`).
+    """
     with use_backend(backend) if backend is not None else contextlib.nullcontext():
         out, grads = forward_backward(case, inputs)
     expected, expected_grads = reference_forward_backward(case, inputs)
@@ -442,7 +446,21 @@ def check_against_reference(case: OpCase, backend: str | None, inputs: dict[str,
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
         slack = case.float32_grad_slack if dtype == torch.float32 else 1.0
+        if slack != 1.0 and within_float32_references_error(case, inputs, name, grad, expected_grads[name]):
+            continue
         assert_matches(case, grad, expected_grads[name], dtype, f"d/d{name}", summed=case.sums or name in case.summed_grads, slack=slack, backend=backend)
+
+
+def within_float32_references_error(case: OpCase, inputs: dict[str, Any], name: str, grad: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether ``grad`` (float32) misses the float64 reference ``expected`` by at most twice the reference's own
+    float32 gradient's worst miss, plus the float32 table's atol: where the gradient is ill-conditioned (DMOL's
+    d/dmean amplifies the rounding of x - mean by exp(-log_scale)), the float32 reference misses by more than
+    any fixed slack, and a kernel can do no better than it."""
+    reference_case = dataclasses.replace(case, run=case.reference)
+    _, float32_grads = forward_backward(reference_case, inputs)
+    own_miss = (float32_grads[name].double() - expected).abs().max()
+    miss = (grad.double() - expected).abs().max()
+    return bool(miss <= 2 * own_miss + tolerance(torch.float32)[1])
 
 
 def kernel_dtypes(backend: str) -> list[torch.dtype]:
