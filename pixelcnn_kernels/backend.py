@@ -216,7 +216,12 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
         return forced
     if device.type != "cuda":
         return "reference"
-    return next((backend for backend in ("cuda", "triton") if unavailable_reason(backend, device) is None), "reference")
+    # On every call of an op: cached checks only (the CUDA kernels' build for the CPU takes no CUDA tensors).
+    if not cuda_on_cpu.enabled() and _compiled_extension_error() is None:
+        return "cuda"
+    if _triton_import_error() is None:
+        return "triton"
+    return "reference"
 
 
 def resolve_kernel_backend(dtype: torch.dtype, kernels: str, *tensors: torch.Tensor | None) -> str:
