@@ -2,10 +2,10 @@
 
 Without a CUDA device the Triton kernels run in the interpreter: TRITON_INTERPRET
 must be set before any kernel is defined, so it is set here, before
-pixelcnn_kernels is imported by any test. And tests marked ``cuda_on_cpu`` (the
-``cuda`` backend's cases of the cross-backend tests) run the CUDA kernels on CPU
-tensors, built for the CPU by :mod:`pixelcnn_kernels.cuda_on_cpu`; on a GPU they
-run there instead.
+pixelcnn_kernels is imported by any test. And tests marked ``cuda_on_cpu``
+(``op_table.CUDA``, the cuda backend's cases; ``op_table.CUDA_KERNELS``, the CUDA
+kernels' own tests) run the CUDA kernels on CPU tensors, built for the CPU by
+:mod:`pixelcnn_kernels.cuda_on_cpu`; on a GPU they run there instead.
 """
 
 import os
