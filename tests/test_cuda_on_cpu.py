@@ -1,5 +1,6 @@
 """The CUDA kernels on the CPU (``pixelcnn_kernels.cuda_on_cpu``): the build's source
-rewriting, and the masked convolution's kernel paths through the public op.
+rewriting, and the masked convolution's kernel paths through the public op (the
+sanitizer builds: ``test_cuda_on_cpu_sanitizers.py``).
 
 Without a GPU, the tests marked ``cuda_on_cpu`` (``op_table.CUDA``, ``op_table.CUDA_KERNELS``:
 the cross-backend, gates, DMOL, masked-conv contract, layer, model and sampling tests' cuda
@@ -24,23 +25,31 @@ from pixelcnn_kernels.cuda_on_cpu import translate
 pytestmark = CUDA_KERNELS  # on the GPU there, else on the CPU
 
 
-def test_launches_and_dynamic_shared_memory_are_rewritten():
+def test_launches_and_shared_memory_are_rewritten():
     source = """
     conv_kernel<decltype(tag), typename Math::type, 2>
         <<<grid, T::kThreads, 0, stream>>>(params);
     many<<<blocks, kThreads, kImages * per_image, stream>>>(s);
     extern __shared__ float shared[];
+    __shared__ __align__(128) unsigned char smem[kA > kB ? kA : kB];
     """
     translated = translate(source)
     assert "<<<" not in translated and "__shared__" not in translated
     assert "::cuda_on_cpu::launch(grid, T::kThreads, 0, stream, [=](auto... params) { conv_kernel<decltype(tag), typename Math::type, 2>(params...); })(params);" in translated
     assert "::cuda_on_cpu::launch(blocks, kThreads, kImages * per_image, stream, [=](auto... params) { many(params...); })(s);" in translated
     assert "float* const shared = static_cast<float*>(::cuda_on_cpu::dynamic_shared());" in translated
+    assert ("struct cuda_on_cpu_smem { __align__(128) unsigned char smem[kA > kB ? kA : kB]; }; "
+            "auto& smem = ::cuda_on_cpu::block_shared<cuda_on_cpu_smem>().smem;") in translated
 
 
 def test_a_launch_the_pattern_cannot_read_is_refused():
     with pytest.raises(ValueError, match="rewrote 0 of 1 kernel launches"):
         translate("kernel<<<grid, block, 0, stream>>> ;")
+
+
+def test_a_shared_declaration_the_patterns_cannot_read_is_refused():
+    with pytest.raises(ValueError, match="a __shared__ declaration the patterns do not read"):
+        translate("__shared__ float total;")
 
 
 def _conv_params(in_channels, out_channels, mask=("vertical", (3, 3)), **options):

@@ -1,6 +1,6 @@
 // The CUDA the kernels use, for compiling csrc/*.cu as C++ that runs on the CPU, so that
 // machines without a GPU test the CUDA backend's kernels as TRITON_INTERPRET=1 tests the
-// Triton ones (pixelcnn_kernels/cuda_on_cpu.py builds it; PIXELCNN_KERNELS_CUDA_ON_CPU=1).
+// Triton ones (pixelcnn_kernels/cuda_on_cpu/ builds it; PIXELCNN_KERNELS_CUDA_ON_CPU=1).
 //
 // Force-included before every source of that build. Each CUDA thread of a block is a fiber;
 // a block's fibers run one at a time on the calling thread, switching only where a CUDA
@@ -9,8 +9,9 @@
 // layouts, barriers' placement (a divergent __syncthreads or a warp-synchronous op that
 // not every lane reaches is reported, not hung) and epilogues run as written, in the CPU's
 // IEEE arithmetic (no FMA contraction, glibc's expf and logf; mma.sync sums in fp32 in k
-// order). What it cannot show: races between threads (compute-sanitizer's racecheck on a
-// GPU), speed, and the GPU's own rounding.
+// order). Races between threads do not change its results (threads switch only at those
+// points): the ThreadSanitizer build finds them (runtime.cpp). What it cannot show: speed,
+// and the GPU's own rounding.
 #pragma once
 
 #include <cuda_bf16.h>  // the toolkit's types and conversions, which compile for the host
@@ -29,10 +30,7 @@
 
 #define PIXELCNN_CUDA_ON_CPU 1
 
-// The toolkit's host headers define the execution-space qualifiers as nothing; shared
-// memory is a static of the kernel, shared by its block's fibers (blocks run in turn).
-#undef __shared__
-#define __shared__ static
+// The toolkit's host headers define the execution-space qualifiers as nothing.
 #define __launch_bounds__(...)
 
 // CUDA's math library has these in the global namespace.
@@ -62,6 +60,18 @@ int lane_id();
 
 // The block's dynamic shared memory (the launch's third parameter), 16-byte aligned.
 void* dynamic_shared();
+
+// A static `__shared__` array of the running block: the build's rewriting turns
+// `__shared__ T name[n];` into `struct S { T name[n]; }; auto& name = block_shared<S>().name;`.
+// A block's shared memory (dynamic, then static) is renewed for every block, as on the GPU:
+// all bits set (a float NaN, so that a value read before the block wrote it shows), and new
+// memory to ThreadSanitizer.
+void* static_shared(const void* declaration, std::size_t bytes, std::size_t alignment);
+template <typename Array>
+Array& block_shared() {
+  static const char declaration = 0;
+  return *static_cast<Array*>(static_shared(&declaration, sizeof(Array), alignof(Array)));
+}
 
 [[noreturn]] void trap();
 

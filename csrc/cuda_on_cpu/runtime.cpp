@@ -1,7 +1,11 @@
 // The fiber scheduler and the emulated instructions of cuda_on_cpu.h.
 #include <sys/mman.h>
+#include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+#if CUDA_ON_CPU_RACECHECK
+#include <sanitizer/tsan_interface.h>
 #endif
 
 #include <cstdio>
@@ -15,6 +19,7 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr std::size_t kStackBytes = 512 * 1024;  // kernels keep tiles of accumulators on the stack
+constexpr std::size_t kSharedBytes = 228 * 1024;  // an H200 SM's shared memory, the most a block may have
 
 enum class Waiting { kNothing, kBlockBarrier, kWarp, kDone };
 
@@ -78,11 +83,65 @@ void make_context(Context& context, void* stack, std::size_t bytes, void (*entry
 }
 #endif
 
+// The racecheck build (CUDA_ON_CPU_RACECHECK: the kernels compiled with -fsanitize=thread,
+// this runtime not: it plays the hardware). ThreadSanitizer sees every CUDA thread of every
+// block as a fiber of its own, and switches between fibers order nothing; the runtime tells
+// it the orderings CUDA gives: the launch before every thread, __syncthreads among a block's
+// threads, a warp-synchronous op among a warp's lanes, every thread before the host's next
+// step. Shared memory and the fibers' stacks are new memory to it at every block, as on the
+// GPU. So it reports any two CUDA threads' accesses to one address, one of them a write,
+// that no barrier orders, in shared or global memory: racecheck's hazards, and more.
+namespace race {
+#if CUDA_ON_CPU_RACECHECK
+extern "C" void __tsan_read_range(void* address, unsigned long bytes);  // what instrumented code calls for a read
+
+void* current() { return __tsan_get_current_fiber(); }
+void* thread_begin(const std::string& name) {
+  void* fiber = __tsan_create_fiber(0);
+  __tsan_set_fiber_name(fiber, name.c_str());
+  return fiber;
+}
+void thread_end(void* fiber) { __tsan_destroy_fiber(fiber); }
+void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void release(void* sync) { __tsan_release(sync); }
+void acquire(void* sync) { __tsan_acquire(sync); }
+void read(const void* address, std::size_t bytes) { __tsan_read_range(const_cast<void*>(address), bytes); }
+// Mapping fresh pages over the memory (whole pages) is what makes it new to ThreadSanitizer.
+void new_memory(void* memory, std::size_t bytes) {
+  if (mmap(memory, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+    throw std::runtime_error("cuda_on_cpu: cannot renew a block's memory");
+}
+// A fiber's stack, from the lowest page the previous block's fiber touched (resident: fresh
+// pages are not) to its top: renewing all of every stack for every block (and faulting the
+// sanitizer's shadow of it back in) would cost the system more time than the kernels take.
+void new_stack(void* stack, std::size_t bytes) {
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident(bytes / page);
+  std::size_t first = 0;
+  if (mincore(stack, bytes, resident.data()) == 0)
+    while (first < resident.size() && (resident[first] & 1) == 0) ++first;
+  if (first < resident.size()) new_memory(static_cast<unsigned char*>(stack) + first * page, bytes - first * page);
+}
+#else
+void* current() { return nullptr; }
+void* thread_begin(const std::string&) { return nullptr; }
+void thread_end(void*) {}
+void switch_to(void*) {}
+void release(void*) {}
+void acquire(void*) {}
+void read(const void*, std::size_t) {}
+void new_memory(void*, std::size_t) {}
+void new_stack(void*, std::size_t) {}
+#endif
+}  // namespace race
+
 struct Fiber {
   Context context;
   uint3 index;
   Waiting waiting = Waiting::kNothing;
   unsigned exchanges = 0;  // warp-synchronous ops passed: its parity picks the exchange buffer
+  unsigned barriers = 0;   // __syncthreads passed
+  void* race_thread = nullptr;
 };
 
 // A warp's mma.sync operands as matrices, decoded from its lanes' fragments by the first lane to
@@ -103,40 +162,74 @@ struct Launch {
   int current = -1;
   Context scheduler;
   std::vector<unsigned char> exchange;  // [parity][warp][lane][kExchangeBytes]
-  std::vector<std::max_align_t> shared;
+  unsigned char* shared = nullptr;  // the dynamic shared memory, then the static arrays
+  std::size_t shared_used = 0;
+  std::vector<std::pair<const void*, std::size_t>> static_shared;  // (declaration, offset)
   std::vector<MmaOperands> mma_operands;  // per warp
   std::string error;
+  // What the racecheck build's orderings release and acquire: the launch, the grid's end,
+  // a block's barriers and each warp's synchronous ops (by the parity of their count: no
+  // thread gets two barriers ahead of another).
+  void* race_host = nullptr;
+  char launched = 0, finished = 0, barrier[2] = {};
+  std::vector<char> warp_op;  // [parity][warp]
 };
 
 thread_local Launch* running = nullptr;
 thread_local cudaError_t last_error = cudaSuccess;
 
-// Fiber stacks, reused from launch to launch (mapped lazily: untouched pages cost nothing).
+void* map_pages(std::size_t bytes) {
+  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) throw std::runtime_error("cuda_on_cpu: cannot map memory for a block");
+  return memory;
+}
+
+// Fiber stacks and the shared memory, reused from launch to launch (mapped lazily: untouched
+// pages cost nothing).
 std::vector<void*>& stacks(std::size_t count) {
   thread_local std::vector<void*> pool;
-  while (pool.size() < count) {
-    void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (stack == MAP_FAILED) throw std::runtime_error("cuda_on_cpu: cannot map a fiber stack");
-    pool.push_back(stack);
-  }
+  while (pool.size() < count) pool.push_back(map_pages(kStackBytes));
   return pool;
+}
+
+// kSharedBytes, all bits set beyond the first `used` bytes (which blocks have used since).
+struct SharedMemory {
+  unsigned char* memory = nullptr;
+  std::size_t used = 0;
+};
+
+SharedMemory& shared_memory() {
+  thread_local SharedMemory shared = [] {
+    SharedMemory fresh{static_cast<unsigned char*>(map_pages(kSharedBytes)), 0};
+    std::memset(fresh.memory, 0xff, kSharedBytes);
+    return fresh;
+  }();
+  return shared;
 }
 
 Fiber& current_fiber() { return running->fibers[running->current]; }
 
 [[noreturn]] void fiber_main() {
   Launch& launch = *running;
+  race::acquire(&launch.launched);
   (*launch.body)();
+  race::release(&launch.finished);
   Fiber& fiber = launch.fibers[launch.current];
   fiber.waiting = Waiting::kDone;
+  race::switch_to(launch.race_host);
   switch_context(fiber.context, launch.scheduler);  // never resumed
   std::abort();
 }
 
-void wait(Waiting what) {
+// Suspends the running fiber until `what` lets it go on; `sync` orders it after the others' steps
+// before theirs (the racecheck build's view of a barrier).
+void wait(Waiting what, void* sync) {
   Fiber& fiber = current_fiber();
   fiber.waiting = what;
+  race::release(sync);
+  race::switch_to(running->race_host);
   switch_context(fiber.context, running->scheduler);
+  race::acquire(sync);
 }
 
 std::string where(const Launch& launch) {
@@ -179,23 +272,40 @@ bool release(Launch& launch) {
 void run_block(Launch& launch) {
   const int count = static_cast<int>(launch.fibers.size());
   std::vector<void*>& pool = stacks(count);
+  // A block's shared memory as the GPU gives it: what other blocks left, so all bits set here (a
+  // float NaN: a value read before this block wrote it shows); it and the stacks new to ThreadSanitizer.
+  SharedMemory& shared = shared_memory();
+  if (shared.used > 0) {
+    const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    const std::size_t bytes = std::min(kSharedBytes, (shared.used + page - 1) / page * page);
+    race::new_memory(shared.memory, bytes);
+    std::memset(shared.memory, 0xff, bytes);
+    shared.used = 0;
+  }
+  race::release(&launch.launched);
   for (int i = 0; i < count; ++i) {
     Fiber& fiber = launch.fibers[i];
     fiber.index = {static_cast<unsigned>(i) % launch.block.x, static_cast<unsigned>(i) / launch.block.x % launch.block.y,
                    static_cast<unsigned>(i) / (launch.block.x * launch.block.y)};
     fiber.waiting = Waiting::kNothing;
     fiber.exchanges = 0;
+    fiber.barriers = 0;
+    race::new_stack(pool[i], kStackBytes);
     make_context(fiber.context, pool[i], kStackBytes, fiber_main);
+    fiber.race_thread = race::thread_begin("CUDA thread " + std::to_string(i) + " of " + where(launch));
   }
   for (MmaOperands& operands : launch.mma_operands) operands.op = ~0u;
   do {
     for (int i = 0; i < count; ++i) {
       if (launch.fibers[i].waiting != Waiting::kNothing) continue;
       launch.current = i;
+      race::switch_to(launch.fibers[i].race_thread);
       switch_context(launch.scheduler, launch.fibers[i].context);
     }
   } while (release(launch));
   launch.current = -1;
+  shared.used = launch.shared_used;
+  for (Fiber& fiber : launch.fibers) race::thread_end(fiber.race_thread);
 }
 
 }  // namespace
@@ -205,7 +315,7 @@ const uint3& block_index() { return running->block_index; }
 const dim3& block_dim() { return running->block; }
 const dim3& grid_dim() { return running->grid; }
 
-void syncthreads() { wait(Waiting::kBlockBarrier); }
+void syncthreads() { wait(Waiting::kBlockBarrier, &running->barrier[current_fiber().barriers++ % 2]); }
 
 int lane_id() { return running->current % kWarpSize; }
 
@@ -213,14 +323,29 @@ const unsigned char* warp_exchange(const void* mine, std::size_t bytes) {
   Launch& launch = *running;
   Fiber& fiber = current_fiber();
   const std::size_t warps = (launch.fibers.size() + kWarpSize - 1) / kWarpSize;
-  unsigned char* buffer = launch.exchange.data() + (fiber.exchanges++ % 2) * warps * kWarpSize * kExchangeBytes;
+  const unsigned parity = fiber.exchanges++ % 2;
+  unsigned char* buffer = launch.exchange.data() + parity * warps * kWarpSize * kExchangeBytes;
   unsigned char* warp = buffer + (launch.current / kWarpSize) * kWarpSize * kExchangeBytes;
   std::memcpy(warp + lane_id() * kExchangeBytes, mine, bytes);
-  wait(Waiting::kWarp);
+  wait(Waiting::kWarp, &launch.warp_op[parity * warps + launch.current / kWarpSize]);
   return warp;
 }
 
-void* dynamic_shared() { return running->shared.data(); }
+void* dynamic_shared() { return running->shared; }
+
+void* static_shared(const void* declaration, std::size_t bytes, std::size_t alignment) {
+  Launch& launch = *running;
+  for (const auto& [known, offset] : launch.static_shared)
+    if (known == declaration) return launch.shared + offset;
+  const std::size_t offset = (launch.shared_used + alignment - 1) / alignment * alignment;
+  if (offset + bytes > kSharedBytes) {
+    std::fprintf(stderr, "cuda_on_cpu: the kernel's shared memory exceeds an H200 SM's %zu bytes\n", kSharedBytes);
+    std::abort();  // as __trap(): a fiber cannot unwind into the scheduler
+  }
+  launch.shared_used = offset + bytes;
+  launch.static_shared.emplace_back(declaration, offset);
+  return launch.shared + offset;
+}
 
 void trap() {
   std::fprintf(stderr, "cuda_on_cpu: __trap() in %s, thread %d\n", where(*running).c_str(), running->current);
@@ -229,7 +354,7 @@ void trap() {
 
 void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body) {
   const unsigned threads = block.x * block.y * block.z;
-  if (threads == 0 || threads > 1024 || grid.x * grid.y * grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+  if (threads == 0 || threads > 1024 || grid.x * grid.y * grid.z == 0 || grid.y > 65535 || grid.z > 65535 || shared_bytes > kSharedBytes) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
@@ -240,8 +365,11 @@ void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::functi
   launch.body = &body;
   launch.fibers.resize(threads);
   launch.exchange.resize(2 * ((threads + kWarpSize - 1) / kWarpSize) * kWarpSize * kExchangeBytes);
-  launch.shared.resize((shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+  launch.shared = shared_memory().memory;
+  launch.shared_used = shared_bytes;
   launch.mma_operands.resize((threads + kWarpSize - 1) / kWarpSize);
+  launch.warp_op.resize(2 * ((threads + kWarpSize - 1) / kWarpSize));
+  launch.race_host = race::current();
   running = &launch;
   for (unsigned z = 0; z < grid.z && launch.error.empty(); ++z)
     for (unsigned y = 0; y < grid.y && launch.error.empty(); ++y)
@@ -250,6 +378,7 @@ void run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::functi
         run_block(launch);
       }
   running = nullptr;
+  race::acquire(&launch.finished);
   if (!launch.error.empty()) throw std::runtime_error("cuda_on_cpu: " + launch.error);
 }
 
@@ -258,6 +387,7 @@ void load_matrices_x4(uint32_t (&r)[4], const void* row_address, bool transposed
   auto row = [&](int lane) {
     const void* address;
     std::memcpy(&address, slots + lane * kExchangeBytes, sizeof(address));
+    race::read(address, 16);  // the warp reads the 8 elements of every row it was given; this lane stands for it
     return static_cast<const uint16_t*>(address);
   };
   const int g = lane_id() / 4, t = lane_id() % 4;
