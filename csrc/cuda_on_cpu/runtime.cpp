@@ -112,8 +112,7 @@ void new_memory(void* memory, std::size_t bytes) {
     throw std::runtime_error("cuda_on_cpu: cannot renew a block's memory");
 }
 // A fiber's stack, from the lowest page the previous block's fiber touched (resident: fresh
-// pages are not) to its top: renewing all of every stack for every block (and faulting the
-// sanitizer's shadow of it back in) would cost the system more time than the kernels take.
+// pages are not) to its top: the rest is still new.
 void new_stack(void* stack, std::size_t bytes) {
   const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   std::vector<unsigned char> resident(bytes / page);
