@@ -101,6 +101,14 @@ def sanitizer() -> str | None:
     return name or None
 
 
+def sanitizer_unavailable_reason(tool: str) -> str | None:
+    """Why the CPU build cannot run under sanitizer ``tool`` here, or None."""
+    reason = unavailable_reason()
+    if reason is None and not Path(sanitizer_runtime(tool)).is_absolute():  # the compiler prints the bare name
+        reason = f"the compiler has no {tool} sanitizer runtime"
+    return reason
+
+
 def sanitizer_runtime(tool: str) -> str:
     """The path of the compiler's runtime library of sanitizer ``tool``, for ``LD_PRELOAD`` (the bare name: none)."""
     return compiler_library({"address": "libasan.so", "thread": "libtsan.so"}[tool])
@@ -167,8 +175,10 @@ def load(verbose: bool = False):
     if reason is not None:
         raise RuntimeError(reason)
     tool = sanitizer()
-    if tool is not None and Path(sanitizer_runtime(tool)).name not in Path("/proc/self/maps").read_text():
-        raise RuntimeError(f"{SANITIZER_ENV_VAR}={tool} needs the sanitizer's runtime loaded first: LD_PRELOAD={sanitizer_runtime(tool)}")
+    if tool is not None:
+        runtime = sanitizer_runtime(tool)
+        if Path(runtime).name not in Path("/proc/self/maps").read_text():
+            raise RuntimeError(f"{SANITIZER_ENV_VAR}={tool} needs the sanitizer's runtime loaded first: LD_PRELOAD={runtime}")
     build = CSRC.parent / "build" / ("cuda_on_cpu" if tool is None else f"cuda_on_cpu-{tool}")
     translated = build / "translated"
     translated.mkdir(parents=True, exist_ok=True)

@@ -63,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = build_parser().parse_known_args(argv)
-    reason = cuda_on_cpu.unavailable_reason()
-    if reason is None and not Path(cuda_on_cpu.sanitizer_runtime(args.sanitizer)).is_absolute():
-        reason = f"the compiler has no {args.sanitizer} sanitizer runtime"
+    reason = cuda_on_cpu.sanitizer_unavailable_reason(args.sanitizer)
     if reason is not None:
         print(f"cannot run the kernels under the {args.sanitizer} sanitizer: {reason}", file=sys.stderr)
         return 2
