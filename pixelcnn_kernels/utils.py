@@ -130,15 +130,17 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` (N, C, H, W) dense in ``like``'s layout: :func:`channels_last`, or NCHW-contiguous.
 
-    An NCHW one-channel result gets the channel stride H·W an empty NCHW tensor has
-    (the custom ops' fake implementations' strides), not the 1 that
+    An NCHW result gets the strides an empty NCHW tensor has (the custom ops' fake
+    implementations'), also along dimensions of size 1, where a channels-last result
+    is NCHW-contiguous too: a one-channel result's channel stride is H·W, not the 1 that
     :func:`is_channels_last` would read as channels-last.
     """
     if is_channels_last(like):
         return channels_last(t)
     t = t.contiguous()
     n, c, h, w = t.shape
-    return t.as_strided(t.shape, (c * h * w, h * w, w, 1)) if c == 1 else t
+    strides = (c * h * w, h * w, w, 1)
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
 
 
 class TrainingModes:

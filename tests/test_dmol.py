@@ -505,8 +505,14 @@ def test_sampler_bad_input():
         sample_op(torch.zeros(2, 20, 3, 4), channels=3.0)
     with pytest.raises(ValueError, match=r"noise\[1\] \(u_logistic\) must have C = 1 or 3 channels, got shape \(2, 2, 3, 4\)"):
         sample_op(torch.zeros(2, 20, 3, 4), noise=(torch.rand(2, 4, 3, 4), torch.rand(2, 2, 3, 4)))
+    with pytest.raises(TypeError, match=r"noise\[0\] \(u_mix\) must have dtype float32; got float64"):
+        sample_op(logits, noise=(torch.rand(2, 1, 3, 4, dtype=torch.float64), torch.rand(2, 3, 3, 4, dtype=torch.float64)))
+    with pytest.raises(TypeError, match=r"noise\[1\] \(u_logistic\) has dtype torch.float32 but noise\[0\] \(u_mix\) has torch.float64"):
+        sample_op(logits.double(), noise=(torch.rand(2, 1, 3, 4, dtype=torch.float64), torch.rand(2, 3, 3, 4)))
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         sample_op(logits, generator=1)
+    with pytest.raises(ValueError, match=r"generator must be on logits' device type \(meta\), got a cpu generator"):
+        sample_op(logits.to("meta"), generator=torch.Generator())
     with pytest.raises(TypeError, match="quantize must be a bool"):
         sample_op(logits, quantize=1)
     with pytest.raises(ValueError, match="l must have 10 \\* nr_mix"):
@@ -536,6 +542,16 @@ def test_sampler_is_deterministic_given_noise_or_seed():
     assert first.shape == (2, 3, 3, 5) and first.dtype == torch.float32
     bins = pixelcnn_kernels.to_bins(first)
     torch.testing.assert_close(reference.bins_to_values(bins, 256, torch.float32), first)  # quantized: exactly bin centres
+
+
+def test_a_draw_has_no_gradient(kernel_backend, kernel_device):
+    """As torch.multinomial: a sample of logits that require grad is a leaf, usable beside them in a loss."""
+    logits = make_logits(3, 2, batch=1, height=1, width=2, device=kernel_device).requires_grad_(True)
+    with use_backend(kernel_backend):
+        drawn = sample_op(logits)
+    assert not drawn.requires_grad
+    (drawn * logits[:, :3]).sum().backward()  # the gradient flows to logits through the product only
+    torch.testing.assert_close(logits.grad[:, :3], drawn)
 
 
 @pytest.mark.parametrize("channels, quantize, shape", [(3, True, (2, 3, 5)), (1, False, (3, 1, 1)), (3, False, (4, 1, 1))])

@@ -107,6 +107,20 @@ def test_reference_mask_b_is_mask_a_plus_the_centre_tap():
     torch.testing.assert_close(masked_conv2d_ref(x, weight, bias, "B"), expected, rtol=0, atol=1e-12)
 
 
+def test_reference_never_reads_masked_out_weights():
+    """As the kernels: NaN in the masked-out weights (taps and hidden colour pairs) and in the output's
+    gradient leave the output finite and the masked-out weights' gradient exactly zero."""
+    x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4, dtype=torch.float64)
+    hidden = resolve_mask("A", 3, 3).weight_mask(6, 3) == 0
+    poisoned = weight.masked_fill(hidden, float("nan")).requires_grad_(True)
+    out = masked_conv2d_ref(x, poisoned, bias, "A", 1, 3)
+    torch.testing.assert_close(out, masked_conv2d_ref(x, weight, bias, "A", 1, 3), rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    grad_out[0, 0, 2, 2] = float("nan")
+    (grad_weight,) = torch.autograd.grad(out, poisoned, grad_out)
+    assert torch.equal(grad_weight[hidden], torch.zeros(int(hidden.sum()), dtype=torch.float64))
+
+
 def test_reference_gradcheck():
     x, weight, bias = (t.requires_grad_(True) for t in make_conv_inputs(3, 3, (3, 3), 1, 4, 5, dtype=torch.float64))
     assert torch.autograd.gradcheck(lambda *a: masked_conv2d_ref(*a, "B", 1, 3), (x, weight, bias))
@@ -622,19 +636,20 @@ def test_a_one_channel_input_laid_out_channels_last_gives_a_channels_last_output
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_one_channel_outputs_and_gradients_have_the_fakes_strides(backend, layout):
-    """A one-channel tensor fits both layouts, and its channel stride says which (is_channels_last): the real
-    outputs' strides must be the fake implementations' (``_empty_nchw``), or torch.compile's inductor rejects
-    the graph."""
-    x, weight, bias = make_conv_inputs(1, 1, (3, 3), 2, 4, 5)
+@pytest.mark.parametrize("channels, height, width", [(1, 4, 5), (3, 1, 1)], ids=["one_channel", "one_pixel"])
+def test_outputs_and_gradients_that_fit_both_layouts_have_the_fakes_strides(backend, layout, channels, height, width):
+    """A one-channel or one-pixel tensor fits both layouts, and is_channels_last says which: the real outputs'
+    strides, also along dimensions of size 1, must be the fake implementations' (``_empty_nchw``), or
+    torch.compile's inductor rejects the graph."""
+    x, weight, bias = make_conv_inputs(channels, channels, (3, 3), 2, height, width)
     x = channels_last(x) if layout == "channels_last" else x
     x.requires_grad_(True)
     with run_backend(backend):
-        outputs = [masked_conv2d(x, weight, bias, "B"), masked_conv2d_gated(x, torch.randn(2, 1, 3, 3), torch.randn(2), "B")]
+        outputs = [masked_conv2d(x, weight, bias, "B"), masked_conv2d_gated(x, torch.randn(2 * channels, channels, 3, 3), torch.randn(2 * channels), "B")]
         outputs += [torch.autograd.grad(out.sum(), x)[0] for out in outputs]  # each op's own input gradient
-    fake_stride = ops._empty_nchw(x, 1).stride()
+    fake_stride = ops._empty_nchw(x, channels).stride()
     assert [t.stride() for t in outputs] == [fake_stride] * 4
-    assert is_channels_last(outputs[0]) == (layout == "channels_last")
+    assert is_channels_last(outputs[0]) == is_channels_last(x)
 
 
 def test_pack_and_unpack_follow_the_tap_order():
@@ -910,6 +925,30 @@ def test_torch_compile_fullgraph_of_a_function_whose_int_arguments_change():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for color_groups, dilation in ((3, 1), (1, 2), (3, 2), (1, 1)):
         torch.testing.assert_close(compiled(x, weight, color_groups, dilation), layer(x, weight, color_groups, dilation), rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_dynamic_shapes():
+    """dynamic=True: the kernel size (the mask's structure) is specialised on, the batch and image sizes are not."""
+    weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 1, 1)[1:]
+
+    def layer(x, weight, bias):
+        return masked_conv2d_gated(masked_conv2d(x, weight[:3], bias[:3], "vertical"), weight, bias, "B")
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, height, width in ((2, 4, 5), (3, 6, 2)):
+        x = torch.randn(batch, 3, height, width)
+        torch.testing.assert_close(compiled(x, weight, bias), layer(x, weight, bias), rtol=0, atol=0)
+
+
+def test_torch_compile_asks_for_a_mask_spec_in_place_of_a_mask_tensor():
+    """Tracing cannot read a mask tensor's values: the error says what to pass; the resolved spec compiles."""
+    x, weight = make_conv_inputs(3, 4, (2, 3), 2, 4, 5)[:2]
+    taps = torch.ones(2, 3, dtype=torch.bool)
+    compiled = torch.compile(lambda x, weight, mask: masked_conv2d(x, weight, None, mask), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"under torch.compile a mask tensor's values cannot be read; resolve it"):
+        compiled(x, weight, taps)
+    spec = resolve_mask(taps)
+    torch.testing.assert_close(compiled(x, weight, spec), masked_conv2d(x, weight, None, taps), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ modules

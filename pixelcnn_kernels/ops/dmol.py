@@ -19,7 +19,7 @@ import torch
 from pixelcnn_kernels import backend as _backend
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import dmol as _reference
-from pixelcnn_kernels.utils import FLOAT_DTYPES, check_int, check_same_device, check_tensor, compute_dtype
+from pixelcnn_kernels.utils import FLOAT_DTYPES, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "bpd")
 # Above this, PixelCNN++'s +-0.999 edge tests for float x no longer separate the edge
@@ -259,13 +259,16 @@ def _noise_pair(noise) -> tuple:
     return tuple(noise)
 
 
-def _check_noise(noise, batch: int, mixtures: int, channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_noise(noise, logits: torch.Tensor, mixtures: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise pair: float32 (or both float64, with float64 logits), of the draw's shapes."""
     u_mix, u_logistic = _noise_pair(noise)
+    batch, _, height, width = logits.shape
     for index, u, expected in ((0, u_mix, (batch, mixtures, height, width)), (1, u_logistic, (batch, channels, height, width))):
         name = f"noise[{index}] ({('u_mix', 'u_logistic')[index]})"
-        check_tensor(u, name, ndim=4, dtypes=(torch.float32,))
+        check_tensor(u, name, ndim=4, dtypes=(torch.float32,), allow_float64=logits.dtype == torch.float64)
         if tuple(u.shape) != expected:
             raise ValueError(f"{name} must have shape {expected} (B, {'KC'[index]}, H, W), got {tuple(u.shape)}")
+    check_same_dtype(u_mix, "noise[0] (u_mix)", **{"noise[1] (u_logistic)": u_logistic})
     return u_mix, u_logistic
 
 
@@ -289,7 +292,8 @@ def sample_discretized_mix_logistic(
             backend), any strides; P = 3K (C = 1) or 10K (C = 3), layout in
             :mod:`pixelcnn_kernels.reference.dmol`. ``(B, P, 1, 1)`` samples one pixel.
         num_bins: quantization levels, 2..2000.
-        noise: ``(u_mix, u_logistic)``, float32 uniform noise in [0, 1]: ``u_mix``
+        noise: ``(u_mix, u_logistic)``, float32 uniform noise in [0, 1] (float32 or float64
+            with float64 logits, both the same): ``u_mix``
             ``(B, K, H, W)`` for the Gumbel-max choice ``argmax_k(logit_k - log(-log(u)))``,
             ``u_logistic`` ``(B, C, H, W)`` for ``mean + exp(log_scale) * (log(u) - log(1-u))``;
             both are clamped to [1e-5, 1 - 1e-5] as in PixelCNN++. The sample is a
@@ -315,15 +319,17 @@ def sample_discretized_mix_logistic(
         raise TypeError(f"quantize must be a bool, got {type(quantize).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != logits.device.type:
+        raise ValueError(f"generator must be on logits' device type ({logits.device.type}), got a {generator.device.type} generator")
     batch, _, height, width = logits.shape
     if noise is None:
         dtype = compute_dtype(logits.dtype)
         u_mix = torch.rand((batch, mixtures, height, width), generator=generator, device=logits.device, dtype=dtype)
         u_logistic = torch.rand((batch, channels, height, width), generator=generator, device=logits.device, dtype=dtype)
     else:
-        u_mix, u_logistic = _check_noise(noise, batch, mixtures, channels, height, width)
+        u_mix, u_logistic = _check_noise(noise, logits, mixtures, channels)
         check_same_device(logits=logits, u_mix=u_mix, u_logistic=u_logistic)
-    return _dmol_sample(logits, u_mix, u_logistic, num_bins, quantize)
+    return _dmol_sample(logits.detach(), u_mix, u_logistic, num_bins, quantize)  # a draw has no gradient
 
 
 def to_bins(values: torch.Tensor, num_bins: int = 256) -> torch.Tensor:

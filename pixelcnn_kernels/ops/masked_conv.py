@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 
 import torch
 
@@ -228,9 +229,11 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         check_tensor(bias, "bias", ndim=1)
     check_same_dtype(x, weight=weight, bias=bias)
     check_same_device(x=x, weight=weight, bias=bias)
-    out_channels, in_channels, kernel_height, kernel_width = weight.shape
-    if out_channels == 0 or in_channels == 0:
-        raise ValueError(f"weight must have at least one output and one input channel, got shape {tuple(weight.shape)}")
+    out_channels, in_channels = weight.shape[:2]
+    # The mask is compile-time structure of the kernels: torch.compile(dynamic=True) specialises on the kernel size.
+    kernel_size = (operator.index(weight.shape[2]), operator.index(weight.shape[3]))
+    if out_channels == 0 or in_channels == 0 or 0 in kernel_size:
+        raise ValueError(f"weight must have at least one output and one input channel and a kernel of at least 1×1, got shape {tuple(weight.shape)}")
     if concat_elu_input and 2 * x.shape[1] != in_channels:
         raise ValueError(
             f"x has {x.shape[1]} channels, {2 * x.shape[1]} after input_activation='concat_elu', but weight expects {in_channels} (weight shape {tuple(weight.shape)})"
@@ -241,11 +244,11 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has {out_channels} output channels")
     check_int(dilation, "dilation", 1)
     if isinstance(mask, str):
-        args = _named_mask_args(mask, (kernel_height, kernel_width), check_color_groups(color_groups))
+        args = _named_mask_args(mask, kernel_size, check_color_groups(color_groups))
     else:
-        if isinstance(mask, torch.Tensor) and tuple(mask.shape) != (kernel_height, kernel_width):
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight's kernel is {(kernel_height, kernel_width)}")
-        args = _mask_args(resolve_mask(mask, (kernel_height, kernel_width), color_groups))
+        if isinstance(mask, torch.Tensor):
+            _check_mask_tensor(mask, kernel_size)
+        args = _mask_args(resolve_mask(mask, kernel_size, color_groups))
     if color_groups > 1 and (in_channels % color_groups or out_channels % color_groups):
         raise ValueError(f"color_groups={color_groups} must divide the input and output channels, got {in_channels} and {out_channels}")
     if color_groups > 1 and concat_elu_input:
@@ -253,6 +256,19 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         raise ValueError(f"input_activation='concat_elu' needs color_groups=1 (its 2C channels would mix colour groups), got {color_groups}")
     dropout_p = _check_dropout(dropout_keep, dropout_p, concat_elu_input, x, in_channels)
     return (dropout_keep,) + args + (dilation, concat_elu_input, dropout_p)
+
+
+def _check_mask_tensor(mask: torch.Tensor, kernel_size: tuple[int, int]) -> None:
+    """A mask tensor's values are read on the host: they must be at hand, and the weight's kernel's shape."""
+    if torch.compiler.is_compiling():
+        # Tracing cannot read the values the kernels are specialised on.
+        raise TypeError("mask: under torch.compile a mask tensor's values cannot be read; resolve it before the "
+                        "compiled function (spec = pixelcnn_kernels.masks.resolve_mask(mask)) and pass the MaskSpec, "
+                        "or use pixelcnn_kernels.nn.MaskedConv2d, which resolves it once")
+    if mask.device.type == "meta":
+        raise ValueError("mask must hold values (a boolean (kh, kw) tensor on any real device), got a meta tensor")
+    if tuple(mask.shape) != kernel_size:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight's kernel is {kernel_size}")
 
 
 def _check_dropout(dropout_keep, dropout_p, concat_elu_input: bool, x: torch.Tensor, in_channels: int) -> float:

@@ -50,6 +50,17 @@ def draw_dropout_keep(x: torch.Tensor, channels: int, dropout_p: float, generato
     return torch.empty((n, h, w, channels), dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p, generator=generator).permute(0, 3, 1, 2)
 
 
+def masked_weight(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """``weight`` (Cout, Cin, kh, kw) with the weights ``spec`` masks out set to zero.
+
+    A fill, not a multiply by the 0/1 mask: the masked-out weights and their gradients are
+    exact zeros even where they or the output's gradient are not finite, as in the kernels,
+    which never read them.
+    """
+    hidden = spec.weight_mask(weight.shape[0], weight.shape[1], dtype=torch.bool, device=weight.device).logical_not()
+    return weight.masked_fill(hidden, 0)
+
+
 def masked_conv2d_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -65,20 +76,18 @@ def masked_conv2d_ref(
 ) -> torch.Tensor:
     """Stride-1, same-size masked convolution of ``x`` (N, C, H, W), plus ``residual``.
 
-    ``weight`` is (Cout, Cin, kh, kw) as in ``nn.Conv2d``; it is multiplied by the
-    spec's 0/1 weight mask, so the gradient of a masked-out weight is exactly zero.
+    ``weight`` is (Cout, Cin, kh, kw) as in ``nn.Conv2d``; its masked-out weights are
+    replaced by zeros (:func:`masked_weight`), so their gradient is exactly zero.
     The convolution reads ``x`` (Cin = C) or, with ``input_activation="concat_elu"``,
     concat_elu(x) (Cin = 2C), zero-padded by the spec's (possibly asymmetric)
     padding; with ``dropout_keep`` (a boolean (N, Cin, H, W) tensor, True = kept) that
     input passes through dropout of rate ``dropout_p`` first (PixelCNN++'s concat_elu →
     dropout → conv). ``residual`` (N, Cout, H, W) or None is added to the output, after the bias.
     """
-    out_channels, in_channels, kh, kw = weight.shape
-    spec = resolve_mask(mask, (kh, kw), color_groups)
-    weight_mask = spec.weight_mask(out_channels, in_channels, dtype=weight.dtype, device=weight.device)
+    spec = resolve_mask(mask, tuple(weight.shape[2:]), color_groups)
     top, bottom, left, right = spec.padding(dilation)
     padded = F.pad(_conv_input(x, input_activation, dropout_keep, dropout_p), (left, right, top, bottom))
-    out = F.conv2d(padded, weight * weight_mask, bias, dilation=dilation)
+    out = F.conv2d(padded, masked_weight(weight, spec), bias, dilation=dilation)
     return out if residual is None else out + residual
 
 

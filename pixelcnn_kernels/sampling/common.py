@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.reference.masked_conv import masked_weight
 
 
 @dataclasses.dataclass
@@ -115,7 +116,5 @@ def write_values(problem: SamplingProblem, row: int, col: int, channels: slice, 
 
 
 def masked_operands(conv: MaskedConv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``conv``'s weight times its mask and its bias, in ``dtype`` (what the reference masked conv computes with)."""
-    weight = conv.weight.to(dtype)
-    mask = conv.spec.weight_mask(conv.out_channels, conv.in_channels, dtype=dtype, device=weight.device)
-    return weight * mask, None if conv.bias is None else conv.bias.to(dtype)
+    """``conv``'s masked weight and its bias, in ``dtype`` (what the reference masked conv computes with)."""
+    return masked_weight(conv.weight.to(dtype), conv.spec), None if conv.bias is None else conv.bias.to(dtype)
