@@ -9,7 +9,10 @@ It recognises masked convolutions by what they hold, not by class name:
 2. a wrapper module holding exactly one ``nn.Conv2d`` child and such a mask;
 3. a pad-conv-shift module: one ``nn.Conv2d`` child without padding and either
    an ``nn.ZeroPad2d`` child or an ``F.pad`` call in ``forward``, as in
-   PixelCNN++'s ``down_shifted_conv2d`` / ``down_right_shifted_conv2d``.
+   PixelCNN++'s ``down_shifted_conv2d`` / ``down_right_shifted_conv2d``, whose
+   output may then move one row down (a down-shifted conv) or one column right
+   (a down-right-shifted one), as PixelCNN++'s first layers'
+   ``shift_output_down`` / ``shift_output_right`` do.
 
 The mask becomes a :class:`~pixelcnn_kernels.masks.MaskSpec` (a named spec such
 as ``"A"``/``"B"`` when it is one, else a custom tap mask; a full mask with the
@@ -35,7 +38,7 @@ Not converted (each skipped candidate is listed in the report with the reason):
 strided, grouped or non-zero-padded convs, convs with a parametrized bias,
 modules with hooks (other than weight norm's), modules whose forward needs more
 than the image or returns more than a tensor, and modules whose forward does
-more than the masked conv (e.g. PixelCNN++'s ``shift_output_down=True``).
+more than the masked conv (and the output shift of kind 3).
 
 Code-level operations cannot be swapped by walking modules; change one line:
 ``a, b = x.chunk(2, dim); torch.tanh(a) * torch.sigmoid(b)`` becomes
@@ -58,11 +61,14 @@ from torch.nn.utils import parametrize
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.nn import MaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook, weight_norm_parameters
+from pixelcnn_kernels.reference.layers import down_shift, right_shift
 from pixelcnn_kernels.testing import tolerance
 from pixelcnn_kernels.utils import TrainingModes, check_int
 
 PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)
 SHIFT_MASKS = ("down_shifted", "down_right_shifted")
+# The output shift a pad-conv-shift module of each shifted mask may apply after its conv (PixelCNN++'s first layers).
+OUTPUT_SHIFTS = {"down_shifted": "down", "down_right_shifted": "right"}
 # Tried in this order, so a mask several names describe gets the most specific (a 1×k "B" is "horizontal").
 CENTRED_MASKS = ("full", "horizontal", "horizontal_A", "A", "B", "vertical", "vertical_A")
 PROBE_SIZE = 9  # probe images are at least 9×9: every tap of a small kernel sees interior and border pixels
@@ -102,6 +108,12 @@ class ConversionReport:
         header = ("action", "module", "class", "replacement / reason")
         widths = [max(len(row[k]) for row in [header, *rows]) for k in range(3)]
         lines = [f"convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        if not rows:
+            return lines[0] + (
+                "; no masked convolution found. convert recognises a Conv2d holding a 0/1 mask tensor, a module "
+                "wrapping one Conv2d and such a mask, and a pad-then-conv module (help(pixelcnn_kernels.convert)); "
+                "a conv padded by its own padding and cropped by its caller is not one of them"
+            )
         for row in [header, *rows]:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
         return "\n".join(lines)
@@ -112,18 +124,24 @@ class NotConvertible(Exception):
 
 
 class MaskedConvWrapper(nn.Module):
-    """Holds a fused masked conv under the child name the replaced wrapper used (keeps state-dict keys)."""
+    """Holds a fused masked conv under the child name the replaced wrapper used (keeps state-dict keys);
+    ``output_shift`` ("down", "right" or None) moves its output as the replaced module did."""
 
-    def __init__(self, conv_name: str, conv: nn.Module):
+    def __init__(self, conv_name: str, conv: nn.Module, output_shift: str | None = None):
         super().__init__()
         self.conv_name = conv_name
+        self.output_shift = output_shift
         self.add_module(conv_name, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._modules[self.conv_name](x)
+        out = self._modules[self.conv_name](x)
+        if self.output_shift is None:
+            return out
+        return down_shift(out) if self.output_shift == "down" else right_shift(out)
 
     def extra_repr(self) -> str:
-        return f"conv_name={self.conv_name!r}"
+        shift = "" if self.output_shift is None else f", output_shift={self.output_shift!r}"
+        return f"conv_name={self.conv_name!r}{shift}"
 
 
 @dataclass(frozen=True)
@@ -196,7 +214,10 @@ def _infer_mask(found: _MaskTensor, weight_shape: torch.Size) -> tuple[str | tor
                 continue
             if torch.equal(spec.weight_mask(out_channels, in_channels, torch.float64), full):
                 return _named_equivalent(spec), color_groups
-    raise NotConvertible(f"{found.name!r} is not a spatial mask (uniform over channels, or the R,G,B colour-group pattern)")
+    raise NotConvertible(
+        f"{found.name!r} is not a spatial mask (uniform over channels, or the R,G,B colour-group pattern "
+        "over contiguous thirds [R|G|B] of the channels; channels interleaved R,G,B,R,... are not supported)"
+    )
 
 
 def _check_plain_conv(conv: nn.Conv2d) -> int:
@@ -452,19 +473,21 @@ def _replacement_options(module: nn.Module) -> tuple[nn.Conv2d, list[tuple[nn.Mo
     if masks:
         _check_centred_padding(conv, dilation)
         mask, color_groups = _infer_mask(masks[0], conv.weight.shape)
-        choices = [(mask, color_groups)]
+        choices = [(mask, color_groups, None)]
     else:
         if _padding_pair(conv) != (0, 0):
             raise NotConvertible(f"the conv pads by {conv.padding} itself, but a shifted conv is padded before it")
-        choices = [(name, 1) for name in _shift_masks(module, conv, dilation)]
+        shifted = _shift_masks(module, conv, dilation)
+        choices = [(name, 1, None) for name in shifted] + [(name, 1, OUTPUT_SHIFTS[name]) for name in shifted]
     options = []
-    for mask, color_groups in choices:
+    for mask, color_groups, output_shift in choices:
         replacement = _masked_conv(conv, mask, dilation, color_groups)
         if conv_name is not None:
-            replacement = MaskedConvWrapper(conv_name, replacement)
+            replacement = MaskedConvWrapper(conv_name, replacement, output_shift)
         if masks:
             _keep_mask(replacement, masks[0])
-        options.append((replacement, _describe(mask, conv.kernel_size, dilation, color_groups)))
+        description = _describe(mask, conv.kernel_size, dilation, color_groups)
+        options.append((replacement, description + (f", output shifted {output_shift}" if output_shift else "")))
     return conv, options
 
 

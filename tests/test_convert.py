@@ -53,9 +53,12 @@ class FunctionalMaskedConv(nn.Conv2d):
 class ColourMaskedConv(nn.Conv2d):
     """A colour PixelCNN conv: full (out, in, k, k) mask with the R, G, B channel rule at the centre."""
 
-    def __init__(self, c_in, c_out, k, kind):
+    def __init__(self, c_in, c_out, k, kind, interleaved=False):
         super().__init__(c_in, c_out, k, padding=k // 2)
-        self.register_buffer("mask", resolve_mask(kind, k, color_groups=3).weight_mask(c_out, c_in))
+        mask = resolve_mask(kind, k, color_groups=3).weight_mask(c_out, c_in)
+        if interleaved:  # channel c of colour c % 3, not c // (C / 3)
+            mask = mask[torch.arange(c_out).view(3, -1).T.flatten()][:, torch.arange(c_in).view(3, -1).T.flatten()]
+        self.register_buffer("mask", mask)
 
     def forward(self, x):
         return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
@@ -75,32 +78,36 @@ class MaskWrapper(nn.Module):
         return self.conv(x)
 
 
-class DownShiftedConv(nn.Module):
-    """PixelCNN++ style: zero-pad the top (and both sides), then an unpadded conv."""
+# PixelCNN++'s down_shift / right_shift of a first layer's output: one row down, or one column right.
+OUTPUT_SHIFTS = {None: lambda x: x, "down": lambda x: F.pad(x, (0, 0, 1, 0))[:, :, :-1], "right": lambda x: F.pad(x, (1, 0, 0, 0))[..., :-1]}
 
-    def __init__(self, c_in, c_out, kernel=(2, 3), stride=1, weight_norm=False, shift_output_down=False):
+
+class DownShiftedConv(nn.Module):
+    """PixelCNN++ style: zero-pad the top (and both sides), then an unpadded conv, then maybe an output shift."""
+
+    def __init__(self, c_in, c_out, kernel=(2, 3), stride=1, weight_norm=False, shift_output=None):
         super().__init__()
         self.pad = nn.ZeroPad2d(((kernel[1] - 1) // 2, (kernel[1] - 1) // 2, kernel[0] - 1, 0))
         self.conv = nn.Conv2d(c_in, c_out, kernel, stride)
         if weight_norm:
             self.conv = nn.utils.parametrizations.weight_norm(self.conv)
-        self.shift_output_down = shift_output_down
+        self.shift_output = shift_output
 
     def forward(self, x):
-        x = self.conv(self.pad(x))
-        return F.pad(x, (0, 0, 1, 0))[:, :, :-1] if self.shift_output_down else x
+        return OUTPUT_SHIFTS[self.shift_output](self.conv(self.pad(x)))
 
 
 class DownRightShiftedConv(nn.Module):
     """PixelCNN++ style down-right shift written with F.pad in forward (no pad module)."""
 
-    def __init__(self, c_in, c_out, kernel=(2, 2)):
+    def __init__(self, c_in, c_out, kernel=(2, 2), shift_output=None):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv2d(c_in, c_out, kernel)
+        self.shift_output = shift_output
 
     def forward(self, x):
-        return self.conv(F.pad(x, (self.kernel[1] - 1, 0, self.kernel[0] - 1, 0)))
+        return OUTPUT_SHIFTS[self.shift_output](self.conv(F.pad(x, (self.kernel[1] - 1, 0, self.kernel[0] - 1, 0))))
 
 
 class UnappliedMaskConv(nn.Conv2d):
@@ -124,7 +131,9 @@ def third_party_pixelcnn() -> nn.Module:
         "leaky": UnappliedMaskConv(6, 6, 3),
         "strided": DownShiftedConv(6, 6, stride=2),
         "weight_normed": DownShiftedConv(6, 6, weight_norm=True),
-        "shifted_output": DownShiftedConv(6, 6, shift_output_down=True),
+        "shifted_output": DownShiftedConv(6, 6, shift_output="down"),
+        "right_shifted_output": DownRightShiftedConv(6, 6, kernel=(2, 1), shift_output="right"),
+        "wrongly_shifted_output": DownShiftedConv(6, 6, shift_output="right"),  # not PixelCNN++'s pairing
     })
 
 
@@ -143,11 +152,13 @@ EXPECTED_MASKS = {
     "down": "down_shifted 2×3",
     "down_right": "down_right_shifted 2×2",
     "weight_normed": "down_shifted 2×3",
+    "shifted_output": "down_shifted 2×3, output shifted down",
+    "right_shifted_output": "down_right_shifted 2×1, output shifted right",
 }
 EXPECTED_REASONS = {
     "leaky": "output differs from the masked conv",
     "strided": "stride (2, 2)",
-    "shifted_output": "output differs",
+    "wrongly_shifted_output": "as down_shifted 2×3: output differs from the masked conv on a probe",
 }
 
 
@@ -168,7 +179,7 @@ def test_recognises_every_style_and_skips_with_reasons():
     for name in before:
         assert_close(after[name], before[name], msg=name)
     table = str(report)
-    assert "convert: 9 replaced, 3 skipped" in table and "down_right_shifted 2×2" in table and "stride (2, 2)" in table
+    assert "convert: 11 replaced, 3 skipped" in table and "down_right_shifted 2×2" in table and "stride (2, 2)" in table
 
 
 def test_same_parameters_keep_an_optimizer_working():
@@ -424,6 +435,8 @@ def test_a_skipped_module_with_a_train_override_is_left_as_it_was():
     [
         (FunctionalMaskedConv(2, 2, torch.tensor([[0.0, 0.5, 0], [1, 1, 0], [0, 0, 0]])), "values other than 0 and 1"),
         (FunctionalMaskedConv(2, 2, pixelcnn_mask("B", 3)[:2]), "centred mask needs odd kernel sizes"),
+        # colour groups of interleaved channels R, G, B, R, G, B (the kernels' groups are contiguous thirds)
+        (ColourMaskedConv(6, 6, 3, "B", interleaved=True), "channels interleaved R,G,B,R,... are not supported"),
     ],
 )
 def test_unusable_masks_are_skipped(module, reason):
@@ -450,6 +463,7 @@ def test_plain_modules_are_not_candidates():
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU()))
     report = convert(model)
     assert not report.replaced and not report.skipped
+    assert str(report).startswith("convert: 0 replaced, 0 skipped; no masked convolution found. convert recognises")
 
 
 def test_converted_model_runs_on_the_triton_backend():
