@@ -46,7 +46,12 @@ def _info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, reason in available_backends().items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"forced backend   {forced_backend() or 'none (automatic: CUDA tensors -> cuda, else triton; CPU -> reference)'}")
+    try:
+        forced = forced_backend() or "none (automatic: CUDA tensors -> cuda, else triton; CPU -> reference)"
+    except ValueError as exc:  # a bad PIXELCNN_KERNELS_BACKEND: one of the things info is for
+        print(f"forced backend   invalid: {exc}")
+        return 2
+    print(f"forced backend   {forced}")
     return 0
 
 
@@ -128,7 +133,8 @@ def register(subparsers) -> None:
         help="time each op against eager PyTorch and torch.compile",
         description="Time the ops (and end-to-end workloads) per provider: eager reference, torch.compile of the "
         "reference, the triton and cuda backends. Prints median/p20/p80, peak memory, the floor and the "
-        "ratio to torch.compile; --out also writes CSV, JSON and a PNG plot. On a GPU it then judges the issues' "
+        "ratio to torch.compile; --out also writes CSV, JSON and, where torch.compile was timed and matplotlib is "
+        "installed, a PNG plot of the ratios. On a GPU it then judges the issues' "
         "performance goals on the rows it measured (goals.md with --out).",
     )
     bench.add_argument("ops", nargs="*", metavar="FAMILY", help=f"op families to run (default: all): {', '.join(FAMILIES)}")
@@ -141,12 +147,19 @@ def register(subparsers) -> None:
     bench.add_argument("--cpu", action="store_true", help="time the CPU sizes even when a GPU is present")
     bench.add_argument("--cuda-graph", action="store_true", help="capture each provider's call in a CUDA graph and time the replays "
                        "(providers named <name>+graph): the GPU's work without the host's launch overhead")
-    bench.add_argument("--out", help="directory for results.csv, results.json, table.txt and ratio_to_compile.png")
+    bench.add_argument("--out", help="directory for results.csv, results.json, table.txt and ratio_to_compile.png (when the compile provider ran)")
     bench.set_defaults(func=_bench)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the problem (and ``--help``), status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pixelcnn-kernels",
         description="Fused Triton and CUDA kernels for PixelCNN-family models: inspect the install, benchmark the ops, train and sample models.",
     )
@@ -168,6 +181,9 @@ def report_user_errors(program: str, run: Callable[[], int | None]) -> int:
     naming ``program``, and status 2 (the python/ examples' ``__main__`` uses it too)."""
     try:
         return run() or 0
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's exit flush does not fail again
+        return 0
     except USER_ERRORS as exc:
         if os.environ.get(DEBUG_ENV_VAR):
             raise

@@ -149,20 +149,23 @@ def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
 
 
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    files = None  # one .npy array under an .npz name has no named arrays
     try:
         archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
-            raise ValueError(f"{path}: an .npz data set needs an 'images' array, found one unnamed array")
-        with archive:
-            if "images" not in archive:
-                raise ValueError(f"{path}: an .npz data set needs an 'images' array, found keys {sorted(archive.files)}")
-            array = archive["images"]
-            labels = archive["labels"] if "labels" in archive else None
-            num_bins = archive["num_bins"] if "num_bins" in archive else np.array(256)
+        if isinstance(archive, np.lib.npyio.NpzFile):
+            with archive:
+                files = sorted(archive.files)
+                if "images" in files:
+                    array = archive["images"]
+                    labels = archive["labels"] if "labels" in archive else None
+                    num_bins = archive["num_bins"] if "num_bins" in archive else np.array(256)
     except (OSError, EOFError, zipfile.BadZipFile) as exc:  # empty, truncated, not a .npz
         raise ValueError(f"{path}: not a readable .npz file of arrays ({exc or type(exc).__name__})") from exc
     except ValueError as exc:  # arrays of pickled objects
         raise ValueError(f"{path}: not a readable .npz file of arrays ({exc})") from exc
+    if files is None or "images" not in files:
+        found = "one unnamed array" if files is None else f"arrays {files}"
+        raise ValueError(f"{path}: an .npz data set needs an 'images' array, found {found}")
     if num_bins.ndim != 0 or not np.issubdtype(num_bins.dtype, np.integer):
         raise ValueError(f"{path}: 'num_bins' must be one integer, got {num_bins.dtype} of shape {num_bins.shape}")
     num_bins = int(num_bins)

@@ -122,9 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--class-conditional", action="store_true", help="condition on the data set's class labels (digits: 0..9; .npz: its 'labels')")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=tuple(MODEL_NAMES), default="gated", help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
-    model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']} gated, {DEFAULTS['hidden']['pixelcnnpp']} pixelcnnpp; gated: rounded up to a multiple of 3 for RGB with the gated model, which needs one)")
+    model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']} gated, {DEFAULTS['hidden']['pixelcnnpp']} pixelcnnpp); "
+                       "gated on RGB data: a multiple of 3, as its colour groups split the channels in thirds (the default is rounded up to one)")
     model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
-    model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions (default 3)")
+    model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions, odd (default 3)")
     model.add_argument("--dilations", type=int, nargs="+", metavar="D", help="gated: one dilation per layer (default 1, 2, 1, 2, ...)")
     model.add_argument("--dropout", type=float, help=f"dropout in the gated layers' residual branch (gated, default {DEFAULTS['dropout']['gated']}) "
                        f"or the pixelcnnpp blocks (default {DEFAULTS['dropout']['pixelcnnpp']})")
@@ -193,8 +194,6 @@ def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
     """``{"name", "config"}`` of the model the options describe, for ``models.model_from_config``."""
     channels, height, width = data.image_shape
     hidden = args.hidden or DEFAULTS["hidden"][args.model]
-    if args.hidden is None and args.model == "gated" and channels == 3:
-        hidden = 3 * math.ceil(hidden / 3)  # colour groups split the channels in thirds
     layers = args.layers or DEFAULTS["layers"][args.model]
     dropout = DEFAULTS["dropout"][args.model] if args.dropout is None else args.dropout
     num_classes = data.num_classes if args.class_conditional else None
@@ -204,6 +203,11 @@ def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
         raise ValueError(f"--dilations is an option of --model gated, not {args.model}")
     if args.dilations is not None and len(args.dilations) != layers:
         raise ValueError(f"--dilations takes one value per gated layer ({layers}), got {args.dilations}")
+    if args.model == "gated" and channels == 3:  # colour groups split the channels in thirds
+        if args.hidden is None:
+            hidden = 3 * math.ceil(hidden / 3)
+        elif hidden % 3:
+            raise ValueError(f"--hidden must be a multiple of 3 for RGB data with --model gated (its colour groups split the channels in thirds), got {hidden}")
     if args.model == "gated":
         # Dilation 2 every other layer widens the receptive field at no cost: five 3×3 layers then see the whole
         # 8×8 digit above and to the left, which measurably lowers the held-out bits/dim (kernel 5 does too, but slowly).
@@ -391,6 +395,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for option, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
+    if args.kernel_size % 2 == 0:
+        raise ValueError(f"--kernel-size must be odd (a masked kernel is centred on its pixel), got {args.kernel_size}")
     if args.dilations is not None and min(args.dilations) < 1:
         raise ValueError(f"--dilations must all be at least 1, got {args.dilations}")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -541,14 +547,15 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             if improved:
                 save_checkpoint(out / "best.pt", **state)
             _write_metrics(out / "metrics.json", metrics, spec)
-        if args.max_minutes is not None and elapsed_before + time.perf_counter() - started > 60 * args.max_minutes:
+        if args.max_minutes is not None and epoch + 1 < args.epochs and elapsed_before + time.perf_counter() - started > 60 * args.max_minutes:
             if run.is_main:
                 print(f"train: stopping after epoch {epoch + 1}: --max-minutes {args.max_minutes} reached", flush=True)
             break
     summary = {"best_held_out_bpd": best, "epochs_done": len(metrics), "minutes": (elapsed_before + time.perf_counter() - started) / 60}
     if run.is_main and metrics:
         _write_metrics(out / "metrics.json", metrics, spec, summary)
-        print(f"train: best held-out {best:.4f} bits/dim after {len(metrics)} epochs, {summary['minutes']:.1f} min; checkpoints in {out}", flush=True)
+        print(f"train: best held-out {best:.4f} bits/dim after {len(metrics)} epoch{'s' * (len(metrics) != 1)}, {summary['minutes']:.1f} min; "
+              f"checkpoints in {out}", flush=True)
         if args.samples > 0:
             best_model = model_from_config(spec).to(run.device)
             best_model.load_state_dict(load_checkpoint(out / "best.pt", run.device)["state_dict"])

@@ -11,20 +11,19 @@ original, the kept part (hidden rows grey), then the completions.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from pixelcnn_kernels.checkpoint import load_checkpoint, load_model
-from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
+from pixelcnn_kernels.cli import ArgumentParser, available_device, positive_int, report_user_errors
 from pixelcnn_kernels.data import load_dataset, save_image_grid
 from pixelcnn_kernels.utils import writable_directory
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/train/best.pt", help="a checkpoint written by `pixelcnn-kernels train` (default runs/train/best.pt)")
     parser.add_argument("--images", type=positive_int, default=8, help="held-out images to complete (default 8)")
     parser.add_argument("--completions", type=positive_int, default=5, help="completions per image (default 5)")

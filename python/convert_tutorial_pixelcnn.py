@@ -17,7 +17,6 @@ own model change that line to ``pixelcnn_kernels.gate_tanh_sigmoid(x, dim=1)``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 import pixelcnn_kernels
 from pixelcnn_kernels.backend import resolve_backend
-from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
+from pixelcnn_kernels.cli import ArgumentParser, available_device, positive_int, report_user_errors
 
 
 class MaskedConvolution(nn.Module):
@@ -131,7 +130,7 @@ def time_training_step(model, images, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda if available)")
     parser.add_argument("--batch", type=positive_int, default=32, help="images per batch (default 32)")
     parser.add_argument("--size", type=positive_int, default=28, help="image height and width (default 28)")

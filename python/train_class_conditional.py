@@ -14,13 +14,12 @@ and launches take longer than the GPU's work, and the graph removes them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from pixelcnn_kernels.cli import available_device, positive_int, report_user_errors
+from pixelcnn_kernels.cli import ArgumentParser, available_device, positive_int, report_user_errors
 from pixelcnn_kernels.data import load_digits, save_image_grid
 from pixelcnn_kernels.models import GatedPixelCNN
 from pixelcnn_kernels.train import GraphedLoss
@@ -28,7 +27,7 @@ from pixelcnn_kernels.utils import writable_directory
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=15, help="epochs over the 1500 training digits (default 15)")
     parser.add_argument("--hidden", type=positive_int, default=64, help="channels (default 64)")
     parser.add_argument("--layers", type=positive_int, default=5, help="gated layers (default 5)")

@@ -344,8 +344,10 @@ def test_sample_command_rejects_what_the_model_cannot_do(tmp_path, capsys):
     assert "block_rows is an option of method='jacobi'" in capsys.readouterr().err
     assert sample("pp_grey", "--n", "1", "--label", "1") == 2
     assert "--label is for class-conditional models" in capsys.readouterr().err
-    assert sample("pp_grey", "--n", "0") == 2
-    assert "--n must be a positive int" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's, in one line
+        sample("pp_grey", "--n", "0")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "pixelcnn-kernels sample: argument --n: must be a positive int, got '0' (see pixelcnn-kernels sample --help)\n"
     assert sample("gated_rgb_cond_dilated", "--n", "1", "--label", "3") == 2
     assert "--label must be a class in [0, 2]" in capsys.readouterr().err
     assert sample("pp_grey", "--n", "1", "--out", str(tmp_path / "grid.jpgg")) == 2

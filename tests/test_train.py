@@ -102,7 +102,7 @@ def test_npz_layouts(tmp_path, layout):
 
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "a.npz", pixels=np.zeros((3, 4, 4), dtype=np.uint8))
-    with pytest.raises(ValueError, match="'images'"):
+    with pytest.raises(ValueError, match=r"a\.npz: an \.npz data set needs an 'images' array, found arrays \['pixels'\]$"):
         load_images(tmp_path / "a.npz")
     np.savez(tmp_path / "b.npz", images=np.zeros((3, 4, 4), dtype=np.float32))
     with pytest.raises(TypeError, match="integer"):
@@ -372,12 +372,15 @@ def test_class_conditional_and_bf16(tmp_path, tiny_digits):
 
 
 def test_bad_options(tmp_path, tiny_digits):
-    bad = (("--epochs", "0"), ("--batch-size", "-2"), ("--lr", "-1"), ("--dropout", "1.5"), ("--ema-decay", "1"), ("--dilations", "0"), ("--dilations", "1 2"))
+    bad = (("--epochs", "0"), ("--batch-size", "-2"), ("--lr", "-1"), ("--dropout", "1.5"), ("--ema-decay", "1"), ("--dilations", "0"), ("--dilations", "1 2"),
+           ("--kernel-size", "4"))
     for option, value in bad:
         with pytest.raises(ValueError, match=option):
             train(train_args(tmp_path, "--data", tiny_digits, option, *value.split()))
     with pytest.raises(ValueError, match="--class-conditional needs labels"):
         train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--class-conditional"))
+    with pytest.raises(ValueError, match="--hidden must be a multiple of 3 for RGB data with --model gated .*, got 7"):
+        train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--hidden", "7"))
     with pytest.raises(FileNotFoundError, match="last.pt"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume"))
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):

@@ -8,13 +8,13 @@ PNG grid and prints the time and images/s (and the Jacobi iterations).
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from pixelcnn_kernels.backend import BACKENDS, use_backend
+from pixelcnn_kernels.cli import positive_int
 from pixelcnn_kernels.models.base import SAMPLING_METHODS
 from pixelcnn_kernels.utils import writable_directory
 
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         "jacobi (parallel forwards iterated to the fixed point). Prints the time and images/s.",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by 'pixelcnn-kernels train' (e.g. runs/train/best.pt)")
-    parser.add_argument("--n", type=int, default=64, help="images to draw (default 64)")
+    parser.add_argument("--n", type=positive_int, default=64, help="images to draw (default 64)")
     parser.add_argument("--method", choices=SAMPLING_METHODS, default="cached", help="sampler (default: cached)")
     parser.add_argument("--block-rows", type=int, help="jacobi only: iterate in windows of this many rows (default: the whole image)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the size the model was built for)")
@@ -45,39 +45,28 @@ def main(args: argparse.Namespace) -> int:
     from pixelcnn_kernels.checkpoint import load_model
     from pixelcnn_kernels.data import save_image_grid
 
-    if args.n < 1:
-        print(f"sample: --n must be a positive int, got {args.n}", file=sys.stderr)
-        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("sample: --device cuda, but no CUDA device is visible", file=sys.stderr)
-        return 2
+        raise ValueError("--device cuda, but no CUDA device is visible")
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
-        print(f"sample: --out must name a .png file, got {args.out}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--out must name a .png file, got {args.out}")
     writable_directory(out.parent)  # before sampling: an unusable path fails now, not after the work
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model = load_model(args.checkpoint, map_location=device)
     cond = None
     if model.num_classes is not None:
         if args.label is not None and not 0 <= args.label < model.num_classes:
-            print(f"sample: --label must be a class in [0, {model.num_classes - 1}], got {args.label}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--label must be a class in [0, {model.num_classes - 1}], got {args.label}")
         labels = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % model.num_classes
         cond = labels.to(device)
     elif args.label is not None:
-        print("sample: --label is for class-conditional models; this one has no classes", file=sys.stderr)
-        return 2
+        raise ValueError("--label is for class-conditional models; this one has no classes")
     generator = torch.Generator(device).manual_seed(args.seed)
-    try:
-        with use_backend(args.backend) if args.backend else nullcontext():
-            images = model.sample(
-                args.n, method=args.method, cond=cond, generator=generator, progress=not args.no_progress,
-                size=tuple(args.size) if args.size else None, block_rows=args.block_rows,
-            )
-    except ValueError as exc:  # a bad option for this model (method, size, label, block rows)
-        print(f"sample: {exc}", file=sys.stderr)
-        return 2
+    with use_backend(args.backend) if args.backend else nullcontext():  # a bad option for this model raises ValueError
+        images = model.sample(
+            args.n, method=args.method, cond=cond, generator=generator, progress=not args.no_progress,
+            size=tuple(args.size) if args.size else None, block_rows=args.block_rows,
+        )
     stats = model.last_sample_stats
     path = save_image_grid(images.cpu(), model.num_bins, out)
     line = f"sample: {stats.images} images by {args.method} in {stats.seconds:.3f} s ({stats.images / stats.seconds:.1f} images/s"
