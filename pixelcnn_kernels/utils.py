@@ -48,6 +48,20 @@ def check_tensor(
     return t
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: autocast's dtype when autocast is on for ``x``'s device.
+
+    The custom ops are not autocast-aware, so the modules cast their operands themselves;
+    doing it here for both op sets keeps the fused and reference-built layers identical.
+    """
+    device_type = x.device.type
+    # The device types named, not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot
+    # trace that (a graph break per layer under torch.compile), 2.13's can.
+    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def writable_directory(path: str | Path) -> Path:
     """``path``, created if missing, after writing and removing a file in it: a command checks its
     output directory before the work, so that an unusable one fails now, not after it (OSError)."""

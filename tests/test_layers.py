@@ -11,6 +11,7 @@ import pytest
 import torch
 from op_table import CUDA
 import torch.nn.functional as F
+from torch import nn
 
 import pixelcnn_kernels
 from pixelcnn_kernels.nn import layers as fused_layers
@@ -334,6 +335,38 @@ def test_bad_constructor_arguments():
         fused_layers.ShiftedConv2d(3, 3, stride=0)
     with pytest.raises(ValueError, match="shift"):
         fused_layers.ShiftedConvTranspose2d(3, 3, shift="left")
+    # bools and tuples where an int is meant; an even width of a "down" shift; ShiftedConv2d's own constructor
+    for build, error, message in (
+        (lambda: fused_layers.GatedResnet(3, skip_streams=True), TypeError, "skip_streams must be an int"),
+        (lambda: fused_layers.GatedMaskedConv2d(3, cond_channels=True), TypeError, "cond_channels must be an int"),
+        (lambda: fused_layers.GatedMaskedConv2d(True), TypeError, "channels must be an int"),
+        (lambda: fused_layers.ShiftedConv2d(3, 3, stride=True), TypeError, "stride must be an int"),
+        (lambda: fused_layers.ShiftedConv2d(3, 3, shift_output="no"), TypeError, "shift_output must be a bool"),
+        (lambda: fused_layers.ShiftedConvTranspose2d(3, 3, stride=(2, 2)), TypeError, "stride must be an int"),
+        (lambda: fused_layers.ShiftedConvTranspose2d(3, 3, stride=0), ValueError, "stride must be >= 1"),
+        (lambda: fused_layers.ShiftedConvTranspose2d(3, 3, (2, 4)), ValueError, "needs an odd kernel width"),
+        (lambda: fused_layers.ShiftedConv2d.from_conv(nn.Conv2d(3, 3, (2, 3))), TypeError, "use MaskedConv2d.from_conv"),
+    ):
+        with pytest.raises(error, match=message):
+            build()
+
+
+def test_shifted_conv_reports_its_stride_as_conv2d_does():
+    strided = fused_layers.ShiftedConv2d(3, 4, stride=2)
+    assert strided.stride == (2, 2) and strided(torch.randn(1, 3, 6, 5)).shape == (1, 4, 3, 3)
+    assert repr(strided).endswith("shift='down', stride=2)")
+    assert repr(fused_layers.ShiftedConv2d(3, 4, shift="down_right", shift_output=True)).endswith("shift='down_right', shift_output=True)")
+
+
+def test_gated_resnet_dropout_follows_its_own_mode():
+    """As nn.Dropout: an eval-mode block whose dropout is in training mode drops (Monte Carlo dropout), and back."""
+    layer = fused_layers.GatedResnet(3, dropout=0.5).eval()
+    x = torch.randn(1, 3, 4, 4)
+    with pixelcnn_kernels.use_backend("reference"):
+        layer.dropout.train()
+        assert not torch.equal(layer(x), layer(x))
+        layer.train().dropout.eval()
+        assert torch.equal(layer(x), layer(x))
 
 
 def test_bad_forward_arguments():

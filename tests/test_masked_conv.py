@@ -954,6 +954,23 @@ def test_torch_compile_asks_for_a_mask_spec_in_place_of_a_mask_tensor():
 # ------------------------------------------------------------------ modules
 
 
+def test_modules_compute_in_autocasts_dtype_as_conv2d_does():
+    """Under autocast their output has autocast's dtype, as nn.Conv2d's, and is the op of the cast operands;
+    outside it they compute in their input's dtype, whatever their parameters'."""
+    x, cond = torch.randn(2, 3, 4, 5), torch.randn(2, 8)
+    plain, gated = MaskedConv2d(3, 8, 3, mask="A"), MaskedConv2dGated(3, 8, 3, mask="B")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = plain(x), gated(x, cond)
+        assert plain(x).dtype == torch.nn.Conv2d(3, 8, 3)(x).dtype == torch.bfloat16
+    bf16 = [t.bfloat16() for t in (x, plain.weight, plain.bias, gated.weight, gated.bias, cond)]
+    expected = masked_conv2d(*bf16[:3], "A"), masked_conv2d_gated(bf16[0], *bf16[3:5], "B", cond=bf16[5])
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, e)
+    assert plain.double()(x).dtype == torch.float32 and gated.half()(x.double(), cond).dtype == torch.float64
+    with pytest.raises(TypeError, match="x must have dtype"):
+        plain(x.long())
+
+
 def test_module_loads_a_conv2d_state_dict_and_back():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     module = MaskedConv2d(4, 6, 3, mask="B")
@@ -978,6 +995,19 @@ def test_module_from_conv_keeps_the_parameter_objects():
         MaskedConv2d.from_conv(nn.Conv2d(3, 6, 3, stride=2))
     with pytest.raises(ValueError, match="dilation"):
         MaskedConv2d.from_conv(conv, "down_shifted", dilation=1)
+
+
+def test_module_from_conv_keeps_a_masked_convs_mask_and_refuses_what_it_cannot_carry_over():
+    """A MaskedConv2d keeps its own mask (not the default "B", which would let mask A's pixel see itself);
+    a lazy conv has no Parameters yet; spectral_norm's hook would not run (its parametrization is carried over)."""
+    assert MaskedConv2d.from_conv(MaskedConv2d(3, 6, 3, mask="A", color_groups=3), color_groups=3).spec == resolve_mask("A", 3, 3)
+    with pytest.raises(ValueError, match="lazy conv"):
+        MaskedConv2d.from_conv(nn.LazyConv2d(4, 3))
+    with pytest.raises(ValueError, match="spectral_norm's hook"):
+        MaskedConv2d.from_conv(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)))
+    conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(MaskedConv2d.from_conv(conv).eval()(x), masked_conv2d_ref(x, conv.weight, conv.bias, "B"))
 
 
 def test_module_repr_and_implied_kernel_size():

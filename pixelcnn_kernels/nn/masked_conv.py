@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
 from pixelcnn_kernels.reference.masked_conv import GATES
-from pixelcnn_kernels.utils import check_int
+from pixelcnn_kernels.utils import activation_dtype, check_int, check_tensor
 
 
 def weight_norm_hook(conv: nn.Module) -> WeightNorm | None:
@@ -38,12 +39,23 @@ def refresh_weight_norm(model: nn.Module) -> None:
                 setattr(module, hook.name, hook.compute_weight(module))
 
 
+def conv_operands(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x`` (a float tensor), ``conv.weight`` and ``conv.bias`` cast to the activation dtype of ``x``:
+    autocast's, else ``x``'s (the modules compute in their input's dtype, whatever their parameters')."""
+    dtype = activation_dtype(check_tensor(x, "x"))  # a float x: integer weights would round to zeros
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return x.to(dtype), conv.weight.to(dtype), bias
+
+
 class MaskedConv2d(nn.Conv2d):
     """A stride-1, same-size masked convolution with ``nn.Conv2d``'s parameters.
 
     ``weight`` (out, in, kh, kw) and ``bias`` are the Conv2d Parameters under the
     same state_dict keys, so a Conv2d checkpoint loads as is; masked-out weights
-    are kept but never used, and their gradient is exactly zero. ``mask`` is a
+    are kept but never read by the convolution, and their gradient from it is exactly
+    zero (what else reads them still does: weight norm's ‖v‖ counts them, weight decay
+    shrinks them). ``forward`` computes in its input's dtype, or autocast's where
+    autocast is on, as the package's layers do: the Parameters are cast to it. ``mask`` is a
     named spec (``kernel_size`` may then be implied, e.g. 2×3 for
     ``"down_shifted"``), a boolean (kh, kw) tensor or a MaskSpec; it is resolved
     once, here, to ``self.spec``. Conv2d's ``padding`` stays 0: the spec's
@@ -71,10 +83,11 @@ class MaskedConv2d(nn.Conv2d):
         self.spec = spec
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, mask: str | torch.Tensor | MaskSpec = "B", dilation: int | None = None, **options) -> "MaskedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, mask: str | torch.Tensor | MaskSpec | None = None, dilation: int | None = None, **options) -> "MaskedConv2d":
         """Wraps ``conv``'s own Parameter objects (no copy) in this class.
 
-        ``conv`` must have stride 1, one group, zero padding mode and equal
+        ``mask``: as the constructor's; None is ``conv``'s own spec when it is a
+        MaskedConv2d, else ``"B"``. ``conv`` must have stride 1, one group, zero padding mode and equal
         dilations (``dilation``, if given, must be that value); its ``padding``
         is ignored (the mask fixes the padding). A weight that ``conv`` computes
         (``torch.nn.utils.weight_norm``, or a ``torch.nn.utils.parametrize``
@@ -85,6 +98,13 @@ class MaskedConv2d(nn.Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in conv.parameters()):
+            raise ValueError("conv is a lazy conv whose Parameters are not yet initialised: run it on an input first")
+        if any(isinstance(hook, SpectralNorm) for hook in conv._forward_pre_hooks.values()):
+            raise ValueError("conv has torch.nn.utils.spectral_norm's hook, which the masked conv would not run: "
+                             "use torch.nn.utils.parametrizations.spectral_norm, which it carries over")
+        if mask is None:
+            mask = conv.spec if isinstance(conv, MaskedConv2d) else "B"
         if conv.stride != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"conv must have stride 1, groups 1 and zero padding, got stride={conv.stride}, groups={conv.groups}, padding_mode={conv.padding_mode!r}")
         if conv.dilation[0] != conv.dilation[1]:
@@ -124,7 +144,8 @@ class MaskedConv2d(nn.Conv2d):
         return module.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_conv2d(x, self.weight, self.bias, self.spec, self.dilation[0], self.spec.color_groups)
+        x, weight, bias = conv_operands(self, x)
+        return masked_conv2d(x, weight, bias, self.spec, self.dilation[0], self.spec.color_groups)
 
     def extra_repr(self) -> str:
         kh, kw = self.spec.kernel_size
@@ -176,7 +197,9 @@ class MaskedConv2dGated(MaskedConv2d):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         groups = self.spec.color_groups
-        return masked_conv2d_gated(x, self.weight, self.bias, self.spec, self.dilation[0], groups, self.gate, cond, gate_groups=groups)
+        x, weight, bias = conv_operands(self, x)
+        cond = None if cond is None else cond.to(x.dtype)
+        return masked_conv2d_gated(x, weight, bias, self.spec, self.dilation[0], groups, self.gate, cond, gate_groups=groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate={self.gate!r}"

@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
+from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.nn.masked_conv import MaskedConv2d, conv_operands
 from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as discretized_mix_logistic_nll_ref
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
 from pixelcnn_kernels.reference.gates import gate_tanh_sigmoid as gate_tanh_sigmoid_ref
 from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
-from pixelcnn_kernels.utils import AUTOCAST_DEVICE_TYPES, check_dropout_rate, check_same_device, check_same_dtype, check_tensor, in_layout_of
+from pixelcnn_kernels.utils import activation_dtype, check_dropout_rate, check_int, check_same_device, check_same_dtype, check_tensor, in_layout_of
 
 SHIFTS = ("down", "down_right")
 
@@ -65,27 +66,6 @@ def set_ops(module: nn.Module, ops: OpSet) -> nn.Module:
         if isinstance(getattr(submodule, "ops", None), OpSet):
             submodule.ops = ops
     return module
-
-
-def activation_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a layer computes in: autocast's dtype when autocast is on for ``x``'s device.
-
-    The custom ops are not autocast-aware, so the layers cast their operands themselves;
-    doing it here for both op sets keeps the fused and reference-built layers identical.
-    """
-    device_type = x.device.type
-    # The device types named, not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot
-    # trace that (a graph break per layer under torch.compile), 2.13's can.
-    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def conv_operands(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``x``, ``conv.weight`` and ``conv.bias`` cast to the activation dtype of ``x``."""
-    dtype = activation_dtype(x)
-    bias = None if conv.bias is None else conv.bias.to(dtype)
-    return x.to(dtype), conv.weight.to(dtype), bias
 
 
 def apply_masked_conv(ops_fn: Callable[..., torch.Tensor], conv: MaskedConv2d, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -128,8 +108,7 @@ def _cond_projection(cond_channels: int | None, out_channels: int) -> nn.Linear 
     """V^T·h of the Gated PixelCNN paper: a per-image vector added to every pixel's pre-activation."""
     if cond_channels is None:
         return None
-    if not isinstance(cond_channels, int) or cond_channels < 1:
-        raise ValueError(f"cond_channels must be a positive int or None, got {cond_channels!r}")
+    check_int(cond_channels, "cond_channels", 1)
     return nn.Linear(cond_channels, out_channels, bias=False)
 
 
@@ -181,9 +160,8 @@ class GatedMaskedConv2d(nn.Module):
         self, channels: int, kernel_size: int = 3, dilation: int = 1, color_groups: int = 1, cond_channels: int | None = None, dropout: float = 0.0
     ):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        check_int(channels, "channels", 1)
+        if check_int(kernel_size, "kernel_size", 1) % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         if color_groups not in (1, 3):
             raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
@@ -251,12 +229,10 @@ class GatedResnet(nn.Module):
 
     def __init__(self, channels: int, shift: str = "down", skip_streams: int = 0, cond_channels: int | None = None, dropout: float = 0.5):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        check_int(channels, "channels", 1)
         if shift not in SHIFTS:
             raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-        if not isinstance(skip_streams, int) or skip_streams < 0:
-            raise ValueError(f"skip_streams must be a non-negative int, got {skip_streams!r}")
+        check_int(skip_streams, "skip_streams", 0)
         check_dropout_rate(dropout, "dropout")
         self.channels = channels
         self.skip_streams = skip_streams
@@ -283,7 +259,7 @@ class GatedResnet(nn.Module):
         c = apply_masked_conv(ops.masked_conv2d, self.conv_input, x, input_activation="concat_elu")
         if skip is not None:
             c = residual_masked_conv(ops.masked_conv2d, self.nin_skip, skip, c, input_activation="concat_elu")
-        p = self.dropout.p if self.training else 0.0
+        p = self.dropout.p if self.dropout.training else 0.0  # its own mode, as nn.Dropout's (e.g. Monte Carlo dropout)
         keep = draw_dropout_keep(c, 2 * self.channels, p) if p > 0 else None
         return residual_masked_conv(
             ops.masked_conv2d_gated, self.conv_out, c, x, input_activation="concat_elu", gate="sigmoid", cond=_project(self.cond_proj, cond, c),
@@ -324,24 +300,34 @@ class ShiftedConv2d(MaskedConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] | None = None, shift: str = "down", stride: int = 1, shift_output: bool = False):
         if shift not in SHIFTS:
             raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        check_int(stride, "stride", 1)
+        if not isinstance(shift_output, bool):
+            raise TypeError(f"shift_output must be a bool, got {type(shift_output).__name__}")
         super().__init__(in_channels, out_channels, kernel_size, mask=f"{shift}_shifted")
+        self.stride = (stride, stride)  # Conv2d's attribute: the masked conv op is stride 1, a larger one runs F.conv2d
         self.shift = shift
-        self.conv_stride = stride
         self.shift_output = shift_output
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *args, **kwargs):
+        raise TypeError("ShiftedConv2d.from_conv is not supported: use MaskedConv2d.from_conv(conv, mask='down_shifted') "
+                        "or mask='down_right_shifted' (pixelcnn_kernels.convert does, for PixelCNN++'s shifted convs)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(x, self.in_channels, "x")
-        if self.conv_stride == 1:
+        if self.stride[0] == 1:
             out = apply_masked_conv(self.ops.masked_conv2d, self, x)
         else:
             x, weight, bias = conv_operands(self, x)
             top, bottom, left, right = self.spec.padding()
-            out = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=self.conv_stride)
+            out = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=self.stride)
         if not self.shift_output:
             return out
         return down_shift(out) if self.shift == "down" else right_shift(out)
+
+    def extra_repr(self) -> str:
+        stride = f", stride={self.stride[0]}" if self.stride[0] > 1 else ""
+        return f"{super().extra_repr()}, shift={self.shift!r}{stride}" + (", shift_output=True" if self.shift_output else "")
 
 
 class ShiftedConvTranspose2d(nn.ConvTranspose2d):
@@ -357,7 +343,8 @@ class ShiftedConvTranspose2d(nn.ConvTranspose2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int] | None = None, shift: str = "down", stride: int = 2):
         if shift not in SHIFTS:
             raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-        kernel_size = kernel_size or ((2, 3) if shift == "down" else (2, 2))
+        check_int(stride, "stride", 1)
+        kernel_size = resolve_mask(f"{shift}_shifted", kernel_size).kernel_size  # the shifted conv's checks (an odd width "down")
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, output_padding=stride - 1)
         self.shift = shift
 

@@ -182,7 +182,7 @@ class _LinearNode(_Node):
 def _conv_node(conv: ShiftedConv2d, source: _Node, dtype: torch.dtype) -> _LinearNode:
     """``conv`` (stride 1 or 2, with or without its output shift) on ``source``."""
     weight, bias = masked_operands(conv, dtype)
-    stride = conv.conv_stride
+    stride = conv.stride[0]
     top, _, left, _ = conv.spec.padding()
     kh, kw = conv.spec.kernel_size
     # The output shift moves the conv's output one row down ("down") or one column right.
