@@ -110,6 +110,9 @@ class CausalityReport:
         Colours: white no influence, green influence, red leak, orange blind
         spot; the output's own pixel is outlined in blue.
         """
+        path = Path(path)
+        if path.suffix.lower() != ".png":  # matplotlib would add one, or write another format
+            raise ValueError(f"path must name a .png file, got {str(path)!r}")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -131,7 +134,6 @@ class CausalityReport:
         legend = [Patch(color=colours(k), label=label) for k, label in enumerate(["no influence", "influence", "leak", "blind spot"])]
         fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=4, fontsize="small")
         fig.suptitle(f"receptive field of output {tuple(position)} (group, row, col)", y=1.04)
-        path = Path(path)
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path

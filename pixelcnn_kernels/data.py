@@ -11,7 +11,7 @@ training and a held-out part, with optional class labels.
   photographs that ship inside scikit-image (:data:`PHOTO_NAMES`: no download),
   ``num_bins=256``, no labels.
 - a folder of PNG/JPEG files (read with Pillow; all the same size; greyscale if
-  every file is greyscale, else RGB; ``num_bins=256``);
+  every file is greyscale, else RGB; ``num_bins=256``, 16-bit greyscale rescaled to it);
 - an ``.npz`` file: key ``images``, an integer array (N, H, W), (N, H, W, C)
   (channels last, C in 1 or 3) or (N, C, H, W) (C in 1 or 3 and the last
   dimension not), values ``0..num_bins-1`` where ``num_bins`` is the file's
@@ -64,7 +64,7 @@ class ImageDataset:
 
 def quantize(images: torch.Tensor, from_bins: int, to_bins: int) -> torch.Tensor:
     """Maps integer images with bins 0..from_bins-1 onto 0..to_bins-1 (equal-width bins)."""
-    if not 2 <= to_bins <= from_bins:
+    if isinstance(to_bins, bool) or not isinstance(to_bins, int) or not 2 <= to_bins <= from_bins:
         raise ValueError(f"num_bins (--num-bins) must be between 2 and the data's {from_bins} bins, got {to_bins}")
     if to_bins == from_bins:
         return images
@@ -132,20 +132,36 @@ def _read_folder(folder: Path) -> tuple[torch.Tensor, None, int]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
-    opened = []
-    for file in files:
-        try:
-            opened.append(Image.open(file))
-        except OSError as exc:  # PIL's UnidentifiedImageError: a PNG/JPEG name on something else
-            raise ValueError(f"{file}: not a readable image ({exc})") from exc
-    grey = all(im.mode in ("L", "1", "I;16", "I") for im in opened)
-    arrays = [np.asarray(im.convert("L" if grey else "RGB")) for im in opened]
+    arrays = [_read_image(Image, file) for file in files]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"{folder}: images must all have one size, found sizes {sorted(sizes)}")
-    stacked = np.stack(arrays)
-    images = torch.from_numpy(stacked).unsqueeze(1) if grey else torch.from_numpy(stacked).permute(0, 3, 1, 2)
-    return images.contiguous(), None, 256
+    if all(a.ndim == 2 for a in arrays):
+        return torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous(), None, 256
+    rgb = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]  # grey among colour: R = G = B
+    return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).contiguous(), None, 256
+
+
+GREY_MODES = ("L", "1")
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit PNGs open as one of these
+
+
+def _read_image(Image, file: Path) -> np.ndarray:
+    """One image file, read and closed: uint8 (H, W) for grey, (H, W, 3) RGB otherwise.
+
+    16-bit grey is rescaled to 8 bits (v · 255 / 65535, rounded): converting it to "L", as
+    PIL would, clips every value above 255.
+    """
+    try:
+        with Image.open(file) as image:
+            if image.mode in SIXTEEN_BIT_GREY_MODES:
+                values = np.asarray(image).astype(np.int64)
+                if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+                    raise ValueError(f"{file}: a {image.mode} image with values outside 0..65535")
+                return ((values * 255 + 32767) // 65535).astype(np.uint8)
+            return np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))
+    except OSError as exc:  # PIL's UnidentifiedImageError: a PNG/JPEG name on something else
+        raise ValueError(f"{file}: not a readable image ({exc})") from exc
 
 
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -229,7 +245,7 @@ def save_image_grid(images: torch.Tensor, num_bins: int, path: str | Path, colum
 def load_dataset(spec: str, *, num_bins: int | None = None, seed: int = 0) -> ImageDataset:
     """``"digits"``, ``"photos"`` or a path (folder or .npz); ``num_bins`` quantises (default: the data's own)."""
     if spec == "digits":
-        return load_digits(num_bins=num_bins or DIGITS_BINS, seed=seed)
+        return load_digits(num_bins=DIGITS_BINS if num_bins is None else num_bins, seed=seed)
     if spec == "photos":
-        return load_photos(num_bins=num_bins or 256, seed=seed)
+        return load_photos(num_bins=256 if num_bins is None else num_bins, seed=seed)
     return load_images(spec, num_bins=num_bins, seed=seed)

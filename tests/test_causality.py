@@ -171,6 +171,9 @@ def test_receptive_field_png(tmp_path):
     assert category[0, 4, 3] == 1 and category[1, 4, 3] == 0  # R of its own pixel influences, G itself does not
     with pytest.raises(ValueError, match="was not checked"):
         report.save_receptive_field_png(tmp_path / "other.png", (0, 0, 0))
+    for not_png in ("field", "field.jpg"):  # matplotlib would have written field.png, or a JPEG
+        with pytest.raises(ValueError, match="path must name a .png file"):
+            report.save_receptive_field_png(tmp_path / not_png, (1, 4, 3))
 
 
 def test_forward_fn_for_integer_image_models():

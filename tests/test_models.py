@@ -5,6 +5,7 @@ import json
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from op_table import CUDA
@@ -333,6 +334,22 @@ def test_bad_model_arguments():
         build_model("pixelsnail", {})
     with pytest.raises(ValueError, match="spec"):
         model_from_config({"config": {}})
+    # image_size, bools where ints are meant, the DMOL head's bin limit: at construction, not at the first sample or loss
+    for build, error, message in (
+        (lambda: GatedPixelCNN(1, image_size=(4, 4, 4)), ValueError, r"image_size must be \(H, W\), two positive ints"),
+        (lambda: GatedPixelCNN(1, image_size=(4.5, 4)), ValueError, "image_size must be"),
+        (lambda: PixelCNNPlusPlus(image_size=(-4, 4)), ValueError, "image_size must be"),
+        (lambda: model_from_config({"name": "gated_pixelcnn", "config": {"image_size": "ab"}}), ValueError, "image_size must be"),
+        (lambda: GatedPixelCNN(True), ValueError, "in_channels must be 1 or 3, got True"),
+        (lambda: GatedPixelCNN(1, num_classes=True), ValueError, "num_classes must be a positive int or None, got True"),
+        (lambda: GatedPixelCNN(1, head="dmol", num_bins=3000), ValueError, "num_bins must be at most 2000 with the DMOL head"),
+        (lambda: PixelCNNPlusPlus(num_bins=3000), ValueError, "num_bins must be at most 2000"),
+        (lambda: GatedPixelCNN(1, layers=1, dilations=3), TypeError, "dilations must be a list or tuple"),
+        (lambda: GatedPixelCNN(1, kernel_size=(3, 3)), TypeError, "kernel_size must be an int"),
+        (lambda: GatedPixelCNN(1, kernel_size=4), ValueError, "kernel_size must be odd"),
+    ):
+        with pytest.raises(error, match=message):
+            build()
 
 
 def test_bad_images():
@@ -343,6 +360,10 @@ def test_bad_images():
         model(torch.zeros(1, 3, 4, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):
         model([[0]])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model.bits_per_dim([[0]])  # x checked before its shape is read
+    with pytest.raises(ValueError, match=r"x must be \(B, 1, H, W\)"):
+        model.bits_per_dim(torch.zeros(1, *shape[1:], dtype=torch.long))
     pp, pp_shape = tiny("pp_grey")
     with pytest.raises(ValueError, match="multiples of 4"):
         pp(torch.zeros(1, 1, 6, 8, dtype=torch.long))
@@ -457,6 +478,21 @@ def test_bad_sampler_arguments():
     dmol, _ = tiny("gated_dmol")
     with pytest.raises(TypeError, match="pair"):
         dmol.sample(1, size=(2, 2), noise=torch.rand(1, 3, 2, 2))
+    for bad in (float("nan"), 1.0, -0.5):  # the draws' inverse CDFs need uniforms in [0, 1)
+        with pytest.raises(ValueError, match=r"noise must hold uniforms in \[0, 1\)"):
+            model.sample(1, size=(2, 2), noise=torch.full((1, 1, 2, 2), bad), progress=False)
+    with pytest.raises(ValueError, match="give noise or generator, not both"):
+        model.sample(1, size=(2, 2), noise=torch.rand(1, 1, 2, 2), generator=torch.Generator(), progress=False)
+    with pytest.raises(ValueError, match="n must be a positive int, got 2.0"):
+        model.sample(2.0)
+    assert model.sample(np.int64(2), size=(2, 2), progress=False).shape == model.sample(torch.tensor(2), size=(2, 2), progress=False).shape == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["gated_grey", "gated_dmol", "pp_grey"])
+def test_an_empty_batch_has_an_empty_likelihood(name):
+    model, shape = tiny(name)
+    empty = torch.zeros(0, *shape, dtype=torch.long)
+    assert model.nll(empty).shape == model.bits_per_dim(empty).shape == (0,)
 
 
 # ---------------------------------------------------------------- GPU: the issue's configurations

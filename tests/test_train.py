@@ -89,6 +89,38 @@ def test_folder_of_images(tmp_path):
         load_images(tmp_path)
 
 
+def test_folder_of_16_bit_and_mixed_images(tmp_path):
+    """16-bit grey is rescaled to 8 bits (PIL's convert("L") clips it at 255); grey among colour becomes R = G = B;
+    each file is closed before the next is opened (a folder larger than the open-file limit loads)."""
+    from PIL import Image
+
+    sixteen = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5957)  # 0 .. 65527
+    Image.fromarray(sixteen).save(tmp_path / "a.png")
+    Image.fromarray(np.full((3, 4), 200, dtype=np.uint8)).save(tmp_path / "b.png")
+    grey = torch.cat([load_images(tmp_path).train, load_images(tmp_path).held_out])
+    expected = torch.from_numpy((sixteen.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    assert any(torch.equal(image[0], expected) for image in grey) and int(expected.max()) == 255
+    Image.fromarray(np.zeros((3, 4, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    rgb = load_images(tmp_path)
+    assert rgb.image_shape == (3, 3, 4)
+    every = torch.cat([rgb.train, rgb.held_out])
+    assert any(torch.equal(image, torch.full((3, 3, 4), 200, dtype=torch.uint8)) for image in every)
+    opened = []
+    real_open = Image.open
+
+    def tracking_open(*args, **kwargs):
+        image = real_open(*args, **kwargs)
+        opened.append(image)
+        assert sum(im.fp is not None for im in opened) <= 1, "a file was left open"
+        return image
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Image, "open", tracking_open):
+        load_images(tmp_path)
+    assert len(opened) == 3
+
+
 @pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
 def test_npz_layouts(tmp_path, layout):
     images = np.random.default_rng(0).integers(0, 5, (10, 1, 4, 6))

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import math
+import operator
 import time
 from typing import ClassVar
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.nn.layers import FUSED_OPS
-from pixelcnn_kernels.ops.dmol import every_value_is_a_bin, sample_discretized_mix_logistic, to_bins
+from pixelcnn_kernels.ops.dmol import MAX_NUM_BINS, every_value_is_a_bin, sample_discretized_mix_logistic, to_bins
 from pixelcnn_kernels.reference.dmol import bins_to_values
 from pixelcnn_kernels.reference.layers import OpSet
 from pixelcnn_kernels.sampling.common import SamplingProblem, SamplingStats, write_values
@@ -39,6 +40,14 @@ from pixelcnn_kernels.utils import DTypeError, TrainingModes, channels_last, com
 HEADS = ("softmax", "dmol")
 SAMPLING_METHODS = ("naive", "cached", "jacobi")
 IMAGE_DTYPES = (torch.uint8, torch.int32, torch.int64)
+
+
+def check_image_size(image_size: object) -> tuple[int, int]:
+    """``image_size`` as an (H, W) pair of positive ints, else ValueError naming it."""
+    pair = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"image_size must be (H, W), two positive ints, got {image_size!r}")
+    return pair
 
 
 def dmol_parameter_count(in_channels: int, num_logistic_mix: int) -> int:
@@ -79,13 +88,15 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
     def __init__(self, config: dict, *, in_channels: int, num_bins: int, head: str, num_classes: int | None, num_logistic_mix: int):
         super().__init__()
-        if in_channels not in (1, 3):
+        if isinstance(in_channels, bool) or in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
-        if not isinstance(num_bins, int) or num_bins < 2:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if head == "dmol" and num_bins > MAX_NUM_BINS:
+            raise ValueError(f"num_bins must be at most {MAX_NUM_BINS} with the DMOL head (its likelihood's range), got {num_bins}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         if not isinstance(num_logistic_mix, int) or num_logistic_mix < 1:
             raise ValueError(f"the number of logistic mixtures must be a positive int, got {num_logistic_mix!r}")
@@ -184,7 +195,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
             bins = logits.shape[1]
             rows = logits.permute(0, 3, 4, 2, 1).reshape(-1, bins).to(compute_dtype(logits.dtype))
             targets = x.long().permute(0, 2, 3, 1).reshape(-1)
-            return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], -1).sum(dim=1)
+            values_per_image = x.shape[1] * x.shape[2] * x.shape[3]  # not -1: a batch of 0 images has any
+            return F.cross_entropy(rows, targets, reduction="none").view(x.shape[0], values_per_image).sum(dim=1)
         return self.ops.discretized_mix_logistic_nll(x.long(), logits, num_bins=self.num_bins).sum(dim=(1, 2))
 
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,8 +205,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
 
     def bits_per_dim(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) bits per sub-pixel: ``nll / (C·H·W·ln 2)``."""
-        dims = x.shape[1] * x.shape[2] * x.shape[3]
-        return self.nll(x, cond) / (dims * math.log(2.0))
+        nll = self.nll(x, cond)  # checks x first
+        return nll / (x.shape[1] * x.shape[2] * x.shape[3] * math.log(2.0))
 
     # ---- sampling ----
 
@@ -251,8 +263,9 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise ValueError(f"block_rows is an option of method='jacobi', got method={method!r}")
         if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
             raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not hasattr(type(n), "__index__") or operator.index(n) < 1:  # numpy and 0-d tensor ints too
             raise ValueError(f"n must be a positive int, got {n!r}")
+        n = operator.index(n)
         from pixelcnn_kernels.sampling import cached_sampler, jacobi_sample, sample_cached_exactly  # the samplers build on this module
 
         run_cached = cached_sampler(self) if method == "cached" else None  # raises for a model without one
@@ -321,7 +334,9 @@ class PixelCNNModel(nn.Module, abc.ABC):
         class_vector = self.class_vector(cond, n)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if noise is None and generator is not None and generator.device != device:
+        if noise is not None and generator is not None:
+            raise ValueError("give noise or generator, not both: noise fixes every draw, and generator would go unused")
+        if generator is not None and generator.device != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         noise = self._sample_noise(n, height, width, noise, generator, device)
         return SamplingProblem(images, known_mask, noise, cond, class_vector)
@@ -386,6 +401,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(u.shape)}")
             if u.device != device:
                 raise ValueError(f"{name} is on {u.device} but the model is on {device}")
+            if not bool(((u >= 0) & (u < 1)).all()):  # one host read per sample() call
+                raise ValueError(f"{name} must hold uniforms in [0, 1); it has values outside (or NaN)")
         return noise
 
 

@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelcnn_kernels.models.base import PixelCNNModel, dmol_parameter_count
+from pixelcnn_kernels.models.base import PixelCNNModel, check_image_size, dmol_parameter_count
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.reference.layers import apply_masked_conv
+from pixelcnn_kernels.utils import check_int
 
 
 class GatedPixelCNN(PixelCNNModel):
@@ -57,6 +58,11 @@ class GatedPixelCNN(PixelCNNModel):
         num_logistic_mix: int = 10,
         image_size: tuple[int, int] = (28, 28),
     ):
+        image_size = check_image_size(image_size)
+        if dilations is not None and not isinstance(dilations, (list, tuple)):
+            raise TypeError(f"dilations must be a list or tuple of ints (one per layer) or None, got {type(dilations).__name__}")
+        if check_int(kernel_size, "kernel_size", 1) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the stacks' masks are centred on the pixel), got {kernel_size}")
         config = dict(
             in_channels=in_channels,
             hidden=hidden,
@@ -79,7 +85,7 @@ class GatedPixelCNN(PixelCNNModel):
         self.color_groups = 3 if in_channels == 3 and head == "softmax" else 1
         if not isinstance(hidden, int) or hidden < 1 or hidden % self.color_groups:
             raise ValueError(f"hidden must be a positive int{', a multiple of 3 for RGB with the softmax head' if self.color_groups == 3 else ''}, got {hidden!r}")
-        self.image_size = tuple(image_size)
+        self.image_size = image_size
         self.conv_vstack = MaskedConv2d(in_channels, hidden, kernel_size, mask="vertical_A")
         self.conv_hstack = MaskedConv2d(in_channels, hidden, (1, kernel_size), mask="horizontal_A", color_groups=self.color_groups)
         self.conv_layers = nn.ModuleList(

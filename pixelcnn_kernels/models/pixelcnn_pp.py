@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelcnn_kernels.models.base import PixelCNNModel, dmol_parameter_count
+from pixelcnn_kernels.models.base import PixelCNNModel, check_image_size, dmol_parameter_count
 from pixelcnn_kernels.nn.layers import GatedResnet, ShiftedConv2d, ShiftedConvTranspose2d
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.reference.layers import apply_masked_conv
@@ -98,6 +98,7 @@ class PixelCNNPlusPlus(PixelCNNModel):
         num_bins: int = 256,
         image_size: tuple[int, int] = (32, 32),
     ):
+        image_size = check_image_size(image_size)
         config = dict(
             nr_resnet=nr_resnet,
             nr_filters=nr_filters,
@@ -113,7 +114,7 @@ class PixelCNNPlusPlus(PixelCNNModel):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.check_spatial_size(*image_size)
-        self.image_size = tuple(image_size)
+        self.image_size = image_size
         self.up_layers = nn.ModuleList(PixelCNNLayerUp(nr_resnet, nr_filters, num_classes, dropout) for _ in range(STAGES))
         down_nr_resnet = [nr_resnet] + [nr_resnet + 1] * (STAGES - 1)
         self.down_layers = nn.ModuleList(PixelCNNLayerDown(count, nr_filters, num_classes, dropout) for count in down_nr_resnet)

@@ -44,7 +44,7 @@ forward, but on other shapes than the full image, which may sum in another order
 from the full forward's in the last bits. The draft is then the naive sampler's image
 unless a noise value falls within that rounding of a category boundary: never in
 practice for a float64 model (the tests check the draft needed no repair), rarely in
-float32, now and then over large batches in bf16/fp16. ``model.sample`` checks every
+float32, in bf16/fp16 as :mod:`~pixelcnn_kernels.sampling.verify` measured. ``model.sample`` checks every
 draft with one full forward and repairs such values and the values drawn after them
 (:mod:`~pixelcnn_kernels.sampling.verify`), so the returned image is the naive one bit
 for bit. In float32 the cached logits are as accurate as the full forward's (within

@@ -23,8 +23,13 @@ of the changes' spread through the later values. After :data:`MAX_REPAIR_ROUNDS`
 (a draft far from the naive image) Jacobi iterations finish the image: their fixed
 point is the naive image too, reached within as many forwards as values.
 
-A float64 draft needs no round in practice, a float32 one rarely; bf16 and fp16 drafts
-now and then over a large batch. Like Jacobi sampling this relies on a forward that is
+A float64 draft needs no round in practice, a float32 one rarely. In bf16 and fp16 it
+depends on the model. Measured on the CPU (3 images of 3×4×4, 256 bins, random weights
+doubled, 6 seeds): a Gated PixelCNN (6 channels, 2 layers) needed no round, a PixelCNN++
+(4 filters, 1 block per stage, 2 logistics) redrew 20 to 30 of its 48 values every time,
+9 to 12 full forwards; its cached logits are about as accurate as its full forward's (an
+error of ~0.02 against float64), and the bins are 2/255 wide. The image is the naive one
+either way; only the time grows. Like Jacobi sampling this relies on a forward that is
 a deterministic function of its input for a given shape (the package's kernels, the
 CPU; cuDNN with ``torch.backends.cudnn.deterministic``, which ``model.sample`` sets:
 :func:`~pixelcnn_kernels.models.base.exact_sampling_arithmetic`) whose masked taps add
