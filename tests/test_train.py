@@ -147,6 +147,9 @@ def test_npz_errors(tmp_path):
         load_images(tmp_path / "d.npz")
     with pytest.raises(ValueError, match="missing.npz does not exist"):
         load_dataset(str(tmp_path / "missing.npz"))
+    for bins in (0, 8.5):  # not the default, nor "8.5 bins"
+        with pytest.raises(ValueError, match=rf"num_bins \(--num-bins\) must be between 2 and the data's 17 bins, got {bins}"):
+            load_dataset("digits", num_bins=bins)
     (tmp_path / "text.npz").write_text("not an archive")
     with pytest.raises(ValueError, match=r"text\.npz: not a readable \.npz file"):
         load_dataset(str(tmp_path / "text.npz"))
