@@ -458,7 +458,7 @@ def test_bad_sampler_arguments():
     with pytest.raises(ValueError, match="n must be a positive int, got True"):
         model.sample(True)
     for size in (4, (4, 4.0), (True, 4)):
-        with pytest.raises(ValueError, match="size must be a pair of positive ints"):
+        with pytest.raises(ValueError, match=r"size must be \(H, W\), two positive ints"):
             model.sample(1, size=size)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         model.sample(1, size=(2, 2), generator=1)

@@ -42,11 +42,11 @@ SAMPLING_METHODS = ("naive", "cached", "jacobi")
 IMAGE_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
 
-def check_image_size(image_size: object) -> tuple[int, int]:
-    """``image_size`` as an (H, W) pair of positive ints, else ValueError naming it."""
+def check_image_size(image_size: object, name: str = "image_size") -> tuple[int, int]:
+    """``image_size`` as an (H, W) pair of positive ints, else ValueError naming it ``name``."""
     pair = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-        raise ValueError(f"image_size must be (H, W), two positive ints, got {image_size!r}")
+        raise ValueError(f"{name} must be (H, W), two positive ints, got {image_size!r}")
     return pair
 
 
@@ -342,10 +342,8 @@ class PixelCNNModel(nn.Module, abc.ABC):
         return SamplingProblem(images, known_mask, noise, cond, class_vector)
 
     def _sample_size(self, n: int, prefix: torch.Tensor | None, size: tuple[int, int] | None) -> tuple[int, int]:
-        if size is not None and (
-            not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
-        ):
-            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
+        if size is not None:
+            size = check_image_size(size, "size")
         if prefix is not None:
             self.check_images(prefix, "prefix")
             if prefix.shape[0] != n:

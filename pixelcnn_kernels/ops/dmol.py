@@ -194,8 +194,9 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
     ``num_bins``, ``reduction`` or x out of range. The range check reads x's minimum
     and maximum on the host, which on a GPU waits for the work queued before it; it is
     skipped under ``torch.compile`` and CUDA-graph capture, and with ``check_x=False``
-    (a training loop whose images are valid bins by construction: the drop-in models
-    check their images' dtype and shape only).
+    (a training loop whose images are valid bins by construction; the drop-in models
+    check their images' dtype and shape on the host and their bins on the device, with
+    ``torch._assert_async``).
     """
     _check_nll_args(x, logits, num_bins, reduction, check_x)
     nll = _dmol_nll_call(x, logits, num_bins)
