@@ -33,6 +33,6 @@ def test_every_tap_set_the_drop_in_models_launch_is_compiled():
         (type(model).__name__, name): tuple(tap_offsets(module.spec, 1))
         for model in models
         for name, module in model.named_modules()
-        if isinstance(module, MaskedConv2d) and getattr(module, "conv_stride", 1) == 1  # strided: F.conv2d
+        if isinstance(module, MaskedConv2d) and module.stride == (1, 1)  # strided (ShiftedConv2d): F.conv2d
     }
     assert not {key for key, offsets in launched.items() if offsets not in compiled}
