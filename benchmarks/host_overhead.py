@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import pixelcnn_kernels as pk  # noqa: E402
-from pixelcnn_kernels.bench.harness import print_report  # noqa: E402
-from pixelcnn_kernels.cli import positive_int  # noqa: E402
+from pixelcnn_kernels.bench.harness import Report  # noqa: E402
+from pixelcnn_kernels.cli import ArgumentParser, positive_int, report_user_errors  # noqa: E402
 from pixelcnn_kernels.models import GatedPixelCNN, PixelCNNPlusPlus  # noqa: E402
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d, GatedResnet  # noqa: E402
 from pixelcnn_kernels.reference.layers import REFERENCE_OPS, set_ops  # noqa: E402
@@ -107,21 +107,21 @@ def host_ms(forward, steps: int) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--steps", type=positive_int, default=30, help="timed forward+backward calls per row (default 30)")
     parser.add_argument("--out", type=Path, help="also write the table, with the date, CPU and versions, to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lines = ["| workload | ops | host ms (fwd+bwd) | Triton launches |", "|---|---|---:|---:|"]
+    report = Report(["| workload | ops | host ms (fwd+bwd) | Triton launches |", "|---|---|---:|---:|"],
+                    f"cpu: {_cpu_name()}, torch.set_num_threads(1)", f"python benchmarks/host_overhead.py --steps {args.steps}", args.out)
     for name, module, forward in workloads():
         for ops in ("fused", "reference"):
             if ops == "reference":
                 set_ops(module, REFERENCE_OPS)
             with pk.use_backend("triton"):
                 ms, launches = host_ms(forward, args.steps)
-            lines.append(f"| {name} | {ops} | {ms:.2f} | {launches if ops == 'fused' else '-'} |")
-            print(lines[-1], flush=True)
-    print_report(lines, f"cpu: {_cpu_name()}, torch.set_num_threads(1)", f"python benchmarks/host_overhead.py --steps {args.steps}", args.out)
+            report.add(f"| {name} | {ops} | {ms:.2f} | {launches if ops == 'fused' else '-'} |")
+    report.finish()
     return 0
 
 
@@ -136,4 +136,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors("host_overhead.py", main))

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from pixelcnn_kernels.bench.harness import _host_seconds, _Timer, print_report, time_rotating
-from pixelcnn_kernels.cli import positive_int
+from pixelcnn_kernels.bench.harness import Report, _host_seconds, _Timer, time_rotating
+from pixelcnn_kernels.cli import ArgumentParser, positive_int, report_user_errors
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
 from pixelcnn_kernels.triton import dmol
@@ -168,7 +168,7 @@ def time_calls(timer: _Timer, calls: list, repeats: int, device: torch.device) -
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--repeats", type=positive_int, default=30, help="timed calls per row (default 30)")
     parser.add_argument("--out", type=Path, help="also write the table, with the date, GPU and versions, to this file")
     args = parser.parse_args(argv)
@@ -176,23 +176,23 @@ def main(argv=None) -> int:
         print("tile_choices: needs a CUDA GPU (it times GPU kernels); nothing run", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    notes = (
+        f"masked conv: x {BATCH}x{C_IN}x{SIDE}x{SIDE} -> {C_OUT}, vertical 3x3 (6 taps), fp32 in TF32",
+        f"DMOL: B = {DMOL_BATCH}, 3x{SIDE}x{SIDE}, K = {DMOL_MIXTURES}, uint8 bins",
+    )
+    report = Report(["| kernel | dtype | tiles | median ms | p20 | p80 | rate |", "|---|---|---|---:|---:|---:|---:|"],
+                    f"gpu: {torch.cuda.get_device_name(device)}", f"python benchmarks/tile_choices.py --repeats {args.repeats}", args.out, notes)
     timer = _Timer(device)
-    lines = ["| kernel | dtype | tiles | median ms | p20 | p80 | rate |", "|---|---|---|---:|---:|---:|---:|"]
     for kernel in kernels():
         for dtype in (torch.bfloat16, torch.float32):
             calls = [kernel.make_calls(dtype, device, seed) for seed in range(INPUT_SETS)]
             for choice in kernel.choices:
                 with tiles(choice):
                     median, p20, p80 = time_calls(timer, calls, args.repeats, device)
-                lines.append(f"| {kernel.name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {kernel.rate(median, dtype)} |")
-                print(lines[-1], flush=True)
-    notes = (
-        f"masked conv: x {BATCH}x{C_IN}x{SIDE}x{SIDE} -> {C_OUT}, vertical 3x3 (6 taps), fp32 in TF32",
-        f"DMOL: B = {DMOL_BATCH}, 3x{SIDE}x{SIDE}, K = {DMOL_MIXTURES}, uint8 bins",
-    )
-    print_report(lines, f"gpu: {torch.cuda.get_device_name(device)}", f"python benchmarks/tile_choices.py --repeats {args.repeats}", args.out, notes)
+                report.add(f"| {kernel.name} | {str(dtype).removeprefix('torch.')} | {choice} | {median:.4f} | {p20:.4f} | {p80:.4f} | {kernel.rate(median, dtype)} |")
+    report.finish()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors("tile_choices.py", main))

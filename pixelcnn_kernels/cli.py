@@ -80,8 +80,11 @@ def _bench(args: argparse.Namespace) -> int:
     if not cases:
         print(f"bench: -k {args.k!r} matches no case of {', '.join(families)}", file=sys.stderr)
         return 2
-    if args.out:
-        writable_directory(args.out)  # before the first case: an unusable --out fails now, not after it
+    if args.out is not None:
+        try:
+            writable_directory(args.out)  # before the first case: an unusable --out fails now, not after it
+        except OSError as exc:
+            raise ValueError(f"--out {args.out!r} is not a usable directory ({exc.strerror or exc})") from exc
     known_providers = {"eager", "compile", *KERNEL_PROVIDERS, *(name for case in cases for name in case.extra_providers)}
     unknown = sorted(set(args.providers or ()) - known_providers)
     if unknown:  # e.g. `--providers eager gates`: the family was taken for a provider
@@ -90,33 +93,47 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     command = "pixelcnn-kernels " + " ".join(sys.argv[1:])
 
+    finished: list = []  # the rows of the cases done so far, for a run cut short by Ctrl-C
+
     def save(results_so_far, meta, plot: bool = False) -> list[Path]:  # after every case: a run cut short keeps what it measured
+        finished[:] = results_so_far
         return write_results(results_so_far, Path(args.out), {**meta, "command": command}, plot) if args.out else []
 
-    results, meta = run(
-        cases,
-        dtypes,
-        device,
-        warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 2),
-        repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
-        only=set(args.providers) if args.providers else None,
-        after_case=save,
-        cuda_graph=args.cuda_graph,
-    )
+    try:
+        results, meta = run(
+            cases,
+            dtypes,
+            device,
+            warmup=args.warmup if args.warmup is not None else (10 if on_gpu else 2),
+            repeats=args.repeats if args.repeats is not None else (50 if on_gpu else 3),
+            only=set(args.providers) if args.providers else None,
+            after_case=save,
+            cuda_graph=args.cuda_graph,
+        )
+    except KeyboardInterrupt:
+        print(format_table(finished))
+        kept = f"; they are in {args.out}" if args.out else " (--out saves them as each case ends)"
+        print(f"bench: interrupted after {len(finished)} measurements{kept}", file=sys.stderr)
+        return 130
     print(format_table(results))
     written = save(results, meta, plot=True)
+    goals_path = Path(args.out) / "goals.md" if args.out else None
     if on_gpu:  # the issues' goals are set at the GPU sizes
         goals = goals_table(results)
         print(f"\nThe issues' goals (python -m pixelcnn_kernels.bench.goals judges saved runs):\n{goals}")
-        if args.out:
-            goals_path = Path(args.out) / "goals.md"
+        if goals_path is not None:
             goals_path.write_text(goals + "\n")
             written.append(goals_path)
+    elif goals_path is not None:
+        goals_path.unlink(missing_ok=True)  # an earlier GPU run's verdicts, not this run's
     for path in written:
         print(f"wrote {path}")
     failed = [r for r in results if r.failed]
     if failed:
         print(f"bench: {len(failed)} measurements FAILED (tracebacks above)", file=sys.stderr)
+    if not failed and not any(r.median_ms == r.median_ms for r in results):  # every row skipped (NaN: not measured)
+        print("bench: nothing was measured: every provider asked for was unavailable here (the reasons are in the table)", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

@@ -83,6 +83,12 @@ def test_goals_command_judges_saved_runs_the_later_run_winning(tmp_path, capsys)
     assert "| ≤ 0.06 ms | cuda 0.05 ms | met |" in out and "| ≥ 13× compile | 12× (cuda 0.05 ms; compile 0.6 ms) | **not met** |" in out
     assert main([str(tmp_path / "missing.json")]) == 2
     assert "goals: cannot read" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text("{}")
+    assert main([str(tmp_path / "empty.json")]) == 2
+    assert "not a results.json of pixelcnn-kernels bench --out" in capsys.readouterr().err
+    write_results([_row(provider="cuda", ms=0.05)], tmp_path / "cpu", {"device": "CPU (x86_64)"}, plot=False)
+    assert main([str(tmp_path / "cpu" / "results.json")]) == 0
+    assert "measured on a CPU, at the CPU sizes" in capsys.readouterr().out
 
 
 def test_goals_command_has_help(capsys):

@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU: every mode and provider is measured or says why not."""
 
+import csv
 import dataclasses
 import json
 import importlib.util
@@ -43,7 +44,10 @@ def test_harness_times_every_mode_and_provider(tmp_path):
     table = format_table(results)
     assert "skipped:" in table and "tanh" in table and "host ms" in table
     written = write_results(results, tmp_path, meta)
-    assert (tmp_path / "results.csv").read_text().count("\n") == len(results) + 1
+    with (tmp_path / "results.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(results) and rows[0]["config"] == "4x8" and meta["torch_threads"] == torch.get_num_threads()
+    assert {row["median_ms"] for row in rows if row["provider"] == "cuda"} == {""}  # not measured: empty, as JSON's null
     payload = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert payload["meta"]["torch"] == torch.__version__ and len(payload["results"]) == len(results)
     assert all(path.exists() for path in written)
@@ -210,6 +214,48 @@ def test_bench_refuses_a_filter_matching_nothing_and_an_unusable_out_before_meas
     assert "pixelcnn-kernels bench: " in capsys.readouterr().err and not list(tmp_path.glob("*.csv"))
 
 
+def test_each_dtype_of_a_case_compiles_afresh(monkeypatch):
+    """Each (case, dtype) compiles up to 3 Dynamo entries of the shared reference: without a reset per dtype,
+    three dtypes passed Dynamo's recompile limit of 8 and the last "compile" rows ran eagerly."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(harness, "run_case", lambda *args, **kwargs: [])
+    run([_toy_case()], [torch.float32, torch.float16, torch.float32], torch.device("cpu"), warmup=1, repeats=1)
+    assert len(resets) == 2  # float32 and float16: a dtype given twice is run once
+
+
+def test_a_csv_field_with_commas_round_trips_and_a_stale_plot_goes(tmp_path):
+    row = dataclasses.replace(run([_toy_case()], [torch.float32], torch.device("cpu"), warmup=1, repeats=1, only={"eager"})[0][0], config="x=(2, 3)")
+    (tmp_path / "ratio_to_compile.png").write_bytes(b"an earlier run's")
+    write_results([row], tmp_path, {}, plot=True)  # no compile row: no plot, and not the earlier one
+    with (tmp_path / "results.csv").open(newline="") as stream:
+        assert next(csv.DictReader(stream))["config"] == "x=(2, 3)"
+    assert not (tmp_path / "ratio_to_compile.png").exists()
+
+
+def test_bench_that_measures_nothing_says_so(capsys):
+    assert main(["bench", "gates", "-k", "gate_sigmoid", "--providers", "cuda", "--warmup", "1", "--repeats", "1"]) == 2
+    assert "bench: nothing was measured: every provider asked for was unavailable here" in capsys.readouterr().err
+
+
+def test_bench_cut_by_ctrl_c_prints_and_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    real_run_case = harness.run_case
+    calls = []
+
+    def interrupted_after_one_case(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_case", interrupted_after_one_case)
+    assert main(["bench", "gates", "-k", "gate_sigmoid", "--providers", "eager", "--dtype", "float32", "--dtype", "float16",
+                 "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert "gate_sigmoid" in captured.out and f"bench: interrupted after 3 measurements; they are in {tmp_path}" in captured.err
+    assert len(json.loads((tmp_path / "results.json").read_text())["results"]) == 3
+
+
 def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path):
     """benchmarks/host_overhead.py, one step per row: every workload's two rows, the fused ones with their launch counts."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
@@ -222,6 +268,12 @@ def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path)
         assert float(host_ms) > 0, workload
         assert int(launches) > 0 if ops.strip() == "fused" else launches.strip() == "-"
     assert "command: python benchmarks/host_overhead.py --steps 1" in out.read_text()
+    printed = result.stdout.splitlines()  # the header and the column row first, then the rows as measured
+    columns = printed.index("| workload | ops | host ms (fwd+bwd) | Triton launches |")
+    first_row = min(i for i, line in enumerate(printed) if line.startswith("| ") and "| fused |" in line)
+    assert printed.index("command: python benchmarks/host_overhead.py --steps 1") < columns < first_row
+    refused = subprocess.run([sys.executable, str(script), "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "is a directory; name the report's file" in refused.stderr and "| workload" not in refused.stdout
 
 
 def test_ncu_script_takes_kernel_backends_and_needs_a_gpu():

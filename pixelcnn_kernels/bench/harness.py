@@ -26,6 +26,7 @@ numbers need a GPU.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ import torch._functorch.config
 from tqdm.auto import tqdm
 
 from pixelcnn_kernels.backend import unavailable_reason, use_backend
+from pixelcnn_kernels.utils import writable_directory
 
 MODES = ("forward", "backward", "full")
 KERNEL_PROVIDERS = ("triton", "cuda")
@@ -460,13 +462,18 @@ def write_results(results: list[Result], out_dir: Path, meta: dict, plot: bool =
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in results]
     csv_path, json_path, table_path = out_dir / "results.csv", out_dir / "results.json", out_dir / "table.txt"
-    fields = list(rows[0]) if rows else [f.name for f in dataclasses.fields(Result)]
-    csv_path.write_text("\n".join([",".join(fields)] + [",".join(str(row[f]).replace(",", ";") for f in fields) for row in rows]) + "\n")
+    fields = [f.name for f in dataclasses.fields(Result)]
     unmeasured_as_null = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]  # strict JSON has no NaN
+    with csv_path.open("w", newline="") as stream:  # quoted where a field holds a comma; unmeasured: empty
+        writer = csv.DictWriter(stream, fields)
+        writer.writeheader()
+        writer.writerows(unmeasured_as_null)
     json_path.write_text(json.dumps({"meta": meta, "results": unmeasured_as_null}, indent=1))
     table_path.write_text("\n".join(f"# {k}: {v}" for k, v in meta.items()) + "\n" + format_table(results) + "\n")
     written = [csv_path, json_path, table_path]
     plot_path = _plot(results, out_dir / "ratio_to_compile.png") if plot else None
+    if plot and plot_path is None:  # no compile rows (or no matplotlib): an older run's plot would mislead
+        (out_dir / "ratio_to_compile.png").unlink(missing_ok=True)
     return written + ([plot_path] if plot_path else [])
 
 
@@ -503,6 +510,7 @@ def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),  # CPU timings depend on it, and on what else runs
     }
     try:
         import triton
@@ -516,24 +524,38 @@ def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
     return meta
 
 
-def print_report(table: list[str], machine: str, command: str, out: Path | None, notes: tuple[str, ...] = ()) -> None:
-    """Prints the header of a benchmark script's report (date, ``machine``, versions, ``notes``,
-    ``command``) and, given ``out``, writes it there above the script's markdown ``table``, whose
-    rows were printed as they were measured."""
-    import platform
+class Report:
+    """A benchmark script's markdown report: ``start`` checks ``out`` (before the work) and prints
+    the header (date, ``machine``, versions, ``notes``, ``command``) and the table's column rows;
+    ``add`` prints each row as it is measured; ``finish`` writes header and table to ``out``."""
 
-    import triton
+    def __init__(self, columns: list[str], machine: str, command: str, out: Path | None, notes: tuple[str, ...] = ()):
+        import platform
 
-    header = [
-        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        machine,
-        f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
-        *notes,
-        f"command: {command}",
-    ]
-    if out is not None:
-        out.write_text("\n".join(header) + "\n\n" + "\n".join(table) + "\n")
-    print("\n".join(header))
+        import triton
+
+        if out is not None:
+            if out.is_dir():
+                raise ValueError(f"--out {str(out)!r} is a directory; name the report's file")
+            writable_directory(out.parent)  # an unusable --out fails now, not after the work
+        self.out = out
+        self.header = [
+            f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+            machine,
+            f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
+            *notes,
+            f"command: {command}",
+        ]
+        self.table = list(columns)
+        print("\n".join(self.header + [""] + self.table), flush=True)
+
+    def add(self, row: str) -> None:
+        self.table.append(row)
+        print(row, flush=True)
+
+    def finish(self) -> None:
+        if self.out is not None:
+            self.out.write_text("\n".join(self.header) + "\n\n" + "\n".join(self.table) + "\n")
 
 
 def run(
@@ -558,17 +580,15 @@ def run(
     meta = environment(device, ceilings)
     compile_cache: dict = {}
     results: list[Result] = []
-    work = [(case, dtype) for case in cases for dtype in dtypes]
-    previous = None
+    work = [(case, dtype) for case in cases for dtype in dict.fromkeys(dtypes)]
     # Backward mode replays one compiled forward graph (retain_graph=True), which donated buffers forbid.
     with torch._functorch.config.patch(donated_buffer=False):
         for case, dtype in tqdm(work, desc="bench", unit="case"):
-            if case is not previous:
-                # Cases share reference functions (one code object): past Dynamo's recompile limit (8 entries
-                # per code object) the "compile" rows of later cases would silently run eagerly.
-                torch._dynamo.reset()
-                compile_cache.clear()
-                previous = case
+            # Cases and dtypes share reference functions (one code object), each (case, dtype) compiling
+            # up to 3 entries (forward, grad mode, inputs that need grad): past Dynamo's recompile limit
+            # (8 per code object) the "compile" rows would silently run eagerly. So a fresh start for each.
+            torch._dynamo.reset()
+            compile_cache.clear()
             results += run_case(
                 case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only, cuda_graph=cuda_graph
             )
