@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -65,9 +66,12 @@ DEFAULTS = {
     "weight_decay": {"gated": 0.5, "pixelcnnpp": 0.0},
     "lr_schedule": {"gated": "constant", "pixelcnnpp": "cosine"},
 }
-# Options whose default depends on --model, filled in once the model is known (after --resume).
-_OPTIMISATION_DEFAULTS = ("epochs", "weight_decay", "lr_schedule")
 DEFAULT_EMA_DECAY = 0.995
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "samples.png")  # what a run writes in --out
+# The defaults of the options whose parser default is None (given or not tells a resumed run which to take
+# from its checkpoint); DEFAULTS' depend on --model, filled in once the model is known (after --resume).
+FIXED_DEFAULTS = {"data": "digits", "model": "gated", "kernel_size": 3, "num_logistic_mix": 5, "batch_size": 64, "lr": 3e-3,
+                  "ema_decay": DEFAULT_EMA_DECAY, "seed": 0}
 # --lr-schedule: the factor on --lr at a step of a run of total_steps.
 LR_SCHEDULES = {
     "constant": lambda step, total_steps: 1.0,
@@ -116,36 +120,36 @@ class Distributed:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` options (shared by the subcommand and the python/ examples)."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="digits", help="'digits' (sklearn 8×8, 17 grey levels; default), 'photos' (32×32 RGB patches of "
+    data.add_argument("--data", help="'digits' (sklearn 8×8, 17 grey levels; default), 'photos' (32×32 RGB patches of "
                       "scikit-image's sample photographs), a folder of PNG/JPEG images, or an .npz file with an 'images' array")
     data.add_argument("--num-bins", type=int, help="quantise the data to this many levels per channel (default: the data's own: 17 for digits, 256 otherwise)")
     data.add_argument("--class-conditional", action="store_true", help="condition on the data set's class labels (digits: 0..9; .npz: its 'labels')")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=tuple(MODEL_NAMES), default="gated", help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
+    model.add_argument("--model", choices=tuple(MODEL_NAMES), help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
     model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']} gated, {DEFAULTS['hidden']['pixelcnnpp']} pixelcnnpp); "
-                       "gated on RGB data: a multiple of 3, as its colour groups split the channels in thirds (the default is rounded up to one)")
+                       "gated on RGB data: a multiple of 3, as its colour groups split the channels in thirds")
     model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
-    model.add_argument("--kernel-size", type=int, default=3, help="kernel size of the gated model's convolutions, odd (default 3)")
+    model.add_argument("--kernel-size", type=int, help="kernel size of the gated model's convolutions, odd (default 3)")
     model.add_argument("--dilations", type=int, nargs="+", metavar="D", help="gated: one dilation per layer (default 1, 2, 1, 2, ...)")
     model.add_argument("--dropout", type=float, help=f"dropout in the gated layers' residual branch (gated, default {DEFAULTS['dropout']['gated']}) "
                        f"or the pixelcnnpp blocks (default {DEFAULTS['dropout']['pixelcnnpp']})")
-    model.add_argument("--num-logistic-mix", type=int, default=5, help="logistic mixture components of the pixelcnnpp head (default 5)")
+    model.add_argument("--num-logistic-mix", type=int, help="logistic mixture components of the pixelcnnpp head (default 5)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"epochs to train (default {DEFAULTS['epochs']['gated']} gated, {DEFAULTS['epochs']['pixelcnnpp']} pixelcnnpp); "
                        "with --resume, the total including those already done")
-    optim.add_argument("--batch-size", type=int, default=64, help="global batch size, split evenly across torchrun processes (default 64)")
-    optim.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    optim.add_argument("--batch-size", type=int, help="global batch size, split evenly across torchrun processes (default 64)")
+    optim.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-3)")
     optim.add_argument("--lr-schedule", choices=tuple(LR_SCHEDULES),
                        help="constant: --lr throughout, the weight average (--ema-decay) doing the annealing (default gated); "
                        "cosine: decayed to 0 over the run (default pixelcnnpp)")
     optim.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {DEFAULTS['weight_decay']['gated']} gated, "
                        f"{DEFAULTS['weight_decay']['pixelcnnpp']} pixelcnnpp)")
-    optim.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY, help="evaluate, save and sample an exponential moving average "
+    optim.add_argument("--ema-decay", type=float, help="evaluate, save and sample an exponential moving average "
                        f"of the weights with this decay per step, capped by (1 + t) / (10 + t) at step t (default {DEFAULT_EMA_DECAY}; "
                        "0: the trained weights themselves)")
     optim.add_argument("--max-minutes", type=float, help="stop after the epoch during which this much training time has passed (default: no limit)")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the data split, the shuffling and the samples (default 0)")
+    run.add_argument("--seed", type=int, help="seeds the initialisation, the data split, the shuffling and the samples (default 0)")
     precision = run.add_mutually_exclusive_group()
     precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                            help="run the forward and loss under bfloat16 autocast (parameters and optimizer stay fp32); "
@@ -156,6 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cuda-graph", action="store_true", help="replay the model's forward and backward from a CUDA graph every step: "
                      "the host's per-step Python and kernel launches gone (one GPU, one process)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"directory for last.pt, best.pt, metrics.json and samples.png (default {DEFAULT_OUT})")
+    run.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (its checkpoints, metrics and samples are removed); "
+                     "without it such an --out is refused")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", help="continue from a checkpoint (default: OUT/last.pt); the data, model and optimisation options "
                      "(--lr, --batch-size, --seed, ...) are the checkpoint's, and another value given for one is an error")
     run.add_argument("--samples", type=int, default=SAMPLE_COUNT, help=f"images in the final samples.png grid (default {SAMPLE_COUNT}; 0: none)")
@@ -191,11 +197,9 @@ def _setup_distributed(device_choice: str) -> Distributed:
 
 
 def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
-    """``{"name", "config"}`` of the model the options describe, for ``models.model_from_config``."""
+    """``{"name", "config"}`` of the model the options (their defaults filled in) describe, for ``models.model_from_config``."""
     channels, height, width = data.image_shape
-    hidden = args.hidden or DEFAULTS["hidden"][args.model]
-    layers = args.layers or DEFAULTS["layers"][args.model]
-    dropout = DEFAULTS["dropout"][args.model] if args.dropout is None else args.dropout
+    hidden, layers, dropout = args.hidden, args.layers, args.dropout
     num_classes = data.num_classes if args.class_conditional else None
     if args.class_conditional and not data.num_classes:
         raise ValueError(f"--class-conditional needs labels, and the {data.name} data set has none")
@@ -203,11 +207,8 @@ def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
         raise ValueError(f"--dilations is an option of --model gated, not {args.model}")
     if args.dilations is not None and len(args.dilations) != layers:
         raise ValueError(f"--dilations takes one value per gated layer ({layers}), got {args.dilations}")
-    if args.model == "gated" and channels == 3:  # colour groups split the channels in thirds
-        if args.hidden is None:
-            hidden = 3 * math.ceil(hidden / 3)
-        elif hidden % 3:
-            raise ValueError(f"--hidden must be a multiple of 3 for RGB data with --model gated (its colour groups split the channels in thirds), got {hidden}")
+    if args.model == "gated" and channels == 3 and hidden % 3:  # colour groups split the channels in thirds (the default 96 does)
+        raise ValueError(f"--hidden must be a multiple of 3 for RGB data with --model gated (its colour groups split the channels in thirds), got {hidden}")
     if args.model == "gated":
         # Dilation 2 every other layer widens the receptive field at no cost: five 3×3 layers then see the whole
         # 8×8 digit above and to the left, which measurably lowers the held-out bits/dim (kernel 5 does too, but slowly).
@@ -333,24 +334,30 @@ _FIXED_ON_RESUME = ("data", "num_bins", "class_conditional", "model", "hidden", 
                     "num_logistic_mix", "seed", "batch_size", "ema_decay", "lr_schedule", "lr", "weight_decay")
 
 
-def _resumed_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
-    """``args`` with the options the checkpoint fixes taken from its ``saved`` args.
+def _with_defaults(options: dict) -> dict:
+    """``options`` (the train options by name) with every one left None given its default (DEFAULTS: the model's)."""
+    options = {**options, **{k: v for k, v in FIXED_DEFAULTS.items() if options.get(k) is None}}
+    return {**options, **{k: by_model[options["model"]] for k, by_model in DEFAULTS.items() if options.get(k) is None}}
 
-    An option given with another value than the checkpoint's is refused (ValueError) rather than
-    silently dropped; one left at its default (None, or the parser's) takes the checkpoint's.
+
+def _resumed_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
+    """``args`` with the options the checkpoint fixes taken from its ``saved`` args, and ``--epochs``
+    the checkpoint's target unless given.
+
+    An option given (not None; a flag: set) with another value than the checkpoint's is refused
+    (ValueError) rather than silently dropped; both are compared with their defaults filled in.
     """
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
-    fixed = {k: v for k, v in saved.items() if k in _FIXED_ON_RESUME}
-    fixed.setdefault("ema_decay", 0.0)  # checkpoints written before --ema-decay existed: no average
-    fixed.setdefault("lr_schedule", "cosine")  # nor --lr-schedule: the cosine
-    for name, value in fixed.items():
-        given = getattr(args, name, None)
-        if given is not None and given != defaults.get_default(name) and given != value:
+    saved = {"ema_decay": 0.0, "lr_schedule": "cosine", **saved}  # checkpoints written before those options: none, the cosine
+    saved = _with_defaults({k: saved.get(k) for k in (*_FIXED_ON_RESUME, "epochs")})
+    given = _with_defaults({**vars(args), "model": args.model or saved["model"]})
+    for name in _FIXED_ON_RESUME:
+        value = getattr(args, name)
+        if value is not None and value is not False and given[name] != saved[name]:
             option = "--" + name.replace("_", "-")
-            raise ValueError(f"{option} {given} differs from the resumed checkpoint's {value}: a resumed run keeps the checkpoint's "
+            raise ValueError(f"{option} {value} differs from the resumed checkpoint's {saved[name]}: a resumed run keeps the checkpoint's "
                              f"data, model and optimisation options; drop {option}, or start a new run with another --out")
-    return argparse.Namespace(**{**vars(args), **fixed})
+    epochs = saved["epochs"] if args.epochs is None else args.epochs
+    return argparse.Namespace(**{**vars(args), **{k: saved[k] for k in _FIXED_ON_RESUME}, "epochs": epochs})
 
 
 @torch.no_grad()
@@ -395,11 +402,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for option, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
-    if args.kernel_size % 2 == 0:
+    if args.kernel_size is not None and args.kernel_size % 2 == 0:
         raise ValueError(f"--kernel-size must be odd (a masked kernel is centred on its pixel), got {args.kernel_size}")
     if args.dilations is not None and min(args.dilations) < 1:
         raise ValueError(f"--dilations must all be at least 1, got {args.dilations}")
-    if not 0.0 <= args.ema_decay < 1.0:
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     non_negative = {"--lr": args.lr, "--weight-decay": args.weight_decay, "--max-minutes": args.max_minutes, "--samples": args.samples}
     for option, value in non_negative.items():
@@ -416,7 +423,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> dict:
     """Runs the training the options describe; returns the summary (rank 0 also writes the files)."""
     _check_args(args)
-    if args.data not in ("digits", "photos"):  # saved with the checkpoints: --resume from another directory finds it
+    if args.data not in (None, "digits", "photos"):  # saved with the checkpoints: --resume from another directory finds it
         args.data = str(Path(args.data).resolve())
     run = _setup_distributed(args.device)
     try:
@@ -429,9 +436,18 @@ def train(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, run: Distributed) -> dict:
     out = Path(args.out)
-    if run.is_main:  # before any work: an unwritable --out would otherwise surface after the first epoch
+    try:  # before any work, on every rank (one that went on alone would die in DDP's set-up instead)
         writable_directory(out)
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not a usable directory ({exc.strerror or exc})") from exc
     resume_path = _resume_path(args)
+    if resume_path is None and (out / "last.pt").exists():
+        if not args.overwrite:
+            raise ValueError(f"--out {out} already holds a run ({out / 'last.pt'}): continue it with --resume, "
+                             "keep it and choose another --out, or replace it with --overwrite")
+        if run.is_main:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     if resume_path is not None and resume_path.exists() and (out / "last.pt").exists() and not (out / "last.pt").samefile(resume_path):
         raise ValueError(f"--out {out} holds another run's checkpoints ({out / 'last.pt'}): resume that run with --resume, "
                          f"or continue {resume_path} in a new --out")
@@ -442,7 +458,7 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
             raise CheckpointError(f"checkpoint {resume_path} holds no training state to resume from (its optimizer entry is {type(training_state).__name__})")
         args = _resumed_args(args, resumed.get("args") or {})
         _adopt_best_checkpoint(resume_path, out, run)
-    args = argparse.Namespace(**{**vars(args), **{o: DEFAULTS[o][args.model] for o in _OPTIMISATION_DEFAULTS if getattr(args, o) is None}})
+    args = argparse.Namespace(**_with_defaults(vars(args)))
     if args.batch_size % run.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {run.world_size} processes")
     local_batch = args.batch_size // run.world_size
@@ -497,6 +513,8 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
     started = time.perf_counter()
     # best.pt holds the best epoch so far; without one here (resumed from a run that has none) the next epoch writes it.
     best = min((m["held_out_bpd"] for m in metrics), default=math.inf) if (out / "best.pt").exists() else math.inf
+    if start_epoch >= args.epochs and run.is_main:
+        print(f"train: the run has done {start_epoch} of --epochs {args.epochs}: nothing to train (a larger --epochs continues it)", flush=True)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         epoch_started = time.perf_counter()
@@ -564,5 +582,9 @@ def _train(args: argparse.Namespace, run: Distributed) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    train(args)
+    try:
+        train(args)
+    except KeyboardInterrupt:  # the checkpoints are written whole (a temporary file renamed), so they stand
+        print(f"train: interrupted; {args.out} holds the checkpoints of the finished epochs: continue with --resume --out {args.out}", file=sys.stderr)
+        return 130
     return 0

@@ -327,7 +327,7 @@ def test_training_steps_do_not_wait_for_their_losses(tmp_path, digits_subset, mo
     assert len(reads) <= 2 * summary["epochs_done"], reads  # the train and held-out means of each epoch
 
 
-def test_resume_refuses_options_that_contradict_the_checkpoint(tmp_path, tiny_digits):
+def test_resume_refuses_options_that_contradict_the_checkpoint(tmp_path, tiny_digits, capsys):
     """The checkpoint fixes the data, model and optimisation: a different value given is an error, not silently dropped."""
     train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1", "--lr", "0.01"))
     for option, value in (("--lr", "30"), ("--weight-decay", "0"), ("--hidden", "6"), ("--batch-size", "8"), ("--seed", "3")):
@@ -338,6 +338,34 @@ def test_resume_refuses_options_that_contradict_the_checkpoint(tmp_path, tiny_di
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["lr"] == 0.01
     assert checkpoint["optimizer"]["optimizer"]["param_groups"][0]["lr"] == 0.01
+    # A value given equal to the parser's default is still given (the run used batch size 16, not 64), and
+    # one equal to the checkpoint's default-filled value (hidden: TINY_MODEL's 8) is the checkpoint's.
+    with pytest.raises(ValueError, match="^--batch-size 64 differs from the resumed checkpoint's 16"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--resume", "--batch-size", "64"))
+    with pytest.raises(ValueError, match="^--data digits differs from the resumed checkpoint's"):
+        train(train_args(tmp_path, "--resume", "--data", "digits"))
+    # A bare --resume keeps the run's own --epochs (2, done): nothing more, not the model's default 24.
+    summary = train(train_args(tmp_path, "--resume", "--hidden", "8"))
+    assert summary["epochs_done"] == 2 and load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert "train: the run has done 2 of --epochs 2: nothing to train" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(["train", "--out", str(tmp_path / "run")]) == 130
+    assert f"train: interrupted; {tmp_path / 'run'} holds the checkpoints of the finished epochs: continue with --resume" in capsys.readouterr().err
+
+
+def test_a_new_run_into_an_out_holding_one_needs_overwrite(tmp_path, tiny_digits):
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1", "--samples", "1"))
+    assert (tmp_path / "run" / "samples.png").exists()
+    with pytest.raises(ValueError, match=r"already holds a run .* continue it with --resume, keep it and choose another --out, or replace it with --overwrite"):
+        train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1"))
+    train(train_args(tmp_path, "--data", tiny_digits, "--epochs", "1", "--overwrite"))  # TINY_MODEL: --samples 0
+    assert (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "samples.png").exists()
 
 
 def test_resume_into_a_new_out_starts_it_with_the_runs_best_checkpoint(tmp_path, tiny_digits):
@@ -423,7 +451,7 @@ def test_bad_options(tmp_path, tiny_digits):
     with pytest.raises(CheckpointError, match="holds no training state to resume from"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume", str(small_checkpoint(tmp_path / "weights_only.pt"))))
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(OSError):  # before any data is loaded or epoch run
+    with pytest.raises(ValueError, match=r"^--out .*a_file/run is not a usable directory"):  # before any data is loaded or epoch run
         train(build_parser().parse_args(["train", "--out", str(tmp_path / "a_file" / "run"), "--data", tiny_digits]))
 
 
