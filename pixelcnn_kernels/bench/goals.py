@@ -182,18 +182,14 @@ def goals_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def load_results(path: Path) -> list[Result]:
-    """The rows of a ``results.json`` that ``pixelcnn-kernels bench --out`` wrote (null: not measured)."""
+def load_results(path: Path) -> tuple[list[Result], str]:
+    """The rows of a ``results.json`` that ``pixelcnn-kernels bench --out`` wrote (null: not measured),
+    and the device it names ("" when its meta does not say)."""
     saved = json.loads(Path(path).read_text())
     if not isinstance(saved, dict) or not isinstance(saved.get("results"), list):
         raise ValueError("not a results.json of pixelcnn-kernels bench --out (an object with a 'results' list)")
-    return [Result(**{k: float("nan") if v is None else v for k, v in row.items()}) for row in saved["results"]]
-
-
-def _device(path: Path) -> str:
-    """The device a saved run measured on (its meta), or "" when it does not say."""
-    meta = json.loads(Path(path).read_text()).get("meta") or {}
-    return str(meta.get("device", ""))
+    rows = [Result(**{k: float("nan") if v is None else v for k, v in row.items()}) for row in saved["results"]]
+    return rows, str((saved.get("meta") or {}).get("device", ""))
 
 
 def main(argv=None) -> int:
@@ -204,14 +200,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     args = parser.parse_args(argv)
-    results = []
+    results, on_cpu = [], []
     for path in args.results:
         try:
-            results += load_results(path)
+            rows, device = load_results(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"goals: cannot read {path}: {exc}", file=sys.stderr)
             return 2
-    on_cpu = [str(path) for path in args.results if _device(path).startswith("CPU")]
+        results += rows
+        if device.startswith("CPU"):
+            on_cpu.append(str(path))
     if on_cpu:
         print(f"goals: {', '.join(on_cpu)} measured on a CPU, at the CPU sizes: the goals are set at the GPU sizes, so none is judged from it")
     print(goals_table(results))

@@ -277,14 +277,10 @@ def _step(
     return lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True)
 
 
-def _providers(case: Case, device: torch.device, compile_cache: dict) -> dict[str, tuple[Callable, str | None] | str]:
+def _providers(case: Case, device: torch.device, compiled: Callable) -> dict[str, tuple[Callable, str | None] | str]:
     """Provider name -> (function, the backend forced while it is timed, or None: the automatic choice),
-    or -> reason string when it cannot run here."""
-    providers: dict[str, tuple[Callable, str | None] | str] = {"eager": (case.reference, None)}
-    key = (case.family, case.name)
-    if key not in compile_cache:
-        compile_cache[key] = torch.compile(case.reference)
-    providers["compile"] = (compile_cache[key], None)
+    or -> reason string when it cannot run here. ``compiled``: ``torch.compile(case.reference)``."""
+    providers: dict[str, tuple[Callable, str | None] | str] = {"eager": (case.reference, None), "compile": (compiled, None)}
     for backend in KERNEL_PROVIDERS:
         reason = unavailable_reason(backend, device)
         providers[backend] = reason if reason else (case.op, backend)
@@ -302,7 +298,6 @@ def run_case(
     warmup: int,
     repeats: int,
     seed: int,
-    compile_cache: dict,
     only: set[str] | None = None,
     cuda_graph: bool = False,
 ) -> list[Result]:
@@ -313,9 +308,10 @@ def run_case(
     except Exception as exc:  # e.g. out of memory: one row says so, the run goes on
         return [Result(case.family, case.name, case.config, dtype_name, "-", "inputs", *(5 * [float("nan")]), error=_error_text(exc))]
     results = []
+    compiled = torch.compile(case.reference)  # one for every mode of the case
     for mode in case.modes:
         floor_ms = ceilings.floor_s(case.bytes_moved(mode, dtype), case.flops(mode), dtype) * 1e3 if ceilings else float("nan")
-        for provider, choice in _providers(case, device, compile_cache).items():
+        for provider, choice in _providers(case, device, compiled).items():
             if only and provider not in only:
                 continue
             label = f"{provider}+graph" if cuda_graph else provider
@@ -525,8 +521,8 @@ def environment(device: torch.device, ceilings: Ceilings | None) -> dict:
 
 
 class Report:
-    """A benchmark script's markdown report: ``start`` checks ``out`` (before the work) and prints
-    the header (date, ``machine``, versions, ``notes``, ``command``) and the table's column rows;
+    """A benchmark script's markdown report: made before the work, it checks ``out`` and prints the
+    header (date, ``machine``, versions, ``notes``, ``command``) and the table's ``columns`` rows;
     ``add`` prints each row as it is measured; ``finish`` writes header and table to ``out``."""
 
     def __init__(self, columns: list[str], machine: str, command: str, out: Path | None, notes: tuple[str, ...] = ()):
@@ -578,7 +574,6 @@ def run(
     timer = _Timer(device)  # one for the run: on a GPU it holds the L2-sized flush buffer
     ceilings = measure_ceilings(timer, device) if device.type == "cuda" else None
     meta = environment(device, ceilings)
-    compile_cache: dict = {}
     results: list[Result] = []
     work = [(case, dtype) for case in cases for dtype in dict.fromkeys(dtypes)]
     # Backward mode replays one compiled forward graph (retain_graph=True), which donated buffers forbid.
@@ -588,10 +583,7 @@ def run(
             # up to 3 entries (forward, grad mode, inputs that need grad): past Dynamo's recompile limit
             # (8 per code object) the "compile" rows would silently run eagerly. So a fresh start for each.
             torch._dynamo.reset()
-            compile_cache.clear()
-            results += run_case(
-                case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, compile_cache=compile_cache, only=only, cuda_graph=cuda_graph
-            )
+            results += run_case(case, dtype, device, ceilings, timer, warmup=warmup, repeats=repeats, seed=seed, only=only, cuda_graph=cuda_graph)
             if after_case is not None:
                 after_case(results, meta)
     return results, meta
