@@ -42,7 +42,8 @@ def refresh_weight_norm(model: nn.Module) -> None:
 def conv_operands(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``x`` (a float tensor), ``conv.weight`` and ``conv.bias`` cast to the activation dtype of ``x``:
     autocast's, else ``x``'s (the modules compute in their input's dtype, whatever their parameters')."""
-    dtype = activation_dtype(check_tensor(x, "x"))  # a float x: integer weights would round to zeros
+    # Checked here, not left to the op: under autocast an integer x would be cast to a float and pass it.
+    dtype = activation_dtype(check_tensor(x, "x"))
     bias = None if conv.bias is None else conv.bias.to(dtype)
     return x.to(dtype), conv.weight.to(dtype), bias
 
