@@ -176,9 +176,9 @@ def load(verbose: bool = False):
         raise RuntimeError(reason)
     tool = sanitizer()
     if tool is not None:
-        runtime = sanitizer_runtime(tool)
-        if Path(runtime).name not in Path("/proc/self/maps").read_text():
-            raise RuntimeError(f"{SANITIZER_ENV_VAR}={tool} needs the sanitizer's runtime loaded first: LD_PRELOAD={runtime}")
+        library = sanitizer_runtime(tool)
+        if Path(library).name not in Path("/proc/self/maps").read_text():
+            raise RuntimeError(f"{SANITIZER_ENV_VAR}={tool} needs the sanitizer's runtime loaded first: LD_PRELOAD={library}")
     build = CSRC.parent / "build" / ("cuda_on_cpu" if tool is None else f"cuda_on_cpu-{tool}")
     translated = build / "translated"
     translated.mkdir(parents=True, exist_ok=True)
