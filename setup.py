@@ -51,13 +51,17 @@ def _find_cuda_home():
     return None
 
 
-def _csrc_digest():
-    """pixelcnn_kernels.extension_sources.csrc_digest("csrc"), loaded by path: the package's
-    __init__ imports torch and the extension, neither of which a build may need."""
-    spec = importlib.util.spec_from_file_location("extension_sources", os.path.join("pixelcnn_kernels", "extension_sources.py"))
+def _package_module(name):
+    """pixelcnn_kernels.<name>, loaded by path: the package's __init__ imports torch and the
+    extension, neither of which a build may need."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join("pixelcnn_kernels", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.csrc_digest("csrc")
+    return module
+
+
+def _csrc_digest():
+    return _package_module("extension_sources").csrc_digest("csrc")
 
 
 def _record_build(reason):
@@ -82,6 +86,20 @@ def _extensions():
         f"pixelcnn-kernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
         file=sys.stderr,
     )
+
+    class BuildSharingTorchsCxxRuntime(BuildExtension):
+        """Refuses an extension that carries its own libstdc++ (pixelcnn_kernels/extension_linkage.py says why)."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            if _package_module("extension_linkage").carries_its_own_cxx_runtime(self.get_ext_fullpath(ext.name)):
+                compiler = getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")]
+                raise RuntimeError(
+                    f"pixelcnn-kernels: the C++ compiler ({compiler[0]}) linked its own copy of libstdc++ into "
+                    "the CUDA extension, which makes its error messages crash the process; build with a compiler that links the "
+                    "shared libstdc++ as torch does (e.g. CXX=/usr/bin/g++), or set PIXELCNN_KERNELS_SKIP_CUDA=1"
+                )
+
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     extension = CUDAExtension(
         name="pixelcnn_kernels._C",
@@ -89,8 +107,11 @@ def _extensions():
         # No --use_fast_math: the kernels must match the reference to rounding;
         # where an approximate intrinsic is good enough the kernel uses it by name.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        # The shared libstdc++ by name, ahead of the driver's own -lstdc++: a compiler that links
+        # libstdc++ statically (-static-libstdc++) then finds every symbol already resolved.
+        extra_link_args=["-lstdc++"],
     )
-    return [extension], {"build_ext": BuildExtension}
+    return [extension], {"build_ext": BuildSharingTorchsCxxRuntime}
 
 
 ext_modules, cmdclass = _extensions()

@@ -105,12 +105,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   [ "$build_rc" -eq 0 ] || { echo; echo "## Extension build FAILED (exit $build_rc): see build.log"; }
 } >"$summary" 2>&1
 
-# On 2026-11-30 every error the extension's glue raised killed the process (SIGSEGV) on this
-# machine: tests/test_extension_errors.py raises one from each family's glue, once in a fresh
-# process and once after GPU kernels ran (--after-cuda, as in a test worker); if only the
-# second dies, the CUDA state is the cause, not the compiler. When one dies, a debugger records
-# the native backtrace, and the extension is rebuilt with each other C++ compiler found until
-# both probes pass (the summary says which one did).
+# On 2026-11-30 errors the extension's glue raised killed the process (SIGSEGV) on this machine:
+# the image's compiler (/opt/gcc/bin/g++) linked its own libstdc++ into the extension, which
+# crashed formatting a number into the message (pixelcnn_kernels/extension_linkage.py); setup.py
+# now links the shared one and refuses an extension that still carries a copy. The probes check
+# that it holds: tests/test_extension_errors.py raises an error from each family's glue, once in
+# a fresh process and once after GPU kernels ran (--after-cuda, as in a test worker, with messages
+# that carry numbers). When one dies, a debugger records the native backtrace, and the extension
+# is rebuilt with each other C++ compiler found until both probes pass (the summary says which).
 probe_rc=0
 if [ "$build_rc" -eq 0 ]; then
   step "extension error probes"

@@ -1,21 +1,23 @@
-"""The CUDA extension's argument checks raise Python exceptions; they never take the process down.
+"""The CUDA extension's argument checks raise Python exceptions, numbers and all; they never take the process down.
 
 An error raised in the extension's glue (a TORCH_CHECK) unwinds through the
 extension's own frames into PyTorch's. On the project's H200 machine, with the
-extension built by that image's compiler, every such error killed the process with a
-segmentation fault (2026-11-30, benchmarks/results/2026-11-30-h200.md), so a bad call
-crashed instead of raising. The probe below reaches each op family's glue without a
-GPU: it redispatches an op to its CUDA kernel with CPU tensors, which the glue
-refuses. It runs in a child process, so a crash fails the test instead of the run.
+extension built by that image's compiler, such errors killed the process with a
+segmentation fault (2026-11-30, benchmarks/results/2026-11-30-h200.md). The cause,
+found by the second GPU check's backtrace (benchmarks/results/2026-11-30-h200-second-run.md):
+that compiler linked its own copy of libstdc++ into the extension, which crashed
+formatting the message's number (pixelcnn_kernels/extension_linkage.py; setup.py now
+links the shared one, tests/test_extension_linkage.py). The probe below reaches each op
+family's glue without a GPU: it redispatches an op to its CUDA kernel with CPU tensors,
+which the glue refuses. It runs in a child process, so a crash fails the test instead of
+the run.
 
-The crashes of 2026-11-30 happened in test processes that had already run GPU
-kernels. ``--after-cuda`` first runs a kernel of each family on the GPU with each
-kernel backend (CUDA context, Triton's driver and the extension's kernels loaded, as
-in a test worker), then probes with CPU tensors and with CUDA tensors that break the
-glue's contract: if only this probe dies, the process's CUDA state is the cause, not
-the compiler. The GPU check runs both probes directly (``python
-tests/test_extension_errors.py [--after-cuda]``) after building, under a debugger when
-one dies, for the native backtrace.
+``--after-cuda`` first runs a kernel of each family on the GPU with each kernel backend
+(CUDA context, Triton's driver and the extension's kernels loaded, as in a test worker),
+then probes with CPU tensors and with CUDA tensors that break the glue's contract past
+its device checks, where the messages carry numbers. The GPU check runs both probes
+directly (``python tests/test_extension_errors.py [--after-cuda]``) after building,
+under a debugger when one dies, for the native backtrace.
 """
 
 import subprocess
@@ -74,7 +76,7 @@ def probe(after_cuda: bool = False) -> None:
     }
     for name, args in calls.items():
         _expect_runtime_error(name, lambda: getattr(ops, name).default.redispatch(cuda_kernel, *args))
-    if after_cuda:  # the first check of test_masked_conv_cuda.py's contract test, which crashed on 2026-11-30
+    if after_cuda:  # the first check of test_masked_conv_cuda.py's contract test, whose number crashed on 2026-11-30
         x, wp = x.cuda().half(), torch.randn(3, 8, 6, device="cuda").half()
         _expect_runtime_error("masked_conv2d_fwd on CUDA tensors", lambda: ops.masked_conv2d_fwd(x, wp, None, None, [0, 0, 0, -1, -1], False, True))
 
@@ -90,7 +92,7 @@ def test_glue_errors_are_python_exceptions(after_cuda):
     for name, tensor in CPU_PROBES:
         assert f"{name}: RuntimeError: {tensor} must be a CUDA tensor" in child.stdout
     if after_cuda:
-        assert "masked_conv2d_fwd on CUDA tensors: RuntimeError: offsets must hold" in child.stdout
+        assert "masked_conv2d_fwd on CUDA tensors: RuntimeError: offsets must hold (dy, dx) pairs, got 5 entries" in child.stdout
 
 
 if __name__ == "__main__":
