@@ -217,7 +217,7 @@ def resolve_backend(*tensors: torch.Tensor | None) -> str:
     if device.type != "cuda":
         return "reference"
     # On every call of an op: cached checks only (the CUDA kernels' build for the CPU takes no CUDA tensors).
-    if not cuda_on_cpu.enabled() and _compiled_extension_error() is None:
+    if not cuda_on_cpu.enabled() and _cuda_extension_error() is None:
         return "cuda"
     if _triton_import_error() is None:
         return "triton"

@@ -204,7 +204,7 @@ def _backend_rows() -> list[Row]:
         ),
         # float64 is the reference's (an automatic choice runs it there: test_backend.py); a forced kernel backend refuses it.
         *(
-            Row(name, "float64_forced_triton", lambda name: valid_inputs(name, dtype=torch.float64), BackendUnavailableError,
+            Row(name, "float64_forced_triton", lambda name: valid_inputs(name, DEVICE, dtype=torch.float64), BackendUnavailableError,
                 r"^triton backend unavailable: its [-\w]+ kernels take float32, float16 or bfloat16, got float64", _forced("triton"))
             for name in OPS
         ),

@@ -93,8 +93,8 @@ def test_fast_path_gives_the_custom_ops_outputs_and_gradients(name, backend):
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_no_path_applies_autocast_inside_an_op(name, backend):
     """float32 inputs under bfloat16 autocast: float32 results on both paths, as the fakes say (the reference's F.conv2d would be cast)."""
-    inputs = valid_inputs(name)
-    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+    inputs = valid_inputs(name, DEVICE)
+    with use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         fast = forward_backward(OPS[name], inputs)
         through_op = forward_backward(OPS[name], _through_the_custom_op(inputs))
     assert fast[0].dtype != torch.bfloat16
@@ -103,7 +103,7 @@ def test_no_path_applies_autocast_inside_an_op(name, backend):
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_plain_eager_calls_skip_the_custom_ops_forward_and_backward(name):
-    inputs = valid_inputs(name)
+    inputs = valid_inputs(name, DEVICE)
     with use_backend("triton"):
         with _custom_op_calls() as fast_calls:
             forward_backward(OPS[name], inputs)
@@ -132,7 +132,7 @@ def test_modes_the_profiler_and_forward_ad_see_the_custom_ops(context, in_backwa
 
 
 def test_jit_trace_records_the_custom_op():
-    x = torch.randn(2, 4, 3, 3)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
     with use_backend("triton"):
         traced = torch.jit.trace(lambda t: pk.gate_sigmoid(t, 1), (x,))
         assert "pixelcnn_kernels::gate_sigmoid" in str(traced.graph)

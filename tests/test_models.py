@@ -449,6 +449,14 @@ def test_class_conditional_sampling():
         model.sample(3, cond=torch.tensor([0, 1, 1]), generator=cuda_generator, progress=False)
 
 
+@pytest.mark.gpu
+def test_a_generator_made_for_cuda_draws_for_a_model_on_the_current_device():
+    """torch.Generator("cuda") has no device index; it draws on the current device, cuda:0 here."""
+    model = GatedPixelCNN(1, hidden=3, layers=1, num_bins=4, image_size=(2, 2)).cuda()
+    first, second = (model.sample(2, method="naive", generator=torch.Generator("cuda").manual_seed(3), progress=False) for _ in range(2))
+    assert torch.equal(first, second) and first.device == torch.device("cuda", 0)
+
+
 def test_bad_sampler_arguments():
     model, _ = tiny("gated_grey")
     with pytest.raises(ValueError, match="method must be one of"):

@@ -336,7 +336,7 @@ class PixelCNNModel(nn.Module, abc.ABC):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if noise is not None and generator is not None:
             raise ValueError("give noise or generator, not both: noise fixes every draw, and generator would go unused")
-        if generator is not None and generator.device != device:
+        if generator is not None and _draws_on(generator) != device:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
         noise = self._sample_noise(n, height, width, noise, generator, device)
         return SamplingProblem(images, known_mask, noise, cond, class_vector)
@@ -402,6 +402,14 @@ class PixelCNNModel(nn.Module, abc.ABC):
             if not bool(((u >= 0) & (u < 1)).all()):  # one host read per sample() call
                 raise ValueError(f"{name} must hold uniforms in [0, 1); it has values outside (or NaN)")
         return noise
+
+
+def _draws_on(generator: torch.Generator) -> torch.device:
+    """The device ``generator`` draws on: a CUDA generator made for "cuda" has no index, and is the current device's."""
+    device = generator.device
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
