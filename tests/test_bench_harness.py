@@ -311,13 +311,13 @@ def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
 
     current = picks()
     assert current[0][1] == kernels._BLOCK_N_WIDE and current[1][0] == kernels._BLOCK_M_TWO_HALVES
-    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2 and current[3] == (8, 2, 64) and current[4][:2] == (16, 0)
+    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2 and current[3] == current[4] == (8, 2, 64)
     expected = {
         "current": current,
         "64-col": ((128, kernels._BLOCK_N, kernels._NUM_WARPS), current[1], (64, 64, kernels._NUM_WARPS, kernels._WGRAD_BLOCKS_PER_SM)) + current[3:],
         "gated-128-rows": (current[0], (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)) + current[2:],
-        "padded": current[:3] + (current[4], current[4]),
-        "two-tiles": current[:4] + ((8, 2, 128),),
+        "padded": current[:3] + ((16, 0, 32), (16, 0, 32)),
+        "two-tiles-128": current[:3] + ((8, 2, 128), (8, 2, 128)),
     }
     for choice, picked in expected.items():
         with script.tiles(choice):

@@ -11,7 +11,10 @@ gradient, so nothing of size (B, H, W, C, K) is ever stored.
 
 libdevice is not available in the Triton interpreter, so ``expm1`` and ``tanh``
 are written here with ``tl.exp`` and a Taylor series where ``exp(v) - 1`` would
-cancel.
+cancel; where an error is amplified (a log-scale's inverse, a colour coefficient's
+tanh, the likelihood's divisions: see :func:`_exp_accurate`), with an exp and a division
+about as accurate as the CUDA kernel's ``expf`` and ``/`` (tests/gpu_math_emulation.py
+emulates the GPU's approximate ones in the interpreter).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ MIN_BIN_PROBABILITY = tl.constexpr(_reference.MIN_BIN_PROBABILITY)
 EDGE_THRESHOLD = tl.constexpr(_reference.EDGE_THRESHOLD)
 U_EPS = tl.constexpr(_reference.U_EPS)
 # Pixels per program: keeps a (BLOCK, K_PAD) float32 tile at 512 elements (4 per thread) in the
-# NLL, its forward's two tiles at up to 6 per thread (_mixture_tiles); in the sampler at most
+# NLL, its two tiles at up to 6 per thread (_mixture_tiles); in the sampler at most
 # 128 pixels (a pixel's draw holds about a dozen values per channel: 2048 at K = 1 spilled
 # 528 B on sm_90) and at most 2048 elements (128 at K_PAD = 64 spilled 1 KB).
 _NLL_TILE_ELEMENTS = 512
@@ -61,6 +64,37 @@ def _expm1(v):
     return _expm1_given_exp(v, tl.exp(v))
 
 
+# ln 2 in two parts: n · _LN2_HIGH is exact for |n| < 2^15 (_LN2_HIGH has 9 significant bits).
+_LOG2_E = tl.constexpr(1.4426950408889634)
+_LN2_HIGH = tl.constexpr(0.693359375)
+_LN2_LOW = tl.constexpr(-2.1219444005469057e-04)
+
+
+@triton.jit
+def _exp_accurate(x):
+    """exp(x) to about an ulp over float32's normal range, the same on a GPU and in the interpreter.
+
+    On a GPU ``tl.exp(x)`` is ``ex2.approx(x · log2 e)``: rounding the product costs
+    |x · log2 e| · 2^-24 relative (about 7 ulp at |x| = 7, the largest inverse scale's
+    exponent), and ex2.approx up to 2^-22 more. Errors that large, in the inverse scale or in
+    a colour coefficient's tanh (which moves the next channel's mean by its error times x),
+    reach the gradient multiplied by up to e^7: the Triton gradient missed the float64
+    reference by 18× the tolerance table on the H200 where float32 PyTorch missed it by 4×
+    (2026-11-30). Here x = n · ln 2 + r with |r| <= ln 2 / 2 (Cody and Waite's reduction),
+    e^r is its Taylor series to r^7 (truncation under 0.1 ulp; seven multiply-adds, no
+    MUFU op) and 2^n is made exactly from its bits. Below -87 the result is 0 (subnormals
+    flushed: an inverse scale under 2^-126 leaves m and h at 0 as well), above 88 inf; NaN
+    stays NaN.
+    """
+    n = tl.floor(x * _LOG2_E + 0.5)
+    r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+    exp_r = 1.0 + r * (1.0 + r * (0.5 + r * (0.16666666666666666 + r * (
+        0.041666666666666664 + r * (0.008333333333333333 + r * (0.001388888888888889 + r * 1.984126984126984e-04))))))
+    in_range = (x > -87.0) & (x < 88.0)
+    two_to_n = ((tl.where(in_range, n, 0.0).to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x <= -87.0, 0.0, tl.where(x >= 88.0, float("inf"), exp_r * two_to_n))
+
+
 @triton.jit
 def _larger(a, b):
     # max(a, b), or b where either is NaN: the sums over the tiles then carry that NaN on.
@@ -73,11 +107,24 @@ def _sign(v):
 
 
 @triton.jit
+def _divide_accurately(a, b):
+    """a / b to within an ulp: the quotient (on a GPU div.full's, up to 2 ulp off) corrected by its
+    residual, exact by FMA. tl.math.div_rn is exact, but calls a slow-path subroutine for hard
+    operands (11 more registers in the NLL forward for sm_90); this stays straight-line code."""
+    quotient = a / b
+    return quotient + tl.fma(-quotient, b, a) / b
+
+
+@triton.jit
 def _tanh_and_sech2(v):
-    """tanh(v) and its derivative 1 - tanh(v)**2, both to float32 rounding."""
-    e2 = tl.exp(-2.0 * tl.abs(v))
+    """tanh(v) and its derivative 1 - tanh(v)**2, both to float32 rounding: the CUDA kernel's
+    form, (1 - e2) / (1 + e2) with e2 = exp(-2|v|), with an accurate exp and division (a
+    coefficient's error is amplified: :func:`_exp_accurate`)."""
+    minus_2v = -2.0 * tl.abs(v)
+    e2 = _exp_accurate(minus_2v)
     one_plus = 1.0 + e2
-    return _sign(v) * (-_expm1(-2.0 * tl.abs(v))) / one_plus, 4.0 * e2 / (one_plus * one_plus)
+    tanh = _sign(v) * _divide_accurately(-_expm1_given_exp(minus_2v, e2), one_plus)
+    return tanh, 4.0 * e2 / (one_plus * one_plus)
 
 
 @triton.jit
@@ -102,7 +149,7 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
     share one ``exp(-|v|)``.
     """
     log_scale = tl.where(raw_log_scale < LOG_SCALE_MIN, LOG_SCALE_MIN, raw_log_scale)
-    inv_scale = tl.exp(-log_scale)
+    inv_scale = _exp_accurate(-log_scale)
     m = (value - mean) * inv_scale
     h = inv_scale * half_bin
     edge_bin = first_bin | last_bin
@@ -117,7 +164,7 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
     q = tl.exp(-abs_m - widest)
     s = tl.exp(-h - widest)
     scaled_exp_h = tl.exp(h - widest)
-    inv_scaled_sum = 1.0 / (p + q + scaled_exp_h + s)
+    inv_scaled_sum = _divide_accurately(1.0, p + q + scaled_exp_h + s)
     one_minus_e2h = -_expm1(-2.0 * h)
     delta_ratio = one_minus_e2h * inv_scaled_sum
     # The reference's test log P > log(1e-5), on P itself (P underflows to 0 only far below 1e-5).
@@ -128,13 +175,13 @@ def _sub_pixel_terms(value, first_bin, last_bin, mean, raw_log_scale, half_bin, 
     log_prob = tl.where(edge_bin, -softplus_v, tl.where(use_delta, log_arg + (h - widest), log_mid))
 
     # Edges: d/dm log sigmoid(m + h) = sigmoid(-(m + h)) = sigmoid(v), and -sigmoid(m - h) = -sigmoid(v).
-    sigmoid_v = tl.where(v > 0.0, 1.0, exp_neg_abs_v) / one_plus_exp
+    sigmoid_v = _divide_accurately(tl.where(v > 0.0, 1.0, exp_neg_abs_v), one_plus_exp)
     # Interior and mid-point (v = m there): 1 - e^-|m| without cancellation, and 1 - e^-2|m| from it.
     one_minus_em = -_expm1_given_exp(-abs_m, exp_neg_abs_v)
     sign_m = _sign(m)
     delta_dm = -sign_m * p * one_minus_em * one_plus_exp * inv_scaled_sum
-    delta_dh = ((p + q) * (2.0 - one_minus_e2h) + 4.0 * s) * inv_scaled_sum / one_minus_e2h
-    mid_dm = -sign_m * one_minus_em / one_plus_exp  # -tanh(m / 2)
+    delta_dh = _divide_accurately(((p + q) * (2.0 - one_minus_e2h) + 4.0 * s) * inv_scaled_sum, one_minus_e2h)
+    mid_dm = -sign_m * _divide_accurately(one_minus_em, one_plus_exp)  # -tanh(m / 2)
     dm = tl.where(first_bin, sigmoid_v, tl.where(last_bin, -sigmoid_v, tl.where(use_delta, delta_dm, mid_dm)))
     dh_term = tl.where(edge_bin, h * sigmoid_v, tl.where(use_delta, h * delta_dh, 1.0))  # h * dh, plus the mid-point density's direct -log_scale term
     d_mean = -dm * inv_scale
@@ -470,20 +517,25 @@ def _needs_int64(num_pixels: int, block: int, *tensors: torch.Tensor) -> bool:
 def _mixture_tiles(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
     """(K_FIRST, K_REST, BLOCK) of the NLL kernel for K = ``num_mix`` components.
 
-    The gradient pass covers K with one power-of-two tile, padded (10 → 16), _NLL_TILE_ELEMENTS
-    per program: two tiles would hold 2.5× the terms per thread in registers. The forward
-    takes a power-of-two tile and a second one for the rest (10 = 8 + 2: no padded
-    component, 37.5% of its work at K = 10 was padding), the second at least one element per
-    thread (replicated lanes would be padding again), unless that holds more than
-    _NLL_SPLIT_MAX_ELEMENTS per thread (K = 9 = 8 + 1 would need 9): then it pads too.
+    A power-of-two tile and a second one for the rest (10 = 8 + 2: no padded component,
+    37.5% of the work at K = 10 was padding), the second at least one element per thread
+    (replicated lanes would be padding again), unless that holds more than
+    _NLL_SPLIT_MAX_ELEMENTS per thread (K = 9 = 8 + 1 would need 9): then one padded tile of
+    _NLL_TILE_ELEMENTS. The gradient pass takes the same tiles at twice the warps (its rest
+    tile then spans half the lanes, the other half repeating it). Over twice the pixels, as
+    many elements per thread as the forward, they were 1.78× faster than one padded tile on the
+    H200 (B = 256, K = 10, 2026-11-30: 0.237 against 0.422 ms, fp32; tile_choices.py), but with
+    the accurate exp and divisions that spills on sm_90 (255 registers and 104 B with Triton
+    3.6, fp32); these take 210 registers (3.6; 199 with 3.8), the padded tile 160: one
+    program of 8 warps per SM either way.
     """
     padded = next_power_of_2(num_mix)
     single = (padded, 0, max(1, _NLL_TILE_ELEMENTS // padded))
     first = padded if padded == num_mix else padded // 2
-    if compute_grad or first == num_mix:
+    if first == num_mix:
         return single
     rest = next_power_of_2(num_mix - first)
-    threads = 32 * _nll_warps(compute_grad)
+    threads = 32 * _nll_warps(compute_grad=False)
     fitting = _NLL_TILE_ELEMENTS // (first + rest)
     block = max(1 << (fitting.bit_length() - 1), threads // rest)  # powers of two
     if block * (first + rest) > _NLL_SPLIT_MAX_ELEMENTS * threads:

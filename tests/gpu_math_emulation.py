@@ -1,0 +1,45 @@
+"""The GPU's approximate float32 exp and division, emulated in the Triton interpreter.
+
+On a GPU, Triton compiles ``tl.exp(x)`` to ``ex2.approx(x · log2 e)``: the product is rounded
+to float32 first (an error growing with |x|), then ex2.approx adds up to 2^-22 relative.
+A float32 ``/`` is ``div.full``: up to 2 ulp. The interpreter computes both exactly (NumPy),
+so a kernel whose accuracy rests on them passes on the CPU and fails on the GPU: the DMOL
+gradient did (2026-11-30). :func:`approximate_gpu_math` makes the interpreter compute them
+as the GPU may (the approximation errors drawn at random within their bounds), and FMA
+exactly, as the GPU does (the interpreter rounds the product first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from triton.runtime import interpreter
+
+_LOG2_E = np.float32(1.4426950408889634)
+
+
+def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """For the rest of the test, the interpreter's float32 exp, division and FMA as the GPU's."""
+    rng = np.random.default_rng(seed)
+
+    def exp(x):
+        if x.dtype != np.float32:
+            return np.exp(x)
+        power = (x * _LOG2_E).astype(np.float32)
+        return (np.exp2(power.astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * 2.0**-22)).astype(np.float32)
+
+    def divide(a, b):
+        if a.dtype != np.float32:
+            return np.divide(a, b)
+        with np.errstate(all="ignore"):
+            quotient = (a.astype(np.float64) / b).astype(np.float32)
+            return (quotient * (1 + rng.uniform(-2, 2, quotient.shape) * 2.0**-23)).astype(np.float32)
+
+    def fma(self, x, y, z):
+        exact = x.data.astype(np.float64) * y.data + z.data
+        return interpreter.TensorHandle(exact.astype(z.data.dtype), z.dtype.scalar)
+
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "create_exp", lambda self, arg: self.unary_op(arg, exp))
+    monkeypatch.setattr(builder, "create_fdiv", lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide))
+    monkeypatch.setattr(builder, "create_fma", fma)
