@@ -273,8 +273,8 @@ def test_triton_weight_grad_split_reduction_is_deterministic_and_correct(input_a
     _, _, expected, _ = conv_and_grads(
         masked_conv2d_ref, x.double(), weight.double(), torch.zeros(5, dtype=torch.float64), grad_out.double(), mask=spec, input_activation=input_activation
     )
-    for grad_packed in (whole, split):
-        assert_close(ops.unpack_weight_grad(grad_packed, spec, weight), expected, dtype=torch.float32)
+    for grad_packed in (whole, split):  # sums over 200-240 pixels: held to the sums' scale, not each result's
+        assert_close_at_scale(ops.unpack_weight_grad(grad_packed, spec, weight), expected, dtype=torch.float32)
 
 
 def test_triton_tf32_weight_grad_reads_a_pixel_major_gout():
