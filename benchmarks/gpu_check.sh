@@ -37,8 +37,13 @@
 #   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models
 # (the second call's tile A/B, one to two minutes, replaces its masked_conv family: the first
 # call's bench reached past masked_conv on 2026-11-30).
-# The `sampling` family, whose naive baseline alone takes about a minute per call at the
-# issue's sizes, is left to a call of its own, with `--providers` trimmed.
+# "sampling" (not a default; one to two minutes) times the cached samplers at issue 7's B = 64
+# on the triton and cuda backends only (the naive baseline alone takes minutes per call at those
+# sizes), three calls each. Never measured before: the 2026-11-30 runs (the second, session 21's,
+# reached past the GPU tests with gates and dmol; masked_conv was cut) suggest for the next
+# session, at once after each other:
+#   GPU_CHECK_SECONDS=420 bash benchmarks/gpu_check.sh "$OUT" masked_conv dmol
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles sampling bench" bash benchmarks/gpu_check.sh "$OUT" models
 #
 # Each failed test is appended to OUT_DIR/gpu_test_failures.log as it is reported (the
 # summary lists them), so a run cut short, or an xdist controller that dies after a
@@ -81,7 +86,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 ncu_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 sampling_rc=0 ncu_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -219,6 +224,17 @@ if wants tiles; then
     cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
 fi
 
+if wants sampling; then
+  step "cached sampling at the issue's sizes"
+  limit=$(allowance 150 60)
+  sampling_args=(sampling -k _b64 --dtype float32 --providers triton cuda --warmup 1 --repeats 3)
+  within "$limit" $py -m pixelcnn_kernels bench "${sampling_args[@]}" --out "$out/bench_sampling" >"$out/bench_sampling.log" 2>&1
+  sampling_rc=$?
+  { echo; echo "## Cached sampling (pixelcnn-kernels bench ${sampling_args[*]}): $(outcome $sampling_rc "$limit")"; echo '```'
+    cat "$out/bench_sampling/table.txt" 2>/dev/null || tail -20 "$out/bench_sampling.log"; echo '```'
+    [ -f "$out/bench_sampling/goals.md" ] && { echo; echo "### The issues' goals on these rows"; echo; cat "$out/bench_sampling/goals.md"; }; } >>"$summary"
+fi
+
 if wants ncu && ! command -v ncu >/dev/null; then
   echo -e "\n## Nsight Compute: ncu not on PATH, not run" >>"$summary"
 elif wants ncu; then
@@ -254,6 +270,6 @@ fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench/goals.md bench_graph 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench/goals.md bench_sampling/results.csv bench_sampling/goals.md bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$sampling_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
