@@ -37,13 +37,15 @@
 #   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models
 # (the second call's tile A/B, one to two minutes, replaces its masked_conv family: the first
 # call's bench reached past masked_conv on 2026-11-30).
+# "profile" (not a default; about a minute) lists the CUDA kernels of the gated layers'
+# forward+backward by GPU time (benchmarks/profile_layers.py): where their slow backward goes.
 # "sampling" (not a default; one to two minutes) times the cached samplers at issue 7's B = 64
 # on the triton and cuda backends only (the naive baseline alone takes minutes per call at those
-# sizes), three calls each. Never measured before: the 2026-11-30 runs (the second, session 21's,
-# reached past the GPU tests with gates and dmol; masked_conv was cut) suggest for the next
-# session, at once after each other:
-#   GPU_CHECK_SECONDS=420 bash benchmarks/gpu_check.sh "$OUT" masked_conv dmol
-#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles sampling bench" bash benchmarks/gpu_check.sh "$OUT" models
+# sizes), three calls each: never measured yet. The second run of 2026-11-30 (session 21) timed
+# gates, dmol and models but not masked_conv; so for the next session, at once after each other
+# (the first checks the fixes made since, the second what was never measured):
+#   GPU_CHECK_SECONDS=420 GPU_CHECK_STEPS="tests sanitize bench" bash benchmarks/gpu_check.sh "$OUT" masked_conv dmol
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="sampling profile tiles" bash benchmarks/gpu_check.sh "$OUT"
 #
 # Each failed test is appended to OUT_DIR/gpu_test_failures.log as it is reported (the
 # summary lists them), so a run cut short, or an xdist controller that dies after a
@@ -86,7 +88,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 sampling_rc=0 ncu_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 sampling_rc=0 profile_rc=0 ncu_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -215,15 +217,6 @@ if wants properties; then
     grep -E "^(FAILED|ERROR)" "$out/properties.log" | head -10; tail -2 "$out/properties.log"; echo '```'; } >>"$summary"
 fi
 
-if wants tiles; then
-  step "masked conv tile A/B"
-  limit=$(allowance 120 60)
-  within "$limit" $py benchmarks/tile_choices.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
-  tiles_rc=$?
-  { echo; echo "## Tile choices, A/B (python benchmarks/tile_choices.py): $(outcome $tiles_rc "$limit")"; echo
-    cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
-fi
-
 if wants sampling; then
   step "cached sampling at the issue's sizes"
   limit=$(allowance 150 60)
@@ -233,6 +226,24 @@ if wants sampling; then
   { echo; echo "## Cached sampling (pixelcnn-kernels bench ${sampling_args[*]}): $(outcome $sampling_rc "$limit")"; echo '```'
     cat "$out/bench_sampling/table.txt" 2>/dev/null || tail -20 "$out/bench_sampling.log"; echo '```'
     [ -f "$out/bench_sampling/goals.md" ] && { echo; echo "### The issues' goals on these rows"; echo; cat "$out/bench_sampling/goals.md"; }; } >>"$summary"
+fi
+
+if wants profile; then
+  step "kernels of the layers' forward+backward"
+  limit=$(allowance 120 60)
+  within "$limit" $py benchmarks/profile_layers.py --out "$out/profile.md" >"$out/profile.log" 2>&1
+  profile_rc=$?
+  { echo; echo "## The layers' kernels, forward+backward (python benchmarks/profile_layers.py): $(outcome $profile_rc "$limit")"; echo
+    cat "$out/profile.md" 2>/dev/null || { echo '```'; tail -20 "$out/profile.log"; echo '```'; }; } >>"$summary"
+fi
+
+if wants tiles; then
+  step "masked conv tile A/B"
+  limit=$(allowance 120 60)
+  within "$limit" $py benchmarks/tile_choices.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
+  tiles_rc=$?
+  { echo; echo "## Tile choices, A/B (python benchmarks/tile_choices.py): $(outcome $tiles_rc "$limit")"; echo
+    cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
 fi
 
 if wants ncu && ! command -v ncu >/dev/null; then
@@ -270,6 +281,6 @@ fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md ncu.log bench*.log bench/results.csv bench/goals.md bench_sampling/results.csv bench_sampling/goals.md bench_graph 2>/dev/null)
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md profile.log profile.md ncu.log bench*.log bench/results.csv bench/goals.md bench_sampling/results.csv bench_sampling/goals.md bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$sampling_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$sampling_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
