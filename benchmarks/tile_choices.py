@@ -5,10 +5,12 @@ a kernel side by side (the first is what the launcher did before the change, or 
 when the other is a candidate not taken), bf16 and fp32:
 
 - masked convolution at the issue's shape (x 64×128×32×32 → 256 channels, the 3×3
-  vertical mask's 6 taps; fp32 in TF32): forward, input and weight gradient with
-  ``64-col`` (the tiles before 2026-11-30's change: 128 × 64 at 4 warps; the weight
-  gradient's 64 × 64 at 4 warps, 4 programs per SM) against ``current`` (128 × 128 at 8
-  warps where the channels are multiples of 128); the gated forward (tanh·σ, two
+  vertical mask's 6 taps; fp32 in TF32): forward and input gradient with ``64-col`` (the
+  tiles before 2026-11-30's change: 128 × 64 at 4 warps) against ``current`` (128 × 128 at 8
+  warps where the channels are multiples of 128); the weight gradient with
+  ``channels-last-x`` (its TF32 operand x read from the channels-last rows, as before the
+  second H200 run) against ``current`` (a pixel-major copy per tap; bf16 takes the rows either
+  way); the gated forward (tanh·σ, two
   accumulators over 128 columns each) with ``current`` (64 pixels × 64 columns per half)
   against the candidate ``gated-128-rows`` (128 pixels at 8 warps: a third less L2
   traffic, 148 registers, one program per SM);
@@ -63,13 +65,14 @@ class Kernel:
 
 @contextlib.contextmanager
 def tiles(choice: str):
-    """Within the block the launchers use ``choice``'s tiles ("current": their own)."""
-    saved = (masked_conv._conv_tiles, masked_conv._wgrad_tiles, dmol._mixture_tiles)
-    conv_tiles, wgrad_tiles, mixture_tiles = saved
+    """Within the block the launchers use ``choice``'s tiles or operand layout ("current": their own)."""
+    saved = (masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles)
+    conv_tiles, _, mixture_tiles = saved
     if choice == "64-col":
         # Asked for 64 columns (not a multiple of 128) they pick the 64-column tiles.
         masked_conv._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: conv_tiles(two_halves, dtype, precision, masked_conv._BLOCK_N, gate_groups)
-        masked_conv._wgrad_tiles = lambda c_in, c_out: wgrad_tiles(masked_conv._WGRAD_BLOCK, masked_conv._WGRAD_BLOCK)
+    elif choice == "channels-last-x":
+        masked_conv._tap_major_x = lambda precision, c_in, copy_elements: False
     elif choice == "gated-128-rows":
         masked_conv._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: (
             (masked_conv._BLOCK_M, masked_conv._BLOCK_N, 2 * masked_conv._NUM_WARPS) if two_halves else conv_tiles(two_halves, dtype, precision, n_cols, gate_groups)
@@ -83,7 +86,7 @@ def tiles(choice: str):
     try:
         yield
     finally:
-        masked_conv._conv_tiles, masked_conv._wgrad_tiles, dmol._mixture_tiles = saved
+        masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles = saved
 
 
 def _padded_tile(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
@@ -143,7 +146,7 @@ def kernels() -> list[Kernel]:
     return [
         Kernel("conv forward", plain, conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_fwd(x, wp, None, None, offsets, False, True)), tflops),
         Kernel("conv input grad", plain, conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_dgrad(gout, wp, None, offsets, True)), tflops),
-        Kernel("conv weight grad", plain, conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_wgrad(x, gout, offsets, False, True)), tflops),
+        Kernel("conv weight grad", ("channels-last-x", "current"), conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_wgrad(x, gout, offsets, False, True)), tflops),
         Kernel(
             "conv gated forward", gated,
             conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_fwd_gated(x, wp, bias, cond, None, None, offsets, False, masked_conv.GATE_TANH_SIGMOID, 1, True, True)),

@@ -296,7 +296,7 @@ def _load_script(name: str):
 
 
 def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
-    """benchmarks/tile_choices.py: each tile choice makes the launchers pick its tiles and restores
+    """benchmarks/tile_choices.py: each tile choice makes the launchers pick its tiles (or operand layout) and restores
     theirs after; without a GPU it runs nothing and says why."""
     from pixelcnn_kernels.triton import dmol
     from pixelcnn_kernels.triton import masked_conv as kernels
@@ -305,16 +305,17 @@ def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
 
     def picks():
         return (
-            kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._conv_tiles(True, torch.bfloat16, "ieee", 128), kernels._wgrad_tiles(128, 256),
+            kernels._conv_tiles(False, torch.bfloat16, "ieee", 256), kernels._conv_tiles(True, torch.bfloat16, "ieee", 128), kernels._tap_major_x("tf32", 128, 1),
             dmol._mixture_tiles(10, False), dmol._mixture_tiles(10, True),
         )  # fmt: skip
 
     current = picks()
     assert current[0][1] == kernels._BLOCK_N_WIDE and current[1][0] == kernels._BLOCK_M_TWO_HALVES
-    assert current[2][:2] == (kernels._WGRAD_BLOCK_WIDE,) * 2 and current[3] == current[4] == (8, 2, 64)
+    assert current[2] is True and current[3] == current[4] == (8, 2, 64)
     expected = {
         "current": current,
-        "64-col": ((128, kernels._BLOCK_N, kernels._NUM_WARPS), current[1], (64, 64, kernels._NUM_WARPS, kernels._WGRAD_BLOCKS_PER_SM)) + current[3:],
+        "64-col": ((128, kernels._BLOCK_N, kernels._NUM_WARPS),) + current[1:],
+        "channels-last-x": current[:2] + (False,) + current[3:],
         "gated-128-rows": (current[0], (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)) + current[2:],
         "padded": current[:3] + ((16, 0, 32), (16, 0, 32)),
         "two-tiles-128": current[:3] + ((8, 2, 128), (8, 2, 128)),

@@ -244,6 +244,39 @@ def test_triton_never_reads_masked_out_weights():
     assert_close(out, masked_conv2d_ref(x.double(), weight.double(), bias.double(), "A", 1, 3), dtype=torch.float32)
 
 
+def _moved_by_tap(x_rows: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x_rows (N, H, W, C) read at each pixel moved by (dy, dx), zeros where that leaves the image."""
+    _, height, width, _ = x_rows.shape
+    moved = torch.zeros_like(x_rows)
+    moved[:, max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)] = x_rows[:, max(0, dy) : height + min(0, dy), max(0, dx) : width + min(0, dx)]
+    return moved
+
+
+@pytest.mark.parametrize("mask, kernel_size, dilation", [("vertical", 3, 1), ("down_shifted", None, 1), ("B", 3, 2)])
+def test_triton_tf32_weight_grad_reads_x_copied_per_tap(mask, kernel_size, dilation):
+    """With TF32 products (and 64 or more input channels) the weight gradient reads x from a copy
+    moved by each tap, pixel-major: the copy is x moved (zeros outside the image), and the gradient
+    the one read from the channels-last rows, bit for bit in the interpreter (whose TF32 is exact)."""
+    from pixelcnn_kernels.triton import masked_conv as kernels
+
+    spec = resolve_mask(mask, kernel_size)
+    x, weight, _ = make_conv_inputs(64, 16, spec.kernel_size, 2, 5, 6)
+    offsets = ops.tap_offsets(spec, dilation)
+    x_rows = x.permute(0, 2, 3, 1).contiguous()
+    grad_out = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(3))
+    grad_rows = grad_out.permute(0, 2, 3, 1).contiguous()
+    assert kernels._tap_major_x("tf32", 64, 1) and not kernels._tap_major_x("ieee", 64, 1) and not kernels._tap_major_x("tf32", 64, 2**31)
+    with run_backend("triton"):
+        copy = kernels._tap_major_rows(x_rows, offsets)
+        tf32 = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, True)
+        ieee = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, False)
+    moved = [_moved_by_tap(x_rows, dy, dx).permute(3, 0, 1, 2).reshape(64, -1) for dy, dx in zip(offsets[0::2], offsets[1::2])]
+    assert torch.equal(copy, torch.stack(moved))
+    assert torch.equal(tf32, ieee)
+    _, _, expected, _ = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), torch.zeros(16, dtype=torch.float64), grad_out.double(), mask=spec, dilation=dilation)
+    assert_close_at_scale(ops.unpack_weight_grad(tf32, spec, weight), expected, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("input_activation", [None, "concat_elu"])
 @pytest.mark.parametrize(
     "batch, height, width",

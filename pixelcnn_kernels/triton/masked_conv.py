@@ -250,12 +250,14 @@ def _masked_conv_wgrad_kernel(
     W,
     C_IN,
     C_OUT,
+    stride_xt,
     stride_xp,
     stride_xc,
     stride_gp,
     stride_gc,
     blocks_per_split,
     OFFSETS: tl.constexpr,
+    TAP_MAJOR_X: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     BLOCK_CI: tl.constexpr,
@@ -266,10 +268,12 @@ def _masked_conv_wgrad_kernel(
 
     x[p, ci] at x_ptr + p·stride_xp + ci·stride_xc, gout[p, co] at gout_ptr + p·stride_gp
     + co·stride_gc (p a flat N·H·W pixel): channels-last rows (stride_xp = C_IN), or for
-    gout with TF32 a pixel-major copy (stride_gp = 1), since TF32's products want their
-    operands contiguous along the reduction, here the pixels. partial: (splits, T, C_IN, C_OUT)
-    fp32. Grid: (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits); split s covers
-    pixel blocks [s·blocks_per_split, (s+1)·blocks_per_split).
+    TF32 pixel-major copies (stride 1 along p), since TF32's products want their operands
+    contiguous along the reduction, here the pixels: of gout, and with ``TAP_MAJOR_X`` of x
+    already shifted by each tap (:func:`_tap_major_rows`; tap t's at x_ptr + t·stride_xt, read
+    at p itself). partial: (splits, T, C_IN, C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI),
+    cdiv(C_OUT, BLOCK_CO), splits); split s covers pixel blocks [s·blocks_per_split,
+    (s+1)·blocks_per_split).
     """
     ci_blocks = tl.cdiv(C_IN, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
@@ -290,10 +294,13 @@ def _masked_conv_wgrad_kernel(
     step_rows = (BLOCK_P // W) % H
     for block in range(first, last):
         pixels, pixel_ok = _pixels(block, num_pixels, BLOCK_P, WIDE_INDEX)
-        src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+        if TAP_MAJOR_X:  # shifted, and zero outside the image, by the copy
+            src_ok, sources = pixel_ok, pixels[None, :]
+        else:
+            src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+            sources = (pixels + dy * W + dx)[None, :]
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
-        sources = (pixels + dy * W + dx)[None, :]
-        x_tile = tl.load(x_ptr + sources * stride_xp + ci[:, None] * stride_xc, mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + tap * stride_xt + sources * stride_xp + ci[:, None] * stride_xc, mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
         g_tile = tl.load(gout_ptr + pixels[:, None] * stride_gp + co[None, :] * stride_gc, mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
         col += step_cols
@@ -303,6 +310,27 @@ def _masked_conv_wgrad_kernel(
         row = tl.where(row >= H, row - H, row)
     out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def _tap_major_kernel(
+    x_ptr, out_ptr, num_pixels, H, W, C, OFFSETS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """out[t, c, p] = x[p shifted by tap t, c], 0 where the tap leaves the image.
+
+    x: (N·H·W, C) channels-last rows; out: (T, C, N·H·W) contiguous, fewer than 2^31
+    elements. Grid: (cdiv(N·H·W, BLOCK_P), cdiv(C, BLOCK_C), T). Each program reads its
+    (BLOCK_P, BLOCK_C) tile along the channels and writes it along the pixels (Triton
+    transposes it in shared memory between the two).
+    """
+    tap = tl.program_id(2)
+    dy, dx = _tap_offset(tap, OFFSETS)
+    pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0), num_pixels, H, W, BLOCK_P, False)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+    tile = tl.load(x_ptr + (pixels + dy * W + dx)[:, None] * C + channels[None, :], mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
+    tl.store(out_ptr + (tap * C + channels[None, :]) * num_pixels + pixels[:, None], tile, mask=pixel_ok[:, None] & channel_ok[None, :])
 
 
 # ---------------------------------------------------------------- launchers
@@ -322,6 +350,9 @@ _BLOCK_N = 64
 _BLOCK_N_WIDE = 128
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
+# The tap-major copy's tile (_tap_major_rows): 64 pixels × 64 channels, 16 KiB in fp32.
+_TAP_MAJOR_BLOCK_P = 64
+_TAP_MAJOR_BLOCK_C = 64
 _WGRAD_BLOCK_WIDE = 128
 _NUM_WARPS = 4
 _NUM_STAGES = 3
@@ -538,7 +569,8 @@ def _wgrad_tiles(c_in: int, c_out: int) -> tuple[int, int, int, int]:
     128 × 128 at 8 warps when both channel counts are multiples of 128 (no padded rows or
     columns), else up to 64 × 64 at 4: each step's two operand tiles then feed 4× the
     products for 2× the bytes, halving the operand traffic from L2 (the vertical 3×3 bf16:
-    ~0.8 → ~0.4 GB) and the loop's instructions per product. Not yet measured.
+    ~0.8 → ~0.4 GB) and the loop's instructions per product: 1.39× (bf16) and 1.51× (TF32)
+    faster on the H200 (2026-11-30, vertical 3×3, 64×128×32×32 → 256).
     """
     if c_in % _WGRAD_BLOCK_WIDE == 0 and c_out % _WGRAD_BLOCK_WIDE == 0:
         return _WGRAD_BLOCK_WIDE, _WGRAD_BLOCK_WIDE, 2 * _NUM_WARPS, _WGRAD_WIDE_BLOCKS_PER_SM
@@ -558,17 +590,44 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, blocks_per_sm: int, devic
     return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
+def _tap_major_rows(x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """(T, C, N·H·W): x (N, H, W, C) contiguous moved by each tap's offset (zeros where it leaves
+    the image), pixel-major: the weight gradient's TF32 operand, contiguous along the pixels and
+    16-byte aligned at every tile whatever the tap (:func:`_tap_major_x`)."""
+    batch, height, width, channels = x.shape
+    num_pixels, num_taps = batch * height * width, len(offsets) // 2
+    out = torch.empty(num_taps, channels, num_pixels, device=x.device, dtype=x.dtype)
+    grid = (cdiv(num_pixels, _TAP_MAJOR_BLOCK_P), cdiv(channels, _TAP_MAJOR_BLOCK_C), num_taps)
+    with launch_device(x):
+        _tap_major_kernel[grid](x, out, num_pixels, height, width, channels, OFFSETS=tuple(offsets), BLOCK_P=_TAP_MAJOR_BLOCK_P, BLOCK_C=_TAP_MAJOR_BLOCK_C)
+    return out
+
+
+def _tap_major_x(precision: str, c_in: int, copy_elements: int) -> bool:
+    """Whether the weight gradient reads x from :func:`_tap_major_rows`' copy (else its channels-last rows).
+
+    TF32's operands must be contiguous along the reduction (the pixels), and 16-byte aligned,
+    for Triton to copy them into shared memory 16 bytes at a time: channels-last rows, read
+    at pixels shifted by the tap, took 4-byte copies (48 per pipeline stage of the vertical 3×3
+    sm_90 kernel, against 12 16-byte ones for the pixel-major gout). On the H200 (2026-11-30)
+    that weight gradient ran at 58 TFLOP/s in TF32 against 387 in bf16 (0.442 against 0.067 ms,
+    64×128×32×32 → 256). The copy moves x once in and T times out, ~0.06 ms there at the copy
+    rate; the GEMM at half the bf16 rate ~0.13 ms: predicted ~0.2 ms, not yet measured. As for
+    gout, not for inputs narrower than a tile; nor when the copy (``copy_elements``) would pass
+    2^31 elements.
+    """
+    return precision == "tf32" and c_in >= _WGRAD_BLOCK and copy_elements < 2**31
+
+
 def _pixel_major_gout(precision: str, wide_index: bool, c_in: int) -> bool:
     """Whether the weight gradient reads a pixel-major copy of gout (else its channels-last rows).
 
     TF32's operands must be contiguous along the reduction, the pixels: from channels-last
     rows Triton copies them into shared memory 4 bytes at a time. A pixel-major copy of
     gout (one read and write of it) takes 16-byte copies; x's tiles start at pixels shifted
-    by the tap, not 16-byte aligned, so a pixel-major x would still take 4-byte ones.
-    Predicted: half the 4-byte copies' excess gone, the vertical 3×3 fp32 backward 1.53 ms
-    (H200, 2026-11-30) → ~1.0 ms; not yet measured. Not for tensors past 2^31 elements
-    (the copy's offsets) nor for inputs narrower than a tile (a first layer's 1-4
-    channels, whose kernel then spills registers).
+    by the tap, not 16-byte aligned, so x takes a copy per tap (:func:`_tap_major_x`). Not
+    for tensors past 2^31 elements (the copy's offsets) nor for inputs narrower than a tile
+    (a first layer's 1-4 channels, whose kernel then spills registers).
     """
     return precision == "tf32" and not wide_index and c_in >= _WGRAD_BLOCK
 
@@ -594,10 +653,15 @@ def masked_conv2d_wgrad(
     if num_pixels == 0:
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
     precision, wide_index = dot_precision(x.dtype, allow_tf32), needs_int64_index(x, gout)
-    if _pixel_major_gout(precision, wide_index, c_in):
-        g_rows, strides = gout.reshape(num_pixels, c_out).t().contiguous(), (c_in, 1, 1, num_pixels)
+    tap_major_x = _tap_major_x(precision, c_in, num_taps * x.numel())
+    if tap_major_x:
+        x, x_strides = _tap_major_rows(x, offsets), (c_in * num_pixels, 1, num_pixels)
     else:
-        g_rows, strides = gout, (c_in, 1, c_out, 1)
+        x_strides = (0, c_in, 1)
+    if _pixel_major_gout(precision, wide_index, c_in):
+        g_rows, g_strides = gout.reshape(num_pixels, c_out).t().contiguous(), (1, num_pixels)
+    else:
+        g_rows, g_strides = gout, (c_out, 1)
     block_ci, block_co, num_warps, blocks_per_sm = _wgrad_tiles(c_in, c_out)
     block_p = _reduction_tile(num_pixels, x.dtype)
     pixel_blocks = cdiv(num_pixels, block_p)
@@ -608,8 +672,8 @@ def masked_conv2d_wgrad(
     grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
     with launch_device(x):
         _masked_conv_wgrad_kernel[grid](
-            x, g_rows, partial, num_pixels, height, width, c_in, c_out, *strides, blocks_per_split,
-            OFFSETS=tuple(offsets), DOT_PRECISION=precision, WIDE_INDEX=wide_index,
+            x, g_rows, partial, num_pixels, height, width, c_in, c_out, *x_strides, *g_strides, blocks_per_split,
+            OFFSETS=tuple(offsets), TAP_MAJOR_X=tap_major_x, DOT_PRECISION=precision, WIDE_INDEX=wide_index,
             BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=num_warps, num_stages=_NUM_STAGES,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -689,17 +753,19 @@ def _register_compile_cases() -> None:
         register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
 
     def register_wgrad(name, offsets, dtype, *, wide_index=False, divisible_ints=True, c_in=_WGRAD_BLOCK, c_out=_WGRAD_BLOCK):
-        # As masked_conv2d_wgrad launches it: x channels-last, gout too or pixel-major.
-        pixel_major = _pixel_major_gout(dot_precision(dtype, allow_tf32=True), wide_index, c_in)
+        # As masked_conv2d_wgrad launches it: x channels-last or tap-major, gout channels-last or pixel-major.
+        precision = dot_precision(dtype, allow_tf32=True)
+        tap_major = _tap_major_x(precision, c_in, 0) and not wide_index
+        pixel_major = _pixel_major_gout(precision, wide_index, c_in)
         block_ci, block_co, num_warps, _ = _wgrad_tiles(c_in, c_out)
-        unit_strides = ("stride_xc", "stride_gp" if pixel_major else "stride_gc")
-        strides = [stride for stride in ("stride_xp", "stride_xc", "stride_gp", "stride_gc") if stride not in unit_strides]
+        unit_strides = ("stride_xp" if tap_major else "stride_xc", "stride_gp" if pixel_major else "stride_gc")
+        strides = [stride for stride in ("stride_xt", "stride_xp", "stride_xc", "stride_gp", "stride_gc") if stride not in unit_strides]
         signature = {
             "x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32",
             **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", *strides, "blocks_per_split"), "i32"), **({"num_pixels": "i64"} if wide_index else {}),
         }  # fmt: skip
         constexprs = {
-            "OFFSETS": tuple(offsets), "DOT_PRECISION": dot_precision(dtype, allow_tf32=True), "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
+            "OFFSETS": tuple(offsets), "TAP_MAJOR_X": tap_major, "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
             "BLOCK_CI": block_ci, "BLOCK_CO": block_co, "BLOCK_P": _max_reduction_tile(dtype),
         }  # fmt: skip
         register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
@@ -720,6 +786,12 @@ def _register_compile_cases() -> None:
                 register_wgrad(f"masked_conv_wgrad{'_wide_index' if wide_index else ''}_{tap_name}_{dtype_name}", offsets, dtype, wide_index=wide_index)
             if wgrad_index_widths and tap_name in wide_tap_sets:
                 register_wgrad(f"masked_conv_wgrad_wide_{tap_name}_{dtype_name}", offsets, dtype, c_in=_WGRAD_BLOCK_WIDE, c_out=_WGRAD_BLOCK_WIDE)
+            if dtype == torch.float32:  # the TF32 weight gradient's copy of x
+                register_compile_case(
+                    f"masked_conv_tap_major_{tap_name}_{dtype_name}", _tap_major_kernel,
+                    {"x_ptr": pointer_type(dtype), "out_ptr": pointer_type(dtype), **dict.fromkeys(("num_pixels", "H", "W", "C"), "i32")},
+                    {"OFFSETS": tuple(offsets), "BLOCK_P": _TAP_MAJOR_BLOCK_P, "BLOCK_C": _TAP_MAJOR_BLOCK_C},
+                )
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
