@@ -53,6 +53,8 @@ truncated, 1 - 1.4e-6 (2.9e-4) rounded.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -350,9 +352,11 @@ _BLOCK_N = 64
 _BLOCK_N_WIDE = 128
 _BLOCK_K_BYTES = 128  # BLOCK_K · element size: 32 fp32 or 64 fp16/bf16 elements
 _WGRAD_BLOCK = 64
-# The tap-major copy's tile (_tap_major_rows): 64 pixels × 64 channels, 16 KiB in fp32.
+# The tap-major copy's tile (_tap_major_rows): 64 pixels × 64 channels, 16 KiB in fp32; and the
+# taps one copy holds: at most three times x's memory at once (a 3×3 mask's 6 taps in two).
 _TAP_MAJOR_BLOCK_P = 64
 _TAP_MAJOR_BLOCK_C = 64
+_TAP_MAJOR_MAX_TAPS = 3
 _WGRAD_BLOCK_WIDE = 128
 _NUM_WARPS = 4
 _NUM_STAGES = 3
@@ -612,7 +616,8 @@ def _tap_major_x(precision: str, c_in: int, copy_elements: int) -> bool:
     sm_90 kernel, against 12 16-byte ones for the pixel-major gout). On the H200 (2026-11-30)
     that weight gradient ran at 58 TFLOP/s in TF32 against 387 in bf16 (0.442 against 0.067 ms,
     64×128×32×32 → 256). The copy moves x once in and T times out, ~0.06 ms there at the copy
-    rate; the GEMM at half the bf16 rate ~0.13 ms: predicted ~0.2 ms, not yet measured. As for
+    rate; the GEMM at half the bf16 rate ~0.13 ms: predicted ~0.2 ms, not yet measured. The
+    copy is made a few taps at a time (_TAP_MAJOR_MAX_TAPS), one GEMM launch each. As for
     gout, not for inputs narrower than a tile; nor when the copy (``copy_elements``) would pass
     2^31 elements.
     """
@@ -653,15 +658,24 @@ def masked_conv2d_wgrad(
     if num_pixels == 0:
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
     precision, wide_index = dot_precision(x.dtype, allow_tf32), needs_int64_index(x, gout)
-    tap_major_x = _tap_major_x(precision, c_in, num_taps * x.numel())
-    if tap_major_x:
-        x, x_strides = _tap_major_rows(x, offsets), (c_in * num_pixels, 1, num_pixels)
-    else:
-        x_strides = (0, c_in, 1)
     if _pixel_major_gout(precision, wide_index, c_in):
         g_rows, g_strides = gout.reshape(num_pixels, c_out).t().contiguous(), (1, num_pixels)
     else:
         g_rows, g_strides = gout, (c_out, 1)
+    gemm = functools.partial(_weight_grad_gemm, g_rows=g_rows, g_strides=g_strides, c_out=c_out, precision=precision, wide_index=wide_index, num_splits=num_splits)
+    taps_per_copy = min(num_taps, _TAP_MAJOR_MAX_TAPS)
+    if not _tap_major_x(precision, c_in, taps_per_copy * x.numel()):
+        return gemm(x, (0, c_in, 1), offsets, height, width, tap_major_x=False)
+    # A few taps at a time: the copies of x held at once stay within _TAP_MAJOR_MAX_TAPS.
+    parts = [offsets[i : i + 2 * taps_per_copy] for i in range(0, len(offsets), 2 * taps_per_copy)]
+    x_strides = (c_in * num_pixels, 1, num_pixels)
+    return torch.cat([gemm(_tap_major_rows(x, part), x_strides, part, height, width, tap_major_x=True) for part in parts])
+
+
+def _weight_grad_gemm(x, x_strides, offsets, height, width, *, tap_major_x, g_rows, g_strides, c_out, precision, wide_index, num_splits):
+    """(T, Cin, Cout) fp32: _masked_conv_wgrad_kernel over x (channels-last rows, or a tap-major
+    copy of them) and gout's rows as :func:`masked_conv2d_wgrad` prepared them."""
+    num_taps, c_in, num_pixels = len(offsets) // 2, x.shape[-2] if tap_major_x else x.shape[-1], g_rows.numel() // c_out
     block_ci, block_co, num_warps, blocks_per_sm = _wgrad_tiles(c_in, c_out)
     block_p = _reduction_tile(num_pixels, x.dtype)
     pixel_blocks = cdiv(num_pixels, block_p)
