@@ -612,8 +612,8 @@ def _tap_major_x(precision: str, c_in: int, copy_elements: int) -> bool:
 
     TF32's operands must be contiguous along the reduction (the pixels), and 16-byte aligned,
     for Triton to copy them into shared memory 16 bytes at a time: channels-last rows, read
-    at pixels shifted by the tap, took 4-byte copies (48 per pipeline stage of the vertical 3×3
-    sm_90 kernel, against 12 16-byte ones for the pixel-major gout). On the H200 (2026-11-30)
+    at pixels shifted by the tap, took 4-byte copies (the vertical 3×3 sm_90 kernel's three
+    pipeline stages: 48 of them, against 12 16-byte ones for the pixel-major gout). On the H200 (2026-11-30)
     that weight gradient ran at 58 TFLOP/s in TF32 against 387 in bf16 (0.442 against 0.067 ms,
     64×128×32×32 → 256). The copy moves x once in and T times out, ~0.06 ms there at the copy
     rate; the GEMM at half the bf16 rate ~0.13 ms: predicted ~0.2 ms, not yet measured. The
