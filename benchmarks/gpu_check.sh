@@ -217,33 +217,41 @@ if wants properties; then
     grep -E "^(FAILED|ERROR)" "$out/properties.log" | head -10; tail -2 "$out/properties.log"; echo '```'; } >>"$summary"
 fi
 
+# `pixelcnn-kernels bench ARGS --out OUT_DIR/DIR` for at most LIMIT s, its table and goals appended to
+# the summary under TITLE; its exit in $step_rc.
+run_bench() {
+  local title=$1 limit=$2 dir=$3; shift 3
+  within "$limit" $py -m pixelcnn_kernels bench "$@" --out "$out/$dir" >"$out/$dir.log" 2>&1
+  step_rc=$?
+  { echo; echo "## $title (pixelcnn-kernels bench $*): $(outcome $step_rc "$limit")"; echo '```'
+    cat "$out/$dir/table.txt" 2>/dev/null || tail -20 "$out/$dir.log"; echo '```'
+    [ -f "$out/$dir/goals.md" ] && { echo; echo "### The issues' goals on these rows"; echo; cat "$out/$dir/goals.md"; }; } >>"$summary"
+}
+# `python SCRIPT ARGS --out OUT_DIR/NAME.md` for at most LIMIT s, its report appended under TITLE; exit in $step_rc.
+run_report() {
+  local title=$1 limit=$2 name=$3; shift 3
+  within "$limit" $py "$@" --out "$out/$name.md" >"$out/$name.log" 2>&1
+  step_rc=$?
+  { echo; echo "## $title (python $*): $(outcome $step_rc "$limit")"; echo
+    cat "$out/$name.md" 2>/dev/null || { echo '```'; tail -20 "$out/$name.log"; echo '```'; }; } >>"$summary"
+}
+
 if wants sampling; then
   step "cached sampling at the issue's sizes"
-  limit=$(allowance 150 60)
-  sampling_args=(sampling -k _b64 --dtype float32 --providers triton cuda --warmup 1 --repeats 3)
-  within "$limit" $py -m pixelcnn_kernels bench "${sampling_args[@]}" --out "$out/bench_sampling" >"$out/bench_sampling.log" 2>&1
-  sampling_rc=$?
-  { echo; echo "## Cached sampling (pixelcnn-kernels bench ${sampling_args[*]}): $(outcome $sampling_rc "$limit")"; echo '```'
-    cat "$out/bench_sampling/table.txt" 2>/dev/null || tail -20 "$out/bench_sampling.log"; echo '```'
-    [ -f "$out/bench_sampling/goals.md" ] && { echo; echo "### The issues' goals on these rows"; echo; cat "$out/bench_sampling/goals.md"; }; } >>"$summary"
+  run_bench "Cached sampling" "$(allowance 150 60)" bench_sampling sampling -k _b64 --dtype float32 --providers triton cuda --warmup 1 --repeats 3
+  sampling_rc=$step_rc
 fi
 
 if wants profile; then
   step "kernels of the layers' forward+backward"
-  limit=$(allowance 120 60)
-  within "$limit" $py benchmarks/profile_layers.py --out "$out/profile.md" >"$out/profile.log" 2>&1
-  profile_rc=$?
-  { echo; echo "## The layers' kernels, forward+backward (python benchmarks/profile_layers.py): $(outcome $profile_rc "$limit")"; echo
-    cat "$out/profile.md" 2>/dev/null || { echo '```'; tail -20 "$out/profile.log"; echo '```'; }; } >>"$summary"
+  run_report "The layers' kernels, forward+backward" "$(allowance 120 60)" profile benchmarks/profile_layers.py
+  profile_rc=$step_rc
 fi
 
 if wants tiles; then
   step "masked conv tile A/B"
-  limit=$(allowance 120 60)
-  within "$limit" $py benchmarks/tile_choices.py --out "$out/tiles.md" >"$out/tiles.log" 2>&1
-  tiles_rc=$?
-  { echo; echo "## Tile choices, A/B (python benchmarks/tile_choices.py): $(outcome $tiles_rc "$limit")"; echo
-    cat "$out/tiles.md" 2>/dev/null || { echo '```'; tail -20 "$out/tiles.log"; echo '```'; }; } >>"$summary"
+  run_report "Tile choices, A/B" "$(allowance 120 60)" tiles benchmarks/tile_choices.py
+  tiles_rc=$step_rc
 fi
 
 if wants ncu && ! command -v ncu >/dev/null; then
@@ -261,22 +269,14 @@ fi
 
 if wants bench; then
   step "benchmarks"
-  limit=$(allowance 300 5)
-  within "$limit" $py -m pixelcnn_kernels bench "${families[@]}" --out "$out/bench" >"$out/bench.log" 2>&1
-  bench_rc=$?
-  { echo; echo "## Benchmarks (pixelcnn-kernels bench ${families[*]}): $(outcome $bench_rc "$limit")"; echo '```'
-    cat "$out/bench/table.txt" 2>/dev/null || tail -20 "$out/bench.log"; echo '```'
-    [ -f "$out/bench/goals.md" ] && { echo; echo "### The issues' goals on this call's rows"; echo; cat "$out/bench/goals.md"; }; } >>"$summary"
+  run_bench "Benchmarks" "$(allowance 300 5)" bench "${families[@]}"
+  bench_rc=$step_rc
 fi
 
 if wants graphs; then
   step "benchmarks as CUDA-graph replays"
-  limit=$(allowance 240 5)
-  within "$limit" $py -m pixelcnn_kernels bench models --cuda-graph --providers eager triton cuda --out "$out/bench_graph" >"$out/bench_graph.log" 2>&1
-  graphs_rc=$?
-  { echo; echo "## Benchmarks as CUDA-graph replays (pixelcnn-kernels bench models --cuda-graph --providers eager triton cuda): $(outcome $graphs_rc "$limit")"; echo '```'
-    cat "$out/bench_graph/table.txt" 2>/dev/null || tail -20 "$out/bench_graph.log"; echo '```'
-    [ -f "$out/bench_graph/goals.md" ] && { echo; echo "### The issues' goals on the replays' rows"; echo; cat "$out/bench_graph/goals.md"; }; } >>"$summary"
+  run_bench "Benchmarks as CUDA-graph replays" "$(allowance 240 5)" bench_graph models --cuda-graph --providers eager triton cuda
+  graphs_rc=$step_rc
 fi
 
 step "done"
