@@ -36,3 +36,24 @@ def test_every_tap_set_the_drop_in_models_launch_is_compiled():
         if isinstance(module, MaskedConv2d) and module.stride == (1, 1)  # strided (ShiftedConv2d): F.conv2d
     }
     assert not {key for key, offsets in launched.items() if offsets not in compiled}
+
+
+# The check's guard, run on the kernel as the TF32 weight gradient was before it read x copied
+# per tap: its x tiles then came in 4-byte copies, which the check must refuse.
+CHANNELS_LAST_X_WGRAD = """
+import sys
+import pixelcnn_kernels.triton.masked_conv as kernels
+from pixelcnn_kernels.triton import compile_check, utils
+kernels._tap_major_x = lambda precision, c_in, copy_elements: False
+utils.COMPILE_CASES.clear()
+kernels._register_compile_cases()
+sys.exit(compile_check.main(["-k", "masked_conv_wgrad_wide_vertical3x3"]))
+"""
+
+
+def test_the_check_refuses_a_gemm_whose_operand_copies_narrow():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", CHANNELS_LAST_X_WGRAD], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAIL  masked_conv_wgrad_wide_vertical3x3_float32: 4-byte cp.async copies, its case wants 16-byte ones" in result.stdout
+    assert "ok    masked_conv_wgrad_wide_vertical3x3_bfloat16" in result.stdout

@@ -5,8 +5,10 @@ names the kernel when one fails. It must run without ``TRITON_INTERPRET``
 (interpreted kernels cannot be compiled), so the test suite starts it in a
 subprocess.
 
-A kernel fails when it needs more shared memory than a block may have, or when it
-spills more registers than its case allows (none unless registered otherwise): the
+A kernel fails when it needs more shared memory than a block may have, when it
+spills more registers than its case allows (none unless registered otherwise), or when
+its case asks for 16-byte pipelined operand copies (``cp.async``) and it issues narrower
+ones or none: the
 registers and spill stores are those Triton's own ptxas reports (``-v``) for the
 kernel's PTX, the figures a GPU would run with, found without one.
 """
@@ -71,6 +73,11 @@ def register_usage(compiled, capability: int) -> tuple[int, int]:
     return int(re.search(r"Used (\d+) registers", report).group(1)), int(re.search(r"(\d+) bytes spill stores", report).group(1))
 
 
+def async_copy_bytes(compiled) -> list[int]:
+    """The size in bytes of every global-to-shared ``cp.async`` in a compiled kernel's PTX."""
+    return [int(size, 0) for size in re.findall(r"cp\.async\.\w+\.shared\.global\S* \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+|\d+)", compiled.asm["ptx"])]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
@@ -87,12 +94,17 @@ def main(argv=None) -> int:
             shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES.get(args.capability)
             registers, spilled = register_usage(compiled, args.capability)
             usage = f"shared {shared} B, {registers} registers, {spilled} B spilled"
+            copies = async_copy_bytes(compiled) if case.min_copy_bytes else []
             if limit is not None and shared > limit:
                 failures += 1
                 print(f"FAIL  {case.name}: needs {shared} B of shared memory, sm_{args.capability} allows {limit} B")
             elif spilled > case.max_spill_bytes:
                 failures += 1
                 print(f"FAIL  {case.name}: spills {spilled} B of registers per thread, its case allows {case.max_spill_bytes} B ({usage})")
+            elif case.min_copy_bytes and (not copies or min(copies) < case.min_copy_bytes):
+                failures += 1
+                found = f"{min(copies)}-byte cp.async copies" if copies else "no cp.async at all"
+                print(f"FAIL  {case.name}: {found}, its case wants {case.min_copy_bytes}-byte ones ({usage})")
             else:
                 print(f"ok    {case.name}  ({usage})")
         except Exception:  # report every failing kernel, not just the first

@@ -764,7 +764,10 @@ def _register_compile_cases() -> None:
             **{name: None for name in optional_pointers if name not in given_pointers}, "GATE": gate, "GATE_GROUPS": gate_groups,
             "BLOCK_M": block_m, unit_stride: 1,
         }  # fmt: skip
-        register_compile_case(name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
+        register_compile_case(
+            name, _masked_conv_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints,
+            min_copy_bytes=16 if divisible_ints else 0,
+        )
 
     def register_wgrad(name, offsets, dtype, *, wide_index=False, divisible_ints=True, c_in=_WGRAD_BLOCK, c_out=_WGRAD_BLOCK):
         # As masked_conv2d_wgrad launches it: x channels-last or tap-major, gout channels-last or pixel-major.
@@ -782,7 +785,12 @@ def _register_compile_cases() -> None:
             "OFFSETS": tuple(offsets), "TAP_MAJOR_X": tap_major, "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
             "BLOCK_CI": block_ci, "BLOCK_CO": block_co, "BLOCK_P": _max_reduction_tile(dtype),
         }  # fmt: skip
-        register_compile_case(name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints)
+        # Aligned operands copy 16 bytes at a time, except TF32's channels-last ones past 2^31 elements (no pixel-major copies there).
+        full_width = divisible_ints and not (wide_index and precision == "tf32")
+        register_compile_case(
+            name, _masked_conv_wgrad_kernel, signature, constexprs, num_warps=num_warps, num_stages=_NUM_STAGES, divisible_ints=divisible_ints,
+            min_copy_bytes=16 if full_width else 0,
+        )
 
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")

@@ -46,6 +46,7 @@ class CompileCase:
     max_spill_bytes: int = 0
     divisible_ints: bool = True
     launch_options: dict[str, object] = field(default_factory=dict)
+    min_copy_bytes: int = 0
 
 
 COMPILE_CASES: list[CompileCase] = []
@@ -62,6 +63,7 @@ def register_compile_case(
     max_spill_bytes: int = 0,
     divisible_ints: bool = True,
     launch_options: dict | None = None,
+    min_copy_bytes: int = 0,
 ) -> None:
     """Adds a kernel signature to the sm_90 ahead-of-time compile check.
 
@@ -71,9 +73,15 @@ def register_compile_case(
     ``divisible_ints``: whether launches pass multiples of 16 for the int arguments (channel counts,
     strides), as Triton then specialises; False for kernels taking counts such as K = 10 mixtures.
     ``launch_options``: the other compile options the launcher passes (``enable_fp_fusion``).
+    ``min_copy_bytes``: the narrowest global-to-shared ``cp.async`` the kernel may issue (0: not
+    checked); 16 for a GEMM whose operands are aligned and contiguous along the reduction, where
+    anything narrower, or no ``cp.async`` at all, means an operand lost its alignment or
+    contiguity and the loop its 16-byte pipelined copies (the TF32 weight gradient's x rows took
+    4-byte ones, 2026-11-30).
     """
     case = CompileCase(
-        name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints, dict(launch_options or {})
+        name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints, dict(launch_options or {}),
+        min_copy_bytes,
     )
     COMPILE_CASES.append(case)
 
