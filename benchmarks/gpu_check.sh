@@ -37,8 +37,9 @@
 #   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="tiles bench" bash benchmarks/gpu_check.sh "$OUT" models
 # (the second call's tile A/B, one to two minutes, replaces its masked_conv family: the first
 # call's bench reached past masked_conv on 2026-11-30).
-# "profile" (not a default; about a minute) lists the CUDA kernels of the gated layers'
-# forward+backward by GPU time (benchmarks/profile_layers.py): where their slow backward goes.
+# "profile" (not a default; one to two minutes) lists the CUDA kernels of the Gated PixelCNN's
+# training step and the gated layers' forward+backward by GPU time (benchmarks/profile_layers.py):
+# where the step's and the layers' slow backward's time goes.
 # "sampling" (not a default; one to two minutes) times the cached samplers at issue 7's B = 64
 # on the triton and cuda backends only (the naive baseline alone takes minutes per call at those
 # sizes), three calls each: never measured yet. The second run of 2026-11-30 (session 21) timed
@@ -243,8 +244,8 @@ if wants sampling; then
 fi
 
 if wants profile; then
-  step "kernels of the layers' forward+backward"
-  run_report "The layers' kernels, forward+backward" "$(allowance 120 60)" profile benchmarks/profile_layers.py
+  step "kernels of the training step and the layers"
+  run_report "The kernels of the Gated PixelCNN training step and the gated layers" "$(allowance 120 60)" profile benchmarks/profile_layers.py
   profile_rc=$step_rc
 fi
 

@@ -332,11 +332,10 @@ def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
         assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
-def test_profile_layers_script_picks_the_bench_layer_cases_and_needs_a_gpu():
+def test_profile_layers_script_picks_the_bench_cases_and_needs_a_gpu():
     path, script = _load_script("profile_layers")
-    layer_cases = {case.name for case in cases_for("models", on_gpu=True)} & set(script.LAYER_CASES)
-    assert layer_cases == set(script.LAYER_CASES)  # the bench still has them
-    with pytest.raises(ValueError, match="-k 'no such' matches none of gated_masked_conv2d, gated_resnet"):
+    assert set(script.PROFILED_CASES) <= {case.name for case in cases_for("models", on_gpu=True)}  # the bench still has them
+    with pytest.raises(ValueError, match="-k 'no such' matches none of gated_pixelcnn_train, gated_masked_conv2d, gated_resnet"):
         script.main(["-k", "no such"])
     if not torch.cuda.is_available():
         result = subprocess.run([sys.executable, str(path), "-k", "resnet", "--steps", "1"], capture_output=True, text=True, timeout=300)
