@@ -78,7 +78,7 @@ def tiles(choice: str):
             (masked_conv._BLOCK_M, masked_conv._BLOCK_N, 2 * masked_conv._NUM_WARPS) if two_halves else conv_tiles(two_halves, dtype, precision, n_cols, gate_groups)
         )
     elif choice == "padded":  # K in one power-of-two tile
-        dmol._mixture_tiles = _padded_tile
+        dmol._mixture_tiles = lambda num_mix, compute_grad: dmol._padded_tile(num_mix)
     elif choice == "two-tiles-128":
         dmol._mixture_tiles = lambda num_mix, compute_grad: mixture_tiles(num_mix, False)[:2] + (128,)
     elif choice != "current":
@@ -87,12 +87,6 @@ def tiles(choice: str):
         yield
     finally:
         masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles = saved
-
-
-def _padded_tile(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
-    """``_mixture_tiles`` before the two tiles: K padded to a power of two, _NLL_TILE_ELEMENTS per program."""
-    padded = dmol.next_power_of_2(num_mix)
-    return padded, 0, max(1, dmol._NLL_TILE_ELEMENTS // padded)
 
 
 def _randn(device: torch.device, dtype: torch.dtype, generator: torch.Generator, *shape: int) -> torch.Tensor:

@@ -514,6 +514,13 @@ def _needs_int64(num_pixels: int, block: int, *tensors: torch.Tensor) -> bool:
     )
 
 
+def _padded_tile(num_mix: int) -> tuple[int, int, int]:
+    """(K_FIRST, K_REST, BLOCK) of one tile of K = ``num_mix`` components padded to a power of two,
+    _NLL_TILE_ELEMENTS per program."""
+    padded = next_power_of_2(num_mix)
+    return padded, 0, max(1, _NLL_TILE_ELEMENTS // padded)
+
+
 def _mixture_tiles(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
     """(K_FIRST, K_REST, BLOCK) of the NLL kernel for K = ``num_mix`` components.
 
@@ -529,8 +536,8 @@ def _mixture_tiles(num_mix: int, compute_grad: bool) -> tuple[int, int, int]:
     3.6, fp32); these take 210 registers (3.6; 199 with 3.8), the padded tile 160: one
     program of 8 warps per SM either way.
     """
-    padded = next_power_of_2(num_mix)
-    single = (padded, 0, max(1, _NLL_TILE_ELEMENTS // padded))
+    single = _padded_tile(num_mix)
+    padded = single[0]
     first = padded if padded == num_mix else padded // 2
     if first == num_mix:
         return single

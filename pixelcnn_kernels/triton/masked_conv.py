@@ -95,6 +95,15 @@ def _pixel_block(block, num_pixels, H, W, BLOCK: tl.constexpr, WIDE_INDEX: tl.co
 
 
 @triton.jit
+def _tap_sources(pixels, pixel_ok, row, col, dy, dx, H, W):
+    """(the pixels that ``pixels`` read at tap offset (dy, dx), whether each exists): the neighbour
+    exists iff it lies inside the image (zero padding otherwise); then it is pixel p + dy·W + dx
+    of the same image."""
+    src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+    return pixels + (dy * W + dx), src_ok
+
+
+@triton.jit
 def _tap_offset(tap, OFFSETS: tl.constexpr):
     """(dy, dx) of the runtime tap index ``tap``, picked out of the compile-time table (only active taps are in it)."""
     dy = 0
@@ -189,12 +198,9 @@ def _masked_conv_kernel(
         tap = step // k_steps
         k = (step - tap * k_steps) * BLOCK_K + ks
         dy, dx = _tap_offset(tap, OFFSETS)
-        # The neighbour exists iff it lies inside the image (zero padding otherwise);
-        # then it is pixel p + dy·W + dx of the same image.
-        src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-        sources = (pixels + (dy * W + dx))[:, None]
+        sources, src_ok = _tap_sources(pixels, pixel_ok, row, col, dy, dx, H, W)
         k_ok = k < C_IN
-        a = tl.load(x_ptr + sources * C_IN + k[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + sources[:, None] * C_IN + k[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = w_ptr + tap * stride_wt + k[:, None] * stride_wk + cols[None, :] * stride_wn
         b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -297,12 +303,11 @@ def _masked_conv_wgrad_kernel(
     for block in range(first, last):
         pixels, pixel_ok = _pixels(block, num_pixels, BLOCK_P, WIDE_INDEX)
         if TAP_MAJOR_X:  # shifted, and zero outside the image, by the copy
-            src_ok, sources = pixel_ok, pixels[None, :]
+            sources, src_ok = pixels, pixel_ok
         else:
-            src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-            sources = (pixels + dy * W + dx)[None, :]
+            sources, src_ok = _tap_sources(pixels, pixel_ok, row, col, dy, dx, H, W)
         # x tile read transposed, (BLOCK_CI, BLOCK_P), so the product reduces over pixels.
-        x_tile = tl.load(x_ptr + tap * stride_xt + sources * stride_xp + ci[:, None] * stride_xc, mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + tap * stride_xt + sources[None, :] * stride_xp + ci[:, None] * stride_xc, mask=ci_ok[:, None] & src_ok[None, :], other=0.0)
         g_tile = tl.load(gout_ptr + pixels[:, None] * stride_gp + co[None, :] * stride_gc, mask=pixel_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, g_tile, acc, input_precision=DOT_PRECISION)
         col += step_cols
@@ -330,8 +335,8 @@ def _tap_major_kernel(
     pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0), num_pixels, H, W, BLOCK_P, False)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    src_ok = pixel_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
-    tile = tl.load(x_ptr + (pixels + dy * W + dx)[:, None] * C + channels[None, :], mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
+    sources, src_ok = _tap_sources(pixels, pixel_ok, row, col, dy, dx, H, W)
+    tile = tl.load(x_ptr + sources[:, None] * C + channels[None, :], mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
     tl.store(out_ptr + (tap * C + channels[None, :]) * num_pixels + pixels[:, None], tile, mask=pixel_ok[:, None] & channel_ok[None, :])
 
 
