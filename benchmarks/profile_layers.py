@@ -4,8 +4,8 @@ The bench times the layers' forward+backward and the models' training steps whol
 H200 on 2026-11-30 (second run) the layers' backward was the slow part (the Gated PixelCNN
 layer's bf16 backward took 2.05 ms on the triton backend and 1.15 on cuda against 0.51 under
 ``torch.compile``, the PixelCNN++ gated resnet's fp32 backward 4.3-4.9 against 1.6), and the
-Gated PixelCNN's training step took 26.9 ms against 16.2 (its 126 channels compile without
-16-byte pipelined copies: benchmarks/masked_conv_perf_notes.md). This runs the bench's own
+Gated PixelCNN's training step took 26.9 ms against 16.2 (then at 126 channels, which compile
+without 16-byte pipelined copies; it now runs the issue's 128: benchmarks/masked_conv_perf_notes.md). This runs the bench's own
 cases (:mod:`pixelcnn_kernels.bench.models`: ``gated_pixelcnn_train``, ``gated_masked_conv2d``,
 ``gated_resnet``) in its ``full`` mode (forward, the gradients of the inputs and parameters,
 and for the model the optimiser's step) on each kernel backend and dtype, a few steps after

@@ -534,13 +534,15 @@ __device__ __forceinline__ float combine_halves(const ConvParams& p, int64_t ind
 
 // The channel of a two-halves GEMM's column `col` (of n_channels / 2) in half `h`: the
 // GEMM pairs column col with col + half, the channels come in p.gate_groups blocks
-// [a_1 b_1 | a_2 b_2 | ...] of 2 * group channels each. One block (a warp-uniform branch,
-// no integer division per element): h * half + col.
+// [a_1 b_1 | a_2 b_2 | ...], block g twice output group g: ceil(half / gate_groups)
+// channels per group, the last one the rest (masks.color_group_size). One block (a
+// warp-uniform branch, no integer division per element): h * half + col.
 __device__ __forceinline__ int channel_of(const ConvParams& p, int col, int h) {
   const int half = p.n_channels / 2;
   if (p.gate_groups == 1) return h * half + col;
-  const int group = half / p.gate_groups;
-  return col / group * 2 * group + h * group + col % group;
+  const int size = (half + p.gate_groups - 1) / p.gate_groups;
+  const int group = col / size;
+  return col + group * size + h * min(size, half - group * size);
 }
 
 // `value` plus the residual at output element `index`, when there is one.

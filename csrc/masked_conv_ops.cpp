@@ -175,8 +175,11 @@ std::vector<at::Tensor> masked_conv2d_fwd_gated_cuda(const at::Tensor& x, const 
   check_weight(wp, x, static_cast<int>(offsets32.size() / 2), in_channels, -1);
   check_keep(keep, concat_elu_input, x, in_channels);
   const int64_t out_channels = wp.size(2);
-  TORCH_CHECK(gate_groups >= 1 && out_channels % (2 * gate_groups) == 0, "the gated conv splits Cout into gate_groups = ",
-              gate_groups, " blocks of two halves; wp has Cout ", out_channels);
+  // Groups of ceil(half / gate_groups) channels, the last one the rest (masks.color_group_size): none may be empty.
+  const int64_t half = out_channels / 2;
+  TORCH_CHECK(gate_groups >= 1 && out_channels % 2 == 0 && (gate_groups - 1) * ((half + gate_groups - 1) / gate_groups) < half,
+              "the gated conv splits Cout into gate_groups = ", gate_groups,
+              " non-empty blocks of two halves; wp has Cout ", out_channels);
   TORCH_CHECK(gate == static_cast<int64_t>(Gate::kTanhSigmoid) || gate == static_cast<int64_t>(Gate::kLinearSigmoid),
               "gate must be 1 (tanh(a) * sigmoid(b)) or 2 (a * sigmoid(b)), got ", gate);
   const auto bias32 = checked_float32_copy(bias, "bias", x, {out_channels});

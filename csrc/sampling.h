@@ -6,12 +6,13 @@
 //   x, out  (B, H, W, C) read/written through their strides, in elements (stride 0 allowed)
 //   wp      (T, Cin, Npre) contiguous packed taps; offsets[t] the column offset dx of tap t
 //   gated:  v_pre (B, W, 2C) strided; link_weight (2C, 2C), out_weight (C, C) contiguous (in, out);
-//           cond (B, 2C) contiguous or null; biases contiguous or null; group_size = C / colour groups
+//           cond (B, 2C) contiguous or null; biases contiguous or null; group_size = ceil(C / colour groups)
 //
 // Plain (first conv):  out[b,i,j,:] = bias + sum_t x[b,i,j+dx_t,:] . wp[t]           (Npre = Cout)
 // Gated layer:         pre = that (Npre = 2C) + v_pre[b,j,:] . link_weight + link_bias + cond[b]
 //                      out[b,i,j,o] = x[b,i,j,o] + out_bias[o] + sum_n tanh(pre_a(n)) sigmoid(pre_b(n)) out_weight[n,o]
-//                      with pre_a(n) = pre[(n / G) * 2G + n % G], pre_b(n) = pre_a(n) + G, G = group_size.
+//                      with pre_a(n) = pre[a], a = n + (n / G) * G, pre_b(n) = pre[min(a + G, n + C)],
+//                      G = group_size (the last colour group holds the rest of the C channels).
 // Every tensor of a call has one dtype (float32, float16, bfloat16); arithmetic is fp32.
 // Torch-free.
 #pragma once

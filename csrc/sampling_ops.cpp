@@ -97,8 +97,8 @@ void gated_pixel_step_cuda(const at::Tensor& pixel, const at::Tensor& x, const a
     TORCH_CHECK(wp.size(2) == 2 * channels && x.size(3) == channels,
                 "a gated step maps C to 2C pre-activations and adds its C-channel input: got x ", x.sizes(), " and wp ",
                 wp.sizes());
-    TORCH_CHECK(group_size >= 1 && channels % group_size == 0, "group_size must divide the ", channels,
-                " channels, got ", group_size);
+    TORCH_CHECK(group_size >= 1 && group_size <= channels, "group_size must be in [1, ", channels, "], got ",
+                group_size);
     check_like(*v_pre, "v_pre", x, "x");
     TORCH_CHECK(v_pre->dim() == 3 && v_pre->size(0) == x.size(0) && v_pre->size(1) == x.size(2) &&
                     v_pre->size(2) == 2 * channels,

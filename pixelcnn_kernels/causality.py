@@ -23,8 +23,9 @@ a pixel, channels in index order (R, then G, then B). How outputs map to it:
 - an output of shape (B, K, C, H, W) (e.g. per-channel softmax logits):
   ``out[:, :, c, i, j]`` predicts input channel c at pixel (i, j);
 - an output of shape (B, C', H, W): the C' channels are split into
-  ``output_groups`` contiguous groups. With ``output_groups = C`` group g
-  predicts input channel g (the colour-group convention of masked convolutions);
+  ``output_groups`` contiguous groups (of ⌈C' / output_groups⌉ channels, the last
+  one the rest). With ``output_groups = C`` group g predicts input channel g (the
+  colour-group convention of masked convolutions, :mod:`pixelcnn_kernels.masks`);
   with ``output_groups = 1`` every channel predicts the whole pixel (e.g.
   discretized-mixture-of-logistics parameters), so it may only see earlier
   pixels. Default: 1 for one input channel or where C' is not a multiple of C;
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pixelcnn_kernels.masks import check_color_channels, color_group_size
 from pixelcnn_kernels.models.base import PixelCNNModel
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm
 from pixelcnn_kernels.utils import TrainingModes, check_int
@@ -217,8 +219,9 @@ def _output_layout(output: torch.Tensor, input_shape: tuple[int, int, int], outp
                 f"{channels} contiguous groups predict the input channels in order"
             )
         groups = output_groups if output_groups is not None else 1
-        if groups not in (1, channels) or out_channels % groups:
-            raise ValueError(f"output_groups must be 1 or {channels} and divide the {out_channels} output channels, got {groups}")
+        if groups not in (1, channels):
+            raise ValueError(f"output_groups must be 1 or {channels}, got {groups}")
+        check_color_channels(out_channels, groups, "the model's output channels")
         return groups
     raise ValueError(
         f"the model's output must be (B, K, {channels}, {height}, {width}) or (B, C', {height}, {width}) for input_shape "
@@ -231,7 +234,7 @@ def _select(output: torch.Tensor, groups: int, position: tuple[int, int, int]) -
     g, i, j = position
     if output.dim() == 5:
         return (slice(None), g, i, j)
-    size = output.shape[1] // groups
+    size = color_group_size(output.shape[1], groups)
     return (slice(g * size, (g + 1) * size), i, j)
 
 

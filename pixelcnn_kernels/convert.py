@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pixelcnn_kernels.masks import MaskSpec, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, resolve_mask, splits_into_color_groups
 from pixelcnn_kernels.nn import MaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import refresh_weight_norm, weight_norm_hook, weight_norm_parameters
 from pixelcnn_kernels.reference.layers import down_shift, right_shift
@@ -203,8 +203,7 @@ def _infer_mask(found: _MaskTensor, weight_shape: torch.Size) -> tuple[str | tor
     if kh % 2 == 0 or kw % 2 == 0:
         raise NotConvertible(f"a centred mask needs odd kernel sizes, got {(kh, kw)}")
     union = full.bool().any(dim=1).any(dim=0)
-    group_options = (1, 3) if out_channels % 3 == 0 and in_channels % 3 == 0 else (1,)
-    for color_groups in group_options:
+    for color_groups in (1, 3) if splits_into_color_groups(out_channels, 3) and splits_into_color_groups(in_channels, 3) else (1,):
         for anchor_active in (True, False) if color_groups > 1 else (bool(union[kh // 2, kw // 2]),):
             taps = union.clone()
             taps[kh // 2, kw // 2] = anchor_active
@@ -216,7 +215,8 @@ def _infer_mask(found: _MaskTensor, weight_shape: torch.Size) -> tuple[str | tor
                 return _named_equivalent(spec), color_groups
     raise NotConvertible(
         f"{found.name!r} is not a spatial mask (uniform over channels, or the R,G,B colour-group pattern "
-        "over contiguous thirds [R|G|B] of the channels; channels interleaved R,G,B,R,... are not supported)"
+        "over contiguous groups [R|G|B] of the channels, as pixelcnn_kernels.masks splits them; channels "
+        "interleaved R,G,B,R,... are not supported)"
     )
 
 

@@ -26,14 +26,21 @@ even side at its last row or column, as PixelCNN++'s shifted convolutions are (a
 2×3 tensor of ones is ``"down_shifted"``, a 2×2 one ``"down_right_shifted"``).
 
 Colour groups (``color_groups=3``): input and output channels are split into
-contiguous R, G, B thirds. At the anchor tap output group g sees input groups
-< g when the spatial mask excludes the anchor (mask A) and ≤ g when it includes
-it (mask B); the anchor tap is then active with that channel mask.
+contiguous R, G, B groups of ``color_group_size`` channels, the last one smaller
+when the groups do not divide the channels (128 channels: 43, 43, 42). At the
+anchor tap output group g sees input groups < g when the spatial mask excludes
+the anchor (mask A) and ≤ g when it includes it (mask B); the anchor tap is then
+active with that channel mask.
+
+Rounding the group size up, rather than spreading the remainder, is what lets a
+gated convolution's 2C pre-activation channels split into the same groups as its
+C outputs, each group twice as wide (:func:`check_gated_color_channels`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from dataclasses import dataclass
 
@@ -121,10 +128,53 @@ def _cached_weight_mask(spec: MaskSpec, out_channels: int, in_channels: int, dty
 
 def channel_group_mask(out_channels: int, in_channels: int, groups: int, inclusive: bool) -> torch.Tensor:
     """Boolean (out, in): output group g may see input group h iff h < g (or h <= g if inclusive)."""
-    out_group = torch.arange(out_channels) // (out_channels // groups)
-    in_group = torch.arange(in_channels) // (in_channels // groups)
+    out_group = torch.arange(out_channels) // color_group_size(out_channels, groups)
+    in_group = torch.arange(in_channels) // color_group_size(in_channels, groups)
     seen = in_group[None, :] <= out_group[:, None] if inclusive else in_group[None, :] < out_group[:, None]
     return seen
+
+
+def color_group_size(channels: int, groups: int) -> int:
+    """Channels per colour group: channel c is in group c // size; the last group holds the rest."""
+    return -(-channels // groups)
+
+
+def splits_into_color_groups(channels: int, groups: int) -> bool:
+    """Whether ``channels`` split into ``groups`` non-empty colour groups."""
+    return (groups - 1) * color_group_size(channels, groups) < channels
+
+
+def check_color_channels(channels: int, groups: int, name: str) -> None:
+    """ValueError naming ``name`` unless ``channels`` split into ``groups`` non-empty colour groups."""
+    if not splits_into_color_groups(channels, groups):
+        size = color_group_size(channels, groups)
+        raise ValueError(
+            f"{name}={channels} leaves a colour group empty ({groups} groups of {size} channels, rounded up, the "
+            f"last one holding the rest); use e.g. {groups * size}"
+        )
+
+
+def check_gated_color_channels(channels: int, groups: int, name: str) -> None:
+    """ValueError naming ``name`` unless a gated conv with ``channels`` outputs can be colour-grouped.
+
+    Its pre-activation has 2·channels channels, in groups [a_1 b_1 | a_2 b_2 | ...]
+    of two halves the width of the output's groups. That holds when rounding
+    2·channels / groups up gives twice the output's group size: with 3 groups, for
+    channel counts ≡ 0 or 2 (mod 3) (126 and 128, not 127).
+    """
+    check_color_channels(channels, groups, name)
+    if not _gated_groups_pair_up(channels, groups):
+        below = next((c for c in range(channels - 1, 0, -1) if _gated_groups_pair_up(c, groups)), None)
+        above = next(c for c in itertools.count(channels + 1) if _gated_groups_pair_up(c, groups))
+        raise ValueError(
+            f"{name}={channels} can't be split into {groups} colour groups of a gated layer: its {2 * channels} "
+            f"pre-activation channels would form groups of {color_group_size(2 * channels, groups)}, not twice "
+            f"{color_group_size(channels, groups)}; use {' or '.join(str(c) for c in (below, above) if c is not None)}"
+        )
+
+
+def _gated_groups_pair_up(channels: int, groups: int) -> bool:
+    return splits_into_color_groups(channels, groups) and color_group_size(2 * channels, groups) == 2 * color_group_size(channels, groups)
 
 
 def _named_tap_mask(name: str, kh: int, kw: int) -> tuple[torch.Tensor, tuple[int, int]]:

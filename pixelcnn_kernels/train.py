@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from pixelcnn_kernels.backend import BACKENDS, use_backend
 from pixelcnn_kernels.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from pixelcnn_kernels.data import ImageDataset, load_dataset, save_image_grid
+from pixelcnn_kernels.masks import check_gated_color_channels
 from pixelcnn_kernels.models import TrainingLoss, model_from_config
 from pixelcnn_kernels.utils import writable_directory
 
@@ -127,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=tuple(MODEL_NAMES), help="gated: Gated PixelCNN with a softmax head (default); pixelcnnpp: PixelCNN++ with a logistic-mixture head")
     model.add_argument("--hidden", type=int, help=f"channels per layer (default {DEFAULTS['hidden']['gated']} gated, {DEFAULTS['hidden']['pixelcnnpp']} pixelcnnpp); "
-                       "gated on RGB data: a multiple of 3, as its colour groups split the channels in thirds")
+                       "gated on RGB data: 0 or 2 more than a multiple of 3 (e.g. 96, 128), as its colour groups split a layer's "
+                       "channels and twice as many gate inputs alike")
     model.add_argument("--layers", type=int, help=f"gated layers (gated, default {DEFAULTS['layers']['gated']}) or resnet blocks per resolution (pixelcnnpp, default {DEFAULTS['layers']['pixelcnnpp']})")
     model.add_argument("--kernel-size", type=int, help="kernel size of the gated model's convolutions, odd (default 3)")
     model.add_argument("--dilations", type=int, nargs="+", metavar="D", help="gated: one dilation per layer (default 1, 2, 1, 2, ...)")
@@ -207,8 +209,8 @@ def _model_spec(args: argparse.Namespace, data: ImageDataset) -> dict:
         raise ValueError(f"--dilations is an option of --model gated, not {args.model}")
     if args.dilations is not None and len(args.dilations) != layers:
         raise ValueError(f"--dilations takes one value per gated layer ({layers}), got {args.dilations}")
-    if args.model == "gated" and channels == 3 and hidden % 3:  # colour groups split the channels in thirds (the default 96 does)
-        raise ValueError(f"--hidden must be a multiple of 3 for RGB data with --model gated (its colour groups split the channels in thirds), got {hidden}")
+    if args.model == "gated" and channels == 3:  # colour groups (the default 96 splits in thirds)
+        check_gated_color_channels(hidden, 3, "--hidden")
     if args.model == "gated":
         # Dilation 2 every other layer widens the receptive field at no cost: five 3×3 layers then see the whole
         # 8×8 digit above and to the left, which measurably lowers the held-out bits/dim (kernel 5 does too, but slowly).

@@ -272,6 +272,7 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
             custom_taps=st.lists(st.booleans(), min_size=9, max_size=9).filter(any),
             dilation=st.integers(1, limits.dilation),
             color_groups=groups,
+            unequal_groups=st.booleans(),  # with colour groups, channels 3n - 1: groups of n, n, n - 1
             bias=st.booleans(),
             cond=st.just(False) if not gated else st.booleans(),
             addend=st.just(False) if not gated else st.booleans(),
@@ -285,11 +286,12 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
 def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> dict[str, Any]:
     """x ~ N(0, 1) and weight ~ N(0, 1/fan-in) as a trained conv's (outputs O(1)); channels scaled to the groups.
 
-    ``residual``, ``addend`` and ``concat_elu`` (the fused epilogue and input activation) are optional in ``params``.
+    ``residual``, ``addend``, ``concat_elu`` (the fused epilogue and input activation) and ``unequal_groups``
+    are optional in ``params``.
     """
     (name, (kh, kw)), groups = params["mask"], params["color_groups"]
     mask = torch.tensor(params["custom_taps"]).view(3, 3) if name == "custom" else name
-    c_in, c_out = groups * params["in_channels"], groups * params["out_channels"]
+    c_in, c_out = (_grouped_channels(params[key], groups, params.get("unequal_groups", False)) for key in ("in_channels", "out_channels"))
     concat_elu = params.get("concat_elu", False) and groups == 1
     c_read = 2 * c_in if concat_elu else c_in  # the channels the convolution reads
     c_conv = 2 * c_out if gated else c_out  # the channels it writes, before the gate halves them
@@ -311,6 +313,11 @@ def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> di
             addend=_randn((batch, c_conv, height, width), generator, device, dtype) if params.get("addend", False) else None,
         )
     return inputs
+
+
+def _grouped_channels(count: int, groups: int, unequal: bool) -> int:
+    """``count`` channels per colour group; unequal: one fewer in the last group (where it keeps one)."""
+    return groups * count - (unequal and groups > 1 and count > 1)
 
 
 MASKED_CONV = OpCase(

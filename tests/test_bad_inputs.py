@@ -171,7 +171,7 @@ def _option_rows() -> list[Row]:
         Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, mask="horizontal"), ValueError, r"^mask 'horizontal' is a 1×k mask"),
         *(Row(name, "unsupported_option", lambda name: _replace(name, mask=torch.ones(3, 3, dtype=torch.bool, device="meta")), ValueError, r"^mask must hold values") for name in CONVS),
         Row("masked_conv2d", "shape_mismatch", _changed("weight", lambda t: t[:, :, :0]), ValueError, r"^weight must have .* a kernel of at least 1×1, got shape \(4, 3, 0, 3\)"),
-        Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^color_groups=3 must divide the input and output channels, got 3 and 4"),
+        Row("masked_conv2d", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^weight.shape\[0\] \(output channels\)=4 leaves a colour group empty"),
         Row("masked_conv2d_gated", "unsupported_option", lambda name: _replace(name, color_groups=3), ValueError, r"^color_groups=3 needs gate_groups=3"),
     ]
 

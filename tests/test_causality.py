@@ -70,8 +70,9 @@ def test_gated_pixelcnn_has_no_leak_and_no_blind_spot():
     assert report.receptive_field((0, 3, 3))[0, 2, 5] != 0
 
 
-def test_gated_pixelcnn_colour_and_class_conditional():
-    model = GatedPixelCNN(in_channels=3, hidden=6, layers=2, num_bins=4, num_classes=3)
+@pytest.mark.parametrize("hidden", [6, 8], ids=["equal_colour_groups", "groups_3_3_2"])
+def test_gated_pixelcnn_colour_and_class_conditional(hidden):
+    model = GatedPixelCNN(in_channels=3, hidden=hidden, layers=2, num_bins=4, num_classes=3)
     report = check_causality(model, (3, 5, 5), trials=2)
     assert report.ok, str(report)
     assert report.receptive_field((1, 2, 2))[0, 2, 2] != 0

@@ -68,6 +68,7 @@ CONV_CASES = {
     "gated_two_halves": ("masked_conv2d_gated", _conv_params(12, 80, cond=True, addend=True)),
     "gated_sigmoid_concat_elu": ("masked_conv2d_gated", _conv_params(4, 160, ("down_shifted", (2, 3)), gate="sigmoid", concat_elu=True, residual=True)),
     "colour_groups": ("masked_conv2d", _conv_params(2, 3, ("A", (5, 5)), color_groups=3)),
+    "unequal_colour_groups": ("masked_conv2d", _conv_params(2, 3, ("B", (3, 3)), color_groups=3, unequal_groups=True)),  # 5 -> 8 channels
 }
 
 

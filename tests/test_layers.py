@@ -318,8 +318,10 @@ def test_bad_constructor_arguments():
         fused_layers.GatedMaskedConv2d(3, kernel_size=4)
     with pytest.raises(ValueError, match="color_groups"):
         fused_layers.GatedMaskedConv2d(6, color_groups=2)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match=r"channels=4 leaves a colour group empty"):
         fused_layers.GatedMaskedConv2d(4, color_groups=3)
+    with pytest.raises(ValueError, match=r"channels=7 can't be split .* use 6 or 8"):
+        fused_layers.GatedMaskedConv2d(7, color_groups=3)
     with pytest.raises(ValueError, match="cond_channels"):
         fused_layers.GatedMaskedConv2d(3, cond_channels=0)
     for dropout in (1.0, -0.1, True, "0.1"):

@@ -544,26 +544,30 @@ def test_gated_residual_alone_needs_no_preactivation(backend):
     assert torch.equal(grad_residual, grad_out)
 
 
-def test_reference_gate_in_groups_is_the_gated_conv_of_each_group():
-    """gate_groups=3: each third of the channels, [a_g b_g], is gated as a conv of its own; the outputs in order."""
-    x, weight, bias = make_conv_inputs(3, 12, (1, 3), 2, 4, 5, dtype=torch.float64)
-    cond, addend, residual = torch.randn(2, 12, dtype=torch.float64), torch.randn(2, 12, 4, 5, dtype=torch.float64), torch.randn(2, 6, 4, 5, dtype=torch.float64)
+@pytest.mark.parametrize("c_out, blocks", [(12, (4, 4, 4)), (16, (6, 6, 4))], ids=["thirds", "43-43-42-like"])
+def test_reference_gate_in_groups_is_the_gated_conv_of_each_group(c_out, blocks):
+    """gate_groups=3: each block [a_g b_g], twice the output's colour group g (8 channels: 3, 3, 2), is gated as a
+    conv of its own; the outputs in order."""
+    x, weight, bias = make_conv_inputs(3, c_out, (1, 3), 2, 4, 5, dtype=torch.float64)
+    cond, addend, residual = torch.randn(2, c_out, dtype=torch.float64), torch.randn(2, c_out, 4, 5, dtype=torch.float64), torch.randn(2, c_out // 2, 4, 5, dtype=torch.float64)
     out, pre = masked_conv2d_gated_ref(x, weight, bias, "horizontal", cond=cond, addend=addend, residual=residual, return_preactivation=True, gate_groups=3)
-    third = [slice(4 * g, 4 * g + 4) for g in range(3)]
-    per_group = [masked_conv2d_gated_ref(x, weight[s], bias[s], "horizontal", cond=cond[:, s], addend=addend[:, s]) for s in third]
+    starts = (0, blocks[0], blocks[0] + blocks[1], c_out)
+    block_slices = [slice(starts[g], starts[g + 1]) for g in range(3)]
+    per_group = [masked_conv2d_gated_ref(x, weight[s], bias[s], "horizontal", cond=cond[:, s], addend=addend[:, s]) for s in block_slices]
     assert_close(out, torch.cat(per_group, 1) + residual)
     assert torch.equal(pre, masked_conv2d_ref(x, weight, bias, "horizontal", residual=addend))
 
 
 # (mask, kernel size, colour groups, Cin, Cout): Colour Gated PixelCNN's horizontal link (a
 # 1×1 without colour mask gating a colour-major pre-activation) and a colour-masked
-# horizontal conv gated per colour; 2·5·7 = 70 pixels: two of the gated kernel's pixel blocks.
-GATED_IN_GROUPS_CASES = [("full", 1, 1, 6, 12), ("horizontal", (1, 3), 3, 3, 18)]
+# horizontal conv gated per colour, in equal groups (9 channels) and not (8: 3, 3, 2);
+# 2·5·7 = 70 pixels: two of the gated kernel's pixel blocks.
+GATED_IN_GROUPS_CASES = [("full", 1, 1, 6, 12), ("horizontal", (1, 3), 3, 3, 18), ("horizontal", (1, 3), 3, 3, 16)]
 
 
 @pytest.mark.parametrize("cond_grad", [True, False], ids=["cond_grad", "cond_constant"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("mask, kernel_size, color_groups, c_in, c_out", GATED_IN_GROUPS_CASES, ids=["link", "colour_masked"])
+@pytest.mark.parametrize("mask, kernel_size, color_groups, c_in, c_out", GATED_IN_GROUPS_CASES, ids=["link", "colour_masked", "colour_masked_unequal"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gated_in_three_groups_matches_float64_reference(backend, mask, kernel_size, color_groups, c_in, c_out, layout, cond_grad):
     """bias, cond, addend and the returned pre-activation in the colour-major layout; gradients of every input;
@@ -697,14 +701,18 @@ def test_pack_and_unpack_follow_the_tap_order():
     assert ops.tap_offsets(resolve_mask("down_shifted"), 2) == [-2, -2, -2, 0, -2, 2, 0, -2, 0, 0, 0, 2]
 
 
-def test_packed_gated_weight_in_groups_comes_halves_first():
+@pytest.mark.parametrize("halves_first", [
+    [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11],  # groups of 2 gated channels: blocks of 4
+    [0, 1, 2, 6, 7, 8, 12, 13, 3, 4, 5, 9, 10, 11, 14, 15],  # 8 gated channels in groups of 3, 3, 2: blocks of 6, 6, 4
+], ids=["equal_groups", "smaller_last_group"])  # fmt: skip
+def test_packed_gated_weight_in_groups_comes_halves_first(halves_first):
     """[a_R b_R | a_G b_G | a_B b_B] packed as [a_R a_G a_B | b_R b_G b_B]: the kernels pair column n with n + Cout / 2."""
+    c_out = len(halves_first)
     spec = resolve_mask("horizontal", (1, 3), 3)
-    weight = torch.randn(12, 3, 1, 3)
-    halves_first = torch.tensor([0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11])
+    weight = torch.randn(c_out, 3, 1, 3)
     packed = ops.pack_weight(weight, spec, gate_groups=3)
-    assert packed.shape == (len(spec.taps), 3, 12) and packed.is_contiguous()
-    masked = weight * spec.weight_mask(12, 3)
+    assert packed.shape == (len(spec.taps), 3, c_out) and packed.is_contiguous()
+    masked = weight * spec.weight_mask(c_out, 3)
     for t, (i, j) in enumerate(spec.taps):
         assert torch.equal(packed[t], masked[halves_first, :, i, j].T)
 
@@ -1061,10 +1069,10 @@ def test_gated_module():
     expected = masked_conv2d_gated_ref(x, colour.weight, colour.bias, "horizontal", color_groups=3, cond=torch.cat([cond, cond[:, :4]], 1), gate_groups=3)
     torch.testing.assert_close(colour(x, torch.cat([cond, cond[:, :4]], 1)), expected)
     assert "color_groups=3" in repr(colour)
-    with pytest.raises(ValueError, match=r"^out_channels must be a multiple of 2 \(two gate halves\), got 5"):
+    with pytest.raises(ValueError, match=r"^out_channels must be even \(the gate's two halves\), got 5"):
         MaskedConv2dGated(3, 5, 3)
-    with pytest.raises(ValueError, match=r"^out_channels must be a multiple of 6 \(two gate halves in each of 3 colour groups\), got 9"):
-        MaskedConv2dGated(3, 9, 3, color_groups=3)
+    with pytest.raises(ValueError, match=r"^out_channels // 2 \(gated channels\)=7 can't be split into 3 colour groups"):
+        MaskedConv2dGated(3, 14, 3, color_groups=3)
     with pytest.raises(ValueError, match="gate"):
         MaskedConv2dGated(3, 4, 3, gate="relu")
 
@@ -1076,7 +1084,7 @@ def _bad_input_cases():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 1, 4, 4)
     return [
         ("mask shape", dict(mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "mask has shape"),
-        ("colour groups", dict(weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), color_groups=3), ValueError, "color_groups"),
+        ("colour groups", dict(weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), color_groups=3), ValueError, r"^weight.shape\[0\] \(output channels\)=4 leaves a colour group empty"),
         ("colour groups value", dict(color_groups=2), ValueError, "color_groups"),
         ("x dtype", dict(x=x.to(torch.int32)), ValueError, "x must have dtype"),  # DTypeError: a TypeError too (test_bad_inputs)
         ("weight dtype", dict(weight=weight.double()), ValueError, "weight has dtype"),
@@ -1111,9 +1119,9 @@ def test_gated_bad_input():
     x, weight, bias = make_conv_inputs(3, 6, (3, 3), 2, 4, 4)
     with pytest.raises(ValueError, match="gate must be one of"):
         masked_conv2d_gated(x, weight, bias, gate="relu")
-    with pytest.raises(ValueError, match=r"^weight must have a multiple of 2 output channels \(gate_groups=1 blocks of two halves\), got 5"):
+    with pytest.raises(ValueError, match=r"^weight must have an even number of output channels \(the gate's two halves\), got 5"):
         masked_conv2d_gated(x, weight[:5], bias[:5])
-    with pytest.raises(ValueError, match=r"^weight must have a multiple of 4 output channels \(gate_groups=2 blocks of two halves\), got 6"):
+    with pytest.raises(ValueError, match=r"^weight.shape\[0\] // 2 \(gated channels\)=3 can't be split into 2 colour groups of a gated layer"):
         masked_conv2d_gated(x, weight, bias, gate_groups=2)
     for gate_groups, error, match in ((0, ValueError, "^gate_groups must be >= 1, got 0"), (1.0, TypeError, "^gate_groups must be an int, got float"), (True, TypeError, "^gate_groups must be an int, got bool")):
         with pytest.raises(error, match=match):

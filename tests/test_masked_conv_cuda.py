@@ -27,7 +27,7 @@ from pixelcnn_kernels.backend import cuda_ops
 from pixelcnn_kernels.masks import resolve_mask
 from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets
 from pixelcnn_kernels.reference.gates import concat_elu
-from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, halves_first_channels, masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import tolerance
 
 KEEP = "Tensor? keep=None, float keep_scale=1."  # the dropout mask of a concat_elu input (PixelCNN++ in training)
@@ -287,8 +287,9 @@ def test_wgrad_is_deterministic(channels, precision):
 
 def _gate_halves(rows: torch.Tensor, gate_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The halves (a, b) of a gated pre-activation's channels (last dim), in gate_groups blocks [a_1 b_1 | a_2 b_2 | ...]."""
-    blocks = rows.unflatten(-1, (gate_groups, 2, -1))
-    return blocks[..., 0, :].flatten(-2), blocks[..., 1, :].flatten(-2)
+    half = rows.shape[-1] // 2
+    halves_first = halves_first_channels(half, gate_groups).to(rows.device)
+    return rows[..., halves_first[:half]], rows[..., halves_first[half:]]
 
 
 @CUDA_KERNELS
@@ -304,8 +305,9 @@ def _gate_halves(rows: torch.Tensor, gate_groups: int) -> tuple[torch.Tensor, to
     ((1, 6, 13, 80, 130), False, True, False, True, False, "concat_elu", 1),  # 40: 80 read, three steps, a partial one
     ((2, 5, 7, 6, 10), True, False, True, True, True, "concat_elu", 1),  # 3: scalar loads
     ((2, 9, 11, 48, 252), True, True, True, True, True, None, 3),  # colour-major: groups of 42, two column blocks per half
+    ((2, 9, 11, 48, 256), True, True, True, True, True, None, 3),  # groups of 43, 43, 42
 ], ids=["48to72", "48to72-addend", "48to10-no-bias", "64to130-n1-no-cond-addend", "3to256", "48to72-fused", "80to130-fused", "6to10-fused-addend",
-        "48to252-3-groups"])  # fmt: skip
+        "48to252-3-groups", "48to256-3-unequal-groups"])  # fmt: skip
 def test_gated_forward(gate, shape, with_cond, with_bias, write_preact, with_residual, with_addend, input_activation, gate_groups, precision):
     """shape's Cin is the weight's: x has Cin / 2 channels with a concat_elu input; gate_groups > 1: the
     channels of bias, cond, addend and preact colour-major, wp's columns halves first."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pixelcnn_kernels.masks import NAMED_MASKS, MaskSpec, channel_group_mask, resolve_mask
+from pixelcnn_kernels.masks import NAMED_MASKS, MaskSpec, channel_group_mask, check_gated_color_channels, color_group_size, resolve_mask
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,27 @@ def test_colour_groups_activate_the_anchor_with_the_group_rule():
 def test_channel_group_mask_is_block_lower_triangular():
     mask = channel_group_mask(3, 3, 3, inclusive=False)
     assert torch.equal(mask, torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool))
+
+
+def test_colour_groups_round_their_size_up_and_the_last_holds_the_rest():
+    """8 channels: groups 3, 3, 2 (128: 43, 43, 42); the mask follows them on each side."""
+    assert color_group_size(8, 3) == 3 and color_group_size(128, 3) == 43 and color_group_size(126, 3) == 42
+    mask = channel_group_mask(8, 5, 3, inclusive=True)  # outputs 3, 3, 2; inputs 2, 2, 1
+    out_group, in_group = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 1, 2])
+    assert torch.equal(mask, in_group[None, :] <= out_group[:, None])
+
+
+@pytest.mark.parametrize("channels, fits", [(126, True), (128, True), (127, False), (8, True), (4, False), (2, False), (3, True)])
+def test_gated_colour_groups_need_the_pre_activation_in_pairs_of_groups(channels, fits):
+    """A gated layer's 2C pre-activation channels split into groups twice the C outputs' (256: 86, 86, 84 for 128),
+    and no group is empty: C ≡ 0 or 2 (mod 3) and at least 3."""
+    if fits:
+        check_gated_color_channels(channels, 3, "hidden")
+        assert color_group_size(2 * channels, 3) == 2 * color_group_size(channels, 3)
+    else:
+        with pytest.raises(ValueError, match=rf"^hidden={channels} "):
+            check_gated_color_channels(channels, 3, "hidden")
+    check_gated_color_channels(channels, 1, "hidden")  # one group always fits
 
 
 def test_custom_tensor_mask_is_anchored_at_the_centre():

@@ -21,7 +21,7 @@ from pixelcnn_kernels.utils import channels_last, is_channels_last
 # Tiny configurations: the fused ops' reference backend on a loaded 2-core CPU needs them tiny.
 TINY = {
     "gated_grey": (lambda: GatedPixelCNN(1, hidden=6, layers=3, dilations=[1, 2, 1], num_bins=16), (1, 6, 6)),
-    "gated_rgb": (lambda: GatedPixelCNN(3, hidden=6, layers=3, dilations=[1, 2, 1], num_bins=16), (3, 6, 6)),
+    "gated_rgb": (lambda: GatedPixelCNN(3, hidden=8, layers=3, dilations=[1, 2, 1], num_bins=16), (3, 6, 6)),  # colour groups of 3, 3, 2
     "gated_dmol": (lambda: GatedPixelCNN(3, hidden=4, layers=3, dilations=[1, 2, 1], head="dmol", num_logistic_mix=2), (3, 6, 6)),
     "pp_grey": (lambda: PixelCNNPlusPlus(nr_resnet=1, nr_filters=2, nr_logistic_mix=2, in_channels=1, dropout=0.0, num_bins=16), (1, 8, 8)),
     "pp_rgb": (lambda: PixelCNNPlusPlus(nr_resnet=1, nr_filters=2, nr_logistic_mix=1, in_channels=3, dropout=0.0), (3, 8, 8)),
@@ -316,8 +316,8 @@ def test_constructors_take_the_issues_argument_order():
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="in_channels"):
         GatedPixelCNN(2)
-    with pytest.raises(ValueError, match="multiple of 3"):
-        GatedPixelCNN(3, hidden=8)
+    with pytest.raises(ValueError, match=r"^hidden=127 can't be split into 3 colour groups of a gated layer.* use 126 or 128$"):
+        GatedPixelCNN(3, hidden=127)
     with pytest.raises(ValueError, match="dilations"):
         GatedPixelCNN(1, layers=2, dilations=[1])
     with pytest.raises(ValueError, match="dropout"):
@@ -508,8 +508,8 @@ def test_an_empty_batch_has_an_empty_likelihood(name):
 
 def issue_models():
     return {
-        # The issue's 128 channels rounded to a multiple of 3 (RGB colour groups).
-        "gated_pixelcnn": GatedPixelCNN(3, hidden=126, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1]),
+        # The issue's 128 channels: RGB colour groups of 43, 43 and 42.
+        "gated_pixelcnn": GatedPixelCNN(3, hidden=128, layers=7, kernel_size=3, dilations=[1, 2, 1, 4, 1, 2, 1]),
         "pixelcnn_pp": PixelCNNPlusPlus(nr_resnet=5, nr_filters=160, nr_logistic_mix=10, dropout=0.0),
     }
 

@@ -30,7 +30,8 @@ VARIANTS = {
     "gated_rgb": (lambda: GatedPixelCNN(3, hidden=6, layers=2, num_bins=8, image_size=(4, 4)), None),
     "gated_dmol_grey": (lambda: GatedPixelCNN(1, hidden=6, layers=2, head="dmol", num_logistic_mix=2, num_bins=8, image_size=(5, 5)), None),
     "gated_dmol_rgb": (lambda: GatedPixelCNN(3, hidden=6, layers=2, head="dmol", num_logistic_mix=2, num_bins=8, image_size=(4, 4)), None),
-    "gated_rgb_cond_dilated": (lambda: GatedPixelCNN(3, hidden=6, layers=2, dilations=[1, 2], num_classes=3, num_bins=8, image_size=(4, 4)), [0, 2]),
+    # colour groups of 3, 3, 2
+    "gated_rgb_cond_dilated": (lambda: GatedPixelCNN(3, hidden=8, layers=2, dilations=[1, 2], num_classes=3, num_bins=8, image_size=(4, 4)), [0, 2]),
     "pp_grey": (lambda: PixelCNNPlusPlus(nr_resnet=1, nr_filters=4, nr_logistic_mix=2, in_channels=1, num_bins=8, dropout=0.0, image_size=(4, 4)), None),
     "pp_rgb_cond": (lambda: PixelCNNPlusPlus(nr_resnet=1, nr_filters=4, nr_logistic_mix=2, num_classes=2, num_bins=8, dropout=0.0, image_size=(4, 4)), [1, 0]),
 }

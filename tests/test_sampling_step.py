@@ -41,7 +41,7 @@ VARIANTS = {
     "grey": dict(in_channels=1, hidden=6),
     "rgb": dict(in_channels=3, hidden=6),
     "dmol_rgb": dict(in_channels=3, hidden=6, head="dmol", num_logistic_mix=2),
-    "rgb_cond_dilated": dict(in_channels=3, hidden=6, dilations=[1, 2], num_classes=3),
+    "rgb_cond_dilated": dict(in_channels=3, hidden=8, dilations=[1, 2], num_classes=3),  # colour groups of 3, 3, 2
 }
 HEIGHT, WIDTH = 4, 5
 
@@ -532,8 +532,9 @@ def test_bad_step_inputs_name_the_argument():
     model, cond = build("rgb_cond_dilated")
     layer = GatedLayerStepWeights.from_layer(model.conv_layers[0], torch.float32)
     pixel = torch.zeros(1, dtype=torch.int64)
-    x, v_pre, out = torch.zeros(N, HEIGHT, WIDTH, 6), torch.zeros(N, WIDTH, 12), torch.zeros(N, HEIGHT, WIDTH, 6)
-    cond = torch.zeros(N, 12)
+    channels = model.conv_layers[0].channels
+    x, v_pre, out = torch.zeros(N, HEIGHT, WIDTH, channels), torch.zeros(N, WIDTH, 2 * channels), torch.zeros(N, HEIGHT, WIDTH, channels)
+    cond = torch.zeros(N, 2 * channels)
     with use_backend("triton"):
         gated_layer_step(pixel, x, v_pre, cond, layer, out)  # the valid call
         with pytest.raises(TypeError, match="pixel must be an int64"):

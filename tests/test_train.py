@@ -442,7 +442,7 @@ def test_bad_options(tmp_path, tiny_digits):
             train(train_args(tmp_path, "--data", tiny_digits, option, *value.split()))
     with pytest.raises(ValueError, match="--class-conditional needs labels"):
         train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--class-conditional"))
-    with pytest.raises(ValueError, match="--hidden must be a multiple of 3 for RGB data with --model gated .*, got 7"):
+    with pytest.raises(ValueError, match="^--hidden=7 can't be split into 3 colour groups of a gated layer.*; use 6 or 8$"):
         train(train_args(tmp_path, "--data", "photos", "--num-bins", "4", "--hidden", "7"))
     with pytest.raises(FileNotFoundError, match="last.pt"):
         train(train_args(tmp_path, "--data", tiny_digits, "--resume"))

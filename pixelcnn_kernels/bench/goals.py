@@ -60,7 +60,7 @@ def _goals() -> tuple[Goal, ...]:
     gates = "x=(64, 256, 32, 32) dim=1"
     dmol = "B=64 3x32x32 K=10"
     conv = "64x128x32x32->256 6/9"
-    gated_train = "B64 3x32x32 h126 L7 softmax"
+    gated_train = "B64 3x32x32 h128 L7 softmax"
     pp_train = "B64 3x32x32 F160 R5 K10"
     goals = [
         Goal(3, "DMOL NLL forward+backward", "dmol_nll", dmol, "float32", "full", "ms", 0.06),

@@ -13,8 +13,8 @@ optimiser for every provider).
   conditioning) and one PixelCNN++ ``GatedResnet`` of 160 channels (down-right stream,
   two skip streams), at 32×32, batch 64, on channels-last activations (the layout the
   drop-in models run in: the kernels' own, and cuDNN's fast one for the reference);
-- models (issue 6): Gated PixelCNN, 7 gated layers of 126 channels (the issue's 128
-  rounded to a multiple of 3 for the RGB colour groups), dilations 1,2,1,4,1,2,1,
+- models (issue 6): Gated PixelCNN, 7 gated layers of 128 channels (RGB colour groups
+  of 43, 43 and 42, :func:`~pixelcnn_kernels.masks.color_group_size`), dilations 1,2,1,4,1,2,1,
   RGB 32×32, 256-way softmax, batch 64; PixelCNN++ (nr_filters 160, nr_resnet 5,
   10 logistics), RGB 32×32, batch 64 (dropout 0.5, in training mode).
 
@@ -165,7 +165,7 @@ def _images(device, generator, num_bins, *shape):
 def cases(on_gpu: bool) -> list[Case]:
     """The issue's layer and training-step workloads on a GPU; tiny versions on the CPU."""
     batch, size = (64, 32) if on_gpu else (2, 8)
-    gated_channels, resnet_channels, hidden = (128, 160, 126) if on_gpu else (6, 4, 6)
+    gated_channels, resnet_channels, hidden = (128, 160, 128) if on_gpu else (6, 4, 8)
     nr_resnet, nr_filters = (5, 160) if on_gpu else (1, 4)
     classes = 10
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixelcnn_kernels.masks import check_gated_color_channels
 from pixelcnn_kernels.models.base import PixelCNNModel, check_image_size, dmol_parameter_count
 from pixelcnn_kernels.nn.layers import GatedMaskedConv2d
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
@@ -28,8 +29,10 @@ class GatedPixelCNN(PixelCNNModel):
     - ``"softmax"``: logits (B, num_bins, C, H, W). For C = 3 the horizontal stack and
       the output are colour-grouped (``color_groups=3``): channel c's logits see
       channels < c of the same pixel (R → G → B inside each pixel). ``hidden`` must then
-      be a multiple of 3. ``conv_out`` emits its channels colour-major (all of R's bins,
-      then G's, then B's), which is a transposed view of the returned layout.
+      be ≡ 0 or 2 mod 3 (128 splits 43/43/42, see
+      :func:`~pixelcnn_kernels.masks.check_gated_color_channels`). ``conv_out`` emits
+      its channels colour-major (all of R's bins, then G's, then B's), which is a
+      transposed view of the returned layout.
     - ``"dmol"``: a discretized mixture of ``num_logistic_mix`` logistics, logits
       (B, 3K or 10K, H, W), scored by the DMOL op (which handles R → G → B itself).
 
@@ -83,8 +86,9 @@ class GatedPixelCNN(PixelCNNModel):
         if len(dilations) != layers or not all(isinstance(d, int) and d >= 1 for d in dilations):
             raise ValueError(f"dilations must be {layers} positive ints (one per layer), got {dilations!r}")
         self.color_groups = 3 if in_channels == 3 and head == "softmax" else 1
-        if not isinstance(hidden, int) or hidden < 1 or hidden % self.color_groups:
-            raise ValueError(f"hidden must be a positive int{', a multiple of 3 for RGB with the softmax head' if self.color_groups == 3 else ''}, got {hidden!r}")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        check_gated_color_channels(hidden, self.color_groups, "hidden")
         self.image_size = image_size
         self.conv_vstack = MaskedConv2d(in_channels, hidden, kernel_size, mask="vertical_A")
         self.conv_hstack = MaskedConv2d(in_channels, hidden, (1, kernel_size), mask="horizontal_A", color_groups=self.color_groups)

@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from pixelcnn_kernels.masks import MaskSpec, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, check_color_channels, check_gated_color_channels, resolve_mask
 from pixelcnn_kernels.ops.masked_conv import masked_conv2d, masked_conv2d_gated
 from pixelcnn_kernels.reference.masked_conv import GATES
 from pixelcnn_kernels.utils import activation_dtype, check_int, check_tensor
@@ -78,8 +78,8 @@ class MaskedConv2d(nn.Conv2d):
     ):
         spec = resolve_mask(mask, kernel_size, color_groups)
         check_int(dilation, "dilation", 1)
-        if in_channels % color_groups or out_channels % color_groups:
-            raise ValueError(f"color_groups={color_groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        check_color_channels(in_channels, spec.color_groups, "in_channels")
+        check_color_channels(out_channels, spec.color_groups, "out_channels")
         super().__init__(in_channels, out_channels, spec.kernel_size, stride=1, padding=0, dilation=dilation, bias=bias, device=device, dtype=dtype)
         self.spec = spec
 
@@ -168,10 +168,11 @@ class MaskedConv2dGated(MaskedConv2d):
     a·σ(b) (``"sigmoid"``), fused in one pass; ``cond`` is (N, out_channels) or
     None; the output has out_channels / 2 channels. ``weight`` is (out_channels,
     in_channels, kh, kw) as in the plain MaskedConv2d. With ``color_groups=3`` the
-    conv is colour-masked as MaskedConv2d's, its output channels are R, G, B thirds
+    conv is colour-masked as MaskedConv2d's, its output channels are R, G, B groups
     each holding its colour's halves, [a_R b_R | a_G b_G | a_B b_B], gated per colour
-    (``gate_groups=3``), and the output is in R, G, B thirds (out_channels must be a
-    multiple of 6). ``color_groups`` comes last, after ``dtype``, so that the
+    (``gate_groups=3``), and the output is in R, G, B groups (out_channels / 2 must be
+    ≡ 0 or 2 mod 3, :func:`~pixelcnn_kernels.masks.check_gated_color_channels`).
+    ``color_groups`` comes last, after ``dtype``, so that the
     positional arguments before it keep their places.
     """
 
@@ -191,9 +192,9 @@ class MaskedConv2dGated(MaskedConv2d):
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         super().__init__(in_channels, out_channels, kernel_size, mask, dilation, color_groups, bias, device, dtype)
-        if out_channels % (2 * color_groups):
-            halves = "two gate halves" if color_groups == 1 else f"two gate halves in each of {color_groups} colour groups"
-            raise ValueError(f"out_channels must be a multiple of {2 * color_groups} ({halves}), got {out_channels}")
+        if out_channels % 2:
+            raise ValueError(f"out_channels must be even (the gate's two halves), got {out_channels}")
+        check_gated_color_channels(out_channels // 2, color_groups, "out_channels // 2 (gated channels)")
         self.gate = gate
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,10 +40,10 @@ import operator
 import torch
 
 from pixelcnn_kernels.backend import backend_with_cuda_op, cuda_ops, resolve_kernel_backend
-from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_groups, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_channels, check_color_groups, check_gated_color_channels, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
-from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, gate_in_groups, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, gate_in_groups, halves_first_channels, masked_conv2d_ref
 from pixelcnn_kernels.utils import channels_last, check_dropout_rate, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
@@ -76,10 +76,10 @@ def _hidden_channel_pairs(spec: MaskSpec, out_channels: int, in_channels: int, d
     return ~channel_group_mask(out_channels, in_channels, spec.color_groups, spec.anchor_inclusive).to(device)
 
 
-def _halves_first(t: torch.Tensor, gate_groups: int) -> torch.Tensor:
-    """A view of ``t`` with its last dim, a gated conv's pre-activation channels in ``gate_groups``
-    blocks [a_1 b_1 | a_2 b_2 | ...], reordered as (2, gate_groups, C / gate_groups): halves first."""
-    return t.unflatten(-1, (gate_groups, 2, -1)).transpose(-3, -2)
+@functools.lru_cache(maxsize=None)
+def _halves_first_index(out_channels: int, gate_groups: int, device: torch.device) -> torch.Tensor:
+    """:func:`~pixelcnn_kernels.reference.masked_conv.halves_first_channels` on ``device``, cached (no host copy per call)."""
+    return halves_first_channels(out_channels // 2, gate_groups).to(device)
 
 
 def pack_weight(weight: torch.Tensor, spec: MaskSpec, gate_groups: int = 1) -> torch.Tensor:
@@ -93,14 +93,14 @@ def pack_weight(weight: torch.Tensor, spec: MaskSpec, gate_groups: int = 1) -> t
     column n with n + Cout / 2; their epilogue maps each column to its channel.
     """
     out_channels, in_channels, _, kernel_width = weight.shape
-    by_tap = weight.flatten(2).permute(2, 1, 0)
-    hidden = _hidden_channel_pairs(spec, out_channels, in_channels, weight.device).T if spec.color_groups > 1 else None
+    hidden = _hidden_channel_pairs(spec, out_channels, in_channels, weight.device) if spec.color_groups > 1 else None
     if gate_groups > 1:
-        by_tap = _halves_first(by_tap, gate_groups)
-        hidden = None if hidden is None else _halves_first(hidden, gate_groups).flatten(-3)
-    packed = by_tap.index_select(0, _tap_index(spec.taps, kernel_width, weight.device)).flatten(2)
+        columns = _halves_first_index(out_channels, gate_groups, weight.device)
+        weight = weight.index_select(0, columns)
+        hidden = None if hidden is None else hidden.index_select(0, columns)
+    packed = weight.flatten(2).permute(2, 1, 0).index_select(0, _tap_index(spec.taps, kernel_width, weight.device))
     if hidden is not None:
-        packed[spec.taps.index(spec.anchor)].masked_fill_(hidden, 0)
+        packed[spec.taps.index(spec.anchor)].masked_fill_(hidden.T, 0)
     return packed
 
 
@@ -249,8 +249,8 @@ def _validate(x, weight, bias, mask, dilation, color_groups, input_activation=No
         if isinstance(mask, torch.Tensor):
             _check_mask_tensor(mask, kernel_size)
         args = _mask_args(resolve_mask(mask, kernel_size, color_groups))
-    if color_groups > 1 and (in_channels % color_groups or out_channels % color_groups):
-        raise ValueError(f"color_groups={color_groups} must divide the input and output channels, got {in_channels} and {out_channels}")
+    check_color_channels(in_channels, color_groups, "weight.shape[1] (input channels)")
+    check_color_channels(out_channels, color_groups, "weight.shape[0] (output channels)")
     if color_groups > 1 and concat_elu_input:
         # concat_elu's channels [elu(x), elu(-x)] are not colour-major: a colour third of them mixes groups.
         raise ValueError(f"input_activation='concat_elu' needs color_groups=1 (its 2C channels would mix colour groups), got {color_groups}")
@@ -472,9 +472,9 @@ def masked_conv2d(
         mask: a name from :data:`pixelcnn_kernels.masks.NAMED_MASKS`, a boolean
             (kh, kw) tensor (anchored at the centre, along an even side at its last row or column) or a MaskSpec.
         dilation: spacing of the taps (the padding grows with it).
-        color_groups: 1, or 3 to split channels into R, G, B groups (both channel
-            counts divisible by 3): at the anchor tap output group g sees input
-            groups < g (mask A) or <= g (mask B).
+        color_groups: 1, or 3 to split channels into R, G, B groups (of
+            :func:`~pixelcnn_kernels.masks.color_group_size` channels, none empty):
+            at the anchor tap output group g sees input groups < g (mask A) or <= g (mask B).
         residual: (N, Cout, H, W) in x's dtype and device, or None: added to the
             output (after the bias) in the same pass.
         input_activation: None, or ``"concat_elu"``: the convolution reads
@@ -618,8 +618,9 @@ def masked_conv2d_gated(
     / 2, H, W). With ``gate_groups`` > 1 the channels are that many contiguous blocks,
     each split into halves (Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B
     b_B] with 3; see :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`),
-    and the output is the blocks' gated halves in order; Cout must be a multiple of
-    2 · ``gate_groups``. ``cond`` is (N, Cout) or None; ``addend`` (N, Cout, H, W) or
+    and the output is the blocks' gated halves in order; Cout / 2 must pass
+    :func:`~pixelcnn_kernels.masks.check_gated_color_channels` (with 3 groups,
+    ≡ 0 or 2 mod 3). ``cond`` is (N, Cout) or None; ``addend`` (N, Cout, H, W) or
     None is added to the convolution before the gate (Gated PixelCNN's horizontal
     stack: its own conv plus the vertical link); ``residual`` (N, Cout / 2, H, W) or
     None is added to the gated output; ``cond``, ``addend`` and the returned ``pre``
@@ -640,8 +641,9 @@ def masked_conv2d_gated(
     if color_groups != 1 and gate_groups != color_groups:
         raise ValueError(f"color_groups={color_groups} needs gate_groups={color_groups} (a gate would pair channels of two colours), got {gate_groups}")
     out_channels = weight.shape[0]
-    if out_channels % (2 * gate_groups):
-        raise ValueError(f"weight must have a multiple of {2 * gate_groups} output channels (gate_groups={gate_groups} blocks of two halves), got {out_channels}")
+    if out_channels % 2:
+        raise ValueError(f"weight must have an even number of output channels (the gate's two halves), got {out_channels}")
+    check_gated_color_channels(out_channels // 2, gate_groups, "weight.shape[0] // 2 (gated channels)")
     if cond is not None:
         check_tensor(cond, "cond", ndim=2)
         check_same_dtype(x, cond=cond)

@@ -69,6 +69,7 @@ import importlib
 import torch
 
 from pixelcnn_kernels.backend import BackendUnavailableError, backend_with_cuda_op, cuda_ops, resolve_backend
+from pixelcnn_kernels.masks import check_gated_color_channels, color_group_size
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d
 from pixelcnn_kernels.ops.dmol import check_num_logit_channels
 from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
@@ -270,8 +271,9 @@ def gated_layer_step(
     batch, _, width, channels = x.shape
     if horizontal.wp.shape[2] != 2 * channels:
         raise ValueError(f"weights.horizontal has {horizontal.wp.shape[2]} output channels but x has {channels}: a gated layer maps C to 2C")
-    if weights.color_groups not in (1, 3) or channels % weights.color_groups:
-        raise ValueError(f"weights.color_groups must be 1 or 3 and divide the {channels} channels, got {weights.color_groups!r}")
+    if weights.color_groups not in (1, 3):
+        raise ValueError(f"weights.color_groups must be 1 or 3, got {weights.color_groups!r}")
+    check_gated_color_channels(channels, weights.color_groups, "x.shape[3] (channels)")
     _check_operand(v_pre, "v_pre", x, (batch, width, 2 * channels), required=True)
     _check_operand(weights.link_weight, "weights.link_weight", x, (2 * channels, 2 * channels), required=True, contiguous=True)
     _check_operand(weights.out_weight, "weights.out_weight", x, (channels, channels), required=True, contiguous=True)
@@ -281,7 +283,7 @@ def gated_layer_step(
     _check_written_apart({"out": out}, {"v_pre": v_pre})
     _kernels(backend).gated_pixel_step(
         pixel, x, horizontal.wp, horizontal.bias, list(horizontal.offsets), v_pre,
-        weights.link_weight, weights.link_bias, cond, weights.out_weight, weights.out_bias, channels // weights.color_groups, out,
+        weights.link_weight, weights.link_bias, cond, weights.out_weight, weights.out_bias, color_group_size(channels, weights.color_groups), out,
     )  # fmt: skip
 
 

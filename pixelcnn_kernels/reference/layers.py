@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.masks import check_gated_color_channels, resolve_mask
 from pixelcnn_kernels.nn.masked_conv import MaskedConv2d, conv_operands
 from pixelcnn_kernels.reference.dmol import discretized_mix_logistic_nll as discretized_mix_logistic_nll_ref
 from pixelcnn_kernels.reference.gates import concat_elu as concat_elu_ref
@@ -140,10 +140,12 @@ class GatedMaskedConv2d(nn.Module):
     the add of ``conv_horiz(h)`` (``addend=``), its conditioning and gate as another.
     The 1×1 output conv adds ``h`` in its epilogue (``residual=``).
 
-    With ``color_groups=3`` the horizontal stack's channels are R, G, B thirds (C must be
-    a multiple of 3): ``conv_horiz`` and ``conv_horiz_1x1`` are colour-masked (group g sees
+    With ``color_groups=3`` the horizontal stack's channels are R, G, B groups (C ≡ 0 or
+    2 mod 3: 126 and 128 split 42/42/42 and 43/43/42, see
+    :func:`~pixelcnn_kernels.masks.check_gated_color_channels`): ``conv_horiz`` and
+    ``conv_horiz_1x1`` are colour-masked (group g sees
     groups ≤ g at the centre), their 2C pre-activations are laid out colour-major, and
-    the horizontal gate pairs a and b within each third (``gate_groups=3``, see
+    the horizontal gate pairs a and b within each group (``gate_groups=3``, see
     :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`); the vertical stack
     needs no colour mask (it sees no pixel of the current row). Accepts float32,
     float16, bfloat16 and float64 inputs.
@@ -165,8 +167,7 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         if color_groups not in (1, 3):
             raise ValueError(f"color_groups must be 1 or 3, got {color_groups!r}")
-        if channels % color_groups:
-            raise ValueError(f"channels={channels} must be divisible by color_groups={color_groups}")
+        check_gated_color_channels(channels, color_groups, "channels")
         check_dropout_rate(dropout, "dropout")
         self.channels = channels
         self.color_groups = color_groups

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pixelcnn_kernels.masks import MaskSpec, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, color_group_size, resolve_mask
 from pixelcnn_kernels.reference.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
 
 # The gates of masked_conv2d_gated, by name (the gates family's references).
@@ -103,15 +103,17 @@ def gate_in_groups(
 
     The channels are ``groups`` contiguous blocks, each split into halves a, b: with
     3, Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B b_B], the layout a
-    colour-masked conv gives (its colour groups are contiguous thirds). The output,
-    [gate of R | of G | of B], is again in contiguous thirds. With one group this is
-    the usual split into halves. ``cond`` (N, 2C), in the pre-activation's layout, is
-    added before the gate; with groups that add is a pass of its own, rounded to the
-    pre-activation's dtype. ``incoming``: tensors passed to ``gate_fn`` before the
-    pre-activation, viewed in the same groups (a gate's backward, ``gate_fn(grad, x, dim,
-    cond, accumulate)``, takes the output's gradient there and returns the pre-activation's);
-    ``accumulate``, for a backward: a tensor of the pre-activation's shape passed after
-    ``cond``, viewed the same way (the pre-activation's gradient from its other uses).
+    colour-masked conv gives (block g is twice output group g, see
+    :func:`~pixelcnn_kernels.masks.color_group_size`). The output, [gate of R | of G |
+    of B], is again in contiguous groups. With one group this is the usual split into
+    halves. ``cond`` (N, 2C), in the pre-activation's layout, is added before the
+    gate; with groups that add is a pass of its own, rounded to the pre-activation's
+    dtype. ``incoming``: tensors passed to ``gate_fn`` before the pre-activation,
+    in the output's groups (a gate's backward, ``gate_fn(grad, x, dim, cond,
+    accumulate)``, takes the output's gradient there and returns the
+    pre-activation's); ``accumulate``, for a backward: a tensor of the
+    pre-activation's shape passed after ``cond``, viewed the same way (the
+    pre-activation's gradient from its other uses).
     """
     trailing = () if accumulate is None else (accumulate,)
     if groups == 1:
@@ -120,8 +122,34 @@ def gate_in_groups(
         # A gate's cond is one vector per (image, channel along dim), which the groups of the
         # grouped view would share: each group's part is added here.
         preactivation = preactivation + cond[:, :, None, None]
-    grouped = [t.unflatten(1, (groups, -1)) for t in (*incoming, preactivation, *trailing)]
-    return gate_fn(*grouped[: len(incoming) + 1], 2, None, *grouped[len(incoming) + 1 :]).flatten(1, 2)
+    # Equal groups are one view (N, groups, 2·size, H, W) gated along dim 2; a smaller last group
+    # is a second call, joined by a copy.
+    pieces, start = [], 0
+    for count, size in _equal_group_runs(preactivation.shape[1] // 2, groups):
+        grouped = [t.narrow(1, start, count * size).unflatten(1, (count, -1)) for t in incoming]
+        grouped += [t.narrow(1, 2 * start, 2 * count * size).unflatten(1, (count, -1)) for t in (preactivation, *trailing)]
+        pieces.append(gate_fn(*grouped[: len(incoming) + 1], 2, None, *grouped[len(incoming) + 1 :]).flatten(1, 2))
+        start += count * size
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+
+def _equal_group_runs(channels: int, groups: int) -> list[tuple[int, int]]:
+    """(groups, channels per group) of the runs of equal colour groups of ``channels``: all of
+    them, or all but a smaller last one."""
+    size = color_group_size(channels, groups)
+    last = channels - (groups - 1) * size
+    return [(groups, size)] if last == size else [(groups - 1, size), (1, last)]
+
+
+def halves_first_channels(channels: int, groups: int) -> torch.Tensor:
+    """Where the halves-first order [a_1 a_2 ... | b_1 b_2 ...] of a gated pre-activation in
+    ``groups`` blocks [a_1 b_1 | a_2 b_2 | ...] (see :func:`gate_in_groups`) takes each of its
+    2·``channels`` channels from: a long tensor of pre-activation channel indices."""
+    size = color_group_size(channels, groups)
+    n = torch.arange(channels)
+    group = n // size
+    a = group * size + n  # block g starts at 2·size·g; its a half's column n - size·g
+    return torch.cat([a, a + (channels - group * size).clamp(max=size)])
 
 
 def masked_conv2d_gated_ref(

@@ -119,12 +119,18 @@ def _preactivation_channels(cols, N_COLS, GATE_GROUPS: tl.constexpr):
     """(channel of column n's half a, the shift to its half b) in a gated conv's pre-activation.
 
     The GEMM pairs column n with n + N_COLS; the pre-activation's 2·N_COLS channels are
-    GATE_GROUPS blocks of two halves, [a_1 b_1 | a_2 b_2 | ...] (one block: [a | b]).
+    GATE_GROUPS blocks of two halves, [a_1 b_1 | a_2 b_2 | ...] (one block: [a | b]), of
+    ⌈N_COLS / GATE_GROUPS⌉ channels each but the last (masks.color_group_size).
     """
+    # One return: Triton wants a function's returns of one type, and b's shift is a scalar with
+    # one block (the epilogue's loads then stay vectorised) but per column with several.
     if GATE_GROUPS == 1:
-        return cols, N_COLS
-    group = N_COLS // GATE_GROUPS
-    return cols // group * (2 * group) + cols % group, group
+        channels, b_shift = cols, N_COLS
+    else:
+        size = tl.cdiv(N_COLS, GATE_GROUPS)
+        group = cols // size
+        channels, b_shift = cols + group * size, tl.minimum(size, N_COLS - group * size)
+    return channels, b_shift
 
 
 @triton.jit
@@ -414,8 +420,8 @@ def _conv_tiles(two_halves: bool, dtype: torch.dtype, precision: str, n_cols: in
     "ieee" ``tl.dot`` is an FMA loop holding both operand tiles in registers: at 128 rows the
     input gradient spills 12 bytes and the 64-bit-index forward 16; at 64 rows, 96. A gate in
     groups maps each column to its channel, so the epilogue's loads and stores are not
-    vectorised: the 1×1 link of the colour model (126 channels, no multiple of 16) in fp32
-    spills 128 bytes at 4 warps, none at 8 (151 registers).
+    vectorised: the 1×1 link of the colour model (128 channels) in fp32 takes 188 registers
+    at 8 warps, no spills.
     """
     full_fp32 = precision == "ieee" and dtype == torch.float32
     block_n = _tile(n_cols, _BLOCK_N)
@@ -823,15 +829,18 @@ def _register_compile_cases() -> None:
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
         # Colour Gated PixelCNN's horizontal link gates its colour-major pre-activation in three
-        # groups; its width (126 in the benchmark model) is no multiple of 16. And a colour-masked
-        # conv gated per colour (MaskedConv2dGated(color_groups=3)), on the horizontal stack's taps.
-        register_conv(
-            f"masked_conv_fwd_gated_addend_3_groups_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID,
-            ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
-        )
-        register_conv(
-            f"masked_conv_fwd_gated_3_groups_horizontal1x3_{dtype_name}", tap_sets["horizontal1x3"], dtype, GATE_TANH_SIGMOID,
-            ("bias_ptr", "cond_ptr", "pre_ptr"), divisible_ints=False, gate_groups=3,
-        )
+        # groups (of 43, 43 and 42 channels in the benchmark model's 128, a multiple of 16; a
+        # width such as 126 is not). And a colour-masked conv gated per colour
+        # (MaskedConv2dGated(color_groups=3)), on the horizontal stack's taps.
+        for aligned in (True, False):
+            suffix = "" if aligned else "_unaligned"
+            register_conv(
+                f"masked_conv_fwd_gated_addend_3_groups{suffix}_full1x1_{dtype_name}", tap_sets["full1x1"], dtype, GATE_TANH_SIGMOID,
+                ("bias_ptr", "cond_ptr", "addend_ptr", "pre_ptr"), divisible_ints=aligned, gate_groups=3,
+            )
+            register_conv(
+                f"masked_conv_fwd_gated_3_groups{suffix}_horizontal1x3_{dtype_name}", tap_sets["horizontal1x3"], dtype, GATE_TANH_SIGMOID,
+                ("bias_ptr", "cond_ptr", "pre_ptr"), divisible_ints=aligned, gate_groups=3,
+            )
 
 _register_compile_cases()

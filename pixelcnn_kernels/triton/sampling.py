@@ -12,8 +12,9 @@ Gated PixelCNN's layer step: one launch computes one pixel of one horizontal-sta
   ``OFFSETS`` the taps' dx;
 - gated layers: ``v_pre`` (B, W, 2C) the vertical pre-activation row, the 1×1 link
   ``wv`` (2C, 2C) and output conv ``w1`` (C, C) laid out (in, out), ``cond`` (B, 2C)
-  contiguous; gated channel n pairs pre-activation columns ``a(n) = (n // G)·2G + n % G``
-  and ``a(n) + G`` (G = ``group_size``: C / colour groups, :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`).
+  contiguous; gated channel n pairs pre-activation columns ``a(n) = n + (n // G)·G``
+  and ``min(a(n) + G, n + C)`` (G = ``group_size``: ⌈C / colour groups⌉, the last group
+  the rest; :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`).
 
 A program takes BLOCK_B images and every channel: the gate needs both halves and the
 1×1 needs every gated channel, so the channel dimension is never split. Products use
@@ -112,6 +113,7 @@ def _pixel_step_kernel(
     stride_oc,
     OFFSETS: tl.constexpr,
     GATED: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -121,8 +123,9 @@ def _pixel_step_kernel(
 
     GATED False: ``out = bias + Σ_t x[b, i, j + dx_t, :] · wp[t]`` (C_OUT columns).
     GATED True: ``pre = that (2·C_OUT columns) + v_pre[b, j] · wv + bias_v + cond[b]``,
-    ``out = x[b, i, j] + tanh(pre_a)·σ(pre_b) · w1 + bias1``. Pointers given as None
-    are absent. A pixel index outside [0, H·W) writes nothing.
+    ``out = x[b, i, j] + tanh(pre_a)·σ(pre_b) · w1 + bias1``, the halves in colour groups
+    of group_size channels (ONE_GROUP: group_size == C_OUT, the halves [a | b]). Pointers
+    given as None are absent. A pixel index outside [0, H·W) writes nothing.
     """
     p = tl.load(pixel_ptr)
     row = p // W
@@ -131,14 +134,19 @@ def _pixel_step_kernel(
     image_ok = (images < B) & (p >= 0) & (p < H * W)
     n = tl.arange(0, BLOCK_C)
     n_ok = n < C_OUT
-    if GATED:
+    if GATED and ONE_GROUP:  # group_size == C_OUT, as the grey models' layers (and fewer registers)
         n_pre = 2 * C_OUT
-        cols_a = (n // group_size) * (2 * group_size) + n % group_size
+        cols_a = n
+        cols_b = n + C_OUT
+    elif GATED:
+        n_pre = 2 * C_OUT
+        cols_a = n + (n // group_size) * group_size
+        # a(n) + the size of n's group: group_size, or in a smaller last group the rest, n + C_OUT.
+        cols_b = tl.minimum(cols_a + group_size, n + C_OUT)
     else:
         n_pre = C_OUT
         cols_a = n
-    # The b half of each gated channel (unused by the plain step, which passes group_size 0).
-    cols_b = cols_a + group_size
+        cols_b = n  # the plain step has no b half
     x_row = x_ptr + images[:, None] * stride_xb + row * stride_xh
 
     acc_a = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
@@ -528,7 +536,7 @@ def gated_pixel_step(
         _pixel_step_kernel[(cdiv(batch, _BLOCK_B),)](
             pixel, x, wp, bias, v_pre, link_weight, link_bias, cond, out_weight, out_bias, out,
             batch, height, width, c_in, c_out, group_size, *x.stride(), *v_strides, *out.stride(),
-            OFFSETS=tuple(offsets), GATED=gated, **blocks, num_warps=num_warps, num_stages=_STAGES,
+            OFFSETS=tuple(offsets), GATED=gated, ONE_GROUP=group_size == c_out, **blocks, num_warps=num_warps, num_stages=_STAGES,
         )  # fmt: skip
 
 
@@ -628,7 +636,8 @@ def dmol_draw_step(
 
 
 def _register_compile_cases() -> None:
-    """The tutorial model's steps (its first 1×3 ``horizontal_A`` conv from 3 colours, a 64-channel gated layer) and the widest gated layer."""
+    """The tutorial model's steps (its first 1×3 ``horizontal_A`` conv from 3 colours, a 64-channel gated layer), the
+    colour benchmark model's 128-channel layer in colour groups of 43, 43, 42, and the widest gated layer."""
     sizes = dict.fromkeys(("B", "H", "W", "C_IN", "C_OUT", "group_size"), "i32")
     strides = dict.fromkeys(("stride_xb", "stride_xh", "stride_xw", "stride_xc", "stride_vb", "stride_vw", "stride_vc", "stride_ob", "stride_oh", "stride_ow", "stride_oc"), "i32")
     for dtype in (torch.float32, torch.bfloat16):
@@ -638,13 +647,13 @@ def _register_compile_cases() -> None:
         blocks, num_warps = _pixel_step_config(3, 64, gated=False)
         register_compile_case(
             f"sampling_step_first_conv_1x3_{dtype_name}", _pixel_step_kernel, common,
-            {**dict.fromkeys(gated, None), **blocks, "OFFSETS": (-1, 0), "GATED": False}, num_warps=num_warps, num_stages=_STAGES,
+            {**dict.fromkeys(gated, None), **blocks, "OFFSETS": (-1, 0), "GATED": False, "ONE_GROUP": False}, num_warps=num_warps, num_stages=_STAGES,
         )  # fmt: skip
-        for channels, dilation in ((64, 1), (64, 2), (MAX_PIXEL_STEP_CHANNELS, 1)):
+        for channels, dilation, one_group in ((64, 1, True), (64, 2, True), (128, 1, False), (MAX_PIXEL_STEP_CHANNELS, 1, True)):
             blocks, num_warps = _pixel_step_config(channels, channels, gated=True)
             register_compile_case(
-                f"sampling_step_gated_1x3_c{channels}_dil{dilation}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
-                {**blocks, "OFFSETS": (-dilation, 0), "GATED": True}, num_warps=num_warps, num_stages=_STAGES,
+                f"sampling_step_gated_1x3_c{channels}_dil{dilation}{'' if one_group else '_3_groups'}_{dtype_name}", _pixel_step_kernel, {**common, **gated},
+                {**blocks, "OFFSETS": (-dilation, 0), "GATED": True, "ONE_GROUP": one_group}, num_warps=num_warps, num_stages=_STAGES,
                 # The widest step's two (16, 512) fp32 accumulators and gate leave a few spills at the smallest chunks.
                 max_spill_bytes=128 if channels == MAX_PIXEL_STEP_CHANNELS else 0,
             )  # fmt: skip
