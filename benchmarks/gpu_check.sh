@@ -43,10 +43,13 @@
 # "sampling" (not a default; one to two minutes) times the cached samplers at issue 7's B = 64
 # on the triton and cuda backends only (the naive baseline alone takes minutes per call at those
 # sizes), three calls each: never measured yet. The second run of 2026-11-30 (session 21) timed
-# gates, dmol and models but not masked_conv; so for the next session, at once after each other
-# (the first checks the fixes made since, the second what was never measured):
+# gates, dmol and models but not masked_conv; since then the RGB Gated PixelCNN runs the issue's
+# 128 channels (colour groups 43, 43, 42) instead of 126. So for the next session, at once after
+# each other (the first checks the fixes made since, the second what was never measured and the
+# 128-channel training step; `-k` reaches the bench through the family list):
 #   GPU_CHECK_SECONDS=420 GPU_CHECK_STEPS="tests sanitize bench" bash benchmarks/gpu_check.sh "$OUT" masked_conv dmol
-#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="sampling profile tiles" bash benchmarks/gpu_check.sh "$OUT"
+#   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="sampling bench" bash benchmarks/gpu_check.sh "$OUT" models -k gated_pixelcnn_train
+# and in a session after it, "profile tiles" (where the layers' backward goes; the tile A/B).
 #
 # Each failed test is appended to OUT_DIR/gpu_test_failures.log as it is reported (the
 # summary lists them), so a run cut short, or an xdist controller that dies after a

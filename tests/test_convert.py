@@ -53,11 +53,14 @@ class FunctionalMaskedConv(nn.Conv2d):
 class ColourMaskedConv(nn.Conv2d):
     """A colour PixelCNN conv: full (out, in, k, k) mask with the R, G, B channel rule at the centre."""
 
-    def __init__(self, c_in, c_out, k, kind, interleaved=False):
+    def __init__(self, c_in, c_out, k, kind, interleaved=False, balanced=False):
         super().__init__(c_in, c_out, k, padding=k // 2)
         mask = resolve_mask(kind, k, color_groups=3).weight_mask(c_out, c_in)
         if interleaved:  # channel c of colour c % 3, not c // (C / 3)
             mask = mask[torch.arange(c_out).view(3, -1).T.flatten()][:, torch.arange(c_in).view(3, -1).T.flatten()]
+        if balanced:  # unequal groups with the remainder spread over the last ones (c · 3 // C): 7 channels 3, 2, 2
+            out_group, in_group = (torch.arange(c) * 3 // c for c in (c_out, c_in))
+            mask[:, :, k // 2, k // 2] = (in_group[None, :] <= out_group[:, None]).float()
         self.register_buffer("mask", mask)
 
     def forward(self, x):
@@ -437,11 +440,25 @@ def test_a_skipped_module_with_a_train_override_is_left_as_it_was():
         (FunctionalMaskedConv(2, 2, pixelcnn_mask("B", 3)[:2]), "centred mask needs odd kernel sizes"),
         # colour groups of interleaved channels R, G, B, R, G, B (the kernels' groups are contiguous thirds)
         (ColourMaskedConv(6, 6, 3, "B", interleaved=True), "channels interleaved R,G,B,R,... are not supported"),
+        # 7 outputs in groups of 3, 2, 2, not the kernels' 3, 3, 1
+        (ColourMaskedConv(6, 7, 3, "B", balanced=True), "as pixelcnn_kernels.masks splits them"),
     ],
 )
 def test_unusable_masks_are_skipped(module, reason):
     report = convert(nn.Sequential(module))
     assert not report.replaced and reason in report.skipped[0].reason
+
+
+def test_colour_groups_of_unequal_sizes_are_converted():
+    """8 outputs in colour groups of 3, 3, 2 (masks.color_group_size): replaced, and the same outputs."""
+    model = nn.Sequential(ColourMaskedConv(6, 8, 3, "B"))
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        before = model(x)
+    report = convert(model)
+    assert [r.mask for r in report.replaced] == ["B 3×3, colour groups 3"]
+    with torch.no_grad():
+        assert_close(model(x), before)
 
 
 def test_uncentred_padding_and_hooks_are_skipped():
