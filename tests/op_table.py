@@ -260,7 +260,6 @@ CONV_MASKS = [
 
 def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
     side = st.integers(1, limits.side)
-    groups = st.just(1) if gated else st.sampled_from([1, 3])
     return st.fixed_dictionaries(
         dict(
             batch=st.integers(1, limits.batch),
@@ -271,7 +270,7 @@ def _conv_params(limits: Limits, gated: bool) -> st.SearchStrategy:
             mask=st.sampled_from(CONV_MASKS),
             custom_taps=st.lists(st.booleans(), min_size=9, max_size=9).filter(any),
             dilation=st.integers(1, limits.dilation),
-            color_groups=groups,
+            color_groups=st.sampled_from([1, 3]),  # gated: gate_groups too (Gated PixelCNN's colour gates)
             unequal_groups=st.booleans(),  # with colour groups, channels 3n - 1: groups of n, n, n - 1
             bias=st.booleans(),
             cond=st.just(False) if not gated else st.booleans(),
@@ -309,6 +308,7 @@ def _make_conv_inputs(params: dict, dtype, device, generator, gated: bool) -> di
     if gated:
         inputs.update(
             gate=params["gate"],
+            gate_groups=groups,
             cond=_randn((batch, c_conv), generator, device, dtype) if params["cond"] else None,
             addend=_randn((batch, c_conv, height, width), generator, device, dtype) if params.get("addend", False) else None,
         )
