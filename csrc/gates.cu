@@ -47,22 +47,45 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
-// The optional per-(batch, channel) bias: a contiguous (batch, 2 * half), added
-// to both halves of a gate's input row.
+// Where a gate's halves are along the split dimension: a row (outer index) holds 2 * half
+// channels of `inner` elements, in blocks [a_1 b_1 | a_2 b_2 | ...] of twice group_size
+// channels, the last one the rest (colour groups; group_size == half: one block [a | b]).
+struct GateHalves {
+  int64_t half, inner, group_size;
+
+  // The channel shifts of output column `col`'s a (from its own channel) and b (from a's):
+  // 0 and half with one block. A vector piece never straddles two groups (launch_gate).
+  template <typename Index>
+  __device__ __forceinline__ void shifts(Index col, Index& a_shift, Index& b_shift) const {
+    if (group_size == half) {  // uniform across the grid
+      a_shift = 0;
+      b_shift = Index(half);
+      return;
+    }
+    const Index group_start = col / Index(inner) / Index(group_size) * Index(group_size);
+    const Index channels_left = Index(half) - group_start;  // the last group holds the rest
+    a_shift = group_start;
+    b_shift = channels_left < Index(group_size) ? channels_left : Index(group_size);
+  }
+};
+
+// The optional per-(batch, channel) bias: a contiguous (batch, 2 * half) in x's channel
+// order, added to both halves of a gate's input row.
 template <typename T>
 struct CondBias {
   const T* cond;  // nullptr: no bias
-  int64_t half, inner, batch_div, batch;
+  int64_t batch_div, batch;
 
   template <int N, typename Index>
-  __device__ __forceinline__ void add(Index row, Index col, float (&a)[N], float (&b)[N]) const {
+  __device__ __forceinline__ void add(const GateHalves& halves, Index row, Index col, Index a_shift, Index b_shift,
+                                      float (&a)[N], float (&b)[N]) const {
     if (cond == nullptr) return;
-    const Index batch_row = (row / Index(batch_div)) % Index(batch) * 2 * Index(half);
+    const Index batch_row = (row / Index(batch_div)) % Index(batch) * 2 * Index(halves.half);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const Index a_index = batch_row + (col + k) / Index(inner);
+      const Index a_index = batch_row + (col + k) / Index(halves.inner) + a_shift;
       a[k] += to_float(cond[a_index]);
-      b[k] += to_float(cond[a_index + Index(half)]);
+      b[k] += to_float(cond[a_index + b_shift]);
     }
   }
 };
@@ -90,15 +113,19 @@ template <typename T, GateKind kKind>
 struct GateForward {
   const T* x;
   T* y;
+  GateHalves halves;
   CondBias<T> bias;
 
   template <int N, typename Index>
   __device__ __forceinline__ void apply(Index row, Index col, Index row_len) const {
-    const Index a_offset = row * 2 * row_len + col;
+    Index a_shift, b_shift;
+    halves.shifts(col, a_shift, b_shift);
+    const Index a_offset = row * 2 * row_len + col + a_shift * Index(halves.inner);
+    const Index b_offset = a_offset + b_shift * Index(halves.inner);
     float a[N], b[N], out[N];
     load_floats<N>(x + a_offset, a);
-    load_floats<N>(x + a_offset + row_len, b);
-    bias.template add<N>(row, col, a, b);
+    load_floats<N>(x + b_offset, b);
+    bias.template add<N>(halves, row, col, a_shift, b_shift, a, b);
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = gate_math<kKind>(a[k], b[k]);
     store_floats<N>(y + row * row_len + col, out);
@@ -113,22 +140,26 @@ struct GateBackward {
   const T* x;
   const T* accumulate;
   T* dx;
+  GateHalves halves;
   CondBias<T> bias;
 
   template <int N, typename Index>
   __device__ __forceinline__ void apply(Index row, Index col, Index row_len) const {
-    const Index a_offset = row * 2 * row_len + col;
+    Index a_shift, b_shift;
+    halves.shifts(col, a_shift, b_shift);
+    const Index a_offset = row * 2 * row_len + col + a_shift * Index(halves.inner);
+    const Index b_offset = a_offset + b_shift * Index(halves.inner);
     float a[N], b[N], g[N], grad_a[N], grad_b[N];
     load_floats<N>(x + a_offset, a);
-    load_floats<N>(x + a_offset + row_len, b);
+    load_floats<N>(x + b_offset, b);
     load_floats<N>(grad + row * row_len + col, g);
-    bias.template add<N>(row, col, a, b);
+    bias.template add<N>(halves, row, col, a_shift, b_shift, a, b);
 #pragma unroll
     for (int k = 0; k < N; ++k) gate_grad_math<kKind>(a[k], b[k], g[k], grad_a[k], grad_b[k]);
     if (accumulate != nullptr) {
       float other_a[N], other_b[N];
       load_floats<N>(accumulate + a_offset, other_a);
-      load_floats<N>(accumulate + a_offset + row_len, other_b);
+      load_floats<N>(accumulate + b_offset, other_b);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         grad_a[k] += other_a[k];
@@ -136,7 +167,7 @@ struct GateBackward {
       }
     }
     store_floats<N>(dx + a_offset, grad_a);
-    store_floats<N>(dx + a_offset + row_len, grad_b);
+    store_floats<N>(dx + b_offset, grad_b);
   }
 };
 
@@ -238,6 +269,14 @@ void launch_rows(const Op& op, int64_t outer, int64_t row_len, int64_t numel, bo
   }
 }
 
+// A gate's launch: vectorised pieces must not straddle two colour groups, so with groups
+// every group's elements (group_size * inner) must fill whole pieces too.
+template <typename T, typename Op>
+void launch_gate(const Op& op, const GateHalves& halves, int64_t outer, bool aligned, cudaStream_t stream) {
+  const bool pieces_within_groups = halves.group_size == halves.half || halves.group_size * halves.inner % (kVectorBytes / sizeof(T)) == 0;
+  launch_rows<T>(op, outer, halves.half * halves.inner, outer * 2 * halves.half * halves.inner, aligned && pieces_within_groups, stream);
+}
+
 template <typename Fn>
 void dispatch_gate_kind(GateKind kind, Fn&& fn) {
   switch (kind) {
@@ -249,20 +288,22 @@ void dispatch_gate_kind(GateKind kind, Fn&& fn) {
 }  // namespace
 
 void launch_gate_forward(DType dtype, GateKind kind, const void* x, const void* cond, void* y, int64_t outer, int64_t half,
-                         int64_t inner, int64_t batch_div, int64_t batch, cudaStream_t stream) {
+                         int64_t inner, int64_t group_size, int64_t batch_div, int64_t batch, cudaStream_t stream) {
+  const GateHalves halves{half, inner, group_size};
   dispatch_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     dispatch_gate_kind(kind, [&](auto kind_tag) {
       const GateForward<T, decltype(kind_tag)::value> op{
-          static_cast<const T*>(x), static_cast<T*>(y), {static_cast<const T*>(cond), half, inner, batch_div, batch}};
-      launch_rows<T>(op, outer, half * inner, outer * 2 * half * inner, aligned_to_vector({x, y}), stream);
+          static_cast<const T*>(x), static_cast<T*>(y), halves, {static_cast<const T*>(cond), batch_div, batch}};
+      launch_gate<T>(op, halves, outer, aligned_to_vector({x, y}), stream);
     });
   });
 }
 
 void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond,
-                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t batch_div,
-                          int64_t batch, cudaStream_t stream) {
+                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t group_size,
+                          int64_t batch_div, int64_t batch, cudaStream_t stream) {
+  const GateHalves halves{half, inner, group_size};
   dispatch_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     dispatch_gate_kind(kind, [&](auto kind_tag) {
@@ -270,10 +311,10 @@ void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const vo
                                                           static_cast<const T*>(x),
                                                           static_cast<const T*>(accumulate),
                                                           static_cast<T*>(dx),
-                                                          {static_cast<const T*>(cond), half, inner, batch_div, batch}};
+                                                          halves,
+                                                          {static_cast<const T*>(cond), batch_div, batch}};
       // A null accumulate, never read, passes the alignment test (address 0).
-      launch_rows<T>(op, outer, half * inner, outer * 2 * half * inner, aligned_to_vector({grad, x, accumulate, dx}),
-                     stream);
+      launch_gate<T>(op, halves, outer, aligned_to_vector({grad, x, accumulate, dx}), stream);
     });
   });
 }

@@ -19,15 +19,18 @@ namespace pixelcnn_kernels {
 enum class GateKind : int { kTanhSigmoid = 0, kSigmoid = 1 };
 
 // y = gate(x[:, 0] + cond_a, x[:, 1] + cond_b). cond: nullptr, or a contiguous
-// (batch, 2 * half) bias; row o of x belongs to batch (o / batch_div) % batch.
+// (batch, 2 * half) bias in x's channel order; row o of x belongs to batch (o / batch_div) % batch.
+// group_size: half, or colour groups: the 2 * half channels are blocks [a_1 b_1 | a_2 b_2 | ...]
+// of twice group_size channels, the last one the rest; output channel c of group
+// g = c / group_size reads a at channel c + g * group_size and b that plus its group's size.
 void launch_gate_forward(DType dtype, GateKind kind, const void* x, const void* cond, void* y, int64_t outer, int64_t half,
-                         int64_t inner, int64_t batch_div, int64_t batch, cudaStream_t stream);
+                         int64_t inner, int64_t group_size, int64_t batch_div, int64_t batch, cudaStream_t stream);
 
 // dx (outer, 2, half, inner) = d gate / d(x + cond) * grad + accumulate, grad (outer, half, inner);
 // accumulate: nullptr, or x's shape (x's gradient from its other uses), added in fp32 before dx is rounded.
 void launch_gate_backward(DType dtype, GateKind kind, const void* grad, const void* x, const void* cond,
-                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t batch_div,
-                          int64_t batch, cudaStream_t stream);
+                          const void* accumulate, void* dx, int64_t outer, int64_t half, int64_t inner, int64_t group_size,
+                          int64_t batch_div, int64_t batch, cudaStream_t stream);
 
 // y[o, 0, r] = elu(x[o, r]), y[o, 1, r] = elu(-x[o, r]); with keep (a (outer, 2, row_len) byte mask,
 // or null) dropped out after: kept elements times keep_scale, the others 0.

@@ -38,24 +38,33 @@ GateBias gate_bias(const std::optional<at::Tensor>& cond, const at::Tensor& x, i
 
 GateKind gate_kind(bool tanh_gate) { return tanh_gate ? GateKind::kTanhSigmoid : GateKind::kSigmoid; }
 
-at::Tensor gate_forward(const at::Tensor& x, const std::optional<at::Tensor>& cond, int64_t batch_div, bool tanh_gate) {
+// Colour groups of group_size channels, the last one the rest (half: one group, also of no channels).
+void check_group_size(int64_t group_size, int64_t half) {
+  TORCH_CHECK(group_size == half || (group_size >= 1 && group_size < half), "group_size must be in [1, half = ", half,
+              "], got ", group_size);
+}
+
+at::Tensor gate_forward(const at::Tensor& x, const std::optional<at::Tensor>& cond, int64_t batch_div, bool tanh_gate,
+                        int64_t group_size) {
   const DType dtype = check_gate_x(x);
   const GateBias bias = gate_bias(cond, x, batch_div);
   const KernelsDeviceGuard guard(x.device());
   const int64_t outer = x.size(0), half = x.size(2), inner = x.size(3);
+  check_group_size(group_size, half);
   at::Tensor y = x.new_empty({outer, half, inner});
   if (y.numel() > 0) {
     launch_gate_forward(dtype, gate_kind(tanh_gate), x.data_ptr(), bias.data(), y.data_ptr(), outer, half, inner,
-                        bias.batch_div, bias.batch, current_stream());
+                        group_size, bias.batch_div, bias.batch, current_stream());
     check_launch("gate_forward");
   }
   return y;
 }
 
 at::Tensor gate_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& cond,
-                         const std::optional<at::Tensor>& accumulate, int64_t batch_div, bool tanh_gate) {
+                         const std::optional<at::Tensor>& accumulate, int64_t batch_div, bool tanh_gate, int64_t group_size) {
   const DType dtype = check_gate_x(x);
   const int64_t outer = x.size(0), half = x.size(2), inner = x.size(3);
+  check_group_size(group_size, half);
   check_operand(grad, "grad", x, "x", {outer, half, inner});
   check_optional_operand(accumulate, "accumulate", x, {outer, 2, half, inner});
   const GateBias bias = gate_bias(cond, x, batch_div);
@@ -63,8 +72,8 @@ at::Tensor gate_backward(const at::Tensor& grad, const at::Tensor& x, const std:
   at::Tensor dx = x.new_empty(x.sizes());
   if (dx.numel() > 0) {
     launch_gate_backward(dtype, gate_kind(tanh_gate), grad.data_ptr(), x.data_ptr(), bias.data(),
-                         raw_data_or_null(accumulate), dx.data_ptr(), outer, half, inner, bias.batch_div, bias.batch,
-                         current_stream());
+                         raw_data_or_null(accumulate), dx.data_ptr(), outer, half, inner, group_size, bias.batch_div,
+                         bias.batch, current_stream());
     check_launch("gate_backward");
   }
   return dx;
@@ -106,8 +115,8 @@ at::Tensor concat_elu_backward(const at::Tensor& grad, const at::Tensor& x) {
 }  // namespace pixelcnn_kernels
 
 TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
-  m.def("gate_forward(Tensor x, Tensor? cond, int batch_div, bool tanh_gate) -> Tensor");
-  m.def("gate_backward(Tensor grad, Tensor x, Tensor? cond, Tensor? accumulate, int batch_div, bool tanh_gate) -> Tensor");
+  m.def("gate_forward(Tensor x, Tensor? cond, int batch_div, bool tanh_gate, int group_size) -> Tensor");
+  m.def("gate_backward(Tensor grad, Tensor x, Tensor? cond, Tensor? accumulate, int batch_div, bool tanh_gate, int group_size) -> Tensor");
   m.def("concat_elu_forward(Tensor x) -> Tensor");
   m.def("concat_elu_backward(Tensor grad, Tensor x) -> Tensor");
 }

@@ -173,6 +173,17 @@ def check_gated_color_channels(channels: int, groups: int, name: str) -> None:
         )
 
 
+def halves_first_channels(channels: int, groups: int) -> torch.Tensor:
+    """Where the halves-first order [a_1 a_2 ... | b_1 b_2 ...] of a gated pre-activation in
+    ``groups`` blocks [a_1 b_1 | a_2 b_2 | ...] (block g twice output group g of ``channels``)
+    takes each of its 2·``channels`` channels from: a long tensor of channel indices."""
+    size = color_group_size(channels, groups)
+    n = torch.arange(channels)
+    group = n // size
+    a = group * size + n  # block g starts at 2·size·g; its a half's column n - size·g
+    return torch.cat([a, a + (channels - group * size).clamp(max=size)])
+
+
 def _gated_groups_pair_up(channels: int, groups: int) -> bool:
     return splits_into_color_groups(channels, groups) and color_group_size(2 * channels, groups) == 2 * color_group_size(channels, groups)
 

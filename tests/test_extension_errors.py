@@ -71,7 +71,7 @@ def probe(after_cuda: bool = False) -> None:
     x = torch.randn(1, 4, 5, 8)
     calls = {
         "masked_conv2d_fwd": (x, torch.randn(3, 8, 6), None, None, [0, 0, 0, -1, -1, 0], False, True),
-        "gate_forward": (torch.randn(2, 3, 4, 6), None, 1, True),
+        "gate_forward": (torch.randn(2, 3, 4, 6), None, 1, True, 4),
         "dmol_nll_forward": (torch.rand(1, 3, 2, 2) * 2 - 1, torch.randn(1, 30, 2, 2), 256),
     }
     for name, args in calls.items():

@@ -308,6 +308,63 @@ def test_backward_adds_accumulate(name, layout, dtype, backend, kernel_device):
         assert dx.stride() == x.stride()
 
 
+# Colour groups: 8 gated channels in groups of 3, 3, 2 (blocks 6, 6, 4 of x's 16; contiguous, each
+# group's 3 x 16 elements fill the CUDA kernel's fp32 vectors of 4), 6 in 2, 2, 2 (2 x 15: scalar).
+GROUPED_SHAPES = [pytest.param((2, 16, 4, 4), id="groups_3_3_2"), pytest.param((2, 12, 3, 5), id="groups_2_2_2")]
+
+
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+@pytest.mark.parametrize("name", list(GATES))
+def test_reference_groups_gate_each_block(name, shape):
+    """groups=3: each block [a_g b_g], twice output colour group g, is gated on its own; the outputs in order."""
+    x, cond = torch.randn(shape, dtype=torch.float64), torch.randn(shape[:2], dtype=torch.float64)
+    size = -(-shape[1] // 2 // 3)  # masks.color_group_size of the gated channels
+    starts = [0, 2 * size, 4 * size, shape[1]]
+    blocks = [slice(starts[g], starts[g + 1]) for g in range(3)]
+    expected = torch.cat([GATES[name][1](x[:, s], 1, cond[:, s]) for s in blocks], 1)
+    assert_close(GATES[name][1](x, 1, cond, 3), expected, dtype=torch.float64)  # vectorised tanh may differ in the last bit
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+@pytest.mark.parametrize("name", list(GATES))
+def test_kernels_in_colour_groups_match_reference(name, shape, layout, backend, kernel_device):
+    """Values, d/dx (also with accumulate, summed before the rounding) and d/dcond in colour groups, as the
+    gated convs' backward calls them; channels-last rows cross a group boundary inside a row."""
+    from pixelcnn_kernels.ops import gates as gate_ops
+
+    x = 3 * torch.randn(shape, device=kernel_device)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    cond = torch.randn(shape[:2], device=kernel_device)
+    op, ref = GATES[name]
+    with pk.use_backend(backend):
+        y, dx, dcond = _forward_backward(lambda x_, c: op(x_, 1, c, 3), x, cond)
+    y_ref, dx_ref, dcond_ref = _forward_backward(lambda x_, c: ref(x_, 1, c, 3), x.double(), cond.double(), grad_values=x.dtype)
+    assert_close(y, y_ref, dtype=x.dtype, msg=f"{name} values")
+    assert_close(dx, dx_ref, dtype=x.dtype, msg=f"{name} d/dx")
+    _assert_sum_close(dcond, dcond_ref, dx_ref, [2, 3], x.dtype, f"{name} d/dcond")
+    assert y.stride() == op(x, 1, cond, 3).stride() and dx.stride() == x.stride()
+    backward = getattr(gate_ops, f"{name}_backward")
+    grad, accumulate = torch.randn_like(y), torch.randn_like(x)
+    with pk.use_backend(backend):
+        dx_accumulated = backward(grad, x, 1, cond, accumulate, 3)
+    x64 = x.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(ref(x64, 1, cond.double(), 3), x64, grad.double())
+    assert_close(dx_accumulated, expected + accumulate.double(), dtype=x.dtype, msg=f"{name} d/dx + accumulate")
+
+
+@pytest.mark.parametrize("channels, groups, error, match", [
+    (6, 0, ValueError, "^groups must be >= 1, got 0"),
+    (6, True, TypeError, "^groups must be an int, got bool"),
+    (14, 3, ValueError, r"^x.shape\[1\] // 2 \(gated channels\)=7 can't be split into 3 colour groups .*; use 6 or 8$"),
+    (4, 3, ValueError, r"^x.shape\[1\] // 2 \(gated channels\)=2 leaves a colour group empty"),
+])  # fmt: skip
+def test_groups_that_do_not_split_the_channels_raise(channels, groups, error, match):
+    with pytest.raises(error, match=match):
+        pk.gate_tanh_sigmoid(torch.randn(2, channels, 3), 1, None, groups)
+
+
 @pytest.mark.parametrize("accumulate, error, match", [
     (torch.randn(2, 6, 3, 5), ValueError, r"^accumulate must have x's shape \(2, 6, 5, 3\)"),
     (torch.randn(2, 6, 5, 3, dtype=torch.float64), TypeError, "^accumulate has dtype torch.float64 but x has torch.float32"),

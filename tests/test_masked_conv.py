@@ -545,7 +545,7 @@ def test_gated_residual_alone_needs_no_preactivation(backend):
 
 
 @pytest.mark.parametrize("c_out, blocks", [(12, (4, 4, 4)), (16, (6, 6, 4))], ids=["thirds", "43-43-42-like"])
-def test_reference_gate_in_groups_is_the_gated_conv_of_each_group(c_out, blocks):
+def test_reference_gated_conv_in_groups_is_the_gated_conv_of_each_group(c_out, blocks):
     """gate_groups=3: each block [a_g b_g], twice the output's colour group g (8 channels: 3, 3, 2), is gated as a
     conv of its own; the outputs in order."""
     x, weight, bias = make_conv_inputs(3, c_out, (1, 3), 2, 4, 5, dtype=torch.float64)

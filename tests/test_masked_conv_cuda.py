@@ -24,10 +24,10 @@ from op_table import CUDA_KERNELS, DEVICE
 
 from pixelcnn_kernels import backend
 from pixelcnn_kernels.backend import cuda_ops
-from pixelcnn_kernels.masks import resolve_mask
+from pixelcnn_kernels.masks import halves_first_channels, resolve_mask
 from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets
 from pixelcnn_kernels.reference.gates import concat_elu
-from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, halves_first_channels, masked_conv2d_gated_ref, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import tolerance
 
 KEEP = "Tensor? keep=None, float keep_scale=1."  # the dropout mask of a concat_elu input (PixelCNN++ in training)

@@ -14,22 +14,24 @@ class _SplitGate(nn.Module):
 
     _gate = None  # the op, a staticmethod set by each subclass
 
-    def __init__(self, dim: int = 1):
+    def __init__(self, dim: int = 1, groups: int = 1):
         super().__init__()
         self.dim = check_int(dim, "dim")
+        self.groups = check_int(groups, "groups", 1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self._gate(x, self.dim, cond)
+        return self._gate(x, self.dim, cond, self.groups)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        return f"dim={self.dim}" + (f", groups={self.groups}" if self.groups > 1 else "")
 
 
 class GateTanhSigmoid(_SplitGate):
     """``tanh(a) * sigmoid(b)`` of the halves of ``x + cond`` along ``dim``: see :func:`~pixelcnn_kernels.gate_tanh_sigmoid`.
 
     ``forward(x, cond=None)``: ``x`` with an even size along ``dim``; ``cond``
-    an optional ``(x.shape[0], x.shape[dim])`` per-(batch, channel) bias.
+    an optional ``(x.shape[0], x.shape[dim])`` per-(batch, channel) bias. ``groups``:
+    the halves in colour groups, [a_1 b_1 | a_2 b_2 | ...] (a colour-masked conv's output).
     """
 
     _gate = staticmethod(gate_tanh_sigmoid)

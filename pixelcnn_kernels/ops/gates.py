@@ -1,6 +1,6 @@
 """The gated activations as custom ops: ``gate_tanh_sigmoid``, ``gate_sigmoid``, ``concat_elu``.
 
-Definitions (and the ``cond`` convention) in :mod:`pixelcnn_kernels.reference.gates`.
+Definitions (and the ``cond`` and colour ``groups`` conventions) in :mod:`pixelcnn_kernels.reference.gates`.
 Each public function validates its arguments, then calls a
 ``torch.library`` custom op (``pixelcnn_kernels::<name>``) that runs on the
 backend :func:`~pixelcnn_kernels.backend.resolve_backend` picks; its backward is
@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from pixelcnn_kernels.backend import cuda_ops, resolve_kernel_backend
+from pixelcnn_kernels.masks import check_gated_color_channels, color_group_size
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
 from pixelcnn_kernels.reference import gates as reference
 from pixelcnn_kernels.utils import DTypeError, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype, normalize_dim
@@ -42,11 +43,14 @@ def _check_x_and_dim(x: torch.Tensor, dim: int) -> int:
     return normalize_dim(check_int(dim, "dim"), x.dim())
 
 
-def _check_gate_args(x: torch.Tensor, dim: int, cond: torch.Tensor | None) -> int:
+def _check_gate_args(x: torch.Tensor, dim: int, cond: torch.Tensor | None, groups: int) -> int:
     """Checks a gate's arguments; returns ``dim`` as a non-negative index."""
     dim = _check_x_and_dim(x, dim)
     if x.shape[dim] % 2:
         raise ValueError(f"x.shape[{dim}] must be even to split x into two halves along dim={dim}, got shape {tuple(x.shape)}")
+    check_int(groups, "groups", 1)
+    if x.shape[dim]:
+        check_gated_color_channels(x.shape[dim] // 2, groups, f"x.shape[{dim}] // 2 (gated channels)")
     if cond is not None:
         check_tensor(cond, "cond")
         if cond.dtype != x.dtype:
@@ -176,24 +180,26 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
     """Defines the custom ops ``pixelcnn_kernels::<name>`` and ``<name>_backward``; returns both (:func:`eager_fast_path`)."""
 
     @custom_op(f"pixelcnn_kernels::{name}")
-    def forward_op(x: torch.Tensor, dim: int, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_op(x: torch.Tensor, dim: int, cond: Optional[torch.Tensor], groups: int = 1) -> torch.Tensor:
         x = _dense_input(x, dim, cond)
         layout = _RowsLayout.of(x, dim)
         half = x.shape[dim] // 2
         out_shape = _resized(x.shape, dim, half)
         backend = resolve_kernel_backend(x.dtype, "activation", x, cond)
         if backend == "reference":
-            return layout.empty(x, out_shape).copy_(reference_gate(x, dim, cond))
-        y_rows = _kernels(backend).gate_forward(layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate)
+            return layout.empty(x, out_shape).copy_(reference_gate(x, dim, cond, groups))
+        y_rows = _kernels(backend).gate_forward(layout.rows(x, 2, half), cond, _batch_div(x, dim, layout), tanh_gate, color_group_size(half, groups))
         return layout.from_rows(y_rows, out_shape)
 
     @forward_op.register_fake
-    def _(x, dim, cond):
+    def _(x, dim, cond, groups=1):
         x = _dense_input(x, dim, cond)
         return _RowsLayout.of(x, dim).empty(x, _resized(x.shape, dim, x.shape[dim] // 2))
 
     @custom_op(f"pixelcnn_kernels::{name}_backward")
-    def backward_op(grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def backward_op(
+        grad: torch.Tensor, x: torch.Tensor, dim: int, cond: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None, groups: int = 1
+    ) -> torch.Tensor:
         """The gradient w.r.t. x (and x + cond) given the output's ``grad``, plus ``accumulate`` (x's shape,
         dtype and device, or None: x's gradient from its other uses); the kernel backends add it in the
         same pass, in fp32 before the one rounding (the reference adds it to the rounded gradient)."""
@@ -202,32 +208,33 @@ def _define_gate(name: str, tanh_gate: bool, reference_gate: Callable) -> tuple[
         layout = _RowsLayout.of(x, dim)
         backend = resolve_kernel_backend(x.dtype, "activation", grad, x, cond, accumulate)
         if backend == "reference":
-            dx = _reference_input_grad(lambda x_leaf: reference_gate(x_leaf, dim, cond), x, grad)
+            dx = _reference_input_grad(lambda x_leaf: reference_gate(x_leaf, dim, cond, groups), x, grad)
             return layout.empty(x, x.shape).copy_(dx if accumulate is None else dx + accumulate)
         half = x.shape[dim] // 2
         accumulate_rows = None if accumulate is None else layout.rows(accumulate, 2, half)
         dx_rows = _kernels(backend).gate_backward(
-            layout.rows(grad, half), layout.rows(x, 2, half), cond, accumulate_rows, _batch_div(x, dim, layout), tanh_gate
-        )
+            layout.rows(grad, half), layout.rows(x, 2, half), cond, accumulate_rows, _batch_div(x, dim, layout), tanh_gate,
+            color_group_size(half, groups),
+        )  # fmt: skip
         return layout.from_rows(dx_rows, x.shape)
 
     @backward_op.register_fake
-    def _(grad, x, dim, cond, accumulate=None):
+    def _(grad, x, dim, cond, accumulate=None, groups=1):
         _check_accumulate(accumulate, x)
         x = _dense_input(x, dim, cond)
         return _RowsLayout.of(x, dim).empty(x, x.shape)
 
     def setup_context(ctx, inputs, output):
-        x, ctx.dim, cond = inputs
+        x, ctx.dim, cond, ctx.groups = inputs
         ctx.save_for_backward(x, cond)
 
     backward_call = eager_fast_path(backward_op)
 
     def backward(ctx, grad):
         x, cond = ctx.saved_tensors
-        dx = backward_call(grad, x, ctx.dim, cond)
+        dx = backward_call(grad, x, ctx.dim, cond, None, ctx.groups)
         dcond = _cond_grad(dx, ctx.dim, cond) if cond is not None and ctx.needs_input_grad[2] else None
-        return dx, None, dcond
+        return dx, None, dcond, None
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     return eager_fast_path(forward_op), backward_call
@@ -237,7 +244,7 @@ _gate_tanh_sigmoid_call, gate_tanh_sigmoid_backward = _define_gate("gate_tanh_si
 _gate_sigmoid_call, gate_sigmoid_backward = _define_gate("gate_sigmoid", False, reference.gate_sigmoid)
 
 
-def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
+def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
     """Gated PixelCNN's gate ``tanh(a) * sigmoid(b)``, ``a, b = (x + cond).chunk(2, dim)``.
 
     Args:
@@ -247,25 +254,30 @@ def gate_tanh_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None =
         cond: optional per-(batch, channel) bias of shape ``(x.shape[0],
             x.shape[dim])`` and x's dtype, broadcast over the other dimensions:
             ``a`` gets ``cond[:, :C]``, ``b`` gets ``cond[:, C:]``. Needs ``dim != 0``.
+        groups: 1, or the colour groups of a colour-masked conv's output: the channels
+            along ``dim`` are ``groups`` blocks [a_1 b_1 | a_2 b_2 | ...], each twice an
+            output colour group (:mod:`pixelcnn_kernels.reference.gates`); ``cond`` in
+            the same order.
 
     Returns:
         ``x``'s shape with ``dim`` halved, in ``x``'s dtype and memory layout.
 
     Raises:
-        TypeError: ``x`` or ``cond`` is not a floating tensor, or their dtypes differ, or ``dim`` is not an int.
-        ValueError: ``dim`` is out of range, ``x.shape[dim]`` is odd, or ``cond`` has the wrong shape or device.
+        TypeError: ``x`` or ``cond`` is not a floating tensor, or their dtypes differ, or ``dim`` or ``groups`` is not an int.
+        ValueError: ``dim`` is out of range, ``x.shape[dim]`` is odd or does not split into ``groups`` blocks of two
+            halves, or ``cond`` has the wrong shape or device.
     """
-    dim = _check_gate_args(x, dim, cond)
-    return _gate_tanh_sigmoid_call(x, dim, cond)
+    dim = _check_gate_args(x, dim, cond, groups)
+    return _gate_tanh_sigmoid_call(x, dim, cond, groups)
 
 
-def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
+def gate_sigmoid(x: torch.Tensor, dim: int = 1, cond: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
     """PixelCNN++'s gate ``a * sigmoid(b)``, ``a, b = (x + cond).chunk(2, dim)``.
 
     Arguments, result and errors as in :func:`gate_tanh_sigmoid`.
     """
-    dim = _check_gate_args(x, dim, cond)
-    return _gate_sigmoid_call(x, dim, cond)
+    dim = _check_gate_args(x, dim, cond, groups)
+    return _gate_sigmoid_call(x, dim, cond, groups)
 
 
 # ---------------------------------------------------------------------- concat_elu

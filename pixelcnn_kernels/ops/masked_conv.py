@@ -40,10 +40,10 @@ import operator
 import torch
 
 from pixelcnn_kernels.backend import backend_with_cuda_op, cuda_ops, resolve_kernel_backend
-from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_channels, check_color_groups, check_gated_color_channels, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, channel_group_mask, check_color_channels, check_color_groups, check_gated_color_channels, halves_first_channels, resolve_mask
 from pixelcnn_kernels.ops.gates import gate_sigmoid, gate_sigmoid_backward, gate_tanh_sigmoid, gate_tanh_sigmoid_backward
 from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
-from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, gate_in_groups, halves_first_channels, masked_conv2d_ref
+from pixelcnn_kernels.reference.masked_conv import GATES, INPUT_ACTIVATIONS, dropout_scale, masked_conv2d_ref
 from pixelcnn_kernels.utils import channels_last, check_dropout_rate, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype, in_layout_of, is_channels_last
 
 # Codes of the gates in the kernels' ``gate`` argument (shared with the CUDA op).
@@ -78,7 +78,7 @@ def _hidden_channel_pairs(spec: MaskSpec, out_channels: int, in_channels: int, d
 
 @functools.lru_cache(maxsize=None)
 def _halves_first_index(out_channels: int, gate_groups: int, device: torch.device) -> torch.Tensor:
-    """:func:`~pixelcnn_kernels.reference.masked_conv.halves_first_channels` on ``device``, cached (no host copy per call)."""
+    """:func:`~pixelcnn_kernels.masks.halves_first_channels` on ``device``, cached (no host copy per call)."""
     return halves_first_channels(out_channels // 2, gate_groups).to(device)
 
 
@@ -88,7 +88,7 @@ def pack_weight(weight: torch.Tensor, spec: MaskSpec, gate_groups: int = 1) -> t
     One gather of the taps from the transposed view (index_select writes its result
     contiguous). With colour groups, the channel pairs hidden at the anchor tap are zero.
     With ``gate_groups`` > 1 (a gated conv whose pre-activation is [a_1 b_1 | a_2 b_2 |
-    ...], see :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`) the
+    ...], see :mod:`pixelcnn_kernels.reference.gates`) the
     columns come halves first, [a_1 a_2 ... | b_1 b_2 ...], as the gated kernels pair
     column n with n + Cout / 2; their epilogue maps each column to its channel.
     """
@@ -528,7 +528,7 @@ def _masked_conv2d_gated_op(
     backend = _choose_backend("masked_conv2d_fwd_gated", x, weight, bias, cond, residual, addend, dropout_keep)
     if backend == "reference":
         preactivation = _forward(backend, x, weight, bias, addend, dropout_keep, spec, dilation, concat_elu_input, dropout_p)
-        out = gate_in_groups(_GATE_OPS[gate], preactivation, cond, gate_groups)
+        out = _GATE_OPS[gate](preactivation, 1, cond, gate_groups)
         if residual is not None:
             out = in_layout_of(out + residual, x)
         return out, preactivation if keep_preactivation else x.new_empty(0)
@@ -569,19 +569,17 @@ def _gated_backward(ctx, grad_out, grad_preactivation):
     if grad_out is not None and (needs_x or needs_weight or needs_bias or needs_cond or needs_addend):
         if not ctx.keep_preactivation:
             raise RuntimeError("masked_conv2d_gated was run without keep_preactivation; its backward needs the pre-activation")
-        # With groups and cond, the gate's derivative is taken at pre + cond rounded to pre's dtype,
-        # the forward kernels' gate at the fp32 sum: one rounding more in fp16/bf16, none in fp32.
         gate_backward = _GATE_BACKWARD_OPS[ctx.gate]
         if needs_cond:
             # cond's gradient is the gate's part alone; pre's gradient from its other uses joins after.
-            grad_through_gate = gate_in_groups(gate_backward, preactivation, cond, ctx.gate_groups, grad_out)
+            grad_through_gate = gate_backward(grad_out, preactivation, 1, cond, None, ctx.gate_groups)
             grad_cond = _channel_sum(grad_through_gate, (2, 3), weight.dtype)
             # In place: the gate backward's output is this function's own (one tensor less at the peak).
             grad_pre = grad_through_gate if grad_pre is None else grad_through_gate.add_(grad_pre)
         else:
             # pre's gradient from its other uses (the Gated PixelCNN's vertical link) is added in the
             # gate backward's pass: one pass over the 2C channels and one launch fewer than an add.
-            grad_pre = gate_in_groups(gate_backward, preactivation, cond, ctx.gate_groups, grad_out, accumulate=grad_pre)
+            grad_pre = gate_backward(grad_out, preactivation, 1, cond, grad_pre, ctx.gate_groups)
     grads = (None,) * 3
     if grad_pre is not None:
         grads = _conv_grads(ctx, grad_pre, x, weight, keep, needs_x, needs_weight, needs_bias)
@@ -617,7 +615,7 @@ def masked_conv2d_gated(
     and returns tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``): (N, Cout
     / 2, H, W). With ``gate_groups`` > 1 the channels are that many contiguous blocks,
     each split into halves (Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B
-    b_B] with 3; see :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`),
+    b_B] with 3; see :mod:`pixelcnn_kernels.reference.gates`),
     and the output is the blocks' gated halves in order; Cout / 2 must pass
     :func:`~pixelcnn_kernels.masks.check_gated_color_channels` (with 3 groups,
     ≡ 0 or 2 mod 3). ``cond`` is (N, Cout) or None; ``addend`` (N, Cout, H, W) or

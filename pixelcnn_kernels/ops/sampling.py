@@ -10,10 +10,10 @@ launch here instead of about six PyTorch ops:
   horizontal stack at one pixel::
 
       pre = conv_horiz taps + bias + conv_vert_to_horiz(v_pre[b, j]) + cond[b]
-      out[b, i, j] = x[b, i, j] + conv_horiz_1x1(gate_in_groups(pre))
+      out[b, i, j] = x[b, i, j] + conv_horiz_1x1(gate_tanh_sigmoid(pre, groups=color_groups))
 
-  with :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`'s colour-grouped
-  tanh·σ (1 or 3 groups) and the residual on the layer input;
+  with the colour-grouped tanh·σ of :mod:`pixelcnn_kernels.reference.gates` (1 or 3
+  groups) and the residual on the layer input;
 - :func:`softmax_draw_step`: the softmax head on the last layer's output at the pixel
   (elu, the colour-masked 1×1), the categorical draw of one channel at its noise, and
   the writes of the value to the images (unless known) and to the network's input: one

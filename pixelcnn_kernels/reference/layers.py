@@ -146,7 +146,7 @@ class GatedMaskedConv2d(nn.Module):
     ``conv_horiz_1x1`` are colour-masked (group g sees
     groups ≤ g at the centre), their 2C pre-activations are laid out colour-major, and
     the horizontal gate pairs a and b within each group (``gate_groups=3``, see
-    :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`); the vertical stack
+    :mod:`pixelcnn_kernels.reference.gates`); the vertical stack
     needs no colour mask (it sees no pixel of the current row). Accepts float32,
     float16, bfloat16 and float64 inputs.
 

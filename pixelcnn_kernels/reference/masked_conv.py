@@ -8,12 +8,10 @@ benchmark provider, and runs in any dtype (float64 included) on any device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from pixelcnn_kernels.masks import MaskSpec, color_group_size, resolve_mask
+from pixelcnn_kernels.masks import MaskSpec, resolve_mask
 from pixelcnn_kernels.reference.gates import concat_elu, gate_sigmoid, gate_tanh_sigmoid
 
 # The gates of masked_conv2d_gated, by name (the gates family's references).
@@ -91,67 +89,6 @@ def masked_conv2d_ref(
     return out if residual is None else out + residual
 
 
-def gate_in_groups(
-    gate_fn: Callable[..., torch.Tensor],
-    preactivation: torch.Tensor,
-    cond: torch.Tensor | None,
-    groups: int,
-    *incoming: torch.Tensor,
-    accumulate: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``gate_fn`` (a gate of the gates family) of a (N, 2C, H, W) pre-activation in ``groups`` blocks; (N, C, H, W).
-
-    The channels are ``groups`` contiguous blocks, each split into halves a, b: with
-    3, Gated PixelCNN's colour-major [a_R b_R | a_G b_G | a_B b_B], the layout a
-    colour-masked conv gives (block g is twice output group g, see
-    :func:`~pixelcnn_kernels.masks.color_group_size`). The output, [gate of R | of G |
-    of B], is again in contiguous groups. With one group this is the usual split into
-    halves. ``cond`` (N, 2C), in the pre-activation's layout, is added before the
-    gate; with groups that add is a pass of its own, rounded to the pre-activation's
-    dtype. ``incoming``: tensors passed to ``gate_fn`` before the pre-activation,
-    in the output's groups (a gate's backward, ``gate_fn(grad, x, dim, cond,
-    accumulate)``, takes the output's gradient there and returns the
-    pre-activation's); ``accumulate``, for a backward: a tensor of the
-    pre-activation's shape passed after ``cond``, viewed the same way (the
-    pre-activation's gradient from its other uses).
-    """
-    trailing = () if accumulate is None else (accumulate,)
-    if groups == 1:
-        return gate_fn(*incoming, preactivation, 1, cond, *trailing)
-    if cond is not None:
-        # A gate's cond is one vector per (image, channel along dim), which the groups of the
-        # grouped view would share: each group's part is added here.
-        preactivation = preactivation + cond[:, :, None, None]
-    # Equal groups are one view (N, groups, 2·size, H, W) gated along dim 2; a smaller last group
-    # is a second call, joined by a copy.
-    pieces, start = [], 0
-    for count, size in _equal_group_runs(preactivation.shape[1] // 2, groups):
-        grouped = [t.narrow(1, start, count * size).unflatten(1, (count, -1)) for t in incoming]
-        grouped += [t.narrow(1, 2 * start, 2 * count * size).unflatten(1, (count, -1)) for t in (preactivation, *trailing)]
-        pieces.append(gate_fn(*grouped[: len(incoming) + 1], 2, None, *grouped[len(incoming) + 1 :]).flatten(1, 2))
-        start += count * size
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-
-
-def _equal_group_runs(channels: int, groups: int) -> list[tuple[int, int]]:
-    """(groups, channels per group) of the runs of equal colour groups of ``channels``: all of
-    them, or all but a smaller last one."""
-    size = color_group_size(channels, groups)
-    last = channels - (groups - 1) * size
-    return [(groups, size)] if last == size else [(groups - 1, size), (1, last)]
-
-
-def halves_first_channels(channels: int, groups: int) -> torch.Tensor:
-    """Where the halves-first order [a_1 a_2 ... | b_1 b_2 ...] of a gated pre-activation in
-    ``groups`` blocks [a_1 b_1 | a_2 b_2 | ...] (see :func:`gate_in_groups`) takes each of its
-    2·``channels`` channels from: a long tensor of pre-activation channel indices."""
-    size = color_group_size(channels, groups)
-    n = torch.arange(channels)
-    group = n // size
-    a = group * size + n  # block g starts at 2·size·g; its a half's column n - size·g
-    return torch.cat([a, a + (channels - group * size).clamp(max=size)])
-
-
 def masked_conv2d_gated_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -174,7 +111,8 @@ def masked_conv2d_gated_ref(
 
     The gate splits the channels into halves a (first), b (second) and returns
     tanh(a)·σ(b) (``"tanh_sigmoid"``) or a·σ(b) (``"sigmoid"``); with ``gate_groups``
-    > 1 it does so within each group, as :func:`gate_in_groups`. ``cond`` (N, Cout),
+    > 1 it does so within each group (colour-major [a_R b_R | a_G b_G | a_B b_B], see
+    :mod:`pixelcnn_kernels.reference.gates`). ``cond`` (N, Cout),
     ``addend`` (N, Cout, H, W) and ``residual`` (N, Cout / 2, H, W) may each be None.
     ``input_activation``, ``dropout_keep`` and ``dropout_p`` as in :func:`masked_conv2d_ref`. With ``return_preactivation``
     returns ``(out, pre)``: the layer that also feeds ``pre`` elsewhere (Gated
@@ -183,7 +121,7 @@ def masked_conv2d_gated_ref(
     preactivation = masked_conv2d_ref(
         x, weight, bias, mask, dilation, color_groups, residual=addend, input_activation=input_activation, dropout_keep=dropout_keep, dropout_p=dropout_p
     )
-    out = gate_in_groups(GATE_FUNCTIONS[gate], preactivation, cond, gate_groups)
+    out = GATE_FUNCTIONS[gate](preactivation, 1, cond, gate_groups)
     if residual is not None:
         out = out + residual
     return (out, preactivation) if return_preactivation else out

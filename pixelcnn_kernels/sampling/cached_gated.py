@@ -73,7 +73,6 @@ from pixelcnn_kernels.ops.sampling import (
     softmax_draw_step,
     step_backend,
 )
-from pixelcnn_kernels.reference.masked_conv import gate_in_groups
 from pixelcnn_kernels.sampling.common import SamplingProblem, masked_operands, write_values
 from pixelcnn_kernels.sampling.replay import PixelStepSampler
 
@@ -118,7 +117,7 @@ class CachedGatedPixelCNN:
         ):
             h_input.store(h, row, col)
             h_pre = h_input.pixel(row, col) + vert_to_horiz(v_pre[:, :, :, col : col + 1])
-            h = h + horiz_1x1(gate_in_groups(ops.gate_tanh_sigmoid, h_pre, cond, layer.color_groups))
+            h = h + horiz_1x1(ops.gate_tanh_sigmoid(h_pre, 1, cond, layer.color_groups))
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,11 @@ channels-last, into a contiguous ``(outer, 2, half, inner)`` view whose ``2``
 is the split of ``dim``. A gate reads the two halves of a row at ``row * 2R +
 col`` and ``row * 2R + R + col`` (``R = half * inner``) and writes ``row * R +
 col``; each program handles a ``BLOCK_OUTER x BLOCK_ROW`` tile of (row, col),
-so no per-element division is needed except to find ``cond``'s channel.
+so no per-element division is needed except to find ``cond``'s channel. In
+colour groups (``group_size`` < half: the 2·half channels are blocks [a_1 b_1 |
+a_2 b_2 | ...] of twice ``group_size``, the last one the rest) output channel
+c = col // inner of group g = c // group_size reads a at channel c + g·group_size
+and b that plus the group's size.
 
 All arithmetic is fp32 (loads are converted at once); outputs are rounded to
 the storage dtype on store. The elementwise math is exposed as ``@triton.jit``
@@ -160,25 +164,38 @@ def _tile(outer, row_len, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr, IN
 
 
 @triton.jit
-def _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND: tl.constexpr):
-    """A tile's fp32 gate inputs ``(a + cond_a, b + cond_b, a's offsets)``: ``a`` at ``row * 2R + col``, ``b`` at ``+ R``."""
+def _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, group_size, batch_div, batch, HAS_COND: tl.constexpr, GROUPED: tl.constexpr):
+    """A tile's fp32 gate inputs ``(a + cond_a, b + cond_b, a's offsets, b's offsets)``: ``a`` at ``row * 2R + col``,
+    ``b`` at ``+ R``; GROUPED: in colour groups of ``group_size`` channels (the module docstring)."""
     # rows * 2 first: with INT64 it is int64, so the product cannot overflow.
     a_offsets = rows * 2 * row_len + cols
+    # One return: b's shift is the scalar row_len with one group (its loads stay vectorised as
+    # row_len's divisibility allows), per column with several.
+    if GROUPED:
+        group_start = (cols // inner) // group_size * group_size  # the first output channel of c's group
+        a_channels_shift = group_start
+        b_channels_shift = tl.minimum(group_size, half - group_start)
+        a_offsets += a_channels_shift * inner
+        b_offsets = a_offsets + b_channels_shift * inner
+    else:
+        a_channels_shift = 0
+        b_channels_shift = half
+        b_offsets = a_offsets + row_len
     a = tl.load(x_ptr + a_offsets, mask=mask).to(tl.float32)
-    b = tl.load(x_ptr + a_offsets + row_len, mask=mask).to(tl.float32)
+    b = tl.load(x_ptr + b_offsets, mask=mask).to(tl.float32)
     if HAS_COND:
-        # cond is a contiguous (batch, 2 * half); a row's batch index is
-        # (row // batch_div) % batch, its channel col // inner.
-        cond_offsets = ((rows // batch_div) % batch) * (2 * half) + cols // inner
+        # cond is a contiguous (batch, 2 * half) in x's channel order; a row's batch index is
+        # (row // batch_div) % batch, its output channel col // inner.
+        cond_offsets = ((rows // batch_div) % batch) * (2 * half) + cols // inner + a_channels_shift
         a += tl.load(cond_ptr + cond_offsets, mask=mask).to(tl.float32)
-        b += tl.load(cond_ptr + cond_offsets + half, mask=mask).to(tl.float32)
-    return a, b, a_offsets
+        b += tl.load(cond_ptr + cond_offsets + b_channels_shift, mask=mask).to(tl.float32)
+    return a, b, a_offsets, b_offsets
 
 
 @triton.jit
 def _gate_forward_kernel(
-    x_ptr, cond_ptr, y_ptr, outer, row_len, half, inner, batch_div, batch,
-    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    x_ptr, cond_ptr, y_ptr, outer, row_len, half, inner, group_size, batch_div, batch,
+    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, GROUPED: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):  # fmt: skip
     """``y[o, c, i] = gate(x[o, 0, c, i] + cond, x[o, 1, c, i] + cond)``.
 
@@ -186,9 +203,10 @@ def _gate_forward_kernel(
     (batch, 2 * half) of x's dtype, read when HAS_COND (row o is in batch
     (o // batch_div) % batch); y: contiguous (outer, half, inner) of x's dtype;
     row_len = half * inner. TANH_GATE picks tanh(a)*sigmoid(b) over a*sigmoid(b).
+    GROUPED: the channels are in colour groups of group_size (the module docstring).
     """
     rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
-    a, b, _ = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND)
+    a, b, _, _ = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, group_size, batch_div, batch, HAS_COND, GROUPED)
     if TANH_GATE:
         y = gate_tanh_sigmoid_math(a, b)
     else:
@@ -198,18 +216,19 @@ def _gate_forward_kernel(
 
 @triton.jit
 def _gate_backward_kernel(
-    grad_ptr, x_ptr, cond_ptr, accumulate_ptr, dx_ptr, outer, row_len, half, inner, batch_div, batch,
-    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, HAS_ACCUMULATE: tl.constexpr, INT64: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    grad_ptr, x_ptr, cond_ptr, accumulate_ptr, dx_ptr, outer, row_len, half, inner, group_size, batch_div, batch,
+    TANH_GATE: tl.constexpr, HAS_COND: tl.constexpr, HAS_ACCUMULATE: tl.constexpr, GROUPED: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_OUTER: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):  # fmt: skip
     """``dx = d gate / d(x + cond) * grad (+ accumulate)``, recomputed from x (the forward saves nothing else).
 
     grad: contiguous (outer, half, inner); x, dx and, read when HAS_ACCUMULATE,
     accumulate (x's gradient from its other uses, added before dx's rounding):
-    contiguous (outer, 2, half, inner); cond as in the forward; all of one dtype
-    (fp32/fp16/bf16).
+    contiguous (outer, 2, half, inner); cond and GROUPED as in the forward; all of
+    one dtype (fp32/fp16/bf16).
     """
     rows, cols, mask = _tile(outer, row_len, BLOCK_OUTER, BLOCK_ROW, INT64)
-    a, b, a_offsets = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, batch_div, batch, HAS_COND)
+    a, b, a_offsets, b_offsets = _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, group_size, batch_div, batch, HAS_COND, GROUPED)
     grad = tl.load(grad_ptr + rows * row_len + cols, mask=mask).to(tl.float32)
     if TANH_GATE:
         grad_a, grad_b = gate_tanh_sigmoid_grad_math(a, b, grad)
@@ -217,9 +236,9 @@ def _gate_backward_kernel(
         grad_a, grad_b = gate_sigmoid_grad_math(a, b, grad)
     if HAS_ACCUMULATE:
         grad_a += tl.load(accumulate_ptr + a_offsets, mask=mask).to(tl.float32)
-        grad_b += tl.load(accumulate_ptr + a_offsets + row_len, mask=mask).to(tl.float32)
+        grad_b += tl.load(accumulate_ptr + b_offsets, mask=mask).to(tl.float32)
     tl.store(dx_ptr + a_offsets, grad_a.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + a_offsets + row_len, grad_b.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + b_offsets, grad_b.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -283,11 +302,13 @@ def _cond_args(cond: torch.Tensor | None, x_rows: torch.Tensor, batch_div: int) 
     return cond.contiguous(), batch_div, cond.shape[0]
 
 
-def gate_forward(x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int, tanh_gate: bool) -> torch.Tensor:
+def gate_forward(x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int, tanh_gate: bool, group_size: int) -> torch.Tensor:
     """The gate of a contiguous ``(outer, 2, half, inner)`` ``x_rows``: a contiguous ``(outer, half, inner)``.
 
     ``cond`` (batch, 2 * half) of x's dtype or None; row ``o`` of x belongs to
     batch ``(o // batch_div) % batch``. ``tanh_gate``: tanh(a)*sigmoid(b), else a*sigmoid(b).
+    ``group_size``: ``half`` (one group), or the channels of each colour group but the last
+    (the module docstring).
     """
     outer, _, half, inner = x_rows.shape
     y = x_rows.new_empty((outer, half, inner))
@@ -295,14 +316,16 @@ def gate_forward(x_rows: torch.Tensor, cond: torch.Tensor | None, batch_div: int
         cond_ptr, batch_div, batch = _cond_args(cond, x_rows, batch_div)
         _launch(
             _gate_forward_kernel, outer, half * inner, needs_int64_index(x_rows),
-            x_rows, cond_ptr, y, outer, half * inner, half, inner, batch_div, batch, TANH_GATE=tanh_gate, HAS_COND=cond is not None,
+            x_rows, cond_ptr, y, outer, half * inner, half, inner, group_size, batch_div, batch,
+            TANH_GATE=tanh_gate, HAS_COND=cond is not None, GROUPED=group_size != half,
         )  # fmt: skip
     return y
 
 
 def gate_backward(
-    grad_rows: torch.Tensor, x_rows: torch.Tensor, cond: torch.Tensor | None, accumulate: torch.Tensor | None, batch_div: int, tanh_gate: bool
-) -> torch.Tensor:
+    grad_rows: torch.Tensor, x_rows: torch.Tensor, cond: torch.Tensor | None, accumulate: torch.Tensor | None, batch_div: int, tanh_gate: bool,
+    group_size: int,
+) -> torch.Tensor:  # fmt: skip
     """Gradient w.r.t. ``x_rows`` (and ``x + cond``) of :func:`gate_forward`, given ``grad_rows`` (outer, half, inner),
     plus ``accumulate`` (a contiguous tensor of x_rows' shape and dtype, or None) before the result is rounded."""
     outer, _, half, inner = x_rows.shape
@@ -311,8 +334,8 @@ def gate_backward(
         cond_ptr, batch_div, batch = _cond_args(cond, x_rows, batch_div)
         _launch(
             _gate_backward_kernel, outer, half * inner, needs_int64_index(x_rows),
-            grad_rows, x_rows, cond_ptr, x_rows if accumulate is None else accumulate, dx, outer, half * inner, half, inner, batch_div, batch,
-            TANH_GATE=tanh_gate, HAS_COND=cond is not None, HAS_ACCUMULATE=accumulate is not None,
+            grad_rows, x_rows, cond_ptr, x_rows if accumulate is None else accumulate, dx, outer, half * inner, half, inner, group_size,
+            batch_div, batch, TANH_GATE=tanh_gate, HAS_COND=cond is not None, HAS_ACCUMULATE=accumulate is not None, GROUPED=group_size != half,
         )  # fmt: skip
     return dx
 
@@ -340,13 +363,14 @@ def concat_elu_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.
 
 
 def _register_compile_cases() -> None:
-    sizes = {"outer": "i32", "row_len": "i32", "half": "i32", "inner": "i32", "batch_div": "i32", "batch": "i32"}
+    sizes = {"outer": "i32", "row_len": "i32", "half": "i32", "inner": "i32", "group_size": "i32", "batch_div": "i32", "batch": "i32"}
     for dtype in (torch.float32, torch.bfloat16):
         ptr = pointer_type(dtype)
         name = str(dtype).removeprefix("torch.")
-        for tanh_gate, has_cond, int64 in ((True, True, False), (False, False, True)):
-            gate = "tanh_sigmoid" if tanh_gate else "sigmoid"
-            flags = dict(TANH_GATE=tanh_gate, HAS_COND=has_cond, INT64=int64, BLOCK_OUTER=16, BLOCK_ROW=128)
+        # The Gated PixelCNN's horizontal gate in colour groups, class-conditional, and the others.
+        for tanh_gate, has_cond, int64, grouped in ((True, True, False, False), (False, False, True, False), (True, True, False, True)):
+            gate = ("tanh_sigmoid" if tanh_gate else "sigmoid") + ("_3_groups" if grouped else "")
+            flags = dict(TANH_GATE=tanh_gate, HAS_COND=has_cond, GROUPED=grouped, INT64=int64, BLOCK_OUTER=16, BLOCK_ROW=128)
             # The backward of a gated conv's kept pre-activation adds the gradient of its other uses.
             backward_flags = dict(flags, HAS_ACCUMULATE=tanh_gate)
             register_compile_case(

@@ -14,7 +14,7 @@ Gated PixelCNN's layer step: one launch computes one pixel of one horizontal-sta
   ``wv`` (2C, 2C) and output conv ``w1`` (C, C) laid out (in, out), ``cond`` (B, 2C)
   contiguous; gated channel n pairs pre-activation columns ``a(n) = n + (n // G)·G``
   and ``min(a(n) + G, n + C)`` (G = ``group_size``: ⌈C / colour groups⌉, the last group
-  the rest; :func:`~pixelcnn_kernels.reference.masked_conv.gate_in_groups`).
+  the rest; :mod:`pixelcnn_kernels.reference.gates`).
 
 A program takes BLOCK_B images and every channel: the gate needs both halves and the
 1×1 needs every gated channel, so the channel dimension is never split. Products use
