@@ -109,19 +109,26 @@ def _rand(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
 def _gate_params(limits: Limits, with_cond: bool) -> st.SearchStrategy:
     side = st.integers(1, limits.side)
     return st.fixed_dictionaries(
-        dict(batch=st.integers(1, limits.batch), size=st.integers(1, limits.channels), height=side, width=side, last_dim=st.booleans(), cond=st.just(False) if not with_cond else st.booleans())
+        dict(
+            batch=st.integers(1, limits.batch), size=st.integers(1, limits.channels), height=side, width=side, last_dim=st.booleans(),
+            cond=st.just(False) if not with_cond else st.booleans(),
+            groups=st.sampled_from([1, 3]), unequal_groups=st.booleans(),  # the gates' colour groups, as the conv's
+        )
     )
 
 
 def _make_gate_inputs(params: dict, dtype, device, generator, split: bool) -> dict[str, Any]:
-    """x (B, S, H, W) split along dim 1, or (B, H, W, S) split along dim -1; S = 2·size for the gates."""
-    size = 2 * params["size"] if split else params["size"]
+    """x (B, S, H, W) split along dim 1, or (B, H, W, S) split along dim -1; S = 2·size for the gates, size in
+    ``groups`` colour groups (``groups`` and ``unequal_groups`` optional in ``params``)."""
+    groups = params.get("groups", 1) if split else 1
+    size = 2 * _grouped_channels(params["size"], groups, params.get("unequal_groups", False)) if split else params["size"]
     batch, height, width = params["batch"], params["height"], params["width"]
     shape = (batch, height, width, size) if params["last_dim"] else (batch, size, height, width)
     cond = _randn((batch, size), generator, device, dtype) if params["cond"] else None
     # N(0, 1), an activation's scale: at |x + cond| ~ 10 the float32 rounding of the sum
     # alone moves d/dx by ~1e-6, the float32 table's atol (extremes: test_gates.py).
-    return dict(x=_randn(shape, generator, device, dtype), dim=-1 if params["last_dim"] else 1, cond=cond)
+    inputs = dict(x=_randn(shape, generator, device, dtype), dim=-1 if params["last_dim"] else 1, cond=cond)
+    return inputs | {"groups": groups} if split else inputs
 
 
 def _gate_case(name: str, op: Callable, reference: Callable) -> OpCase:
@@ -129,8 +136,8 @@ def _gate_case(name: str, op: Callable, reference: Callable) -> OpCase:
         name,
         lambda limits: _gate_params(limits, with_cond=True),
         lambda params, dtype, device, generator: _make_gate_inputs(params, dtype, device, generator, split=True),
-        lambda a: op(a["x"], a["dim"], a["cond"]),
-        lambda a: reference(a["x"], a["dim"], a["cond"]),
+        lambda a: op(a["x"], a["dim"], a["cond"], a["groups"]),
+        lambda a: reference(a["x"], a["dim"], a["cond"], a["groups"]),
         grad_inputs=("x", "cond"),
         activations=("x",),
         summed_grads=("cond",),
