@@ -62,10 +62,11 @@ struct GateHalves {
       b_shift = Index(half);
       return;
     }
-    const Index group_start = col / Index(inner) / Index(group_size) * Index(group_size);
-    const Index channels_left = Index(half) - group_start;  // the last group holds the rest
-    a_shift = group_start;
-    b_shift = channels_left < Index(group_size) ? channels_left : Index(group_size);
+    const Index channel = col / Index(inner);
+    Index a, b;
+    colour_group_halves(channel, Index(half), Index(group_size), a, b);
+    a_shift = a - channel;
+    b_shift = b - a;
   }
 };
 

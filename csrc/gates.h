@@ -91,6 +91,17 @@ __device__ __forceinline__ float elu_grad_math(float x, float grad) { return x <
 __device__ __forceinline__ float concat_elu_grad_math(float x, float grad_pos, float grad_neg) {
   return elu_grad_math(x, grad_pos) - elu_grad_math(-x, grad_neg);
 }
+
+// The channels a, b of gated output channel n's two halves when the 2 * channels pre-activation
+// channels are colour-group blocks [a_1 b_1 | a_2 b_2 | ...] of twice group_size, the last one
+// the rest (masks.halves_first_channels; group_size == channels: one block [a | b]).
+template <typename Index>
+__device__ __forceinline__ void colour_group_halves(Index n, Index channels, Index group_size, Index& a, Index& b) {
+  const Index group_start = n / group_size * group_size;  // the first output channel of n's group
+  const Index group_end = group_start + group_size < channels ? group_start + group_size : channels;
+  a = n + group_start;
+  b = a + (group_end - group_start);
+}
 #endif  // __CUDACC__
 
 }  // namespace pixelcnn_kernels

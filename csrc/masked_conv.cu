@@ -540,9 +540,9 @@ __device__ __forceinline__ float combine_halves(const ConvParams& p, int64_t ind
 __device__ __forceinline__ int channel_of(const ConvParams& p, int col, int h) {
   const int half = p.n_channels / 2;
   if (p.gate_groups == 1) return h * half + col;
-  const int size = (half + p.gate_groups - 1) / p.gate_groups;
-  const int group = col / size;
-  return col + group * size + h * min(size, half - group * size);
+  int a, b;
+  colour_group_halves(col, half, (half + p.gate_groups - 1) / p.gate_groups, a, b);
+  return h == 0 ? a : b;
 }
 
 // `value` plus the residual at output element `index`, when there is one.

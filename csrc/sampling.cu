@@ -90,10 +90,8 @@ __global__ void __launch_bounds__(kThreads) pixel_step_kernel(const PixelStep s)
     const T* link = static_cast<const T*>(s.link_weight);
     const T* cond = static_cast<const T*>(s.cond);
     for (int n = threadIdx.x; n < s.out_channels; n += kThreads) {
-      // Groups of group_size channels, the last one the rest (masks.color_group_size): b is
-      // a + group_size, or in a smaller last group n + C.
-      const int ca = n + (n / s.group_size) * s.group_size;
-      const int cb = min(ca + s.group_size, n + s.out_channels);
+      int ca, cb;
+      colour_group_halves(n, s.out_channels, s.group_size, ca, cb);
       float acc_a[kImages] = {}, acc_b[kImages] = {};
       add_products(x_s, tap_len, wp, n_pre, ca, acc_a);
       add_products(x_s, tap_len, wp, n_pre, cb, acc_b);

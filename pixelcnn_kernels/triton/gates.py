@@ -147,6 +147,16 @@ def concat_elu_grad_math(x, grad_pos, grad_neg):
     return pos - neg
 
 
+@triton.jit
+def colour_group_halves(n, channels, group_size):
+    """``(a, b)``: the channels of gated output channel ``n``'s two halves when the 2·``channels``
+    pre-activation channels are colour-group blocks [a_1 b_1 | a_2 b_2 | ...] of twice
+    ``group_size``, the last one the rest (:func:`~pixelcnn_kernels.masks.halves_first_channels`)."""
+    group_start = n // group_size * group_size  # the first output channel of n's group
+    a = n + group_start
+    return a, a + tl.minimum(group_size, channels - group_start)
+
+
 # -------------------------------------------------------------------------- kernels
 
 
@@ -172,9 +182,10 @@ def _gate_inputs(x_ptr, cond_ptr, rows, cols, mask, row_len, half, inner, group_
     # One return: b's shift is the scalar row_len with one group (its loads stay vectorised as
     # row_len's divisibility allows), per column with several.
     if GROUPED:
-        group_start = (cols // inner) // group_size * group_size  # the first output channel of c's group
-        a_channels_shift = group_start
-        b_channels_shift = tl.minimum(group_size, half - group_start)
+        channels = cols // inner
+        a_channels, b_channels = colour_group_halves(channels, half, group_size)
+        a_channels_shift = a_channels - channels
+        b_channels_shift = b_channels - a_channels
         a_offsets += a_channels_shift * inner
         b_offsets = a_offsets + b_channels_shift * inner
     else:

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.gates import concat_elu_forward, concat_elu_grad_math, gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import colour_group_halves, concat_elu_forward, concat_elu_grad_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
@@ -127,9 +127,8 @@ def _preactivation_channels(cols, N_COLS, GATE_GROUPS: tl.constexpr):
     if GATE_GROUPS == 1:
         channels, b_shift = cols, N_COLS
     else:
-        size = tl.cdiv(N_COLS, GATE_GROUPS)
-        group = cols // size
-        channels, b_shift = cols + group * size, tl.minimum(size, N_COLS - group * size)
+        channels, b_channels = colour_group_halves(cols, N_COLS, tl.cdiv(N_COLS, GATE_GROUPS))
+        b_shift = b_channels - channels
     return channels, b_shift
 
 

@@ -14,7 +14,7 @@ Gated PixelCNN's layer step: one launch computes one pixel of one horizontal-sta
   ``wv`` (2C, 2C) and output conv ``w1`` (C, C) laid out (in, out), ``cond`` (B, 2C)
   contiguous; gated channel n pairs pre-activation columns ``a(n) = n + (n // G)·G``
   and ``min(a(n) + G, n + C)`` (G = ``group_size``: ⌈C / colour groups⌉, the last group
-  the rest; :mod:`pixelcnn_kernels.reference.gates`).
+  the rest; :func:`~pixelcnn_kernels.triton.gates.colour_group_halves`).
 
 A program takes BLOCK_B images and every channel: the gate needs both halves and the
 1×1 needs every gated channel, so the channel dimension is never split. Products use
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from pixelcnn_kernels.triton.dmol import DRAW_LAUNCH_OPTIONS, draw_pixels, nearest_bin
-from pixelcnn_kernels.triton.gates import concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import colour_group_halves, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, next_power_of_2, pointer_type, register_compile_case
 
 
@@ -140,9 +140,7 @@ def _pixel_step_kernel(
         cols_b = n + C_OUT
     elif GATED:
         n_pre = 2 * C_OUT
-        cols_a = n + (n // group_size) * group_size
-        # a(n) + the size of n's group: group_size, or in a smaller last group the rest, n + C_OUT.
-        cols_b = tl.minimum(cols_a + group_size, n + C_OUT)
+        cols_a, cols_b = colour_group_halves(n, C_OUT, group_size)
     else:
         n_pre = C_OUT
         cols_a = n
