@@ -1,8 +1,10 @@
-"""The GPU's approximate float32 exp and division, emulated in the Triton interpreter.
+"""The GPU's approximate float32 exp, exp2, rsqrt and division, emulated in the Triton interpreter.
 
 On a GPU, Triton compiles ``tl.exp(x)`` to ``ex2.approx(x · log2 e)``: the product is rounded
 to float32 first (an error growing with |x|), then ex2.approx adds up to 2^-22 relative.
-A float32 ``/`` is ``div.full``: up to 2 ulp. The interpreter computes both exactly (NumPy),
+A float32 ``/`` is ``div.full``: up to 2 ulp. ``tl.exp2`` and ``tl.math.rsqrt`` are ``ex2.approx.ftz``
+(2^-22 relative) and ``rsqrt.approx.ftz`` (2^-22.9), subnormal arguments and results flushed to
+zero (the gates' math, :mod:`pixelcnn_kernels.triton.gates`). The interpreter computes them exactly (NumPy),
 so a kernel whose accuracy rests on them passes on the CPU and fails on the GPU: the DMOL
 gradient did (2026-11-30). :func:`approximate_gpu_math` makes the interpreter compute them
 as the GPU may (the approximation errors drawn at random within their bounds), and FMA
@@ -19,7 +21,7 @@ _LOG2_E = np.float32(1.4426950408889634)
 
 
 def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    """For the rest of the test, the interpreter's float32 exp, division and FMA as the GPU's."""
+    """For the rest of the test, the interpreter's float32 exp, exp2, rsqrt, division and FMA as the GPU's."""
     rng = np.random.default_rng(seed)
 
     def exp(x):
@@ -27,6 +29,20 @@ def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
             return np.exp(x)
         power = (x * _LOG2_E).astype(np.float32)
         return (np.exp2(power.astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * 2.0**-22)).astype(np.float32)
+
+    def flush(v):
+        return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0), v).astype(np.float32)
+
+    def exp2(x):
+        if x.dtype != np.float32:
+            return np.exp2(x)
+        return flush((np.exp2(flush(x).astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * 2.0**-22)).astype(np.float32))
+
+    def rsqrt(x):
+        if x.dtype != np.float32:
+            return 1 / np.sqrt(x)
+        with np.errstate(all="ignore"):
+            return (1 / np.sqrt(flush(x).astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * 2.0**-22.9)).astype(np.float32)
 
     def divide(a, b):
         if a.dtype != np.float32:
@@ -41,5 +57,7 @@ def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
 
     builder = interpreter.InterpreterBuilder
     monkeypatch.setattr(builder, "create_exp", lambda self, arg: self.unary_op(arg, exp))
+    monkeypatch.setattr(builder, "create_exp2", lambda self, arg: self.unary_op(arg, exp2))
+    monkeypatch.setattr(builder, "create_rsqrt", lambda self, arg: self.unary_op(arg, rsqrt))
     monkeypatch.setattr(builder, "create_fdiv", lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide))
     monkeypatch.setattr(builder, "create_fma", fma)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pixelcnn_kernels as pk
+from gpu_math_emulation import approximate_gpu_math
 from op_table import CUDA
 from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.nn import ConcatELU, GateSigmoid, GateTanhSigmoid
@@ -232,6 +233,24 @@ def test_gate_grads_are_accurate_where_sigmoid_saturates(name, backend, kernel_d
         _, dx, _ = _forward_backward(lambda x_: op(x_, 1), x, None)
     _, dx_ref, _ = _forward_backward(lambda x_: ref(x_, 1), x.double(), None, grad_values=torch.float32)
     torch.testing.assert_close(dx[0, 1].double(), dx_ref[0, 1], rtol=4e-6, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU what the same tests check on the GPU")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0 = nan, on purpose
+@pytest.mark.parametrize("seed", [1, 2])
+def test_triton_float32_accuracy_holds_under_the_gpus_approximate_math(seed, monkeypatch):
+    """The float32 tests above on the Triton kernels with exp2, rsqrt, exp and division as inexact as
+    the GPU's, subnormals flushed (tests/gpu_math_emulation.py): the interpreter's exact NumPy math
+    would pass a kernel whose accuracy rests on them (the gates' reciprocal is rsqrt(d)**2)."""
+    approximate_gpu_math(monkeypatch, seed)
+    cpu = torch.device("cpu")
+    test_kernels_are_accurate_near_zero("triton", cpu)
+    for name in OPS:
+        test_kernels_extreme_inputs_propagate_like_pytorch(name, "triton", cpu)
+        for layout in LAYOUTS[:3]:
+            test_kernels_match_reference(name, layout, torch.float32, "triton", cpu)
+    for name in sorted(GATES):
+        test_gate_grads_are_accurate_where_sigmoid_saturates(name, "triton", cpu)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -460,7 +460,10 @@ def test_dropout_after_concat_elu_matches_float64_reference(backend, gated, dtyp
     expected = fused_and_grads(ref, doubles, grad_out.double(), **options, **dropout)
     names = ("out", "grad x", "grad weight", "grad bias", "grad cond", "grad residual") if gated else ("out", "grad x", "grad weight", "grad bias", "grad residual")
     for name, g, e in zip(names, got, expected, strict=True):
-        assert_close(g, e, dtype=dtype, msg=name)
+        # The parameters' gradients sum over every pixel: at the scale of their terms (exp's argument
+        # is rounded on the GPU, and in the interpreter, before ex2: ~2^-21 relative at |x| ~ 10).
+        check = assert_close_at_scale if name in ("grad weight", "grad bias", "grad cond") else assert_close
+        check(g, e, dtype=dtype, msg=name)
     for name, g, u in zip(names[:3], got, undropped):
         assert not torch.allclose(g, u), name  # the mask was applied, forward and backward
 

@@ -57,3 +57,38 @@ def test_the_check_refuses_a_gemm_whose_operand_copies_narrow():
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAIL  masked_conv_wgrad_wide_vertical3x3_float32: 4-byte cp.async copies, its case wants 16-byte ones" in result.stdout
     assert "ok    masked_conv_wgrad_wide_vertical3x3_bfloat16" in result.stdout
+
+
+# The check's guard, run on the gates as they were before their math took the flushing forms:
+# tl.exp and a division, whose subnormal handling cost the bf16 tanh·σ 15 of its 52 instructions
+# an element, the check must refuse.
+SUBNORMAL_HANDLING_GATES = """
+import sys
+import triton
+import triton.language as tl
+from pixelcnn_kernels.triton import compile_check, gates
+
+
+@triton.jit
+def exp_with_subnormals(x):
+    return tl.exp(x)
+
+
+@triton.jit
+def divided(d):
+    return 1.0 / d
+
+
+gates.exp_ftz, gates.reciprocal_positive = exp_with_subnormals, divided
+sys.exit(compile_check.main(["-k", "gates_tanh_sigmoid_forward"]))
+"""
+
+
+def test_the_check_refuses_gates_whose_math_handles_subnormals(tmp_path):
+    script = tmp_path / "gates_with_subnormal_math.py"  # Triton takes @jit functions from files only
+    script.write_text(SUBNORMAL_HANDLING_GATES)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    for dtype in ("float32", "bfloat16"):
+        assert f"FAIL  gates_tanh_sigmoid_forward_{dtype}: div.full.f32, ex2.approx.f32 in its PTX, its case wants the flushing forms" in result.stdout

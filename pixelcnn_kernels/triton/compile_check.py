@@ -8,7 +8,8 @@ subprocess.
 A kernel fails when it needs more shared memory than a block may have, when it
 spills more registers than its case allows (none unless registered otherwise), or when
 its case asks for 16-byte pipelined operand copies (``cp.async``) and it issues narrower
-ones or none: the
+ones or none, or when its case asks for flushing float32 math and it computes an exponential
+or a division in a form that handles subnormals (several instructions more each): the
 registers and spill stores are those Triton's own ptxas reports (``-v``) for the
 kernel's PTX, the figures a GPU would run with, found without one.
 """
@@ -78,6 +79,15 @@ def async_copy_bytes(compiled) -> list[int]:
     return [int(size, 0) for size in re.findall(r"cp\.async\.\w+\.shared\.global\S* \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+|\d+)", compiled.asm["ptx"])]
 
 
+# float32 exponentials and divisions with subnormal handling around their one MUFU instruction.
+_SUBNORMAL_HANDLING_MATH = re.compile(r"\b(ex2\.approx\.f32|div\.full\.f32|div\.rn\.f32)\b")
+
+
+def subnormal_handling_math(compiled) -> list[str]:
+    """The float32 ``ex2``/``div`` instructions of a compiled kernel's PTX that are not the flushing one-instruction forms."""
+    return sorted(set(_SUBNORMAL_HANDLING_MATH.findall(compiled.asm["ptx"])))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
@@ -95,6 +105,7 @@ def main(argv=None) -> int:
             registers, spilled = register_usage(compiled, args.capability)
             usage = f"shared {shared} B, {registers} registers, {spilled} B spilled"
             copies = async_copy_bytes(compiled) if case.min_copy_bytes else []
+            slow_math = subnormal_handling_math(compiled) if case.flushing_math else []
             if limit is not None and shared > limit:
                 failures += 1
                 print(f"FAIL  {case.name}: needs {shared} B of shared memory, sm_{args.capability} allows {limit} B")
@@ -105,6 +116,9 @@ def main(argv=None) -> int:
                 failures += 1
                 found = f"{min(copies)}-byte cp.async copies" if copies else "no cp.async at all"
                 print(f"FAIL  {case.name}: {found}, its case wants {case.min_copy_bytes}-byte ones ({usage})")
+            elif slow_math:
+                failures += 1
+                print(f"FAIL  {case.name}: {', '.join(slow_math)} in its PTX, its case wants the flushing forms ({usage})")
             else:
                 print(f"ok    {case.name}  ({usage})")
         except Exception:  # report every failing kernel, not just the first

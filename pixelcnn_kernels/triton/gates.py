@@ -17,9 +17,10 @@ the storage dtype on store. The elementwise math is exposed as ``@triton.jit``
 helpers (:func:`gate_tanh_sigmoid_math`, :func:`gate_sigmoid_math`,
 :func:`concat_elu_math` and their gradients) for other kernels' epilogues.
 
-Triton's ``exp`` is available in the interpreter, ``tanh`` and ``expm1`` are
-not (they are libdevice calls), so both are written here from ``exp`` and a
-short Taylor series, accurate to a few fp32 ulps.
+``tanh`` and ``expm1`` are libdevice calls, not available in the interpreter, so
+both are written here from a short Taylor series and the exp and reciprocal of
+:mod:`~pixelcnn_kernels.triton.approx_math` (one instruction each on the GPU, which
+keeps the bf16 gates within an H200's rate of issue), accurate to ~10 fp32 ulps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_positive
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Elements per program: 16 per thread at 4 warps, i.e. a few 16-byte vectors per tensor.
@@ -36,6 +38,15 @@ _NUM_WARPS = 4
 
 
 # ----------------------------------------------------------------------------- math
+
+
+@triton.jit
+def sigmoid_math(x):
+    """``sigmoid(x) = 1 / (1 + exp(-x))``, as ``tl.sigmoid`` but in the one-instruction forms of
+    :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 37
+    instructions an element with them, its backward from 79 to 58, where an H200 issues ~49 and
+    ~82 in the time its bytes take at copy bandwidth (dmol_and_gates_perf_notes.md)."""
+    return reciprocal_positive(1.0 + exp_ftz(-x))
 
 
 @triton.jit
@@ -54,26 +65,27 @@ def expm1_nonpositive(x):
     series = series * x + 1.0 / 6.0
     series = series * x + 0.5
     series = series * x + 1.0
-    return tl.where(x > -0.5, x * series, tl.exp(x) - 1.0)
+    return tl.where(x > -0.5, x * series, exp_ftz(x) - 1.0)
 
 
 @triton.jit
 def tanh_math(x):
-    """``tanh(x)`` in fp32, accurate to ~5 ulps also near 0 (unlike ``2 * sigmoid(2x) - 1``).
+    """``tanh(x)`` in fp32, accurate to ~10 ulps also near 0 (unlike ``2 * sigmoid(2x) - 1``).
 
     ``tanh(|x|) = -e / (e + 2)`` with ``e = expm1(-2|x|)`` in ``(-1, 0]``: no
     overflow, and ``tanh(+-inf) = +-1``, ``tanh(nan) = nan`` as in PyTorch.
     """
     e = expm1_nonpositive(-2.0 * tl.abs(x))
-    magnitude = -e / (e + 2.0)
+    magnitude = -e * reciprocal_positive(e + 2.0)
     return tl.where(x < 0, -magnitude, magnitude)
 
 
 @triton.jit
 def sech2_math(x):
     """``1 - tanh(x)**2`` as ``4u / (1 + u)**2``, ``u = exp(-2|x|)``: accurate where ``1 - t*t`` cancels."""
-    u = tl.exp(-2.0 * tl.abs(x))
-    return 4.0 * u / ((1.0 + u) * (1.0 + u))
+    u = exp_ftz(-2.0 * tl.abs(x))
+    r = reciprocal_positive(1.0 + u)
+    return 4.0 * u * r * r
 
 
 @triton.jit
@@ -84,15 +96,15 @@ def sigmoid_and_complement(b):
     relatively, near the float32 tolerance); once ``s`` rounds to 1 it is ``1 - s`` = 0 again,
     keeping autograd's ``inf * 0 = nan`` for an infinite factor beside it.
     """
-    e = tl.exp(-b)
-    s = 1.0 / (1.0 + e)
+    e = exp_ftz(-b)
+    s = reciprocal_positive(1.0 + e)
     return s, tl.where((b > 0.0) & (s < 1.0), e * s, 1.0 - s)
 
 
 @triton.jit
 def gate_tanh_sigmoid_math(a, b):
     """``tanh(a) * sigmoid(b)`` of fp32 tensors."""
-    return tanh_math(a) * tl.sigmoid(b)
+    return tanh_math(a) * sigmoid_math(b)
 
 
 @triton.jit
@@ -112,7 +124,7 @@ def gate_tanh_sigmoid_grad_math(a, b, grad):
 @triton.jit
 def gate_sigmoid_math(a, b):
     """``a * sigmoid(b)`` of fp32 tensors."""
-    return a * tl.sigmoid(b)
+    return a * sigmoid_math(b)
 
 
 @triton.jit
@@ -142,8 +154,8 @@ def concat_elu_grad_math(x, grad_pos, grad_neg):
     exp(z) if z <= 0 else 1`` (so a NaN ``x`` gives ``grad_pos - grad_neg``, as
     in PyTorch).
     """
-    pos = tl.where(x <= 0, grad_pos * tl.exp(x), grad_pos)
-    neg = tl.where(-x <= 0, grad_neg * tl.exp(-x), grad_neg)
+    pos = tl.where(x <= 0, grad_pos * exp_ftz(x), grad_pos)
+    neg = tl.where(-x <= 0, grad_neg * exp_ftz(-x), grad_neg)
     return pos - neg
 
 
@@ -386,27 +398,27 @@ def _register_compile_cases() -> None:
             backward_flags = dict(flags, HAS_ACCUMULATE=tanh_gate)
             register_compile_case(
                 f"gates_{gate}_forward_{name}", _gate_forward_kernel,
-                {"x_ptr": ptr, "cond_ptr": ptr, "y_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS,
+                {"x_ptr": ptr, "cond_ptr": ptr, "y_ptr": ptr, **sizes}, flags, num_warps=_NUM_WARPS, flushing_math=True,
             )  # fmt: skip
             register_compile_case(
                 f"gates_{gate}_backward_{name}", _gate_backward_kernel,
-                {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "accumulate_ptr": ptr, "dx_ptr": ptr, **sizes}, backward_flags, num_warps=_NUM_WARPS,
+                {"grad_ptr": ptr, "x_ptr": ptr, "cond_ptr": ptr, "accumulate_ptr": ptr, "dx_ptr": ptr, **sizes}, backward_flags, num_warps=_NUM_WARPS, flushing_math=True,
             )  # fmt: skip
         flags = dict(INT64=dtype == torch.bfloat16, BLOCK_OUTER=1, BLOCK_ROW=_TILE)
         sizes_and_scale = {"outer": "i32", "row_len": "i32", "keep_scale": "fp32"}
         register_compile_case(
             f"gates_concat_elu_forward_{name}", _concat_elu_forward_kernel,
-            {"x_ptr": ptr, "y_ptr": ptr, **sizes_and_scale}, dict(flags, keep_ptr=None), num_warps=_NUM_WARPS,
+            {"x_ptr": ptr, "y_ptr": ptr, **sizes_and_scale}, dict(flags, keep_ptr=None), num_warps=_NUM_WARPS, flushing_math=True,
         )  # fmt: skip
         # The masked convolution's concat_elu input in training, with PixelCNN++'s dropout
         # (rows of 80 or 160 channels: the tile spans several rows).
         register_compile_case(
             f"gates_concat_elu_forward_dropout_{name}", _concat_elu_forward_kernel,
-            {"x_ptr": ptr, "y_ptr": ptr, "keep_ptr": "*u8", **sizes_and_scale}, dict(flags, INT64=False, BLOCK_OUTER=16, BLOCK_ROW=128), num_warps=_NUM_WARPS,
+            {"x_ptr": ptr, "y_ptr": ptr, "keep_ptr": "*u8", **sizes_and_scale}, dict(flags, INT64=False, BLOCK_OUTER=16, BLOCK_ROW=128), num_warps=_NUM_WARPS, flushing_math=True,
         )  # fmt: skip
         register_compile_case(
             f"gates_concat_elu_backward_{name}", _concat_elu_backward_kernel,
-            {"grad_ptr": ptr, "x_ptr": ptr, "dx_ptr": ptr, "outer": "i32", "row_len": "i32"}, flags, num_warps=_NUM_WARPS,
+            {"grad_ptr": ptr, "x_ptr": ptr, "dx_ptr": ptr, "outer": "i32", "row_len": "i32"}, flags, num_warps=_NUM_WARPS, flushing_math=True,
         )  # fmt: skip
 
 

@@ -47,6 +47,7 @@ class CompileCase:
     divisible_ints: bool = True
     launch_options: dict[str, object] = field(default_factory=dict)
     min_copy_bytes: int = 0
+    flushing_math: bool = False
 
 
 COMPILE_CASES: list[CompileCase] = []
@@ -64,6 +65,7 @@ def register_compile_case(
     divisible_ints: bool = True,
     launch_options: dict | None = None,
     min_copy_bytes: int = 0,
+    flushing_math: bool = False,
 ) -> None:
     """Adds a kernel signature to the sm_90 ahead-of-time compile check.
 
@@ -78,10 +80,13 @@ def register_compile_case(
     anything narrower, or no ``cp.async`` at all, means an operand lost its alignment or
     contiguity and the loop its 16-byte pipelined copies (the TF32 weight gradient's x rows took
     4-byte ones, 2026-11-30).
+    ``flushing_math``: the kernel's float32 exponentials and divisions must be the one-instruction
+    flushing forms (``ex2.approx.ftz``, no ``div.full``/``div.rn``), whose extra subnormal handling
+    would take an elementwise bf16 kernel past what an H200 issues at copy bandwidth (gates.py).
     """
     case = CompileCase(
         name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, max_spill_bytes, divisible_ints, dict(launch_options or {}),
-        min_copy_bytes,
+        min_copy_bytes, flushing_math,
     )
     COMPILE_CASES.append(case)
 
