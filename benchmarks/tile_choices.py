@@ -18,7 +18,9 @@ when the other is a candidate not taken), bf16 and fp32:
   (one 16-wide tile of components) against ``current`` (8 + 2 over 64 pixels), and the
   gradient pass also with ``two-tiles-128`` (8 + 2 over 128 pixels: as many elements per
   thread as the forward; 1.78× faster than ``padded`` on the H200 on 2026-11-30, before the
-  kernel's accurate exp and divisions, with which it spills on sm_90).
+  kernel's accurate exp and divisions, with which it spills on sm_90) and ``128-registers``
+  (``current`` compiled with ptxas held to 128 registers: two 8-warp programs per SM instead
+  of one, for 36-52 spilled bytes per thread, Triton 3.6).
 
 Each call is timed by the bench harness's timer (CUDA events, L2 emptied and the GPU
 spinning before each call, inputs rotated over three random sets), median of
@@ -63,11 +65,21 @@ class Kernel:
     rate: Callable[[float, torch.dtype], str]
 
 
+class _LaunchedWith:
+    """A Triton kernel whose launches (``kernel[grid](...)``) add the compile options ``options``."""
+
+    def __init__(self, kernel, **options):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.options)
+
+
 @contextlib.contextmanager
 def tiles(choice: str):
     """Within the block the launchers use ``choice``'s tiles or operand layout ("current": their own)."""
-    saved = (masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles)
-    conv_tiles, _, mixture_tiles = saved
+    saved = (masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles, dmol._dmol_nll_kernel)
+    conv_tiles, _, mixture_tiles, nll_kernel = saved
     if choice == "64-col":
         # Asked for 64 columns (not a multiple of 128) they pick the 64-column tiles.
         masked_conv._conv_tiles = lambda two_halves, dtype, precision, n_cols, gate_groups=1: conv_tiles(two_halves, dtype, precision, masked_conv._BLOCK_N, gate_groups)
@@ -81,12 +93,14 @@ def tiles(choice: str):
         dmol._mixture_tiles = lambda num_mix, compute_grad: dmol._padded_tile(num_mix)
     elif choice == "two-tiles-128":
         dmol._mixture_tiles = lambda num_mix, compute_grad: mixture_tiles(num_mix, False)[:2] + (128,)
+    elif choice == "128-registers":
+        dmol._dmol_nll_kernel = _LaunchedWith(nll_kernel, maxnreg=128)
     elif choice != "current":
         raise ValueError(f"unknown tile choice {choice!r}")
     try:
         yield
     finally:
-        masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles = saved
+        masked_conv._conv_tiles, masked_conv._tap_major_x, dmol._mixture_tiles, dmol._dmol_nll_kernel = saved
 
 
 def _randn(device: torch.device, dtype: torch.dtype, generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -147,7 +161,7 @@ def kernels() -> list[Kernel]:
             tflops,
         ),  # fmt: skip
         Kernel("dmol nll forward", ("padded", "current"), nll_forward, logits_rate(1)),
-        Kernel("dmol nll gradient", ("padded", "current", "two-tiles-128"), nll_gradient, logits_rate(2)),
+        Kernel("dmol nll gradient", ("padded", "current", "two-tiles-128", "128-registers"), nll_gradient, logits_rate(2)),
     ]
 
 

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pixelcnn_kernels.bench import FAMILIES, cases_for
 from pixelcnn_kernels.bench import harness
 from pixelcnn_kernels.bench.harness import MODES, Case, format_table, run, write_results
 from pixelcnn_kernels.cli import main
+from pixelcnn_kernels.reference import dmol as reference_dmol
 
 
 def _toy_case():
@@ -319,10 +321,20 @@ def test_tile_choices_script_switches_the_tiles_and_needs_a_gpu():
         "gated-128-rows": (current[0], (kernels._BLOCK_M, kernels._BLOCK_N, 2 * kernels._NUM_WARPS)) + current[2:],
         "padded": current[:3] + ((16, 0, 32), (16, 0, 32)),
         "two-tiles-128": current[:3] + ((8, 2, 128), (8, 2, 128)),
+        "128-registers": current,  # the same tiles, compiled with ptxas held to 128 registers
     }
     for choice, picked in expected.items():
         with script.tiles(choice):
             assert picks() == picked, choice
+    nll_kernel = dmol._dmol_nll_kernel
+    with script.tiles("128-registers"):
+        assert dmol._dmol_nll_kernel.kernel is nll_kernel and dmol._dmol_nll_kernel.options == {"maxnreg": 128}
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter takes the launch (and ignores the option)
+            logits, bins = torch.randn(1, 10, 2, 3), torch.randint(0, 256, (1, 3, 2, 3))  # C = 3, K = 1
+            nll = torch.empty(1, 2, 3)
+            dmol.nll_forward(bins, logits, 256, nll)
+            torch.testing.assert_close(nll.double(), reference_dmol.discretized_mix_logistic_nll(bins, logits.double()))
+    assert dmol._dmol_nll_kernel is nll_kernel
     with pytest.raises(ValueError, match="unknown tile choice"), script.tiles("no such"):
         pass
     assert picks() == current
