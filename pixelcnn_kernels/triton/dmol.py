@@ -113,7 +113,7 @@ def _sign(v):
 @triton.jit
 def _divide_accurately(a, b):
     """a / b for b > 0 (or +inf, NaN; 0 gives NaN) to within an ulp: the quotient by
-    :func:`reciprocal_positive` (~5 ulp off) corrected by its residual, exact by FMA.
+    :func:`reciprocal_positive` (up to 6 ulp off) corrected by its residual, exact by FMA.
     tl.math.div_rn is exact, but calls a slow-path subroutine for hard operands (11 more
     registers in the NLL forward for sm_90); this stays straight-line code, a third of a
     ``div.full``'s instructions."""
