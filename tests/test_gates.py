@@ -10,8 +10,10 @@ more than 2**31 elements.
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
+from triton.runtime import interpreter
 
 import pixelcnn_kernels as pk
 from gpu_math_emulation import approximate_gpu_math
@@ -233,6 +235,22 @@ def test_gate_grads_are_accurate_where_sigmoid_saturates(name, backend, kernel_d
         _, dx, _ = _forward_backward(lambda x_: op(x_, 1), x, None)
     _, dx_ref, _ = _forward_backward(lambda x_: ref(x_, 1), x.double(), None, grad_values=torch.float32)
     torch.testing.assert_close(dx[0, 1].double(), dx_ref[0, 1], rtol=4e-6, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU a GPU whose reciprocal errs high")
+@pytest.mark.parametrize("name", sorted(GATES))
+def test_gate_grads_hold_where_the_reciprocal_rounds_sigmoid_up_to_1(name, monkeypatch):
+    """The reciprocal (rsqrt squared) may round ``sigmoid(b)`` to exactly 1 a few ulps before PyTorch's
+    ``1 / (1 + e)`` does (b ~ 15): ``1 - s`` must not then drop to 0. Here the interpreter's rsqrt
+    errs by its whole bound, upwards, at every call."""
+    exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
+
+    def rsqrt_high(self, arg):
+        value = exact_rsqrt(self, arg)
+        return interpreter.TensorHandle((value.data.astype(np.float64) * (1 + 2.0**-22.9)).astype(value.data.dtype), value.dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_high)
+    test_gate_grads_are_accurate_where_sigmoid_saturates(name, "triton", torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU what the same tests check on the GPU")

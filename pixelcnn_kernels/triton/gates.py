@@ -43,8 +43,8 @@ _NUM_WARPS = 4
 @triton.jit
 def sigmoid_math(x):
     """``sigmoid(x) = 1 / (1 + exp(-x))``, as ``tl.sigmoid`` but in the one-instruction forms of
-    :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 37
-    instructions an element with them, its backward from 79 to 58, where an H200 issues ~49 and
+    :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 41
+    instructions an element with them, its backward from 79 to 64, where an H200 issues ~49 and
     ~82 in the time its bytes take at copy bandwidth (dmol_and_gates_perf_notes.md)."""
     return reciprocal_positive(1.0 + exp_ftz(-x))
 
@@ -93,12 +93,15 @@ def sigmoid_and_complement(b):
     """``(sigmoid(b), 1 - sigmoid(b))``, the latter for ``b > 0`` as ``e * s``, ``e = exp(-b)``.
 
     ``1 - s`` cancels there (at b = 7.7, computed from the rounded ``s`` it is 1.5e-4 off
-    relatively, near the float32 tolerance); once ``s`` rounds to 1 it is ``1 - s`` = 0 again,
-    keeping autograd's ``inf * 0 = nan`` for an infinite factor beside it.
+    relatively, near the float32 tolerance); once ``1 + e`` rounds to 1, where PyTorch's ``s``
+    is exactly 1 (and :func:`reciprocal_positive`'s too), it is ``1 - s`` = 0 again, keeping
+    autograd's ``inf * 0 = nan`` for an infinite factor beside it. The test is on ``1 + e``,
+    not on ``s < 1``: the approximate reciprocal may round ``s`` to 1 a few ulps early.
     """
     e = exp_ftz(-b)
-    s = reciprocal_positive(1.0 + e)
-    return s, tl.where((b > 0.0) & (s < 1.0), e * s, 1.0 - s)
+    one_plus_e = 1.0 + e
+    s = reciprocal_positive(one_plus_e)
+    return s, tl.where((b > 0.0) & (one_plus_e != 1.0), e * s, 1.0 - s)
 
 
 @triton.jit
