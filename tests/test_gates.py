@@ -239,10 +239,10 @@ def test_gate_grads_are_accurate_where_sigmoid_saturates(name, backend, kernel_d
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU a GPU whose reciprocal errs high")
 @pytest.mark.parametrize("name", sorted(GATES))
-def test_gate_grads_hold_where_the_reciprocal_rounds_sigmoid_up_to_1(name, monkeypatch):
+def test_gates_hold_where_the_reciprocal_rounds_up_to_1(name, monkeypatch):
     """The reciprocal (rsqrt squared) may round ``sigmoid(b)`` to exactly 1 a few ulps before PyTorch's
-    ``1 / (1 + e)`` does (b ~ 15): ``1 - s`` must not then drop to 0. Here the interpreter's rsqrt
-    errs by its whole bound, upwards, at every call."""
+    ``1 / (1 + e)`` does (b ~ 15): ``1 - s`` must not then drop to 0; and tanh's magnitude past 1.
+    Here the interpreter's rsqrt errs by its whole bound, upwards, at every call."""
     exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
 
     def rsqrt_high(self, arg):
@@ -251,6 +251,10 @@ def test_gate_grads_hold_where_the_reciprocal_rounds_sigmoid_up_to_1(name, monke
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_high)
     test_gate_grads_are_accurate_where_sigmoid_saturates(name, "triton", torch.device("cpu"))
+    if name == "gate_tanh_sigmoid":  # nor may tanh pass 1 (b = +inf: sigmoid is 1, the gate is tanh(a))
+        a = torch.linspace(0.0, 12.0, 2001)
+        with pk.use_backend("triton"):
+            assert pk.gate_tanh_sigmoid(torch.stack([a, torch.full_like(a, float("inf"))]).unsqueeze(0), 1).max() <= 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU what the same tests check on the GPU")

@@ -43,8 +43,8 @@ _NUM_WARPS = 4
 @triton.jit
 def sigmoid_math(x):
     """``sigmoid(x) = 1 / (1 + exp(-x))``, as ``tl.sigmoid`` but in the one-instruction forms of
-    :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 41
-    instructions an element with them, its backward from 79 to 64, where an H200 issues ~49 and
+    :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 43
+    instructions an element with them, its backward from 79 to 65, where an H200 issues ~49 and
     ~82 in the time its bytes take at copy bandwidth (dmol_and_gates_perf_notes.md)."""
     return reciprocal_positive(1.0 + exp_ftz(-x))
 
@@ -77,6 +77,7 @@ def tanh_math(x):
     """
     e = expm1_nonpositive(-2.0 * tl.abs(x))
     magnitude = -e * reciprocal_positive(e + 2.0)
+    magnitude = tl.where(magnitude > 1.0, 1.0, magnitude)  # the reciprocal may err an ulp past 1; NaN stays
     return tl.where(x < 0, -magnitude, magnitude)
 
 
