@@ -1,5 +1,5 @@
-"""The one-instruction exp and reciprocal of ``pixelcnn_kernels.triton.approx_math``, in the interpreter:
-exactly, and with the GPU's approximation errors emulated (tests/gpu_math_emulation.py)."""
+"""The one-instruction exp and reciprocals of ``pixelcnn_kernels.triton.approx_math``, in the interpreter:
+exactly, and with the GPU's approximation errors emulated (tests/gpu_math_emulation.py) or at their bounds."""
 
 import numpy as np
 import pytest
@@ -16,24 +16,27 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 
 from gpu_math_emulation import approximate_gpu_math  # noqa: E402
-from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_positive  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_of_1_or_more, reciprocal_positive  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 @triton.jit
-def _apply_kernel(x_ptr, exp_ptr, reciprocal_ptr, n, BLOCK: tl.constexpr):
+def _apply_kernel(x_ptr, exp_ptr, reciprocal_ptr, bounded_reciprocal_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     mask = offsets < n
     x = tl.load(x_ptr + offsets, mask=mask)
     tl.store(exp_ptr + offsets, exp_ftz(x), mask=mask)
     tl.store(reciprocal_ptr + offsets, reciprocal_positive(x), mask=mask)
+    tl.store(bounded_reciprocal_ptr + offsets, reciprocal_of_1_or_more(x), mask=mask)
 
 
-def _apply(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    exp, reciprocal = torch.empty_like(x), torch.empty_like(x)
-    _apply_kernel[(1,)](x, exp, reciprocal, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
-    return exp, reciprocal
+def _apply(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp_ftz, reciprocal_positive, reciprocal_of_1_or_more) of x."""
+    outputs = tuple(torch.empty_like(x) for _ in range(3))
+    _apply_kernel[(1,)](x, *outputs, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    return outputs
 
 
 def _ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,7 @@ def test_exp_ftz_is_exp_flushing_subnormal_results(emulated, monkeypatch):
     if emulated:
         approximate_gpu_math(monkeypatch, seed=3)
     x = torch.cat([torch.linspace(-87.0, 88.0, 2001), torch.tensor([-88.0, -100.0, -104.0, float("-inf"), 89.0, float("inf"), float("nan"), 0.0])])
-    exp, _ = _apply(x)
+    exp, _, _ = _apply(x)
     exact = torch.exp(x.double())
     normal = (exact >= TINY) & (exact <= torch.finfo(torch.float32).max)
     # The product x·log2 e is rounded before ex2 (on the GPU and here): up to |x·log2 e|·2^-24 relative, and ex2.approx 2^-22 more.
@@ -59,14 +62,35 @@ def test_exp_ftz_is_exp_flushing_subnormal_results(emulated, monkeypatch):
 
 
 @pytest.mark.parametrize("emulated", [False, True], ids=["exact", "gpu_errors"])
-def test_reciprocal_positive_is_within_6_ulps_and_exact_at_1(emulated, monkeypatch):
+def test_reciprocals_are_within_6_ulps(emulated, monkeypatch):
     if emulated:
         approximate_gpu_math(monkeypatch, seed=4)
     generator = torch.Generator().manual_seed(0)
     d = torch.cat([torch.exp(torch.empty(4000).uniform_(-80.0, 80.0, generator=generator)), torch.tensor([1.0, 2.0, 0.5, 3.0])])
-    _, reciprocal = _apply(d)
+    _, reciprocal, bounded = _apply(d)
     # rsqrt's 2^-22.9 doubled by the square, and the roundings of r and of r·r.
     assert (_ulps(reciprocal, 1 / d.double()) <= 6).all()
-    assert reciprocal[d == 1.0].eq(1.0).all()  # a saturated sigmoid's 1 / (1 + e) is exactly 1
-    _, edges = _apply(torch.tensor([float("inf"), 0.0, TINY / 4, float("nan")]))
+    assert (_ulps(bounded[d >= 1], 1 / d[d >= 1].double()) <= 6).all()
+    assert bounded[d == 1.0].eq(1.0).all()  # a saturated sigmoid's 1 / (1 + e) is exactly 1
+    _, edges, bounded_edges = _apply(torch.tensor([float("inf"), 0.0, TINY / 4, float("nan")]))
     assert edges[0] == 0 and edges[1].isinf() and edges[2].isinf() and edges[3].isnan()  # a subnormal d counts as 0
+    assert bounded_edges[0] == 0 and bounded_edges[3].isnan()
+
+
+@pytest.mark.parametrize("direction", [1, -1], ids=["rsqrt_high", "rsqrt_low"])
+def test_reciprocal_of_1_or_more_is_at_most_1_at_either_error_bound(direction, monkeypatch):
+    """With rsqrt off by its whole bound (either way, every call), 1/d for d just above 1 stays at
+    most 1 and within 6 ulps, and 1/1 is exactly 1: a sigmoid 1 / (1 + e) or tanh never passes 1
+    (reciprocal_positive itself passes 1 there when rsqrt errs high)."""
+    exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
+
+    def rsqrt_at_bound(self, arg):
+        value = exact_rsqrt(self, arg)
+        return interpreter.TensorHandle((value.data.astype(np.float64) * (1 + direction * 2.0**-22.9)).astype(value.data.dtype), value.dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_at_bound)
+    d = 1.0 + torch.arange(0, 64, dtype=torch.float32) * torch.finfo(torch.float32).eps  # 1 and its next 63 floats
+    _, raw, bounded = _apply(d)
+    assert bounded[0] == 1.0 and (bounded <= 1.0).all()
+    assert (_ulps(bounded, 1 / d.double()) <= 6).all()
+    assert direction < 0 or (raw > 1.0).any()

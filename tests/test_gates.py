@@ -251,10 +251,13 @@ def test_gates_hold_where_the_reciprocal_rounds_up_to_1(name, monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_high)
     test_gate_grads_are_accurate_where_sigmoid_saturates(name, "triton", torch.device("cpu"))
-    if name == "gate_tanh_sigmoid":  # nor may tanh pass 1 (b = +inf: sigmoid is 1, the gate is tanh(a))
-        a = torch.linspace(0.0, 12.0, 2001)
-        with pk.use_backend("triton"):
-            assert pk.gate_tanh_sigmoid(torch.stack([a, torch.full_like(a, float("inf"))]).unsqueeze(0), 1).max() <= 1.0
+    # Nor may tanh or sigmoid pass 1 (as they did for a fifth of |a| in (0, 12) and b in (0, 20)).
+    values = torch.linspace(0.0, 20.0, 2001)
+    tanh_of_a = torch.stack([values, torch.full_like(values, float("inf"))]).unsqueeze(0)  # sigmoid(+inf) = 1
+    sigmoid_of_b = torch.stack([torch.ones_like(values), values]).unsqueeze(0)  # a = 1 (tanh(1) < 1 for the tanh gate)
+    with pk.use_backend("triton"):
+        assert GATES[name][0](tanh_of_a if name == "gate_tanh_sigmoid" else sigmoid_of_b, 1).max() <= 1.0
+        assert GATES[name][0](sigmoid_of_b, 1).max() <= 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="emulates on the CPU what the same tests check on the GPU")

@@ -79,7 +79,7 @@ def divided(d):
     return 1.0 / d
 
 
-gates.exp_ftz, gates.reciprocal_positive = exp_with_subnormals, divided
+gates.exp_ftz, gates.reciprocal_of_1_or_more = exp_with_subnormals, divided
 sys.exit(compile_check.main(["-k", "gates_tanh_sigmoid_forward"]))
 """
 

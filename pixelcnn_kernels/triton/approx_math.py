@@ -29,8 +29,17 @@ def exp_ftz(x):
 @triton.jit
 def reciprocal_positive(d):
     """``1 / d`` for ``d > 0`` (or +inf, NaN) as ``rsqrt(d)**2``: within 6 fp32 ulps (rsqrt.approx
-    is 2^-22.9 relative, doubled by the square), exactly 1 at ``d`` = 1 (a saturated sigmoid or tanh is exactly 1, as
-    PyTorch's, so that its ``1 - s`` is 0 and ``inf * (1 - s)`` NaN alike); +inf gives 0, NaN
-    NaN, 0 or a subnormal ``d`` +inf."""
+    is 2^-22.9 relative, doubled by the square); +inf gives 0, NaN NaN, 0 or a subnormal ``d``
+    +inf. Where 6 ulps are too many, correct it by the FMA residual (``triton/dmol.py``)."""
     r = tl.math.rsqrt(d)
-    return tl.where(d == 1.0, 1.0, r * r)
+    return r * r
+
+
+@triton.jit
+def reciprocal_of_1_or_more(d):
+    """:func:`reciprocal_positive` for ``d >= 1`` (or +inf, NaN), never past 1 and exactly 1 at
+    ``d`` = 1, where the approximation may land an ulp or two either side: a sigmoid
+    ``1 / (1 + e)`` or a tanh ``-e / (e + 2)`` stays within [-1, 1], and a saturated one is
+    exactly 1, as PyTorch's."""
+    q = reciprocal_positive(d)
+    return tl.where((q > 1.0) | (d == 1.0), 1.0, q)

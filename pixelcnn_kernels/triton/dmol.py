@@ -16,8 +16,8 @@ tanh, the likelihood's divisions: see :func:`_exp_accurate`), with an exp and a 
 about as accurate as the CUDA kernel's ``expf`` and ``/`` (tests/gpu_math_emulation.py
 emulates the GPU's approximate ones in the interpreter). Elsewhere the exp and the
 reciprocal are the one-instruction forms of :mod:`~pixelcnn_kernels.triton.approx_math`:
-the NLL kernels are bound by instruction issue, and these took 15% of the forward's
-instructions and 13% of the gradient pass's (sm_90 SASS).
+the NLL kernels are bound by instruction issue, and these took 16% of the forward's
+instructions and 14% of the gradient pass's (sm_90 SASS).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_positive
+from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_of_1_or_more
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Elements per program: 16 per thread at 4 warps, i.e. a few 16-byte vectors per tensor.
@@ -44,9 +44,9 @@ _NUM_WARPS = 4
 def sigmoid_math(x):
     """``sigmoid(x) = 1 / (1 + exp(-x))``, as ``tl.sigmoid`` but in the one-instruction forms of
     :mod:`~pixelcnn_kernels.triton.approx_math`: the bf16 tanh·σ forward went from 52 to 43
-    instructions an element with them, its backward from 79 to 65, where an H200 issues ~49 and
+    instructions an element with them, its backward from 79 to 66, where an H200 issues ~49 and
     ~82 in the time its bytes take at copy bandwidth (dmol_and_gates_perf_notes.md)."""
-    return reciprocal_positive(1.0 + exp_ftz(-x))
+    return reciprocal_of_1_or_more(1.0 + exp_ftz(-x))
 
 
 @triton.jit
@@ -76,8 +76,7 @@ def tanh_math(x):
     overflow, and ``tanh(+-inf) = +-1``, ``tanh(nan) = nan`` as in PyTorch.
     """
     e = expm1_nonpositive(-2.0 * tl.abs(x))
-    magnitude = -e * reciprocal_positive(e + 2.0)
-    magnitude = tl.where(magnitude > 1.0, 1.0, magnitude)  # the reciprocal may err an ulp past 1; NaN stays
+    magnitude = -e * reciprocal_of_1_or_more(e + 2.0)
     return tl.where(x < 0, -magnitude, magnitude)
 
 
@@ -85,7 +84,7 @@ def tanh_math(x):
 def sech2_math(x):
     """``1 - tanh(x)**2`` as ``4u / (1 + u)**2``, ``u = exp(-2|x|)``: accurate where ``1 - t*t`` cancels."""
     u = exp_ftz(-2.0 * tl.abs(x))
-    r = reciprocal_positive(1.0 + u)
+    r = reciprocal_of_1_or_more(1.0 + u)
     return 4.0 * u * r * r
 
 
@@ -95,13 +94,13 @@ def sigmoid_and_complement(b):
 
     ``1 - s`` cancels there (at b = 7.7, computed from the rounded ``s`` it is 1.5e-4 off
     relatively, near the float32 tolerance); once ``1 + e`` rounds to 1, where PyTorch's ``s``
-    is exactly 1 (and :func:`reciprocal_positive`'s too), it is ``1 - s`` = 0 again, keeping
+    is exactly 1 (and :func:`reciprocal_of_1_or_more`'s too), it is ``1 - s`` = 0 again, keeping
     autograd's ``inf * 0 = nan`` for an infinite factor beside it. The test is on ``1 + e``,
     not on ``s < 1``: the approximate reciprocal may round ``s`` to 1 a few ulps early.
     """
     e = exp_ftz(-b)
     one_plus_e = 1.0 + e
-    s = reciprocal_positive(one_plus_e)
+    s = reciprocal_of_1_or_more(one_plus_e)
     return s, tl.where((b > 0.0) & (one_plus_e != 1.0), e * s, 1.0 - s)
 
 
