@@ -252,28 +252,41 @@ def _moved_by_tap(x_rows: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return moved
 
 
+@pytest.mark.parametrize("input_activation, dropout", [(None, False), ("concat_elu", False), ("concat_elu", True)], ids=["x", "concat_elu", "concat_elu_dropout"])
 @pytest.mark.parametrize("mask, kernel_size, dilation", [("vertical", 3, 1), ("down_shifted", None, 1), ("B", 3, 2)])
-def test_triton_tf32_weight_grad_reads_x_copied_per_tap(mask, kernel_size, dilation):
-    """With TF32 products (and 64 or more input channels) the weight gradient reads x from a copy
-    moved by each tap, pixel-major: the copy is x moved (zeros outside the image), and the gradient
-    the one read from the channels-last rows, bit for bit in the interpreter (whose TF32 is exact)."""
+def test_triton_tf32_weight_grad_reads_x_copied_per_tap(mask, kernel_size, dilation, input_activation, dropout):
+    """With TF32 products (and 64 or more input channels) the weight gradient reads its input from a
+    copy moved by each tap, pixel-major, concat_elu and its dropout computed by the copy: the copy is
+    the input moved (zeros outside the image), and the gradient the one read from the materialised
+    channels-last rows, bit for bit in the interpreter (whose TF32 is exact)."""
     from pixelcnn_kernels.triton import masked_conv as kernels
 
+    concat_elu_input = input_activation is not None
     spec = resolve_mask(mask, kernel_size)
-    x, weight, _ = make_conv_inputs(64, 16, spec.kernel_size, 2, 5, 6)
+    channels = 32 if concat_elu_input else 64  # 64 input channels either way
+    x, weight, _ = make_conv_inputs(channels, 16, spec.kernel_size, 2, 5, 6)
+    if concat_elu_input:
+        weight = torch.cat([weight, weight], 1)
     offsets = ops.tap_offsets(spec, dilation)
     x_rows = x.permute(0, 2, 3, 1).contiguous()
+    keep = pixelcnn_kernels.draw_dropout_keep(x, 64, 0.5, torch.Generator().manual_seed(1)) if dropout else None
+    keep_rows, keep_scale = ops._keep_rows(keep), ops.dropout_scale(0.5 if dropout else 0.0)
     grad_out = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(3))
     grad_rows = grad_out.permute(0, 2, 3, 1).contiguous()
     assert kernels._tap_major_x("tf32", 64, 1) and not kernels._tap_major_x("ieee", 64, 1) and not kernels._tap_major_x("tf32", 64, 2**31)
     with run_backend("triton"):
-        copy = kernels._tap_major_rows(x_rows, offsets)
-        tf32 = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, True)
-        ieee = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, False, False)
-    moved = [_moved_by_tap(x_rows, dy, dx).permute(3, 0, 1, 2).reshape(64, -1) for dy, dx in zip(offsets[0::2], offsets[1::2])]
+        copy = kernels._tap_major_rows(x_rows, offsets, concat_elu_input, keep_rows, keep_scale)
+        tf32 = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, concat_elu_input, True, keep_rows, keep_scale)
+        ieee = kernels.masked_conv2d_wgrad(x_rows, grad_rows, offsets, concat_elu_input, False, keep_rows, keep_scale)
+        input_rows = kernels._concat_elu_rows(x_rows, keep_rows, keep_scale) if concat_elu_input else x_rows
+    moved = [_moved_by_tap(input_rows, dy, dx).permute(3, 0, 1, 2).reshape(64, -1) for dy, dx in zip(offsets[0::2], offsets[1::2])]
     assert torch.equal(copy, torch.stack(moved))
     assert torch.equal(tf32, ieee)
-    _, _, expected, _ = conv_and_grads(masked_conv2d_ref, x.double(), weight.double(), torch.zeros(16, dtype=torch.float64), grad_out.double(), mask=spec, dilation=dilation)
+    dropout_args = dict(dropout_keep=keep, dropout_p=0.5) if dropout else {}
+    _, _, expected, _ = conv_and_grads(
+        masked_conv2d_ref, x.double(), weight.double(), torch.zeros(16, dtype=torch.float64), grad_out.double(), mask=spec, dilation=dilation,
+        input_activation=input_activation, **dropout_args,
+    )  # fmt: skip
     assert_close_at_scale(ops.unpack_weight_grad(tf32, spec, weight), expected, dtype=torch.float32)
 
 

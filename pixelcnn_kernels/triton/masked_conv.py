@@ -28,7 +28,9 @@ Fused around the GEMMs:
   GEMMs' loads instead, as these kernels did first, it was recomputed for every tap and
   output-channel block and broke the loads' pipelining: the H200 (2026-11-30) ran the
   bf16 forward 4.6× slower than the same GEMM without it (0.495 ms against 0.107, where
-  the extra pass moves 32 MB, about 8 µs: predicted ~0.12 ms, not yet measured);
+  the extra pass moves 32 MB, about 8 µs: predicted ~0.12 ms, not yet measured). The TF32
+  weight gradient's pixel-major copy of its input (``_tap_major_rows``) computes concat_elu
+  (and the dropout) itself, in place of that pass;
 - its backward in the input gradient's epilogue: given x, the input-gradient GEMM
   accumulates the gradients w.r.t. elu(x) and elu(-x) side by side (as the gated
   forward does its two halves) and stores grad_x = g₁·elu'(x) − g₂·elu'(−x), so
@@ -59,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixelcnn_kernels.triton.gates import colour_group_halves, concat_elu_forward, concat_elu_grad_math, gate_sigmoid_math, gate_tanh_sigmoid_math
+from pixelcnn_kernels.triton.gates import colour_group_halves, concat_elu_forward, concat_elu_grad_math, concat_elu_math, gate_sigmoid_math, gate_tanh_sigmoid_math
 from pixelcnn_kernels.triton.utils import cdiv, launch_device, needs_int64_index, next_power_of_2, pointer_type, register_compile_case
 
 # Gate codes of the fused epilogue (the same numbers as the CUDA op's ``gate`` argument).
@@ -326,23 +328,36 @@ def _masked_conv_wgrad_kernel(
 
 @triton.jit
 def _tap_major_kernel(
-    x_ptr, out_ptr, num_pixels, H, W, C, OFFSETS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, out_ptr, keep_ptr, num_pixels, H, W, C, keep_scale,
+    OFFSETS: tl.constexpr, CONCAT_ELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """out[t, c, p] = x[p shifted by tap t, c], 0 where the tap leaves the image.
+    """out[t, c, p] = in[p shifted by tap t, c], 0 where the tap leaves the image.
 
-    x: (N·H·W, C) channels-last rows; out: (T, C, N·H·W) contiguous, fewer than 2^31
-    elements. Grid: (cdiv(N·H·W, BLOCK_P), cdiv(C, BLOCK_C), T). Each program reads its
-    (BLOCK_P, BLOCK_C) tile along the channels and writes it along the pixels (Triton
-    transposes it in shared memory between the two).
+    x: (N·H·W, C) channels-last rows; ``in`` is x (Cin = C) or, with CONCAT_ELU, concat_elu(x)
+    (Cin = 2C: channel c < C is elu(x[c]), c >= C elu(-x[c - C]); :func:`concat_elu_math`, the
+    materialised input's own math), dropped out by ``keep_ptr`` when given (uint8 (N·H·W, 2C): kept
+    elements times keep_scale, at the activation's own pixel). out: (T, Cin, N·H·W) contiguous,
+    fewer than 2^31 elements. Grid: (cdiv(N·H·W, BLOCK_P), cdiv(Cin, BLOCK_C), T). Each program
+    reads its (BLOCK_P, BLOCK_C) tile along the channels and writes it along the pixels (Triton
+    transposes it in shared memory between the two). float32 only (TF32's operand).
     """
     tap = tl.program_id(2)
     dy, dx = _tap_offset(tap, OFFSETS)
     pixels, pixel_ok, row, col = _pixel_block(tl.program_id(0), num_pixels, H, W, BLOCK_P, False)
+    in_channels = 2 * C if CONCAT_ELU else C
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
+    channel_ok = channels < in_channels
     sources, src_ok = _tap_sources(pixels, pixel_ok, row, col, dy, dx, H, W)
-    tile = tl.load(x_ptr + sources[:, None] * C + channels[None, :], mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
-    tl.store(out_ptr + (tap * C + channels[None, :]) * num_pixels + pixels[:, None], tile, mask=pixel_ok[:, None] & channel_ok[None, :])
+    read = src_ok[:, None] & channel_ok[None, :]
+    if CONCAT_ELU:
+        negated = channels >= C
+        pos, neg = concat_elu_math(tl.load(x_ptr + sources[:, None] * C + tl.where(negated, channels - C, channels)[None, :], mask=read, other=0.0))
+        tile = tl.where(negated[None, :], neg, pos)
+        if keep_ptr is not None:
+            tile *= tl.load(keep_ptr + sources[:, None] * in_channels + channels[None, :], mask=read, other=0).to(tl.float32) * keep_scale
+    else:
+        tile = tl.load(x_ptr + sources[:, None] * C + channels[None, :], mask=read, other=0.0)
+    tl.store(out_ptr + (tap * in_channels + channels[None, :]) * num_pixels + pixels[:, None], tile, mask=pixel_ok[:, None] & channel_ok[None, :])
 
 
 # ---------------------------------------------------------------- launchers
@@ -604,16 +619,23 @@ def _weight_grad_splits(tiles: int, pixel_blocks: int, blocks_per_sm: int, devic
     return max(1, min(cdiv(programs_wanted, tiles), pixel_blocks // _MIN_BLOCKS_PER_SPLIT))
 
 
-def _tap_major_rows(x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """(T, C, N·H·W): x (N, H, W, C) contiguous moved by each tap's offset (zeros where it leaves
-    the image), pixel-major: the weight gradient's TF32 operand, contiguous along the pixels and
-    16-byte aligned at every tile whatever the tap (:func:`_tap_major_x`)."""
+def _tap_major_rows(x: torch.Tensor, offsets: list[int], concat_elu_input: bool = False, keep: torch.Tensor | None = None, keep_scale: float = 1.0) -> torch.Tensor:
+    """(T, Cin, N·H·W): the convolution's input, x (N, H, W, C) contiguous or with ``concat_elu_input``
+    concat_elu(x) dropped out by ``keep`` (as :func:`_concat_elu_rows`), moved by each tap's offset
+    (zeros where it leaves the image), pixel-major: the weight gradient's TF32 operand, contiguous
+    along the pixels and 16-byte aligned at every tile whatever the tap (:func:`_tap_major_x`).
+    concat_elu is computed here, not read from a materialised (N, H, W, 2C): one pass and one
+    launch fewer, and C read instead of 2C written and read."""
     batch, height, width, channels = x.shape
     num_pixels, num_taps = batch * height * width, len(offsets) // 2
-    out = torch.empty(num_taps, channels, num_pixels, device=x.device, dtype=x.dtype)
-    grid = (cdiv(num_pixels, _TAP_MAJOR_BLOCK_P), cdiv(channels, _TAP_MAJOR_BLOCK_C), num_taps)
+    c_in = 2 * channels if concat_elu_input else channels
+    out = torch.empty(num_taps, c_in, num_pixels, device=x.device, dtype=x.dtype)
+    grid = (cdiv(num_pixels, _TAP_MAJOR_BLOCK_P), cdiv(c_in, _TAP_MAJOR_BLOCK_C), num_taps)
     with launch_device(x):
-        _tap_major_kernel[grid](x, out, num_pixels, height, width, channels, OFFSETS=tuple(offsets), BLOCK_P=_TAP_MAJOR_BLOCK_P, BLOCK_C=_TAP_MAJOR_BLOCK_C)
+        _tap_major_kernel[grid](
+            x, out, keep, num_pixels, height, width, channels, keep_scale,
+            OFFSETS=tuple(offsets), CONCAT_ELU=concat_elu_input, BLOCK_P=_TAP_MAJOR_BLOCK_P, BLOCK_C=_TAP_MAJOR_BLOCK_C,
+        )  # fmt: skip
     return out
 
 
@@ -661,25 +683,28 @@ def masked_conv2d_wgrad(
     """
     if keep is not None and not concat_elu_input:
         raise ValueError("keep (a dropout mask) needs a concat_elu input")
-    if concat_elu_input:
-        x = _concat_elu_rows(x, keep, keep_scale)
-    batch, height, width, c_in = x.shape
+    batch, height, width, channels = x.shape
+    c_in = 2 * channels if concat_elu_input else channels
     num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
     if num_pixels == 0:
         return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
-    precision, wide_index = dot_precision(x.dtype, allow_tf32), needs_int64_index(x, gout)
+    # The input's offsets reach num_pixels · c_in elements, concat_elu's 2C channels included.
+    precision, wide_index = dot_precision(x.dtype, allow_tf32), num_pixels * c_in >= 2**31 or needs_int64_index(gout)
     if _pixel_major_gout(precision, wide_index, c_in):
         g_rows, g_strides = gout.reshape(num_pixels, c_out).t().contiguous(), (1, num_pixels)
     else:
         g_rows, g_strides = gout, (c_out, 1)
     gemm = functools.partial(_weight_grad_gemm, g_rows=g_rows, g_strides=g_strides, c_out=c_out, precision=precision, wide_index=wide_index, num_splits=num_splits)
     taps_per_copy = min(num_taps, _TAP_MAJOR_MAX_TAPS)
-    if not _tap_major_x(precision, c_in, taps_per_copy * x.numel()):
-        return gemm(x, (0, c_in, 1), offsets, height, width, tap_major_x=False)
+    if not _tap_major_x(precision, c_in, taps_per_copy * num_pixels * c_in):
+        rows = _concat_elu_rows(x, keep, keep_scale) if concat_elu_input else x
+        return gemm(rows, (0, c_in, 1), offsets, height, width, tap_major_x=False)
     # A few taps at a time: the copies of x held at once stay within _TAP_MAJOR_MAX_TAPS.
     parts = [offsets[i : i + 2 * taps_per_copy] for i in range(0, len(offsets), 2 * taps_per_copy)]
     x_strides = (c_in * num_pixels, 1, num_pixels)
-    return torch.cat([gemm(_tap_major_rows(x, part), x_strides, part, height, width, tap_major_x=True) for part in parts])
+    return torch.cat([
+        gemm(_tap_major_rows(x, part, concat_elu_input, keep, keep_scale), x_strides, part, height, width, tap_major_x=True) for part in parts
+    ])  # fmt: skip
 
 
 def _weight_grad_gemm(x, x_strides, offsets, height, width, *, tap_major_x, g_rows, g_strides, c_out, precision, wide_index, num_splits):
@@ -819,11 +844,16 @@ def _register_compile_cases() -> None:
             if wgrad_index_widths and tap_name in wide_tap_sets:
                 register_wgrad(f"masked_conv_wgrad_wide_{tap_name}_{dtype_name}", offsets, dtype, c_in=_WGRAD_BLOCK_WIDE, c_out=_WGRAD_BLOCK_WIDE)
             if dtype == torch.float32:  # the TF32 weight gradient's copy of x
-                register_compile_case(
-                    f"masked_conv_tap_major_{tap_name}_{dtype_name}", _tap_major_kernel,
-                    {"x_ptr": pointer_type(dtype), "out_ptr": pointer_type(dtype), **dict.fromkeys(("num_pixels", "H", "W", "C"), "i32")},
-                    {"OFFSETS": tuple(offsets), "BLOCK_P": _TAP_MAJOR_BLOCK_P, "BLOCK_C": _TAP_MAJOR_BLOCK_C},
-                )
+                # x itself; PixelCNN++'s convolutions' concat_elu input, and in training its dropout too.
+                copies = (("", False, None),) + ((("_concat_elu", True, None), ("_concat_elu_dropout", True, "*u8")) if tap_name in variants_of else ())
+                for variant, concat_elu, keep_type in copies:
+                    register_compile_case(
+                        f"masked_conv_tap_major{variant}_{tap_name}_{dtype_name}", _tap_major_kernel,
+                        {"x_ptr": pointer_type(dtype), "out_ptr": pointer_type(dtype), **({"keep_ptr": keep_type} if keep_type else {}),
+                         **dict.fromkeys(("num_pixels", "H", "W", "C"), "i32"), "keep_scale": "fp32"},
+                        {"OFFSETS": tuple(offsets), "CONCAT_ELU": concat_elu, "BLOCK_P": _TAP_MAJOR_BLOCK_P, "BLOCK_C": _TAP_MAJOR_BLOCK_C,
+                         **({} if keep_type else {"keep_ptr": None})},
+                    )  # fmt: skip
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
