@@ -18,6 +18,7 @@ import pytest
 from triton.runtime import interpreter
 
 _LOG2_E = np.float32(1.4426950408889634)
+RSQRT_ERROR = 2.0**-22.9  # rsqrt.approx's relative error bound (PTX ISA)
 
 
 def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
@@ -43,7 +44,7 @@ def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
         if x.dtype != np.float32:
             return 1 / np.sqrt(x)
         with np.errstate(all="ignore"):
-            return (1 / np.sqrt(flush(x).astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * 2.0**-22.9)).astype(np.float32)
+            return (1 / np.sqrt(flush(x).astype(np.float64)) * (1 + rng.uniform(-1, 1, x.shape) * RSQRT_ERROR)).astype(np.float32)
 
     def divide(a, b):
         if a.dtype != np.float32:
@@ -62,3 +63,15 @@ def approximate_gpu_math(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     monkeypatch.setattr(builder, "create_rsqrt", lambda self, arg: self.unary_op(arg, rsqrt))
     monkeypatch.setattr(builder, "create_fdiv", lambda self, lhs, rhs: self.binary_op(lhs, rhs, divide))
     monkeypatch.setattr(builder, "create_fma", fma)
+
+
+def rsqrt_at_error_bound(monkeypatch: pytest.MonkeyPatch, direction: int) -> None:
+    """For the rest of the test, the interpreter's rsqrt off by its whole error bound at every
+    call, upwards (``direction`` 1) or downwards (-1): the approximate reciprocal's worst case."""
+    exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
+
+    def rsqrt(self, arg):
+        value = exact_rsqrt(self, arg)
+        return interpreter.TensorHandle((value.data.astype(np.float64) * (1 + direction * RSQRT_ERROR)).astype(value.data.dtype), value.dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt)

@@ -15,8 +15,7 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from gpu_math_emulation import approximate_gpu_math  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
+from gpu_math_emulation import approximate_gpu_math, rsqrt_at_error_bound  # noqa: E402
 from pixelcnn_kernels.triton.approx_math import exp_ftz, reciprocal_of_1_or_more, reciprocal_positive  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
@@ -82,13 +81,7 @@ def test_reciprocal_of_1_or_more_is_at_most_1_at_either_error_bound(direction, m
     """With rsqrt off by its whole bound (either way, every call), 1/d for d just above 1 stays at
     most 1 and within 6 ulps, and 1/1 is exactly 1: a sigmoid 1 / (1 + e) or tanh never passes 1
     (reciprocal_positive itself passes 1 there when rsqrt errs high)."""
-    exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
-
-    def rsqrt_at_bound(self, arg):
-        value = exact_rsqrt(self, arg)
-        return interpreter.TensorHandle((value.data.astype(np.float64) * (1 + direction * 2.0**-22.9)).astype(value.data.dtype), value.dtype)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_at_bound)
+    rsqrt_at_error_bound(monkeypatch, direction)
     d = 1.0 + torch.arange(0, 64, dtype=torch.float32) * torch.finfo(torch.float32).eps  # 1 and its next 63 floats
     _, raw, bounded = _apply(d)
     assert bounded[0] == 1.0 and (bounded <= 1.0).all()

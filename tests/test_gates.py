@@ -10,13 +10,11 @@ more than 2**31 elements.
 import dataclasses
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
-from triton.runtime import interpreter
 
 import pixelcnn_kernels as pk
-from gpu_math_emulation import approximate_gpu_math
+from gpu_math_emulation import approximate_gpu_math, rsqrt_at_error_bound
 from op_table import CUDA
 from pixelcnn_kernels.backend import BackendUnavailableError
 from pixelcnn_kernels.nn import ConcatELU, GateSigmoid, GateTanhSigmoid
@@ -243,13 +241,7 @@ def test_gates_hold_where_the_reciprocal_rounds_up_to_1(name, monkeypatch):
     """The reciprocal (rsqrt squared) may round ``sigmoid(b)`` to exactly 1 a few ulps before PyTorch's
     ``1 / (1 + e)`` does (b ~ 15): ``1 - s`` must not then drop to 0; and tanh's magnitude past 1.
     Here the interpreter's rsqrt errs by its whole bound, upwards, at every call."""
-    exact_rsqrt = interpreter.InterpreterBuilder.create_rsqrt
-
-    def rsqrt_high(self, arg):
-        value = exact_rsqrt(self, arg)
-        return interpreter.TensorHandle((value.data.astype(np.float64) * (1 + 2.0**-22.9)).astype(value.data.dtype), value.dtype)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", rsqrt_high)
+    rsqrt_at_error_bound(monkeypatch, 1)
     test_gate_grads_are_accurate_where_sigmoid_saturates(name, "triton", torch.device("cpu"))
     # Nor may tanh or sigmoid pass 1 (as they did for a fifth of |a| in (0, 12) and b in (0, 20)).
     values = torch.linspace(0.0, 20.0, 2001)
