@@ -119,13 +119,40 @@ def test_slow_calls_get_fewer_warmups_and_repeats(monkeypatch):
     assert not results[0].error and len(calls) == 2 + harness.MIN_REPEATS
 
 
-def test_the_gpu_spin_covers_a_call_that_fits_it_and_stays_short_past_that():
-    """Twice the warm-up call's time, at least _MIN_SPIN_MS, so the events time the GPU's work alone; a call
-    too long for _MAX_SPIN_MS keeps the minimum and is timed as back-to-back calls run, max(host, GPU)."""
-    assert harness._spin_ms(1e-5) == harness._MIN_SPIN_MS
-    assert harness._spin_ms(1e-3) == 2.0
-    assert harness._spin_ms(harness._MAX_SPIN_MS / 2e3) == harness._MAX_SPIN_MS
-    assert harness._spin_ms(0.03) == harness._MIN_SPIN_MS
+def test_the_gpu_spin_covers_a_call_and_its_predecessor_that_fit_it_and_stays_short_past_that():
+    """Twice the warm-up time of the timed call and its untimed predecessor, at least _MIN_SPIN_MS, so the
+    events time the GPU's work alone; a call too long for _MAX_SPIN_MS keeps the minimum, has no
+    predecessor and is timed as back-to-back calls run, max(host, GPU)."""
+    assert harness._timing_plan(1e-5) == (harness._MIN_SPIN_MS, True)
+    assert harness._timing_plan(1e-3) == (4.0, True)
+    assert harness._timing_plan(harness._MAX_SPIN_MS / 4e3) == (harness._MAX_SPIN_MS, True)
+    assert harness._timing_plan(0.03) == (harness._MIN_SPIN_MS, False)
+
+
+class _RecordingTimer:
+    """Stands in for _Timer: records (timed step, its predecessor, spin) and returns 1 ms."""
+
+    def __init__(self):
+        self.calls = []
+
+    def time_call(self, fn, spin_ms, predecessor=None):
+        self.calls.append((fn, predecessor, spin_ms))
+        return 1.0, 0.1
+
+
+def test_each_timed_call_follows_the_previous_input_sets_step():
+    """The predecessor leaves the L2 as a run of the step does, on other inputs than the timed call's."""
+    steps = [lambda: None for _ in range(3)]
+    timer = _RecordingTimer()
+    harness.time_rotating(timer, steps, 7, call_seconds=1e-4)
+    assert [(steps.index(fn), steps.index(before)) for fn, before, _ in timer.calls] == [(i % 3, (i - 1) % 3) for i in range(7)]
+
+
+def test_no_predecessor_for_one_input_set_or_a_long_call():
+    timer = _RecordingTimer()
+    harness.time_rotating(timer, [lambda: None], 3, call_seconds=1e-4)
+    harness.time_rotating(timer, [lambda: None, lambda: None], 3, call_seconds=0.03)
+    assert [before for _, before, _ in timer.calls] == [None] * 6
 
 
 def test_partial_results_are_handed_over_after_each_case():

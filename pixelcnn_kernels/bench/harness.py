@@ -121,30 +121,41 @@ def _outputs(value) -> list[torch.Tensor]:
     return [v for v in value if isinstance(v, torch.Tensor)]
 
 
-# The GPU's spin before a timed call (torch.cuda._sleep counts clock cycles, ~2 GHz on an
-# H200): _measure asks for twice the call's time found in its warm-up, which bounds the
-# host's time issuing it, so the host has queued the whole call when the GPU reaches it.
-# A call taking longer than _MAX_SPIN_MS / 2 (the models' training steps) keeps
-# _MIN_SPIN_MS and is timed as back-to-back steps run, max(host, GPU): the host ms column
-# says which. (On 2026-11-30 every call had the minimum: rows whose host time passed it,
-# such as the gates' backward, mixed host time into the GPU's; their p20 was far below
-# their median.)
-_MIN_SPIN_MS, _MAX_SPIN_MS = 0.5, 5.0
+# What the GPU's L2 holds when a timed call starts. The flush (a write of twice the L2) leaves
+# the L2 full of dirty lines, and a call right after it would write them back to memory as
+# it evicts them: up to 50 MB, ~12 µs on the H200, charged to a call whose floor counts only
+# its own bytes (the bf16 gates move 50 MB in ~12 µs). So each timed call follows an untimed
+# call of the same step on the previous input set, as in a run of that step: the timed call
+# writes back what its predecessor left dirty (as much as it leaves itself), and its own
+# inputs, last touched before the flush, come from memory.
+#
+# The GPU's spin before the two calls (torch.cuda._sleep counts clock cycles, ~2 GHz on an
+# H200): _timing_plan asks for twice their time found in the warm-up, which bounds the host's
+# time issuing them, so the host has queued both when the GPU reaches them. A call taking
+# longer than _MAX_SPIN_MS / 4 (the models' training steps, whose L2 state at the start is a
+# fraction of a percent of their time) has no predecessor, keeps _MIN_SPIN_MS and is timed as
+# back-to-back steps run, max(host, GPU): the host ms column says which. (On 2026-11-30 every
+# call had the minimum: rows whose host time passed it, such as the gates' backward, mixed host
+# time into the GPU's; their p20 was far below their median.)
+_MIN_SPIN_MS, _MAX_SPIN_MS = 0.5, 10.0
 _SPIN_CYCLES_PER_MS = 2_000_000
 
 
-def _spin_ms(call_seconds: float) -> float:
-    """The spin before timing a call that took ``call_seconds`` (host and GPU) in its warm-up."""
-    covering = 2e3 * call_seconds
-    return max(_MIN_SPIN_MS, covering) if covering <= _MAX_SPIN_MS else _MIN_SPIN_MS
+def _timing_plan(call_seconds: float) -> tuple[float, bool]:
+    """(the spin in ms, whether an untimed predecessor runs) for a call that took ``call_seconds`` (host and GPU) in its warm-up."""
+    covering = 2e3 * 2 * call_seconds  # twice the predecessor's and the timed call's time
+    if covering <= _MAX_SPIN_MS:
+        return max(_MIN_SPIN_MS, covering), True
+    return _MIN_SPIN_MS, False
 
 
 class _Timer:
     """CUDA events on the GPU, the host clock on the CPU.
 
-    On the GPU each call starts with L2 emptied (a write of twice its size) and behind
-    a spin of the GPU (``spin_ms``, see _spin_ms), during which the host queues the call:
-    the events then time the GPU's work from cold caches, not the host's launch latency.
+    On the GPU each call starts with L2 emptied (a write of twice its size) behind a spin
+    of the GPU (``spin_ms``) during which the host queues the call, after an untimed
+    ``predecessor`` if given (see _timing_plan): the events then time the GPU's work on
+    inputs from memory, not the host's launch latency.
     """
 
     def __init__(self, device: torch.device):
@@ -152,15 +163,17 @@ class _Timer:
         if self.cuda:
             self.l2_flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8, device=device)
 
-    def time_ms(self, fn: Callable[[], object]) -> float:
-        return self.time_call(fn)[0]
+    def time_ms(self, fn: Callable[[], object], predecessor: Callable[[], object] | None = None) -> float:
+        return self.time_call(fn, predecessor=predecessor)[0]
 
-    def time_call(self, fn: Callable[[], object], spin_ms: float = _MIN_SPIN_MS) -> tuple[float, float]:
-        """(the call's time in ms, the host's time issuing it in ms): the same on the CPU."""
+    def time_call(self, fn: Callable[[], object], spin_ms: float = _MIN_SPIN_MS, predecessor: Callable[[], object] | None = None) -> tuple[float, float]:
+        """(the call's time in ms, the host's time issuing it in ms): the same on the CPU, where no predecessor runs."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.l2_flush.zero_()
             torch.cuda._sleep(int(spin_ms * _SPIN_CYCLES_PER_MS))
+            if predecessor is not None:
+                predecessor()
             start.record()
             begin = time.perf_counter()
             fn()
@@ -186,9 +199,9 @@ def measure_ceilings(timer: _Timer, device: torch.device) -> Ceilings:
 
 def _copy_rate(timer: _Timer, device: torch.device) -> float:
     """Bytes read plus written per second by a 1 GiB device-to-device copy."""
-    src = torch.rand(2**28, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = _median([timer.time_ms(lambda: dst.copy_(src)) for _ in range(20)])
+    src, other_src = torch.rand(2, 2**28, device=device)
+    dst, other_dst = torch.empty_like(src), torch.empty_like(src)
+    copy_ms = _median([timer.time_ms(lambda: dst.copy_(src), predecessor=lambda: other_dst.copy_(other_src)) for _ in range(20)])
     return 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
 
 
@@ -375,9 +388,14 @@ def _measure(
 
 def time_rotating(timer: _Timer, steps: list[Callable[[], object]], repeats: int, call_seconds: float) -> tuple[float, float, float, float]:
     """(median, p20, p80, the host's median) ms of ``repeats`` timed calls rotating over ``steps``, each
-    behind the spin for a call of ``call_seconds`` (a warm-up call's time, after any compilation)."""
-    spin_ms = _spin_ms(call_seconds)
-    times, host_times = zip(*(timer.time_call(steps[i % len(steps)], spin_ms) for i in range(repeats)))
+    as _timing_plan says for a call of ``call_seconds`` (a warm-up call's time, after any compilation);
+    a predecessor is the step before in the rotation, none with one step (its inputs would be in L2)."""
+    spin_ms, with_predecessor = _timing_plan(call_seconds)
+
+    def predecessor(i: int) -> Callable[[], object] | None:
+        return steps[(i - 1) % len(steps)] if with_predecessor and len(steps) > 1 else None
+
+    times, host_times = zip(*(timer.time_call(steps[i % len(steps)], spin_ms, predecessor(i)) for i in range(repeats)))
     return _median(times), _percentile(times, 0.2), _percentile(times, 0.8), _median(host_times)
 
 
