@@ -1,5 +1,6 @@
 // CUDA kernels of the discretized logistic mixture (DMOL): NLL forward, NLL backward
-// (recomputes the forward and writes the logits' gradient in the same pass), sampler, and
+// (recomputes the forward and writes the logits' gradient in the same pass; or writes the NLL
+// and the gradient of its sum at once, for a loss that will be differentiated), sampler, and
 // cached sampling's draw step.
 // Layouts in dmol.h; the math is pixelcnn_kernels/reference/dmol.py's, in float32 with
 // the same numerically stable forms as the Triton kernels (pixelcnn_kernels/triton/dmol.py).
@@ -261,11 +262,10 @@ __global__ void __launch_bounds__(kThreads) nll_kernel(Problem problem, const XT
     total.add(mix + component_terms<false, C>(px, xv, k, mixtures, half_bin, log_half_bins).log_prob);
   }
   const float log_norm = norm.value(), log_total = total.value();
-  if constexpr (!kGrad) {
-    nll[at.flat] = log_norm - log_total;
-  } else {
+  if (!kGrad || nll != nullptr) nll[at.flat] = log_norm - log_total;
+  if constexpr (kGrad) {
     // d NLL / d log P_k = -posterior_k; d NLL / d mix_k = prior_k - posterior_k.
-    const float grad = grad_nll[offset4(grad_nll_strides, b, 0, h, w)];
+    const float grad = grad_nll != nullptr ? grad_nll[offset4(grad_nll_strides, b, 0, h, w)] : 1.f;
     const int64_t out_offset = offset4(grad_logits_strides, b, 0, h, w);
     const int64_t out_stride = grad_logits_strides.c;
     auto write = [&](int channel, float value) { grad_logits[out_offset + channel * out_stride] = from_float<T>(value); };
@@ -435,10 +435,10 @@ void launch_nll_forward(const Problem& problem, const void* x, XType x_type, Str
 }
 
 void launch_nll_backward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides,
-                         const float* grad_nll, Strides4 grad_nll_strides, void* grad_logits,
+                         const float* grad_nll, Strides4 grad_nll_strides, float* nll, void* grad_logits,
                          Strides4 grad_logits_strides, cudaStream_t stream) {
-  launch_nll<true>(problem, x, x_type, x_strides, nullptr, grad_nll, grad_nll_strides, grad_logits,
-                   grad_logits_strides, stream);
+  launch_nll<true>(problem, x, x_type, x_strides, nll, grad_nll, grad_nll_strides, grad_logits, grad_logits_strides,
+                   stream);
 }
 
 void launch_sample(const Problem& problem, const float* u_mix, Strides4 u_mix_strides, const float* u_logistic,

@@ -51,9 +51,11 @@ struct Problem {
 void launch_nll_forward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides, float* nll,
                         cudaStream_t stream);
 
-// Writes grad_logits = d(sum(grad_nll * nll)) / d logits, recomputing the forward.
+// Writes grad_logits = d(sum(grad_nll * nll)) / d logits, recomputing the forward. A null grad_nll
+// stands for 1 at every pixel (the gradient of the NLL's sum, bit for bit as given ones); a non-null
+// nll also gets the per-pixel NLL, as launch_nll_forward writes it: the loss and its gradient in one pass.
 void launch_nll_backward(const Problem& problem, const void* x, XType x_type, Strides4 x_strides,
-                         const float* grad_nll, Strides4 grad_nll_strides, void* grad_logits,
+                         const float* grad_nll, Strides4 grad_nll_strides, float* nll, void* grad_logits,
                          Strides4 grad_logits_strides, cudaStream_t stream);
 
 // Writes one draw per pixel into sample (contiguous (B, C, H, W) float32): the component

@@ -1,8 +1,11 @@
 // Torch glue of the discretized logistic mixture: schemas and CUDA implementations of
-// torch.ops.pixelcnn_kernels_cuda.{dmol_nll_forward, dmol_nll_backward, dmol_sample}.
+// torch.ops.pixelcnn_kernels_cuda.{dmol_nll_forward, dmol_nll_backward, dmol_nll_with_grad_of_sum,
+// dmol_sample}.
 // The Python ops (pixelcnn_kernels/ops/dmol.py) validate the arguments first; these
 // check what the kernels rely on and launch. Layouts in dmol.h.
 #include <ATen/ops/empty_like.h>
+
+#include <tuple>
 
 #include "dmol.h"
 #include "torch_glue.h"
@@ -76,10 +79,27 @@ at::Tensor dmol_nll_backward(const at::Tensor& x, const at::Tensor& logits, cons
   at::Tensor grad_logits = at::empty_like(logits);
   if (grad_logits.numel() > 0) {
     dmol::launch_nll_backward(problem, x.data_ptr(), x_type, strides_of(x), grad_nll.data_ptr<float>(),
-                              strides_of(grad_nll), grad_logits.data_ptr(), strides_of(grad_logits), current_stream());
+                              strides_of(grad_nll), nullptr, grad_logits.data_ptr(), strides_of(grad_logits),
+                              current_stream());
     check_launch("dmol_nll_backward");
   }
   return grad_logits;
+}
+
+// (nll, d(sum(nll)) / d logits) in one pass.
+std::tuple<at::Tensor, at::Tensor> dmol_nll_with_grad_of_sum(const at::Tensor& x, const at::Tensor& logits,
+                                                             int64_t num_bins) {
+  const dmol::Problem problem = make_problem(logits, x.dim() == 4 ? x.size(1) : 0, num_bins);
+  const dmol::XType x_type = check_x(x, logits);
+  const KernelsDeviceGuard guard(logits.device());
+  at::Tensor nll = logits.new_empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kFloat));
+  at::Tensor grad_logits = at::empty_like(logits);
+  if (grad_logits.numel() > 0) {
+    dmol::launch_nll_backward(problem, x.data_ptr(), x_type, strides_of(x), nullptr, dmol::Strides4{},
+                              nll.data_ptr<float>(), grad_logits.data_ptr(), strides_of(grad_logits), current_stream());
+    check_launch("dmol_nll_with_grad_of_sum");
+  }
+  return {nll, grad_logits};
 }
 
 at::Tensor dmol_sample(const at::Tensor& logits, const at::Tensor& u_mix, const at::Tensor& u_logistic,
@@ -104,11 +124,13 @@ at::Tensor dmol_sample(const at::Tensor& logits, const at::Tensor& u_mix, const 
 TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
   m.def("dmol_nll_forward(Tensor x, Tensor logits, int num_bins) -> Tensor");
   m.def("dmol_nll_backward(Tensor x, Tensor logits, Tensor grad_nll, int num_bins) -> Tensor");
+  m.def("dmol_nll_with_grad_of_sum(Tensor x, Tensor logits, int num_bins) -> (Tensor, Tensor)");
   m.def("dmol_sample(Tensor logits, Tensor u_mix, Tensor u_logistic, int num_bins, bool quantize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {
   m.impl("dmol_nll_forward", &pixelcnn_kernels::dmol_nll_forward);
   m.impl("dmol_nll_backward", &pixelcnn_kernels::dmol_nll_backward);
+  m.impl("dmol_nll_with_grad_of_sum", &pixelcnn_kernels::dmol_nll_with_grad_of_sum);
   m.impl("dmol_sample", &pixelcnn_kernels::dmol_sample);
 }

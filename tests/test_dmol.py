@@ -292,6 +292,43 @@ def test_triton_nll_covers_the_components_in_two_tiles_where_it_can():
     assert kernels._mixture_tiles(10, compute_grad=False)[:2] == (8, 2)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", CUDA])
+def test_logits_needing_a_gradient_get_it_from_the_losss_own_pass(backend, kernel_device, monkeypatch):
+    """In plain eager the NLL's pass also writes the gradient of its sum, which the backward scales:
+    no second pass. A second backward of the retained graph recomputes it (the buffer was handed
+    over), bit for bit the same at reduction "sum"; both match the reference at a random grad_nll;
+    gradients accumulate; the loss is the one computed without a gradient."""
+    from pixelcnn_kernels.ops import dmol as dmol_ops
+
+    if unavailable_reason(backend, kernel_device) is not None:
+        pytest.skip(unavailable_reason(backend, kernel_device))
+    recomputed = []
+    recompute = dmol_ops._dmol_nll_backward_call
+    monkeypatch.setattr(dmol_ops, "_dmol_nll_backward_call", lambda *args: recomputed.append(1) or recompute(*args))
+    logits = make_logits(3, 10, device=kernel_device)
+    bins = make_bins(3, 256, device=kernel_device)
+    grad_nll = torch.randn(2, 3, 5, device=kernel_device)
+    leaf = logits.clone().requires_grad_(True)
+    with use_backend(backend):
+        loss = nll_op(bins, leaf, 256, "sum")
+        (one_pass,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        assert not recomputed
+        (recomputed_grad,) = torch.autograd.grad(loss, leaf)
+        assert recomputed == [1]
+        assert torch.equal(one_pass, recomputed_grad)
+        assert_close(loss.detach(), nll_op(bins, logits, 256, "sum"))
+
+        nll = nll_op(bins, leaf, 256)
+        for _ in range(2):  # the pass's gradient scaled, then the recomputed one
+            (grad,) = torch.autograd.grad(nll, leaf, grad_nll, retain_graph=True)
+            assert_grad_close(grad, bins, logits, grad_nll, 256)
+        assert recomputed == [1, 1]
+
+        for _ in range(2):
+            nll_op(bins, leaf, 256, "sum").backward()
+    assert torch.equal(leaf.grad, 2 * one_pass)
+
+
 def test_kernel_integer_x_is_the_float_bin_centre_bit_for_bit(kernel_backend, kernel_device):
     """The kernels map a bin to the reference's correctly rounded centre: the NLL and gradient of
     uint8 bins equal those of their float32 centres exactly, at log-scales down to the -7 clamp."""
@@ -421,6 +458,7 @@ def test_opcheck(backend, kernel_device):
     with use_backend(backend):
         torch.library.opcheck(torch.ops.pixelcnn_kernels.dmol_nll, (bin_values(bins, 256), logits.requires_grad_(True), 256))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.dmol_nll_backward, (bins, logits.detach(), torch.rand(1, 2, 3, device=kernel_device), 256))
+        torch.library.opcheck(torch.ops.pixelcnn_kernels.dmol_nll_with_grad_of_sum, (bins, logits, 256))
         torch.library.opcheck(torch.ops.pixelcnn_kernels.dmol_sample, (logits.detach(), u_mix, u_logistic, 256, True))
 
 
@@ -715,11 +753,14 @@ def test_gpu_more_than_2_31_logits(backend):
         with use_backend(backend):
             nll = nll_op(x, logits)
             grad = torch.ops.pixelcnn_kernels.dmol_nll_backward(x, logits, torch.ones_like(nll), 256)
+            one_pass_nll, grad_of_sum = torch.ops.pixelcnn_kernels.dmol_nll_with_grad_of_sum(x, logits, 256)
         tail = (slice(batch - 1, batch), slice(None), slice(height - 3, height), slice(None))
         expected = reference.discretized_mix_logistic_nll(x[tail].long(), logits[tail].double())
         assert_close(nll[batch - 1 :, height - 3 :], expected, dtype=torch.bfloat16)
+        assert_close(one_pass_nll[batch - 1 :, height - 3 :], expected, dtype=torch.bfloat16)
         assert_close(grad[tail], reference_grad(x[tail], logits[tail], torch.ones_like(expected), 256), dtype=torch.bfloat16)
-        del nll, grad
+        assert torch.equal(grad_of_sum[tail], grad[tail])
+        del nll, grad, one_pass_nll, grad_of_sum
 
 
 @pytest.mark.gpu

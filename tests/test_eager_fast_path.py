@@ -110,7 +110,10 @@ def test_plain_eager_calls_skip_the_custom_ops_forward_and_backward(name):
         with _custom_op_calls() as op_calls:
             forward_backward(OPS[name], _through_the_custom_op(inputs))
     assert not fast_calls
-    assert any("backward" in op or "grad" in op for op in op_calls) and len(op_calls) >= 2, op_calls
+    # Through torch.library: the forward's op and the backward's, or for the DMOL NLL one op whose
+    # pass also writes the gradient (its backward scales it: an aten multiply).
+    assert any("backward" in op or "grad" in op for op in op_calls), op_calls
+    assert len(op_calls) >= 2 or set(op_calls) == {"dmol_nll_with_grad_of_sum"}, op_calls
 
 
 @pytest.mark.parametrize(

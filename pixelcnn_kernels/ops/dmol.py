@@ -1,7 +1,8 @@
 """Discretized mixture of logistics (PixelCNN++'s output distribution): the public ops.
 
-- :func:`discretized_mix_logistic_nll`: the negative log-likelihood, one fused pass
-  (gradient w.r.t. the logits in a second pass that recomputes the forward).
+- :func:`discretized_mix_logistic_nll`: the negative log-likelihood, one fused pass;
+  for logits that need a gradient the same pass also writes the gradient of the NLL's
+  sum, which the backward scales by the upstream gradient (:class:`_NllWithGradOfSum`).
 - :func:`sample_discretized_mix_logistic`: a draw from the mixture, a deterministic
   function of (logits, noise).
 - :func:`to_bins`: sampled values in [-1, 1] -> integer bins.
@@ -17,7 +18,7 @@ import math
 import torch
 
 from pixelcnn_kernels import backend as _backend
-from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path
+from pixelcnn_kernels.ops.registration import autograd_inside_custom_op, custom_op, eager_fast_path, plain_eager, without_autocast
 from pixelcnn_kernels.reference import dmol as _reference
 from pixelcnn_kernels.utils import FLOAT_DTYPES, check_int, check_same_device, check_same_dtype, check_tensor, compute_dtype
 
@@ -109,6 +110,20 @@ def _kernel_x(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- NLL custom ops
 
 
+def _new_nll(logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised per-pixel NLL, (B, H, W), for ``logits`` (B, P, H, W)."""
+    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=dtype)
+
+
+def _reference_nll_and_grad(x: torch.Tensor, logits: torch.Tensor, num_bins: int, grad_nll: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's NLL and d(sum(grad_nll * nll))/d logits (grad_nll None: 1 everywhere), inside a custom op."""
+    with autograd_inside_custom_op():
+        leaf = logits.detach().requires_grad_(True)
+        nll = _reference.discretized_mix_logistic_nll(x, leaf, num_bins)
+        (grad,) = torch.autograd.grad(nll, leaf, torch.ones_like(nll) if grad_nll is None else grad_nll)
+    return nll.detach(), torch.empty_like(logits).copy_(grad)  # the fakes' layout
+
+
 @custom_op("pixelcnn_kernels::dmol_nll")
 def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Tensor:
     backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", x, logits)
@@ -116,7 +131,7 @@ def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Ten
         return _reference.discretized_mix_logistic_nll(x, logits, num_bins)
     if backend == "cuda":
         return _backend.cuda_ops().dmol_nll_forward(_kernel_x(x), logits, num_bins)
-    nll = logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.float32)
+    nll = _new_nll(logits)
     if nll.numel() > 0:
         from pixelcnn_kernels.triton import dmol as triton_dmol
 
@@ -126,17 +141,14 @@ def _dmol_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Ten
 
 @_dmol_nll.register_fake
 def _(x, logits, num_bins):
-    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=compute_dtype(logits.dtype))
+    return _new_nll(logits, compute_dtype(logits.dtype))
 
 
 @custom_op("pixelcnn_kernels::dmol_nll_backward")
 def _dmol_nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, num_bins: int) -> torch.Tensor:
     backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", x, logits, grad_nll)
     if backend == "reference":
-        with autograd_inside_custom_op():
-            leaf = logits.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(_reference.discretized_mix_logistic_nll(x, leaf, num_bins), leaf, grad_nll)
-        return torch.empty_like(logits).copy_(grad)  # the fake's layout
+        return _reference_nll_and_grad(x, logits, num_bins, grad_nll)[1]
     if backend == "cuda":
         return _backend.cuda_ops().dmol_nll_backward(_kernel_x(x), logits, grad_nll, num_bins)
     grad_logits = torch.empty_like(logits)
@@ -170,6 +182,84 @@ _dmol_nll.register_autograd(_nll_backward, setup_context=_nll_setup_context)
 _dmol_nll_call = eager_fast_path(_dmol_nll)
 
 
+def _nll_with_grad_of_sum(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the per-pixel NLL, d(sum(nll))/d logits) in one pass: the loss of logits that need a gradient."""
+    backend = _backend.resolve_kernel_backend(logits.dtype, "DMOL", x, logits)
+    if backend == "reference":
+        return _reference_nll_and_grad(x, logits, num_bins, None)
+    if backend == "cuda":
+        return _backend.cuda_ops().dmol_nll_with_grad_of_sum(_kernel_x(x), logits, num_bins)
+    nll = _new_nll(logits)
+    grad_logits = torch.empty_like(logits)
+    if grad_logits.numel() > 0:
+        from pixelcnn_kernels.triton import dmol as triton_dmol
+
+        triton_dmol.nll_with_grad_of_sum(_kernel_x(x), logits, num_bins, nll, grad_logits)
+    return nll, grad_logits
+
+
+_dmol_nll_with_grad_of_sum = custom_op("pixelcnn_kernels::dmol_nll_with_grad_of_sum")(_nll_with_grad_of_sum)
+
+
+@_dmol_nll_with_grad_of_sum.register_fake
+def _(x, logits, num_bins):
+    return _new_nll(logits, compute_dtype(logits.dtype)), torch.empty_like(logits)
+
+
+def _scaled_grad_of_sum(grad_of_sum: torch.Tensor, grad_nll: torch.Tensor) -> torch.Tensor:
+    """d(sum(grad_nll * nll))/d logits from d(sum(nll))/d logits: each pixel's gradient times its grad_nll."""
+    return (grad_of_sum * grad_nll.unsqueeze(1)).to(grad_of_sum.dtype)
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _with_grad_backward(ctx, grad_nll, _):
+    (grad_of_sum,) = ctx.saved_tensors
+    return None, _scaled_grad_of_sum(grad_of_sum, grad_nll), None
+
+
+_dmol_nll_with_grad_of_sum.register_autograd(_with_grad_backward, setup_context=_with_grad_setup_context)
+_nll_with_grad_of_sum_eager = without_autocast(_nll_with_grad_of_sum)
+
+
+class _NllWithGradOfSum(torch.autograd.Function):
+    """The NLL of logits that need a gradient, in plain eager (:func:`plain_eager`): one pass
+    writes the NLL and the gradient of its sum, and the backward scales that gradient in place
+    (``dmol_nll_with_grad_of_sum``'s backward, which torch.compile and the modes get, allocates
+    the scaled one: the same values). Extra memory: the gradient, from the forward on, as the
+    two-pass backward would allocate it. The scaled buffer is handed over, so a second
+    backward of a retained graph, or one recording a graph (create_graph), recomputes the
+    gradient as ``dmol_nll``'s backward does (rounded once with grad_nll inside, not after)."""
+
+    @staticmethod
+    def forward(ctx, x, logits, num_bins):
+        nll, grad_of_sum = _nll_with_grad_of_sum_eager(x, logits, num_bins)
+        ctx.save_for_backward(x, logits)
+        ctx.num_bins = num_bins
+        ctx.grad_of_sum = grad_of_sum
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        grad_of_sum, ctx.grad_of_sum = ctx.grad_of_sum, None
+        if grad_of_sum is not None and not torch.is_grad_enabled():
+            return None, grad_of_sum.mul_(grad_nll.unsqueeze(1)), None
+        x, logits = ctx.saved_tensors
+        return None, _dmol_nll_backward_call(x, logits, grad_nll, ctx.num_bins), None
+
+
+def _nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """The per-pixel NLL; when logits need a gradient, from the pass that also writes it."""
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _dmol_nll_call(x, logits, num_bins)
+    if plain_eager((x, logits)):
+        return _NllWithGradOfSum.apply(x, logits, num_bins)
+    return _dmol_nll_with_grad_of_sum(x, logits, num_bins)[0]
+
+
 def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins: int = 256, reduction: str = "none", *, check_x: bool = True) -> torch.Tensor:
     """PixelCNN++'s discretized logistic mixture negative log-likelihood, fused.
 
@@ -199,7 +289,7 @@ def discretized_mix_logistic_nll(x: torch.Tensor, logits: torch.Tensor, num_bins
     ``torch._assert_async``).
     """
     _check_nll_args(x, logits, num_bins, reduction, check_x)
-    nll = _dmol_nll_call(x, logits, num_bins)
+    nll = _nll(x, logits, num_bins)
     if reduction == "none":
         return nll
     if reduction == "sum":

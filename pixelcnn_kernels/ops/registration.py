@@ -43,7 +43,7 @@ def _no_context(ctx, inputs, output) -> None:
     """The ``setup_context`` of an op whose backward needs nothing saved."""
 
 
-def _plain_eager(args: tuple) -> bool:
+def plain_eager(args: tuple) -> bool:
     """Whether nothing would intercept or record a custom op called on ``args``: not torch.compile
     nor jit tracing, no dispatch or torch-function mode (FakeTensor, make_fx, FlopCounterMode,
     ``with torch.device(...)``), no functorch transform, no forward-mode AD level, the profiler
@@ -61,7 +61,7 @@ def _plain_eager(args: tuple) -> bool:
     return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
-def _without_autocast(impl: Callable) -> Callable:
+def without_autocast(impl: Callable) -> Callable:
     """``impl`` run with autocast off (its signature kept: torch.library reads the schema from it)."""
 
     @functools.wraps(impl)
@@ -91,7 +91,7 @@ def custom_op(name: str) -> Callable[[Callable], object]:
         # The schema from impl itself: inferred from the wrapper, string annotations would be
         # evaluated in this module's globals instead of impl's.
         schema = torch.library.infer_schema(impl, mutates_args=())
-        return torch.library.custom_op(name, _without_autocast(impl), mutates_args=(), schema=schema)
+        return torch.library.custom_op(name, without_autocast(impl), mutates_args=(), schema=schema)
 
     return define
 
@@ -102,7 +102,7 @@ def eager_fast_path(op) -> Callable:
     The dispatch costs 30–75 µs of host time per call (two trips through the dispatcher,
     the schema's defaults filled in Python, Dynamo-disabled wrappers), as long as many of
     the kernels behind it run on a GPU; a training step makes hundreds of calls. Plain
-    eager calls (:func:`_plain_eager`) run the op's own implementation instead, under an
+    eager calls (:func:`plain_eager`) run the op's own implementation instead, under an
     autograd.Function made of its registered ``setup_context`` and ``backward``: the same
     code, values and gradients. An op without autograd runs it directly when grad mode is
     off (inside a backward pass), else as the op. Everything else (torch.compile, fake
@@ -118,7 +118,7 @@ def eager_fast_path(op) -> Callable:
     if backward is None:
 
         def call_without_autograd(*args):
-            return impl(*args) if not torch.is_grad_enabled() and _plain_eager(args) else op(*args)
+            return impl(*args) if not torch.is_grad_enabled() and plain_eager(args) else op(*args)
 
         return call_without_autograd
     setup_context = op._setup_context_fn or _no_context
@@ -133,7 +133,7 @@ def eager_fast_path(op) -> Callable:
     function = type(f"{op._name}_function", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*args):
-        if not _plain_eager(args):
+        if not plain_eager(args):
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)

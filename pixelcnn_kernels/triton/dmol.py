@@ -6,8 +6,10 @@ and the sampler: one tile of K rounded up to a power of two), so every parameter
 reads one logits channel across consecutive pixels (coalesced in NCHW; any strides,
 channels-last included, are read in place). The math follows
 :mod:`pixelcnn_kernels.reference.dmol` in float32 whatever the storage dtype. The
-backward recomputes the forward in the same pass that writes the logits'
-gradient, so nothing of size (B, H, W, C, K) is ever stored.
+gradient pass computes the forward in the same pass that writes the logits' gradient,
+so nothing of size (B, H, W, C, K) is ever stored: when a gradient will be needed it
+writes the NLL and the gradient of its sum at once (the op's backward scales that by
+the upstream gradient), else it recomputes the forward in the backward.
 
 libdevice is not available in the Triton interpreter, so ``expm1`` and ``tanh``
 are written here with an exp and a Taylor series where ``exp(v) - 1`` would
@@ -340,7 +342,7 @@ def _dmol_nll_kernel(
     g_stride_b, g_stride_h, g_stride_w,
     d_stride_b, d_stride_p, d_stride_h, d_stride_w,
     half_bin, last_bin_index, log_half_bins,
-    CHANNELS: tl.constexpr, X_IS_INT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    CHANNELS: tl.constexpr, X_IS_INT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, GRAD_OF_SUM: tl.constexpr,
     K_FIRST: tl.constexpr, K_REST: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Per-pixel DMOL NLL (COMPUTE_GRAD=False) or the logits' gradient (COMPUTE_GRAD=True).
@@ -349,7 +351,9 @@ def _dmol_nll_kernel(
     logits: (B, P, H, W) float32/float16/bfloat16, any strides, P = (1 + C*n) * num_mix.
     Forward writes nll: (B, H, W) float32 contiguous. Backward reads grad_nll
     (B, H, W) float32 (any strides, e.g. an expanded scalar) and writes
-    grad_logits (B, P, H, W) in the logits dtype with its own strides.
+    grad_logits (B, P, H, W) in the logits dtype with its own strides; with GRAD_OF_SUM
+    it reads no grad_nll (1 for every pixel: the gradient of the NLL's sum, bit for bit
+    the backward's given ones) and writes nll as the forward does.
     The components are two tiles, K_FIRST of them and K_REST after (0: none), powers of two
     covering num_mix (see :func:`_mixture_tiles`).
     """
@@ -388,8 +392,12 @@ def _dmol_nll_kernel(
     if not COMPUTE_GRAD:
         tl.store(nll_ptr + pix, log_norm - log_total, mask=pix_mask)
     else:
-        grad = tl.load(grad_nll_ptr + batch * g_stride_b + row * g_stride_h + col * g_stride_w, mask=pix_mask, other=0.0)
-        grad = grad.to(tl.float32)[:, None]
+        if GRAD_OF_SUM:
+            tl.store(nll_ptr + pix, log_norm - log_total, mask=pix_mask)
+            grad = tl.full((BLOCK, 1), 1.0, tl.float32)
+        else:
+            grad = tl.load(grad_nll_ptr + batch * g_stride_b + row * g_stride_h + col * g_stride_w, mask=pix_mask, other=0.0)
+            grad = grad.to(tl.float32)[:, None]
         d_offset = (batch * d_stride_b + row * d_stride_h + col * d_stride_w)[:, None]
         _store_mixture_grads(
             grad_logits_ptr, d_offset, d_stride_p, num_mix, k_first, pix_mask, grad, log_norm, log_total, mix_first, log_probs_first, terms_first,
@@ -567,7 +575,7 @@ def _nll_warps(compute_grad: bool) -> int:
     return 8 if compute_grad else 4
 
 
-def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: bool) -> None:
+def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: bool, grad_of_sum: bool = False) -> None:
     batch, num_logit_channels, height, width = logits.shape
     channels = x.shape[1]
     num_mix = _reference.num_mixtures(num_logit_channels, channels)
@@ -579,7 +587,7 @@ def _launch_nll(x, logits, num_bins, nll, grad_nll, grad_logits, compute_grad: b
             num_pixels, height, width, num_mix,
             *x.stride(), *logits.stride(), *grad_nll.stride(), *grad_logits.stride(),
             1.0 / (num_bins - 1), float(num_bins - 1), math.log((num_bins - 1) / 2),
-            CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad,
+            CHANNELS=channels, X_IS_INT=not x.dtype.is_floating_point, COMPUTE_GRAD=compute_grad, GRAD_OF_SUM=grad_of_sum,
             K_FIRST=k_first, K_REST=k_rest, BLOCK=block, INDEX_64=_needs_int64(num_pixels, block, x, logits, grad_logits, grad_nll),
             num_warps=_nll_warps(compute_grad),
         )
@@ -600,6 +608,15 @@ def nll_backward(x: torch.Tensor, logits: torch.Tensor, grad_nll: torch.Tensor, 
     grad_nll: (B, H, W) float32, any strides (an expanded scalar works).
     """
     _launch_nll(x, logits, num_bins, grad_nll, grad_nll, grad_logits, compute_grad=True)
+
+
+def nll_with_grad_of_sum(x: torch.Tensor, logits: torch.Tensor, num_bins: int, nll: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    """Writes the per-pixel NLL into ``nll`` and d(sum(nll))/d logits into ``grad_logits`` in one pass.
+
+    Shapes, dtypes and strides as :func:`nll_forward` and :func:`nll_backward`.
+    """
+    # grad_nll is not read with GRAD_OF_SUM; nll stands in for it.
+    _launch_nll(x, logits, num_bins, nll, nll, grad_logits, compute_grad=True, grad_of_sum=True)
 
 
 def sample(logits: torch.Tensor, u_mix: torch.Tensor, u_logistic: torch.Tensor, num_bins: int, quantize: bool, out: torch.Tensor) -> None:
@@ -646,26 +663,29 @@ def _as_launched(num_mix: int) -> dict:
     """K = 1 reaches a launch as an int argument equal to 1, which Triton specialises to a constant."""
     return {"num_mix": 1} if num_mix == 1 else {}
 
-for _channels, _x_dtype, _logits_dtype, _grad, _num_mix, _index_64 in (
-    (3, torch.float32, torch.float32, False, 10, False),  # two tiles, 8 + 2
-    (3, torch.float32, torch.float32, True, 10, False),  # one, padded to 16
-    (3, torch.uint8, torch.bfloat16, True, 10, True),
-    (1, torch.int64, torch.float16, False, 5, False),  # 4 + 1
-    (3, torch.uint8, torch.bfloat16, False, 9, False),  # 8 + 1 would hold 9 per thread: padded to 16
-    (1, torch.uint8, torch.bfloat16, True, 3, False),
-    (3, torch.uint8, torch.float16, True, 1, False),  # K = 1 (512 pixels per program) and K = 64
-    (3, torch.uint8, torch.float32, True, 64, False),
+for _channels, _x_dtype, _logits_dtype, _pass, _num_mix, _index_64 in (
+    (3, torch.float32, torch.float32, "forward", 10, False),  # two tiles, 8 + 2
+    (3, torch.float32, torch.float32, "backward", 10, False),
+    (3, torch.float32, torch.float32, "grad_of_sum", 10, False),  # the NLL and its gradient in one pass
+    (3, torch.uint8, torch.bfloat16, "backward", 10, True),
+    (3, torch.uint8, torch.bfloat16, "grad_of_sum", 10, False),
+    (1, torch.int64, torch.float16, "forward", 5, False),  # 4 + 1
+    (3, torch.uint8, torch.bfloat16, "forward", 9, False),  # 8 + 1 would hold 9 per thread: padded to 16
+    (1, torch.uint8, torch.bfloat16, "backward", 3, False),
+    (3, torch.uint8, torch.float16, "backward", 1, False),  # K = 1 (512 pixels per program) and K = 64
+    (3, torch.uint8, torch.float32, "backward", 64, False),
 ):
+    _grad = _pass != "forward"
     _types = {name: "fp32" for name in _FLOAT_ARGS}
     _types.update(x_ptr=pointer_type(_x_dtype), logits_ptr=pointer_type(_logits_dtype), grad_logits_ptr=pointer_type(_logits_dtype))
     _k_first, _k_rest, _block = _mixture_tiles(_num_mix, _grad)
     register_compile_case(
-        f"dmol_nll_{'backward' if _grad else 'forward'}_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_x{str(_x_dtype).removeprefix('torch.')}"
+        f"dmol_nll_{_pass}_c{_channels}_{str(_logits_dtype).removeprefix('torch.')}_x{str(_x_dtype).removeprefix('torch.')}"
         f"_k{_num_mix}{'_int64' if _index_64 else ''}",
         _dmol_nll_kernel,
         _signature(_NLL_ARGS, _types, "i32") | {"grad_nll_ptr": "*fp32", "nll_ptr": "*fp32"},
-        dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, K_FIRST=_k_first, K_REST=_k_rest,
-             BLOCK=_block, INDEX_64=_index_64, **_as_launched(_num_mix)),
+        dict(CHANNELS=_channels, X_IS_INT=not _x_dtype.is_floating_point, COMPUTE_GRAD=_grad, GRAD_OF_SUM=_pass == "grad_of_sum",
+             K_FIRST=_k_first, K_REST=_k_rest, BLOCK=_block, INDEX_64=_index_64, **_as_launched(_num_mix)),
         num_warps=_nll_warps(_grad),
         divisible_ints=False,  # K = 10 mixtures, P = 100 logits
         # K = 1's gradient pass (512 pixels a program): Triton 3.8's ptxas holds it to 128 registers,
