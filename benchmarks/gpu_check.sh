@@ -54,7 +54,15 @@
 # in the ~150 s its tests leave):
 #   GPU_CHECK_SECONDS=420 GPU_CHECK_STEPS="tests sanitize bench" bash benchmarks/gpu_check.sh "$OUT" gates dmol masked_conv --warmup 5 --repeats 20
 #   GPU_CHECK_SECONDS=330 GPU_CHECK_STEPS="sampling pptrain bench" bash benchmarks/gpu_check.sh "$OUT" models -k gated_pixelcnn_train
-# and in a session after it, "profile tiles" (where the layers' backward goes; the tile A/B).
+# and in a session after it, "profile host tiles" (where the layers' backward goes; where their
+# host time goes; the tile A/B).
+# "host" (not a default; one to two minutes, mostly compiling the tiny shapes' kernels) runs
+# benchmarks/host_overhead.py --gpu: the layers' and models' host time per forward+backward with
+# every kernel launched (tiny sizes, so the GPU's work is microseconds), on the triton and cuda
+# backends and eager, each fused row with its functions of most host time (cProfile). The bench's
+# `host ms` of 2026-11-30 (the Gated PixelCNN layer's forward+backward 4.8 ms triton, 3.5 cuda,
+# 3.7 eager, where the CPU-only count with stubbed launches gives 0.7 and 0.4) says the host
+# bounds the layers and training steps; this says where its time goes.
 #
 # Each failed test is appended to OUT_DIR/gpu_test_failures.log as it is reported (the
 # summary lists them), so a run cut short, or an xdist controller that dies after a
@@ -97,7 +105,7 @@ within() { local limit=$1; shift; (( limit > 0 )) || return 124; timeout -s INT 
 
 steps=" ${GPU_CHECK_STEPS:-tests sanitize properties bench} "
 wants() { [[ $steps == *" $1 "* ]]; }
-tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 sampling_rc=0 profile_rc=0 ncu_rc=0 pptrain_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
+tests_rc=0 sanitize_rc=0 properties_rc=0 tiles_rc=0 sampling_rc=0 profile_rc=0 host_rc=0 ncu_rc=0 pptrain_rc=0 bench_rc=0 graphs_rc=0 build_rc=0
 
 step "build"
 start=$(date +%s)
@@ -242,7 +250,7 @@ run_report() {
   within "$limit" $py "$@" --out "$out/$name.md" >"$out/$name.log" 2>&1
   step_rc=$?
   { echo; echo "## $title (python $*): $(outcome $step_rc "$limit")"; echo
-    cat "$out/$name.md" 2>/dev/null || { echo '```'; tail -20 "$out/$name.log"; echo '```'; }; } >>"$summary"
+    cat "$out/$name.md" 2>/dev/null || { echo '```'; tail -80 "$out/$name.log"; echo '```'; }; } >>"$summary"
 }
 
 if wants sampling; then
@@ -255,6 +263,12 @@ if wants profile; then
   step "kernels of the training step and the layers"
   run_report "The kernels of the Gated PixelCNN training step and the gated layers" "$(allowance 120 60)" profile benchmarks/profile_layers.py
   profile_rc=$step_rc
+fi
+
+if wants host; then
+  step "host time of the layers and models, every kernel launched"
+  run_report "Host time of a step on the GPU, every kernel launched" "$(allowance 120 60)" host benchmarks/host_overhead.py --gpu --steps 20 --profile 20
+  host_rc=$step_rc
 fi
 
 if wants tiles; then
@@ -299,7 +313,7 @@ fi
 
 step "done"
 # The device tool returns at most 8 files: summary.md, the bench tables, and the logs packed in one.
-(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md profile.log profile.md ncu.log bench*.log bench/results.csv bench/goals.md bench/table.txt bench_sampling/results.csv bench_sampling/goals.md bench_sampling/table.txt \
+(cd "$out" && tar czf logs.tar.gz --remove-files steps.log build*.log probe.log gpu_test*.log small_tiles_tests.log sanitizer_*.log properties.log tiles.log tiles.md profile.log profile.md host.log host.md ncu.log bench*.log bench/results.csv bench/goals.md bench/table.txt bench_sampling/results.csv bench_sampling/goals.md bench_sampling/table.txt \
   bench_pp_train/results.csv bench_pp_train/goals.md bench_pp_train/table.txt bench_graph 2>/dev/null)
 cat "$summary"
-[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$sampling_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$pptrain_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$probe_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$sanitize_rc" -eq 0 ] && [ "$properties_rc" -eq 0 ] && [ "$tiles_rc" -eq 0 ] && [ "$sampling_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ] && [ "$host_rc" -eq 0 ] && [ "$ncu_rc" -eq 0 ] && [ "$pptrain_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$graphs_rc" -eq 0 ]

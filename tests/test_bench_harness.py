@@ -286,23 +286,39 @@ def test_bench_cut_by_ctrl_c_prints_and_keeps_what_it_measured(tmp_path, monkeyp
 
 
 def test_host_overhead_script_times_every_workload_fused_and_reference(tmp_path):
-    """benchmarks/host_overhead.py, one step per row: every workload's two rows, the fused ones with their launch counts."""
+    """benchmarks/host_overhead.py, one step per row: every workload's two rows, the fused ones with their launch
+    counts, and with --profile each fused row's functions of most host time."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
     out = tmp_path / "host.md"
-    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--profile", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[1].strip() for row in rows] == ["fused", "reference"] * 5
     for workload, ops, host_ms, launches in rows:
         assert float(host_ms) > 0, workload
         assert int(launches) > 0 if ops.strip() == "fused" else launches.strip() == "-"
-    assert "command: python benchmarks/host_overhead.py --steps 1" in out.read_text()
+    command = "command: python benchmarks/host_overhead.py --steps 1 --profile 3"
+    assert command in out.read_text()
+    profiles = out.read_text().split("Host time by function, ")[1:]
+    assert [p.split(" (", 1)[0] for p in profiles] == [f"{row[0].strip()}, fused" for row in rows if row[1].strip() == "fused"]
+    for profile in profiles:  # a header, then the 3 functions of most own time, most first
+        header, *functions = profile.split("```")[1].strip().splitlines()
+        assert header.split()[:4] == ["own", "µs", "total", "µs"] and len(functions) == 3
+        own = [float(line.split()[0]) for line in functions]
+        assert own == sorted(own, reverse=True) and own[0] > 0
     printed = result.stdout.splitlines()  # the header and the column row first, then the rows as measured
     columns = printed.index("| workload | ops | host ms (fwd+bwd) | Triton launches |")
     first_row = min(i for i, line in enumerate(printed) if line.startswith("| ") and "| fused |" in line)
-    assert printed.index("command: python benchmarks/host_overhead.py --steps 1") < columns < first_row
+    assert printed.index(command) < columns < first_row
     refused = subprocess.run([sys.executable, str(script), "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "is a directory; name the report's file" in refused.stderr and "| workload" not in refused.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_host_overhead_script_needs_a_gpu_for_gpu():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    refused = subprocess.run([sys.executable, str(script), "--gpu"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--gpu needs a CUDA GPU" in refused.stderr
 
 
 def test_ncu_script_takes_kernel_backends_and_needs_a_gpu():
