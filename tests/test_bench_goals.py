@@ -50,6 +50,16 @@ def test_the_fastest_kernel_is_judged_against_each_kind_of_target():
     assert slower_bf16.met is False and slower_bf16.measured == "1.1× (cuda 0.055 ms; float32: triton 0.05 ms)"
 
 
+def test_a_time_the_host_takes_longer_to_issue_says_so():
+    """The harness times a layer's GPU work behind a spin; where its host time is longer the verdict shows both."""
+    host_bound = dataclasses.replace(_row(provider="triton", ms=0.6), host_ms=2.5)
+    goal = Goal(5, "t", "dmol_nll", "B=64 3x32x32 K=10", "float32", "full", "speedup", 2.0, "compile")
+    verdict = judge(goal, _index([host_bound, dataclasses.replace(_row(provider="compile", ms=1.5), host_ms=1.0)]))
+    assert verdict.met is True and verdict.measured == "2.5× (triton 0.6 ms (host 2.5 ms); compile 1.5 ms)"
+    assert "bound by the host" in goals_table([host_bound])
+    assert "bound by the host" not in goals_table([_row(provider="triton", ms=0.6)])
+
+
 def test_missing_and_failed_rows_are_not_measured_and_graph_replays_count_as_their_provider():
     goal = Goal(3, "t", "dmol_nll", "B=64 3x32x32 K=10", "float32", "full", "speedup", 2.0, "compile")
     assert judge(goal, _index([])).met is None

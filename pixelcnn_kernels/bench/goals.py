@@ -124,7 +124,10 @@ def _source(row: Result) -> str:
 
 
 def _timed(row: Result) -> str:
-    return f"{_source(row)} {row.median_ms:.4g} ms"
+    """The row's provider and median; and its host time where that is longer: the GPU's work of the
+    call, timed behind a spin, which a run of such calls without CUDA graphs would not reach."""
+    host = f" (host {row.host_ms:.4g} ms)" if row.host_ms > row.median_ms else ""
+    return f"{_source(row)} {row.median_ms:.4g} ms{host}"
 
 
 def judge(goal: Goal, index: dict) -> Verdict:
@@ -179,6 +182,9 @@ def goals_table(results: list[Result]) -> str:
     judged = [v for v in verdicts if v.met is not None]
     lines.append("")
     lines.append(f"{sum(v.met for v in judged)} of {len(judged)} goals judged are met; {len(verdicts) - len(judged)} not measured in this run.")
+    if any("(host " in v.measured for v in verdicts):
+        lines.append("A time followed by a longer host time is the GPU's work alone; the host takes longer to issue the call, "
+                     "so a run of such calls without CUDA graphs is bound by the host.")
     return "\n".join(lines)
 
 
