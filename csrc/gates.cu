@@ -190,8 +190,9 @@ struct ConcatEluForward {
     const Index y_offset = row * 2 * row_len + col;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      pos[k] = elu_math(v[k]);
-      neg[k] = elu_math(-v[k]);
+      const ConcatElu both = concat_elu_math(v[k]);
+      pos[k] = both.pos;
+      neg[k] = both.neg;
       if (keep != nullptr) {
         pos[k] = round_to<T>(pos[k]) * (keep[y_offset + k] != 0 ? keep_scale : 0.0f);
         neg[k] = round_to<T>(neg[k]) * (keep[y_offset + row_len + k] != 0 ? keep_scale : 0.0f);

@@ -84,12 +84,23 @@ __device__ __forceinline__ void gate_sigmoid_grad_math(float a, float b, float g
 // F.elu with alpha = 1: x if x > 0 else expm1(x) (NaN takes the expm1 branch).
 __device__ __forceinline__ float elu_math(float x) { return x > 0.0f ? x : expm1f(x); }
 
-// PyTorch's elu backward: grad * exp(x) if x <= 0 else grad (NaN x passes grad through).
-__device__ __forceinline__ float elu_grad_math(float x, float grad) { return x <= 0.0f ? grad * expf(x) : grad; }
+// (elu(x), elu(-x)). One of x, -x takes the identity branch, so one expm1(-|x|) serves both
+// (two expm1f, each computed whichever branch is taken, held the bf16 forward to about half of
+// copy bandwidth); the selects give F.elu's results bit for bit, signed zeros and NaNs included.
+struct ConcatElu {
+  float pos, neg;
+};
+__device__ __forceinline__ ConcatElu concat_elu_math(float x) {
+  const float e = expm1f(-fabsf(x));
+  return {x < 0.0f ? e : x, x > 0.0f ? e : -x};
+}
 
-// d/dx of concat_elu given the gradients of its two halves: the -x half's chain rule flips its sign.
+// d/dx of concat_elu given the gradients of its two halves, with PyTorch's elu backward
+// grad * exp(z) if z <= 0 else grad (a NaN x passes both through); the -x half's chain rule
+// flips its sign. exp(x) for x <= 0 and exp(-x) for x >= 0 are both exp(-|x|): one expf.
 __device__ __forceinline__ float concat_elu_grad_math(float x, float grad_pos, float grad_neg) {
-  return elu_grad_math(x, grad_pos) - elu_grad_math(-x, grad_neg);
+  const float e = expf(-fabsf(x));
+  return (x <= 0.0f ? grad_pos * e : grad_pos) - (x >= 0.0f ? grad_neg * e : grad_neg);
 }
 
 // The channels a, b of gated output channel n's two halves when the 2 * channels pre-activation

@@ -149,8 +149,9 @@ __device__ __forceinline__ void stage_window(const T* src, const ResnetStep& s, 
     const int64_t pixel = int64_t{row + t / s.kernel_width - s.top} * s.padded_width + col + t % s.kernel_width - s.left;
     const float v = b < s.batch ? to_float(src[(b * s.padded_height * s.padded_width + pixel) * c + k]) : 0.0f;
     float* dst = window + image * 2 * per_image + t * 2 * c;
-    dst[k] = round_to<T>(elu_math(v));
-    dst[c + k] = round_to<T>(elu_math(-v));
+    const ConcatElu both = concat_elu_math(v);
+    dst[k] = round_to<T>(both.pos);
+    dst[c + k] = round_to<T>(both.neg);
   }
 }
 
@@ -179,8 +180,9 @@ __device__ void resnet_position(const ResnetStep& s, int row, int col, uint32_t 
       const int64_t b = image0 + image;
       const T* skip = static_cast<const T*>(s.skip[stream]);
       const float v = b < s.batch ? to_float(skip[b * image_len + q_pixel * c + k]) : 0.0f;
-      skip_s[image * skip_len + r] = round_to<T>(elu_math(v));
-      skip_s[image * skip_len + n_skip + r] = round_to<T>(elu_math(-v));
+      const ConcatElu both = concat_elu_math(v);
+      skip_s[image * skip_len + r] = round_to<T>(both.pos);
+      skip_s[image * skip_len + n_skip + r] = round_to<T>(both.neg);
     }
     __syncthreads();
     for (int n = threadIdx.x; n < c; n += kThreads) {

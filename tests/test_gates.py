@@ -206,6 +206,21 @@ def test_kernels_extreme_inputs_propagate_like_pytorch(name, backend, kernel_dev
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_concat_elu_keeps_the_signed_zeros_of_f_elu(backend, dtype, kernel_device):
+    """elu(+0) = +0 and elu(-0) = -0, so concat_elu(+0) = (+0, -0) and concat_elu(-0) = (-0, +0); the gradient
+    at either zero is grad_pos - grad_neg. (The Triton kernel's single expm1(-|x|) gave -0 for both once.)"""
+    x = torch.tensor([[0.0, -0.0]], dtype=dtype, device=kernel_device).requires_grad_(True)
+    grad = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=dtype, device=kernel_device)
+    with pk.use_backend(backend):
+        y = pk.concat_elu(x, 1)
+        (dx,) = torch.autograd.grad(y, x, grad)
+    expected = torch.nn.functional.elu(torch.cat([x, -x], 1).detach())
+    assert torch.equal(y, expected) and torch.equal(torch.signbit(y), torch.signbit(expected)), (y, expected)
+    assert torch.equal(dx, torch.tensor([[1.0 - 4.0, 2.0 - 8.0]], dtype=dtype, device=kernel_device))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernels_are_accurate_near_zero(backend, kernel_device):
     """tanh and expm1 keep fp32 relative accuracy for tiny inputs (where the tolerance's atol would hide a loss)."""
     magnitudes = torch.logspace(-30, 0.5, 1024, dtype=torch.float64, device=kernel_device)

@@ -143,10 +143,11 @@ def concat_elu_math(x):
     """``(elu(x), elu(-x))`` of an fp32 tensor (``elu(z) = z`` if ``z > 0`` else ``expm1(z)``).
 
     One of ``x, -x`` is the identity branch, so a single ``expm1(-|x|)`` serves
-    both; NaN takes the ``expm1`` branch in both, as ``F.elu`` does.
+    both. The selects keep ``F.elu``'s signed zeros (elu(+0) = +0, elu(-0) = -0, where
+    ``expm1(-|x|)`` is -0 for both) and its NaNs.
     """
     e = expm1_nonpositive(-tl.abs(x))
-    return tl.where(x > 0, x, e), tl.where(-x > 0, -x, e)
+    return tl.where(x < 0, e, x), tl.where(x > 0, e, -x)
 
 
 @triton.jit
@@ -155,11 +156,11 @@ def concat_elu_grad_math(x, grad_pos, grad_neg):
 
     ``grad_pos * elu'(x) - grad_neg * elu'(-x)`` with PyTorch's ``elu'(z) =
     exp(z) if z <= 0 else 1`` (so a NaN ``x`` gives ``grad_pos - grad_neg``, as
-    in PyTorch).
+    in PyTorch); ``exp(x)`` for ``x <= 0`` and ``exp(-x)`` for ``x >= 0`` are both
+    ``exp(-|x|)``: one exp.
     """
-    pos = tl.where(x <= 0, grad_pos * exp_ftz(x), grad_pos)
-    neg = tl.where(-x <= 0, grad_neg * exp_ftz(-x), grad_neg)
-    return pos - neg
+    e = exp_ftz(-tl.abs(x))
+    return tl.where(x <= 0, grad_pos * e, grad_pos) - tl.where(x >= 0, grad_neg * e, grad_neg)
 
 
 @triton.jit
