@@ -154,11 +154,12 @@ def host_profile(forward, steps: int, on_gpu: bool, top: int) -> str:
 
 
 def _short_path(filename: str) -> str:
-    """``filename`` from its package on: .../site-packages/triton/runtime/jit.py -> triton/runtime/jit.py."""
+    """``filename`` from its package on: .../site-packages/triton/runtime/jit.py -> triton/runtime/jit.py,
+    .../lib/python3.12/inspect.py -> inspect.py, <checkout>/pixelcnn_kernels/ops/dmol.py -> pixelcnn_kernels/ops/dmol.py."""
     parts = Path(filename).parts
-    for anchor in ("site-packages", "main", "benchmarks"):
-        if anchor in parts[:-1]:
-            return "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor) + 1 :])
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "site-packages" or parts[i].startswith("python3") or parts[i + 1] in ("pixelcnn_kernels", "benchmarks"):
+            return "/".join(parts[i + 1 :])
     return filename
 
 
