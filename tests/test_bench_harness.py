@@ -110,6 +110,29 @@ def test_a_failing_provider_is_marked_failed_apart_from_one_that_cannot_run():
     assert "FAILED: RuntimeError: a kernel bug" in table and "skipped:" in table
 
 
+def test_an_extra_provider_may_force_a_backend():
+    """name -> (fn, backend): timed with that backend forced, as the kernel providers are; one that cannot run here
+    is a row with the reason. name -> fn runs with the automatic choice."""
+    from pixelcnn_kernels.backend import forced_backend
+
+    seen = {}
+
+    def recording(name):
+        def tanh(x):
+            seen[name] = forced_backend()
+            return torch.tanh(x)
+
+        return tanh
+
+    case = dataclasses.replace(_toy_case(), modes=("forward",), extra_providers={
+        "automatic": recording("automatic"), "forced": (recording("forced"), "reference"), "unavailable": (torch.tanh, "cuda")})
+    results, _ = run([case], [torch.float32], torch.device("cpu"), warmup=1, repeats=1, only={"automatic", "forced", "unavailable"})
+    rows = {r.provider: r for r in results}
+    assert seen == {"automatic": None, "forced": "reference"}
+    assert not rows["forced"].error and rows["forced"].median_ms > 0
+    assert rows["unavailable"].error and rows["unavailable"].median_ms != rows["unavailable"].median_ms
+
+
 def test_slow_calls_get_fewer_warmups_and_repeats(monkeypatch):
     """Past the measurement's time budget: two warm-up calls (the second one timed, after any compilation) and MIN_REPEATS timed ones."""
     monkeypatch.setattr(harness, "MEASURE_SECONDS", 0.0)

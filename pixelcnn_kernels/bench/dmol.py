@@ -5,7 +5,10 @@ images with K = 10 (logits (B, 100, 32, 32)), plus the sampler on one pixel
 (B, 100, 1, 1) as the cached sampler calls it. CPU: tiny sizes. The NLL cases time
 ``reduction="sum"`` (PixelCNN++'s training loss) with x as floats in [-1, 1], with
 ``check_x=False`` as the drop-in models call it; the ``checked_x`` provider times the
-default call, whose range check reads x on the host.
+default call, whose range check reads x on the host, and ``triton_two_pass`` the Triton
+kernels as they ran before the loss's pass also wrote its gradient (the registered
+``dmol_nll`` op: a forward-only pass, then a backward that recomputes it): the measured
+A/B of that change.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ def _nll_case(batch: int, height: int, width: int) -> Case:
         reference=lambda x, logits: reference.discretized_mix_logistic_nll(x, logits).sum(),
         bytes_moved=bytes_moved,
         grad_inputs=(1,),
-        extra_providers={"checked_x": lambda x, logits: discretized_mix_logistic_nll(x, logits, reduction="sum")},
+        extra_providers={
+            "checked_x": lambda x, logits: discretized_mix_logistic_nll(x, logits, reduction="sum"),
+            "triton_two_pass": (lambda x, logits: torch.ops.pixelcnn_kernels.dmol_nll(x, logits, 256).sum(), "triton"),
+        },
     )
 
 

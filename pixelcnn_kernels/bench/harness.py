@@ -60,7 +60,8 @@ class Case:
     ``op`` runs the package's public op (the harness picks the backend),
     ``reference`` the pure-PyTorch reference. ``bytes_moved(mode, dtype)`` and
     ``flops(mode)`` give the least traffic and arithmetic the mode needs.
-    ``extra_providers`` are other formulations timed alongside (name -> fn).
+    ``extra_providers`` are other formulations timed alongside (name -> fn, run with the
+    automatic backend choice, or name -> (fn, backend) to force one, as the kernel providers are).
     ``note(device, dtype)``, after a provider's runs, describes its last run in a few
     words for the table (e.g. how many iterations the Jacobi sampler took).
     ``optimized_inputs``: inputs (a model's parameters, among ``grad_inputs``) that a
@@ -77,7 +78,7 @@ class Case:
     flops: Callable[[str], int] = lambda mode: 0
     grad_inputs: tuple[int, ...] = (0,)
     modes: tuple[str, ...] = MODES
-    extra_providers: dict[str, Callable[..., object]] = dataclasses.field(default_factory=dict)
+    extra_providers: dict[str, Callable[..., object] | tuple[Callable[..., object], str]] = dataclasses.field(default_factory=dict)
     note: Callable[[torch.device, torch.dtype], str] = lambda device, dtype: ""
     optimized_inputs: tuple[int, ...] = ()
 
@@ -300,7 +301,10 @@ def _providers(case: Case, device: torch.device, compiled: Callable) -> dict[str
     for backend in KERNEL_PROVIDERS:
         reason = unavailable_reason(backend, device)
         providers[backend] = reason if reason else (case.op, backend)
-    providers.update({name: (fn, None) for name, fn in case.extra_providers.items()})
+    for name, provider in case.extra_providers.items():
+        fn, backend = provider if isinstance(provider, tuple) else (provider, None)
+        reason = unavailable_reason(backend, device) if backend is not None else None
+        providers[name] = reason if reason else (fn, backend)
     return providers
 
 
