@@ -17,7 +17,9 @@ ratio to ``compile`` and the floor beside each time:
   graph and the replays are timed (providers ``<name>+graph``): the GPU's work without
   the host's, for every provider alike;
 - GPU timing: CUDA events around each call, warm-up first, inputs rotated over
-  enough sets that they do not sit in L2, random data (never zeros).
+  enough sets that they do not sit in L2, random data (never zeros); a call of up
+  to 10 ms follows an untimed call of the same step on the previous set, behind a
+  spin that hides the host's issuing time (see _timing_plan).
 
 Without a GPU it times small CPU sizes with the host clock and says that GPU
 numbers need a GPU.
