@@ -114,8 +114,7 @@ def host_ms(forward, steps: int, on_gpu: bool) -> tuple[float, int | None]:
 
     On the GPU each call is timed on the host clock and the GPU drained after it (its work on
     these sizes is microseconds): the time the host takes to issue a step."""
-    launches = contextlib.nullcontext() if on_gpu else StubbedLaunches()
-    with launches:
+    with _launches(on_gpu) as launches:
         for _ in range(3):  # warm-up: compilation, the caches of masks, tables and layouts
             _step(forward)
         _drain(on_gpu)
@@ -130,6 +129,11 @@ def host_ms(forward, steps: int, on_gpu: bool) -> tuple[float, int | None]:
     return statistics.median(times), None if on_gpu else launches.count // steps
 
 
+def _launches(on_gpu: bool):
+    """The GPU's own launches; on the CPU the interpreter's, stubbed out and counted."""
+    return contextlib.nullcontext() if on_gpu else StubbedLaunches()
+
+
 def _drain(on_gpu: bool) -> None:
     if on_gpu:
         torch.cuda.synchronize()
@@ -139,7 +143,7 @@ def host_profile(forward, steps: int, on_gpu: bool, top: int) -> str:
     """The ``top`` functions of most host time of their own over ``steps`` forward+backward calls (cProfile),
     per step: µs in the function itself, µs with what it calls, calls."""
     profiler = cProfile.Profile()
-    with contextlib.nullcontext() if on_gpu else StubbedLaunches():
+    with _launches(on_gpu):
         for _ in range(steps):
             profiler.enable()
             _step(forward)

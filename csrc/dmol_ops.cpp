@@ -52,6 +52,11 @@ dmol::XType check_x(const at::Tensor& x, const at::Tensor& logits) {
   }
 }
 
+// An uninitialised per-pixel NLL (B, H, W) float32 for logits (B, P, H, W).
+at::Tensor new_nll(const at::Tensor& logits) {
+  return logits.new_empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kFloat));
+}
+
 void check_float32_like(const at::Tensor& t, const char* name, const at::Tensor& logits, at::IntArrayRef shape) {
   check_same_device(t, name, logits, "logits");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
@@ -62,7 +67,7 @@ at::Tensor dmol_nll_forward(const at::Tensor& x, const at::Tensor& logits, int64
   const dmol::Problem problem = make_problem(logits, x.dim() == 4 ? x.size(1) : 0, num_bins);
   const dmol::XType x_type = check_x(x, logits);
   const KernelsDeviceGuard guard(logits.device());
-  at::Tensor nll = logits.new_empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kFloat));
+  at::Tensor nll = new_nll(logits);
   if (nll.numel() > 0) {
     dmol::launch_nll_forward(problem, x.data_ptr(), x_type, strides_of(x), nll.data_ptr<float>(), current_stream());
     check_launch("dmol_nll_forward");
@@ -92,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> dmol_nll_with_grad_of_sum(const at::Tensor& x
   const dmol::Problem problem = make_problem(logits, x.dim() == 4 ? x.size(1) : 0, num_bins);
   const dmol::XType x_type = check_x(x, logits);
   const KernelsDeviceGuard guard(logits.device());
-  at::Tensor nll = logits.new_empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kFloat));
+  at::Tensor nll = new_nll(logits);
   at::Tensor grad_logits = at::empty_like(logits);
   if (grad_logits.numel() > 0) {
     dmol::launch_nll_backward(problem, x.data_ptr(), x_type, strides_of(x), nullptr, dmol::Strides4{},

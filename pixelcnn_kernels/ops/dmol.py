@@ -206,9 +206,10 @@ def _(x, logits, num_bins):
     return _new_nll(logits, compute_dtype(logits.dtype)), torch.empty_like(logits)
 
 
-def _scaled_grad_of_sum(grad_of_sum: torch.Tensor, grad_nll: torch.Tensor) -> torch.Tensor:
-    """d(sum(grad_nll * nll))/d logits from d(sum(nll))/d logits: each pixel's gradient times its grad_nll."""
-    return (grad_of_sum * grad_nll.unsqueeze(1)).to(grad_of_sum.dtype)
+def _scaled_grad_of_sum(grad_of_sum: torch.Tensor, grad_nll: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d(sum(grad_nll * nll))/d logits from d(sum(nll))/d logits: each pixel's gradient times its grad_nll,
+    computed in float32 and rounded once into ``out`` (grad_of_sum's shape and dtype; grad_of_sum itself: in place)."""
+    return torch.mul(grad_of_sum, grad_nll.unsqueeze(1), out=out)
 
 
 def _with_grad_setup_context(ctx, inputs, output):
@@ -218,7 +219,7 @@ def _with_grad_setup_context(ctx, inputs, output):
 
 def _with_grad_backward(ctx, grad_nll, _):
     (grad_of_sum,) = ctx.saved_tensors
-    return None, _scaled_grad_of_sum(grad_of_sum, grad_nll), None
+    return None, _scaled_grad_of_sum(grad_of_sum, grad_nll, torch.empty_like(grad_of_sum)), None
 
 
 _dmol_nll_with_grad_of_sum.register_autograd(_with_grad_backward, setup_context=_with_grad_setup_context)
@@ -246,7 +247,7 @@ class _NllWithGradOfSum(torch.autograd.Function):
     def backward(ctx, grad_nll):
         grad_of_sum, ctx.grad_of_sum = ctx.grad_of_sum, None
         if grad_of_sum is not None and not torch.is_grad_enabled():
-            return None, grad_of_sum.mul_(grad_nll.unsqueeze(1)), None
+            return None, _scaled_grad_of_sum(grad_of_sum, grad_nll, grad_of_sum), None
         x, logits = ctx.saved_tensors
         return None, _dmol_nll_backward_call(x, logits, grad_nll, ctx.num_bins), None
 
