@@ -45,7 +45,7 @@ import torch
 from pixelcnn_kernels.bench.harness import Report, _host_seconds, _Timer, time_rotating
 from pixelcnn_kernels.cli import ArgumentParser, positive_int, report_user_errors
 from pixelcnn_kernels.masks import resolve_mask
-from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets
+from pixelcnn_kernels.ops.masked_conv import pack_weight, tap_offsets, weight_grad_layout
 from pixelcnn_kernels.triton import dmol
 from pixelcnn_kernels.triton import masked_conv
 
@@ -110,6 +110,7 @@ def _randn(device: torch.device, dtype: torch.dtype, generator: torch.Generator,
 def kernels() -> list[Kernel]:
     spec = resolve_mask("vertical", 3)
     offsets = tap_offsets(spec, 1)
+    layout = weight_grad_layout(spec, torch.empty(C_OUT, C_IN, 3, 3, device="meta"))
     conv_flops = 2 * BATCH * SIDE * SIDE * C_IN * C_OUT * len(spec.taps)
 
     def conv_inputs(dtype, device, seed):
@@ -154,7 +155,7 @@ def kernels() -> list[Kernel]:
     return [
         Kernel("conv forward", plain, conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_fwd(x, wp, None, None, offsets, False, True)), tflops),
         Kernel("conv input grad", plain, conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_dgrad(gout, wp, None, offsets, True)), tflops),
-        Kernel("conv weight grad", ("channels-last-x", "current"), conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_wgrad(x, gout, offsets, False, True)), tflops),
+        Kernel("conv weight grad", ("channels-last-x", "current"), conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_wgrad(x, gout, offsets, *layout, False, True)), tflops),
         Kernel(
             "conv gated forward", gated,
             conv(lambda x, gout, wp, bias, cond: masked_conv.masked_conv2d_fwd_gated(x, wp, bias, cond, None, None, offsets, False, masked_conv.GATE_TANH_SIGMOID, 1, True, True)),

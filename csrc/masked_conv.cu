@@ -27,8 +27,9 @@
 //
 // wgrad, `wgrad_kernel`, is one GEMM per tap (taps are the grid's y dimension):
 // rows input channels, columns output channels, reduction over the pixels, split
-// over grid z into fixed ranges whose partials `sum_splits_kernel` adds in order. Its
-// loop moves each loaded pixel on by carries (advance_pixel), dividing only once.
+// over grid z into fixed ranges whose partials `finish_weight_grad_kernel` adds in order,
+// writing the gradient in the weight's own (Cout, Cin, kh, kw) layout and dtype. Its loop
+// moves each loaded pixel on by carries (advance_pixel), dividing only once.
 //
 // Global offsets are 64-bit throughout (tensors may exceed 2^31 elements); shared
 // memory offsets are 32-bit.
@@ -689,7 +690,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) conv_kernel(c
 struct WgradParams {
   const void* x;     // (N, H, W, in_channels)
   const void* gout;  // (N, H, W, Cout)
-  float* dst;        // gwp (T, Cin, Cout), or the workspace (splits, T, Cin, Cout)
+  float* dst;        // the partial sums (splits, T, Cin, Cout)
   int64_t pixels;
   int64_t pixels_per_split;
   int height;
@@ -774,13 +775,37 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinBlocksPerSm) wgrad_kernel(
 #endif
 }
 
-// out[i] = sum over s = 0 .. splits-1, in that order, of partials[s][i].
-__global__ void sum_splits_kernel(const float* partials, float* out, int64_t size, int splits) {
+struct WgradFinishParams {
+  const float* partials;  // (splits, T, Cin, Cout)
+  const uint8_t* hidden;  // (Cout, Cin), nonzero: a pair hidden at the anchor tap; or null
+  void* grad;             // (Cout, Cin, positions) in Elem
+  int splits;
+  int taps;
+  int in_channels;
+  int out_channels;
+  int positions;
+  int anchor_tap;
+  int tap_position[kMaxTaps];
+};
+
+// grad[co][ci][tap_position[t]] = sum over s = 0 .. splits-1, in that order, of partials[s][t][ci][co]
+// (0 for the hidden pairs at the anchor tap). One thread a (t, ci, co) of partials' order: the reads
+// coalesce, the writes (a small tensor) need not. The kernel's other positions are zeroed before.
+template <typename Elem>
+__global__ void finish_weight_grad_kernel(const WgradFinishParams p) {
+  const int64_t pairs = static_cast<int64_t>(p.in_channels) * p.out_channels;
+  const int64_t size = pairs * p.taps;
+  Elem* grad = static_cast<Elem*>(p.grad);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < size;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int t = static_cast<int>(i / pairs);
+    const int64_t ci = i % pairs / p.out_channels;
+    const int64_t co = i % p.out_channels;
     float total = 0.0f;
-    for (int s = 0; s < splits; ++s) total += partials[s * size + i];
-    out[i] = total;
+#pragma unroll 4  // independent loads in flight, not one split's latency after another's
+    for (int s = 0; s < p.splits; ++s) total += p.partials[s * size + i];
+    if (p.hidden != nullptr && t == p.anchor_tap && p.hidden[co * p.in_channels + ci] != 0) total = 0.0f;
+    grad[(co * p.in_channels + ci) * p.positions + p.tap_position[t]] = from_float<Elem>(total);
   }
 }
 
@@ -938,22 +963,23 @@ WgradPlan plan_masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProbl
   const int64_t pixels_per_split = std::max<int64_t>(ceil_div(ceil_div(pixels, splits), kBlockK) * kBlockK, kBlockK);
   splits = std::max<int64_t>(ceil_div(pixels, pixels_per_split), 1);
   const int64_t gwp_size = static_cast<int64_t>(problem.taps) * problem.in_channels * problem.out_channels;
-  return {static_cast<int>(splits), pixels_per_split, splits > 1 ? splits * gwp_size : 0, wide};
+  return {static_cast<int>(splits), pixels_per_split, splits * gwp_size, wide};
 }
 
 void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
-                         const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream) {
-  const int64_t gwp_size = static_cast<int64_t>(problem.taps) * problem.in_channels * problem.out_channels;
+                         const WeightGradLayout& layout, const void* x, const void* gout, void* grad, float* workspace,
+                         cudaStream_t stream) {
+  const int64_t pairs = static_cast<int64_t>(problem.in_channels) * problem.out_channels;
   const int64_t pixels = problem.batch * problem.height * problem.width;
-  if (gwp_size == 0) return;
+  if (pairs == 0) return;
   if (pixels == 0) {  // an empty sum (and no image to decode pixels in)
-    cudaMemsetAsync(gwp, 0, gwp_size * sizeof(float), stream);
+    cudaMemsetAsync(grad, 0, pairs * layout.positions * elem_bytes(dtype), stream);
     return;
   }
   const int bytes = elem_bytes(dtype);
   WgradParams params{x,
                      gout,
-                     plan.splits > 1 ? workspace : gwp,
+                     workspace,
                      pixels,
                      plan.pixels_per_split,
                      problem.height,
@@ -979,11 +1005,18 @@ void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
     dispatch_tensor_core_math<1, WideTile>(dtype, launch(TypeTag<WideTile>{}));
   else
     dispatch_math<1, SmallTile>(dtype, allow_tf32, launch(TypeTag<SmallTile>{}));
-  if (plan.splits > 1) {
-    constexpr int kSumThreads = 256;
-    const int64_t blocks = std::min<int64_t>(ceil_div(gwp_size, kSumThreads), 65535);
-    sum_splits_kernel<<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(workspace, gwp, gwp_size, plan.splits);
-  }
+
+  if (layout.positions > problem.taps)  // the masked-out positions: zero
+    cudaMemsetAsync(grad, 0, pairs * layout.positions * bytes, stream);
+  WgradFinishParams finish{workspace,          layout.hidden,        grad,
+                           plan.splits,        problem.taps,         problem.in_channels,
+                           problem.out_channels, layout.positions,   layout.anchor_tap};
+  for (int t = 0; t < problem.taps; ++t) finish.tap_position[t] = layout.tap_positions[t];
+  constexpr int kFinishThreads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(pairs * problem.taps, kFinishThreads), 65535);
+  dispatch_dtype(dtype, [&](auto tag) {
+    finish_weight_grad_kernel<decltype(tag)><<<static_cast<unsigned>(blocks), kFinishThreads, 0, stream>>>(finish);
+  });
 }
 
 }  // namespace masked_conv

@@ -7,7 +7,8 @@
 //
 //   forward   out[m, co]    = bias[co] + sum_t sum_ci x[shift_t(m), ci] * wp[t, ci, co]
 //   dgrad     gx[m, ci]     = sum_t sum_co gout[shift_-t(m), co] * wp[t, ci, co]
-//   wgrad     gwp[t, ci, co] = sum_m x[shift_t(m), ci] * gout[m, co]
+//   wgrad     gwp[t, ci, co] = sum_m x[shift_t(m), ci] * gout[m, co],
+//             written as the weight's gradient grad[co, ci, i_t, j_t] (WeightGradLayout)
 //
 // where shift_t(n, y, x) = (n, y + dy_t, x + dx_t) and pixels outside the image read
 // as zero. Masked-out taps are not in the list, so no kernel ever loads or
@@ -55,17 +56,28 @@ enum class Gate : int {
 };
 
 // How the weight gradient is tiled and split over the pixels (split-K): each split writes
-// its partial gwp to a float workspace and a second kernel sums the splits in order, so
-// the result is deterministic. With one split the kernel writes gwp directly.
+// its partial gwp to a float workspace and a second kernel sums the splits in order (so
+// the result is deterministic) into the weight's layout.
 struct WgradPlan {
   int splits;
   int64_t pixels_per_split;
-  int64_t workspace_elements;  // splits * T * Cin * Cout when splits > 1, else 0
+  int64_t workspace_elements;  // splits * T * Cin * Cout
   bool wide_tiles;             // 128 x 128 channel tiles, else 64 x 64
 };
 
+// Where the weight gradient's taps go in the weight's (Cout, Cin, kh, kw) layout: tap t at the
+// flat kernel position tap_positions[t] = i_t * kw + j_t of `positions` = kh * kw, the others 0;
+// hidden (device, (Cout, Cin) bytes, nonzero: a channel pair the colour groups hide at tap
+// anchor_tap, whose gradient is 0 there; or null).
+struct WeightGradLayout {
+  int positions;
+  const int* tap_positions;  // host array of T entries
+  const uint8_t* hidden;
+  int anchor_tap;
+};
+
 // Every launcher takes the element type of the activations and weight (the output
-// has the same type, except the float32 weight gradient) and computes in float32:
+// has the same type) and computes in float32:
 // on tensor cores (mma.sync: TF32 for float32 inputs when allow_tf32, else exact FFMA;
 // bf16/fp16 inputs with fp32 accumulation). Pointers are device pointers; bias and
 // cond are float32, a residual or addend has the activations' type. x is (N, H, W, Cin).
@@ -95,10 +107,11 @@ void masked_conv2d_dgrad(DType dtype, bool allow_tf32, const ConvProblem& proble
 // The tiles and split of the weight gradient for a device with `sm_count` multiprocessors.
 WgradPlan plan_masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, int sm_count);
 
-// gwp (T, Cin, Cout) float32 from x (N, H, W, Cin) and gout (N, H, W, Cout); `workspace` holds
-// plan.workspace_elements floats (may be null when that is 0).
+// grad (Cout, Cin, kh, kw) in `dtype`, laid out as `layout` says, from x (N, H, W, Cin) and gout
+// (N, H, W, Cout); `workspace` holds plan.workspace_elements floats.
 void masked_conv2d_wgrad(DType dtype, bool allow_tf32, const ConvProblem& problem, const WgradPlan& plan,
-                         const void* x, const void* gout, float* gwp, float* workspace, cudaStream_t stream);
+                         const WeightGradLayout& layout, const void* x, const void* gout, void* grad, float* workspace,
+                         cudaStream_t stream);
 
 }  // namespace masked_conv
 }  // namespace pixelcnn_kernels

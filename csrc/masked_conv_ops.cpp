@@ -5,8 +5,8 @@
 // and packs the weight; these checks guard the contract itself: CUDA tensors on one
 // device, contiguous channels-last activations (N, H, W, C), wp (T, Cin, Cout) of the
 // activations' dtype, offsets [dy_0, dx_0, ...] with 1 <= T <= kMaxTaps, a residual of
-// the output's shape and dtype (an addend: the pre-activation's), and Cin = 2C for a
-// concat_elu input (see masked_conv.h).
+// the output's shape and dtype (an addend: the pre-activation's), Cin = 2C for a
+// concat_elu input, and the weight gradient's layout (see masked_conv.h).
 #include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
@@ -231,9 +231,41 @@ at::Tensor masked_conv2d_dgrad_cuda(const at::Tensor& gout, const at::Tensor& wp
   return gx;
 }
 
+// The weight gradient's layout arguments (see WeightGradLayout): tap_positions, one per tap, within
+// kernel_size (kh, kw); hidden, when given, (Cout, Cin) uint8 on x's device with anchor_tap a tap.
+WeightGradLayout checked_layout(at::IntArrayRef tap_positions, at::IntArrayRef kernel_size,
+                                const std::optional<at::Tensor>& hidden, int64_t anchor_tap, int taps,
+                                int64_t in_channels, int64_t out_channels, const at::Tensor& x,
+                                std::vector<int>& positions32) {
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1 &&
+                  kernel_size[0] * kernel_size[1] <= kMaxExtent,
+              "kernel_size must be (kh, kw) >= 1 of fewer than 2^30 positions, got ", kernel_size);
+  const int64_t positions = kernel_size[0] * kernel_size[1];
+  TORCH_CHECK(static_cast<int64_t>(tap_positions.size()) == taps, "tap_positions has ", tap_positions.size(),
+              " entries but offsets hold ", taps, " taps");
+  positions32.clear();
+  for (int64_t position : tap_positions) {
+    TORCH_CHECK(0 <= position && position < positions, "tap_positions must lie in [0, kh * kw = ", positions, "), got ",
+                position);
+    positions32.push_back(static_cast<int>(position));
+  }
+  if (hidden.has_value()) {
+    TORCH_CHECK_TYPE(hidden->scalar_type() == at::kByte, "hidden must be uint8, got ", hidden->scalar_type());
+    check_same_device(*hidden, "hidden", x, "x");
+    TORCH_CHECK(hidden->is_contiguous() && hidden->dim() == 2 && hidden->size(0) == out_channels &&
+                    hidden->size(1) == in_channels,
+                "hidden must be contiguous (Cout, Cin) = (", out_channels, ", ", in_channels, "), got ", hidden->sizes());
+    TORCH_CHECK(0 <= anchor_tap && anchor_tap < taps, "anchor_tap must be a tap index in [0, ", taps, "), got ",
+                anchor_tap);
+  }
+  return {static_cast<int>(positions), positions32.data(), hidden.has_value() ? hidden->data_ptr<uint8_t>() : nullptr,
+          static_cast<int>(anchor_tap)};
+}
+
 at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout, at::IntArrayRef offsets,
-                                    bool concat_elu_input, bool allow_tf32, const std::optional<at::Tensor>& keep,
-                                    double keep_scale) {
+                                    at::IntArrayRef tap_positions, at::IntArrayRef kernel_size,
+                                    const std::optional<at::Tensor>& hidden, int64_t anchor_tap, bool concat_elu_input,
+                                    bool allow_tf32, const std::optional<at::Tensor>& keep, double keep_scale) {
   check_activation(x, "x");
   check_activation(gout, "gout");
   check_like(gout, "gout", x, "x");
@@ -245,16 +277,18 @@ at::Tensor masked_conv2d_wgrad_cuda(const at::Tensor& x, const at::Tensor& gout,
   const int64_t in_channels = conv_in_channels(x, concat_elu_input);
   check_keep(keep, concat_elu_input, x, in_channels);
   const ConvProblem problem = make_problem(x, in_channels, gout.size(3), offsets32);
+  std::vector<int> positions32;
+  const WeightGradLayout layout = checked_layout(tap_positions, kernel_size, hidden, anchor_tap, problem.taps,
+                                                 in_channels, gout.size(3), x, positions32);
   const WgradPlan plan = plan_masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem,
                                                   device_attribute(x, cudaDevAttrMultiProcessorCount));
   const at::Tensor input = conv_input(x, concat_elu_input, keep, keep_scale);
-  at::Tensor gwp = at::empty({problem.taps, in_channels, gout.size(3)}, x.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty({gout.size(3), in_channels, kernel_size[0], kernel_size[1]}, x.options());
   at::Tensor workspace = at::empty({plan.workspace_elements}, x.options().dtype(at::kFloat));
-  masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, input.data_ptr(), gout.data_ptr(),
-                      gwp.data_ptr<float>(), plan.workspace_elements > 0 ? workspace.data_ptr<float>() : nullptr,
-                      current_stream());
+  masked_conv2d_wgrad(to_kernel_dtype(x, "x"), allow_tf32, problem, plan, layout, input.data_ptr(), gout.data_ptr(),
+                      grad.data_ptr(), workspace.data_ptr<float>(), current_stream());
   check_launch("masked_conv2d_wgrad");
-  return gwp;
+  return grad;
 }
 
 }  // namespace
@@ -273,8 +307,9 @@ TORCH_LIBRARY_FRAGMENT(PIXELCNN_OPS_NAMESPACE, m) {
       "masked_conv2d_dgrad(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32, Tensor? keep=None, "
       "float keep_scale=1.0) -> Tensor");
   m.def(
-      "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32, "
-      "Tensor? keep=None, float keep_scale=1.0) -> Tensor");
+      "masked_conv2d_wgrad(Tensor x, Tensor gout, int[] offsets, int[] tap_positions, int[] kernel_size, "
+      "Tensor? hidden, int anchor_tap, bool concat_elu_input, bool allow_tf32, Tensor? keep=None, "
+      "float keep_scale=1.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PIXELCNN_OPS_NAMESPACE, PIXELCNN_KERNELS_DEVICE, m) {

@@ -25,7 +25,7 @@ from op_table import CUDA_KERNELS, DEVICE
 from pixelcnn_kernels import backend
 from pixelcnn_kernels.backend import cuda_ops
 from pixelcnn_kernels.masks import halves_first_channels, resolve_mask
-from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets
+from pixelcnn_kernels.ops.masked_conv import GATE_CODES, pack_weight, tap_offsets, weight_grad_layout
 from pixelcnn_kernels.reference.gates import concat_elu
 from pixelcnn_kernels.reference.masked_conv import draw_dropout_keep, masked_conv2d_gated_ref, masked_conv2d_ref
 from pixelcnn_kernels.testing import tolerance
@@ -38,7 +38,10 @@ SCHEMAS = {
         f"int gate, int gate_groups, bool write_preact, bool allow_tf32, {KEEP}) -> Tensor[]"
     ),
     "masked_conv2d_dgrad": f"(Tensor gout, Tensor wp, Tensor? x, int[] offsets, bool allow_tf32, {KEEP}) -> Tensor",
-    "masked_conv2d_wgrad": f"(Tensor x, Tensor gout, int[] offsets, bool concat_elu_input, bool allow_tf32, {KEEP}) -> Tensor",
+    "masked_conv2d_wgrad": (
+        "(Tensor x, Tensor gout, int[] offsets, int[] tap_positions, int[] kernel_size, Tensor? hidden, int anchor_tap, bool concat_elu_input, "
+        f"bool allow_tf32, {KEEP}) -> Tensor"
+    ),
 }
 
 # (mask, kernel size, colour groups): every tap count the drop-in models use.
@@ -171,29 +174,37 @@ def _check_dgrad(mask, kernel_size, color_groups, dilation, shape, precision):
 
 
 def _wgrad_ref(x, gout, weight, spec, dilation, input_activation=None):
-    """(expected, scale) of the packed weight gradient, float64 (T, Cin, Cout)."""
+    """(expected, scale) of the weight gradient, float64 in the weight's shape (zero at masked-out taps and hidden pairs)."""
 
-    def packed_weight_grad(x64, g64, activation):
+    def weight_grad(x64, g64, activation):
         w64 = weight.double().detach().requires_grad_()
         out = masked_conv2d_ref(x64, w64, None, spec, dilation, spec.color_groups, input_activation=activation)
         (grad,) = torch.autograd.grad(out, w64, g64)
-        return pack_weight(grad, spec)
+        return grad
 
     x64 = x.double()
-    return packed_weight_grad(x64, gout.double(), input_activation), packed_weight_grad(_activation(x64, input_activation).abs(), gout.double().abs(), None)
+    return weight_grad(x64, gout.double(), input_activation), weight_grad(_activation(x64, input_activation).abs(), gout.double().abs(), None)
 
 
-def _check_wgrad(mask, kernel_size, dilation, shape, precision):
+def _wgrad(x, gout, weight, spec, dilation, concat_elu_input, allow_tf32, *keep):
+    """The extension's weight gradient of the conv of ``x`` (N, C, H, W), laid out as ``weight``."""
+    layout = weight_grad_layout(spec, weight)
+    return cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, dilation), *layout, concat_elu_input, allow_tf32, *keep)
+
+
+def _check_wgrad(mask, kernel_size, color_groups, dilation, shape, precision):
     dtype, allow_tf32 = PRECISIONS[precision]
-    spec = resolve_mask(mask, kernel_size, 1)  # the kernel's gwp has no colour-group zeros; the op applies them
+    spec = resolve_mask(mask, kernel_size, color_groups)
     x, weight, _ = _make_inputs(shape, spec, dtype)
     gout = torch.randn(shape[0], shape[4], shape[1], shape[2], device=DEVICE).to(dtype)
-    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, dilation), False, allow_tf32)
+    grad = _wgrad(x, gout, weight, spec, dilation, False, allow_tf32)
     expected, scale = _wgrad_ref(x, gout, weight, spec, dilation)
-    assert gwp.dtype == torch.float32
-    # float32 whatever the input dtype, but accumulated on tensor cores (which truncate
-    # inside an MMA) over all the pixels: the input dtype's tolerance, as for the forward.
-    _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad {len(spec.taps)} taps")
+    assert grad.dtype == dtype and grad.is_contiguous()
+    # Accumulated in fp32 on tensor cores (which truncate inside an MMA) over all the pixels,
+    # then rounded to the weight's dtype: the input dtype's tolerance, as for the forward. Zero
+    # where the reference is (masked-out taps, hidden colour pairs): no scale there.
+    _assert_within(grad, expected, scale, dtype, allow_tf32, f"wgrad {len(spec.taps)} taps")
+    assert not grad[expected == 0].any()
 
 
 @CUDA_KERNELS
@@ -236,9 +247,9 @@ def test_dgrad_dilated_odd_channels(dilation, shape, precision):
 
 @CUDA_KERNELS
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), [m for m in MASKS if m[2] == 1], ids=[i for m, i in zip(MASKS, MASK_IDS) if m[2] == 1])
+@pytest.mark.parametrize(("mask", "kernel_size", "color_groups"), MASKS, ids=MASK_IDS)
 def test_wgrad_every_tap_count(mask, kernel_size, color_groups, precision):
-    _check_wgrad(mask, kernel_size, 1, SHAPE, precision)
+    _check_wgrad(mask, kernel_size, color_groups, 1, SHAPE, precision)
 
 
 # The 128 x 128 tiles, on tensor cores over channels that 128-wide blocks pad no more than 64-wide
@@ -258,7 +269,7 @@ def test_wide_tiles(mask, kernel_size, color_groups, shape, precision):
     """Forward, dgrad and wgrad where the channels take the 128 x 128 tiles."""
     _check_forward(mask, kernel_size, color_groups, 1, shape, precision)
     _check_dgrad(mask, kernel_size, color_groups, 1, shape, precision)
-    _check_wgrad(mask, kernel_size, 1, shape, precision)
+    _check_wgrad(mask, kernel_size, color_groups, 1, shape, precision)
 
 
 @CUDA_KERNELS
@@ -266,7 +277,7 @@ def test_wide_tiles(mask, kernel_size, color_groups, shape, precision):
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(4, 32, 40, 48, 72)], ids=["3to5", "64to130-n1", "split-k"])
 @pytest.mark.parametrize("dilation", [1, 4])
 def test_wgrad_dilated_odd_channels_and_split(dilation, shape, precision):
-    _check_wgrad("down_shifted", (2, 3), dilation, shape, precision)
+    _check_wgrad("down_shifted", (2, 3), 1, dilation, shape, precision)
 
 
 @pytest.mark.gpu
@@ -279,9 +290,9 @@ def test_wgrad_is_deterministic(channels, precision):
     # 64 * 32 * 32 pixels: many splits on any GPU.
     x = torch.randn(64, 32, 32, channels[0], device="cuda").to(dtype)
     gout = torch.randn(64, 32, 32, channels[1], device="cuda").to(dtype)
-    offsets = tap_offsets(spec, 1)
-    first = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
-    second = cuda_ops().masked_conv2d_wgrad(x, gout, offsets, False, allow_tf32)
+    args = (tap_offsets(spec, 1), *weight_grad_layout(spec, torch.empty(channels[1], channels[0], 3, 3, device="cuda")), False, allow_tf32)
+    first = cuda_ops().masked_conv2d_wgrad(x, gout, *args)
+    second = cuda_ops().masked_conv2d_wgrad(x, gout, *args)
     assert torch.equal(first, second)
 
 
@@ -421,10 +432,10 @@ def test_dgrad_folds_concat_elu_backward(mask, kernel_size, shape, precision):
 def test_wgrad_of_concat_elu(mask, kernel_size, shape, precision):
     """The weight gradient of a conv of concat_elu(x) (C = 80: 2C = 160 input channels, three channel blocks)."""
     dtype, allow_tf32, spec, x, weight, gout = _concat_elu_backward_inputs(mask, kernel_size, shape, precision)
-    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), tap_offsets(spec, 1), True, allow_tf32)
+    grad = _wgrad(x, gout, weight, spec, 1, True, allow_tf32)
     expected, scale = _wgrad_ref(x, gout, weight, spec, 1, "concat_elu")
-    assert gwp.dtype == torch.float32 and gwp.shape == (len(spec.taps), 2 * shape[3], shape[4])
-    _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad of concat_elu, {mask}")
+    assert grad.dtype == dtype and grad.shape == weight.shape == (shape[4], 2 * shape[3], *spec.kernel_size)
+    _assert_within(grad, expected, scale, dtype, allow_tf32, f"wgrad of concat_elu, {mask}")
 
 
 @CUDA_KERNELS
@@ -451,9 +462,9 @@ def test_dropout_after_concat_elu(mask, kernel_size, precision):
     expected, scale = _conv_ref(dropped, gated_weight, None, spec, 1)
     _assert_within(preact, expected, scale, dtype, allow_tf32, f"gated forward's pre-activation with dropout, {mask}")
 
-    gwp = cuda_ops().masked_conv2d_wgrad(_to_rows(x), _to_rows(gout), offsets, True, allow_tf32, keep_rows, 2.0)
+    grad = _wgrad(x, gout, weight, spec, 1, True, allow_tf32, keep_rows, 2.0)
     expected, scale = _wgrad_ref(dropped, gout, weight, spec, 1)
-    _assert_within(gwp, expected, scale, dtype, allow_tf32, f"wgrad with dropout, {mask}")
+    _assert_within(grad, expected, scale, dtype, allow_tf32, f"wgrad with dropout, {mask}")
 
     gx = cuda_ops().masked_conv2d_dgrad(_to_rows(gout), packed, _to_rows(x), offsets, allow_tf32, keep_rows, 2.0)
     x64 = x.double().requires_grad_()
@@ -503,6 +514,10 @@ def _valid_args(dtype=torch.float16):
     x = torch.randn(1, 4, 5, 8, device=DEVICE).to(dtype)
     wp = torch.randn(len(spec.taps), 8, 6, device=DEVICE).to(dtype)
     return x, wp, tap_offsets(spec, 1)
+
+
+# The weight-gradient layout of _valid_args' mask B 3x3: its 5 taps' positions, no colour groups.
+VALID_LAYOUT = ([0, 1, 2, 3, 4], [3, 3], None, -1)
 
 
 @pytest.mark.gpu
@@ -562,7 +577,18 @@ def test_glue_rejects_contract_violations():
     with pytest.raises(RuntimeError, match=r"x must be \(N, H, W, Cin / 2\)"):
         ops.masked_conv2d_dgrad(torch.zeros(1, 4, 5, 6, device="cuda", dtype=x.dtype), wp, x, offsets, True)
     with pytest.raises(RuntimeError, match="must match x"):
-        ops.masked_conv2d_wgrad(x, torch.zeros(1, 4, 6, 6, device="cuda", dtype=x.dtype), offsets, False, True)
+        ops.masked_conv2d_wgrad(x, torch.zeros(1, 4, 6, 6, device="cuda", dtype=x.dtype), offsets, *VALID_LAYOUT, False, True)
+    gout = torch.zeros(1, 4, 5, 6, device="cuda", dtype=x.dtype)
+    with pytest.raises(RuntimeError, match="tap_positions has 4 entries but offsets hold 5 taps"):
+        ops.masked_conv2d_wgrad(x, gout, offsets, [0, 1, 2, 3], [3, 3], None, -1, False, True)
+    with pytest.raises(RuntimeError, match=r"tap_positions must lie in \[0, kh \* kw = 9\)"):
+        ops.masked_conv2d_wgrad(x, gout, offsets, [0, 1, 2, 3, 9], [3, 3], None, -1, False, True)
+    with pytest.raises(RuntimeError, match="kernel_size must be"):
+        ops.masked_conv2d_wgrad(x, gout, offsets, VALID_LAYOUT[0], [3], None, -1, False, True)
+    with pytest.raises(RuntimeError, match=r"hidden must be contiguous \(Cout, Cin\) = \(6, 8\)"):
+        ops.masked_conv2d_wgrad(x, gout, offsets, *VALID_LAYOUT[:2], torch.zeros(8, 6, device="cuda", dtype=torch.uint8), 4, False, True)
+    with pytest.raises(RuntimeError, match="anchor_tap must be a tap index"):
+        ops.masked_conv2d_wgrad(x, gout, offsets, *VALID_LAYOUT[:2], torch.zeros(6, 8, device="cuda", dtype=torch.uint8), 5, False, True)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         fwd(x=x.double(), wp=wp.double())
 
@@ -584,11 +610,11 @@ def test_empty_batch_and_no_pixels():
     empty = x[:0]
     assert ops.masked_conv2d_fwd(empty, wp, None, None, offsets, False, True).shape == (0, 4, 5, 6)
     assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), wp, None, offsets, True).shape == (0, 4, 5, 8)
-    gwp = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, False, True)
-    assert gwp.shape == wp.shape and gwp.dtype == torch.float32 and not gwp.any()
+    grad = ops.masked_conv2d_wgrad(empty, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, *VALID_LAYOUT, False, True)
+    assert grad.shape == (6, 8, 3, 3) and grad.dtype == x.dtype and not grad.any()
     # concat_elu: x has half of wp's input channels; the gradients keep x's and wp's shapes.
     half_x = empty[..., :4].contiguous()
     assert ops.masked_conv2d_fwd(half_x, wp, None, None, offsets, True, True).shape == (0, 4, 5, 6)
     assert ops.masked_conv2d_dgrad(torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), wp, half_x, offsets, True).shape == (0, 4, 5, 4)
-    gwp = ops.masked_conv2d_wgrad(half_x, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, True, True)
-    assert gwp.shape == wp.shape and not gwp.any()
+    grad = ops.masked_conv2d_wgrad(half_x, torch.zeros(0, 4, 5, 6, device=DEVICE, dtype=x.dtype), offsets, *VALID_LAYOUT, True, True)
+    assert grad.shape == (6, 8, 3, 3) and not grad.any()

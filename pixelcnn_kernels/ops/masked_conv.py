@@ -104,22 +104,19 @@ def pack_weight(weight: torch.Tensor, spec: MaskSpec, gate_groups: int = 1) -> t
     return packed
 
 
-def unpack_weight_grad(grad_packed: torch.Tensor, spec: MaskSpec, weight: torch.Tensor) -> torch.Tensor:
-    """The (Cout, Cin, kh, kw) gradient of ``weight`` from the kernels' fp32 (T, Cin, Cout) one.
+def weight_grad_layout(spec: MaskSpec, weight: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor | None, int]:
+    """The weight-gradient kernels' layout arguments: each tap's flat kernel position i·kw + j,
+    the kernel size (kh, kw), and the channel pairs the colour groups hide at the anchor tap
+    (uint8 (Cout, Cin), 1: hidden; None without colour groups) with that tap's index (-1 without).
 
-    Exactly zero at masked-out taps and at the channel pairs hidden at the anchor.
-    """
+    The kernels write the gradient in the weight's own shape: exactly zero at masked-out taps and
+    at those hidden pairs."""
     out_channels, in_channels, kernel_height, kernel_width = weight.shape
-    if len(spec.taps) == kernel_height * kernel_width and spec.color_groups == 1:
-        # Every tap active (PixelCNN++'s shifted and 1×1 convolutions): the taps are the kernel
-        # positions in order, and one copy transposes and casts.
-        grad = torch.empty(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
-        return grad.copy_(grad_packed.permute(2, 1, 0)).view_as(weight)
-    grad = torch.zeros(out_channels, in_channels, kernel_height * kernel_width, dtype=weight.dtype, device=weight.device)
-    grad.index_copy_(2, _tap_index(spec.taps, kernel_width, weight.device), grad_packed.permute(2, 1, 0).to(weight.dtype))
-    if spec.color_groups > 1:
-        grad[:, :, spec.anchor[0] * kernel_width + spec.anchor[1]].masked_fill_(_hidden_channel_pairs(spec, out_channels, in_channels, weight.device), 0)
-    return grad.view_as(weight)
+    positions = [i * kernel_width + j for i, j in spec.taps]
+    if spec.color_groups == 1:
+        return positions, [kernel_height, kernel_width], None, -1
+    hidden = _hidden_channel_pairs(spec, out_channels, in_channels, weight.device).view(torch.uint8)
+    return positions, [kernel_height, kernel_width], hidden, spec.taps.index(spec.anchor)
 
 
 def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
@@ -397,11 +394,10 @@ def _grad_weight_op(
     backend = _choose_backend("masked_conv2d_wgrad", grad_out, x, weight, dropout_keep)
     if backend == "reference":
         return _reference_grad(grad_out, x, weight, dropout_keep, spec, dilation, concat_elu_input, dropout_p, wrt_input=False).contiguous()
-    grad_packed = _kernels(backend).masked_conv2d_wgrad(
-        _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), concat_elu_input, conv_allows_tf32(),
-        _keep_rows(dropout_keep), dropout_scale(dropout_p),
+    return _kernels(backend).masked_conv2d_wgrad(
+        _channels_last_rows(x), _channels_last_rows(grad_out), tap_offsets(spec, dilation), *weight_grad_layout(spec, weight), concat_elu_input,
+        conv_allows_tf32(), _keep_rows(dropout_keep), dropout_scale(dropout_p),
     )  # fmt: skip
-    return unpack_weight_grad(grad_packed, spec, weight)
 
 
 @_grad_weight_op.register_fake

@@ -15,8 +15,9 @@ dilation) is its own specialisation and a masked-out tap is never loaded nor
 multiplied. The input gradient is the same
 kernel with negated offsets reading the packed weight transposed (Cout is then
 the reduction). The weight gradient is one (Cin × Cout) GEMM per tap reduced over
-all pixels, split over pixels into partial sums that are added in a fixed order
-(deterministic: no atomics).
+all pixels, split over pixels into partial sums (no atomics) that a finishing pass adds in a
+fixed order (deterministic), writing the gradient in the weight's own (Cout, Cin, kh, kw)
+layout and dtype, zeros at the masked-out taps included.
 
 Fused around the GEMMs:
 
@@ -43,9 +44,10 @@ Fused around the GEMMs:
 Dtypes: float32, float16, bfloat16 (all tensors of one call share it). Products
 accumulate in fp32; fp16/bf16 tiles go to ``tl.dot`` as they are (tensor cores),
 fp32 tiles use TF32 when the ``allow_tf32`` argument says so (the op passes
-whether PyTorch allows TF32 for convolutions), else full fp32 ("ieee"). The weight gradient is
-returned in fp32. Triton's TF32 products take the fp32 operands' top 10 mantissa bits as they
-are (truncated, triton-lang/triton#4574; the PTX has no rounding ``cvt``), where the CUDA
+whether PyTorch allows TF32 for convolutions), else full fp32 ("ieee"). The weight
+gradient is summed in fp32 and rounded once, to the weight's dtype. Triton's TF32 products
+take the fp32 operands' top 10 mantissa bits as they are (truncated,
+triton-lang/triton#4574; the PTX has no rounding ``cvt``), where the CUDA
 kernels round to nearest (``cvt.rna.tf32.f32``). Within TF32's precision either way, but
 truncation shrinks every product toward zero, so sums are biased rather than scattered around
 the fp32 result: emulated on the CPU (random normal 2048×1920 @ 1920×160, operands truncated
@@ -54,8 +56,6 @@ truncated, 1 - 1.4e-6 (2.9e-4) rounded.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -271,6 +271,7 @@ def _masked_conv_wgrad_kernel(
     stride_gp,
     stride_gc,
     blocks_per_split,
+    stride_split,
     OFFSETS: tl.constexpr,
     TAP_MAJOR_X: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -286,9 +287,10 @@ def _masked_conv_wgrad_kernel(
     TF32 pixel-major copies (stride 1 along p), since TF32's products want their operands
     contiguous along the reduction, here the pixels: of gout, and with ``TAP_MAJOR_X`` of x
     already shifted by each tap (:func:`_tap_major_rows`; tap t's at x_ptr + t·stride_xt, read
-    at p itself). partial: (splits, T, C_IN, C_OUT) fp32. Grid: (T · cdiv(C_IN, BLOCK_CI),
-    cdiv(C_OUT, BLOCK_CO), splits); split s covers pixel blocks [s·blocks_per_split,
-    (s+1)·blocks_per_split).
+    at p itself). partial: split s's (T, C_IN, C_OUT) fp32 at partial_ptr + s·stride_split
+    (the taps of one launch inside a buffer holding all of a convolution's). Grid:
+    (T · cdiv(C_IN, BLOCK_CI), cdiv(C_OUT, BLOCK_CO), splits); split s covers pixel blocks
+    [s·blocks_per_split, (s+1)·blocks_per_split).
     """
     ci_blocks = tl.cdiv(C_IN, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
@@ -322,8 +324,49 @@ def _masked_conv_wgrad_kernel(
         col = tl.where(wraps, col - W, col)
         row += step_rows + wraps.to(row.dtype)
         row = tl.where(row >= H, row - H, row)
-    out = partial_ptr + ((split * (len(OFFSETS) // 2) + tap) * C_IN + ci[:, None]) * C_OUT + co[None, :]
+    out = partial_ptr + split * stride_split + (tap * C_IN + ci[:, None]) * C_OUT + co[None, :]
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_finish_kernel(
+    partial_ptr, hidden_ptr, grad_ptr, num_splits, C_IN, C_OUT,
+    TAP_POSITIONS: tl.constexpr, ZERO_POSITIONS: tl.constexpr, ANCHOR_TAP: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+):  # fmt: skip
+    """grad[co, ci, TAP_POSITIONS[t]] = Σ_s partial[s, t, ci, co], 0 at ZERO_POSITIONS.
+
+    The weight gradient in the layout and dtype of the weight, in one pass: the split sums
+    added, the taps scattered to their kernel positions, the masked-out positions zeroed and,
+    with ``hidden_ptr`` (uint8 (C_OUT, C_IN), 1: a channel pair the colour groups hide), those
+    pairs zeroed at tap ANCHOR_TAP. partial: (num_splits, T, C_IN, C_OUT) fp32 contiguous;
+    grad: (C_OUT, C_IN, kh·kw) contiguous, kh·kw = len(TAP_POSITIONS) + len(ZERO_POSITIONS).
+    Grid: (cdiv(C_IN · C_OUT, BLOCK_PAIRS), T + 1): program (p, t < T) sums tap t of BLOCK_PAIRS
+    (ci, co) pairs, BLOCK_SPLITS splits a step (independent loads in flight, not one split's
+    latency after another's; the same order every run); program (p, T) writes their zeros.
+    """
+    NUM_TAPS: tl.constexpr = len(TAP_POSITIONS)
+    POSITIONS: tl.constexpr = NUM_TAPS + len(ZERO_POSITIONS)
+    pairs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)  # ci · C_OUT + co
+    ok = pairs < C_IN * C_OUT
+    tap = tl.program_id(1)
+    ci = pairs // C_OUT
+    grad_pairs = grad_ptr + ((pairs - ci * C_OUT) * C_IN + ci) * POSITIONS
+    if tap < NUM_TAPS:
+        position = 0
+        for t in tl.static_range(NUM_TAPS):
+            position = tl.where(tap == t, TAP_POSITIONS[t], position)
+        total = tl.zeros((BLOCK_PAIRS,), dtype=tl.float32)
+        for first in range(0, num_splits, BLOCK_SPLITS):
+            splits = first + tl.arange(0, BLOCK_SPLITS)
+            tile = partial_ptr + (splits[:, None] * NUM_TAPS + tap) * (C_IN * C_OUT) + pairs[None, :]
+            total += tl.sum(tl.load(tile, mask=(splits < num_splits)[:, None] & ok[None, :], other=0.0), axis=0)
+        if hidden_ptr is not None:
+            hidden = tl.load(hidden_ptr + (pairs - ci * C_OUT) * C_IN + ci, mask=ok, other=0)
+            total = tl.where((hidden != 0) & (tap == ANCHOR_TAP), 0.0, total)
+        tl.store(grad_pairs + position, total.to(grad_ptr.dtype.element_ty), mask=ok)
+    else:
+        for z in tl.static_range(len(ZERO_POSITIONS)):
+            tl.store(grad_pairs + ZERO_POSITIONS[z], tl.zeros((BLOCK_PAIRS,), dtype=grad_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -383,6 +426,10 @@ _TAP_MAJOR_BLOCK_P = 64
 _TAP_MAJOR_BLOCK_C = 64
 _TAP_MAJOR_MAX_TAPS = 3
 _WGRAD_BLOCK_WIDE = 128
+# The weight gradient's finishing pass (_weight_grad_finish_kernel): 256 channel pairs a program
+# (4 warps: 2 per thread), their partial sums read 8 splits a step (16 loads in flight a thread).
+_FINISH_BLOCK_PAIRS = 256
+_FINISH_BLOCK_SPLITS = 8
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 # A weight-gradient program reduces at least this many pixel blocks before the
@@ -670,62 +717,66 @@ def _pixel_major_gout(precision: str, wide_index: bool, c_in: int) -> bool:
 
 
 def masked_conv2d_wgrad(
-    x: torch.Tensor, gout: torch.Tensor, offsets: list[int], concat_elu_input: bool, allow_tf32: bool, keep: torch.Tensor | None = None,
-    keep_scale: float = 1.0, num_splits: int | None = None,
+    x: torch.Tensor, gout: torch.Tensor, offsets: list[int], tap_positions: list[int], kernel_size: list[int], hidden: torch.Tensor | None,
+    anchor_tap: int, concat_elu_input: bool, allow_tf32: bool, keep: torch.Tensor | None = None, keep_scale: float = 1.0, num_splits: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """gwp[t, ci, co] = Σ_{n,y,x} in[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co], in fp32.
+    """grad[co, ci, i_t, j_t] = Σ_{n,y,x} in[n, y+dy_t, x+dx_t, ci] · gout[n, y, x, co]: the weight's gradient.
 
     x: (N, H, W, C), gout: (N, H, W, Cout), both contiguous and of one dtype; ``in``
     is x (Cin = C), or concat_elu(x) (Cin = 2C) when ``concat_elu_input``, dropped out
-    by ``keep`` and ``keep_scale`` when given (as :func:`masked_conv2d_fwd`). The pixel
+    by ``keep`` and ``keep_scale`` when given (as :func:`masked_conv2d_fwd`). Tap t is
+    at the kernel's flat position ``tap_positions[t]`` = i_t·kw + j_t of ``kernel_size``
+    (kh, kw); the other positions get 0, and so do the channel pairs ``hidden``
+    (uint8 (Cout, Cin), or None) marks at tap ``anchor_tap``. Summed in fp32: the pixel
     reduction is split in ``num_splits`` ranges (default: chosen from the shapes and the
-    device) whose partial sums torch adds in a fixed order. Returns (T, Cin, Cout) float32.
+    device) whose partial sums the finishing pass adds in a fixed order. Returns
+    (Cout, Cin, kh, kw) contiguous in x's dtype.
     """
     if keep is not None and not concat_elu_input:
         raise ValueError("keep (a dropout mask) needs a concat_elu input")
     batch, height, width, channels = x.shape
     c_in = 2 * channels if concat_elu_input else channels
     num_taps, c_out, num_pixels = len(offsets) // 2, gout.shape[3], batch * height * width
+    grad = x.new_empty(c_out, c_in, *kernel_size)
     if num_pixels == 0:
-        return x.new_zeros(num_taps, c_in, c_out, dtype=torch.float32)
+        return grad.zero_()
     # The input's offsets reach num_pixels · c_in elements, concat_elu's 2C channels included.
     precision, wide_index = dot_precision(x.dtype, allow_tf32), num_pixels * c_in >= 2**31 or needs_int64_index(gout)
     if _pixel_major_gout(precision, wide_index, c_in):
         g_rows, g_strides = gout.reshape(num_pixels, c_out).t().contiguous(), (1, num_pixels)
     else:
         g_rows, g_strides = gout, (c_out, 1)
-    gemm = functools.partial(_weight_grad_gemm, g_rows=g_rows, g_strides=g_strides, c_out=c_out, precision=precision, wide_index=wide_index, num_splits=num_splits)
+    # A few taps a launch where x is copied per tap: the copies held at once stay within _TAP_MAJOR_MAX_TAPS.
     taps_per_copy = min(num_taps, _TAP_MAJOR_MAX_TAPS)
-    if not _tap_major_x(precision, c_in, taps_per_copy * num_pixels * c_in):
-        rows = _concat_elu_rows(x, keep, keep_scale) if concat_elu_input else x
-        return gemm(rows, (0, c_in, 1), offsets, height, width, tap_major_x=False)
-    # A few taps at a time: the copies of x held at once stay within _TAP_MAJOR_MAX_TAPS.
-    parts = [offsets[i : i + 2 * taps_per_copy] for i in range(0, len(offsets), 2 * taps_per_copy)]
-    x_strides = (c_in * num_pixels, 1, num_pixels)
-    return torch.cat([
-        gemm(_tap_major_rows(x, part, concat_elu_input, keep, keep_scale), x_strides, part, height, width, tap_major_x=True) for part in parts
-    ])  # fmt: skip
-
-
-def _weight_grad_gemm(x, x_strides, offsets, height, width, *, tap_major_x, g_rows, g_strides, c_out, precision, wide_index, num_splits):
-    """(T, Cin, Cout) fp32: _masked_conv_wgrad_kernel over x (channels-last rows, or a tap-major
-    copy of them) and gout's rows as :func:`masked_conv2d_wgrad` prepared them."""
-    num_taps, c_in, num_pixels = len(offsets) // 2, x.shape[-2] if tap_major_x else x.shape[-1], g_rows.numel() // c_out
+    tap_major_x = _tap_major_x(precision, c_in, taps_per_copy * num_pixels * c_in)
+    taps_per_launch = taps_per_copy if tap_major_x else num_taps
     block_ci, block_co, num_warps, blocks_per_sm = _wgrad_tiles(c_in, c_out)
     block_p = _reduction_tile(num_pixels, x.dtype)
     pixel_blocks = cdiv(num_pixels, block_p)
-    tiles = num_taps * cdiv(c_in, block_ci) * cdiv(c_out, block_co)
+    tiles = taps_per_launch * cdiv(c_in, block_ci) * cdiv(c_out, block_co)
     splits = num_splits or _weight_grad_splits(tiles, pixel_blocks, blocks_per_sm, x.device)
-    blocks_per_split = cdiv(pixel_blocks, splits)
     partial = torch.empty(splits, num_taps, c_in, c_out, device=x.device, dtype=torch.float32)
-    grid = (num_taps * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
+    rows = None if tap_major_x else (_concat_elu_rows(x, keep, keep_scale) if concat_elu_input else x)
     with launch_device(x):
-        _masked_conv_wgrad_kernel[grid](
-            x, g_rows, partial, num_pixels, height, width, c_in, c_out, *x_strides, *g_strides, blocks_per_split,
-            OFFSETS=tuple(offsets), TAP_MAJOR_X=tap_major_x, DOT_PRECISION=precision, WIDE_INDEX=wide_index,
-            BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=num_warps, num_stages=_NUM_STAGES,
-        )
-    return partial[0] if splits == 1 else partial.sum(dim=0)
+        for first in range(0, num_taps, taps_per_launch):
+            part = offsets[2 * first : 2 * (first + taps_per_launch)]
+            if tap_major_x:
+                source, x_strides = _tap_major_rows(x, part, concat_elu_input, keep, keep_scale), (c_in * num_pixels, 1, num_pixels)
+            else:
+                source, x_strides = rows, (0, c_in, 1)
+            grid = ((len(part) // 2) * cdiv(c_in, block_ci), cdiv(c_out, block_co), splits)
+            _masked_conv_wgrad_kernel[grid](
+                source, g_rows, partial[:, first], num_pixels, height, width, c_in, c_out, *x_strides, *g_strides, cdiv(pixel_blocks, splits),
+                partial.stride(0), OFFSETS=tuple(part), TAP_MAJOR_X=tap_major_x, DOT_PRECISION=precision, WIDE_INDEX=wide_index,
+                BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_P=block_p, num_warps=num_warps, num_stages=_NUM_STAGES,
+            )  # fmt: skip
+        positions = set(tap_positions)
+        _weight_grad_finish_kernel[(cdiv(c_in * c_out, _FINISH_BLOCK_PAIRS), num_taps + 1)](
+            partial, hidden, grad, splits, c_in, c_out, TAP_POSITIONS=tuple(tap_positions),
+            ZERO_POSITIONS=tuple(k for k in range(kernel_size[0] * kernel_size[1]) if k not in positions), ANCHOR_TAP=anchor_tap,
+            BLOCK_SPLITS=_FINISH_BLOCK_SPLITS, BLOCK_PAIRS=_FINISH_BLOCK_PAIRS,
+        )  # fmt: skip
+    return grad
 
 
 # ---------------------------------------------------------------- sm_90 compile cases
@@ -814,7 +865,8 @@ def _register_compile_cases() -> None:
         strides = [stride for stride in ("stride_xt", "stride_xp", "stride_xc", "stride_gp", "stride_gc") if stride not in unit_strides]
         signature = {
             "x_ptr": pointer_type(dtype), "gout_ptr": pointer_type(dtype), "partial_ptr": "*fp32",
-            **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", *strides, "blocks_per_split"), "i32"), **({"num_pixels": "i64"} if wide_index else {}),
+            **dict.fromkeys(("num_pixels", "H", "W", "C_IN", "C_OUT", *strides, "blocks_per_split", "stride_split"), "i32"),
+            **({"num_pixels": "i64"} if wide_index else {}),
         }  # fmt: skip
         constexprs = {
             "OFFSETS": tuple(offsets), "TAP_MAJOR_X": tap_major, "DOT_PRECISION": precision, "WIDE_INDEX": wide_index, **dict.fromkeys(unit_strides, 1),
@@ -854,6 +906,22 @@ def _register_compile_cases() -> None:
                         {"OFFSETS": tuple(offsets), "CONCAT_ELU": concat_elu, "BLOCK_P": _TAP_MAJOR_BLOCK_P, "BLOCK_C": _TAP_MAJOR_BLOCK_C,
                          **({} if keep_type else {"keep_ptr": None})},
                     )  # fmt: skip
+        # The weight gradient's finishing pass: masked-out positions to zero (or none, the 1×1), and
+        # the colour model's hidden channel pairs at the anchor tap.
+        finish_layouts = {
+            "vertical3x3": (resolve_mask("vertical", 3), False), "full1x1": (resolve_mask("full", 1), False),
+            "color_B3x3": (resolve_mask("B", 3, 3), True),
+        }  # fmt: skip
+        for layout_name, (spec, hidden) in finish_layouts.items():
+            positions = [i * spec.kernel_size[1] + j for i, j in spec.taps]
+            register_compile_case(
+                f"masked_conv_wgrad_finish_{layout_name}_{dtype_name}", _weight_grad_finish_kernel,
+                {"partial_ptr": "*fp32", "grad_ptr": pointer_type(dtype), **({"hidden_ptr": "*u8"} if hidden else {}), **dict.fromkeys(("num_splits", "C_IN", "C_OUT"), "i32")},
+                {"TAP_POSITIONS": tuple(positions), "ZERO_POSITIONS": tuple(k for k in range(spec.kernel_size[0] * spec.kernel_size[1]) if k not in positions),
+                 "ANCHOR_TAP": spec.taps.index(spec.anchor) if hidden else -1, "BLOCK_SPLITS": _FINISH_BLOCK_SPLITS, "BLOCK_PAIRS": _FINISH_BLOCK_PAIRS,
+                 **({} if hidden else {"hidden_ptr": None})},
+                divisible_ints=False,
+            )  # fmt: skip
         for tap_name, offsets in first_layer_tap_sets.items():
             register_conv(f"masked_conv_fwd_first_layer_{tap_name}_{dtype_name}", offsets, dtype, GATE_NONE, ("bias_ptr",), divisible_ints=False, c_in=4)
             register_wgrad(f"masked_conv_wgrad_first_layer_{tap_name}_{dtype_name}", offsets, dtype, divisible_ints=False, c_in=4)
