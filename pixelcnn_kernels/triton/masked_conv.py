@@ -6,7 +6,10 @@ builds these tensors once for both backends):
 - activations channels-last and contiguous: ``x`` (N, H, W, Cin), output (N, H, W, Cout);
 - packed weight ``wp`` (T, Cin, Cout) contiguous: one (Cin, Cout) slab per active tap;
 - ``offsets`` = (dy_0, dx_0, dy_1, dx_1, ...): where each active tap reads, relative
-  to the output pixel.
+  to the output pixel;
+- the weight gradient in the weight's own (Cout, Cin, kh, kw) shape and dtype, tap t at
+  the flat position ``tap_positions[t]``, with the colour groups' ``hidden`` channel
+  pairs at tap ``anchor_tap`` (``ops.masked_conv.weight_grad_layout``).
 
 The forward is a GEMM with M = N·H·W output pixels, N = Cout columns and
 K = T·Cin, reduced in one loop over (tap, channel block) steps whose tap offsets
